@@ -1,0 +1,115 @@
+//! Parsing of console input lines into commands (CIM's syntax), kept free of I/O so it is
+//! tested with plain strings.
+
+/// What a console line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// A plain line: a message to everyone online.
+    Broadcast(String),
+    /// `userId;;message`: a private message.
+    Private {
+        /// Recipient id.
+        to: u64,
+        /// Text.
+        body: String,
+    },
+    /// `:olu [prefix]`: list online users.
+    OnlineUsers(String),
+    /// `:info`: own id, name and server.
+    Info,
+    /// `:help`: list commands.
+    Help,
+    /// `:q`: log out and quit.
+    Quit,
+    /// An empty line: nothing to do.
+    Nothing,
+    /// Unrecognised input, with an explanation.
+    Invalid(String),
+}
+
+/// Help text for the console.
+pub const HELP: &str = "\
+commands:
+  <text>               send <text> to everyone online
+  <userId>;;<text>     send <text> privately to user <userId>
+  :olu [prefix]        list online users (optionally whose name starts with prefix)
+  :info                show your id, name and server
+  :help                show this help
+  :q                   log out and quit";
+
+/// Parses one input line.
+pub fn parse(line: &str) -> Command {
+    let line = line.trim_end_matches(['\r', '\n']);
+    if line.trim().is_empty() {
+        return Command::Nothing;
+    }
+    if let Some(rest) = line.strip_prefix(':') {
+        let mut parts = rest.trim().splitn(2, char::is_whitespace);
+        let verb = parts.next().unwrap_or_default();
+        let arg = parts.next().unwrap_or_default().trim().to_string();
+        return match verb {
+            "q" | "quit" => Command::Quit,
+            "olu" => Command::OnlineUsers(arg),
+            "info" => Command::Info,
+            "help" => Command::Help,
+            other => Command::Invalid(format!("unknown command :{other}; type :help")),
+        };
+    }
+    if let Some((to, body)) = line.split_once(";;") {
+        return match to.trim().parse::<u64>() {
+            Ok(to) if !body.is_empty() => Command::Private {
+                to,
+                body: body.to_string(),
+            },
+            Ok(_) => Command::Invalid("empty private message".into()),
+            Err(_) => Command::Invalid(format!("{to:?} is not a user id; use <userId>;;<text>")),
+        };
+    }
+    Command::Broadcast(line.to_string())
+}
+
+/// Formats a UTC time of day `HH:MM:SS` from milliseconds since the Unix epoch.
+pub fn time_of_day(ms: u64) -> String {
+    let secs = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cim_syntax() {
+        assert_eq!(parse("hello all"), Command::Broadcast("hello all".into()));
+        assert_eq!(
+            parse("42;;hi there;; you"),
+            Command::Private {
+                to: 42,
+                body: "hi there;; you".into()
+            }
+        );
+        assert_eq!(parse(":olu"), Command::OnlineUsers(String::new()));
+        assert_eq!(parse(":olu al"), Command::OnlineUsers("al".into()));
+        assert_eq!(parse(":q"), Command::Quit);
+        assert_eq!(parse(":info"), Command::Info);
+        assert_eq!(parse(":help"), Command::Help);
+        assert_eq!(parse("   "), Command::Nothing);
+        assert!(matches!(parse("bob;;hi"), Command::Invalid(_)));
+        assert!(matches!(parse("7;;"), Command::Invalid(_)));
+        assert!(matches!(parse(":nope"), Command::Invalid(_)));
+    }
+
+    #[test]
+    fn formats_time_of_day() {
+        assert_eq!(time_of_day(0), "00:00:00");
+        assert_eq!(
+            time_of_day(((13 * 60 + 5) * 60 + 9) * 1000 + 999),
+            "13:05:09"
+        );
+    }
+}

@@ -1,0 +1,238 @@
+//! The router's HTTPS JSON API from the client side: a small HTTP/1.1 client on hyper and
+//! tokio-rustls, trusting only the configured CA.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cim_core::tls;
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio_rustls::TlsConnector;
+
+use crate::{ClientConfig, ClientError};
+
+/// Largest response body read from the router.
+const MAX_RESPONSE: usize = 4 * 1024 * 1024;
+
+/// A user in the online list.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct OnlineUser {
+    /// Account id.
+    pub id: u64,
+    /// Account name.
+    pub name: String,
+}
+
+#[derive(Deserialize)]
+struct OnlineUsers {
+    users: Vec<OnlineUser>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    code: String,
+    message: String,
+}
+
+#[derive(Serialize)]
+struct Credentials<'a> {
+    name: &'a str,
+    password: &'a str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    takeover: bool,
+}
+
+#[derive(Deserialize)]
+struct Registered {
+    user_id: u64,
+}
+
+/// The router's answer to a login.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Grant {
+    pub(crate) user_id: u64,
+    pub(crate) name: String,
+    pub(crate) token: String,
+    pub(crate) server_id: String,
+    pub(crate) server_addr: SocketAddr,
+}
+
+/// Client of the router's HTTPS API.
+#[derive(Clone)]
+pub struct RouterApi {
+    authority: String,
+    host: String,
+    port: u16,
+    tls: TlsConnector,
+}
+
+impl RouterApi {
+    /// A client for the router named in `config`.
+    pub fn new(config: &ClientConfig) -> Result<Self, ClientError> {
+        let uri: Uri = config
+            .router_url
+            .parse()
+            .map_err(|e| ClientError::Config(format!("router url: {e}")))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(ClientError::Config(
+                "router url must start with https://".into(),
+            ));
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| ClientError::Config("router url has no host".into()))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(443);
+        let roots =
+            tls::roots_from_pem(&config.ca_pem).map_err(|e| ClientError::Config(e.to_string()))?;
+        let mut tls = tls::client_config(roots, &[b"http/1.1"], None)
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self {
+            authority: uri.authority().map(|a| a.to_string()).unwrap_or_default(),
+            host,
+            port,
+            tls: TlsConnector::from(Arc::new(tls)),
+        })
+    }
+
+    /// Creates an account; returns its id.
+    pub async fn register(&self, name: &str, password: &str) -> Result<u64, ClientError> {
+        let body = Credentials {
+            name,
+            password,
+            takeover: false,
+        };
+        let reply: Registered = self
+            .call(Method::POST, "/api/register", Some(&body), None)
+            .await?;
+        Ok(reply.user_id)
+    }
+
+    pub(crate) async fn login(
+        &self,
+        name: &str,
+        password: &str,
+        takeover: bool,
+    ) -> Result<Grant, ClientError> {
+        let body = Credentials {
+            name,
+            password,
+            takeover,
+        };
+        self.call(Method::POST, "/api/login", Some(&body), None)
+            .await
+    }
+
+    /// Ends the session `token` belongs to.
+    pub async fn logout(&self, token: &str) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .call::<(), _>(Method::POST, "/api/logout", None, Some(token))
+            .await?;
+        Ok(())
+    }
+
+    /// Online users whose name starts with `prefix`.
+    pub async fn online_users(
+        &self,
+        token: &str,
+        prefix: &str,
+    ) -> Result<Vec<OnlineUser>, ClientError> {
+        let encoded: String = prefix
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        let path = format!("/api/users/online?prefix={encoded}");
+        let reply: OnlineUsers = self
+            .call::<(), _>(Method::GET, &path, None, Some(token))
+            .await?;
+        Ok(reply.users)
+    }
+
+    /// Sends one request and parses a JSON reply; error replies become [`ClientError::Api`].
+    pub async fn call<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        bearer: Option<&str>,
+    ) -> Result<R, ClientError> {
+        let body = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| ClientError::Config(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let (status, bytes) = self.raw(method, path, Bytes::from(body), bearer).await?;
+        if !status.is_success() {
+            let err: ErrorBody = serde_json::from_slice(&bytes).map_err(|_| ClientError::Api {
+                status: status.as_u16(),
+                code: "unknown".into(),
+                message: String::from_utf8_lossy(&bytes).into_owned(),
+            })?;
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                code: err.code,
+                message: err.message,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Http(format!("bad reply: {e}")))
+    }
+
+    /// Sends one request with a raw body; returns the status and body bytes.
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        bearer: Option<&str>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let http_err = |e: &dyn std::fmt::Display| ClientError::Http(e.to_string());
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| http_err(&e))?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(self.host.clone()).map_err(|e| http_err(&e))?;
+        let stream = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| http_err(&e))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| http_err(&e))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, &self.authority)
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(token) = bearer {
+            request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request.body(Full::new(body)).map_err(|e| http_err(&e))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| http_err(&e))?;
+        let status = response.status();
+        let bytes = Limited::new(response.into_body(), MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+}

@@ -1,0 +1,186 @@
+//! `cim-client`: the console client. A plain line goes to everyone online, `userId;;text` is
+//! private, `:olu` lists online users, `:q` quits; `:help` lists all commands.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use cim_client::console::{self, Command};
+use cim_client::{Client, ClientConfig, Event, Events, LoginOptions};
+use clap::Parser;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// cim console client.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Router URL.
+    #[arg(long, env = "CIM_ROUTER", default_value = "https://127.0.0.1:8443")]
+    router: String,
+    /// CA certificate that signed the router and server certificates.
+    #[arg(long, env = "CIM_CA", default_value = "certs-dev/ca.pem")]
+    ca: PathBuf,
+    /// User name.
+    #[arg(long, env = "CIM_NAME")]
+    name: String,
+    /// Password.
+    #[arg(long, env = "CIM_PASSWORD", hide_env_values = true)]
+    password: String,
+    /// Register the name first (an existing name is fine if the password matches).
+    #[arg(long)]
+    register: bool,
+    /// If the user is online elsewhere, end that session instead of being refused.
+    #[arg(long)]
+    takeover: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let ca = std::fs::read(&args.ca)
+        .with_context(|| format!("reading CA file {}", args.ca.display()))?;
+    let config = ClientConfig::new(args.router.clone(), ca);
+    if args.register {
+        match cim_client::register(&config, &args.name, &args.password).await {
+            Ok(id) => println!("registered {} with id {id}", args.name),
+            Err(e) if e.code() == Some("name_taken") => {}
+            Err(e) => return Err(e).context("registering"),
+        }
+    }
+    let options = LoginOptions {
+        takeover: args.takeover,
+    };
+    let (mut client, mut events) = Client::login(&config, &args.name, &args.password, options)
+        .await
+        .context("logging in")?;
+    announce(&client);
+    println!("type :help for commands");
+
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            line = lines.next_line() => {
+                let line = match line {
+                    Ok(Some(line)) => line,
+                    // End of input: leave like :q.
+                    Ok(None) | Err(_) => {
+                        let _ = client.logout().await;
+                        return Ok(());
+                    }
+                };
+                match console::parse(&line) {
+                    Command::Quit => {
+                        if let Err(e) = client.logout().await {
+                            eprintln!("! logout: {e}");
+                        }
+                        println!("bye");
+                        return Ok(());
+                    }
+                    command => run(&client, command).await,
+                }
+            }
+            event = events.next() => match event {
+                Some(Event::Message(m)) => {
+                    let kind = match &m.group {
+                        Some(g) if g == "all" => String::new(),
+                        Some(g) => format!(" [{g}]"),
+                        None => " (private)".into(),
+                    };
+                    println!("[{}] {}{kind}: {}", console::time_of_day(m.created_at_ms), m.from_name, m.body);
+                }
+                Some(Event::Kicked(reason)) => {
+                    println!("! session ended by server: {reason}");
+                    return Ok(());
+                }
+                Some(Event::Drain(reason)) => {
+                    println!("! server is draining ({reason}); moving to another server");
+                    client.close().await;
+                    (client, events) = relogin(&config, &args).await;
+                    announce(&client);
+                }
+                Some(Event::Disconnected(reason)) => {
+                    println!("! disconnected ({reason}); reconnecting");
+                    client.close().await;
+                    (client, events) = relogin(&config, &args).await;
+                    announce(&client);
+                }
+                None => {
+                    println!("! session ended; reconnecting");
+                    client.close().await;
+                    (client, events) = relogin(&config, &args).await;
+                    announce(&client);
+                }
+            }
+        }
+    }
+}
+
+fn announce(client: &Client) {
+    let info = client.info();
+    println!(
+        "logged in as {} (id {}) on server {} at {}",
+        info.name, info.user_id, info.server_id, info.server_addr
+    );
+}
+
+/// Logs in again (taking over our own stale session) with jittered exponential backoff.
+async fn relogin(config: &ClientConfig, args: &Args) -> (Client, Events) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let options = LoginOptions { takeover: true };
+        match Client::login(config, &args.name, &args.password, options).await {
+            Ok(pair) => return pair,
+            Err(e) => {
+                eprintln!(
+                    "! reconnect failed: {e}; retrying in {} ms",
+                    delay.as_millis()
+                );
+                let jitter = rand::random::<u64>() % (delay.as_millis() as u64 / 2 + 1);
+                tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Carries out one console command.
+async fn run(client: &Client, command: Command) {
+    match command {
+        Command::Broadcast(body) => {
+            if let Err(e) = client.send_group("all", &body).await {
+                println!("! not sent: {e}");
+            }
+        }
+        Command::Private { to, body } => {
+            if let Err(e) = client.send_private(to, &body).await {
+                println!("! not sent to {to}: {e}");
+            }
+        }
+        Command::OnlineUsers(prefix) => match client.online_users(&prefix).await {
+            Ok(users) => {
+                println!("online users ({}):", users.len());
+                for u in users {
+                    println!("  {} {}", u.id, u.name);
+                }
+            }
+            Err(e) => println!("! {e}"),
+        },
+        Command::Info => {
+            let info = client.info();
+            println!(
+                "you are {} (id {}) on server {} at {}",
+                info.name, info.user_id, info.server_id, info.server_addr
+            );
+        }
+        Command::Help => println!("{}", console::HELP),
+        Command::Nothing => {}
+        Command::Invalid(why) => println!("! {why}"),
+        Command::Quit => {}
+    }
+}

@@ -1,0 +1,139 @@
+//! QUIC endpoints with cim's transport settings: enlarged UDP socket buffers, small
+//! per-connection stream limits on client links (every allowed stream costs memory up front),
+//! wider limits on router <-> server links, and the keep-alive / idle timeouts.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{EndpointConfig, IdleTimeout, TokioRuntime, TransportConfig, VarInt};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// UDP socket buffer size requested for every endpoint (the kernel may cap it).
+pub const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// Why an endpoint could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// Socket creation or binding failed.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// Address requested.
+        addr: SocketAddr,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The rustls configuration cannot be used for QUIC (for example, no TLS 1.3).
+    #[error("tls configuration unusable for quic: {0}")]
+    Crypto(String),
+}
+
+/// Which link a transport configuration is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// Client <-> server: one control stream plus a few message streams in flight.
+    Client,
+    /// Router <-> server: many concurrent pushes and forwards.
+    Internal,
+}
+
+/// Timeouts and limits of a link, chosen for the link's users.
+///
+/// Client links are tuned for mobile networks: a 5 s keep-alive keeps NAT bindings warm and
+/// lets a dead path show up quickly; 30 s of silence ends the connection.
+pub fn transport_config(link: Link) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    match link {
+        Link::Client => {
+            t.max_concurrent_bidi_streams(VarInt::from_u32(64));
+            t.max_concurrent_uni_streams(VarInt::from_u32(0));
+            t.stream_receive_window(VarInt::from_u32(128 * 1024));
+            t.receive_window(VarInt::from_u32(512 * 1024));
+            t.send_window(512 * 1024);
+            t.keep_alive_interval(Some(Duration::from_secs(5)));
+            t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(30_000))));
+        }
+        Link::Internal => {
+            t.max_concurrent_bidi_streams(VarInt::from_u32(4096));
+            t.max_concurrent_uni_streams(VarInt::from_u32(0));
+            t.stream_receive_window(VarInt::from_u32(1024 * 1024));
+            t.receive_window(VarInt::from_u32(16 * 1024 * 1024));
+            t.send_window(16 * 1024 * 1024);
+            t.keep_alive_interval(Some(Duration::from_secs(2)));
+            t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(10_000))));
+        }
+    }
+    t
+}
+
+/// A non-blocking UDP socket bound to `addr` with enlarged buffers.
+pub fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, EndpointError> {
+    let bind_err = |source| EndpointError::Bind { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(bind_err)?;
+    // Best effort: an unprivileged process may be capped by net.core.*mem_max.
+    if let Err(e) = socket.set_recv_buffer_size(UDP_BUFFER_BYTES) {
+        tracing::debug!(error = %e, "could not enlarge udp receive buffer");
+    }
+    if let Err(e) = socket.set_send_buffer_size(UDP_BUFFER_BYTES) {
+        tracing::debug!(error = %e, "could not enlarge udp send buffer");
+    }
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    socket.set_nonblocking(true).map_err(bind_err)?;
+    Ok(socket.into())
+}
+
+/// A QUIC endpoint that accepts connections with `tls` on `addr`.
+pub fn server_endpoint(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    link: Link,
+) -> Result<quinn::Endpoint, EndpointError> {
+    let crypto =
+        QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(link)));
+    let socket = udp_socket(addr)?;
+    quinn::Endpoint::new(
+        EndpointConfig::default(),
+        Some(config),
+        socket,
+        Arc::new(TokioRuntime),
+    )
+    .map_err(|source| EndpointError::Bind { addr, source })
+}
+
+/// A QUIC client configuration from a rustls client configuration.
+pub fn client_config(
+    tls: rustls::ClientConfig,
+    link: Link,
+) -> Result<quinn::ClientConfig, EndpointError> {
+    let crypto =
+        QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(link)));
+    Ok(config)
+}
+
+/// A QUIC endpoint that only dials out, bound to `addr` (use port 0).
+pub fn client_endpoint(
+    addr: SocketAddr,
+    config: quinn::ClientConfig,
+) -> Result<quinn::Endpoint, EndpointError> {
+    let socket = udp_socket(addr)?;
+    let mut endpoint = quinn::Endpoint::new(
+        EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(TokioRuntime),
+    )
+    .map_err(|source| EndpointError::Bind { addr, source })?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+/// The host part of `addr` as a TLS server name (IP addresses are valid server names).
+pub fn server_name(addr: &SocketAddr) -> String {
+    addr.ip().to_string()
+}

@@ -1,0 +1,401 @@
+//! The router's HTTPS JSON API (warp filters). This is the only module that knows HTTP and
+//! serde; it converts between JSON bodies and the service's domain types.
+//!
+//! | method | path | auth | body / query | reply |
+//! |---|---|---|---|---|
+//! | POST | /api/register | - | `{name, password}` | 201 `{user_id, name}` |
+//! | POST | /api/login | - | `{name, password, takeover?}` | 200 `{user_id, name, token, server_id, server_addr, expires_at_ms}` |
+//! | POST | /api/logout | bearer | - | 200 `{}` |
+//! | GET | /api/users/online | bearer | `?prefix=` | 200 `{users: [{id, name}]}` |
+//! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, recipients}` |
+//! | GET | /health | - | - | 200 `{status, servers}` |
+//!
+//! Every error is `{"code": "...", "message": "..."}` with a fitting status.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cim_core::now_ms;
+use cim_core::token::Claims;
+use cim_proto::v1::{ChatMessage, chat_message::Target};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::service::{Sender, Service, ServiceError};
+
+/// Largest request body accepted, in bytes.
+pub const MAX_HTTP_BODY: u64 = 64 * 1024;
+
+/// An API error: a status and a JSON body with a stable code.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let status = match &e {
+            ServiceError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ServiceError::NameTaken | ServiceError::AlreadyOnline => StatusCode::CONFLICT,
+            ServiceError::InvalidCredentials | ServiceError::Unauthorized(_) => {
+                StatusCode::UNAUTHORIZED
+            }
+            ServiceError::UnknownUser | ServiceError::UnknownGroup => StatusCode::NOT_FOUND,
+            ServiceError::RecipientOffline => StatusCode::NOT_FOUND,
+            ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ServiceError::NoServer | ServiceError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        match &e {
+            ServiceError::Internal(detail) => tracing::error!(detail, "internal error"),
+            ServiceError::Unavailable(inner) => tracing::warn!(error = %inner, "store unavailable"),
+            _ => {}
+        }
+        ApiError::new(status, e.code(), e.to_string())
+    }
+}
+
+impl Reply for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            code: self.code,
+            message: self.message,
+        };
+        warp::reply::with_status(warp::reply::json(&body), self.status).into_response()
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    code: &'static str,
+    message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterRequest {
+    name: String,
+    password: String,
+}
+
+#[derive(Serialize)]
+struct RegisterResponse {
+    user_id: u64,
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    name: String,
+    password: String,
+    #[serde(default)]
+    takeover: bool,
+}
+
+#[derive(Serialize)]
+struct LoginResponse {
+    user_id: u64,
+    name: String,
+    token: String,
+    server_id: String,
+    server_addr: String,
+    expires_at_ms: u64,
+}
+
+#[derive(Serialize)]
+struct UserJson {
+    id: u64,
+    name: String,
+}
+
+#[derive(Serialize)]
+struct UsersResponse {
+    users: Vec<UserJson>,
+}
+
+#[derive(Deserialize)]
+struct OnlineQuery {
+    #[serde(default)]
+    prefix: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendRequest {
+    to: Option<u64>,
+    group: Option<String>,
+    body: String,
+}
+
+#[derive(Serialize)]
+struct SendResponse {
+    msg_id: u64,
+    recipients: u32,
+}
+
+#[derive(Serialize)]
+struct HealthResponse {
+    status: &'static str,
+    servers: usize,
+}
+
+/// All routes of the API, with errors turned into JSON.
+pub fn routes(
+    service: Arc<Service>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let with_service = warp::any().map(move || service.clone());
+    let register = warp::path!("api" / "register")
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(json_body::<RegisterRequest>())
+        .then(
+            |service: Arc<Service>, req: Result<RegisterRequest, ApiError>| async move {
+                let result = async {
+                    let req = req?;
+                    let account = service.register(&req.name, &req.password).await?;
+                    let body = RegisterResponse {
+                        user_id: account.id,
+                        name: account.name,
+                    };
+                    Ok::<_, ApiError>(warp::reply::with_status(
+                        warp::reply::json(&body),
+                        StatusCode::CREATED,
+                    ))
+                };
+                respond_api(result.await)
+            },
+        );
+    let login = warp::path!("api" / "login")
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(json_body::<LoginRequest>())
+        .then(
+            |service: Arc<Service>, req: Result<LoginRequest, ApiError>| async move {
+                let result = async {
+                    let req = req?;
+                    let grant = service
+                        .login(&req.name, &req.password, req.takeover)
+                        .await?;
+                    Ok::<_, ApiError>(warp::reply::json(&LoginResponse {
+                        user_id: grant.user_id,
+                        name: grant.name,
+                        token: grant.token,
+                        server_id: grant.server.id,
+                        server_addr: grant.server.client_addr.to_string(),
+                        expires_at_ms: grant.expires_at_ms,
+                    }))
+                };
+                respond_api(result.await)
+            },
+        );
+    let logout = warp::path!("api" / "logout")
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(bearer())
+        .then(
+            |service: Arc<Service>, auth: Result<String, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth)?;
+                    service.logout(&claims).await?;
+                    Ok::<_, ApiError>(warp::reply::json(&serde_json::json!({})))
+                };
+                respond_api(result.await)
+            },
+        );
+    let online = warp::path!("api" / "users" / "online")
+        .and(warp::get())
+        .and(with_service.clone())
+        .and(bearer())
+        .and(
+            warp::query::<OnlineQuery>()
+                .or(warp::any().map(|| OnlineQuery {
+                    prefix: String::new(),
+                }))
+                .unify(),
+        )
+        .then(
+            |service: Arc<Service>, auth: Result<String, ApiError>, q: OnlineQuery| async move {
+                let result = async {
+                    authenticate(&service, auth)?;
+                    let users = service.online_users(&q.prefix).await?;
+                    let users = users
+                        .into_iter()
+                        .map(|a| UserJson {
+                            id: a.id,
+                            name: a.name,
+                        })
+                        .collect();
+                    Ok::<_, ApiError>(warp::reply::json(&UsersResponse { users }))
+                };
+                respond_api(result.await)
+            },
+        );
+    let send = warp::path!("api" / "messages")
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(bearer())
+        .and(json_body::<SendRequest>())
+        .then(
+            |service: Arc<Service>,
+             auth: Result<String, ApiError>,
+             req: Result<SendRequest, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth)?;
+                    let req = req?;
+                    let target = match (req.to, req.group) {
+                        (Some(to), None) => Target::ToUser(to),
+                        (None, Some(group)) => Target::Group(group),
+                        _ => {
+                            return Err(ApiError::new(
+                                StatusCode::BAD_REQUEST,
+                                "bad_request",
+                                "give exactly one of `to` and `group`",
+                            ));
+                        }
+                    };
+                    let message = ChatMessage {
+                        client_msg_id: 0,
+                        target: Some(target),
+                        body: req.body,
+                    };
+                    let sender = Sender {
+                        id: claims.user_id,
+                        name: claims.user_name,
+                    };
+                    let sent = service.send(&sender, &message).await?;
+                    Ok(warp::reply::json(&SendResponse {
+                        msg_id: sent.msg_id,
+                        recipients: sent.recipients,
+                    }))
+                };
+                respond_api(result.await)
+            },
+        );
+    let health = warp::path!("health")
+        .and(warp::get())
+        .and(with_service)
+        .map(|service: Arc<Service>| {
+            warp::reply::json(&HealthResponse {
+                status: "ok",
+                servers: service.usable_servers().len(),
+            })
+            .into_response()
+        });
+
+    register
+        .or(login)
+        .unify()
+        .or(logout)
+        .unify()
+        .or(online)
+        .unify()
+        .or(send)
+        .unify()
+        .or(health)
+        .unify()
+        .recover(recover)
+        .unify()
+}
+
+/// Reads the body (capped) and parses it as JSON, yielding our own error on failure.
+fn json_body<T: DeserializeOwned + Send>()
+-> impl Filter<Extract = (Result<T, ApiError>,), Error = Rejection> + Clone {
+    warp::body::content_length_limit(MAX_HTTP_BODY)
+        .and(warp::body::bytes())
+        .map(|bytes: Bytes| {
+            serde_json::from_slice::<T>(&bytes).map_err(|e| {
+                tracing::info!(error = %e, "bad json body");
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_json",
+                    format!("invalid JSON body: {e}"),
+                )
+            })
+        })
+}
+
+/// The bearer token from the Authorization header, if any.
+fn bearer() -> impl Filter<Extract = (Result<String, ApiError>,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization").map(|header: Option<String>| {
+        header
+            .as_deref()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(|t| t.trim().to_string())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "missing `Authorization: Bearer <token>` header",
+                )
+            })
+    })
+}
+
+fn authenticate(service: &Service, token: Result<String, ApiError>) -> Result<Claims, ApiError> {
+    let token = token?;
+    service
+        .config
+        .token_key
+        .verify(&token, now_ms(), None)
+        .map_err(|e| ServiceError::from(e).into())
+}
+
+fn respond_api<R: Reply>(result: Result<R, ApiError>) -> Response {
+    match result {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Turns warp's rejections (no route, wrong method, body too large) into JSON errors.
+async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
+    let error = if rejection.is_not_found() {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body exceeds {MAX_HTTP_BODY} bytes"),
+        )
+    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+        ApiError::new(
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "a Content-Length header is required",
+        )
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed",
+        )
+    } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "invalid query string",
+        )
+    } else {
+        tracing::warn!(?rejection, "unhandled rejection");
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "bad request")
+    };
+    Ok(error.into_response())
+}

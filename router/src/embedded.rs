@@ -1,0 +1,125 @@
+//! The embedded mode: one router and a few servers in one process, on the in-memory store and
+//! in-process discovery, with dev certificates created on first run. Nothing to install.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cim_core::discovery::{Discovery, MemoryDiscovery};
+use cim_core::token::TokenKey;
+use cim_server::{Server, ServerConfig};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{MemoryStore, Store};
+use crate::{Router, RouterConfig, Strategy};
+
+/// Settings of an embedded cluster.
+#[derive(Debug, Clone)]
+pub struct EmbeddedConfig {
+    /// Router HTTPS address.
+    pub http_addr: SocketAddr,
+    /// Directory holding (or receiving) the dev certificates.
+    pub certs_dir: PathBuf,
+    /// Number of servers.
+    pub servers: usize,
+    /// Address servers bind their client and internal endpoints to (ports are picked freely).
+    pub server_ip: IpAddr,
+    /// Route selection strategy.
+    pub strategy: Strategy,
+    /// Interval at which clients ping.
+    pub heartbeat_interval: Duration,
+    /// Dead-peer timeout on servers.
+    pub heartbeat_timeout: Duration,
+}
+
+/// A running embedded cluster.
+pub struct Embedded {
+    /// Router HTTPS URL, e.g. `https://127.0.0.1:8443`.
+    pub router_url: String,
+    /// CA certificate clients must trust.
+    pub ca: PathBuf,
+    /// `(id, client address)` of each server.
+    pub servers: Vec<(String, SocketAddr)>,
+    /// Whether the certificates were created by this start.
+    pub certs_created: bool,
+    /// The store (for inspection in tests).
+    pub store: Arc<MemoryStore>,
+    tasks: JoinSet<()>,
+}
+
+impl Embedded {
+    /// Waits until every component has stopped (after `shutdown` is cancelled).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Starts a router and `config.servers` servers; they run until `shutdown` is cancelled.
+pub async fn start(
+    config: EmbeddedConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Embedded> {
+    use anyhow::Context;
+    let (certs, certs_created) = cim_certs::ensure(&config.certs_dir)
+        .with_context(|| format!("preparing certificates in {}", config.certs_dir.display()))?;
+    let secret = std::fs::read_to_string(certs.token_secret())
+        .with_context(|| format!("reading {}", certs.token_secret().display()))?;
+    let token_key = TokenKey::from_hex(&secret).context("token secret")?;
+    let store = Arc::new(MemoryStore::new());
+    let discovery: Arc<dyn Discovery> = Arc::new(MemoryDiscovery::new());
+    let mut tasks = JoinSet::new();
+
+    let mut servers = Vec::new();
+    for i in 1..=config.servers {
+        let mut server_config = ServerConfig::new(
+            format!("server-{i}"),
+            SocketAddr::new(config.server_ip, 0),
+            SocketAddr::new(config.server_ip, 0),
+            certs.server_cert(),
+            certs.server_key(),
+            certs.ca_cert(),
+            token_key.clone(),
+        );
+        server_config.heartbeat_interval = config.heartbeat_interval;
+        server_config.heartbeat_timeout = config.heartbeat_timeout;
+        let server = Server::bind(server_config).context("starting server")?;
+        servers.push((server.id().to_string(), server.client_addr()));
+        let discovery = discovery.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = server.run(discovery, shutdown).await {
+                tracing::error!(error = %e, "server failed");
+            }
+        });
+    }
+
+    let mut router_config = RouterConfig::new(
+        "router-1",
+        config.http_addr,
+        certs.router_cert(),
+        certs.router_key(),
+        certs.ca_cert(),
+        token_key,
+    );
+    router_config.strategy = config.strategy;
+    let router = Router::bind(router_config)
+        .await
+        .context("starting router")?;
+    let router_url = format!("https://{}", router.http_addr());
+    let router_store: Arc<dyn Store> = store.clone();
+    tasks.spawn(async move {
+        if let Err(e) = router.run(router_store, discovery, shutdown).await {
+            tracing::error!(error = %e, "router failed");
+        }
+    });
+    Ok(Embedded {
+        router_url,
+        ca: certs.ca_cert(),
+        servers,
+        certs_created,
+        store,
+        tasks,
+    })
+}

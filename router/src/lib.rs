@@ -1,0 +1,195 @@
+//! cim router.
+//!
+//! Routers hold no client connections. They serve the HTTPS API (accounts, login with server
+//! assignment, online users, HTTP sends), keep one QUIC link to each live server, and fan
+//! messages out to servers: one push per server carrying its recipient list. Their state lives
+//! in a [`store::Store`] (Redis in a cluster, memory in the embedded mode) and their view of the
+//! servers comes from a [`cim_core::discovery::Discovery`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cim_core::discovery::{Discovery, RouterInfo};
+use cim_core::token::TokenKey;
+use cim_core::transport::{self, Link};
+use cim_core::{ALPN_INTERNAL, tls};
+use tokio_util::sync::CancellationToken;
+
+pub mod api;
+pub mod embedded;
+pub mod https;
+mod ids;
+mod links;
+pub mod password;
+pub mod select;
+pub mod service;
+pub mod store;
+
+pub use select::Strategy;
+
+/// Everything a router needs to start.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Unique router id.
+    pub id: String,
+    /// HTTPS listen address.
+    pub http_addr: SocketAddr,
+    /// Certificate chain for HTTPS, also presented as client certificate to servers (PEM).
+    pub cert: PathBuf,
+    /// Private key for `cert` (PEM).
+    pub key: PathBuf,
+    /// Cluster CA: server certificates must chain to it (PEM).
+    pub ca: PathBuf,
+    /// Signs session tokens.
+    pub token_key: TokenKey,
+    /// How servers are picked at login.
+    pub strategy: Strategy,
+    /// Lifetime of a session token.
+    pub token_ttl: Duration,
+    /// How long a login's claim waits for the client to reach its server.
+    pub pending_lease: Duration,
+    /// Lease on a confirmed route, renewed while its server is alive.
+    pub route_lease: Duration,
+    /// Largest message body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl RouterConfig {
+    /// Defaults for everything but identity, address and credentials.
+    pub fn new(
+        id: impl Into<String>,
+        http_addr: SocketAddr,
+        cert: PathBuf,
+        key: PathBuf,
+        ca: PathBuf,
+        token_key: TokenKey,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            http_addr,
+            cert,
+            key,
+            ca,
+            token_key,
+            strategy: Strategy::RoundRobin,
+            token_ttl: Duration::from_secs(600),
+            pending_lease: Duration::from_secs(30),
+            route_lease: Duration::from_secs(30),
+            max_body_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// Why a router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Certificates or keys could not be loaded.
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// The QUIC endpoint could not be created.
+    #[error("endpoint: {0}")]
+    Endpoint(#[from] transport::EndpointError),
+    /// The HTTPS port could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// Address requested.
+        addr: SocketAddr,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The router could not be announced.
+    #[error("discovery: {0}")]
+    Discovery(#[from] cim_core::discovery::DiscoveryError),
+}
+
+/// A router whose sockets are bound but which is not yet serving.
+pub struct Router {
+    config: Arc<RouterConfig>,
+    listener: tokio::net::TcpListener,
+    http_tls: Arc<rustls::ServerConfig>,
+    endpoint: quinn::Endpoint,
+}
+
+impl Router {
+    /// Binds the HTTPS listener and the QUIC endpoint used to reach servers.
+    pub async fn bind(config: RouterConfig) -> Result<Self, StartError> {
+        let mut http_tls = tls::server_config(&config.cert, &config.key, &[], None)?;
+        http_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let link_tls = tls::client_config(
+            tls::load_roots(&config.ca)?,
+            &[ALPN_INTERNAL],
+            Some((&config.cert, &config.key)),
+        )?;
+        let unspecified: SocketAddr = if config.http_addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        }
+        .parse()
+        .map_err(|_| StartError::Bind {
+            addr: config.http_addr,
+            source: std::io::Error::other("bad unspecified address"),
+        })?;
+        let endpoint = transport::client_endpoint(
+            unspecified,
+            transport::client_config(link_tls, Link::Internal)?,
+        )?;
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.http_addr,
+                source,
+            })?;
+        Ok(Self {
+            config: Arc::new(config),
+            listener,
+            http_tls: Arc::new(http_tls),
+            endpoint,
+        })
+    }
+
+    /// Bound HTTPS address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.config.http_addr)
+    }
+
+    /// Serves until `shutdown` is cancelled.
+    pub async fn run(
+        self,
+        store: Arc<dyn store::Store>,
+        discovery: Arc<dyn Discovery>,
+        shutdown: CancellationToken,
+    ) -> Result<(), StartError> {
+        let http_addr = self.http_addr();
+        let links = links::ServerLinks::new(self.endpoint.clone());
+        let service = Arc::new(service::Service::new(
+            self.config.clone(),
+            store,
+            discovery.servers(),
+            links,
+        ));
+        discovery
+            .register_router(RouterInfo {
+                id: self.config.id.clone(),
+                http_addr,
+            })
+            .await?;
+        tracing::info!(id = %self.config.id, %http_addr, "router started");
+        let maintain = tokio::spawn(links::maintain(service.clone(), shutdown.clone()));
+        https::serve(
+            self.listener,
+            self.http_tls,
+            api::routes(service),
+            shutdown.clone(),
+        )
+        .await;
+        let _ = maintain.await;
+        self.endpoint.close(
+            cim_core::close::code(cim_core::close::NORMAL),
+            b"router stopped",
+        );
+        Ok(())
+    }
+}

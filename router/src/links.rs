@@ -1,0 +1,315 @@
+//! Router -> server links: one mutual-TLS QUIC connection per live server, dialled from the
+//! discovery view and redialled with backoff. The router opens streams for pushes and kicks;
+//! the server opens streams for session events and forwarded client messages.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use cim_core::discovery::ServerInfo;
+use cim_core::transport;
+use cim_proto::v1::{
+    Delivery, KickResult, KickUser, Push, PushResult, RouterRequest, ServerRequest, SessionResult,
+    router_request, server_request,
+};
+use cim_proto::{FrameError, ProstMessage, read_required, write_frame};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::service::{Sender, Service};
+
+/// Largest frame on router links.
+pub const MAX_INTERNAL_FRAME: usize = 4 * 1024 * 1024;
+/// Time a server has to answer a request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a request to a server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// No live connection to that server.
+    #[error("server {0} is not connected")]
+    NotConnected(String),
+    /// The request failed or timed out.
+    #[error("request to server failed: {0}")]
+    Failed(String),
+}
+
+/// Connections to servers, by server id.
+pub struct ServerLinks {
+    endpoint: quinn::Endpoint,
+    conns: RwLock<HashMap<String, quinn::Connection>>,
+}
+
+impl ServerLinks {
+    /// Links dialled from `endpoint` (whose default client config carries the router's client
+    /// certificate).
+    pub fn new(endpoint: quinn::Endpoint) -> Self {
+        Self {
+            endpoint,
+            conns: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn conn(&self, server_id: &str) -> Option<quinn::Connection> {
+        self.conns
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(server_id)
+            .cloned()
+    }
+
+    /// Whether a live connection to `server_id` exists.
+    pub fn is_connected(&self, server_id: &str) -> bool {
+        self.conn(server_id)
+            .is_some_and(|c| c.close_reason().is_none())
+    }
+
+    fn set(&self, server_id: &str, conn: Option<quinn::Connection>) {
+        let mut conns = self.conns.write().unwrap_or_else(|p| p.into_inner());
+        match conn {
+            Some(c) => conns.insert(server_id.to_string(), c),
+            None => conns.remove(server_id),
+        };
+    }
+
+    async fn call<R: ProstMessage + Default>(
+        &self,
+        server_id: &str,
+        request: &RouterRequest,
+    ) -> Result<R, LinkError> {
+        let conn = self
+            .conn(server_id)
+            .ok_or_else(|| LinkError::NotConnected(server_id.to_string()))?;
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange(&conn, request)).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => Err(LinkError::Failed(e.to_string())),
+            Err(_) => Err(LinkError::Failed("timed out".into())),
+        }
+    }
+
+    /// Pushes `delivery` to `recipients` on one server.
+    pub async fn push(
+        &self,
+        server_id: &str,
+        recipients: Vec<u64>,
+        delivery: Delivery,
+    ) -> Result<PushResult, LinkError> {
+        let request = RouterRequest {
+            kind: Some(router_request::Kind::Push(Push {
+                recipients,
+                delivery: Some(delivery),
+            })),
+        };
+        self.call(server_id, &request).await
+    }
+
+    /// Ends a session on a server. Returns whether the server had it.
+    pub async fn kick(
+        &self,
+        server_id: &str,
+        user_id: u64,
+        session_id: u64,
+        reason: &str,
+    ) -> Result<bool, LinkError> {
+        let request = RouterRequest {
+            kind: Some(router_request::Kind::Kick(KickUser {
+                user_id,
+                session_id,
+                reason: reason.to_string(),
+            })),
+        };
+        let reply: KickResult = self.call(server_id, &request).await?;
+        Ok(reply.found)
+    }
+}
+
+/// Why one exchange failed.
+#[derive(Debug, thiserror::Error)]
+enum ExchangeError {
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+}
+
+async fn exchange<R: ProstMessage + Default>(
+    conn: &quinn::Connection,
+    request: &RouterRequest,
+) -> Result<R, ExchangeError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, request, MAX_INTERNAL_FRAME).await?;
+    send.finish()?;
+    Ok(read_required(&mut recv, MAX_INTERNAL_FRAME).await?)
+}
+
+/// Keeps one link per server in the discovery view: dials new servers, drops links to servers
+/// that left, and removes the routes of servers that left (their clients log in again).
+/// Also renews the route leases of live servers.
+pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken) {
+    let mut view = service.servers.clone();
+    let mut dialers: HashMap<String, (ServerInfo, JoinHandle<()>)> = HashMap::new();
+    let mut renew = tokio::time::interval(service.config.route_lease / 3);
+    loop {
+        let servers = view.borrow_and_update().clone();
+        // Drop links to servers that left or moved.
+        let gone: Vec<String> = dialers
+            .iter()
+            .filter(|(id, (info, _))| {
+                !servers
+                    .iter()
+                    .any(|s| &s.id == *id && s.internal_addr == info.internal_addr)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            if let Some((_, task)) = dialers.remove(&id) {
+                task.abort();
+            }
+            if let Some(conn) = service.links.conn(&id) {
+                conn.close(
+                    cim_core::close::code(cim_core::close::NORMAL),
+                    b"server left",
+                );
+            }
+            service.links.set(&id, None);
+            if !servers.iter().any(|s| s.id == id) {
+                match service.store.remove_server_routes(&id).await {
+                    Ok(users) => {
+                        tracing::info!(server = %id, routes = users.len(), "server left; routes removed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(server = %id, error = %e, "could not remove routes of departed server")
+                    }
+                }
+            }
+        }
+        for server in servers.iter() {
+            if !dialers.contains_key(&server.id) {
+                let task = tokio::spawn(dial(service.clone(), server.clone(), shutdown.clone()));
+                dialers.insert(server.id.clone(), (server.clone(), task));
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = view.changed() => if changed.is_err() { break },
+            _ = renew.tick() => {
+                for id in dialers.keys() {
+                    if let Err(e) = service.store.refresh_server_routes(id, service.config.route_lease).await {
+                        tracing::warn!(server = %id, error = %e, "could not renew route leases");
+                    }
+                }
+            }
+        }
+    }
+    for (_, (_, task)) in dialers {
+        task.abort();
+    }
+}
+
+/// Dials one server until shutdown, serving its requests while connected.
+async fn dial(service: Arc<Service>, server: ServerInfo, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let name = transport::server_name(&server.internal_addr);
+        let attempt = match service.links.endpoint.connect(server.internal_addr, &name) {
+            Ok(connecting) => connecting.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match attempt {
+            Ok(conn) => {
+                backoff = Duration::from_millis(100);
+                tracing::info!(server = %server.id, addr = %server.internal_addr, "linked to server");
+                service.links.set(&server.id, Some(conn.clone()));
+                tokio::select! {
+                    _ = serve_server(&service, &server.id, &conn) => {}
+                    _ = shutdown.cancelled() => {
+                        conn.close(cim_core::close::code(cim_core::close::NORMAL), b"router shutting down");
+                        return;
+                    }
+                }
+                service.links.set(&server.id, None);
+                tracing::info!(server = %server.id, reason = ?conn.close_reason(), "link to server lost");
+            }
+            Err(e) => {
+                tracing::debug!(server = %server.id, error = %e, "dial failed");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Answers the requests a server opens on its link.
+async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Connection) {
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let service = service.clone();
+        let server_id = server_id.to_string();
+        tokio::spawn(async move {
+            let request: ServerRequest = match read_required(&mut recv, MAX_INTERNAL_FRAME).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(server = %server_id, error = %e, "bad server request");
+                    let _ = send.reset(cim_core::close::code(cim_core::close::PROTOCOL));
+                    return;
+                }
+            };
+            let written = match request.kind {
+                // The link's own server id is authoritative, not the one in the body.
+                Some(server_request::Kind::SessionOpened(open)) => {
+                    let reply = match service
+                        .session_opened(open.user_id, open.session_id, &server_id)
+                        .await
+                    {
+                        Ok(true) => SessionResult::default(),
+                        Ok(false) => SessionResult {
+                            code: "session_replaced".into(),
+                            message: "this login was replaced or has expired; log in again".into(),
+                        },
+                        Err(e) => SessionResult {
+                            code: e.code().into(),
+                            message: e.to_string(),
+                        },
+                    };
+                    write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
+                }
+                Some(server_request::Kind::SessionClosed(closed)) => {
+                    let reply = match service
+                        .session_closed(closed.user_id, closed.session_id)
+                        .await
+                    {
+                        Ok(()) => SessionResult::default(),
+                        Err(e) => SessionResult {
+                            code: e.code().into(),
+                            message: e.to_string(),
+                        },
+                    };
+                    write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
+                }
+                Some(server_request::Kind::Forward(forward)) => {
+                    let Some(message) = forward.message else {
+                        let _ = send.reset(cim_core::close::code(cim_core::close::PROTOCOL));
+                        return;
+                    };
+                    let sender = Sender {
+                        id: forward.from_user,
+                        name: forward.from_name,
+                    };
+                    let ack = service.send_from_server(&sender, &message).await;
+                    write_frame(&mut send, &ack, MAX_INTERNAL_FRAME).await
+                }
+                None => {
+                    let _ = send.reset(cim_core::close::code(cim_core::close::PROTOCOL));
+                    return;
+                }
+            };
+            if written.is_ok() {
+                let _ = send.finish();
+            }
+        });
+    }
+}

@@ -1,0 +1,428 @@
+//! What the router does, independent of how it is asked: registration, login with server
+//! assignment, logout, online users, and sending (recipient resolution and fan-out with one
+//! push per server). The HTTP API and the server links both call into [`Service`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cim_core::discovery::ServerInfo;
+use cim_core::now_ms;
+use cim_core::token::{Claims, TokenError};
+use cim_proto::v1::{ChatMessage, Delivery, SendAck, chat_message::Target};
+use futures_util::future::join_all;
+use tokio::sync::watch;
+
+use crate::RouterConfig;
+use crate::ids::IdGenerator;
+use crate::links::ServerLinks;
+use crate::password;
+use crate::select::Selector;
+use crate::store::{Account, Claim, Route, Store, StoreError};
+
+/// The group that reaches everyone online (CIM's group chat).
+pub const BROADCAST_GROUP: &str = "all";
+
+/// Why a request failed. Each variant maps to a stable code.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The request is malformed or a field is out of range.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Registration of an existing name.
+    #[error("user name is taken")]
+    NameTaken,
+    /// Unknown user or wrong password (deliberately not told apart).
+    #[error("unknown user or wrong password")]
+    InvalidCredentials,
+    /// The user is online elsewhere and takeover was not requested.
+    #[error("user is already online; log in with takeover to replace that session")]
+    AlreadyOnline,
+    /// No server is available to take the session.
+    #[error("no server available")]
+    NoServer,
+    /// The bearer token is missing, forged or expired.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The recipient does not exist.
+    #[error("unknown recipient")]
+    UnknownUser,
+    /// The group does not exist.
+    #[error("unknown group")]
+    UnknownGroup,
+    /// The recipient is not online and the message was not delivered.
+    #[error("recipient is offline")]
+    RecipientOffline,
+    /// The body exceeds the configured limit.
+    #[error("message body exceeds {0} bytes")]
+    TooLarge(usize),
+    /// The store or another dependency is unavailable; retry later.
+    #[error("service unavailable")]
+    Unavailable(#[from] StoreError),
+    /// A bug or an unexpected failure; details are in the log.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ServiceError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ServiceError::BadRequest(_) => "bad_request",
+            ServiceError::NameTaken => "name_taken",
+            ServiceError::InvalidCredentials => "invalid_credentials",
+            ServiceError::AlreadyOnline => "already_online",
+            ServiceError::NoServer => "no_server",
+            ServiceError::Unauthorized(_) => "unauthorized",
+            ServiceError::UnknownUser => "unknown_user",
+            ServiceError::UnknownGroup => "unknown_group",
+            ServiceError::RecipientOffline => "recipient_offline",
+            ServiceError::TooLarge(_) => "too_large",
+            ServiceError::Unavailable(StoreError::NameTaken) => "name_taken",
+            ServiceError::Unavailable(_) => "unavailable",
+            ServiceError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<TokenError> for ServiceError {
+    fn from(e: TokenError) -> Self {
+        ServiceError::Unauthorized(e.to_string())
+    }
+}
+
+/// A successful login.
+#[derive(Debug, Clone)]
+pub struct LoginGrant {
+    /// The account.
+    pub user_id: u64,
+    /// Account name.
+    pub name: String,
+    /// Signed session token for the assigned server.
+    pub token: String,
+    /// Assigned server.
+    pub server: ServerInfo,
+    /// Token expiry, milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+}
+
+/// The sender of a message, from an authenticated session.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    /// Account id.
+    pub id: u64,
+    /// Account name.
+    pub name: String,
+}
+
+/// A message accepted for delivery.
+#[derive(Debug, Clone, Copy)]
+pub struct Sent {
+    /// Assigned message id.
+    pub msg_id: u64,
+    /// Recipients it was handed to.
+    pub recipients: u32,
+}
+
+/// The router's behaviour over its store, discovery view and server links.
+pub struct Service {
+    pub(crate) config: Arc<RouterConfig>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) servers: watch::Receiver<Arc<Vec<ServerInfo>>>,
+    pub(crate) links: ServerLinks,
+    selector: Selector,
+    ids: IdGenerator,
+}
+
+impl Service {
+    pub(crate) fn new(
+        config: Arc<RouterConfig>,
+        store: Arc<dyn Store>,
+        servers: watch::Receiver<Arc<Vec<ServerInfo>>>,
+        links: ServerLinks,
+    ) -> Self {
+        Self {
+            selector: Selector::new(config.strategy),
+            ids: IdGenerator::new(rand::random()),
+            config,
+            store,
+            servers,
+            links,
+        }
+    }
+
+    /// Creates an account.
+    pub async fn register(&self, name: &str, password: &str) -> Result<Account, ServiceError> {
+        validate_name(name)?;
+        validate_password(password)?;
+        let password = password.to_string();
+        let hash = tokio::task::spawn_blocking(move || password::hash(&password))
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        match self.store.create_account(name, &hash).await {
+            Ok(account) => Ok(account),
+            Err(StoreError::NameTaken) => Err(ServiceError::NameTaken),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Checks credentials, claims the user's route and assigns a server.
+    ///
+    /// A user who is already online is refused with [`ServiceError::AlreadyOnline`] unless
+    /// `takeover` is set, in which case the old session is kicked. A route left behind by a
+    /// server that is gone never blocks a login.
+    pub async fn login(
+        &self,
+        name: &str,
+        password: &str,
+        takeover: bool,
+    ) -> Result<LoginGrant, ServiceError> {
+        if name.len() > 64 || password.len() > 256 {
+            return Err(ServiceError::InvalidCredentials);
+        }
+        let account = self
+            .store
+            .account_by_name(name)
+            .await?
+            .ok_or(ServiceError::InvalidCredentials)?;
+        let stored = account.password_hash.clone();
+        let password = password.to_string();
+        let ok = tokio::task::spawn_blocking(move || password::verify(&password, &stored))
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        if !ok {
+            return Err(ServiceError::InvalidCredentials);
+        }
+
+        let live = self.usable_servers();
+        let current = self.store.routes(&[account.id]).await?.pop().flatten();
+        let stale = current
+            .as_ref()
+            .is_some_and(|r| !live.iter().any(|s| s.id == r.server_id));
+        if current.is_some() && !takeover && !stale {
+            return Err(ServiceError::AlreadyOnline);
+        }
+        let server = self
+            .selector
+            .pick(&live, account.id, rand::random())
+            .cloned()
+            .ok_or(ServiceError::NoServer)?;
+        let session_id = rand::random::<u64>().max(1);
+        let route = Route {
+            server_id: server.id.clone(),
+            session_id,
+            confirmed: false,
+        };
+        let claim = self
+            .store
+            .claim_route(
+                account.id,
+                route,
+                self.config.pending_lease,
+                takeover || stale,
+            )
+            .await?;
+        match claim {
+            Claim::Busy(_) => return Err(ServiceError::AlreadyOnline),
+            Claim::Won {
+                previous: Some(previous),
+            } => {
+                self.kick_route(account.id, &previous, "logged in elsewhere")
+                    .await
+            }
+            Claim::Won { previous: None } => {}
+        }
+        let expires_at_ms = now_ms() + self.config.token_ttl.as_millis() as u64;
+        let token = self.config.token_key.sign(&Claims {
+            user_id: account.id,
+            user_name: account.name.clone(),
+            server_id: server.id.clone(),
+            session_id,
+            expires_at_ms,
+        });
+        tracing::info!(user = account.id, server = %server.id, "login");
+        Ok(LoginGrant {
+            user_id: account.id,
+            name: account.name,
+            token,
+            server,
+            expires_at_ms,
+        })
+    }
+
+    /// Ends the session a token belongs to.
+    pub async fn logout(&self, claims: &Claims) -> Result<(), ServiceError> {
+        let routes = self.store.routes(&[claims.user_id]).await?;
+        self.store
+            .release_route(claims.user_id, claims.session_id)
+            .await?;
+        if let Some(Some(route)) = routes.first()
+            && route.session_id == claims.session_id
+        {
+            self.kick_route(claims.user_id, route, "logged out").await;
+        }
+        tracing::info!(user = claims.user_id, "logout");
+        Ok(())
+    }
+
+    async fn kick_route(&self, user_id: u64, route: &Route, reason: &str) {
+        if let Err(e) = self
+            .links
+            .kick(&route.server_id, user_id, route.session_id, reason)
+            .await
+        {
+            tracing::info!(user = user_id, server = %route.server_id, error = %e, "could not kick old session");
+        }
+    }
+
+    /// Online users, sorted by name, optionally only those whose name starts with `prefix`.
+    pub async fn online_users(&self, prefix: &str) -> Result<Vec<Account>, ServiceError> {
+        let ids = self.store.online_users().await?;
+        let mut accounts = self.store.accounts_by_id(&ids).await?;
+        accounts.retain(|a| a.name.starts_with(prefix));
+        accounts.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(accounts)
+    }
+
+    /// A server reports a session as open: confirm the route if it still belongs to it.
+    pub async fn session_opened(
+        &self,
+        user_id: u64,
+        session_id: u64,
+        server_id: &str,
+    ) -> Result<bool, ServiceError> {
+        Ok(self
+            .store
+            .confirm_route(user_id, session_id, server_id, self.config.route_lease)
+            .await?)
+    }
+
+    /// A server reports a session as closed.
+    pub async fn session_closed(&self, user_id: u64, session_id: u64) -> Result<(), ServiceError> {
+        self.store.release_route(user_id, session_id).await?;
+        Ok(())
+    }
+
+    /// Sends a message from `sender`: resolves recipients, groups them by server and sends one
+    /// push per server.
+    pub async fn send(&self, sender: &Sender, message: &ChatMessage) -> Result<Sent, ServiceError> {
+        if message.body.is_empty() {
+            return Err(ServiceError::BadRequest("message body is empty".into()));
+        }
+        if message.body.len() > self.config.max_body_bytes {
+            return Err(ServiceError::TooLarge(self.config.max_body_bytes));
+        }
+        let (recipients, group) = match &message.target {
+            Some(Target::ToUser(to)) => {
+                if self.store.accounts_by_id(&[*to]).await?.is_empty() {
+                    return Err(ServiceError::UnknownUser);
+                }
+                (vec![*to], String::new())
+            }
+            Some(Target::Group(g)) if g == BROADCAST_GROUP => {
+                let mut online = self.store.online_users().await?;
+                online.retain(|u| *u != sender.id);
+                (online, g.clone())
+            }
+            Some(Target::Group(_)) => return Err(ServiceError::UnknownGroup),
+            None => return Err(ServiceError::BadRequest("message has no recipient".into())),
+        };
+        let msg_id = self.ids.next(now_ms());
+        let delivery = Delivery {
+            msg_id,
+            seq: 0,
+            from_user: sender.id,
+            from_name: sender.name.clone(),
+            group,
+            body: message.body.clone(),
+            created_at_ms: now_ms(),
+        };
+        let routes = self.store.routes(&recipients).await?;
+        let mut by_server: HashMap<String, Vec<u64>> = HashMap::new();
+        for (user, route) in recipients.iter().zip(routes) {
+            if let Some(route) = route.filter(|r| r.confirmed) {
+                by_server.entry(route.server_id).or_default().push(*user);
+            }
+        }
+        let pushes = by_server.into_iter().map(|(server, users)| {
+            let delivery = delivery.clone();
+            async move {
+                let result = self.links.push(&server, users, delivery).await;
+                (server, result)
+            }
+        });
+        let mut delivered = 0u32;
+        for (server, result) in join_all(pushes).await {
+            match result {
+                Ok(r) => delivered += r.delivered.len() as u32,
+                Err(e) => tracing::warn!(%server, msg_id, error = %e, "push failed"),
+            }
+        }
+        if matches!(message.target, Some(Target::ToUser(_))) && delivered == 0 {
+            return Err(ServiceError::RecipientOffline);
+        }
+        Ok(Sent {
+            msg_id,
+            recipients: delivered,
+        })
+    }
+
+    /// [`Service::send`] for a message that arrived from a server, answered as the sender's ack.
+    pub async fn send_from_server(&self, sender: &Sender, message: &ChatMessage) -> SendAck {
+        match self.send(sender, message).await {
+            Ok(sent) => SendAck {
+                client_msg_id: message.client_msg_id,
+                msg_id: sent.msg_id,
+                code: String::new(),
+                message: String::new(),
+                recipients: sent.recipients,
+            },
+            Err(e) => {
+                if let ServiceError::Internal(detail) | ServiceError::BadRequest(detail) = &e {
+                    tracing::warn!(detail, "send refused");
+                }
+                SendAck {
+                    client_msg_id: message.client_msg_id,
+                    msg_id: 0,
+                    code: e.code().to_string(),
+                    message: e.to_string(),
+                    recipients: 0,
+                }
+            }
+        }
+    }
+
+    /// Servers that are in discovery and reachable over a live link.
+    pub fn usable_servers(&self) -> Vec<ServerInfo> {
+        self.servers
+            .borrow()
+            .iter()
+            .filter(|s| self.links.is_connected(&s.id))
+            .cloned()
+            .collect()
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), ServiceError> {
+    let ok_len = (1..=32).contains(&name.len());
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok_len && ok_chars {
+        Ok(())
+    } else {
+        Err(ServiceError::BadRequest(
+            "name must be 1-32 characters of A-Z, a-z, 0-9, '_', '-', '.'".into(),
+        ))
+    }
+}
+
+fn validate_password(password: &str) -> Result<(), ServiceError> {
+    if (4..=256).contains(&password.len()) {
+        Ok(())
+    } else {
+        Err(ServiceError::BadRequest(
+            "password must be 4-256 bytes long".into(),
+        ))
+    }
+}

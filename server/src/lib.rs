@@ -1,0 +1,229 @@
+//! cim connection server.
+//!
+//! A server holds clients' QUIC connections. Each client opens a control stream (login with a
+//! router-signed token, heartbeats, kick and drain) and one stream per message. The server
+//! forwards client messages to a router and delivers the router's pushes to its local sessions.
+//! Routers dial the server's internal endpoint (mutual TLS); the server uses those same
+//! connections to reach the routers, so it needs no router addresses of its own.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cim_core::discovery::{Discovery, ServerInfo};
+use cim_core::token::TokenKey;
+use cim_core::transport::{self, Link};
+use cim_core::{ALPN_CLIENT, ALPN_INTERNAL, close, tls};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+mod links;
+mod session;
+
+pub use links::RouterLinks;
+
+/// Everything a server needs to start.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Unique id, announced through discovery and embedded in tokens.
+    pub id: String,
+    /// Address clients connect to.
+    pub client_addr: SocketAddr,
+    /// Address routers connect to.
+    pub internal_addr: SocketAddr,
+    /// Certificate chain presented on both endpoints (PEM).
+    pub cert: PathBuf,
+    /// Private key for `cert` (PEM).
+    pub key: PathBuf,
+    /// CA that router client certificates must chain to (PEM).
+    pub ca: PathBuf,
+    /// Verifies session tokens.
+    pub token_key: TokenKey,
+    /// Interval at which clients are asked to ping.
+    pub heartbeat_interval: Duration,
+    /// A client silent for this long is disconnected.
+    pub heartbeat_timeout: Duration,
+    /// Largest message body accepted from a client, in bytes.
+    pub max_body_bytes: usize,
+    /// How long shutdown waits for clients to leave after `Drain`.
+    pub drain_grace: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults for everything but identity, addresses and credentials.
+    pub fn new(
+        id: impl Into<String>,
+        client_addr: SocketAddr,
+        internal_addr: SocketAddr,
+        cert: PathBuf,
+        key: PathBuf,
+        ca: PathBuf,
+        token_key: TokenKey,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            client_addr,
+            internal_addr,
+            cert,
+            key,
+            ca,
+            token_key,
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(15),
+            max_body_bytes: 16 * 1024,
+            drain_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Certificates or keys could not be loaded.
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// An endpoint could not be bound.
+    #[error("endpoint: {0}")]
+    Endpoint(#[from] transport::EndpointError),
+    /// The server could not be announced.
+    #[error("discovery: {0}")]
+    Discovery(#[from] cim_core::discovery::DiscoveryError),
+    /// The configuration is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// A server whose endpoints are bound but which is not yet serving.
+pub struct Server {
+    config: Arc<ServerConfig>,
+    client_endpoint: quinn::Endpoint,
+    internal_endpoint: quinn::Endpoint,
+}
+
+impl Server {
+    /// Binds both endpoints. Port 0 picks free ports; see [`Server::client_addr`].
+    pub fn bind(config: ServerConfig) -> Result<Self, StartError> {
+        if config.id.is_empty() || config.id.contains(['|', '/']) {
+            return Err(StartError::Config(
+                "server id must be non-empty without '|' or '/'".into(),
+            ));
+        }
+        let client_tls = tls::server_config(&config.cert, &config.key, &[ALPN_CLIENT], None)?;
+        let internal_tls = tls::server_config(
+            &config.cert,
+            &config.key,
+            &[ALPN_INTERNAL],
+            Some(tls::load_roots(&config.ca)?),
+        )?;
+        let client_endpoint =
+            transport::server_endpoint(config.client_addr, client_tls, Link::Client)?;
+        let internal_endpoint =
+            transport::server_endpoint(config.internal_addr, internal_tls, Link::Internal)?;
+        Ok(Self {
+            config: Arc::new(config),
+            client_endpoint,
+            internal_endpoint,
+        })
+    }
+
+    /// Bound client address.
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_endpoint
+            .local_addr()
+            .unwrap_or(self.config.client_addr)
+    }
+
+    /// Bound internal address.
+    pub fn internal_addr(&self) -> SocketAddr {
+        self.internal_endpoint
+            .local_addr()
+            .unwrap_or(self.config.internal_addr)
+    }
+
+    /// Server id.
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    /// Announces the server and serves until `shutdown` is cancelled, then drains: clients get
+    /// `Drain`, the server leaves discovery, and connections close after the grace period.
+    pub async fn run(
+        self,
+        discovery: Arc<dyn Discovery>,
+        shutdown: CancellationToken,
+    ) -> Result<(), StartError> {
+        let info = ServerInfo {
+            id: self.config.id.clone(),
+            client_addr: self.client_addr(),
+            internal_addr: self.internal_addr(),
+            load: 0,
+        };
+        let state = Arc::new(session::State::new(self.config.clone()));
+        let tracker = TaskTracker::new();
+        tracker.spawn(links::accept_routers(
+            self.internal_endpoint.clone(),
+            state.clone(),
+            shutdown.clone(),
+        ));
+        tracker.spawn(session::accept_clients(
+            self.client_endpoint.clone(),
+            state.clone(),
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+        tracker.spawn(report_load(
+            discovery.clone(),
+            state.clone(),
+            shutdown.clone(),
+        ));
+        discovery.register_server(info.clone()).await?;
+        tracing::info!(
+            id = %info.id,
+            client_addr = %info.client_addr,
+            internal_addr = %info.internal_addr,
+            "server started"
+        );
+
+        shutdown.cancelled().await;
+        tracing::info!(id = %self.config.id, "server draining");
+        if let Err(e) = discovery.deregister_server(&self.config.id).await {
+            tracing::warn!(error = %e, "could not deregister from discovery");
+        }
+        state.drain_all("server shutting down");
+        let drained = tokio::time::timeout(self.config.drain_grace, state.wait_empty()).await;
+        if drained.is_err() {
+            tracing::warn!(left = state.session_count(), "drain grace period over");
+        }
+        self.client_endpoint
+            .close(close::code(close::DRAIN), b"server shutting down");
+        self.internal_endpoint
+            .close(close::code(close::NORMAL), b"server shutting down");
+        tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
+        Ok(())
+    }
+}
+
+/// Publishes the session count to discovery whenever it changes (checked every second).
+async fn report_load(
+    discovery: Arc<dyn Discovery>,
+    state: Arc<session::State>,
+    shutdown: CancellationToken,
+) {
+    let mut last = 0u32;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let load = state.session_count() as u32;
+        if load != last {
+            match discovery.update_server_load(&state.config.id, load).await {
+                Ok(()) => last = load,
+                Err(e) => tracing::debug!(error = %e, "load report failed"),
+            }
+        }
+    }
+}

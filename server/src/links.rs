@@ -1,0 +1,225 @@
+//! Router links on the server side: accepts routers' mutual-TLS connections, answers their
+//! pushes and kicks, and sends session events and client messages to a router over the same
+//! connections (round robin, failing over to the next router).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cim_proto::v1::{
+    Forward, KickResult, PushResult, RouterRequest, SendAck, ServerRequest, SessionClosed,
+    SessionOpened, SessionResult, router_request, server_request,
+};
+use cim_proto::{FrameError, ProstMessage, read_required, write_frame};
+use tokio_util::sync::CancellationToken;
+
+use crate::session::State;
+
+/// Largest frame on router links (a push carries its recipient list).
+pub const MAX_INTERNAL_FRAME: usize = 4 * 1024 * 1024;
+/// Time a router has to answer a request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a request to a router failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// No router is connected to this server.
+    #[error("no router connected")]
+    NoRouter,
+    /// Every connected router failed to answer.
+    #[error("router request failed: {0}")]
+    Failed(String),
+}
+
+/// The routers currently connected to this server.
+#[derive(Default)]
+pub struct RouterLinks {
+    conns: Mutex<Vec<quinn::Connection>>,
+    next: AtomicUsize,
+}
+
+impl RouterLinks {
+    fn conns(&self) -> std::sync::MutexGuard<'_, Vec<quinn::Connection>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of connected routers.
+    pub fn len(&self) -> usize {
+        self.conns().len()
+    }
+
+    /// Whether no router is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn add(&self, conn: quinn::Connection) {
+        self.conns().push(conn);
+    }
+
+    fn remove(&self, conn: &quinn::Connection) {
+        self.conns().retain(|c| c.stable_id() != conn.stable_id());
+    }
+
+    /// Sends one request and reads one reply, trying each connected router in turn.
+    async fn call<R: ProstMessage + Default>(
+        &self,
+        request: &ServerRequest,
+    ) -> Result<R, LinkError> {
+        let candidates: Vec<quinn::Connection> = {
+            let conns = self.conns();
+            if conns.is_empty() {
+                return Err(LinkError::NoRouter);
+            }
+            let start = self.next.fetch_add(1, Ordering::Relaxed);
+            (0..conns.len())
+                .map(|i| conns[(start + i) % conns.len()].clone())
+                .collect()
+        };
+        let mut last_error = String::new();
+        for conn in candidates {
+            match tokio::time::timeout(REQUEST_TIMEOUT, exchange(&conn, request)).await {
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(e)) => last_error = e.to_string(),
+                Err(_) => last_error = "timed out".into(),
+            }
+            tracing::debug!(router = %conn.remote_address(), error = %last_error, "router request failed");
+        }
+        Err(LinkError::Failed(last_error))
+    }
+
+    /// Reports a newly opened session; the router confirms its route.
+    pub async fn session_opened(
+        &self,
+        user_id: u64,
+        session_id: u64,
+        server_id: &str,
+    ) -> Result<SessionResult, LinkError> {
+        let request = ServerRequest {
+            kind: Some(server_request::Kind::SessionOpened(SessionOpened {
+                user_id,
+                session_id,
+                server_id: server_id.to_string(),
+            })),
+        };
+        self.call(&request).await
+    }
+
+    /// Reports a closed session; the router removes its route.
+    pub async fn session_closed(
+        &self,
+        user_id: u64,
+        session_id: u64,
+        server_id: &str,
+    ) -> Result<SessionResult, LinkError> {
+        let request = ServerRequest {
+            kind: Some(server_request::Kind::SessionClosed(SessionClosed {
+                user_id,
+                session_id,
+                server_id: server_id.to_string(),
+            })),
+        };
+        self.call(&request).await
+    }
+
+    /// Hands a client's message to a router; the reply is the sender's ack.
+    pub async fn forward(&self, forward: Forward) -> Result<SendAck, LinkError> {
+        let request = ServerRequest {
+            kind: Some(server_request::Kind::Forward(forward)),
+        };
+        self.call(&request).await
+    }
+}
+
+/// Why one request/reply exchange failed.
+#[derive(Debug, thiserror::Error)]
+enum ExchangeError {
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+}
+
+async fn exchange<R: ProstMessage + Default>(
+    conn: &quinn::Connection,
+    request: &ServerRequest,
+) -> Result<R, ExchangeError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, request, MAX_INTERNAL_FRAME).await?;
+    send.finish()?;
+    Ok(read_required(&mut recv, MAX_INTERNAL_FRAME).await?)
+}
+
+/// Accepts router connections until shutdown. Mutual TLS already refused peers without a
+/// certificate from the cluster CA.
+pub(crate) async fn accept_routers(
+    endpoint: quinn::Endpoint,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => i,
+                None => return,
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let peer = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::info!(%peer, error = %e, "router handshake refused");
+                    return;
+                }
+            };
+            tracing::info!(%peer, "router connected");
+            state.links.add(conn.clone());
+            serve_router(&conn, &state).await;
+            state.links.remove(&conn);
+            tracing::info!(%peer, reason = ?conn.close_reason(), "router disconnected");
+        });
+    }
+}
+
+async fn serve_router(conn: &quinn::Connection, state: &Arc<State>) {
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let request: RouterRequest = match read_required(&mut recv, MAX_INTERNAL_FRAME).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "bad router request");
+                    let _ = send.reset(cim_core::close::code(cim_core::close::PROTOCOL));
+                    return;
+                }
+            };
+            let written = match request.kind {
+                Some(router_request::Kind::Push(push)) => {
+                    let Some(delivery) = push.delivery else {
+                        let _ = send.reset(cim_core::close::code(cim_core::close::PROTOCOL));
+                        return;
+                    };
+                    let (delivered, absent) = state.deliver(&push.recipients, delivery);
+                    let reply = PushResult { delivered, absent };
+                    write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
+                }
+                Some(router_request::Kind::Kick(kick)) => {
+                    let found = state.kick(kick.user_id, kick.session_id, &kick.reason);
+                    write_frame(&mut send, &KickResult { found }, MAX_INTERNAL_FRAME).await
+                }
+                None => {
+                    let _ = send.reset(cim_core::close::code(cim_core::close::PROTOCOL));
+                    return;
+                }
+            };
+            if written.is_ok() {
+                let _ = send.finish();
+            }
+        });
+    }
+}

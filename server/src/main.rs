@@ -1,0 +1,3 @@
+//! `cim-server`: runs one connection server. See `cim-server --help`.
+
+fn main() {}

@@ -1,0 +1,547 @@
+//! Client sessions: control-stream login and heartbeat, one task per message stream, and
+//! delivery of pushed messages on server-opened streams.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cim_core::{close, now_ms};
+use cim_proto::v1::{
+    ChatMessage, ClientControl, Delivery, DeliveryAck, Drain, Forward, Kick, LoginResult, Pong,
+    SendAck, ServerControl, client_control, server_control,
+};
+use cim_proto::{FrameError, read_frame, read_required, write_frame};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::ServerConfig;
+use crate::links::{LinkError, RouterLinks};
+
+/// Largest control frame (a login carries a token of at most 2 KiB).
+const MAX_CONTROL_FRAME: usize = 4 * 1024;
+/// Time a new connection has to open its control stream and log in.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to take a delivery and ack it.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time given to a kicked client to read the Kick before the connection closes.
+const KICK_LINGER: Duration = Duration::from_secs(2);
+
+/// What the server can tell a session's control stream from outside.
+#[derive(Debug)]
+enum ControlOut {
+    Kick(String),
+    Drain(String),
+}
+
+#[derive(Clone)]
+struct Session {
+    session_id: u64,
+    conn: quinn::Connection,
+    control: mpsc::Sender<ControlOut>,
+}
+
+/// Shared state of one server: configuration, local sessions, router links.
+pub(crate) struct State {
+    pub(crate) config: Arc<ServerConfig>,
+    pub(crate) links: RouterLinks,
+    sessions: Mutex<HashMap<u64, Session>>,
+    emptied: Notify,
+}
+
+impl State {
+    pub(crate) fn new(config: Arc<ServerConfig>) -> Self {
+        Self {
+            config,
+            links: RouterLinks::default(),
+            sessions: Mutex::new(HashMap::new()),
+            emptied: Notify::new(),
+        }
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Session>> {
+        // A panic while holding this lock cannot leave the map half-updated: every critical
+        // section is a single insert/remove/lookup.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn session_count(&self) -> usize {
+        self.sessions().len()
+    }
+
+    pub(crate) async fn wait_empty(&self) {
+        loop {
+            let notified = self.emptied.notified();
+            if self.session_count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn remove(&self, user_id: u64, session_id: u64) -> bool {
+        let mut sessions = self.sessions();
+        let ours = sessions
+            .get(&user_id)
+            .is_some_and(|s| s.session_id == session_id);
+        if ours {
+            sessions.remove(&user_id);
+        }
+        if sessions.is_empty() {
+            self.emptied.notify_waiters();
+        }
+        ours
+    }
+
+    /// Ends the session of `user_id` (only `session_id` if non-zero). Returns whether one ended.
+    pub(crate) fn kick(&self, user_id: u64, session_id: u64, reason: &str) -> bool {
+        let removed = {
+            let mut sessions = self.sessions();
+            match sessions.get(&user_id) {
+                Some(s) if session_id == 0 || s.session_id == session_id => {
+                    sessions.remove(&user_id)
+                }
+                _ => None,
+            }
+        };
+        match removed {
+            Some(session) => {
+                send_control(&session, ControlOut::Kick(reason.to_string()));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sends `Drain` to every session.
+    pub(crate) fn drain_all(&self, reason: &str) {
+        let sessions: Vec<Session> = self.sessions().values().cloned().collect();
+        for session in sessions {
+            send_control(&session, ControlOut::Drain(reason.to_string()));
+        }
+    }
+
+    /// Starts delivering `delivery` to each recipient with a session here. Returns the
+    /// recipients found and those absent.
+    pub(crate) fn deliver(&self, recipients: &[u64], delivery: Delivery) -> (Vec<u64>, Vec<u64>) {
+        let mut delivered = Vec::with_capacity(recipients.len());
+        let mut absent = Vec::new();
+        let delivery = Arc::new(delivery);
+        let sessions = self.sessions();
+        for &user in recipients {
+            match sessions.get(&user) {
+                Some(session) => {
+                    delivered.push(user);
+                    let conn = session.conn.clone();
+                    let delivery = delivery.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = deliver_one(&conn, &delivery).await {
+                            tracing::debug!(user, msg_id = delivery.msg_id, error = %e, "delivery failed");
+                        }
+                    });
+                }
+                None => absent.push(user),
+            }
+        }
+        (delivered, absent)
+    }
+}
+
+fn send_control(session: &Session, out: ControlOut) {
+    if session.control.try_send(out).is_err() {
+        // The control task is gone or hopelessly behind: end the connection outright.
+        session
+            .conn
+            .close(close::code(close::KICKED), b"session ended");
+    }
+}
+
+/// Why a delivery failed.
+#[derive(Debug, thiserror::Error)]
+enum DeliveryError {
+    #[error("timed out")]
+    Timeout,
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream: {0}")]
+    Write(#[from] quinn::ClosedStream),
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+}
+
+async fn deliver_one(conn: &quinn::Connection, delivery: &Delivery) -> Result<(), DeliveryError> {
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_frame(&mut send, delivery, cim_proto::DEFAULT_MAX_FRAME).await?;
+        send.finish()?;
+        let _ack: DeliveryAck = read_required(&mut recv, 1024).await?;
+        Ok::<_, DeliveryError>(())
+    };
+    tokio::time::timeout(DELIVERY_TIMEOUT, exchange)
+        .await
+        .map_err(|_| DeliveryError::Timeout)?
+}
+
+/// Accepts client connections until shutdown; one task per connection.
+pub(crate) async fn accept_clients(
+    endpoint: quinn::Endpoint,
+    state: Arc<State>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => i,
+                None => return,
+            },
+        };
+        // Refuse new clients while draining: they should go to another server.
+        if shutdown.is_cancelled() {
+            incoming.refuse();
+            continue;
+        }
+        let state = state.clone();
+        let peer = incoming.remote_address();
+        tracker.spawn(
+            async move {
+                match incoming.await {
+                    Ok(conn) => handle_client(conn, state).await,
+                    Err(e) => tracing::debug!(error = %e, "handshake failed"),
+                }
+            }
+            .instrument(tracing::debug_span!("client", %peer)),
+        );
+    }
+}
+
+struct Authenticated {
+    user_id: u64,
+    user_name: String,
+    session_id: u64,
+}
+
+async fn handle_client(conn: quinn::Connection, state: Arc<State>) {
+    let login = tokio::time::timeout(LOGIN_TIMEOUT, login(&conn, &state)).await;
+    let (auth, send, recv, control_rx) = match login {
+        Ok(Ok(ok)) => ok,
+        Ok(Err(reason)) => {
+            tracing::info!(peer = %conn.remote_address(), %reason, "login refused");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(peer = %conn.remote_address(), "no login in time");
+            conn.close(close::code(close::TIMEOUT), b"login timeout");
+            return;
+        }
+    };
+    let span = tracing::info_span!("session", user = auth.user_id, session = auth.session_id);
+    async {
+        tracing::info!(name = %auth.user_name, "session opened");
+        tokio::select! {
+            _ = control_loop(&conn, send, recv, control_rx, &state) => {}
+            _ = message_loop(&conn, &auth, &state) => {}
+        }
+        if state.remove(auth.user_id, auth.session_id) {
+            let result = state
+                .links
+                .session_closed(auth.user_id, auth.session_id, &state.config.id)
+                .await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "could not report session close");
+            }
+        }
+        tracing::info!(reason = ?conn.close_reason(), "session closed");
+    }
+    .instrument(span)
+    .await
+}
+
+type LoggedIn = (
+    Authenticated,
+    quinn::SendStream,
+    quinn::RecvStream,
+    mpsc::Receiver<ControlOut>,
+);
+
+/// Runs the login exchange. On refusal the client has been told why and the connection closed.
+async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, String> {
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+    let frame: Result<ClientControl, _> = read_required(&mut recv, MAX_CONTROL_FRAME).await;
+    let login = match frame.map(|f| f.kind) {
+        Ok(Some(client_control::Kind::Login(login))) => login,
+        Ok(_) => {
+            return Err(refuse(
+                conn,
+                &mut send,
+                "protocol",
+                "first frame must be Login",
+                close::PROTOCOL,
+            )
+            .await);
+        }
+        Err(e) => {
+            return Err(refuse(
+                conn,
+                &mut send,
+                "bad_frame",
+                &e.to_string(),
+                close::PROTOCOL,
+            )
+            .await);
+        }
+    };
+    let claims = match state
+        .config
+        .token_key
+        .verify(&login.token, now_ms(), Some(&state.config.id))
+    {
+        Ok(claims) => claims,
+        Err(e) => return Err(refuse(conn, &mut send, e.code(), &e.to_string(), close::AUTH).await),
+    };
+    match state
+        .links
+        .session_opened(claims.user_id, claims.session_id, &state.config.id)
+        .await
+    {
+        Ok(result) if result.code.is_empty() => {}
+        Ok(result) => {
+            return Err(refuse(conn, &mut send, &result.code, &result.message, close::AUTH).await);
+        }
+        Err(e) => {
+            let message = format!("cannot confirm session: {e}");
+            return Err(refuse(conn, &mut send, "unavailable", &message, close::OVERLOAD).await);
+        }
+    }
+
+    let (control_tx, control_rx) = mpsc::channel(4);
+    let session = Session {
+        session_id: claims.session_id,
+        conn: conn.clone(),
+        control: control_tx,
+    };
+    let previous = state.sessions().insert(claims.user_id, session);
+    if let Some(previous) = previous
+        && previous.session_id != claims.session_id
+    {
+        send_control(&previous, ControlOut::Kick("logged in elsewhere".into()));
+    }
+    let result = ServerControl {
+        kind: Some(server_control::Kind::LoginResult(LoginResult {
+            code: String::new(),
+            message: String::new(),
+            user_id: claims.user_id,
+            user_name: claims.user_name.clone(),
+            server_id: state.config.id.clone(),
+            heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
+        })),
+    };
+    if let Err(e) = write_frame(&mut send, &result, MAX_CONTROL_FRAME).await {
+        state.remove(claims.user_id, claims.session_id);
+        return Err(e.to_string());
+    }
+    let auth = Authenticated {
+        user_id: claims.user_id,
+        user_name: claims.user_name,
+        session_id: claims.session_id,
+    };
+    Ok((auth, send, recv, control_rx))
+}
+
+/// Tells the client why its login failed, then closes the connection. Returns the reason.
+async fn refuse(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    code: &str,
+    message: &str,
+    close_code: u32,
+) -> String {
+    let reply = ServerControl {
+        kind: Some(server_control::Kind::LoginResult(LoginResult {
+            code: code.to_string(),
+            message: message.to_string(),
+            ..Default::default()
+        })),
+    };
+    if write_frame(send, &reply, MAX_CONTROL_FRAME).await.is_ok() && send.finish().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    }
+    conn.close(close::code(close_code), code.as_bytes());
+    format!("{code}: {message}")
+}
+
+/// Serves the control stream: pings, logout, and kick/drain from the server side. Returns when
+/// the session should end.
+async fn control_loop(
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut control_rx: mpsc::Receiver<ControlOut>,
+    state: &State,
+) {
+    // Frames are read by their own task because reading is not cancel-safe inside select!.
+    let (frames_tx, mut frames) = mpsc::channel(4);
+    let reader = tokio::spawn(async move {
+        loop {
+            let frame = read_frame::<ClientControl, _>(&mut recv, MAX_CONTROL_FRAME).await;
+            let done = !matches!(frame, Ok(Some(_)));
+            if frames_tx.send(frame).await.is_err() || done {
+                return;
+            }
+        }
+    });
+    let timeout = state.config.heartbeat_timeout;
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            frame = frames.recv() => match frame {
+                Some(Ok(Some(ClientControl { kind: Some(client_control::Kind::Ping(ping)) }))) => {
+                    deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
+                    let pong = control(server_control::Kind::Pong(Pong { nonce: ping.nonce }));
+                    if write_frame(&mut send, &pong, MAX_CONTROL_FRAME).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Some(ClientControl { kind: Some(client_control::Kind::Logout(_)) }))) => {
+                    conn.close(close::code(close::NORMAL), b"logout");
+                    break;
+                }
+                Some(Ok(Some(_))) => {
+                    tracing::info!("unexpected control frame");
+                    conn.close(close::code(close::PROTOCOL), b"unexpected control frame");
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::info!(error = %e, "bad control frame");
+                    conn.close(close::code(close::PROTOCOL), b"bad control frame");
+                    break;
+                }
+                Some(Ok(None)) | None => break,
+            },
+            out = control_rx.recv() => match out {
+                Some(ControlOut::Kick(reason)) => {
+                    let kick = control(server_control::Kind::Kick(Kick { reason }));
+                    if write_frame(&mut send, &kick, MAX_CONTROL_FRAME).await.is_ok() && send.finish().is_ok() {
+                        let _ = tokio::time::timeout(KICK_LINGER, send.stopped()).await;
+                    }
+                    conn.close(close::code(close::KICKED), b"kicked");
+                    break;
+                }
+                Some(ControlOut::Drain(reason)) => {
+                    let drain = control(server_control::Kind::Drain(Drain { reason }));
+                    if write_frame(&mut send, &drain, MAX_CONTROL_FRAME).await.is_err() {
+                        break;
+                    }
+                }
+                None => break,
+            },
+            _ = &mut deadline => {
+                tracing::info!("heartbeat timeout");
+                conn.close(close::code(close::TIMEOUT), b"heartbeat timeout");
+                break;
+            }
+        }
+    }
+    reader.abort();
+}
+
+fn control(kind: server_control::Kind) -> ServerControl {
+    ServerControl { kind: Some(kind) }
+}
+
+/// Accepts one bidirectional stream per client message until the connection ends.
+async fn message_loop(conn: &quinn::Connection, auth: &Authenticated, state: &Arc<State>) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let state = state.clone();
+        let from_user = auth.user_id;
+        let from_name = auth.user_name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle_message(send, recv, from_user, from_name, &state).await {
+                tracing::info!(user = from_user, error = %e, "message stream failed");
+            }
+        });
+    }
+}
+
+/// Why a message stream ended without an ack.
+#[derive(Debug, thiserror::Error)]
+enum MessageError {
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("stream: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+}
+
+async fn handle_message(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    from_user: u64,
+    from_name: String,
+    state: &State,
+) -> Result<(), MessageError> {
+    let max_frame = state.config.max_body_bytes + 256;
+    let message: ChatMessage = match read_required(&mut recv, max_frame).await {
+        Ok(m) => m,
+        Err(e @ FrameError::TooLarge { .. }) => {
+            let ack = refused(0, "too_large", &e.to_string());
+            write_frame(&mut send, &ack, 1024).await?;
+            send.finish()?;
+            return Err(e.into());
+        }
+        Err(e) => {
+            let _ = send.reset(close::code(close::PROTOCOL));
+            return Err(e.into());
+        }
+    };
+    let ack = match validate(&message, state.config.max_body_bytes) {
+        Err((code, why)) => refused(message.client_msg_id, code, why),
+        Ok(()) => {
+            let client_msg_id = message.client_msg_id;
+            let forward = Forward {
+                from_user,
+                from_name,
+                message: Some(message),
+            };
+            match state.links.forward(forward).await {
+                Ok(ack) => ack,
+                Err(e @ LinkError::NoRouter) | Err(e @ LinkError::Failed(_)) => {
+                    tracing::warn!(error = %e, "forward failed");
+                    refused(
+                        client_msg_id,
+                        "unavailable",
+                        "no router reachable, retry later",
+                    )
+                }
+            }
+        }
+    };
+    write_frame(&mut send, &ack, 1024).await?;
+    send.finish()?;
+    Ok(())
+}
+
+fn validate(message: &ChatMessage, max_body: usize) -> Result<(), (&'static str, &'static str)> {
+    if message.target.is_none() {
+        return Err(("bad_request", "message has no recipient"));
+    }
+    if message.body.is_empty() {
+        return Err(("bad_request", "message body is empty"));
+    }
+    if message.body.len() > max_body {
+        return Err(("too_large", "message body is too large"));
+    }
+    Ok(())
+}
+
+fn refused(client_msg_id: u64, code: &str, message: &str) -> SendAck {
+    SendAck {
+        client_msg_id,
+        msg_id: 0,
+        code: code.to_string(),
+        message: message.to_string(),
+        recipients: 0,
+    }
+}
