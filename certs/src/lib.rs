@@ -223,6 +223,7 @@ fn write_new(path: &Path, contents: &str) -> Result<(), CertError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

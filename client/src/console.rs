@@ -80,6 +80,7 @@ pub fn time_of_day(ms: u64) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -490,8 +490,11 @@ async fn control_task(
                 None => break "control stream closed".into(),
             },
             _ = &mut deadline => {
+                // Report before closing, so the closed connection is not reported first.
+                let reason = format!("no heartbeat from server for {} ms", timeout.as_millis());
+                shared.disconnected(reason.clone()).await;
                 conn.close(close::code(close::TIMEOUT), b"heartbeat timeout");
-                break format!("no heartbeat from server for {} ms", timeout.as_millis());
+                break reason;
             }
             closed = conn.closed() => break closed.to_string(),
         }

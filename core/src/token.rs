@@ -83,7 +83,7 @@ impl TokenKey {
     /// Parses a hex secret (as written by `cim-certs`).
     pub fn from_hex(hex: &str) -> Result<Self, SecretError> {
         let hex = hex.trim();
-        if hex.len() < 32 || hex.len() % 2 != 0 {
+        if hex.len() < 32 || !hex.len().is_multiple_of(2) {
             return Err(SecretError::Invalid);
         }
         let bytes = (0..hex.len())
@@ -159,6 +159,7 @@ fn parse_payload(payload: &[u8]) -> Option<Claims> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

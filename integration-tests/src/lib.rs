@@ -1,1 +1,206 @@
-//! placeholder
+//! Helpers for cim's black-box tests: start an embedded cluster on `127.0.0.1:0`, find the
+//! workspace's binaries, spawn real processes, and wait on events with deadlines (never bare
+//! sleeps as synchronisation).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cim_client::{Client, ClientConfig, Event, Events, LoginOptions};
+use cim_router::embedded::{self, Embedded, EmbeddedConfig};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio_util::sync::CancellationToken;
+
+/// Default wait for something that should happen promptly.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Installs a test log subscriber once (respects `RUST_LOG`, silent by default).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// An embedded cluster (router + servers, memory store) running inside the test process.
+pub struct TestCluster {
+    /// The running components.
+    pub embedded: Embedded,
+    /// Stops everything when cancelled (also on drop).
+    pub shutdown: CancellationToken,
+    /// Certificates live here.
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl TestCluster {
+    /// Starts a router and `servers` servers with fast heartbeats.
+    pub async fn start(servers: usize) -> anyhow::Result<Self> {
+        init_logs();
+        let dir = tempfile::tempdir()?;
+        let shutdown = CancellationToken::new();
+        let config = EmbeddedConfig {
+            http_addr: "127.0.0.1:0".parse()?,
+            certs_dir: dir.path().join("certs"),
+            servers,
+            server_ip: "127.0.0.1".parse()?,
+            strategy: cim_router::Strategy::RoundRobin,
+            heartbeat_interval: Duration::from_millis(300),
+            heartbeat_timeout: Duration::from_secs(2),
+        };
+        let embedded = embedded::start(config, shutdown.clone()).await?;
+        let cluster = Self {
+            embedded,
+            shutdown,
+            dir,
+        };
+        cluster.wait_ready().await?;
+        Ok(cluster)
+    }
+
+    /// Client configuration for this cluster.
+    pub fn client_config(&self) -> ClientConfig {
+        let ca = std::fs::read(&self.embedded.ca).unwrap_or_default();
+        let mut config = ClientConfig::new(self.embedded.router_url.clone(), ca);
+        config.bind_addr = "127.0.0.1:0".parse().unwrap_or(config.bind_addr);
+        config
+    }
+
+    /// Waits until the router reports every server linked.
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let api = cim_client::RouterApi::new(&self.client_config())?;
+        let want = self.embedded.servers.len() as u64;
+        eventually(WAIT, || async {
+            let health: serde_json::Value = api
+                .call::<(), _>(http::Method::GET, "/health", None, None)
+                .await
+                .ok()?;
+            (health["servers"].as_u64() == Some(want)).then_some(())
+        })
+        .await
+        .context("servers never linked to the router")
+    }
+
+    /// Registers `name` and logs in.
+    pub async fn user(&self, name: &str) -> anyhow::Result<(Client, Events)> {
+        let config = self.client_config();
+        cim_client::register(&config, name, "password").await?;
+        Ok(Client::login(&config, name, "password", LoginOptions::default()).await?)
+    }
+}
+
+/// Polls `check` until it yields a value or `timeout` passes.
+pub async fn eventually<F, Fut, T>(timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("condition not met within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The next event within `timeout`.
+pub async fn next_event(events: &mut Events, timeout: Duration) -> anyhow::Result<Event> {
+    tokio::time::timeout(timeout, events.next())
+        .await
+        .context("no event in time")?
+        .context("event stream ended")
+}
+
+/// The next message event (skipping nothing: any other event is an error).
+pub async fn next_message(events: &mut Events) -> anyhow::Result<cim_client::IncomingMessage> {
+    match next_event(events, WAIT).await? {
+        Event::Message(m) => Ok(m),
+        other => bail!("expected a message, got {other:?}"),
+    }
+}
+
+/// Path of a workspace binary next to the test executable (`target/<profile>/<name>`).
+pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test executable has no target directory")?;
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found; build the binaries first (cargo build --workspace --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A child process whose stdout is read line by line.
+pub struct Proc {
+    /// The process (killed on drop).
+    pub child: Child,
+    /// Its standard output.
+    pub stdout: Lines<BufReader<ChildStdout>>,
+    /// Every line read so far.
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    /// Spawns `bin` with `args`, stdin and stdout piped.
+    pub fn spawn(bin: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(bin_path(bin)?)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning {bin}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        Ok(Self {
+            child,
+            stdout: BufReader::new(stdout).lines(),
+            seen: Vec::new(),
+        })
+    }
+
+    /// Reads lines until one contains `needle`; returns that line.
+    pub async fn expect_line(&mut self, needle: &str) -> anyhow::Result<String> {
+        let read = async {
+            while let Some(line) = self.stdout.next_line().await? {
+                self.seen.push(line.clone());
+                if line.contains(needle) {
+                    return Ok(line);
+                }
+            }
+            bail!("stdout ended without {needle:?}; saw {:?}", self.seen)
+        };
+        match tokio::time::timeout(WAIT, read).await {
+            Ok(result) => result,
+            Err(_) => bail!("no line containing {needle:?} in time; saw {:?}", self.seen),
+        }
+    }
+
+    /// Writes one line to stdin.
+    pub async fn send_line(&mut self, line: &str) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let stdin = self.child.stdin.as_mut().context("stdin closed")?;
+        stdin.write_all(format!("{line}\n").as_bytes()).await?;
+        stdin.flush().await?;
+        Ok(())
+    }
+}

@@ -134,6 +134,7 @@ where
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::v1::{ChatMessage, Delivery, chat_message::Target};
     use super::*;

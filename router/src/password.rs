@@ -44,6 +44,7 @@ pub fn verify(password: &str, stored: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     #[test]
     fn right_password_verifies_and_wrong_does_not() {

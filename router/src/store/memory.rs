@@ -201,6 +201,7 @@ impl Store for MemoryStore {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

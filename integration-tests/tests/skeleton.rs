@@ -1,0 +1,296 @@
+//! The whole CIM flow over real QUIC and HTTPS on 127.0.0.1: register, login with server
+//! assignment, group and private chat, online users, duplicate login, logout, bad
+//! credentials, dead-server detection, and two real console clients chatting.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use cim_client::{Client, ClientError, Event, LoginOptions};
+use cim_integration_tests::{Proc, TestCluster, WAIT, eventually, next_event, next_message};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_refuses_taken_names_and_login_assigns_a_server() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(2).await?;
+    let config = cluster.client_config();
+    let alice = cim_client::register(&config, "alice", "password").await?;
+    let bob = cim_client::register(&config, "bob", "password").await?;
+    assert_ne!(alice, bob);
+    let err = cim_client::register(&config, "alice", "other-password")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("name_taken"), "{err}");
+    let err = cim_client::register(&config, "bad name!", "password")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("bad_request"), "{err}");
+
+    let (client, _events) =
+        Client::login(&config, "alice", "password", LoginOptions::default()).await?;
+    let servers: Vec<&String> = cluster.embedded.servers.iter().map(|(id, _)| id).collect();
+    assert!(servers.contains(&&client.info().server_id));
+    assert_eq!(client.info().user_id, alice);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_message_reaches_everyone_else_and_private_only_its_target() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(2).await?;
+    let (alice, mut alice_events) = cluster.user("alice").await?;
+    let (bob, mut bob_events) = cluster.user("bob").await?;
+    let (carol, mut carol_events) = cluster.user("carol").await?;
+    // Round robin spreads the three over both servers, so delivery crosses servers.
+    assert_ne!(alice.info().server_id, bob.info().server_id);
+
+    let ack = alice.send_group("all", "hello everyone").await?;
+    assert_eq!(ack.recipients, 2);
+    for events in [&mut bob_events, &mut carol_events] {
+        let m = next_message(events).await?;
+        assert_eq!(
+            (m.from_name.as_str(), m.body.as_str()),
+            ("alice", "hello everyone")
+        );
+        assert_eq!(m.group.as_deref(), Some("all"));
+        assert_eq!(m.from_user, alice.info().user_id);
+    }
+
+    bob.send_private(carol.info().user_id, "just for carol")
+        .await?;
+    let m = next_message(&mut carol_events).await?;
+    assert_eq!(
+        (m.from_name.as_str(), m.body.as_str(), m.group),
+        ("bob", "just for carol", None)
+    );
+
+    // Streams are ordered per recipient only through later traffic: the next thing alice
+    // and bob see must be these markers, proving they got neither earlier message.
+    carol.send_private(alice.info().user_id, "marker-a").await?;
+    carol.send_private(bob.info().user_id, "marker-b").await?;
+    assert_eq!(next_message(&mut alice_events).await?.body, "marker-a");
+    assert_eq!(next_message(&mut bob_events).await?.body, "marker-b");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_users_track_login_and_logout() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(2).await?;
+    let config = cluster.client_config();
+    cim_client::register(&config, "dave", "password").await?; // registered, never online
+    let (alice, _a) = cluster.user("alice").await?;
+    let (bob, _b) = cluster.user("bob").await?;
+    let names =
+        |users: Vec<cim_client::OnlineUser>| users.into_iter().map(|u| u.name).collect::<Vec<_>>();
+    assert_eq!(names(alice.online_users("").await?), ["alice", "bob"]);
+    assert_eq!(names(alice.online_users("b").await?), ["bob"]);
+
+    bob.logout().await?;
+    assert_eq!(names(alice.online_users("").await?), ["alice"]);
+
+    // A session that simply closes (no logout) leaves the online list too.
+    let (carol, _c) = cluster.user("carol").await?;
+    assert_eq!(names(alice.online_users("").await?), ["alice", "carol"]);
+    carol.close().await;
+    eventually(WAIT, || async {
+        (names(alice.online_users("").await.ok()?) == ["alice"]).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_login_is_refused_unless_it_takes_over() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(2).await?;
+    let config = cluster.client_config();
+    let (first, mut first_events) = cluster.user("alice").await?;
+
+    let refused = Client::login(&config, "alice", "password", LoginOptions::default()).await;
+    let err = refused.err().expect("second login must be refused");
+    assert!(
+        matches!(&err, ClientError::Api { status: 409, .. }),
+        "{err}"
+    );
+    assert_eq!(err.code(), Some("already_online"));
+
+    let (second, _second_events) = Client::login(
+        &config,
+        "alice",
+        "password",
+        LoginOptions { takeover: true },
+    )
+    .await?;
+    match next_event(&mut first_events, WAIT).await? {
+        Event::Kicked(reason) => assert!(reason.contains("elsewhere"), "{reason}"),
+        other => panic!("expected a kick, got {other:?}"),
+    }
+    // The old session's token can no longer act; the new one can.
+    assert_eq!(second.online_users("").await?.len(), 1);
+    drop(first);
+    let (bob, mut bob_events) = cluster.user("bob").await?;
+    second
+        .send_private(bob.info().user_id, "from the new session")
+        .await?;
+    assert_eq!(
+        next_message(&mut bob_events).await?.body,
+        "from the new session"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_get_clear_errors_and_nothing_breaks() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let config = cluster.client_config();
+    cim_client::register(&config, "alice", "password").await?;
+    for (name, password) in [
+        ("alice", "wrong"),
+        ("nobody", "password"),
+        ("", ""),
+        ("alice", ""),
+    ] {
+        let err = Client::login(&config, name, password, LoginOptions::default())
+            .await
+            .err()
+            .expect("login must fail");
+        assert!(
+            matches!(&err, ClientError::Api { status: 401, .. }),
+            "{name}: {err}"
+        );
+        assert_eq!(err.code(), Some("invalid_credentials"));
+    }
+    let (alice, _a) = cluster.user("bob").await?;
+    assert_eq!(alice.online_users("").await?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_to_unknown_or_offline_users_are_refused_with_codes() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let config = cluster.client_config();
+    let (alice, _a) = cluster.user("alice").await?;
+    let bob = cim_client::register(&config, "bob", "password").await?;
+    let err = alice.send_private(bob, "are you there?").await.unwrap_err();
+    assert_eq!(err.code(), Some("recipient_offline"), "{err}");
+    let err = alice.send_private(999_999, "hello?").await.unwrap_err();
+    assert_eq!(err.code(), Some("unknown_user"), "{err}");
+    let err = alice
+        .send_group("no-such-group", "hello?")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("unknown_group"), "{err}");
+    let err = alice.send_group("all", "").await.unwrap_err();
+    assert_eq!(err.code(), Some("bad_request"), "{err}");
+    let err = alice
+        .send_group("all", &"x".repeat(20_000))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("too_large"), "{err}");
+    // The session survives all of that.
+    assert_eq!(alice.send_group("all", "still here").await?.recipients, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_notices_its_server_was_killed_within_the_heartbeat_timeout() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs");
+    let certs_arg = certs.to_string_lossy().into_owned();
+    let mut router = Proc::spawn(
+        "cim-router",
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--certs",
+            &certs_arg,
+            "--servers",
+            "1",
+            "--heartbeat-ms",
+            "200",
+            "--heartbeat-timeout-ms",
+            "1000",
+        ],
+    )?;
+    let line = router.expect_line("router: ").await?;
+    let url = line.trim_start_matches("router: ").trim().to_string();
+    router.expect_line("press Ctrl-C").await?;
+    let ca = std::fs::read(certs.join("ca.pem"))?;
+    let mut config = cim_client::ClientConfig::new(url, ca);
+    config.bind_addr = "127.0.0.1:0".parse()?;
+    cim_client::register(&config, "alice", "password").await?;
+    let (_client, mut events) = eventually(WAIT, || async {
+        Client::login(&config, "alice", "password", LoginOptions::default())
+            .await
+            .ok()
+    })
+    .await?;
+
+    router.child.start_kill()?; // SIGKILL: no goodbye packets
+    router.child.wait().await?;
+    let killed_at = tokio::time::Instant::now();
+    // The client's timeout is three heartbeat intervals (600 ms); allow generous slack.
+    match next_event(&mut events, Duration::from_secs(5)).await? {
+        Event::Disconnected(reason) => assert!(reason.contains("heartbeat"), "{reason}"),
+        other => panic!("expected a disconnect, got {other:?}"),
+    }
+    assert!(killed_at.elapsed() < Duration::from_secs(5));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(2).await?;
+    let ca = cluster.embedded.ca.to_string_lossy().into_owned();
+    let url = cluster.embedded.router_url.clone();
+    let console = |name: &str| {
+        Proc::spawn(
+            "cim-client",
+            &[
+                "--router",
+                &url,
+                "--ca",
+                &ca,
+                "--name",
+                name,
+                "--password",
+                "pw-1234",
+                "--register",
+            ],
+        )
+    };
+    let mut alice = console("alice")?;
+    let alice_line = alice.expect_line("logged in as alice").await?;
+    let mut bob = console("bob")?;
+    let bob_line = bob.expect_line("logged in as bob").await?;
+    let id_of = |line: &str| -> anyhow::Result<u64> {
+        let id = line.split("(id ").nth(1).and_then(|r| r.split(')').next());
+        Ok(id
+            .ok_or_else(|| anyhow::anyhow!("no id in {line:?}"))?
+            .parse()?)
+    };
+    let (alice_id, bob_id) = (id_of(&alice_line)?, id_of(&bob_line)?);
+
+    alice.send_line(":olu").await?;
+    alice.expect_line("online users (2)").await?;
+    alice.expect_line(&format!("{bob_id} bob")).await?;
+
+    alice.send_line("hello bob, this is everyone").await?;
+    let line = bob.expect_line("hello bob, this is everyone").await?;
+    assert!(line.contains("alice: "), "{line}");
+
+    bob.send_line(&format!("{alice_id};;a secret for alice"))
+        .await?;
+    let line = alice.expect_line("a secret for alice").await?;
+    assert!(line.contains("bob (private): "), "{line}");
+
+    bob.send_line(":info").await?;
+    bob.expect_line(&format!("you are bob (id {bob_id})"))
+        .await?;
+
+    bob.send_line(":q").await?;
+    bob.expect_line("bye").await?;
+    alice.send_line(":olu").await?;
+    alice.expect_line("online users (1)").await?;
+    alice.send_line(":q").await?;
+    alice.expect_line("bye").await?;
+    Ok(())
+}
