@@ -60,8 +60,9 @@ pub fn transport_config(link: Link) -> TransportConfig {
             t.stream_receive_window(VarInt::from_u32(1024 * 1024));
             t.receive_window(VarInt::from_u32(16 * 1024 * 1024));
             t.send_window(16 * 1024 * 1024);
-            t.keep_alive_interval(Some(Duration::from_secs(2)));
-            t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(10_000))));
+            // Inside the cluster a dead peer should be noticed within a few seconds.
+            t.keep_alive_interval(Some(Duration::from_secs(1)));
+            t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(4_000))));
         }
     }
     t

@@ -9,8 +9,8 @@ use std::time::Duration;
 use cim_core::discovery::ServerInfo;
 use cim_core::transport;
 use cim_proto::v1::{
-    Delivery, KickResult, KickUser, Push, PushResult, RouterRequest, ServerRequest, SessionResult,
-    router_request, server_request,
+    Delivery, KickResult, KickUser, Push, PushResult, RenewResult, RouterRequest, ServerRequest,
+    SessionResult, router_request, server_request,
 };
 use cim_proto::{FrameError, ProstMessage, read_required, write_frame};
 use tokio::task::JoinHandle;
@@ -146,11 +146,9 @@ async fn exchange<R: ProstMessage + Default>(
 
 /// Keeps one link per server in the discovery view: dials new servers, drops links to servers
 /// that left, and removes the routes of servers that left (their clients log in again).
-/// Also renews the route leases of live servers.
 pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken) {
     let mut view = service.servers.clone();
     let mut dialers: HashMap<String, (ServerInfo, JoinHandle<()>)> = HashMap::new();
-    let mut renew = tokio::time::interval(service.config.route_lease / 3);
     loop {
         let servers = view.borrow_and_update().clone();
         // Drop links to servers that left or moved.
@@ -194,13 +192,6 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
         tokio::select! {
             _ = shutdown.cancelled() => break,
             changed = view.changed() => if changed.is_err() { break },
-            _ = renew.tick() => {
-                for id in dialers.keys() {
-                    if let Err(e) = service.store.refresh_server_routes(id, service.config.route_lease).await {
-                        tracing::warn!(server = %id, error = %e, "could not renew route leases");
-                    }
-                }
-            }
         }
     }
     for (_, (_, task)) in dialers {
@@ -301,6 +292,23 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                     };
                     let ack = service.send_from_server(&sender, &message).await;
                     write_frame(&mut send, &ack, MAX_INTERNAL_FRAME).await
+                }
+                Some(server_request::Kind::Renew(renew)) => {
+                    let sessions: Vec<(u64, u64)> = renew
+                        .sessions
+                        .iter()
+                        .map(|s| (s.user_id, s.session_id))
+                        .collect();
+                    let lost_users = match service.renew_sessions(&server_id, &sessions).await {
+                        Ok(lost) => lost,
+                        Err(e) => {
+                            // No verdict: the server keeps its sessions and retries later.
+                            tracing::warn!(server = %server_id, error = %e, "could not renew routes");
+                            let _ = send.reset(cim_core::close::code(cim_core::close::OVERLOAD));
+                            return;
+                        }
+                    };
+                    write_frame(&mut send, &RenewResult { lost_users }, MAX_INTERNAL_FRAME).await
                 }
                 None => {
                     let _ = send.reset(cim_core::close::code(cim_core::close::PROTOCOL));

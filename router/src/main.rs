@@ -1,13 +1,20 @@
-//! `cim-router`: runs a router. With no `--redis`/`--zookeeper`, runs the embedded mode (a
-//! router and servers in one process, nothing to install). See `cim-router --help`.
+//! `cim-router`: runs a router. With `--redis` and `--zookeeper` it joins a cluster; with
+//! neither it runs the embedded mode (a router and servers in one process, nothing to
+//! install). See `cim-router --help`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use cim_router::Strategy;
+use anyhow::{Context, bail};
+use cim_certs::CertPaths;
+use cim_core::discovery::{Discovery, ZkDiscovery};
+use cim_core::logging;
+use cim_core::token::TokenKey;
 use cim_router::embedded::{self, EmbeddedConfig};
+use cim_router::store::{RedisStore, Store};
+use cim_router::{Router, RouterConfig, Strategy};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -18,22 +25,41 @@ struct Args {
     /// HTTPS listen address.
     #[arg(long, env = "CIM_HTTP_ADDR", default_value = "127.0.0.1:8443")]
     http: SocketAddr,
-    /// Directory of dev certificates (created on first run in the embedded mode).
+    /// Certificate directory (from `cim-certs`; created on first run in the embedded mode).
     #[arg(long, env = "CIM_CERTS_DIR", default_value = "certs-dev")]
     certs: PathBuf,
+    /// Route selection: round-robin, random, consistent-hash or least-loaded.
+    #[arg(long, env = "CIM_ROUTE_STRATEGY", default_value = "round-robin")]
+    strategy: Strategy,
+    /// Redis URL, e.g. `redis://127.0.0.1:6379` (cluster mode; needs --zookeeper too).
+    #[arg(long, env = "CIM_REDIS")]
+    redis: Option<String>,
+    /// ZooKeeper hosts, e.g. `127.0.0.1:2181` (cluster mode; needs --redis too).
+    #[arg(long, env = "CIM_ZOOKEEPER")]
+    zookeeper: Option<String>,
+    /// ZooKeeper folder holding cim's nodes (several clusters can share one ensemble).
+    #[arg(long, env = "CIM_ZK_ROOT", default_value = "/cim")]
+    zk_root: String,
+    /// ZooKeeper session timeout in milliseconds.
+    #[arg(long, env = "CIM_ZK_SESSION_TIMEOUT_MS", default_value_t = 6000, value_parser = clap::value_parser!(u64).range(2000..=60_000))]
+    zk_session_timeout_ms: u64,
+    /// Router id in cluster mode (default: derived from --http).
+    #[arg(long, env = "CIM_ROUTER_ID")]
+    id: Option<String>,
+    /// Lease on a route in milliseconds: a server's routes lapse this long after its last
+    /// renewal.
+    #[arg(long, env = "CIM_ROUTE_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
+    route_lease_ms: u64,
     /// Number of servers the embedded mode starts.
     #[arg(long, env = "CIM_EMBEDDED_SERVERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     servers: u16,
     /// Address embedded servers bind to.
     #[arg(long, env = "CIM_SERVER_IP", default_value = "127.0.0.1")]
     server_ip: IpAddr,
-    /// Route selection: round-robin, random, consistent-hash or least-loaded.
-    #[arg(long, env = "CIM_ROUTE_STRATEGY", default_value = "round-robin")]
-    strategy: Strategy,
-    /// Client heartbeat interval in milliseconds.
+    /// Client heartbeat interval of embedded servers, in milliseconds.
     #[arg(long, env = "CIM_HEARTBEAT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     heartbeat_ms: u64,
-    /// Dead-peer timeout in milliseconds (must exceed the heartbeat interval).
+    /// Dead-peer timeout of embedded servers in milliseconds (must exceed the heartbeat interval).
     #[arg(long, env = "CIM_HEARTBEAT_TIMEOUT_MS", default_value_t = 15000, value_parser = clap::value_parser!(u64).range(200..=3_600_000))]
     heartbeat_timeout_ms: u64,
     /// Log format: text or json.
@@ -44,9 +70,67 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_tracing(&args.log_format);
+    logging::init(&args.log_format);
+    match (&args.redis, &args.zookeeper) {
+        (None, None) => run_embedded(&args).await,
+        (Some(redis), Some(zookeeper)) => run_cluster(&args, redis, zookeeper).await,
+        _ => bail!(
+            "cluster mode needs both --redis and --zookeeper (give neither for the embedded mode)"
+        ),
+    }
+}
+
+async fn run_cluster(args: &Args, redis: &str, zookeeper: &str) -> anyhow::Result<()> {
+    let certs = CertPaths::in_dir(&args.certs);
+    let secret = std::fs::read_to_string(certs.token_secret())
+        .with_context(|| format!("reading {}", certs.token_secret().display()))?;
+    let token_key = TokenKey::from_hex(&secret).context("--certs token-secret")?;
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("router-{}", args.http).replace([':', '[', ']'], "-"));
+    let mut config = RouterConfig::new(
+        id.clone(),
+        args.http,
+        certs.router_cert(),
+        certs.router_key(),
+        certs.ca_cert(),
+        token_key,
+    );
+    config.strategy = args.strategy;
+    config.route_lease = Duration::from_millis(args.route_lease_ms);
+    let router = Router::bind(config).await.context("starting router")?;
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(redis)
+            .await
+            .with_context(|| format!("connecting to redis at {redis}"))?,
+    );
+    let zk = ZkDiscovery::connect(
+        zookeeper,
+        &args.zk_root,
+        Duration::from_millis(args.zk_session_timeout_ms),
+    )
+    .await
+    .context("connecting to zookeeper")?;
+    println!("router {id}: https://{}", router.http_addr());
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        logging::wait_for_signal().await;
+        signal.cancel();
+    });
+    let discovery: Arc<dyn Discovery> = zk.clone();
+    router
+        .run(store, discovery, shutdown)
+        .await
+        .context("router failed")?;
+    zk.close().await;
+    Ok(())
+}
+
+async fn run_embedded(args: &Args) -> anyhow::Result<()> {
     if args.heartbeat_timeout_ms <= args.heartbeat_ms {
-        anyhow::bail!("--heartbeat-timeout-ms must be larger than --heartbeat-ms");
+        bail!("--heartbeat-timeout-ms must be larger than --heartbeat-ms");
     }
     let shutdown = CancellationToken::new();
     let config = EmbeddedConfig {
@@ -79,42 +163,8 @@ async fn main() -> anyhow::Result<()> {
         cluster.ca.display()
     );
     println!("press Ctrl-C to stop");
-    wait_for_signal().await;
+    logging::wait_for_signal().await;
     shutdown.cancel();
     cluster.wait().await;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

@@ -252,15 +252,17 @@ impl Service {
 
     /// Ends the session a token belongs to.
     pub async fn logout(&self, claims: &Claims) -> Result<(), ServiceError> {
+        // Kick first: once the server has dropped the session, its lease renewals cannot
+        // bring the route back after we release it.
         let routes = self.store.routes(&[claims.user_id]).await?;
-        self.store
-            .release_route(claims.user_id, claims.session_id)
-            .await?;
         if let Some(Some(route)) = routes.first()
             && route.session_id == claims.session_id
         {
             self.kick_route(claims.user_id, route, "logged out").await;
         }
+        self.store
+            .release_route(claims.user_id, claims.session_id)
+            .await?;
         tracing::info!(user = claims.user_id, "logout");
         Ok(())
     }
@@ -294,6 +296,19 @@ impl Service {
         Ok(self
             .store
             .confirm_route(user_id, session_id, server_id, self.config.route_lease)
+            .await?)
+    }
+
+    /// A server lists its open sessions: renew their routes. Returns users whose route now
+    /// belongs to another login.
+    pub async fn renew_sessions(
+        &self,
+        server_id: &str,
+        sessions: &[(u64, u64)],
+    ) -> Result<Vec<u64>, ServiceError> {
+        Ok(self
+            .store
+            .renew_routes(server_id, sessions, self.config.route_lease)
             .await?)
     }
 

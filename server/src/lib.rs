@@ -32,6 +32,8 @@ pub struct ServerConfig {
     pub client_addr: SocketAddr,
     /// Address routers connect to.
     pub internal_addr: SocketAddr,
+    /// IP announced in discovery when the endpoints are bound to an unspecified address.
+    pub advertise_ip: Option<std::net::IpAddr>,
     /// Certificate chain presented on both endpoints (PEM).
     pub cert: PathBuf,
     /// Private key for `cert` (PEM).
@@ -48,6 +50,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long shutdown waits for clients to leave after `Drain`.
     pub drain_grace: Duration,
+    /// How often the routes of open sessions are renewed (keep well under the router's route
+    /// lease).
+    pub renew_interval: Duration,
 }
 
 impl ServerConfig {
@@ -65,6 +70,7 @@ impl ServerConfig {
             id: id.into(),
             client_addr,
             internal_addr,
+            advertise_ip: None,
             cert,
             key,
             ca,
@@ -73,6 +79,7 @@ impl ServerConfig {
             heartbeat_timeout: Duration::from_secs(15),
             max_body_bytes: 16 * 1024,
             drain_grace: Duration::from_secs(2),
+            renew_interval: Duration::from_secs(10),
         }
     }
 }
@@ -153,10 +160,16 @@ impl Server {
         discovery: Arc<dyn Discovery>,
         shutdown: CancellationToken,
     ) -> Result<(), StartError> {
+        let advertise = |mut addr: SocketAddr| {
+            if let Some(ip) = self.config.advertise_ip {
+                addr.set_ip(ip);
+            }
+            addr
+        };
         let info = ServerInfo {
             id: self.config.id.clone(),
-            client_addr: self.client_addr(),
-            internal_addr: self.internal_addr(),
+            client_addr: advertise(self.client_addr()),
+            internal_addr: advertise(self.internal_addr()),
             load: 0,
         };
         let state = Arc::new(session::State::new(self.config.clone()));
@@ -172,6 +185,7 @@ impl Server {
             tracker.clone(),
             shutdown.clone(),
         ));
+        tracker.spawn(renew_routes(state.clone(), shutdown.clone()));
         tracker.spawn(report_load(
             discovery.clone(),
             state.clone(),
@@ -202,6 +216,18 @@ impl Server {
         tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
         Ok(())
+    }
+}
+
+/// Renews the routes of open sessions periodically, so routes of a server that died lapse.
+async fn renew_routes(state: Arc<session::State>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(state.config.renew_interval);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => links::renew_sessions(&state, None).await,
+        }
     }
 }
 

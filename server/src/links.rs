@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cim_proto::v1::{
-    Forward, KickResult, PushResult, RouterRequest, SendAck, ServerRequest, SessionClosed,
-    SessionOpened, SessionResult, router_request, server_request,
+    Forward, KickResult, PushResult, RenewResult, RenewSessions, RouterRequest, SendAck,
+    ServerRequest, SessionClosed, SessionOpened, SessionRef, SessionResult, router_request,
+    server_request,
 };
 use cim_proto::{FrameError, ProstMessage, read_required, write_frame};
 use tokio_util::sync::CancellationToken;
@@ -17,6 +18,8 @@ use crate::session::State;
 
 /// Largest frame on router links (a push carries its recipient list).
 pub const MAX_INTERNAL_FRAME: usize = 4 * 1024 * 1024;
+/// Sessions per renewal request.
+const RENEW_CHUNK: usize = 2000;
 /// Time a router has to answer a request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -122,6 +125,42 @@ impl RouterLinks {
         self.call(&request).await
     }
 
+    /// Renews the routes of `sessions` through any router (or through `via`). Returns the
+    /// sessions whose route now belongs to another login.
+    pub async fn renew(
+        &self,
+        sessions: &[(u64, u64)],
+        via: Option<&quinn::Connection>,
+    ) -> Result<Vec<(u64, u64)>, LinkError> {
+        let mut lost = Vec::new();
+        for chunk in sessions.chunks(RENEW_CHUNK) {
+            let request = ServerRequest {
+                kind: Some(server_request::Kind::Renew(RenewSessions {
+                    sessions: chunk
+                        .iter()
+                        .map(|&(user_id, session_id)| SessionRef {
+                            user_id,
+                            session_id,
+                        })
+                        .collect(),
+                })),
+            };
+            let reply: RenewResult = match via {
+                Some(conn) => tokio::time::timeout(REQUEST_TIMEOUT, exchange(conn, &request))
+                    .await
+                    .map_err(|_| LinkError::Failed("timed out".into()))?
+                    .map_err(|e| LinkError::Failed(e.to_string()))?,
+                None => self.call(&request).await?,
+            };
+            lost.extend(
+                chunk
+                    .iter()
+                    .filter(|(user, _)| reply.lost_users.contains(user)),
+            );
+        }
+        Ok(lost)
+    }
+
     /// Hands a client's message to a router; the reply is the sender's ack.
     pub async fn forward(&self, forward: Forward) -> Result<SendAck, LinkError> {
         let request = ServerRequest {
@@ -179,10 +218,37 @@ pub(crate) async fn accept_routers(
             };
             tracing::info!(%peer, "router connected");
             state.links.add(conn.clone());
+            // A new router link may follow a moment out of discovery (routes removed) or a
+            // store restart: re-announce every session at once.
+            let renewing = state.clone();
+            let via = conn.clone();
+            tokio::spawn(async move { renew_sessions(&renewing, Some(&via)).await });
             serve_router(&conn, &state).await;
             state.links.remove(&conn);
             tracing::info!(%peer, reason = ?conn.close_reason(), "router disconnected");
         });
+    }
+}
+
+/// Renews the routes of every local session; ends sessions that lost their route to a newer
+/// login.
+pub(crate) async fn renew_sessions(state: &State, via: Option<&quinn::Connection>) {
+    let sessions = state.session_refs();
+    if sessions.is_empty() {
+        return;
+    }
+    match state.links.renew(&sessions, via).await {
+        Ok(lost) => {
+            for (user, session) in lost {
+                tracing::info!(
+                    user,
+                    session,
+                    "route belongs to another login; ending session"
+                );
+                state.kick(user, session, "logged in elsewhere");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "route renewal failed"),
     }
 }
 

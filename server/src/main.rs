@@ -1,3 +1,110 @@
-//! `cim-server`: runs one connection server. See `cim-server --help`.
+//! `cim-server`: runs one connection server that registers in ZooKeeper. See `cim-server --help`.
 
-fn main() {}
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cim_certs::CertPaths;
+use cim_core::discovery::{Discovery, ZkDiscovery};
+use cim_core::token::TokenKey;
+use cim_server::{Server, ServerConfig};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// cim connection server: holds client QUIC connections, delivers router pushes.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Unique server id (letters, digits, '-', '_', '.').
+    #[arg(long, env = "CIM_SERVER_ID")]
+    id: String,
+    /// ZooKeeper hosts, e.g. `127.0.0.1:2181,10.0.0.2:2181`.
+    #[arg(long, env = "CIM_ZOOKEEPER")]
+    zookeeper: String,
+    /// ZooKeeper folder holding cim's nodes (several clusters can share one ensemble).
+    #[arg(long, env = "CIM_ZK_ROOT", default_value = "/cim")]
+    zk_root: String,
+    /// ZooKeeper session timeout in milliseconds: a dead server leaves discovery after this.
+    #[arg(long, env = "CIM_ZK_SESSION_TIMEOUT_MS", default_value_t = 6000, value_parser = clap::value_parser!(u64).range(2000..=60_000))]
+    zk_session_timeout_ms: u64,
+    /// QUIC address clients connect to.
+    #[arg(long, env = "CIM_LISTEN", default_value = "127.0.0.1:7000")]
+    listen: SocketAddr,
+    /// QUIC address routers connect to (mutual TLS).
+    #[arg(long, env = "CIM_INTERNAL", default_value = "127.0.0.1:7100")]
+    internal: SocketAddr,
+    /// IP announced to routers and clients when listening on 0.0.0.0 or [::].
+    #[arg(long, env = "CIM_ADVERTISE_IP")]
+    advertise_ip: Option<IpAddr>,
+    /// Certificate directory (from `cim-certs`): server.pem, server-key.pem, ca.pem, token-secret.
+    #[arg(long, env = "CIM_CERTS_DIR", default_value = "certs-dev")]
+    certs: PathBuf,
+    /// Interval at which clients ping, in milliseconds.
+    #[arg(long, env = "CIM_HEARTBEAT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    heartbeat_ms: u64,
+    /// Dead-peer timeout in milliseconds (must exceed the heartbeat interval).
+    #[arg(long, env = "CIM_HEARTBEAT_TIMEOUT_MS", default_value_t = 15000, value_parser = clap::value_parser!(u64).range(200..=3_600_000))]
+    heartbeat_timeout_ms: u64,
+    /// How often open sessions' routes are renewed, in milliseconds (keep under the routers'
+    /// route lease, 30 s by default).
+    #[arg(long, env = "CIM_RENEW_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    renew_ms: u64,
+    /// Log format: text or json.
+    #[arg(long, env = "CIM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    cim_core::logging::init(&args.log_format);
+    if args.heartbeat_timeout_ms <= args.heartbeat_ms {
+        anyhow::bail!("--heartbeat-timeout-ms must be larger than --heartbeat-ms");
+    }
+    let certs = CertPaths::in_dir(&args.certs);
+    let secret = std::fs::read_to_string(certs.token_secret())
+        .with_context(|| format!("reading {}", certs.token_secret().display()))?;
+    let token_key = TokenKey::from_hex(&secret).context("--certs token-secret")?;
+    let mut config = ServerConfig::new(
+        args.id.clone(),
+        args.listen,
+        args.internal,
+        certs.server_cert(),
+        certs.server_key(),
+        certs.ca_cert(),
+        token_key,
+    );
+    config.advertise_ip = args.advertise_ip;
+    config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
+    config.heartbeat_timeout = Duration::from_millis(args.heartbeat_timeout_ms);
+    config.renew_interval = Duration::from_millis(args.renew_ms);
+    let server = Server::bind(config).context("starting server")?;
+    let zk = ZkDiscovery::connect(
+        &args.zookeeper,
+        &args.zk_root,
+        Duration::from_millis(args.zk_session_timeout_ms),
+    )
+    .await
+    .context("connecting to zookeeper")?;
+    println!(
+        "server {} listening for clients on {} and routers on {}",
+        args.id,
+        server.client_addr(),
+        server.internal_addr()
+    );
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        cim_core::logging::wait_for_signal().await;
+        signal.cancel();
+    });
+    let discovery: Arc<dyn Discovery> = zk.clone();
+    server
+        .run(discovery, shutdown)
+        .await
+        .context("server failed")?;
+    zk.close().await;
+    Ok(())
+}

@@ -66,6 +66,14 @@ impl State {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// `(user, session_id)` of every local session.
+    pub(crate) fn session_refs(&self) -> Vec<(u64, u64)> {
+        self.sessions()
+            .iter()
+            .map(|(user, s)| (*user, s.session_id))
+            .collect()
+    }
+
     pub(crate) fn session_count(&self) -> usize {
         self.sessions().len()
     }

@@ -9,8 +9,10 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 mod memory;
+mod zookeeper;
 
 pub use memory::MemoryDiscovery;
+pub use zookeeper::{DEFAULT_ROOT, ZkDiscovery};
 
 /// A server as seen through discovery.
 #[derive(Debug, Clone, PartialEq, Eq)]

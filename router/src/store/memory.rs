@@ -169,19 +169,37 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn refresh_server_routes(
+    async fn renew_routes(
         &self,
         server_id: &str,
+        sessions: &[(u64, u64)],
         lease: Duration,
-    ) -> Result<(), StoreError> {
-        let expires = Instant::now() + lease;
+    ) -> Result<Vec<u64>, StoreError> {
+        let now = Instant::now();
         let mut inner = self.inner();
-        for held in inner.routes.values_mut() {
-            if held.route.server_id == server_id && held.route.confirmed {
-                held.expires = expires;
+        let mut lost = Vec::new();
+        for &(user, session_id) in sessions {
+            if let Some(held) = inner.live_route(user, now)
+                && held.route.session_id != session_id
+            {
+                lost.push(user);
+                continue;
             }
+            let route = Route {
+                server_id: server_id.to_string(),
+                session_id,
+                confirmed: true,
+            };
+            inner.routes.insert(
+                user,
+                Lease {
+                    route,
+                    expires: now + lease,
+                },
+            );
+            inner.online.insert(user);
         }
-        Ok(())
+        Ok(lost)
     }
 
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError> {

@@ -7,7 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 mod memory;
+mod redis;
 
+pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
 
 /// A registered user.
@@ -95,12 +97,16 @@ pub trait Store: Send + Sync + 'static {
     async fn routes(&self, users: &[u64]) -> Result<Vec<Option<Route>>, StoreError>;
     /// Ids of users with a confirmed session.
     async fn online_users(&self) -> Result<Vec<u64>, StoreError>;
-    /// Extends the leases of every route on `server_id` (called while the server is alive).
-    async fn refresh_server_routes(
+    /// Renews the leases of sessions open on `server_id`, given as `(user, session_id)`. A
+    /// session whose route is missing (lapsed, or removed while the server was out of
+    /// discovery) gets it back, confirmed. Returns the users whose route belongs to another
+    /// login: their sessions on this server are stale.
+    async fn renew_routes(
         &self,
         server_id: &str,
+        sessions: &[(u64, u64)],
         lease: Duration,
-    ) -> Result<(), StoreError>;
+    ) -> Result<Vec<u64>, StoreError>;
     /// Removes every route on `server_id` (the server is gone). Returns the users affected.
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError>;
 }
