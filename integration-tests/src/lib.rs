@@ -2,6 +2,8 @@
 //! workspace's binaries, spawn real processes, and wait on events with deadlines (never bare
 //! sleeps as synchronisation).
 
+pub mod cluster;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -166,7 +168,12 @@ impl Proc {
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            // CIM_TEST_PROC_LOGS=1 shows the processes' logs when debugging a test.
+            .stderr(if std::env::var_os("CIM_TEST_PROC_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("spawning {bin}"))?;

@@ -303,7 +303,7 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                         Ok(lost) => lost,
                         Err(e) => {
                             // No verdict: the server keeps its sessions and retries later.
-                            tracing::warn!(server = %server_id, error = %e, "could not renew routes");
+                            tracing::warn!(server = %server_id, error = ?e, "could not renew routes");
                             let _ = send.reset(cim_core::close::code(cim_core::close::OVERLOAD));
                             return;
                         }

@@ -115,7 +115,6 @@ pub struct RedisStore {
     conn: ConnectionManager,
     claim: Script,
     confirm: Script,
-    restore: Script,
     release: Script,
     remove_if_server: Script,
 }
@@ -141,7 +140,6 @@ impl RedisStore {
             conn,
             claim: Script::new(CLAIM),
             confirm: Script::new(CONFIRM),
-            restore: Script::new(RESTORE),
             release: Script::new(RELEASE),
             remove_if_server: Script::new(REMOVE_IF_SERVER),
         })
@@ -375,13 +373,15 @@ impl Store for RedisStore {
                 session_id,
                 confirmed: true,
             };
-            pipe.invoke_script(
-                self.restore
-                    .key(route_key(user))
-                    .arg(session_id)
-                    .arg(encode_route(&route))
-                    .arg(lease.as_millis() as u64),
-            );
+            // EVAL, not EVALSHA: a pipeline cannot recover from NOSCRIPT (empty script
+            // cache after a Redis restart).
+            pipe.cmd("EVAL")
+                .arg(RESTORE)
+                .arg(1)
+                .arg(route_key(user))
+                .arg(session_id)
+                .arg(encode_route(&route))
+                .arg(lease.as_millis() as u64);
         }
         let results: Vec<i64> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
         let mut lost = Vec::new();

@@ -1,0 +1,288 @@
+//! cim as a real cluster: `cim-router` and `cim-server` processes on a real Redis and a real
+//! ZooKeeper. Round-robin spread, chat across servers, `kill -9` failover, Redis restart,
+//! ZooKeeper session expiry, concurrent logins, consistent hashing.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cim_client::{Client, ClientConfig, ClientError, Event, Events, LoginOptions};
+use cim_integration_tests::cluster::{HEARTBEAT_MS, ProcCluster, ROUTE_LEASE_MS, ZK_SESSION_MS};
+use cim_integration_tests::{WAIT, eventually, next_event, next_message};
+use redis::AsyncCommands;
+
+async fn login(
+    config: &ClientConfig,
+    name: &str,
+    takeover: bool,
+) -> anyhow::Result<(Client, Events)> {
+    Ok(Client::login(config, name, "password", LoginOptions { takeover }).await?)
+}
+
+/// Registers and logs in `n` users named `<prefix><i>`, alternating between routers.
+async fn users(
+    cluster: &ProcCluster,
+    prefix: &str,
+    n: usize,
+) -> anyhow::Result<Vec<(Client, Events)>> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let config = cluster.client_config(i % cluster.routers.len());
+        let name = format!("{prefix}{i}");
+        cim_client::register(&config, &name, "password").await?;
+        out.push(login(&config, &name, false).await?);
+    }
+    Ok(out)
+}
+
+fn per_server(clients: &[(Client, Events)]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for (c, _) in clients {
+        *counts.entry(c.info().server_id.clone()).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_spreads_thirty_clients_and_they_chat_across_servers() -> anyhow::Result<()> {
+    let cluster = ProcCluster::start(2, 3, "round-robin").await?;
+    let mut clients = users(&cluster, "u", 30).await?;
+    let counts = per_server(&clients);
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(counts.values().all(|&n| n == 10), "{counts:?}");
+
+    // Private message between users on different servers.
+    let (a, b) = (0..30)
+        .flat_map(|a| (0..30).map(move |b| (a, b)))
+        .find(|&(a, b)| clients[a].0.info().server_id != clients[b].0.info().server_id)
+        .unwrap();
+    let to = clients[b].0.info().user_id;
+    clients[a].0.send_private(to, "across servers").await?;
+    let m = next_message(&mut clients[b].1).await?;
+    assert_eq!(
+        (m.body.as_str(), m.from_user),
+        ("across servers", clients[a].0.info().user_id)
+    );
+
+    // A broadcast reaches the 29 others, on all three servers.
+    let ack = clients[0].0.send_group("all", "hello cluster").await?;
+    assert_eq!(ack.recipients, 29);
+    for (_, events) in clients.iter_mut().skip(1) {
+        assert_eq!(next_message(events).await?.body, "hello cluster");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_killed_server_move_to_live_servers_and_its_routes_go() -> anyhow::Result<()> {
+    let mut cluster = ProcCluster::start(2, 3, "round-robin").await?;
+    let mut clients = users(&cluster, "k", 12).await?;
+    let victim_server = "s2";
+    let victims: Vec<usize> = (0..clients.len())
+        .filter(|&i| clients[i].0.info().server_id == victim_server)
+        .collect();
+    assert_eq!(victims.len(), 4);
+    // One victim will not come back: it must drop out of the online list by itself.
+    let silent = victims[0];
+    let silent_id = clients[silent].0.info().user_id;
+    let survivor = (0..clients.len())
+        .find(|&i| clients[i].0.info().server_id != victim_server)
+        .unwrap();
+
+    cluster.signal_server(victim_server, "KILL").await?;
+    let killed_at = tokio::time::Instant::now();
+    for &i in &victims {
+        match next_event(
+            &mut clients[i].1,
+            Duration::from_millis(HEARTBEAT_MS * 3 + 3000),
+        )
+        .await?
+        {
+            Event::Disconnected(_) => {}
+            other => panic!("expected a disconnect, got {other:?}"),
+        }
+    }
+    // Everyone but the silent one logs in again, taking over its stale session.
+    for &i in victims.iter().skip(1) {
+        let name = clients[i].0.info().name.clone();
+        let config = cluster.client_config(i % 2);
+        let relogged = eventually(Duration::from_secs(30), || async {
+            login(&config, &name, true).await.ok()
+        })
+        .await?;
+        assert_ne!(relogged.0.info().server_id, victim_server);
+        clients[i] = relogged;
+    }
+    // They chat again, both ways.
+    for &i in victims.iter().skip(1) {
+        let to = clients[survivor].0.info().user_id;
+        clients[i].0.send_private(to, "back online").await?;
+        assert_eq!(
+            next_message(&mut clients[survivor].1).await?.body,
+            "back online"
+        );
+        let to = clients[i].0.info().user_id;
+        clients[survivor].0.send_private(to, "welcome back").await?;
+        assert_eq!(next_message(&mut clients[i].1).await?.body, "welcome back");
+    }
+    // The dead server's routes are gone within the ZooKeeper session timeout plus slack.
+    let mut redis = cluster.redis.conn().await?;
+    let bound = Duration::from_millis(ZK_SESSION_MS) + Duration::from_secs(5);
+    let remaining = bound.saturating_sub(killed_at.elapsed());
+    eventually(remaining, || {
+        let mut redis = redis.clone();
+        async move {
+            let left: Vec<u64> = redis.smembers("cim:server:{s2}:users").await.ok()?;
+            let route: Option<String> = redis
+                .get(format!("cim:{{u{silent_id}}}:route"))
+                .await
+                .ok()?;
+            (left.is_empty() && route.is_none()).then_some(())
+        }
+    })
+    .await?;
+    let online = clients[survivor].0.online_users("").await?;
+    assert!(!online.iter().any(|u| u.id == silent_id), "{online:?}");
+    assert_eq!(online.len(), 11);
+    for &i in victims.iter().skip(1) {
+        let route: String = redis
+            .get(format!("cim:{{u{}}}:route", clients[i].0.info().user_id))
+            .await?;
+        assert!(!route.ends_with(victim_server), "{route}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_gives_clean_errors_then_normal_service() -> anyhow::Result<()> {
+    let mut cluster = ProcCluster::start(1, 2, "round-robin").await?;
+    let config = cluster.client_config(0);
+    let mut clients = users(&cluster, "r", 2).await?;
+    let bob_id = clients[1].0.info().user_id;
+
+    cluster.redis.kill().await?;
+    let err = Client::login(&config, "r0", "password", LoginOptions { takeover: true })
+        .await
+        .err()
+        .expect("login must fail while redis is down");
+    assert!(
+        matches!(&err, ClientError::Api { status: 503, .. }),
+        "{err}"
+    );
+    assert_eq!(err.code(), Some("unavailable"));
+    let err = clients[0]
+        .0
+        .send_private(bob_id, "during outage")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("unavailable"), "{err}");
+    let err = cim_client::register(&config, "newcomer", "password")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("unavailable"), "{err}");
+
+    cluster.redis.restart().await?;
+    eventually(WAIT, || async {
+        clients[0].0.send_private(bob_id, "after outage").await.ok()
+    })
+    .await?;
+    assert_eq!(next_message(&mut clients[1].1).await?.body, "after outage");
+    cim_client::register(&config, "newcomer", "password").await?;
+    let (newcomer, _events) = login(&config, "newcomer", false).await?;
+    assert_eq!(newcomer.online_users("").await?.len(), 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_come_back_after_their_zookeeper_session_expires() -> anyhow::Result<()> {
+    let mut cluster = ProcCluster::start(1, 2, "round-robin").await?;
+    // Freeze s2 past its session timeout: ZooKeeper expires the session and drops its node.
+    cluster.signal_server("s2", "STOP").await?;
+    cluster.wait_servers(1).await?;
+    cluster.signal_server("s2", "CONT").await?;
+    // It notices the new session, registers again, and the router links to it again.
+    cluster.wait_servers(2).await?;
+    // And it serves: of two round-robin logins one lands on it, and they chat.
+    let mut clients = users(&cluster, "z", 2).await?;
+    let servers = per_server(&clients);
+    assert_eq!(servers.get("s2"), Some(&1), "{servers:?}");
+    let to = clients[1].0.info().user_id;
+    clients[0].0.send_private(to, "after expiry").await?;
+    assert_eq!(next_message(&mut clients[1].1).await?.body, "after expiry");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_concurrent_logins_of_one_user_exactly_one_wins() -> anyhow::Result<()> {
+    let cluster = ProcCluster::start(2, 2, "round-robin").await?;
+    cim_client::register(&cluster.client_config(0), "solo", "password").await?;
+    let attempts = (0..8).map(|i| {
+        let config = cluster.client_config(i % 2);
+        tokio::spawn(async move { login(&config, "solo", false).await })
+    });
+    let mut won = Vec::new();
+    let mut refused = 0;
+    for attempt in attempts {
+        match attempt.await? {
+            Ok(pair) => won.push(pair),
+            Err(e) => {
+                let code = e
+                    .downcast_ref::<ClientError>()
+                    .and_then(|e| e.code())
+                    .map(str::to_owned);
+                assert_eq!(code.as_deref(), Some("already_online"), "{e:#}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((won.len(), refused), (1, 7));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_moves_only_the_departed_servers_users() -> anyhow::Result<()> {
+    let mut cluster = ProcCluster::start(1, 3, "consistent-hash").await?;
+    let config = cluster.client_config(0);
+    let names: Vec<String> = (0..30).map(|i| format!("h{i}")).collect();
+    let mut before = HashMap::new();
+    for name in &names {
+        cim_client::register(&config, name, "password").await?;
+        let (client, _events) = login(&config, name, false).await?;
+        before.insert(name.clone(), client.info().server_id.clone());
+        client.logout().await?;
+    }
+    let on_s3 = before.values().filter(|s| *s == "s3").count();
+    assert!(on_s3 > 0 && on_s3 < 30, "{before:?}");
+
+    cluster.signal_server("s3", "TERM").await?; // graceful: leaves discovery at once
+    cluster.wait_servers(2).await?;
+    let mut moved = 0;
+    for name in &names {
+        let (client, _events) = login(&config, name, false).await?;
+        let now = client.info().server_id.clone();
+        if before[name] == "s3" {
+            moved += 1;
+            assert_ne!(now, "s3");
+        } else {
+            assert_eq!(now, before[name], "{name} moved although its server stayed");
+        }
+        client.logout().await?;
+    }
+    assert_eq!(moved, on_s3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_sessions_keep_their_routes_past_the_route_lease() -> anyhow::Result<()> {
+    let cluster = ProcCluster::start(1, 2, "round-robin").await?;
+    let mut clients = users(&cluster, "l", 2).await?;
+    // Waiting is the point here: routes expire one lease after their last renewal, so only
+    // working renewals keep these sessions reachable.
+    tokio::time::sleep(Duration::from_millis(ROUTE_LEASE_MS * 2)).await;
+    assert_eq!(clients[0].0.online_users("").await?.len(), 2);
+    let to = clients[1].0.info().user_id;
+    clients[0].0.send_private(to, "still routed").await?;
+    assert_eq!(next_message(&mut clients[1].1).await?.body, "still routed");
+    Ok(())
+}
