@@ -61,6 +61,17 @@ pub(crate) struct Grant {
     pub(crate) server_addr: SocketAddr,
 }
 
+impl Grant {
+    pub(crate) fn session_info(&self) -> crate::SessionInfo {
+        crate::SessionInfo {
+            user_id: self.user_id,
+            name: self.name.clone(),
+            server_id: self.server_id.clone(),
+            server_addr: self.server_addr,
+        }
+    }
+}
+
 /// Client of the router's HTTPS API.
 #[derive(Clone)]
 pub struct RouterApi {

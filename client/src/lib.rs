@@ -2,6 +2,14 @@
 //! connection to the assigned server, send private and group messages, and receive messages
 //! and session events as an async stream or through a [`MessageHandler`].
 //!
+//! Nothing is lost and nothing is seen twice: every message in a user's inbox has a sequence
+//! number; the client hands messages to the application strictly in sequence order, drops
+//! duplicates, pulls missing ranges, and on every (re)connect pulls everything after the last
+//! sequence number it has. Lost connections are re-established by the client itself: first a
+//! QUIC resumption (0-RTT) to the same server with the same session, then a new login through
+//! the router (jittered exponential backoff). Sends are retried with the same client message id
+//! until acknowledged, and cim stores a retried message once.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), cim_client::ClientError> {
 //! use cim_client::{Client, ClientConfig, Event, LoginOptions};
@@ -14,31 +22,44 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cim_core::transport::{self, Link};
 use cim_core::{ALPN_CLIENT, close, tls};
+pub use cim_proto::v1::chat_message::Target;
 use cim_proto::v1::{
-    ChatMessage, ClientControl, Delivery, DeliveryAck, Login, Ping, SendAck, ServerControl,
-    chat_message::Target, client_control, server_control,
+    ChatMessage, ClientControl, ClientRequest, Delivery, DeliveryAck, Login, Ping, Pull,
+    PullResult, SendAck, ServerControl, client_control, client_request, server_control,
 };
 use cim_proto::{FrameError, read_frame, read_required, write_frame};
-use tokio::sync::mpsc;
+use tokio::sync::{Mutex as AsyncMutex, Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 pub mod console;
 mod http;
+pub mod reorder;
 
 pub use http::{OnlineUser, RouterApi};
+use reorder::{Backoff, Reorder};
 
 /// Largest control frame.
 const MAX_CONTROL_FRAME: usize = 4 * 1024;
+/// Largest pull reply.
+const MAX_PULL_FRAME: usize = 4 * 1024 * 1024;
 /// Time allowed for the QUIC handshake plus login exchange.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed for a send to be acked.
-const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time one send attempt may take before it is retried.
+const SEND_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a held-back delivery waits for the gap before it to fill before pulling.
+const GAP_WAIT: Duration = Duration::from_millis(200);
+/// Entries per pull.
+const PULL_LIMIT: u32 = 200;
+/// Resume attempts against the same server before logging in again through the router.
+const RESUME_ATTEMPTS: u32 = 2;
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +105,9 @@ pub enum ClientError {
     /// An operation did not finish in time.
     #[error("timed out")]
     Timeout,
+    /// The client was closed, logged out or kicked.
+    #[error("client is closed")]
+    Closed,
 }
 
 impl ClientError {
@@ -123,14 +147,21 @@ pub struct ClientConfig {
     pub router_url: String,
     /// PEM of the CA that signed the router and server certificates.
     pub ca_pem: Vec<u8>,
-    /// Connect to this address instead of the server address the router returns (for a
+    /// Connect to another address instead of the server address the router returns (for a
     /// relay or a NAT); TLS still verifies the server's own name.
-    pub server_override: Option<SocketAddr>,
+    pub server_overrides: HashMap<SocketAddr, SocketAddr>,
     /// Local address of the QUIC socket.
     pub bind_addr: SocketAddr,
     /// Declare the server dead if no pong arrives for this long (default: three heartbeat
     /// intervals as announced by the server).
     pub heartbeat_timeout: Option<Duration>,
+    /// Re-establish lost connections automatically (default). Without it, the session ends
+    /// at the first `Disconnected`.
+    pub reconnect: bool,
+    /// How long a send keeps retrying (across reconnects) before giving up.
+    pub send_timeout: Duration,
+    /// Reconnect backoff: first ceiling and cap.
+    pub backoff: (Duration, Duration),
 }
 
 impl ClientConfig {
@@ -139,9 +170,12 @@ impl ClientConfig {
         Self {
             router_url: router_url.into(),
             ca_pem,
-            server_override: None,
+            server_overrides: HashMap::new(),
             bind_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             heartbeat_timeout: None,
+            reconnect: true,
+            send_timeout: Duration::from_secs(30),
+            backoff: (Duration::from_millis(100), Duration::from_secs(10)),
         }
     }
 }
@@ -158,7 +192,7 @@ pub struct LoginOptions {
 pub struct IncomingMessage {
     /// Message id assigned by cim.
     pub msg_id: u64,
-    /// Inbox sequence number (0 when not stored).
+    /// Inbox sequence number.
     pub seq: u64,
     /// Sender id.
     pub from_user: u64,
@@ -172,18 +206,47 @@ pub struct IncomingMessage {
     pub created_at_ms: u64,
 }
 
+impl From<Delivery> for IncomingMessage {
+    fn from(d: Delivery) -> Self {
+        IncomingMessage {
+            msg_id: d.msg_id,
+            seq: d.seq,
+            from_user: d.from_user,
+            from_name: d.from_name,
+            group: (!d.group.is_empty()).then_some(d.group),
+            body: d.body,
+            created_at_ms: d.created_at_ms,
+        }
+    }
+}
+
+/// How a lost connection was re-established.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reconnected {
+    /// Server now holding the session.
+    pub server_id: String,
+    /// Whether a new login through the router was needed (otherwise the same session
+    /// resumed on the same server).
+    pub relogin: bool,
+    /// Whether the QUIC handshake used 0-RTT.
+    pub zero_rtt: bool,
+}
+
 /// Something that happened to the session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A message arrived.
+    /// A message arrived (in inbox order, each once).
     Message(IncomingMessage),
     /// The session was ended by the server because the user logged in elsewhere or logged out.
+    /// No reconnect follows.
     Kicked(String),
-    /// The server is shutting down; log in again for a new server.
+    /// The server is shutting down; the client moves to another server.
     Drain(String),
     /// The connection to the server is gone (closed, lost, or silent past the heartbeat
-    /// timeout). No further events follow.
+    /// timeout). A reconnect follows unless reconnecting is off.
     Disconnected(String),
+    /// The connection is back.
+    Reconnected(Reconnected),
 }
 
 /// The stream of [`Event`]s of one session.
@@ -192,7 +255,7 @@ pub struct Events {
 }
 
 impl Events {
-    /// The next event, or `None` once the session is over and every event was taken.
+    /// The next event, or `None` once the client is closed and every event was taken.
     pub async fn next(&mut self) -> Option<Event> {
         self.rx.recv().await
     }
@@ -219,9 +282,9 @@ pub async fn run_handler(mut events: Events, handler: &mut dyn MessageHandler) {
 /// The outcome of an accepted send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ack {
-    /// Message id assigned by cim.
+    /// Message id assigned by cim (the same for every retry of one send).
     pub msg_id: u64,
-    /// Recipients the message was handed to.
+    /// Recipient inboxes the message is durably stored in.
     pub recipients: u32,
 }
 
@@ -238,28 +301,23 @@ pub struct SessionInfo {
     pub server_addr: SocketAddr,
 }
 
-/// A logged-in session: one QUIC connection to the assigned server.
-pub struct Client {
-    info: SessionInfo,
-    token: String,
-    api: RouterApi,
-    conn: quinn::Connection,
-    endpoint: quinn::Endpoint,
-    next_client_msg_id: AtomicU64,
-}
-
-struct Shared {
-    events: mpsc::Sender<Event>,
-    ended: AtomicBool,
-}
-
-impl Shared {
-    /// Emits `Disconnected` once.
-    async fn disconnected(&self, reason: String) {
-        if !self.ended.swap(true, Ordering::SeqCst) {
-            let _ = self.events.send(Event::Disconnected(reason)).await;
-        }
-    }
+/// Counters of what the client did to keep its session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections re-established.
+    pub reconnects: u64,
+    /// Of those, how many needed a new login through the router.
+    pub relogins: u64,
+    /// Of those, how many used 0-RTT.
+    pub zero_rtt: u64,
+    /// Deliveries dropped as duplicates.
+    pub duplicates: u64,
+    /// Pulls made to fill gaps or catch up.
+    pub pulls: u64,
+    /// Sequence numbers the inbox no longer had (trimmed by its caps).
+    pub skipped: u64,
+    /// Send attempts repeated after a transport failure.
+    pub send_retries: u64,
 }
 
 /// Creates an account through the router. Returns the new user id.
@@ -269,6 +327,100 @@ pub async fn register(
     password: &str,
 ) -> Result<u64, ClientError> {
     RouterApi::new(config)?.register(name, password).await
+}
+
+/// A logged-in session. Cheap to share behind an `Arc`; dropping it closes the session.
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+struct Current {
+    info: SessionInfo,
+    token: String,
+}
+
+struct Shared {
+    config: ClientConfig,
+    api: RouterApi,
+    name: String,
+    password: String,
+    endpoint: quinn::Endpoint,
+    current: std::sync::Mutex<Current>,
+    conn: watch::Sender<Option<quinn::Connection>>,
+    events: mpsc::Sender<Event>,
+    inbox: AsyncMutex<Reorder<IncomingMessage>>,
+    gap: Notify,
+    next_client_msg_id: AtomicU64,
+    stats: std::sync::Mutex<Stats>,
+    stop: CancellationToken,
+}
+
+impl Shared {
+    fn current(&self) -> std::sync::MutexGuard<'_, Current> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn target(&self, server_addr: SocketAddr) -> SocketAddr {
+        self.config
+            .server_overrides
+            .get(&server_addr)
+            .copied()
+            .unwrap_or(server_addr)
+    }
+
+    /// The live connection, waiting up to `deadline` for one.
+    async fn live_conn(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<quinn::Connection, ClientError> {
+        let mut rx = self.conn.subscribe();
+        let wait = rx.wait_for(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()));
+        tokio::select! {
+            _ = self.stop.cancelled() => Err(ClientError::Closed),
+            got = tokio::time::timeout_at(deadline, wait) => match got {
+                Ok(Ok(conn)) => conn.clone().ok_or(ClientError::Closed),
+                Ok(Err(_)) => Err(ClientError::Closed),
+                Err(_) => Err(ClientError::Timeout),
+            },
+        }
+    }
+
+    /// Offers deliveries to the reorder buffer and emits what became releasable, in order.
+    /// Returns the sequence number up to which the client has everything.
+    async fn accept_deliveries(
+        &self,
+        deliveries: Vec<Delivery>,
+        first_of_page: Option<u64>,
+    ) -> u64 {
+        let mut inbox = self.inbox.lock().await;
+        let mut ready = Vec::new();
+        if let Some(first) = first_of_page {
+            ready.extend(inbox.skip_to(first));
+        }
+        for delivery in deliveries {
+            let seq = delivery.seq;
+            ready.extend(inbox.offer(seq, IncomingMessage::from(delivery)));
+        }
+        {
+            let mut stats = self.stats();
+            stats.duplicates = inbox.duplicates();
+            stats.skipped = inbox.skipped();
+        }
+        // Emitting under the lock keeps events in sequence order across concurrent streams.
+        for message in ready {
+            if self.events.send(Event::Message(message)).await.is_err() {
+                break;
+            }
+        }
+        if inbox.has_gap() {
+            self.gap.notify_one();
+        }
+        inbox.last()
+    }
 }
 
 impl Client {
@@ -284,62 +436,75 @@ impl Client {
         let grant = api.login(name, password, options.takeover).await?;
         let roots =
             tls::roots_from_pem(&config.ca_pem).map_err(|e| ClientError::Config(e.to_string()))?;
-        let tls = tls::client_config(roots, &[ALPN_CLIENT], None)
+        let mut tls = tls::client_config(roots, &[ALPN_CLIENT], None)
             .map_err(|e| ClientError::Config(e.to_string()))?;
+        tls.enable_early_data = true;
         let quic = transport::client_config(tls, Link::Client)
             .map_err(|e| ClientError::Config(e.to_string()))?;
         let endpoint = transport::client_endpoint(config.bind_addr, quic)
             .map_err(|e| ClientError::Connection(e.to_string()))?;
-        let target = config.server_override.unwrap_or(grant.server_addr);
-        let name_for_tls = transport::server_name(&grant.server_addr);
-        let connected = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            connect(&endpoint, target, &name_for_tls, &grant.token),
-        )
-        .await
-        .map_err(|_| ClientError::Timeout)??;
-        let (conn, send, recv, heartbeat) = connected;
 
         let (events_tx, events_rx) = mpsc::channel(1024);
         let shared = Arc::new(Shared {
-            events: events_tx,
-            ended: AtomicBool::new(false),
-        });
-        let heartbeat_timeout = config.heartbeat_timeout.unwrap_or(heartbeat * 3);
-        tokio::spawn(control_task(
-            conn.clone(),
-            send,
-            recv,
-            heartbeat,
-            heartbeat_timeout,
-            shared.clone(),
-        ));
-        tokio::spawn(delivery_task(conn.clone(), shared));
-        let info = SessionInfo {
-            user_id: grant.user_id,
-            name: grant.name,
-            server_id: grant.server_id,
-            server_addr: grant.server_addr,
-        };
-        let client = Client {
-            info,
-            token: grant.token,
+            config: config.clone(),
             api,
-            conn,
+            name: name.to_string(),
+            password: password.to_string(),
             endpoint,
+            current: std::sync::Mutex::new(Current {
+                info: grant.session_info(),
+                token: grant.token.clone(),
+            }),
+            conn: watch::channel(None).0,
+            events: events_tx,
+            inbox: AsyncMutex::new(Reorder::new(0)),
+            gap: Notify::new(),
             next_client_msg_id: AtomicU64::new(rand::random::<u32>() as u64 + 1),
-        };
-        Ok((client, Events { rx: events_rx }))
+            stats: std::sync::Mutex::new(Stats::default()),
+            stop: CancellationToken::new(),
+        });
+        let target = shared.target(grant.server_addr);
+        let name_for_tls = transport::server_name(&grant.server_addr);
+        let (connected, _) =
+            connect(&shared.endpoint, target, &name_for_tls, &grant.token, 0).await?;
+        tokio::spawn(supervise(shared.clone(), connected));
+        tokio::spawn(fill_gaps(shared.clone()));
+        Ok((Client { shared }, Events { rx: events_rx }))
     }
 
-    /// Who this session belongs to.
-    pub fn info(&self) -> &SessionInfo {
-        &self.info
+    /// Who this session belongs to (the server changes after a re-login).
+    pub fn info(&self) -> SessionInfo {
+        self.shared.current().info.clone()
     }
 
     /// The session token (for the router's HTTP API).
-    pub fn token(&self) -> &str {
-        &self.token
+    pub fn token(&self) -> String {
+        self.shared.current().token.clone()
+    }
+
+    /// What the client did to keep its session so far.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats().clone()
+    }
+
+    /// Highest inbox sequence number up to which every message was delivered.
+    pub async fn last_seq(&self) -> u64 {
+        self.shared.inbox.lock().await.last()
+    }
+
+    /// Moves the QUIC socket to a new local address (as when a phone changes networks). The
+    /// connection migrates; the session continues without a new login.
+    pub fn rebind(&self, addr: SocketAddr) -> Result<SocketAddr, ClientError> {
+        let socket =
+            transport::udp_socket(addr).map_err(|e| ClientError::Connection(e.to_string()))?;
+        self.shared
+            .endpoint
+            .rebind(socket)
+            .map_err(|e| ClientError::Connection(e.to_string()))?;
+        self.shared
+            .endpoint
+            .local_addr()
+            .map_err(|e| ClientError::Connection(e.to_string()))
     }
 
     /// Sends a private message to `to_user`.
@@ -352,103 +517,337 @@ impl Client {
         self.send(Target::Group(group.to_string()), body).await
     }
 
-    async fn send(&self, target: Target, body: &str) -> Result<Ack, ClientError> {
-        let message = ChatMessage {
-            client_msg_id: self.next_client_msg_id.fetch_add(1, Ordering::Relaxed),
-            target: Some(target),
-            body: body.to_string(),
+    /// Sends with an explicit client message id (normally chosen by the client). Sending the
+    /// same id again is safe: cim stores and delivers the message once.
+    pub async fn send_with_id(
+        &self,
+        client_msg_id: u64,
+        target: Target,
+        body: &str,
+    ) -> Result<Ack, ClientError> {
+        let request = ClientRequest {
+            kind: Some(client_request::Kind::Send(ChatMessage {
+                client_msg_id,
+                target: Some(target),
+                body: body.to_string(),
+            })),
         };
-        let exchange = async {
-            let (mut send, mut recv) = self.conn.open_bi().await?;
-            write_frame(&mut send, &message, cim_proto::DEFAULT_MAX_FRAME).await?;
-            send.finish()?;
-            let ack: SendAck = read_required(&mut recv, 4096).await?;
-            Ok::<_, ClientError>(ack)
-        };
-        let ack = tokio::time::timeout(SEND_TIMEOUT, exchange)
-            .await
-            .map_err(|_| ClientError::Timeout)??;
-        if !ack.code.is_empty() {
-            return Err(ClientError::SendRefused {
-                code: ack.code,
-                message: ack.message,
-            });
+        let deadline = tokio::time::Instant::now() + self.shared.config.send_timeout;
+        loop {
+            let conn = self.shared.live_conn(deadline).await?;
+            let attempt =
+                tokio::time::timeout(SEND_ATTEMPT_TIMEOUT, send_once(&conn, &request)).await;
+            match attempt {
+                Ok(Ok(ack)) if ack.code.is_empty() => {
+                    return Ok(Ack {
+                        msg_id: ack.msg_id,
+                        recipients: ack.recipients,
+                    });
+                }
+                Ok(Ok(ack)) => {
+                    return Err(ClientError::SendRefused {
+                        code: ack.code,
+                        message: ack.message,
+                    });
+                }
+                Ok(Err(e)) => tracing::debug!(client_msg_id, error = %e, "send attempt failed"),
+                Err(_) => tracing::debug!(client_msg_id, "send attempt timed out"),
+            }
+            if !self.shared.config.reconnect || tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Timeout);
+            }
+            self.shared.stats().send_retries += 1;
+            // Give a dying connection time to be noticed before trying again.
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Ack {
-            msg_id: ack.msg_id,
-            recipients: ack.recipients,
-        })
+    }
+
+    async fn send(&self, target: Target, body: &str) -> Result<Ack, ClientError> {
+        let id = self
+            .shared
+            .next_client_msg_id
+            .fetch_add(1, Ordering::Relaxed);
+        self.send_with_id(id, target, body).await
     }
 
     /// Users online now, whose name starts with `prefix` (empty: everyone).
     pub async fn online_users(&self, prefix: &str) -> Result<Vec<OnlineUser>, ClientError> {
-        self.api.online_users(&self.token, prefix).await
+        let token = self.token();
+        self.shared.api.online_users(&token, prefix).await
     }
 
     /// Logs out at the router and closes the connection.
     pub async fn logout(self) -> Result<(), ClientError> {
-        let result = self.api.logout(&self.token).await;
+        let token = self.token();
+        self.shared.stop.cancel();
+        let result = self.shared.api.logout(&token).await;
         self.close().await;
         result
     }
 
     /// Closes the connection without logging out at the router (the server reports the
-    /// session as closed).
+    /// session as closed). No reconnect follows.
     pub async fn close(self) {
-        self.conn.close(close::code(close::NORMAL), b"bye");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        self.shared.stop.cancel();
+        if let Some(conn) = self.shared.conn.borrow().clone() {
+            conn.close(close::code(close::NORMAL), b"bye");
+        }
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
     }
 }
 
-type Connected = (
-    quinn::Connection,
-    quinn::SendStream,
-    quinn::RecvStream,
-    Duration,
-);
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.shared.stop.cancel();
+        if let Some(conn) = self.shared.conn.borrow().clone() {
+            conn.close(close::code(close::NORMAL), b"bye");
+        }
+    }
+}
 
+async fn send_once(
+    conn: &quinn::Connection,
+    request: &ClientRequest,
+) -> Result<SendAck, ClientError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, request, cim_proto::DEFAULT_MAX_FRAME).await?;
+    send.finish()?;
+    Ok(read_required(&mut recv, 4096).await?)
+}
+
+/// An established, logged-in connection.
+struct Connected {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    heartbeat: Duration,
+}
+
+/// Connects and logs in on the control stream, trying 0-RTT when a resumption ticket is
+/// cached. Returns whether 0-RTT was used.
 async fn connect(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     server_name: &str,
     token: &str,
+    last_seen_seq: u64,
+) -> Result<(Connected, bool), ClientError> {
+    let attempt = async {
+        let connecting = endpoint
+            .connect(addr, server_name)
+            .map_err(|e| ClientError::Connection(e.to_string()))?;
+        match connecting.into_0rtt() {
+            Ok((conn, accepted)) => {
+                // The login rides in 0-RTT; it is idempotent (the same token, the same session).
+                let early = login_exchange(&conn, token, last_seen_seq).await;
+                if accepted.await {
+                    return early.map(|c| (c, true));
+                }
+                login_exchange(&conn, token, last_seen_seq)
+                    .await
+                    .map(|c| (c, false))
+            }
+            Err(connecting) => {
+                let conn = connecting.await?;
+                login_exchange(&conn, token, last_seen_seq)
+                    .await
+                    .map(|c| (c, false))
+            }
+        }
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+        .await
+        .map_err(|_| ClientError::Timeout)?
+}
+
+async fn login_exchange(
+    conn: &quinn::Connection,
+    token: &str,
+    last_seen_seq: u64,
 ) -> Result<Connected, ClientError> {
-    let conn = endpoint
-        .connect(addr, server_name)
-        .map_err(|e| ClientError::Connection(e.to_string()))?
-        .await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let login = ClientControl {
         kind: Some(client_control::Kind::Login(Login {
             token: token.to_string(),
-            last_seen_seq: 0,
+            last_seen_seq,
         })),
     };
     write_frame(&mut send, &login, MAX_CONTROL_FRAME).await?;
     let reply: ServerControl = read_required(&mut recv, MAX_CONTROL_FRAME).await?;
     match reply.kind {
-        Some(server_control::Kind::LoginResult(r)) if r.code.is_empty() => {
-            let heartbeat = Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 600_000));
-            Ok((conn, send, recv, heartbeat))
-        }
-        Some(server_control::Kind::LoginResult(r)) => Err(ClientError::LoginRefused {
-            code: r.code,
-            message: r.message,
+        Some(server_control::Kind::LoginResult(r)) if r.code.is_empty() => Ok(Connected {
+            conn: conn.clone(),
+            send,
+            recv,
+            heartbeat: Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 600_000)),
         }),
+        Some(server_control::Kind::LoginResult(r)) => {
+            conn.close(close::code(close::NORMAL), b"login refused");
+            Err(ClientError::LoginRefused {
+                code: r.code,
+                message: r.message,
+            })
+        }
         _ => Err(ClientError::Protocol("expected LoginResult".into())),
     }
 }
 
-/// Pings on the control stream, watches for pongs, kicks and drains.
-async fn control_task(
-    conn: quinn::Connection,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    interval: Duration,
-    timeout: Duration,
-    shared: Arc<Shared>,
-) {
+/// Why a connection ended.
+enum End {
+    Kicked(String),
+    Drain(String),
+    Lost(String),
+    Stopped,
+}
+
+/// Runs connections one after another until the client stops or is kicked.
+async fn supervise(shared: Arc<Shared>, first: Connected) {
+    let mut connected = first;
+    loop {
+        let end = run_connection(&shared, connected).await;
+        shared.conn.send_replace(None);
+        let mut relogin = false;
+        match end {
+            End::Stopped => return,
+            End::Kicked(reason) => {
+                let _ = shared.events.send(Event::Kicked(reason)).await;
+                shared.stop.cancel();
+                return;
+            }
+            End::Drain(reason) => {
+                let _ = shared.events.send(Event::Drain(reason)).await;
+                relogin = true;
+            }
+            End::Lost(reason) => {
+                let _ = shared.events.send(Event::Disconnected(reason)).await;
+            }
+        }
+        if !shared.config.reconnect {
+            shared.stop.cancel();
+            return;
+        }
+        match reconnect(&shared, relogin).await {
+            Some((next, info)) => {
+                let _ = shared.events.send(Event::Reconnected(info)).await;
+                connected = next;
+            }
+            None => return,
+        }
+    }
+}
+
+/// Re-establishes the session: resume on the same server first (unless `relogin`), then log
+/// in again through the router, with jittered exponential backoff. `None` if the client
+/// stopped.
+async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected, Reconnected)> {
+    let (base, max) = shared.config.backoff;
+    let mut backoff = Backoff::new(base, max);
+    let mut resume_failures = 0;
+    loop {
+        if shared.stop.is_cancelled() {
+            return None;
+        }
+        let last_seq = shared.inbox.lock().await.last();
+        let attempt = if relogin {
+            relogin_once(shared, last_seq).await
+        } else {
+            let (token, addr) = {
+                let current = shared.current();
+                (current.token.clone(), current.info.server_addr)
+            };
+            let result = connect(
+                &shared.endpoint,
+                shared.target(addr),
+                &transport::server_name(&addr),
+                &token,
+                last_seq,
+            )
+            .await;
+            match result {
+                Ok((connected, zero_rtt)) => Ok((connected, zero_rtt)),
+                Err(e) => {
+                    resume_failures += 1;
+                    // A refused login (session replaced, token expired) or a server that keeps
+                    // failing means the session must be rebuilt through the router.
+                    if matches!(e, ClientError::LoginRefused { .. })
+                        || resume_failures >= RESUME_ATTEMPTS
+                    {
+                        relogin = true;
+                    }
+                    Err(e)
+                }
+            }
+        };
+        match attempt {
+            Ok((connected, zero_rtt)) => {
+                let info = Reconnected {
+                    server_id: shared.current().info.server_id.clone(),
+                    relogin,
+                    zero_rtt,
+                };
+                let mut stats = shared.stats();
+                stats.reconnects += 1;
+                stats.relogins += u64::from(relogin);
+                stats.zero_rtt += u64::from(zero_rtt);
+                return Some((connected, info));
+            }
+            Err(ClientError::Api { code, .. }) if code == "invalid_credentials" => {
+                let _ = shared
+                    .events
+                    .send(Event::Kicked("credentials no longer accepted".into()))
+                    .await;
+                shared.stop.cancel();
+                return None;
+            }
+            Err(e) => tracing::debug!(error = %e, relogin, "reconnect attempt failed"),
+        }
+        let delay = backoff.next_delay(rand::random());
+        tokio::select! {
+            _ = shared.stop.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn relogin_once(
+    shared: &Arc<Shared>,
+    last_seq: u64,
+) -> Result<(Connected, bool), ClientError> {
+    let grant = shared
+        .api
+        .login(&shared.name, &shared.password, true)
+        .await?;
+    let result = connect(
+        &shared.endpoint,
+        shared.target(grant.server_addr),
+        &transport::server_name(&grant.server_addr),
+        &grant.token,
+        last_seq,
+    )
+    .await?;
+    *shared.current() = Current {
+        info: grant.session_info(),
+        token: grant.token,
+    };
+    Ok(result)
+}
+
+/// Serves one connection: heartbeats and control frames, deliveries, catch-up pull.
+async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
+    let Connected {
+        conn,
+        mut send,
+        recv,
+        heartbeat,
+    } = connected;
+    shared.conn.send_replace(Some(conn.clone()));
+    let deliveries = tokio::spawn(accept_deliveries(shared.clone(), conn.clone()));
+    // Catch up on everything stored while we were away.
+    shared.gap.notify_one();
+
     let (frames_tx, mut frames) = mpsc::channel(4);
+    let mut recv = recv;
     let reader = tokio::spawn(async move {
         loop {
             let frame = read_frame::<ServerControl, _>(&mut recv, MAX_CONTROL_FRAME).await;
@@ -458,17 +857,19 @@ async fn control_task(
             }
         }
     });
-    let mut ticker = tokio::time::interval(interval);
+    let timeout = shared.config.heartbeat_timeout.unwrap_or(heartbeat * 3);
+    let mut ticker = tokio::time::interval(heartbeat);
     let mut nonce = 0u64;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
-    let reason = loop {
+    let end = loop {
         tokio::select! {
+            _ = shared.stop.cancelled() => break End::Stopped,
             _ = ticker.tick() => {
                 nonce += 1;
                 let ping = ClientControl { kind: Some(client_control::Kind::Ping(Ping { nonce })) };
                 if let Err(e) = write_frame(&mut send, &ping, MAX_CONTROL_FRAME).await {
-                    break format!("control stream failed: {e}");
+                    break End::Lost(format!("control stream failed: {e}"));
                 }
             }
             frame = frames.recv() => match frame.map(|f| f.map(|o| o.and_then(|c| c.kind))) {
@@ -476,72 +877,113 @@ async fn control_task(
                     deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
                 }
                 Some(Ok(Some(server_control::Kind::Kick(kick)))) => {
-                    let _ = shared.events.send(Event::Kicked(kick.reason.clone())).await;
                     conn.close(close::code(close::KICKED), b"kicked");
-                    break format!("kicked: {}", kick.reason);
+                    break End::Kicked(kick.reason);
                 }
                 Some(Ok(Some(server_control::Kind::Drain(drain)))) => {
-                    let _ = shared.events.send(Event::Drain(drain.reason)).await;
+                    conn.close(close::code(close::DRAIN), b"draining");
+                    break End::Drain(drain.reason);
                 }
                 Some(Ok(Some(server_control::Kind::LoginResult(_)))) | Some(Ok(None)) => {
-                    break "server ended the control stream".into();
+                    break End::Lost("server ended the control stream".into());
                 }
-                Some(Err(e)) => break format!("control stream: {e}"),
-                None => break "control stream closed".into(),
+                Some(Err(e)) => break End::Lost(format!("control stream: {e}")),
+                None => break End::Lost("control stream closed".into()),
             },
             _ = &mut deadline => {
-                // Report before closing, so the closed connection is not reported first.
-                let reason = format!("no heartbeat from server for {} ms", timeout.as_millis());
-                shared.disconnected(reason.clone()).await;
                 conn.close(close::code(close::TIMEOUT), b"heartbeat timeout");
-                break reason;
+                break End::Lost(format!("no heartbeat from server for {} ms", timeout.as_millis()));
             }
-            closed = conn.closed() => break closed.to_string(),
+            closed = conn.closed() => break End::Lost(closed.to_string()),
         }
     };
     reader.abort();
-    shared.disconnected(reason).await;
+    deliveries.abort();
+    end
 }
 
-/// Accepts one stream per delivered message, hands it to the application and acks it.
-async fn delivery_task(conn: quinn::Connection, shared: Arc<Shared>) {
+/// Accepts one stream per pushed message, hands it on in order, and acks what we have.
+async fn accept_deliveries(shared: Arc<Shared>, conn: quinn::Connection) {
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let delivery: Delivery =
+                match read_required(&mut recv, cim_proto::DEFAULT_MAX_FRAME).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bad delivery frame");
+                        let _ = send.reset(close::code(close::PROTOCOL));
+                        return;
+                    }
+                };
+            let msg_id = delivery.msg_id;
+            // Waiting here when the application is slow pushes back on the server instead of
+            // buffering without bound.
+            let have = shared.accept_deliveries(vec![delivery], None).await;
+            let ack = DeliveryAck { msg_id, seq: have };
+            if write_frame(&mut send, &ack, 1024).await.is_ok() {
+                let _ = send.finish();
+            }
+        });
+    }
+}
+
+/// Pulls missing entries: on every (re)connect, and when a delivery arrives ahead of a gap
+/// that does not fill by itself within [`GAP_WAIT`].
+async fn fill_gaps(shared: Arc<Shared>) {
     loop {
-        let (mut send, mut recv) = match conn.accept_bi().await {
-            Ok(s) => s,
-            Err(e) => {
-                shared.disconnected(e.to_string()).await;
-                return;
-            }
-        };
-        let delivery: Delivery = match read_required(&mut recv, cim_proto::DEFAULT_MAX_FRAME).await
-        {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %e, "bad delivery frame");
-                let _ = send.reset(close::code(close::PROTOCOL));
-                continue;
-            }
-        };
-        let ack = DeliveryAck {
-            msg_id: delivery.msg_id,
-            seq: delivery.seq,
-        };
-        let message = IncomingMessage {
-            msg_id: delivery.msg_id,
-            seq: delivery.seq,
-            from_user: delivery.from_user,
-            from_name: delivery.from_name,
-            group: (!delivery.group.is_empty()).then_some(delivery.group),
-            body: delivery.body,
-            created_at_ms: delivery.created_at_ms,
-        };
-        // Waiting here when the application is slow pushes back on the server instead of
-        // buffering without bound.
-        if shared.events.send(Event::Message(message)).await.is_err() {
-            return;
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = shared.gap.notified() => {}
         }
-        if write_frame(&mut send, &ack, 1024).await.is_ok() {
-            let _ = send.finish();
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = tokio::time::sleep(GAP_WAIT) => {}
+        }
+        if let Err(e) = pull_all(&shared).await {
+            tracing::debug!(error = %e, "pull failed");
+            // Try again shortly; a reconnect also triggers a pull.
+            let retry = shared.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                retry.gap.notify_one();
+            });
+        }
+    }
+}
+
+/// Pulls pages until the inbox has nothing after what we hold.
+async fn pull_all(shared: &Arc<Shared>) -> Result<(), ClientError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let conn = shared.live_conn(deadline).await?;
+        let after = shared.inbox.lock().await.last();
+        let request = ClientRequest {
+            kind: Some(client_request::Kind::Pull(Pull {
+                after_seq: after,
+                limit: PULL_LIMIT,
+            })),
+        };
+        let page: PullResult = tokio::time::timeout(SEND_ATTEMPT_TIMEOUT, async {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            write_frame(&mut send, &request, 1024).await?;
+            send.finish()?;
+            Ok::<_, ClientError>(read_required(&mut recv, MAX_PULL_FRAME).await?)
+        })
+        .await
+        .map_err(|_| ClientError::Timeout)??;
+        if !page.code.is_empty() {
+            return Err(ClientError::SendRefused {
+                code: page.code,
+                message: page.message,
+            });
+        }
+        shared.stats().pulls += 1;
+        let first = page.deliveries.first().map(|d| d.seq);
+        let more = page.more;
+        let have = shared.accept_deliveries(page.deliveries, first).await;
+        if !more || have <= after {
+            return Ok(());
         }
     }
 }

@@ -2,11 +2,10 @@
 //! private, `:olu` lists online users, `:q` quits; `:help` lists all commands.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 use cim_client::console::{self, Command};
-use cim_client::{Client, ClientConfig, Event, Events, LoginOptions};
+use cim_client::{Client, ClientConfig, Event, LoginOptions};
 use clap::Parser;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -56,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
     let options = LoginOptions {
         takeover: args.takeover,
     };
-    let (mut client, mut events) = Client::login(&config, &args.name, &args.password, options)
+    let (client, mut events) = Client::login(&config, &args.name, &args.password, options)
         .await
         .context("logging in")?;
     announce(&client);
@@ -100,21 +99,17 @@ async fn main() -> anyhow::Result<()> {
                 }
                 Some(Event::Drain(reason)) => {
                     println!("! server is draining ({reason}); moving to another server");
-                    client.close().await;
-                    (client, events) = relogin(&config, &args).await;
-                    announce(&client);
                 }
                 Some(Event::Disconnected(reason)) => {
-                    println!("! disconnected ({reason}); reconnecting");
-                    client.close().await;
-                    (client, events) = relogin(&config, &args).await;
-                    announce(&client);
+                    println!("! connection lost ({reason}); reconnecting");
+                }
+                Some(Event::Reconnected(how)) => {
+                    let how_text = if how.relogin { "logged in again" } else { "resumed" };
+                    println!("reconnected ({how_text}) on server {}", how.server_id);
                 }
                 None => {
-                    println!("! session ended; reconnecting");
-                    client.close().await;
-                    (client, events) = relogin(&config, &args).await;
-                    announce(&client);
+                    println!("! session ended");
+                    return Ok(());
                 }
             }
         }
@@ -127,26 +122,6 @@ fn announce(client: &Client) {
         "logged in as {} (id {}) on server {} at {}",
         info.name, info.user_id, info.server_id, info.server_addr
     );
-}
-
-/// Logs in again (taking over our own stale session) with jittered exponential backoff.
-async fn relogin(config: &ClientConfig, args: &Args) -> (Client, Events) {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        let options = LoginOptions { takeover: true };
-        match Client::login(config, &args.name, &args.password, options).await {
-            Ok(pair) => return pair,
-            Err(e) => {
-                eprintln!(
-                    "! reconnect failed: {e}; retrying in {} ms",
-                    delay.as_millis()
-                );
-                let jitter = rand::random::<u64>() % (delay.as_millis() as u64 / 2 + 1);
-                tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-        }
-    }
 }
 
 /// Carries out one console command.

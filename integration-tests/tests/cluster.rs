@@ -83,15 +83,26 @@ async fn clients_of_a_killed_server_move_to_live_servers_and_its_routes_go() -> 
         .filter(|&i| clients[i].0.info().server_id == victim_server)
         .collect();
     assert_eq!(victims.len(), 4);
-    // One victim will not come back: it must drop out of the online list by itself.
-    let silent = victims[0];
-    let silent_id = clients[silent].0.info().user_id;
+    // One more user on the victim server will not come back: it must drop out of the online
+    // list by itself.
+    let mut quiet_config = cluster.client_config(0);
+    quiet_config.reconnect = false;
+    cim_client::register(&quiet_config, "quiet", "password").await?;
+    let (quiet, mut quiet_events) = loop {
+        let (client, events) = login(&quiet_config, "quiet", false).await?;
+        if client.info().server_id == victim_server {
+            break (client, events);
+        }
+        client.logout().await?;
+    };
+    let quiet_id = quiet.info().user_id;
     let survivor = (0..clients.len())
         .find(|&i| clients[i].0.info().server_id != victim_server)
         .unwrap();
 
     cluster.signal_server(victim_server, "KILL").await?;
     let killed_at = tokio::time::Instant::now();
+    // The victims reconnect by themselves, through the router, to live servers.
     for &i in &victims {
         match next_event(
             &mut clients[i].1,
@@ -102,20 +113,26 @@ async fn clients_of_a_killed_server_move_to_live_servers_and_its_routes_go() -> 
             Event::Disconnected(_) => {}
             other => panic!("expected a disconnect, got {other:?}"),
         }
+        match next_event(&mut clients[i].1, Duration::from_secs(30)).await? {
+            Event::Reconnected(how) => {
+                assert!(how.relogin, "{how:?}");
+                assert_ne!(how.server_id, victim_server);
+            }
+            other => panic!("expected a reconnect, got {other:?}"),
+        }
+        assert_ne!(clients[i].0.info().server_id, victim_server);
     }
-    // Everyone but the silent one logs in again, taking over its stale session.
-    for &i in victims.iter().skip(1) {
-        let name = clients[i].0.info().name.clone();
-        let config = cluster.client_config(i % 2);
-        let relogged = eventually(Duration::from_secs(30), || async {
-            login(&config, &name, true).await.ok()
-        })
-        .await?;
-        assert_ne!(relogged.0.info().server_id, victim_server);
-        clients[i] = relogged;
+    match next_event(
+        &mut quiet_events,
+        Duration::from_millis(HEARTBEAT_MS * 3 + 3000),
+    )
+    .await?
+    {
+        Event::Disconnected(_) => {}
+        other => panic!("expected a disconnect, got {other:?}"),
     }
     // They chat again, both ways.
-    for &i in victims.iter().skip(1) {
+    for &i in &victims {
         let to = clients[survivor].0.info().user_id;
         clients[i].0.send_private(to, "back online").await?;
         assert_eq!(
@@ -134,23 +151,22 @@ async fn clients_of_a_killed_server_move_to_live_servers_and_its_routes_go() -> 
         let mut redis = redis.clone();
         async move {
             let left: Vec<u64> = redis.smembers("cim:server:{s2}:users").await.ok()?;
-            let route: Option<String> = redis
-                .get(format!("cim:{{u{silent_id}}}:route"))
-                .await
-                .ok()?;
+            let route: Option<String> =
+                redis.get(format!("cim:{{u{quiet_id}}}:route")).await.ok()?;
             (left.is_empty() && route.is_none()).then_some(())
         }
     })
     .await?;
     let online = clients[survivor].0.online_users("").await?;
-    assert!(!online.iter().any(|u| u.id == silent_id), "{online:?}");
-    assert_eq!(online.len(), 11);
-    for &i in victims.iter().skip(1) {
+    assert!(!online.iter().any(|u| u.id == quiet_id), "{online:?}");
+    assert_eq!(online.len(), 12);
+    for &i in &victims {
         let route: String = redis
             .get(format!("cim:{{u{}}}:route", clients[i].0.info().user_id))
             .await?;
         assert!(!route.ends_with(victim_server), "{route}");
     }
+    drop(quiet);
     Ok(())
 }
 

@@ -163,13 +163,12 @@ async fn bad_credentials_get_clear_errors_and_nothing_breaks() -> anyhow::Result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_to_unknown_or_offline_users_are_refused_with_codes() -> anyhow::Result<()> {
+async fn bad_messages_are_refused_with_codes_and_offline_users_get_theirs_later()
+-> anyhow::Result<()> {
     let cluster = TestCluster::start(1).await?;
     let config = cluster.client_config();
     let (alice, _a) = cluster.user("alice").await?;
     let bob = cim_client::register(&config, "bob", "password").await?;
-    let err = alice.send_private(bob, "are you there?").await.unwrap_err();
-    assert_eq!(err.code(), Some("recipient_offline"), "{err}");
     let err = alice.send_private(999_999, "hello?").await.unwrap_err();
     assert_eq!(err.code(), Some("unknown_user"), "{err}");
     let err = alice
@@ -184,8 +183,25 @@ async fn messages_to_unknown_or_offline_users_are_refused_with_codes() -> anyhow
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some("too_large"), "{err}");
-    // The session survives all of that.
+    // The session survives all of that; a broadcast with nobody else online reaches no one.
     assert_eq!(alice.send_group("all", "still here").await?.recipients, 0);
+
+    // Bob is offline: his messages are stored and acked, and arrive in order when he logs in.
+    for i in 0..5 {
+        assert_eq!(
+            alice
+                .send_private(bob, &format!("offline {i}"))
+                .await?
+                .recipients,
+            1
+        );
+    }
+    let (_bob, mut bob_events) =
+        Client::login(&config, "bob", "password", LoginOptions::default()).await?;
+    for i in 0..5 {
+        let m = next_message(&mut bob_events).await?;
+        assert_eq!((m.body, m.seq), (format!("offline {i}"), i + 1));
+    }
     Ok(())
 }
 
@@ -216,6 +232,7 @@ async fn a_client_notices_its_server_was_killed_within_the_heartbeat_timeout() -
     let ca = std::fs::read(certs.join("ca.pem"))?;
     let mut config = cim_client::ClientConfig::new(url, ca);
     config.bind_addr = "127.0.0.1:0".parse()?;
+    config.reconnect = false;
     cim_client::register(&config, "alice", "password").await?;
     let (_client, mut events) = eventually(WAIT, || async {
         Client::login(&config, "alice", "password", LoginOptions::default())

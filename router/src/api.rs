@@ -56,7 +56,6 @@ impl From<ServiceError> for ApiError {
                 StatusCode::UNAUTHORIZED
             }
             ServiceError::UnknownUser | ServiceError::UnknownGroup => StatusCode::NOT_FOUND,
-            ServiceError::RecipientOffline => StatusCode::NOT_FOUND,
             ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServiceError::NoServer | ServiceError::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -143,6 +142,9 @@ struct SendRequest {
     to: Option<u64>,
     group: Option<String>,
     body: String,
+    /// Optional idempotency key: a retry with the same value is stored once.
+    #[serde(default)]
+    client_msg_id: u64,
 }
 
 #[derive(Serialize)]
@@ -272,7 +274,7 @@ pub fn routes(
                         }
                     };
                     let message = ChatMessage {
-                        client_msg_id: 0,
+                        client_msg_id: req.client_msg_id,
                         target: Some(target),
                         body: req.body,
                     };

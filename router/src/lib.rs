@@ -54,6 +54,10 @@ pub struct RouterConfig {
     pub route_lease: Duration,
     /// Largest message body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Caps on each user's inbox.
+    pub inbox: store::InboxLimits,
+    /// How long a sender's client message id is remembered, so a retry is stored once.
+    pub dedup_window: Duration,
 }
 
 impl RouterConfig {
@@ -78,6 +82,8 @@ impl RouterConfig {
             pending_lease: Duration::from_secs(30),
             route_lease: Duration::from_secs(30),
             max_body_bytes: 16 * 1024,
+            inbox: store::InboxLimits::default(),
+            dedup_window: Duration::from_secs(600),
         }
     }
 }

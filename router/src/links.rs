@@ -9,8 +9,8 @@ use std::time::Duration;
 use cim_core::discovery::ServerInfo;
 use cim_core::transport;
 use cim_proto::v1::{
-    Delivery, KickResult, KickUser, Push, PushResult, RenewResult, RouterRequest, ServerRequest,
-    SessionResult, router_request, server_request,
+    Delivery, KickResult, KickUser, PullResult, Push, PushResult, Recipient, RenewResult,
+    RouterRequest, ServerRequest, SessionResult, router_request, server_request,
 };
 use cim_proto::{FrameError, ProstMessage, read_required, write_frame};
 use tokio::task::JoinHandle;
@@ -91,7 +91,7 @@ impl ServerLinks {
     pub async fn push(
         &self,
         server_id: &str,
-        recipients: Vec<u64>,
+        recipients: Vec<Recipient>,
         delivery: Delivery,
     ) -> Result<PushResult, LinkError> {
         let request = RouterRequest {
@@ -292,6 +292,32 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                     };
                     let ack = service.send_from_server(&sender, &message).await;
                     write_frame(&mut send, &ack, MAX_INTERNAL_FRAME).await
+                }
+                Some(server_request::Kind::Fetch(fetch)) => {
+                    let reply = match service
+                        .fetch(fetch.user_id, fetch.after_seq, fetch.limit)
+                        .await
+                    {
+                        Ok(reply) => reply,
+                        Err(e) => PullResult {
+                            code: e.code().into(),
+                            message: e.to_string(),
+                            ..Default::default()
+                        },
+                    };
+                    write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
+                }
+                Some(server_request::Kind::Trim(trim)) => {
+                    let acked: Vec<(u64, u64)> =
+                        trim.acked.iter().map(|r| (r.user_id, r.seq)).collect();
+                    let reply = match service.trim(&acked).await {
+                        Ok(()) => SessionResult::default(),
+                        Err(e) => SessionResult {
+                            code: e.code().into(),
+                            message: e.to_string(),
+                        },
+                    };
+                    write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
                 }
                 Some(server_request::Kind::Renew(renew)) => {
                     let sessions: Vec<(u64, u64)> = renew

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cim_core::discovery::ServerInfo;
 use cim_core::now_ms;
 use cim_core::token::{Claims, TokenError};
-use cim_proto::v1::{ChatMessage, Delivery, SendAck, chat_message::Target};
+use cim_proto::v1::{ChatMessage, Delivery, PullResult, Recipient, SendAck, chat_message::Target};
 use futures_util::future::join_all;
 use tokio::sync::watch;
 
@@ -17,7 +17,7 @@ use crate::ids::IdGenerator;
 use crate::links::ServerLinks;
 use crate::password;
 use crate::select::Selector;
-use crate::store::{Account, Claim, Route, Store, StoreError};
+use crate::store::{Account, Claim, InboxEntry, Route, Store, StoreError};
 
 /// The group that reaches everyone online (CIM's group chat).
 pub const BROADCAST_GROUP: &str = "all";
@@ -49,9 +49,6 @@ pub enum ServiceError {
     /// The group does not exist.
     #[error("unknown group")]
     UnknownGroup,
-    /// The recipient is not online and the message was not delivered.
-    #[error("recipient is offline")]
-    RecipientOffline,
     /// The body exceeds the configured limit.
     #[error("message body exceeds {0} bytes")]
     TooLarge(usize),
@@ -75,7 +72,6 @@ impl ServiceError {
             ServiceError::Unauthorized(_) => "unauthorized",
             ServiceError::UnknownUser => "unknown_user",
             ServiceError::UnknownGroup => "unknown_group",
-            ServiceError::RecipientOffline => "recipient_offline",
             ServiceError::TooLarge(_) => "too_large",
             ServiceError::Unavailable(StoreError::NameTaken) => "name_taken",
             ServiceError::Unavailable(_) => "unavailable",
@@ -114,12 +110,25 @@ pub struct Sender {
     pub name: String,
 }
 
+/// The wire form of a stored entry.
+fn delivery_of(seq: u64, entry: &InboxEntry) -> Delivery {
+    Delivery {
+        msg_id: entry.msg_id,
+        seq,
+        from_user: entry.from_user,
+        from_name: entry.from_name.clone(),
+        group: entry.group.clone(),
+        body: entry.body.clone(),
+        created_at_ms: entry.created_at_ms,
+    }
+}
+
 /// A message accepted for delivery.
 #[derive(Debug, Clone, Copy)]
 pub struct Sent {
     /// Assigned message id.
     pub msg_id: u64,
-    /// Recipients it was handed to.
+    /// Recipient inboxes it is stored in.
     pub recipients: u32,
 }
 
@@ -318,9 +327,15 @@ impl Service {
         Ok(())
     }
 
-    /// Sends a message from `sender`: resolves recipients, groups them by server and sends one
-    /// push per server.
-    pub async fn send(&self, sender: &Sender, message: &ChatMessage) -> Result<Sent, ServiceError> {
+    /// Sends a message from `sender`: resolves recipients, stores the message in each
+    /// recipient's inbox (the durable point: the caller acks the sender after this returns),
+    /// then pushes it to the servers holding online recipients, one push per server, in the
+    /// background. A repeat of the same `client_msg_id` is stored once and gets the same id.
+    pub async fn send(
+        self: &Arc<Self>,
+        sender: &Sender,
+        message: &ChatMessage,
+    ) -> Result<Sent, ServiceError> {
         if message.body.is_empty() {
             return Err(ServiceError::BadRequest("message body is empty".into()));
         }
@@ -342,23 +357,64 @@ impl Service {
             Some(Target::Group(_)) => return Err(ServiceError::UnknownGroup),
             None => return Err(ServiceError::BadRequest("message has no recipient".into())),
         };
-        let msg_id = self.ids.next(now_ms());
-        let delivery = Delivery {
+        let now = now_ms();
+        let fresh_id = self.ids.next(now);
+        let msg_id = if message.client_msg_id == 0 {
+            fresh_id
+        } else {
+            self.store
+                .message_id(
+                    sender.id,
+                    message.client_msg_id,
+                    fresh_id,
+                    self.config.dedup_window,
+                )
+                .await?
+        };
+        let entry = InboxEntry {
             msg_id,
-            seq: 0,
             from_user: sender.id,
             from_name: sender.name.clone(),
             group,
             body: message.body.clone(),
-            created_at_ms: now_ms(),
+            created_at_ms: now,
         };
+        let seqs = self
+            .store
+            .append_inbox(&recipients, &entry, self.config.inbox)
+            .await?;
+        let stored = recipients.len() as u32;
+        let service = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = service.push(recipients, seqs, entry).await {
+                // Stored entries are not lost: recipients pull them when they (re)connect.
+                tracing::warn!(msg_id, error = %e, "push skipped");
+            }
+        });
+        Ok(Sent {
+            msg_id,
+            recipients: stored,
+        })
+    }
+
+    /// Pushes a stored message to the servers of its online recipients: one push per server.
+    async fn push(
+        &self,
+        recipients: Vec<u64>,
+        seqs: Vec<u64>,
+        entry: InboxEntry,
+    ) -> Result<(), ServiceError> {
         let routes = self.store.routes(&recipients).await?;
-        let mut by_server: HashMap<String, Vec<u64>> = HashMap::new();
-        for (user, route) in recipients.iter().zip(routes) {
+        let mut by_server: HashMap<String, Vec<Recipient>> = HashMap::new();
+        for ((user_id, seq), route) in recipients.into_iter().zip(seqs).zip(routes) {
             if let Some(route) = route.filter(|r| r.confirmed) {
-                by_server.entry(route.server_id).or_default().push(*user);
+                by_server
+                    .entry(route.server_id)
+                    .or_default()
+                    .push(Recipient { user_id, seq });
             }
         }
+        let delivery = delivery_of(0, &entry);
         let pushes = by_server.into_iter().map(|(server, users)| {
             let delivery = delivery.clone();
             async move {
@@ -366,24 +422,48 @@ impl Service {
                 (server, result)
             }
         });
-        let mut delivered = 0u32;
         for (server, result) in join_all(pushes).await {
-            match result {
-                Ok(r) => delivered += r.delivered.len() as u32,
-                Err(e) => tracing::warn!(%server, msg_id, error = %e, "push failed"),
+            if let Err(e) = result {
+                tracing::info!(%server, msg_id = entry.msg_id, error = %e, "push failed; recipients will pull");
             }
         }
-        if matches!(message.target, Some(Target::ToUser(_))) && delivered == 0 {
-            return Err(ServiceError::RecipientOffline);
-        }
-        Ok(Sent {
-            msg_id,
-            recipients: delivered,
+        Ok(())
+    }
+
+    /// A page of `user`'s inbox after `after_seq`, for a client's pull.
+    pub async fn fetch(
+        &self,
+        user: u64,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<PullResult, ServiceError> {
+        let page = self
+            .store
+            .fetch_inbox(user, after_seq, limit as usize, self.config.inbox, now_ms())
+            .await?;
+        Ok(PullResult {
+            deliveries: page
+                .entries
+                .iter()
+                .map(|(seq, entry)| delivery_of(*seq, entry))
+                .collect(),
+            more: page.more,
+            code: String::new(),
+            message: String::new(),
         })
     }
 
+    /// Clients acknowledged their inboxes up to these sequence numbers.
+    pub async fn trim(&self, acked: &[(u64, u64)]) -> Result<(), ServiceError> {
+        Ok(self.store.trim_inbox(acked).await?)
+    }
+
     /// [`Service::send`] for a message that arrived from a server, answered as the sender's ack.
-    pub async fn send_from_server(&self, sender: &Sender, message: &ChatMessage) -> SendAck {
+    pub async fn send_from_server(
+        self: &Arc<Self>,
+        sender: &Sender,
+        message: &ChatMessage,
+    ) -> SendAck {
         match self.send(sender, message).await {
             Ok(sent) => SendAck {
                 client_msg_id: message.client_msg_id,

@@ -21,6 +21,9 @@ use tokio_util::task::TaskTracker;
 mod links;
 mod session;
 
+/// TLS sessions remembered for 0-RTT resumption.
+const RESUMPTION_CACHE: usize = 65_536;
+
 pub use links::RouterLinks;
 
 /// Everything a server needs to start.
@@ -116,7 +119,13 @@ impl Server {
                 "server id must be non-empty without '|' or '/'".into(),
             ));
         }
-        let client_tls = tls::server_config(&config.cert, &config.key, &[ALPN_CLIENT], None)?;
+        let mut client_tls = tls::server_config(&config.cert, &config.key, &[ALPN_CLIENT], None)?;
+        // 0-RTT resumption for reconnecting clients: QUIC requires the maximum early data
+        // size to be exactly u32::MAX. Resumption state lives in memory (lost on restart,
+        // which only costs a full handshake).
+        client_tls.max_early_data_size = u32::MAX;
+        client_tls.session_storage =
+            rustls::server::ServerSessionMemoryCache::new(RESUMPTION_CACHE);
         let internal_tls = tls::server_config(
             &config.cert,
             &config.key,
@@ -186,6 +195,7 @@ impl Server {
             shutdown.clone(),
         ));
         tracker.spawn(renew_routes(state.clone(), shutdown.clone()));
+        tracker.spawn(report_acks(state.clone(), shutdown.clone()));
         tracker.spawn(report_load(
             discovery.clone(),
             state.clone(),
@@ -227,6 +237,25 @@ async fn renew_routes(state: Arc<session::State>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => links::renew_sessions(&state, None).await,
+        }
+    }
+}
+
+/// Reports clients' inbox acknowledgements to a router twice a second, so inboxes shrink.
+/// Losing a report only delays trimming: the next pull trims too.
+async fn report_acks(state: Arc<session::State>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let acked = state.take_acks();
+        if acked.is_empty() {
+            continue;
+        }
+        if let Err(e) = state.links.trim(acked).await {
+            tracing::debug!(error = %e, "ack report failed");
         }
     }
 }

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cim_proto::v1::{
-    Forward, KickResult, PushResult, RenewResult, RenewSessions, RouterRequest, SendAck,
-    ServerRequest, SessionClosed, SessionOpened, SessionRef, SessionResult, router_request,
-    server_request,
+    FetchInbox, Forward, KickResult, PullResult, PushResult, Recipient, RenewResult, RenewSessions,
+    RouterRequest, SendAck, ServerRequest, SessionClosed, SessionOpened, SessionRef, SessionResult,
+    TrimInbox, router_request, server_request,
 };
 use cim_proto::{FrameError, ProstMessage, read_required, write_frame};
 use tokio_util::sync::CancellationToken;
@@ -159,6 +159,37 @@ impl RouterLinks {
             );
         }
         Ok(lost)
+    }
+
+    /// Reads a page of `user`'s inbox for a client's pull.
+    pub async fn fetch(
+        &self,
+        user_id: u64,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<PullResult, LinkError> {
+        let request = ServerRequest {
+            kind: Some(server_request::Kind::Fetch(FetchInbox {
+                user_id,
+                after_seq,
+                limit,
+            })),
+        };
+        self.call(&request).await
+    }
+
+    /// Reports what clients acknowledged, so routers can trim inboxes.
+    pub async fn trim(&self, acked: Vec<(u64, u64)>) -> Result<(), LinkError> {
+        let request = ServerRequest {
+            kind: Some(server_request::Kind::Trim(TrimInbox {
+                acked: acked
+                    .into_iter()
+                    .map(|(user_id, seq)| Recipient { user_id, seq })
+                    .collect(),
+            })),
+        };
+        let _: SessionResult = self.call(&request).await?;
+        Ok(())
     }
 
     /// Hands a client's message to a router; the reply is the sender's ack.

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use cim_core::{close, now_ms};
 use cim_proto::v1::{
-    ChatMessage, ClientControl, Delivery, DeliveryAck, Drain, Forward, Kick, LoginResult, Pong,
-    SendAck, ServerControl, client_control, server_control,
+    ChatMessage, ClientControl, ClientRequest, Delivery, DeliveryAck, Drain, Forward, Kick,
+    LoginResult, Pong, PullResult, Recipient, SendAck, ServerControl, client_control,
+    client_request, server_control,
 };
 use cim_proto::{FrameError, read_frame, read_required, write_frame};
 use tokio::sync::{Notify, mpsc};
@@ -17,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::ServerConfig;
-use crate::links::{LinkError, RouterLinks};
+use crate::links::RouterLinks;
 
 /// Largest control frame (a login carries a token of at most 2 KiB).
 const MAX_CONTROL_FRAME: usize = 4 * 1024;
@@ -48,6 +49,8 @@ pub(crate) struct State {
     pub(crate) links: RouterLinks,
     sessions: Mutex<HashMap<u64, Session>>,
     emptied: Notify,
+    /// Highest inbox seq each user acknowledged since the last trim report.
+    acked: Mutex<HashMap<u64, u64>>,
 }
 
 impl State {
@@ -57,6 +60,7 @@ impl State {
             links: RouterLinks::default(),
             sessions: Mutex::new(HashMap::new()),
             emptied: Notify::new(),
+            acked: Mutex::new(HashMap::new()),
         }
     }
 
@@ -88,11 +92,29 @@ impl State {
         }
     }
 
-    fn remove(&self, user_id: u64, session_id: u64) -> bool {
+    /// Records that `user` has every inbox entry up to `seq`.
+    fn record_ack(&self, user: u64, seq: u64) {
+        if seq == 0 {
+            return;
+        }
+        let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = acked.entry(user).or_insert(0);
+        *slot = (*slot).max(seq);
+    }
+
+    /// Takes the acknowledgements recorded since the last call.
+    pub(crate) fn take_acks(&self) -> Vec<(u64, u64)> {
+        let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        acked.drain().collect()
+    }
+
+    /// Removes the session if it is still `session_id` on `conn` (a resumed session lives on
+    /// a newer connection and must stay).
+    fn remove(&self, user_id: u64, session_id: u64, conn: &quinn::Connection) -> bool {
         let mut sessions = self.sessions();
         let ours = sessions
             .get(&user_id)
-            .is_some_and(|s| s.session_id == session_id);
+            .is_some_and(|s| s.session_id == session_id && s.conn.stable_id() == conn.stable_id());
         if ours {
             sessions.remove(&user_id);
         }
@@ -130,22 +152,34 @@ impl State {
         }
     }
 
-    /// Starts delivering `delivery` to each recipient with a session here. Returns the
-    /// recipients found and those absent.
-    pub(crate) fn deliver(&self, recipients: &[u64], delivery: Delivery) -> (Vec<u64>, Vec<u64>) {
+    /// Starts delivering `delivery` to each recipient with a session here, with the
+    /// recipient's own sequence number. Returns the recipients found and those absent. A failed
+    /// delivery is not retried here: the entry stays in the inbox and the client pulls it.
+    pub(crate) fn deliver(
+        self: &Arc<Self>,
+        recipients: &[Recipient],
+        delivery: Delivery,
+    ) -> (Vec<u64>, Vec<u64>) {
         let mut delivered = Vec::with_capacity(recipients.len());
         let mut absent = Vec::new();
-        let delivery = Arc::new(delivery);
         let sessions = self.sessions();
-        for &user in recipients {
+        for recipient in recipients {
+            let user = recipient.user_id;
             match sessions.get(&user) {
                 Some(session) => {
                     delivered.push(user);
                     let conn = session.conn.clone();
-                    let delivery = delivery.clone();
+                    let delivery = Delivery {
+                        seq: recipient.seq,
+                        ..delivery.clone()
+                    };
+                    let state = self.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = deliver_one(&conn, &delivery).await {
-                            tracing::debug!(user, msg_id = delivery.msg_id, error = %e, "delivery failed");
+                        match deliver_one(&conn, &delivery).await {
+                            Ok(acked) => state.record_ack(user, acked),
+                            Err(e) => {
+                                tracing::debug!(user, msg_id = delivery.msg_id, error = %e, "delivery failed")
+                            }
                         }
                     });
                 }
@@ -178,13 +212,14 @@ enum DeliveryError {
     Frame(#[from] FrameError),
 }
 
-async fn deliver_one(conn: &quinn::Connection, delivery: &Delivery) -> Result<(), DeliveryError> {
+/// Sends one delivery and returns the sequence number the client acknowledged having.
+async fn deliver_one(conn: &quinn::Connection, delivery: &Delivery) -> Result<u64, DeliveryError> {
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await?;
         write_frame(&mut send, delivery, cim_proto::DEFAULT_MAX_FRAME).await?;
         send.finish()?;
-        let _ack: DeliveryAck = read_required(&mut recv, 1024).await?;
-        Ok::<_, DeliveryError>(())
+        let ack: DeliveryAck = read_required(&mut recv, 1024).await?;
+        Ok::<_, DeliveryError>(ack.seq)
     };
     tokio::time::timeout(DELIVERY_TIMEOUT, exchange)
         .await
@@ -252,7 +287,7 @@ async fn handle_client(conn: quinn::Connection, state: Arc<State>) {
             _ = control_loop(&conn, send, recv, control_rx, &state) => {}
             _ = message_loop(&conn, &auth, &state) => {}
         }
-        if state.remove(auth.user_id, auth.session_id) {
+        if state.remove(auth.user_id, auth.session_id, &conn) {
             let result = state
                 .links
                 .session_closed(auth.user_id, auth.session_id, &state.config.id)
@@ -331,10 +366,18 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
         control: control_tx,
     };
     let previous = state.sessions().insert(claims.user_id, session);
-    if let Some(previous) = previous
-        && previous.session_id != claims.session_id
-    {
-        send_control(&previous, ControlOut::Kick("logged in elsewhere".into()));
+    match previous {
+        Some(previous) if previous.session_id != claims.session_id => {
+            send_control(&previous, ControlOut::Kick("logged in elsewhere".into()));
+        }
+        Some(previous) => {
+            // The same login reconnected (new path, 0-RTT resumption): it replaces its old
+            // connection without being told to go away.
+            previous
+                .conn
+                .close(close::code(close::NORMAL), b"session resumed elsewhere");
+        }
+        None => {}
     }
     let result = ServerControl {
         kind: Some(server_control::Kind::LoginResult(LoginResult {
@@ -347,7 +390,7 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
         })),
     };
     if let Err(e) = write_frame(&mut send, &result, MAX_CONTROL_FRAME).await {
-        state.remove(claims.user_id, claims.session_id);
+        state.remove(claims.user_id, claims.session_id, conn);
         return Err(e.to_string());
     }
     let auth = Authenticated {
@@ -491,7 +534,7 @@ async fn handle_message(
     state: &State,
 ) -> Result<(), MessageError> {
     let max_frame = state.config.max_body_bytes + 256;
-    let message: ChatMessage = match read_required(&mut recv, max_frame).await {
+    let request: ClientRequest = match read_required(&mut recv, max_frame).await {
         Ok(m) => m,
         Err(e @ FrameError::TooLarge { .. }) => {
             let ack = refused(0, "too_large", &e.to_string());
@@ -504,31 +547,63 @@ async fn handle_message(
             return Err(e.into());
         }
     };
-    let ack = match validate(&message, state.config.max_body_bytes) {
-        Err((code, why)) => refused(message.client_msg_id, code, why),
-        Ok(()) => {
-            let client_msg_id = message.client_msg_id;
-            let forward = Forward {
-                from_user,
-                from_name,
-                message: Some(message),
-            };
-            match state.links.forward(forward).await {
-                Ok(ack) => ack,
-                Err(e @ LinkError::NoRouter) | Err(e @ LinkError::Failed(_)) => {
-                    tracing::warn!(error = %e, "forward failed");
-                    refused(
-                        client_msg_id,
-                        "unavailable",
-                        "no router reachable, retry later",
-                    )
-                }
-            }
+    match request.kind {
+        Some(client_request::Kind::Send(message)) => {
+            let ack = send_message(message, from_user, from_name, state).await;
+            write_frame(&mut send, &ack, 1024).await?;
         }
-    };
-    write_frame(&mut send, &ack, 1024).await?;
+        Some(client_request::Kind::Pull(pull)) => {
+            let limit = pull.limit.clamp(1, MAX_PULL);
+            let reply = match state.links.fetch(from_user, pull.after_seq, limit).await {
+                Ok(reply) => reply,
+                Err(e) => PullResult {
+                    code: "unavailable".into(),
+                    message: e.to_string(),
+                    ..Default::default()
+                },
+            };
+            write_frame(&mut send, &reply, MAX_PULL_FRAME).await?;
+        }
+        None => {
+            let _ = send.reset(close::code(close::PROTOCOL));
+            return Ok(());
+        }
+    }
     send.finish()?;
     Ok(())
+}
+
+/// Most inbox entries returned by one pull.
+const MAX_PULL: u32 = 200;
+/// Largest pull reply: `MAX_PULL` bodies of at most 16 KiB plus headers.
+const MAX_PULL_FRAME: usize = 4 * 1024 * 1024;
+
+async fn send_message(
+    message: ChatMessage,
+    from_user: u64,
+    from_name: String,
+    state: &State,
+) -> SendAck {
+    if let Err((code, why)) = validate(&message, state.config.max_body_bytes) {
+        return refused(message.client_msg_id, code, why);
+    }
+    let client_msg_id = message.client_msg_id;
+    let forward = Forward {
+        from_user,
+        from_name,
+        message: Some(message),
+    };
+    match state.links.forward(forward).await {
+        Ok(ack) => ack,
+        Err(e) => {
+            tracing::warn!(error = %e, "forward failed");
+            refused(
+                client_msg_id,
+                "unavailable",
+                "no router reachable, retry later",
+            )
+        }
+    }
 }
 
 fn validate(message: &ChatMessage, max_body: usize) -> Result<(), (&'static str, &'static str)> {

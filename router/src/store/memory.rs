@@ -1,19 +1,27 @@
 //! In-memory [`Store`] for the embedded mode and unit tests. Leases are checked lazily against
 //! a monotonic clock.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{Account, Claim, Route, Store, StoreError};
+use super::{Account, Claim, InboxEntry, InboxLimits, InboxPage, Route, Store, StoreError};
 
 #[derive(Debug)]
 struct Lease {
     route: Route,
     expires: Instant,
+}
+
+#[derive(Default)]
+struct Inbox {
+    last_seq: u64,
+    entries: VecDeque<(u64, InboxEntry)>,
+    /// msg id -> seq of entries appended recently (pruned with the entries).
+    seqs: HashMap<u64, u64>,
 }
 
 #[derive(Default)]
@@ -23,6 +31,9 @@ struct Inner {
     next_id: u64,
     routes: HashMap<u64, Lease>,
     online: BTreeSet<u64>,
+    inboxes: HashMap<u64, Inbox>,
+    /// (sender, client msg id) -> (msg id, expiry).
+    sent: HashMap<(u64, u64), (u64, Instant)>,
 }
 
 impl Inner {
@@ -202,6 +213,89 @@ impl Store for MemoryStore {
         Ok(lost)
     }
 
+    async fn message_id(
+        &self,
+        sender: u64,
+        client_msg_id: u64,
+        new_msg_id: u64,
+        ttl: Duration,
+    ) -> Result<u64, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.inner();
+        if inner.sent.len() > 100_000 {
+            inner.sent.retain(|_, (_, expires)| *expires > now);
+        }
+        let slot = inner
+            .sent
+            .entry((sender, client_msg_id))
+            .or_insert((new_msg_id, now + ttl));
+        if slot.1 <= now {
+            *slot = (new_msg_id, now + ttl);
+        }
+        Ok(slot.0)
+    }
+
+    async fn append_inbox(
+        &self,
+        recipients: &[u64],
+        entry: &InboxEntry,
+        limits: InboxLimits,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut inner = self.inner();
+        Ok(recipients
+            .iter()
+            .map(|user| {
+                let inbox = inner.inboxes.entry(*user).or_default();
+                if let Some(seq) = inbox.seqs.get(&entry.msg_id) {
+                    return *seq;
+                }
+                inbox.last_seq += 1;
+                let seq = inbox.last_seq;
+                inbox.entries.push_back((seq, entry.clone()));
+                inbox.seqs.insert(entry.msg_id, seq);
+                while inbox.entries.len() > limits.max_len {
+                    if let Some((_, old)) = inbox.entries.pop_front() {
+                        inbox.seqs.remove(&old.msg_id);
+                    }
+                }
+                seq
+            })
+            .collect())
+    }
+
+    async fn fetch_inbox(
+        &self,
+        user: u64,
+        after_seq: u64,
+        limit: usize,
+        limits: InboxLimits,
+        now_ms: u64,
+    ) -> Result<InboxPage, StoreError> {
+        let mut inner = self.inner();
+        let Some(inbox) = inner.inboxes.get_mut(&user) else {
+            return Ok(InboxPage::default());
+        };
+        trim(inbox, after_seq);
+        let oldest = now_ms.saturating_sub(limits.ttl.as_millis() as u64);
+        let mut fresh = inbox
+            .entries
+            .iter()
+            .filter(|(seq, e)| *seq > after_seq && e.created_at_ms >= oldest);
+        let entries: Vec<(u64, InboxEntry)> = fresh.by_ref().take(limit).cloned().collect();
+        let more = fresh.next().is_some();
+        Ok(InboxPage { entries, more })
+    }
+
+    async fn trim_inbox(&self, acked: &[(u64, u64)]) -> Result<(), StoreError> {
+        let mut inner = self.inner();
+        for (user, up_to) in acked {
+            if let Some(inbox) = inner.inboxes.get_mut(user) {
+                trim(inbox, *up_to);
+            }
+        }
+        Ok(())
+    }
+
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError> {
         let mut inner = self.inner();
         let users: Vec<u64> = inner
@@ -215,6 +309,16 @@ impl Store for MemoryStore {
             inner.online.remove(user);
         }
         Ok(users)
+    }
+}
+
+/// Drops entries up to `up_to`. Their msg-id records go too: a message is only retried while
+/// its sender waits for the ack, long before the recipient could have acknowledged it.
+fn trim(inbox: &mut Inbox, up_to: u64) {
+    while inbox.entries.front().is_some_and(|(seq, _)| *seq <= up_to) {
+        if let Some((_, old)) = inbox.entries.pop_front() {
+            inbox.seqs.remove(&old.msg_id);
+        }
     }
 }
 
@@ -297,6 +401,103 @@ mod tests {
                 .unwrap(),
             Claim::Won { previous: None }
         );
+    }
+
+    fn entry(msg_id: u64, at: u64) -> InboxEntry {
+        InboxEntry {
+            msg_id,
+            from_user: 9,
+            from_name: "bob".into(),
+            group: String::new(),
+            body: format!("m{msg_id}"),
+            created_at_ms: at,
+        }
+    }
+
+    #[tokio::test]
+    async fn inbox_sequences_are_per_user_gapless_and_idempotent() {
+        let store = MemoryStore::new();
+        let limits = InboxLimits::default();
+        assert_eq!(
+            store
+                .append_inbox(&[1, 2], &entry(100, 5), limits)
+                .await
+                .unwrap(),
+            vec![1, 1]
+        );
+        assert_eq!(
+            store
+                .append_inbox(&[1], &entry(101, 5), limits)
+                .await
+                .unwrap(),
+            vec![2]
+        );
+        // The same message again keeps its sequence numbers.
+        assert_eq!(
+            store
+                .append_inbox(&[1, 2], &entry(100, 5), limits)
+                .await
+                .unwrap(),
+            vec![1, 1]
+        );
+        assert_eq!(
+            store
+                .append_inbox(&[2], &entry(102, 5), limits)
+                .await
+                .unwrap(),
+            vec![2]
+        );
+
+        let page = store.fetch_inbox(1, 0, 10, limits, 10).await.unwrap();
+        let seqs: Vec<u64> = page.entries.iter().map(|(s, _)| *s).collect();
+        assert_eq!((seqs, page.more), (vec![1, 2], false));
+        let page = store.fetch_inbox(1, 0, 1, limits, 10).await.unwrap();
+        assert!(page.more);
+        // Fetching after 1 trims entry 1 for good.
+        store.fetch_inbox(1, 1, 10, limits, 10).await.unwrap();
+        assert_eq!(
+            store
+                .fetch_inbox(1, 0, 10, limits, 10)
+                .await
+                .unwrap()
+                .entries
+                .len(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn inboxes_are_capped_in_length_and_age_and_trimmed_on_ack() {
+        let store = MemoryStore::new();
+        let limits = InboxLimits {
+            max_len: 3,
+            ttl: Duration::from_millis(100),
+        };
+        for id in 0..5 {
+            store
+                .append_inbox(&[1], &entry(id, 1000 + id * 30), limits)
+                .await
+                .unwrap();
+        }
+        let page = store.fetch_inbox(1, 0, 10, limits, 1170).await.unwrap();
+        let seqs: Vec<u64> = page.entries.iter().map(|(s, _)| *s).collect();
+        // Length cap keeps 3..=5; the age cap drops 3 (created at 1060, older than 1170-100).
+        assert_eq!(seqs, vec![4, 5]);
+        store.trim_inbox(&[(1, 4)]).await.unwrap();
+        let page = store.fetch_inbox(1, 0, 10, limits, 1170).await.unwrap();
+        assert_eq!(
+            page.entries.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![5]
+        );
+    }
+
+    #[tokio::test]
+    async fn message_ids_are_stable_per_client_message() {
+        let store = MemoryStore::new();
+        let ttl = Duration::from_secs(60);
+        assert_eq!(store.message_id(1, 7, 100, ttl).await.unwrap(), 100);
+        assert_eq!(store.message_id(1, 7, 200, ttl).await.unwrap(), 100);
+        assert_eq!(store.message_id(2, 7, 300, ttl).await.unwrap(), 300);
     }
 
     #[tokio::test]

@@ -1,5 +1,5 @@
 //! The router's state behind one trait: accounts, routes (user -> server session) with leases,
-//! and the online set. The in-memory store serves the embedded mode and unit tests; the Redis
+//! the online set, and per-user inboxes (sequence-numbered, capped in length and age). The in-memory store serves the embedded mode and unit tests; the Redis
 //! store serves clusters.
 
 use std::time::Duration;
@@ -33,6 +33,92 @@ pub struct Route {
     /// Whether the server has confirmed the session is open (until then it is a pending
     /// claim from an HTTP login).
     pub confirmed: bool,
+}
+
+/// A message stored in a recipient's inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxEntry {
+    /// cim's message id.
+    pub msg_id: u64,
+    /// Sender id.
+    pub from_user: u64,
+    /// Sender name.
+    pub from_name: String,
+    /// Group name, empty for a private message.
+    pub group: String,
+    /// Text.
+    pub body: String,
+    /// Acceptance time, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+}
+
+impl InboxEntry {
+    /// Compact binary form: three big-endian u64 then three u32-length-prefixed strings.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(36 + self.from_name.len() + self.group.len() + self.body.len());
+        for n in [self.msg_id, self.from_user, self.created_at_ms] {
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        for s in [&self.from_name, &self.group, &self.body] {
+            out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        out
+    }
+
+    /// Parses [`InboxEntry::encode`]'s output.
+    pub fn decode(mut bytes: &[u8]) -> Option<Self> {
+        fn u64_of(b: &mut &[u8]) -> Option<u64> {
+            let (head, rest) = b.split_at_checked(8)?;
+            *b = rest;
+            Some(u64::from_be_bytes(head.try_into().ok()?))
+        }
+        fn string_of(b: &mut &[u8]) -> Option<String> {
+            let (len, rest) = b.split_at_checked(4)?;
+            let len = u32::from_be_bytes(len.try_into().ok()?) as usize;
+            let (s, rest) = rest.split_at_checked(len)?;
+            *b = rest;
+            String::from_utf8(s.to_vec()).ok()
+        }
+        let b = &mut bytes;
+        let entry = InboxEntry {
+            msg_id: u64_of(b)?,
+            from_user: u64_of(b)?,
+            created_at_ms: u64_of(b)?,
+            from_name: string_of(b)?,
+            group: string_of(b)?,
+            body: string_of(b)?,
+        };
+        b.is_empty().then_some(entry)
+    }
+}
+
+/// Caps on each inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxLimits {
+    /// Most entries kept per user; older ones are dropped first.
+    pub max_len: usize,
+    /// Entries older than this are dropped.
+    pub ttl: Duration,
+}
+
+impl Default for InboxLimits {
+    fn default() -> Self {
+        Self {
+            max_len: 1000,
+            ttl: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// A page of inbox entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InboxPage {
+    /// `(seq, entry)`, oldest first.
+    pub entries: Vec<(u64, InboxEntry)>,
+    /// Whether entries beyond this page exist.
+    pub more: bool,
 }
 
 /// Outcome of [`Store::claim_route`].
@@ -109,4 +195,56 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<u64>, StoreError>;
     /// Removes every route on `server_id` (the server is gone). Returns the users affected.
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError>;
+
+    /// The message id of `sender`'s message `client_msg_id`: the one recorded by an earlier
+    /// attempt, or else `new_msg_id`, which is recorded for `ttl`. Makes sends idempotent.
+    async fn message_id(
+        &self,
+        sender: u64,
+        client_msg_id: u64,
+        new_msg_id: u64,
+        ttl: Duration,
+    ) -> Result<u64, StoreError>;
+    /// Appends `entry` to each recipient's inbox with that recipient's next sequence number,
+    /// once per message id: appending the same message again returns the sequence number it
+    /// already has. Returns the sequence numbers in `recipients` order.
+    async fn append_inbox(
+        &self,
+        recipients: &[u64],
+        entry: &InboxEntry,
+        limits: InboxLimits,
+    ) -> Result<Vec<u64>, StoreError>;
+    /// Up to `limit` entries of `user` after `after_seq`, oldest first, skipping entries older
+    /// than the limits allow. Entries up to `after_seq` are trimmed (the client has them).
+    async fn fetch_inbox(
+        &self,
+        user: u64,
+        after_seq: u64,
+        limit: usize,
+        limits: InboxLimits,
+        now_ms: u64,
+    ) -> Result<InboxPage, StoreError>;
+    /// Trims each `(user, up_to)` inbox of entries up to `up_to` (acknowledged by the client).
+    async fn trim_inbox(&self, acked: &[(u64, u64)]) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn inbox_entries_round_trip(msg_id in any::<u64>(), from in any::<u64>(), at in any::<u64>(),
+                                    name in ".{0,20}", group in ".{0,20}", body in ".{0,200}") {
+            let entry = InboxEntry { msg_id, from_user: from, from_name: name, group, body, created_at_ms: at };
+            prop_assert_eq!(InboxEntry::decode(&entry.encode()), Some(entry));
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
+            let _ = InboxEntry::decode(&bytes);
+        }
+    }
 }

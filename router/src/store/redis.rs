@@ -13,6 +13,10 @@
 //! | `cim:{u<id>}:route` | string, PX lease | `<session_id>\|<confirmed 0/1>\|<server_id>` |
 //! | `cim:online` | set | ids of users with a confirmed route (filtered against routes on read) |
 //! | `cim:server:{<server_id>}:users` | set | ids routed to that server (for cleanup and lease renewal) |
+//! | `cim:{u<id>}:seq` | string | last inbox sequence number of the user (INCR, never reset) |
+//! | `cim:{u<id>}:inbox` | sorted set, PX ttl | score seq, member `<seq>:<entry bytes>` ([`InboxEntry::encode`]) |
+//! | `cim:{u<id>}:m:<msg_id>` | string, PX dedup window | seq the message got in this inbox (idempotent append) |
+//! | `cim:{u<id>}:sent:<client_msg_id>` | string, PX dedup window | msg id given to the sender's message |
 //!
 //! No `KEYS` anywhere; every multi-step change that must be atomic is a single-key Lua script.
 
@@ -22,7 +26,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::{Account, Claim, Route, Store, StoreError};
+use super::{Account, Claim, InboxEntry, InboxLimits, InboxPage, Route, Store, StoreError};
 
 const NEXT_USER_ID: &str = "cim:next_user_id";
 const ONLINE: &str = "cim:online";
@@ -38,6 +42,49 @@ fn route_key(user: u64) -> String {
 }
 fn server_users_key(server_id: &str) -> String {
     format!("cim:server:{{{server_id}}}:users")
+}
+fn seq_key(user: u64) -> String {
+    format!("cim:{{u{user}}}:seq")
+}
+fn inbox_key(user: u64) -> String {
+    format!("cim:{{u{user}}}:inbox")
+}
+fn appended_key(user: u64, msg_id: u64) -> String {
+    format!("cim:{{u{user}}}:m:{msg_id}")
+}
+fn sent_key(sender: u64, client_msg_id: u64) -> String {
+    format!("cim:{{u{sender}}}:sent:{client_msg_id}")
+}
+
+/// How long the record of an appended message is kept, for idempotent retries.
+const APPEND_DEDUP: Duration = Duration::from_secs(600);
+
+/// Appends an entry once per message id. KEYS: seq, inbox, appended-marker. ARGV: entry bytes,
+/// max length, inbox ttl ms, dedup ms. Returns the entry's seq.
+const APPEND: &str = r"
+local seen = redis.call('GET', KEYS[3])
+if seen then return tonumber(seen) end
+local seq = redis.call('INCR', KEYS[1])
+redis.call('ZADD', KEYS[2], seq, seq .. ':' .. ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[2]) + 1))
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[3], seq, 'PX', ARGV[4])
+return seq
+";
+
+/// Returns the recorded msg id, or records ARGV[1] for ARGV[2] ms and returns it.
+const MESSAGE_ID: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur then return cur end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return ARGV[1]
+";
+
+/// Splits a `<seq>:<entry>` inbox member.
+fn decode_member(member: &[u8]) -> Option<(u64, InboxEntry)> {
+    let colon = member.iter().position(|b| *b == b':')?;
+    let seq = std::str::from_utf8(&member[..colon]).ok()?.parse().ok()?;
+    Some((seq, InboxEntry::decode(&member[colon + 1..])?))
 }
 
 fn encode_route(route: &Route) -> String {
@@ -84,7 +131,7 @@ return 1
 ";
 
 /// Sets a confirmed route (with a fresh lease) unless another session holds the user.
-/// Returns 1 if set.
+/// KEYS: route. ARGV: session id, route value, lease ms. Returns 1 if set.
 const RESTORE: &str = r"
 local cur = redis.call('GET', KEYS[1])
 if cur and string.match(cur, '^(%d+)|') ~= ARGV[1] then return 0 end
@@ -117,6 +164,9 @@ pub struct RedisStore {
     confirm: Script,
     release: Script,
     remove_if_server: Script,
+    restore: Script,
+    append: Script,
+    message_id: Script,
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
@@ -142,11 +192,49 @@ impl RedisStore {
             confirm: Script::new(CONFIRM),
             release: Script::new(RELEASE),
             remove_if_server: Script::new(REMOVE_IF_SERVER),
+            restore: Script::new(RESTORE),
+            append: Script::new(APPEND),
+            message_id: Script::new(MESSAGE_ID),
         })
     }
 
     fn conn(&self) -> ConnectionManager {
         self.conn.clone()
+    }
+
+    /// Runs a pipeline of EVALSHA calls of `script` (one per `(keys, args)`), loading the
+    /// script and retrying once if Redis lost its script cache (e.g. after a restart).
+    async fn eval_pipelined<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        calls: &[(Vec<String>, Vec<Vec<u8>>)],
+    ) -> Result<Vec<T>, StoreError> {
+        let mut conn = self.conn();
+        let build = || {
+            let mut pipe = redis::pipe();
+            for (keys, args) in calls {
+                let cmd = pipe.cmd("EVALSHA").arg(script.get_hash()).arg(keys.len());
+                for k in keys {
+                    cmd.arg(k);
+                }
+                for a in args {
+                    cmd.arg(a.as_slice());
+                }
+            }
+            pipe
+        };
+        match build().query_async(&mut conn).await {
+            Ok(v) => Ok(v),
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                script
+                    .prepare_invoke()
+                    .load_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                build().query_async(&mut conn).await.map_err(unavailable)
+            }
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     /// Drops `user` from the online set, then re-adds it if a confirmed route appeared in the
@@ -365,25 +453,24 @@ impl Store for RedisStore {
         if sessions.is_empty() {
             return Ok(Vec::new());
         }
+        let calls: Vec<(Vec<String>, Vec<Vec<u8>>)> = sessions
+            .iter()
+            .map(|&(user, session_id)| {
+                let route = Route {
+                    server_id: server_id.to_string(),
+                    session_id,
+                    confirmed: true,
+                };
+                let args = vec![
+                    session_id.to_string().into_bytes(),
+                    encode_route(&route).into_bytes(),
+                    (lease.as_millis() as u64).to_string().into_bytes(),
+                ];
+                (vec![route_key(user)], args)
+            })
+            .collect();
+        let results: Vec<i64> = self.eval_pipelined(&self.restore, &calls).await?;
         let mut conn = self.conn();
-        let mut pipe = redis::pipe();
-        for &(user, session_id) in sessions {
-            let route = Route {
-                server_id: server_id.to_string(),
-                session_id,
-                confirmed: true,
-            };
-            // EVAL, not EVALSHA: a pipeline cannot recover from NOSCRIPT (empty script
-            // cache after a Redis restart).
-            pipe.cmd("EVAL")
-                .arg(RESTORE)
-                .arg(1)
-                .arg(route_key(user))
-                .arg(session_id)
-                .arg(encode_route(&route))
-                .arg(lease.as_millis() as u64);
-        }
-        let results: Vec<i64> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
         let mut lost = Vec::new();
         let mut kept = Vec::new();
         for (&(user, _), ok) in sessions.iter().zip(results) {
@@ -404,6 +491,105 @@ impl Store for RedisStore {
                 .map_err(unavailable)?;
         }
         Ok(lost)
+    }
+
+    async fn message_id(
+        &self,
+        sender: u64,
+        client_msg_id: u64,
+        new_msg_id: u64,
+        ttl: Duration,
+    ) -> Result<u64, StoreError> {
+        let id: u64 = self
+            .message_id
+            .key(sent_key(sender, client_msg_id))
+            .arg(new_msg_id)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(id)
+    }
+
+    async fn append_inbox(
+        &self,
+        recipients: &[u64],
+        entry: &InboxEntry,
+        limits: InboxLimits,
+    ) -> Result<Vec<u64>, StoreError> {
+        if recipients.is_empty() {
+            return Ok(Vec::new());
+        }
+        let bytes = entry.encode();
+        let max_len = limits.max_len.max(1).to_string().into_bytes();
+        let ttl = (limits.ttl.as_millis() as u64).to_string().into_bytes();
+        let dedup = (APPEND_DEDUP.as_millis() as u64).to_string().into_bytes();
+        let calls: Vec<(Vec<String>, Vec<Vec<u8>>)> = recipients
+            .iter()
+            .map(|&user| {
+                let keys = vec![
+                    seq_key(user),
+                    inbox_key(user),
+                    appended_key(user, entry.msg_id),
+                ];
+                (
+                    keys,
+                    vec![bytes.clone(), max_len.clone(), ttl.clone(), dedup.clone()],
+                )
+            })
+            .collect();
+        self.eval_pipelined(&self.append, &calls).await
+    }
+
+    async fn fetch_inbox(
+        &self,
+        user: u64,
+        after_seq: u64,
+        limit: usize,
+        limits: InboxLimits,
+        now_ms: u64,
+    ) -> Result<InboxPage, StoreError> {
+        let key = inbox_key(user);
+        let (_, members): ((), Vec<Vec<u8>>) = redis::pipe()
+            .zrembyscore(&key, "-inf", after_seq)
+            .cmd("ZRANGEBYSCORE")
+            .arg(&key)
+            .arg(format!("({after_seq}"))
+            .arg("+inf")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit + 1)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let more = members.len() > limit;
+        let oldest = now_ms.saturating_sub(limits.ttl.as_millis() as u64);
+        let mut entries = Vec::with_capacity(members.len().min(limit));
+        for member in members.iter().take(limit) {
+            match decode_member(member) {
+                Some((seq, entry)) if entry.created_at_ms >= oldest => entries.push((seq, entry)),
+                Some(_) => {}
+                None => {
+                    return Err(StoreError::Corrupt(format!("inbox entry of user {user}")));
+                }
+            }
+        }
+        Ok(InboxPage { entries, more })
+    }
+
+    async fn trim_inbox(&self, acked: &[(u64, u64)]) -> Result<(), StoreError> {
+        if acked.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (user, up_to) in acked {
+            pipe.zrembyscore(inbox_key(*user), "-inf", *up_to).ignore();
+        }
+        let _: () = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError> {
