@@ -3,6 +3,7 @@
 //! sleeps as synchronisation).
 
 pub mod cluster;
+pub mod relay;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -11,6 +12,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use cim_client::{Client, ClientConfig, Event, Events, LoginOptions};
 use cim_router::embedded::{self, Embedded, EmbeddedConfig};
+use cim_router::store::{MemoryStore, RedisStore, Store};
+use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +39,8 @@ pub struct TestCluster {
     pub shutdown: CancellationToken,
     /// Certificates live here.
     pub dir: tempfile::TempDir,
+    /// The Redis behind the store, for [`Backend::Redis`].
+    pub redis: Option<cluster::RedisProc>,
 }
 
 impl Drop for TestCluster {
@@ -44,10 +49,32 @@ impl Drop for TestCluster {
     }
 }
 
+/// Which store an in-process cluster runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The in-memory store of the embedded mode.
+    Memory,
+    /// A real Redis started for the test.
+    Redis,
+}
+
 impl TestCluster {
-    /// Starts a router and `servers` servers with fast heartbeats.
+    /// Starts a router and `servers` servers with fast heartbeats on the memory store.
     pub async fn start(servers: usize) -> anyhow::Result<Self> {
+        Self::start_on(servers, Backend::Memory).await
+    }
+
+    /// Starts a router and `servers` servers with fast heartbeats on `backend`.
+    pub async fn start_on(servers: usize, backend: Backend) -> anyhow::Result<Self> {
         init_logs();
+        let (store, redis): (Arc<dyn Store>, _) = match backend {
+            Backend::Memory => (Arc::new(MemoryStore::new()), None),
+            Backend::Redis => {
+                let redis = cluster::RedisProc::start().await?;
+                let store = RedisStore::connect(&redis.url()).await?;
+                (Arc::new(store), Some(redis))
+            }
+        };
         let dir = tempfile::tempdir()?;
         let shutdown = CancellationToken::new();
         let config = EmbeddedConfig {
@@ -59,11 +86,12 @@ impl TestCluster {
             heartbeat_interval: Duration::from_millis(300),
             heartbeat_timeout: Duration::from_secs(2),
         };
-        let embedded = embedded::start(config, shutdown.clone()).await?;
+        let embedded = embedded::start_with_store(config, store, shutdown.clone()).await?;
         let cluster = Self {
             embedded,
             shutdown,
             dir,
+            redis,
         };
         cluster.wait_ready().await?;
         Ok(cluster)

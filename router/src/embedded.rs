@@ -44,8 +44,8 @@ pub struct Embedded {
     pub servers: Vec<(String, SocketAddr)>,
     /// Whether the certificates were created by this start.
     pub certs_created: bool,
-    /// The store (for inspection in tests).
-    pub store: Arc<MemoryStore>,
+    /// The store the router uses.
+    pub store: Arc<dyn Store>,
     tasks: JoinSet<()>,
 }
 
@@ -56,9 +56,19 @@ impl Embedded {
     }
 }
 
-/// Starts a router and `config.servers` servers; they run until `shutdown` is cancelled.
+/// Starts a router and `config.servers` servers on an in-memory store; they run until
+/// `shutdown` is cancelled.
 pub async fn start(
     config: EmbeddedConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Embedded> {
+    start_with_store(config, Arc::new(MemoryStore::new()), shutdown).await
+}
+
+/// [`start`] on a given store (tests run the same cluster on Redis).
+pub async fn start_with_store(
+    config: EmbeddedConfig,
+    store: Arc<dyn Store>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Embedded> {
     use anyhow::Context;
@@ -67,7 +77,6 @@ pub async fn start(
     let secret = std::fs::read_to_string(certs.token_secret())
         .with_context(|| format!("reading {}", certs.token_secret().display()))?;
     let token_key = TokenKey::from_hex(&secret).context("token secret")?;
-    let store = Arc::new(MemoryStore::new());
     let discovery: Arc<dyn Discovery> = Arc::new(MemoryDiscovery::new());
     let mut tasks = JoinSet::new();
 
@@ -108,7 +117,7 @@ pub async fn start(
         .await
         .context("starting router")?;
     let router_url = format!("https://{}", router.http_addr());
-    let router_store: Arc<dyn Store> = store.clone();
+    let router_store = store.clone();
     tasks.spawn(async move {
         if let Err(e) = router.run(router_store, discovery, shutdown).await {
             tracing::error!(error = %e, "router failed");

@@ -272,6 +272,9 @@ impl Service {
         self.store
             .release_route(claims.user_id, claims.session_id)
             .await?;
+        self.store
+            .revoke_session(claims.user_id, claims.session_id, self.config.token_ttl)
+            .await?;
         tracing::info!(user = claims.user_id, "logout");
         Ok(())
     }
@@ -302,10 +305,26 @@ impl Service {
         session_id: u64,
         server_id: &str,
     ) -> Result<bool, ServiceError> {
-        Ok(self
+        let lease = self.config.route_lease;
+        if self
             .store
-            .confirm_route(user_id, session_id, server_id, self.config.route_lease)
-            .await?)
+            .confirm_route(user_id, session_id, server_id, lease)
+            .await?
+        {
+            return Ok(true);
+        }
+        // A session resuming after its route lapsed or was released (its old connection
+        // timed out first) gets the route back, unless another login holds the user or the
+        // session was logged out.
+        let route = self.store.routes(&[user_id]).await?.pop().flatten();
+        if route.is_some() || self.store.is_revoked(user_id, session_id).await? {
+            return Ok(false);
+        }
+        let lost = self
+            .store
+            .renew_routes(server_id, &[(user_id, session_id)], lease)
+            .await?;
+        Ok(lost.is_empty())
     }
 
     /// A server lists its open sessions: renew their routes. Returns users whose route now

@@ -34,6 +34,8 @@ struct Inner {
     inboxes: HashMap<u64, Inbox>,
     /// (sender, client msg id) -> (msg id, expiry).
     sent: HashMap<(u64, u64), (u64, Instant)>,
+    /// (user, session) -> expiry of logouts.
+    revoked: HashMap<(u64, u64), Instant>,
 }
 
 impl Inner {
@@ -145,6 +147,28 @@ impl Store for MemoryStore {
         held.expires = now + lease;
         inner.online.insert(user);
         Ok(true)
+    }
+
+    async fn revoke_session(
+        &self,
+        user: u64,
+        session_id: u64,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut inner = self.inner();
+        inner.revoked.retain(|_, expires| *expires > now);
+        inner.revoked.insert((user, session_id), now + ttl);
+        Ok(())
+    }
+
+    async fn is_revoked(&self, user: u64, session_id: u64) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        Ok(self
+            .inner()
+            .revoked
+            .get(&(user, session_id))
+            .is_some_and(|expires| *expires > now))
     }
 
     async fn release_route(&self, user: u64, session_id: u64) -> Result<bool, StoreError> {

@@ -177,6 +177,16 @@ pub trait Store: Send + Sync + 'static {
         server_id: &str,
         lease: Duration,
     ) -> Result<bool, StoreError>;
+    /// Marks a login as ended by logout for `ttl` (the rest of its token's life), so its token
+    /// cannot bring the session back.
+    async fn revoke_session(
+        &self,
+        user: u64,
+        session_id: u64,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+    /// Whether [`Store::revoke_session`] marked this login.
+    async fn is_revoked(&self, user: u64, session_id: u64) -> Result<bool, StoreError>;
     /// Removes the route and online entry if they still belong to `session_id`.
     async fn release_route(&self, user: u64, session_id: u64) -> Result<bool, StoreError>;
     /// Current routes of `users`, in the same order.

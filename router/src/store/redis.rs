@@ -17,6 +17,7 @@
 //! | `cim:{u<id>}:inbox` | sorted set, PX ttl | score seq, member `<seq>:<entry bytes>` ([`InboxEntry::encode`]) |
 //! | `cim:{u<id>}:m:<msg_id>` | string, PX dedup window | seq the message got in this inbox (idempotent append) |
 //! | `cim:{u<id>}:sent:<client_msg_id>` | string, PX dedup window | msg id given to the sender's message |
+//! | `cim:{u<id>}:revoked:<session_id>` | string, PX token lifetime | the login ended by logout |
 //!
 //! No `KEYS` anywhere; every multi-step change that must be atomic is a single-key Lua script.
 
@@ -51,6 +52,9 @@ fn inbox_key(user: u64) -> String {
 }
 fn appended_key(user: u64, msg_id: u64) -> String {
     format!("cim:{{u{user}}}:m:{msg_id}")
+}
+fn revoked_key(user: u64, session_id: u64) -> String {
+    format!("cim:{{u{user}}}:revoked:{session_id}")
 }
 fn sent_key(sender: u64, client_msg_id: u64) -> String {
     format!("cim:{{u{sender}}}:sent:{client_msg_id}")
@@ -382,6 +386,27 @@ impl Store for RedisStore {
                 .map_err(unavailable)?;
         }
         Ok(ok == 1)
+    }
+
+    async fn revoke_session(
+        &self,
+        user: u64,
+        session_id: u64,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let _: () = self
+            .conn()
+            .pset_ex(revoked_key(user, session_id), 1, ttl.as_millis() as u64)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn is_revoked(&self, user: u64, session_id: u64) -> Result<bool, StoreError> {
+        self.conn()
+            .exists(revoked_key(user, session_id))
+            .await
+            .map_err(unavailable)
     }
 
     async fn release_route(&self, user: u64, session_id: u64) -> Result<bool, StoreError> {
