@@ -194,25 +194,27 @@ async fn run(front: Arc<UdpSocket>, upstream: SocketAddr, shared: Arc<Shared>) {
         let Ok((len, client)) = front.recv_from(&mut buf).await else {
             break;
         };
-        if !upstreams.contains_key(&client) {
-            let Ok(socket) = UdpSocket::bind("127.0.0.1:0").await else {
-                continue;
-            };
-            if socket.connect(upstream).await.is_err() {
-                continue;
+        let socket = match upstreams.get(&client) {
+            Some((socket, _)) => socket.clone(),
+            None => {
+                let Ok(socket) = UdpSocket::bind("127.0.0.1:0").await else {
+                    continue;
+                };
+                if socket.connect(upstream).await.is_err() {
+                    continue;
+                }
+                let socket = Arc::new(socket);
+                let back = tokio::spawn(backward(
+                    socket.clone(),
+                    front.clone(),
+                    client,
+                    shared.clone(),
+                ));
+                upstreams.insert(client, (socket.clone(), back));
+                socket
             }
-            let socket = Arc::new(socket);
-            let back = tokio::spawn(backward(
-                socket.clone(),
-                front.clone(),
-                client,
-                shared.clone(),
-            ));
-            upstreams.insert(client, (socket, back));
-        }
-        if let Some((socket, _)) = upstreams.get(&client) {
-            forward(socket.clone(), None, buf[..len].to_vec(), shared.plan());
-        }
+        };
+        forward(socket, None, buf[..len].to_vec(), shared.plan());
     }
     for (_, (_, task)) in upstreams {
         task.abort();
