@@ -162,6 +162,10 @@ pub struct ClientConfig {
     pub send_timeout: Duration,
     /// Reconnect backoff: first ceiling and cap.
     pub backoff: (Duration, Duration),
+    /// A QUIC endpoint (from [`endpoint`]) to share between many clients, as a load
+    /// generator does; `None` gives each client its own socket. Rebinding a shared endpoint
+    /// moves every client on it.
+    pub endpoint: Option<quinn::Endpoint>,
 }
 
 impl ClientConfig {
@@ -176,6 +180,7 @@ impl ClientConfig {
             reconnect: true,
             send_timeout: Duration::from_secs(30),
             backoff: (Duration::from_millis(100), Duration::from_secs(10)),
+            endpoint: None,
         }
     }
 }
@@ -320,6 +325,20 @@ pub struct Stats {
     pub send_retries: u64,
 }
 
+/// A QUIC endpoint bound to `config.bind_addr` that trusts `config.ca_pem` and keeps TLS
+/// sessions for 0-RTT resumption.
+pub fn endpoint(config: &ClientConfig) -> Result<quinn::Endpoint, ClientError> {
+    let roots =
+        tls::roots_from_pem(&config.ca_pem).map_err(|e| ClientError::Config(e.to_string()))?;
+    let mut tls = tls::client_config(roots, &[ALPN_CLIENT], None)
+        .map_err(|e| ClientError::Config(e.to_string()))?;
+    tls.enable_early_data = true;
+    let quic = transport::client_config(tls, Link::Client)
+        .map_err(|e| ClientError::Config(e.to_string()))?;
+    transport::client_endpoint(config.bind_addr, quic)
+        .map_err(|e| ClientError::Connection(e.to_string()))
+}
+
 /// Creates an account through the router. Returns the new user id.
 pub async fn register(
     config: &ClientConfig,
@@ -434,15 +453,10 @@ impl Client {
     ) -> Result<(Client, Events), ClientError> {
         let api = RouterApi::new(config)?;
         let grant = api.login(name, password, options.takeover).await?;
-        let roots =
-            tls::roots_from_pem(&config.ca_pem).map_err(|e| ClientError::Config(e.to_string()))?;
-        let mut tls = tls::client_config(roots, &[ALPN_CLIENT], None)
-            .map_err(|e| ClientError::Config(e.to_string()))?;
-        tls.enable_early_data = true;
-        let quic = transport::client_config(tls, Link::Client)
-            .map_err(|e| ClientError::Config(e.to_string()))?;
-        let endpoint = transport::client_endpoint(config.bind_addr, quic)
-            .map_err(|e| ClientError::Connection(e.to_string()))?;
+        let endpoint = match &config.endpoint {
+            Some(shared) => shared.clone(),
+            None => endpoint(config)?,
+        };
 
         let (events_tx, events_rx) = mpsc::channel(1024);
         let shared = Arc::new(Shared {
@@ -465,8 +479,15 @@ impl Client {
         });
         let target = shared.target(grant.server_addr);
         let name_for_tls = transport::server_name(&grant.server_addr);
-        let (connected, _) =
-            connect(&shared.endpoint, target, &name_for_tls, &grant.token, 0).await?;
+        let (connected, _) = connect(
+            &shared.endpoint,
+            target,
+            &name_for_tls,
+            &grant.token,
+            0,
+            false,
+        )
+        .await?;
         tokio::spawn(supervise(shared.clone(), connected));
         tokio::spawn(fill_gaps(shared.clone()));
         Ok((Client { shared }, Events { rx: events_rx }))
@@ -589,11 +610,15 @@ impl Client {
     /// session as closed). No reconnect follows.
     pub async fn close(self) {
         self.shared.stop.cancel();
-        if let Some(conn) = self.shared.conn.borrow().clone() {
+        let conn = self.shared.conn.borrow().clone();
+        if let Some(conn) = conn {
             conn.close(close::code(close::NORMAL), b"bye");
         }
-        let _ =
-            tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+        if self.shared.config.endpoint.is_none() {
+            // Our own socket: let the close reach the server before it goes away.
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle())
+                .await;
+        }
     }
 }
 
@@ -624,25 +649,33 @@ struct Connected {
     heartbeat: Duration,
 }
 
-/// Connects and logs in on the control stream, trying 0-RTT when a resumption ticket is
-/// cached. Returns whether 0-RTT was used.
+/// Connects and logs in on the control stream. With `resume` (reconnecting to the server we
+/// were on), tries 0-RTT when a resumption ticket is cached. Returns whether 0-RTT was used.
 async fn connect(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     server_name: &str,
     token: &str,
     last_seen_seq: u64,
+    resume: bool,
 ) -> Result<(Connected, bool), ClientError> {
     let attempt = async {
         let connecting = endpoint
             .connect(addr, server_name)
             .map_err(|e| ClientError::Connection(e.to_string()))?;
-        match connecting.into_0rtt() {
+        let early = if resume {
+            connecting.into_0rtt()
+        } else {
+            Err(connecting)
+        };
+        match early {
             Ok((conn, accepted)) => {
                 // The login rides in 0-RTT; it is idempotent (the same token, the same session).
                 let early = login_exchange(&conn, token, last_seen_seq).await;
-                if accepted.await {
-                    return early.map(|c| (c, true));
+                if accepted.await
+                    && let Ok(connected) = early
+                {
+                    return Ok((connected, true));
                 }
                 login_exchange(&conn, token, last_seen_seq)
                     .await
@@ -762,6 +795,7 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
                 &transport::server_name(&addr),
                 &token,
                 last_seq,
+                true,
             )
             .await;
             match result {
@@ -824,6 +858,7 @@ async fn relogin_once(
         &transport::server_name(&grant.server_addr),
         &grant.token,
         last_seq,
+        false,
     )
     .await?;
     *shared.current() = Current {

@@ -3,6 +3,7 @@
 //! trait with its in-process implementation.
 
 pub mod discovery;
+pub mod limit;
 pub mod logging;
 pub mod tls;
 pub mod token;

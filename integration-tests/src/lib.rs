@@ -3,7 +3,7 @@
 //! sleeps as synchronisation).
 
 pub mod cluster;
-pub mod relay;
+pub use cim_bench::relay;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -85,6 +85,7 @@ impl TestCluster {
             strategy: cim_router::Strategy::RoundRobin,
             heartbeat_interval: Duration::from_millis(300),
             heartbeat_timeout: Duration::from_secs(2),
+            password_cost: cim_router::password::Cost::default(),
         };
         let embedded = embedded::start_with_store(config, store, shutdown.clone()).await?;
         let cluster = Self {

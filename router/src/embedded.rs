@@ -32,6 +32,8 @@ pub struct EmbeddedConfig {
     pub heartbeat_interval: Duration,
     /// Dead-peer timeout on servers.
     pub heartbeat_timeout: Duration,
+    /// Argon2id cost of new password hashes.
+    pub password_cost: crate::password::Cost,
 }
 
 /// A running embedded cluster.
@@ -113,6 +115,7 @@ pub async fn start_with_store(
         token_key,
     );
     router_config.strategy = config.strategy;
+    router_config.password_cost = config.password_cost;
     let router = Router::bind(router_config)
         .await
         .context("starting router")?;

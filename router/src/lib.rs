@@ -58,6 +58,8 @@ pub struct RouterConfig {
     pub inbox: store::InboxLimits,
     /// How long a sender's client message id is remembered, so a retry is stored once.
     pub dedup_window: Duration,
+    /// Argon2id cost of new password hashes.
+    pub password_cost: password::Cost,
 }
 
 impl RouterConfig {
@@ -84,6 +86,7 @@ impl RouterConfig {
             max_body_bytes: 16 * 1024,
             inbox: store::InboxLimits::default(),
             dedup_window: Duration::from_secs(600),
+            password_cost: password::Cost::default(),
         }
     }
 }

@@ -62,6 +62,12 @@ struct Args {
     /// Dead-peer timeout of embedded servers in milliseconds (must exceed the heartbeat interval).
     #[arg(long, env = "CIM_HEARTBEAT_TIMEOUT_MS", default_value_t = 15000, value_parser = clap::value_parser!(u64).range(200..=3_600_000))]
     heartbeat_timeout_ms: u64,
+    /// Argon2id memory cost of new password hashes, in KiB (OWASP minimum: 19456).
+    #[arg(long, env = "CIM_ARGON2_MEMORY_KIB", default_value_t = 19_456, value_parser = clap::value_parser!(u32).range(8..=4_194_304))]
+    argon2_memory_kib: u32,
+    /// Argon2id iterations of new password hashes.
+    #[arg(long, env = "CIM_ARGON2_ITERATIONS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    argon2_iterations: u32,
     /// Log format: text or json.
     #[arg(long, env = "CIM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -77,6 +83,13 @@ async fn main() -> anyhow::Result<()> {
         _ => bail!(
             "cluster mode needs both --redis and --zookeeper (give neither for the embedded mode)"
         ),
+    }
+}
+
+fn password_cost(args: &Args) -> cim_router::password::Cost {
+    cim_router::password::Cost {
+        memory_kib: args.argon2_memory_kib,
+        iterations: args.argon2_iterations,
     }
 }
 
@@ -98,6 +111,7 @@ async fn run_cluster(args: &Args, redis: &str, zookeeper: &str) -> anyhow::Resul
         token_key,
     );
     config.strategy = args.strategy;
+    config.password_cost = password_cost(args);
     config.route_lease = Duration::from_millis(args.route_lease_ms);
     let router = Router::bind(config).await.context("starting router")?;
     let store: Arc<dyn Store> = Arc::new(
@@ -141,6 +155,7 @@ async fn run_embedded(args: &Args) -> anyhow::Result<()> {
         strategy: args.strategy,
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
         heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+        password_cost: password_cost(args),
     };
     let cluster = embedded::start(config, shutdown.clone())
         .await

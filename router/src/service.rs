@@ -164,7 +164,8 @@ impl Service {
         validate_name(name)?;
         validate_password(password)?;
         let password = password.to_string();
-        let hash = tokio::task::spawn_blocking(move || password::hash(&password))
+        let cost = self.config.password_cost;
+        let hash = tokio::task::spawn_blocking(move || password::hash(&password, cost))
             .await
             .map_err(|e| ServiceError::Internal(e.to_string()))?
             .map_err(|e| ServiceError::Internal(e.to_string()))?;

@@ -1,0 +1,8 @@
+//! cim-bench: drives many real clients through a real cim and reports throughput, latency,
+//! login rate and server memory per connection. Also home of the lossy UDP relay that the
+//! `lossy` scenario and the integration tests put between clients and servers.
+
+pub mod relay;
+pub mod run;
+pub mod stats;
+pub mod target;

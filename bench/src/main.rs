@@ -1,0 +1,171 @@
+//! `cim-bench`: load-test harness. `cim-bench private`, `group`, `login`, `idle`, `lossy`;
+//! see `cim-bench --help`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+use cim_bench::run::{Options, Report, Scenario, run};
+use cim_bench::target::Target;
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ScenarioArg {
+    Private,
+    Group,
+    Login,
+    Idle,
+    Lossy,
+}
+
+/// Drives many real clients through a real cim and reports what it measured.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// What to measure.
+    #[arg(value_enum)]
+    scenario: ScenarioArg,
+    /// Router of an existing cluster (default: start an embedded cim-router process).
+    #[arg(long, requires = "ca")]
+    router: Option<String>,
+    /// CA of the existing cluster.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Servers of the embedded cluster.
+    #[arg(long, default_value_t = 2)]
+    servers: u16,
+    /// Clients (private, lossy, login).
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Open-loop send rate in messages per second (default: closed loop at full speed).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Group members (group).
+    #[arg(long, default_value_t = 1000)]
+    members: usize,
+    /// Members sending broadcasts (group).
+    #[arg(long, default_value_t = 8)]
+    senders: usize,
+    /// Idle connections (idle).
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// Relay loss in percent (lossy).
+    #[arg(long, default_value_t = 5.0)]
+    loss: f64,
+    /// Message body size in bytes.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Concurrent logins during set-up and the login storm.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Relay seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print one JSON object on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if args.clients < 2 || args.members < 2 {
+        bail!("--clients and --members must be at least 2");
+    }
+    let scenario = match args.scenario {
+        ScenarioArg::Private => Scenario::Private,
+        ScenarioArg::Group => Scenario::Group,
+        ScenarioArg::Login => Scenario::Login,
+        ScenarioArg::Idle => Scenario::Idle,
+        ScenarioArg::Lossy => Scenario::Lossy,
+    };
+    let target = match (&args.router, &args.ca) {
+        (Some(url), Some(ca)) => Target::external(url.clone(), ca)?,
+        _ => Target::embedded(args.servers, &[]).await?,
+    };
+    let opts = Options {
+        scenario,
+        clients: args.clients,
+        duration: Duration::from_secs(args.duration),
+        rate: args.rate,
+        members: args.members,
+        senders: args.senders,
+        connections: args.connections,
+        loss_pct: args.loss,
+        size: args.size,
+        concurrency: args.concurrency.max(1),
+        seed: args.seed,
+        progress: !args.json,
+    };
+    if !args.json {
+        eprintln!(
+            "cim-bench {}: target {}",
+            scenario.name(),
+            target.router_url
+        );
+    }
+    let report = run(&opts, &target).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    if report.lost > 0 || report.duplicated > 0 {
+        bail!(
+            "{} lost and {} duplicated deliveries",
+            report.lost,
+            report.duplicated
+        );
+    }
+    Ok(())
+}
+
+fn print_table(r: &Report) {
+    println!("scenario          {}", r.scenario);
+    println!("clients           {}", r.clients);
+    println!("duration          {:.2} s", r.duration_s);
+    if let Some(l) = r.logins_per_sec {
+        println!("logins/s          {l:.0}");
+        return;
+    }
+    if let Some(b) = r.server_rss_bytes_per_conn {
+        println!(
+            "server memory     {b} bytes per connection ({:.1} KiB)",
+            b as f64 / 1024.0
+        );
+        return;
+    }
+    if let Some(loss) = r.loss_pct {
+        println!("relay loss        {loss}%");
+    }
+    if let Some(rate) = r.rate {
+        println!("offered rate      {rate} msgs/s");
+    }
+    println!("sent (acked)      {}", r.sent);
+    println!("delivered         {}", r.delivered);
+    println!("lost              {}", r.lost);
+    println!("duplicated        {}", r.duplicated);
+    println!("send errors       {}", r.send_errors);
+    println!("throughput        {:.0} deliveries/s", r.msgs_per_sec);
+    let p = r.latency_us;
+    println!(
+        "latency (us)      p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+        p.p50, p.p90, p.p99, p.p999, p.max
+    );
+    let a = r.send_ack_latency_us;
+    println!(
+        "send->ack (us)    p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+        a.p50, a.p90, a.p99, a.p999, a.max
+    );
+    println!("git {}  command: {}", r.git_rev, r.command);
+}

@@ -1,0 +1,535 @@
+//! The scenarios: set up users and clients, drive load for a bounded time, drain, and report.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cim_client::{Client, ClientConfig, Event, Events, LoginOptions};
+use futures_util::StreamExt;
+use futures_util::stream;
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::relay::{Impairments, Relay};
+use crate::stats::{Latencies, Percentiles, Tracker, decode_body, encode_body};
+use crate::target::Target;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// Private messages between random peers.
+    Private,
+    /// Broadcasts to a group of members.
+    Group,
+    /// A storm of logins.
+    Login,
+    /// Many idle connections; server memory per connection.
+    Idle,
+    /// `Private` through the lossy relay.
+    Lossy,
+}
+
+impl Scenario {
+    /// Name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Private => "private",
+            Scenario::Group => "group",
+            Scenario::Login => "login",
+            Scenario::Idle => "idle",
+            Scenario::Lossy => "lossy",
+        }
+    }
+}
+
+/// Knobs of a run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Scenario.
+    pub scenario: Scenario,
+    /// Clients (private, lossy, login).
+    pub clients: usize,
+    /// Sending time.
+    pub duration: Duration,
+    /// Open-loop rate in messages per second (closed loop when `None`).
+    pub rate: Option<u64>,
+    /// Group members (group).
+    pub members: usize,
+    /// Members that send (group).
+    pub senders: usize,
+    /// Idle connections (idle).
+    pub connections: usize,
+    /// Loss for the relay, in percent (lossy).
+    pub loss_pct: f64,
+    /// Message body size in bytes.
+    pub size: usize,
+    /// Concurrent logins during set-up and the login storm.
+    pub concurrency: usize,
+    /// Seed of the relay.
+    pub seed: u64,
+    /// Print progress to stderr.
+    pub progress: bool,
+}
+
+/// The result of a run (serialised with `--json`).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// Clients connected.
+    pub clients: usize,
+    /// Measured time, seconds.
+    pub duration_s: f64,
+    /// Messages acked.
+    pub sent: u64,
+    /// Distinct deliveries seen.
+    pub delivered: u64,
+    /// Acked deliveries never seen.
+    pub lost: u64,
+    /// Deliveries seen twice.
+    pub duplicated: u64,
+    /// Delivered messages per second (deliveries per second for `group`).
+    pub msgs_per_sec: f64,
+    /// Sender timestamp to recipient application.
+    pub latency_us: Percentiles,
+    /// Send to ack.
+    pub send_ack_latency_us: Percentiles,
+    /// Sends that failed.
+    pub send_errors: u64,
+    /// Logins per second (login).
+    pub logins_per_sec: Option<f64>,
+    /// Server process memory per connection (idle).
+    pub server_rss_bytes_per_conn: Option<u64>,
+    /// Relay loss (lossy).
+    pub loss_pct: Option<f64>,
+    /// Open-loop rate, if any.
+    pub rate: Option<u64>,
+    /// The command line.
+    pub command: String,
+    /// `git rev-parse --short HEAD` where the bench ran.
+    pub git_rev: String,
+}
+
+fn progress_line(opts: &Options, line: String) {
+    if opts.progress {
+        eprintln!("{line}");
+    }
+}
+
+/// Registers `n` users named `<prefix><i>` (password "bench-password").
+async fn register(
+    target: &Target,
+    prefix: &str,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Vec<String>> {
+    let config = ClientConfig::new(target.router_url.clone(), target.ca_pem.clone());
+    let names: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+    let results: Vec<anyhow::Result<()>> = stream::iter(names.clone())
+        .map(|name| {
+            let config = config.clone();
+            async move {
+                match cim_client::register(&config, &name, "bench-password").await {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.code() == Some("name_taken") => Ok(()),
+                    Err(e) => Err(anyhow::Error::new(e).context(format!("registering {name}"))),
+                }
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    Ok(names)
+}
+
+/// Client configurations sharing one endpoint per 250 clients.
+fn configs(
+    target: &Target,
+    n: usize,
+    overrides: &HashMap<std::net::SocketAddr, std::net::SocketAddr>,
+) -> anyhow::Result<Vec<ClientConfig>> {
+    let mut base = ClientConfig::new(target.router_url.clone(), target.ca_pem.clone());
+    base.bind_addr = "127.0.0.1:0".parse()?;
+    base.server_overrides = overrides.clone();
+    let endpoints = (0..n.div_ceil(250).max(1))
+        .map(|_| cim_client::endpoint(&base))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((0..n)
+        .map(|i| {
+            let mut c = base.clone();
+            c.endpoint = Some(endpoints[i % endpoints.len()].clone());
+            c
+        })
+        .collect())
+}
+
+/// Logs every name in, `concurrency` at a time.
+async fn login_all(
+    names: &[String],
+    configs: Vec<ClientConfig>,
+    concurrency: usize,
+) -> anyhow::Result<Vec<(Client, Events)>> {
+    let logins: Vec<anyhow::Result<(usize, (Client, Events))>> =
+        stream::iter(names.iter().cloned().zip(configs).enumerate())
+            .map(|(i, (name, config))| async move {
+                // A handshake can outlast one connect timeout on a very lossy link: retry a little.
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    match Client::login(
+                        &config,
+                        &name,
+                        "bench-password",
+                        LoginOptions { takeover: true },
+                    )
+                    .await
+                    {
+                        Ok(pair) => return Ok((i, pair)),
+                        Err(e) if attempt < 3 => {
+                            tracing::debug!(name, error = %e, "login failed; retrying")
+                        }
+                        Err(e) => {
+                            return Err(anyhow::Error::new(e).context(format!("logging in {name}")));
+                        }
+                    }
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+    let mut logins = logins.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    logins.sort_by_key(|(i, _)| *i);
+    Ok(logins.into_iter().map(|(_, pair)| pair).collect())
+}
+
+/// What one receiver saw.
+#[derive(Default)]
+struct Seen {
+    latencies: Latencies,
+    keys: Vec<(u32, u64)>,
+}
+
+/// Runs a scenario against `target`.
+pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
+    let mut report = Report {
+        scenario: opts.scenario.name().to_string(),
+        rate: opts.rate,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        git_rev: git_rev(),
+        ..Default::default()
+    };
+    let prefix = format!("b{:x}", rand::random::<u32>());
+    match opts.scenario {
+        Scenario::Private | Scenario::Lossy => {
+            let mut overrides = HashMap::new();
+            let mut relays = Vec::new();
+            if opts.scenario == Scenario::Lossy {
+                anyhow::ensure!(
+                    !target.servers.is_empty(),
+                    "the lossy scenario needs the embedded target"
+                );
+                for addr in target.servers.values() {
+                    let relay =
+                        Relay::start(*addr, Impairments::lossy(opts.loss_pct / 100.0), opts.seed)
+                            .await?;
+                    overrides.insert(*addr, relay.addr);
+                    relays.push(relay);
+                }
+                report.loss_pct = Some(opts.loss_pct);
+            }
+            let names = register(target, &prefix, opts.clients, opts.concurrency).await?;
+            let clients = login_all(
+                &names,
+                configs(target, opts.clients, &overrides)?,
+                opts.concurrency,
+            )
+            .await?;
+            report.clients = clients.len();
+            messaging(opts, clients, None, &mut report).await?;
+            drop(relays);
+        }
+        Scenario::Group => {
+            let names = register(target, &prefix, opts.members, opts.concurrency).await?;
+            let clients = login_all(
+                &names,
+                configs(target, opts.members, &HashMap::new())?,
+                opts.concurrency,
+            )
+            .await?;
+            report.clients = clients.len();
+            messaging(opts, clients, Some(opts.senders.max(1)), &mut report).await?;
+        }
+        Scenario::Login => {
+            let names = register(target, &prefix, opts.clients, opts.concurrency).await?;
+            let configs = configs(target, opts.clients, &HashMap::new())?;
+            let started = Instant::now();
+            let clients = login_all(&names, configs, opts.concurrency).await?;
+            let elapsed = started.elapsed().as_secs_f64();
+            report.clients = clients.len();
+            report.duration_s = elapsed;
+            report.logins_per_sec = Some(clients.len() as f64 / elapsed);
+            close_all(clients).await;
+        }
+        Scenario::Idle => {
+            let before = target
+                .rss_bytes()
+                .context("the idle scenario needs the embedded target (reads its /proc)")?;
+            let names = register(target, &prefix, opts.connections, opts.concurrency).await?;
+            let started = Instant::now();
+            let clients = login_all(
+                &names,
+                configs(target, opts.connections, &HashMap::new())?,
+                opts.concurrency,
+            )
+            .await?;
+            report.clients = clients.len();
+            // Let connections settle (handshake buffers freed, first heartbeats done).
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let after = target.rss_bytes().context("reading server memory")?;
+            report.duration_s = started.elapsed().as_secs_f64();
+            report.server_rss_bytes_per_conn =
+                Some(after.saturating_sub(before) / clients.len().max(1) as u64);
+            progress_line(
+                opts,
+                format!(
+                    "rss before {before} B, after {after} B, {} connections",
+                    clients.len()
+                ),
+            );
+            close_all(clients).await;
+        }
+    }
+    Ok(report)
+}
+
+async fn close_all(clients: Vec<(Client, Events)>) {
+    for (client, _) in clients {
+        client.close().await;
+    }
+}
+
+/// Sends for `opts.duration` (closed loop, or open loop at `opts.rate`), then drains and fills
+/// in the report. With `group_senders`, that many members broadcast to everyone; otherwise
+/// every client sends private messages to random peers.
+async fn messaging(
+    opts: &Options,
+    clients: Vec<(Client, Events)>,
+    group_senders: Option<usize>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let epoch = Instant::now();
+    let now_us = move || epoch.elapsed().as_micros() as u64;
+    let ids: Vec<u64> = clients.iter().map(|(c, _)| c.info().user_id).collect();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let delivered = Arc::new(AtomicU64::new(0));
+    let expected = Arc::new(AtomicU64::new(0));
+
+    let mut receivers = Vec::new();
+    let mut senders_side = Vec::new();
+    for (index, (client, mut events)) in clients.into_iter().enumerate() {
+        let delivered = delivered.clone();
+        let mut stop = stop_rx.clone();
+        receivers.push(tokio::spawn(async move {
+            let mut seen = Seen::default();
+            loop {
+                let event = tokio::select! {
+                    e = events.next() => e,
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+                match event {
+                    Some(Event::Message(m)) => {
+                        if let Some((sender, counter, sent_at)) = decode_body(&m.body) {
+                            seen.latencies.record(now_us().saturating_sub(sent_at));
+                            seen.keys.push((sender, counter));
+                            delivered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            (index as u32, seen)
+        }));
+        senders_side.push(Arc::new(client));
+    }
+
+    let sending = Arc::new(AtomicBool::new(true));
+    let acks = Arc::new(std::sync::Mutex::new(Vec::<((u32, u64), u32, u64)>::new()));
+    let errors = Arc::new(AtomicU64::new(0));
+    let send_one = {
+        let ids = ids.clone();
+        let acks = acks.clone();
+        let errors = errors.clone();
+        let expected = expected.clone();
+        let size = opts.size;
+        move |client: Arc<Client>, index: u32, counter: u64| {
+            let ids = ids.clone();
+            let acks = acks.clone();
+            let errors = errors.clone();
+            let expected = expected.clone();
+            async move {
+                let body = encode_body(index, counter, now_us(), size);
+                let started = now_us();
+                let result = if group_senders.is_some() {
+                    client.send_group("all", &body).await
+                } else {
+                    let mut peer = rand::rng().random_range(0..ids.len());
+                    if peer == index as usize {
+                        peer = (peer + 1) % ids.len();
+                    }
+                    client.send_private(ids[peer], &body).await
+                };
+                match result {
+                    Ok(ack) => {
+                        expected.fetch_add(u64::from(ack.recipients), Ordering::Relaxed);
+                        acks.lock().unwrap_or_else(|p| p.into_inner()).push((
+                            (index, counter),
+                            ack.recipients,
+                            now_us() - started,
+                        ));
+                    }
+                    Err(e) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(error = %e, "send failed");
+                    }
+                }
+            }
+        }
+    };
+
+    let active: Vec<(u32, Arc<Client>)> = senders_side
+        .iter()
+        .enumerate()
+        .take(group_senders.unwrap_or(usize::MAX))
+        .map(|(i, c)| (i as u32, c.clone()))
+        .collect();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    match opts.rate {
+        None => {
+            for (index, client) in active {
+                let sending = sending.clone();
+                let send_one = send_one.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut counter = 0;
+                    while sending.load(Ordering::Relaxed) {
+                        send_one(client.clone(), index, counter).await;
+                        counter += 1;
+                    }
+                }));
+            }
+        }
+        Some(rate) => {
+            let sending = sending.clone();
+            let send_one = send_one.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut issued = 0u64;
+                let mut counters = vec![0u64; active.len()];
+                let mut tick = tokio::time::interval(Duration::from_millis(1));
+                let begin = Instant::now();
+                let mut inflight = Vec::new();
+                while sending.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let due = (begin.elapsed().as_secs_f64() * rate as f64) as u64;
+                    while issued < due {
+                        let slot = (issued as usize) % active.len();
+                        let (index, client) = &active[slot];
+                        inflight.push(tokio::spawn(send_one(
+                            client.clone(),
+                            *index,
+                            counters[slot],
+                        )));
+                        counters[slot] += 1;
+                        issued += 1;
+                    }
+                }
+                for task in inflight {
+                    let _ = task.await;
+                }
+            }));
+        }
+    }
+
+    let progress = {
+        let delivered = delivered.clone();
+        let acks = acks.clone();
+        let show = opts.progress;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if show {
+                    let sent = acks.lock().unwrap_or_else(|p| p.into_inner()).len();
+                    eprintln!(
+                        "  {:>5.1}s  sent {sent:>9}  delivered {:>9}",
+                        started.elapsed().as_secs_f64(),
+                        delivered.load(Ordering::Relaxed)
+                    );
+                }
+            }
+        })
+    };
+    tokio::time::sleep(opts.duration).await;
+    sending.store(false, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    let send_window = started.elapsed();
+    // Drain: wait until every acked delivery arrived (or give up after 15 s: those are lost).
+    let drain_deadline = Instant::now() + Duration::from_secs(15);
+    while delivered.load(Ordering::Relaxed) < expected.load(Ordering::Relaxed)
+        && Instant::now() < drain_deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    progress.abort();
+    let _ = stop_tx.send(true);
+
+    let mut tracker = Tracker::default();
+    let mut send_ack = Latencies::default();
+    for (key, recipients, micros) in acks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        tracker.acked(key, recipients);
+        send_ack.record(micros);
+    }
+    let mut latencies = Latencies::default();
+    for receiver in receivers {
+        let (index, seen) = receiver.await?;
+        for key in seen.keys {
+            tracker.received(index, key);
+        }
+        latencies.merge(seen.latencies);
+    }
+    let summary = tracker.summary();
+    report.duration_s = send_window.as_secs_f64();
+    report.sent = summary.sent;
+    report.delivered = summary.delivered;
+    report.lost = summary.lost;
+    report.duplicated = summary.duplicated;
+    report.send_errors = errors.load(Ordering::Relaxed);
+    // Throughput over the whole time deliveries took, sending plus drain.
+    report.msgs_per_sec = summary.delivered as f64 / elapsed.as_secs_f64();
+    report.latency_us = latencies.percentiles();
+    report.send_ack_latency_us = send_ack.percentiles();
+    for client in senders_side {
+        if let Ok(client) = Arc::try_unwrap(client) {
+            client.close().await;
+        }
+    }
+    Ok(())
+}
+
+fn git_rev() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}

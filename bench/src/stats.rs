@@ -1,0 +1,218 @@
+//! Measurement bookkeeping, free of I/O: latency percentiles and a delivery tracker that finds
+//! lost and duplicated messages. Tested with plain values, since the harness's numbers are only
+//! as good as this.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+
+/// Latency samples in microseconds.
+#[derive(Debug, Default, Clone)]
+pub struct Latencies {
+    samples: Vec<u64>,
+}
+
+/// Percentiles of a latency distribution, in microseconds.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest sample.
+    pub max: u64,
+}
+
+impl Latencies {
+    /// Adds one sample.
+    pub fn record(&mut self, micros: u64) {
+        self.samples.push(micros);
+    }
+
+    /// Adds every sample of `other`.
+    pub fn merge(&mut self, other: Latencies) {
+        self.samples.extend(other.samples);
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Whether there are no samples.
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// Nearest-rank percentiles (all zero without samples).
+    pub fn percentiles(&self) -> Percentiles {
+        let mut sorted = self.samples.clone();
+        sorted.sort_unstable();
+        let rank = |q: f64| -> u64 {
+            if sorted.is_empty() {
+                return 0;
+            }
+            let idx = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+            sorted[idx]
+        };
+        Percentiles {
+            p50: rank(0.50),
+            p90: rank(0.90),
+            p99: rank(0.99),
+            p999: rank(0.999),
+            max: sorted.last().copied().unwrap_or(0),
+        }
+    }
+}
+
+/// Identifies one bench message: who sent it and its number in that sender's sequence.
+pub type MessageKey = (u32, u64);
+
+/// Tracks which acked messages reached which recipients.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    /// Acked messages and how many recipients each should reach.
+    expected: HashMap<MessageKey, u32>,
+    /// (recipient, message) pairs seen.
+    seen: HashSet<(u32, MessageKey)>,
+    duplicated: u64,
+}
+
+/// What the tracker concluded.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Messages acked by cim.
+    pub sent: u64,
+    /// Deliveries expected from the acked messages (recipients summed).
+    pub expected: u64,
+    /// Distinct (recipient, message) deliveries seen.
+    pub delivered: u64,
+    /// Expected deliveries never seen.
+    pub lost: u64,
+    /// Deliveries seen more than once.
+    pub duplicated: u64,
+}
+
+impl Tracker {
+    /// `key` was acked and should reach `recipients` recipients.
+    pub fn acked(&mut self, key: MessageKey, recipients: u32) {
+        self.expected.insert(key, recipients);
+    }
+
+    /// `recipient` received `key`.
+    pub fn received(&mut self, recipient: u32, key: MessageKey) {
+        if !self.seen.insert((recipient, key)) {
+            self.duplicated += 1;
+        }
+    }
+
+    /// Counts so far. Deliveries of messages whose ack was never seen (a send still in flight
+    /// when the run stopped) count as delivered but not as expected.
+    pub fn summary(&self) -> Summary {
+        let expected: u64 = self.expected.values().map(|n| u64::from(*n)).sum();
+        let mut per_message: HashMap<MessageKey, u64> = HashMap::new();
+        for (_, key) in &self.seen {
+            *per_message.entry(*key).or_default() += 1;
+        }
+        let lost = self
+            .expected
+            .iter()
+            .map(|(key, n)| {
+                u64::from(*n).saturating_sub(per_message.get(key).copied().unwrap_or(0))
+            })
+            .sum();
+        Summary {
+            sent: self.expected.len() as u64,
+            expected,
+            delivered: self.seen.len() as u64,
+            lost,
+            duplicated: self.duplicated,
+        }
+    }
+}
+
+/// The body of a bench message: sender index, sequence number, send time, padded to `size`.
+pub fn encode_body(sender: u32, counter: u64, sent_at_us: u64, size: usize) -> String {
+    let mut body = format!("b|{sender}|{counter}|{sent_at_us}|");
+    while body.len() < size {
+        body.push('x');
+    }
+    body
+}
+
+/// Parses [`encode_body`]'s output: `(sender, counter, sent_at_us)`.
+pub fn decode_body(body: &str) -> Option<(u32, u64, u64)> {
+    let mut parts = body.strip_prefix("b|")?.split('|');
+    Some((
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    ))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let mut l = Latencies::default();
+        for v in 1..=1000 {
+            l.record(v);
+        }
+        let p = l.percentiles();
+        assert_eq!(
+            (p.p50, p.p90, p.p99, p.p999, p.max),
+            (500, 900, 990, 999, 1000)
+        );
+        assert_eq!(Latencies::default().percentiles(), Percentiles::default());
+    }
+
+    #[test]
+    fn tracker_finds_lost_and_duplicated_deliveries() {
+        let mut t = Tracker::default();
+        t.acked((1, 1), 2); // group message to two recipients
+        t.acked((1, 2), 1);
+        t.acked((2, 1), 1);
+        t.received(10, (1, 1));
+        t.received(11, (1, 1));
+        t.received(11, (1, 1)); // duplicate
+        t.received(10, (1, 2));
+        // (2, 1) never arrives; (3, 9) arrives without a recorded ack.
+        t.received(10, (3, 9));
+        let s = t.summary();
+        assert_eq!(
+            s,
+            Summary {
+                sent: 3,
+                expected: 4,
+                delivered: 4,
+                lost: 1,
+                duplicated: 1
+            }
+        );
+    }
+
+    #[test]
+    fn one_recipient_twice_does_not_hide_another_missing() {
+        let mut t = Tracker::default();
+        t.acked((1, 1), 2);
+        t.received(10, (1, 1));
+        t.received(10, (1, 1));
+        let s = t.summary();
+        assert_eq!((s.lost, s.duplicated), (1, 1));
+    }
+
+    #[test]
+    fn bodies_round_trip_and_pad() {
+        let body = encode_body(7, 42, 123_456, 64);
+        assert_eq!(body.len(), 64);
+        assert_eq!(decode_body(&body), Some((7, 42, 123_456)));
+        assert_eq!(decode_body("hello"), None);
+    }
+}

@@ -1,0 +1,103 @@
+//! The cim under test: by default a `cim-router` embedded-mode process started by the bench
+//! (so its memory can be read from /proc), or an existing cluster given by URL and CA.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A cim to benchmark.
+pub struct Target {
+    /// Router URL.
+    pub router_url: String,
+    /// CA certificate (PEM).
+    pub ca_pem: Vec<u8>,
+    /// Server client addresses by id (known for the embedded process).
+    pub servers: HashMap<String, SocketAddr>,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Target {
+    /// An existing cluster.
+    pub fn external(router_url: String, ca: &PathBuf) -> anyhow::Result<Self> {
+        Ok(Self {
+            router_url,
+            ca_pem: std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,
+            servers: HashMap::new(),
+            child: None,
+            _dir: None,
+        })
+    }
+
+    /// Starts `cim-router` in embedded mode with `servers` servers, from the directory of this
+    /// executable. New accounts use a cheap Argon2 cost so that setting up thousands of users
+    /// does not dominate the run (the cost is a security setting, not a delivery guarantee).
+    pub async fn embedded(servers: u16, extra_args: &[String]) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let bin = exe.with_file_name("cim-router");
+        if !bin.exists() {
+            bail!(
+                "{} not found: build it with cargo build --release -p cim-router",
+                bin.display()
+            );
+        }
+        let dir = tempfile::tempdir()?;
+        let certs = dir.path().join("certs");
+        let mut child = Command::new(&bin)
+            .args(["--http", "127.0.0.1:0", "--servers", &servers.to_string()])
+            .arg("--certs")
+            .arg(&certs)
+            .args(["--argon2-memory-kib", "256", "--argon2-iterations", "1"])
+            .args(extra_args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let mut router_url = None;
+        let mut server_addrs = HashMap::new();
+        let read = async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(url) = line.strip_prefix("router: ") {
+                    router_url = Some(url.trim().to_string());
+                } else if let Some(rest) = line.strip_prefix("server: ") {
+                    if let Some((id, addr)) = rest.split_once(" at ") {
+                        server_addrs.insert(id.to_string(), addr.trim().parse()?);
+                    }
+                } else if line.starts_with("press Ctrl-C") {
+                    return Ok::<_, anyhow::Error>(());
+                }
+            }
+            bail!("cim-router exited during start")
+        };
+        tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .context("cim-router did not start")??;
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            router_url: router_url.context("no router url printed")?,
+            ca_pem: std::fs::read(certs.join(cim_certs::CA_CERT))?,
+            servers: server_addrs,
+            child: Some(child),
+            _dir: Some(dir),
+        })
+    }
+
+    /// Resident memory of the embedded process, in bytes.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+}

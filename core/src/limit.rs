@@ -1,0 +1,143 @@
+//! Rate limits, as plain data structures that take the current time as an argument (no
+//! clocks inside), so they are tested with constructed instants.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+/// A token bucket: bursts up to `capacity`, sustained `per_second`.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    capacity: f64,
+    per_second: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(capacity: u32, per_second: u32, now: Instant) -> Self {
+        Self {
+            capacity: f64::from(capacity.max(1)),
+            per_second: f64::from(per_second),
+            tokens: f64::from(capacity.max(1)),
+            last: now,
+        }
+    }
+
+    /// Takes one token if available.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Counts events per key in fixed windows (e.g. failed logins per user per minute). Memory is
+/// bounded: when more than `max_keys` keys are tracked, expired windows are dropped, and if
+/// that is not enough the oldest windows go.
+#[derive(Debug)]
+pub struct WindowCounter<K> {
+    window: Duration,
+    max_keys: usize,
+    counts: HashMap<K, (u32, Instant)>,
+}
+
+impl<K: Hash + Eq + Clone> WindowCounter<K> {
+    /// Counts in windows of `window`, tracking at most about `max_keys` keys.
+    pub fn new(window: Duration, max_keys: usize) -> Self {
+        Self {
+            window,
+            max_keys: max_keys.max(1),
+            counts: HashMap::new(),
+        }
+    }
+
+    /// Events counted for `key` in its current window.
+    pub fn count(&self, key: &K, now: Instant) -> u32 {
+        match self.counts.get(key) {
+            Some((n, start)) if now.saturating_duration_since(*start) < self.window => *n,
+            _ => 0,
+        }
+    }
+
+    /// Counts one event for `key`; returns the count including it.
+    pub fn hit(&mut self, key: K, now: Instant) -> u32 {
+        if self.counts.len() >= self.max_keys && !self.counts.contains_key(&key) {
+            self.prune(now);
+        }
+        let window = self.window;
+        let slot = self.counts.entry(key).or_insert((0, now));
+        if now.saturating_duration_since(slot.1) >= window {
+            *slot = (0, now);
+        }
+        slot.0 = slot.0.saturating_add(1);
+        slot.0
+    }
+
+    /// Forgets `key` (e.g. after a successful login).
+    pub fn reset(&mut self, key: &K) {
+        self.counts.remove(key);
+    }
+
+    fn prune(&mut self, now: Instant) {
+        let window = self.window;
+        self.counts
+            .retain(|_, (_, start)| now.saturating_duration_since(*start) < window);
+        if self.counts.len() >= self.max_keys {
+            let mut starts: Vec<Instant> = self.counts.values().map(|(_, s)| *s).collect();
+            starts.sort_unstable();
+            let cutoff = starts[starts.len() / 2];
+            self.counts.retain(|_, (_, start)| *start > cutoff);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_bursts_then_the_sustained_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(3, 2, t0);
+        assert!((0..3).all(|_| b.try_take(t0)));
+        assert!(!b.try_take(t0));
+        assert!(b.try_take(t0 + Duration::from_millis(500)));
+        assert!(!b.try_take(t0 + Duration::from_millis(500)));
+        // Refills never exceed the capacity.
+        let later = t0 + Duration::from_secs(60);
+        assert!((0..3).all(|_| b.try_take(later)));
+        assert!(!b.try_take(later));
+    }
+
+    #[test]
+    fn windows_count_and_expire() {
+        let t0 = Instant::now();
+        let mut c = WindowCounter::new(Duration::from_secs(60), 100);
+        assert_eq!(c.hit("alice", t0), 1);
+        assert_eq!(c.hit("alice", t0 + Duration::from_secs(10)), 2);
+        assert_eq!(c.count(&"alice", t0 + Duration::from_secs(59)), 2);
+        assert_eq!(c.count(&"alice", t0 + Duration::from_secs(61)), 0);
+        assert_eq!(c.hit("alice", t0 + Duration::from_secs(61)), 1);
+        c.reset(&"alice");
+        assert_eq!(c.count(&"alice", t0 + Duration::from_secs(61)), 0);
+    }
+
+    #[test]
+    fn memory_stays_bounded() {
+        let t0 = Instant::now();
+        let mut c = WindowCounter::new(Duration::from_secs(60), 10);
+        for i in 0..1000u32 {
+            c.hit(i, t0 + Duration::from_millis(u64::from(i)));
+        }
+        assert!(c.counts.len() <= 11, "{}", c.counts.len());
+    }
+}

@@ -1,0 +1,95 @@
+//! The harness's own correctness: a short `cim-bench` run against its embedded cluster must
+//! count every delivery, lose none, duplicate none, and report sane latencies.
+
+#![allow(clippy::unwrap_used)]
+
+use cim_integration_tests::bin_path;
+
+async fn bench(args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = tokio::process::Command::new(bin_path("cim-bench")?)
+        .args(args)
+        .arg("--json")
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "cim-bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_str(stdout.trim())?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_run_counts_every_delivery_once() -> anyhow::Result<()> {
+    let r = bench(&[
+        "private",
+        "--clients",
+        "6",
+        "--duration",
+        "1",
+        "--concurrency",
+        "6",
+    ])
+    .await?;
+    assert_eq!(r["scenario"], "private");
+    let sent = r["sent"].as_u64().unwrap();
+    assert!(sent > 10, "{r}");
+    assert_eq!(r["delivered"].as_u64(), Some(sent), "{r}");
+    assert_eq!(
+        (r["lost"].as_u64(), r["duplicated"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let lat = &r["latency_us"];
+    assert!(
+        lat["p50"].as_u64().unwrap() > 0 && lat["p50"].as_u64() <= lat["p99"].as_u64(),
+        "{r}"
+    );
+    assert!(r["git_rev"].is_string() && r["command"].as_str().unwrap().contains("private"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_run_expects_one_delivery_per_other_member() -> anyhow::Result<()> {
+    let r = bench(&[
+        "group",
+        "--members",
+        "5",
+        "--senders",
+        "2",
+        "--duration",
+        "1",
+        "--concurrency",
+        "5",
+    ])
+    .await?;
+    let sent = r["sent"].as_u64().unwrap();
+    assert!(sent > 0, "{r}");
+    assert_eq!(r["delivered"].as_u64(), Some(sent * 4), "{r}");
+    assert_eq!(r["lost"].as_u64(), Some(0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lossy_and_login_runs_report_their_numbers() -> anyhow::Result<()> {
+    let r = bench(&[
+        "lossy",
+        "--loss",
+        "10",
+        "--clients",
+        "4",
+        "--duration",
+        "1",
+        "--concurrency",
+        "4",
+    ])
+    .await?;
+    assert_eq!(r["loss_pct"].as_f64(), Some(10.0));
+    assert_eq!(r["lost"].as_u64(), Some(0), "{r}");
+    assert_eq!(r["delivered"].as_u64(), r["sent"].as_u64(), "{r}");
+    let r = bench(&["login", "--clients", "8", "--concurrency", "4"]).await?;
+    assert!(r["logins_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    let r = bench(&["idle", "--connections", "20", "--concurrency", "10"]).await?;
+    assert!(r["server_rss_bytes_per_conn"].is_u64(), "{r}");
+    Ok(())
+}
