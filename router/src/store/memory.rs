@@ -10,6 +10,9 @@ use tokio::time::Instant;
 
 use super::{Account, Claim, InboxEntry, InboxLimits, InboxPage, Route, Store, StoreError};
 
+/// Most idempotency records kept; beyond this the oldest are forgotten early.
+const MAX_SENT_RECORDS: usize = 1_000_000;
+
 #[derive(Debug)]
 struct Lease {
     route: Route,
@@ -34,6 +37,8 @@ struct Inner {
     inboxes: HashMap<u64, Inbox>,
     /// (sender, client msg id) -> (msg id, expiry).
     sent: HashMap<(u64, u64), (u64, Instant)>,
+    /// The same keys in expiry order, for pruning without scanning the map.
+    sent_expiry: VecDeque<(Instant, (u64, u64))>,
     /// (user, session) -> expiry of logouts.
     revoked: HashMap<(u64, u64), Instant>,
 }
@@ -246,17 +251,25 @@ impl Store for MemoryStore {
     ) -> Result<u64, StoreError> {
         let now = Instant::now();
         let mut inner = self.inner();
-        if inner.sent.len() > 100_000 {
-            inner.sent.retain(|_, (_, expires)| *expires > now);
+        // Forget expired records (and, beyond a million, the oldest ones).
+        while let Some((expires, key)) = inner.sent_expiry.front().copied() {
+            if expires > now && inner.sent_expiry.len() <= MAX_SENT_RECORDS {
+                break;
+            }
+            inner.sent_expiry.pop_front();
+            if inner.sent.get(&key).is_some_and(|(_, e)| *e == expires) {
+                inner.sent.remove(&key);
+            }
         }
-        let slot = inner
-            .sent
-            .entry((sender, client_msg_id))
-            .or_insert((new_msg_id, now + ttl));
-        if slot.1 <= now {
-            *slot = (new_msg_id, now + ttl);
+        let key = (sender, client_msg_id);
+        if let Some((msg_id, expires)) = inner.sent.get(&key)
+            && *expires > now
+        {
+            return Ok(*msg_id);
         }
-        Ok(slot.0)
+        inner.sent.insert(key, (new_msg_id, now + ttl));
+        inner.sent_expiry.push_back((now + ttl, key));
+        Ok(new_msg_id)
     }
 
     async fn append_inbox(
