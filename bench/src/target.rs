@@ -54,6 +54,14 @@ impl Target {
             .arg("--certs")
             .arg(&certs)
             .args(["--argon2-memory-kib", "256", "--argon2-iterations", "1"])
+            // All bench clients share 127.0.0.1 and send at full speed.
+            .args([
+                "--max-login-attempts-per-ip",
+                "100000000",
+                "--max-connections-per-ip",
+                "1000000",
+            ])
+            .args(["--max-msgs-per-sec", "1000000"])
             .args(extra_args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

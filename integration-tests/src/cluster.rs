@@ -188,6 +188,10 @@ impl ProcCluster {
                 &HEARTBEAT_TIMEOUT_MS.to_string(),
                 "--renew-ms",
                 &RENEW_MS.to_string(),
+                "--max-connections-per-ip",
+                "100000",
+                "--max-msgs-per-sec",
+                "100000",
             ],
         )?;
         proc.expect_line(&format!("server {id} listening")).await?;
@@ -222,6 +226,8 @@ impl ProcCluster {
                 &certs,
                 "--strategy",
                 &self.strategy,
+                "--max-login-attempts-per-ip",
+                "100000",
             ],
         )?;
         let line = proc.expect_line(&format!("router {id}: ")).await?;

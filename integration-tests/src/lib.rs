@@ -66,6 +66,15 @@ impl TestCluster {
 
     /// Starts a router and `servers` servers with fast heartbeats on `backend`.
     pub async fn start_on(servers: usize, backend: Backend) -> anyhow::Result<Self> {
+        Self::start_with(servers, backend, |_| {}).await
+    }
+
+    /// [`TestCluster::start_on`] with the configuration adjusted by `tweak` first.
+    pub async fn start_with(
+        servers: usize,
+        backend: Backend,
+        tweak: impl FnOnce(&mut EmbeddedConfig),
+    ) -> anyhow::Result<Self> {
         init_logs();
         let (store, redis): (Arc<dyn Store>, _) = match backend {
             Backend::Memory => (Arc::new(MemoryStore::new()), None),
@@ -86,7 +95,20 @@ impl TestCluster {
             heartbeat_interval: Duration::from_millis(300),
             heartbeat_timeout: Duration::from_secs(2),
             password_cost: cim_router::password::Cost::default(),
+            // Every test client comes from 127.0.0.1 and some send as fast as they can.
+            login_limits: cim_router::LoginLimits {
+                failures_per_user: 5,
+                attempts_per_ip: 100_000,
+            },
+            server_limits: cim_server::Limits {
+                max_connections_per_ip: 100_000,
+                messages_per_sec: 100_000,
+                message_burst: 100_000,
+                ..cim_server::Limits::default()
+            },
         };
+        let mut config = config;
+        tweak(&mut config);
         let embedded = embedded::start_with_store(config, store, shutdown.clone()).await?;
         let cluster = Self {
             embedded,

@@ -24,6 +24,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
+use crate::https::PeerAddr;
 use crate::service::{Sender, Service, ServiceError};
 
 /// Largest request body accepted, in bytes.
@@ -60,6 +61,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::NoServer | ServiceError::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ServiceError::TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
             ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         match &e {
@@ -185,29 +187,34 @@ pub fn routes(
                 respond_api(result.await)
             },
         );
-    let login = warp::path!("api" / "login")
-        .and(warp::post())
-        .and(with_service.clone())
-        .and(json_body::<LoginRequest>())
-        .then(
-            |service: Arc<Service>, req: Result<LoginRequest, ApiError>| async move {
-                let result = async {
-                    let req = req?;
-                    let grant = service
-                        .login(&req.name, &req.password, req.takeover)
-                        .await?;
-                    Ok::<_, ApiError>(warp::reply::json(&LoginResponse {
-                        user_id: grant.user_id,
-                        name: grant.name,
-                        token: grant.token,
-                        server_id: grant.server.id,
-                        server_addr: grant.server.client_addr.to_string(),
-                        expires_at_ms: grant.expires_at_ms,
-                    }))
-                };
-                respond_api(result.await)
-            },
-        );
+    let login =
+        warp::path!("api" / "login")
+            .and(warp::post())
+            .and(with_service.clone())
+            .and(warp::ext::optional::<PeerAddr>())
+            .and(json_body::<LoginRequest>())
+            .then(
+                |service: Arc<Service>,
+                 peer: Option<PeerAddr>,
+                 req: Result<LoginRequest, ApiError>| async move {
+                    let result = async {
+                        let req = req?;
+                        let peer = peer.map(|p| p.0.ip());
+                        let grant = service
+                            .login(&req.name, &req.password, req.takeover, peer)
+                            .await?;
+                        Ok::<_, ApiError>(warp::reply::json(&LoginResponse {
+                            user_id: grant.user_id,
+                            name: grant.name,
+                            token: grant.token,
+                            server_id: grant.server.id,
+                            server_addr: grant.server.client_addr.to_string(),
+                            expires_at_ms: grant.expires_at_ms,
+                        }))
+                    };
+                    respond_api(result.await)
+                },
+            );
     let logout = warp::path!("api" / "logout")
         .and(warp::post())
         .and(with_service.clone())

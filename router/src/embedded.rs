@@ -34,6 +34,10 @@ pub struct EmbeddedConfig {
     pub heartbeat_timeout: Duration,
     /// Argon2id cost of new password hashes.
     pub password_cost: crate::password::Cost,
+    /// Login attempt limits of the router.
+    pub login_limits: crate::LoginLimits,
+    /// Caps on the servers' clients.
+    pub server_limits: cim_server::Limits,
 }
 
 /// A running embedded cluster.
@@ -44,6 +48,8 @@ pub struct Embedded {
     pub ca: PathBuf,
     /// `(id, client address)` of each server.
     pub servers: Vec<(String, SocketAddr)>,
+    /// Internal (router-facing) address of each server, in the same order.
+    pub internal_addrs: Vec<SocketAddr>,
     /// Whether the certificates were created by this start.
     pub certs_created: bool,
     /// The store the router uses.
@@ -83,6 +89,7 @@ pub async fn start_with_store(
     let mut tasks = JoinSet::new();
 
     let mut servers = Vec::new();
+    let mut internal_addrs = Vec::new();
     for i in 1..=config.servers {
         let mut server_config = ServerConfig::new(
             format!("server-{i}"),
@@ -95,8 +102,10 @@ pub async fn start_with_store(
         );
         server_config.heartbeat_interval = config.heartbeat_interval;
         server_config.heartbeat_timeout = config.heartbeat_timeout;
+        server_config.limits = config.server_limits;
         let server = Server::bind(server_config).context("starting server")?;
         servers.push((server.id().to_string(), server.client_addr()));
+        internal_addrs.push(server.internal_addr());
         let discovery = discovery.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
@@ -116,6 +125,7 @@ pub async fn start_with_store(
     );
     router_config.strategy = config.strategy;
     router_config.password_cost = config.password_cost;
+    router_config.login_limits = config.login_limits;
     let router = Router::bind(router_config)
         .await
         .context("starting router")?;
@@ -130,6 +140,7 @@ pub async fn start_with_store(
         router_url,
         ca: certs.ca_cert(),
         servers,
+        internal_addrs,
         certs_created,
         store,
         tasks,

@@ -60,6 +60,27 @@ pub struct RouterConfig {
     pub dedup_window: Duration,
     /// Argon2id cost of new password hashes.
     pub password_cost: password::Cost,
+    /// Limits on login attempts.
+    pub login_limits: LoginLimits,
+}
+
+/// Limits on login attempts, per router (each router counts its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginLimits {
+    /// Failed logins of one user per minute before further attempts are refused for the rest
+    /// of the minute (even with the right password).
+    pub failures_per_user: u32,
+    /// Login attempts from one IP address per minute.
+    pub attempts_per_ip: u32,
+}
+
+impl Default for LoginLimits {
+    fn default() -> Self {
+        Self {
+            failures_per_user: 5,
+            attempts_per_ip: 120,
+        }
+    }
 }
 
 impl RouterConfig {
@@ -87,6 +108,7 @@ impl RouterConfig {
             inbox: store::InboxLimits::default(),
             dedup_window: Duration::from_secs(600),
             password_cost: password::Cost::default(),
+            login_limits: LoginLimits::default(),
         }
     }
 }

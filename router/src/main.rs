@@ -68,6 +68,21 @@ struct Args {
     /// Argon2id iterations of new password hashes.
     #[arg(long, env = "CIM_ARGON2_ITERATIONS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     argon2_iterations: u32,
+    /// Failed logins per user per minute before the user is locked for the rest of the minute.
+    #[arg(long, env = "CIM_MAX_LOGIN_FAILURES_PER_USER", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    max_login_failures_per_user: u32,
+    /// Login attempts per client IP address per minute.
+    #[arg(long, env = "CIM_MAX_LOGIN_ATTEMPTS_PER_IP", default_value_t = 120, value_parser = clap::value_parser!(u32).range(1..))]
+    max_login_attempts_per_ip: u32,
+    /// Embedded servers: client connections per server.
+    #[arg(long, env = "CIM_MAX_CONNECTIONS", default_value_t = 100_000)]
+    max_connections: usize,
+    /// Embedded servers: client connections per IP address.
+    #[arg(long, env = "CIM_MAX_CONNECTIONS_PER_IP", default_value_t = 1_000)]
+    max_connections_per_ip: usize,
+    /// Embedded servers: sustained messages per second per session (burst: twice that).
+    #[arg(long, env = "CIM_MAX_MSGS_PER_SEC", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    max_msgs_per_sec: u32,
     /// Log format: text or json.
     #[arg(long, env = "CIM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -93,6 +108,13 @@ fn password_cost(args: &Args) -> cim_router::password::Cost {
     }
 }
 
+fn login_limits(args: &Args) -> cim_router::LoginLimits {
+    cim_router::LoginLimits {
+        failures_per_user: args.max_login_failures_per_user,
+        attempts_per_ip: args.max_login_attempts_per_ip,
+    }
+}
+
 async fn run_cluster(args: &Args, redis: &str, zookeeper: &str) -> anyhow::Result<()> {
     let certs = CertPaths::in_dir(&args.certs);
     let secret = std::fs::read_to_string(certs.token_secret())
@@ -112,6 +134,7 @@ async fn run_cluster(args: &Args, redis: &str, zookeeper: &str) -> anyhow::Resul
     );
     config.strategy = args.strategy;
     config.password_cost = password_cost(args);
+    config.login_limits = login_limits(args);
     config.route_lease = Duration::from_millis(args.route_lease_ms);
     let router = Router::bind(config).await.context("starting router")?;
     let store: Arc<dyn Store> = Arc::new(
@@ -156,6 +179,13 @@ async fn run_embedded(args: &Args) -> anyhow::Result<()> {
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
         heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
         password_cost: password_cost(args),
+        login_limits: login_limits(args),
+        server_limits: cim_server::Limits {
+            max_connections: args.max_connections,
+            max_connections_per_ip: args.max_connections_per_ip,
+            messages_per_sec: args.max_msgs_per_sec,
+            message_burst: args.max_msgs_per_sec.saturating_mul(2),
+        },
     };
     let cluster = embedded::start(config, shutdown.clone())
         .await

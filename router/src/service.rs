@@ -3,7 +3,11 @@
 //! push per server). The HTTP API and the server links both call into [`Service`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cim_core::limit::WindowCounter;
 
 use cim_core::discovery::ServerInfo;
 use cim_core::now_ms;
@@ -18,6 +22,14 @@ use crate::links::ServerLinks;
 use crate::password;
 use crate::select::Selector;
 use crate::store::{Account, Claim, InboxEntry, Route, Store, StoreError};
+
+/// Window of the login limits.
+const LOGIN_WINDOW: Duration = Duration::from_secs(60);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Limiter state stays usable even if a holder panicked: worst case a count is off.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// The group that reaches everyone online (CIM's group chat).
 pub const BROADCAST_GROUP: &str = "all";
@@ -55,6 +67,9 @@ pub enum ServiceError {
     /// The store or another dependency is unavailable; retry later.
     #[error("service unavailable")]
     Unavailable(#[from] StoreError),
+    /// Too many login attempts for this user or from this address; retry later.
+    #[error("too many login attempts; retry in a minute")]
+    TooManyAttempts,
     /// A bug or an unexpected failure; details are in the log.
     #[error("internal error")]
     Internal(String),
@@ -75,6 +90,7 @@ impl ServiceError {
             ServiceError::TooLarge(_) => "too_large",
             ServiceError::Unavailable(StoreError::NameTaken) => "name_taken",
             ServiceError::Unavailable(_) => "unavailable",
+            ServiceError::TooManyAttempts => "too_many_attempts",
             ServiceError::Internal(_) => "internal",
         }
     }
@@ -135,6 +151,8 @@ pub struct Sent {
 /// The router's behaviour over its store, discovery view and server links.
 pub struct Service {
     pub(crate) config: Arc<RouterConfig>,
+    login_failures: Mutex<WindowCounter<String>>,
+    login_attempts: Mutex<WindowCounter<IpAddr>>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) servers: watch::Receiver<Arc<Vec<ServerInfo>>>,
     pub(crate) links: ServerLinks,
@@ -150,6 +168,8 @@ impl Service {
         links: ServerLinks,
     ) -> Self {
         Self {
+            login_failures: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
+            login_attempts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             selector: Selector::new(config.strategy),
             ids: IdGenerator::new(rand::random()),
             config,
@@ -186,7 +206,34 @@ impl Service {
         name: &str,
         password: &str,
         takeover: bool,
+        peer: Option<IpAddr>,
     ) -> Result<LoginGrant, ServiceError> {
+        let now = Instant::now();
+        let limits = self.config.login_limits;
+        if let Some(ip) = peer {
+            let attempts = lock(&self.login_attempts).hit(ip, now);
+            if attempts > limits.attempts_per_ip {
+                tracing::warn!(%ip, attempts, "login attempts from address over the limit");
+                return Err(ServiceError::TooManyAttempts);
+            }
+        }
+        if lock(&self.login_failures).count(&name.to_string(), now) >= limits.failures_per_user {
+            tracing::warn!(name, "login failures of user over the limit");
+            return Err(ServiceError::TooManyAttempts);
+        }
+        let result = self.check_credentials(name, password).await;
+        match &result {
+            Err(ServiceError::InvalidCredentials) => {
+                lock(&self.login_failures).hit(name.to_string(), now);
+            }
+            Ok(_) => lock(&self.login_failures).reset(&name.to_string()),
+            Err(_) => {}
+        }
+        let account = result?;
+        self.assign(account, takeover).await
+    }
+
+    async fn check_credentials(&self, name: &str, password: &str) -> Result<Account, ServiceError> {
         if name.len() > 64 || password.len() > 256 {
             return Err(ServiceError::InvalidCredentials);
         }
@@ -203,7 +250,11 @@ impl Service {
         if !ok {
             return Err(ServiceError::InvalidCredentials);
         }
+        Ok(account)
+    }
 
+    /// Claims the route of a verified account and picks its server.
+    async fn assign(&self, account: Account, takeover: bool) -> Result<LoginGrant, ServiceError> {
         let live = self.usable_servers();
         let current = self.store.routes(&[account.id]).await?.pop().flatten();
         let stale = current

@@ -56,6 +56,33 @@ pub struct ServerConfig {
     /// How often the routes of open sessions are renewed (keep well under the router's route
     /// lease).
     pub renew_interval: Duration,
+    /// Caps on what peers may use.
+    pub limits: Limits,
+}
+
+/// Caps on what clients may use. Over a cap a client gets a clear refusal; a client that keeps
+/// pushing is disconnected. Other clients are unaffected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Client connections on this server.
+    pub max_connections: usize,
+    /// Client connections from one IP address.
+    pub max_connections_per_ip: usize,
+    /// Sustained messages per second per session (sends beyond get `rate_limited`).
+    pub messages_per_sec: u32,
+    /// Burst of messages a session may send at once.
+    pub message_burst: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 100_000,
+            max_connections_per_ip: 1_000,
+            messages_per_sec: 200,
+            message_burst: 400,
+        }
+    }
 }
 
 impl ServerConfig {
@@ -83,6 +110,7 @@ impl ServerConfig {
             max_body_bytes: 16 * 1024,
             drain_grace: Duration::from_secs(2),
             renew_interval: Duration::from_secs(10),
+            limits: Limits::default(),
         }
     }
 }

@@ -51,6 +51,15 @@ struct Args {
     /// route lease, 30 s by default).
     #[arg(long, env = "CIM_RENEW_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     renew_ms: u64,
+    /// Client connections on this server.
+    #[arg(long, env = "CIM_MAX_CONNECTIONS", default_value_t = 100_000)]
+    max_connections: usize,
+    /// Client connections per IP address.
+    #[arg(long, env = "CIM_MAX_CONNECTIONS_PER_IP", default_value_t = 1_000)]
+    max_connections_per_ip: usize,
+    /// Sustained messages per second per session (burst: twice that).
+    #[arg(long, env = "CIM_MAX_MSGS_PER_SEC", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    max_msgs_per_sec: u32,
     /// Log format: text or json.
     #[arg(long, env = "CIM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -80,6 +89,12 @@ async fn main() -> anyhow::Result<()> {
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
     config.heartbeat_timeout = Duration::from_millis(args.heartbeat_timeout_ms);
     config.renew_interval = Duration::from_millis(args.renew_ms);
+    config.limits = cim_server::Limits {
+        max_connections: args.max_connections,
+        max_connections_per_ip: args.max_connections_per_ip,
+        messages_per_sec: args.max_msgs_per_sec,
+        message_burst: args.max_msgs_per_sec.saturating_mul(2),
+    };
     let server = Server::bind(config).context("starting server")?;
     let zk = ZkDiscovery::connect(
         &args.zookeeper,

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cim_core::limit::TokenBucket;
 use cim_core::{close, now_ms};
 use cim_proto::v1::{
     ChatMessage, ClientControl, ClientRequest, Delivery, DeliveryAck, Drain, Forward, Kick,
@@ -51,6 +52,8 @@ pub(crate) struct State {
     emptied: Notify,
     /// Highest inbox seq each user acknowledged since the last trim report.
     acked: Mutex<HashMap<u64, u64>>,
+    /// Open client connections per IP address.
+    connections: Mutex<HashMap<std::net::IpAddr, usize>>,
 }
 
 impl State {
@@ -61,6 +64,7 @@ impl State {
             sessions: Mutex::new(HashMap::new()),
             emptied: Notify::new(),
             acked: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
         }
     }
 
@@ -90,6 +94,25 @@ impl State {
             }
             notified.await;
         }
+    }
+
+    /// Admits a connection from `ip` if the caps allow; the guard releases it.
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Result<ConnectionGuard, &'static str> {
+        let limits = self.config.limits;
+        let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = conns.values().sum();
+        if total >= limits.max_connections {
+            return Err("server connection limit reached");
+        }
+        let from_ip = conns.entry(ip).or_insert(0);
+        if *from_ip >= limits.max_connections_per_ip {
+            return Err("connection limit per address reached");
+        }
+        *from_ip += 1;
+        Ok(ConnectionGuard {
+            state: self.clone(),
+            ip,
+        })
     }
 
     /// Records that `user` has every inbox entry up to `seq`.
@@ -190,6 +213,28 @@ impl State {
     }
 }
 
+/// Holds one admitted connection's place in the per-address count.
+pub(crate) struct ConnectionGuard {
+    state: Arc<State>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let mut conns = self
+            .state
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = conns.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                conns.remove(&self.ip);
+            }
+        }
+    }
+}
+
 fn send_control(session: &Session, out: ControlOut) {
     if session.control.try_send(out).is_err() {
         // The control task is gone or hopelessly behind: end the connection outright.
@@ -246,10 +291,19 @@ pub(crate) async fn accept_clients(
             incoming.refuse();
             continue;
         }
-        let state = state.clone();
         let peer = incoming.remote_address();
+        let guard = match state.admit(peer.ip()) {
+            Ok(guard) => guard,
+            Err(why) => {
+                tracing::warn!(%peer, why, "connection refused");
+                incoming.refuse();
+                continue;
+            }
+        };
+        let state = state.clone();
         tracker.spawn(
             async move {
+                let _guard = guard;
                 match incoming.await {
                     Ok(conn) => handle_client(conn, state).await,
                     Err(e) => tracing::debug!(error = %e, "handshake failed"),
@@ -503,17 +557,67 @@ fn control(kind: server_control::Kind) -> ServerControl {
     ServerControl { kind: Some(kind) }
 }
 
-/// Accepts one bidirectional stream per client message until the connection ends.
+/// Accepts one bidirectional stream per client message until the connection ends. Sends are
+/// rate limited per session; a session that keeps sending far beyond its limit is
+/// disconnected.
 async fn message_loop(conn: &quinn::Connection, auth: &Authenticated, state: &Arc<State>) {
+    let limits = state.config.limits;
+    let bucket = Arc::new(Mutex::new(TokenBucket::new(
+        limits.message_burst,
+        limits.messages_per_sec,
+        std::time::Instant::now(),
+    )));
+    let refused_in_a_row = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let flood_cap = limits.message_burst.saturating_mul(4).max(100);
     while let Ok((send, recv)) = conn.accept_bi().await {
         let state = state.clone();
         let from_user = auth.user_id;
         let from_name = auth.user_name.clone();
+        let bucket = bucket.clone();
+        let refused = refused_in_a_row.clone();
+        let conn = conn.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle_message(send, recv, from_user, from_name, &state).await {
+            let gate = RateGate {
+                bucket: &bucket,
+                refused: &refused,
+                flood_cap,
+                conn: &conn,
+            };
+            if let Err(e) = handle_message(send, recv, from_user, from_name, &state, gate).await {
                 tracing::info!(user = from_user, error = %e, "message stream failed");
             }
         });
+    }
+}
+
+/// The per-session send limit, checked when a send arrives.
+struct RateGate<'a> {
+    bucket: &'a Mutex<TokenBucket>,
+    refused: &'a std::sync::atomic::AtomicU32,
+    flood_cap: u32,
+    conn: &'a quinn::Connection,
+}
+
+impl RateGate<'_> {
+    /// Whether this send may go ahead. Past the flood cap the connection is closed.
+    fn admit(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let ok = self
+            .bucket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .try_take(std::time::Instant::now());
+        if ok {
+            self.refused.store(0, Ordering::Relaxed);
+            return true;
+        }
+        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if refused == self.flood_cap {
+            tracing::warn!(remote = %self.conn.remote_address(), "flooding; disconnecting");
+            self.conn
+                .close(close::code(close::OVERLOAD), b"message rate limit exceeded");
+        }
+        false
     }
 }
 
@@ -532,6 +636,7 @@ async fn handle_message(
     from_user: u64,
     from_name: String,
     state: &State,
+    gate: RateGate<'_>,
 ) -> Result<(), MessageError> {
     let max_frame = state.config.max_body_bytes + 256;
     let request: ClientRequest = match read_required(&mut recv, max_frame).await {
@@ -548,6 +653,14 @@ async fn handle_message(
         }
     };
     match request.kind {
+        Some(client_request::Kind::Send(message)) if !gate.admit() => {
+            let ack = refused(
+                message.client_msg_id,
+                "rate_limited",
+                "too many messages; slow down",
+            );
+            write_frame(&mut send, &ack, 1024).await?;
+        }
         Some(client_request::Kind::Send(message)) => {
             let ack = send_message(message, from_user, from_name, state).await;
             write_frame(&mut send, &ack, 1024).await?;

@@ -1,0 +1,461 @@
+//! The abuse suite: forged, expired and misdirected tokens, a claimed sender, a client on the
+//! internal endpoint, an oversized frame, 10,000 streams at once, garbage UDP, malformed JSON on
+//! every endpoint, a login brute force and a message flood. After each, well-behaved clients
+//! on the same server still chat and no accepted message is lost.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cim_client::{Client, ClientError, Events, LoginOptions, RouterApi};
+use cim_core::token::{Claims, TokenKey};
+use cim_core::transport::{self, Link};
+use cim_core::{ALPN_CLIENT, ALPN_INTERNAL, now_ms, tls};
+use cim_integration_tests::{Backend, TestCluster, WAIT, next_message};
+use cim_proto::v1::{
+    ChatMessage, ClientControl, ClientRequest, Login, SendAck, ServerControl, chat_message::Target,
+    client_control, client_request, server_control,
+};
+use cim_proto::{ProstMessage, read_required, write_frame};
+use http::{Method, StatusCode};
+
+/// A cluster with two well-behaved users, checked after every abuse.
+struct Scene {
+    cluster: TestCluster,
+    alice: Client,
+    bob: Client,
+    bob_events: Events,
+    sent: u32,
+}
+
+impl Scene {
+    async fn new() -> anyhow::Result<Self> {
+        Self::with(|_| {}).await
+    }
+
+    async fn with(
+        tweak: impl FnOnce(&mut cim_router::embedded::EmbeddedConfig),
+    ) -> anyhow::Result<Self> {
+        let cluster = TestCluster::start_with(1, Backend::Memory, tweak).await?;
+        let (alice, _) = cluster.user("alice").await?;
+        let (bob, bob_events) = cluster.user("bob").await?;
+        Ok(Self {
+            cluster,
+            alice,
+            bob,
+            bob_events,
+            sent: 0,
+        })
+    }
+
+    /// Alice and Bob still chat: the next message Bob sees is the one Alice sends now.
+    async fn still_chatting(&mut self) -> anyhow::Result<()> {
+        self.sent += 1;
+        let body = format!("still fine {}", self.sent);
+        self.alice
+            .send_private(self.bob.info().user_id, &body)
+            .await?;
+        let m = next_message(&mut self.bob_events).await?;
+        assert_eq!(
+            (m.body, m.from_user),
+            (body, self.alice.info().user_id),
+            "an accepted message went missing"
+        );
+        Ok(())
+    }
+
+    fn server_addr(&self) -> SocketAddr {
+        self.cluster.embedded.servers[0].1
+    }
+
+    fn token_key(&self) -> TokenKey {
+        let secret = std::fs::read_to_string(
+            self.cluster
+                .dir
+                .path()
+                .join("certs")
+                .join(cim_certs::TOKEN_SECRET),
+        )
+        .unwrap();
+        TokenKey::from_hex(&secret).unwrap()
+    }
+
+    fn api(&self) -> RouterApi {
+        RouterApi::new(&self.cluster.client_config()).unwrap()
+    }
+
+    /// Registers `name` and logs in over HTTP only (no QUIC session yet): returns the token,
+    /// for raw connections that must not share a session with a library client.
+    async fn http_login(&self, name: &str) -> anyhow::Result<(u64, String)> {
+        let api = self.api();
+        let id = api.register(name, "password").await?;
+        let body = serde_json::json!({"name": name, "password": "password"});
+        let grant: serde_json::Value = api
+            .call(Method::POST, "/api/login", Some(&body), None)
+            .await?;
+        Ok((id, grant["token"].as_str().unwrap().to_string()))
+    }
+
+    /// A raw QUIC connection to the server's client endpoint.
+    async fn raw(&self) -> anyhow::Result<quinn::Connection> {
+        let roots = tls::load_roots(&self.cluster.embedded.ca)?;
+        let config = transport::client_config(
+            tls::client_config(roots, &[ALPN_CLIENT], None)?,
+            Link::Client,
+        )?;
+        let endpoint = transport::client_endpoint("127.0.0.1:0".parse()?, config)?;
+        Ok(endpoint.connect(self.server_addr(), "127.0.0.1")?.await?)
+    }
+
+    /// Sends Login with `token` on a new raw connection; returns the login result code.
+    async fn raw_login(&self, token: &str) -> anyhow::Result<(quinn::Connection, String)> {
+        let conn = self.raw().await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let login = ClientControl {
+            kind: Some(client_control::Kind::Login(Login {
+                token: token.to_string(),
+                last_seen_seq: 0,
+            })),
+        };
+        write_frame(&mut send, &login, 4096).await?;
+        let reply: ServerControl = read_required(&mut recv, 4096).await?;
+        let Some(server_control::Kind::LoginResult(result)) = reply.kind else {
+            anyhow::bail!("expected a login result");
+        };
+        // Keep the control stream open for the session's lifetime.
+        std::mem::forget((send, recv));
+        Ok((conn, result.code))
+    }
+}
+
+fn claims(user_id: u64, server_id: &str, expires_at_ms: u64) -> Claims {
+    Claims {
+        user_id,
+        user_name: "alice".into(),
+        server_id: server_id.into(),
+        session_id: 77,
+        expires_at_ms,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_expired_and_misdirected_tokens_are_refused_with_reasons() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let server_id = scene.cluster.embedded.servers[0].0.clone();
+    let alice = scene.alice.info().user_id;
+    let forged = TokenKey::new(b"not the cluster secret").sign(&claims(
+        alice,
+        &server_id,
+        now_ms() + 60_000,
+    ));
+    let expired = scene
+        .token_key()
+        .sign(&claims(alice, &server_id, now_ms() - 1));
+    let elsewhere = scene
+        .token_key()
+        .sign(&claims(alice, "server-9", now_ms() + 60_000));
+    for (token, code) in [
+        (forged.as_str(), "invalid_token"),
+        (expired.as_str(), "token_expired"),
+        (elsewhere.as_str(), "wrong_server"),
+        ("garbage", "invalid_token"),
+    ] {
+        let (_conn, got) = scene.raw_login(token).await?;
+        assert_eq!(got, code);
+        scene.still_chatting().await?;
+    }
+    // The HTTP API refuses the forged token too.
+    let err = scene.api().online_users(&forged, "").await.unwrap_err();
+    assert!(matches!(err, ClientError::Api { status: 401, .. }), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_cannot_claim_another_sender() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let (mallory_id, mallory_token) = scene.http_login("mallory").await?;
+    // Mallory's own session; the frame carries an extra field (15 = alice's id) that a naive
+    // server might take for a sender. It is ignored: the sender is the session's user.
+    let conn = {
+        let (conn, code) = scene.raw_login(&mallory_token).await?;
+        assert_eq!(code, "");
+        conn
+    };
+    let request = ClientRequest {
+        kind: Some(client_request::Kind::Send(ChatMessage {
+            client_msg_id: 1,
+            target: Some(Target::ToUser(scene.bob.info().user_id)),
+            body: "i am alice".into(),
+        })),
+    };
+    let mut body = request.encode_to_vec();
+    body.extend_from_slice(&[15 << 3, scene.alice.info().user_id as u8]);
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&frame).await?;
+    send.finish()?;
+    let ack: SendAck = read_required(&mut recv, 4096).await?;
+    assert_eq!(ack.code, "");
+    let m = next_message(&mut scene.bob_events).await?;
+    assert_eq!(
+        (m.body.as_str(), m.from_user, m.from_name.as_str()),
+        ("i am alice", mallory_id, "mallory")
+    );
+
+    // Over HTTP, a body naming a sender is refused outright.
+    let (status, reply) = scene
+        .api()
+        .raw(
+            Method::POST,
+            "/api/messages",
+            Bytes::from(format!(
+                r#"{{"to":{},"body":"x","from":1}}"#,
+                scene.bob.info().user_id
+            )),
+            Some(&mallory_token),
+        )
+        .await?;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    scene.still_chatting().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_use_the_internal_endpoint() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let roots = tls::load_roots(&scene.cluster.embedded.ca)?;
+    let config = transport::client_config(
+        tls::client_config(roots, &[ALPN_INTERNAL], None)?,
+        Link::Internal,
+    )?;
+    let endpoint = transport::client_endpoint("127.0.0.1:0".parse()?, config)?;
+    let internal = scene.cluster.embedded.internal_addrs[0];
+    let attempt = async {
+        let conn = endpoint.connect(internal, "127.0.0.1")?.await?;
+        // With TLS 1.3 the client may think it is connected until the server's verdict on its
+        // (missing) certificate arrives: any use must fail.
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(b"\0\0\0\x02\x0a\x00").await?;
+        send.finish()?;
+        let mut buf = Vec::new();
+        let n = tokio::io::AsyncReadExt::read_to_end(&mut recv, &mut buf).await?;
+        anyhow::Ok(n)
+    };
+    let result = tokio::time::timeout(WAIT, attempt).await?;
+    assert!(
+        result.is_err(),
+        "the internal endpoint must refuse a client without a cluster certificate"
+    );
+    scene.still_chatting().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_is_refused_and_the_connection_survives() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let (_, token) = scene.http_login("raw").await?;
+    let (conn, code) = scene.raw_login(&token).await?;
+    assert_eq!(code, "");
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&0x7fff_ffffu32.to_be_bytes()).await?;
+    send.write_all(&[0u8; 1024]).await?;
+    let ack: SendAck = read_required(&mut recv, 4096).await?;
+    assert_eq!(ack.code, "too_large");
+    // The same connection still sends.
+    let request = ClientRequest {
+        kind: Some(client_request::Kind::Send(ChatMessage {
+            client_msg_id: 9,
+            target: Some(Target::ToUser(scene.bob.info().user_id)),
+            body: "after the big one".into(),
+        })),
+    };
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, &request, 4096).await?;
+    send.finish()?;
+    let ack: SendAck = read_required(&mut recv, 4096).await?;
+    assert_eq!(ack.code, "");
+    assert_eq!(
+        next_message(&mut scene.bob_events).await?.body,
+        "after the big one"
+    );
+    scene.still_chatting().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_streams_at_once_do_not_hurt_anyone_else() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let (_, token) = scene.http_login("flooder").await?;
+    let (conn, code) = scene.raw_login(&token).await?;
+    assert_eq!(code, "");
+    let mut tasks = Vec::new();
+    for _ in 0..10_000 {
+        let conn = conn.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut send, _recv) = conn.open_bi().await?;
+            send.write_all(b"\0\0\0\x05garb").await?;
+            send.finish()?;
+            anyhow::Ok(())
+        }));
+    }
+    let opened = tokio::time::timeout(Duration::from_secs(120), futures_join(tasks)).await?;
+    assert!(opened > 0);
+    scene.still_chatting().await
+}
+
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>) -> usize {
+    let mut ok = 0;
+    for t in tasks {
+        if matches!(t.await, Ok(Ok(()))) {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_udp_at_the_server_port_is_ignored() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..10_000usize {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let len = 1 + (seed as usize % 1400);
+        let datagram: Vec<u8> = (0..len)
+            .map(|j| (seed >> (j % 56)) as u8 ^ i as u8)
+            .collect();
+        socket.send_to(&datagram, scene.server_addr()).await?;
+    }
+    scene.still_chatting().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_json_and_wrong_types_get_clear_errors_on_every_endpoint() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let api = scene.api();
+    let token = scene.alice.token();
+    let bad_bodies = [
+        "not json",
+        "{",
+        "[]",
+        "null",
+        r#"{"name": 5, "password": true}"#,
+        r#"{"to": "x", "body": 1}"#,
+        "\u{0}\u{1}",
+    ];
+    for path in ["/api/register", "/api/login", "/api/messages"] {
+        for body in bad_bodies {
+            let (status, reply) = api
+                .raw(Method::POST, path, Bytes::from(body), Some(&token))
+                .await?;
+            let json: serde_json::Value = serde_json::from_slice(&reply)?;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body:?}: {json}");
+            assert!(
+                json["code"] == "bad_json" || json["code"] == "bad_request",
+                "{path} {body:?}: {json}"
+            );
+            assert!(json["message"].is_string());
+        }
+        let huge = Bytes::from(vec![b'x'; 66_000]);
+        let (status, _) = api.raw(Method::POST, path, huge, Some(&token)).await?;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{path}");
+    }
+    for (method, path) in [
+        (Method::GET, "/api/users/online?prefix=%ZZ&x[]=1"),
+        (Method::POST, "/api/logout"),
+        (Method::GET, "/api/users/online"),
+    ] {
+        let (status, reply) = api
+            .raw(method.clone(), path, Bytes::new(), Some("not-a-token"))
+            .await?;
+        let json: serde_json::Value = serde_json::from_slice(&reply)?;
+        assert!(status.is_client_error(), "{method} {path}: {status} {json}");
+        assert!(json["code"].is_string());
+    }
+    let (status, _) = api
+        .raw(Method::GET, "/no/such/thing", Bytes::new(), None)
+        .await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = api
+        .raw(Method::DELETE, "/api/login", Bytes::new(), None)
+        .await?;
+    assert!(status.is_client_error());
+    scene.still_chatting().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_brute_force_hits_the_limit() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let config = scene.cluster.client_config();
+    cim_client::register(&config, "victim", "right-password").await?;
+    for _ in 0..5 {
+        let err = Client::login(&config, "victim", "guess", LoginOptions::default())
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.code(), Some("invalid_credentials"), "{err}");
+    }
+    // Locked for the rest of the minute, even with the right password.
+    let err = Client::login(&config, "victim", "right-password", LoginOptions::default())
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, ClientError::Api { status: 429, .. }),
+        "{err}"
+    );
+    assert_eq!(err.code(), Some("too_many_attempts"));
+    // Others are unaffected.
+    cim_client::register(&config, "carol", "password").await?;
+    Client::login(&config, "carol", "password", LoginOptions::default()).await?;
+    scene.still_chatting().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_flood_is_throttled_then_disconnected() -> anyhow::Result<()> {
+    let mut scene = Scene::with(|c| {
+        c.server_limits.messages_per_sec = 20;
+        c.server_limits.message_burst = 20;
+    })
+    .await?;
+    let config = scene.cluster.client_config();
+    cim_client::register(&config, "spammer", "password").await?;
+    let mut quiet = config.clone();
+    quiet.reconnect = false;
+    let (spammer, _s) =
+        Client::login(&quiet, "spammer", "password", LoginOptions::default()).await?;
+    let to = scene.bob.info().user_id;
+    let mut limited = 0;
+    let mut cut_off = false;
+    for i in 0..400 {
+        match spammer.send_private(to, &format!("spam {i}")).await {
+            Ok(_) => {}
+            Err(e) if e.code() == Some("rate_limited") => limited += 1,
+            Err(_) => {
+                cut_off = true;
+                break;
+            }
+        }
+    }
+    assert!(limited > 0, "no send was throttled");
+    assert!(cut_off, "a sender that keeps flooding must be disconnected");
+    // Bob got the spam that was accepted, then Alice's message: drain until it shows up.
+    scene.sent += 1;
+    let body = format!("still fine {}", scene.sent);
+    scene.alice.send_private(to, &body).await?;
+    loop {
+        let m = next_message(&mut scene.bob_events).await?;
+        if m.body == body {
+            break;
+        }
+        assert!(m.body.starts_with("spam "), "{m:?}");
+    }
+    Ok(())
+}
