@@ -13,8 +13,25 @@ pub enum Command {
         /// Text.
         body: String,
     },
+    /// `#group text`: a message to a named group.
+    Group {
+        /// Group name.
+        group: String,
+        /// Text.
+        body: String,
+    },
     /// `:olu [prefix]`: list online users.
     OnlineUsers(String),
+    /// `:create NAME`: create a group.
+    Create(String),
+    /// `:join NAME`: join a group.
+    Join(String),
+    /// `:leave NAME`: leave a group.
+    Leave(String),
+    /// `:members NAME`: list a group's members.
+    Members(String),
+    /// `:groups`: list my groups.
+    Groups,
     /// `:info`: own id, name and server.
     Info,
     /// `:help`: list commands.
@@ -32,6 +49,12 @@ pub const HELP: &str = "\
 commands:
   <text>               send <text> to everyone online
   <userId>;;<text>     send <text> privately to user <userId>
+  #<group> <text>      send <text> to a named group
+  :create <group>      create a group (you become its owner and first member)
+  :join <group>        join a group
+  :leave <group>       leave a group
+  :members <group>     list a group's members and who is online
+  :groups              list your groups
   :olu [prefix]        list online users (optionally whose name starts with prefix)
   :info                show your id, name and server
   :help                show this help
@@ -50,9 +73,26 @@ pub fn parse(line: &str) -> Command {
         return match verb {
             "q" | "quit" => Command::Quit,
             "olu" => Command::OnlineUsers(arg),
+            "groups" => Command::Groups,
+            "create" | "join" | "leave" | "members" if arg.is_empty() => {
+                Command::Invalid(format!(":{verb} needs a group name"))
+            }
+            "create" => Command::Create(arg),
+            "join" => Command::Join(arg),
+            "leave" => Command::Leave(arg),
+            "members" => Command::Members(arg),
             "info" => Command::Info,
             "help" => Command::Help,
             other => Command::Invalid(format!("unknown command :{other}; type :help")),
+        };
+    }
+    if let Some(rest) = line.strip_prefix('#') {
+        return match rest.split_once(' ') {
+            Some((group, body)) if !group.is_empty() && !body.trim().is_empty() => Command::Group {
+                group: group.to_string(),
+                body: body.to_string(),
+            },
+            _ => Command::Invalid("use #<group> <text>".into()),
         };
     }
     if let Some((to, body)) = line.split_once(";;") {
@@ -99,6 +139,20 @@ mod tests {
         assert_eq!(parse(":q"), Command::Quit);
         assert_eq!(parse(":info"), Command::Info);
         assert_eq!(parse(":help"), Command::Help);
+        assert_eq!(
+            parse("#rust hello all"),
+            Command::Group {
+                group: "rust".into(),
+                body: "hello all".into()
+            }
+        );
+        assert!(matches!(parse("#rust"), Command::Invalid(_)));
+        assert_eq!(parse(":join rust"), Command::Join("rust".into()));
+        assert_eq!(parse(":create rust"), Command::Create("rust".into()));
+        assert_eq!(parse(":leave rust"), Command::Leave("rust".into()));
+        assert_eq!(parse(":members rust"), Command::Members("rust".into()));
+        assert_eq!(parse(":groups"), Command::Groups);
+        assert!(matches!(parse(":join"), Command::Invalid(_)));
         assert_eq!(parse("   "), Command::Nothing);
         assert!(matches!(parse("bob;;hi"), Command::Invalid(_)));
         assert!(matches!(parse("7;;"), Command::Invalid(_)));

@@ -32,8 +32,9 @@ use cim_core::transport::{self, Link};
 use cim_core::{ALPN_CLIENT, close, tls};
 pub use cim_proto::v1::chat_message::Target;
 use cim_proto::v1::{
-    ChatMessage, ClientControl, ClientRequest, Delivery, DeliveryAck, Login, Ping, Pull,
-    PullResult, SendAck, ServerControl, client_control, client_request, server_control,
+    ChatMessage, ClientControl, ClientRequest, Delivery, DeliveryAck, GroupRequest, GroupResult,
+    Login, Ping, Pull, PullResult, SendAck, ServerControl, client_control, client_request,
+    group_request, server_control,
 };
 use cim_proto::{FrameError, read_frame, read_required, write_frame};
 use tokio::sync::{Mutex as AsyncMutex, Notify, mpsc, watch};
@@ -108,6 +109,14 @@ pub enum ClientError {
     /// The client was closed, logged out or kicked.
     #[error("client is closed")]
     Closed,
+    /// A request (group operation) was refused.
+    #[error("refused: {code}: {message}")]
+    Refused {
+        /// Stable error code, e.g. `group_full`.
+        code: String,
+        /// Human-readable explanation.
+        message: String,
+    },
 }
 
 impl ClientError {
@@ -116,7 +125,8 @@ impl ClientError {
         match self {
             ClientError::Api { code, .. }
             | ClientError::LoginRefused { code, .. }
-            | ClientError::SendRefused { code, .. } => Some(code),
+            | ClientError::SendRefused { code, .. }
+            | ClientError::Refused { code, .. } => Some(code),
             _ => None,
         }
     }
@@ -252,6 +262,26 @@ pub enum Event {
     Disconnected(String),
     /// The connection is back.
     Reconnected(Reconnected),
+    /// A user who shares a group with us came online (`online`) or went offline.
+    Presence {
+        /// The user.
+        user_id: u64,
+        /// Its name.
+        name: String,
+        /// Whether it is online now.
+        online: bool,
+    },
+}
+
+/// A group member as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMemberInfo {
+    /// Account id.
+    pub id: u64,
+    /// Account name.
+    pub name: String,
+    /// Whether the member is online.
+    pub online: bool,
 }
 
 /// The stream of [`Event`]s of one session.
@@ -591,6 +621,80 @@ impl Client {
         self.send_with_id(id, target, body).await
     }
 
+    async fn group_request(
+        &self,
+        op: group_request::Op,
+        name: &str,
+    ) -> Result<GroupResult, ClientError> {
+        let request = ClientRequest {
+            kind: Some(client_request::Kind::Group(GroupRequest {
+                op: op as i32,
+                name: name.to_string(),
+            })),
+        };
+        let deadline = tokio::time::Instant::now() + SEND_ATTEMPT_TIMEOUT;
+        let conn = self.shared.live_conn(deadline).await?;
+        let reply: GroupResult = tokio::time::timeout(SEND_ATTEMPT_TIMEOUT, async {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            write_frame(&mut send, &request, 4096).await?;
+            send.finish()?;
+            Ok::<_, ClientError>(read_required(&mut recv, MAX_PULL_FRAME).await?)
+        })
+        .await
+        .map_err(|_| ClientError::Timeout)??;
+        if reply.code.is_empty() {
+            Ok(reply)
+        } else {
+            Err(ClientError::Refused {
+                code: reply.code,
+                message: reply.message,
+            })
+        }
+    }
+
+    /// Creates a named group; we become its owner and first member.
+    pub async fn create_group(&self, name: &str) -> Result<(), ClientError> {
+        self.group_request(group_request::Op::Create, name)
+            .await
+            .map(|_| ())
+    }
+
+    /// Joins a group.
+    pub async fn join_group(&self, name: &str) -> Result<(), ClientError> {
+        self.group_request(group_request::Op::Join, name)
+            .await
+            .map(|_| ())
+    }
+
+    /// Leaves a group.
+    pub async fn leave_group(&self, name: &str) -> Result<(), ClientError> {
+        self.group_request(group_request::Op::Leave, name)
+            .await
+            .map(|_| ())
+    }
+
+    /// Members of a group with their presence.
+    pub async fn group_members(&self, name: &str) -> Result<Vec<GroupMemberInfo>, ClientError> {
+        let reply = self.group_request(group_request::Op::Members, name).await?;
+        Ok(reply
+            .members
+            .into_iter()
+            .map(|m| GroupMemberInfo {
+                id: m.user_id,
+                name: m.name,
+                online: m.online,
+            })
+            .collect())
+    }
+
+    /// The groups we belong to.
+    pub async fn my_groups(&self) -> Result<Vec<String>, ClientError> {
+        Ok(self
+            .group_request(group_request::Op::Mine, "")
+            .await?
+            .groups)
+    }
+
     /// Users online now, whose name starts with `prefix` (empty: everyone).
     pub async fn online_users(&self, prefix: &str) -> Result<Vec<OnlineUser>, ClientError> {
         let token = self.token();
@@ -914,6 +1018,10 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                 Some(Ok(Some(server_control::Kind::Kick(kick)))) => {
                     conn.close(close::code(close::KICKED), b"kicked");
                     break End::Kicked(kick.reason);
+                }
+                Some(Ok(Some(server_control::Kind::Presence(p)))) => {
+                    let event = Event::Presence { user_id: p.user_id, name: p.name, online: p.online };
+                    let _ = shared.events.send(event).await;
                 }
                 Some(Ok(Some(server_control::Kind::Drain(drain)))) => {
                     conn.close(close::code(close::DRAIN), b"draining");

@@ -103,6 +103,10 @@ async fn main() -> anyhow::Result<()> {
                 Some(Event::Disconnected(reason)) => {
                     println!("! connection lost ({reason}); reconnecting");
                 }
+                Some(Event::Presence { user_id, name, online }) => {
+                    let state = if online { "online" } else { "offline" };
+                    println!("* {name} ({user_id}) is {state}");
+                }
                 Some(Event::Reconnected(how)) => {
                     let how_text = if how.relogin { "logged in again" } else { "resumed" };
                     println!("reconnected ({how_text}) on server {}", how.server_id);
@@ -124,6 +128,13 @@ fn announce(client: &Client) {
     );
 }
 
+fn report(result: Result<(), cim_client::ClientError>, done: &str) {
+    match result {
+        Ok(()) => println!("{done}"),
+        Err(e) => println!("! {e}"),
+    }
+}
+
 /// Carries out one console command.
 async fn run(client: &Client, command: Command) {
     match command {
@@ -137,6 +148,35 @@ async fn run(client: &Client, command: Command) {
                 println!("! not sent to {to}: {e}");
             }
         }
+        Command::Group { group, body } => {
+            if let Err(e) = client.send_group(&group, &body).await {
+                println!("! not sent to #{group}: {e}");
+            }
+        }
+        Command::Create(group) => report(
+            client.create_group(&group).await,
+            &format!("created #{group}"),
+        ),
+        Command::Join(group) => {
+            report(client.join_group(&group).await, &format!("joined #{group}"))
+        }
+        Command::Leave(group) => {
+            report(client.leave_group(&group).await, &format!("left #{group}"))
+        }
+        Command::Members(group) => match client.group_members(&group).await {
+            Ok(members) => {
+                println!("#{group} members ({}):", members.len());
+                for m in members {
+                    let state = if m.online { "online" } else { "offline" };
+                    println!("  {} {} {state}", m.id, m.name);
+                }
+            }
+            Err(e) => println!("! {e}"),
+        },
+        Command::Groups => match client.my_groups().await {
+            Ok(groups) => println!("your groups ({}): {}", groups.len(), groups.join(" ")),
+            Err(e) => println!("! {e}"),
+        },
         Command::OnlineUsers(prefix) => match client.online_users(&prefix).await {
             Ok(users) => {
                 println!("online users ({}):", users.len());

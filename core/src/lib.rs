@@ -5,6 +5,7 @@
 pub mod discovery;
 pub mod limit;
 pub mod logging;
+pub mod metrics;
 pub mod tls;
 pub mod token;
 pub mod transport;

@@ -100,6 +100,7 @@ impl TestCluster {
                 failures_per_user: 5,
                 attempts_per_ip: 100_000,
             },
+            max_group_size: 10_000,
             server_limits: cim_server::Limits {
                 max_connections_per_ip: 100_000,
                 messages_per_sec: 100_000,

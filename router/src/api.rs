@@ -8,7 +8,13 @@
 //! | POST | /api/logout | bearer | - | 200 `{}` |
 //! | GET | /api/users/online | bearer | `?prefix=` | 200 `{users: [{id, name}]}` |
 //! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, recipients}` |
-//! | GET | /health | - | - | 200 `{status, servers}` |
+//! | POST | /api/groups | bearer | `{name}` | 201 `{name}` |
+//! | POST | /api/groups/NAME/join, /leave | bearer | - | 200 `{}` |
+//! | GET | /api/groups/NAME/members | bearer | - | 200 `{members: [{id, name, online}]}` |
+//! | GET | /api/groups | bearer | - | 200 `{groups: [...]}` |
+//! | GET | /health | - | - | 200 `{status, servers}` (liveness) |
+//! | GET | /ready | - | - | 200 when the store answers and a server is linked, else 503 `not_ready` |
+//! | GET | /metrics | - | - | Prometheus text exposition |
 //!
 //! Every error is `{"code": "...", "message": "..."}` with a fitting status.
 
@@ -57,6 +63,8 @@ impl From<ServiceError> for ApiError {
                 StatusCode::UNAUTHORIZED
             }
             ServiceError::UnknownUser | ServiceError::UnknownGroup => StatusCode::NOT_FOUND,
+            ServiceError::GroupExists | ServiceError::GroupFull => StatusCode::CONFLICT,
+            ServiceError::NotMember => StatusCode::FORBIDDEN,
             ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServiceError::NoServer | ServiceError::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -155,10 +163,41 @@ struct SendResponse {
     recipients: u32,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateGroupRequest {
+    name: String,
+}
+
+#[derive(Serialize)]
+struct MemberJson {
+    id: u64,
+    name: String,
+    online: bool,
+}
+
+#[derive(Serialize)]
+struct MembersResponse {
+    members: Vec<MemberJson>,
+}
+
+#[derive(Serialize)]
+struct GroupsResponse {
+    groups: Vec<String>,
+}
+
 #[derive(Serialize)]
 struct HealthResponse {
     status: &'static str,
     servers: usize,
+}
+
+/// Parses `data` as each JSON request body the API accepts (for fuzzing the body decoders);
+/// returns how many parsed.
+pub fn parse_all_bodies(data: &[u8]) -> usize {
+    usize::from(serde_json::from_slice::<RegisterRequest>(data).is_ok())
+        + usize::from(serde_json::from_slice::<LoginRequest>(data).is_ok())
+        + usize::from(serde_json::from_slice::<SendRequest>(data).is_ok())
 }
 
 /// All routes of the API, with errors turned into JSON.
@@ -298,6 +337,121 @@ pub fn routes(
                 respond_api(result.await)
             },
         );
+    let create_group = warp::path!("api" / "groups")
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(bearer())
+        .and(json_body::<CreateGroupRequest>())
+        .then(
+            |service: Arc<Service>,
+             auth: Result<String, ApiError>,
+             req: Result<CreateGroupRequest, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth)?;
+                    let req = req?;
+                    service.create_group(claims.user_id, &req.name).await?;
+                    Ok::<_, ApiError>(warp::reply::with_status(
+                        warp::reply::json(&serde_json::json!({"name": req.name})),
+                        StatusCode::CREATED,
+                    ))
+                };
+                respond_api(result.await)
+            },
+        );
+    let group_action = warp::path!("api" / "groups" / String / String)
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(bearer())
+        .then(
+            |name: String,
+             action: String,
+             service: Arc<Service>,
+             auth: Result<String, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth)?;
+                    match action.as_str() {
+                        "join" => service.join_group(claims.user_id, &name).await?,
+                        "leave" => service.leave_group(claims.user_id, &name).await?,
+                        _ => {
+                            return Err(ApiError::new(
+                                StatusCode::NOT_FOUND,
+                                "not_found",
+                                "no such endpoint",
+                            ));
+                        }
+                    }
+                    Ok(warp::reply::json(&serde_json::json!({})))
+                };
+                respond_api(result.await)
+            },
+        );
+    let group_members = warp::path!("api" / "groups" / String / "members")
+        .and(warp::get())
+        .and(with_service.clone())
+        .and(bearer())
+        .then(
+            |name: String, service: Arc<Service>, auth: Result<String, ApiError>| async move {
+                let result = async {
+                    authenticate(&service, auth)?;
+                    let members = service
+                        .group_members(&name)
+                        .await?
+                        .into_iter()
+                        .map(|m| MemberJson {
+                            id: m.id,
+                            name: m.name,
+                            online: m.online,
+                        })
+                        .collect();
+                    Ok::<_, ApiError>(warp::reply::json(&MembersResponse { members }))
+                };
+                respond_api(result.await)
+            },
+        );
+    let my_groups = warp::path!("api" / "groups")
+        .and(warp::get())
+        .and(with_service.clone())
+        .and(bearer())
+        .then(
+            |service: Arc<Service>, auth: Result<String, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth)?;
+                    let groups = service.my_groups(claims.user_id).await?;
+                    Ok::<_, ApiError>(warp::reply::json(&GroupsResponse { groups }))
+                };
+                respond_api(result.await)
+            },
+        );
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_service.clone())
+        .map(|service: Arc<Service>| match &service.config.registry {
+            Some(registry) => warp::reply::with_header(
+                cim_core::metrics::render(registry),
+                "content-type",
+                "text/plain; version=0.0.4",
+            )
+            .into_response(),
+            None => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "metrics are not enabled",
+            )
+            .into_response(),
+        });
+    let ready = warp::path!("ready")
+        .and(warp::get())
+        .and(with_service.clone())
+        .then(|service: Arc<Service>| async move {
+            match service.ready().await {
+                Ok(()) => {
+                    warp::reply::json(&serde_json::json!({"status": "ready"})).into_response()
+                }
+                Err(why) => {
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", why).into_response()
+                }
+            }
+        });
     let health = warp::path!("health")
         .and(warp::get())
         .and(with_service)
@@ -317,6 +471,18 @@ pub fn routes(
         .or(online)
         .unify()
         .or(send)
+        .unify()
+        .or(create_group)
+        .unify()
+        .or(group_action)
+        .unify()
+        .or(group_members)
+        .unify()
+        .or(my_groups)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(ready)
         .unify()
         .or(health)
         .unify()

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cim_core::discovery::{Discovery, MemoryDiscovery};
+use cim_core::metrics::{self, Registry, RouterMetrics, ServerMetrics};
 use cim_core::token::TokenKey;
 use cim_server::{Server, ServerConfig};
 use tokio::task::JoinSet;
@@ -38,6 +39,8 @@ pub struct EmbeddedConfig {
     pub login_limits: crate::LoginLimits,
     /// Caps on the servers' clients.
     pub server_limits: cim_server::Limits,
+    /// Most members a group may have.
+    pub max_group_size: usize,
 }
 
 /// A running embedded cluster.
@@ -86,6 +89,8 @@ pub async fn start_with_store(
         .with_context(|| format!("reading {}", certs.token_secret().display()))?;
     let token_key = TokenKey::from_hex(&secret).context("token secret")?;
     let discovery: Arc<dyn Discovery> = Arc::new(MemoryDiscovery::new());
+    // One registry for the whole process: servers under a `server` label.
+    let mut registry = Registry::default();
     let mut tasks = JoinSet::new();
 
     let mut servers = Vec::new();
@@ -103,6 +108,8 @@ pub async fn start_with_store(
         server_config.heartbeat_interval = config.heartbeat_interval;
         server_config.heartbeat_timeout = config.heartbeat_timeout;
         server_config.limits = config.server_limits;
+        server_config.metrics =
+            ServerMetrics::new(metrics::labelled(&mut registry, &format!("server-{i}")));
         let server = Server::bind(server_config).context("starting server")?;
         servers.push((server.id().to_string(), server.client_addr()));
         internal_addrs.push(server.internal_addr());
@@ -126,6 +133,9 @@ pub async fn start_with_store(
     router_config.strategy = config.strategy;
     router_config.password_cost = config.password_cost;
     router_config.login_limits = config.login_limits;
+    router_config.max_group_size = config.max_group_size;
+    router_config.metrics = RouterMetrics::new(&mut registry);
+    router_config.registry = Some(Arc::new(registry));
     let router = Router::bind(router_config)
         .await
         .context("starting router")?;

@@ -62,6 +62,12 @@ pub struct RouterConfig {
     pub password_cost: password::Cost,
     /// Limits on login attempts.
     pub login_limits: LoginLimits,
+    /// Most members a group may have.
+    pub max_group_size: usize,
+    /// What the router counts.
+    pub metrics: Arc<cim_core::metrics::RouterMetrics>,
+    /// Registry served on `/metrics` (`None`: the endpoint answers 404).
+    pub registry: Option<Arc<cim_core::metrics::Registry>>,
 }
 
 /// Limits on login attempts, per router (each router counts its own).
@@ -109,6 +115,9 @@ impl RouterConfig {
             dedup_window: Duration::from_secs(600),
             password_cost: password::Cost::default(),
             login_limits: LoginLimits::default(),
+            max_group_size: 10_000,
+            metrics: Arc::new(cim_core::metrics::RouterMetrics::unregistered()),
+            registry: None,
         }
     }
 }

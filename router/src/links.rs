@@ -9,8 +9,9 @@ use std::time::Duration;
 use cim_core::discovery::ServerInfo;
 use cim_core::transport;
 use cim_proto::v1::{
-    Delivery, KickResult, KickUser, PullResult, Push, PushResult, Recipient, RenewResult,
-    RouterRequest, ServerRequest, SessionResult, router_request, server_request,
+    Delivery, GroupMember, GroupResult, KickResult, KickUser, Presence, PresencePush, PullResult,
+    Push, PushResult, Recipient, RenewResult, RouterRequest, ServerRequest, SessionResult,
+    group_request, router_request, server_request,
 };
 use cim_proto::{FrameError, ProstMessage, read_required, write_frame};
 use tokio::task::JoinHandle;
@@ -103,6 +104,28 @@ impl ServerLinks {
         self.call(server_id, &request).await
     }
 
+    /// Tells `recipients` on a server that `user_id` came online or went offline.
+    pub async fn presence(
+        &self,
+        server_id: &str,
+        recipients: Vec<u64>,
+        user_id: u64,
+        name: &str,
+        online: bool,
+    ) -> Result<PushResult, LinkError> {
+        let request = RouterRequest {
+            kind: Some(router_request::Kind::Presence(PresencePush {
+                recipients,
+                presence: Some(Presence {
+                    user_id,
+                    name: name.to_string(),
+                    online,
+                }),
+            })),
+        };
+        self.call(server_id, &request).await
+    }
+
     /// Ends a session on a server. Returns whether the server had it.
     pub async fn kick(
         &self,
@@ -175,7 +198,13 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
             if !servers.iter().any(|s| s.id == id) {
                 match service.store.remove_server_routes(&id).await {
                     Ok(users) => {
-                        tracing::info!(server = %id, routes = users.len(), "server left; routes removed")
+                        tracing::info!(server = %id, routes = users.len(), "server left; routes removed");
+                        let announcer = service.clone();
+                        tokio::spawn(async move {
+                            for user in users {
+                                announcer.announce_presence(user, false).await;
+                            }
+                        });
                     }
                     Err(e) => {
                         tracing::warn!(server = %id, error = %e, "could not remove routes of departed server")
@@ -256,7 +285,13 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                         .session_opened(open.user_id, open.session_id, &server_id)
                         .await
                     {
-                        Ok(true) => SessionResult::default(),
+                        Ok(true) => {
+                            let announcer = service.clone();
+                            tokio::spawn(async move {
+                                announcer.announce_presence(open.user_id, true).await
+                            });
+                            SessionResult::default()
+                        }
                         Ok(false) => SessionResult {
                             code: "session_replaced".into(),
                             message: "this login was replaced or has expired; log in again".into(),
@@ -273,7 +308,15 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                         .session_closed(closed.user_id, closed.session_id)
                         .await
                     {
-                        Ok(()) => SessionResult::default(),
+                        Ok(released) => {
+                            if released {
+                                let announcer = service.clone();
+                                tokio::spawn(async move {
+                                    announcer.announce_presence(closed.user_id, false).await
+                                });
+                            }
+                            SessionResult::default()
+                        }
                         Err(e) => SessionResult {
                             code: e.code().into(),
                             message: e.to_string(),
@@ -319,6 +362,10 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                     };
                     write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
                 }
+                Some(server_request::Kind::Group(command)) => {
+                    let reply = group_command(&service, command.user_id, command.request).await;
+                    write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
+                }
                 Some(server_request::Kind::Renew(renew)) => {
                     let sessions: Vec<(u64, u64)> = renew
                         .sessions
@@ -346,4 +393,60 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
             }
         });
     }
+}
+
+/// Runs a client's in-band group request.
+async fn group_command(
+    service: &Service,
+    user: u64,
+    request: Option<cim_proto::v1::GroupRequest>,
+) -> GroupResult {
+    let Some(request) = request else {
+        return GroupResult {
+            code: "bad_request".into(),
+            message: "missing group request".into(),
+            ..Default::default()
+        };
+    };
+    let name = request.name.as_str();
+    let op = group_request::Op::try_from(request.op).unwrap_or(group_request::Op::Mine);
+    let outcome = match op {
+        group_request::Op::Create => service
+            .create_group(user, name)
+            .await
+            .map(|()| GroupResult::default()),
+        group_request::Op::Join => service
+            .join_group(user, name)
+            .await
+            .map(|()| GroupResult::default()),
+        group_request::Op::Leave => service
+            .leave_group(user, name)
+            .await
+            .map(|()| GroupResult::default()),
+        group_request::Op::Members => {
+            service
+                .group_members(name)
+                .await
+                .map(|members| GroupResult {
+                    members: members
+                        .into_iter()
+                        .map(|m| GroupMember {
+                            user_id: m.id,
+                            name: m.name,
+                            online: m.online,
+                        })
+                        .collect(),
+                    ..Default::default()
+                })
+        }
+        group_request::Op::Mine => service.my_groups(user).await.map(|groups| GroupResult {
+            groups,
+            ..Default::default()
+        }),
+    };
+    outcome.unwrap_or_else(|e| GroupResult {
+        code: e.code().into(),
+        message: e.to_string(),
+        ..Default::default()
+    })
 }

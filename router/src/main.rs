@@ -83,6 +83,9 @@ struct Args {
     /// Embedded servers: sustained messages per second per session (burst: twice that).
     #[arg(long, env = "CIM_MAX_MSGS_PER_SEC", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
     max_msgs_per_sec: u32,
+    /// Most members a group may have.
+    #[arg(long, env = "CIM_MAX_GROUP_SIZE", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
+    max_group_size: u64,
     /// Log format: text or json.
     #[arg(long, env = "CIM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -135,7 +138,11 @@ async fn run_cluster(args: &Args, redis: &str, zookeeper: &str) -> anyhow::Resul
     config.strategy = args.strategy;
     config.password_cost = password_cost(args);
     config.login_limits = login_limits(args);
+    config.max_group_size = args.max_group_size as usize;
     config.route_lease = Duration::from_millis(args.route_lease_ms);
+    let mut registry = cim_core::metrics::Registry::default();
+    config.metrics = cim_core::metrics::RouterMetrics::new(&mut registry);
+    config.registry = Some(Arc::new(registry));
     let router = Router::bind(config).await.context("starting router")?;
     let store: Arc<dyn Store> = Arc::new(
         RedisStore::connect(redis)
@@ -180,6 +187,7 @@ async fn run_embedded(args: &Args) -> anyhow::Result<()> {
         heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
         password_cost: password_cost(args),
         login_limits: login_limits(args),
+        max_group_size: args.max_group_size as usize,
         server_limits: cim_server::Limits {
             max_connections: args.max_connections,
             max_connections_per_ip: args.max_connections_per_ip,

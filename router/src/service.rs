@@ -21,7 +21,21 @@ use crate::ids::IdGenerator;
 use crate::links::ServerLinks;
 use crate::password;
 use crate::select::Selector;
-use crate::store::{Account, Claim, InboxEntry, Route, Store, StoreError};
+use crate::store::{Account, Claim, InboxEntry, Join, Route, Store, StoreError};
+
+/// Locks sharding group sends.
+const GROUP_LOCKS: usize = 256;
+
+/// A member of a group, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Account id.
+    pub id: u64,
+    /// Account name.
+    pub name: String,
+    /// Whether the member has a session now.
+    pub online: bool,
+}
 
 /// Window of the login limits.
 const LOGIN_WINDOW: Duration = Duration::from_secs(60);
@@ -61,6 +75,15 @@ pub enum ServiceError {
     /// The group does not exist.
     #[error("unknown group")]
     UnknownGroup,
+    /// A group of that name exists.
+    #[error("group name is taken")]
+    GroupExists,
+    /// The group is at its size cap.
+    #[error("group is full")]
+    GroupFull,
+    /// The caller is not a member of the group.
+    #[error("not a member of the group")]
+    NotMember,
     /// The body exceeds the configured limit.
     #[error("message body exceeds {0} bytes")]
     TooLarge(usize),
@@ -87,6 +110,9 @@ impl ServiceError {
             ServiceError::Unauthorized(_) => "unauthorized",
             ServiceError::UnknownUser => "unknown_user",
             ServiceError::UnknownGroup => "unknown_group",
+            ServiceError::GroupExists => "group_exists",
+            ServiceError::GroupFull => "group_full",
+            ServiceError::NotMember => "not_member",
             ServiceError::TooLarge(_) => "too_large",
             ServiceError::Unavailable(StoreError::NameTaken) => "name_taken",
             ServiceError::Unavailable(_) => "unavailable",
@@ -153,6 +179,9 @@ pub struct Service {
     pub(crate) config: Arc<RouterConfig>,
     login_failures: Mutex<WindowCounter<String>>,
     login_attempts: Mutex<WindowCounter<IpAddr>>,
+    /// Sends to one group are appended under one of these locks, so every member's inbox
+    /// holds the group's messages in the same order.
+    group_locks: Vec<tokio::sync::Mutex<()>>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) servers: watch::Receiver<Arc<Vec<ServerInfo>>>,
     pub(crate) links: ServerLinks,
@@ -170,6 +199,9 @@ impl Service {
         Self {
             login_failures: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             login_attempts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
+            group_locks: (0..GROUP_LOCKS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             selector: Selector::new(config.strategy),
             ids: IdGenerator::new(rand::random()),
             config,
@@ -214,11 +246,13 @@ impl Service {
             let attempts = lock(&self.login_attempts).hit(ip, now);
             if attempts > limits.attempts_per_ip {
                 tracing::warn!(%ip, attempts, "login attempts from address over the limit");
+                self.config.metrics.login_failures.inc();
                 return Err(ServiceError::TooManyAttempts);
             }
         }
         if lock(&self.login_failures).count(&name.to_string(), now) >= limits.failures_per_user {
             tracing::warn!(name, "login failures of user over the limit");
+            self.config.metrics.login_failures.inc();
             return Err(ServiceError::TooManyAttempts);
         }
         let result = self.check_credentials(name, password).await;
@@ -229,8 +263,16 @@ impl Service {
             Ok(_) => lock(&self.login_failures).reset(&name.to_string()),
             Err(_) => {}
         }
-        let account = result?;
-        self.assign(account, takeover).await
+        let account = match result {
+            Ok(a) => a,
+            Err(e) => {
+                self.config.metrics.login_failures.inc();
+                return Err(e);
+            }
+        };
+        let grant = self.assign(account, takeover).await?;
+        self.config.metrics.logins.inc();
+        Ok(grant)
     }
 
     async fn check_credentials(&self, name: &str, password: &str) -> Result<Account, ServiceError> {
@@ -312,7 +354,7 @@ impl Service {
     }
 
     /// Ends the session a token belongs to.
-    pub async fn logout(&self, claims: &Claims) -> Result<(), ServiceError> {
+    pub async fn logout(self: &Arc<Self>, claims: &Claims) -> Result<(), ServiceError> {
         // Kick first: once the server has dropped the session, its lease renewals cannot
         // bring the route back after we release it.
         let routes = self.store.routes(&[claims.user_id]).await?;
@@ -321,12 +363,19 @@ impl Service {
         {
             self.kick_route(claims.user_id, route, "logged out").await;
         }
-        self.store
+        let released = self
+            .store
             .release_route(claims.user_id, claims.session_id)
             .await?;
         self.store
             .revoke_session(claims.user_id, claims.session_id, self.config.token_ttl)
             .await?;
+        // If the session had already closed, its server announced the departure.
+        if released {
+            let service = self.clone();
+            let user = claims.user_id;
+            tokio::spawn(async move { service.announce_presence(user, false).await });
+        }
         tracing::info!(user = claims.user_id, "logout");
         Ok(())
     }
@@ -393,9 +442,13 @@ impl Service {
     }
 
     /// A server reports a session as closed.
-    pub async fn session_closed(&self, user_id: u64, session_id: u64) -> Result<(), ServiceError> {
-        self.store.release_route(user_id, session_id).await?;
-        Ok(())
+    /// Returns whether the route was this session's (so the user is now offline).
+    pub async fn session_closed(
+        &self,
+        user_id: u64,
+        session_id: u64,
+    ) -> Result<bool, ServiceError> {
+        Ok(self.store.release_route(user_id, session_id).await?)
     }
 
     /// Sends a message from `sender`: resolves recipients, stores the message in each
@@ -425,8 +478,27 @@ impl Service {
                 online.retain(|u| *u != sender.id);
                 (online, g.clone())
             }
-            Some(Target::Group(_)) => return Err(ServiceError::UnknownGroup),
+            Some(Target::Group(g)) => {
+                let members = self
+                    .store
+                    .group_members(g)
+                    .await?
+                    .ok_or(ServiceError::UnknownGroup)?;
+                if !members.contains(&sender.id) {
+                    return Err(ServiceError::NotMember);
+                }
+                let others = members.into_iter().filter(|u| *u != sender.id).collect();
+                (others, g.clone())
+            }
             None => return Err(ServiceError::BadRequest("message has no recipient".into())),
+        };
+        // Same order for every member: one group's appends never interleave (servers send a
+        // group's messages through one router while the router set is stable).
+        let _ordered = match &message.target {
+            Some(Target::Group(g)) if g != BROADCAST_GROUP => {
+                Some(self.group_locks[shard(g)].lock().await)
+            }
+            _ => None,
         };
         let now = now_ms();
         let fresh_id = self.ids.next(now);
@@ -455,6 +527,8 @@ impl Service {
             .append_inbox(&recipients, &entry, self.config.inbox)
             .await?;
         let stored = recipients.len() as u32;
+        self.config.metrics.messages.inc();
+        self.config.metrics.stored.inc_by(u64::from(stored));
         let service = self.clone();
         tokio::spawn(async move {
             if let Err(e) = service.push(recipients, seqs, entry).await {
@@ -488,6 +562,7 @@ impl Service {
         let delivery = delivery_of(0, &entry);
         let pushes = by_server.into_iter().map(|(server, users)| {
             let delivery = delivery.clone();
+            self.config.metrics.pushes.inc();
             async move {
                 let result = self.links.push(&server, users, delivery).await;
                 (server, result)
@@ -544,6 +619,7 @@ impl Service {
                 recipients: sent.recipients,
             },
             Err(e) => {
+                self.config.metrics.error(e.code());
                 if let ServiceError::Internal(detail) | ServiceError::BadRequest(detail) = &e {
                     tracing::warn!(detail, "send refused");
                 }
@@ -558,15 +634,151 @@ impl Service {
         }
     }
 
+    /// Creates a group; its creator is its owner and first member.
+    pub async fn create_group(&self, user: u64, name: &str) -> Result<(), ServiceError> {
+        validate_group_name(name)?;
+        if !self.store.create_group(name, user).await? {
+            return Err(ServiceError::GroupExists);
+        }
+        tracing::info!(user, group = name, "group created");
+        Ok(())
+    }
+
+    /// Adds `user` to a group (joining twice is fine).
+    pub async fn join_group(&self, user: u64, name: &str) -> Result<(), ServiceError> {
+        match self
+            .store
+            .join_group(name, user, self.config.max_group_size)
+            .await?
+        {
+            Join::Joined | Join::AlreadyMember => Ok(()),
+            Join::Full => Err(ServiceError::GroupFull),
+            Join::NoGroup => Err(ServiceError::UnknownGroup),
+        }
+    }
+
+    /// Removes `user` from a group.
+    pub async fn leave_group(&self, user: u64, name: &str) -> Result<(), ServiceError> {
+        if self.store.leave_group(name, user).await? {
+            Ok(())
+        } else {
+            Err(ServiceError::NotMember)
+        }
+    }
+
+    /// Members of a group with their presence, sorted by name.
+    pub async fn group_members(&self, name: &str) -> Result<Vec<Member>, ServiceError> {
+        let ids = self
+            .store
+            .group_members(name)
+            .await?
+            .ok_or(ServiceError::UnknownGroup)?;
+        let routes = self.store.routes(&ids).await?;
+        let online: std::collections::HashSet<u64> = ids
+            .iter()
+            .zip(routes)
+            .filter(|(_, r)| r.as_ref().is_some_and(|r| r.confirmed))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut members: Vec<Member> = self
+            .store
+            .accounts_by_id(&ids)
+            .await?
+            .into_iter()
+            .map(|a| Member {
+                online: online.contains(&a.id),
+                id: a.id,
+                name: a.name,
+            })
+            .collect();
+        members.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(members)
+    }
+
+    /// Groups `user` belongs to.
+    pub async fn my_groups(&self, user: u64) -> Result<Vec<String>, ServiceError> {
+        Ok(self.store.user_groups(user).await?)
+    }
+
+    /// Tells the online users who share a group with `user` that it came online or left.
+    /// Best effort: presence is not stored, failures are logged.
+    pub async fn announce_presence(&self, user: u64, online: bool) {
+        if let Err(e) = self.try_announce_presence(user, online).await {
+            tracing::debug!(user, error = %e, "presence not announced");
+        }
+    }
+
+    async fn try_announce_presence(&self, user: u64, online: bool) -> Result<(), ServiceError> {
+        let groups = self.store.user_groups(user).await?;
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let mut peers = std::collections::BTreeSet::new();
+        for group in &groups {
+            peers.extend(self.store.group_members(group).await?.unwrap_or_default());
+        }
+        peers.remove(&user);
+        let peers: Vec<u64> = peers.into_iter().collect();
+        let name = match self.store.accounts_by_id(&[user]).await?.pop() {
+            Some(a) => a.name,
+            None => return Ok(()),
+        };
+        let routes = self.store.routes(&peers).await?;
+        let mut by_server: HashMap<String, Vec<u64>> = HashMap::new();
+        for (peer, route) in peers.into_iter().zip(routes) {
+            if let Some(route) = route.filter(|r| r.confirmed) {
+                by_server.entry(route.server_id).or_default().push(peer);
+            }
+        }
+        let pushes = by_server.into_iter().map(|(server, recipients)| {
+            let name = name.clone();
+            async move {
+                let result = self
+                    .links
+                    .presence(&server, recipients, user, &name, online)
+                    .await;
+                if let Err(e) = result {
+                    tracing::debug!(%server, error = %e, "presence push failed");
+                }
+            }
+        });
+        join_all(pushes).await;
+        Ok(())
+    }
+
     /// Servers that are in discovery and reachable over a live link.
     pub fn usable_servers(&self) -> Vec<ServerInfo> {
-        self.servers
+        let usable: Vec<ServerInfo> = self
+            .servers
             .borrow()
             .iter()
             .filter(|s| self.links.is_connected(&s.id))
             .cloned()
-            .collect()
+            .collect();
+        self.config.metrics.linked_servers.set(usable.len() as i64);
+        usable
     }
+
+    /// Whether the router can serve: the store answers and at least one server is linked.
+    pub async fn ready(&self) -> Result<(), String> {
+        let online = self
+            .store
+            .online_users()
+            .await
+            .map_err(|e| format!("store: {e}"))?;
+        self.config.metrics.online_users.set(online.len() as i64);
+        if self.usable_servers().is_empty() {
+            return Err("no server linked".into());
+        }
+        Ok(())
+    }
+}
+
+fn shard(group: &str) -> usize {
+    let hash = group.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % GROUP_LOCKS as u64) as usize
 }
 
 fn validate_name(name: &str) -> Result<(), ServiceError> {
@@ -581,6 +793,19 @@ fn validate_name(name: &str) -> Result<(), ServiceError> {
             "name must be 1-32 characters of A-Z, a-z, 0-9, '_', '-', '.'".into(),
         ))
     }
+}
+
+fn validate_group_name(name: &str) -> Result<(), ServiceError> {
+    if name == BROADCAST_GROUP {
+        return Err(ServiceError::BadRequest(format!(
+            "{BROADCAST_GROUP:?} is reserved for everyone online"
+        )));
+    }
+    validate_name(name).map_err(|_| {
+        ServiceError::BadRequest(
+            "group name must be 1-32 characters of A-Z, a-z, 0-9, '_', '-', '.'".into(),
+        )
+    })
 }
 
 fn validate_password(password: &str) -> Result<(), ServiceError> {

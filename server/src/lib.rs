@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod links;
+mod ops;
 mod session;
 
 /// TLS sessions remembered for 0-RTT resumption.
@@ -58,6 +59,12 @@ pub struct ServerConfig {
     pub renew_interval: Duration,
     /// Caps on what peers may use.
     pub limits: Limits,
+    /// What the server counts.
+    pub metrics: Arc<cim_core::metrics::ServerMetrics>,
+    /// Plain-HTTP address of `/metrics`, `/health`, `/ready` (`None`: not served).
+    pub ops_addr: Option<SocketAddr>,
+    /// Registry served on `/metrics`.
+    pub registry: Option<Arc<cim_core::metrics::Registry>>,
 }
 
 /// Caps on what clients may use. Over a cap a client gets a clear refusal; a client that keeps
@@ -111,6 +118,9 @@ impl ServerConfig {
             drain_grace: Duration::from_secs(2),
             renew_interval: Duration::from_secs(10),
             limits: Limits::default(),
+            metrics: Arc::new(cim_core::metrics::ServerMetrics::unregistered()),
+            ops_addr: None,
+            registry: None,
         }
     }
 }
@@ -222,6 +232,18 @@ impl Server {
             tracker.clone(),
             shutdown.clone(),
         ));
+        if let Some(addr) = self.config.ops_addr {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| StartError::Config(format!("binding --metrics {addr}: {e}")))?;
+            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "ops endpoint");
+            tracker.spawn(ops::serve(
+                listener,
+                self.config.registry.clone(),
+                state.clone(),
+                shutdown.clone(),
+            ));
+        }
         tracker.spawn(renew_routes(state.clone(), shutdown.clone()));
         tracker.spawn(report_acks(state.clone(), shutdown.clone()));
         tracker.spawn(report_load(

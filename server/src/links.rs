@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cim_proto::v1::{
-    FetchInbox, Forward, KickResult, PullResult, PushResult, Recipient, RenewResult, RenewSessions,
-    RouterRequest, SendAck, ServerRequest, SessionClosed, SessionOpened, SessionRef, SessionResult,
-    TrimInbox, router_request, server_request,
+    FetchInbox, Forward, GroupCommand, GroupRequest, GroupResult, KickResult, PullResult,
+    PushResult, Recipient, RenewResult, RenewSessions, RouterRequest, SendAck, ServerRequest,
+    SessionClosed, SessionOpened, SessionRef, SessionResult, TrimInbox, chat_message,
+    router_request, server_request,
 };
 use cim_proto::{FrameError, ProstMessage, read_required, write_frame};
 use tokio_util::sync::CancellationToken;
@@ -69,12 +70,26 @@ impl RouterLinks {
         &self,
         request: &ServerRequest,
     ) -> Result<R, LinkError> {
+        self.call_from(request, None).await
+    }
+
+    /// [`RouterLinks::call`] starting at the router chosen by `affinity` (a stable hash), so
+    /// related requests go through the same router while the router set is stable.
+    async fn call_from<R: ProstMessage + Default>(
+        &self,
+        request: &ServerRequest,
+        affinity: Option<u64>,
+    ) -> Result<R, LinkError> {
         let candidates: Vec<quinn::Connection> = {
-            let conns = self.conns();
+            let mut conns = self.conns().clone();
             if conns.is_empty() {
                 return Err(LinkError::NoRouter);
             }
-            let start = self.next.fetch_add(1, Ordering::Relaxed);
+            conns.sort_by_key(|c| c.remote_address());
+            let start = match affinity {
+                Some(hash) => hash as usize,
+                None => self.next.fetch_add(1, Ordering::Relaxed),
+            };
             (0..conns.len())
                 .map(|i| conns[(start + i) % conns.len()].clone())
                 .collect()
@@ -192,13 +207,39 @@ impl RouterLinks {
         Ok(())
     }
 
-    /// Hands a client's message to a router; the reply is the sender's ack.
+    /// Hands a client's message to a router; the reply is the sender's ack. A named group's
+    /// messages all go through the same router, which orders them.
     pub async fn forward(&self, forward: Forward) -> Result<SendAck, LinkError> {
+        let affinity = match forward.message.as_ref().and_then(|m| m.target.as_ref()) {
+            Some(chat_message::Target::Group(g)) => Some(fnv1a(g.as_bytes())),
+            _ => None,
+        };
         let request = ServerRequest {
             kind: Some(server_request::Kind::Forward(forward)),
         };
+        self.call_from(&request, affinity).await
+    }
+
+    /// Runs a client's group request at a router.
+    pub async fn group(
+        &self,
+        user_id: u64,
+        request: GroupRequest,
+    ) -> Result<GroupResult, LinkError> {
+        let request = ServerRequest {
+            kind: Some(server_request::Kind::Group(GroupCommand {
+                user_id,
+                request: Some(request),
+            })),
+        };
         self.call(&request).await
     }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Why one request/reply exchange failed.
@@ -303,6 +344,18 @@ async fn serve_router(conn: &quinn::Connection, state: &Arc<State>) {
                     };
                     let (delivered, absent) = state.deliver(&push.recipients, delivery);
                     let reply = PushResult { delivered, absent };
+                    write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
+                }
+                Some(router_request::Kind::Presence(push)) => {
+                    let Some(presence) = push.presence else {
+                        let _ = send.reset(cim_core::close::code(cim_core::close::PROTOCOL));
+                        return;
+                    };
+                    let delivered = state.presence(&push.recipients, &presence);
+                    let reply = PushResult {
+                        delivered,
+                        absent: Vec::new(),
+                    };
                     write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
                 }
                 Some(router_request::Kind::Kick(kick)) => {

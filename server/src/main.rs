@@ -60,6 +60,9 @@ struct Args {
     /// Sustained messages per second per session (burst: twice that).
     #[arg(long, env = "CIM_MAX_MSGS_PER_SEC", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
     max_msgs_per_sec: u32,
+    /// Plain-HTTP address for /metrics, /health and /ready (keep it on a private network).
+    #[arg(long, env = "CIM_METRICS_ADDR")]
+    metrics: Option<SocketAddr>,
     /// Log format: text or json.
     #[arg(long, env = "CIM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -95,6 +98,10 @@ async fn main() -> anyhow::Result<()> {
         messages_per_sec: args.max_msgs_per_sec,
         message_burst: args.max_msgs_per_sec.saturating_mul(2),
     };
+    let mut registry = cim_core::metrics::Registry::default();
+    config.metrics = cim_core::metrics::ServerMetrics::new(&mut registry);
+    config.registry = Some(Arc::new(registry));
+    config.ops_addr = args.metrics;
     let server = Server::bind(config).context("starting server")?;
     let zk = ZkDiscovery::connect(
         &args.zookeeper,

@@ -8,9 +8,9 @@ use std::time::Duration;
 use cim_core::limit::TokenBucket;
 use cim_core::{close, now_ms};
 use cim_proto::v1::{
-    ChatMessage, ClientControl, ClientRequest, Delivery, DeliveryAck, Drain, Forward, Kick,
-    LoginResult, Pong, PullResult, Recipient, SendAck, ServerControl, client_control,
-    client_request, server_control,
+    ChatMessage, ClientControl, ClientRequest, Delivery, DeliveryAck, Drain, Forward, GroupResult,
+    Kick, LoginResult, Pong, Presence, PullResult, Recipient, SendAck, ServerControl,
+    client_control, client_request, server_control,
 };
 use cim_proto::{FrameError, read_frame, read_required, write_frame};
 use tokio::sync::{Notify, mpsc};
@@ -35,6 +35,7 @@ const KICK_LINGER: Duration = Duration::from_secs(2);
 enum ControlOut {
     Kick(String),
     Drain(String),
+    Presence(Presence),
 }
 
 #[derive(Clone)]
@@ -109,6 +110,7 @@ impl State {
             return Err("connection limit per address reached");
         }
         *from_ip += 1;
+        self.config.metrics.connections.inc();
         Ok(ConnectionGuard {
             state: self.clone(),
             ip,
@@ -167,6 +169,23 @@ impl State {
         }
     }
 
+    /// Passes a presence change to local sessions (best effort: a session whose control
+    /// stream is backed up misses it). Returns the recipients found.
+    pub(crate) fn presence(&self, recipients: &[u64], presence: &Presence) -> Vec<u64> {
+        let sessions = self.sessions();
+        recipients
+            .iter()
+            .filter(|user| {
+                sessions.get(user).is_some_and(|s| {
+                    s.control
+                        .try_send(ControlOut::Presence(presence.clone()))
+                        .is_ok()
+                })
+            })
+            .copied()
+            .collect()
+    }
+
     /// Sends `Drain` to every session.
     pub(crate) fn drain_all(&self, reason: &str) {
         let sessions: Vec<Session> = self.sessions().values().cloned().collect();
@@ -199,8 +218,12 @@ impl State {
                     let state = self.clone();
                     tokio::spawn(async move {
                         match deliver_one(&conn, &delivery).await {
-                            Ok(acked) => state.record_ack(user, acked),
+                            Ok(acked) => {
+                                state.config.metrics.deliveries.inc();
+                                state.record_ack(user, acked);
+                            }
                             Err(e) => {
+                                state.config.metrics.delivery_failures.inc();
                                 tracing::debug!(user, msg_id = delivery.msg_id, error = %e, "delivery failed")
                             }
                         }
@@ -221,6 +244,7 @@ pub(crate) struct ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
+        self.state.config.metrics.connections.dec();
         let mut conns = self
             .state
             .connections
@@ -295,6 +319,7 @@ pub(crate) async fn accept_clients(
         let guard = match state.admit(peer.ip()) {
             Ok(guard) => guard,
             Err(why) => {
+                state.config.metrics.refused_connections.inc();
                 tracing::warn!(%peer, why, "connection refused");
                 incoming.refuse();
                 continue;
@@ -334,6 +359,7 @@ async fn handle_client(conn: quinn::Connection, state: Arc<State>) {
             return;
         }
     };
+    state.config.metrics.logins.inc();
     let span = tracing::info_span!("session", user = auth.user_id, session = auth.session_id);
     async {
         tracing::info!(name = %auth.user_name, "session opened");
@@ -413,7 +439,7 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
         }
     }
 
-    let (control_tx, control_rx) = mpsc::channel(4);
+    let (control_tx, control_rx) = mpsc::channel(64);
     let session = Session {
         session_id: claims.session_id,
         conn: conn.clone(),
@@ -535,6 +561,12 @@ async fn control_loop(
                     conn.close(close::code(close::KICKED), b"kicked");
                     break;
                 }
+                Some(ControlOut::Presence(presence)) => {
+                    let frame = control(server_control::Kind::Presence(presence));
+                    if write_frame(&mut send, &frame, MAX_CONTROL_FRAME).await.is_err() {
+                        break;
+                    }
+                }
                 Some(ControlOut::Drain(reason)) => {
                     let drain = control(server_control::Kind::Drain(Drain { reason }));
                     if write_frame(&mut send, &drain, MAX_CONTROL_FRAME).await.is_err() {
@@ -654,6 +686,7 @@ async fn handle_message(
     };
     match request.kind {
         Some(client_request::Kind::Send(message)) if !gate.admit() => {
+            state.config.metrics.rate_limited.inc();
             let ack = refused(
                 message.client_msg_id,
                 "rate_limited",
@@ -662,6 +695,7 @@ async fn handle_message(
             write_frame(&mut send, &ack, 1024).await?;
         }
         Some(client_request::Kind::Send(message)) => {
+            state.config.metrics.messages_in.inc();
             let ack = send_message(message, from_user, from_name, state).await;
             write_frame(&mut send, &ack, 1024).await?;
         }
@@ -670,6 +704,17 @@ async fn handle_message(
             let reply = match state.links.fetch(from_user, pull.after_seq, limit).await {
                 Ok(reply) => reply,
                 Err(e) => PullResult {
+                    code: "unavailable".into(),
+                    message: e.to_string(),
+                    ..Default::default()
+                },
+            };
+            write_frame(&mut send, &reply, MAX_PULL_FRAME).await?;
+        }
+        Some(client_request::Kind::Group(request)) => {
+            let reply = match state.links.group(from_user, request).await {
+                Ok(reply) => reply,
+                Err(e) => GroupResult {
                     code: "unavailable".into(),
                     message: e.to_string(),
                     ..Default::default()

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{Account, Claim, InboxEntry, InboxLimits, InboxPage, Route, Store, StoreError};
+use super::{Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, Route, Store, StoreError};
 
 /// Most idempotency records kept; beyond this the oldest are forgotten early.
 const MAX_SENT_RECORDS: usize = 1_000_000;
@@ -41,6 +41,10 @@ struct Inner {
     sent_expiry: VecDeque<(Instant, (u64, u64))>,
     /// (user, session) -> expiry of logouts.
     revoked: HashMap<(u64, u64), Instant>,
+    /// Group name -> (owner, members).
+    groups: HashMap<String, (u64, BTreeSet<u64>)>,
+    /// User -> groups.
+    memberships: HashMap<u64, BTreeSet<String>>,
 }
 
 impl Inner {
@@ -331,6 +335,71 @@ impl Store for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    async fn create_group(&self, name: &str, owner: u64) -> Result<bool, StoreError> {
+        let mut inner = self.inner();
+        if inner.groups.contains_key(name) {
+            return Ok(false);
+        }
+        inner
+            .groups
+            .insert(name.to_string(), (owner, BTreeSet::from([owner])));
+        inner
+            .memberships
+            .entry(owner)
+            .or_default()
+            .insert(name.to_string());
+        Ok(true)
+    }
+
+    async fn join_group(&self, name: &str, user: u64, cap: usize) -> Result<Join, StoreError> {
+        let mut inner = self.inner();
+        let Some((_, members)) = inner.groups.get_mut(name) else {
+            return Ok(Join::NoGroup);
+        };
+        if members.contains(&user) {
+            return Ok(Join::AlreadyMember);
+        }
+        if members.len() >= cap {
+            return Ok(Join::Full);
+        }
+        members.insert(user);
+        inner
+            .memberships
+            .entry(user)
+            .or_default()
+            .insert(name.to_string());
+        Ok(Join::Joined)
+    }
+
+    async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError> {
+        let mut inner = self.inner();
+        let was = inner
+            .groups
+            .get_mut(name)
+            .is_some_and(|(_, members)| members.remove(&user));
+        if let Some(groups) = inner.memberships.get_mut(&user) {
+            groups.remove(name);
+        }
+        Ok(was)
+    }
+
+    async fn group_members(&self, name: &str) -> Result<Option<Vec<u64>>, StoreError> {
+        Ok(self
+            .inner()
+            .groups
+            .get(name)
+            .map(|(_, members)| members.iter().copied().collect()))
+    }
+
+    async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .inner()
+            .memberships
+            .get(&user)
+            .map(|g| g.iter().cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError> {

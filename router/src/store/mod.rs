@@ -121,6 +121,19 @@ pub struct InboxPage {
     pub more: bool,
 }
 
+/// Outcome of [`Store::join_group`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Join {
+    /// The user is now a member.
+    Joined,
+    /// The user already was a member.
+    AlreadyMember,
+    /// The group is at its size cap.
+    Full,
+    /// No such group.
+    NoGroup,
+}
+
 /// Outcome of [`Store::claim_route`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -236,6 +249,18 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<InboxPage, StoreError>;
     /// Trims each `(user, up_to)` inbox of entries up to `up_to` (acknowledged by the client).
     async fn trim_inbox(&self, acked: &[(u64, u64)]) -> Result<(), StoreError>;
+
+    /// Creates group `name` owned by `owner`, who becomes its first member. Returns false if
+    /// the name is taken.
+    async fn create_group(&self, name: &str, owner: u64) -> Result<bool, StoreError>;
+    /// Adds `user` to `name` unless the group has `cap` members already.
+    async fn join_group(&self, name: &str, user: u64, cap: usize) -> Result<Join, StoreError>;
+    /// Removes `user` from `name`. Returns whether it was a member.
+    async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError>;
+    /// Members of `name`, sorted; `None` if there is no such group.
+    async fn group_members(&self, name: &str) -> Result<Option<Vec<u64>>, StoreError>;
+    /// Groups `user` belongs to, sorted.
+    async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError>;
 }
 
 #[cfg(test)]

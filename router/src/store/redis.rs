@@ -18,6 +18,9 @@
 //! | `cim:{u<id>}:m:<msg_id>` | string, PX dedup window | seq the message got in this inbox (idempotent append) |
 //! | `cim:{u<id>}:sent:<client_msg_id>` | string, PX dedup window | msg id given to the sender's message |
 //! | `cim:{u<id>}:revoked:<session_id>` | string, PX token lifetime | the login ended by logout |
+//! | `cim:group:{<name>}:owner` | string | owner's user id (exists iff the group exists) |
+//! | `cim:group:{<name>}:members` | set | member ids |
+//! | `cim:{u<id>}:groups` | set | names of the user's groups |
 //!
 //! No `KEYS` anywhere; every multi-step change that must be atomic is a single-key Lua script.
 
@@ -27,7 +30,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::{Account, Claim, InboxEntry, InboxLimits, InboxPage, Route, Store, StoreError};
+use super::{Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, Route, Store, StoreError};
 
 const NEXT_USER_ID: &str = "cim:next_user_id";
 const ONLINE: &str = "cim:online";
@@ -56,6 +59,26 @@ fn appended_key(user: u64, msg_id: u64) -> String {
 fn revoked_key(user: u64, session_id: u64) -> String {
     format!("cim:{{u{user}}}:revoked:{session_id}")
 }
+fn group_owner_key(name: &str) -> String {
+    format!("cim:group:{{{name}}}:owner")
+}
+fn group_members_key(name: &str) -> String {
+    format!("cim:group:{{{name}}}:members")
+}
+fn user_groups_key(user: u64) -> String {
+    format!("cim:{{u{user}}}:groups")
+}
+
+/// Joins a group under its cap. KEYS: owner, members. ARGV: user, cap. Returns 1 joined,
+/// 2 already a member, 3 full, 0 no such group.
+const JOIN: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 2 end
+if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[2]) then return 3 end
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+";
+
 fn sent_key(sender: u64, client_msg_id: u64) -> String {
     format!("cim:{{u{sender}}}:sent:{client_msg_id}")
 }
@@ -171,6 +194,7 @@ pub struct RedisStore {
     restore: Script,
     append: Script,
     message_id: Script,
+    join: Script,
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
@@ -199,6 +223,7 @@ impl RedisStore {
             restore: Script::new(RESTORE),
             append: Script::new(APPEND),
             message_id: Script::new(MESSAGE_ID),
+            join: Script::new(JOIN),
         })
     }
 
@@ -615,6 +640,89 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn create_group(&self, name: &str, owner: u64) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let created: bool = conn
+            .set_nx(group_owner_key(name), owner)
+            .await
+            .map_err(unavailable)?;
+        if created {
+            let _: () = conn
+                .sadd(group_members_key(name), owner)
+                .await
+                .map_err(unavailable)?;
+            let _: () = conn
+                .sadd(user_groups_key(owner), name)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(created)
+    }
+
+    async fn join_group(&self, name: &str, user: u64, cap: usize) -> Result<Join, StoreError> {
+        let mut conn = self.conn();
+        let outcome: i64 = self
+            .join
+            .key(group_owner_key(name))
+            .key(group_members_key(name))
+            .arg(user)
+            .arg(cap)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let join = match outcome {
+            1 => Join::Joined,
+            2 => Join::AlreadyMember,
+            3 => Join::Full,
+            _ => Join::NoGroup,
+        };
+        if matches!(join, Join::Joined | Join::AlreadyMember) {
+            let _: () = conn
+                .sadd(user_groups_key(user), name)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(join)
+    }
+
+    async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let removed: i64 = conn
+            .srem(group_members_key(name), user)
+            .await
+            .map_err(unavailable)?;
+        let _: () = conn
+            .srem(user_groups_key(user), name)
+            .await
+            .map_err(unavailable)?;
+        Ok(removed == 1)
+    }
+
+    async fn group_members(&self, name: &str) -> Result<Option<Vec<u64>>, StoreError> {
+        let mut conn = self.conn();
+        let (exists, mut members): (bool, Vec<u64>) = redis::pipe()
+            .exists(group_owner_key(name))
+            .smembers(group_members_key(name))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if !exists {
+            return Ok(None);
+        }
+        members.sort_unstable();
+        Ok(Some(members))
+    }
+
+    async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError> {
+        let mut groups: Vec<String> = self
+            .conn()
+            .smembers(user_groups_key(user))
+            .await
+            .map_err(unavailable)?;
+        groups.sort();
+        Ok(groups)
     }
 
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError> {

@@ -1,0 +1,185 @@
+//! Prometheus metrics (prometheus-client): the counters and gauges of routers and servers, and
+//! the text exposition served on `/metrics`.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+pub use prometheus_client::registry::Registry;
+
+/// Labels of a per-code error counter.
+pub type CodeLabels = Vec<(String, String)>;
+
+fn latency_histogram() -> Histogram {
+    // 100 us .. ~3 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// What a router counts.
+#[derive(Debug, Clone)]
+pub struct RouterMetrics {
+    /// Successful logins.
+    pub logins: Counter,
+    /// Refused logins (bad credentials or limits).
+    pub login_failures: Counter,
+    /// Messages accepted (stored and acked).
+    pub messages: Counter,
+    /// Inbox entries written (one per recipient).
+    pub stored: Counter,
+    /// Push requests sent to servers (one per server per message).
+    pub pushes: Counter,
+    /// Requests refused, by error code.
+    pub errors: Family<CodeLabels, Counter>,
+    /// Time from a send's arrival to its ack (stored), seconds.
+    pub send_latency: Histogram,
+    /// Servers with a live link.
+    pub linked_servers: Gauge,
+    /// Users online (as of the last online-users query).
+    pub online_users: Gauge,
+}
+
+impl RouterMetrics {
+    /// Metrics registered in `registry` under `cim_router_*`.
+    pub fn new(registry: &mut Registry) -> Arc<Self> {
+        let m = Self::unregistered();
+        let r = registry.sub_registry_with_prefix("cim_router");
+        r.register("logins", "Successful logins", m.logins.clone());
+        r.register("login_failures", "Refused logins", m.login_failures.clone());
+        r.register(
+            "messages",
+            "Messages accepted (stored, acked)",
+            m.messages.clone(),
+        );
+        r.register("stored", "Inbox entries written", m.stored.clone());
+        r.register("pushes", "Push requests to servers", m.pushes.clone());
+        r.register("errors", "Refused requests by code", m.errors.clone());
+        r.register(
+            "send_latency_seconds",
+            "Send arrival to ack",
+            m.send_latency.clone(),
+        );
+        r.register(
+            "linked_servers",
+            "Servers with a live link",
+            m.linked_servers.clone(),
+        );
+        r.register(
+            "online_users",
+            "Users online at the last query",
+            m.online_users.clone(),
+        );
+        Arc::new(m)
+    }
+
+    /// Metrics that are counted but not exported (tests, tools).
+    pub fn unregistered() -> Self {
+        Self {
+            logins: Counter::default(),
+            login_failures: Counter::default(),
+            messages: Counter::default(),
+            stored: Counter::default(),
+            pushes: Counter::default(),
+            errors: Family::default(),
+            send_latency: latency_histogram(),
+            linked_servers: Gauge::default(),
+            online_users: Gauge::default(),
+        }
+    }
+
+    /// Counts a refused request.
+    pub fn error(&self, code: &str) {
+        self.errors
+            .get_or_create(&vec![("code".to_string(), code.to_string())])
+            .inc();
+    }
+}
+
+/// What a server counts.
+#[derive(Debug, Clone)]
+pub struct ServerMetrics {
+    /// Open client connections.
+    pub connections: Gauge,
+    /// Connections refused by caps.
+    pub refused_connections: Counter,
+    /// Successful control-stream logins.
+    pub logins: Counter,
+    /// Messages received from clients.
+    pub messages_in: Counter,
+    /// Deliveries acked by clients.
+    pub deliveries: Counter,
+    /// Deliveries that failed (the entry stays in the inbox).
+    pub delivery_failures: Counter,
+    /// Sends refused by the per-session rate limit.
+    pub rate_limited: Counter,
+}
+
+impl ServerMetrics {
+    /// Metrics registered in `registry` under `cim_server_*`.
+    pub fn new(registry: &mut Registry) -> Arc<Self> {
+        let m = Self::unregistered();
+        let r = registry.sub_registry_with_prefix("cim_server");
+        r.register(
+            "connections",
+            "Open client connections",
+            m.connections.clone(),
+        );
+        r.register(
+            "refused_connections",
+            "Connections refused by caps",
+            m.refused_connections.clone(),
+        );
+        r.register("logins", "Control-stream logins", m.logins.clone());
+        r.register(
+            "messages_in",
+            "Messages received from clients",
+            m.messages_in.clone(),
+        );
+        r.register(
+            "deliveries",
+            "Deliveries acked by clients",
+            m.deliveries.clone(),
+        );
+        r.register(
+            "delivery_failures",
+            "Failed deliveries",
+            m.delivery_failures.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Sends refused by the rate limit",
+            m.rate_limited.clone(),
+        );
+        Arc::new(m)
+    }
+
+    /// Metrics that are counted but not exported.
+    pub fn unregistered() -> Self {
+        Self {
+            connections: Gauge::default(),
+            refused_connections: Counter::default(),
+            logins: Counter::default(),
+            messages_in: Counter::default(),
+            deliveries: Counter::default(),
+            delivery_failures: Counter::default(),
+            rate_limited: Counter::default(),
+        }
+    }
+}
+
+/// A registry under a `server` label, for several servers in one process.
+pub fn labelled<'a>(registry: &'a mut Registry, server_id: &str) -> &'a mut Registry {
+    registry.sub_registry_with_label((Cow::Borrowed("server"), Cow::Owned(server_id.to_string())))
+}
+
+/// The text exposition of `registry`.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    if encode(&mut out, registry).is_err() {
+        out.clear();
+    }
+    out
+}

@@ -1,0 +1,276 @@
+//! Named groups and presence: a 200-member group over three servers (every member gets every
+//! message once, all in the same order, one push per server per message), leaving, offline
+//! catch-up, errors, the HTTP group API, and presence events for users who share a group.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cim_client::{Client, Event, Events, LoginOptions};
+use cim_integration_tests::{Backend, TestCluster, WAIT, next_event};
+use http::Method;
+
+async fn cluster(servers: usize) -> anyhow::Result<TestCluster> {
+    TestCluster::start_with(servers, Backend::Memory, |c| {
+        // Hundreds of accounts: a cheap hash keeps set-up short (the cost is tested elsewhere).
+        c.password_cost = cim_router::password::Cost {
+            memory_kib: 256,
+            iterations: 1,
+        };
+        c.max_group_size = 300;
+    })
+    .await
+}
+
+/// The next chat message, skipping presence events.
+async fn next_chat(events: &mut Events) -> anyhow::Result<cim_client::IncomingMessage> {
+    loop {
+        match next_event(events, WAIT).await? {
+            Event::Message(m) => return Ok(m),
+            Event::Presence { .. } => {}
+            other => anyhow::bail!("unexpected event {other:?}"),
+        }
+    }
+}
+
+async fn pushes(cluster: &TestCluster) -> anyhow::Result<u64> {
+    let api = cim_client::RouterApi::new(&cluster.client_config())?;
+    let (_, body) = api
+        .raw(Method::GET, "/metrics", Default::default(), None)
+        .await?;
+    let text = String::from_utf8(body.to_vec())?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("cim_router_pushes_total"))
+        .ok_or_else(|| anyhow::anyhow!("no push counter in /metrics"))?;
+    Ok(line.split_whitespace().last().unwrap().parse()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_member_group_over_three_servers_gets_every_message_once_in_one_order()
+-> anyhow::Result<()> {
+    let cluster = cluster(3).await?;
+    let config = cluster.client_config();
+    let mut clients: Vec<Arc<Client>> = Vec::new();
+    let mut events: Vec<Events> = Vec::new();
+    for i in 0..200 {
+        let name = format!("m{i}");
+        cim_client::register(&config, &name, "password").await?;
+        let (c, e) = Client::login(&config, &name, "password", LoginOptions::default()).await?;
+        clients.push(Arc::new(c));
+        events.push(e);
+    }
+    let mut per_server: HashMap<String, usize> = HashMap::new();
+    for c in &clients {
+        *per_server.entry(c.info().server_id).or_default() += 1;
+    }
+    assert_eq!(per_server.len(), 3, "{per_server:?}");
+    clients[0].create_group("big").await?;
+    for c in clients.iter().skip(1) {
+        c.join_group("big").await?;
+    }
+    assert_eq!(clients[5].group_members("big").await?.len(), 200);
+
+    let before = pushes(&cluster).await?;
+    // Three members send ten messages each, concurrently.
+    let senders = [0usize, 77, 150];
+    let mut tasks = Vec::new();
+    for &s in &senders {
+        let client = clients[s].clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..10 {
+                let ack = client.send_group("big", &format!("from {s}: {i}")).await?;
+                assert_eq!(ack.recipients, 199);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    // Every member gets every message not its own, once, and all in the same order.
+    let mut reference: Option<Vec<u64>> = None;
+    let mut orders: Vec<(u64, Vec<(u64, u64)>)> = Vec::new();
+    for (i, e) in events.iter_mut().enumerate() {
+        let want = if senders.contains(&i) { 20 } else { 30 };
+        let mut got = Vec::new();
+        for _ in 0..want {
+            let m = next_chat(e).await?;
+            assert_eq!(m.group.as_deref(), Some("big"));
+            got.push((m.msg_id, m.from_user));
+        }
+        let me = clients[i].info().user_id;
+        assert!(
+            got.iter().all(|(_, from)| *from != me),
+            "a member got its own message"
+        );
+        if want == 30 && reference.is_none() {
+            reference = Some(got.iter().map(|(id, _)| *id).collect());
+        }
+        orders.push((me, got));
+    }
+    let reference = reference.unwrap();
+    let unique: std::collections::HashSet<u64> = reference.iter().copied().collect();
+    assert_eq!(unique.len(), 30, "each message once");
+    for (me, got) in orders {
+        let expected: Vec<u64> = reference
+            .iter()
+            .copied()
+            .filter(|id| {
+                got.iter().any(|(g, _)| g == id) || !got.iter().any(|(_, from)| *from == me)
+            })
+            .collect();
+        let ids: Vec<u64> = got.iter().map(|(id, _)| *id).collect();
+        let filtered: Vec<u64> = expected.into_iter().filter(|id| ids.contains(id)).collect();
+        assert_eq!(ids, filtered, "member {me} saw another order");
+    }
+    // One push per server holding online recipients per message: 30 messages x 3 servers.
+    let after = pushes(&cluster).await?;
+    assert_eq!(after - before, 30 * 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_stops_delivery_and_offline_members_catch_up() -> anyhow::Result<()> {
+    let cluster = cluster(2).await?;
+    let config = cluster.client_config();
+    let (alice, _a) = cluster.user("alice").await?;
+    let (bob, _b) = cluster.user("bob").await?;
+    let (carol, mut carol_events) = cluster.user("carol").await?;
+    alice.create_group("team").await?;
+    bob.join_group("team").await?;
+    carol.join_group("team").await?;
+    assert_eq!(carol.my_groups().await?, vec!["team".to_string()]);
+
+    carol.leave_group("team").await?;
+    assert_eq!(
+        alice.send_group("team", "without carol").await?.recipients,
+        1
+    );
+    // Carol's next message is this marker: she did not get the group message.
+    alice.send_private(carol.info().user_id, "marker").await?;
+    assert_eq!(next_chat(&mut carol_events).await?.body, "marker");
+
+    bob.close().await;
+    for i in 0..5 {
+        alice
+            .send_group("team", &format!("while bob is away {i}"))
+            .await?;
+    }
+    let (_bob, mut bob_events) =
+        Client::login(&config, "bob", "password", LoginOptions::default()).await?;
+    let mut bodies = Vec::new();
+    while bodies.len() < 6 {
+        bodies.push(next_chat(&mut bob_events).await?.body);
+    }
+    let mut want = vec!["without carol".to_string()];
+    want.extend((0..5).map(|i| format!("while bob is away {i}")));
+    assert_eq!(bodies, want);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_errors_have_codes_and_the_http_api_works() -> anyhow::Result<()> {
+    let cluster = cluster(1).await?;
+    let (alice, _a) = cluster.user("alice").await?;
+    let (bob, _b) = cluster.user("bob").await?;
+    alice.create_group("club").await?;
+    let code = |r: Result<(), cim_client::ClientError>| r.unwrap_err().code().map(str::to_owned);
+    assert_eq!(
+        code(alice.create_group("club").await).as_deref(),
+        Some("group_exists")
+    );
+    assert_eq!(
+        code(alice.create_group("all").await).as_deref(),
+        Some("bad_request")
+    );
+    assert_eq!(
+        code(bob.join_group("nope").await).as_deref(),
+        Some("unknown_group")
+    );
+    assert_eq!(
+        code(bob.leave_group("club").await).as_deref(),
+        Some("not_member")
+    );
+    let err = bob.send_group("club", "let me in").await.unwrap_err();
+    assert_eq!(err.code(), Some("not_member"));
+
+    // The same over HTTP.
+    let api = cim_client::RouterApi::new(&cluster.client_config())?;
+    let token = bob.token();
+    let _: serde_json::Value = api
+        .call(
+            Method::POST,
+            "/api/groups/club/join",
+            None::<&()>,
+            Some(&token),
+        )
+        .await?;
+    let members: serde_json::Value = api
+        .call::<(), _>(Method::GET, "/api/groups/club/members", None, Some(&token))
+        .await?;
+    let names: Vec<&str> = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["alice", "bob"]);
+    assert!(members["members"][0]["online"].as_bool().unwrap());
+    let mine: serde_json::Value = api
+        .call::<(), _>(Method::GET, "/api/groups", None, Some(&token))
+        .await?;
+    assert_eq!(mine["groups"], serde_json::json!(["club"]));
+    let created: serde_json::Value = api
+        .call(
+            Method::POST,
+            "/api/groups",
+            Some(&serde_json::json!({"name": "second"})),
+            Some(&token),
+        )
+        .await?;
+    assert_eq!(created["name"], "second");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_events_reach_users_who_share_a_group() -> anyhow::Result<()> {
+    let cluster = cluster(2).await?;
+    let config = cluster.client_config();
+    let (alice, mut alice_events) = cluster.user("alice").await?;
+    let (bob, _b) = cluster.user("bob").await?;
+    alice.create_group("pals").await?;
+    bob.join_group("pals").await?;
+    let bob_id = bob.info().user_id;
+
+    bob.logout().await?;
+    let offline = wait_presence(&mut alice_events).await?;
+    assert_eq!(offline, (bob_id, "bob".to_string(), false));
+    let (_bob, _b) = Client::login(&config, "bob", "password", LoginOptions::default()).await?;
+    let online = wait_presence(&mut alice_events).await?;
+    assert_eq!(online, (bob_id, "bob".to_string(), true));
+
+    // Someone who shares no group with alice comes and goes unannounced.
+    let (dave, _d) = cluster.user("dave").await?;
+    dave.close().await;
+    let (carol, _c) = cluster.user("carol").await?;
+    carol.send_private(alice.info().user_id, "marker").await?;
+    match next_event(&mut alice_events, WAIT).await? {
+        Event::Message(m) => assert_eq!(m.body, "marker"),
+        other => panic!("expected only the marker, got {other:?}"),
+    }
+    Ok(())
+}
+
+async fn wait_presence(events: &mut Events) -> anyhow::Result<(u64, String, bool)> {
+    match next_event(events, Duration::from_secs(10)).await? {
+        Event::Presence {
+            user_id,
+            name,
+            online,
+        } => Ok((user_id, name, online)),
+        other => anyhow::bail!("expected a presence event, got {other:?}"),
+    }
+}
