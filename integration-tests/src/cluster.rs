@@ -274,6 +274,18 @@ impl ProcCluster {
         }
     }
 
+    /// Stops server `id` with SIGTERM (graceful drain), waits for it to exit, and starts it
+    /// again with the same id.
+    pub async fn restart_server(&mut self, id: &str) -> anyhow::Result<()> {
+        self.signal_server(id, "TERM").await?;
+        let proc = self.server(id)?;
+        tokio::time::timeout(Duration::from_secs(20), proc.child.wait())
+            .await
+            .context("server did not exit after SIGTERM")??;
+        self.servers.retain(|(s, _)| s != id);
+        self.add_server(id).await
+    }
+
     /// Sends `signal` (e.g. "KILL", "STOP", "CONT") to server `id`.
     pub async fn signal_server(&mut self, id: &str, signal: &str) -> anyhow::Result<()> {
         let pid = self

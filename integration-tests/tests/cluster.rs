@@ -177,7 +177,21 @@ async fn a_redis_restart_gives_clean_errors_then_normal_service() -> anyhow::Res
     let mut clients = users(&cluster, "r", 2).await?;
     let bob_id = clients[1].0.info().user_id;
 
+    let api = cim_client::RouterApi::new(&config)?;
+    let ready = |api: cim_client::RouterApi| async move {
+        api.raw(http::Method::GET, "/ready", Default::default(), None)
+            .await
+            .map(|(status, _)| status.as_u16())
+    };
+    assert_eq!(ready(api.clone()).await?, 200);
+    let before = metric(&api, "cim_router_messages_total").await?;
+
     cluster.redis.kill().await?;
+    assert_eq!(
+        ready(api.clone()).await?,
+        503,
+        "readiness must fail while redis is down"
+    );
     let err = Client::login(&config, "r0", "password", LoginOptions { takeover: true })
         .await
         .err()
@@ -207,7 +221,23 @@ async fn a_redis_restart_gives_clean_errors_then_normal_service() -> anyhow::Res
     cim_client::register(&config, "newcomer", "password").await?;
     let (newcomer, _events) = login(&config, "newcomer", false).await?;
     assert_eq!(newcomer.online_users("").await?.len(), 3);
+    assert_eq!(ready(api.clone()).await?, 200);
+    // The message counter moved with the message that went through.
+    assert!(metric(&api, "cim_router_messages_total").await? > before);
     Ok(())
+}
+
+/// The value of a counter on the router's /metrics.
+async fn metric(api: &cim_client::RouterApi, name: &str) -> anyhow::Result<f64> {
+    let (_, body) = api
+        .raw(http::Method::GET, "/metrics", Default::default(), None)
+        .await?;
+    let text = String::from_utf8(body.to_vec())?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(name))
+        .ok_or_else(|| anyhow::anyhow!("{name} missing from /metrics"))?;
+    Ok(line.split_whitespace().last().unwrap_or("0").parse()?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,5 +330,81 @@ async fn live_sessions_keep_their_routes_past_the_route_lease() -> anyhow::Resul
     let to = clients[1].0.info().user_id;
     clients[0].0.send_private(to, "still routed").await?;
     assert_eq!(next_message(&mut clients[1].1).await?.body, "still routed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_server_loses_nothing() -> anyhow::Result<()> {
+    let mut cluster = ProcCluster::start(1, 3, "round-robin").await?;
+    let clients = users(&cluster, "rr", 6).await?;
+    let ids: Vec<u64> = clients.iter().map(|(c, _)| c.info().user_id).collect();
+    let (clients, mut events): (Vec<Client>, Vec<Events>) = clients.into_iter().unzip();
+    let sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Each client sends to the next one in a ring, as fast as acks come back.
+    let mut senders = Vec::new();
+    for (i, client) in clients.into_iter().enumerate() {
+        let to = ids[(i + 1) % ids.len()];
+        let sending = sending.clone();
+        let progress = progress.clone();
+        senders.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut n = 0;
+            while sending.load(std::sync::atomic::Ordering::Relaxed) {
+                let body = format!("{i}:{n}");
+                if client.send_private(to, &body).await.is_ok() {
+                    acked.push(body);
+                    progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                n += 1;
+            }
+            (client, acked)
+        }));
+    }
+    // Traffic flows before, between and after the restarts.
+    let flowing = |at_least: usize| {
+        let progress = progress.clone();
+        eventually(Duration::from_secs(30), move || {
+            let progress = progress.clone();
+            async move {
+                (progress.load(std::sync::atomic::Ordering::Relaxed) >= at_least).then_some(())
+            }
+        })
+    };
+    flowing(60).await?;
+    for id in ["s1", "s2", "s3"] {
+        cluster.restart_server(id).await?;
+        cluster.wait_servers(3).await?;
+        let now = progress.load(std::sync::atomic::Ordering::Relaxed);
+        flowing(now + 60).await?;
+    }
+    sending.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut acked_for = vec![Vec::new(); ids.len()];
+    let mut keep = Vec::new();
+    for (i, sender) in senders.into_iter().enumerate() {
+        let (client, acked) = sender.await?;
+        acked_for[(i + 1) % ids.len()] = acked;
+        keep.push(client);
+    }
+    let mut drained = 0;
+    for (r, want) in acked_for.iter().enumerate() {
+        assert!(
+            want.len() > 10,
+            "too few messages went through: {}",
+            want.len()
+        );
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            match next_event(&mut events[r], Duration::from_secs(30)).await? {
+                Event::Message(m) => got.push(m.body),
+                Event::Drain(_) => drained += 1,
+                Event::Disconnected(_) | Event::Reconnected(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(&got, want, "client {r}: every acked message once, in order");
+    }
+    // Every client sat on a restarted server at some point and was drained off it.
+    assert!(drained >= ids.len(), "only {drained} drains seen");
     Ok(())
 }
