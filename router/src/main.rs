@@ -15,13 +15,20 @@ use cim_core::token::TokenKey;
 use cim_router::embedded::{self, EmbeddedConfig};
 use cim_router::store::{RedisStore, Store};
 use cim_router::{Router, RouterConfig, Strategy};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use tokio_util::sync::CancellationToken;
 
 /// cim router: HTTPS login API and message fan-out to servers.
+///
+/// Every option can also come from a TOML file given with --config (keys are the long option
+/// names, e.g. `heartbeat-ms = 5000`) or from its CIM_... environment variable. Precedence:
+/// command line, then the file, then the environment.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
+    /// TOML file of options (see examples/).
+    #[arg(long, env = "CIM_CONFIG")]
+    config: Option<PathBuf>,
     /// HTTPS listen address.
     #[arg(long, env = "CIM_HTTP_ADDR", default_value = "127.0.0.1:8443")]
     http: SocketAddr,
@@ -93,7 +100,18 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let known: Vec<String> = Args::command()
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    let argv = match cim_core::config::with_file(std::env::args_os().collect(), &known) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let args = Args::parse_from(argv);
     logging::init(&args.log_format);
     match (&args.redis, &args.zookeeper) {
         (None, None) => run_embedded(&args).await,

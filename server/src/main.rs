@@ -10,13 +10,20 @@ use cim_certs::CertPaths;
 use cim_core::discovery::{Discovery, ZkDiscovery};
 use cim_core::token::TokenKey;
 use cim_server::{Server, ServerConfig};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use tokio_util::sync::CancellationToken;
 
 /// cim connection server: holds client QUIC connections, delivers router pushes.
+///
+/// Every option can also come from a TOML file given with --config (keys are the long option
+/// names, e.g. `heartbeat-ms = 5000`) or from its CIM_... environment variable. Precedence:
+/// command line, then the file, then the environment.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
+    /// TOML file of options (see examples/).
+    #[arg(long, env = "CIM_CONFIG")]
+    config: Option<PathBuf>,
     /// Unique server id (letters, digits, '-', '_', '.').
     #[arg(long, env = "CIM_SERVER_ID")]
     id: String,
@@ -70,7 +77,18 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let known: Vec<String> = Args::command()
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    let argv = match cim_core::config::with_file(std::env::args_os().collect(), &known) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let args = Args::parse_from(argv);
     cim_core::logging::init(&args.log_format);
     if args.heartbeat_timeout_ms <= args.heartbeat_ms {
         anyhow::bail!("--heartbeat-timeout-ms must be larger than --heartbeat-ms");
