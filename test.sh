@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs cim's whole test suite.
 #
-# Installs redis-server and zookeeper (Debian packages) when missing, starts a private
+# Installs redis-server, zookeeper and chromium (Debian packages) when missing, starts a private
 # ZooKeeper on a free loopback port for the run (tests start their own Redis instances from
 # the redis-server binary, so each can be killed and restarted), builds the binaries the
 # process-level tests spawn, runs every test, and stops everything afterwards, pass or fail.
@@ -13,6 +13,8 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 [ -f "$ZK_JAR" ] || missing+=(zookeeper)
 command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
+# The admin page is tested in a real headless browser.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing ${missing[*]}"
     SUDO=""

@@ -26,7 +26,9 @@ pub enum ConfigError {
         message: String,
     },
     /// A key names no option.
-    #[error("config file {path}: unknown option {key:?} (keys are the long option names, e.g. heartbeat-ms)")]
+    #[error(
+        "config file {path}: unknown option {key:?} (keys are the long option names, e.g. heartbeat-ms)"
+    )]
     UnknownKey {
         /// File.
         path: String,
@@ -76,10 +78,12 @@ fn file_args(path: &Path, known: &[String]) -> Result<Vec<OsString>, ConfigError
         path: shown.clone(),
         source,
     })?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
-        path: shown.clone(),
-        message: e.to_string(),
-    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
     let mut args = Vec::new();
     for (key, value) in table {
         if !known.iter().any(|k| *k == key) {
@@ -124,7 +128,10 @@ mod tests {
     use super::*;
 
     fn known() -> Vec<String> {
-        ["heartbeat-ms", "http", "host", "verbose"].iter().map(|s| s.to_string()).collect()
+        ["heartbeat-ms", "http", "host", "verbose"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     }
 
     fn os(v: &[&str]) -> Vec<OsString> {
@@ -136,9 +143,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cim-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("a.toml");
-        std::fs::write(&file, "heartbeat-ms = 250\nverbose = true\nhost = [\"a\", \"b\"]\n").unwrap();
+        std::fs::write(
+            &file,
+            "heartbeat-ms = 250\nverbose = true\nhost = [\"a\", \"b\"]\n",
+        )
+        .unwrap();
         let args = with_file(
-            os(&["prog", "--config", file.to_str().unwrap(), "--heartbeat-ms", "300"]),
+            os(&[
+                "prog",
+                "--config",
+                file.to_str().unwrap(),
+                "--heartbeat-ms",
+                "300",
+            ]),
             &known(),
         )
         .unwrap();

@@ -101,6 +101,7 @@ impl TestCluster {
                 attempts_per_ip: 100_000,
             },
             max_group_size: 10_000,
+            admin_token: Some("test-admin-token".into()),
             server_limits: cim_server::Limits {
                 max_connections_per_ip: 100_000,
                 messages_per_sec: 100_000,

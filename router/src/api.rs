@@ -15,6 +15,7 @@
 //! | GET | /health | - | - | 200 `{status, servers}` (liveness) |
 //! | GET | /ready | - | - | 200 when the store answers and a server is linked, else 503 `not_ready` |
 //! | GET | /metrics | - | - | Prometheus text exposition |
+//! | GET | /admin, /admin/api/state | admin token | `?token=` | the admin page and its JSON |
 //!
 //! Every error is `{"code": "...", "message": "..."}` with a fitting status.
 
@@ -204,6 +205,7 @@ pub fn parse_all_bodies(data: &[u8]) -> usize {
 pub fn routes(
     service: Arc<Service>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let with_service_for_admin = service.clone();
     let with_service = warp::any().map(move || service.clone());
     let register = warp::path!("api" / "register")
         .and(warp::post())
@@ -452,6 +454,7 @@ pub fn routes(
                 }
             }
         });
+    let admin = crate::admin::routes(with_service_for_admin);
     let health = warp::path!("health")
         .and(warp::get())
         .and(with_service)
@@ -483,6 +486,8 @@ pub fn routes(
         .or(metrics)
         .unify()
         .or(ready)
+        .unify()
+        .or(admin)
         .unify()
         .or(health)
         .unify()

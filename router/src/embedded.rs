@@ -41,12 +41,16 @@ pub struct EmbeddedConfig {
     pub server_limits: cim_server::Limits,
     /// Most members a group may have.
     pub max_group_size: usize,
+    /// Admin page credential (`None`: a random one is made).
+    pub admin_token: Option<String>,
 }
 
 /// A running embedded cluster.
 pub struct Embedded {
     /// Router HTTPS URL, e.g. `https://127.0.0.1:8443`.
     pub router_url: String,
+    /// The admin page, with its token.
+    pub admin_url: String,
     /// CA certificate clients must trust.
     pub ca: PathBuf,
     /// `(id, client address)` of each server.
@@ -134,12 +138,19 @@ pub async fn start_with_store(
     router_config.password_cost = config.password_cost;
     router_config.login_limits = config.login_limits;
     router_config.max_group_size = config.max_group_size;
+    let admin_token = config.admin_token.clone().unwrap_or_else(|| {
+        (0..4)
+            .map(|_| format!("{:08x}", rand::random::<u32>()))
+            .collect()
+    });
+    router_config.admin_token = Some(admin_token.clone());
     router_config.metrics = RouterMetrics::new(&mut registry);
     router_config.registry = Some(Arc::new(registry));
     let router = Router::bind(router_config)
         .await
         .context("starting router")?;
     let router_url = format!("https://{}", router.http_addr());
+    let admin_url = format!("{router_url}/admin?token={admin_token}");
     let router_store = store.clone();
     tasks.spawn(async move {
         if let Err(e) = router.run(router_store, discovery, shutdown).await {
@@ -148,6 +159,7 @@ pub async fn start_with_store(
     });
     Ok(Embedded {
         router_url,
+        admin_url,
         ca: certs.ca_cert(),
         servers,
         internal_addrs,

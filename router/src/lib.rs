@@ -17,6 +17,7 @@ use cim_core::transport::{self, Link};
 use cim_core::{ALPN_INTERNAL, tls};
 use tokio_util::sync::CancellationToken;
 
+mod admin;
 pub mod api;
 pub mod embedded;
 pub mod https;
@@ -68,6 +69,8 @@ pub struct RouterConfig {
     pub metrics: Arc<cim_core::metrics::RouterMetrics>,
     /// Registry served on `/metrics` (`None`: the endpoint answers 404).
     pub registry: Option<Arc<cim_core::metrics::Registry>>,
+    /// Credential for the admin page (`None`: the admin page is off).
+    pub admin_token: Option<String>,
 }
 
 /// Limits on login attempts, per router (each router counts its own).
@@ -118,6 +121,7 @@ impl RouterConfig {
             max_group_size: 10_000,
             metrics: Arc::new(cim_core::metrics::RouterMetrics::unregistered()),
             registry: None,
+            admin_token: None,
         }
     }
 }

@@ -39,6 +39,8 @@ pub enum LinkError {
 pub struct ServerLinks {
     endpoint: quinn::Endpoint,
     conns: RwLock<HashMap<String, quinn::Connection>>,
+    /// Client messages forwarded by each server (for the admin page's rates).
+    forwarded: RwLock<HashMap<String, Arc<std::sync::atomic::AtomicU64>>>,
 }
 
 impl ServerLinks {
@@ -48,7 +50,34 @@ impl ServerLinks {
         Self {
             endpoint,
             conns: RwLock::new(HashMap::new()),
+            forwarded: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// Client messages forwarded by `server_id` so far.
+    pub fn forwarded(&self, server_id: &str) -> u64 {
+        self.forwarded
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(server_id)
+            .map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn forward_counter(&self, server_id: &str) -> Arc<std::sync::atomic::AtomicU64> {
+        if let Some(n) = self
+            .forwarded
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(server_id)
+        {
+            return n.clone();
+        }
+        self.forwarded
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(server_id.to_string())
+            .or_default()
+            .clone()
     }
 
     fn conn(&self, server_id: &str) -> Option<quinn::Connection> {
@@ -266,7 +295,9 @@ async fn dial(service: Arc<Service>, server: ServerInfo, shutdown: CancellationT
 
 /// Answers the requests a server opens on its link.
 async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Connection) {
+    let forwarded = service.links.forward_counter(server_id);
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let forwarded = forwarded.clone();
         let service = service.clone();
         let server_id = server_id.to_string();
         tokio::spawn(async move {
@@ -329,6 +360,7 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                         let _ = send.reset(cim_core::close::code(cim_core::close::PROTOCOL));
                         return;
                     };
+                    forwarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let sender = Sender {
                         id: forward.from_user,
                         name: forward.from_name,

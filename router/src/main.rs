@@ -93,6 +93,9 @@ struct Args {
     /// Most members a group may have.
     #[arg(long, env = "CIM_MAX_GROUP_SIZE", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
     max_group_size: u64,
+    /// Credential for the admin page at /admin (embedded mode: a random one if not given).
+    #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Log format: text or json.
     #[arg(long, env = "CIM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -157,6 +160,7 @@ async fn run_cluster(args: &Args, redis: &str, zookeeper: &str) -> anyhow::Resul
     config.password_cost = password_cost(args);
     config.login_limits = login_limits(args);
     config.max_group_size = args.max_group_size as usize;
+    config.admin_token = args.admin_token.clone();
     config.route_lease = Duration::from_millis(args.route_lease_ms);
     let mut registry = cim_core::metrics::Registry::default();
     config.metrics = cim_core::metrics::RouterMetrics::new(&mut registry);
@@ -206,6 +210,7 @@ async fn run_embedded(args: &Args) -> anyhow::Result<()> {
         password_cost: password_cost(args),
         login_limits: login_limits(args),
         max_group_size: args.max_group_size as usize,
+        admin_token: args.admin_token.clone(),
         server_limits: cim_server::Limits {
             max_connections: args.max_connections,
             max_connections_per_ip: args.max_connections_per_ip,
@@ -224,6 +229,7 @@ async fn run_embedded(args: &Args) -> anyhow::Result<()> {
         cluster.servers.len()
     );
     println!("router: {}", cluster.router_url);
+    println!("admin: {}", cluster.admin_url);
     for (id, addr) in &cluster.servers {
         println!("server: {id} at {addr}");
     }

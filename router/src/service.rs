@@ -23,6 +23,20 @@ use crate::password;
 use crate::select::Selector;
 use crate::store::{Account, Claim, InboxEntry, Join, Route, Store, StoreError};
 
+/// Errors kept for the admin page.
+const RECENT_ERRORS: usize = 50;
+
+/// A refusal or failure, as shown on the admin page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentError {
+    /// When, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Stable code.
+    pub code: String,
+    /// What happened.
+    pub message: String,
+}
+
 /// Locks sharding group sends.
 const GROUP_LOCKS: usize = 256;
 
@@ -182,6 +196,8 @@ pub struct Service {
     /// Sends to one group are appended under one of these locks, so every member's inbox
     /// holds the group's messages in the same order.
     group_locks: Vec<tokio::sync::Mutex<()>>,
+    /// The latest refusals and failures, newest last, for the admin page.
+    recent_errors: Mutex<std::collections::VecDeque<RecentError>>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) servers: watch::Receiver<Arc<Vec<ServerInfo>>>,
     pub(crate) links: ServerLinks,
@@ -202,6 +218,7 @@ impl Service {
             group_locks: (0..GROUP_LOCKS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            recent_errors: Mutex::new(std::collections::VecDeque::new()),
             selector: Selector::new(config.strategy),
             ids: IdGenerator::new(rand::random()),
             config,
@@ -267,6 +284,7 @@ impl Service {
             Ok(a) => a,
             Err(e) => {
                 self.config.metrics.login_failures.inc();
+                self.record_error(e.code(), format!("login of {name:?}: {e}"));
                 return Err(e);
             }
         };
@@ -620,6 +638,7 @@ impl Service {
             },
             Err(e) => {
                 self.config.metrics.error(e.code());
+                self.record_error(e.code(), format!("send from user {}: {e}", sender.id));
                 if let ServiceError::Internal(detail) | ServiceError::BadRequest(detail) = &e {
                     tracing::warn!(detail, "send refused");
                 }
@@ -744,6 +763,39 @@ impl Service {
         });
         join_all(pushes).await;
         Ok(())
+    }
+
+    /// Remembers a refusal or failure for the admin page.
+    pub fn record_error(&self, code: &str, message: String) {
+        let mut recent = lock(&self.recent_errors);
+        if recent.len() == RECENT_ERRORS {
+            recent.pop_front();
+        }
+        recent.push_back(RecentError {
+            at_ms: now_ms(),
+            code: code.to_string(),
+            message,
+        });
+    }
+
+    /// The latest refusals and failures, newest last.
+    pub fn recent_errors(&self) -> Vec<RecentError> {
+        lock(&self.recent_errors).iter().cloned().collect()
+    }
+
+    /// Every server in discovery, whether it is linked, and messages forwarded by it.
+    pub fn server_overview(&self) -> Vec<(ServerInfo, bool, u64)> {
+        self.servers
+            .borrow()
+            .iter()
+            .map(|s| {
+                (
+                    s.clone(),
+                    self.links.is_connected(&s.id),
+                    self.links.forwarded(&s.id),
+                )
+            })
+            .collect()
     }
 
     /// Servers that are in discovery and reachable over a live link.

@@ -1,0 +1,239 @@
+//! The admin page: servers with their connections and message rates, online users and recent
+//! errors, refreshed every second. Behind the admin token (`--admin-token`), given as
+//! `?token=` or `Authorization: Bearer`. Off when no token is configured.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::service::Service;
+
+#[derive(Serialize)]
+struct ServerRow {
+    id: String,
+    client_addr: String,
+    linked: bool,
+    connections: u32,
+    forwarded: u64,
+}
+
+#[derive(Serialize)]
+struct ErrorRow {
+    at_ms: u64,
+    code: String,
+    message: String,
+}
+
+#[derive(Serialize)]
+struct State {
+    router: String,
+    servers: Vec<ServerRow>,
+    online: Vec<String>,
+    errors: Vec<ErrorRow>,
+}
+
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+fn authorized(service: &Service, query: &TokenQuery, header: Option<&str>) -> bool {
+    let Some(expected) = service.config.admin_token.as_deref() else {
+        return false;
+    };
+    let given = query
+        .token
+        .as_deref()
+        .or_else(|| header.and_then(|h| h.strip_prefix("Bearer ")));
+    // Compare in constant time: the token is a credential.
+    given.is_some_and(|g| {
+        g.len() == expected.len()
+            && g.bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    })
+}
+
+fn denied(service: &Service) -> Response {
+    let (status, code, message) = if service.config.admin_token.is_none() {
+        (
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "the admin page is off (no --admin-token)",
+        )
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "admin token required",
+        )
+    };
+    warp::reply::with_status(
+        warp::reply::json(&serde_json::json!({"code": code, "message": message})),
+        status,
+    )
+    .into_response()
+}
+
+/// `/admin` (the page) and `/admin/api/state` (its data).
+pub fn routes(
+    service: Arc<Service>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static {
+    let with_service = warp::any().map(move || service.clone());
+    let auth = with_service
+        .clone()
+        .and(warp::query::<TokenQuery>())
+        .and(warp::header::optional::<String>("authorization"));
+    let page = warp::path!("admin").and(warp::get()).and(auth.clone()).map(
+        |service: Arc<Service>, q: TokenQuery, h: Option<String>| {
+            if !authorized(&service, &q, h.as_deref()) {
+                return denied(&service);
+            }
+            warp::reply::with_header(PAGE, "content-type", "text/html; charset=utf-8")
+                .into_response()
+        },
+    );
+    let state = warp::path!("admin" / "api" / "state")
+        .and(warp::get())
+        .and(auth)
+        .then(
+            |service: Arc<Service>, q: TokenQuery, h: Option<String>| async move {
+                if !authorized(&service, &q, h.as_deref()) {
+                    return denied(&service);
+                }
+                let servers = service
+                    .server_overview()
+                    .into_iter()
+                    .map(|(info, linked, forwarded)| ServerRow {
+                        id: info.id,
+                        client_addr: info.client_addr.to_string(),
+                        linked,
+                        connections: info.load,
+                        forwarded,
+                    })
+                    .collect();
+                let online = match service.online_users("").await {
+                    Ok(users) => users.into_iter().map(|a| a.name).collect(),
+                    Err(e) => {
+                        service.record_error(e.code(), format!("admin page: {e}"));
+                        Vec::new()
+                    }
+                };
+                let errors = service
+                    .recent_errors()
+                    .into_iter()
+                    .rev()
+                    .map(|e| ErrorRow {
+                        at_ms: e.at_ms,
+                        code: e.code,
+                        message: e.message,
+                    })
+                    .collect();
+                let state = State {
+                    router: service.config.id.clone(),
+                    servers,
+                    online,
+                    errors,
+                };
+                warp::reply::json(&state).into_response()
+            },
+        );
+    page.or(state).unify()
+}
+
+const PAGE: &str = r##"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>cim admin</title>
+<style>
+  body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+  table { border-collapse: collapse; margin-bottom: 1.5em; }
+  th, td { border: 1px solid #ccc; padding: 0.3em 0.8em; text-align: left; }
+  th { background: #f0f0f0; }
+  .down { color: #b00; }
+  #status { color: #666; font-size: 0.9em; }
+</style>
+</head>
+<body>
+<h1>cim admin <span id="router"></span></h1>
+<p id="status">loading...</p>
+<h2>Servers</h2>
+<table id="servers">
+  <thead><tr><th>server</th><th>address</th><th>link</th><th>connections</th><th>messages/s</th></tr></thead>
+  <tbody></tbody>
+</table>
+<h2>Online users (<span id="online-count">0</span>)</h2>
+<ul id="online"></ul>
+<h2>Recent errors</h2>
+<table id="errors">
+  <thead><tr><th>time</th><th>code</th><th>message</th></tr></thead>
+  <tbody></tbody>
+</table>
+<script>
+const token = new URLSearchParams(location.search).get("token") || "";
+let last = null;
+function cell(row, text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (cls) td.className = cls;
+  row.appendChild(td);
+}
+async function refresh() {
+  try {
+    const res = await fetch("/admin/api/state?token=" + encodeURIComponent(token));
+    if (!res.ok) throw new Error("HTTP " + res.status);
+    const state = await res.json();
+    const now = Date.now();
+    document.getElementById("router").textContent = "(" + state.router + ")";
+    const servers = document.querySelector("#servers tbody");
+    servers.replaceChildren();
+    for (const s of state.servers) {
+      const row = document.createElement("tr");
+      row.className = "server";
+      cell(row, s.id, "server-id");
+      cell(row, s.client_addr);
+      cell(row, s.linked ? "up" : "down", s.linked ? "" : "down");
+      cell(row, String(s.connections), "connections");
+      let rate = "-";
+      if (last && last.forwarded[s.id] !== undefined) {
+        const secs = (now - last.at) / 1000;
+        rate = ((s.forwarded - last.forwarded[s.id]) / secs).toFixed(1);
+      }
+      cell(row, rate, "rate");
+      servers.appendChild(row);
+    }
+    last = { at: now, forwarded: Object.fromEntries(state.servers.map(s => [s.id, s.forwarded])) };
+    const online = document.getElementById("online");
+    online.replaceChildren();
+    for (const name of state.online) {
+      const li = document.createElement("li");
+      li.className = "online-user";
+      li.textContent = name;
+      online.appendChild(li);
+    }
+    document.getElementById("online-count").textContent = String(state.online.length);
+    const errors = document.querySelector("#errors tbody");
+    errors.replaceChildren();
+    for (const e of state.errors) {
+      const row = document.createElement("tr");
+      cell(row, new Date(e.at_ms).toISOString());
+      cell(row, e.code, "error-code");
+      cell(row, e.message);
+      errors.appendChild(row);
+    }
+    document.getElementById("status").textContent = "updated " + new Date(now).toISOString();
+  } catch (err) {
+    document.getElementById("status").textContent = "refresh failed: " + err;
+  }
+}
+refresh();
+setInterval(refresh, 1000);
+</script>
+</body>
+</html>
+"##;
