@@ -86,7 +86,7 @@ fn file_args(path: &Path, known: &[String]) -> Result<Vec<OsString>, ConfigError
         })?;
     let mut args = Vec::new();
     for (key, value) in table {
-        if !known.iter().any(|k| *k == key) {
+        if !known.contains(&key) {
             return Err(ConfigError::UnknownKey { path: shown, key });
         }
         let flag = OsString::from(format!("--{key}"));
