@@ -40,6 +40,8 @@ pub struct RouterMetrics {
     pub linked_servers: Gauge,
     /// Users online (as of the last online-users query).
     pub online_users: Gauge,
+    /// Inbox depth a client finds when it pulls (entries after its last seen one).
+    pub inbox_depth: Histogram,
 }
 
 impl RouterMetrics {
