@@ -74,6 +74,11 @@ impl RouterMetrics {
             "Users online at the last query",
             m.online_users.clone(),
         );
+        r.register(
+            "inbox_depth",
+            "Inbox entries waiting when a client pulls",
+            m.inbox_depth.clone(),
+        );
         Arc::new(m)
     }
 
@@ -89,6 +94,7 @@ impl RouterMetrics {
             send_latency: latency_histogram(),
             linked_servers: Gauge::default(),
             online_users: Gauge::default(),
+            inbox_depth: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
         }
     }
 

@@ -605,6 +605,9 @@ impl Service {
             .store
             .fetch_inbox(user, after_seq, limit as usize, self.config.inbox, now_ms())
             .await?;
+        // A full page means at least that many (more are waiting); good enough for a depth.
+        let depth = page.entries.len() + usize::from(page.more);
+        self.config.metrics.inbox_depth.observe(depth as f64);
         Ok(PullResult {
             deliveries: page
                 .entries
