@@ -45,6 +45,23 @@ pub enum ConfigError {
     },
 }
 
+/// Parses the process's arguments into `A`, with the options of a `--config` file (or
+/// `CIM_CONFIG`) placed before the command line's. Exits with a message naming the offending
+/// option or key when anything is invalid, as clap does.
+pub fn parse<A: clap::Parser + clap::CommandFactory>() -> A {
+    let known: Vec<String> = A::command()
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    match with_file(std::env::args_os().collect(), &known) {
+        Ok(argv) => A::parse_from(argv),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
 /// `args` (program name first) with the options of the file named by `--config FILE` (or
 /// `CIM_CONFIG`) inserted after the program name. `known` lists the long option names the
 /// program accepts.

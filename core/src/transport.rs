@@ -134,6 +134,37 @@ pub fn client_endpoint(
     Ok(endpoint)
 }
 
+/// Why a request/reply exchange on one stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The connection is gone.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The stream was closed under us.
+    #[error("stream: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+    /// A frame could not be written or read.
+    #[error("frame: {0}")]
+    Frame(#[from] cim_proto::FrameError),
+}
+
+/// Opens a bidirectional stream, sends `request` as one frame, finishes the stream, and reads
+/// one reply frame of at most `max_frame` bytes.
+pub async fn exchange<Q, R>(
+    conn: &quinn::Connection,
+    request: &Q,
+    max_frame: usize,
+) -> Result<R, ExchangeError>
+where
+    Q: cim_proto::ProstMessage,
+    R: cim_proto::ProstMessage + Default,
+{
+    let (mut send, mut recv) = conn.open_bi().await?;
+    cim_proto::write_frame(&mut send, request, max_frame).await?;
+    send.finish()?;
+    Ok(cim_proto::read_required(&mut recv, max_frame).await?)
+}
+
 /// The host part of `addr` as a TLS server name (IP addresses are valid server names).
 pub fn server_name(addr: &SocketAddr) -> String {
     addr.ip().to_string()

@@ -13,7 +13,7 @@ use cim_proto::v1::{
     Push, PushResult, Recipient, RenewResult, RouterRequest, ServerRequest, SessionResult,
     group_request, router_request, server_request,
 };
-use cim_proto::{FrameError, ProstMessage, read_required, write_frame};
+use cim_proto::{ProstMessage, read_required, write_frame};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -175,25 +175,11 @@ impl ServerLinks {
     }
 }
 
-/// Why one exchange failed.
-#[derive(Debug, thiserror::Error)]
-enum ExchangeError {
-    #[error("connection: {0}")]
-    Connection(#[from] quinn::ConnectionError),
-    #[error("stream: {0}")]
-    Closed(#[from] quinn::ClosedStream),
-    #[error("frame: {0}")]
-    Frame(#[from] FrameError),
-}
-
 async fn exchange<R: ProstMessage + Default>(
     conn: &quinn::Connection,
     request: &RouterRequest,
-) -> Result<R, ExchangeError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    write_frame(&mut send, request, MAX_INTERNAL_FRAME).await?;
-    send.finish()?;
-    Ok(read_required(&mut recv, MAX_INTERNAL_FRAME).await?)
+) -> Result<R, transport::ExchangeError> {
+    transport::exchange(conn, request, MAX_INTERNAL_FRAME).await
 }
 
 /// Keeps one link per server in the discovery view: dials new servers, drops links to servers

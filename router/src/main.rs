@@ -15,7 +15,7 @@ use cim_core::token::TokenKey;
 use cim_router::embedded::{self, EmbeddedConfig};
 use cim_router::store::{RedisStore, Store};
 use cim_router::{Router, RouterConfig, Strategy};
-use clap::{CommandFactory, Parser};
+use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 /// cim router: HTTPS login API and message fan-out to servers.
@@ -103,18 +103,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let known: Vec<String> = Args::command()
-        .get_arguments()
-        .filter_map(|a| a.get_long().map(str::to_string))
-        .collect();
-    let argv = match cim_core::config::with_file(std::env::args_os().collect(), &known) {
-        Ok(argv) => argv,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
-    };
-    let args = Args::parse_from(argv);
+    let args: Args = cim_core::config::parse();
     logging::init(&args.log_format);
     match (&args.redis, &args.zookeeper) {
         (None, None) => run_embedded(&args).await,

@@ -12,7 +12,7 @@ use cim_proto::v1::{
     SessionClosed, SessionOpened, SessionRef, SessionResult, TrimInbox, chat_message,
     router_request, server_request,
 };
-use cim_proto::{FrameError, ProstMessage, read_required, write_frame};
+use cim_proto::{ProstMessage, read_required, write_frame};
 use tokio_util::sync::CancellationToken;
 
 use crate::session::State;
@@ -242,25 +242,11 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Why one request/reply exchange failed.
-#[derive(Debug, thiserror::Error)]
-enum ExchangeError {
-    #[error("connection: {0}")]
-    Connection(#[from] quinn::ConnectionError),
-    #[error("stream: {0}")]
-    Closed(#[from] quinn::ClosedStream),
-    #[error("frame: {0}")]
-    Frame(#[from] FrameError),
-}
-
 async fn exchange<R: ProstMessage + Default>(
     conn: &quinn::Connection,
     request: &ServerRequest,
-) -> Result<R, ExchangeError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    write_frame(&mut send, request, MAX_INTERNAL_FRAME).await?;
-    send.finish()?;
-    Ok(read_required(&mut recv, MAX_INTERNAL_FRAME).await?)
+) -> Result<R, cim_core::transport::ExchangeError> {
+    cim_core::transport::exchange(conn, request, MAX_INTERNAL_FRAME).await
 }
 
 /// Accepts router connections until shutdown. Mutual TLS already refused peers without a

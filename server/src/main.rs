@@ -10,7 +10,7 @@ use cim_certs::CertPaths;
 use cim_core::discovery::{Discovery, ZkDiscovery};
 use cim_core::token::TokenKey;
 use cim_server::{Server, ServerConfig};
-use clap::{CommandFactory, Parser};
+use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 /// cim connection server: holds client QUIC connections, delivers router pushes.
@@ -77,18 +77,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let known: Vec<String> = Args::command()
-        .get_arguments()
-        .filter_map(|a| a.get_long().map(str::to_string))
-        .collect();
-    let argv = match cim_core::config::with_file(std::env::args_os().collect(), &known) {
-        Ok(argv) => argv,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
-    };
-    let args = Args::parse_from(argv);
+    let args: Args = cim_core::config::parse();
     cim_core::logging::init(&args.log_format);
     if args.heartbeat_timeout_ms <= args.heartbeat_ms {
         anyhow::bail!("--heartbeat-timeout-ms must be larger than --heartbeat-ms");
