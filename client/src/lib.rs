@@ -59,6 +59,8 @@ const SEND_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 const GAP_WAIT: Duration = Duration::from_millis(200);
 /// Entries per pull.
 const PULL_LIMIT: u32 = 200;
+/// Connect attempts of a first login.
+const LOGIN_CONNECT_ATTEMPTS: u32 = 3;
 /// Resume attempts against the same server before logging in again through the router.
 const RESUME_ATTEMPTS: u32 = 2;
 
@@ -509,15 +511,18 @@ impl Client {
         });
         let target = shared.target(grant.server_addr);
         let name_for_tls = transport::server_name(&grant.server_addr);
-        let (connected, _) = connect(
-            &shared.endpoint,
-            target,
-            &name_for_tls,
-            &grant.token,
-            0,
-            false,
-        )
-        .await?;
+        // A handshake on a very lossy path can outlast one attempt: try a few times with the
+        // same token before giving up (a refusal ends it at once).
+        let mut attempt = 0;
+        let connected = loop {
+            attempt += 1;
+            match connect(&shared.endpoint, target, &name_for_tls, &grant.token, 0, false).await {
+                Ok((connected, _)) => break connected,
+                Err(e @ ClientError::LoginRefused { .. }) => return Err(e),
+                Err(e) if attempt >= LOGIN_CONNECT_ATTEMPTS => return Err(e),
+                Err(e) => tracing::debug!(error = %e, attempt, "connect failed; retrying"),
+            }
+        };
         tokio::spawn(supervise(shared.clone(), connected));
         tokio::spawn(fill_gaps(shared.clone()));
         Ok((Client { shared }, Events { rx: events_rx }))
