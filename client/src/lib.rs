@@ -516,7 +516,16 @@ impl Client {
         let mut attempt = 0;
         let connected = loop {
             attempt += 1;
-            match connect(&shared.endpoint, target, &name_for_tls, &grant.token, 0, false).await {
+            match connect(
+                &shared.endpoint,
+                target,
+                &name_for_tls,
+                &grant.token,
+                0,
+                false,
+            )
+            .await
+            {
                 Ok((connected, _)) => break connected,
                 Err(e @ ClientError::LoginRefused { .. }) => return Err(e),
                 Err(e) if attempt >= LOGIN_CONNECT_ATTEMPTS => return Err(e),

@@ -207,7 +207,7 @@ impl Router {
         shutdown: CancellationToken,
     ) -> Result<(), StartError> {
         let http_addr = self.http_addr();
-        let links = links::ServerLinks::new(self.endpoint.clone());
+        let links = Arc::new(links::ServerLinks::new(self.endpoint.clone()));
         let service = Arc::new(service::Service::new(
             self.config.clone(),
             store,

@@ -10,14 +10,87 @@ use cim_core::discovery::ServerInfo;
 use cim_core::transport;
 use cim_proto::v1::{
     Delivery, GroupMember, GroupResult, KickResult, KickUser, Presence, PresencePush, PullResult,
-    Push, PushResult, Recipient, RenewResult, RouterRequest, ServerRequest, SessionResult,
-    group_request, router_request, server_request,
+    Push, PushBatch, PushBatchResult, PushResult, Recipient, RenewResult, RouterRequest,
+    ServerRequest, SessionResult, group_request, router_request, server_request,
 };
 use cim_proto::{ProstMessage, read_required, write_frame};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::service::{Sender, Service};
+
+/// A push waiting to leave, with where its result goes.
+type PendingPush = (Push, oneshot::Sender<Result<PushResult, LinkError>>);
+/// Pushes queued per server before senders wait.
+const PUSH_QUEUE: usize = 4096;
+/// Most pushes in one batch.
+const MAX_BATCH: usize = 256;
+/// Batches in flight per server.
+const BATCHES_IN_FLIGHT: usize = 8;
+
+/// Sends the queued pushes of one server: each batch takes everything queued (up to
+/// [`MAX_BATCH`]); up to [`BATCHES_IN_FLIGHT`] batches travel at once.
+async fn run_pusher(
+    links: Arc<ServerLinks>,
+    server_id: String,
+    mut queue: mpsc::Receiver<PendingPush>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let links = links.clone();
+        let server_id = server_id.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (pushes, replies): (Vec<Push>, Vec<_>) = batch.into_iter().unzip();
+            let request = if pushes.len() == 1 {
+                let push = pushes.into_iter().next().unwrap_or_default();
+                RouterRequest {
+                    kind: Some(router_request::Kind::Push(push)),
+                }
+            } else {
+                RouterRequest {
+                    kind: Some(router_request::Kind::Batch(PushBatch { pushes })),
+                }
+            };
+            let single = replies.len() == 1;
+            let results: Result<Vec<PushResult>, LinkError> = if single {
+                links
+                    .call::<PushResult>(&server_id, &request)
+                    .await
+                    .map(|r| vec![r])
+            } else {
+                links
+                    .call::<PushBatchResult>(&server_id, &request)
+                    .await
+                    .map(|r| r.results)
+            };
+            match results {
+                Ok(results) => {
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        let _ = reply.send(Ok(result));
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for reply in replies {
+                        let _ = reply.send(Err(LinkError::Failed(message.clone())));
+                    }
+                }
+            }
+        });
+    }
+}
 
 /// Largest frame on router links.
 pub const MAX_INTERNAL_FRAME: usize = 4 * 1024 * 1024;
@@ -38,6 +111,8 @@ pub enum LinkError {
 /// Connections to servers, by server id.
 pub struct ServerLinks {
     endpoint: quinn::Endpoint,
+    /// One batching pusher per server.
+    pushers: std::sync::Mutex<HashMap<String, mpsc::Sender<PendingPush>>>,
     conns: RwLock<HashMap<String, quinn::Connection>>,
     /// Client messages forwarded by each server (for the admin page's rates).
     forwarded: RwLock<HashMap<String, Arc<std::sync::atomic::AtomicU64>>>,
@@ -49,6 +124,7 @@ impl ServerLinks {
     pub fn new(endpoint: quinn::Endpoint) -> Self {
         Self {
             endpoint,
+            pushers: std::sync::Mutex::new(HashMap::new()),
             conns: RwLock::new(HashMap::new()),
             forwarded: RwLock::new(HashMap::new()),
         }
@@ -117,20 +193,38 @@ impl ServerLinks {
         }
     }
 
-    /// Pushes `delivery` to `recipients` on one server.
+    /// Pushes `delivery` to `recipients` on one server. Pushes to a busy server are batched:
+    /// while earlier batches are in flight, new pushes queue up and leave together.
     pub async fn push(
-        &self,
+        self: &Arc<Self>,
         server_id: &str,
         recipients: Vec<Recipient>,
         delivery: Delivery,
     ) -> Result<PushResult, LinkError> {
-        let request = RouterRequest {
-            kind: Some(router_request::Kind::Push(Push {
-                recipients,
-                delivery: Some(delivery),
-            })),
+        let push = Push {
+            recipients,
+            delivery: Some(delivery),
         };
-        self.call(server_id, &request).await
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let queue = self.pusher(server_id);
+        queue
+            .send((push, reply_tx))
+            .await
+            .map_err(|_| LinkError::Failed("pusher stopped".into()))?;
+        reply_rx
+            .await
+            .map_err(|_| LinkError::Failed("pusher stopped".into()))?
+    }
+
+    fn pusher(self: &Arc<Self>, server_id: &str) -> mpsc::Sender<PendingPush> {
+        let mut pushers = self.pushers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(queue) = pushers.get(server_id) {
+            return queue.clone();
+        }
+        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+        tokio::spawn(run_pusher(self.clone(), server_id.to_string(), rx));
+        pushers.insert(server_id.to_string(), tx.clone());
+        tx
     }
 
     /// Tells `recipients` on a server that `user_id` came online or went offline.

@@ -200,7 +200,7 @@ pub struct Service {
     recent_errors: Mutex<std::collections::VecDeque<RecentError>>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) servers: watch::Receiver<Arc<Vec<ServerInfo>>>,
-    pub(crate) links: ServerLinks,
+    pub(crate) links: Arc<ServerLinks>,
     selector: Selector,
     ids: IdGenerator,
 }
@@ -210,7 +210,7 @@ impl Service {
         config: Arc<RouterConfig>,
         store: Arc<dyn Store>,
         servers: watch::Receiver<Arc<Vec<ServerInfo>>>,
-        links: ServerLinks,
+        links: Arc<ServerLinks>,
     ) -> Self {
         Self {
             login_failures: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),

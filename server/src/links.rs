@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use cim_proto::v1::{
     FetchInbox, Forward, GroupCommand, GroupRequest, GroupResult, KickResult, PullResult,
-    PushResult, Recipient, RenewResult, RenewSessions, RouterRequest, SendAck, ServerRequest,
-    SessionClosed, SessionOpened, SessionRef, SessionResult, TrimInbox, chat_message,
-    router_request, server_request,
+    PushBatchResult, PushResult, Recipient, RenewResult, RenewSessions, RouterRequest, SendAck,
+    ServerRequest, SessionClosed, SessionOpened, SessionRef, SessionResult, TrimInbox,
+    chat_message, router_request, server_request,
 };
 use cim_proto::{ProstMessage, read_required, write_frame};
 use tokio_util::sync::CancellationToken;
@@ -331,6 +331,20 @@ async fn serve_router(conn: &quinn::Connection, state: &Arc<State>) {
                     let (delivered, absent) = state.deliver(&push.recipients, delivery);
                     let reply = PushResult { delivered, absent };
                     write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
+                }
+                Some(router_request::Kind::Batch(batch)) => {
+                    let results = batch
+                        .pushes
+                        .into_iter()
+                        .map(|push| match push.delivery {
+                            Some(delivery) => {
+                                let (delivered, absent) = state.deliver(&push.recipients, delivery);
+                                PushResult { delivered, absent }
+                            }
+                            None => PushResult::default(),
+                        })
+                        .collect();
+                    write_frame(&mut send, &PushBatchResult { results }, MAX_INTERNAL_FRAME).await
                 }
                 Some(router_request::Kind::Presence(push)) => {
                     let Some(presence) = push.presence else {
