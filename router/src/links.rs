@@ -9,9 +9,10 @@ use std::time::Duration;
 use cim_core::discovery::ServerInfo;
 use cim_core::transport;
 use cim_proto::v1::{
-    Delivery, GroupMember, GroupResult, KickResult, KickUser, Presence, PresencePush, PullResult,
-    Push, PushBatch, PushBatchResult, PushResult, Recipient, RenewResult, RouterRequest,
-    ServerRequest, SessionResult, group_request, router_request, server_request,
+    Delivery, ForwardBatchResult, GroupMember, GroupResult, KickResult, KickUser, Presence,
+    PresencePush, PullResult, Push, PushBatch, PushBatchResult, PushResult, Recipient, RenewResult,
+    RouterRequest, SendAck, ServerRequest, SessionResult, group_request, router_request,
+    server_request,
 };
 use cim_proto::{ProstMessage, read_required, write_frame};
 use tokio::sync::{mpsc, oneshot};
@@ -473,6 +474,31 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                         },
                     };
                     write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
+                }
+                Some(server_request::Kind::Forwards(batch)) => {
+                    forwarded.fetch_add(
+                        batch.forwards.len() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    let sends = batch.forwards.into_iter().map(|forward| {
+                        let service = service.clone();
+                        async move {
+                            let Some(message) = forward.message else {
+                                return SendAck {
+                                    code: "bad_request".into(),
+                                    message: "forward without a message".into(),
+                                    ..Default::default()
+                                };
+                            };
+                            let sender = Sender {
+                                id: forward.from_user,
+                                name: forward.from_name,
+                            };
+                            service.send_from_server(&sender, &message).await
+                        }
+                    });
+                    let acks = futures_util::future::join_all(sends).await;
+                    write_frame(&mut send, &ForwardBatchResult { acks }, MAX_INTERNAL_FRAME).await
                 }
                 Some(server_request::Kind::Group(command)) => {
                     let reply = group_command(&service, command.user_id, command.request).await;

@@ -244,6 +244,7 @@ impl Server {
                 shutdown.clone(),
             ));
         }
+        tokio::spawn(links::run_forwarder(state.clone()));
         tracker.spawn(renew_routes(state.clone(), shutdown.clone()));
         tracker.spawn(report_acks(state.clone(), shutdown.clone()));
         tracker.spawn(report_load(

@@ -7,12 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cim_proto::v1::{
-    FetchInbox, Forward, GroupCommand, GroupRequest, GroupResult, KickResult, PullResult,
-    PushBatchResult, PushResult, Recipient, RenewResult, RenewSessions, RouterRequest, SendAck,
-    ServerRequest, SessionClosed, SessionOpened, SessionRef, SessionResult, TrimInbox,
-    chat_message, router_request, server_request,
+    FetchInbox, Forward, ForwardBatch, ForwardBatchResult, GroupCommand, GroupRequest, GroupResult,
+    KickResult, PullResult, PushBatchResult, PushResult, Recipient, RenewResult, RenewSessions,
+    RouterRequest, SendAck, ServerRequest, SessionClosed, SessionOpened, SessionRef, SessionResult,
+    TrimInbox, chat_message, router_request, server_request,
 };
 use cim_proto::{ProstMessage, read_required, write_frame};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::session::State;
@@ -35,11 +36,33 @@ pub enum LinkError {
     Failed(String),
 }
 
+/// A forward waiting to leave, with where its ack goes.
+pub(crate) type PendingForward = (Forward, oneshot::Sender<Result<SendAck, LinkError>>);
+/// Forwards queued before senders wait.
+const FORWARD_QUEUE: usize = 4096;
+/// Most forwards in one batch.
+const MAX_BATCH: usize = 256;
+/// Batches in flight.
+const BATCHES_IN_FLIGHT: usize = 8;
+
 /// The routers currently connected to this server.
-#[derive(Default)]
 pub struct RouterLinks {
     conns: Mutex<Vec<quinn::Connection>>,
     next: AtomicUsize,
+    forwards: mpsc::Sender<PendingForward>,
+    queued: Mutex<Option<mpsc::Receiver<PendingForward>>>,
+}
+
+impl Default for RouterLinks {
+    fn default() -> Self {
+        let (forwards, queued) = mpsc::channel(FORWARD_QUEUE);
+        Self {
+            conns: Mutex::default(),
+            next: AtomicUsize::new(0),
+            forwards,
+            queued: Mutex::new(Some(queued)),
+        }
+    }
 }
 
 impl RouterLinks {
@@ -208,12 +231,23 @@ impl RouterLinks {
     }
 
     /// Hands a client's message to a router; the reply is the sender's ack. A named group's
-    /// messages all go through the same router, which orders them.
+    /// messages all go through the same router, which orders them; other messages are batched
+    /// while the server is busy.
     pub async fn forward(&self, forward: Forward) -> Result<SendAck, LinkError> {
         let affinity = match forward.message.as_ref().and_then(|m| m.target.as_ref()) {
-            Some(chat_message::Target::Group(g)) => Some(fnv1a(g.as_bytes())),
+            Some(chat_message::Target::Group(g)) if g != "all" => Some(fnv1a(g.as_bytes())),
             _ => None,
         };
+        if affinity.is_none() {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            self.forwards
+                .send((forward, reply_tx))
+                .await
+                .map_err(|_| LinkError::Failed("forwarder stopped".into()))?;
+            return reply_rx
+                .await
+                .map_err(|_| LinkError::Failed("forwarder stopped".into()))?;
+        }
         let request = ServerRequest {
             kind: Some(server_request::Kind::Forward(forward)),
         };
@@ -284,6 +318,65 @@ pub(crate) async fn accept_routers(
             serve_router(&conn, &state).await;
             state.links.remove(&conn);
             tracing::info!(%peer, reason = ?conn.close_reason(), "router disconnected");
+        });
+    }
+}
+
+/// Sends queued forwards in batches: each batch takes everything queued (up to
+/// [`MAX_BATCH`]); up to [`BATCHES_IN_FLIGHT`] batches travel at once.
+pub(crate) async fn run_forwarder(state: Arc<State>) {
+    let Some(mut queue) = state
+        .links
+        .queued
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    else {
+        return;
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    loop {
+        // Keeps running through a drain: clients still connected may send until they leave.
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let state = state.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (forwards, replies): (Vec<Forward>, Vec<_>) = batch.into_iter().unzip();
+            let request = ServerRequest {
+                kind: Some(server_request::Kind::Forwards(ForwardBatch { forwards })),
+            };
+            match state.links.call::<ForwardBatchResult>(&request).await {
+                Ok(result) if result.acks.len() == replies.len() => {
+                    for (reply, ack) in replies.into_iter().zip(result.acks) {
+                        let _ = reply.send(Ok(ack));
+                    }
+                }
+                Ok(_) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(LinkError::Failed(
+                            "router answered a batch partly".into(),
+                        )));
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for reply in replies {
+                        let _ = reply.send(Err(LinkError::Failed(message.clone())));
+                    }
+                }
+            }
         });
     }
 }
