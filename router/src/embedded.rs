@@ -43,6 +43,8 @@ pub struct EmbeddedConfig {
     pub max_group_size: usize,
     /// Admin page credential (`None`: a random one is made).
     pub admin_token: Option<String>,
+    /// Caps on each user's inbox.
+    pub inbox: crate::store::InboxLimits,
 }
 
 /// A running embedded cluster.
@@ -138,6 +140,7 @@ pub async fn start_with_store(
     router_config.password_cost = config.password_cost;
     router_config.login_limits = config.login_limits;
     router_config.max_group_size = config.max_group_size;
+    router_config.inbox = config.inbox;
     let admin_token = config.admin_token.clone().unwrap_or_else(|| {
         (0..4)
             .map(|_| format!("{:08x}", rand::random::<u32>()))

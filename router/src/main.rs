@@ -90,6 +90,12 @@ struct Args {
     /// Embedded servers: sustained messages per second per session (burst: twice that).
     #[arg(long, env = "CIM_MAX_MSGS_PER_SEC", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
     max_msgs_per_sec: u32,
+    /// Most entries kept in each user's inbox (oldest dropped first).
+    #[arg(long, env = "CIM_INBOX_MAX_LEN", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    inbox_max_len: u64,
+    /// Age after which inbox entries are dropped, in seconds (default 7 days).
+    #[arg(long, env = "CIM_INBOX_TTL_SECS", default_value_t = 604_800, value_parser = clap::value_parser!(u64).range(60..=31_536_000))]
+    inbox_ttl_secs: u64,
     /// Most members a group may have.
     #[arg(long, env = "CIM_MAX_GROUP_SIZE", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
     max_group_size: u64,
@@ -118,6 +124,13 @@ fn password_cost(args: &Args) -> cim_router::password::Cost {
     cim_router::password::Cost {
         memory_kib: args.argon2_memory_kib,
         iterations: args.argon2_iterations,
+    }
+}
+
+fn inbox_limits(args: &Args) -> cim_router::store::InboxLimits {
+    cim_router::store::InboxLimits {
+        max_len: args.inbox_max_len as usize,
+        ttl: Duration::from_secs(args.inbox_ttl_secs),
     }
 }
 
@@ -150,6 +163,7 @@ async fn run_cluster(args: &Args, redis: &str, zookeeper: &str) -> anyhow::Resul
     config.login_limits = login_limits(args);
     config.max_group_size = args.max_group_size as usize;
     config.admin_token = args.admin_token.clone();
+    config.inbox = inbox_limits(args);
     config.route_lease = Duration::from_millis(args.route_lease_ms);
     let mut registry = cim_core::metrics::Registry::default();
     config.metrics = cim_core::metrics::RouterMetrics::new(&mut registry);
@@ -200,6 +214,7 @@ async fn run_embedded(args: &Args) -> anyhow::Result<()> {
         login_limits: login_limits(args),
         max_group_size: args.max_group_size as usize,
         admin_token: args.admin_token.clone(),
+        inbox: inbox_limits(args),
         server_limits: cim_server::Limits {
             max_connections: args.max_connections,
             max_connections_per_ip: args.max_connections_per_ip,
