@@ -2,6 +2,7 @@
 //! files, QUIC endpoint setup with cim's transport limits, and the server/router discovery
 //! trait with its in-process implementation.
 
+pub mod batch;
 pub mod config;
 pub mod discovery;
 pub mod limit;

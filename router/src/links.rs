@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use cim_core::batch::{Batcher, answer_all};
 use cim_core::discovery::ServerInfo;
 use cim_core::transport;
 use cim_proto::v1::{
@@ -35,20 +36,10 @@ const BATCHES_IN_FLIGHT: usize = 8;
 async fn run_pusher(
     links: Arc<ServerLinks>,
     server_id: String,
-    mut queue: mpsc::Receiver<PendingPush>,
+    queue: mpsc::Receiver<PendingPush>,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
-    while let Some(first) = queue.recv().await {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
+    let mut batches = Batcher::new(queue, BATCHES_IN_FLIGHT, MAX_BATCH);
+    while let Some((batch, permit)) = batches.next().await {
         let links = links.clone();
         let server_id = server_id.clone();
         tokio::spawn(async move {
@@ -76,19 +67,8 @@ async fn run_pusher(
                     .await
                     .map(|r| r.results)
             };
-            match results {
-                Ok(results) => {
-                    for (reply, result) in replies.into_iter().zip(results) {
-                        let _ = reply.send(Ok(result));
-                    }
-                }
-                Err(e) => {
-                    let message = e.to_string();
-                    for reply in replies {
-                        let _ = reply.send(Err(LinkError::Failed(message.clone())));
-                    }
-                }
-            }
+            let short = LinkError::Failed("server answered a batch partly".into());
+            answer_all(replies, results, short);
         });
     }
 }
@@ -99,7 +79,7 @@ pub const MAX_INTERNAL_FRAME: usize = 4 * 1024 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a request to a server failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LinkError {
     /// No live connection to that server.
     #[error("server {0} is not connected")]

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cim_core::batch::{Batcher, answer_all};
 use cim_proto::v1::{
     FetchInbox, Forward, ForwardBatch, ForwardBatchResult, GroupCommand, GroupRequest, GroupResult,
     KickResult, PullResult, PushBatchResult, PushResult, Recipient, RenewResult, RenewSessions,
@@ -26,7 +27,7 @@ const RENEW_CHUNK: usize = 2000;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a request to a router failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LinkError {
     /// No router is connected to this server.
     #[error("no router connected")]
@@ -325,7 +326,7 @@ pub(crate) async fn accept_routers(
 /// Sends queued forwards in batches: each batch takes everything queued (up to
 /// [`MAX_BATCH`]); up to [`BATCHES_IN_FLIGHT`] batches travel at once.
 pub(crate) async fn run_forwarder(state: Arc<State>) {
-    let Some(mut queue) = state
+    let Some(queue) = state
         .links
         .queued
         .lock()
@@ -334,22 +335,9 @@ pub(crate) async fn run_forwarder(state: Arc<State>) {
     else {
         return;
     };
-    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
-    loop {
-        // Keeps running through a drain: clients still connected may send until they leave.
-        let Some(first) = queue.recv().await else {
-            return;
-        };
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
+    let mut batches = Batcher::new(queue, BATCHES_IN_FLIGHT, MAX_BATCH);
+    // Keeps running through a drain: clients still connected may send until they leave.
+    while let Some((batch, permit)) = batches.next().await {
         let state = state.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -357,26 +345,13 @@ pub(crate) async fn run_forwarder(state: Arc<State>) {
             let request = ServerRequest {
                 kind: Some(server_request::Kind::Forwards(ForwardBatch { forwards })),
             };
-            match state.links.call::<ForwardBatchResult>(&request).await {
-                Ok(result) if result.acks.len() == replies.len() => {
-                    for (reply, ack) in replies.into_iter().zip(result.acks) {
-                        let _ = reply.send(Ok(ack));
-                    }
-                }
-                Ok(_) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(LinkError::Failed(
-                            "router answered a batch partly".into(),
-                        )));
-                    }
-                }
-                Err(e) => {
-                    let message = e.to_string();
-                    for reply in replies {
-                        let _ = reply.send(Err(LinkError::Failed(message.clone())));
-                    }
-                }
-            }
+            let acks = state
+                .links
+                .call::<ForwardBatchResult>(&request)
+                .await
+                .map(|r| r.acks);
+            let short = LinkError::Failed("router answered a batch partly".into());
+            answer_all(replies, acks, short);
         });
     }
 }

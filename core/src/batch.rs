@@ -1,0 +1,91 @@
+//! Batching for request/reply links: requests queue while earlier batches are in flight and
+//! leave together, so an idle link adds no delay and a busy one sends fewer, larger requests.
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+/// Takes batches off a queue, with a bounded number in flight.
+pub struct Batcher<T> {
+    queue: mpsc::Receiver<T>,
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl<T> Batcher<T> {
+    /// Batches of at most `max` items from `queue`, at most `in_flight` at a time.
+    pub fn new(queue: mpsc::Receiver<T>, in_flight: usize, max: usize) -> Self {
+        Self {
+            queue,
+            slots: Arc::new(Semaphore::new(in_flight.max(1))),
+            max: max.max(1),
+        }
+    }
+
+    /// The next batch (one item at least, then whatever is already queued) and its in-flight
+    /// slot, released when the permit drops. `None` once the queue is closed and empty.
+    pub async fn next(&mut self) -> Option<(Vec<T>, OwnedSemaphorePermit)> {
+        let first = self.queue.recv().await?;
+        let permit = self.slots.clone().acquire_owned().await.ok()?;
+        let mut batch = vec![first];
+        while batch.len() < self.max {
+            match self.queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        Some((batch, permit))
+    }
+}
+
+/// Answers each waiting caller with its result, or every caller with the batch's error. A
+/// reply list shorter than the batch answers the rest with `short`.
+pub fn answer_all<R, E: Clone>(
+    callers: Vec<oneshot::Sender<Result<R, E>>>,
+    results: Result<Vec<R>, E>,
+    short: E,
+) {
+    match results {
+        Ok(results) => {
+            let mut results = results.into_iter();
+            for caller in callers {
+                let _ = caller.send(results.next().ok_or_else(|| short.clone()));
+            }
+        }
+        Err(e) => {
+            for caller in callers {
+                let _ = caller.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn batches_take_what_is_queued_up_to_the_maximum() {
+        let (tx, rx) = mpsc::channel(16);
+        for i in 0..5 {
+            tx.send(i).await.unwrap();
+        }
+        let mut batcher = Batcher::new(rx, 1, 3);
+        let (first, permit) = batcher.next().await.unwrap();
+        assert_eq!(first, vec![0, 1, 2]);
+        drop(permit);
+        let (second, _permit) = batcher.next().await.unwrap();
+        assert_eq!(second, vec![3, 4]);
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn every_caller_gets_an_answer() {
+        let (a, ra) = oneshot::channel::<Result<u32, String>>();
+        let (b, rb) = oneshot::channel();
+        answer_all(vec![a, b], Ok(vec![7]), "short".to_string());
+        assert_eq!(ra.await.unwrap(), Ok(7));
+        assert_eq!(rb.await.unwrap(), Err("short".to_string()));
+    }
+}
