@@ -46,7 +46,7 @@ pub fn transport_config(link: Link) -> TransportConfig {
     let mut t = TransportConfig::default();
     match link {
         Link::Client => {
-            t.max_concurrent_bidi_streams(VarInt::from_u32(64));
+            t.max_concurrent_bidi_streams(VarInt::from_u32(16));
             t.max_concurrent_uni_streams(VarInt::from_u32(0));
             t.stream_receive_window(VarInt::from_u32(128 * 1024));
             t.receive_window(VarInt::from_u32(512 * 1024));
