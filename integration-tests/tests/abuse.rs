@@ -264,7 +264,9 @@ async fn an_oversized_frame_is_refused_and_the_connection_survives() -> anyhow::
     assert_eq!(code, "");
     let (mut send, mut recv) = conn.open_bi().await?;
     send.write_all(&0x7fff_ffffu32.to_be_bytes()).await?;
-    send.write_all(&[0u8; 1024]).await?;
+    // The server may refuse on the prefix alone and stop reading: a failed write of the
+    // rest is expected, the refusal must still arrive.
+    let _ = send.write_all(&[0u8; 1024]).await;
     let ack: SendAck = read_required(&mut recv, 4096).await?;
     assert_eq!(ack.code, "too_large");
     // The same connection still sends.

@@ -36,6 +36,8 @@ use crate::service::{Sender, Service, ServiceError};
 
 /// Largest request body accepted, in bytes.
 pub const MAX_HTTP_BODY: u64 = 64 * 1024;
+/// Largest body read (to refuse it cleanly) before the connection is simply cut.
+const MAX_DRAINED_BODY: u64 = 1024 * 1024;
 
 /// An API error: a status and a JSON body with a stable code.
 #[derive(Debug)]
@@ -498,9 +500,19 @@ pub fn routes(
 /// Reads the body (capped) and parses it as JSON, yielding our own error on failure.
 fn json_body<T: DeserializeOwned + Send>()
 -> impl Filter<Extract = (Result<T, ApiError>,), Error = Rejection> + Clone {
-    warp::body::content_length_limit(MAX_HTTP_BODY)
+    // Bodies a little over the limit are read and refused with a clear 413 (a server that
+    // answers before reading leaves the client with a broken pipe instead); far larger ones are
+    // rejected on their Content-Length without being read.
+    warp::body::content_length_limit(MAX_DRAINED_BODY)
         .and(warp::body::bytes())
         .map(|bytes: Bytes| {
+            if bytes.len() as u64 > MAX_HTTP_BODY {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("request body exceeds {MAX_HTTP_BODY} bytes"),
+                ));
+            }
             serde_json::from_slice::<T>(&bytes).map_err(|e| {
                 tracing::info!(error = %e, "bad json body");
                 ApiError::new(
