@@ -81,8 +81,11 @@ impl RouterLinks {
         self.len() == 0
     }
 
+    /// Adds a router link, keeping the list ordered by address (group affinity indexes it).
     fn add(&self, conn: quinn::Connection) {
-        self.conns().push(conn);
+        let mut conns = self.conns();
+        conns.push(conn);
+        conns.sort_by_key(|c| c.remote_address());
     }
 
     fn remove(&self, conn: &quinn::Connection) {
@@ -105,11 +108,10 @@ impl RouterLinks {
         affinity: Option<u64>,
     ) -> Result<R, LinkError> {
         let candidates: Vec<quinn::Connection> = {
-            let mut conns = self.conns().clone();
+            let conns = self.conns();
             if conns.is_empty() {
                 return Err(LinkError::NoRouter);
             }
-            conns.sort_by_key(|c| c.remote_address());
             let start = match affinity {
                 Some(hash) => hash as usize,
                 None => self.next.fetch_add(1, Ordering::Relaxed),
