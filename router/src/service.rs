@@ -486,7 +486,7 @@ impl Service {
         }
         let (recipients, group) = match &message.target {
             Some(Target::ToUser(to)) => {
-                if self.store.accounts_by_id(&[*to]).await?.is_empty() {
+                if !self.store.user_exists(*to).await? {
                     return Err(ServiceError::UnknownUser);
                 }
                 (vec![*to], String::new())

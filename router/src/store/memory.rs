@@ -103,6 +103,10 @@ impl Store for MemoryStore {
             .cloned())
     }
 
+    async fn user_exists(&self, id: u64) -> Result<bool, StoreError> {
+        Ok(self.inner().accounts.contains_key(&id))
+    }
+
     async fn accounts_by_id(&self, ids: &[u64]) -> Result<Vec<Account>, StoreError> {
         let inner = self.inner();
         Ok(ids

@@ -168,6 +168,8 @@ pub trait Store: Send + Sync + 'static {
     async fn create_account(&self, name: &str, password_hash: &str) -> Result<Account, StoreError>;
     /// Looks up an account by name.
     async fn account_by_name(&self, name: &str) -> Result<Option<Account>, StoreError>;
+    /// Whether an account with this id exists (cheaper than fetching it; used per message).
+    async fn user_exists(&self, id: u64) -> Result<bool, StoreError>;
     /// Looks up accounts by id; missing ids are skipped.
     async fn accounts_by_id(&self, ids: &[u64]) -> Result<Vec<Account>, StoreError>;
 

@@ -312,6 +312,13 @@ impl Store for RedisStore {
         }
     }
 
+    async fn user_exists(&self, id: u64) -> Result<bool, StoreError> {
+        self.conn()
+            .exists(account_key(id))
+            .await
+            .map_err(unavailable)
+    }
+
     async fn accounts_by_id(&self, ids: &[u64]) -> Result<Vec<Account>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
