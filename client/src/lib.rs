@@ -32,9 +32,9 @@ use cim_core::transport::{self, Link};
 use cim_core::{ALPN_CLIENT, close, tls};
 pub use cim_proto::v1::chat_message::Target;
 use cim_proto::v1::{
-    ChatMessage, ClientControl, ClientRequest, Delivery, DeliveryAck, GroupRequest, GroupResult,
-    Login, Ping, Pull, PullResult, SendAck, ServerControl, client_control, client_request,
-    group_request, server_control,
+    ChatMessage, ClientControl, ClientRequest, Delivery, DeliveryAck, DeliveryBatch, GroupRequest,
+    GroupResult, Login, Ping, Pull, PullResult, SendAck, ServerControl, client_control,
+    client_request, group_request, server_control,
 };
 use cim_proto::{FrameError, read_frame, read_required, write_frame};
 use tokio::sync::{Mutex as AsyncMutex, Notify, mpsc, watch};
@@ -1059,24 +1059,25 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
     end
 }
 
-/// Accepts one stream per pushed message, hands it on in order, and acks what we have.
+/// Accepts one stream per pushed batch (usually one message), hands the messages on in
+/// order, and acks what we have.
 async fn accept_deliveries(shared: Arc<Shared>, conn: quinn::Connection) {
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let shared = shared.clone();
         tokio::spawn(async move {
-            let delivery: Delivery =
+            let batch: DeliveryBatch =
                 match read_required(&mut recv, cim_proto::DEFAULT_MAX_FRAME).await {
-                    Ok(d) => d,
+                    Ok(b) => b,
                     Err(e) => {
                         tracing::warn!(error = %e, "bad delivery frame");
                         let _ = send.reset(close::code(close::PROTOCOL));
                         return;
                     }
                 };
-            let msg_id = delivery.msg_id;
+            let msg_id = batch.deliveries.last().map_or(0, |d| d.msg_id);
             // Waiting here when the application is slow pushes back on the server instead of
             // buffering without bound.
-            let have = shared.accept_deliveries(vec![delivery], None).await;
+            let have = shared.accept_deliveries(batch.deliveries, None).await;
             let ack = DeliveryAck { msg_id, seq: have };
             if write_frame(&mut send, &ack, 1024).await.is_ok() {
                 let _ = send.finish();

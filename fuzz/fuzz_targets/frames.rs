@@ -19,6 +19,7 @@ fuzz_target!(|data: &[u8]| {
     each::<ClientRequest>(data);
     each::<ServerControl>(data);
     each::<Delivery>(data);
+    each::<DeliveryBatch>(data);
     each::<DeliveryAck>(data);
     each::<SendAck>(data);
     each::<PullResult>(data);

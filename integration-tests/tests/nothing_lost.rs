@@ -230,6 +230,48 @@ async fn a_retried_client_message_id_is_delivered_once(backend: Backend) -> anyh
     Ok(())
 }
 
+async fn a_busy_recipient_gets_every_message_once_in_order(backend: Backend) -> anyhow::Result<()> {
+    let cluster = TestCluster::start_on(1, backend).await?;
+    let (bob, mut bob_events) = user(&cluster, None, "bob").await?;
+    let to = bob.info().user_id;
+    let (senders, per_sender) = (8, 250);
+    let mut tasks = Vec::new();
+    for k in 0..senders {
+        let (sender, _events) = user(&cluster, None, &format!("sender{k}")).await?;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_sender {
+                sender.send_private(to, &format!("s{k}-{i}")).await?;
+            }
+            Ok::<_, anyhow::Error>(sender)
+        }));
+    }
+    // Bob reads nothing until every message is stored: his event queue fills, his streams
+    // stall and the server's deliveries to him queue up and leave in batches.
+    let mut clients = Vec::new();
+    for task in tasks {
+        clients.push(task.await??);
+    }
+    let got = receive(&mut bob_events, senders * per_sender, WAIT).await?;
+    for pair in got.windows(2) {
+        assert_eq!(
+            pair[1].seq,
+            pair[0].seq + 1,
+            "sequence numbers must be gapless"
+        );
+    }
+    for k in 0..senders {
+        let from_k: Vec<&str> = got
+            .iter()
+            .map(|m| m.body.as_str())
+            .filter(|b| b.starts_with(&format!("s{k}-")))
+            .collect();
+        let want: Vec<String> = (0..per_sender).map(|i| format!("s{k}-{i}")).collect();
+        assert_eq!(from_k, want, "sender {k}'s messages, once each, in order");
+    }
+    assert_nothing_more(&clients[0], &bob, &mut bob_events).await?;
+    Ok(())
+}
+
 macro_rules! on_both_backends {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -258,6 +300,7 @@ on_both_backends!(
     a_short_outage_resumes_with_zero_rtt,
     rebinding_the_socket_keeps_the_session,
     a_retried_client_message_id_is_delivered_once,
+    a_busy_recipient_gets_every_message_once_in_order,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

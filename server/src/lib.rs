@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 mod links;
 mod ops;
+mod outbox;
 mod session;
 
 /// TLS sessions remembered for 0-RTT resumption.

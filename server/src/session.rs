@@ -8,9 +8,9 @@ use std::time::Duration;
 use cim_core::limit::TokenBucket;
 use cim_core::{close, now_ms};
 use cim_proto::v1::{
-    ChatMessage, ClientControl, ClientRequest, Delivery, DeliveryAck, Drain, Forward, GroupResult,
-    Kick, LoginResult, Pong, Presence, PullResult, Recipient, SendAck, ServerControl,
-    client_control, client_request, server_control,
+    ChatMessage, ClientControl, ClientRequest, Delivery, Drain, Forward, GroupResult, Kick,
+    LoginResult, Pong, Presence, PullResult, Recipient, SendAck, ServerControl, client_control,
+    client_request, server_control,
 };
 use cim_proto::{FrameError, read_frame, read_required, write_frame};
 use tokio::sync::{Notify, mpsc};
@@ -20,13 +20,12 @@ use tracing::Instrument;
 
 use crate::ServerConfig;
 use crate::links::RouterLinks;
+use crate::outbox::Outbox;
 
 /// Largest control frame (a login carries a token of at most 2 KiB).
 const MAX_CONTROL_FRAME: usize = 4 * 1024;
 /// Time a new connection has to open its control stream and log in.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time a client has to take a delivery and ack it.
-const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time given to a kicked client to read the Kick before the connection closes.
 const KICK_LINGER: Duration = Duration::from_secs(2);
 
@@ -43,6 +42,7 @@ struct Session {
     session_id: u64,
     conn: quinn::Connection,
     control: mpsc::Sender<ControlOut>,
+    outbox: Arc<Outbox>,
 }
 
 /// Shared state of one server: configuration, local sessions, router links.
@@ -118,7 +118,7 @@ impl State {
     }
 
     /// Records that `user` has every inbox entry up to `seq`.
-    fn record_ack(&self, user: u64, seq: u64) {
+    pub(crate) fn record_ack(&self, user: u64, seq: u64) {
         if seq == 0 {
             return;
         }
@@ -194,9 +194,9 @@ impl State {
         }
     }
 
-    /// Starts delivering `delivery` to each recipient with a session here, with the
-    /// recipient's own sequence number. Returns the recipients found and those absent. A failed
-    /// delivery is not retried here: the entry stays in the inbox and the client pulls it.
+    /// Queues `delivery` for each recipient with a session here, with the recipient's own
+    /// sequence number. Returns the recipients found and those absent. A failed delivery is not
+    /// retried here: the entry stays in the inbox and the client pulls it.
     pub(crate) fn deliver(
         self: &Arc<Self>,
         recipients: &[Recipient],
@@ -204,32 +204,27 @@ impl State {
     ) -> (Vec<u64>, Vec<u64>) {
         let mut delivered = Vec::with_capacity(recipients.len());
         let mut absent = Vec::new();
-        let sessions = self.sessions();
-        for recipient in recipients {
+        let outboxes: Vec<Option<Arc<Outbox>>> = {
+            let sessions = self.sessions();
+            recipients
+                .iter()
+                .map(|r| sessions.get(&r.user_id).map(|s| s.outbox.clone()))
+                .collect()
+        };
+        for (recipient, outbox) in recipients.iter().zip(outboxes) {
             let user = recipient.user_id;
-            match sessions.get(&user) {
-                Some(session) => {
-                    delivered.push(user);
-                    let conn = session.conn.clone();
-                    let delivery = Delivery {
-                        seq: recipient.seq,
-                        ..delivery.clone()
-                    };
-                    let state = self.clone();
-                    tokio::spawn(async move {
-                        match deliver_one(&conn, &delivery).await {
-                            Ok(acked) => {
-                                state.config.metrics.deliveries.inc();
-                                state.record_ack(user, acked);
-                            }
-                            Err(e) => {
-                                state.config.metrics.delivery_failures.inc();
-                                tracing::debug!(user, msg_id = delivery.msg_id, error = %e, "delivery failed")
-                            }
-                        }
-                    });
-                }
-                None => absent.push(user),
+            let Some(outbox) = outbox else {
+                absent.push(user);
+                continue;
+            };
+            delivered.push(user);
+            let delivery = Delivery {
+                seq: recipient.seq,
+                ..delivery.clone()
+            };
+            if !outbox.push(delivery, self) {
+                self.config.metrics.delivery_failures.inc();
+                tracing::debug!(user, "delivery queue full; the client pulls");
             }
         }
         (delivered, absent)
@@ -266,33 +261,6 @@ fn send_control(session: &Session, out: ControlOut) {
             .conn
             .close(close::code(close::KICKED), b"session ended");
     }
-}
-
-/// Why a delivery failed.
-#[derive(Debug, thiserror::Error)]
-enum DeliveryError {
-    #[error("timed out")]
-    Timeout,
-    #[error("connection: {0}")]
-    Connection(#[from] quinn::ConnectionError),
-    #[error("stream: {0}")]
-    Write(#[from] quinn::ClosedStream),
-    #[error("frame: {0}")]
-    Frame(#[from] FrameError),
-}
-
-/// Sends one delivery and returns the sequence number the client acknowledged having.
-async fn deliver_one(conn: &quinn::Connection, delivery: &Delivery) -> Result<u64, DeliveryError> {
-    let exchange = async {
-        let (mut send, mut recv) = conn.open_bi().await?;
-        write_frame(&mut send, delivery, cim_proto::DEFAULT_MAX_FRAME).await?;
-        send.finish()?;
-        let ack: DeliveryAck = read_required(&mut recv, 1024).await?;
-        Ok::<_, DeliveryError>(ack.seq)
-    };
-    tokio::time::timeout(DELIVERY_TIMEOUT, exchange)
-        .await
-        .map_err(|_| DeliveryError::Timeout)?
 }
 
 /// Accepts client connections until shutdown; one task per connection.
@@ -444,6 +412,7 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
         session_id: claims.session_id,
         conn: conn.clone(),
         control: control_tx,
+        outbox: Outbox::new(claims.user_id, conn.clone()),
     };
     let previous = state.sessions().insert(claims.user_id, session);
     match previous {

@@ -1,0 +1,213 @@
+//! Per-session delivery queue. Pushed messages wait here and leave on server-opened streams:
+//! one stream per message while the client keeps up, and several messages per stream (one
+//! `DeliveryBatch` frame) when deliveries queue up behind a busy or slow client. That bounds
+//! the streams and tasks a fan-out costs by the number of recipients, not of messages.
+//!
+//! A delivery that fails is not retried here: its entry stays in the recipient's inbox, and the
+//! client pulls it when it sees the gap or reconnects.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cim_proto::v1::{Delivery, DeliveryAck, DeliveryBatch};
+use cim_proto::{FrameError, ProstMessage, read_required, write_frame};
+
+use crate::session::State;
+
+/// Time a client has to take a delivery and ack it.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams one session may have open for deliveries at once.
+const MAX_SENDERS: usize = 4;
+/// Most deliveries sent on one stream.
+const MAX_BATCH: usize = 128;
+/// Most encoded bytes sent on one stream (the client's frame cap is
+/// [`cim_proto::DEFAULT_MAX_FRAME`]; one delivery alone always fits it).
+const MAX_BATCH_BYTES: usize = cim_proto::DEFAULT_MAX_FRAME / 2;
+/// Deliveries waiting for one session before new ones are left to the client's pull.
+const MAX_PENDING: usize = 4096;
+
+/// The deliveries waiting for one session, and the tasks sending them.
+pub(crate) struct Outbox {
+    user: u64,
+    conn: quinn::Connection,
+    queue: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    pending: VecDeque<Delivery>,
+    senders: usize,
+}
+
+impl Queue {
+    /// Takes the oldest deliveries, as many as fit one stream (at least one if any wait).
+    fn take_batch(&mut self) -> Vec<Delivery> {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some(next) = self.pending.front() {
+            // Field tag and length prefix of the embedded message.
+            let len = next.encoded_len() + 8;
+            if !batch.is_empty() && (batch.len() >= MAX_BATCH || bytes + len > MAX_BATCH_BYTES) {
+                break;
+            }
+            bytes += len;
+            batch.extend(self.pending.pop_front());
+        }
+        batch
+    }
+}
+
+impl Outbox {
+    pub(crate) fn new(user: u64, conn: quinn::Connection) -> Arc<Self> {
+        Arc::new(Self {
+            user,
+            conn,
+            queue: Mutex::default(),
+        })
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // Every critical section leaves the queue consistent.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `delivery`; starts a sender if fewer than [`MAX_SENDERS`] run. Returns false
+    /// (and drops the delivery) when the session is hopelessly behind.
+    pub(crate) fn push(self: &Arc<Self>, delivery: Delivery, state: &Arc<State>) -> bool {
+        let mut queue = self.queue();
+        if queue.pending.len() >= MAX_PENDING {
+            return false;
+        }
+        queue.pending.push_back(delivery);
+        if queue.senders < MAX_SENDERS {
+            queue.senders += 1;
+            tokio::spawn(self.clone().send_loop(state.clone()));
+        }
+        true
+    }
+
+    /// Takes the next batch, or retires this sender when nothing is left.
+    fn next_batch(&self) -> Option<Vec<Delivery>> {
+        let mut queue = self.queue();
+        if queue.pending.is_empty() {
+            queue.senders -= 1;
+            return None;
+        }
+        Some(queue.take_batch())
+    }
+
+    async fn send_loop(self: Arc<Self>, state: Arc<State>) {
+        let metrics = &state.config.metrics;
+        while let Some(batch) = self.next_batch() {
+            let count = batch.len() as u64;
+            match send_batch(&self.conn, batch).await {
+                Ok(acked) => {
+                    metrics.deliveries.inc_by(count);
+                    state.record_ack(self.user, acked);
+                }
+                Err(e) => {
+                    // Whatever is still queued would fail the same way; the client pulls it.
+                    let dropped = {
+                        let mut queue = self.queue();
+                        queue.senders -= 1;
+                        std::mem::take(&mut queue.pending).len() as u64
+                    };
+                    metrics.delivery_failures.inc_by(count + dropped);
+                    tracing::debug!(user = self.user, count, dropped, error = %e, "delivery failed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Why a delivery failed.
+#[derive(Debug, thiserror::Error)]
+enum DeliveryError {
+    #[error("timed out")]
+    Timeout,
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream: {0}")]
+    Write(#[from] quinn::ClosedStream),
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+}
+
+/// Sends one batch on a new stream and returns the sequence number up to which the client
+/// says it has everything.
+async fn send_batch(
+    conn: &quinn::Connection,
+    deliveries: Vec<Delivery>,
+) -> Result<u64, DeliveryError> {
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let batch = DeliveryBatch { deliveries };
+        write_frame(&mut send, &batch, cim_proto::DEFAULT_MAX_FRAME).await?;
+        send.finish()?;
+        let ack: DeliveryAck = read_required(&mut recv, 1024).await?;
+        Ok::<_, DeliveryError>(ack.seq)
+    };
+    tokio::time::timeout(DELIVERY_TIMEOUT, exchange)
+        .await
+        .map_err(|_| DeliveryError::Timeout)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue_of(bodies: &[usize]) -> Queue {
+        Queue {
+            pending: bodies
+                .iter()
+                .enumerate()
+                .map(|(i, len)| Delivery {
+                    seq: i as u64 + 1,
+                    body: "x".repeat(*len),
+                    ..Default::default()
+                })
+                .collect(),
+            senders: 1,
+        }
+    }
+
+    fn seqs(batch: &[Delivery]) -> Vec<u64> {
+        batch.iter().map(|d| d.seq).collect()
+    }
+
+    #[test]
+    fn batches_keep_inbox_order_and_respect_the_count_cap() {
+        let mut queue = queue_of(&[10; 300]);
+        let first = queue.take_batch();
+        assert_eq!(first.len(), MAX_BATCH);
+        assert_eq!(seqs(&first), (1..=MAX_BATCH as u64).collect::<Vec<_>>());
+        let second = queue.take_batch();
+        assert_eq!(second[0].seq, MAX_BATCH as u64 + 1);
+        let third = queue.take_batch();
+        assert_eq!(third.len(), 300 - 2 * MAX_BATCH);
+        assert!(queue.take_batch().is_empty());
+    }
+
+    #[test]
+    fn batches_fit_the_clients_frame_cap() {
+        let big = cim_proto::DEFAULT_MAX_FRAME / 5;
+        let mut queue = queue_of(&[big; 6]);
+        let mut total = 0;
+        while !queue.pending.is_empty() {
+            let batch = queue.take_batch();
+            let frame = DeliveryBatch { deliveries: batch };
+            assert!(frame.encoded_len() <= MAX_BATCH_BYTES);
+            total += frame.deliveries.len();
+        }
+        assert_eq!(total, 6);
+    }
+
+    #[test]
+    fn an_oversized_delivery_still_goes_alone() {
+        let mut queue = queue_of(&[MAX_BATCH_BYTES, 1]);
+        assert_eq!(seqs(&queue.take_batch()), vec![1]);
+        assert_eq!(seqs(&queue.take_batch()), vec![2]);
+    }
+}
