@@ -165,6 +165,9 @@ impl Server {
         client_tls.max_early_data_size = u32::MAX;
         client_tls.session_storage =
             rustls::server::ServerSessionMemoryCache::new(RESUMPTION_CACHE);
+        // One ticket per handshake is all a client uses (a resumption issues a fresh one);
+        // each is held in server memory until used or evicted.
+        client_tls.send_tls13_tickets = 1;
         let internal_tls = tls::server_config(
             &config.cert,
             &config.key,

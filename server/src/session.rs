@@ -29,12 +29,13 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time given to a kicked client to read the Kick before the connection closes.
 const KICK_LINGER: Duration = Duration::from_secs(2);
 
-/// What the server can tell a session's control stream from outside.
+/// What the server can tell a session's control stream from outside. Kept small: each
+/// session's channel allocates 32 slots up front.
 #[derive(Debug)]
 enum ControlOut {
     Kick(String),
     Drain(String),
-    Presence(Presence),
+    Presence(Box<Presence>),
 }
 
 #[derive(Clone)]
@@ -178,7 +179,7 @@ impl State {
             .filter(|user| {
                 sessions.get(user).is_some_and(|s| {
                     s.control
-                        .try_send(ControlOut::Presence(presence.clone()))
+                        .try_send(ControlOut::Presence(Box::new(presence.clone())))
                         .is_ok()
                 })
             })
@@ -482,12 +483,13 @@ async fn control_loop(
     state: &State,
 ) {
     // Frames are read by their own task because reading is not cancel-safe inside select!.
+    // They travel boxed: the channel allocates 32 slots up front, in every session.
     let (frames_tx, mut frames) = mpsc::channel(4);
     let reader = tokio::spawn(async move {
         loop {
             let frame = read_frame::<ClientControl, _>(&mut recv, MAX_CONTROL_FRAME).await;
             let done = !matches!(frame, Ok(Some(_)));
-            if frames_tx.send(frame).await.is_err() || done {
+            if frames_tx.send(Box::new(frame)).await.is_err() || done {
                 return;
             }
         }
@@ -497,7 +499,7 @@ async fn control_loop(
     tokio::pin!(deadline);
     loop {
         tokio::select! {
-            frame = frames.recv() => match frame {
+            frame = frames.recv() => match frame.map(|f| *f) {
                 Some(Ok(Some(ClientControl { kind: Some(client_control::Kind::Ping(ping)) }))) => {
                     deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
                     let pong = control(server_control::Kind::Pong(Pong { nonce: ping.nonce }));
@@ -531,7 +533,7 @@ async fn control_loop(
                     break;
                 }
                 Some(ControlOut::Presence(presence)) => {
-                    let frame = control(server_control::Kind::Presence(presence));
+                    let frame = control(server_control::Kind::Presence(*presence));
                     if write_frame(&mut send, &frame, MAX_CONTROL_FRAME).await.is_err() {
                         break;
                     }
