@@ -485,12 +485,8 @@ impl Service {
             return Err(ServiceError::TooLarge(self.config.max_body_bytes));
         }
         let (recipients, group) = match &message.target {
-            Some(Target::ToUser(to)) => {
-                if !self.store.user_exists(*to).await? {
-                    return Err(ServiceError::UnknownUser);
-                }
-                (vec![*to], String::new())
-            }
+            // The recipient's existence is checked as its inbox is appended to.
+            Some(Target::ToUser(to)) => (vec![*to], String::new()),
             Some(Target::Group(g)) if g == BROADCAST_GROUP => {
                 let mut online = self.store.online_users().await?;
                 online.retain(|u| *u != sender.id);
@@ -540,16 +536,29 @@ impl Service {
             body: message.body.clone(),
             created_at_ms: now,
         };
-        let seqs = self
-            .store
-            .append_inbox(&recipients, &entry, self.config.inbox)
-            .await?;
+        let (seqs, routes) = match &message.target {
+            Some(Target::ToUser(to)) => {
+                let (seq, route) = self
+                    .store
+                    .append_private(*to, &entry, self.config.inbox)
+                    .await?
+                    .ok_or(ServiceError::UnknownUser)?;
+                (vec![seq], Some(vec![route]))
+            }
+            _ => {
+                let seqs = self
+                    .store
+                    .append_inbox(&recipients, &entry, self.config.inbox)
+                    .await?;
+                (seqs, None)
+            }
+        };
         let stored = recipients.len() as u32;
         self.config.metrics.messages.inc();
         self.config.metrics.stored.inc_by(u64::from(stored));
         let service = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = service.push(recipients, seqs, entry).await {
+            if let Err(e) = service.push(recipients, seqs, routes, entry).await {
                 // Stored entries are not lost: recipients pull them when they (re)connect.
                 tracing::warn!(msg_id, error = %e, "push skipped");
             }
@@ -561,13 +570,18 @@ impl Service {
     }
 
     /// Pushes a stored message to the servers of its online recipients: one push per server.
+    /// `routes` are the recipients' routes if the caller already has them.
     async fn push(
         &self,
         recipients: Vec<u64>,
         seqs: Vec<u64>,
+        routes: Option<Vec<Option<Route>>>,
         entry: InboxEntry,
     ) -> Result<(), ServiceError> {
-        let routes = self.store.routes(&recipients).await?;
+        let routes = match routes {
+            Some(routes) => routes,
+            None => self.store.routes(&recipients).await?,
+        };
         let mut by_server: HashMap<String, Vec<Recipient>> = HashMap::new();
         for ((user_id, seq), route) in recipients.into_iter().zip(seqs).zip(routes) {
             if let Some(route) = route.filter(|r| r.confirmed) {

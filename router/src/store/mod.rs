@@ -239,6 +239,27 @@ pub trait Store: Send + Sync + 'static {
         entry: &InboxEntry,
         limits: InboxLimits,
     ) -> Result<Vec<u64>, StoreError>;
+    /// A private message's storage in one step: if account `to` exists, appends `entry` to
+    /// its inbox like [`Store::append_inbox`] and returns the entry's sequence number with
+    /// the recipient's route; `None` if there is no such account. Stores whose round trips
+    /// cost override it with a single one.
+    async fn append_private(
+        &self,
+        to: u64,
+        entry: &InboxEntry,
+        limits: InboxLimits,
+    ) -> Result<Option<(u64, Option<Route>)>, StoreError> {
+        if !self.user_exists(to).await? {
+            return Ok(None);
+        }
+        let seqs = self.append_inbox(&[to], entry, limits).await?;
+        let seq = seqs
+            .first()
+            .copied()
+            .ok_or_else(|| StoreError::Corrupt("append returned no sequence number".into()))?;
+        let route = self.routes(&[to]).await?.into_iter().next().flatten();
+        Ok(Some((seq, route)))
+    }
     /// Up to `limit` entries of `user` after `after_seq`, oldest first, skipping entries older
     /// than the limits allow. Entries up to `after_seq` are trimmed (the client has them).
     async fn fetch_inbox(

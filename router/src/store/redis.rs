@@ -99,6 +99,26 @@ redis.call('SET', KEYS[3], seq, 'PX', ARGV[4])
 return seq
 ";
 
+/// [`APPEND`] for a private message, with the recipient's existence checked and its route
+/// read in the same call (all keys share the recipient's hash tag). KEYS: account, seq, inbox,
+/// appended-marker, route. ARGV as for [`APPEND`]. Returns nil for an unknown recipient, else
+/// `{seq, route or nil}`.
+const APPEND_PRIVATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local seq
+local seen = redis.call('GET', KEYS[4])
+if seen then
+  seq = tonumber(seen)
+else
+  seq = redis.call('INCR', KEYS[2])
+  redis.call('ZADD', KEYS[3], seq, seq .. ':' .. ARGV[1])
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[2]) + 1))
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+  redis.call('SET', KEYS[4], seq, 'PX', ARGV[4])
+end
+return {seq, redis.call('GET', KEYS[5])}
+";
+
 /// Returns the recorded msg id, or records ARGV[1] for ARGV[2] ms and returns it.
 const MESSAGE_ID: &str = r"
 local cur = redis.call('GET', KEYS[1])
@@ -106,6 +126,16 @@ if cur then return cur end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return ARGV[1]
 ";
+
+/// ARGV of [`APPEND`] and [`APPEND_PRIVATE`]: entry bytes, max length, inbox ttl ms, dedup ms.
+fn append_args(entry: &InboxEntry, limits: InboxLimits) -> Vec<Vec<u8>> {
+    vec![
+        entry.encode(),
+        limits.max_len.max(1).to_string().into_bytes(),
+        (limits.ttl.as_millis() as u64).to_string().into_bytes(),
+        (APPEND_DEDUP.as_millis() as u64).to_string().into_bytes(),
+    ]
+}
 
 /// Splits a `<seq>:<entry>` inbox member.
 fn decode_member(member: &[u8]) -> Option<(u64, InboxEntry)> {
@@ -193,6 +223,7 @@ pub struct RedisStore {
     remove_if_server: Script,
     restore: Script,
     append: Script,
+    append_private: Script,
     message_id: Script,
     join: Script,
 }
@@ -222,6 +253,7 @@ impl RedisStore {
             remove_if_server: Script::new(REMOVE_IF_SERVER),
             restore: Script::new(RESTORE),
             append: Script::new(APPEND),
+            append_private: Script::new(APPEND_PRIVATE),
             message_id: Script::new(MESSAGE_ID),
             join: Script::new(JOIN),
         })
@@ -577,10 +609,7 @@ impl Store for RedisStore {
         if recipients.is_empty() {
             return Ok(Vec::new());
         }
-        let bytes = entry.encode();
-        let max_len = limits.max_len.max(1).to_string().into_bytes();
-        let ttl = (limits.ttl.as_millis() as u64).to_string().into_bytes();
-        let dedup = (APPEND_DEDUP.as_millis() as u64).to_string().into_bytes();
+        let args = append_args(entry, limits);
         let calls: Vec<(Vec<String>, Vec<Vec<u8>>)> = recipients
             .iter()
             .map(|&user| {
@@ -589,13 +618,34 @@ impl Store for RedisStore {
                     inbox_key(user),
                     appended_key(user, entry.msg_id),
                 ];
-                (
-                    keys,
-                    vec![bytes.clone(), max_len.clone(), ttl.clone(), dedup.clone()],
-                )
+                (keys, args.clone())
             })
             .collect();
         self.eval_pipelined(&self.append, &calls).await
+    }
+
+    async fn append_private(
+        &self,
+        to: u64,
+        entry: &InboxEntry,
+        limits: InboxLimits,
+    ) -> Result<Option<(u64, Option<Route>)>, StoreError> {
+        let mut call = self.append_private.prepare_invoke();
+        call.key(account_key(to))
+            .key(seq_key(to))
+            .key(inbox_key(to))
+            .key(appended_key(to, entry.msg_id))
+            .key(route_key(to));
+        for arg in append_args(entry, limits) {
+            call.arg(arg);
+        }
+        let stored: Option<(u64, Option<String>)> = call
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        stored
+            .map(|(seq, route)| Ok((seq, route.as_deref().map(decode_route).transpose()?)))
+            .transpose()
     }
 
     async fn fetch_inbox(

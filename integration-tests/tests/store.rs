@@ -1,0 +1,92 @@
+//! The store contract, checked the same way on the in-memory store and on a real Redis:
+//! private appends check the recipient, keep gapless per-user sequence numbers, are idempotent
+//! per message id, and return the recipient's route.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use cim_integration_tests::cluster::RedisProc;
+use cim_router::store::{InboxEntry, InboxLimits, MemoryStore, RedisStore, Route, Store};
+
+fn entry(msg_id: u64) -> InboxEntry {
+    InboxEntry {
+        msg_id,
+        from_user: 1,
+        from_name: "alice".into(),
+        group: String::new(),
+        body: format!("m{msg_id}"),
+        created_at_ms: 5,
+    }
+}
+
+async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
+    let limits = InboxLimits::default();
+    let bob = store.create_account("bob", "hash").await?;
+    assert!(
+        store
+            .append_private(bob.id + 1000, &entry(1), limits)
+            .await?
+            .is_none(),
+        "an unknown recipient is refused"
+    );
+    let (seq, route) = store
+        .append_private(bob.id, &entry(10), limits)
+        .await?
+        .unwrap();
+    assert_eq!((seq, route), (1, None), "first entry, bob not logged in");
+
+    let route = Route {
+        server_id: "server-1".into(),
+        session_id: 77,
+        confirmed: false,
+    };
+    store
+        .claim_route(bob.id, route.clone(), Duration::from_secs(30), false)
+        .await?;
+    assert!(
+        store
+            .confirm_route(bob.id, 77, "server-1", Duration::from_secs(30))
+            .await?
+    );
+    let (seq, got) = store
+        .append_private(bob.id, &entry(11), limits)
+        .await?
+        .unwrap();
+    assert_eq!(seq, 2);
+    assert_eq!(
+        got,
+        Some(Route {
+            confirmed: true,
+            ..route
+        })
+    );
+
+    // A retry of the same message keeps its sequence number and adds nothing.
+    let (again, _) = store
+        .append_private(bob.id, &entry(10), limits)
+        .await?
+        .unwrap();
+    assert_eq!(again, 1);
+    // Private and group appends share the one sequence.
+    assert_eq!(
+        store.append_inbox(&[bob.id], &entry(12), limits).await?,
+        vec![3]
+    );
+    let page = store.fetch_inbox(bob.id, 0, 10, limits, 6).await?;
+    let ids: Vec<u64> = page.entries.iter().map(|(_, e)| e.msg_id).collect();
+    assert_eq!(ids, vec![10, 11, 12]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn memory_store_private_appends() -> anyhow::Result<()> {
+    private_appends_follow_the_contract(&MemoryStore::new()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_private_appends() -> anyhow::Result<()> {
+    let redis = RedisProc::start().await?;
+    let store = RedisStore::connect(&redis.url()).await?;
+    private_appends_follow_the_contract(&store).await
+}
