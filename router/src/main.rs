@@ -18,6 +18,9 @@ use cim_router::{Router, RouterConfig, Strategy};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
+/// How long a start waits for ZooKeeper to become reachable.
+const ZK_START_PATIENCE: Duration = Duration::from_secs(30);
+
 /// cim router: HTTPS login API and message fan-out to servers.
 ///
 /// Every option can also come from a TOML file given with --config (keys are the long option
@@ -174,10 +177,11 @@ async fn run_cluster(args: &Args, redis: &str, zookeeper: &str) -> anyhow::Resul
             .await
             .with_context(|| format!("connecting to redis at {redis}"))?,
     );
-    let zk = ZkDiscovery::connect(
+    let zk = ZkDiscovery::connect_patiently(
         zookeeper,
         &args.zk_root,
         Duration::from_millis(args.zk_session_timeout_ms),
+        ZK_START_PATIENCE,
     )
     .await
     .context("connecting to zookeeper")?;

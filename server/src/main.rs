@@ -13,6 +13,9 @@ use cim_server::{Server, ServerConfig};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
+/// How long a start waits for ZooKeeper to become reachable.
+const ZK_START_PATIENCE: Duration = Duration::from_secs(30);
+
 /// cim connection server: holds client QUIC connections, delivers router pushes.
 ///
 /// Every option can also come from a TOML file given with --config (keys are the long option
@@ -110,10 +113,11 @@ async fn main() -> anyhow::Result<()> {
     config.registry = Some(Arc::new(registry));
     config.ops_addr = args.metrics;
     let server = Server::bind(config).context("starting server")?;
-    let zk = ZkDiscovery::connect(
+    let zk = ZkDiscovery::connect_patiently(
         &args.zookeeper,
         &args.zk_root,
         Duration::from_millis(args.zk_session_timeout_ms),
+        ZK_START_PATIENCE,
     )
     .await
     .context("connecting to zookeeper")?;

@@ -27,6 +27,9 @@ use super::{Discovery, DiscoveryError, RouterInfo, ServerInfo};
 pub const DEFAULT_ROOT: &str = "/cim";
 /// How often registrations are checked and folders re-read without a watch event.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// Longest wait for ZooKeeper on the way out (deregistering, closing): a process whose
+/// ZooKeeper is gone must still stop. Its ephemeral nodes go with its session anyway.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn unavailable(e: ZkError) -> DiscoveryError {
     DiscoveryError::Unavailable(format!("zookeeper: {e:?}"))
@@ -61,6 +64,26 @@ impl Drop for ZkDiscovery {
 }
 
 impl ZkDiscovery {
+    /// [`ZkDiscovery::connect`], retried for up to `patience` while ZooKeeper is unreachable
+    /// or still starting (a process started alongside its ZooKeeper should not exit).
+    pub async fn connect_patiently(
+        hosts: &str,
+        root: &str,
+        session_timeout: Duration,
+        patience: Duration,
+    ) -> Result<Arc<Self>, DiscoveryError> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            match Self::connect(hosts, root, session_timeout).await {
+                Err(DiscoveryError::Unavailable(e)) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(hosts, error = %e, "zookeeper not ready; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// Connects to `hosts` (`h1:2181,h2:2181`) with the given session timeout (at least 2 s)
     /// and starts watching the folders under `root` (e.g. [`DEFAULT_ROOT`]). Fails if no host
     /// answers within `session_timeout`.
@@ -169,7 +192,7 @@ impl ZkDiscovery {
 
     /// Ends the ZooKeeper session (its ephemeral nodes vanish at once).
     pub async fn close(&self) {
-        let _ = self.zk.close().await;
+        let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, self.zk.close()).await;
     }
 }
 
@@ -379,9 +402,12 @@ impl Discovery for ZkDiscovery {
             .unwrap_or_else(|p| p.into_inner())
             .desired
             .remove(&path);
-        match self.zk.delete(&path, None).await {
-            Ok(()) | Err(ZkError::NoNode) => Ok(()),
-            Err(e) => Err(unavailable(e)),
+        match tokio::time::timeout(SHUTDOWN_TIMEOUT, self.zk.delete(&path, None)).await {
+            Ok(Ok(()) | Err(ZkError::NoNode)) => Ok(()),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(DiscoveryError::Unavailable(format!(
+                "zookeeper did not answer within {SHUTDOWN_TIMEOUT:?}"
+            ))),
         }
     }
 

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Runs a cim-bench scenario against a real cluster on this machine: Redis, a private
+# ZooKeeper, one cim-router and two cim-server processes (release builds), all on loopback.
+# Everything is started in a temporary directory and stopped afterwards.
+#
+#   bench/cluster.sh                      # cim-bench private
+#   bench/cluster.sh private --json       # any cim-bench arguments
+#
+# Needs redis-server, ZooKeeper and a JRE (./test.sh installs them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --release -q -p cim-router -p cim-server -p cim-bench -p cim-certs
+BIN=target/release
+ZK_JAR=/usr/share/java/zookeeper.jar
+WORK="$(mktemp -d -t cim-bench.XXXXXX)"
+PIDS=()
+cleanup() {
+    local status=$?
+    if [ "$status" -ne 0 ]; then
+        for log in "$WORK"/*.log; do echo "== $log" >&2; tail -n 5 "$log" >&2; done
+    fi
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    # Servers drain their sessions on SIGTERM; give everything a few seconds, then kill.
+    for _ in $(seq 1 20); do
+        alive=0
+        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ "$alive" -eq 0 ] && break
+        sleep 0.25
+    done
+    for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+    exit "$status"
+}
+trap cleanup EXIT
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+wait_port() {
+    for _ in $(seq 1 120); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.25
+    done
+    echo "cluster.sh: nothing listens on port $1 ($2)" >&2
+    exit 1
+}
+
+# Redis with an append-only file synced every second (its recommended durable setting).
+REDIS_PORT="$(free_port)"
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly yes \
+    --appendfsync everysec --dir "$WORK" > "$WORK/redis.log" 2>&1 &
+PIDS+=($!)
+
+ZK_PORT="$(free_port)"
+mkdir -p "$WORK/zk"
+cat > "$WORK/zk/zoo.cfg" <<CFG
+tickTime=500
+dataDir=$WORK/zk
+clientPort=$ZK_PORT
+clientPortAddress=127.0.0.1
+maxClientCnxns=0
+admin.enableServer=false
+4lw.commands.whitelist=ruok
+CFG
+java -Xmx256m -cp "/etc/zookeeper/conf:$ZK_JAR" org.apache.zookeeper.server.ZooKeeperServerMain \
+    "$WORK/zk/zoo.cfg" > "$WORK/zk/zookeeper.log" 2>&1 &
+PIDS+=($!)
+wait_port "$REDIS_PORT" redis
+ruok() { timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$ZK_PORT; echo ruok >&3; cat <&3" 2>/dev/null; }
+for _ in $(seq 1 120); do
+    [ "$(ruok)" = "imok" ] && break
+    sleep 0.25
+done
+[ "$(ruok)" = "imok" ] || { echo "cluster.sh: zookeeper did not start" >&2; exit 1; }
+
+"$BIN/cim-certs" --out "$WORK/certs" > /dev/null
+# The bench's clients all come from 127.0.0.1 and send at full speed: raise the per-address
+# and per-session caps; cheap Argon2 for the thousands of accounts it creates.
+CAPS=(--max-connections-per-ip 1000000 --max-msgs-per-sec 1000000)
+for n in 1 2; do
+    "$BIN/cim-server" --id "server-$n" --zookeeper "127.0.0.1:$ZK_PORT" \
+        --listen 127.0.0.1:0 --internal 127.0.0.1:0 --certs "$WORK/certs" "${CAPS[@]}" \
+        > "$WORK/server-$n.log" 2>&1 &
+    PIDS+=($!)
+done
+HTTP_PORT="$(free_port)"
+"$BIN/cim-router" --redis "redis://127.0.0.1:$REDIS_PORT" --zookeeper "127.0.0.1:$ZK_PORT" \
+    --http "127.0.0.1:$HTTP_PORT" --certs "$WORK/certs" \
+    --argon2-memory-kib 256 --argon2-iterations 1 --max-login-attempts-per-ip 100000000 \
+    > "$WORK/router.log" 2>&1 &
+PIDS+=($!)
+wait_port "$HTTP_PORT" router
+sleep 2 # servers register in ZooKeeper and the router links to them
+
+[ $# -gt 0 ] || set -- private
+"$BIN/cim-bench" "$@" --router "https://127.0.0.1:$HTTP_PORT" --ca "$WORK/certs/ca.pem"
