@@ -86,38 +86,39 @@ fn sent_key(sender: u64, client_msg_id: u64) -> String {
 /// How long the record of an appended message is kept, for idempotent retries.
 const APPEND_DEDUP: Duration = Duration::from_secs(600);
 
-/// Appends an entry once per message id. KEYS: seq, inbox, appended-marker. ARGV: entry bytes,
-/// max length, inbox ttl ms, dedup ms. Returns the entry's seq.
-const APPEND: &str = r"
-local seen = redis.call('GET', KEYS[3])
-if seen then return tonumber(seen) end
-local seq = redis.call('INCR', KEYS[1])
-redis.call('ZADD', KEYS[2], seq, seq .. ':' .. ARGV[1])
-redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[2]) + 1))
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('SET', KEYS[3], seq, 'PX', ARGV[4])
-return seq
-";
+/// Lua function shared by [`APPEND`] and [`APPEND_PRIVATE`]: appends an entry once per message
+/// id and returns its seq. KEYS[1..3]: seq, inbox, appended-marker. ARGV: entry bytes, max
+/// length, inbox ttl ms, dedup ms.
+macro_rules! append_function {
+    () => {
+        r"
+local function append()
+  local seen = redis.call('GET', KEYS[3])
+  if seen then return tonumber(seen) end
+  local seq = redis.call('INCR', KEYS[1])
+  redis.call('ZADD', KEYS[2], seq, seq .. ':' .. ARGV[1])
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[2]) + 1))
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  redis.call('SET', KEYS[3], seq, 'PX', ARGV[4])
+  return seq
+end
+"
+    };
+}
+
+/// Appends an entry once per message id (see `append_function`). Returns the entry's seq.
+const APPEND: &str = concat!(append_function!(), "return append()\n");
 
 /// [`APPEND`] for a private message, with the recipient's existence checked and its route
-/// read in the same call (all keys share the recipient's hash tag). KEYS: account, seq, inbox,
-/// appended-marker, route. ARGV as for [`APPEND`]. Returns nil for an unknown recipient, else
-/// `{seq, route or nil}`.
-const APPEND_PRIVATE: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local seq
-local seen = redis.call('GET', KEYS[4])
-if seen then
-  seq = tonumber(seen)
-else
-  seq = redis.call('INCR', KEYS[2])
-  redis.call('ZADD', KEYS[3], seq, seq .. ':' .. ARGV[1])
-  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[2]) + 1))
-  redis.call('PEXPIRE', KEYS[3], ARGV[3])
-  redis.call('SET', KEYS[4], seq, 'PX', ARGV[4])
-end
-return {seq, redis.call('GET', KEYS[5])}
-";
+/// read in the same call (all keys share the recipient's hash tag). KEYS as for [`APPEND`],
+/// then account, route. Returns nil for an unknown recipient, else `{seq, route or nil}`.
+const APPEND_PRIVATE: &str = concat!(
+    append_function!(),
+    r"
+if redis.call('EXISTS', KEYS[4]) == 0 then return false end
+return {append(), redis.call('GET', KEYS[5])}
+"
+);
 
 /// Returns the recorded msg id, or records ARGV[1] for ARGV[2] ms and returns it.
 const MESSAGE_ID: &str = r"
@@ -631,10 +632,10 @@ impl Store for RedisStore {
         limits: InboxLimits,
     ) -> Result<Option<(u64, Option<Route>)>, StoreError> {
         let mut call = self.append_private.prepare_invoke();
-        call.key(account_key(to))
-            .key(seq_key(to))
+        call.key(seq_key(to))
             .key(inbox_key(to))
             .key(appended_key(to, entry.msg_id))
+            .key(account_key(to))
             .key(route_key(to));
         for arg in append_args(entry, limits) {
             call.arg(arg);
