@@ -205,16 +205,10 @@ impl State {
     ) -> (Vec<u64>, Vec<u64>) {
         let mut delivered = Vec::with_capacity(recipients.len());
         let mut absent = Vec::new();
-        let outboxes: Vec<Option<Arc<Outbox>>> = {
-            let sessions = self.sessions();
-            recipients
-                .iter()
-                .map(|r| sessions.get(&r.user_id).map(|s| s.outbox.clone()))
-                .collect()
-        };
-        for (recipient, outbox) in recipients.iter().zip(outboxes) {
+        let sessions = self.sessions();
+        for recipient in recipients {
             let user = recipient.user_id;
-            let Some(outbox) = outbox else {
+            let Some(session) = sessions.get(&user) else {
                 absent.push(user);
                 continue;
             };
@@ -223,7 +217,7 @@ impl State {
                 seq: recipient.seq,
                 ..delivery.clone()
             };
-            if !outbox.push(delivery, self) {
+            if !session.outbox.push(delivery, self) {
                 self.config.metrics.delivery_failures.inc();
                 tracing::debug!(user, "delivery queue full; the client pulls");
             }
