@@ -8,10 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-ZK_JAR=/usr/share/java/zookeeper.jar
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-[ -f "$ZK_JAR" ] || missing+=(zookeeper)
+[ -f /usr/share/java/zookeeper.jar ] || missing+=(zookeeper)
 command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
 # The admin page is tested in a real headless browser.
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
@@ -36,37 +35,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-ZK_PORT="$(free_port)"
-mkdir -p "$WORK/zk"
-cat > "$WORK/zk/zoo.cfg" <<CFG
-tickTime=500
-dataDir=$WORK/zk
-clientPort=$ZK_PORT
-clientPortAddress=127.0.0.1
-minSessionTimeout=1000
-maxSessionTimeout=60000
-maxClientCnxns=0
-admin.enableServer=false
-4lw.commands.whitelist=ruok
-CFG
-java -Xmx256m -cp "/etc/zookeeper/conf:$ZK_JAR" org.apache.zookeeper.server.ZooKeeperServerMain \
-    "$WORK/zk/zoo.cfg" > "$WORK/zk/zookeeper.log" 2>&1 &
-ZK_PID=$!
-
-ruok() { timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$ZK_PORT; echo ruok >&3; cat <&3" 2>/dev/null; }
-for _ in $(seq 1 120); do
-    [ "$(ruok)" = "imok" ] && break
-    sleep 0.25
-done
-if [ "$(ruok)" != "imok" ]; then
-    echo "test.sh: zookeeper did not start; log:" >&2
-    cat "$WORK/zk/zookeeper.log" >&2
-    exit 1
-fi
+# shellcheck source=scripts/zookeeper.sh
+. scripts/zookeeper.sh
+start_zookeeper "$WORK/zk" || exit 1
 export CIM_TEST_ZOOKEEPER="127.0.0.1:$ZK_PORT"
 export CIM_TEST_REDIS_SERVER="$(command -v redis-server)"
 echo "test.sh: zookeeper on $CIM_TEST_ZOOKEEPER, redis-server at $CIM_TEST_REDIS_SERVER"

@@ -12,7 +12,6 @@ cd "$(dirname "$0")/.."
 
 cargo build --release -q -p cim-router -p cim-server -p cim-bench -p cim-certs
 BIN=target/release
-ZK_JAR=/usr/share/java/zookeeper.jar
 WORK="$(mktemp -d -t cim-bench.XXXXXX)"
 PIDS=()
 cleanup() {
@@ -33,9 +32,8 @@ cleanup() {
     exit "$status"
 }
 trap cleanup EXIT
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+# shellcheck source=../scripts/zookeeper.sh
+. scripts/zookeeper.sh
 wait_port() {
     for _ in $(seq 1 120); do
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
@@ -51,27 +49,11 @@ redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly yes \
     --appendfsync everysec --dir "$WORK" > "$WORK/redis.log" 2>&1 &
 PIDS+=($!)
 
-ZK_PORT="$(free_port)"
-mkdir -p "$WORK/zk"
-cat > "$WORK/zk/zoo.cfg" <<CFG
-tickTime=500
-dataDir=$WORK/zk
-clientPort=$ZK_PORT
-clientPortAddress=127.0.0.1
-maxClientCnxns=0
-admin.enableServer=false
-4lw.commands.whitelist=ruok
-CFG
-java -Xmx256m -cp "/etc/zookeeper/conf:$ZK_JAR" org.apache.zookeeper.server.ZooKeeperServerMain \
-    "$WORK/zk/zoo.cfg" > "$WORK/zk/zookeeper.log" 2>&1 &
-PIDS+=($!)
+zk_status=0
+start_zookeeper "$WORK/zk" || zk_status=$?
+PIDS+=("$ZK_PID")
+[ "$zk_status" -eq 0 ] || exit 1
 wait_port "$REDIS_PORT" redis
-ruok() { timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$ZK_PORT; echo ruok >&3; cat <&3" 2>/dev/null; }
-for _ in $(seq 1 120); do
-    [ "$(ruok)" = "imok" ] && break
-    sleep 0.25
-done
-[ "$(ruok)" = "imok" ] || { echo "cluster.sh: zookeeper did not start" >&2; exit 1; }
 
 "$BIN/cim-certs" --out "$WORK/certs" > /dev/null
 # The bench's clients all come from 127.0.0.1 and send at full speed: raise the per-address
