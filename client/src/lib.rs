@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cim_core::transport::{self, Link};
+use cim_core::transport::{self, Link, read_only_frame};
 use cim_core::{ALPN_CLIENT, close, tls};
 pub use cim_proto::v1::chat_message::Target;
 use cim_proto::v1::{
@@ -652,7 +652,7 @@ impl Client {
             let (mut send, mut recv) = conn.open_bi().await?;
             write_frame(&mut send, &request, 4096).await?;
             send.finish()?;
-            Ok::<_, ClientError>(read_required(&mut recv, MAX_PULL_FRAME).await?)
+            Ok::<_, ClientError>(read_only_frame(&mut recv, MAX_PULL_FRAME).await?)
         })
         .await
         .map_err(|_| ClientError::Timeout)??;
@@ -730,6 +730,12 @@ impl Client {
         self.shared.stop.cancel();
         let conn = self.shared.conn.borrow().clone();
         if let Some(conn) = conn {
+            if std::env::var_os("CIM_DEBUG_STATS").is_some() {
+                let s = conn.stats();
+                eprintln!("QSTATS udp_tx={} udp_rx={} tx_stream={} rx_stream={} tx_ack={} rx_ack={} tx_stop={} rx_stop={} tx_maxstreams={} rx_maxstreams={} tx_reset={} rx_reset={} tx_maxdata={} tx_msd={} rx_msd={} rx_maxdata={}",
+                    s.udp_tx.datagrams, s.udp_rx.datagrams, s.frame_tx.stream, s.frame_rx.stream, s.frame_tx.acks, s.frame_rx.acks,
+                    s.frame_tx.stop_sending, s.frame_rx.stop_sending, s.frame_tx.max_streams_bidi, s.frame_rx.max_streams_bidi, s.frame_tx.reset_stream, s.frame_rx.reset_stream, s.frame_tx.max_data, s.frame_tx.max_stream_data, s.frame_rx.max_stream_data, s.frame_rx.max_data);
+            }
             conn.close(close::code(close::NORMAL), b"bye");
         }
         if self.shared.config.endpoint.is_none() {
@@ -756,7 +762,7 @@ async fn send_once(
     let (mut send, mut recv) = conn.open_bi().await?;
     write_frame(&mut send, request, cim_proto::DEFAULT_MAX_FRAME).await?;
     send.finish()?;
-    Ok(read_required(&mut recv, 4096).await?)
+    Ok(read_only_frame(&mut recv, 4096).await?)
 }
 
 /// An established, logged-in connection.
@@ -1066,7 +1072,7 @@ async fn accept_deliveries(shared: Arc<Shared>, conn: quinn::Connection) {
         let shared = shared.clone();
         tokio::spawn(async move {
             let batch: DeliveryBatch =
-                match read_required(&mut recv, cim_proto::DEFAULT_MAX_FRAME).await {
+                match read_only_frame(&mut recv, cim_proto::DEFAULT_MAX_FRAME).await {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::warn!(error = %e, "bad delivery frame");
@@ -1126,7 +1132,7 @@ async fn pull_all(shared: &Arc<Shared>) -> Result<(), ClientError> {
             let (mut send, mut recv) = conn.open_bi().await?;
             write_frame(&mut send, &request, 1024).await?;
             send.finish()?;
-            Ok::<_, ClientError>(read_required(&mut recv, MAX_PULL_FRAME).await?)
+            Ok::<_, ClientError>(read_only_frame(&mut recv, MAX_PULL_FRAME).await?)
         })
         .await
         .map_err(|_| ClientError::Timeout)??;

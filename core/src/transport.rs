@@ -2,6 +2,7 @@
 //! per-connection stream limits on client links (every allowed stream costs memory up front),
 //! wider limits on router <-> server links, and the keep-alive / idle timeouts.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,7 +163,32 @@ where
     let (mut send, mut recv) = conn.open_bi().await?;
     cim_proto::write_frame(&mut send, request, max_frame).await?;
     send.finish()?;
-    Ok(cim_proto::read_required(&mut recv, max_frame).await?)
+    Ok(read_only_frame(&mut recv, max_frame).await?)
+}
+
+/// Reads the one frame a request or reply stream carries, then takes the stream's end if it
+/// has already arrived (it usually rides with the frame). quinn answers a receive stream that
+/// is dropped before its end was read with a STOP_SENDING even when the FIN is in: one more
+/// frame, and one more ack, per message in each direction.
+pub async fn read_only_frame<M>(
+    recv: &mut quinn::RecvStream,
+    max_frame: usize,
+) -> Result<M, cim_proto::FrameError>
+where
+    M: cim_proto::ProstMessage + Default,
+{
+    let message = cim_proto::read_required(recv, max_frame).await?;
+    take_end(recv);
+    Ok(message)
+}
+
+/// Polls `recv` once for its end without waiting. When the end is there quinn records the
+/// stream as fully read; otherwise (trailing data, or the FIN still in flight) dropping the
+/// stream stops it as before.
+fn take_end(recv: &mut quinn::RecvStream) {
+    let mut spare = [0u8; 1];
+    let read = std::pin::pin!(recv.read(&mut spare));
+    let _ = read.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
 }
 
 /// The host part of `addr` as a TLS server name (IP addresses are valid server names).

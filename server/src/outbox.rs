@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cim_proto::v1::{Delivery, DeliveryAck, DeliveryBatch};
-use cim_proto::{FrameError, ProstMessage, read_required, write_frame};
+use cim_core::transport::read_only_frame;
+use cim_proto::{FrameError, ProstMessage, write_frame};
 
 use crate::session::State;
 
@@ -146,7 +147,7 @@ async fn send_batch(
         let batch = DeliveryBatch { deliveries };
         write_frame(&mut send, &batch, cim_proto::DEFAULT_MAX_FRAME).await?;
         send.finish()?;
-        let ack: DeliveryAck = read_required(&mut recv, 1024).await?;
+        let ack: DeliveryAck = read_only_frame(&mut recv, 1024).await?;
         Ok::<_, DeliveryError>(ack.seq)
     };
     tokio::time::timeout(DELIVERY_TIMEOUT, exchange)

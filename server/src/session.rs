@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cim_core::limit::TokenBucket;
+use cim_core::transport::read_only_frame;
 use cim_core::{close, now_ms};
 use cim_proto::v1::{
     ChatMessage, ClientControl, ClientRequest, Delivery, Drain, Forward, GroupResult, Kick,
@@ -636,7 +637,7 @@ async fn handle_message(
     gate: RateGate<'_>,
 ) -> Result<(), MessageError> {
     let max_frame = state.config.max_body_bytes + 256;
-    let request: ClientRequest = match read_required(&mut recv, max_frame).await {
+    let request: ClientRequest = match read_only_frame(&mut recv, max_frame).await {
         Ok(m) => m,
         Err(e @ FrameError::TooLarge { .. }) => {
             let ack = refused(0, "too_large", &e.to_string());
