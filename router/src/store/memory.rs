@@ -2,7 +2,7 @@
 //! a monotonic clock.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,7 +22,8 @@ struct Lease {
 #[derive(Default)]
 struct Inbox {
     last_seq: u64,
-    entries: VecDeque<(u64, InboxEntry)>,
+    /// One `Arc` per message, shared by every member's inbox it went to.
+    entries: VecDeque<(u64, Arc<InboxEntry>)>,
     /// msg id -> seq of entries appended recently (pruned with the entries).
     seqs: HashMap<u64, u64>,
 }
@@ -286,6 +287,7 @@ impl Store for MemoryStore {
         entry: &InboxEntry,
         limits: InboxLimits,
     ) -> Result<Vec<u64>, StoreError> {
+        let shared = Arc::new(entry.clone());
         let mut inner = self.inner();
         Ok(recipients
             .iter()
@@ -296,7 +298,7 @@ impl Store for MemoryStore {
                 }
                 inbox.last_seq += 1;
                 let seq = inbox.last_seq;
-                inbox.entries.push_back((seq, entry.clone()));
+                inbox.entries.push_back((seq, shared.clone()));
                 inbox.seqs.insert(entry.msg_id, seq);
                 while inbox.entries.len() > limits.max_len {
                     if let Some((_, old)) = inbox.entries.pop_front() {
@@ -326,7 +328,11 @@ impl Store for MemoryStore {
             .entries
             .iter()
             .filter(|(seq, e)| *seq > after_seq && e.created_at_ms >= oldest);
-        let entries: Vec<(u64, InboxEntry)> = fresh.by_ref().take(limit).cloned().collect();
+        let entries: Vec<(u64, InboxEntry)> = fresh
+            .by_ref()
+            .take(limit)
+            .map(|(seq, e)| (*seq, InboxEntry::clone(e)))
+            .collect();
         let more = fresh.next().is_some();
         Ok(InboxPage { entries, more })
     }
