@@ -162,6 +162,9 @@ fn print_table(r: &Report) {
     println!("duplicated        {}", r.duplicated);
     println!("send errors       {}", r.send_errors);
     println!("throughput        {:.0} deliveries/s", r.msgs_per_sec);
+    if let Some(d) = r.client_datagrams_per_msg {
+        println!("client datagrams  {d:.2} per delivery (sent + received)");
+    }
     let p = r.latency_us;
     println!(
         "latency (us)      p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",

@@ -103,6 +103,10 @@ pub struct Report {
     pub logins_per_sec: Option<f64>,
     /// Server process memory per connection (idle).
     pub server_rss_bytes_per_conn: Option<u64>,
+    /// UDP datagrams the clients sent and received per delivered message (per delivery for
+    /// `group`) while sending and draining: a measure of protocol overhead that, unlike the
+    /// rates, does not move with the machine's noise.
+    pub client_datagrams_per_msg: Option<f64>,
     /// Relay loss (lossy).
     pub loss_pct: Option<f64>,
     /// Open-loop rate, if any.
@@ -407,6 +411,7 @@ async fn messaging(
         .take(group_senders.unwrap_or(usize::MAX))
         .map(|(i, c)| (i as u32, c.clone()))
         .collect();
+    let datagrams_before = client_datagrams(&senders_side);
     let started = Instant::now();
     let mut tasks = Vec::new();
     match opts.rate {
@@ -488,6 +493,7 @@ async fn messaging(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
+    let datagrams = client_datagrams(&senders_side).saturating_sub(datagrams_before);
     progress.abort();
     let _ = stop_tx.send(true);
 
@@ -514,6 +520,7 @@ async fn messaging(
     report.send_errors = errors.load(Ordering::Relaxed);
     // Throughput over the whole time deliveries took, sending plus drain.
     report.msgs_per_sec = summary.delivered as f64 / elapsed.as_secs_f64();
+    report.client_datagrams_per_msg = Some(datagrams as f64 / summary.delivered.max(1) as f64);
     report.latency_us = latencies.percentiles();
     report.send_ack_latency_us = send_ack.percentiles();
     for client in senders_side {
@@ -522,6 +529,15 @@ async fn messaging(
         }
     }
     Ok(())
+}
+
+/// UDP datagrams sent plus received on the clients' current connections.
+fn client_datagrams(clients: &[Arc<Client>]) -> u64 {
+    clients
+        .iter()
+        .filter_map(|c| c.transport_stats())
+        .map(|s| s.udp_tx.datagrams + s.udp_rx.datagrams)
+        .sum()
 }
 
 fn git_rev() -> String {

@@ -552,6 +552,12 @@ impl Client {
         self.shared.stats().clone()
     }
 
+    /// QUIC statistics of the current connection (datagrams, frames by type, path RTT), if
+    /// one is up. They start over on every reconnect.
+    pub fn transport_stats(&self) -> Option<quinn::ConnectionStats> {
+        self.shared.conn.borrow().as_ref().map(|c| c.stats())
+    }
+
     /// Highest inbox sequence number up to which every message was delivered.
     pub async fn last_seq(&self) -> u64 {
         self.shared.inbox.lock().await.last()
@@ -730,12 +736,6 @@ impl Client {
         self.shared.stop.cancel();
         let conn = self.shared.conn.borrow().clone();
         if let Some(conn) = conn {
-            if std::env::var_os("CIM_DEBUG_STATS").is_some() {
-                let s = conn.stats();
-                eprintln!("QSTATS udp_tx={} udp_rx={} tx_stream={} rx_stream={} tx_ack={} rx_ack={} tx_stop={} rx_stop={} tx_maxstreams={} rx_maxstreams={} tx_reset={} rx_reset={} tx_maxdata={} tx_msd={} rx_msd={} rx_maxdata={}",
-                    s.udp_tx.datagrams, s.udp_rx.datagrams, s.frame_tx.stream, s.frame_rx.stream, s.frame_tx.acks, s.frame_rx.acks,
-                    s.frame_tx.stop_sending, s.frame_rx.stop_sending, s.frame_tx.max_streams_bidi, s.frame_rx.max_streams_bidi, s.frame_tx.reset_stream, s.frame_rx.reset_stream, s.frame_tx.max_data, s.frame_tx.max_stream_data, s.frame_rx.max_stream_data, s.frame_rx.max_data);
-            }
             conn.close(close::code(close::NORMAL), b"bye");
         }
         if self.shared.config.endpoint.is_none() {

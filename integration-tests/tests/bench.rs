@@ -46,6 +46,9 @@ async fn private_run_counts_every_delivery_once() -> anyhow::Result<()> {
         "{r}"
     );
     assert!(r["git_rev"].is_string() && r["command"].as_str().unwrap().contains("private"));
+    // Each client has one send in flight, so every message's send is a datagram of its own.
+    let datagrams = r["client_datagrams_per_msg"].as_f64().unwrap();
+    assert!((1.0..100.0).contains(&datagrams), "{r}");
     Ok(())
 }
 

@@ -9,13 +9,13 @@ use std::time::Duration;
 use cim_core::batch::{Batcher, answer_all};
 use cim_core::discovery::ServerInfo;
 use cim_core::transport;
+use cim_core::transport::read_only_frame;
 use cim_proto::v1::{
     Delivery, ForwardBatchResult, GroupMember, GroupResult, KickResult, KickUser, Presence,
     PresencePush, PullResult, Push, PushBatch, PushBatchResult, PushResult, Recipient, RenewResult,
     RouterRequest, SendAck, ServerRequest, SessionResult, group_request, router_request,
     server_request,
 };
-use cim_core::transport::read_only_frame;
 use cim_proto::{ProstMessage, write_frame};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -363,7 +363,8 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
         let service = service.clone();
         let server_id = server_id.to_string();
         tokio::spawn(async move {
-            let request: ServerRequest = match read_only_frame(&mut recv, MAX_INTERNAL_FRAME).await {
+            let request: ServerRequest = match read_only_frame(&mut recv, MAX_INTERNAL_FRAME).await
+            {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(server = %server_id, error = %e, "bad server request");

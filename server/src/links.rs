@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cim_core::batch::{Batcher, answer_all};
+use cim_core::transport::read_only_frame;
 use cim_proto::v1::{
     FetchInbox, Forward, ForwardBatch, ForwardBatchResult, GroupCommand, GroupRequest, GroupResult,
     KickResult, PullResult, PushBatchResult, PushResult, Recipient, RenewResult, RenewSessions,
     RouterRequest, SendAck, ServerRequest, SessionClosed, SessionOpened, SessionRef, SessionResult,
     TrimInbox, chat_message, router_request, server_request,
 };
-use cim_core::transport::read_only_frame;
 use cim_proto::{ProstMessage, write_frame};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -385,7 +385,8 @@ async fn serve_router(conn: &quinn::Connection, state: &Arc<State>) {
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let state = state.clone();
         tokio::spawn(async move {
-            let request: RouterRequest = match read_only_frame(&mut recv, MAX_INTERNAL_FRAME).await {
+            let request: RouterRequest = match read_only_frame(&mut recv, MAX_INTERNAL_FRAME).await
+            {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(error = %e, "bad router request");

@@ -10,8 +10,8 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cim_proto::v1::{Delivery, DeliveryAck, DeliveryBatch};
 use cim_core::transport::read_only_frame;
+use cim_proto::v1::{Delivery, DeliveryAck, DeliveryBatch};
 use cim_proto::{FrameError, ProstMessage, write_frame};
 
 use crate::session::State;
