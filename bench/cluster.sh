@@ -19,15 +19,17 @@ cleanup() {
     if [ "$status" -ne 0 ]; then
         for log in "$WORK"/*.log; do echo "== $log" >&2; tail -n 5 "$log" >&2; done
     fi
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    # Servers drain their sessions on SIGTERM; give everything a few seconds, then kill.
-    for _ in $(seq 1 20); do
-        alive=0
-        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        [ "$alive" -eq 0 ] && break
-        sleep 0.25
+    # Newest first: servers and router drain and deregister (on SIGTERM) while ZooKeeper and
+    # Redis are still up; each gets a few seconds before it is killed.
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        pid="${PIDS[$i]}"
+        kill "$pid" 2>/dev/null || continue
+        for _ in $(seq 1 20); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.25
+        done
+        kill -9 "$pid" 2>/dev/null || true
     done
-    for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
     rm -rf "$WORK"
     exit "$status"
 }
