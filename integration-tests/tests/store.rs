@@ -1,6 +1,7 @@
 //! The store contract, checked the same way on the in-memory store and on a real Redis:
 //! private appends check the recipient, keep gapless per-user sequence numbers, are idempotent
-//! per message id, and return the recipient's route.
+//! per message id, and return the recipient's route; a sender's retry of a message gets the
+//! message id its first attempt got.
 
 #![allow(clippy::unwrap_used)]
 
@@ -79,14 +80,34 @@ async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Resul
     Ok(())
 }
 
+async fn message_ids_are_recorded_once(store: &dyn Store) -> anyhow::Result<()> {
+    let window = Duration::from_secs(60);
+    assert_eq!(store.message_id(7, 1, 100, window).await?, 100);
+    assert_eq!(
+        store.message_id(7, 1, 101, window).await?,
+        100,
+        "a retry gets the first attempt's id"
+    );
+    assert_eq!(store.message_id(7, 2, 102, window).await?, 102);
+    assert_eq!(
+        store.message_id(8, 1, 103, window).await?,
+        103,
+        "client message ids are per sender"
+    );
+    Ok(())
+}
+
 #[tokio::test]
-async fn memory_store_private_appends() -> anyhow::Result<()> {
-    private_appends_follow_the_contract(&MemoryStore::new()).await
+async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
+    let store = MemoryStore::new();
+    private_appends_follow_the_contract(&store).await?;
+    message_ids_are_recorded_once(&store).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_store_private_appends() -> anyhow::Result<()> {
+async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     let redis = RedisProc::start().await?;
     let store = RedisStore::connect(&redis.url()).await?;
-    private_appends_follow_the_contract(&store).await
+    private_appends_follow_the_contract(&store).await?;
+    message_ids_are_recorded_once(&store).await
 }

@@ -120,14 +120,6 @@ return {append(), redis.call('GET', KEYS[5])}
 "
 );
 
-/// Returns the recorded msg id, or records ARGV[1] for ARGV[2] ms and returns it.
-const MESSAGE_ID: &str = r"
-local cur = redis.call('GET', KEYS[1])
-if cur then return cur end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return ARGV[1]
-";
-
 /// ARGV of [`APPEND`] and [`APPEND_PRIVATE`]: entry bytes, max length, inbox ttl ms, dedup ms.
 fn append_args(entry: &InboxEntry, limits: InboxLimits) -> Vec<Vec<u8>> {
     vec![
@@ -225,12 +217,33 @@ pub struct RedisStore {
     restore: Script,
     append: Script,
     append_private: Script,
-    message_id: Script,
     join: Script,
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// Oldest Redis major version the store's commands need (`SET` with both `NX` and `GET`).
+const MIN_REDIS_MAJOR: u32 = 7;
+
+/// Refuses a Redis older than [`MIN_REDIS_MAJOR`], given its `INFO server` reply.
+fn check_version(info: &str) -> Result<(), StoreError> {
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(str::trim)
+        .unwrap_or("unknown");
+    match version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok())
+    {
+        Some(major) if major >= MIN_REDIS_MAJOR => Ok(()),
+        _ => Err(StoreError::Unavailable(format!(
+            "Redis {MIN_REDIS_MAJOR}.0 or newer is needed; this one is {version}"
+        ))),
+    }
 }
 
 impl RedisStore {
@@ -243,9 +256,15 @@ impl RedisStore {
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_with_config(client, config)
+        let mut conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(unavailable)?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        check_version(&info)?;
         Ok(Self {
             conn,
             claim: Script::new(CLAIM),
@@ -255,7 +274,6 @@ impl RedisStore {
             restore: Script::new(RESTORE),
             append: Script::new(APPEND),
             append_private: Script::new(APPEND_PRIVATE),
-            message_id: Script::new(MESSAGE_ID),
             join: Script::new(JOIN),
         })
     }
@@ -590,15 +608,19 @@ impl Store for RedisStore {
         new_msg_id: u64,
         ttl: Duration,
     ) -> Result<u64, StoreError> {
-        let id: u64 = self
-            .message_id
-            .key(sent_key(sender, client_msg_id))
+        // One plain command instead of a script: records the new id unless one is recorded,
+        // and returns the recorded one (NX with GET needs Redis 7).
+        let recorded: Option<u64> = redis::cmd("SET")
+            .arg(sent_key(sender, client_msg_id))
             .arg(new_msg_id)
+            .arg("NX")
+            .arg("PX")
             .arg(ttl.as_millis() as u64)
-            .invoke_async(&mut self.conn())
+            .arg("GET")
+            .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        Ok(id)
+        Ok(recorded.unwrap_or(new_msg_id))
     }
 
     async fn append_inbox(
@@ -825,6 +847,19 @@ mod tests {
         };
         assert_eq!(decode_route(&encode_route(&route)).unwrap(), route);
         assert!(decode_route("nope").is_err());
+    }
+
+    #[test]
+    fn redis_older_than_7_is_refused_by_name() {
+        let info = |v: &str| format!("# Server\r\nredis_version:{v}\r\nredis_mode:standalone\r\n");
+        assert!(check_version(&info("7.0.15")).is_ok());
+        assert!(check_version(&info("8.2.1")).is_ok());
+        let err = check_version(&info("6.2.14")).unwrap_err().to_string();
+        assert!(
+            err.contains("7.0 or newer") && err.contains("6.2.14"),
+            "{err}"
+        );
+        assert!(check_version("# Server\r\n").is_err());
     }
 
     #[test]
