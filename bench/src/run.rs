@@ -104,8 +104,9 @@ pub struct Report {
     /// Server process memory per connection (idle).
     pub server_rss_bytes_per_conn: Option<u64>,
     /// UDP datagrams the clients sent and received per delivered message (per delivery for
-    /// `group`) while sending and draining: a measure of protocol overhead that, unlike the
-    /// rates, does not move with the machine's noise.
+    /// `group`) while sending and draining: a measure of protocol overhead, far less sensitive
+    /// to the machine's noise than the rates (it still depends on load, as acks ride on
+    /// whatever else is sent).
     pub client_datagrams_per_msg: Option<f64>,
     /// Relay loss (lossy).
     pub loss_pct: Option<f64>,
@@ -493,7 +494,18 @@ async fn messaging(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
-    let datagrams = client_datagrams(&senders_side).saturating_sub(datagrams_before);
+    let datagrams: u64 = client_datagrams(&senders_side)
+        .into_iter()
+        .zip(datagrams_before)
+        // A client that reconnected meanwhile counts from its new connection only.
+        .map(|(after, before)| {
+            if after >= before {
+                after - before
+            } else {
+                after
+            }
+        })
+        .sum();
     progress.abort();
     let _ = stop_tx.send(true);
 
@@ -531,13 +543,16 @@ async fn messaging(
     Ok(())
 }
 
-/// UDP datagrams sent plus received on the clients' current connections.
-fn client_datagrams(clients: &[Arc<Client>]) -> u64 {
+/// UDP datagrams sent plus received on each client's current connection (0 while it has
+/// none).
+fn client_datagrams(clients: &[Arc<Client>]) -> Vec<u64> {
     clients
         .iter()
-        .filter_map(|c| c.transport_stats())
-        .map(|s| s.udp_tx.datagrams + s.udp_rx.datagrams)
-        .sum()
+        .map(|c| {
+            c.transport_stats()
+                .map_or(0, |s| s.udp_tx.datagrams + s.udp_rx.datagrams)
+        })
+        .collect()
 }
 
 fn git_rev() -> String {

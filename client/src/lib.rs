@@ -1088,6 +1088,7 @@ async fn accept_deliveries(shared: Arc<Shared>, conn: quinn::Connection) {
             if write_frame(&mut send, &ack, 1024).await.is_ok() {
                 let _ = send.finish();
             }
+            transport::take_end(&mut recv);
         });
     }
 }

@@ -2,7 +2,6 @@
 //! per-connection stream limits on client links (every allowed stream costs memory up front),
 //! wider limits on router <-> server links, and the keep-alive / idle timeouts.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -169,7 +168,8 @@ where
 /// Reads the one frame a request or reply stream carries, then takes the stream's end if it
 /// has already arrived (it usually rides with the frame). quinn answers a receive stream that
 /// is dropped before its end was read with a STOP_SENDING even when the FIN is in: one more
-/// frame, and one more ack, per message in each direction.
+/// frame, and one more ack, per message in each direction. Only for streams that carry one
+/// frame: on a stream with more to come it would swallow a byte of the next frame.
 pub async fn read_only_frame<M>(
     recv: &mut quinn::RecvStream,
     max_frame: usize,
@@ -184,8 +184,9 @@ where
 
 /// Polls `recv` once for its end without waiting. When the end is there quinn records the
 /// stream as fully read; otherwise (trailing data, or the FIN still in flight) dropping the
-/// stream stops it as before.
-fn take_end(recv: &mut quinn::RecvStream) {
+/// stream stops it as before. Cheap to repeat: a handler that held the stream across other
+/// work calls it again before dropping it, as the FIN may have come after the frame.
+pub fn take_end(recv: &mut quinn::RecvStream) {
     let mut spare = [0u8; 1];
     let read = std::pin::pin!(recv.read(&mut spare));
     let _ = read.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));

@@ -694,6 +694,7 @@ async fn handle_message(
         }
     }
     send.finish()?;
+    cim_core::transport::take_end(&mut recv);
     Ok(())
 }
 
