@@ -8,9 +8,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# shellcheck source=scripts/zookeeper.sh
+. scripts/zookeeper.sh
+
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-[ -f /usr/share/java/zookeeper.jar ] || missing+=(zookeeper)
+[ -f "$ZK_JAR" ] || missing+=(zookeeper)
 command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
 # The admin page is tested in a real headless browser.
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
@@ -35,8 +38,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# shellcheck source=scripts/zookeeper.sh
-. scripts/zookeeper.sh
 start_zookeeper "$WORK/zk" || exit 1
 export CIM_TEST_ZOOKEEPER="127.0.0.1:$ZK_PORT"
 export CIM_TEST_REDIS_SERVER="$(command -v redis-server)"

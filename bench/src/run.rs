@@ -498,13 +498,7 @@ async fn messaging(
         .into_iter()
         .zip(datagrams_before)
         // A client that reconnected meanwhile counts from its new connection only.
-        .map(|(after, before)| {
-            if after >= before {
-                after - before
-            } else {
-                after
-            }
-        })
+        .map(|(after, before)| after.checked_sub(before).unwrap_or(after))
         .sum();
     progress.abort();
     let _ = stop_tx.send(true);

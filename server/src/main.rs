@@ -18,9 +18,6 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// How long a start waits for ZooKeeper to become reachable.
-const ZK_START_PATIENCE: Duration = Duration::from_secs(30);
-
 /// cim connection server: holds client QUIC connections, delivers router pushes.
 ///
 /// Every option can also come from a TOML file given with --config (keys are the long option
@@ -122,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
         &args.zookeeper,
         &args.zk_root,
         Duration::from_millis(args.zk_session_timeout_ms),
-        ZK_START_PATIENCE,
+        ZkDiscovery::START_PATIENCE,
     )
     .await
     .context("connecting to zookeeper")?;

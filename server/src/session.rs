@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cim_core::limit::TokenBucket;
-use cim_core::transport::read_only_frame;
+use cim_core::transport::{read_only_frame, take_end};
 use cim_core::{close, now_ms};
 use cim_proto::v1::{
     ChatMessage, ClientControl, ClientRequest, Delivery, Drain, Forward, GroupResult, Kick,
@@ -694,7 +694,7 @@ async fn handle_message(
         }
     }
     send.finish()?;
-    cim_core::transport::take_end(&mut recv);
+    take_end(&mut recv);
     Ok(())
 }
 

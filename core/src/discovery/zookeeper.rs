@@ -64,6 +64,10 @@ impl Drop for ZkDiscovery {
 }
 
 impl ZkDiscovery {
+    /// How long a starting router or server waits for ZooKeeper to become reachable (the
+    /// `patience` of [`ZkDiscovery::connect_patiently`] in both binaries).
+    pub const START_PATIENCE: Duration = Duration::from_secs(30);
+
     /// [`ZkDiscovery::connect`], retried for up to `patience` while ZooKeeper is unreachable
     /// or still starting (a process started alongside its ZooKeeper should not exit).
     pub async fn connect_patiently(

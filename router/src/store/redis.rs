@@ -229,15 +229,10 @@ fn unavailable(e: redis::RedisError) -> StoreError {
 /// failing every send. A probe of the command itself, not of the version string, so that
 /// Redis-compatible servers and Redis with `INFO` denied by ACL work.
 async fn probe_set_nx_get(conn: &mut ConnectionManager) -> Result<(), StoreError> {
-    let probe: redis::RedisResult<Option<String>> = redis::cmd("SET")
-        .arg("cim:probe:set-nx-get")
-        .arg(1)
-        .arg("NX")
-        .arg("PX")
-        .arg(1000)
-        .arg("GET")
-        .query_async(conn)
-        .await;
+    let probe: redis::RedisResult<Option<String>> =
+        set_unless_present("cim:probe:set-nx-get", 1, 1000)
+            .query_async(conn)
+            .await;
     match probe {
         Ok(_) => Ok(()),
         Err(e) if e.code().is_some() => Err(StoreError::Unavailable(format!(
@@ -245,6 +240,19 @@ async fn probe_set_nx_get(conn: &mut ConnectionManager) -> Result<(), StoreError
         ))),
         Err(e) => Err(unavailable(e)),
     }
+}
+
+/// `SET key value NX PX ttl_ms GET`: stores `value` unless `key` holds one, and replies with
+/// the value it already held (nil when it stored ours).
+fn set_unless_present(key: &str, value: u64, ttl_ms: u64) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(key)
+        .arg(value)
+        .arg("NX")
+        .arg("PX")
+        .arg(ttl_ms)
+        .arg("GET");
+    cmd
 }
 
 impl RedisStore {
@@ -606,16 +614,14 @@ impl Store for RedisStore {
     ) -> Result<u64, StoreError> {
         // One plain command instead of a script: records the new id unless one is recorded,
         // and returns the recorded one (NX with GET needs Redis 7).
-        let recorded: Option<u64> = redis::cmd("SET")
-            .arg(sent_key(sender, client_msg_id))
-            .arg(new_msg_id)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl.as_millis() as u64)
-            .arg("GET")
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+        let recorded: Option<u64> = set_unless_present(
+            &sent_key(sender, client_msg_id),
+            new_msg_id,
+            ttl.as_millis() as u64,
+        )
+        .query_async(&mut self.conn())
+        .await
+        .map_err(unavailable)?;
         Ok(recorded.unwrap_or(new_msg_id))
     }
 
