@@ -60,6 +60,9 @@ struct Args {
     /// Relay loss in percent (lossy).
     #[arg(long, default_value_t = 5.0)]
     loss: f64,
+    /// Messages each sender keeps in flight in the closed loop (private, lossy, group)
+    #[arg(long, default_value_t = 1)]
+    window: usize,
     /// Message body size in bytes.
     #[arg(long, default_value_t = 64)]
     size: usize,
@@ -103,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
         clients: args.clients,
         duration: Duration::from_secs(args.duration),
         rate: args.rate,
+        window: args.window.max(1),
         members: args.members,
         senders: args.senders,
         connections: args.connections,
@@ -155,6 +159,9 @@ fn print_table(r: &Report) {
     }
     if let Some(rate) = r.rate {
         println!("offered rate      {rate} msgs/s");
+    }
+    if let Some(window) = r.window.filter(|w| *w > 1) {
+        println!("in flight         {window} messages per sender");
     }
     println!("sent (acked)      {}", r.sent);
     println!("delivered         {}", r.delivered);

@@ -56,6 +56,8 @@ pub struct Options {
     pub duration: Duration,
     /// Open-loop rate in messages per second (closed loop when `None`).
     pub rate: Option<u64>,
+    /// Messages each sender keeps in flight in the closed loop (private, lossy, group).
+    pub window: usize,
     /// Group members (group).
     pub members: usize,
     /// Members that send (group).
@@ -112,6 +114,8 @@ pub struct Report {
     pub loss_pct: Option<f64>,
     /// Open-loop rate, if any.
     pub rate: Option<u64>,
+    /// Messages each sender kept in flight (closed loop).
+    pub window: Option<usize>,
     /// The command line.
     pub command: String,
     /// `git rev-parse --short HEAD` where the bench ran.
@@ -223,6 +227,7 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
     let mut report = Report {
         scenario: opts.scenario.name().to_string(),
         rate: opts.rate,
+        window: opts.rate.is_none().then_some(opts.window),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         git_rev: git_rev(),
         ..Default::default()
@@ -328,7 +333,7 @@ async fn messaging(
 ) -> anyhow::Result<()> {
     let epoch = Instant::now();
     let now_us = move || epoch.elapsed().as_micros() as u64;
-    let ids: Vec<u64> = clients.iter().map(|(c, _)| c.info().user_id).collect();
+    let ids: Arc<[u64]> = clients.iter().map(|(c, _)| c.info().user_id).collect();
     let (stop_tx, stop_rx) = watch::channel(false);
     let delivered = Arc::new(AtomicU64::new(0));
     let expected = Arc::new(AtomicU64::new(0));
@@ -417,16 +422,21 @@ async fn messaging(
     let mut tasks = Vec::new();
     match opts.rate {
         None => {
+            // `window` loops per sender, each with its own counters (lane, lane + window, ...).
+            let window = opts.window.max(1) as u64;
             for (index, client) in active {
-                let sending = sending.clone();
-                let send_one = send_one.clone();
-                tasks.push(tokio::spawn(async move {
-                    let mut counter = 0;
-                    while sending.load(Ordering::Relaxed) {
-                        send_one(client.clone(), index, counter).await;
-                        counter += 1;
-                    }
-                }));
+                for lane in 0..window {
+                    let sending = sending.clone();
+                    let send_one = send_one.clone();
+                    let client = client.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let mut counter = lane;
+                        while sending.load(Ordering::Relaxed) {
+                            send_one(client.clone(), index, counter).await;
+                            counter += window;
+                        }
+                    }));
+                }
             }
         }
         Some(rate) => {

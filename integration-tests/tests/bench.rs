@@ -60,6 +60,8 @@ async fn group_run_expects_one_delivery_per_other_member() -> anyhow::Result<()>
         "5",
         "--senders",
         "2",
+        "--window",
+        "3",
         "--duration",
         "1",
         "--concurrency",
@@ -68,8 +70,14 @@ async fn group_run_expects_one_delivery_per_other_member() -> anyhow::Result<()>
     .await?;
     let sent = r["sent"].as_u64().unwrap();
     assert!(sent > 0, "{r}");
+    assert_eq!(r["window"].as_u64(), Some(3), "{r}");
+    // Three sends in flight per sender: their messages must still be told apart.
     assert_eq!(r["delivered"].as_u64(), Some(sent * 4), "{r}");
-    assert_eq!(r["lost"].as_u64(), Some(0));
+    assert_eq!(
+        (r["lost"].as_u64(), r["duplicated"].as_u64()),
+        (Some(0), Some(0)),
+        "{r}"
+    );
     Ok(())
 }
 
