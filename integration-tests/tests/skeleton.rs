@@ -311,3 +311,28 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     alice.expect_line("bye").await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_credit_is_granted_in_bulk_to_busy_clients() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let (alice, _alice_events) = cluster.user("alice").await?;
+    let (bob, mut bob_events) = cluster.user("bob").await?;
+    const SENDS: usize = 48;
+    for i in 0..SENDS {
+        alice
+            .send_private(bob.info().user_id, &format!("m{i}"))
+            .await?;
+    }
+    for i in 0..SENDS {
+        assert_eq!(next_message(&mut bob_events).await?.body, format!("m{i}"));
+    }
+    // One stream per send and (sent one at a time) one per delivery. With the quiet allowance
+    // of 16 streams, quinn grants credit every third stream: 16 MAX_STREAMS frames for 48.
+    // The server widens a fast sender's allowance, and clients always grant a wide one to
+    // their server, so credit comes every 17 streams.
+    let to_alice = alice.transport_stats().unwrap().frame_rx.max_streams_bidi;
+    let from_bob = bob.transport_stats().unwrap().frame_tx.max_streams_bidi;
+    assert!(to_alice <= 8, "server granted credit {to_alice} times");
+    assert!(from_bob <= 8, "bob granted credit {from_bob} times");
+    Ok(())
+}

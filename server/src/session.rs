@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cim_core::limit::TokenBucket;
-use cim_core::transport::{read_only_frame, take_end};
+use cim_core::transport::{CLIENT_STREAMS_BUSY, StreamAllowance, read_only_frame, take_end};
 use cim_core::{close, now_ms};
 use cim_proto::v1::{
     ChatMessage, ClientControl, ClientRequest, Delivery, Drain, Forward, GroupResult, Kick,
@@ -567,7 +567,12 @@ async fn message_loop(conn: &quinn::Connection, auth: &Authenticated, state: &Ar
     )));
     let refused_in_a_row = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let flood_cap = limits.message_burst.saturating_mul(4).max(100);
+    let mut allowance = StreamAllowance::default();
     while let Ok((send, recv)) = conn.accept_bi().await {
+        if allowance.on_stream(std::time::Instant::now()) {
+            tracing::debug!(user = auth.user_id, "busy client: stream allowance widened");
+            conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(CLIENT_STREAMS_BUSY));
+        }
         let state = state.clone();
         let from_user = auth.user_id;
         let from_name = auth.user_name.clone();
