@@ -172,6 +172,12 @@ fn print_table(r: &Report) {
     if let Some(d) = r.client_datagrams_per_msg {
         println!("client datagrams  {d:.2} per delivery (sent + received)");
     }
+    if let Some(h) = r.harness_cpu_us_per_msg {
+        match r.cluster_cpu_us_per_msg {
+            Some(c) => println!("cpu per delivery  cluster {c:.1} us, harness {h:.1} us"),
+            None => println!("cpu per delivery  harness {h:.1} us"),
+        }
+    }
     let p = r.latency_us;
     println!(
         "latency (us)      p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::relay::{Impairments, Relay};
 use crate::stats::{Latencies, Percentiles, Tracker, decode_body, encode_body};
-use crate::target::Target;
+use crate::target::{Target, process_cpu_seconds};
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +110,11 @@ pub struct Report {
     /// to the machine's noise than the rates (it still depends on load, as acks ride on
     /// whatever else is sent).
     pub client_datagrams_per_msg: Option<f64>,
+    /// CPU time of the embedded cluster process per delivered message (per delivery for
+    /// `group`), in microseconds, over the sending window and the drain.
+    pub cluster_cpu_us_per_msg: Option<f64>,
+    /// The same for the harness itself, which shares the machine.
+    pub harness_cpu_us_per_msg: Option<f64>,
     /// Relay loss (lossy).
     pub loss_pct: Option<f64>,
     /// Open-loop rate, if any.
@@ -259,7 +264,7 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
             )
             .await?;
             report.clients = clients.len();
-            messaging(opts, clients, None, &mut report).await?;
+            messaging(opts, target, clients, None, &mut report).await?;
             drop(relays);
         }
         Scenario::Group => {
@@ -271,7 +276,14 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
             )
             .await?;
             report.clients = clients.len();
-            messaging(opts, clients, Some(opts.senders.max(1)), &mut report).await?;
+            messaging(
+                opts,
+                target,
+                clients,
+                Some(opts.senders.max(1)),
+                &mut report,
+            )
+            .await?;
         }
         Scenario::Login => {
             let names = register(target, &prefix, opts.clients, opts.concurrency).await?;
@@ -327,6 +339,7 @@ async fn close_all(clients: Vec<(Client, Events)>) {
 /// every client sends private messages to random peers.
 async fn messaging(
     opts: &Options,
+    target: &Target,
     clients: Vec<(Client, Events)>,
     group_senders: Option<usize>,
     report: &mut Report,
@@ -418,6 +431,7 @@ async fn messaging(
         .map(|(i, c)| (i as u32, c.clone()))
         .collect();
     let datagrams_before = client_datagrams(&senders_side);
+    let cpu_before = (target.cpu_seconds(), process_cpu_seconds("self"));
     let started = Instant::now();
     let mut tasks = Vec::new();
     match opts.rate {
@@ -504,6 +518,7 @@ async fn messaging(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
+    let cpu_after = (target.cpu_seconds(), process_cpu_seconds("self"));
     let datagrams: u64 = client_datagrams(&senders_side)
         .into_iter()
         .zip(datagrams_before)
@@ -537,6 +552,11 @@ async fn messaging(
     // Throughput over the whole time deliveries took, sending plus drain.
     report.msgs_per_sec = summary.delivered as f64 / elapsed.as_secs_f64();
     report.client_datagrams_per_msg = Some(datagrams as f64 / summary.delivered.max(1) as f64);
+    let per_msg = |before: Option<f64>, after: Option<f64>| {
+        Some((after? - before?) * 1e6 / summary.delivered.max(1) as f64)
+    };
+    report.cluster_cpu_us_per_msg = per_msg(cpu_before.0, cpu_after.0);
+    report.harness_cpu_us_per_msg = per_msg(cpu_before.1, cpu_after.1);
     report.latency_us = latencies.percentiles();
     report.send_ack_latency_us = send_ack.percentiles();
     for client in senders_side {

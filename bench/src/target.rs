@@ -100,6 +100,12 @@ impl Target {
         })
     }
 
+    /// CPU time (user + system) the embedded process has used so far.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let pid = self.child.as_ref()?.id()?;
+        process_cpu_seconds(&pid.to_string())
+    }
+
     /// Resident memory of the embedded process, in bytes.
     pub fn rss_bytes(&self) -> Option<u64> {
         let pid = self.child.as_ref()?.id()?;
@@ -107,5 +113,43 @@ impl Target {
         let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kib * 1024)
+    }
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ: 100 on every Linux architecture).
+const USER_HZ: f64 = 100.0;
+
+/// CPU time (user + system) used so far by process `pid` (`"self"` for this one), from /proc.
+pub fn process_cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(cpu_ticks(&stat)? as f64 / USER_HZ)
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line. The command name (field 2) may hold spaces and
+/// parentheses, so fields are counted after its closing parenthesis.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    // After the name: state (3), ppid, pgrp, session, tty, tpgid, flags, minflt, cminflt,
+    // majflt, cmajflt, then utime (14) and stime (15).
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_counted_after_the_command_name() {
+        let stat = "4242 (cim (a) b) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 37 0 0 20 0 9 0";
+        assert_eq!(cpu_ticks(stat), Some(287));
+        assert_eq!(cpu_ticks("4242 (cut short) S 1 2"), None);
+    }
+
+    #[test]
+    fn cpu_time_is_read_from_proc() {
+        assert!(process_cpu_seconds("self").is_some());
+        assert!(process_cpu_seconds("0").is_none());
     }
 }

@@ -49,6 +49,11 @@ async fn private_run_counts_every_delivery_once() -> anyhow::Result<()> {
     // Each client has one send in flight, so every message's send is a datagram of its own.
     let datagrams = r["client_datagrams_per_msg"].as_f64().unwrap();
     assert!((1.0..100.0).contains(&datagrams), "{r}");
+    // Both the embedded cluster and the harness did work for every message.
+    for side in ["cluster_cpu_us_per_msg", "harness_cpu_us_per_msg"] {
+        let micros = r[side].as_f64().unwrap();
+        assert!(micros > 0.0 && micros.is_finite(), "{side}: {r}");
+    }
     Ok(())
 }
 
