@@ -60,9 +60,9 @@ struct Args {
     /// Relay loss in percent (lossy).
     #[arg(long, default_value_t = 5.0)]
     loss: f64,
-    /// Messages each sender keeps in flight in the closed loop (private, lossy, group)
-    #[arg(long, default_value_t = 1)]
-    window: usize,
+    /// Messages each sender keeps in flight in the closed loop (private, lossy, group).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    window: u16,
     /// Message body size in bytes.
     #[arg(long, default_value_t = 64)]
     size: usize,
@@ -106,7 +106,7 @@ async fn main() -> anyhow::Result<()> {
         clients: args.clients,
         duration: Duration::from_secs(args.duration),
         rate: args.rate,
-        window: args.window.max(1),
+        window: usize::from(args.window),
         members: args.members,
         senders: args.senders,
         connections: args.connections,

@@ -232,7 +232,6 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
     let mut report = Report {
         scenario: opts.scenario.name().to_string(),
         rate: opts.rate,
-        window: opts.rate.is_none().then_some(opts.window),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         git_rev: git_rev(),
         ..Default::default()
@@ -344,6 +343,7 @@ async fn messaging(
     group_senders: Option<usize>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
+    report.window = opts.rate.is_none().then_some(opts.window);
     let epoch = Instant::now();
     let now_us = move || epoch.elapsed().as_micros() as u64;
     let ids: Arc<[u64]> = clients.iter().map(|(c, _)| c.info().user_id).collect();
@@ -437,7 +437,7 @@ async fn messaging(
     match opts.rate {
         None => {
             // `window` loops per sender, each with its own counters (lane, lane + window, ...).
-            let window = opts.window.max(1) as u64;
+            let window = opts.window as u64;
             for (index, client) in active {
                 for lane in 0..window {
                     let sending = sending.clone();

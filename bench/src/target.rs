@@ -116,7 +116,7 @@ impl Target {
     }
 }
 
-/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ: 100 on every Linux architecture).
+/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ: 100 on x86-64 and aarch64 Linux).
 const USER_HZ: f64 = 100.0;
 
 /// CPU time (user + system) used so far by process `pid` (`"self"` for this one), from /proc.

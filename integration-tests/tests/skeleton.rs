@@ -332,7 +332,11 @@ async fn stream_credit_is_granted_in_bulk_to_busy_clients() -> anyhow::Result<()
     // their server, so credit comes every 17 streams.
     let to_alice = alice.transport_stats().unwrap().frame_rx.max_streams_bidi;
     let from_bob = bob.transport_stats().unwrap().frame_tx.max_streams_bidi;
-    assert!(to_alice <= 8, "server granted credit {to_alice} times");
+    // Widening alone sends one MAX_STREAMS frame, so zero would mean the stats are not these.
+    assert!(
+        (1..=8).contains(&to_alice),
+        "server granted credit {to_alice} times"
+    );
     assert!(from_bob <= 8, "bob granted credit {from_bob} times");
     Ok(())
 }
