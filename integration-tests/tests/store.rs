@@ -1,7 +1,7 @@
 //! The store contract, checked the same way on the in-memory store and on a real Redis:
 //! private appends check the recipient, keep gapless per-user sequence numbers, are idempotent
 //! per message id, and return the recipient's route; a sender's retry of a message gets the
-//! message id its first attempt got.
+//! message id its first attempt got; the online list holds confirmed sessions only.
 
 #![allow(clippy::unwrap_used)]
 
@@ -97,10 +97,42 @@ async fn message_ids_are_recorded_once(store: &dyn Store) -> anyhow::Result<()> 
     Ok(())
 }
 
+async fn only_confirmed_sessions_are_online(store: &dyn Store) -> anyhow::Result<()> {
+    let lease = Duration::from_secs(30);
+    let carol = store.create_account("carol", "hash").await?;
+    let dave = store.create_account("dave", "hash").await?;
+    let route = |server: &str, session_id| Route {
+        server_id: server.into(),
+        session_id,
+        confirmed: false,
+    };
+    store
+        .claim_route(carol.id, route("server-1", 5), lease, false)
+        .await?;
+    store
+        .claim_route(dave.id, route("server-2", 6), lease, false)
+        .await?;
+    assert!(store.confirm_route(carol.id, 5, "server-1", lease).await?);
+    assert!(
+        !store.confirm_route(dave.id, 7, "server-2", lease).await?,
+        "another session cannot confirm dave's route"
+    );
+    let online = store.online_users().await?;
+    assert!(online.contains(&carol.id), "{online:?}");
+    assert!(
+        !online.contains(&dave.id),
+        "a claimed but unconfirmed session is not online"
+    );
+    assert!(store.release_route(carol.id, 5).await?);
+    assert!(!store.online_users().await?.contains(&carol.id));
+    Ok(())
+}
+
 #[tokio::test]
 async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     let store = MemoryStore::new();
     private_appends_follow_the_contract(&store).await?;
+    only_confirmed_sessions_are_online(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 
@@ -109,5 +141,6 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     let redis = RedisProc::start().await?;
     let store = RedisStore::connect(&redis.url()).await?;
     private_appends_follow_the_contract(&store).await?;
+    only_confirmed_sessions_are_online(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
