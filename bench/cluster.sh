@@ -14,6 +14,7 @@ cargo build --release -q -p cim-router -p cim-server -p cim-bench -p cim-certs
 BIN=target/release
 WORK="$(mktemp -d -t cim-bench.XXXXXX)"
 PIDS=()
+NAMES=() # what each of PIDS is, for the CPU report
 cleanup() {
     local status=$?
     if [ "$status" -ne 0 ]; then
@@ -50,10 +51,12 @@ REDIS_PORT="$(free_port)"
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly yes \
     --appendfsync everysec --dir "$WORK" > "$WORK/redis.log" 2>&1 &
 PIDS+=($!)
+NAMES+=(redis)
 
 zk_status=0
 start_zookeeper "$WORK/zk" || zk_status=$?
 PIDS+=("$ZK_PID")
+NAMES+=(zookeeper)
 [ "$zk_status" -eq 0 ] || exit 1
 wait_port "$REDIS_PORT" redis
 
@@ -66,6 +69,7 @@ for n in 1 2; do
         --listen 127.0.0.1:0 --internal 127.0.0.1:0 --certs "$WORK/certs" "${CAPS[@]}" \
         > "$WORK/server-$n.log" 2>&1 &
     PIDS+=($!)
+    NAMES+=("server-$n")
 done
 HTTP_PORT="$(free_port)"
 "$BIN/cim-router" --redis "redis://127.0.0.1:$REDIS_PORT" --zookeeper "127.0.0.1:$ZK_PORT" \
@@ -73,6 +77,7 @@ HTTP_PORT="$(free_port)"
     --argon2-memory-kib 256 --argon2-iterations 1 --max-login-attempts-per-ip 100000000 \
     > "$WORK/router.log" 2>&1 &
 PIDS+=($!)
+NAMES+=(router)
 wait_port "$HTTP_PORT" router
 sleep 2 # servers register in ZooKeeper and the router links to them
 
@@ -87,7 +92,6 @@ cpu_ticks() {
     set -- $stat
     echo $((${12} + ${13}))
 }
-NAMES=(redis zookeeper server-1 server-2 router)
 declare -a BEFORE
 for i in "${!PIDS[@]}"; do BEFORE[i]="$(cpu_ticks "${PIDS[$i]}")"; done
 

@@ -100,15 +100,19 @@ impl Target {
         })
     }
 
+    /// Process id of the embedded process (none for an existing cluster).
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref()?.id()
+    }
+
     /// CPU time (user + system) the embedded process has used so far.
     pub fn cpu_seconds(&self) -> Option<f64> {
-        let pid = self.child.as_ref()?.id()?;
-        process_cpu_seconds(&pid.to_string())
+        process_cpu_seconds(&self.pid()?.to_string())
     }
 
     /// Resident memory of the embedded process, in bytes.
     pub fn rss_bytes(&self) -> Option<u64> {
-        let pid = self.child.as_ref()?.id()?;
+        let pid = self.pid()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
