@@ -340,3 +340,24 @@ async fn stream_credit_is_granted_in_bulk_to_busy_clients() -> anyhow::Result<()
     assert!(from_bob <= 8, "bob granted credit {from_bob} times");
     Ok(())
 }
+
+#[tokio::test]
+async fn servers_ask_clients_for_prompt_acks() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let (alice, _alice_events) = cluster.user("alice").await?;
+    let (bob, mut bob_events) = cluster.user("bob").await?;
+    alice.send_private(bob.info().user_id, "hello").await?;
+    assert_eq!(next_message(&mut bob_events).await?.body, "hello");
+    // The request rides in an ACK_FREQUENCY frame early in the connection; clients make no
+    // such request of the server.
+    for client in [&alice, &bob] {
+        let stats = client.transport_stats().unwrap();
+        assert!(
+            stats.frame_rx.ack_frequency >= 1,
+            "no ack delay was asked of {}",
+            client.info().name
+        );
+        assert_eq!(stats.frame_tx.ack_frequency, 0);
+    }
+    Ok(())
+}
