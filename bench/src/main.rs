@@ -143,6 +143,12 @@ fn print_table(r: &Report) {
     println!("scenario          {}", r.scenario);
     println!("clients           {}", r.clients);
     println!("duration          {:.2} s", r.duration_s);
+    if let Some(p) = r.login_latency_us {
+        println!(
+            "login (us)        p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+            p.p50, p.p90, p.p99, p.p999, p.max
+        );
+    }
     if let Some(l) = r.logins_per_sec {
         println!("logins/s          {l:.0}");
         return;

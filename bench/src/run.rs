@@ -103,6 +103,9 @@ pub struct Report {
     pub send_errors: u64,
     /// Logins per second (login).
     pub logins_per_sec: Option<f64>,
+    /// Time each login took, concurrency-many at a time (every scenario logs its clients in;
+    /// through the relay for `lossy`).
+    pub login_latency_us: Option<Percentiles>,
     /// Server process memory per connection (idle).
     pub server_rss_bytes_per_conn: Option<u64>,
     /// UDP datagrams the clients sent and received per delivered message (per delivery for
@@ -181,15 +184,19 @@ fn configs(
         .collect())
 }
 
-/// Logs every name in, `concurrency` at a time.
+/// Logs every name in, `concurrency` at a time, and records how long each login took (HTTPS
+/// login, QUIC handshake and control-stream login, retries included).
 async fn login_all(
     names: &[String],
     configs: Vec<ClientConfig>,
     concurrency: usize,
+    report: &mut Report,
 ) -> anyhow::Result<Vec<(Client, Events)>> {
-    let logins: Vec<anyhow::Result<(usize, (Client, Events))>> =
+    type Timed = (usize, Duration, (Client, Events));
+    let logins: Vec<anyhow::Result<Timed>> =
         stream::iter(names.iter().cloned().zip(configs).enumerate())
             .map(|(i, (name, config))| async move {
+                let started = Instant::now();
                 // A handshake can outlast one connect timeout on a very lossy link: retry a little.
                 let mut attempt = 0;
                 loop {
@@ -202,7 +209,7 @@ async fn login_all(
                     )
                     .await
                     {
-                        Ok(pair) => return Ok((i, pair)),
+                        Ok(pair) => return Ok((i, started.elapsed(), pair)),
                         Err(e) if attempt < 3 => {
                             tracing::debug!(name, error = %e, "login failed; retrying")
                         }
@@ -216,8 +223,13 @@ async fn login_all(
             .collect()
             .await;
     let mut logins = logins.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
-    logins.sort_by_key(|(i, _)| *i);
-    Ok(logins.into_iter().map(|(_, pair)| pair).collect())
+    logins.sort_by_key(|(i, _, _)| *i);
+    let mut took = Latencies::default();
+    for (_, elapsed, _) in &logins {
+        took.record(elapsed.as_micros() as u64);
+    }
+    report.login_latency_us = Some(took.percentiles());
+    Ok(logins.into_iter().map(|(_, _, pair)| pair).collect())
 }
 
 /// What one receiver saw.
@@ -260,6 +272,7 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
                 &names,
                 configs(target, opts.clients, &overrides)?,
                 opts.concurrency,
+                &mut report,
             )
             .await?;
             report.clients = clients.len();
@@ -272,6 +285,7 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
                 &names,
                 configs(target, opts.members, &HashMap::new())?,
                 opts.concurrency,
+                &mut report,
             )
             .await?;
             report.clients = clients.len();
@@ -288,7 +302,7 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
             let names = register(target, &prefix, opts.clients, opts.concurrency).await?;
             let configs = configs(target, opts.clients, &HashMap::new())?;
             let started = Instant::now();
-            let clients = login_all(&names, configs, opts.concurrency).await?;
+            let clients = login_all(&names, configs, opts.concurrency, &mut report).await?;
             let elapsed = started.elapsed().as_secs_f64();
             report.clients = clients.len();
             report.duration_s = elapsed;
@@ -305,6 +319,7 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
                 &names,
                 configs(target, opts.connections, &HashMap::new())?,
                 opts.concurrency,
+                &mut report,
             )
             .await?;
             report.clients = clients.len();

@@ -105,6 +105,12 @@ async fn lossy_and_login_runs_report_their_numbers() -> anyhow::Result<()> {
     assert_eq!(r["delivered"].as_u64(), r["sent"].as_u64(), "{r}");
     let r = bench(&["login", "--clients", "8", "--concurrency", "4"]).await?;
     assert!(r["logins_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    // Each login is timed: a handshake and two round trips take more than nothing.
+    let took = &r["login_latency_us"];
+    assert!(
+        took["p50"].as_u64().unwrap() > 0 && took["p50"].as_u64() <= took["max"].as_u64(),
+        "{r}"
+    );
     let r = bench(&["idle", "--connections", "20", "--concurrency", "10"]).await?;
     assert!(r["server_rss_bytes_per_conn"].is_u64(), "{r}");
     Ok(())
