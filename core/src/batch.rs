@@ -5,6 +5,12 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
+/// Batches of one queue in flight at once. Two, not more: a batch leaves as soon as a slot is
+/// free, so every further slot splits a busy link's traffic into more, smaller batches (more
+/// datagrams, acks and task wake-ups per message). Against 8: lower p99 at `cim-bench private
+/// --rate 10000` in 6 of 7 paired runs, `bench/cluster.sh private` 5-9% faster (BENCHMARKS.md).
+pub const BATCHES_IN_FLIGHT: usize = 2;
+
 /// Takes batches off a queue, with a bounded number in flight.
 pub struct Batcher<T> {
     queue: mpsc::Receiver<T>,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use cim_core::batch::{Batcher, answer_all};
+use cim_core::batch::{BATCHES_IN_FLIGHT, Batcher, answer_all};
 use cim_core::discovery::ServerInfo;
 use cim_core::transport;
 use cim_core::transport::read_only_frame;
@@ -29,11 +29,6 @@ type PendingPush = (Push, oneshot::Sender<Result<PushResult, LinkError>>);
 const PUSH_QUEUE: usize = 4096;
 /// Most pushes in one batch.
 const MAX_BATCH: usize = 256;
-/// Batches in flight per server. Two, not more: a batch leaves as soon as a slot is free, so every
-/// further slot splits a busy link's traffic into more, smaller batches (more datagrams, acks and
-/// task wake-ups per message). Against 8: `cim-bench private --rate 10000` p99 16-20 ms instead
-/// of 22-250 ms (both cores are saturated there), `bench/cluster.sh private` 5-9% faster.
-const BATCHES_IN_FLIGHT: usize = 2;
 
 /// Sends the queued pushes of one server: each batch takes everything queued (up to
 /// [`MAX_BATCH`]); up to [`BATCHES_IN_FLIGHT`] batches travel at once.

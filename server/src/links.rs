@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cim_core::batch::{Batcher, answer_all};
+use cim_core::batch::{BATCHES_IN_FLIGHT, Batcher, answer_all};
 use cim_core::transport::read_only_frame;
 use cim_proto::v1::{
     FetchInbox, Forward, ForwardBatch, ForwardBatchResult, GroupCommand, GroupRequest, GroupResult,
@@ -44,11 +44,6 @@ pub(crate) type PendingForward = (Forward, oneshot::Sender<Result<SendAck, LinkE
 const FORWARD_QUEUE: usize = 4096;
 /// Most forwards in one batch.
 const MAX_BATCH: usize = 256;
-/// Batches in flight. Two, not more: a batch leaves as soon as a slot is free, so every
-/// further slot splits a busy link's traffic into more, smaller batches (more datagrams, acks and
-/// task wake-ups per message). Against 8: `cim-bench private --rate 10000` p99 16-20 ms instead
-/// of 22-250 ms (both cores are saturated there), `bench/cluster.sh private` 5-9% faster.
-const BATCHES_IN_FLIGHT: usize = 2;
 
 /// The routers currently connected to this server.
 pub struct RouterLinks {
@@ -330,7 +325,8 @@ pub(crate) async fn accept_routers(
 }
 
 /// Sends queued forwards in batches: each batch takes everything queued (up to
-/// [`MAX_BATCH`]); up to [`BATCHES_IN_FLIGHT`] batches travel at once.
+/// [`MAX_BATCH`]); up to [`BATCHES_IN_FLIGHT`] batches travel at once, shared by all the router
+/// links (each batch goes to the routers in turn).
 pub(crate) async fn run_forwarder(state: Arc<State>) {
     let Some(queue) = state
         .links
