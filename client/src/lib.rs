@@ -615,6 +615,12 @@ impl Client {
                         recipients: ack.recipients,
                     });
                 }
+                // Possibly stored, possibly not: the same id again is stored at most once.
+                Ok(Ok(ack))
+                    if ack.code == cim_proto::SEND_RETRY && self.shared.config.reconnect =>
+                {
+                    tracing::debug!(client_msg_id, message = %ack.message, "send unconfirmed");
+                }
                 Ok(Ok(ack)) => {
                     return Err(ClientError::SendRefused {
                         code: ack.code,

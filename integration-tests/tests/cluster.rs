@@ -1,6 +1,7 @@
 //! cim as a real cluster: `cim-router` and `cim-server` processes on a real Redis and a real
 //! ZooKeeper. Round-robin spread, chat across servers, `kill -9` failover, Redis restart,
-//! ZooKeeper session expiry, concurrent logins, consistent hashing.
+//! ZooKeeper session expiry, concurrent logins, consistent hashing, sends while no router
+//! answers.
 
 #![allow(clippy::unwrap_used)]
 
@@ -406,5 +407,42 @@ async fn a_rolling_restart_of_every_server_loses_nothing() -> anyhow::Result<()>
     }
     // Every client sat on a restarted server at some point and was drained off it.
     assert!(drained >= ids.len(), "only {drained} drains seen");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_no_router_answers_is_resent_until_stored_once() -> anyhow::Result<()> {
+    let mut cluster = ProcCluster::start(1, 1, "round-robin").await?;
+    let mut clients = users(&cluster, "nr", 2).await?;
+    let (bob, mut bob_events) = clients.pop().unwrap();
+    let (alice, _alice_events) = clients.pop().unwrap();
+    alice.send_private(bob.info().user_id, "before").await?;
+    assert_eq!(next_message(&mut bob_events).await?.body, "before");
+
+    // The only router dies. The server cannot learn whether a forward was stored (a router may
+    // store it and then lose the link), so it answers "retry" and the client sends the same
+    // id again until a router answers.
+    cluster.routers[0].1.child.kill().await?;
+    let bob_id = bob.info().user_id;
+    let sending = tokio::spawn(async move {
+        let ack = alice.send_private(bob_id, "across the gap").await;
+        (alice, ack)
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.add_router().await?;
+    let (alice, ack) = sending.await?;
+    let ack = ack?;
+    assert!(ack.msg_id > 0 && ack.recipients == 1, "{ack:?}");
+    assert!(
+        alice.stats().send_retries >= 1,
+        "the first attempt cannot have succeeded"
+    );
+    assert_eq!(next_message(&mut bob_events).await?.body, "across the gap");
+    alice.send_private(bob_id, "after").await?;
+    assert_eq!(
+        next_message(&mut bob_events).await?.body,
+        "after",
+        "the resent message arrived twice"
+    );
     Ok(())
 }

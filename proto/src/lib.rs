@@ -22,6 +22,10 @@ pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
 /// Bytes in the length prefix.
 pub const LENGTH_PREFIX: usize = 4;
 
+/// `SendAck.code` of a send whose outcome the server could not learn (no router answered):
+/// the message may or may not be stored, and a resend with the same `client_msg_id` settles it.
+pub const SEND_RETRY: &str = "retry";
+
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {

@@ -726,11 +726,13 @@ async fn send_message(
     match state.links.forward(forward).await {
         Ok(ack) => ack,
         Err(e) => {
+            // The router may have stored the message before the link failed (a router drops
+            // its link to a draining server at once): only a resend with the same id settles it.
             tracing::warn!(error = %e, "forward failed");
             refused(
                 client_msg_id,
-                "unavailable",
-                "no router reachable, retry later",
+                cim_proto::SEND_RETRY,
+                "no router answered; send again with the same client_msg_id",
             )
         }
     }
