@@ -1,6 +1,6 @@
 //! The store contract, checked the same way on the in-memory store and on a real Redis:
 //! private appends check the recipient, keep gapless per-user sequence numbers, are idempotent
-//! per message id, and return the recipient's route; a sender's retry of a message gets the
+//! per message id (also after the recipient acked), and return the recipient's route; a sender's retry of a message gets the
 //! message id its first attempt got; the online list holds confirmed sessions only.
 
 #![allow(clippy::unwrap_used)]
@@ -77,6 +77,22 @@ async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Resul
     let page = store.fetch_inbox(bob.id, 0, 10, limits, 6).await?;
     let ids: Vec<u64> = page.entries.iter().map(|(_, e)| e.msg_id).collect();
     assert_eq!(ids, vec![10, 11, 12]);
+
+    // Bob has everything and says so; a late resend of a message he had is still not
+    // appended again.
+    store.trim_inbox(&[(bob.id, 3)]).await?;
+    let (late, _) = store
+        .append_private(bob.id, &entry(11), limits)
+        .await?
+        .unwrap();
+    assert_eq!(late, 2, "a resend after the ack keeps its sequence number");
+    let page = store.fetch_inbox(bob.id, 3, 10, limits, 6).await?;
+    assert!(page.entries.is_empty(), "nothing new after the resend");
+    assert_eq!(
+        store.append_inbox(&[bob.id], &entry(13), limits).await?,
+        vec![4],
+        "the resend took no sequence number"
+    );
     Ok(())
 }
 

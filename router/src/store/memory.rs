@@ -24,9 +24,16 @@ struct Inbox {
     last_seq: u64,
     /// One `Arc` per message, shared by every member's inbox it went to.
     entries: VecDeque<(u64, Arc<InboxEntry>)>,
-    /// msg id -> seq of entries appended recently (pruned with the entries).
+    /// msg id -> seq of messages appended within [`APPEND_DEDUP`], kept after their entries are
+    /// trimmed: a sender may resend after the recipient already acked.
     seqs: HashMap<u64, u64>,
+    /// The same msg ids with their expiry, oldest first.
+    seq_expiry: VecDeque<(Instant, u64)>,
 }
+
+/// How long an inbox remembers the seq a message got, for idempotent resends (the Redis store
+/// keeps its markers as long).
+const APPEND_DEDUP: Duration = Duration::from_secs(600);
 
 #[derive(Default)]
 struct Inner {
@@ -288,11 +295,17 @@ impl Store for MemoryStore {
         limits: InboxLimits,
     ) -> Result<Vec<u64>, StoreError> {
         let shared = Arc::new(entry.clone());
+        let now = Instant::now();
         let mut inner = self.inner();
         Ok(recipients
             .iter()
             .map(|user| {
                 let inbox = inner.inboxes.entry(*user).or_default();
+                while inbox.seq_expiry.front().is_some_and(|(at, _)| *at <= now) {
+                    if let Some((_, msg_id)) = inbox.seq_expiry.pop_front() {
+                        inbox.seqs.remove(&msg_id);
+                    }
+                }
                 if let Some(seq) = inbox.seqs.get(&entry.msg_id) {
                     return *seq;
                 }
@@ -300,10 +313,11 @@ impl Store for MemoryStore {
                 let seq = inbox.last_seq;
                 inbox.entries.push_back((seq, shared.clone()));
                 inbox.seqs.insert(entry.msg_id, seq);
+                inbox
+                    .seq_expiry
+                    .push_back((now + APPEND_DEDUP, entry.msg_id));
                 while inbox.entries.len() > limits.max_len {
-                    if let Some((_, old)) = inbox.entries.pop_front() {
-                        inbox.seqs.remove(&old.msg_id);
-                    }
+                    inbox.entries.pop_front();
                 }
                 seq
             })
@@ -428,13 +442,11 @@ impl Store for MemoryStore {
     }
 }
 
-/// Drops entries up to `up_to`. Their msg-id records go too: a message is only retried while
-/// its sender waits for the ack, long before the recipient could have acknowledged it.
+/// Drops entries up to `up_to`. Their msg-id records stay until [`APPEND_DEDUP`] passes: a
+/// sender may resend (same id) after the recipient has the message and acked it.
 fn trim(inbox: &mut Inbox, up_to: u64) {
     while inbox.entries.front().is_some_and(|(seq, _)| *seq <= up_to) {
-        if let Some((_, old)) = inbox.entries.pop_front() {
-            inbox.seqs.remove(&old.msg_id);
-        }
+        inbox.entries.pop_front();
     }
 }
 
