@@ -88,10 +88,11 @@ pub enum ClientError {
         /// Human-readable explanation.
         message: String,
     },
-    /// The server refused a message.
+    /// The server refused a message. With code `retry` (only when reconnecting is off) the
+    /// outcome is unknown: the message may still be stored and delivered.
     #[error("message refused: {code}: {message}")]
     SendRefused {
-        /// Stable error code, e.g. `recipient_offline`.
+        /// Stable error code, e.g. `rate_limited`.
         code: String,
         /// Human-readable explanation.
         message: String,
@@ -353,7 +354,7 @@ pub struct Stats {
     pub pulls: u64,
     /// Sequence numbers the inbox no longer had (trimmed by its caps).
     pub skipped: u64,
-    /// Send attempts repeated after a transport failure.
+    /// Send attempts repeated after a transport failure, a timeout or a `retry` answer.
     pub send_retries: u64,
 }
 
@@ -604,6 +605,7 @@ impl Client {
             })),
         };
         let deadline = tokio::time::Instant::now() + self.shared.config.send_timeout;
+        let mut unconfirmed = 0u32;
         loop {
             let conn = self.shared.live_conn(deadline).await?;
             let attempt =
@@ -615,11 +617,16 @@ impl Client {
                         recipients: ack.recipients,
                     });
                 }
-                // Possibly stored, possibly not: the same id again is stored at most once.
+                // Possibly stored, possibly not: the same id again is stored at most once (id 0
+                // opts out of that, so it is not resent). The server answers at once while it
+                // has no router, so these resends back off.
                 Ok(Ok(ack))
-                    if ack.code == cim_proto::SEND_RETRY && self.shared.config.reconnect =>
+                    if ack.code == cim_proto::SEND_RETRY
+                        && self.shared.config.reconnect
+                        && client_msg_id != 0 =>
                 {
                     tracing::debug!(client_msg_id, message = %ack.message, "send unconfirmed");
+                    unconfirmed += 1;
                 }
                 Ok(Ok(ack)) => {
                     return Err(ClientError::SendRefused {
@@ -634,8 +641,10 @@ impl Client {
                 return Err(ClientError::Timeout);
             }
             self.shared.stats().send_retries += 1;
-            // Give a dying connection time to be noticed before trying again.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Give a dying connection time to be noticed before trying again; after `retry`
+            // answers, 50 ms doubling up to about a second.
+            let pause = Duration::from_millis(50) * 2u32.pow(unconfirmed.min(5));
+            tokio::time::sleep(pause.min(Duration::from_secs(1))).await;
         }
     }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use cim_client::console::{self, Command};
-use cim_client::{Client, ClientConfig, Event, LoginOptions};
+use cim_client::{Client, ClientConfig, ClientError, Event, LoginOptions};
 use clap::Parser;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -128,10 +128,22 @@ fn announce(client: &Client) {
     );
 }
 
-fn report(result: Result<(), cim_client::ClientError>, done: &str) {
+fn report(result: Result<(), ClientError>, done: &str) {
     match result {
         Ok(()) => println!("{done}"),
         Err(e) => println!("! {e}"),
+    }
+}
+
+/// How to report a failed send: after a timeout or an unanswered forward the message may still
+/// have been stored, and it will then arrive.
+fn unsent(e: &ClientError) -> &'static str {
+    match e {
+        ClientError::Timeout => "not confirmed (it may still arrive)",
+        ClientError::SendRefused { code, .. } if code == cim_proto::SEND_RETRY => {
+            "not confirmed (it may still arrive)"
+        }
+        _ => "not sent",
     }
 }
 
@@ -140,17 +152,17 @@ async fn run(client: &Client, command: Command) {
     match command {
         Command::Broadcast(body) => {
             if let Err(e) = client.send_group("all", &body).await {
-                println!("! not sent: {e}");
+                println!("! {}: {e}", unsent(&e));
             }
         }
         Command::Private { to, body } => {
             if let Err(e) = client.send_private(to, &body).await {
-                println!("! not sent to {to}: {e}");
+                println!("! {} to {to}: {e}", unsent(&e));
             }
         }
         Command::Group { group, body } => {
             if let Err(e) = client.send_group(&group, &body).await {
-                println!("! not sent to #{group}: {e}");
+                println!("! {} to #{group}: {e}", unsent(&e));
             }
         }
         Command::Create(group) => report(
