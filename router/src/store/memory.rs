@@ -27,8 +27,6 @@ struct Inbox {
     /// msg id -> seq of messages appended within [`APPEND_DEDUP`], kept after their entries are
     /// trimmed: a sender may resend after the recipient already acked.
     seqs: HashMap<u64, u64>,
-    /// The same msg ids with their expiry, oldest first.
-    seq_expiry: VecDeque<(Instant, u64)>,
 }
 
 /// How long an inbox remembers the seq a message got, for idempotent resends (the Redis store
@@ -43,6 +41,9 @@ struct Inner {
     routes: HashMap<u64, Lease>,
     online: BTreeSet<u64>,
     inboxes: HashMap<u64, Inbox>,
+    /// (expiry, user, msg id) of every inbox's `seqs` record, oldest first: records expire
+    /// whether or not their inbox gets another message.
+    appended_expiry: VecDeque<(Instant, u64, u64)>,
     /// (sender, client msg id) -> (msg id, expiry).
     sent: HashMap<(u64, u64), (u64, Instant)>,
     /// The same keys in expiry order, for pruning without scanning the map.
@@ -296,16 +297,23 @@ impl Store for MemoryStore {
     ) -> Result<Vec<u64>, StoreError> {
         let shared = Arc::new(entry.clone());
         let now = Instant::now();
-        let mut inner = self.inner();
+        let mut guard = self.inner();
+        let Inner {
+            inboxes,
+            appended_expiry,
+            ..
+        } = &mut *guard;
+        while appended_expiry.front().is_some_and(|(at, _, _)| *at <= now) {
+            if let Some((_, user, msg_id)) = appended_expiry.pop_front()
+                && let Some(inbox) = inboxes.get_mut(&user)
+            {
+                inbox.seqs.remove(&msg_id);
+            }
+        }
         Ok(recipients
             .iter()
             .map(|user| {
-                let inbox = inner.inboxes.entry(*user).or_default();
-                while inbox.seq_expiry.front().is_some_and(|(at, _)| *at <= now) {
-                    if let Some((_, msg_id)) = inbox.seq_expiry.pop_front() {
-                        inbox.seqs.remove(&msg_id);
-                    }
-                }
+                let inbox = inboxes.entry(*user).or_default();
                 if let Some(seq) = inbox.seqs.get(&entry.msg_id) {
                     return *seq;
                 }
@@ -313,9 +321,7 @@ impl Store for MemoryStore {
                 let seq = inbox.last_seq;
                 inbox.entries.push_back((seq, shared.clone()));
                 inbox.seqs.insert(entry.msg_id, seq);
-                inbox
-                    .seq_expiry
-                    .push_back((now + APPEND_DEDUP, entry.msg_id));
+                appended_expiry.push_back((now + APPEND_DEDUP, *user, entry.msg_id));
                 while inbox.entries.len() > limits.max_len {
                     inbox.entries.pop_front();
                 }
@@ -540,6 +546,25 @@ mod tests {
             body: format!("m{msg_id}"),
             created_at_ms: at,
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn append_records_expire_even_in_an_inbox_that_gets_nothing_more() {
+        let store = MemoryStore::new();
+        let limits = InboxLimits::default();
+        store
+            .append_inbox(&[1], &entry(100, 5), limits)
+            .await
+            .unwrap();
+        tokio::time::advance(APPEND_DEDUP).await;
+        // Any later append prunes every inbox's expired records, not only its own.
+        store
+            .append_inbox(&[2], &entry(101, 6), limits)
+            .await
+            .unwrap();
+        let inner = store.inner();
+        assert!(inner.inboxes[&1].seqs.is_empty());
+        assert_eq!(inner.appended_expiry.len(), 1);
     }
 
     #[tokio::test]
