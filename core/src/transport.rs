@@ -102,15 +102,34 @@ pub enum Link {
     Internal,
 }
 
-/// Timeouts and limits of a link, chosen for the link's users.
+/// Timeouts and limits of a link, chosen for the link's users, as the `side` accepting
+/// (`Server`) or dialling (`Client`) sets them.
 ///
 /// Client links are tuned for mobile networks: a 5 s keep-alive keeps NAT bindings warm and
 /// lets a dead path show up quickly; 30 s of silence ends the connection.
-pub fn transport_config(link: Link) -> TransportConfig {
+pub fn transport_config(link: Link, side: quinn::Side) -> TransportConfig {
     let mut t = TransportConfig::default();
     match link {
         Link::Client => {
-            t.max_concurrent_bidi_streams(VarInt::from_u32(CLIENT_STREAMS_QUIET));
+            match side {
+                // Streams a client may open; widened for busy clients (`StreamAllowance`).
+                quinn::Side::Server => {
+                    t.max_concurrent_bidi_streams(VarInt::from_u32(CLIENT_STREAMS_QUIET));
+                    let mut acks = quinn::AckFrequencyConfig::default();
+                    acks.max_ack_delay(Some(CLIENT_ACK_DELAY));
+                    // Stated, not left to the default: with the extension on, a client acks a
+                    // gap in packet numbers at once only when it lets the server declare a loss
+                    // (without it, at any gap). Acking every gap at once (1) was no faster
+                    // through the lossy relay and sent 1-2% more datagrams.
+                    acks.reordering_threshold(VarInt::from_u32(2));
+                    t.ack_frequency_config(Some(acks));
+                }
+                // The server opens a stream per delivery batch; the allowance costs the
+                // client's memory, not the server's.
+                quinn::Side::Client => {
+                    t.max_concurrent_bidi_streams(VarInt::from_u32(CLIENT_STREAMS_BUSY));
+                }
+            }
             t.max_concurrent_uni_streams(VarInt::from_u32(0));
             t.stream_receive_window(VarInt::from_u32(128 * 1024));
             t.receive_window(VarInt::from_u32(512 * 1024));
@@ -159,18 +178,7 @@ pub fn server_endpoint(
     let crypto =
         QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let mut transport = transport_config(link);
-    if link == Link::Client {
-        let mut acks = quinn::AckFrequencyConfig::default();
-        acks.max_ack_delay(Some(CLIENT_ACK_DELAY));
-        // Stated, not left to the default: with the extension on, a client acks a gap in packet
-        // numbers at once only when it lets the server declare a loss (without it, at any gap).
-        // Acking every gap at once (1) was no faster through the lossy relay and sent 1-2% more
-        // datagrams.
-        acks.reordering_threshold(VarInt::from_u32(2));
-        transport.ack_frequency_config(Some(acks));
-    }
-    config.transport_config(Arc::new(transport));
+    config.transport_config(Arc::new(transport_config(link, quinn::Side::Server)));
     let socket = udp_socket(addr)?;
     quinn::Endpoint::new(
         EndpointConfig::default(),
@@ -189,13 +197,7 @@ pub fn client_config(
     let crypto =
         QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    let mut transport = transport_config(link);
-    if link == Link::Client {
-        // The server opens a stream per delivery batch; the allowance costs the client's memory,
-        // not the server's.
-        transport.max_concurrent_bidi_streams(VarInt::from_u32(CLIENT_STREAMS_BUSY));
-    }
-    config.transport_config(Arc::new(transport));
+    config.transport_config(Arc::new(transport_config(link, quinn::Side::Client)));
     Ok(config)
 }
 
