@@ -88,8 +88,9 @@ pub enum ClientError {
         /// Human-readable explanation.
         message: String,
     },
-    /// The server refused a message. With code `retry` (only when reconnecting is off) the
-    /// outcome is unknown: the message may still be stored and delivered.
+    /// The server refused a message. With code `retry` (returned only when reconnecting is off
+    /// or the client message id is 0) the outcome is unknown: the message may still be stored
+    /// and delivered.
     #[error("message refused: {code}: {message}")]
     SendRefused {
         /// Stable error code, e.g. `rate_limited`.
@@ -132,6 +133,12 @@ impl ClientError {
             | ClientError::Refused { code, .. } => Some(code),
             _ => None,
         }
+    }
+
+    /// Whether a failed send may still have been stored, and then delivered: it timed out, or
+    /// its server got no answer from a router (code `retry`).
+    pub fn send_outcome_unknown(&self) -> bool {
+        matches!(self, ClientError::Timeout) || self.code() == Some(cim_proto::SEND_RETRY)
     }
 }
 

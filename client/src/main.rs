@@ -135,15 +135,12 @@ fn report(result: Result<(), ClientError>, done: &str) {
     }
 }
 
-/// How to report a failed send: after a timeout or an unanswered forward the message may still
-/// have been stored, and it will then arrive.
+/// How to report a failed send.
 fn unsent(e: &ClientError) -> &'static str {
-    match e {
-        ClientError::Timeout => "not confirmed (it may still arrive)",
-        ClientError::SendRefused { code, .. } if code == cim_proto::SEND_RETRY => {
-            "not confirmed (it may still arrive)"
-        }
-        _ => "not sent",
+    if e.send_outcome_unknown() {
+        "not confirmed (it may still arrive)"
+    } else {
+        "not sent"
     }
 }
 
