@@ -69,7 +69,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::GroupExists | ServiceError::GroupFull => StatusCode::CONFLICT,
             ServiceError::NotMember => StatusCode::FORBIDDEN,
             ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ServiceError::NoServer | ServiceError::Unavailable(_) => {
+            ServiceError::NoServer | ServiceError::Unavailable(_) | ServiceError::Busy => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ServiceError::TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,

@@ -1,9 +1,14 @@
 //! Password hashing with Argon2id. Parameters follow OWASP's minimum recommendation
 //! (19 MiB memory, 2 iterations, 1 lane); hashes are PHC strings, so parameters can be raised
 //! later without invalidating stored hashes.
+//!
+//! [`PasswordWork`] bounds how many hashes run at once: each holds its memory cost (19 MiB by
+//! default) for tens of milliseconds, so a login storm (every client of a dead server logging
+//! in again) must queue for the cores instead of growing the blocking pool and memory with it.
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
+use tokio::sync::Semaphore;
 
 /// Memory cost in KiB.
 pub const MEMORY_KIB: u32 = 19 * 1024;
@@ -61,9 +66,136 @@ pub fn verify(password: &str, stored: &str) -> bool {
     })
 }
 
+/// Runs password hashing on blocking threads, at most `slots` at once, with at most
+/// `max_waiting` more queued; the rest are turned away ([`WorkError::Busy`]) so a storm costs
+/// clients a retry, not the router its memory.
+pub struct PasswordWork {
+    slots: Semaphore,
+    /// Hashes running or queued.
+    admitted: std::sync::atomic::AtomicUsize,
+    max_admitted: usize,
+}
+
+/// Why [`PasswordWork::run`] did not run its job.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkError {
+    #[error("too many logins and registrations in progress; retry shortly")]
+    Busy,
+    #[error("password hashing task failed: {0}")]
+    Failed(String),
+}
+
+impl PasswordWork {
+    /// Queued hashes per slot before new ones are refused: at the default cost a core hashes
+    /// 20-30 passwords a second, so a full queue drains in about 2-3 s.
+    const WAITING_PER_SLOT: usize = 64;
+
+    /// One slot per core (`available_parallelism`).
+    pub fn for_this_machine() -> Self {
+        Self::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    }
+
+    /// `slots` hashes at once, each slot with a queue of its own size.
+    pub fn new(slots: usize) -> Self {
+        let slots = slots.max(1);
+        Self {
+            slots: Semaphore::new(slots),
+            admitted: std::sync::atomic::AtomicUsize::new(0),
+            max_admitted: slots * (1 + Self::WAITING_PER_SLOT),
+        }
+    }
+
+    /// Runs `job` on a blocking thread once a slot is free.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, WorkError> {
+        let _admitted =
+            Admitted::try_new(&self.admitted, self.max_admitted).ok_or(WorkError::Busy)?;
+        // The semaphore is never closed.
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|e| WorkError::Failed(e.to_string()))?;
+        tokio::task::spawn_blocking(job)
+            .await
+            .map_err(|e| WorkError::Failed(e.to_string()))
+    }
+}
+
+/// A place among the admitted hashes, given back on drop (also when the caller gives up).
+struct Admitted<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Admitted<'a> {
+    fn try_new(count: &'a std::sync::atomic::AtomicUsize, max: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(count))
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use super::{PasswordWork, WorkError};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hashing_runs_at_most_slots_at_once_and_refuses_past_the_queue() {
+        let work = Arc::new(PasswordWork::new(2));
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Arc::new(std::sync::Mutex::new(release_rx));
+        let capacity = 2 * (1 + PasswordWork::WAITING_PER_SLOT);
+        let mut jobs = Vec::new();
+        for _ in 0..capacity {
+            let (work, running, most, release_rx) = (
+                work.clone(),
+                running.clone(),
+                most.clone(),
+                release_rx.clone(),
+            );
+            jobs.push(tokio::spawn(async move {
+                work.run(move || {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    release_rx.lock().unwrap().recv().unwrap();
+                    running.fetch_sub(1, Ordering::SeqCst);
+                })
+                .await
+            }));
+        }
+        // Wait until both slots are taken and everyone else is queued.
+        while running.load(Ordering::SeqCst) < 2 || work.admitted.load(Ordering::SeqCst) < capacity
+        {
+            tokio::task::yield_now().await;
+        }
+        assert!(matches!(work.run(|| ()).await, Err(WorkError::Busy)));
+        for _ in 0..capacity {
+            release_tx.send(()).unwrap();
+        }
+        for job in jobs {
+            job.await.unwrap().unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 2);
+        assert_eq!(work.admitted.load(Ordering::SeqCst), 0);
+        // Room again once the queue drained.
+        work.run(|| ()).await.unwrap();
+    }
+
     #[test]
     fn right_password_verifies_and_wrong_does_not() {
         let h = super::hash("s3cret", super::Cost::default()).unwrap();

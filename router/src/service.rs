@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use crate::RouterConfig;
 use crate::ids::IdGenerator;
 use crate::links::ServerLinks;
-use crate::password;
+use crate::password::{self, PasswordWork, WorkError};
 use crate::select::Selector;
 use crate::store::{Account, Claim, InboxEntry, Join, Route, Store, StoreError};
 
@@ -107,6 +107,9 @@ pub enum ServiceError {
     /// Too many login attempts for this user or from this address; retry later.
     #[error("too many login attempts; retry in a minute")]
     TooManyAttempts,
+    /// Too many logins and registrations are hashing passwords; retry shortly.
+    #[error("too many logins in progress; retry shortly")]
+    Busy,
     /// A bug or an unexpected failure; details are in the log.
     #[error("internal error")]
     Internal(String),
@@ -131,7 +134,17 @@ impl ServiceError {
             ServiceError::Unavailable(StoreError::NameTaken) => "name_taken",
             ServiceError::Unavailable(_) => "unavailable",
             ServiceError::TooManyAttempts => "too_many_attempts",
+            ServiceError::Busy => "busy",
             ServiceError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<WorkError> for ServiceError {
+    fn from(e: WorkError) -> Self {
+        match e {
+            WorkError::Busy => ServiceError::Busy,
+            WorkError::Failed(detail) => ServiceError::Internal(detail),
         }
     }
 }
@@ -198,6 +211,8 @@ pub struct Service {
     group_locks: Vec<tokio::sync::Mutex<()>>,
     /// The latest refusals and failures, newest last, for the admin page.
     recent_errors: Mutex<std::collections::VecDeque<RecentError>>,
+    /// Password hashing, bounded to the cores.
+    password_work: PasswordWork,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) servers: watch::Receiver<Arc<Vec<ServerInfo>>>,
     pub(crate) links: Arc<ServerLinks>,
@@ -219,6 +234,7 @@ impl Service {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             recent_errors: Mutex::new(std::collections::VecDeque::new()),
+            password_work: PasswordWork::for_this_machine(),
             selector: Selector::new(config.strategy),
             ids: IdGenerator::new(rand::random()),
             config,
@@ -234,9 +250,10 @@ impl Service {
         validate_password(password)?;
         let password = password.to_string();
         let cost = self.config.password_cost;
-        let hash = tokio::task::spawn_blocking(move || password::hash(&password, cost))
-            .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))?
+        let hash = self
+            .password_work
+            .run(move || password::hash(&password, cost))
+            .await?
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
         match self.store.create_account(name, &hash).await {
             Ok(account) => Ok(account),
@@ -304,9 +321,10 @@ impl Service {
             .ok_or(ServiceError::InvalidCredentials)?;
         let stored = account.password_hash.clone();
         let password = password.to_string();
-        let ok = tokio::task::spawn_blocking(move || password::verify(&password, &stored))
-            .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let ok = self
+            .password_work
+            .run(move || password::verify(&password, &stored))
+            .await?;
         if !ok {
             return Err(ServiceError::InvalidCredentials);
         }
