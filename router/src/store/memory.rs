@@ -24,9 +24,6 @@ struct Inbox {
     last_seq: u64,
     /// One `Arc` per message, shared by every member's inbox it went to.
     entries: VecDeque<(u64, Arc<InboxEntry>)>,
-    /// msg id -> seq of messages appended within [`APPEND_DEDUP`], kept after their entries are
-    /// trimmed: a sender may resend after the recipient already acked.
-    seqs: HashMap<u64, u64>,
 }
 
 /// How long an inbox remembers the seq a message got, for idempotent resends (the Redis store
@@ -41,9 +38,13 @@ struct Inner {
     routes: HashMap<u64, Lease>,
     online: BTreeSet<u64>,
     inboxes: HashMap<u64, Inbox>,
-    /// (expiry, user, msg id) of every inbox's `seqs` record, oldest first: records expire
-    /// whether or not their inbox gets another message.
-    appended_expiry: VecDeque<(Instant, u64, u64)>,
+    /// msg id -> (user, seq) of every inbox the message was appended to within
+    /// [`APPEND_DEDUP`], kept after the entries are trimmed: a sender may resend after the
+    /// recipients acked. One record per message, not per recipient: a group message's record
+    /// costs one map entry and 16 bytes a member.
+    appended: HashMap<u64, Vec<(u64, u64)>>,
+    /// (expiry, msg id) of the `appended` records, oldest first.
+    appended_expiry: VecDeque<(Instant, u64)>,
     /// (sender, client msg id) -> (msg id, expiry).
     sent: HashMap<(u64, u64), (u64, Instant)>,
     /// The same keys in expiry order, for pruning without scanning the map.
@@ -300,28 +301,32 @@ impl Store for MemoryStore {
         let mut guard = self.inner();
         let Inner {
             inboxes,
+            appended,
             appended_expiry,
             ..
         } = &mut *guard;
-        while appended_expiry.front().is_some_and(|(at, _, _)| *at <= now) {
-            if let Some((_, user, msg_id)) = appended_expiry.pop_front()
-                && let Some(inbox) = inboxes.get_mut(&user)
-            {
-                inbox.seqs.remove(&msg_id);
+        while appended_expiry.front().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, msg_id)) = appended_expiry.pop_front() {
+                appended.remove(&msg_id);
             }
         }
+        let record = appended.entry(entry.msg_id).or_insert_with(|| {
+            appended_expiry.push_back((now + APPEND_DEDUP, entry.msg_id));
+            Vec::with_capacity(recipients.len())
+        });
+        // A resend: the inboxes it already reached keep the seq they gave it.
+        let earlier: HashMap<u64, u64> = record.iter().copied().collect();
         Ok(recipients
             .iter()
             .map(|user| {
-                let inbox = inboxes.entry(*user).or_default();
-                if let Some(seq) = inbox.seqs.get(&entry.msg_id) {
+                if let Some(seq) = earlier.get(user) {
                     return *seq;
                 }
+                let inbox = inboxes.entry(*user).or_default();
                 inbox.last_seq += 1;
                 let seq = inbox.last_seq;
                 inbox.entries.push_back((seq, shared.clone()));
-                inbox.seqs.insert(entry.msg_id, seq);
-                appended_expiry.push_back((now + APPEND_DEDUP, *user, entry.msg_id));
+                record.push((*user, seq));
                 while inbox.entries.len() > limits.max_len {
                     inbox.entries.pop_front();
                 }
@@ -563,7 +568,7 @@ mod tests {
             .await
             .unwrap();
         let inner = store.inner();
-        assert!(inner.inboxes[&1].seqs.is_empty());
+        assert!(!inner.appended.contains_key(&100));
         assert_eq!(inner.appended_expiry.len(), 1);
     }
 

@@ -232,7 +232,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u64, StoreError>;
     /// Appends `entry` to each recipient's inbox with that recipient's next sequence number,
     /// once per message id: appending the same message again returns the sequence number it
-    /// already has. Returns the sequence numbers in `recipients` order.
+    /// already has. Returns the sequence numbers in `recipients` order. `recipients` names each
+    /// user at most once (a group's members, the users online).
     async fn append_inbox(
         &self,
         recipients: &[u64],
