@@ -137,10 +137,96 @@ where
     Ok(())
 }
 
+/// A [`v1::Delivery`] encoded once for all its recipients: every field but `seq`, which is
+/// each recipient's own inbox position. A fan-out queues one of these (behind an `Arc`) per
+/// recipient instead of a copy of the message, and [`encode_delivery_batch`] writes a
+/// `DeliveryBatch` frame from them without encoding the message again.
+#[derive(Debug, Clone)]
+pub struct SharedDelivery {
+    /// The delivery encoded with `seq` 0 (which protobuf leaves out).
+    fields: Bytes,
+}
+
+/// Key of `DeliveryBatch.deliveries` (field 1, length-delimited).
+const BATCH_DELIVERY_KEY: u8 = (1 << 3) | 2;
+/// Key of `Delivery.seq` (field 2, varint).
+const DELIVERY_SEQ_KEY: u8 = 2 << 3;
+
+impl SharedDelivery {
+    /// Encodes `delivery`; its `seq` is ignored.
+    pub fn new(delivery: &v1::Delivery) -> Self {
+        let fields = v1::Delivery {
+            seq: 0,
+            ..delivery.clone()
+        }
+        .encode_to_vec();
+        Self {
+            fields: Bytes::from(fields),
+        }
+    }
+
+    /// Length of the delivery with `seq`, as one message.
+    fn message_len(&self, seq: u64) -> usize {
+        let seq_len = if seq == 0 {
+            0
+        } else {
+            1 + prost::length_delimiter_len(seq as usize)
+        };
+        seq_len + self.fields.len()
+    }
+
+    /// Bytes the delivery with `seq` takes inside a `DeliveryBatch`.
+    pub fn batch_len(&self, seq: u64) -> usize {
+        let len = self.message_len(seq);
+        1 + prost::length_delimiter_len(len) + len
+    }
+
+    fn encode_in_batch(&self, seq: u64, buf: &mut BytesMut) {
+        buf.put_u8(BATCH_DELIVERY_KEY);
+        encode_varint(self.message_len(seq) as u64, buf);
+        if seq != 0 {
+            // Protobuf takes fields in any order: seq first, then the shared ones.
+            buf.put_u8(DELIVERY_SEQ_KEY);
+            encode_varint(seq, buf);
+        }
+        buf.put_slice(&self.fields);
+    }
+}
+
+fn encode_varint(mut value: u64, buf: &mut BytesMut) {
+    while value >= 0x80 {
+        buf.put_u8((value as u8) | 0x80);
+        value >>= 7;
+    }
+    buf.put_u8(value as u8);
+}
+
+/// Encodes the frame of a `DeliveryBatch` holding `deliveries` (each with its recipient's
+/// seq), decoding to what [`encode_frame`] of the same batch gives.
+pub fn encode_delivery_batch<'a>(
+    deliveries: impl Iterator<Item = (u64, &'a SharedDelivery)> + Clone,
+    max: usize,
+) -> Result<Bytes, FrameError> {
+    let len = deliveries
+        .clone()
+        .map(|(seq, shared)| shared.batch_len(seq))
+        .sum();
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    let mut buf = BytesMut::with_capacity(LENGTH_PREFIX + len);
+    buf.put_u32(len as u32);
+    for (seq, shared) in deliveries {
+        shared.encode_in_batch(seq, &mut buf);
+    }
+    debug_assert_eq!(buf.len(), LENGTH_PREFIX + len);
+    Ok(buf.freeze())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::v1::{ChatMessage, Delivery, chat_message::Target};
+    use super::v1::{ChatMessage, Delivery, DeliveryBatch, chat_message::Target};
     use super::*;
     use proptest::prelude::*;
 
@@ -167,6 +253,40 @@ mod tests {
             let frame = encode_frame(&chat(body, 1, 2), DEFAULT_MAX_FRAME).unwrap();
             let short = &frame[..frame.len().saturating_sub(cut + 1)];
             prop_assert!(decode_frame::<ChatMessage>(short, DEFAULT_MAX_FRAME).unwrap().is_none());
+        }
+
+        #[test]
+        fn shared_deliveries_encode_as_the_batch_would(
+            items in proptest::collection::vec(
+                (any::<u64>(), any::<u64>(), ".{0,40}", ".{0,200}", any::<u64>(), 0u64..3),
+                0..12,
+            ),
+        ) {
+            let batch = DeliveryBatch {
+                deliveries: items
+                    .iter()
+                    .map(|(msg_id, seq, name, body, at, group)| Delivery {
+                        msg_id: *msg_id,
+                        seq: *seq,
+                        from_user: msg_id.wrapping_mul(7),
+                        from_name: name.clone(),
+                        group: if *group == 0 { String::new() } else { format!("g{group}") },
+                        body: body.clone(),
+                        created_at_ms: *at,
+                    })
+                    .collect(),
+            };
+            let shared: Vec<(u64, SharedDelivery)> = batch
+                .deliveries
+                .iter()
+                .map(|d| (d.seq, SharedDelivery::new(d)))
+                .collect();
+            let frame = encode_delivery_batch(shared.iter().map(|(seq, s)| (*seq, s)), DEFAULT_MAX_FRAME).unwrap();
+            let expected = encode_frame(&batch, DEFAULT_MAX_FRAME).unwrap();
+            prop_assert_eq!(frame.len(), expected.len());
+            let (back, used) = decode_frame::<DeliveryBatch>(&frame, DEFAULT_MAX_FRAME).unwrap().unwrap();
+            prop_assert_eq!(back, batch);
+            prop_assert_eq!(used, frame.len());
         }
 
         #[test]

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cim_core::transport::read_only_frame;
-use cim_proto::v1::{Delivery, DeliveryAck, DeliveryBatch};
-use cim_proto::{FrameError, ProstMessage, write_frame};
+use cim_proto::v1::DeliveryAck;
+use cim_proto::{FrameError, SharedDelivery, encode_delivery_batch};
 
 use crate::session::State;
 
@@ -39,20 +39,31 @@ pub(crate) struct Outbox {
     queue: Mutex<Queue>,
 }
 
+/// One recipient's delivery: its inbox seq and the message, encoded once for all recipients.
+pub(crate) struct Queued {
+    pub(crate) seq: u64,
+    pub(crate) message: SharedDelivery,
+}
+
+impl Queued {
+    fn batch_len(&self) -> usize {
+        self.message.batch_len(self.seq)
+    }
+}
+
 #[derive(Default)]
 struct Queue {
-    pending: VecDeque<Delivery>,
+    pending: VecDeque<Queued>,
     senders: usize,
 }
 
 impl Queue {
     /// Takes the oldest deliveries, as many as fit one stream (at least one if any wait).
-    fn take_batch(&mut self) -> Vec<Delivery> {
+    fn take_batch(&mut self) -> Vec<Queued> {
         let mut batch = Vec::new();
         let mut bytes = 0;
         while let Some(next) = self.pending.front() {
-            // Field tag and length prefix of the embedded message.
-            let len = next.encoded_len() + 8;
+            let len = next.batch_len();
             if !batch.is_empty() && (batch.len() >= MAX_BATCH || bytes + len > MAX_BATCH_BYTES) {
                 break;
             }
@@ -79,7 +90,7 @@ impl Outbox {
 
     /// Queues `delivery`; starts a sender if fewer than [`MAX_SENDERS`] run. Returns false
     /// (and drops the delivery) when the session is hopelessly behind.
-    pub(crate) fn push(self: &Arc<Self>, delivery: Delivery, state: &Arc<State>) -> bool {
+    pub(crate) fn push(self: &Arc<Self>, delivery: Queued, state: &Arc<State>) -> bool {
         let mut queue = self.queue();
         if queue.pending.len() >= MAX_PENDING {
             return false;
@@ -93,7 +104,7 @@ impl Outbox {
     }
 
     /// Takes the next batch, or retires this sender when nothing is left.
-    fn next_batch(&self) -> Option<Vec<Delivery>> {
+    fn next_batch(&self) -> Option<Vec<Queued>> {
         let mut queue = self.queue();
         if queue.pending.is_empty() {
             queue.senders -= 1;
@@ -135,7 +146,9 @@ enum DeliveryError {
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
     #[error("stream: {0}")]
-    Write(#[from] quinn::ClosedStream),
+    Finish(#[from] quinn::ClosedStream),
+    #[error("stream: {0}")]
+    Write(#[from] quinn::WriteError),
     #[error("frame: {0}")]
     Frame(#[from] FrameError),
 }
@@ -144,12 +157,15 @@ enum DeliveryError {
 /// says it has everything.
 async fn send_batch(
     conn: &quinn::Connection,
-    deliveries: Vec<Delivery>,
+    deliveries: Vec<Queued>,
 ) -> Result<u64, DeliveryError> {
+    let frame = encode_delivery_batch(
+        deliveries.iter().map(|d| (d.seq, &d.message)),
+        cim_proto::DEFAULT_MAX_FRAME,
+    )?;
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await?;
-        let batch = DeliveryBatch { deliveries };
-        write_frame(&mut send, &batch, cim_proto::DEFAULT_MAX_FRAME).await?;
+        send.write_chunk(frame).await?;
         send.finish()?;
         let ack: DeliveryAck = read_only_frame(&mut recv, 1024).await?;
         Ok::<_, DeliveryError>(ack.seq)
@@ -160,25 +176,29 @@ async fn send_batch(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use cim_proto::v1::{Delivery, DeliveryBatch};
 
     fn queue_of(bodies: &[usize]) -> Queue {
         Queue {
             pending: bodies
                 .iter()
                 .enumerate()
-                .map(|(i, len)| Delivery {
+                .map(|(i, len)| Queued {
                     seq: i as u64 + 1,
-                    body: "x".repeat(*len),
-                    ..Default::default()
+                    message: SharedDelivery::new(&Delivery {
+                        body: "x".repeat(*len),
+                        ..Default::default()
+                    }),
                 })
                 .collect(),
             senders: 1,
         }
     }
 
-    fn seqs(batch: &[Delivery]) -> Vec<u64> {
+    fn seqs(batch: &[Queued]) -> Vec<u64> {
         batch.iter().map(|d| d.seq).collect()
     }
 
@@ -202,9 +222,21 @@ mod tests {
         let mut total = 0;
         while !queue.pending.is_empty() {
             let batch = queue.take_batch();
-            let frame = DeliveryBatch { deliveries: batch };
-            assert!(frame.encoded_len() <= MAX_BATCH_BYTES);
-            total += frame.deliveries.len();
+            let frame = encode_delivery_batch(
+                batch.iter().map(|d| (d.seq, &d.message)),
+                cim_proto::DEFAULT_MAX_FRAME,
+            )
+            .unwrap();
+            assert!(frame.len() - cim_proto::LENGTH_PREFIX <= MAX_BATCH_BYTES);
+            let (decoded, _) =
+                cim_proto::decode_frame::<DeliveryBatch>(&frame, cim_proto::DEFAULT_MAX_FRAME)
+                    .unwrap()
+                    .unwrap();
+            assert_eq!(
+                seqs(&batch),
+                decoded.deliveries.iter().map(|d| d.seq).collect::<Vec<_>>()
+            );
+            total += batch.len();
         }
         assert_eq!(total, 6);
     }

@@ -13,7 +13,7 @@ use cim_proto::v1::{
     LoginResult, Pong, Presence, PullResult, Recipient, SendAck, ServerControl, client_control,
     client_request, server_control,
 };
-use cim_proto::{FrameError, read_frame, read_required, write_frame};
+use cim_proto::{FrameError, SharedDelivery, read_frame, read_required, write_frame};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::ServerConfig;
 use crate::links::RouterLinks;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Queued};
 
 /// Largest control frame (a login carries a token of at most 2 KiB).
 const MAX_CONTROL_FRAME: usize = 4 * 1024;
@@ -202,10 +202,11 @@ impl State {
     pub(crate) fn deliver(
         self: &Arc<Self>,
         recipients: &[Recipient],
-        delivery: Delivery,
+        delivery: &Delivery,
     ) -> (Vec<u64>, Vec<u64>) {
         let mut delivered = Vec::with_capacity(recipients.len());
         let mut absent = Vec::new();
+        let message = SharedDelivery::new(delivery);
         let sessions = self.sessions();
         for recipient in recipients {
             let user = recipient.user_id;
@@ -214,11 +215,11 @@ impl State {
                 continue;
             };
             delivered.push(user);
-            let delivery = Delivery {
+            let queued = Queued {
                 seq: recipient.seq,
-                ..delivery.clone()
+                message: message.clone(),
             };
-            if !session.outbox.push(delivery, self) {
+            if !session.outbox.push(queued, self) {
                 self.config.metrics.delivery_failures.inc();
                 tracing::debug!(user, "delivery queue full; the client pulls");
             }
