@@ -451,3 +451,49 @@ async fn a_send_no_router_answers_is_resent_until_a_router_does() -> anyhow::Res
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_whose_append_fails_after_its_id_was_recorded_is_resent_not_refused()
+-> anyhow::Result<()> {
+    let cluster = ProcCluster::start(1, 1, "round-robin").await?;
+    let mut clients = users(&cluster, "af", 2).await?;
+    let (bob, mut bob_events) = clients.pop().unwrap();
+    let (alice, _alice_events) = clients.pop().unwrap();
+    let bob_id = bob.info().user_id;
+    alice.send_private(bob_id, "before").await?;
+    assert_eq!(next_message(&mut bob_events).await?.body, "before");
+
+    // Scripts (the inbox append) are refused while plain commands (recording the message id)
+    // work: the router has the id but cannot tell whether an append ran, as after a lost reply.
+    let mut redis = cluster.redis.conn().await?;
+    let acl = |rule: &'static str| {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER").arg("default").arg(rule);
+        cmd
+    };
+    let _: () = acl("-@scripting").query_async(&mut redis).await?;
+    let sending = tokio::spawn(async move {
+        let ack = alice.send_private(bob_id, "while appends fail").await;
+        (alice, ack)
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let _: () = acl("+@all").query_async(&mut redis).await?;
+    let (alice, ack) = sending.await?;
+    let ack = ack?;
+    assert!(ack.msg_id > 0 && ack.recipients == 1, "{ack:?}");
+    assert!(
+        alice.stats().send_retries >= 1,
+        "the first attempt cannot have succeeded"
+    );
+    alice.send_private(bob_id, "after").await?;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(next_message(&mut bob_events).await?.body);
+    }
+    assert_eq!(
+        got,
+        ["while appends fail", "after"],
+        "each message once, in order"
+    );
+    Ok(())
+}

@@ -69,15 +69,18 @@ impl From<ServiceError> for ApiError {
             ServiceError::GroupExists | ServiceError::GroupFull => StatusCode::CONFLICT,
             ServiceError::NotMember => StatusCode::FORBIDDEN,
             ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ServiceError::NoServer | ServiceError::Unavailable(_) | ServiceError::Busy => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ServiceError::NoServer
+            | ServiceError::Unavailable(_)
+            | ServiceError::Retry(_)
+            | ServiceError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ServiceError::TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
             ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         match &e {
             ServiceError::Internal(detail) => tracing::error!(detail, "internal error"),
-            ServiceError::Unavailable(inner) => tracing::warn!(error = %inner, "store unavailable"),
+            ServiceError::Unavailable(inner) | ServiceError::Retry(inner) => {
+                tracing::warn!(error = %inner, "store unavailable")
+            }
             _ => {}
         }
         ApiError::new(status, e.code(), e.to_string())

@@ -107,6 +107,10 @@ pub enum ServiceError {
     /// Too many login attempts for this user or from this address; retry later.
     #[error("too many login attempts; retry in a minute")]
     TooManyAttempts,
+    /// Storing a message failed in a way that leaves its outcome unknown (the store may have
+    /// run the append and lost the reply); a resend with the same client message id settles it.
+    #[error("storing the message did not finish: {0}")]
+    Retry(StoreError),
     /// Too many logins and registrations are hashing passwords; retry shortly.
     #[error("too many logins in progress; retry shortly")]
     Busy,
@@ -135,6 +139,7 @@ impl ServiceError {
             ServiceError::Unavailable(_) => "unavailable",
             ServiceError::TooManyAttempts => "too_many_attempts",
             ServiceError::Busy => "busy",
+            ServiceError::Retry(_) => cim_proto::SEND_RETRY,
             ServiceError::Internal(_) => "internal",
         }
     }
@@ -554,12 +559,23 @@ impl Service {
             body: message.body.clone(),
             created_at_ms: now,
         };
+        // The store answered the message id a moment ago, so an append that fails now may
+        // have run (a lost reply, a timeout). With a client message id a resend is idempotent:
+        // ask for one rather than report a refusal for a message that may be stored.
+        let append_failed = |e: StoreError| {
+            if message.client_msg_id == 0 {
+                ServiceError::Unavailable(e)
+            } else {
+                ServiceError::Retry(e)
+            }
+        };
         let (seqs, routes) = match &message.target {
             Some(Target::ToUser(to)) => {
                 let (seq, route) = self
                     .store
                     .append_private(*to, &entry, self.config.inbox)
-                    .await?
+                    .await
+                    .map_err(append_failed)?
                     .ok_or(ServiceError::UnknownUser)?;
                 (vec![seq], Some(vec![route]))
             }
@@ -567,7 +583,8 @@ impl Service {
                 let seqs = self
                     .store
                     .append_inbox(&recipients, &entry, self.config.inbox)
-                    .await?;
+                    .await
+                    .map_err(append_failed)?;
                 (seqs, None)
             }
         };
