@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 mod links;
 mod ops;
 mod outbox;
+mod resumption;
 mod session;
 
 /// TLS sessions remembered for 0-RTT resumption.
@@ -163,8 +164,7 @@ impl Server {
         // size to be exactly u32::MAX. Resumption state lives in memory (lost on restart,
         // which only costs a full handshake).
         client_tls.max_early_data_size = u32::MAX;
-        client_tls.session_storage =
-            rustls::server::ServerSessionMemoryCache::new(RESUMPTION_CACHE);
+        client_tls.session_storage = Arc::new(resumption::ResumptionStore::new(RESUMPTION_CACHE));
         // One ticket per handshake is all a client uses (a resumption issues a fresh one);
         // each is held in server memory until used or evicted.
         client_tls.send_tls13_tickets = 1;
