@@ -373,10 +373,17 @@ async fn messaging(
         let mut stop = stop_rx.clone();
         receivers.push(tokio::spawn(async move {
             let mut seen = Seen::default();
+            // One stop future for the whole run, not one built (and registered with the watch)
+            // per event: the harness shares the cores with the cluster it measures.
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            tokio::pin!(stopped);
             loop {
                 let event = tokio::select! {
+                    biased;
                     e = events.next() => e,
-                    _ = stop.wait_for(|s| *s) => break,
+                    () = &mut stopped => break,
                 };
                 match event {
                     Some(Event::Message(m)) => {
