@@ -154,14 +154,10 @@ const DELIVERY_SEQ_KEY: u8 = 2 << 3;
 
 impl SharedDelivery {
     /// Encodes `delivery`; its `seq` is ignored.
-    pub fn new(delivery: &v1::Delivery) -> Self {
-        let fields = v1::Delivery {
-            seq: 0,
-            ..delivery.clone()
-        }
-        .encode_to_vec();
+    pub fn new(mut delivery: v1::Delivery) -> Self {
+        delivery.seq = 0;
         Self {
-            fields: Bytes::from(fields),
+            fields: Bytes::from(delivery.encode_to_vec()),
         }
     }
 
@@ -279,7 +275,7 @@ mod tests {
             let shared: Vec<(u64, SharedDelivery)> = batch
                 .deliveries
                 .iter()
-                .map(|d| (d.seq, SharedDelivery::new(d)))
+                .map(|d| (d.seq, SharedDelivery::new(d.clone())))
                 .collect();
             let frame = encode_delivery_batch(shared.iter().map(|(seq, s)| (*seq, s)), DEFAULT_MAX_FRAME).unwrap();
             let expected = encode_frame(&batch, DEFAULT_MAX_FRAME).unwrap();

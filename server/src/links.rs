@@ -399,7 +399,7 @@ async fn serve_router(conn: &quinn::Connection, state: &Arc<State>) {
                         let _ = send.reset(cim_core::close::code(cim_core::close::PROTOCOL));
                         return;
                     };
-                    let (delivered, absent) = state.deliver(&push.recipients, &delivery);
+                    let (delivered, absent) = state.deliver(&push.recipients, delivery);
                     let reply = PushResult { delivered, absent };
                     write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
                 }
@@ -409,8 +409,7 @@ async fn serve_router(conn: &quinn::Connection, state: &Arc<State>) {
                         .into_iter()
                         .map(|push| match push.delivery {
                             Some(delivery) => {
-                                let (delivered, absent) =
-                                    state.deliver(&push.recipients, &delivery);
+                                let (delivered, absent) = state.deliver(&push.recipients, delivery);
                                 PushResult { delivered, absent }
                             }
                             None => PushResult::default(),

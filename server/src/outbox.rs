@@ -188,7 +188,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, len)| Queued {
                     seq: i as u64 + 1,
-                    message: SharedDelivery::new(&Delivery {
+                    message: SharedDelivery::new(Delivery {
                         body: "x".repeat(*len),
                         ..Default::default()
                     }),

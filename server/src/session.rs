@@ -202,7 +202,7 @@ impl State {
     pub(crate) fn deliver(
         self: &Arc<Self>,
         recipients: &[Recipient],
-        delivery: &Delivery,
+        delivery: Delivery,
     ) -> (Vec<u64>, Vec<u64>) {
         let mut delivered = Vec::with_capacity(recipients.len());
         let mut absent = Vec::new();
