@@ -198,7 +198,9 @@ async fn login_all(
             .map(|(i, (name, config))| async move {
                 let started = Instant::now();
                 // A handshake can outlast one connect timeout on a very lossy link: retry a little.
+                // A router with its password hashing queue full answers `busy`: wait and retry.
                 let mut attempt = 0;
+                let mut busy = 0;
                 loop {
                     attempt += 1;
                     match Client::login(
@@ -210,6 +212,11 @@ async fn login_all(
                     .await
                     {
                         Ok(pair) => return Ok((i, started.elapsed(), pair)),
+                        Err(e) if e.code() == Some("busy") && busy < 100 => {
+                            busy += 1;
+                            attempt -= 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
                         Err(e) if attempt < 3 => {
                             tracing::debug!(name, error = %e, "login failed; retrying")
                         }

@@ -136,7 +136,8 @@ impl ClientError {
     }
 
     /// Whether a failed send may still have been stored, and then delivered: it timed out, or
-    /// its server got no answer from a router (code `retry`).
+    /// its outcome was unknown to the cluster (code `retry`: no router answered its server, or
+    /// the inbox append failed after the message id was recorded).
     pub fn send_outcome_unknown(&self) -> bool {
         matches!(self, ClientError::Timeout) || self.code() == Some(cim_proto::SEND_RETRY)
     }

@@ -472,14 +472,18 @@ async fn a_send_whose_append_fails_after_its_id_was_recorded_is_resent_not_refus
         cmd
     };
     let _: () = acl("-@scripting").query_async(&mut redis).await?;
-    let sending = tokio::spawn(async move {
-        let ack = alice.send_private(bob_id, "while appends fail").await;
-        (alice, ack)
+    let alice = std::sync::Arc::new(alice);
+    let sending = tokio::spawn({
+        let alice = alice.clone();
+        async move { alice.send_private(bob_id, "while appends fail").await }
     });
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Scripts come back once the router has refused at least one attempt.
+    eventually(WAIT, || async {
+        (alice.stats().send_retries >= 1).then_some(())
+    })
+    .await?;
     let _: () = acl("+@all").query_async(&mut redis).await?;
-    let (alice, ack) = sending.await?;
-    let ack = ack?;
+    let ack = sending.await??;
     assert!(ack.msg_id > 0 && ack.recipients == 1, "{ack:?}");
     assert!(
         alice.stats().send_retries >= 1,

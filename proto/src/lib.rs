@@ -22,8 +22,9 @@ pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
 /// Bytes in the length prefix.
 pub const LENGTH_PREFIX: usize = 4;
 
-/// `SendAck.code` of a send whose outcome the server could not learn (no router answered):
-/// the message may or may not be stored, and a resend with the same `client_msg_id` settles it.
+/// `SendAck.code` of a send whose outcome is unknown (no router answered the server, or the
+/// router's inbox append failed after it recorded the message id): the message may or may not
+/// be stored, and a resend with the same `client_msg_id` settles it.
 pub const SEND_RETRY: &str = "retry";
 
 /// Why a frame could not be read or written.
@@ -138,8 +139,8 @@ where
 }
 
 /// A [`v1::Delivery`] encoded once for all its recipients: every field but `seq`, which is
-/// each recipient's own inbox position. A fan-out queues one of these (behind an `Arc`) per
-/// recipient instead of a copy of the message, and [`encode_delivery_batch`] writes a
+/// each recipient's own inbox position. A fan-out queues one of these (a reference-counted
+/// buffer, cheap to clone) per recipient instead of a copy of the message, and [`encode_delivery_batch`] writes a
 /// `DeliveryBatch` frame from them without encoding the message again.
 #[derive(Debug, Clone)]
 pub struct SharedDelivery {
@@ -166,7 +167,7 @@ impl SharedDelivery {
         let seq_len = if seq == 0 {
             0
         } else {
-            1 + prost::length_delimiter_len(seq as usize)
+            1 + prost::encoding::encoded_len_varint(seq)
         };
         seq_len + self.fields.len()
     }

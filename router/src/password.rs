@@ -8,6 +8,9 @@
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use tokio::sync::Semaphore;
 
 /// Memory cost in KiB.
@@ -70,9 +73,9 @@ pub fn verify(password: &str, stored: &str) -> bool {
 /// `max_waiting` more queued; the rest are turned away ([`WorkError::Busy`]) so a storm costs
 /// clients a retry, not the router its memory.
 pub struct PasswordWork {
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     /// Hashes running or queued.
-    admitted: std::sync::atomic::AtomicUsize,
+    admitted: Arc<AtomicUsize>,
     max_admitted: usize,
 }
 
@@ -99,49 +102,54 @@ impl PasswordWork {
     pub fn new(slots: usize) -> Self {
         let slots = slots.max(1);
         Self {
-            slots: Semaphore::new(slots),
-            admitted: std::sync::atomic::AtomicUsize::new(0),
+            slots: Arc::new(Semaphore::new(slots)),
+            admitted: Arc::new(AtomicUsize::new(0)),
             max_admitted: slots * (1 + Self::WAITING_PER_SLOT),
         }
     }
 
-    /// Runs `job` on a blocking thread once a slot is free.
+    /// Runs `job` on a blocking thread once a slot is free. The job holds its slot and its
+    /// place until it ends, even if the caller stops waiting (a client that hangs up mid-login
+    /// must not free a slot while its hash still runs).
     pub async fn run<T: Send + 'static>(
         &self,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, WorkError> {
-        let _admitted =
+        let admitted =
             Admitted::try_new(&self.admitted, self.max_admitted).ok_or(WorkError::Busy)?;
         // The semaphore is never closed.
-        let _slot = self
+        let slot = self
             .slots
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|e| WorkError::Failed(e.to_string()))?;
-        tokio::task::spawn_blocking(job)
-            .await
-            .map_err(|e| WorkError::Failed(e.to_string()))
+        tokio::task::spawn_blocking(move || {
+            let _held = (slot, admitted);
+            job()
+        })
+        .await
+        .map_err(|e| WorkError::Failed(e.to_string()))
     }
 }
 
-/// A place among the admitted hashes, given back on drop (also when the caller gives up).
-struct Admitted<'a>(&'a std::sync::atomic::AtomicUsize);
+/// A place among the admitted hashes, given back on drop.
+struct Admitted(Arc<AtomicUsize>);
 
-impl<'a> Admitted<'a> {
-    fn try_new(count: &'a std::sync::atomic::AtomicUsize, max: usize) -> Option<Self> {
-        use std::sync::atomic::Ordering;
+impl Admitted {
+    fn try_new(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
         count
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()
-            .map(|_| Self(count))
+            .map(|_| Self(count.clone()))
     }
 }
 
-impl Drop for Admitted<'_> {
+impl Drop for Admitted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -194,6 +202,34 @@ mod tests {
         assert_eq!(work.admitted.load(Ordering::SeqCst), 0);
         // Room again once the queue drained.
         work.run(|| ()).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_that_stops_waiting_does_not_free_the_slot_of_a_running_hash() {
+        let work = Arc::new(PasswordWork::new(1));
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let caller = tokio::spawn({
+            let work = work.clone();
+            async move {
+                work.run(move || {
+                    started_tx.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                })
+                .await
+            }
+        });
+        tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
+            .await
+            .unwrap();
+        caller.abort();
+        let _ = caller.await;
+        // The hash still runs: the next one must wait for its slot.
+        assert_eq!(work.admitted.load(Ordering::SeqCst), 1);
+        assert_eq!(work.slots.available_permits(), 0);
+        release_tx.send(()).unwrap();
+        work.run(|| ()).await.unwrap();
+        assert_eq!(work.admitted.load(Ordering::SeqCst), 0);
     }
 
     #[test]
