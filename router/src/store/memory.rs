@@ -12,6 +12,14 @@ use super::{Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, Route, Sto
 
 /// Most idempotency records kept; beyond this the oldest are forgotten early.
 const MAX_SENT_RECORDS: usize = 1_000_000;
+/// (user, seq) pairs kept in append records (16 bytes each) before the oldest records go early:
+/// under a sustained group fan-out ten minutes of them would grow without bound. At 100,000
+/// deliveries a second this still covers 160 s, far more than a client's send timeout.
+#[cfg(not(test))]
+const MAX_APPENDED_PAIRS: usize = 16_000_000;
+/// Small enough for a test to reach.
+#[cfg(test)]
+const MAX_APPENDED_PAIRS: usize = 1_000;
 
 #[derive(Debug)]
 struct Lease {
@@ -45,6 +53,8 @@ struct Inner {
     appended: HashMap<u64, Vec<(u64, u64)>>,
     /// (expiry, msg id) of the `appended` records, oldest first.
     appended_expiry: VecDeque<(Instant, u64)>,
+    /// (user, seq) pairs in all `appended` records.
+    appended_pairs: usize,
     /// (sender, client msg id) -> (msg id, expiry).
     sent: HashMap<(u64, u64), (u64, Instant)>,
     /// The same keys in expiry order, for pruning without scanning the map.
@@ -303,11 +313,18 @@ impl Store for MemoryStore {
             inboxes,
             appended,
             appended_expiry,
+            appended_pairs,
             ..
         } = &mut *guard;
-        while appended_expiry.front().is_some_and(|(at, _)| *at <= now) {
-            if let Some((_, msg_id)) = appended_expiry.pop_front() {
-                appended.remove(&msg_id);
+        // Forget expired records (and, beyond the cap, the oldest ones).
+        while appended_expiry
+            .front()
+            .is_some_and(|(at, _)| *at <= now || *appended_pairs > MAX_APPENDED_PAIRS)
+        {
+            if let Some((_, msg_id)) = appended_expiry.pop_front()
+                && let Some(record) = appended.remove(&msg_id)
+            {
+                *appended_pairs -= record.len();
             }
         }
         let record = appended.entry(entry.msg_id).or_insert_with(|| {
@@ -327,6 +344,7 @@ impl Store for MemoryStore {
                 let seq = inbox.last_seq;
                 inbox.entries.push_back((seq, shared.clone()));
                 record.push((*user, seq));
+                *appended_pairs += 1;
                 while inbox.entries.len() > limits.max_len {
                     inbox.entries.pop_front();
                 }
@@ -570,6 +588,25 @@ mod tests {
         let inner = store.inner();
         assert!(!inner.appended.contains_key(&100));
         assert_eq!(inner.appended_expiry.len(), 1);
+        assert_eq!(inner.appended_pairs, 1);
+    }
+
+    #[tokio::test]
+    async fn append_records_beyond_the_cap_go_oldest_first() {
+        let store = MemoryStore::new();
+        let limits = InboxLimits::default();
+        let members: Vec<u64> = (1..=600).collect();
+        for msg_id in [100, 101, 102] {
+            store
+                .append_inbox(&members, &entry(msg_id, 5), limits)
+                .await
+                .unwrap();
+        }
+        let inner = store.inner();
+        // 1,200 pairs were over the cap when the third message came: the first record went.
+        assert!(!inner.appended.contains_key(&100));
+        assert!(inner.appended.contains_key(&101) && inner.appended.contains_key(&102));
+        assert_eq!(inner.appended_pairs, 1_200);
     }
 
     #[tokio::test]
