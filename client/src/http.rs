@@ -141,6 +141,14 @@ impl RouterApi {
             .await
     }
 
+    /// Logs the session `token` belongs to in again, on a server the router picks, without
+    /// the password. Refused with `unauthorized` (expired or forged token) or
+    /// `session_ended` (logged out, or replaced by another login).
+    pub(crate) async fn relogin(&self, token: &str) -> Result<Grant, ClientError> {
+        self.call::<(), _>(Method::POST, "/api/relogin", None, Some(token))
+            .await
+    }
+
     /// Ends the session `token` belongs to.
     pub async fn logout(&self, token: &str) -> Result<(), ClientError> {
         let _: serde_json::Value = self

@@ -63,6 +63,16 @@ const PULL_LIMIT: u32 = 200;
 const LOGIN_CONNECT_ATTEMPTS: u32 = 3;
 /// Resume attempts against the same server before logging in again through the router.
 const RESUME_ATTEMPTS: u32 = 2;
+/// Router answers to a token re-login after which only the password will do: the token
+/// expired or is not genuine (`unauthorized`), its login ended (`session_ended`: logged
+/// out, replaced, or already re-logged in by an attempt whose answer was lost), the account
+/// is gone, or the router predates re-login (`not_found`).
+const TOKEN_REFUSALS: [&str; 4] = [
+    "unauthorized",
+    "session_ended",
+    "invalid_credentials",
+    "not_found",
+];
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -354,6 +364,10 @@ pub struct Stats {
     pub reconnects: u64,
     /// Of those, how many needed a new login through the router.
     pub relogins: u64,
+    /// Of the re-logins, how many the session token did (no password).
+    pub token_relogins: u64,
+    /// Fresh session tokens the server handed over while connected.
+    pub token_renewals: u64,
     /// Of those, how many used 0-RTT.
     pub zero_rtt: u64,
     /// Deliveries dropped as duplicates.
@@ -991,14 +1005,27 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
     }
 }
 
+/// Logs in again through the router: with the session token while it is accepted (no password
+/// hash on the router, so a dead server's clients come back fast), else with the password.
 async fn relogin_once(
     shared: &Arc<Shared>,
     last_seq: u64,
 ) -> Result<(Connected, bool), ClientError> {
-    let grant = shared
-        .api
-        .login(&shared.name, &shared.password, true)
-        .await?;
+    let token = shared.current().token.clone();
+    let grant = match shared.api.relogin(&token).await {
+        Ok(grant) => {
+            shared.stats().token_relogins += 1;
+            grant
+        }
+        Err(ClientError::Api { code, message, .. }) if TOKEN_REFUSALS.contains(&code.as_str()) => {
+            tracing::debug!(%code, %message, "token re-login refused; using the password");
+            shared
+                .api
+                .login(&shared.name, &shared.password, true)
+                .await?
+        }
+        Err(e) => return Err(e),
+    };
     let result = connect(
         &shared.endpoint,
         shared.target(grant.server_addr),
@@ -1054,28 +1081,40 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                     break End::Lost(format!("control stream failed: {e}"));
                 }
             }
-            frame = frames.recv() => match frame.map(|f| f.map(|o| o.and_then(|c| c.kind))) {
-                Some(Ok(Some(server_control::Kind::Pong(_)))) => {
-                    deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
+            frame = frames.recv() => {
+                let kind = match frame {
+                    Some(Ok(Some(control))) => control.kind,
+                    Some(Ok(None)) => break End::Lost("server ended the control stream".into()),
+                    Some(Err(e)) => break End::Lost(format!("control stream: {e}")),
+                    None => break End::Lost("control stream closed".into()),
+                };
+                match kind {
+                    Some(server_control::Kind::Pong(_)) => {
+                        deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
+                    }
+                    Some(server_control::Kind::Kick(kick)) => {
+                        conn.close(close::code(close::KICKED), b"kicked");
+                        break End::Kicked(kick.reason);
+                    }
+                    Some(server_control::Kind::Presence(p)) => {
+                        let event = Event::Presence { user_id: p.user_id, name: p.name, online: p.online };
+                        let _ = shared.events.send(event).await;
+                    }
+                    Some(server_control::Kind::Drain(drain)) => {
+                        conn.close(close::code(close::DRAIN), b"draining");
+                        break End::Drain(drain.reason);
+                    }
+                    Some(server_control::Kind::TokenRenewal(renewal)) => {
+                        shared.current().token = renewal.token;
+                        shared.stats().token_renewals += 1;
+                    }
+                    Some(server_control::Kind::LoginResult(_)) => {
+                        break End::Lost("unexpected login result on the control stream".into());
+                    }
+                    // A kind this client does not know (from a newer server): ignored.
+                    None => {}
                 }
-                Some(Ok(Some(server_control::Kind::Kick(kick)))) => {
-                    conn.close(close::code(close::KICKED), b"kicked");
-                    break End::Kicked(kick.reason);
-                }
-                Some(Ok(Some(server_control::Kind::Presence(p)))) => {
-                    let event = Event::Presence { user_id: p.user_id, name: p.name, online: p.online };
-                    let _ = shared.events.send(event).await;
-                }
-                Some(Ok(Some(server_control::Kind::Drain(drain)))) => {
-                    conn.close(close::code(close::DRAIN), b"draining");
-                    break End::Drain(drain.reason);
-                }
-                Some(Ok(Some(server_control::Kind::LoginResult(_)))) | Some(Ok(None)) => {
-                    break End::Lost("server ended the control stream".into());
-                }
-                Some(Err(e)) => break End::Lost(format!("control stream: {e}")),
-                None => break End::Lost("control stream closed".into()),
-            },
+            }
             _ = &mut deadline => {
                 conn.close(close::code(close::TIMEOUT), b"heartbeat timeout");
                 break End::Lost(format!("no heartbeat from server for {} ms", timeout.as_millis()));

@@ -22,9 +22,11 @@ fn latency_histogram() -> Histogram {
 /// What a router counts.
 #[derive(Debug, Clone)]
 pub struct RouterMetrics {
-    /// Successful logins.
+    /// Successful logins with a password.
     pub logins: Counter,
-    /// Refused logins (bad credentials or limits).
+    /// Successful re-logins with a session token (`POST /api/relogin`, no password hash).
+    pub relogins: Counter,
+    /// Refused logins and re-logins (bad credentials or token, limits).
     pub login_failures: Counter,
     /// Messages accepted (stored and acked).
     pub messages: Counter,
@@ -49,8 +51,17 @@ impl RouterMetrics {
     pub fn new(registry: &mut Registry) -> Arc<Self> {
         let m = Self::unregistered();
         let r = registry.sub_registry_with_prefix("cim_router");
-        r.register("logins", "Successful logins", m.logins.clone());
-        r.register("login_failures", "Refused logins", m.login_failures.clone());
+        r.register("logins", "Successful password logins", m.logins.clone());
+        r.register(
+            "relogins",
+            "Successful re-logins with a session token",
+            m.relogins.clone(),
+        );
+        r.register(
+            "login_failures",
+            "Refused logins and re-logins",
+            m.login_failures.clone(),
+        );
         r.register(
             "messages",
             "Messages accepted (stored, acked)",
@@ -86,6 +97,7 @@ impl RouterMetrics {
     pub fn unregistered() -> Self {
         Self {
             logins: Counter::default(),
+            relogins: Counter::default(),
             login_failures: Counter::default(),
             messages: Counter::default(),
             stored: Counter::default(),
@@ -115,6 +127,8 @@ pub struct ServerMetrics {
     pub refused_connections: Counter,
     /// Successful control-stream logins.
     pub logins: Counter,
+    /// Fresh session tokens handed to connected clients.
+    pub token_renewals: Counter,
     /// Messages received from clients.
     pub messages_in: Counter,
     /// Deliveries acked by clients.
@@ -141,6 +155,11 @@ impl ServerMetrics {
             m.refused_connections.clone(),
         );
         r.register("logins", "Control-stream logins", m.logins.clone());
+        r.register(
+            "token_renewals",
+            "Fresh session tokens handed to connected clients",
+            m.token_renewals.clone(),
+        );
         r.register(
             "messages_in",
             "Messages received from clients",
@@ -170,6 +189,7 @@ impl ServerMetrics {
             connections: Gauge::default(),
             refused_connections: Counter::default(),
             logins: Counter::default(),
+            token_renewals: Counter::default(),
             messages_in: Counter::default(),
             deliveries: Counter::default(),
             delivery_failures: Counter::default(),

@@ -103,6 +103,7 @@ impl TestCluster {
             max_group_size: 10_000,
             admin_token: Some("test-admin-token".into()),
             inbox: cim_router::store::InboxLimits::default(),
+            token_ttl: Duration::from_secs(600),
             server_limits: cim_server::Limits {
                 max_connections_per_ip: 100_000,
                 messages_per_sec: 100_000,

@@ -101,6 +101,7 @@ async fn clients_of_a_killed_server_move_to_live_servers_and_its_routes_go() -> 
         .find(|&i| clients[i].0.info().server_id != victim_server)
         .unwrap();
 
+    let password_logins_before = password_logins(&cluster).await?;
     cluster.signal_server(victim_server, "KILL").await?;
     let killed_at = tokio::time::Instant::now();
     // The victims reconnect by themselves, through the router, to live servers.
@@ -122,7 +123,10 @@ async fn clients_of_a_killed_server_move_to_live_servers_and_its_routes_go() -> 
             other => panic!("expected a reconnect, got {other:?}"),
         }
         assert_ne!(clients[i].0.info().server_id, victim_server);
+        // With their session tokens: no password hashing on the routers.
+        assert_eq!(clients[i].0.stats().token_relogins, 1);
     }
+    assert_eq!(password_logins(&cluster).await?, password_logins_before);
     match next_event(
         &mut quiet_events,
         Duration::from_millis(HEARTBEAT_MS * 3 + 3000),
@@ -226,6 +230,16 @@ async fn a_redis_restart_gives_clean_errors_then_normal_service() -> anyhow::Res
     // The message counter moved with the message that went through.
     assert!(metric(&api, "cim_router_messages_total").await? > before);
     Ok(())
+}
+
+/// Password logins counted by all the routers.
+async fn password_logins(cluster: &ProcCluster) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for i in 0..cluster.routers.len() {
+        let api = cim_client::RouterApi::new(&cluster.client_config(i))?;
+        total += metric(&api, "cim_router_logins_total").await?;
+    }
+    Ok(total)
 }
 
 /// The value of a counter on the router's /metrics.

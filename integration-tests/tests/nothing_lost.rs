@@ -18,7 +18,17 @@ async fn relayed(
     impairments: Impairments,
     seed: u64,
 ) -> anyhow::Result<(TestCluster, Relay)> {
-    let cluster = TestCluster::start_on(1, backend).await?;
+    relayed_with(backend, impairments, seed, |_| {}).await
+}
+
+/// [`relayed`] with the cluster's configuration adjusted by `tweak`.
+async fn relayed_with(
+    backend: Backend,
+    impairments: Impairments,
+    seed: u64,
+    tweak: impl FnOnce(&mut cim_router::embedded::EmbeddedConfig),
+) -> anyhow::Result<(TestCluster, Relay)> {
+    let cluster = TestCluster::start_with(1, backend, tweak).await?;
     let server = cluster.embedded.servers[0].1;
     let relay = Relay::start(server, impairments, seed).await?;
     Ok((cluster, relay))
@@ -187,6 +197,55 @@ async fn a_short_outage_resumes_with_zero_rtt(backend: Backend) -> anyhow::Resul
     Ok(())
 }
 
+async fn an_outage_after_the_login_token_expired_resumes_with_a_renewed_one(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    // Tokens live 6 s; the server renews a session's token when less than 3 s are left.
+    let ttl = Duration::from_secs(6);
+    let (cluster, relay) =
+        relayed_with(backend, Impairments::none(), 19, |c| c.token_ttl = ttl).await?;
+    let (alice, _alice_events) = user(&cluster, None, "alice").await?;
+    let logged_in = tokio::time::Instant::now();
+    let (bob, mut bob_events) = user(&cluster, Some(&relay), "bob").await?;
+    let login_token = bob.token();
+    // Past the login token's lifetime, the session holds a newer token...
+    tokio::time::sleep_until(logged_in + ttl + Duration::from_millis(500)).await;
+    assert!(bob.stats().token_renewals >= 1, "{:?}", bob.stats());
+    assert_ne!(bob.token(), login_token);
+    // ...that the router's HTTP API accepts, where the login token is refused.
+    assert_eq!(bob.online_users("").await?.len(), 2);
+    let api = cim_client::RouterApi::new(&cluster.client_config())?;
+    let expired = api
+        .call::<(), serde_json::Value>(
+            http::Method::GET,
+            "/api/users/online",
+            None,
+            Some(&login_token),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(expired.code(), Some("unauthorized"), "{expired}");
+    // An outage now resumes the same session on the same server, no password login.
+    relay.set_blackout(true);
+    match next_event(&mut bob_events, WAIT).await? {
+        Event::Disconnected(_) => {}
+        other => panic!("expected a disconnect, got {other:?}"),
+    }
+    relay.set_blackout(false);
+    match next_event(&mut bob_events, Duration::from_secs(30)).await? {
+        Event::Reconnected(how) => assert!(!how.relogin, "{how:?}"),
+        other => panic!("expected a reconnect, got {other:?}"),
+    }
+    alice
+        .send_private(bob.info().user_id, "after the outage")
+        .await?;
+    assert_eq!(
+        next_message(&mut bob_events).await?.body,
+        "after the outage"
+    );
+    Ok(())
+}
+
 async fn rebinding_the_socket_keeps_the_session(backend: Backend) -> anyhow::Result<()> {
     let (cluster, relay) = relayed(backend, Impairments::none(), 17).await?;
     let (alice, mut alice_events) = user(&cluster, None, "alice").await?;
@@ -298,6 +357,7 @@ on_both_backends!(
     an_offline_recipient_gets_everything_in_order_when_back,
     a_five_second_blackout_heals_by_itself,
     a_short_outage_resumes_with_zero_rtt,
+    an_outage_after_the_login_token_expired_resumes_with_a_renewed_one,
     rebinding_the_socket_keeps_the_session,
     a_retried_client_message_id_is_delivered_once,
     a_busy_recipient_gets_every_message_once_in_order,

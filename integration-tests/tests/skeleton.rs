@@ -1,13 +1,16 @@
 //! The whole CIM flow over real QUIC and HTTPS on 127.0.0.1: register, login with server
 //! assignment, group and private chat, online users, duplicate login, logout, bad
-//! credentials, dead-server detection, and two real console clients chatting.
+//! credentials, token re-login and its refusals, dead-server detection, and two real console
+//! clients chatting.
 
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
-use cim_client::{Client, ClientError, Event, LoginOptions};
-use cim_integration_tests::{Proc, TestCluster, WAIT, eventually, next_event, next_message};
+use cim_client::{Client, ClientError, Event, LoginOptions, RouterApi};
+use cim_integration_tests::{
+    Backend, Proc, TestCluster, WAIT, eventually, next_event, next_message,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_refuses_taken_names_and_login_assigns_a_server() -> anyhow::Result<()> {
@@ -133,6 +136,79 @@ async fn second_login_is_refused_unless_it_takes_over() -> anyhow::Result<()> {
         next_message(&mut bob_events).await?.body,
         "from the new session"
     );
+    Ok(())
+}
+
+/// `POST /api/relogin` with `token`: the new token, or the refusal's status and code.
+async fn relogin(api: &RouterApi, token: &str) -> Result<String, (u16, String)> {
+    match api
+        .call::<(), serde_json::Value>(http::Method::POST, "/api/relogin", None, Some(token))
+        .await
+    {
+        Ok(grant) => Ok(grant["token"].as_str().unwrap_or_default().to_string()),
+        Err(ClientError::Api { status, code, .. }) => Err((status, code)),
+        Err(e) => panic!("re-login failed without an answer: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_re_logs_in_once_and_never_after_its_login_ended() -> anyhow::Result<()> {
+    // On Redis: the single use and the logout are revocations stored there.
+    let cluster = TestCluster::start_on(2, Backend::Redis).await?;
+    let config = cluster.client_config();
+    let api = RouterApi::new(&config)?;
+    let (alice, mut alice_events) = cluster.user("alice").await?;
+    let first = alice.token();
+
+    // A token moves its session without the password; the old connection is told to go.
+    let second = relogin(&api, &first).await.unwrap();
+    match next_event(&mut alice_events, WAIT).await? {
+        Event::Kicked(reason) => assert!(reason.contains("elsewhere"), "{reason}"),
+        other => panic!("expected a kick, got {other:?}"),
+    }
+    // Once: the first token's login has ended.
+    assert_eq!(
+        relogin(&api, &first).await,
+        Err((401, "session_ended".into()))
+    );
+    // A token whose payload was altered is refused.
+    let (payload, tag) = second.split_once('.').unwrap();
+    let forged = format!("{}x.{tag}", &payload[..payload.len() - 1]);
+    assert_eq!(
+        relogin(&api, &forged).await,
+        Err((401, "unauthorized".into()))
+    );
+    // A login that was replaced by a password login elsewhere cannot come back by token.
+    let (third, _third_events) = Client::login(
+        &config,
+        "alice",
+        "password",
+        LoginOptions { takeover: true },
+    )
+    .await?;
+    assert_eq!(
+        relogin(&api, &second).await,
+        Err((401, "session_ended".into()))
+    );
+    // Nor can one that logged out.
+    let last = third.token();
+    third.logout().await?;
+    assert_eq!(
+        relogin(&api, &last).await,
+        Err((401, "session_ended".into()))
+    );
+    // The router counted one token re-login and four refusals.
+    let (_, body) = api
+        .raw(http::Method::GET, "/metrics", Default::default(), None)
+        .await?;
+    let metrics = String::from_utf8(body.to_vec())?;
+    for line in [
+        "cim_router_relogins_total 1",
+        "cim_router_login_failures_total 4",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
+    drop(alice);
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 //! |---|---|---|---|---|
 //! | POST | /api/register | - | `{name, password}` | 201 `{user_id, name}` |
 //! | POST | /api/login | - | `{name, password, takeover?}` | 200 `{user_id, name, token, server_id, server_addr, expires_at_ms}` |
+//! | POST | /api/relogin | bearer (a session token) | - | 200 as login; 401 `unauthorized` or `session_ended` when only the password will do |
 //! | POST | /api/logout | bearer | - | 200 `{}` |
 //! | GET | /api/users/online | bearer | `?prefix=` | 200 `{users: [{id, name}]}` |
 //! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, recipients}` |
@@ -32,7 +33,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::https::PeerAddr;
-use crate::service::{Sender, Service, ServiceError};
+use crate::service::{LoginGrant, Sender, Service, ServiceError};
 
 /// Largest request body accepted, in bytes.
 pub const MAX_HTTP_BODY: u64 = 64 * 1024;
@@ -62,9 +63,9 @@ impl From<ServiceError> for ApiError {
         let status = match &e {
             ServiceError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ServiceError::NameTaken | ServiceError::AlreadyOnline => StatusCode::CONFLICT,
-            ServiceError::InvalidCredentials | ServiceError::Unauthorized(_) => {
-                StatusCode::UNAUTHORIZED
-            }
+            ServiceError::InvalidCredentials
+            | ServiceError::Unauthorized(_)
+            | ServiceError::SessionEnded(_) => StatusCode::UNAUTHORIZED,
             ServiceError::UnknownUser | ServiceError::UnknownGroup => StatusCode::NOT_FOUND,
             ServiceError::GroupExists | ServiceError::GroupFull => StatusCode::CONFLICT,
             ServiceError::NotMember => StatusCode::FORBIDDEN,
@@ -133,6 +134,19 @@ struct LoginResponse {
     server_id: String,
     server_addr: String,
     expires_at_ms: u64,
+}
+
+impl From<LoginGrant> for LoginResponse {
+    fn from(grant: LoginGrant) -> Self {
+        Self {
+            user_id: grant.user_id,
+            name: grant.name,
+            token: grant.token,
+            server_id: grant.server.id,
+            server_addr: grant.server.client_addr.to_string(),
+            expires_at_ms: grant.expires_at_ms,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -249,18 +263,26 @@ pub fn routes(
                         let grant = service
                             .login(&req.name, &req.password, req.takeover, peer)
                             .await?;
-                        Ok::<_, ApiError>(warp::reply::json(&LoginResponse {
-                            user_id: grant.user_id,
-                            name: grant.name,
-                            token: grant.token,
-                            server_id: grant.server.id,
-                            server_addr: grant.server.client_addr.to_string(),
-                            expires_at_ms: grant.expires_at_ms,
-                        }))
+                        Ok::<_, ApiError>(warp::reply::json(&LoginResponse::from(grant)))
                     };
                     respond_api(result.await)
                 },
             );
+    // A session whose server died or is draining comes back with its token, no password.
+    let relogin = warp::path!("api" / "relogin")
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(warp::ext::optional::<PeerAddr>())
+        .and(bearer())
+        .then(
+            |service: Arc<Service>, peer: Option<PeerAddr>, auth: Result<String, ApiError>| async move {
+                let result = async {
+                    let grant = service.relogin(&auth?, peer.map(|p| p.0.ip())).await?;
+                    Ok::<_, ApiError>(warp::reply::json(&LoginResponse::from(grant)))
+                };
+                respond_api(result.await)
+            },
+        );
     let logout = warp::path!("api" / "logout")
         .and(warp::post())
         .and(with_service.clone())
@@ -473,6 +495,8 @@ pub fn routes(
 
     register
         .or(login)
+        .unify()
+        .or(relogin)
         .unify()
         .or(logout)
         .unify()

@@ -45,6 +45,8 @@ pub struct EmbeddedConfig {
     pub admin_token: Option<String>,
     /// Caps on each user's inbox.
     pub inbox: crate::store::InboxLimits,
+    /// Lifetime of session tokens (router logins and the servers' renewals).
+    pub token_ttl: Duration,
 }
 
 /// A running embedded cluster.
@@ -114,6 +116,7 @@ pub async fn start_with_store(
         server_config.heartbeat_interval = config.heartbeat_interval;
         server_config.heartbeat_timeout = config.heartbeat_timeout;
         server_config.limits = config.server_limits;
+        server_config.token_ttl = config.token_ttl;
         server_config.metrics =
             ServerMetrics::new(metrics::labelled(&mut registry, &format!("server-{i}")));
         let server = Server::bind(server_config).context("starting server")?;
@@ -141,6 +144,7 @@ pub async fn start_with_store(
     router_config.login_limits = config.login_limits;
     router_config.max_group_size = config.max_group_size;
     router_config.inbox = config.inbox;
+    router_config.token_ttl = config.token_ttl;
     let admin_token = config.admin_token.clone().unwrap_or_else(|| {
         (0..4)
             .map(|_| format!("{:08x}", rand::random::<u32>()))

@@ -104,6 +104,11 @@ struct Args {
     /// Most members a group may have.
     #[arg(long, env = "CIM_MAX_GROUP_SIZE", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
     max_group_size: u64,
+    /// Lifetime of session tokens in seconds. Connected clients get fresh ones while their
+    /// session lives; a token lets its holder re-log in without the password (`POST
+    /// /api/relogin`) until it expires. Keep the servers' --token-ttl-secs equal.
+    #[arg(long, env = "CIM_TOKEN_TTL_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(2..=86_400))]
+    token_ttl_secs: u64,
     /// Credential for the admin page at /admin (embedded mode: a random one if not given).
     #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -167,6 +172,7 @@ async fn run_cluster(args: &Args, redis: &str, zookeeper: &str) -> anyhow::Resul
     config.password_cost = password_cost(args);
     config.login_limits = login_limits(args);
     config.max_group_size = args.max_group_size as usize;
+    config.token_ttl = Duration::from_secs(args.token_ttl_secs);
     config.admin_token = args.admin_token.clone();
     config.inbox = inbox_limits(args);
     config.route_lease = Duration::from_millis(args.route_lease_ms);
@@ -221,6 +227,7 @@ async fn run_embedded(args: &Args) -> anyhow::Result<()> {
         max_group_size: args.max_group_size as usize,
         admin_token: args.admin_token.clone(),
         inbox: inbox_limits(args),
+        token_ttl: Duration::from_secs(args.token_ttl_secs),
         server_limits: cim_server::Limits {
             max_connections: args.max_connections,
             max_connections_per_ip: args.max_connections_per_ip,

@@ -83,6 +83,10 @@ pub enum ServiceError {
     /// The bearer token is missing, forged or expired.
     #[error("{0}")]
     Unauthorized(String),
+    /// A re-login's token belongs to a login that has ended (logged out, or replaced by a
+    /// newer login); only the password can start a new one.
+    #[error("the session has ended: {0}")]
+    SessionEnded(&'static str),
     /// The recipient does not exist.
     #[error("unknown recipient")]
     UnknownUser,
@@ -129,6 +133,7 @@ impl ServiceError {
             ServiceError::AlreadyOnline => "already_online",
             ServiceError::NoServer => "no_server",
             ServiceError::Unauthorized(_) => "unauthorized",
+            ServiceError::SessionEnded(_) => "session_ended",
             ServiceError::UnknownUser => "unknown_user",
             ServiceError::UnknownGroup => "unknown_group",
             ServiceError::GroupExists => "group_exists",
@@ -313,6 +318,75 @@ impl Service {
         let grant = self.assign(account, takeover).await?;
         self.config.metrics.logins.inc();
         Ok(grant)
+    }
+
+    /// Logs a session in again with its token instead of the password, when its server died,
+    /// is draining or cannot be reached: no password hash, so a dead server's clients come
+    /// back at the speed of token checks rather than of Argon2.
+    ///
+    /// The token must be genuine and unexpired (servers renew the tokens of live sessions),
+    /// its login must not have ended (logged out, or replaced by a newer login on a live
+    /// server), and the account must exist. The token's login then ends, so each token
+    /// re-logs in once, and a new login begins on a live server, as a password login with
+    /// takeover would.
+    pub async fn relogin(
+        &self,
+        token: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<LoginGrant, ServiceError> {
+        if let Some(ip) = peer {
+            let attempts = lock(&self.login_attempts).hit(ip, Instant::now());
+            if attempts > self.config.login_limits.attempts_per_ip {
+                tracing::warn!(%ip, attempts, "login attempts from address over the limit");
+                self.config.metrics.login_failures.inc();
+                return Err(ServiceError::TooManyAttempts);
+            }
+        }
+        let checked = self.check_relogin_token(token).await;
+        let (claims, account) = match checked {
+            Ok(ok) => ok,
+            Err(e) => {
+                self.config.metrics.login_failures.inc();
+                self.record_error(e.code(), format!("re-login: {e}"));
+                return Err(e);
+            }
+        };
+        let grant = self.assign(account, true).await?;
+        self.store
+            .revoke_session(claims.user_id, claims.session_id, self.config.token_ttl)
+            .await?;
+        self.config.metrics.relogins.inc();
+        tracing::info!(user = claims.user_id, from = %claims.server_id, "re-login with token");
+        Ok(grant)
+    }
+
+    /// The claims and account of a token that may re-log in (see [`Service::relogin`]).
+    async fn check_relogin_token(&self, token: &str) -> Result<(Claims, Account), ServiceError> {
+        let claims = self.config.token_key.verify(token, now_ms(), None)?;
+        if self
+            .store
+            .is_revoked(claims.user_id, claims.session_id)
+            .await?
+        {
+            return Err(ServiceError::SessionEnded("it was logged out"));
+        }
+        let current = self.store.routes(&[claims.user_id]).await?.pop().flatten();
+        if let Some(route) = current
+            && route.session_id != claims.session_id
+            && self
+                .usable_servers()
+                .iter()
+                .any(|s| s.id == route.server_id)
+        {
+            return Err(ServiceError::SessionEnded("the user logged in elsewhere"));
+        }
+        let account = self
+            .store
+            .accounts_by_id(&[claims.user_id])
+            .await?
+            .pop()
+            .ok_or(ServiceError::InvalidCredentials)?;
+        Ok((claims, account))
     }
 
     async fn check_credentials(&self, name: &str, password: &str) -> Result<Account, ServiceError> {

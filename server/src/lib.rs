@@ -46,8 +46,11 @@ pub struct ServerConfig {
     pub key: PathBuf,
     /// CA that router client certificates must chain to (PEM).
     pub ca: PathBuf,
-    /// Verifies session tokens.
+    /// Verifies session tokens, and signs the fresh ones handed to connected clients.
     pub token_key: TokenKey,
+    /// Lifetime of a fresh token (keep equal to the routers' token lifetime). A session gets
+    /// one when its token has less than half of this left.
+    pub token_ttl: Duration,
     /// Interval at which clients are asked to ping.
     pub heartbeat_interval: Duration,
     /// A client silent for this long is disconnected.
@@ -114,6 +117,7 @@ impl ServerConfig {
             key,
             ca,
             token_key,
+            token_ttl: Duration::from_secs(600),
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(15),
             max_body_bytes: 16 * 1024,

@@ -6,12 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cim_core::limit::TokenBucket;
+use cim_core::token::Claims;
 use cim_core::transport::{CLIENT_STREAMS_BUSY, StreamAllowance, read_only_frame, take_end};
 use cim_core::{close, now_ms};
 use cim_proto::v1::{
     ChatMessage, ClientControl, ClientRequest, Delivery, Drain, Forward, GroupResult, Kick,
-    LoginResult, Pong, Presence, PullResult, Recipient, SendAck, ServerControl, client_control,
-    client_request, server_control,
+    LoginResult, Pong, Presence, PullResult, Recipient, SendAck, ServerControl, TokenRenewal,
+    client_control, client_request, server_control,
 };
 use cim_proto::{FrameError, SharedDelivery, read_frame, read_required, write_frame};
 use tokio::sync::{Notify, mpsc};
@@ -308,6 +309,8 @@ struct Authenticated {
     user_id: u64,
     user_name: String,
     session_id: u64,
+    /// Expiry of the newest token the client holds.
+    token_expires_at_ms: u64,
 }
 
 async fn handle_client(conn: quinn::Connection, state: Arc<State>) {
@@ -329,7 +332,7 @@ async fn handle_client(conn: quinn::Connection, state: Arc<State>) {
     async {
         tracing::info!(name = %auth.user_name, "session opened");
         tokio::select! {
-            _ = control_loop(&conn, send, recv, control_rx, &state) => {}
+            _ = control_loop(&conn, &auth, send, recv, control_rx, &state) => {}
             _ = message_loop(&conn, &auth, &state) => {}
         }
         if state.remove(auth.user_id, auth.session_id, &conn) {
@@ -443,6 +446,7 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
         user_id: claims.user_id,
         user_name: claims.user_name,
         session_id: claims.session_id,
+        token_expires_at_ms: claims.expires_at_ms,
     };
     Ok((auth, send, recv, control_rx))
 }
@@ -469,10 +473,38 @@ async fn refuse(
     format!("{code}: {message}")
 }
 
-/// Serves the control stream: pings, logout, and kick/drain from the server side. Returns when
-/// the session should end.
+/// A fresh token for the session when the client's has less than half of `ttl` left: a live
+/// session keeps a valid token for the router's HTTP API, for resuming here, and for
+/// re-logging in without its password should this server die.
+fn renewal(
+    auth: &Authenticated,
+    expires_at_ms: &mut u64,
+    config: &ServerConfig,
+    now_ms: u64,
+) -> Option<TokenRenewal> {
+    let ttl_ms = config.token_ttl.as_millis() as u64;
+    if *expires_at_ms > now_ms.saturating_add(ttl_ms / 2) {
+        return None;
+    }
+    *expires_at_ms = now_ms.saturating_add(ttl_ms);
+    let token = config.token_key.sign(&Claims {
+        user_id: auth.user_id,
+        user_name: auth.user_name.clone(),
+        server_id: config.id.clone(),
+        session_id: auth.session_id,
+        expires_at_ms: *expires_at_ms,
+    });
+    Some(TokenRenewal {
+        token,
+        expires_at_ms: *expires_at_ms,
+    })
+}
+
+/// Serves the control stream: pings, logout, token renewals, and kick/drain from the server
+/// side. Returns when the session should end.
 async fn control_loop(
     conn: &quinn::Connection,
+    auth: &Authenticated,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     mut control_rx: mpsc::Receiver<ControlOut>,
@@ -493,7 +525,23 @@ async fn control_loop(
     let timeout = state.config.heartbeat_timeout;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
+    // Checked at the start and at each ping, so a client resuming with an old token gets a
+    // fresh one at once.
+    let mut token_expires_at_ms = auth.token_expires_at_ms;
+    let mut check_token = true;
     loop {
+        if std::mem::take(&mut check_token)
+            && let Some(renewal) = renewal(auth, &mut token_expires_at_ms, &state.config, now_ms())
+        {
+            let frame = control(server_control::Kind::TokenRenewal(renewal));
+            if write_frame(&mut send, &frame, MAX_CONTROL_FRAME)
+                .await
+                .is_err()
+            {
+                break;
+            }
+            state.config.metrics.token_renewals.inc();
+        }
         tokio::select! {
             frame = frames.recv() => match frame.map(|f| *f) {
                 Some(Ok(Some(ClientControl { kind: Some(client_control::Kind::Ping(ping)) }))) => {
@@ -502,6 +550,7 @@ async fn control_loop(
                     if write_frame(&mut send, &pong, MAX_CONTROL_FRAME).await.is_err() {
                         break;
                     }
+                    check_token = true;
                 }
                 Some(Ok(Some(ClientControl { kind: Some(client_control::Kind::Logout(_)) }))) => {
                     conn.close(close::code(close::NORMAL), b"logout");
@@ -759,5 +808,54 @@ fn refused(client_msg_id: u64, code: &str, message: &str) -> SendAck {
         code: code.to_string(),
         message: message.to_string(),
         recipients: 0,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use cim_core::token::TokenKey;
+
+    #[test]
+    fn a_token_is_renewed_once_less_than_half_its_lifetime_is_left() {
+        let key = TokenKey::new(b"0123456789abcdef");
+        let mut config = ServerConfig::new(
+            "s1",
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+            "cert".into(),
+            "key".into(),
+            "ca".into(),
+            key.clone(),
+        );
+        config.token_ttl = Duration::from_secs(600);
+        let auth = Authenticated {
+            user_id: 7,
+            user_name: "alice".into(),
+            session_id: 99,
+            token_expires_at_ms: 0,
+        };
+        let now = 1_000_000;
+        // 301 s left: not yet.
+        let mut expires = now + 301_000;
+        assert!(renewal(&auth, &mut expires, &config, now).is_none());
+        assert_eq!(expires, now + 301_000);
+        // 300 s left: a fresh token for the same login and this server, 600 s from now.
+        let mut expires = now + 300_000;
+        let fresh = renewal(&auth, &mut expires, &config, now).unwrap();
+        assert_eq!(
+            (expires, fresh.expires_at_ms),
+            (now + 600_000, now + 600_000)
+        );
+        let claims = key.verify(&fresh.token, now, Some("s1")).unwrap();
+        assert_eq!(
+            (claims.user_id, claims.session_id, claims.user_name.as_str()),
+            (7, 99, "alice")
+        );
+        assert_eq!(claims.expires_at_ms, now + 600_000);
+        // And not again until half of the new lifetime has passed.
+        assert!(renewal(&auth, &mut expires, &config, now + 299_000).is_none());
+        assert!(renewal(&auth, &mut expires, &config, now + 300_000).is_some());
     }
 }
