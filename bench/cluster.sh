@@ -6,6 +6,11 @@
 #   bench/cluster.sh                      # cim-bench private
 #   bench/cluster.sh private --json       # any cim-bench arguments
 #
+# In the cim-bench arguments, %server-1% and %server-2% stand for those servers' process ids
+# (bench/failover.sh uses this). Environment: PASSWORD_COST=default keeps the router's
+# production Argon2 cost (default: a cheap one for the thousands of bench accounts);
+# SERVER_ARGS adds arguments to both cim-server command lines.
+#
 # Needs redis-server, ZooKeeper and a JRE (./test.sh installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,17 +69,22 @@ wait_port "$REDIS_PORT" redis
 # The bench's clients all come from 127.0.0.1 and send at full speed: raise the per-address
 # and per-session caps; cheap Argon2 for the thousands of accounts it creates.
 CAPS=(--max-connections-per-ip 1000000 --max-msgs-per-sec 1000000)
+read -r -a EXTRA_SERVER_ARGS <<< "${SERVER_ARGS:-}"
+declare -A SERVER_PID
 for n in 1 2; do
     "$BIN/cim-server" --id "server-$n" --zookeeper "127.0.0.1:$ZK_PORT" \
         --listen 127.0.0.1:0 --internal 127.0.0.1:0 --certs "$WORK/certs" "${CAPS[@]}" \
-        > "$WORK/server-$n.log" 2>&1 &
+        ${EXTRA_SERVER_ARGS[@]+"${EXTRA_SERVER_ARGS[@]}"} > "$WORK/server-$n.log" 2>&1 &
     PIDS+=($!)
     NAMES+=("server-$n")
+    SERVER_PID["server-$n"]=$!
 done
+COST=(--argon2-memory-kib 256 --argon2-iterations 1)
+[ "${PASSWORD_COST:-}" != default ] || COST=()
 HTTP_PORT="$(free_port)"
 "$BIN/cim-router" --redis "redis://127.0.0.1:$REDIS_PORT" --zookeeper "127.0.0.1:$ZK_PORT" \
     --http "127.0.0.1:$HTTP_PORT" --certs "$WORK/certs" \
-    --argon2-memory-kib 256 --argon2-iterations 1 --max-login-attempts-per-ip 100000000 \
+    ${COST[@]+"${COST[@]}"} --max-login-attempts-per-ip 100000000 \
     > "$WORK/router.log" 2>&1 &
 PIDS+=($!)
 NAMES+=(router)
@@ -96,6 +106,12 @@ declare -a BEFORE
 for i in "${!PIDS[@]}"; do BEFORE[i]="$(cpu_ticks "${PIDS[$i]}")"; done
 
 [ $# -gt 0 ] || set -- private
+ARGS=()
+for arg in "$@"; do
+    for id in "${!SERVER_PID[@]}"; do arg="${arg//%$id%/${SERVER_PID[$id]}}"; done
+    ARGS+=("$arg")
+done
+set -- "${ARGS[@]}"
 bench_status=0
 "$BIN/cim-bench" "$@" --router "https://127.0.0.1:$HTTP_PORT" --ca "$WORK/certs/ca.pem" ||
     bench_status=$?

@@ -1,5 +1,5 @@
-//! `cim-bench`: load-test harness. `cim-bench private`, `group`, `login`, `idle`, `lossy`;
-//! see `cim-bench --help`.
+//! `cim-bench`: load-test harness. `cim-bench private`, `group`, `login`, `idle`, `lossy`,
+//! `failover`; see `cim-bench --help`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,6 +21,7 @@ enum ScenarioArg {
     Login,
     Idle,
     Lossy,
+    Failover,
 }
 
 /// Drives many real clients through a real cim and reports what it measured.
@@ -72,6 +73,9 @@ struct Args {
     /// Relay seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Server to kill, as SERVER_ID=PID (failover; needs --router: `bench/failover.sh`).
+    #[arg(long, value_parser = parse_kill)]
+    kill: Option<(String, u32)>,
     /// Print one JSON object on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -96,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
         ScenarioArg::Login => Scenario::Login,
         ScenarioArg::Idle => Scenario::Idle,
         ScenarioArg::Lossy => Scenario::Lossy,
+        ScenarioArg::Failover => Scenario::Failover,
     };
     let target = match (&args.router, &args.ca) {
         (Some(url), Some(ca)) => Target::external(url.clone(), ca)?,
@@ -115,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
         concurrency: args.concurrency.max(1),
         seed: args.seed,
         progress: !args.json,
+        kill: args.kill.clone(),
     };
     if !args.json {
         eprintln!(
@@ -129,6 +135,15 @@ async fn main() -> anyhow::Result<()> {
     } else {
         print_table(&report);
     }
+    if let Some(f) = &report.failover
+        && f.recovered < f.victims
+    {
+        bail!(
+            "{} of the killed server's {} clients did not come back",
+            f.victims - f.recovered,
+            f.victims
+        );
+    }
     if report.lost > 0 || report.duplicated > 0 {
         bail!(
             "{} lost and {} duplicated deliveries",
@@ -139,15 +154,39 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `SERVER_ID=PID`.
+fn parse_kill(arg: &str) -> Result<(String, u32), String> {
+    let (id, pid) = arg
+        .split_once('=')
+        .ok_or_else(|| "expected SERVER_ID=PID".to_string())?;
+    let pid = pid.parse().map_err(|e| format!("pid: {e}"))?;
+    Ok((id.to_string(), pid))
+}
+
+fn print_percentiles(label: &str, p: cim_bench::stats::Percentiles) {
+    println!(
+        "{label:<18}p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+        p.p50, p.p90, p.p99, p.p999, p.max
+    );
+}
+
 fn print_table(r: &Report) {
     println!("scenario          {}", r.scenario);
     println!("clients           {}", r.clients);
     println!("duration          {:.2} s", r.duration_s);
     if let Some(p) = r.login_latency_us {
+        print_percentiles("login (us)", p);
+    }
+    if let Some(f) = &r.failover {
+        println!("victims           {} ({} back)", f.victims, f.recovered);
         println!(
-            "login (us)        p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
-            p.p50, p.p90, p.p99, p.p999, p.max
+            "re-logins         {} with the token, {} with the password",
+            f.token_relogins, f.password_relogins
         );
+        print_percentiles("noticed (us)", f.detect_us);
+        print_percentiles("back after (us)", f.recover_us);
+        println!("last back after   {:.2} s (from the kill)", f.last_back_s);
+        return;
     }
     if let Some(l) = r.logins_per_sec {
         println!("logins/s          {l:.0}");
@@ -184,15 +223,7 @@ fn print_table(r: &Report) {
             None => println!("cpu per delivery  harness {h:.1} us"),
         }
     }
-    let p = r.latency_us;
-    println!(
-        "latency (us)      p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
-        p.p50, p.p90, p.p99, p.p999, p.max
-    );
-    let a = r.send_ack_latency_us;
-    println!(
-        "send->ack (us)    p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
-        a.p50, a.p90, a.p99, a.p999, a.max
-    );
+    print_percentiles("latency (us)", r.latency_us);
+    print_percentiles("send->ack (us)", r.send_ack_latency_us);
     println!("git {}  command: {}", r.git_rev, r.command);
 }

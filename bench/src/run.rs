@@ -30,6 +30,8 @@ pub enum Scenario {
     Idle,
     /// `Private` through the lossy relay.
     Lossy,
+    /// A server is killed; its clients find out and log in again elsewhere.
+    Failover,
 }
 
 impl Scenario {
@@ -41,6 +43,7 @@ impl Scenario {
             Scenario::Login => "login",
             Scenario::Idle => "idle",
             Scenario::Lossy => "lossy",
+            Scenario::Failover => "failover",
         }
     }
 }
@@ -74,6 +77,8 @@ pub struct Options {
     pub seed: u64,
     /// Print progress to stderr.
     pub progress: bool,
+    /// Server to kill with SIGKILL and its process id (failover).
+    pub kill: Option<(String, u32)>,
 }
 
 /// The result of a run (serialised with `--json`).
@@ -124,10 +129,32 @@ pub struct Report {
     pub rate: Option<u64>,
     /// Messages each sender kept in flight (closed loop).
     pub window: Option<usize>,
+    /// What happened to the killed server's clients (failover).
+    pub failover: Option<Failover>,
     /// The command line.
     pub command: String,
     /// `git rev-parse --short HEAD` where the bench ran.
     pub git_rev: String,
+}
+
+/// How a killed server's clients came back (the `failover` scenario).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Failover {
+    /// Clients that were on the killed server.
+    pub victims: usize,
+    /// Of those, clients connected again (to a live server) before the scenario gave up.
+    pub recovered: usize,
+    /// Re-logins the session token did (no password hash on the router).
+    pub token_relogins: u64,
+    /// Re-logins that needed the password.
+    pub password_relogins: u64,
+    /// From the kill to each victim noticing (heartbeat timeout).
+    pub detect_us: Percentiles,
+    /// From each victim noticing to its reconnect (a resume attempt on the dead server, which
+    /// costs a whole connect timeout, then the re-login and its handshakes).
+    pub recover_us: Percentiles,
+    /// From the kill to the last reconnect of a victim that came back, seconds.
+    pub last_back_s: f64,
 }
 
 fn progress_line(opts: &Options, line: String) {
@@ -316,6 +343,24 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
             report.logins_per_sec = Some(clients.len() as f64 / elapsed);
             close_all(clients).await;
         }
+        Scenario::Failover => {
+            let (victim, pid) = opts
+                .kill
+                .clone()
+                .context("the failover scenario needs --kill SERVER_ID=PID")?;
+            let names = register(target, &prefix, opts.clients, opts.concurrency).await?;
+            let clients = login_all(
+                &names,
+                configs(target, opts.clients, &HashMap::new())?,
+                opts.concurrency,
+                &mut report,
+            )
+            .await?;
+            report.clients = clients.len();
+            let started = Instant::now();
+            report.failover = Some(failover(opts, clients, &victim, pid).await?);
+            report.duration_s = started.elapsed().as_secs_f64();
+        }
         Scenario::Idle => {
             let before = target
                 .rss_bytes()
@@ -347,6 +392,83 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
         }
     }
     Ok(report)
+}
+
+/// Longest a failover victim may take to notice and come back before it counts as lost.
+const FAILOVER_WAIT: Duration = Duration::from_secs(180);
+
+/// Kills server `victim` (process `pid`) and follows its clients until each has reconnected.
+async fn failover(
+    opts: &Options,
+    clients: Vec<(Client, Events)>,
+    victim: &str,
+    pid: u32,
+) -> anyhow::Result<Failover> {
+    let (victims, others): (Vec<_>, Vec<_>) = clients
+        .into_iter()
+        .partition(|(client, _)| client.info().server_id == victim);
+    anyhow::ensure!(!victims.is_empty(), "no client is on server {victim}");
+    progress_line(
+        opts,
+        format!(
+            "killing {victim} (pid {pid}) with {} clients",
+            victims.len()
+        ),
+    );
+    let killed = Instant::now();
+    let status = tokio::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .await?;
+    anyhow::ensure!(status.success(), "kill -KILL {pid} failed");
+    let followers: Vec<_> = victims
+        .into_iter()
+        .map(|(client, mut events)| {
+            tokio::spawn(async move {
+                let mut noticed = None;
+                let outcome = tokio::time::timeout(FAILOVER_WAIT, async {
+                    while let Some(event) = events.next().await {
+                        match event {
+                            Event::Disconnected(_) => {
+                                noticed.get_or_insert_with(|| killed.elapsed());
+                            }
+                            Event::Reconnected(_) => return Some(killed.elapsed()),
+                            _ => {}
+                        }
+                    }
+                    None
+                })
+                .await;
+                (client, noticed, outcome.ok().flatten())
+            })
+        })
+        .collect();
+    let mut result = Failover::default();
+    let (mut detect, mut recover) = (Latencies::default(), Latencies::default());
+    let mut last_back = Duration::ZERO;
+    let mut victims = Vec::new();
+    for follower in followers {
+        let (client, noticed, back) = follower.await?;
+        result.victims += 1;
+        if let (Some(noticed), Some(back)) = (noticed, back) {
+            result.recovered += 1;
+            detect.record(noticed.as_micros() as u64);
+            recover.record(back.saturating_sub(noticed).as_micros() as u64);
+            last_back = last_back.max(back);
+        }
+        let stats = client.stats();
+        result.token_relogins += stats.token_relogins;
+        result.password_relogins += stats.relogins.saturating_sub(stats.token_relogins);
+        victims.push(client);
+    }
+    result.detect_us = detect.percentiles();
+    result.recover_us = recover.percentiles();
+    result.last_back_s = last_back.as_secs_f64();
+    for client in victims {
+        client.close().await;
+    }
+    close_all(others).await;
+    Ok(result)
 }
 
 async fn close_all(clients: Vec<(Client, Events)>) {

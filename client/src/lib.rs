@@ -61,12 +61,17 @@ const GAP_WAIT: Duration = Duration::from_millis(200);
 const PULL_LIMIT: u32 = 200;
 /// Connect attempts of a first login.
 const LOGIN_CONNECT_ATTEMPTS: u32 = 3;
-/// Resume attempts against the same server before logging in again through the router.
-const RESUME_ATTEMPTS: u32 = 2;
+/// Resume attempts against the same server before logging in again through the router. One:
+/// a dead server answers nothing, so each attempt costs the whole connect timeout, while a
+/// re-login with the session token costs the router no password hash (`bench/failover.sh`:
+/// two attempts kept a dead server's clients away 10.2 s after they noticed, one 5.2 s).
+const RESUME_ATTEMPTS: u32 = 1;
 /// Router answers to a token re-login after which only the password will do: the token
 /// expired or is not genuine (`unauthorized`), its login ended (`session_ended`: logged
 /// out, replaced, or already re-logged in by an attempt whose answer was lost), the account
-/// is gone, or the router predates re-login (`not_found`).
+/// is gone, or the router predates re-login (`not_found`). Anything else (`session_live`:
+/// the router still sees the session on a live server; `busy`, `no_server`, no answer) is
+/// retried with backoff, the token again.
 const TOKEN_REFUSALS: [&str; 4] = [
     "unauthorized",
     "session_ended",
@@ -960,7 +965,7 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
             )
             .await;
             match result {
-                Ok((connected, zero_rtt)) => Ok((connected, zero_rtt)),
+                Ok((connected, zero_rtt)) => Ok((connected, zero_rtt, false)),
                 Err(e) => {
                     resume_failures += 1;
                     // A refused login (session replaced, token expired) or a server that keeps
@@ -975,7 +980,7 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
             }
         };
         match attempt {
-            Ok((connected, zero_rtt)) => {
+            Ok((connected, zero_rtt, by_token)) => {
                 let info = Reconnected {
                     server_id: shared.current().info.server_id.clone(),
                     relogin,
@@ -984,6 +989,7 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
                 let mut stats = shared.stats();
                 stats.reconnects += 1;
                 stats.relogins += u64::from(relogin);
+                stats.token_relogins += u64::from(by_token);
                 stats.zero_rtt += u64::from(zero_rtt);
                 return Some((connected, info));
             }
@@ -1007,26 +1013,32 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
 
 /// Logs in again through the router: with the session token while it is accepted (no password
 /// hash on the router, so a dead server's clients come back fast), else with the password.
+/// Returns the connection, whether it used 0-RTT, and whether the token did the login.
 async fn relogin_once(
     shared: &Arc<Shared>,
     last_seq: u64,
-) -> Result<(Connected, bool), ClientError> {
+) -> Result<(Connected, bool, bool), ClientError> {
     let token = shared.current().token.clone();
-    let grant = match shared.api.relogin(&token).await {
-        Ok(grant) => {
-            shared.stats().token_relogins += 1;
-            grant
-        }
+    let (grant, by_token) = match shared.api.relogin(&token).await {
+        Ok(grant) => (grant, true),
         Err(ClientError::Api { code, message, .. }) if TOKEN_REFUSALS.contains(&code.as_str()) => {
             tracing::debug!(%code, %message, "token re-login refused; using the password");
-            shared
+            let grant = shared
                 .api
                 .login(&shared.name, &shared.password, true)
-                .await?
+                .await?;
+            (grant, false)
         }
         Err(e) => return Err(e),
     };
-    let result = connect(
+    // Kept before connecting: the old token's login has ended, so if this connect fails the
+    // next re-login must use the new token (its login is still pending, which the router
+    // accepts) rather than fall back to the password.
+    *shared.current() = Current {
+        info: grant.session_info(),
+        token: grant.token.clone(),
+    };
+    let (connected, zero_rtt) = connect(
         &shared.endpoint,
         shared.target(grant.server_addr),
         &transport::server_name(&grant.server_addr),
@@ -1035,11 +1047,7 @@ async fn relogin_once(
         false,
     )
     .await?;
-    *shared.current() = Current {
-        info: grant.session_info(),
-        token: grant.token,
-    };
-    Ok(result)
+    Ok((connected, zero_rtt, by_token))
 }
 
 /// Serves one connection: heartbeats and control frames, deliveries, catch-up pull.

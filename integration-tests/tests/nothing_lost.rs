@@ -205,8 +205,9 @@ async fn an_outage_after_the_login_token_expired_resumes_with_a_renewed_one(
     let (cluster, relay) =
         relayed_with(backend, Impairments::none(), 19, |c| c.token_ttl = ttl).await?;
     let (alice, _alice_events) = user(&cluster, None, "alice").await?;
-    let logged_in = tokio::time::Instant::now();
     let (bob, mut bob_events) = user(&cluster, Some(&relay), "bob").await?;
+    // Signed before this instant, so expired by this instant plus the lifetime.
+    let logged_in = tokio::time::Instant::now();
     let login_token = bob.token();
     // Past the login token's lifetime, the session holds a newer token...
     tokio::time::sleep_until(logged_in + ttl + Duration::from_millis(500)).await;

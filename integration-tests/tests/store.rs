@@ -1,7 +1,8 @@
 //! The store contract, checked the same way on the in-memory store and on a real Redis:
 //! private appends check the recipient, keep gapless per-user sequence numbers, are idempotent
 //! per message id (also after the recipient acked), and return the recipient's route; a sender's retry of a message gets the
-//! message id its first attempt got; the online list holds confirmed sessions only.
+//! message id its first attempt got; the online list holds confirmed sessions only; a revoked
+//! login's server cannot renew its route back.
 
 #![allow(clippy::unwrap_used)]
 
@@ -144,11 +145,32 @@ async fn only_confirmed_sessions_are_online(store: &dyn Store) -> anyhow::Result
     Ok(())
 }
 
+async fn revoked_sessions_do_not_get_their_routes_back(store: &dyn Store) -> anyhow::Result<()> {
+    let lease = Duration::from_secs(30);
+    let erin = store.create_account("erin", "hash").await?;
+    let frank = store.create_account("frank", "hash").await?;
+    // Neither has a route (lapsed, or released by a logout); erin's login was revoked.
+    store
+        .revoke_session(erin.id, 8, Duration::from_secs(60))
+        .await?;
+    assert!(store.is_revoked(erin.id, 8).await?);
+    assert!(!store.is_revoked(frank.id, 9).await?);
+    let lost = store
+        .renew_routes("server-1", &[(erin.id, 8), (frank.id, 9)], lease)
+        .await?;
+    assert_eq!(lost, vec![erin.id], "a revoked login's server must end it");
+    let routes = store.routes(&[erin.id, frank.id]).await?;
+    assert_eq!(routes[0], None);
+    assert_eq!(routes[1].as_ref().map(|r| r.session_id), Some(9));
+    Ok(())
+}
+
 #[tokio::test]
 async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     let store = MemoryStore::new();
     private_appends_follow_the_contract(&store).await?;
     only_confirmed_sessions_are_online(&store).await?;
+    revoked_sessions_do_not_get_their_routes_back(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 
@@ -158,5 +180,6 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     let store = RedisStore::connect(&redis.url()).await?;
     private_appends_follow_the_contract(&store).await?;
     only_confirmed_sessions_are_online(&store).await?;
+    revoked_sessions_do_not_get_their_routes_back(&store).await?;
     message_ids_are_recorded_once(&store).await
 }

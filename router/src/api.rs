@@ -5,7 +5,7 @@
 //! |---|---|---|---|---|
 //! | POST | /api/register | - | `{name, password}` | 201 `{user_id, name}` |
 //! | POST | /api/login | - | `{name, password, takeover?}` | 200 `{user_id, name, token, server_id, server_addr, expires_at_ms}` |
-//! | POST | /api/relogin | bearer (a session token) | - | 200 as login; 401 `unauthorized` or `session_ended` when only the password will do |
+//! | POST | /api/relogin | bearer (a session token) | - | 200 as login; 401 `unauthorized` or `session_ended` when only the password will do; 409 `session_live` (the login is still connected to a live server); 429, 503 `no_server` as for login |
 //! | POST | /api/logout | bearer | - | 200 `{}` |
 //! | GET | /api/users/online | bearer | `?prefix=` | 200 `{users: [{id, name}]}` |
 //! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, recipients}` |
@@ -62,7 +62,9 @@ impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         let status = match &e {
             ServiceError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ServiceError::NameTaken | ServiceError::AlreadyOnline => StatusCode::CONFLICT,
+            ServiceError::NameTaken | ServiceError::AlreadyOnline | ServiceError::SessionLive => {
+                StatusCode::CONFLICT
+            }
             ServiceError::InvalidCredentials
             | ServiceError::Unauthorized(_)
             | ServiceError::SessionEnded(_) => StatusCode::UNAUTHORIZED,
@@ -290,7 +292,7 @@ pub fn routes(
         .then(
             |service: Arc<Service>, auth: Result<String, ApiError>| async move {
                 let result = async {
-                    let claims = authenticate(&service, auth)?;
+                    let claims = authenticate(&service, auth).await?;
                     service.logout(&claims).await?;
                     Ok::<_, ApiError>(warp::reply::json(&serde_json::json!({})))
                 };
@@ -311,7 +313,7 @@ pub fn routes(
         .then(
             |service: Arc<Service>, auth: Result<String, ApiError>, q: OnlineQuery| async move {
                 let result = async {
-                    authenticate(&service, auth)?;
+                    authenticate(&service, auth).await?;
                     let users = service.online_users(&q.prefix).await?;
                     let users = users
                         .into_iter()
@@ -335,7 +337,7 @@ pub fn routes(
              auth: Result<String, ApiError>,
              req: Result<SendRequest, ApiError>| async move {
                 let result = async {
-                    let claims = authenticate(&service, auth)?;
+                    let claims = authenticate(&service, auth).await?;
                     let req = req?;
                     let target = match (req.to, req.group) {
                         (Some(to), None) => Target::ToUser(to),
@@ -376,7 +378,7 @@ pub fn routes(
              auth: Result<String, ApiError>,
              req: Result<CreateGroupRequest, ApiError>| async move {
                 let result = async {
-                    let claims = authenticate(&service, auth)?;
+                    let claims = authenticate(&service, auth).await?;
                     let req = req?;
                     service.create_group(claims.user_id, &req.name).await?;
                     Ok::<_, ApiError>(warp::reply::with_status(
@@ -397,7 +399,7 @@ pub fn routes(
              service: Arc<Service>,
              auth: Result<String, ApiError>| async move {
                 let result = async {
-                    let claims = authenticate(&service, auth)?;
+                    let claims = authenticate(&service, auth).await?;
                     match action.as_str() {
                         "join" => service.join_group(claims.user_id, &name).await?,
                         "leave" => service.leave_group(claims.user_id, &name).await?,
@@ -421,7 +423,7 @@ pub fn routes(
         .then(
             |name: String, service: Arc<Service>, auth: Result<String, ApiError>| async move {
                 let result = async {
-                    authenticate(&service, auth)?;
+                    authenticate(&service, auth).await?;
                     let members = service
                         .group_members(&name)
                         .await?
@@ -444,7 +446,7 @@ pub fn routes(
         .then(
             |service: Arc<Service>, auth: Result<String, ApiError>| async move {
                 let result = async {
-                    let claims = authenticate(&service, auth)?;
+                    let claims = authenticate(&service, auth).await?;
                     let groups = service.my_groups(claims.user_id).await?;
                     Ok::<_, ApiError>(warp::reply::json(&GroupsResponse { groups }))
                 };
@@ -568,13 +570,26 @@ fn bearer() -> impl Filter<Extract = (Result<String, ApiError>,), Error = Reject
     })
 }
 
-fn authenticate(service: &Service, token: Result<String, ApiError>) -> Result<Claims, ApiError> {
+/// The claims of a genuine, unexpired token whose login was not logged out or replaced.
+async fn authenticate(
+    service: &Service,
+    token: Result<String, ApiError>,
+) -> Result<Claims, ApiError> {
     let token = token?;
-    service
+    let claims = service
         .config
         .token_key
         .verify(&token, now_ms(), None)
-        .map_err(|e| ServiceError::from(e).into())
+        .map_err(ServiceError::from)?;
+    if service
+        .store
+        .is_revoked(claims.user_id, claims.session_id)
+        .await
+        .map_err(ServiceError::from)?
+    {
+        return Err(ServiceError::Unauthorized("the session has ended".into()).into());
+    }
+    Ok(claims)
 }
 
 fn respond_api<R: Reply>(result: Result<R, ApiError>) -> Response {

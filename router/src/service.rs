@@ -87,6 +87,11 @@ pub enum ServiceError {
     /// newer login); only the password can start a new one.
     #[error("the session has ended: {0}")]
     SessionEnded(&'static str),
+    /// A re-login's token belongs to a login still connected to a live server: a token alone
+    /// cannot move a live session (a leaked one must not steal it). Retry once the session
+    /// has ended (its server reports it closed, or leaves).
+    #[error("the session is still connected to a live server")]
+    SessionLive,
     /// The recipient does not exist.
     #[error("unknown recipient")]
     UnknownUser,
@@ -134,6 +139,7 @@ impl ServiceError {
             ServiceError::NoServer => "no_server",
             ServiceError::Unauthorized(_) => "unauthorized",
             ServiceError::SessionEnded(_) => "session_ended",
+            ServiceError::SessionLive => "session_live",
             ServiceError::UnknownUser => "unknown_user",
             ServiceError::UnknownGroup => "unknown_group",
             ServiceError::GroupExists => "group_exists",
@@ -286,14 +292,7 @@ impl Service {
     ) -> Result<LoginGrant, ServiceError> {
         let now = Instant::now();
         let limits = self.config.login_limits;
-        if let Some(ip) = peer {
-            let attempts = lock(&self.login_attempts).hit(ip, now);
-            if attempts > limits.attempts_per_ip {
-                tracing::warn!(%ip, attempts, "login attempts from address over the limit");
-                self.config.metrics.login_failures.inc();
-                return Err(ServiceError::TooManyAttempts);
-            }
-        }
+        self.count_attempt(peer, now)?;
         if lock(&self.login_failures).count(&name.to_string(), now) >= limits.failures_per_user {
             tracing::warn!(name, "login failures of user over the limit");
             self.config.metrics.login_failures.inc();
@@ -334,14 +333,7 @@ impl Service {
         token: &str,
         peer: Option<IpAddr>,
     ) -> Result<LoginGrant, ServiceError> {
-        if let Some(ip) = peer {
-            let attempts = lock(&self.login_attempts).hit(ip, Instant::now());
-            if attempts > self.config.login_limits.attempts_per_ip {
-                tracing::warn!(%ip, attempts, "login attempts from address over the limit");
-                self.config.metrics.login_failures.inc();
-                return Err(ServiceError::TooManyAttempts);
-            }
-        }
+        self.count_attempt(peer, Instant::now())?;
         let checked = self.check_relogin_token(token).await;
         let (claims, account) = match checked {
             Ok(ok) => ok,
@@ -353,11 +345,36 @@ impl Service {
         };
         let grant = self.assign(account, true).await?;
         self.store
-            .revoke_session(claims.user_id, claims.session_id, self.config.token_ttl)
+            .revoke_session(
+                claims.user_id,
+                claims.session_id,
+                self.revocation_ttl(claims.expires_at_ms),
+            )
             .await?;
         self.config.metrics.relogins.inc();
         tracing::info!(user = claims.user_id, from = %claims.server_id, "re-login with token");
         Ok(grant)
+    }
+
+    /// Counts a login attempt from `peer` against its per-minute limit.
+    fn count_attempt(&self, peer: Option<IpAddr>, now: Instant) -> Result<(), ServiceError> {
+        if let Some(ip) = peer {
+            let attempts = lock(&self.login_attempts).hit(ip, now);
+            if attempts > self.config.login_limits.attempts_per_ip {
+                tracing::warn!(%ip, attempts, "login attempts from address over the limit");
+                self.config.metrics.login_failures.inc();
+                return Err(ServiceError::TooManyAttempts);
+            }
+        }
+        Ok(())
+    }
+
+    /// How long a revocation must last: until the login's newest token (expiring at
+    /// `expires_at_ms`, or at most a full lifetime from now) has expired, plus a minute for
+    /// clocks.
+    fn revocation_ttl(&self, expires_at_ms: u64) -> Duration {
+        let left = Duration::from_millis(expires_at_ms.saturating_sub(now_ms()));
+        left.max(self.config.token_ttl) + Duration::from_secs(60)
     }
 
     /// The claims and account of a token that may re-log in (see [`Service::relogin`]).
@@ -368,17 +385,23 @@ impl Service {
             .is_revoked(claims.user_id, claims.session_id)
             .await?
         {
-            return Err(ServiceError::SessionEnded("it was logged out"));
+            return Err(ServiceError::SessionEnded(
+                "it was logged out, replaced or re-logged in already",
+            ));
         }
         let current = self.store.routes(&[claims.user_id]).await?.pop().flatten();
         if let Some(route) = current
-            && route.session_id != claims.session_id
             && self
                 .usable_servers()
                 .iter()
                 .any(|s| s.id == route.server_id)
         {
-            return Err(ServiceError::SessionEnded("the user logged in elsewhere"));
+            if route.session_id != claims.session_id {
+                return Err(ServiceError::SessionEnded("the user logged in elsewhere"));
+            }
+            if route.confirmed {
+                return Err(ServiceError::SessionLive);
+            }
         }
         let account = self
             .store
@@ -446,7 +469,11 @@ impl Service {
                 previous: Some(previous),
             } => {
                 self.kick_route(account.id, &previous, "logged in elsewhere")
-                    .await
+                    .await;
+                // The replaced login's token must not bring it back once this one ends.
+                self.store
+                    .revoke_session(account.id, previous.session_id, self.revocation_ttl(0))
+                    .await?;
             }
             Claim::Won { previous: None } => {}
         }
@@ -483,7 +510,11 @@ impl Service {
             .release_route(claims.user_id, claims.session_id)
             .await?;
         self.store
-            .revoke_session(claims.user_id, claims.session_id, self.config.token_ttl)
+            .revoke_session(
+                claims.user_id,
+                claims.session_id,
+                self.revocation_ttl(claims.expires_at_ms),
+            )
             .await?;
         // If the session had already closed, its server announced the departure.
         if released {

@@ -247,8 +247,14 @@ impl Store for MemoryStore {
         let mut inner = self.inner();
         let mut lost = Vec::new();
         for &(user, session_id) in sessions {
-            if let Some(held) = inner.live_route(user, now)
-                && held.route.session_id != session_id
+            let revoked = inner
+                .revoked
+                .get(&(user, session_id))
+                .is_some_and(|expires| *expires > now);
+            if revoked
+                || inner
+                    .live_route(user, now)
+                    .is_some_and(|held| held.route.session_id != session_id)
             {
                 lost.push(user);
                 continue;

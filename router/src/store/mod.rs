@@ -192,8 +192,9 @@ pub trait Store: Send + Sync + 'static {
         server_id: &str,
         lease: Duration,
     ) -> Result<bool, StoreError>;
-    /// Marks a login as ended by logout for `ttl` (the rest of its token's life), so its token
-    /// cannot bring the session back.
+    /// Marks a login as ended (logged out, replaced by a takeover, or re-logged in with its
+    /// token) for `ttl` (the rest of its newest token's life), so its token cannot bring the
+    /// session back.
     async fn revoke_session(
         &self,
         user: u64,
@@ -211,7 +212,7 @@ pub trait Store: Send + Sync + 'static {
     /// Renews the leases of sessions open on `server_id`, given as `(user, session_id)`. A
     /// session whose route is missing (lapsed, or removed while the server was out of
     /// discovery) gets it back, confirmed. Returns the users whose route belongs to another
-    /// login: their sessions on this server are stale.
+    /// login or whose login was revoked: their sessions on this server are stale.
     async fn renew_routes(
         &self,
         server_id: &str,

@@ -180,9 +180,12 @@ redis.call('SET', KEYS[1], sess .. '|1|' .. server, 'PX', ARGV[3])
 return 1
 ";
 
-/// Sets a confirmed route (with a fresh lease) unless another session holds the user.
-/// KEYS: route. ARGV: session id, route value, lease ms. Returns 1 if set.
+/// Sets a confirmed route (with a fresh lease) unless another session holds the user or the
+/// session was revoked (logged out, replaced, re-logged in).
+/// KEYS: route, the session's revocation marker. ARGV: session id, route value, lease ms.
+/// Returns 1 if set.
 const RESTORE: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local cur = redis.call('GET', KEYS[1])
 if cur and string.match(cur, '^(%d+)|') ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -578,7 +581,7 @@ impl Store for RedisStore {
                     encode_route(&route).into_bytes(),
                     (lease.as_millis() as u64).to_string().into_bytes(),
                 ];
-                (vec![route_key(user)], args)
+                (vec![route_key(user), revoked_key(user, session_id)], args)
             })
             .collect();
         let results: Vec<i64> = self.eval_pipelined(&self.restore, &calls).await?;
