@@ -266,6 +266,22 @@ async fn login_all(
     Ok(logins.into_iter().map(|(_, _, pair)| pair).collect())
 }
 
+/// Registers `n` users and logs them in (through the relays in `overrides`, if any).
+async fn users(
+    target: &Target,
+    prefix: &str,
+    n: usize,
+    overrides: &HashMap<std::net::SocketAddr, std::net::SocketAddr>,
+    opts: &Options,
+    report: &mut Report,
+) -> anyhow::Result<Vec<(Client, Events)>> {
+    let names = register(target, prefix, n, opts.concurrency).await?;
+    let configs = configs(target, n, overrides)?;
+    let clients = login_all(&names, configs, opts.concurrency, report).await?;
+    report.clients = clients.len();
+    Ok(clients)
+}
+
 /// What one receiver saw.
 #[derive(Default)]
 struct Seen {
@@ -301,28 +317,15 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
                 }
                 report.loss_pct = Some(opts.loss_pct);
             }
-            let names = register(target, &prefix, opts.clients, opts.concurrency).await?;
-            let clients = login_all(
-                &names,
-                configs(target, opts.clients, &overrides)?,
-                opts.concurrency,
-                &mut report,
-            )
-            .await?;
-            report.clients = clients.len();
+            let clients =
+                users(target, &prefix, opts.clients, &overrides, opts, &mut report).await?;
             messaging(opts, target, clients, None, &mut report).await?;
             drop(relays);
         }
         Scenario::Group => {
-            let names = register(target, &prefix, opts.members, opts.concurrency).await?;
-            let clients = login_all(
-                &names,
-                configs(target, opts.members, &HashMap::new())?,
-                opts.concurrency,
-                &mut report,
-            )
-            .await?;
-            report.clients = clients.len();
+            let no_relay = HashMap::new();
+            let clients =
+                users(target, &prefix, opts.members, &no_relay, opts, &mut report).await?;
             messaging(
                 opts,
                 target,
@@ -348,15 +351,9 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
                 .kill
                 .clone()
                 .context("the failover scenario needs --kill SERVER_ID=PID")?;
-            let names = register(target, &prefix, opts.clients, opts.concurrency).await?;
-            let clients = login_all(
-                &names,
-                configs(target, opts.clients, &HashMap::new())?,
-                opts.concurrency,
-                &mut report,
-            )
-            .await?;
-            report.clients = clients.len();
+            let no_relay = HashMap::new();
+            let clients =
+                users(target, &prefix, opts.clients, &no_relay, opts, &mut report).await?;
             let started = Instant::now();
             report.failover = Some(failover(opts, clients, &victim, pid).await?);
             report.duration_s = started.elapsed().as_secs_f64();

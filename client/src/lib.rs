@@ -64,7 +64,8 @@ const LOGIN_CONNECT_ATTEMPTS: u32 = 3;
 /// Resume attempts against the same server before logging in again through the router. One:
 /// a dead server answers nothing, so each attempt costs the whole connect timeout, while a
 /// re-login with the session token costs the router no password hash (`bench/failover.sh`:
-/// two attempts kept a dead server's clients away 10.2 s after they noticed, one 5.2 s).
+/// with two attempts a dead server's clients were back 10.2 s after they noticed, with one
+/// 5.1 s; BENCHMARKS.md).
 const RESUME_ATTEMPTS: u32 = 1;
 /// Router answers to a token re-login after which only the password will do: the token
 /// expired or is not genuine (`unauthorized`), its login ended (`session_ended`: logged

@@ -1,9 +1,11 @@
 //! The harness's own correctness: a short `cim-bench` run against its embedded cluster must
-//! count every delivery, lose none, duplicate none, and report sane latencies.
+//! count every delivery, lose none, duplicate none, and report sane latencies; a failover run
+//! against a process cluster must kill the server it names and follow its clients back.
 
 #![allow(clippy::unwrap_used)]
 
 use cim_integration_tests::bin_path;
+use cim_integration_tests::cluster::ProcCluster;
 
 async fn bench(args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let out = tokio::process::Command::new(bin_path("cim-bench")?)
@@ -113,5 +115,47 @@ async fn lossy_and_login_runs_report_their_numbers() -> anyhow::Result<()> {
     );
     let r = bench(&["idle", "--connections", "20", "--concurrency", "10"]).await?;
     assert!(r["server_rss_bytes_per_conn"].is_u64(), "{r}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_run_follows_the_killed_servers_clients_back() -> anyhow::Result<()> {
+    let mut cluster = ProcCluster::start(1, 2, "round-robin").await?;
+    let pid = cluster.server("s1")?.child.id().unwrap();
+    let ca = cluster.certs.path().join(cim_certs::CA_CERT);
+    let kill = format!("s1={pid}");
+    let r = bench(&[
+        "failover",
+        "--router",
+        &cluster.routers[0].0,
+        "--ca",
+        ca.to_str().unwrap(),
+        "--clients",
+        "6",
+        "--concurrency",
+        "6",
+        "--kill",
+        &kill,
+    ])
+    .await?;
+    let f = &r["failover"];
+    // Round robin put three of the six on s1; all came back, with their tokens.
+    assert_eq!(f["victims"].as_u64(), Some(3), "{r}");
+    assert_eq!(f["recovered"].as_u64(), Some(3), "{r}");
+    assert_eq!(
+        (
+            f["token_relogins"].as_u64(),
+            f["password_relogins"].as_u64()
+        ),
+        (Some(3), Some(0)),
+        "{r}"
+    );
+    // Noticing takes the heartbeat timeout; coming back at least the resume attempt.
+    let (noticed, back) = (&f["detect_us"], &f["recover_us"]);
+    assert!(noticed["p50"].as_u64().unwrap() > 0, "{r}");
+    assert!(back["p50"].as_u64().unwrap() > 0, "{r}");
+    assert!(f["last_back_s"].as_f64().unwrap() > 0.0, "{r}");
+    // The process is gone.
+    assert!(cluster.server("s1")?.child.try_wait()?.is_some());
     Ok(())
 }

@@ -173,23 +173,28 @@ async fn a_five_second_blackout_heals_by_itself(backend: Backend) -> anyhow::Res
     Ok(())
 }
 
+/// Blacks `relay` out until the client notices, then lets traffic through again; returns how
+/// the client reconnected.
+async fn outage(relay: &Relay, events: &mut Events) -> anyhow::Result<cim_client::Reconnected> {
+    relay.set_blackout(true);
+    match next_event(events, WAIT).await? {
+        Event::Disconnected(_) => {}
+        other => anyhow::bail!("expected a disconnect, got {other:?}"),
+    }
+    relay.set_blackout(false);
+    match next_event(events, Duration::from_secs(30)).await? {
+        Event::Reconnected(how) => Ok(how),
+        other => anyhow::bail!("expected a reconnect, got {other:?}"),
+    }
+}
+
 async fn a_short_outage_resumes_with_zero_rtt(backend: Backend) -> anyhow::Result<()> {
     let (cluster, relay) = relayed(backend, Impairments::none(), 13).await?;
     let (alice, _alice_events) = user(&cluster, None, "alice").await?;
     let (bob, mut bob_events) = user(&cluster, Some(&relay), "bob").await?;
-    relay.set_blackout(true);
-    match next_event(&mut bob_events, WAIT).await? {
-        Event::Disconnected(_) => {}
-        other => panic!("expected a disconnect, got {other:?}"),
-    }
-    relay.set_blackout(false);
-    match next_event(&mut bob_events, Duration::from_secs(30)).await? {
-        Event::Reconnected(how) => {
-            assert!(!how.relogin, "{how:?}");
-            assert!(how.zero_rtt, "resumption should use 0-RTT: {how:?}");
-        }
-        other => panic!("expected a reconnect, got {other:?}"),
-    }
+    let how = outage(&relay, &mut bob_events).await?;
+    assert!(!how.relogin, "{how:?}");
+    assert!(how.zero_rtt, "resumption should use 0-RTT: {how:?}");
     alice
         .send_private(bob.info().user_id, "after resume")
         .await?;
@@ -227,16 +232,8 @@ async fn an_outage_after_the_login_token_expired_resumes_with_a_renewed_one(
         .unwrap_err();
     assert_eq!(expired.code(), Some("unauthorized"), "{expired}");
     // An outage now resumes the same session on the same server, no password login.
-    relay.set_blackout(true);
-    match next_event(&mut bob_events, WAIT).await? {
-        Event::Disconnected(_) => {}
-        other => panic!("expected a disconnect, got {other:?}"),
-    }
-    relay.set_blackout(false);
-    match next_event(&mut bob_events, Duration::from_secs(30)).await? {
-        Event::Reconnected(how) => assert!(!how.relogin, "{how:?}"),
-        other => panic!("expected a reconnect, got {other:?}"),
-    }
+    let how = outage(&relay, &mut bob_events).await?;
+    assert!(!how.relogin, "{how:?}");
     alice
         .send_private(bob.info().user_id, "after the outage")
         .await?;

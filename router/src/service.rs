@@ -306,14 +306,7 @@ impl Service {
             Ok(_) => lock(&self.login_failures).reset(&name.to_string()),
             Err(_) => {}
         }
-        let account = match result {
-            Ok(a) => a,
-            Err(e) => {
-                self.config.metrics.login_failures.inc();
-                self.record_error(e.code(), format!("login of {name:?}: {e}"));
-                return Err(e);
-            }
-        };
+        let account = result.map_err(|e| self.login_refused(e, &format!("login of {name:?}")))?;
         let grant = self.assign(account, takeover).await?;
         self.config.metrics.logins.inc();
         Ok(grant)
@@ -334,26 +327,31 @@ impl Service {
         peer: Option<IpAddr>,
     ) -> Result<LoginGrant, ServiceError> {
         self.count_attempt(peer, Instant::now())?;
-        let checked = self.check_relogin_token(token).await;
-        let (claims, account) = match checked {
-            Ok(ok) => ok,
-            Err(e) => {
-                self.config.metrics.login_failures.inc();
-                self.record_error(e.code(), format!("re-login: {e}"));
-                return Err(e);
-            }
-        };
+        let (claims, account) = self
+            .check_relogin_token(token)
+            .await
+            .map_err(|e| self.login_refused(e, "re-login"))?;
         let grant = self.assign(account, true).await?;
-        self.store
-            .revoke_session(
-                claims.user_id,
-                claims.session_id,
-                self.revocation_ttl(claims.expires_at_ms),
-            )
-            .await?;
+        self.revoke(&claims).await?;
         self.config.metrics.relogins.inc();
         tracing::info!(user = claims.user_id, from = %claims.server_id, "re-login with token");
         Ok(grant)
+    }
+
+    /// Ends the login `claims` belongs to for as long as its newest token may live.
+    async fn revoke(&self, claims: &Claims) -> Result<(), ServiceError> {
+        let ttl = self.revocation_ttl(claims.expires_at_ms);
+        Ok(self
+            .store
+            .revoke_session(claims.user_id, claims.session_id, ttl)
+            .await?)
+    }
+
+    /// Counts and records a refused login or re-login.
+    fn login_refused(&self, e: ServiceError, what: &str) -> ServiceError {
+        self.config.metrics.login_failures.inc();
+        self.record_error(e.code(), format!("{what}: {e}"));
+        e
     }
 
     /// Counts a login attempt from `peer` against its per-minute limit.
@@ -509,13 +507,7 @@ impl Service {
             .store
             .release_route(claims.user_id, claims.session_id)
             .await?;
-        self.store
-            .revoke_session(
-                claims.user_id,
-                claims.session_id,
-                self.revocation_ttl(claims.expires_at_ms),
-            )
-            .await?;
+        self.revoke(claims).await?;
         // If the session had already closed, its server announced the departure.
         if released {
             let service = self.clone();
