@@ -163,8 +163,14 @@ async fn a_five_second_blackout_heals_by_itself(backend: Backend) -> anyhow::Res
         Event::Disconnected(_) => {}
         other => panic!("expected a disconnect, got {other:?}"),
     }
+    // Five seconds outlast the server's heartbeat timeout (2 s here), so the server has ended
+    // the session: the client resumes it (its route comes back) or, past its short resume
+    // attempt, logs in again with its token. Never with the password.
     match next_event(&mut bob_events, Duration::from_secs(30)).await? {
-        Event::Reconnected(how) => assert!(!how.relogin, "the session should resume: {how:?}"),
+        Event::Reconnected(_) => {
+            let stats = bob.stats();
+            assert_eq!(stats.relogins, stats.token_relogins, "{stats:?}");
+        }
         other => panic!("expected a reconnect, got {other:?}"),
     }
     let got = receive(&mut bob_events, 20, WAIT).await?;
@@ -241,6 +247,38 @@ async fn an_outage_after_the_login_token_expired_resumes_with_a_renewed_one(
         next_message(&mut bob_events).await?.body,
         "after the outage"
     );
+    Ok(())
+}
+
+async fn a_blackout_the_server_outlasts_resumes_the_same_session(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    // The server keeps a silent session for 10 s; the client gives up on the server after
+    // 0.9 s and on a resume attempt after 2 s, then asks the router, which answers
+    // `session_live` and sends it back to resuming until the blackout ends.
+    let (cluster, relay) = relayed_with(backend, Impairments::none(), 23, |c| {
+        c.heartbeat_timeout = Duration::from_secs(10)
+    })
+    .await?;
+    let (alice, _alice_events) = user(&cluster, None, "alice").await?;
+    let (bob, mut bob_events) = user(&cluster, Some(&relay), "bob").await?;
+    relay.set_blackout(true);
+    match next_event(&mut bob_events, WAIT).await? {
+        Event::Disconnected(_) => {}
+        other => panic!("expected a disconnect, got {other:?}"),
+    }
+    // Long enough for the resume attempt to fail and the router to be asked (the scenario).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    relay.set_blackout(false);
+    match next_event(&mut bob_events, Duration::from_secs(30)).await? {
+        Event::Reconnected(how) => assert!(!how.relogin, "{how:?}"),
+        other => panic!("expected a reconnect, got {other:?}"),
+    }
+    assert_eq!(bob.stats().relogins, 0, "{:?}", bob.stats());
+    alice
+        .send_private(bob.info().user_id, "same session")
+        .await?;
+    assert_eq!(next_message(&mut bob_events).await?.body, "same session");
     Ok(())
 }
 
@@ -356,6 +394,7 @@ on_both_backends!(
     a_five_second_blackout_heals_by_itself,
     a_short_outage_resumes_with_zero_rtt,
     an_outage_after_the_login_token_expired_resumes_with_a_renewed_one,
+    a_blackout_the_server_outlasts_resumes_the_same_session,
     rebinding_the_socket_keeps_the_session,
     a_retried_client_message_id_is_delivered_once,
     a_busy_recipient_gets_every_message_once_in_order,

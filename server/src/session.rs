@@ -58,6 +58,8 @@ pub(crate) struct State {
     acked: Mutex<HashMap<u64, u64>>,
     /// Open client connections per IP address.
     connections: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// Set once the server drains: new logins are refused, so clients go to the router.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl State {
@@ -69,6 +71,7 @@ impl State {
             emptied: Notify::new(),
             acked: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -191,6 +194,8 @@ impl State {
 
     /// Sends `Drain` to every session.
     pub(crate) fn drain_all(&self, reason: &str) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let sessions: Vec<Session> = self.sessions().values().cloned().collect();
         for session in sessions {
             send_control(&session, ControlOut::Drain(reason.to_string()));
@@ -384,6 +389,10 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
             .await);
         }
     };
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        let message = "server is shutting down; log in again through the router";
+        return Err(refuse(conn, &mut send, "draining", message, close::DRAIN).await);
+    }
     let claims = match state
         .config
         .token_key
