@@ -69,9 +69,10 @@ const LOGIN_CONNECT_ATTEMPTS: u32 = 3;
 /// 10.2 s after they noticed, with one 5.1 s, with one of [`RESUME_TIMEOUT`] 2.1 s;
 /// BENCHMARKS.md).
 const RESUME_ATTEMPTS: u32 = 1;
-/// How long a resume attempt may take. Shorter than a first connect: the client has just
-/// been talking to this server, a lost handshake packet is resent after about 0.3 s, and if
-/// the server is only slow or out of reach the router sends the client back to resuming.
+/// How long the first resume attempt may take. Shorter than a first connect: the client has
+/// just been talking to this server, a lost handshake packet is resent after about 0.3 s, and
+/// if the server is only slow or out of reach the router sends the client back to resuming
+/// (with a first connect's timeout from then on).
 const RESUME_TIMEOUT: Duration = Duration::from_secs(2);
 /// Router answers to a token re-login after which only the password will do: the token
 /// expired or is not genuine (`unauthorized`), its login ended (`session_ended`: logged
@@ -558,6 +559,7 @@ impl Client {
                 &grant.token,
                 0,
                 false,
+                CONNECT_TIMEOUT,
             )
             .await
             {
@@ -822,9 +824,9 @@ struct Connected {
     heartbeat: Duration,
 }
 
-/// Connects and logs in on the control stream. With `resume` (reconnecting to the server we
-/// were on), tries 0-RTT when a resumption ticket is cached and gives up after
-/// [`RESUME_TIMEOUT`] instead of [`CONNECT_TIMEOUT`]. Returns whether 0-RTT was used.
+/// Connects and logs in on the control stream, giving up after `timeout`. With `resume`
+/// (reconnecting to the server we were on), tries 0-RTT when a resumption ticket is cached.
+/// Returns whether 0-RTT was used.
 async fn connect(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
@@ -832,6 +834,7 @@ async fn connect(
     token: &str,
     last_seen_seq: u64,
     resume: bool,
+    timeout: Duration,
 ) -> Result<(Connected, bool), ClientError> {
     let attempt = async {
         let connecting = endpoint
@@ -862,11 +865,6 @@ async fn connect(
                     .map(|c| (c, false))
             }
         }
-    };
-    let timeout = if resume {
-        RESUME_TIMEOUT
-    } else {
-        CONNECT_TIMEOUT
     };
     tokio::time::timeout(timeout, attempt)
         .await
@@ -956,6 +954,11 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
     let (base, max) = shared.config.backoff;
     let mut backoff = Backoff::new(base, max);
     let mut resume_failures = 0;
+    // A client told to drain goes to the router and never back to the server it left.
+    let may_resume = !relogin;
+    // The first resume is short; once the router has said the server still holds the
+    // session, resumes get a first connect's time (a slow path, not a dead server).
+    let mut resume_timeout = RESUME_TIMEOUT;
     loop {
         if shared.stop.is_cancelled() {
             return None;
@@ -975,6 +978,7 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
                 &token,
                 last_seq,
                 true,
+                resume_timeout,
             )
             .await;
             match result {
@@ -1016,10 +1020,11 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
             }
             // The router still sees the session on a live server: the server was only out of
             // reach (or not yet known dead), so resuming there is the way back.
-            Err(ClientError::Api { code, .. }) if code == "session_live" => {
+            Err(ClientError::Api { code, .. }) if code == "session_live" && may_resume => {
                 tracing::debug!("session still live on its server; resuming there");
                 relogin = false;
                 resume_failures = 0;
+                resume_timeout = CONNECT_TIMEOUT;
             }
             Err(e) => tracing::debug!(error = %e, relogin, "reconnect attempt failed"),
         }
@@ -1065,6 +1070,7 @@ async fn relogin_once(
         &grant.token,
         last_seq,
         false,
+        CONNECT_TIMEOUT,
     )
     .await?;
     Ok((connected, zero_rtt, by_token))

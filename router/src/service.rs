@@ -326,13 +326,32 @@ impl Service {
         token: &str,
         peer: Option<IpAddr>,
     ) -> Result<LoginGrant, ServiceError> {
-        self.count_attempt(peer, Instant::now())?;
-        let (claims, account) = self
-            .check_relogin_token(token)
-            .await
-            .map_err(|e| self.login_refused(e, "re-login"))?;
+        // Genuine re-logins are not counted against the address (a failover behind one NAT
+        // would hit the limit); refused tokens are, so an address that keeps sending bad ones
+        // is stopped like one guessing passwords.
+        let now = Instant::now();
+        if let Some(ip) = peer
+            && lock(&self.login_attempts).count(&ip, now)
+                >= self.config.login_limits.attempts_per_ip
+        {
+            self.config.metrics.login_failures.inc();
+            return Err(ServiceError::TooManyAttempts);
+        }
+        let (claims, account) = match self.check_relogin_token(token).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                if let (Some(ip), ServiceError::Unauthorized(_)) = (peer, &e) {
+                    lock(&self.login_attempts).hit(ip, now);
+                }
+                return Err(self.login_refused(e, "re-login"));
+            }
+        };
         let grant = self.assign(account, true).await?;
-        self.revoke(&claims).await?;
+        // The new login exists now; if the old one cannot be marked, the route check still
+        // refuses its token (the user's route is another login's), so the grant stands.
+        if let Err(e) = self.revoke(&claims).await {
+            tracing::warn!(user = claims.user_id, error = %e, "could not revoke the re-logged-in session");
+        }
         self.config.metrics.relogins.inc();
         tracing::info!(user = claims.user_id, from = %claims.server_id, "re-login with token");
         Ok(grant)

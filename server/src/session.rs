@@ -437,6 +437,13 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
         }
         None => {}
     }
+    // A login that passed the draining check while the drain began may have been missed by
+    // `drain_all`: it is told now (after its login result).
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed)
+        && let Some(session) = state.sessions().get(&claims.user_id).cloned()
+    {
+        send_control(&session, ControlOut::Drain("server shutting down".into()));
+    }
     let result = ServerControl {
         kind: Some(server_control::Kind::LoginResult(LoginResult {
             code: String::new(),
