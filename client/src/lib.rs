@@ -881,6 +881,7 @@ async fn login_exchange(
         kind: Some(client_control::Kind::Login(Login {
             token: token.to_string(),
             last_seen_seq,
+            token_renewal: true,
         })),
     };
     write_frame(&mut send, &login, MAX_CONTROL_FRAME).await?;

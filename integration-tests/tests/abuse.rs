@@ -111,12 +111,31 @@ impl Scene {
 
     /// Sends Login with `token` on a new raw connection; returns the login result code.
     async fn raw_login(&self, token: &str) -> anyhow::Result<(quinn::Connection, String)> {
+        let (conn, code, send, recv) = self.raw_session(token, false).await?;
+        // Keep the control stream open for the session's lifetime.
+        std::mem::forget((send, recv));
+        Ok((conn, code))
+    }
+
+    /// [`Scene::raw_login`] that says whether it takes token renewals and keeps the control
+    /// stream.
+    async fn raw_session(
+        &self,
+        token: &str,
+        token_renewal: bool,
+    ) -> anyhow::Result<(
+        quinn::Connection,
+        String,
+        quinn::SendStream,
+        quinn::RecvStream,
+    )> {
         let conn = self.raw().await?;
         let (mut send, mut recv) = conn.open_bi().await?;
         let login = ClientControl {
             kind: Some(client_control::Kind::Login(Login {
                 token: token.to_string(),
                 last_seen_seq: 0,
+                token_renewal,
             })),
         };
         write_frame(&mut send, &login, 4096).await?;
@@ -124,9 +143,7 @@ impl Scene {
         let Some(server_control::Kind::LoginResult(result)) = reply.kind else {
             anyhow::bail!("expected a login result");
         };
-        // Keep the control stream open for the session's lifetime.
-        std::mem::forget((send, recv));
-        Ok((conn, result.code))
+        Ok((conn, result.code, send, recv))
     }
 }
 
@@ -460,4 +477,39 @@ async fn a_message_flood_is_throttled_then_disconnected() -> anyhow::Result<()> 
         assert!(m.body.starts_with("spam "), "{m:?}");
     }
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_renewals_go_only_to_clients_that_take_them() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let key = scene.token_key();
+    for (name, takes) in [("older", false), ("newer", true)] {
+        // The router's token for this login, re-signed to expire in a minute: under half of
+        // its ten-minute lifetime, so a renewal is due at once.
+        let (_, token) = scene.http_login(name).await?;
+        let mut claims = key.verify(&token, now_ms(), None).unwrap();
+        claims.expires_at_ms = now_ms() + 60_000;
+        let (_conn, code, _send, mut recv) = scene.raw_session(&key.sign(&claims), takes).await?;
+        assert_eq!(code, "");
+        let next = tokio::time::timeout(
+            Duration::from_secs(1),
+            read_required::<ServerControl, _>(&mut recv, 4096),
+        )
+        .await;
+        match (takes, next) {
+            (false, Err(_)) => {}
+            (
+                true,
+                Ok(Ok(ServerControl {
+                    kind: Some(server_control::Kind::TokenRenewal(renewal)),
+                })),
+            ) => {
+                let fresh = key.verify(&renewal.token, now_ms(), None).unwrap();
+                assert_eq!(fresh.session_id, claims.session_id);
+                assert!(fresh.expires_at_ms > now_ms() + 500_000, "{fresh:?}");
+            }
+            (takes, other) => panic!("takes renewals: {takes}, got {other:?}"),
+        }
+    }
+    scene.still_chatting().await
 }

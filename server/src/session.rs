@@ -316,6 +316,8 @@ struct Authenticated {
     session_id: u64,
     /// Expiry of the newest token the client holds.
     token_expires_at_ms: u64,
+    /// Whether the client takes `TokenRenewal` frames.
+    token_renewal: bool,
 }
 
 async fn handle_client(conn: quinn::Connection, state: Arc<State>) {
@@ -463,6 +465,7 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
         user_name: claims.user_name,
         session_id: claims.session_id,
         token_expires_at_ms: claims.expires_at_ms,
+        token_renewal: login.token_renewal,
     };
     Ok((auth, send, recv, control_rx))
 }
@@ -544,7 +547,7 @@ async fn control_loop(
     // Checked at the start and at each ping, so a client resuming with an old token gets a
     // fresh one at once.
     let mut token_expires_at_ms = auth.token_expires_at_ms;
-    let mut check_token = true;
+    let mut check_token = auth.token_renewal;
     loop {
         if std::mem::take(&mut check_token)
             && let Some(renewal) = renewal(auth, &mut token_expires_at_ms, &state.config, now_ms())
@@ -566,7 +569,7 @@ async fn control_loop(
                     if write_frame(&mut send, &pong, MAX_CONTROL_FRAME).await.is_err() {
                         break;
                     }
-                    check_token = true;
+                    check_token = auth.token_renewal;
                 }
                 Some(Ok(Some(ClientControl { kind: Some(client_control::Kind::Logout(_)) }))) => {
                     conn.close(close::code(close::NORMAL), b"logout");
@@ -851,6 +854,7 @@ mod tests {
             user_name: "alice".into(),
             session_id: 99,
             token_expires_at_ms: 0,
+            token_renewal: true,
         };
         let now = 1_000_000;
         // 301 s left: not yet.
