@@ -292,7 +292,7 @@ impl Service {
     ) -> Result<LoginGrant, ServiceError> {
         let now = Instant::now();
         let limits = self.config.login_limits;
-        self.count_attempt(peer, now)?;
+        self.check_attempts(peer, now, true)?;
         if lock(&self.login_failures).count(&name.to_string(), now) >= limits.failures_per_user {
             tracing::warn!(name, "login failures of user over the limit");
             self.config.metrics.login_failures.inc();
@@ -330,13 +330,7 @@ impl Service {
         // would hit the limit); refused tokens are, so an address that keeps sending bad ones
         // is stopped like one guessing passwords.
         let now = Instant::now();
-        if let Some(ip) = peer
-            && lock(&self.login_attempts).count(&ip, now)
-                >= self.config.login_limits.attempts_per_ip
-        {
-            self.config.metrics.login_failures.inc();
-            return Err(ServiceError::TooManyAttempts);
-        }
+        self.check_attempts(peer, now, false)?;
         let (claims, account) = match self.check_relogin_token(token).await {
             Ok(ok) => ok,
             Err(e) => {
@@ -373,10 +367,23 @@ impl Service {
         e
     }
 
-    /// Counts a login attempt from `peer` against its per-minute limit.
-    fn count_attempt(&self, peer: Option<IpAddr>, now: Instant) -> Result<(), ServiceError> {
+    /// Refuses `peer` once its login attempts this minute are over the limit, counting this
+    /// one if `record` (a re-login is counted only once refused).
+    fn check_attempts(
+        &self,
+        peer: Option<IpAddr>,
+        now: Instant,
+        record: bool,
+    ) -> Result<(), ServiceError> {
         if let Some(ip) = peer {
-            let attempts = lock(&self.login_attempts).hit(ip, now);
+            let attempts = {
+                let mut counter = lock(&self.login_attempts);
+                if record {
+                    counter.hit(ip, now)
+                } else {
+                    counter.count(&ip, now) + 1
+                }
+            };
             if attempts > self.config.login_limits.attempts_per_ip {
                 tracing::warn!(%ip, attempts, "login attempts from address over the limit");
                 self.config.metrics.login_failures.inc();

@@ -2,6 +2,7 @@
 //! delivery of pushed messages on server-opened streams.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,7 +60,7 @@ pub(crate) struct State {
     /// Open client connections per IP address.
     connections: Mutex<HashMap<std::net::IpAddr, usize>>,
     /// Set once the server drains: new logins are refused, so clients go to the router.
-    draining: std::sync::atomic::AtomicBool,
+    draining: AtomicBool,
 }
 
 impl State {
@@ -71,7 +72,7 @@ impl State {
             emptied: Notify::new(),
             acked: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
-            draining: std::sync::atomic::AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -194,8 +195,7 @@ impl State {
 
     /// Sends `Drain` to every session.
     pub(crate) fn drain_all(&self, reason: &str) {
-        self.draining
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.draining.store(true, Ordering::Relaxed);
         let sessions: Vec<Session> = self.sessions().values().cloned().collect();
         for session in sessions {
             send_control(&session, ControlOut::Drain(reason.to_string()));
@@ -314,7 +314,7 @@ struct Authenticated {
     user_id: u64,
     user_name: String,
     session_id: u64,
-    /// Expiry of the newest token the client holds.
+    /// Expiry of the token the client logged in with.
     token_expires_at_ms: u64,
     /// Whether the client takes `TokenRenewal` frames.
     token_renewal: bool,
@@ -391,7 +391,7 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
             .await);
         }
     };
-    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+    if state.draining.load(Ordering::Relaxed) {
         let message = "server is shutting down; log in again through the router";
         return Err(refuse(conn, &mut send, "draining", message, close::DRAIN).await);
     }
@@ -441,7 +441,7 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
     }
     // A login that passed the draining check while the drain began may have been missed by
     // `drain_all`: it is told now (after its login result).
-    if state.draining.load(std::sync::atomic::Ordering::Relaxed)
+    if state.draining.load(Ordering::Relaxed)
         && let Some(session) = state.sessions().get(&claims.user_id).cloned()
     {
         send_control(&session, ControlOut::Drain("server shutting down".into()));
@@ -519,6 +519,24 @@ fn renewal(
     })
 }
 
+/// Sends the session a [`renewal`] if one is due and the client takes them.
+async fn renew_if_due(
+    auth: &Authenticated,
+    expires_at_ms: &mut u64,
+    send: &mut quinn::SendStream,
+    state: &State,
+) -> Result<(), FrameError> {
+    if !auth.token_renewal {
+        return Ok(());
+    }
+    if let Some(renewal) = renewal(auth, expires_at_ms, &state.config, now_ms()) {
+        let frame = control(server_control::Kind::TokenRenewal(renewal));
+        write_frame(send, &frame, MAX_CONTROL_FRAME).await?;
+        state.config.metrics.token_renewals.inc();
+    }
+    Ok(())
+}
+
 /// Serves the control stream: pings, logout, token renewals, and kick/drain from the server
 /// side. Returns when the session should end.
 async fn control_loop(
@@ -529,6 +547,15 @@ async fn control_loop(
     mut control_rx: mpsc::Receiver<ControlOut>,
     state: &State,
 ) {
+    // Checked now and at each ping, so a client resuming with an old token gets a fresh one
+    // at once.
+    let mut token_expires_at_ms = auth.token_expires_at_ms;
+    if renew_if_due(auth, &mut token_expires_at_ms, &mut send, state)
+        .await
+        .is_err()
+    {
+        return;
+    }
     // Frames are read by their own task because reading is not cancel-safe inside select!.
     // They travel boxed: the channel allocates 32 slots up front, in every session.
     let (frames_tx, mut frames) = mpsc::channel(4);
@@ -544,32 +571,17 @@ async fn control_loop(
     let timeout = state.config.heartbeat_timeout;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
-    // Checked at the start and at each ping, so a client resuming with an old token gets a
-    // fresh one at once.
-    let mut token_expires_at_ms = auth.token_expires_at_ms;
-    let mut check_token = auth.token_renewal;
     loop {
-        if std::mem::take(&mut check_token)
-            && let Some(renewal) = renewal(auth, &mut token_expires_at_ms, &state.config, now_ms())
-        {
-            let frame = control(server_control::Kind::TokenRenewal(renewal));
-            if write_frame(&mut send, &frame, MAX_CONTROL_FRAME)
-                .await
-                .is_err()
-            {
-                break;
-            }
-            state.config.metrics.token_renewals.inc();
-        }
         tokio::select! {
             frame = frames.recv() => match frame.map(|f| *f) {
                 Some(Ok(Some(ClientControl { kind: Some(client_control::Kind::Ping(ping)) }))) => {
                     deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
                     let pong = control(server_control::Kind::Pong(Pong { nonce: ping.nonce }));
-                    if write_frame(&mut send, &pong, MAX_CONTROL_FRAME).await.is_err() {
+                    if write_frame(&mut send, &pong, MAX_CONTROL_FRAME).await.is_err()
+                        || renew_if_due(auth, &mut token_expires_at_ms, &mut send, state).await.is_err()
+                    {
                         break;
                     }
-                    check_token = auth.token_renewal;
                 }
                 Some(Ok(Some(ClientControl { kind: Some(client_control::Kind::Logout(_)) }))) => {
                     conn.close(close::code(close::NORMAL), b"logout");

@@ -59,8 +59,12 @@ struct Inner {
     sent: HashMap<(u64, u64), (u64, Instant)>,
     /// The same keys in expiry order, for pruning without scanning the map.
     sent_expiry: VecDeque<(Instant, (u64, u64))>,
-    /// (user, session) -> expiry of logouts.
+    /// (user, session) -> expiry of revocations (logout, takeover, re-login).
     revoked: HashMap<(u64, u64), Instant>,
+    /// Size of `revoked` at which expired marks are swept next (twice what the last sweep
+    /// left): takeovers and re-logins revoke too, so a sweep per revocation would make a
+    /// failover storm quadratic.
+    revoked_sweep_at: usize,
     /// Group name -> (owner, members).
     groups: HashMap<String, (u64, BTreeSet<u64>)>,
     /// User -> groups.
@@ -68,6 +72,13 @@ struct Inner {
 }
 
 impl Inner {
+    /// Whether `session_id` of `user` was revoked and the mark has not expired.
+    fn is_revoked(&self, user: u64, session_id: u64, now: Instant) -> bool {
+        self.revoked
+            .get(&(user, session_id))
+            .is_some_and(|expires| *expires > now)
+    }
+
     /// The live route of `user`, dropping it if its lease ran out.
     fn live_route(&mut self, user: u64, now: Instant) -> Option<&mut Lease> {
         if self.routes.get(&user).is_some_and(|l| l.expires <= now) {
@@ -190,18 +201,16 @@ impl Store for MemoryStore {
     ) -> Result<(), StoreError> {
         let now = Instant::now();
         let mut inner = self.inner();
-        inner.revoked.retain(|_, expires| *expires > now);
+        if inner.revoked.len() >= inner.revoked_sweep_at {
+            inner.revoked.retain(|_, expires| *expires > now);
+            inner.revoked_sweep_at = (inner.revoked.len() * 2).max(1024);
+        }
         inner.revoked.insert((user, session_id), now + ttl);
         Ok(())
     }
 
     async fn is_revoked(&self, user: u64, session_id: u64) -> Result<bool, StoreError> {
-        let now = Instant::now();
-        Ok(self
-            .inner()
-            .revoked
-            .get(&(user, session_id))
-            .is_some_and(|expires| *expires > now))
+        Ok(self.inner().is_revoked(user, session_id, Instant::now()))
     }
 
     async fn release_route(&self, user: u64, session_id: u64) -> Result<bool, StoreError> {
@@ -247,11 +256,7 @@ impl Store for MemoryStore {
         let mut inner = self.inner();
         let mut lost = Vec::new();
         for &(user, session_id) in sessions {
-            let revoked = inner
-                .revoked
-                .get(&(user, session_id))
-                .is_some_and(|expires| *expires > now);
-            if revoked
+            if inner.is_revoked(user, session_id, now)
                 || inner
                     .live_route(user, now)
                     .is_some_and(|held| held.route.session_id != session_id)
