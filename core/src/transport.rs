@@ -1,8 +1,8 @@
 //! QUIC endpoints with cim's transport settings: enlarged UDP socket buffers, small
 //! per-connection stream limits on client links (every allowed stream costs memory up front)
 //! that widen once a client sends quickly, a short ack delay asked of clients and a 100 ms
-//! initial round-trip estimate, wider limits on router <-> server links, and the keep-alive /
-//! idle timeouts.
+//! initial round-trip estimate, no path MTU probing on client links, wider limits on router <->
+//! server links, and the keep-alive / idle timeouts.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -137,6 +137,14 @@ pub fn transport_config(link: Link, side: quinn::Side) -> TransportConfig {
             t.keep_alive_interval(Some(Duration::from_secs(5)));
             t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(30_000))));
             t.initial_rtt(CLIENT_INITIAL_RTT);
+            // No path MTU discovery: datagrams stay at QUIC's 1,200-byte minimum. quinn probes
+            // each direction right after the handshake (a PING padded to 1,326, 1,389, 1,420 and
+            // 1,452 bytes, each acked), and the receiver walks padding a byte at a time. An
+            // instant message fits in 1,200 bytes, so on client links the probes bought nothing
+            // and cost every login and reconnect eight full-size datagrams and their acks:
+            // airtime and data on a mobile link, CPU on both ends in a login storm. Router <->
+            // server links, which carry batches, keep discovery.
+            t.mtu_discovery_config(None);
         }
         Link::Internal => {
             t.max_concurrent_bidi_streams(VarInt::from_u32(4096));
