@@ -1,7 +1,8 @@
 //! The abuse suite: forged, expired and misdirected tokens, a claimed sender, a client on the
 //! internal endpoint, an oversized frame, 10,000 streams at once, garbage UDP, malformed JSON on
-//! every endpoint, a login brute force and a message flood. After each, well-behaved clients
-//! on the same server still chat and no accepted message is lost.
+//! every endpoint, a login brute force, a message flood and a client that never acks a delivery.
+//! After each, well-behaved clients on the same server still chat and no accepted message is
+//! lost.
 
 #![allow(clippy::unwrap_used)]
 
@@ -15,8 +16,8 @@ use cim_core::transport::{self, Link};
 use cim_core::{ALPN_CLIENT, ALPN_INTERNAL, now_ms, tls};
 use cim_integration_tests::{Backend, TestCluster, WAIT, next_message};
 use cim_proto::v1::{
-    ChatMessage, ClientControl, ClientRequest, Login, SendAck, ServerControl, chat_message::Target,
-    client_control, client_request, server_control,
+    ChatMessage, ClientControl, ClientRequest, DeliveryBatch, Login, SendAck, ServerControl,
+    chat_message::Target, client_control, client_request, server_control,
 };
 use cim_proto::{ProstMessage, read_required, write_frame};
 use http::{Method, StatusCode};
@@ -511,5 +512,31 @@ async fn token_renewals_go_only_to_clients_that_take_them() -> anyhow::Result<()
             (takes, other) => panic!("takes renewals: {takes}, got {other:?}"),
         }
     }
+    scene.still_chatting().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_never_acked_does_not_hold_up_the_next() -> anyhow::Result<()> {
+    // The raw session below sends no pings: keep the server from ending it meanwhile.
+    let mut scene = Scene::with(|c| c.heartbeat_timeout = Duration::from_secs(30)).await?;
+    let (carol, token) = scene.http_login("carol").await?;
+    let (conn, code, _control_send, _control_recv) = scene.raw_session(&token, false).await?;
+    assert_eq!(code, "");
+    let delivery = async |body: &str| -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
+        scene.alice.send_private(carol, body).await?;
+        // The server sends one delivery at a time and waits for its ack (10 s at most) before
+        // the next, unless that ack is late; so a second stream arriving while the first is
+        // unanswered is the late-ack path, well inside the delivery timeout.
+        let (send, mut recv) = tokio::time::timeout(Duration::from_secs(5), conn.accept_bi())
+            .await
+            .map_err(|_| anyhow::anyhow!("no delivery stream for {body:?}"))??;
+        let batch: DeliveryBatch = read_required(&mut recv, 65_536).await?;
+        let bodies: Vec<&str> = batch.deliveries.iter().map(|d| d.body.as_str()).collect();
+        assert_eq!(bodies, [body]);
+        Ok((send, recv))
+    };
+    // Carol takes the first delivery and never acks it.
+    let _held = delivery("first").await?;
+    let _second = delivery("second").await?;
     scene.still_chatting().await
 }
