@@ -1,8 +1,9 @@
 //! Per-session delivery queue. Pushed messages wait here and leave on server-opened streams:
 //! one stream per message while the client keeps up, and several messages per stream (one
-//! `DeliveryBatch` frame) when deliveries queue up behind a busy or slow client. One stream is
-//! in flight at a time, and a second only while the first waits too long for its ack. That
-//! bounds the streams and tasks a fan-out costs by the number of recipients, not of messages.
+//! `DeliveryBatch` frame) when deliveries queue up behind a busy or slow client. One sender
+//! task sends a stream at a time; a second starts only when the first waits too long for its
+//! ack, and both then run until the queue is empty. That bounds the streams and tasks a fan-out
+//! costs by the number of recipients, not of messages.
 //!
 //! A delivery that fails is not retried here: its entry stays in the recipient's inbox, and the
 //! client pulls it when it sees the gap or reconnects.
