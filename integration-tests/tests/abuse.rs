@@ -524,9 +524,9 @@ async fn a_delivery_never_acked_does_not_hold_up_the_next() -> anyhow::Result<()
     assert_eq!(code, "");
     let delivery = async |body: &str| -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
         scene.alice.send_private(carol, body).await?;
-        // The server sends one delivery at a time and waits for its ack (10 s at most) before
-        // the next, unless that ack is late; so a second stream arriving while the first is
-        // unanswered is the late-ack path, well inside the delivery timeout.
+        // The server keeps one delivery stream in flight and waits for its ack (10 s at most)
+        // before the next, unless that ack is late: then a second stream carries the queue. A
+        // guard against waiting out the unanswered stream, not a timing check.
         let (send, mut recv) = tokio::time::timeout(Duration::from_secs(5), conn.accept_bi())
             .await
             .map_err(|_| anyhow::anyhow!("no delivery stream for {body:?}"))??;

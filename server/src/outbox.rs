@@ -1,9 +1,10 @@
 //! Per-session delivery queue. Pushed messages wait here and leave on server-opened streams:
 //! one stream per message while the client keeps up, and several messages per stream (one
 //! `DeliveryBatch` frame) when deliveries queue up behind a busy or slow client. One sender
-//! task sends a stream at a time; a second starts only when the first waits too long for its
-//! ack, and both then run until the queue is empty. That bounds the streams and tasks a fan-out
-//! costs by the number of recipients, not of messages.
+//! task sends a stream at a time; a second starts only while every running sender's stream has
+//! gone unanswered for longer than [`stall_after`] since it was opened, and runs until the
+//! queue is empty. That bounds the streams and tasks a fan-out costs by the number of
+//! recipients, not of messages.
 //!
 //! A delivery that fails is not retried here: its entry stays in the recipient's inbox, and the
 //! client pulls it when it sees the gap or reconnects.
@@ -143,6 +144,8 @@ impl Outbox {
             let mut slow = false;
             let result = loop {
                 tokio::select! {
+                    // An ack that is in never counts as slow.
+                    biased;
                     result = &mut sending => break result,
                     () = &mut stalled, if !slow => {
                         slow = true;
