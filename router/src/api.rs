@@ -28,6 +28,7 @@ use cim_core::now_ms;
 use cim_core::token::Claims;
 use cim_proto::v1::{ChatMessage, chat_message::Target};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
@@ -495,33 +496,27 @@ pub fn routes(
             .into_response()
         });
 
-    register
-        .or(login)
-        .unify()
-        .or(relogin)
-        .unify()
-        .or(logout)
-        .unify()
-        .or(online)
-        .unify()
-        .or(send)
-        .unify()
-        .or(create_group)
-        .unify()
-        .or(group_action)
-        .unify()
-        .or(group_members)
-        .unify()
-        .or(my_groups)
-        .unify()
-        .or(metrics)
-        .unify()
-        .or(ready)
-        .unify()
-        .or(admin)
-        .unify()
-        .or(health)
-        .unify()
+    // Each route is boxed before they are combined: the nested type of fourteen `or`s of
+    // unboxed filters took rustc over a minute and a half to check (coherence and auto traits),
+    // three times per test run. A boxed filter costs one dynamic call per route tried.
+    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 14] = [
+        register.boxed(),
+        login.boxed(),
+        relogin.boxed(),
+        logout.boxed(),
+        online.boxed(),
+        send.boxed(),
+        create_group.boxed(),
+        group_action.boxed(),
+        group_members.boxed(),
+        my_groups.boxed(),
+        metrics.boxed(),
+        ready.boxed(),
+        admin.boxed(),
+        health.boxed(),
+    ];
+    rest.into_iter()
+        .fold(first, |all, route| all.or(route).unify().boxed())
         .recover(recover)
         .unify()
 }
