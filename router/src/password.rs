@@ -125,7 +125,9 @@ impl PasswordWork {
             .await
             .map_err(|e| WorkError::Failed(e.to_string()))?;
         tokio::task::spawn_blocking(move || {
-            let _held = (slot, admitted);
+            // Fields drop in order: the place is given back before the slot, so whoever gets
+            // the slot next already sees this hash gone from the count.
+            let _held = (admitted, slot);
             job()
         })
         .await
