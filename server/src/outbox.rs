@@ -139,16 +139,23 @@ impl Outbox {
             let count = batch.len() as u64;
             let sending = send_batch(&self.conn, batch);
             tokio::pin!(sending);
-            let stalled = tokio::time::sleep(stall_after(self.conn.rtt()));
-            tokio::pin!(stalled);
+            // One timer per stream: first the stall time, then the delivery timeout.
+            let opened = tokio::time::Instant::now();
+            let stall = stall_after(self.conn.rtt()).min(DELIVERY_TIMEOUT);
+            let timer = tokio::time::sleep_until(opened + stall);
+            tokio::pin!(timer);
             let mut slow = false;
             let result = loop {
                 tokio::select! {
                     // An ack that is in never counts as slow.
                     biased;
                     result = &mut sending => break result,
-                    () = &mut stalled, if !slow => {
+                    () = &mut timer => {
+                        if slow {
+                            break Err(DeliveryError::Timeout);
+                        }
                         slow = true;
+                        timer.as_mut().reset(opened + DELIVERY_TIMEOUT);
                         let mut queue = self.queue();
                         queue.stalled += 1;
                         self.start_sender_if_wanted(&mut queue, &state);
@@ -205,7 +212,7 @@ enum DeliveryError {
 }
 
 /// Sends one batch on a new stream and returns the sequence number up to which the client
-/// says it has everything.
+/// says it has everything. The caller bounds it with [`DELIVERY_TIMEOUT`].
 async fn send_batch(
     conn: &quinn::Connection,
     deliveries: Vec<Queued>,
@@ -214,16 +221,11 @@ async fn send_batch(
         deliveries.iter().map(|d| (d.seq, &d.message)),
         cim_proto::DEFAULT_MAX_FRAME,
     )?;
-    let exchange = async {
-        let (mut send, mut recv) = conn.open_bi().await?;
-        send.write_chunk(frame).await?;
-        send.finish()?;
-        let ack: DeliveryAck = read_only_frame(&mut recv, 1024).await?;
-        Ok::<_, DeliveryError>(ack.seq)
-    };
-    tokio::time::timeout(DELIVERY_TIMEOUT, exchange)
-        .await
-        .map_err(|_| DeliveryError::Timeout)?
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_chunk(frame).await?;
+    send.finish()?;
+    let ack: DeliveryAck = read_only_frame(&mut recv, 1024).await?;
+    Ok(ack.seq)
 }
 
 #[cfg(test)]
