@@ -3,6 +3,7 @@
 //! trait with its in-process implementation.
 
 pub mod batch;
+pub mod cert_cache;
 pub mod config;
 pub mod discovery;
 pub mod limit;

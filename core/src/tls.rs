@@ -10,6 +10,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::cert_cache::CachingServerVerifier;
+
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -24,7 +26,7 @@ pub enum TlsError {
     /// rustls refused the configuration (bad key, unsupported algorithm).
     #[error("tls configuration: {0}")]
     Rustls(#[from] rustls::Error),
-    /// The client-certificate verifier could not be built.
+    /// A certificate verifier could not be built.
     #[error("client verifier: {0}")]
     Verifier(String),
 }
@@ -114,14 +116,18 @@ pub fn server_config(
 }
 
 /// Client-side TLS 1.3 configuration trusting `roots`, optionally presenting a certificate.
+/// Chains it has verified are remembered for a few minutes ([`CachingServerVerifier`]).
 pub fn client_config(
     roots: RootCertStore,
     alpn: &[&[u8]],
     client_cert: Option<(&Path, &Path)>,
 ) -> Result<rustls::ClientConfig, TlsError> {
+    let verifier = CachingServerVerifier::new(roots, provider())
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots);
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier));
     let mut config = match client_cert {
         Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?,
         None => builder.with_no_client_auth(),
