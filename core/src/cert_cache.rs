@@ -64,7 +64,8 @@ impl CachingServerVerifier {
             }
         }
         let roots_digest = finish(digest);
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
         Ok(Self {
             inner,
             roots_digest,
@@ -135,9 +136,13 @@ impl ServerCertVerifier for CachingServerVerifier {
             return Ok(ServerCertVerified::assertion());
         }
         self.chain_checks.fetch_add(1, Ordering::Relaxed);
-        let verified =
-            self.inner
-                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
         let mut chains = chains.lock().unwrap_or_else(|p| p.into_inner());
         if chains.len() >= MAX_ENTRIES {
             chains.clear();

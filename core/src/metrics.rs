@@ -44,6 +44,10 @@ pub struct RouterMetrics {
     pub online_users: Gauge,
     /// Inbox depth a client finds when it pulls (entries after its last seen one).
     pub inbox_depth: Histogram,
+    /// HTTPS connections whose TLS handshake completed.
+    pub https_handshakes: Counter,
+    /// Of those, handshakes resumed from a session ticket (no certificate, no signature).
+    pub https_resumed: Counter,
 }
 
 impl RouterMetrics {
@@ -90,6 +94,16 @@ impl RouterMetrics {
             "Inbox entries waiting when a client pulls",
             m.inbox_depth.clone(),
         );
+        r.register(
+            "https_handshakes",
+            "HTTPS connections whose TLS handshake completed",
+            m.https_handshakes.clone(),
+        );
+        r.register(
+            "https_resumed",
+            "HTTPS handshakes resumed from a session ticket",
+            m.https_resumed.clone(),
+        );
         Arc::new(m)
     }
 
@@ -107,6 +121,8 @@ impl RouterMetrics {
             linked_servers: Gauge::default(),
             online_users: Gauge::default(),
             inbox_depth: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            https_handshakes: Counter::default(),
+            https_resumed: Counter::default(),
         }
     }
 

@@ -1,7 +1,7 @@
 //! The whole CIM flow over real QUIC and HTTPS on 127.0.0.1: register, login with server
 //! assignment, group and private chat, online users, duplicate login, logout, bad
-//! credentials, token re-login and its refusals, dead-server detection, and two real console
-//! clients chatting.
+//! credentials, token re-login and its refusals, dead-server detection, two real console
+//! clients chatting, and TLS resumption of a client's API calls.
 
 #![allow(clippy::unwrap_used)]
 
@@ -454,5 +454,56 @@ async fn client_links_ask_for_prompt_acks_and_send_no_mtu_probes() -> anyhow::Re
         );
         assert_eq!(stats.path.current_mtu, 1200);
     }
+    Ok(())
+}
+
+/// `(handshakes, resumed)` HTTPS handshakes the router counted, read through `api`.
+async fn https_handshakes(api: &RouterApi) -> anyhow::Result<(u64, u64)> {
+    let (_, body) = api
+        .raw(http::Method::GET, "/metrics", Default::default(), None)
+        .await?;
+    let metrics = String::from_utf8(body.to_vec())?;
+    let value = |name: &str| -> anyhow::Result<u64> {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .ok_or_else(|| anyhow::anyhow!("{name} missing from /metrics"))?;
+        Ok(line.split_whitespace().last().unwrap_or("0").parse()?)
+    };
+    Ok((
+        value("cim_router_https_handshakes_total")?,
+        value("cim_router_https_resumed_total")?,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_later_api_calls_resume_tls_even_after_a_storm_of_others() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let config = cluster.client_config();
+    let alice = RouterApi::new(&config)?;
+    // Each call is a connection of its own; the reply counts the connection it came on. The
+    // counts start with the test cluster's own set-up calls.
+    let (handshakes, resumed) = https_handshakes(&alice).await?;
+    assert_eq!(
+        https_handshakes(&alice).await?,
+        (handshakes + 1, resumed + 1)
+    );
+    // A storm of other clients, more than a server-side session cache of 256 would keep.
+    const OTHERS: u64 = 300;
+    for _ in 0..OTHERS / 20 {
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let other = RouterApi::new(&config)?;
+            calls.spawn(async move { https_handshakes(&other).await });
+        }
+        while let Some(result) = calls.join_next().await {
+            result??;
+        }
+    }
+    // Alice still resumes: the ticket she holds is all the router needs.
+    assert_eq!(
+        https_handshakes(&alice).await?,
+        (handshakes + 2 + OTHERS, resumed + 2)
+    );
     Ok(())
 }

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cim_core::metrics::RouterMetrics;
 use hyper_util::rt::TokioIo;
+use rustls::HandshakeKind;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -23,11 +25,13 @@ const MAX_CONNECTIONS: usize = 4096;
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
-/// Accepts TLS connections on `listener` and serves `filter` on each until `shutdown`.
+/// Accepts TLS connections on `listener` and serves `filter` on each until `shutdown`,
+/// counting handshakes (full and resumed) in `metrics`.
 pub async fn serve<F>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     filter: F,
+    metrics: Arc<RouterMetrics>,
     shutdown: CancellationToken,
 ) where
     F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
@@ -55,6 +59,7 @@ pub async fn serve<F>(
         let acceptor = acceptor.clone();
         let service = service.clone();
         let shutdown = shutdown.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -68,6 +73,10 @@ pub async fn serve<F>(
                     return;
                 }
             };
+            metrics.https_handshakes.inc();
+            if stream.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed) {
+                metrics.https_resumed.inc();
+            }
             let handler =
                 hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(PeerAddr(peer));

@@ -161,6 +161,15 @@ impl Router {
     pub async fn bind(config: RouterConfig) -> Result<Self, StartError> {
         let mut http_tls = tls::server_config(&config.cert, &config.key, &[], None)?;
         http_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // Every API call is a connection of its own, so a client's next call (and its token
+        // re-login after a failover) resumes from a ticket: no certificate chain for the
+        // client to verify and no signature for the router to make. Stateless tickets (keys
+        // rotated every 6 hours) cost the router no memory per client, unlike rustls's
+        // default 256-entry session cache, which a login storm flushes. One ticket per
+        // connection: a client makes its calls one at a time.
+        http_tls.ticketer = rustls::crypto::ring::Ticketer::new().map_err(tls::TlsError::from)?;
+        http_tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        http_tls.send_tls13_tickets = 1;
         let link_tls = tls::client_config(
             tls::load_roots(&config.ca)?,
             &[ALPN_INTERNAL],
@@ -226,6 +235,7 @@ impl Router {
             self.listener,
             self.http_tls,
             api::routes(service),
+            self.config.metrics.clone(),
             shutdown.clone(),
         )
         .await;
