@@ -190,6 +190,12 @@ fn print_table(r: &Report) {
     }
     if let Some(l) = r.logins_per_sec {
         println!("logins/s          {l:.0}");
+        if let Some(h) = r.harness_cpu_us_per_login {
+            match r.cluster_cpu_us_per_login {
+                Some(c) => println!("cpu per login     cluster {c:.0} us, harness {h:.0} us"),
+                None => println!("cpu per login     harness {h:.0} us"),
+            }
+        }
         return;
     }
     if let Some(b) = r.server_rss_bytes_per_conn {

@@ -123,6 +123,10 @@ pub struct Report {
     pub cluster_cpu_us_per_msg: Option<f64>,
     /// The same for the harness itself, which shares the machine.
     pub harness_cpu_us_per_msg: Option<f64>,
+    /// CPU time of the embedded cluster process per login, in microseconds (login).
+    pub cluster_cpu_us_per_login: Option<f64>,
+    /// The same for the harness (login).
+    pub harness_cpu_us_per_login: Option<f64>,
     /// Relay loss (lossy).
     pub loss_pct: Option<f64>,
     /// Open-loop rate, if any.
@@ -338,9 +342,16 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
         Scenario::Login => {
             let names = register(target, &prefix, opts.clients, opts.concurrency).await?;
             let configs = configs(target, opts.clients, &HashMap::new())?;
+            let cpu_before = (target.cpu_seconds(), process_cpu_seconds("self"));
             let started = Instant::now();
             let clients = login_all(&names, configs, opts.concurrency, &mut report).await?;
             let elapsed = started.elapsed().as_secs_f64();
+            let cpu_after = (target.cpu_seconds(), process_cpu_seconds("self"));
+            let per_login = |before: Option<f64>, after: Option<f64>| {
+                Some((after? - before?) * 1e6 / clients.len().max(1) as f64)
+            };
+            report.cluster_cpu_us_per_login = per_login(cpu_before.0, cpu_after.0);
+            report.harness_cpu_us_per_login = per_login(cpu_before.1, cpu_after.1);
             report.clients = clients.len();
             report.duration_s = elapsed;
             report.logins_per_sec = Some(clients.len() as f64 / elapsed);
