@@ -5,10 +5,14 @@
 //! [`PasswordWork`] bounds how many hashes run at once: each holds its memory cost (19 MiB by
 //! default) for tens of milliseconds, so a login storm (every client of a dead server logging
 //! in again) must queue for the cores instead of growing the blocking pool and memory with it.
+//! The memory of finished hashes is kept for the next ones ([`ReusedMemory`]).
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
-use std::sync::Arc;
+use argon2::password_hash::{
+    Decimal, Ident, Output, ParamsString, PasswordHash, PasswordHasher, PasswordVerifier, Salt,
+    SaltString,
+};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::Semaphore;
@@ -38,10 +42,85 @@ impl Default for Cost {
     }
 }
 
-fn hasher(cost: Cost) -> Result<Argon2<'static>, HashError> {
-    let params = Params::new(cost.memory_kib, cost.iterations, LANES, None)
-        .map_err(|e| HashError(e.to_string()))?;
-    Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+/// Most Argon2 memory kept for reuse per buffer (a hash with a larger cost gets memory of its
+/// own): 64 MiB.
+const KEEP_BLOCKS_AT_MOST: usize = 64 * 1024;
+
+/// Argon2 memory kept between hashes, one buffer per hash that can run at once (one per core,
+/// as [`PasswordWork::for_this_machine`] allows). Allocating 19 MiB afresh for every login
+/// meant zeroing it or faulting its pages in each time, about a sixth of a hash. The router
+/// keeps what its busiest moment used anyway (19 MiB per core at the default cost), no more.
+static KEPT_MEMORY: Mutex<Vec<Vec<Block>>> = Mutex::new(Vec::new());
+
+/// Runs `hash` with `count` Argon2 blocks, reusing kept memory when the cost allows. Argon2
+/// writes every block before it reads it, so what an earlier hash left is never used.
+fn with_blocks<T>(count: usize, hash: impl FnOnce(&mut [Block]) -> T) -> T {
+    if count > KEEP_BLOCKS_AT_MOST {
+        return hash(&mut vec![Block::default(); count]);
+    }
+    let kept = || KEPT_MEMORY.lock().unwrap_or_else(|p| p.into_inner());
+    let mut blocks = kept().pop().unwrap_or_default();
+    if blocks.len() < count {
+        blocks.resize(count, Block::default());
+    }
+    let result = hash(&mut blocks[..count]);
+    let mut kept = kept();
+    if kept.len() < std::thread::available_parallelism().map_or(2, |n| n.get()) {
+        kept.push(blocks);
+    }
+    result
+}
+
+/// Argon2 through the kept memory; the same PHC strings and checks as `Argon2`'s own
+/// `PasswordHasher` (whose blanket `PasswordVerifier` verification uses this).
+struct ReusedMemory;
+
+impl PasswordHasher for ReusedMemory {
+    type Params = Params;
+
+    fn hash_password<'a>(
+        &self,
+        password: &[u8],
+        salt: impl Into<Salt<'a>>,
+    ) -> argon2::password_hash::Result<PasswordHash<'a>> {
+        self.hash_password_customized(password, None, None, Params::default(), salt)
+    }
+
+    fn hash_password_customized<'a>(
+        &self,
+        password: &[u8],
+        algorithm: Option<Ident<'a>>,
+        version: Option<Decimal>,
+        params: Params,
+        salt: impl Into<Salt<'a>>,
+    ) -> argon2::password_hash::Result<PasswordHash<'a>> {
+        let algorithm = algorithm
+            .map(Algorithm::try_from)
+            .transpose()?
+            .unwrap_or_default();
+        let version = version
+            .map(Version::try_from)
+            .transpose()?
+            .unwrap_or_default();
+        let salt = salt.into();
+        let mut salt_buf = [0u8; 64];
+        let salt_bytes = salt.decode_b64(&mut salt_buf)?;
+        let output_len = params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN);
+        let argon2 = Argon2::new(algorithm, version, params.clone());
+        let output = Output::init_with(output_len, |out| {
+            with_blocks(params.block_count(), |blocks| {
+                argon2.hash_password_into_with_memory(password, salt_bytes, out, blocks)
+            })?;
+            Ok(())
+        })?;
+        Ok(PasswordHash {
+            algorithm: algorithm.ident(),
+            version: Some(version.into()),
+            params: ParamsString::try_from(&params)?,
+            salt: Some(salt),
+            hash: Some(output),
+        })
+    }
 }
 
 /// Why hashing failed.
@@ -53,8 +132,16 @@ pub struct HashError(String);
 pub fn hash(password: &str, cost: Cost) -> Result<String, HashError> {
     let salt_bytes: [u8; 16] = rand::random();
     let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| HashError(e.to_string()))?;
-    hasher(cost)?
-        .hash_password(password.as_bytes(), &salt)
+    let params = Params::new(cost.memory_kib, cost.iterations, LANES, None)
+        .map_err(|e| HashError(e.to_string()))?;
+    ReusedMemory
+        .hash_password_customized(
+            password.as_bytes(),
+            Some(Algorithm::Argon2id.ident()),
+            Some(Version::V0x13.into()),
+            params,
+            &salt,
+        )
         .map(|h| h.to_string())
         .map_err(|e| HashError(e.to_string()))
 }
@@ -63,7 +150,7 @@ pub fn hash(password: &str, cost: Cost) -> Result<String, HashError> {
 pub fn verify(password: &str, stored: &str) -> bool {
     // The stored PHC string carries its own parameters, which verification uses.
     PasswordHash::new(stored).is_ok_and(|parsed| {
-        Argon2::default()
+        ReusedMemory
             .verify_password(password.as_bytes(), &parsed)
             .is_ok()
     })
@@ -248,5 +335,43 @@ mod tests {
         let h = super::hash("s3cret", cheap).unwrap();
         assert!(h.contains("m=1024,t=1"));
         assert!(super::verify("s3cret", &h));
+    }
+
+    #[test]
+    fn hashes_match_argon2s_own_whatever_the_kept_memory_held() {
+        use super::*;
+        // Leave the kept memory full of another, larger hash first.
+        let bigger = Cost {
+            memory_kib: 2048,
+            iterations: 1,
+        };
+        assert!(verify("other", &hash("other", bigger).unwrap()));
+        let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+        let params = Params::new(1024, 2, LANES, None).unwrap();
+        let ours = ReusedMemory
+            .hash_password_customized(
+                b"s3cret",
+                Some(Algorithm::Argon2id.ident()),
+                Some(Version::V0x13.into()),
+                params.clone(),
+                &salt,
+            )
+            .unwrap()
+            .to_string();
+        let theirs = Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+            .hash_password(b"s3cret", &salt)
+            .unwrap()
+            .to_string();
+        assert_eq!(ours, theirs);
+        // Hashes stored before (by argon2's own hasher) still verify, and ours verify there.
+        assert!(verify("s3cret", &theirs));
+        assert!(!verify("s3cret!", &theirs));
+        let stored = hash("s3cret", Cost::default()).unwrap();
+        let parsed = PasswordHash::new(&stored).unwrap();
+        assert!(
+            Argon2::default()
+                .verify_password(b"s3cret", &parsed)
+                .is_ok()
+        );
     }
 }
