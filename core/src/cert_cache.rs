@@ -6,8 +6,10 @@
 //! Only the chain is cached. Every handshake still checks the server's signature over the
 //! handshake itself, which proves it holds the certificate's key. A cache entry covers the
 //! exact chain bytes, server name, stapled OCSP response and trust anchors that were verified,
-//! and it ages out after [`VERIFIED_FOR`], which bounds how long an expiring certificate can
-//! outlive its `notAfter`.
+//! and it ages out after [`VERIFIED_FOR`]: a chain is checked again at least that often, so a
+//! certificate past its `notAfter` is refused at most that much later. (A handshake resumed from
+//! a session ticket checks no certificate at all, as in any TLS 1.3 client; the router's
+//! ticket keys live only in its process, so a restarted router is checked in full.)
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +19,6 @@ use std::time::Duration;
 use ring::digest::{Context, SHA256};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -48,11 +49,10 @@ pub struct CachingServerVerifier {
 }
 
 impl CachingServerVerifier {
-    /// A verifier trusting `roots`.
-    pub fn new(
-        roots: RootCertStore,
-        provider: Arc<CryptoProvider>,
-    ) -> Result<Self, rustls::client::VerifierBuilderError> {
+    /// A verifier trusting `roots`, with cim's one crypto provider ([`crate::tls::provider`]):
+    /// verdicts are shared by every verifier in the process, so they must all check the same
+    /// way (same signature algorithms, no revocation lists).
+    pub fn new(roots: RootCertStore) -> Result<Self, rustls::client::VerifierBuilderError> {
         let mut digest = Context::new(&SHA256);
         for anchor in &roots.roots {
             for part in [
@@ -65,7 +65,8 @@ impl CachingServerVerifier {
         }
         let roots_digest = finish(digest);
         let inner =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
+                .build()?;
         Ok(Self {
             inner,
             roots_digest,
@@ -87,6 +88,11 @@ impl CachingServerVerifier {
     ) -> ChainKey {
         let mut digest = Context::new(&SHA256);
         add_field(&mut digest, &self.roots_digest);
+        let kind: &[u8] = match server_name {
+            ServerName::DnsName(_) => b"dns",
+            _ => b"ip",
+        };
+        add_field(&mut digest, kind);
         add_field(&mut digest, server_name.to_str().as_bytes());
         add_field(&mut digest, ocsp_response);
         add_field(&mut digest, end_entity);
@@ -194,21 +200,45 @@ mod tests {
         chain: &[CertificateDer<'static>],
         name: &'static str,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        verifier.verify_server_cert(
-            &chain[0],
-            &chain[1..],
-            &ServerName::try_from(name).unwrap(),
-            &[],
-            UnixTime::now(),
-        )
+        verify_at(verifier, chain, name, &[], UnixTime::now())
+    }
+
+    fn verify_at(
+        verifier: &CachingServerVerifier,
+        chain: &[CertificateDer<'static>],
+        name: &'static str,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let name = ServerName::try_from(name).unwrap();
+        verifier.verify_server_cert(&chain[0], &chain[1..], &name, ocsp, now)
+    }
+
+    #[test]
+    fn a_verdict_covers_only_its_ocsp_bytes_and_its_five_minutes() {
+        let (roots, chain) = ca_and_server();
+        let verifier = CachingServerVerifier::new(roots).unwrap();
+        let now = UnixTime::now();
+        let later = |secs| UnixTime::since_unix_epoch(Duration::from_secs(now.as_secs() + secs));
+        verify_at(&verifier, &chain, "127.0.0.1", &[], now).unwrap();
+        verify_at(&verifier, &chain, "127.0.0.1", &[], later(299)).unwrap();
+        assert_eq!(verifier.chain_checks(), 1);
+        verify_at(&verifier, &chain, "127.0.0.1", b"stapled", later(299)).unwrap();
+        assert_eq!(
+            verifier.chain_checks(),
+            2,
+            "other OCSP bytes, another check"
+        );
+        verify_at(&verifier, &chain, "127.0.0.1", &[], later(300)).unwrap();
+        assert_eq!(verifier.chain_checks(), 3, "five minutes on, checked again");
     }
 
     #[test]
     fn a_verified_chain_is_checked_once_and_only_for_its_own_roots_and_name() {
         let (roots_a, chain_a) = ca_and_server();
         let (roots_b, chain_b) = ca_and_server();
-        let a = CachingServerVerifier::new(roots_a, tls::provider()).unwrap();
-        let b = CachingServerVerifier::new(roots_b, tls::provider()).unwrap();
+        let a = CachingServerVerifier::new(roots_a).unwrap();
+        let b = CachingServerVerifier::new(roots_b).unwrap();
 
         verify(&a, &chain_a, "localhost").unwrap();
         verify(&a, &chain_a, "localhost").unwrap();

@@ -27,7 +27,7 @@ pub enum TlsError {
     #[error("tls configuration: {0}")]
     Rustls(#[from] rustls::Error),
     /// A certificate verifier could not be built.
-    #[error("client verifier: {0}")]
+    #[error("certificate verifier: {0}")]
     Verifier(String),
 }
 
@@ -122,8 +122,8 @@ pub fn client_config(
     alpn: &[&[u8]],
     client_cert: Option<(&Path, &Path)>,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let verifier = CachingServerVerifier::new(roots, provider())
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier =
+        CachingServerVerifier::new(roots).map_err(|e| TlsError::Verifier(e.to_string()))?;
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

@@ -42,40 +42,57 @@ impl Default for Cost {
     }
 }
 
-/// Most Argon2 memory kept for reuse per buffer (a hash with a larger cost gets memory of its
-/// own): 64 MiB.
+/// Most Argon2 memory kept between hashes, in blocks of 1 KiB: 64 MiB, three buffers at the
+/// default cost whatever the number of cores.
 const KEEP_BLOCKS_AT_MOST: usize = 64 * 1024;
 
-/// Argon2 memory kept between hashes, one buffer per hash that can run at once (one per core,
-/// as [`PasswordWork::for_this_machine`] allows). Allocating 19 MiB afresh for every login
-/// meant zeroing it or faulting its pages in each time, about a sixth of a hash. The router
-/// keeps what its busiest moment used anyway (19 MiB per core at the default cost), no more.
-static KEPT_MEMORY: Mutex<Vec<Vec<Block>>> = Mutex::new(Vec::new());
-
-/// Runs `hash` with `count` Argon2 blocks, reusing kept memory when the cost allows. Argon2
-/// writes every block before it reads it, so what an earlier hash left is never used.
-fn with_blocks<T>(count: usize, hash: impl FnOnce(&mut [Block]) -> T) -> T {
-    if count > KEEP_BLOCKS_AT_MOST {
-        return hash(&mut vec![Block::default(); count]);
-    }
-    let kept = || KEPT_MEMORY.lock().unwrap_or_else(|p| p.into_inner());
-    let mut blocks = kept().pop().unwrap_or_default();
-    if blocks.len() < count {
-        blocks.resize(count, Block::default());
-    }
-    let result = hash(&mut blocks[..count]);
-    let mut kept = kept();
-    if kept.len() < std::thread::available_parallelism().map_or(2, |n| n.get()) {
-        kept.push(blocks);
-    }
-    result
+/// Argon2 memory kept between hashes. Allocating 19 MiB afresh for every login meant zeroing
+/// it or faulting its pages in each time, about a tenth of a hash. Concurrent hashes already
+/// held this much at their peak; kept, it stays after a storm, so its total is capped.
+///
+/// Only hashes of two or more passes use it: their last pass overwrites every block of the
+/// first, so what stays in memory is no shortcut to testing guesses against a password, which
+/// a one-pass hash's memory would be.
+struct KeptMemory {
+    buffers: Mutex<Vec<Vec<Block>>>,
 }
 
-/// Argon2 through the kept memory; the same PHC strings and checks as `Argon2`'s own
-/// `PasswordHasher` (whose blanket `PasswordVerifier` verification uses this).
-struct ReusedMemory;
+static KEPT_MEMORY: KeptMemory = KeptMemory {
+    buffers: Mutex::new(Vec::new()),
+};
 
-impl PasswordHasher for ReusedMemory {
+impl KeptMemory {
+    fn buffers(&self) -> std::sync::MutexGuard<'_, Vec<Vec<Block>>> {
+        self.buffers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `hash` with the `count` Argon2 blocks `params` need, reusing a kept buffer when
+    /// the params allow. Argon2 writes every block before it reads it, so what an earlier hash
+    /// left is never used.
+    fn with_blocks<T>(&self, params: &Params, hash: impl FnOnce(&mut [Block]) -> T) -> T {
+        let count = params.block_count();
+        if params.t_cost() < 2 || count > KEEP_BLOCKS_AT_MOST {
+            return hash(&mut vec![Block::default(); count]);
+        }
+        let mut blocks = self.buffers().pop().unwrap_or_default();
+        if blocks.len() < count {
+            blocks.resize(count, Block::default());
+        }
+        let result = hash(&mut blocks[..count]);
+        let mut buffers = self.buffers();
+        let kept: usize = buffers.iter().map(Vec::len).sum();
+        if kept + blocks.len() <= KEEP_BLOCKS_AT_MOST {
+            buffers.push(blocks);
+        }
+        result
+    }
+}
+
+/// Argon2 through kept memory; the same PHC strings and checks as `Argon2`'s own
+/// `PasswordHasher` (whose blanket `PasswordVerifier` verification uses this).
+struct ReusedMemory<'a>(&'a KeptMemory);
+
+impl PasswordHasher for ReusedMemory<'_> {
     type Params = Params;
 
     fn hash_password<'a>(
@@ -108,7 +125,7 @@ impl PasswordHasher for ReusedMemory {
         let output_len = params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN);
         let argon2 = Argon2::new(algorithm, version, params.clone());
         let output = Output::init_with(output_len, |out| {
-            with_blocks(params.block_count(), |blocks| {
+            self.0.with_blocks(&params, |blocks| {
                 argon2.hash_password_into_with_memory(password, salt_bytes, out, blocks)
             })?;
             Ok(())
@@ -134,7 +151,7 @@ pub fn hash(password: &str, cost: Cost) -> Result<String, HashError> {
     let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| HashError(e.to_string()))?;
     let params = Params::new(cost.memory_kib, cost.iterations, LANES, None)
         .map_err(|e| HashError(e.to_string()))?;
-    ReusedMemory
+    ReusedMemory(&KEPT_MEMORY)
         .hash_password_customized(
             password.as_bytes(),
             Some(Algorithm::Argon2id.ident()),
@@ -150,7 +167,7 @@ pub fn hash(password: &str, cost: Cost) -> Result<String, HashError> {
 pub fn verify(password: &str, stored: &str) -> bool {
     // The stored PHC string carries its own parameters, which verification uses.
     PasswordHash::new(stored).is_ok_and(|parsed| {
-        ReusedMemory
+        ReusedMemory(&KEPT_MEMORY)
             .verify_password(password.as_bytes(), &parsed)
             .is_ok()
     })
@@ -340,38 +357,60 @@ mod tests {
     #[test]
     fn hashes_match_argon2s_own_whatever_the_kept_memory_held() {
         use super::*;
-        // Leave the kept memory full of another, larger hash first.
-        let bigger = Cost {
-            memory_kib: 2048,
-            iterations: 1,
+        // A pool of its own (other tests hash in parallel), holding a buffer full of garbage.
+        let memory = KeptMemory {
+            buffers: Mutex::new(vec![vec![Block::default(); 4096]]),
         };
-        assert!(verify("other", &hash("other", bigger).unwrap()));
+        for block in memory.buffers()[0].iter_mut() {
+            for word in AsMut::<[u64]>::as_mut(block) {
+                *word = 0xA5A5_A5A5_A5A5_A5A5;
+            }
+        }
         let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
-        let params = Params::new(1024, 2, LANES, None).unwrap();
-        let ours = ReusedMemory
-            .hash_password_customized(
-                b"s3cret",
-                Some(Algorithm::Argon2id.ident()),
-                Some(Version::V0x13.into()),
-                params.clone(),
-                &salt,
-            )
-            .unwrap()
-            .to_string();
-        let theirs = Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-            .hash_password(b"s3cret", &salt)
-            .unwrap()
-            .to_string();
-        assert_eq!(ours, theirs);
-        // Hashes stored before (by argon2's own hasher) still verify, and ours verify there.
-        assert!(verify("s3cret", &theirs));
-        assert!(!verify("s3cret!", &theirs));
-        let stored = hash("s3cret", Cost::default()).unwrap();
-        let parsed = PasswordHash::new(&stored).unwrap();
-        assert!(
-            Argon2::default()
-                .verify_password(b"s3cret", &parsed)
-                .is_ok()
-        );
+        for (memory_kib, passes, output_len) in [(1024, 2, None), (2048, 3, Some(64))] {
+            let params = Params::new(memory_kib, passes, LANES, output_len).unwrap();
+            let ours = ReusedMemory(&memory)
+                .hash_password_customized(
+                    b"s3cret",
+                    Some(Algorithm::Argon2id.ident()),
+                    Some(Version::V0x13.into()),
+                    params.clone(),
+                    &salt,
+                )
+                .unwrap()
+                .to_string();
+            let theirs = Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+                .hash_password(b"s3cret", &salt)
+                .unwrap()
+                .to_string();
+            assert_eq!(ours, theirs);
+            // The garbage buffer was used (a fresh one would be kept beside it) and kept.
+            let kept: Vec<usize> = memory.buffers().iter().map(Vec::len).collect();
+            assert_eq!(kept, vec![4096]);
+            // Hashes stored before (by argon2's own hasher) verify here, and ours there.
+            let parsed = PasswordHash::new(&theirs).unwrap();
+            assert!(
+                ReusedMemory(&memory)
+                    .verify_password(b"s3cret", &parsed)
+                    .is_ok()
+            );
+            assert!(
+                ReusedMemory(&memory)
+                    .verify_password(b"s3cret!", &parsed)
+                    .is_err()
+            );
+            assert!(
+                Argon2::default()
+                    .verify_password(b"s3cret", &PasswordHash::new(&ours).unwrap())
+                    .is_ok()
+            );
+        }
+        // One-pass hashes and costs above the cap get memory of their own.
+        let one_pass = Params::new(1024, 1, LANES, None).unwrap();
+        memory.with_blocks(&one_pass, |blocks| assert_eq!(blocks.len(), 1024));
+        assert_eq!(memory.buffers().len(), 1);
+        let huge = Params::new(65 * 1024, 2, LANES, None).unwrap();
+        memory.with_blocks(&huge, |_| ());
+        assert_eq!(memory.buffers().len(), 1);
     }
 }
