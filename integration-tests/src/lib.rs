@@ -189,6 +189,23 @@ pub async fn next_message(events: &mut Events) -> anyhow::Result<cim_client::Inc
     }
 }
 
+/// The router's `/metrics` text, read through `api` (one HTTPS connection of its own).
+pub async fn router_metrics(api: &cim_client::RouterApi) -> anyhow::Result<String> {
+    let (_, body) = api
+        .raw(http::Method::GET, "/metrics", Default::default(), None)
+        .await?;
+    Ok(String::from_utf8(body.to_vec())?)
+}
+
+/// The value of the sample `name` (a counter's `..._total`, a gauge) in a `/metrics` text.
+pub fn metric_value(metrics: &str, name: &str) -> anyhow::Result<f64> {
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .with_context(|| format!("{name} missing from /metrics"))?;
+    Ok(line.split_whitespace().last().unwrap_or("0").parse()?)
+}
+
 /// Path of a workspace binary next to the test executable (`target/<profile>/<name>`).
 pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;

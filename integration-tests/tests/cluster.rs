@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use cim_client::{Client, ClientConfig, ClientError, Event, Events, LoginOptions};
 use cim_integration_tests::cluster::{HEARTBEAT_MS, ProcCluster, ROUTE_LEASE_MS, ZK_SESSION_MS};
-use cim_integration_tests::{WAIT, eventually, next_event, next_message};
+use cim_integration_tests::{
+    WAIT, eventually, metric_value, next_event, next_message, router_metrics,
+};
 use redis::AsyncCommands;
 
 async fn login(
@@ -244,15 +246,7 @@ async fn password_logins(cluster: &ProcCluster) -> anyhow::Result<f64> {
 
 /// The value of a counter on the router's /metrics.
 async fn metric(api: &cim_client::RouterApi, name: &str) -> anyhow::Result<f64> {
-    let (_, body) = api
-        .raw(http::Method::GET, "/metrics", Default::default(), None)
-        .await?;
-    let text = String::from_utf8(body.to_vec())?;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(name))
-        .ok_or_else(|| anyhow::anyhow!("{name} missing from /metrics"))?;
-    Ok(line.split_whitespace().last().unwrap_or("0").parse()?)
+    metric_value(&router_metrics(api).await?, name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cim_client::{Client, Event, Events, LoginOptions};
-use cim_integration_tests::{Backend, TestCluster, WAIT, next_event};
+use cim_integration_tests::{Backend, TestCluster, WAIT, metric_value, next_event, router_metrics};
 use http::Method;
 
 async fn cluster(servers: usize) -> anyhow::Result<TestCluster> {
@@ -37,15 +37,8 @@ async fn next_chat(events: &mut Events) -> anyhow::Result<cim_client::IncomingMe
 
 async fn pushes(cluster: &TestCluster) -> anyhow::Result<u64> {
     let api = cim_client::RouterApi::new(&cluster.client_config())?;
-    let (_, body) = api
-        .raw(Method::GET, "/metrics", Default::default(), None)
-        .await?;
-    let text = String::from_utf8(body.to_vec())?;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("cim_router_pushes_total"))
-        .ok_or_else(|| anyhow::anyhow!("no push counter in /metrics"))?;
-    Ok(line.split_whitespace().last().unwrap().parse()?)
+    let pushes = metric_value(&router_metrics(&api).await?, "cim_router_pushes_total")?;
+    Ok(pushes as u64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use cim_client::{Client, ClientError, Event, LoginOptions, RouterApi};
 use cim_integration_tests::{
-    Backend, Proc, TestCluster, WAIT, eventually, next_event, next_message,
+    Backend, Proc, TestCluster, WAIT, eventually, metric_value, next_event, next_message,
+    router_metrics,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -459,20 +460,11 @@ async fn client_links_ask_for_prompt_acks_and_send_no_mtu_probes() -> anyhow::Re
 
 /// `(handshakes, resumed)` HTTPS handshakes the router counted, read through `api`.
 async fn https_handshakes(api: &RouterApi) -> anyhow::Result<(u64, u64)> {
-    let (_, body) = api
-        .raw(http::Method::GET, "/metrics", Default::default(), None)
-        .await?;
-    let metrics = String::from_utf8(body.to_vec())?;
-    let value = |name: &str| -> anyhow::Result<u64> {
-        let line = metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .ok_or_else(|| anyhow::anyhow!("{name} missing from /metrics"))?;
-        Ok(line.split_whitespace().last().unwrap_or("0").parse()?)
-    };
+    // One read: every read of /metrics is a connection of its own, counted too.
+    let metrics = router_metrics(api).await?;
     Ok((
-        value("cim_router_https_handshakes_total")?,
-        value("cim_router_https_resumed_total")?,
+        metric_value(&metrics, "cim_router_https_handshakes_total")? as u64,
+        metric_value(&metrics, "cim_router_https_resumed_total")? as u64,
     ))
 }
 
