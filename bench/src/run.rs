@@ -347,11 +347,9 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
             let clients = login_all(&names, configs, opts.concurrency, &mut report).await?;
             let elapsed = started.elapsed().as_secs_f64();
             let cpu_after = (target.cpu_seconds(), process_cpu_seconds("self"));
-            let per_login = |before: Option<f64>, after: Option<f64>| {
-                Some((after? - before?) * 1e6 / clients.len().max(1) as f64)
-            };
-            report.cluster_cpu_us_per_login = per_login(cpu_before.0, cpu_after.0);
-            report.harness_cpu_us_per_login = per_login(cpu_before.1, cpu_after.1);
+            let logins = clients.len() as u64;
+            report.cluster_cpu_us_per_login = cpu_us_per(cpu_before.0, cpu_after.0, logins);
+            report.harness_cpu_us_per_login = cpu_us_per(cpu_before.1, cpu_after.1, logins);
             report.clients = clients.len();
             report.duration_s = elapsed;
             report.logins_per_sec = Some(clients.len() as f64 / elapsed);
@@ -400,6 +398,12 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
         }
     }
     Ok(report)
+}
+
+/// CPU microseconds per unit of work between two readings of a process's CPU seconds (`None`
+/// when either reading is missing, as for an existing cluster's processes).
+fn cpu_us_per(before: Option<f64>, after: Option<f64>, units: u64) -> Option<f64> {
+    Some((after? - before?) * 1e6 / units.max(1) as f64)
 }
 
 /// Longest a failover victim may take to notice and come back before it counts as lost.
@@ -711,11 +715,8 @@ async fn messaging(
     // Throughput over the whole time deliveries took, sending plus drain.
     report.msgs_per_sec = summary.delivered as f64 / elapsed.as_secs_f64();
     report.client_datagrams_per_msg = Some(datagrams as f64 / summary.delivered.max(1) as f64);
-    let per_msg = |before: Option<f64>, after: Option<f64>| {
-        Some((after? - before?) * 1e6 / summary.delivered.max(1) as f64)
-    };
-    report.cluster_cpu_us_per_msg = per_msg(cpu_before.0, cpu_after.0);
-    report.harness_cpu_us_per_msg = per_msg(cpu_before.1, cpu_after.1);
+    report.cluster_cpu_us_per_msg = cpu_us_per(cpu_before.0, cpu_after.0, summary.delivered);
+    report.harness_cpu_us_per_msg = cpu_us_per(cpu_before.1, cpu_after.1, summary.delivered);
     report.latency_us = latencies.percentiles();
     report.send_ack_latency_us = send_ack.percentiles();
     for client in senders_side {
