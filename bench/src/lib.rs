@@ -1,7 +1,9 @@
 //! cim-bench: drives many real clients through a real cim and reports throughput, latency,
 //! login rate and server memory per connection. Also home of the lossy UDP relay that the
-//! `lossy` scenario and the integration tests put between clients and servers.
+//! `lossy` scenario and the integration tests put between clients and servers, and of the quinn
+//! floor: cim's traffic shapes on bare quinn, to read cim's figures against.
 
+pub mod floor;
 pub mod relay;
 pub mod run;
 pub mod stats;

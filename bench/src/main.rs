@@ -1,10 +1,11 @@
 //! `cim-bench`: load-test harness. `cim-bench private`, `group`, `login`, `idle`, `lossy`,
-//! `failover`; see `cim-bench --help`.
+//! `failover`, and the quinn floor (`floor-private`, `floor-idle`, `floor-login`); see
+//! `cim-bench --help`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use cim_bench::run::{Options, Report, Scenario, run};
 use cim_bench::target::Target;
 use clap::{Parser, ValueEnum};
@@ -22,6 +23,15 @@ enum ScenarioArg {
     Idle,
     Lossy,
     Failover,
+    /// `private` on the quinn floor: bare quinn with cim's traffic shape and settings.
+    FloorPrivate,
+    /// `idle` on the quinn floor.
+    FloorIdle,
+    /// `login` on the quinn floor: a TLS-over-TCP exchange, then a QUIC handshake.
+    FloorLogin,
+    /// The floor's server process (started by the floor scenarios).
+    #[value(hide = true)]
+    FloorServer,
 }
 
 /// Drives many real clients through a real cim and reports what it measured.
@@ -76,6 +86,9 @@ struct Args {
     /// Server to kill, as SERVER_ID=PID (failover; needs --router: `bench/failover.sh`).
     #[arg(long, value_parser = parse_kill)]
     kill: Option<(String, u32)>,
+    /// Certificate set of the floor server (floor-server).
+    #[arg(long, hide = true)]
+    certs: Option<PathBuf>,
     /// Print one JSON object on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -91,6 +104,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if matches!(args.scenario, ScenarioArg::FloorServer) {
+        let certs = args.certs.context("floor-server needs --certs")?;
+        return cim_bench::floor::serve(&certs).await;
+    }
     if args.clients < 2 || args.members < 2 {
         bail!("--clients and --members must be at least 2");
     }
@@ -101,8 +118,13 @@ async fn main() -> anyhow::Result<()> {
         ScenarioArg::Idle => Scenario::Idle,
         ScenarioArg::Lossy => Scenario::Lossy,
         ScenarioArg::Failover => Scenario::Failover,
+        ScenarioArg::FloorPrivate => Scenario::FloorPrivate,
+        ScenarioArg::FloorIdle => Scenario::FloorIdle,
+        ScenarioArg::FloorLogin => Scenario::FloorLogin,
+        ScenarioArg::FloorServer => unreachable!("served above"),
     };
     let target = match (&args.router, &args.ca) {
+        _ if scenario.on_floor() => Target::floor().await?,
         (Some(url), Some(ca)) => Target::external(url.clone(), ca)?,
         _ => Target::embedded(args.servers, &[]).await?,
     };

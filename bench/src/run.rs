@@ -32,6 +32,12 @@ pub enum Scenario {
     Lossy,
     /// A server is killed; its clients find out and log in again elsewhere.
     Failover,
+    /// `Private` on the quinn floor (`crate::floor`).
+    FloorPrivate,
+    /// `Idle` on the quinn floor.
+    FloorIdle,
+    /// `Login` on the quinn floor.
+    FloorLogin,
 }
 
 impl Scenario {
@@ -44,7 +50,18 @@ impl Scenario {
             Scenario::Idle => "idle",
             Scenario::Lossy => "lossy",
             Scenario::Failover => "failover",
+            Scenario::FloorPrivate => "floor-private",
+            Scenario::FloorIdle => "floor-idle",
+            Scenario::FloorLogin => "floor-login",
         }
+    }
+
+    /// Whether the scenario runs on the quinn floor instead of a cim.
+    pub fn on_floor(self) -> bool {
+        matches!(
+            self,
+            Scenario::FloorPrivate | Scenario::FloorIdle | Scenario::FloorLogin
+        )
     }
 }
 
@@ -223,43 +240,70 @@ async fn login_all(
     concurrency: usize,
     report: &mut Report,
 ) -> anyhow::Result<Vec<(Client, Events)>> {
-    type Timed = (usize, Duration, (Client, Events));
-    let logins: Vec<anyhow::Result<Timed>> =
-        stream::iter(names.iter().cloned().zip(configs).enumerate())
-            .map(|(i, (name, config))| async move {
-                let started = Instant::now();
-                // A handshake can outlast one connect timeout on a very lossy link: retry a little.
-                // A router with its password hashing queue full answers `busy`: wait and retry.
-                let mut attempt = 0;
-                let mut busy = 0;
-                loop {
-                    attempt += 1;
-                    match Client::login(
-                        &config,
-                        &name,
-                        "bench-password",
-                        LoginOptions { takeover: true },
-                    )
-                    .await
-                    {
-                        Ok(pair) => return Ok((i, started.elapsed(), pair)),
-                        Err(e) if e.code() == Some("busy") && busy < 100 => {
-                            busy += 1;
-                            attempt -= 1;
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                        Err(e) if attempt < 3 => {
-                            tracing::debug!(name, error = %e, "login failed; retrying")
-                        }
-                        Err(e) => {
-                            return Err(anyhow::Error::new(e).context(format!("logging in {name}")));
-                        }
+    let configs = &configs;
+    timed_logins(
+        names.len(),
+        concurrency,
+        |i| async move {
+            let name = &names[i];
+            // A handshake can outlast one connect timeout on a very lossy link: retry a little.
+            // A router with its password hashing queue full answers `busy`: wait and retry.
+            let mut attempt = 0;
+            let mut busy = 0;
+            loop {
+                attempt += 1;
+                match Client::login(
+                    &configs[i],
+                    name,
+                    "bench-password",
+                    LoginOptions { takeover: true },
+                )
+                .await
+                {
+                    Ok(pair) => return Ok(pair),
+                    Err(e) if e.code() == Some("busy") && busy < 100 => {
+                        busy += 1;
+                        attempt -= 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) if attempt < 3 => {
+                        tracing::debug!(name, error = %e, "login failed; retrying")
+                    }
+                    Err(e) => {
+                        return Err(anyhow::Error::new(e).context(format!("logging in {name}")));
                     }
                 }
-            })
-            .buffer_unordered(concurrency)
-            .collect()
-            .await;
+            }
+        },
+        report,
+    )
+    .await
+}
+
+/// Runs `login(i)` for every `i` in `0..n`, `concurrency` at a time, records how long each
+/// took in the report, and returns what they logged in, in index order.
+pub(crate) async fn timed_logins<T, F, Fut>(
+    n: usize,
+    concurrency: usize,
+    login: F,
+    report: &mut Report,
+) -> anyhow::Result<Vec<T>>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let logins: Vec<anyhow::Result<(usize, Duration, T)>> = stream::iter(0..n)
+        .map(|i| {
+            let login = login(i);
+            async move {
+                let started = Instant::now();
+                let logged_in = login.await?;
+                Ok((i, started.elapsed(), logged_in))
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
     let mut logins = logins.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     logins.sort_by_key(|(i, _, _)| *i);
     let mut took = Latencies::default();
@@ -267,7 +311,10 @@ async fn login_all(
         took.record(elapsed.as_micros() as u64);
     }
     report.login_latency_us = Some(took.percentiles());
-    Ok(logins.into_iter().map(|(_, _, pair)| pair).collect())
+    Ok(logins
+        .into_iter()
+        .map(|(_, _, logged_in)| logged_in)
+        .collect())
 }
 
 /// Registers `n` users and logs them in (through the relays in `overrides`, if any).
@@ -367,6 +414,9 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
             report.failover = Some(failover(opts, clients, &victim, pid).await?);
             report.duration_s = started.elapsed().as_secs_f64();
         }
+        Scenario::FloorPrivate => crate::floor::private(opts, target, &mut report).await?,
+        Scenario::FloorIdle => crate::floor::idle(opts, target, &mut report).await?,
+        Scenario::FloorLogin => crate::floor::login(opts, target, &mut report).await?,
         Scenario::Idle => {
             let before = target
                 .rss_bytes()
@@ -402,7 +452,7 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
 
 /// CPU microseconds per unit of work between two readings of a process's CPU seconds (`None`
 /// when either reading is missing, as for an existing cluster's processes).
-fn cpu_us_per(before: Option<f64>, after: Option<f64>, units: u64) -> Option<f64> {
+pub(crate) fn cpu_us_per(before: Option<f64>, after: Option<f64>, units: u64) -> Option<f64> {
     Some((after? - before?) * 1e6 / units.max(1) as f64)
 }
 
@@ -489,6 +539,117 @@ async fn close_all(clients: Vec<(Client, Events)>) {
     }
 }
 
+/// One client as the messaging loop drives it: cim's [`Client`], or a bare QUIC client of the
+/// quinn floor (`crate::floor`).
+pub(crate) trait LoadClient: Send + Sync + 'static {
+    /// Sends `body` to client number `peer` of the run (`None`: to the group everyone is in)
+    /// and waits for the ack. Returns how many recipients the ack counts.
+    fn send(
+        &self,
+        peer: Option<usize>,
+        body: String,
+    ) -> impl Future<Output = anyhow::Result<u32>> + Send;
+    /// UDP datagrams sent plus received on the client's current connection (0 while it has
+    /// none).
+    fn datagrams(&self) -> u64;
+}
+
+/// Where one client's deliveries arrive, in the order the application sees them.
+pub(crate) trait Deliveries: Send + 'static {
+    /// The next delivered message body; `Some(None)` for an event that is not a message, `None`
+    /// once the client is closed.
+    fn next_body(&mut self) -> impl Future<Output = Option<Option<String>>> + Send;
+}
+
+/// A cim client of a run, with the user ids of every client of the run (peers by index).
+struct CimClient {
+    client: Client,
+    ids: Arc<[u64]>,
+}
+
+impl LoadClient for CimClient {
+    async fn send(&self, peer: Option<usize>, body: String) -> anyhow::Result<u32> {
+        let ack = match peer {
+            None => self.client.send_group("all", &body).await?,
+            Some(peer) => self.client.send_private(self.ids[peer], &body).await?,
+        };
+        Ok(ack.recipients)
+    }
+
+    fn datagrams(&self) -> u64 {
+        self.client
+            .transport_stats()
+            .map_or(0, |s| s.udp_tx.datagrams + s.udp_rx.datagrams)
+    }
+}
+
+impl Deliveries for Events {
+    async fn next_body(&mut self) -> Option<Option<String>> {
+        match self.next().await? {
+            Event::Message(m) => Some(Some(m.body)),
+            _ => Some(None),
+        }
+    }
+}
+
+/// The receiving side of a messaging run: a task per client recording what it sees until
+/// the run stops.
+pub(crate) struct Receiving {
+    epoch: Instant,
+    delivered: Arc<AtomicU64>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<(u32, Seen)>>,
+}
+
+impl Default for Receiving {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            delivered: Arc::new(AtomicU64::new(0)),
+            stop: watch::channel(false).0,
+            tasks: Vec::new(),
+        }
+    }
+}
+
+impl Receiving {
+    /// Records client number `index`'s deliveries from now on.
+    pub fn add(&mut self, index: usize, mut deliveries: impl Deliveries) {
+        let delivered = self.delivered.clone();
+        let mut stop = self.stop.subscribe();
+        let epoch = self.epoch;
+        self.tasks.push(tokio::spawn(async move {
+            let mut seen = Seen::default();
+            // One stop future for the whole run, not one built (and registered with the watch)
+            // per event: the harness shares the cores with the cluster it measures.
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            tokio::pin!(stopped);
+            loop {
+                let body = tokio::select! {
+                    biased;
+                    b = deliveries.next_body() => b,
+                    () = &mut stopped => break,
+                };
+                match body {
+                    Some(Some(body)) => {
+                        if let Some((sender, counter, sent_at)) = decode_body(&body) {
+                            let now = epoch.elapsed().as_micros() as u64;
+                            seen.latencies.record(now.saturating_sub(sent_at));
+                            seen.keys.push((sender, counter));
+                            delivered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Some(None) => {}
+                    None => break,
+                }
+            }
+            (index as u32, seen)
+        }));
+    }
+}
+
 /// Sends for `opts.duration` (closed loop, or open loop at `opts.rate`), then drains and fills
 /// in the report. With `group_senders`, that many members broadcast to everyone; otherwise
 /// every client sends private messages to random peers.
@@ -499,82 +660,80 @@ async fn messaging(
     group_senders: Option<usize>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    report.window = opts.rate.is_none().then_some(opts.window);
-    let epoch = Instant::now();
-    let now_us = move || epoch.elapsed().as_micros() as u64;
     let ids: Arc<[u64]> = clients.iter().map(|(c, _)| c.info().user_id).collect();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let delivered = Arc::new(AtomicU64::new(0));
-    let expected = Arc::new(AtomicU64::new(0));
-
-    let mut receivers = Vec::new();
-    let mut senders_side = Vec::new();
-    for (index, (client, mut events)) in clients.into_iter().enumerate() {
-        let delivered = delivered.clone();
-        let mut stop = stop_rx.clone();
-        receivers.push(tokio::spawn(async move {
-            let mut seen = Seen::default();
-            // One stop future for the whole run, not one built (and registered with the watch)
-            // per event: the harness shares the cores with the cluster it measures.
-            let stopped = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            tokio::pin!(stopped);
-            loop {
-                let event = tokio::select! {
-                    biased;
-                    e = events.next() => e,
-                    () = &mut stopped => break,
-                };
-                match event {
-                    Some(Event::Message(m)) => {
-                        if let Some((sender, counter, sent_at)) = decode_body(&m.body) {
-                            seen.latencies.record(now_us().saturating_sub(sent_at));
-                            seen.keys.push((sender, counter));
-                            delivered.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Some(_) => {}
-                    None => break,
-                }
-            }
-            (index as u32, seen)
+    let mut receiving = Receiving::default();
+    let mut senders = Vec::new();
+    for (index, (client, events)) in clients.into_iter().enumerate() {
+        receiving.add(index, events);
+        senders.push(Arc::new(CimClient {
+            client,
+            ids: ids.clone(),
         }));
-        senders_side.push(Arc::new(client));
     }
+    drive(
+        opts,
+        || target.cpu_seconds(),
+        &senders,
+        group_senders,
+        receiving,
+        report,
+    )
+    .await?;
+    for client in senders {
+        if let Ok(client) = Arc::try_unwrap(client) {
+            client.client.close().await;
+        }
+    }
+    Ok(())
+}
+
+/// The sending loops, the drain and the report of a messaging run: `clients` send (the first
+/// `group_senders` of them to the group, or all of them to random peers) while `receiving`
+/// records deliveries. `cluster_cpu` reads the CPU seconds of the system under test.
+pub(crate) async fn drive<C: LoadClient>(
+    opts: &Options,
+    cluster_cpu: impl Fn() -> Option<f64>,
+    clients: &[Arc<C>],
+    group_senders: Option<usize>,
+    receiving: Receiving,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    report.window = opts.rate.is_none().then_some(opts.window);
+    let epoch = receiving.epoch;
+    let now_us = move || epoch.elapsed().as_micros() as u64;
+    let peers = clients.len();
+    let delivered = receiving.delivered.clone();
+    let expected = Arc::new(AtomicU64::new(0));
 
     let sending = Arc::new(AtomicBool::new(true));
     let acks = Arc::new(std::sync::Mutex::new(Vec::<((u32, u64), u32, u64)>::new()));
     let errors = Arc::new(AtomicU64::new(0));
     let send_one = {
-        let ids = ids.clone();
         let acks = acks.clone();
         let errors = errors.clone();
         let expected = expected.clone();
         let size = opts.size;
-        move |client: Arc<Client>, index: u32, counter: u64| {
-            let ids = ids.clone();
+        move |client: Arc<C>, index: u32, counter: u64| {
             let acks = acks.clone();
             let errors = errors.clone();
             let expected = expected.clone();
             async move {
                 let body = encode_body(index, counter, now_us(), size);
                 let started = now_us();
-                let result = if group_senders.is_some() {
-                    client.send_group("all", &body).await
-                } else {
-                    let mut peer = rand::rng().random_range(0..ids.len());
+                let peer = group_senders.is_none().then(|| {
+                    let peer = rand::rng().random_range(0..peers);
                     if peer == index as usize {
-                        peer = (peer + 1) % ids.len();
+                        (peer + 1) % peers
+                    } else {
+                        peer
                     }
-                    client.send_private(ids[peer], &body).await
-                };
-                match result {
-                    Ok(ack) => {
-                        expected.fetch_add(u64::from(ack.recipients), Ordering::Relaxed);
+                });
+                match client.send(peer, body).await {
+                    Ok(recipients) => {
+                        expected.fetch_add(u64::from(recipients), Ordering::Relaxed);
                         acks.lock().unwrap_or_else(|p| p.into_inner()).push((
                             (index, counter),
-                            ack.recipients,
+                            recipients,
                             now_us() - started,
                         ));
                     }
@@ -587,14 +746,14 @@ async fn messaging(
         }
     };
 
-    let active: Vec<(u32, Arc<Client>)> = senders_side
+    let active: Vec<(u32, Arc<C>)> = clients
         .iter()
         .enumerate()
         .take(group_senders.unwrap_or(usize::MAX))
         .map(|(i, c)| (i as u32, c.clone()))
         .collect();
-    let datagrams_before = client_datagrams(&senders_side);
-    let cpu_before = (target.cpu_seconds(), process_cpu_seconds("self"));
+    let datagrams_before = client_datagrams(clients);
+    let cpu_before = (cluster_cpu(), process_cpu_seconds("self"));
     let started = Instant::now();
     let mut tasks = Vec::new();
     match opts.rate {
@@ -681,15 +840,15 @@ async fn messaging(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
-    let cpu_after = (target.cpu_seconds(), process_cpu_seconds("self"));
-    let datagrams: u64 = client_datagrams(&senders_side)
+    let cpu_after = (cluster_cpu(), process_cpu_seconds("self"));
+    let datagrams: u64 = client_datagrams(clients)
         .into_iter()
         .zip(datagrams_before)
         // A client that reconnected meanwhile counts from its new connection only.
         .map(|(after, before)| after.checked_sub(before).unwrap_or(after))
         .sum();
     progress.abort();
-    let _ = stop_tx.send(true);
+    let _ = receiving.stop.send(true);
 
     let mut tracker = Tracker::default();
     let mut send_ack = Latencies::default();
@@ -698,7 +857,7 @@ async fn messaging(
         send_ack.record(micros);
     }
     let mut latencies = Latencies::default();
-    for receiver in receivers {
+    for receiver in receiving.tasks {
         let (index, seen) = receiver.await?;
         for key in seen.keys {
             tracker.received(index, key);
@@ -719,24 +878,12 @@ async fn messaging(
     report.harness_cpu_us_per_msg = cpu_us_per(cpu_before.1, cpu_after.1, summary.delivered);
     report.latency_us = latencies.percentiles();
     report.send_ack_latency_us = send_ack.percentiles();
-    for client in senders_side {
-        if let Ok(client) = Arc::try_unwrap(client) {
-            client.close().await;
-        }
-    }
     Ok(())
 }
 
-/// UDP datagrams sent plus received on each client's current connection (0 while it has
-/// none).
-fn client_datagrams(clients: &[Arc<Client>]) -> Vec<u64> {
-    clients
-        .iter()
-        .map(|c| {
-            c.transport_stats()
-                .map_or(0, |s| s.udp_tx.datagrams + s.udp_rx.datagrams)
-        })
-        .collect()
+/// UDP datagrams sent plus received on each client's current connection.
+fn client_datagrams<C: LoadClient>(clients: &[Arc<C>]) -> Vec<u64> {
+    clients.iter().map(|c| c.datagrams()).collect()
 }
 
 fn git_rev() -> String {

@@ -68,33 +68,59 @@ impl Target {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
         let mut router_url = None;
         let mut server_addrs = HashMap::new();
-        let read = async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(url) = line.strip_prefix("router: ") {
-                    router_url = Some(url.trim().to_string());
-                } else if let Some(rest) = line.strip_prefix("server: ") {
-                    if let Some((id, addr)) = rest.split_once(" at ") {
-                        server_addrs.insert(id.to_string(), addr.trim().parse()?);
-                    }
-                } else if line.starts_with("press Ctrl-C") {
-                    return Ok::<_, anyhow::Error>(());
-                }
+        read_start(&mut child, "cim-router", |line| {
+            if let Some(url) = line.strip_prefix("router: ") {
+                router_url = Some(url.trim().to_string());
+            } else if let Some((id, addr)) = line
+                .strip_prefix("server: ")
+                .and_then(|rest| rest.split_once(" at "))
+            {
+                server_addrs.insert(id.to_string(), addr.trim().parse()?);
             }
-            bail!("cim-router exited during start")
-        };
-        tokio::time::timeout(Duration::from_secs(30), read)
-            .await
-            .context("cim-router did not start")??;
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            Ok(line.starts_with("press Ctrl-C"))
+        })
+        .await?;
         Ok(Self {
             router_url: router_url.context("no router url printed")?,
             ca_pem: std::fs::read(certs.join(cim_certs::CA_CERT))?,
             servers: server_addrs,
+            child: Some(child),
+            _dir: Some(dir),
+        })
+    }
+
+    /// Starts the quinn floor server (`crate::floor`): this executable as `cim-bench
+    /// floor-server`, with a fresh certificate set. Its QUIC and TCP addresses are the servers
+    /// `quic` and `tcp`.
+    pub async fn floor() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let certs = cim_certs::generate(&dir.path().join("certs"), &[])?;
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("floor-server")
+            .arg("--certs")
+            .arg(&certs.dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the floor server")?;
+        let mut servers = HashMap::new();
+        read_start(&mut child, "the floor server", |line| {
+            let Some(rest) = line.strip_prefix("floor: ") else {
+                return Ok(false);
+            };
+            let (quic, tcp) = rest.trim().split_once(' ').context("floor: QUIC TCP")?;
+            servers.insert("quic".to_string(), quic.parse()?);
+            servers.insert("tcp".to_string(), tcp.parse()?);
+            Ok(true)
+        })
+        .await?;
+        Ok(Self {
+            router_url: format!("quinn floor at {}", servers["quic"]),
+            ca_pem: std::fs::read(certs.ca_cert())?,
+            servers,
             child: Some(child),
             _dir: Some(dir),
         })
@@ -118,6 +144,30 @@ impl Target {
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kib * 1024)
     }
+}
+
+/// Reads `child`'s stdout lines into `line` until it returns true (within 30 s), then keeps
+/// draining stdout so the child never blocks on a full pipe.
+async fn read_start(
+    child: &mut Child,
+    what: &str,
+    mut line: impl FnMut(&str) -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let read = async {
+        while let Some(next) = lines.next_line().await? {
+            if line(&next)? {
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+        bail!("{what} exited during start")
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .with_context(|| format!("{what} did not start"))??;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(())
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ: 100 on x86-64 and aarch64 Linux).

@@ -1,6 +1,7 @@
 //! The harness's own correctness: a short `cim-bench` run against its embedded cluster must
 //! count every delivery, lose none, duplicate none, and report sane latencies; a failover run
-//! against a process cluster must kill the server it names and follow its clients back.
+//! against a process cluster must kill the server it names and follow its clients back; the
+//! quinn floor's runs must count and report the same way.
 
 #![allow(clippy::unwrap_used)]
 
@@ -24,8 +25,16 @@ async fn bench(args: &[&str]) -> anyhow::Result<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_run_counts_every_delivery_once() -> anyhow::Result<()> {
+    let r = private_run("private").await?;
+    assert!(r["git_rev"].is_string() && r["command"].as_str().unwrap().contains("private"));
+    Ok(())
+}
+
+/// A one-second `scenario` run (`private` or `floor-private`) of six clients: more than ten
+/// messages, each delivered exactly once, sane latencies, datagrams and CPU.
+async fn private_run(scenario: &str) -> anyhow::Result<serde_json::Value> {
     let r = bench(&[
-        "private",
+        scenario,
         "--clients",
         "6",
         "--duration",
@@ -34,29 +43,30 @@ async fn private_run_counts_every_delivery_once() -> anyhow::Result<()> {
         "6",
     ])
     .await?;
-    assert_eq!(r["scenario"], "private");
+    assert_eq!(r["scenario"], scenario);
     let sent = r["sent"].as_u64().unwrap();
     assert!(sent > 10, "{r}");
     assert_eq!(r["delivered"].as_u64(), Some(sent), "{r}");
     assert_eq!(
         (r["lost"].as_u64(), r["duplicated"].as_u64()),
-        (Some(0), Some(0))
+        (Some(0), Some(0)),
+        "{r}"
     );
     let lat = &r["latency_us"];
     assert!(
         lat["p50"].as_u64().unwrap() > 0 && lat["p50"].as_u64() <= lat["p99"].as_u64(),
         "{r}"
     );
-    assert!(r["git_rev"].is_string() && r["command"].as_str().unwrap().contains("private"));
     // Each client has one send in flight, so every message's send is a datagram of its own.
     let datagrams = r["client_datagrams_per_msg"].as_f64().unwrap();
     assert!((1.0..100.0).contains(&datagrams), "{r}");
-    // Both the embedded cluster and the harness did work for every message.
+    // Both the process under test (the embedded cluster, or the floor server) and the harness
+    // did work for every message.
     for side in ["cluster_cpu_us_per_msg", "harness_cpu_us_per_msg"] {
         let micros = r[side].as_f64().unwrap();
         assert!(micros > 0.0 && micros.is_finite(), "{side}: {r}");
     }
-    Ok(())
+    Ok(r)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,6 +124,20 @@ async fn lossy_and_login_runs_report_their_numbers() -> anyhow::Result<()> {
         "{r}"
     );
     let r = bench(&["idle", "--connections", "20", "--concurrency", "10"]).await?;
+    assert!(r["server_rss_bytes_per_conn"].is_u64(), "{r}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floor_runs_count_every_delivery_once_and_report_their_numbers() -> anyhow::Result<()> {
+    let r = private_run("floor-private").await?;
+    assert_eq!(r["clients"].as_u64(), Some(6), "{r}");
+    let r = bench(&["floor-login", "--clients", "8", "--concurrency", "4"]).await?;
+    assert_eq!(r["clients"].as_u64(), Some(8), "{r}");
+    assert!(r["logins_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["cluster_cpu_us_per_login"].as_f64().unwrap() > 0.0, "{r}");
+    let r = bench(&["floor-idle", "--connections", "20", "--concurrency", "10"]).await?;
+    assert_eq!(r["clients"].as_u64(), Some(20), "{r}");
     assert!(r["server_rss_bytes_per_conn"].is_u64(), "{r}");
     Ok(())
 }
