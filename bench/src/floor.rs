@@ -344,11 +344,12 @@ pub async fn private(opts: &Options, target: &Target, report: &mut Report) -> an
     Ok(())
 }
 
-/// `floor-idle`: server memory per idle connection on the floor.
+/// `floor-idle`: server memory per idle connection on the floor, each logged in as
+/// `floor-login` does (TLS over TCP, then QUIC), as cim's idle clients log in over HTTPS first.
 pub async fn idle(opts: &Options, target: &Target, report: &mut Report) -> anyhow::Result<()> {
     let before = target.rss_bytes().context("reading the floor's memory")?;
     let started = Instant::now();
-    let clients = log_in(target, opts.connections, opts.concurrency, false, report).await?;
+    let clients = log_in(target, opts.connections, opts.concurrency, true, report).await?;
     // As for cim: let connections settle (handshake buffers freed, first keep-alives done).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = target.rss_bytes().context("reading the floor's memory")?;

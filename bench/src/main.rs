@@ -225,6 +225,9 @@ fn print_table(r: &Report) {
             "server memory     {b} bytes per connection ({:.1} KiB)",
             b as f64 / 1024.0
         );
+        if let Some(a) = r.server_rss_bytes_per_account {
+            println!("  of which         {a} bytes per account registered before the logins");
+        }
         return;
     }
     if let Some(loss) = r.loss_pct {

@@ -128,8 +128,11 @@ pub struct Report {
     /// Time each login took, concurrency-many at a time (every scenario logs its clients in;
     /// through the relay for `lossy`).
     pub login_latency_us: Option<Percentiles>,
-    /// Server process memory per connection (idle).
+    /// Server process memory per connection (idle), accounts included: the embedded
+    /// process's store holds the accounts its clients were registered with.
     pub server_rss_bytes_per_conn: Option<u64>,
+    /// Of that, what registering the accounts added, before any client connected (idle).
+    pub server_rss_bytes_per_account: Option<u64>,
     /// UDP datagrams the clients sent and received per delivered message (per delivery for
     /// `group`) while sending and draining: a measure of protocol overhead, far less sensitive
     /// to the machine's noise than the rates (it still depends on load, as acks ride on
@@ -422,6 +425,9 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
                 .rss_bytes()
                 .context("the idle scenario needs the embedded target (reads its /proc)")?;
             let names = register(target, &prefix, opts.connections, opts.concurrency).await?;
+            let registered = target.rss_bytes().context("reading server memory")?;
+            report.server_rss_bytes_per_account =
+                Some(registered.saturating_sub(before) / opts.connections.max(1) as u64);
             let started = Instant::now();
             let clients = login_all(
                 &names,
@@ -440,7 +446,8 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
             progress_line(
                 opts,
                 format!(
-                    "rss before {before} B, after {after} B, {} connections",
+                    "rss before {before} B, after registering {registered} B, after {after} B, \
+                     {} connections",
                     clients.len()
                 ),
             );

@@ -125,6 +125,7 @@ async fn lossy_and_login_runs_report_their_numbers() -> anyhow::Result<()> {
     );
     let r = bench(&["idle", "--connections", "20", "--concurrency", "10"]).await?;
     assert!(r["server_rss_bytes_per_conn"].is_u64(), "{r}");
+    assert!(r["server_rss_bytes_per_account"].is_u64(), "{r}");
     Ok(())
 }
 
