@@ -5,7 +5,8 @@
 //! Nothing is lost and nothing is seen twice: every message in a user's inbox has a sequence
 //! number; the client hands messages to the application strictly in sequence order, drops
 //! duplicates, pulls missing ranges, and on every (re)connect pulls everything after the last
-//! sequence number it has. Lost connections are re-established by the client itself: first a
+//! sequence number it has (unless the server's login result says the inbox holds nothing
+//! newer: everything after that is pushed to the new connection). Lost connections are re-established by the client itself: first a
 //! QUIC resumption (0-RTT) to the same server with the same session, then a new login through
 //! the router (jittered exponential backoff). Sends are retried with the same client message id
 //! until acknowledged, and cim stores a retried message once.
@@ -822,6 +823,8 @@ struct Connected {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     heartbeat: Duration,
+    /// The inbox's last seq when the server confirmed the session (`None`: unknown).
+    inbox_last_seq: Option<u64>,
 }
 
 /// Connects and logs in on the control stream, giving up after `timeout`. With `resume`
@@ -892,6 +895,7 @@ async fn login_exchange(
             send,
             recv,
             heartbeat: Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 600_000)),
+            inbox_last_seq: r.inbox_last_seq,
         }),
         Some(server_control::Kind::LoginResult(r)) => {
             conn.close(close::code(close::NORMAL), b"login refused");
@@ -1084,11 +1088,16 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
         mut send,
         recv,
         heartbeat,
+        inbox_last_seq,
     } = connected;
     shared.conn.send_replace(Some(conn.clone()));
     let deliveries = tokio::spawn(accept_deliveries(shared.clone(), conn.clone()));
-    // Catch up on everything stored while we were away.
-    shared.gap.notify_one();
+    // Catch up on everything stored while we were away, unless the server says there is
+    // nothing we lack: every entry after its `inbox_last_seq` is pushed to this connection.
+    let have = shared.inbox.lock().await.last();
+    if inbox_last_seq.is_none_or(|last| last > have) {
+        shared.gap.notify_one();
+    }
 
     let (frames_tx, mut frames) = mpsc::channel(4);
     let mut recv = recv;

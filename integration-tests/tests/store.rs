@@ -1,7 +1,8 @@
 //! The store contract, checked the same way on the in-memory store and on a real Redis:
 //! private appends check the recipient, keep gapless per-user sequence numbers, are idempotent
 //! per message id (also after the recipient acked), and return the recipient's route; a sender's retry of a message gets the
-//! message id its first attempt got; the online list holds confirmed sessions only; a revoked
+//! message id its first attempt got; the last seq given stays readable after the inbox is
+//! trimmed; the online list holds confirmed sessions only; a revoked
 //! login's server cannot renew its route back.
 
 #![allow(clippy::unwrap_used)]
@@ -25,6 +26,11 @@ fn entry(msg_id: u64) -> InboxEntry {
 async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     let limits = InboxLimits::default();
     let bob = store.create_account("bob", "hash").await?;
+    assert_eq!(
+        store.inbox_last_seq(bob.id).await?,
+        0,
+        "nothing appended yet"
+    );
     assert!(
         store
             .append_private(bob.id + 1000, &entry(1), limits)
@@ -90,10 +96,16 @@ async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Resul
     let page = store.fetch_inbox(bob.id, 3, 10, limits, 6).await?;
     assert!(page.entries.is_empty(), "nothing new after the resend");
     assert_eq!(
+        store.inbox_last_seq(bob.id).await?,
+        3,
+        "the last seq given, though the inbox is trimmed empty"
+    );
+    assert_eq!(
         store.append_inbox(&[bob.id], &entry(13), limits).await?,
         vec![4],
         "the resend took no sequence number"
     );
+    assert_eq!(store.inbox_last_seq(bob.id).await?, 4);
     Ok(())
 }
 

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::service::{Sender, Service};
+use crate::service::{Sender, Service, ServiceError};
 
 /// A push waiting to leave, with where its result goes.
 type PendingPush = (Push, oneshot::Sender<Result<PushResult, LinkError>>);
@@ -382,16 +382,26 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                             tokio::spawn(async move {
                                 announcer.announce_presence(open.user_id, true).await
                             });
-                            SessionResult::default()
+                            // Read after the route was confirmed: every later entry is pushed
+                            // to the session. Unknown, the client pulls to catch up.
+                            let inbox_last_seq = match service.inbox_last_seq(open.user_id).await {
+                                Ok(seq) => Some(seq),
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "inbox last seq unread");
+                                    None
+                                }
+                            };
+                            SessionResult {
+                                inbox_last_seq,
+                                ..Default::default()
+                            }
                         }
                         Ok(false) => SessionResult {
                             code: "session_replaced".into(),
                             message: "this login was replaced or has expired; log in again".into(),
+                            ..Default::default()
                         },
-                        Err(e) => SessionResult {
-                            code: e.code().into(),
-                            message: e.to_string(),
-                        },
+                        Err(e) => refused_session(&e),
                     };
                     write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
                 }
@@ -409,10 +419,7 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                             }
                             SessionResult::default()
                         }
-                        Err(e) => SessionResult {
-                            code: e.code().into(),
-                            message: e.to_string(),
-                        },
+                        Err(e) => refused_session(&e),
                     };
                     write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
                 }
@@ -448,10 +455,7 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                         trim.acked.iter().map(|r| (r.user_id, r.seq)).collect();
                     let reply = match service.trim(&acked).await {
                         Ok(()) => SessionResult::default(),
-                        Err(e) => SessionResult {
-                            code: e.code().into(),
-                            message: e.to_string(),
-                        },
+                        Err(e) => refused_session(&e),
                     };
                     write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
                 }
@@ -567,4 +571,13 @@ async fn group_command(
         message: e.to_string(),
         ..Default::default()
     })
+}
+
+/// The answer to a session report the service could not handle.
+fn refused_session(e: &ServiceError) -> SessionResult {
+    SessionResult {
+        code: e.code().into(),
+        message: e.to_string(),
+        ..Default::default()
+    }
 }

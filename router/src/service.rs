@@ -592,6 +592,11 @@ impl Service {
         Ok(lost.is_empty())
     }
 
+    /// The last sequence number `user`'s inbox gave out (see [`Store::inbox_last_seq`]).
+    pub async fn inbox_last_seq(&self, user: u64) -> Result<u64, ServiceError> {
+        Ok(self.store.inbox_last_seq(user).await?)
+    }
+
     /// A server lists its open sessions: renew their routes. Returns users whose route now
     /// belongs to another login.
     pub async fn renew_sessions(

@@ -2,6 +2,7 @@
 //! delivery of pushed messages on server-opened streams.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -403,21 +404,6 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
         Ok(claims) => claims,
         Err(e) => return Err(refuse(conn, &mut send, e.code(), &e.to_string(), close::AUTH).await),
     };
-    match state
-        .links
-        .session_opened(claims.user_id, claims.session_id, &state.config.id)
-        .await
-    {
-        Ok(result) if result.code.is_empty() => {}
-        Ok(result) => {
-            return Err(refuse(conn, &mut send, &result.code, &result.message, close::AUTH).await);
-        }
-        Err(e) => {
-            let message = format!("cannot confirm session: {e}");
-            return Err(refuse(conn, &mut send, "unavailable", &message, close::OVERLOAD).await);
-        }
-    }
-
     let (control_tx, control_rx) = mpsc::channel(64);
     let session = Session {
         session_id: claims.session_id,
@@ -425,20 +411,56 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
         control: control_tx,
         outbox: Outbox::new(claims.user_id, conn.clone()),
     };
-    let previous = state.sessions().insert(claims.user_id, session);
-    match previous {
-        Some(previous) if previous.session_id != claims.session_id => {
-            send_control(&previous, ControlOut::Kick("logged in elsewhere".into()));
+    // With no other session of this user here, the new one goes into the map before the router
+    // confirms it, so every push from then on reaches it (a push that fails leaves its entry in
+    // the inbox, as always). The router reads the inbox's last seq after confirming the route:
+    // every later entry is pushed here, so a client holding everything up to that seq has
+    // nothing to pull. Another session of the user is replaced only once the router has
+    // confirmed this login (a revoked token must not kick anyone), and then the client pulls.
+    let mut waiting = match state.sessions().entry(claims.user_id) {
+        Entry::Vacant(slot) => {
+            slot.insert(session);
+            None
         }
-        Some(previous) => {
-            // The same login reconnected (new path, 0-RTT resumption): it replaces its old
-            // connection without being told to go away.
-            previous
-                .conn
-                .close(close::code(close::NORMAL), b"session resumed elsewhere");
+        Entry::Occupied(_) => Some(session),
+    };
+    let confirmed_seq = match state
+        .links
+        .session_opened(claims.user_id, claims.session_id, &state.config.id)
+        .await
+    {
+        Ok(result) if result.code.is_empty() => result.inbox_last_seq,
+        Ok(result) => {
+            state.remove(claims.user_id, claims.session_id, conn);
+            return Err(refuse(conn, &mut send, &result.code, &result.message, close::AUTH).await);
         }
-        None => {}
-    }
+        Err(e) => {
+            state.remove(claims.user_id, claims.session_id, conn);
+            let message = format!("cannot confirm session: {e}");
+            return Err(refuse(conn, &mut send, "unavailable", &message, close::OVERLOAD).await);
+        }
+    };
+    let inbox_last_seq = match waiting.take() {
+        None => confirmed_seq,
+        Some(session) => {
+            let previous = state.sessions().insert(claims.user_id, session);
+            match previous {
+                Some(previous) if previous.session_id != claims.session_id => {
+                    send_control(&previous, ControlOut::Kick("logged in elsewhere".into()));
+                }
+                Some(previous) => {
+                    // The same login reconnected (new path, 0-RTT resumption): it replaces its
+                    // old connection without being told to go away.
+                    previous
+                        .conn
+                        .close(close::code(close::NORMAL), b"session resumed elsewhere");
+                }
+                None => {}
+            }
+            // Pushes since the router read the seq may have gone to the old session.
+            None
+        }
+    };
     // A login that passed the draining check while the drain began may have been missed by
     // `drain_all`: it is told now (after its login result).
     if state.draining.load(Ordering::Relaxed)
@@ -454,6 +476,7 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
             user_name: claims.user_name.clone(),
             server_id: state.config.id.clone(),
             heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
+            inbox_last_seq,
         })),
     };
     if let Err(e) = write_frame(&mut send, &result, MAX_CONTROL_FRAME).await {

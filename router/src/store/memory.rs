@@ -401,6 +401,10 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn inbox_last_seq(&self, user: u64) -> Result<u64, StoreError> {
+        Ok(self.inner().inboxes.get(&user).map_or(0, |i| i.last_seq))
+    }
+
     async fn create_group(&self, name: &str, owner: u64) -> Result<bool, StoreError> {
         let mut inner = self.inner();
         if inner.groups.contains_key(name) {

@@ -727,6 +727,11 @@ impl Store for RedisStore {
         Ok(())
     }
 
+    async fn inbox_last_seq(&self, user: u64) -> Result<u64, StoreError> {
+        let seq: Option<u64> = self.conn().get(seq_key(user)).await.map_err(unavailable)?;
+        Ok(seq.unwrap_or(0))
+    }
+
     async fn create_group(&self, name: &str, owner: u64) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         let created: bool = conn
