@@ -5,8 +5,8 @@
 //! Nothing is lost and nothing is seen twice: every message in a user's inbox has a sequence
 //! number; the client hands messages to the application strictly in sequence order, drops
 //! duplicates, pulls missing ranges, and on every (re)connect pulls everything after the last
-//! sequence number it has (unless the server's login result says the inbox holds nothing
-//! newer: everything after that is pushed to the new connection). Lost connections are re-established by the client itself: first a
+//! sequence number it has (except after a first login whose result says the inbox holds
+//! nothing newer: everything after that is pushed to the new connection). Lost connections are re-established by the client itself: first a
 //! QUIC resumption (0-RTT) to the same server with the same session, then a new login through
 //! the router (jittered exponential backoff). Sends are retried with the same client message id
 //! until acknowledged, and cim stores a retried message once.
@@ -823,7 +823,8 @@ struct Connected {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     heartbeat: Duration,
-    /// The inbox's last seq when the server confirmed the session (`None`: unknown).
+    /// The inbox's last seq when the server confirmed the session (`None`: unknown, or a
+    /// reconnect, which always pulls).
     inbox_last_seq: Option<u64>,
 }
 
@@ -943,8 +944,13 @@ async fn supervise(shared: Arc<Shared>, first: Connected) {
             return;
         }
         match reconnect(&shared, relogin).await {
-            Some((next, info)) => {
+            Some((mut next, info)) => {
                 let _ = shared.events.send(Event::Reconnected(info)).await;
+                // A reconnect always catches up. When it resumes the same session, the old
+                // connection's end may still be on its way to the router and release the
+                // route after the new one was confirmed; the pull covers what was stored until
+                // then, and the server's route renewal puts the route back.
+                next.inbox_last_seq = None;
                 connected = next;
             }
             None => return,
@@ -1095,7 +1101,14 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
     // Catch up on everything stored while we were away, unless the server says there is
     // nothing we lack: every entry after its `inbox_last_seq` is pushed to this connection.
     let have = shared.inbox.lock().await.last();
-    if inbox_last_seq.is_none_or(|last| last > have) {
+    if inbox_last_seq.is_some_and(|last| last < have) {
+        tracing::warn!(
+            have,
+            inbox_last_seq,
+            "the server's inbox is behind what this client holds; pulling"
+        );
+    }
+    if inbox_last_seq.is_none_or(|last| last != have) {
         shared.gap.notify_one();
     }
 

@@ -75,7 +75,6 @@ impl TestCluster {
         backend: Backend,
         tweak: impl FnOnce(&mut EmbeddedConfig),
     ) -> anyhow::Result<Self> {
-        init_logs();
         let (store, redis): (Arc<dyn Store>, _) = match backend {
             Backend::Memory => (Arc::new(MemoryStore::new()), None),
             Backend::Redis => {
@@ -84,6 +83,19 @@ impl TestCluster {
                 (Arc::new(store), Some(redis))
             }
         };
+        let mut cluster = Self::start_on_store(servers, store, tweak).await?;
+        cluster.redis = redis;
+        Ok(cluster)
+    }
+
+    /// [`TestCluster::start_with`] on a store of the test's own (a wrapper that delays or
+    /// fails some calls, say).
+    pub async fn start_on_store(
+        servers: usize,
+        store: Arc<dyn Store>,
+        tweak: impl FnOnce(&mut EmbeddedConfig),
+    ) -> anyhow::Result<Self> {
+        init_logs();
         let dir = tempfile::tempdir()?;
         let shutdown = CancellationToken::new();
         let config = EmbeddedConfig {
@@ -118,7 +130,7 @@ impl TestCluster {
             embedded,
             shutdown,
             dir,
-            redis,
+            redis: None,
         };
         cluster.wait_ready().await?;
         Ok(cluster)

@@ -401,7 +401,7 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                             message: "this login was replaced or has expired; log in again".into(),
                             ..Default::default()
                         },
-                        Err(e) => refused_session(&e),
+                        Err(e) => failure_result(&e),
                     };
                     write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
                 }
@@ -419,7 +419,7 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                             }
                             SessionResult::default()
                         }
-                        Err(e) => refused_session(&e),
+                        Err(e) => failure_result(&e),
                     };
                     write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
                 }
@@ -455,7 +455,7 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                         trim.acked.iter().map(|r| (r.user_id, r.seq)).collect();
                     let reply = match service.trim(&acked).await {
                         Ok(()) => SessionResult::default(),
-                        Err(e) => refused_session(&e),
+                        Err(e) => failure_result(&e),
                     };
                     write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
                 }
@@ -573,8 +573,8 @@ async fn group_command(
     })
 }
 
-/// The answer to a session report the service could not handle.
-fn refused_session(e: &ServiceError) -> SessionResult {
+/// The answer to a session report or inbox trim the service could not handle.
+fn failure_result(e: &ServiceError) -> SessionResult {
     SessionResult {
         code: e.code().into(),
         message: e.to_string(),

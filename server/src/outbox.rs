@@ -61,6 +61,8 @@ impl Queued {
 #[derive(Default)]
 struct Queue {
     pending: VecDeque<Queued>,
+    /// The session is not confirmed yet: deliveries queue, none leaves (see [`Outbox::held`]).
+    held: bool,
     senders: usize,
     /// Senders whose stream has waited for its ack past [`stall_after`].
     stalled: usize,
@@ -70,7 +72,8 @@ impl Queue {
     /// Whether what is pending wants another sender: none runs, or every running one waits on
     /// a slow stream and fewer than [`MAX_SENDERS`] run.
     fn wants_sender(&self) -> bool {
-        !self.pending.is_empty()
+        !self.held
+            && !self.pending.is_empty()
             && (self.senders == 0 || (self.senders < MAX_SENDERS && self.stalled == self.senders))
     }
 
@@ -91,12 +94,31 @@ impl Queue {
 }
 
 impl Outbox {
-    pub(crate) fn new(user: u64, conn: quinn::Connection) -> Arc<Self> {
+    /// An outbox that holds what is pushed to it until [`Outbox::release`]: a login's session
+    /// takes pushes from before the router has confirmed it (so none falls between the
+    /// router's read of the inbox and the session), but sends nothing to a client whose token
+    /// the router may still refuse.
+    pub(crate) fn held(user: u64, conn: quinn::Connection) -> Arc<Self> {
         Arc::new(Self {
             user,
             conn,
-            queue: Mutex::default(),
+            queue: Mutex::new(Queue {
+                held: true,
+                ..Queue::default()
+            }),
         })
+    }
+
+    /// Whether the outbox is still held (its session not yet confirmed).
+    pub(crate) fn is_held(&self) -> bool {
+        self.queue().held
+    }
+
+    /// Lets held deliveries and later ones leave.
+    pub(crate) fn release(self: &Arc<Self>, state: &Arc<State>) {
+        let mut queue = self.queue();
+        queue.held = false;
+        self.start_sender_if_wanted(&mut queue, state);
     }
 
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -247,6 +269,7 @@ mod tests {
                     }),
                 })
                 .collect(),
+            held: false,
             senders: 1,
             stalled: 0,
         }
@@ -311,6 +334,16 @@ mod tests {
         assert!(!queue.wants_sender(), "one slow, one running");
         queue.stalled = 2;
         assert!(!queue.wants_sender(), "at most MAX_SENDERS");
+    }
+
+    #[test]
+    fn a_held_outbox_sends_nothing_until_released() {
+        let mut queue = queue_of(&[10, 10]);
+        queue.senders = 0;
+        queue.held = true;
+        assert!(!queue.wants_sender(), "held: the session is not confirmed");
+        queue.held = false;
+        assert!(queue.wants_sender(), "released");
     }
 
     #[test]

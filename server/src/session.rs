@@ -83,10 +83,12 @@ impl State {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `(user, session_id)` of every local session.
+    /// The confirmed sessions here, as `(user, session_id)` (a login still waiting for the router
+    /// is left out: renewing its route could confirm a login the router is about to refuse).
     pub(crate) fn session_refs(&self) -> Vec<(u64, u64)> {
         self.sessions()
             .iter()
+            .filter(|(_, s)| !s.outbox.is_held())
             .map(|(user, s)| (*user, s.session_id))
             .collect()
     }
@@ -366,7 +368,26 @@ type LoggedIn = (
 );
 
 /// Runs the login exchange. On refusal the client has been told why and the connection closed.
-async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, String> {
+/// Takes a login's session out of the session map again unless the login completes: a refused,
+/// failed or timed-out login (its future dropped) must leave no session behind that takes pushes
+/// or renews a route.
+struct Unconfirmed<'a> {
+    state: &'a State,
+    user: u64,
+    session_id: u64,
+    conn: &'a quinn::Connection,
+    armed: bool,
+}
+
+impl Drop for Unconfirmed<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state.remove(self.user, self.session_id, self.conn);
+        }
+    }
+}
+
+async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn, String> {
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
     let frame: Result<ClientControl, _> = read_required(&mut recv, MAX_CONTROL_FRAME).await;
     let login = match frame.map(|f| f.kind) {
@@ -405,24 +426,33 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
         Err(e) => return Err(refuse(conn, &mut send, e.code(), &e.to_string(), close::AUTH).await),
     };
     let (control_tx, control_rx) = mpsc::channel(64);
+    let outbox = Outbox::held(claims.user_id, conn.clone());
     let session = Session {
         session_id: claims.session_id,
         conn: conn.clone(),
         control: control_tx,
-        outbox: Outbox::new(claims.user_id, conn.clone()),
+        outbox: outbox.clone(),
     };
     // With no other session of this user here, the new one goes into the map before the router
-    // confirms it, so every push from then on reaches it (a push that fails leaves its entry in
-    // the inbox, as always). The router reads the inbox's last seq after confirming the route:
-    // every later entry is pushed here, so a client holding everything up to that seq has
-    // nothing to pull. Another session of the user is replaced only once the router has
-    // confirmed this login (a revoked token must not kick anyone), and then the client pulls.
+    // confirms it, so every push from then on reaches its outbox, held until the router has
+    // confirmed the login (a push that fails leaves its entry in the inbox, as always). The
+    // router reads the inbox's last seq after confirming the route: every later entry is
+    // pushed here, so a client holding everything up to that seq has nothing to pull. Another
+    // session of the user is replaced only once the router has confirmed this login (a revoked
+    // token must not kick anyone), and then the client is told nothing and pulls.
     let mut waiting = match state.sessions().entry(claims.user_id) {
         Entry::Vacant(slot) => {
             slot.insert(session);
             None
         }
         Entry::Occupied(_) => Some(session),
+    };
+    let mut in_map = Unconfirmed {
+        state,
+        user: claims.user_id,
+        session_id: claims.session_id,
+        conn,
+        armed: waiting.is_none(),
     };
     let confirmed_seq = match state
         .links
@@ -431,11 +461,9 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
     {
         Ok(result) if result.code.is_empty() => result.inbox_last_seq,
         Ok(result) => {
-            state.remove(claims.user_id, claims.session_id, conn);
             return Err(refuse(conn, &mut send, &result.code, &result.message, close::AUTH).await);
         }
         Err(e) => {
-            state.remove(claims.user_id, claims.session_id, conn);
             let message = format!("cannot confirm session: {e}");
             return Err(refuse(conn, &mut send, "unavailable", &message, close::OVERLOAD).await);
         }
@@ -444,6 +472,7 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
         None => confirmed_seq,
         Some(session) => {
             let previous = state.sessions().insert(claims.user_id, session);
+            in_map.armed = true;
             match previous {
                 Some(previous) if previous.session_id != claims.session_id => {
                     send_control(&previous, ControlOut::Kick("logged in elsewhere".into()));
@@ -461,6 +490,7 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
             None
         }
     };
+    outbox.release(state);
     // A login that passed the draining check while the drain began may have been missed by
     // `drain_all`: it is told now (after its login result).
     if state.draining.load(Ordering::Relaxed)
@@ -479,10 +509,10 @@ async fn login(conn: &quinn::Connection, state: &State) -> Result<LoggedIn, Stri
             inbox_last_seq,
         })),
     };
-    if let Err(e) = write_frame(&mut send, &result, MAX_CONTROL_FRAME).await {
-        state.remove(claims.user_id, claims.session_id, conn);
-        return Err(e.to_string());
-    }
+    write_frame(&mut send, &result, MAX_CONTROL_FRAME)
+        .await
+        .map_err(|e| e.to_string())?;
+    in_map.armed = false;
     let auth = Authenticated {
         user_id: claims.user_id,
         user_name: claims.user_name,
