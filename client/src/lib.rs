@@ -5,8 +5,9 @@
 //! Nothing is lost and nothing is seen twice: every message in a user's inbox has a sequence
 //! number; the client hands messages to the application strictly in sequence order, drops
 //! duplicates, pulls missing ranges, and on every (re)connect pulls everything after the last
-//! sequence number it has (except after a first login whose result says the inbox holds
-//! nothing newer: everything after that is pushed to the new connection). Lost connections are re-established by the client itself: first a
+//! sequence number it has (except after a first login whose result says the inbox held no
+//! entries: the client continues from its last sequence number, and everything after that is
+//! pushed to the new connection). Lost connections are re-established by the client itself: first a
 //! QUIC resumption (0-RTT) to the same server with the same session, then a new login through
 //! the router (jittered exponential backoff). Sends are retried with the same client message id
 //! until acknowledged, and cim stores a retried message once.
@@ -564,7 +565,15 @@ impl Client {
             )
             .await
             {
-                Ok((connected, _)) => break connected,
+                Ok((mut connected, _)) => {
+                    // An earlier attempt with the same session may have logged in on the
+                    // server before timing out here; its end, reported late, could release the
+                    // route this one was confirmed with. Pull, as a reconnect does.
+                    if attempt > 1 {
+                        connected.inbox_caught_up_to = None;
+                    }
+                    break connected;
+                }
                 Err(e @ ClientError::LoginRefused { .. }) => return Err(e),
                 Err(e) if attempt >= LOGIN_CONNECT_ATTEMPTS => return Err(e),
                 Err(e) => tracing::debug!(error = %e, attempt, "connect failed; retrying"),
@@ -823,9 +832,9 @@ struct Connected {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     heartbeat: Duration,
-    /// The inbox's last seq when the server confirmed the session (`None`: unknown, or a
-    /// reconnect, which always pulls).
-    inbox_last_seq: Option<u64>,
+    /// The inbox's last seq if it held no entries when the server confirmed the session
+    /// (`None`: entries wait, unknown, or not a first login, which always pulls).
+    inbox_caught_up_to: Option<u64>,
 }
 
 /// Connects and logs in on the control stream, giving up after `timeout`. With `resume`
@@ -896,7 +905,7 @@ async fn login_exchange(
             send,
             recv,
             heartbeat: Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 600_000)),
-            inbox_last_seq: r.inbox_last_seq,
+            inbox_caught_up_to: r.inbox_caught_up_to,
         }),
         Some(server_control::Kind::LoginResult(r)) => {
             conn.close(close::code(close::NORMAL), b"login refused");
@@ -950,7 +959,7 @@ async fn supervise(shared: Arc<Shared>, first: Connected) {
                 // connection's end may still be on its way to the router and release the
                 // route after the new one was confirmed; the pull covers what was stored until
                 // then, and the server's route renewal puts the route back.
-                next.inbox_last_seq = None;
+                next.inbox_caught_up_to = None;
                 connected = next;
             }
             None => return,
@@ -1094,23 +1103,20 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
         mut send,
         recv,
         heartbeat,
-        inbox_last_seq,
+        inbox_caught_up_to,
     } = connected;
     shared.conn.send_replace(Some(conn.clone()));
+    // Catch up on everything stored while we were away, unless the server says the inbox held
+    // nothing when this session began: then everything up to its last seq was delivered
+    // before (to this client or an earlier one of the user's) and every later entry is pushed
+    // to this connection. Done before deliveries are read, so that none is taken for old.
+    match inbox_caught_up_to {
+        Some(last) => {
+            shared.accept_deliveries(Vec::new(), Some(last + 1)).await;
+        }
+        None => shared.gap.notify_one(),
+    }
     let deliveries = tokio::spawn(accept_deliveries(shared.clone(), conn.clone()));
-    // Catch up on everything stored while we were away, unless the server says there is
-    // nothing we lack: every entry after its `inbox_last_seq` is pushed to this connection.
-    let have = shared.inbox.lock().await.last();
-    if inbox_last_seq.is_some_and(|last| last < have) {
-        tracing::warn!(
-            have,
-            inbox_last_seq,
-            "the server's inbox is behind what this client holds; pulling"
-        );
-    }
-    if inbox_last_seq.is_none_or(|last| last != have) {
-        shared.gap.notify_one();
-    }
 
     let (frames_tx, mut frames) = mpsc::channel(4);
     let mut recv = recv;

@@ -16,8 +16,8 @@ use cim_core::transport::{self, Link};
 use cim_core::{ALPN_CLIENT, ALPN_INTERNAL, now_ms, tls};
 use cim_integration_tests::{Backend, TestCluster, WAIT, next_message};
 use cim_proto::v1::{
-    ChatMessage, ClientControl, ClientRequest, DeliveryBatch, Login, SendAck, ServerControl,
-    chat_message::Target, client_control, client_request, server_control,
+    ChatMessage, ClientControl, ClientRequest, DeliveryBatch, Login, LoginResult, SendAck,
+    ServerControl, chat_message::Target, client_control, client_request, server_control,
 };
 use cim_proto::{ProstMessage, read_required, write_frame};
 use http::{Method, StatusCode};
@@ -130,6 +130,21 @@ impl Scene {
         quinn::SendStream,
         quinn::RecvStream,
     )> {
+        let (conn, result, send, recv) = self.raw_login_result(token, token_renewal).await?;
+        Ok((conn, result.code, send, recv))
+    }
+
+    /// [`Scene::raw_session`] with the whole login result.
+    async fn raw_login_result(
+        &self,
+        token: &str,
+        token_renewal: bool,
+    ) -> anyhow::Result<(
+        quinn::Connection,
+        LoginResult,
+        quinn::SendStream,
+        quinn::RecvStream,
+    )> {
         let conn = self.raw().await?;
         let (mut send, mut recv) = conn.open_bi().await?;
         let login = ClientControl {
@@ -144,7 +159,7 @@ impl Scene {
         let Some(server_control::Kind::LoginResult(result)) = reply.kind else {
             anyhow::bail!("expected a login result");
         };
-        Ok((conn, result.code, send, recv))
+        Ok((conn, result, send, recv))
     }
 }
 
@@ -539,4 +554,22 @@ async fn a_delivery_never_acked_does_not_hold_up_the_next() -> anyhow::Result<()
     let _held = delivery("first").await?;
     let _second = delivery("second").await?;
     scene.still_chatting().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_login_alone_on_the_server_is_told_its_inbox_is_caught_up() -> anyhow::Result<()> {
+    let scene = Scene::new().await?;
+    let (_, token) = scene.http_login("carol").await?;
+    // Nothing ever stored for Carol, and no session of hers on the server: she may continue
+    // from seq 0 without pulling.
+    let (_first, result, _send, _recv) = scene.raw_login_result(&token, false).await?;
+    assert_eq!(result.code, "");
+    assert_eq!(result.inbox_caught_up_to, Some(0));
+    // The same session again on a second connection while the first is there: it replaces the
+    // first only once the router confirmed it, so pushes in between may have gone to the first,
+    // and it is told nothing (the client pulls).
+    let (_second, result, _send2, _recv2) = scene.raw_login_result(&token, false).await?;
+    assert_eq!(result.code, "");
+    assert_eq!(result.inbox_caught_up_to, None);
+    Ok(())
 }

@@ -384,15 +384,16 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                             });
                             // Read after the route was confirmed: every later entry is pushed
                             // to the session. Unknown, the client pulls to catch up.
-                            let inbox_last_seq = match service.inbox_last_seq(open.user_id).await {
-                                Ok(seq) => Some(seq),
-                                Err(e) => {
-                                    tracing::debug!(error = %e, "inbox last seq unread");
-                                    None
-                                }
-                            };
+                            let inbox_caught_up_to =
+                                match service.inbox_caught_up_to(open.user_id).await {
+                                    Ok(seq) => seq,
+                                    Err(e) => {
+                                        tracing::debug!(error = %e, "inbox state unread");
+                                        None
+                                    }
+                                };
                             SessionResult {
-                                inbox_last_seq,
+                                inbox_caught_up_to,
                                 ..Default::default()
                             }
                         }

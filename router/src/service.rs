@@ -592,9 +592,9 @@ impl Service {
         Ok(lost.is_empty())
     }
 
-    /// The last sequence number `user`'s inbox gave out (see [`Store::inbox_last_seq`]).
-    pub async fn inbox_last_seq(&self, user: u64) -> Result<u64, ServiceError> {
-        Ok(self.store.inbox_last_seq(user).await?)
+    /// Where `user`'s inbox stands if it holds nothing (see [`Store::inbox_caught_up_to`]).
+    pub async fn inbox_caught_up_to(&self, user: u64) -> Result<Option<u64>, ServiceError> {
+        Ok(self.store.inbox_caught_up_to(user).await?)
     }
 
     /// A server lists its open sessions: renew their routes. Returns users whose route now

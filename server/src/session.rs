@@ -435,11 +435,11 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
     };
     // With no other session of this user here, the new one goes into the map before the router
     // confirms it, so every push from then on reaches its outbox, held until the router has
-    // confirmed the login (a push that fails leaves its entry in the inbox, as always). The
-    // router reads the inbox's last seq after confirming the route: every later entry is
-    // pushed here, so a client holding everything up to that seq has nothing to pull. Another
-    // session of the user is replaced only once the router has confirmed this login (a revoked
-    // token must not kick anyone), and then the client is told nothing and pulls.
+    // confirmed the login (a push that fails leaves its entry in the inbox, as always). After
+    // confirming the route, the router says whether the inbox is empty and its last seq: every
+    // later entry is pushed here, so the client can continue from there without pulling.
+    // Another session of the user is replaced only once the router has confirmed this login (a
+    // revoked token must not kick anyone), and then the client is told nothing and pulls.
     let mut waiting = match state.sessions().entry(claims.user_id) {
         Entry::Vacant(slot) => {
             slot.insert(session);
@@ -459,7 +459,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
         .session_opened(claims.user_id, claims.session_id, &state.config.id)
         .await
     {
-        Ok(result) if result.code.is_empty() => result.inbox_last_seq,
+        Ok(result) if result.code.is_empty() => result.inbox_caught_up_to,
         Ok(result) => {
             return Err(refuse(conn, &mut send, &result.code, &result.message, close::AUTH).await);
         }
@@ -468,7 +468,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
             return Err(refuse(conn, &mut send, "unavailable", &message, close::OVERLOAD).await);
         }
     };
-    let inbox_last_seq = match waiting.take() {
+    let inbox_caught_up_to = match waiting.take() {
         None => confirmed_seq,
         Some(session) => {
             let previous = state.sessions().insert(claims.user_id, session);
@@ -486,7 +486,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
                 }
                 None => {}
             }
-            // Pushes since the router read the seq may have gone to the old session.
+            // Pushes since the router read the inbox may have gone to the old session.
             None
         }
     };
@@ -506,7 +506,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
             user_name: claims.user_name.clone(),
             server_id: state.config.id.clone(),
             heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
-            inbox_last_seq,
+            inbox_caught_up_to,
         })),
     };
     write_frame(&mut send, &result, MAX_CONTROL_FRAME)

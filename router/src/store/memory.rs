@@ -401,8 +401,11 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn inbox_last_seq(&self, user: u64) -> Result<u64, StoreError> {
-        Ok(self.inner().inboxes.get(&user).map_or(0, |i| i.last_seq))
+    async fn inbox_caught_up_to(&self, user: u64) -> Result<Option<u64>, StoreError> {
+        Ok(match self.inner().inboxes.get(&user) {
+            None => Some(0),
+            Some(inbox) => inbox.entries.is_empty().then_some(inbox.last_seq),
+        })
     }
 
     async fn create_group(&self, name: &str, owner: u64) -> Result<bool, StoreError> {

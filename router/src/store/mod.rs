@@ -274,9 +274,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<InboxPage, StoreError>;
     /// Trims each `(user, up_to)` inbox of entries up to `up_to` (acknowledged by the client).
     async fn trim_inbox(&self, acked: &[(u64, u64)]) -> Result<(), StoreError>;
-    /// The last sequence number given to an entry of `user`'s inbox (0 if none ever was),
-    /// whether or not that entry is still there.
-    async fn inbox_last_seq(&self, user: u64) -> Result<u64, StoreError>;
+    /// If `user`'s inbox holds no entries: the last sequence number it ever gave out (0 if
+    /// none), read in the same instant as the inbox was seen empty. `None` while entries wait.
+    async fn inbox_caught_up_to(&self, user: u64) -> Result<Option<u64>, StoreError>;
 
     /// Creates group `name` owned by `owner`, who becomes its first member. Returns false if
     /// the name is taken.

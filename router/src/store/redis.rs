@@ -727,9 +727,17 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn inbox_last_seq(&self, user: u64) -> Result<u64, StoreError> {
-        let seq: Option<u64> = self.conn().get(seq_key(user)).await.map_err(unavailable)?;
-        Ok(seq.unwrap_or(0))
+    async fn inbox_caught_up_to(&self, user: u64) -> Result<Option<u64>, StoreError> {
+        // One transaction: an append between the two reads would otherwise pair an empty inbox
+        // with a seq it never gave out yet, and its entry would look already seen.
+        let (seq, entries): (Option<u64>, u64) = redis::pipe()
+            .atomic()
+            .get(seq_key(user))
+            .zcard(inbox_key(user))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok((entries == 0).then_some(seq.unwrap_or(0)))
     }
 
     async fn create_group(&self, name: &str, owner: u64) -> Result<bool, StoreError> {
