@@ -1112,7 +1112,9 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
     // to this connection. Done before deliveries are read, so that none is taken for old.
     match inbox_caught_up_to {
         Some(last) => {
-            shared.accept_deliveries(Vec::new(), Some(last + 1)).await;
+            shared
+                .accept_deliveries(Vec::new(), Some(last.saturating_add(1)))
+                .await;
         }
         None => shared.gap.notify_one(),
     }
