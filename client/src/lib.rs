@@ -1111,11 +1111,7 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
     // before (to this client or an earlier one of the user's) and every later entry is pushed
     // to this connection. Done before deliveries are read, so that none is taken for old.
     match inbox_caught_up_to {
-        Some(last) => {
-            shared
-                .accept_deliveries(Vec::new(), Some(last.saturating_add(1)))
-                .await;
-        }
+        Some(last) => shared.inbox.lock().await.start_after(last),
         None => shared.gap.notify_one(),
     }
     let deliveries = tokio::spawn(accept_deliveries(shared.clone(), conn.clone()));

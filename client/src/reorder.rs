@@ -60,7 +60,7 @@ impl<T> Reorder<T> {
             self.duplicates += 1;
             return Vec::new();
         }
-        if seq != self.last + 1 && self.pending.len() >= MAX_PENDING {
+        if seq != self.last.saturating_add(1) && self.pending.len() >= MAX_PENDING {
             return Vec::new();
         }
         self.pending.insert(seq, item);
@@ -78,10 +78,21 @@ impl<T> Reorder<T> {
         self.release()
     }
 
+    /// Continues after `last` when nothing is held back: everything up to it was delivered
+    /// before, to this client or an earlier one of the same user (the server says so at login).
+    /// Unlike [`Reorder::skip_to`], nothing counts as skipped.
+    pub fn start_after(&mut self, last: u64) {
+        if self.pending.is_empty() && last > self.last {
+            self.last = last;
+        }
+    }
+
     fn release(&mut self) -> Vec<T> {
         let mut out = Vec::new();
-        while let Some(item) = self.pending.remove(&(self.last + 1)) {
-            self.last += 1;
+        while let Some(next) = self.last.checked_add(1)
+            && let Some(item) = self.pending.remove(&next)
+        {
+            self.last = next;
             out.push(item);
         }
         out
@@ -152,6 +163,30 @@ mod tests {
         assert_eq!(r.skip_to(8), Vec::<i32>::new());
         assert_eq!(r.offer(8, 8), vec![8, 9]);
         assert_eq!((r.last(), r.skipped()), (9, 2));
+    }
+
+    #[test]
+    fn starting_after_a_seq_counts_nothing_skipped_and_needs_an_empty_buffer() {
+        let mut r = Reorder::new(0);
+        r.start_after(50);
+        assert_eq!((r.last(), r.skipped()), (50, 0));
+        assert_eq!(r.offer(51, 51), vec![51]);
+        assert_eq!(
+            r.offer(50, 50),
+            Vec::<i32>::new(),
+            "delivered before: a duplicate"
+        );
+        assert!(r.offer(53, 53).is_empty());
+        r.start_after(60);
+        assert_eq!(r.last(), 51, "something is held back: the base stays");
+    }
+
+    #[test]
+    fn the_largest_seq_does_not_overflow() {
+        let mut r = Reorder::new(u64::MAX - 1);
+        assert_eq!(r.offer(u64::MAX, 1), vec![1]);
+        assert_eq!(r.offer(u64::MAX, 2), Vec::<i32>::new());
+        assert_eq!(r.last(), u64::MAX);
     }
 
     proptest! {
