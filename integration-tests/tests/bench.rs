@@ -136,7 +136,9 @@ async fn floor_runs_count_every_delivery_once_and_report_their_numbers() -> anyh
     let r = bench(&["floor-login", "--clients", "8", "--concurrency", "4"]).await?;
     assert_eq!(r["clients"].as_u64(), Some(8), "{r}");
     assert!(r["logins_per_sec"].as_f64().unwrap() > 0.0, "{r}");
-    assert!(r["cluster_cpu_us_per_login"].as_f64().unwrap() > 0.0, "{r}");
+    // Read from /proc in 10 ms ticks: eight logins may not reach one.
+    let server_cpu = r["cluster_cpu_us_per_login"].as_f64().unwrap();
+    assert!(server_cpu >= 0.0 && server_cpu.is_finite(), "{r}");
     let r = bench(&["floor-idle", "--connections", "20", "--concurrency", "10"]).await?;
     assert_eq!(r["clients"].as_u64(), Some(20), "{r}");
     assert!(r["server_rss_bytes_per_conn"].is_u64(), "{r}");
