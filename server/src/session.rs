@@ -367,7 +367,6 @@ type LoggedIn = (
     mpsc::Receiver<ControlOut>,
 );
 
-/// Runs the login exchange. On refusal the client has been told why and the connection closed.
 /// Takes a login's session out of the session map again unless the login completes: a refused,
 /// failed or timed-out login (its future dropped) must leave no session behind that takes pushes
 /// or renews a route.
@@ -387,6 +386,7 @@ impl Drop for Unconfirmed<'_> {
     }
 }
 
+/// Runs the login exchange. On refusal the client has been told why and the connection closed.
 async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn, String> {
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
     let frame: Result<ClientControl, _> = read_required(&mut recv, MAX_CONTROL_FRAME).await;
@@ -440,7 +440,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
     // later entry is pushed here, so the client can continue from there without pulling.
     // Another session of the user is replaced only once the router has confirmed this login (a
     // revoked token must not kick anyone), and then the client is told nothing and pulls.
-    let mut waiting = match state.sessions().entry(claims.user_id) {
+    let waiting = match state.sessions().entry(claims.user_id) {
         Entry::Vacant(slot) => {
             slot.insert(session);
             None
@@ -468,7 +468,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
             return Err(refuse(conn, &mut send, "unavailable", &message, close::OVERLOAD).await);
         }
     };
-    let inbox_caught_up_to = match waiting.take() {
+    let inbox_caught_up_to = match waiting {
         None => confirmed_seq,
         Some(session) => {
             let previous = state.sessions().insert(claims.user_id, session);
