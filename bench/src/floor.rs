@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, ensure};
 use cim_core::tls;
@@ -32,9 +32,10 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::run::{
-    Deliveries, LoadClient, Options, Receiving, Report, cpu_us_per, drive, timed_logins,
+    Deliveries, LoadClient, Options, Receiving, Report, StormClock, drive, settled_memory,
+    timed_logins,
 };
-use crate::target::{Target, process_cpu_seconds};
+use crate::target::Target;
 
 /// ALPN of the floor's QUIC and TLS connections.
 const ALPN: &[u8] = b"cim-floor/1";
@@ -350,28 +351,17 @@ pub async fn idle(opts: &Options, target: &Target, report: &mut Report) -> anyho
     let before = target.rss_bytes().context("reading the floor's memory")?;
     let started = Instant::now();
     let clients = log_in(target, opts.connections, opts.concurrency, true, report).await?;
-    // As for cim: let connections settle (handshake buffers freed, first keep-alives done).
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = target.rss_bytes().context("reading the floor's memory")?;
+    settled_memory(target, before, clients.len(), report).await?;
     report.duration_s = started.elapsed().as_secs_f64();
-    report.server_rss_bytes_per_conn =
-        Some(after.saturating_sub(before) / clients.len().max(1) as u64);
     close_all(&clients);
     Ok(())
 }
 
 /// `floor-login`: the `login` storm on the floor.
 pub async fn login(opts: &Options, target: &Target, report: &mut Report) -> anyhow::Result<()> {
-    let cpu_before = (target.cpu_seconds(), process_cpu_seconds("self"));
-    let started = Instant::now();
+    let storm = StormClock::start(target);
     let clients = log_in(target, opts.clients, opts.concurrency, true, report).await?;
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu_after = (target.cpu_seconds(), process_cpu_seconds("self"));
-    let logins = clients.len() as u64;
-    report.cluster_cpu_us_per_login = cpu_us_per(cpu_before.0, cpu_after.0, logins);
-    report.harness_cpu_us_per_login = cpu_us_per(cpu_before.1, cpu_after.1, logins);
-    report.duration_s = elapsed;
-    report.logins_per_sec = Some(logins as f64 / elapsed);
+    storm.finish(target, clients.len(), report);
     close_all(&clients);
     Ok(())
 }

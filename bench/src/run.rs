@@ -392,17 +392,10 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
         Scenario::Login => {
             let names = register(target, &prefix, opts.clients, opts.concurrency).await?;
             let configs = configs(target, opts.clients, &HashMap::new())?;
-            let cpu_before = (target.cpu_seconds(), process_cpu_seconds("self"));
-            let started = Instant::now();
+            let storm = StormClock::start(target);
             let clients = login_all(&names, configs, opts.concurrency, &mut report).await?;
-            let elapsed = started.elapsed().as_secs_f64();
-            let cpu_after = (target.cpu_seconds(), process_cpu_seconds("self"));
-            let logins = clients.len() as u64;
-            report.cluster_cpu_us_per_login = cpu_us_per(cpu_before.0, cpu_after.0, logins);
-            report.harness_cpu_us_per_login = cpu_us_per(cpu_before.1, cpu_after.1, logins);
+            storm.finish(target, clients.len(), &mut report);
             report.clients = clients.len();
-            report.duration_s = elapsed;
-            report.logins_per_sec = Some(clients.len() as f64 / elapsed);
             close_all(clients).await;
         }
         Scenario::Failover => {
@@ -437,12 +430,8 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
             )
             .await?;
             report.clients = clients.len();
-            // Let connections settle (handshake buffers freed, first heartbeats done).
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            let after = target.rss_bytes().context("reading server memory")?;
+            let after = settled_memory(target, before, clients.len(), &mut report).await?;
             report.duration_s = started.elapsed().as_secs_f64();
-            report.server_rss_bytes_per_conn =
-                Some(after.saturating_sub(before) / clients.len().max(1) as u64);
             progress_line(
                 opts,
                 format!(
@@ -457,9 +446,52 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// The clocks at the start of a login storm.
+pub(crate) struct StormClock {
+    cpu: (Option<f64>, Option<f64>),
+    started: Instant,
+}
+
+impl StormClock {
+    /// Reads the target's and the harness's CPU time and the wall clock.
+    pub(crate) fn start(target: &Target) -> Self {
+        Self {
+            cpu: (target.cpu_seconds(), process_cpu_seconds("self")),
+            started: Instant::now(),
+        }
+    }
+
+    /// Reports the storm's duration, its logins per second and the CPU time per login of the
+    /// target and the harness, for `logins` logins since [`StormClock::start`].
+    pub(crate) fn finish(self, target: &Target, logins: usize, report: &mut Report) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let cpu = (target.cpu_seconds(), process_cpu_seconds("self"));
+        report.cluster_cpu_us_per_login = cpu_us_per(self.cpu.0, cpu.0, logins as u64);
+        report.harness_cpu_us_per_login = cpu_us_per(self.cpu.1, cpu.1, logins as u64);
+        report.duration_s = elapsed;
+        report.logins_per_sec = Some(logins as f64 / elapsed);
+    }
+}
+
+/// Lets `connections` fresh connections settle (handshake buffers freed, first heartbeats
+/// done), then reports the target's resident memory per connection since `before`. Returns
+/// the reading.
+pub(crate) async fn settled_memory(
+    target: &Target,
+    before: u64,
+    connections: usize,
+    report: &mut Report,
+) -> anyhow::Result<u64> {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = target.rss_bytes().context("reading server memory")?;
+    report.server_rss_bytes_per_conn =
+        Some(after.saturating_sub(before) / connections.max(1) as u64);
+    Ok(after)
+}
+
 /// CPU microseconds per unit of work between two readings of a process's CPU seconds (`None`
 /// when either reading is missing, as for an existing cluster's processes).
-pub(crate) fn cpu_us_per(before: Option<f64>, after: Option<f64>, units: u64) -> Option<f64> {
+fn cpu_us_per(before: Option<f64>, after: Option<f64>, units: u64) -> Option<f64> {
     Some((after? - before?) * 1e6 / units.max(1) as f64)
 }
 
