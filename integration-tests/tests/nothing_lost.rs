@@ -520,8 +520,13 @@ impl Store for SlowLastSeq {
     async fn is_revoked(&self, user: u64, session_id: u64) -> Result<bool, StoreError> {
         self.inner.is_revoked(user, session_id).await
     }
-    async fn release_route(&self, user: u64, session_id: u64) -> Result<bool, StoreError> {
-        self.inner.release_route(user, session_id).await
+    async fn release_route(
+        &self,
+        user: u64,
+        session_id: u64,
+        server_id: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        self.inner.release_route(user, session_id, server_id).await
     }
     async fn routes(&self, users: &[u64]) -> Result<Vec<Option<Route>>, StoreError> {
         self.inner.routes(users).await

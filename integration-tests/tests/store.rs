@@ -161,8 +161,32 @@ async fn only_confirmed_sessions_are_online(store: &dyn Store) -> anyhow::Result
         !online.contains(&dave.id),
         "a claimed but unconfirmed session is not online"
     );
-    assert!(store.release_route(carol.id, 5).await?);
+    // Carol's session resumes on server-2; server-1 reports the old connection closed late.
+    store
+        .claim_route(carol.id, route("server-2", 5), lease, true)
+        .await?;
+    assert!(store.confirm_route(carol.id, 5, "server-2", lease).await?);
+    assert!(
+        !store.release_route(carol.id, 5, Some("server-1")).await?,
+        "a late close report from the old server must not release the resumed session's route"
+    );
+    assert!(store.online_users().await?.contains(&carol.id));
+    assert_eq!(
+        store.routes(&[carol.id]).await?[0]
+            .as_ref()
+            .map(|r| r.server_id.as_str()),
+        Some("server-2")
+    );
+    assert!(store.release_route(carol.id, 5, Some("server-2")).await?);
     assert!(!store.online_users().await?.contains(&carol.id));
+    // A logout releases the route wherever it is.
+    store
+        .claim_route(dave.id, route("server-1", 8), lease, true)
+        .await?;
+    assert!(store.confirm_route(dave.id, 8, "server-1", lease).await?);
+    assert!(!store.release_route(dave.id, 7, None).await?);
+    assert!(store.release_route(dave.id, 8, None).await?);
+    assert!(!store.online_users().await?.contains(&dave.id));
     Ok(())
 }
 

@@ -408,7 +408,7 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                 }
                 Some(server_request::Kind::SessionClosed(closed)) => {
                     let reply = match service
-                        .session_closed(closed.user_id, closed.session_id)
+                        .session_closed(&server_id, closed.user_id, closed.session_id)
                         .await
                     {
                         Ok(released) => {

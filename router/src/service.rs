@@ -531,7 +531,7 @@ impl Service {
         }
         let released = self
             .store
-            .release_route(claims.user_id, claims.session_id)
+            .release_route(claims.user_id, claims.session_id, None)
             .await?;
         self.revoke(claims).await?;
         // If the session had already closed, its server announced the departure.
@@ -610,14 +610,18 @@ impl Service {
             .await?)
     }
 
-    /// A server reports a session as closed.
-    /// Returns whether the route was this session's (so the user is now offline).
+    /// `server_id` reports a connection of a session as closed.
+    /// Returns whether the route was this session's on that server (so the user is now offline).
     pub async fn session_closed(
         &self,
+        server_id: &str,
         user_id: u64,
         session_id: u64,
     ) -> Result<bool, ServiceError> {
-        Ok(self.store.release_route(user_id, session_id).await?)
+        Ok(self
+            .store
+            .release_route(user_id, session_id, Some(server_id))
+            .await?)
     }
 
     /// Sends a message from `sender`: resolves recipients, stores the message in each

@@ -213,13 +213,17 @@ impl Store for MemoryStore {
         Ok(self.inner().is_revoked(user, session_id, Instant::now()))
     }
 
-    async fn release_route(&self, user: u64, session_id: u64) -> Result<bool, StoreError> {
+    async fn release_route(
+        &self,
+        user: u64,
+        session_id: u64,
+        server_id: Option<&str>,
+    ) -> Result<bool, StoreError> {
         let mut inner = self.inner();
-        if inner
-            .routes
-            .get(&user)
-            .is_some_and(|l| l.route.session_id == session_id)
-        {
+        if inner.routes.get(&user).is_some_and(|l| {
+            l.route.session_id == session_id
+                && server_id.is_none_or(|server| l.route.server_id == server)
+        }) {
             inner.routes.remove(&user);
             inner.online.remove(&user);
             return Ok(true);
@@ -555,9 +559,10 @@ mod tests {
         assert_eq!(previous.unwrap().session_id, 10);
         // The replaced session can neither confirm nor release the new route.
         assert!(!store.confirm_route(1, 10, "s1", LEASE).await.unwrap());
-        assert!(!store.release_route(1, 10).await.unwrap());
+        assert!(!store.release_route(1, 10, Some("s1")).await.unwrap());
+        assert!(!store.release_route(1, 10, None).await.unwrap());
         assert!(store.confirm_route(1, 11, "s2", LEASE).await.unwrap());
-        assert!(store.release_route(1, 11).await.unwrap());
+        assert!(store.release_route(1, 11, None).await.unwrap());
         assert!(store.online_users().await.unwrap().is_empty());
     }
 

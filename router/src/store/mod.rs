@@ -203,8 +203,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Whether [`Store::revoke_session`] marked this login.
     async fn is_revoked(&self, user: u64, session_id: u64) -> Result<bool, StoreError>;
-    /// Removes the route and online entry if they still belong to `session_id`.
-    async fn release_route(&self, user: u64, session_id: u64) -> Result<bool, StoreError>;
+    /// Removes the route and online entry if they still belong to `session_id`, and, given
+    /// `server_id`, to a connection on that server: a session that resumed on another server
+    /// keeps its route when its old server reports the old connection closed late.
+    async fn release_route(
+        &self,
+        user: u64,
+        session_id: u64,
+        server_id: Option<&str>,
+    ) -> Result<bool, StoreError>;
     /// Current routes of `users`, in the same order.
     async fn routes(&self, users: &[u64]) -> Result<Vec<Option<Route>>, StoreError>;
     /// Ids of users with a confirmed session.

@@ -192,11 +192,14 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 ";
 
-/// Deletes a route if it belongs to the session. Returns the deleted value or ''.
+/// Deletes a route if it belongs to the session (ARGV[1]) and, unless ARGV[2] is empty, to the
+/// server ARGV[2]. Returns the deleted value or ''.
 const RELEASE: &str = r"
 local cur = redis.call('GET', KEYS[1])
 if not cur then return '' end
-if string.match(cur, '^(%d+)|') ~= ARGV[1] then return '' end
+local session, server = string.match(cur, '^(%d+)|%d|(.*)$')
+if session ~= ARGV[1] then return '' end
+if ARGV[2] ~= '' and server ~= ARGV[2] then return '' end
 redis.call('DEL', KEYS[1])
 return cur
 ";
@@ -499,12 +502,18 @@ impl Store for RedisStore {
             .map_err(unavailable)
     }
 
-    async fn release_route(&self, user: u64, session_id: u64) -> Result<bool, StoreError> {
+    async fn release_route(
+        &self,
+        user: u64,
+        session_id: u64,
+        server_id: Option<&str>,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         let released: String = self
             .release
             .key(route_key(user))
             .arg(session_id)
+            .arg(server_id.unwrap_or_default())
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
