@@ -573,3 +573,25 @@ async fn only_a_login_alone_on_the_server_is_told_its_inbox_is_caught_up() -> an
     assert_eq!(result.inbox_caught_up_to, None);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_the_router_refuses_leaves_no_session_behind() -> anyhow::Result<()> {
+    let scene = Scene::new().await?;
+    let (_, replaced) = scene.http_login("dora").await?;
+    let body = serde_json::json!({"name": "dora", "password": "password", "takeover": true});
+    let grant: serde_json::Value = scene
+        .api()
+        .call(Method::POST, "/api/login", Some(&body), None)
+        .await?;
+    let current = grant["token"].as_str().unwrap().to_string();
+    // The replaced login's token is still signed and unexpired: the server takes its session
+    // in before asking the router, which refuses it.
+    let (_refused, result, _send, _recv) = scene.raw_login_result(&replaced, false).await?;
+    assert_ne!(result.code, "", "a replaced login must be refused");
+    // Had the refused session stayed in the server's map, the current login would find
+    // another session of Dora's there and not be told that its inbox is caught up.
+    let (_conn, result, _send2, _recv2) = scene.raw_login_result(&current, false).await?;
+    assert_eq!(result.code, "");
+    assert_eq!(result.inbox_caught_up_to, Some(0));
+    Ok(())
+}

@@ -460,10 +460,14 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
         .await
     {
         Ok(result) if result.code.is_empty() => result.inbox_caught_up_to,
+        // The session leaves the map before the client hears why: a login right after the
+        // refusal must not find it there.
         Ok(result) => {
+            drop(in_map);
             return Err(refuse(conn, &mut send, &result.code, &result.message, close::AUTH).await);
         }
         Err(e) => {
+            drop(in_map);
             let message = format!("cannot confirm session: {e}");
             return Err(refuse(conn, &mut send, "unavailable", &message, close::OVERLOAD).await);
         }
