@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use cim_core::batch::{BATCHES_IN_FLIGHT, Batcher, answer_all};
+use cim_core::batch::{BATCHES_IN_FLIGHT, Batcher};
 use cim_core::discovery::ServerInfo;
 use cim_core::transport;
 use cim_core::transport::read_only_frame;
@@ -17,14 +17,12 @@ use cim_proto::v1::{
     server_request,
 };
 use cim_proto::{ProstMessage, write_frame};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::service::{Sender, Service, ServiceError};
 
-/// A push waiting to leave, with where its result goes.
-type PendingPush = (Push, oneshot::Sender<Result<PushResult, LinkError>>);
 /// Pushes queued per server before senders wait.
 const PUSH_QUEUE: usize = 4096;
 /// Most pushes in one batch.
@@ -32,42 +30,40 @@ const MAX_BATCH: usize = 256;
 
 /// Sends the queued pushes of one server: each batch takes everything queued (up to
 /// [`MAX_BATCH`]); up to [`BATCHES_IN_FLIGHT`] batches travel at once.
-async fn run_pusher(
-    links: Arc<ServerLinks>,
-    server_id: String,
-    queue: mpsc::Receiver<PendingPush>,
-) {
+/// A push that fails leaves its entries in the inboxes: the recipients pull them when they
+/// see the gap or reconnect.
+async fn run_pusher(links: Arc<ServerLinks>, server_id: String, queue: mpsc::Receiver<Push>) {
     let mut batches = Batcher::new(queue, BATCHES_IN_FLIGHT, MAX_BATCH);
     while let Some((batch, permit)) = batches.next().await {
         let links = links.clone();
         let server_id = server_id.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let (pushes, replies): (Vec<Push>, Vec<_>) = batch.into_iter().unzip();
-            let request = if pushes.len() == 1 {
-                let push = pushes.into_iter().next().unwrap_or_default();
+            let pushes = batch.len();
+            let request = if pushes == 1 {
+                let push = batch.into_iter().next().unwrap_or_default();
                 RouterRequest {
                     kind: Some(router_request::Kind::Push(push)),
                 }
             } else {
                 RouterRequest {
-                    kind: Some(router_request::Kind::Batch(PushBatch { pushes })),
+                    kind: Some(router_request::Kind::Batch(PushBatch { pushes: batch })),
                 }
             };
-            let single = replies.len() == 1;
-            let results: Result<Vec<PushResult>, LinkError> = if single {
+            let result = if pushes == 1 {
                 links
                     .call::<PushResult>(&server_id, &request)
                     .await
-                    .map(|r| vec![r])
+                    .map(drop)
             } else {
                 links
                     .call::<PushBatchResult>(&server_id, &request)
                     .await
-                    .map(|r| r.results)
+                    .map(drop)
             };
-            let short = LinkError::Failed("server answered a batch partly".into());
-            answer_all(replies, results, short);
+            if let Err(e) = result {
+                tracing::info!(server = %server_id, pushes, error = %e, "push failed; recipients will pull");
+            }
         });
     }
 }
@@ -92,7 +88,7 @@ pub enum LinkError {
 pub struct ServerLinks {
     endpoint: quinn::Endpoint,
     /// One batching pusher per server.
-    pushers: std::sync::Mutex<HashMap<String, mpsc::Sender<PendingPush>>>,
+    pushers: std::sync::Mutex<HashMap<String, mpsc::Sender<Push>>>,
     conns: RwLock<HashMap<String, quinn::Connection>>,
     /// Client messages forwarded by each server (for the admin page's rates).
     forwarded: RwLock<HashMap<String, Arc<std::sync::atomic::AtomicU64>>>,
@@ -173,30 +169,31 @@ impl ServerLinks {
         }
     }
 
-    /// Pushes `delivery` to `recipients` on one server. Pushes to a busy server are batched:
-    /// while earlier batches are in flight, new pushes queue up and leave together.
-    pub async fn push(
-        self: &Arc<Self>,
-        server_id: &str,
-        recipients: Vec<Recipient>,
-        delivery: Delivery,
-    ) -> Result<PushResult, LinkError> {
+    /// Queues `delivery` for `recipients` on one server. Pushes to a busy server are batched:
+    /// while earlier batches are in flight, new pushes queue up and leave together. A full
+    /// queue makes a task wait for room, so the caller (a sender's ack) never waits on it.
+    pub fn push(self: &Arc<Self>, server_id: &str, recipients: Vec<Recipient>, delivery: Delivery) {
         let push = Push {
             recipients,
             delivery: Some(delivery),
         };
-        let (reply_tx, reply_rx) = oneshot::channel();
         let queue = self.pusher(server_id);
-        queue
-            .send((push, reply_tx))
-            .await
-            .map_err(|_| LinkError::Failed("pusher stopped".into()))?;
-        reply_rx
-            .await
-            .map_err(|_| LinkError::Failed("pusher stopped".into()))?
+        match queue.try_send(push) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(push)) => {
+                tokio::spawn(async move {
+                    if queue.send(push).await.is_err() {
+                        tracing::warn!("pusher stopped; recipients will pull");
+                    }
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::warn!(server = %server_id, "pusher stopped; recipients will pull");
+            }
+        }
     }
 
-    fn pusher(self: &Arc<Self>, server_id: &str) -> mpsc::Sender<PendingPush> {
+    fn pusher(self: &Arc<Self>, server_id: &str) -> mpsc::Sender<Push> {
         let mut pushers = self.pushers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(queue) = pushers.get(server_id) {
             return queue.clone();

@@ -723,32 +723,44 @@ impl Service {
         let stored = recipients.len() as u32;
         self.config.metrics.messages.inc();
         self.config.metrics.stored.inc_by(u64::from(stored));
-        let service = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = service.push(recipients, seqs, routes, entry).await {
-                // Stored entries are not lost: recipients pull them when they (re)connect.
-                tracing::warn!(msg_id, error = %e, "push skipped");
+        match routes {
+            // A private message: its route came with the append, so it is queued for its
+            // server right here, without a task of its own.
+            Some(routes) => self.push_routed(recipients, seqs, routes, &entry),
+            None => {
+                let service = self.clone();
+                tokio::spawn(async move {
+                    let pushed = match service.store.routes(&recipients).await {
+                        Ok(routes) => {
+                            service.push_routed(recipients, seqs, routes, &entry);
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = pushed {
+                        // Stored entries are not lost: recipients pull them when they
+                        // (re)connect.
+                        tracing::warn!(msg_id, error = %e, "push skipped");
+                    }
+                });
             }
-        });
+        }
         Ok(Sent {
             msg_id,
             recipients: stored,
         })
     }
 
-    /// Pushes a stored message to the servers of its online recipients: one push per server.
-    /// `routes` are the recipients' routes if the caller already has them.
-    async fn push(
+    /// Queues a stored message for the servers of its online recipients (by their `routes`):
+    /// one push per server. A push that fails leaves the entries in the inboxes, for the
+    /// recipients to pull.
+    fn push_routed(
         &self,
         recipients: Vec<u64>,
         seqs: Vec<u64>,
-        routes: Option<Vec<Option<Route>>>,
-        entry: InboxEntry,
-    ) -> Result<(), ServiceError> {
-        let routes = match routes {
-            Some(routes) => routes,
-            None => self.store.routes(&recipients).await?,
-        };
+        routes: Vec<Option<Route>>,
+        entry: &InboxEntry,
+    ) {
         let mut by_server: HashMap<String, Vec<Recipient>> = HashMap::new();
         for ((user_id, seq), route) in recipients.into_iter().zip(seqs).zip(routes) {
             if let Some(route) = route.filter(|r| r.confirmed) {
@@ -758,21 +770,11 @@ impl Service {
                     .push(Recipient { user_id, seq });
             }
         }
-        let delivery = delivery_of(0, &entry);
-        let pushes = by_server.into_iter().map(|(server, users)| {
-            let delivery = delivery.clone();
+        let delivery = delivery_of(0, entry);
+        for (server, users) in by_server {
             self.config.metrics.pushes.inc();
-            async move {
-                let result = self.links.push(&server, users, delivery).await;
-                (server, result)
-            }
-        });
-        for (server, result) in join_all(pushes).await {
-            if let Err(e) = result {
-                tracing::info!(%server, msg_id = entry.msg_id, error = %e, "push failed; recipients will pull");
-            }
+            self.links.push(&server, users, delivery.clone());
         }
-        Ok(())
     }
 
     /// A page of `user`'s inbox after `after_seq`, for a client's pull.
