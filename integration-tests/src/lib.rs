@@ -11,6 +11,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use cim_client::{Client, ClientConfig, Event, Events, LoginOptions};
+use cim_core::transport::{self, Link};
+use cim_core::{ALPN_CLIENT, tls};
+use cim_proto::v1::{ClientControl, Login, LoginResult, ServerControl, client_control, server_control};
+use cim_proto::{read_required, write_frame};
 use cim_router::embedded::{self, Embedded, EmbeddedConfig};
 use cim_router::store::{MemoryStore, RedisStore, Store};
 use std::sync::Arc;
@@ -157,6 +161,48 @@ impl TestCluster {
         })
         .await
         .context("servers never linked to the router")
+    }
+
+    /// A raw QUIC connection to server `index`'s client endpoint, without the client library.
+    pub async fn raw_connection(&self, index: usize) -> anyhow::Result<quinn::Connection> {
+        let roots = tls::load_roots(&self.embedded.ca)?;
+        let config = transport::client_config(
+            tls::client_config(roots, &[ALPN_CLIENT], None)?,
+            Link::Client,
+        )?;
+        let endpoint = transport::client_endpoint("127.0.0.1:0".parse()?, config)?;
+        let addr = self.embedded.servers[index].1;
+        Ok(endpoint.connect(addr, "127.0.0.1")?.await?)
+    }
+
+    /// Logs in with `token` on a new raw connection to server `index`: the connection, the
+    /// login result and the control stream (the session lasts while both are kept).
+    pub async fn raw_login(
+        &self,
+        index: usize,
+        token: &str,
+        token_renewal: bool,
+    ) -> anyhow::Result<(
+        quinn::Connection,
+        LoginResult,
+        quinn::SendStream,
+        quinn::RecvStream,
+    )> {
+        let conn = self.raw_connection(index).await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let login = ClientControl {
+            kind: Some(client_control::Kind::Login(Login {
+                token: token.to_string(),
+                last_seen_seq: 0,
+                token_renewal,
+            })),
+        };
+        write_frame(&mut send, &login, 4096).await?;
+        let reply: ServerControl = read_required(&mut recv, 4096).await?;
+        let Some(server_control::Kind::LoginResult(result)) = reply.kind else {
+            bail!("expected a login result");
+        };
+        Ok((conn, result, send, recv))
     }
 
     /// Registers `name` and logs in.

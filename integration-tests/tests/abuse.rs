@@ -13,11 +13,11 @@ use bytes::Bytes;
 use cim_client::{Client, ClientError, Events, LoginOptions, RouterApi};
 use cim_core::token::{Claims, TokenKey};
 use cim_core::transport::{self, Link};
-use cim_core::{ALPN_CLIENT, ALPN_INTERNAL, now_ms, tls};
+use cim_core::{ALPN_INTERNAL, now_ms, tls};
 use cim_integration_tests::{Backend, TestCluster, WAIT, next_message};
 use cim_proto::v1::{
-    ChatMessage, ClientControl, ClientRequest, DeliveryBatch, Login, LoginResult, SendAck,
-    ServerControl, chat_message::Target, client_control, client_request, server_control,
+    ChatMessage, ClientRequest, DeliveryBatch, LoginResult, SendAck, ServerControl,
+    chat_message::Target, client_request, server_control,
 };
 use cim_proto::{ProstMessage, read_required, write_frame};
 use http::{Method, StatusCode};
@@ -99,17 +99,6 @@ impl Scene {
         Ok((id, grant["token"].as_str().unwrap().to_string()))
     }
 
-    /// A raw QUIC connection to the server's client endpoint.
-    async fn raw(&self) -> anyhow::Result<quinn::Connection> {
-        let roots = tls::load_roots(&self.cluster.embedded.ca)?;
-        let config = transport::client_config(
-            tls::client_config(roots, &[ALPN_CLIENT], None)?,
-            Link::Client,
-        )?;
-        let endpoint = transport::client_endpoint("127.0.0.1:0".parse()?, config)?;
-        Ok(endpoint.connect(self.server_addr(), "127.0.0.1")?.await?)
-    }
-
     /// Sends Login with `token` on a new raw connection; returns the login result code.
     async fn raw_login(&self, token: &str) -> anyhow::Result<(quinn::Connection, String)> {
         let (conn, code, send, recv) = self.raw_session(token, false).await?;
@@ -145,21 +134,7 @@ impl Scene {
         quinn::SendStream,
         quinn::RecvStream,
     )> {
-        let conn = self.raw().await?;
-        let (mut send, mut recv) = conn.open_bi().await?;
-        let login = ClientControl {
-            kind: Some(client_control::Kind::Login(Login {
-                token: token.to_string(),
-                last_seen_seq: 0,
-                token_renewal,
-            })),
-        };
-        write_frame(&mut send, &login, 4096).await?;
-        let reply: ServerControl = read_required(&mut recv, 4096).await?;
-        let Some(server_control::Kind::LoginResult(result)) = reply.kind else {
-            anyhow::bail!("expected a login result");
-        };
-        Ok((conn, result, send, recv))
+        self.cluster.raw_login(0, token, token_renewal).await
     }
 }
 

@@ -7,12 +7,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use cim_client::{Client, ClientConfig, Event, Events, LoginOptions, Target};
+use cim_client::{Client, ClientConfig, Event, Events, LoginOptions, RouterApi, Target};
 use cim_integration_tests::cluster::ProcCluster;
 use cim_integration_tests::relay::{Impairments, Relay};
 use cim_integration_tests::{Backend, TestCluster, WAIT, eventually, next_event, next_message};
@@ -455,18 +455,36 @@ async fn a_server_killed_mid_stream_loses_no_acked_message() -> anyhow::Result<(
     Ok(())
 }
 
-/// The memory store, except that once armed, the next read of where a user's inbox stands (the
-/// router's, when it confirms a session) says it has read and then waits `hold` before
-/// answering: long enough for a message to be stored and pushed in between.
-struct SlowLastSeq {
+/// The memory store, except that it can pause two moments by `hold`, each once armed:
+/// - the next read of where a user's inbox stands (the router's, when it confirms a session),
+///   after the read: long enough for a message to be stored and pushed in between;
+/// - the next route release (a server's report that a connection closed), before it.
+struct PausingStore {
     inner: MemoryStore,
     hold: Duration,
     armed: AtomicBool,
     read: Notify,
+    release_armed: AtomicBool,
+    releasing: Notify,
+    released: AtomicUsize,
+}
+
+impl PausingStore {
+    fn new(hold: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            inner: MemoryStore::new(),
+            hold,
+            armed: AtomicBool::new(false),
+            read: Notify::new(),
+            release_armed: AtomicBool::new(false),
+            releasing: Notify::new(),
+            released: AtomicUsize::new(0),
+        })
+    }
 }
 
 #[async_trait]
-impl Store for SlowLastSeq {
+impl Store for PausingStore {
     async fn inbox_caught_up_to(&self, user: u64) -> Result<Option<u64>, StoreError> {
         let seq = self.inner.inbox_caught_up_to(user).await?;
         if self.armed.swap(false, Ordering::SeqCst) {
@@ -526,7 +544,14 @@ impl Store for SlowLastSeq {
         session_id: u64,
         server_id: Option<&str>,
     ) -> Result<bool, StoreError> {
-        self.inner.release_route(user, session_id, server_id).await
+        if !self.release_armed.swap(false, Ordering::SeqCst) {
+            return self.inner.release_route(user, session_id, server_id).await;
+        }
+        self.releasing.notify_one();
+        tokio::time::sleep(self.hold).await;
+        let released = self.inner.release_route(user, session_id, server_id).await;
+        self.released.fetch_add(1, Ordering::SeqCst);
+        released
     }
     async fn routes(&self, users: &[u64]) -> Result<Vec<Option<Route>>, StoreError> {
         self.inner.routes(users).await
@@ -607,12 +632,7 @@ impl Store for SlowLastSeq {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_stored_while_its_recipient_logs_in_is_pushed_to_the_new_session()
 -> anyhow::Result<()> {
-    let store = Arc::new(SlowLastSeq {
-        inner: MemoryStore::new(),
-        hold: Duration::from_millis(500),
-        armed: AtomicBool::new(false),
-        read: Notify::new(),
-    });
+    let store = PausingStore::new(Duration::from_millis(500));
     let cluster = TestCluster::start_on_store(1, store.clone(), |_| {}).await?;
     let (alice, _alice_events) = cluster.user("alice").await?;
     let config = cluster.client_config();
@@ -655,5 +675,43 @@ async fn a_message_stored_while_its_recipient_logs_in_is_pushed_to_the_new_sessi
     // and come only with a pull.
     assert_eq!(restarted.stats().pulls, 0, "{:?}", restarted.stats());
     assert_eq!(restarted.stats().skipped, 0, "{:?}", restarted.stats());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_reported_late_does_not_release_the_route_of_the_resumed_session()
+-> anyhow::Result<()> {
+    let store = PausingStore::new(Duration::from_millis(800));
+    let cluster = TestCluster::start_on_store(1, store.clone(), |_| {}).await?;
+    let config = cluster.client_config();
+    let bob_id = cim_client::register(&config, "bob", "password").await?;
+    let body = serde_json::json!({"name": "bob", "password": "password"});
+    let grant: serde_json::Value = RouterApi::new(&config)?
+        .call(http::Method::POST, "/api/login", Some(&body), None)
+        .await?;
+    let token = grant["token"].as_str().unwrap();
+    let (first, result, _send, _recv) = cluster.raw_login(0, token, false).await?;
+    assert_eq!(result.code, "");
+    // Bob's connection ends, and the server's report of it is slow to reach the store.
+    store.release_armed.store(true, Ordering::SeqCst);
+    first.close(0u32.into(), b"gone");
+    tokio::time::timeout(WAIT, store.releasing.notified()).await?;
+    // His client resumes the same login on a new connection while that report is on its way.
+    let (_second, result, _send2, _recv2) = cluster.raw_login(0, token, false).await?;
+    assert_eq!(result.code, "");
+    eventually(WAIT, || async {
+        (store.released.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await?;
+    // Had the report been taken after the new connection's confirmation, Bob's route would be
+    // gone now (until the server's next renewal), and messages to him stored but not pushed.
+    let route = store.inner.routes(&[bob_id]).await?.pop().flatten();
+    let server = &cluster.embedded.servers[0].0;
+    assert!(
+        route
+            .as_ref()
+            .is_some_and(|r| r.confirmed && &r.server_id == server),
+        "the resumed session lost its route: {route:?}"
+    );
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -62,6 +62,12 @@ pub(crate) struct State {
     connections: Mutex<HashMap<std::net::IpAddr, usize>>,
     /// Set once the server drains: new logins are refused, so clients go to the router.
     draining: AtomicBool,
+    /// Close reports on their way to a router, per user (see [`State::close_for_report`]).
+    closing: Mutex<HashMap<u64, usize>>,
+    /// Close reports answered so far, of every user.
+    closes_answered: AtomicU64,
+    /// Woken whenever a close report is answered.
+    close_answered: Notify,
 }
 
 impl State {
@@ -74,6 +80,9 @@ impl State {
             acked: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
+            closing: Mutex::new(HashMap::new()),
+            closes_answered: AtomicU64::new(0),
+            close_answered: Notify::new(),
         }
     }
 
@@ -146,17 +155,72 @@ impl State {
     /// Removes the session if it is still `session_id` on `conn` (a resumed session lives on
     /// a newer connection and must stay).
     fn remove(&self, user_id: u64, session_id: u64, conn: &quinn::Connection) -> bool {
+        self.remove_and(user_id, session_id, conn, || {})
+    }
+
+    fn remove_and(
+        &self,
+        user_id: u64,
+        session_id: u64,
+        conn: &quinn::Connection,
+        also: impl FnOnce(),
+    ) -> bool {
         let mut sessions = self.sessions();
         let ours = sessions
             .get(&user_id)
             .is_some_and(|s| s.session_id == session_id && s.conn.stable_id() == conn.stable_id());
         if ours {
             sessions.remove(&user_id);
+            also();
         }
         if sessions.is_empty() {
             self.emptied.notify_waiters();
         }
         ours
+    }
+
+    fn closing(&self) -> std::sync::MutexGuard<'_, HashMap<u64, usize>> {
+        self.closing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// [`State::remove`] for a connection that ended, whose close the caller reports to a
+    /// router: the report counts as on its way from the moment the session leaves the map (one
+    /// critical section), until [`CloseReport`] drops. A login of the same user waits for such
+    /// reports (see [`State::wait_closes`]), so a late one cannot release the route the login
+    /// has just confirmed.
+    fn close_for_report(
+        &self,
+        user_id: u64,
+        session_id: u64,
+        conn: &quinn::Connection,
+    ) -> Option<CloseReport<'_>> {
+        let removed = self.remove_and(user_id, session_id, conn, || {
+            *self.closing().entry(user_id).or_insert(0) += 1;
+        });
+        removed.then_some(CloseReport {
+            state: self,
+            user: user_id,
+        })
+    }
+
+    /// Waits until no close report of `user` is on its way. Returns how many close reports
+    /// had been answered by then (see [`State::closes_answered_since`]).
+    async fn wait_closes(&self, user: u64) -> u64 {
+        loop {
+            let answered = self.close_answered.notified();
+            tokio::pin!(answered);
+            answered.as_mut().enable();
+            if !self.closing().contains_key(&user) {
+                return self.closes_answered.load(Ordering::SeqCst);
+            }
+            answered.await;
+        }
+    }
+
+    /// Whether a close report of `user` is on its way, or any close report was answered after
+    /// [`State::wait_closes`] returned `answered`.
+    fn closes_since(&self, user: u64, answered: u64) -> bool {
+        self.closing().contains_key(&user) || self.closes_answered.load(Ordering::SeqCst) != answered
     }
 
     /// Ends the session of `user_id` (only `session_id` if non-zero). Returns whether one ended.
@@ -345,7 +409,7 @@ async fn handle_client(conn: quinn::Connection, state: Arc<State>) {
             _ = control_loop(&conn, &auth, send, recv, control_rx, &state) => {}
             _ = message_loop(&conn, &auth, &state) => {}
         }
-        if state.remove(auth.user_id, auth.session_id, &conn) {
+        if let Some(_report) = state.close_for_report(auth.user_id, auth.session_id, &conn) {
             let result = state
                 .links
                 .session_closed(auth.user_id, auth.session_id, &state.config.id)
@@ -383,6 +447,29 @@ impl Drop for Unconfirmed<'_> {
         if self.armed {
             self.state.remove(self.user, self.session_id, self.conn);
         }
+    }
+}
+
+/// A close report on its way to a router (see [`State::close_for_report`]); dropped once
+/// answered, or given up.
+struct CloseReport<'a> {
+    state: &'a State,
+    user: u64,
+}
+
+impl Drop for CloseReport<'_> {
+    fn drop(&mut self) {
+        {
+            let mut closing = self.state.closing();
+            if let Some(count) = closing.get_mut(&self.user) {
+                *count -= 1;
+                if *count == 0 {
+                    closing.remove(&self.user);
+                }
+            }
+        }
+        self.state.closes_answered.fetch_add(1, Ordering::SeqCst);
+        self.state.close_answered.notify_waiters();
     }
 }
 
@@ -454,6 +541,9 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
         conn,
         armed: waiting.is_none(),
     };
+    // The reports of this user's connections that closed before go to the router first: one
+    // answered after the confirmation below would release the route this login confirms.
+    let answered = state.wait_closes(claims.user_id).await;
     let confirmed_seq = match state
         .links
         .session_opened(claims.user_id, claims.session_id, &state.config.id)
@@ -489,6 +579,22 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
                         .close(close::code(close::NORMAL), b"session resumed elsewhere");
                 }
                 None => {}
+            }
+            // The session it replaced may have closed while the router confirmed this one, and
+            // the router may have taken that report after the confirmation: confirm again once
+            // it is answered (the router gives a released route back to a live session). No
+            // later close of an older connection can be reported: this one is in the map now.
+            if state.closes_since(claims.user_id, answered) {
+                state.wait_closes(claims.user_id).await;
+                let again = state
+                    .links
+                    .session_opened(claims.user_id, claims.session_id, &state.config.id)
+                    .await;
+                match again {
+                    Ok(result) if result.code.is_empty() => {}
+                    Ok(result) => tracing::warn!(code = %result.code, "session not confirmed again"),
+                    Err(e) => tracing::warn!(error = %e, "session not confirmed again"),
+                }
             }
             // Pushes since the router read the inbox may have gone to the old session.
             None
