@@ -1,5 +1,6 @@
 //! Batching for request/reply links: requests queue while earlier batches are in flight and
-//! leave together, so an idle link adds no delay and a busy one sends fewer, larger requests.
+//! leave together, so an idle link waits for no timer (only two scheduler turns) and a busy one
+//! sends fewer, larger requests.
 
 use std::sync::Arc;
 

@@ -13,7 +13,9 @@ use anyhow::{Context, bail};
 use cim_client::{Client, ClientConfig, Event, Events, LoginOptions};
 use cim_core::transport::{self, Link};
 use cim_core::{ALPN_CLIENT, tls};
-use cim_proto::v1::{ClientControl, Login, LoginResult, ServerControl, client_control, server_control};
+use cim_proto::v1::{
+    ClientControl, Login, LoginResult, ServerControl, client_control, server_control,
+};
 use cim_proto::{read_required, write_frame};
 use cim_router::embedded::{self, Embedded, EmbeddedConfig};
 use cim_router::store::{MemoryStore, RedisStore, Store};

@@ -626,8 +626,8 @@ impl Service {
 
     /// Sends a message from `sender`: resolves recipients, stores the message in each
     /// recipient's inbox (the durable point: the caller acks the sender after this returns),
-    /// then pushes it to the servers holding online recipients, one push per server, in the
-    /// background. A repeat of the same `client_msg_id` is stored once and gets the same id.
+    /// then queues it for the servers holding online recipients, one push per server (a group
+    /// message's routes are read by a task of its own). A repeat of the same `client_msg_id` is stored once and gets the same id.
     pub async fn send(
         self: &Arc<Self>,
         sender: &Sender,

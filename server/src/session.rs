@@ -220,7 +220,8 @@ impl State {
     /// Whether a close report of `user` is on its way, or any close report was answered after
     /// [`State::wait_closes`] returned `answered`.
     fn closes_since(&self, user: u64, answered: u64) -> bool {
-        self.closing().contains_key(&user) || self.closes_answered.load(Ordering::SeqCst) != answered
+        self.closing().contains_key(&user)
+            || self.closes_answered.load(Ordering::SeqCst) != answered
     }
 
     /// Ends the session of `user_id` (only `session_id` if non-zero). Returns whether one ended.
@@ -592,7 +593,9 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
                     .await;
                 match again {
                     Ok(result) if result.code.is_empty() => {}
-                    Ok(result) => tracing::warn!(code = %result.code, "session not confirmed again"),
+                    Ok(result) => {
+                        tracing::warn!(code = %result.code, "session not confirmed again")
+                    }
                     Err(e) => tracing::warn!(error = %e, "session not confirmed again"),
                 }
             }

@@ -204,8 +204,8 @@ pub trait Store: Send + Sync + 'static {
     /// Whether [`Store::revoke_session`] marked this login.
     async fn is_revoked(&self, user: u64, session_id: u64) -> Result<bool, StoreError>;
     /// Removes the route and online entry if they still belong to `session_id`, and, given
-    /// `server_id`, to a connection on that server: a session that resumed on another server
-    /// keeps its route when its old server reports the old connection closed late.
+    /// `server_id`, if the route is on that server: a server's close report releases only a
+    /// route to itself (a logout, without `server_id`, releases the route wherever it is).
     async fn release_route(
         &self,
         user: u64,
