@@ -16,6 +16,8 @@ use cim_client::{Client, ClientConfig, Event, Events, LoginOptions, RouterApi, T
 use cim_integration_tests::cluster::ProcCluster;
 use cim_integration_tests::relay::{Impairments, Relay};
 use cim_integration_tests::{Backend, TestCluster, WAIT, eventually, next_event, next_message};
+use cim_proto::v1::{ClientControl, Login, client_control};
+use cim_proto::write_frame;
 use cim_router::store::{
     Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, MemoryStore, Route, Store, StoreError,
 };
@@ -713,5 +715,43 @@ async fn a_close_reported_late_does_not_release_the_route_of_the_resumed_session
             .is_some_and(|r| r.confirmed && &r.server_id == server),
         "the resumed session lost its route: {route:?}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_that_fails_after_the_router_confirmed_it_does_not_keep_the_user_online()
+-> anyhow::Result<()> {
+    let store = PausingStore::new(Duration::from_millis(500));
+    let cluster = TestCluster::start_on_store(1, store.clone(), |_| {}).await?;
+    let config = cluster.client_config();
+    let carol_id = cim_client::register(&config, "carol", "password").await?;
+    let body = serde_json::json!({"name": "carol", "password": "password"});
+    let grant: serde_json::Value = RouterApi::new(&config)?
+        .call(http::Method::POST, "/api/login", Some(&body), None)
+        .await?;
+    let token = grant["token"].as_str().unwrap().to_string();
+    // Carol's client sends its login and is gone before the answer: the router has confirmed
+    // the session, and the server cannot deliver the login result.
+    store.armed.store(true, Ordering::SeqCst);
+    let conn = cluster.raw_connection(0).await?;
+    let (mut send, _recv) = conn.open_bi().await?;
+    let login = ClientControl {
+        kind: Some(client_control::Kind::Login(Login {
+            token,
+            last_seen_seq: 0,
+            token_renewal: false,
+        })),
+    };
+    write_frame(&mut send, &login, 4096).await?;
+    tokio::time::timeout(WAIT, store.read.notified()).await?;
+    conn.close(0u32.into(), b"gone");
+    // The server tells the router, which takes her offline well before her route's lease
+    // would have run out.
+    eventually(WAIT, || async {
+        let route = store.inner.routes(&[carol_id]).await.ok()?.pop()?;
+        route.is_none().then_some(())
+    })
+    .await?;
+    assert!(!store.inner.online_users().await?.contains(&carol_id));
     Ok(())
 }

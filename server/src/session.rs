@@ -189,16 +189,16 @@ impl State {
     /// reports (see [`State::wait_closes`]), so a late one cannot release the route the login
     /// has just confirmed.
     fn close_for_report(
-        &self,
+        self: &Arc<Self>,
         user_id: u64,
         session_id: u64,
         conn: &quinn::Connection,
-    ) -> Option<CloseReport<'_>> {
+    ) -> Option<CloseReport> {
         let removed = self.remove_and(user_id, session_id, conn, || {
             *self.closing().entry(user_id).or_insert(0) += 1;
         });
-        removed.then_some(CloseReport {
-            state: self,
+        removed.then(|| CloseReport {
+            state: self.clone(),
             user: user_id,
         })
     }
@@ -410,14 +410,8 @@ async fn handle_client(conn: quinn::Connection, state: Arc<State>) {
             _ = control_loop(&conn, &auth, send, recv, control_rx, &state) => {}
             _ = message_loop(&conn, &auth, &state) => {}
         }
-        if let Some(_report) = state.close_for_report(auth.user_id, auth.session_id, &conn) {
-            let result = state
-                .links
-                .session_closed(auth.user_id, auth.session_id, &state.config.id)
-                .await;
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "could not report session close");
-            }
+        if let Some(report) = state.close_for_report(auth.user_id, auth.session_id, &conn) {
+            report.send(auth.session_id).await;
         }
         tracing::info!(reason = ?conn.close_reason(), "session closed");
     }
@@ -434,31 +428,59 @@ type LoggedIn = (
 
 /// Takes a login's session out of the session map again unless the login completes: a refused,
 /// failed or timed-out login (its future dropped) must leave no session behind that takes pushes
-/// or renews a route.
+/// or renews a route. One that fails after the router may have confirmed it (the client gone
+/// before its login result, the login timed out, the router's answer lost) also reports the
+/// close, so the router does not keep the user online on a route to no session.
 struct Unconfirmed<'a> {
-    state: &'a State,
+    state: &'a Arc<State>,
     user: u64,
     session_id: u64,
     conn: &'a quinn::Connection,
     armed: bool,
+    report: bool,
 }
 
 impl Drop for Unconfirmed<'_> {
     fn drop(&mut self) {
-        if self.armed {
+        if !self.armed {
+            return;
+        }
+        if !self.report {
             self.state.remove(self.user, self.session_id, self.conn);
+            return;
+        }
+        if let Some(report) = self
+            .state
+            .close_for_report(self.user, self.session_id, self.conn)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(report.send(self.session_id));
         }
     }
 }
 
 /// A close report on its way to a router (see [`State::close_for_report`]); dropped once
 /// answered, or given up.
-struct CloseReport<'a> {
-    state: &'a State,
+struct CloseReport {
+    state: Arc<State>,
     user: u64,
 }
 
-impl Drop for CloseReport<'_> {
+impl CloseReport {
+    /// Reports that `session_id`'s connection closed.
+    async fn send(self, session_id: u64) {
+        let state = &self.state;
+        let result = state
+            .links
+            .session_closed(self.user, session_id, &state.config.id)
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(user = self.user, error = %e, "could not report session close");
+        }
+    }
+}
+
+impl Drop for CloseReport {
     fn drop(&mut self) {
         {
             let mut closing = self.state.closing();
@@ -541,10 +563,12 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
         session_id: claims.session_id,
         conn,
         armed: waiting.is_none(),
+        report: false,
     };
     // The reports of this user's connections that closed before go to the router first: one
     // answered after the confirmation below would release the route this login confirms.
     let answered = state.wait_closes(claims.user_id).await;
+    in_map.report = true;
     let confirmed_seq = match state
         .links
         .session_opened(claims.user_id, claims.session_id, &state.config.id)
@@ -554,6 +578,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
         // The session leaves the map before the client hears why: a login right after the
         // refusal must not find it there.
         Ok(result) => {
+            in_map.report = false;
             drop(in_map);
             return Err(refuse(conn, &mut send, &result.code, &result.message, close::AUTH).await);
         }
