@@ -130,7 +130,7 @@ async fn leaving_stops_delivery_and_offline_members_catch_up() -> anyhow::Result
     let cluster = cluster(2).await?;
     let config = cluster.client_config();
     let (alice, _a) = cluster.user("alice").await?;
-    let (bob, _b) = cluster.user("bob").await?;
+    let (bob, mut bob_first_events) = cluster.user("bob").await?;
     let (carol, mut carol_events) = cluster.user("carol").await?;
     alice.create_group("team").await?;
     bob.join_group("team").await?;
@@ -145,6 +145,10 @@ async fn leaving_stops_delivery_and_offline_members_catch_up() -> anyhow::Result
     // Carol's next message is this marker: she did not get the group message.
     alice.send_private(carol.info().user_id, "marker").await?;
     assert_eq!(next_chat(&mut carol_events).await?.body, "marker");
+    assert_eq!(
+        next_chat(&mut bob_first_events).await?.body,
+        "without carol"
+    );
 
     bob.close().await;
     for i in 0..5 {
@@ -155,11 +159,15 @@ async fn leaving_stops_delivery_and_offline_members_catch_up() -> anyhow::Result
     let (_bob, mut bob_events) =
         Client::login(&config, "bob", "password", LoginOptions::default()).await?;
     let mut bodies = Vec::new();
-    while bodies.len() < 6 {
+    while bodies.last().map(String::as_str) != Some("while bob is away 4") {
         bodies.push(next_chat(&mut bob_events).await?.body);
     }
-    let mut want = vec!["without carol".to_string()];
-    want.extend((0..5).map(|i| format!("while bob is away {i}")));
+    // His first client had "without carol"; the new one gets it again only if his ack had not
+    // yet trimmed it from his inbox (acks are reported twice a second).
+    if bodies.first().map(String::as_str) == Some("without carol") {
+        bodies.remove(0);
+    }
+    let want: Vec<String> = (0..5).map(|i| format!("while bob is away {i}")).collect();
     assert_eq!(bodies, want);
     Ok(())
 }
