@@ -755,3 +755,39 @@ async fn a_login_that_fails_after_the_router_confirmed_it_does_not_keep_the_user
     assert!(!store.inner.online_users().await?.contains(&carol_id));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_closes_while_its_successor_is_confirmed_leaves_the_route()
+-> anyhow::Result<()> {
+    let store = PausingStore::new(Duration::from_millis(500));
+    let cluster = TestCluster::start_on_store(1, store.clone(), |_| {}).await?;
+    let config = cluster.client_config();
+    let dan_id = cim_client::register(&config, "dan", "password").await?;
+    let body = serde_json::json!({"name": "dan", "password": "password"});
+    let grant: serde_json::Value = RouterApi::new(&config)?
+        .call(http::Method::POST, "/api/login", Some(&body), None)
+        .await?;
+    let token = grant["token"].as_str().unwrap();
+    let (first, result, _send, _recv) = cluster.raw_login(0, token, false).await?;
+    assert_eq!(result.code, "");
+    // Dan's login resumes on a second connection while the first is still on the server. The
+    // router confirms it; right then the first connection ends, and its close is reported and
+    // taken after that confirmation.
+    store.armed.store(true, Ordering::SeqCst);
+    let close_first = async {
+        tokio::time::timeout(WAIT, store.read.notified()).await?;
+        first.close(0u32.into(), b"gone");
+        anyhow::Ok(())
+    };
+    let (second, closed) = tokio::join!(cluster.raw_login(0, token, false), close_first);
+    closed?;
+    let (_second, result, _send2, _recv2) = second?;
+    assert_eq!(result.code, "");
+    // The server confirmed the second connection again once that report was answered.
+    let route = store.inner.routes(&[dan_id]).await?.pop().flatten();
+    assert!(
+        route.as_ref().is_some_and(|r| r.confirmed),
+        "the resumed session lost its route: {route:?}"
+    );
+    Ok(())
+}

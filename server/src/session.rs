@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -63,11 +63,19 @@ pub(crate) struct State {
     /// Set once the server drains: new logins are refused, so clients go to the router.
     draining: AtomicBool,
     /// Close reports on their way to a router, per user (see [`State::close_for_report`]).
-    closing: Mutex<HashMap<u64, usize>>,
-    /// Close reports answered so far, of every user.
-    closes_answered: AtomicU64,
+    closing: Mutex<HashMap<u64, Closes>>,
     /// Woken whenever a close report is answered.
     close_answered: Notify,
+}
+
+/// One user's close reports: kept while any is on its way or a login of the user watches.
+#[derive(Default)]
+struct Closes {
+    in_flight: usize,
+    /// Reports answered since the entry was made.
+    answered: u64,
+    /// Logins of the user under way ([`CloseWatch`]).
+    watchers: usize,
 }
 
 impl State {
@@ -81,7 +89,6 @@ impl State {
             connections: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             closing: Mutex::new(HashMap::new()),
-            closes_answered: AtomicU64::new(0),
             close_answered: Notify::new(),
         }
     }
@@ -179,7 +186,7 @@ impl State {
         ours
     }
 
-    fn closing(&self) -> std::sync::MutexGuard<'_, HashMap<u64, usize>> {
+    fn closing(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Closes>> {
         self.closing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -195,7 +202,7 @@ impl State {
         conn: &quinn::Connection,
     ) -> Option<CloseReport> {
         let removed = self.remove_and(user_id, session_id, conn, || {
-            *self.closing().entry(user_id).or_insert(0) += 1;
+            self.closing().entry(user_id).or_default().in_flight += 1;
         });
         removed.then(|| CloseReport {
             state: self.clone(),
@@ -203,25 +210,62 @@ impl State {
         })
     }
 
-    /// Waits until no close report of `user` is on its way. Returns how many close reports
-    /// had been answered by then (see [`State::closes_answered_since`]).
-    async fn wait_closes(&self, user: u64) -> u64 {
+    /// Counts a close report of `user`, for a session that is not in the map, as on its way
+    /// until the returned report drops.
+    fn report_close(self: &Arc<Self>, user: u64) -> CloseReport {
+        self.closing().entry(user).or_default().in_flight += 1;
+        CloseReport {
+            state: self.clone(),
+            user,
+        }
+    }
+
+    /// Waits until no close report of `user` is on its way. Returns how many of the user's
+    /// reports `watch` has seen answered by then (see [`State::closes_since`]).
+    async fn wait_closes(&self, watch: &CloseWatch<'_>) -> u64 {
         loop {
             let answered = self.close_answered.notified();
             tokio::pin!(answered);
             answered.as_mut().enable();
-            if !self.closing().contains_key(&user) {
-                return self.closes_answered.load(Ordering::SeqCst);
+            match self.closing().get(&watch.user) {
+                Some(closes) if closes.in_flight > 0 => {}
+                Some(closes) => return closes.answered,
+                // The watch keeps the entry; without one there is nothing to wait for.
+                None => return 0,
             }
             answered.await;
         }
     }
 
-    /// Whether a close report of `user` is on its way, or any close report was answered after
+    /// Whether a close report of the watched user is on its way, or one was answered after
     /// [`State::wait_closes`] returned `answered`.
-    fn closes_since(&self, user: u64, answered: u64) -> bool {
-        self.closing().contains_key(&user)
-            || self.closes_answered.load(Ordering::SeqCst) != answered
+    fn closes_since(&self, watch: &CloseWatch<'_>, answered: u64) -> bool {
+        self.closing()
+            .get(&watch.user)
+            .is_none_or(|c| c.in_flight > 0 || c.answered != answered)
+    }
+
+    /// Keeps the bookkeeping of `user`'s close reports while a login of theirs is under way.
+    fn watch_closes(&self, user: u64) -> CloseWatch<'_> {
+        self.closing().entry(user).or_default().watchers += 1;
+        CloseWatch { state: self, user }
+    }
+
+    /// One report of `user` answered or given up (see [`CloseReport`]) or one watch ended.
+    fn forget_close(&self, user: u64, answered: bool) {
+        let mut closing = self.closing();
+        let Some(closes) = closing.get_mut(&user) else {
+            return;
+        };
+        if answered {
+            closes.in_flight = closes.in_flight.saturating_sub(1);
+            closes.answered += 1;
+        } else {
+            closes.watchers = closes.watchers.saturating_sub(1);
+        }
+        if closes.in_flight == 0 && closes.watchers == 0 {
+            closing.remove(&user);
+        }
     }
 
     /// Ends the session of `user_id` (only `session_id` if non-zero). Returns whether one ended.
@@ -443,6 +487,16 @@ struct Unconfirmed<'a> {
 impl Drop for Unconfirmed<'_> {
     fn drop(&mut self) {
         if !self.armed {
+            // Waiting to replace another session of the user: the router may have confirmed
+            // this one. Report it unless it is the session in the map (the same login on an
+            // older connection, whose route it would release).
+            let other = self.state.sessions().get(&self.user).map(|s| s.session_id);
+            if self.report
+                && other != Some(self.session_id)
+                && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            {
+                runtime.spawn(self.state.report_close(self.user).send(self.session_id));
+            }
             return;
         }
         if !self.report {
@@ -482,17 +536,20 @@ impl CloseReport {
 
 impl Drop for CloseReport {
     fn drop(&mut self) {
-        {
-            let mut closing = self.state.closing();
-            if let Some(count) = closing.get_mut(&self.user) {
-                *count -= 1;
-                if *count == 0 {
-                    closing.remove(&self.user);
-                }
-            }
-        }
-        self.state.closes_answered.fetch_add(1, Ordering::SeqCst);
+        self.state.forget_close(self.user, true);
         self.state.close_answered.notify_waiters();
+    }
+}
+
+/// A login's hold on its user's close-report bookkeeping (see [`State::watch_closes`]).
+struct CloseWatch<'a> {
+    state: &'a State,
+    user: u64,
+}
+
+impl Drop for CloseWatch<'_> {
+    fn drop(&mut self) {
+        self.state.forget_close(self.user, false);
     }
 }
 
@@ -567,7 +624,8 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
     };
     // The reports of this user's connections that closed before go to the router first: one
     // answered after the confirmation below would release the route this login confirms.
-    let answered = state.wait_closes(claims.user_id).await;
+    let watch = state.watch_closes(claims.user_id);
+    let answered = state.wait_closes(&watch).await;
     in_map.report = true;
     let confirmed_seq = match state
         .links
@@ -610,8 +668,8 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
             // the router may have taken that report after the confirmation: confirm again once
             // it is answered (the router gives a released route back to a live session). No
             // later close of an older connection can be reported: this one is in the map now.
-            if state.closes_since(claims.user_id, answered) {
-                state.wait_closes(claims.user_id).await;
+            if state.closes_since(&watch, answered) {
+                state.wait_closes(&watch).await;
                 let again = state
                     .links
                     .session_opened(claims.user_id, claims.session_id, &state.config.id)
