@@ -489,13 +489,19 @@ impl Drop for Unconfirmed<'_> {
         if !self.armed {
             // Waiting to replace another session of the user: the router may have confirmed
             // this one. Report it unless it is the session in the map (the same login on an
-            // older connection, whose route it would release).
-            let other = self.state.sessions().get(&self.user).map(|s| s.session_id);
-            if self.report
-                && other != Some(self.session_id)
+            // older connection, whose route it would release). The map is checked and the
+            // report counted in one critical section, as in `close_for_report`, so a login of
+            // the same session that comes in now waits for the report.
+            if !self.report {
+                return;
+            }
+            let sessions = self.state.sessions();
+            if sessions.get(&self.user).map(|s| s.session_id) != Some(self.session_id)
                 && let Ok(runtime) = tokio::runtime::Handle::try_current()
             {
-                runtime.spawn(self.state.report_close(self.user).send(self.session_id));
+                let report = self.state.report_close(self.user);
+                drop(sessions);
+                runtime.spawn(report.send(self.session_id));
             }
             return;
         }
@@ -709,6 +715,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
         .await
         .map_err(|e| e.to_string())?;
     in_map.armed = false;
+    in_map.report = false;
     let auth = Authenticated {
         user_id: claims.user_id,
         user_name: claims.user_name,
