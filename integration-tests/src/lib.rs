@@ -165,6 +165,19 @@ impl TestCluster {
         .context("servers never linked to the router")
     }
 
+    /// Registers `name` and logs in over HTTP only (no QUIC session yet): returns the user id
+    /// and the token, for raw connections that must not share a session with a library client.
+    pub async fn http_login(&self, name: &str) -> anyhow::Result<(u64, String)> {
+        let api = cim_client::RouterApi::new(&self.client_config())?;
+        let id = api.register(name, "password").await?;
+        let body = serde_json::json!({"name": name, "password": "password"});
+        let grant: serde_json::Value = api
+            .call(http::Method::POST, "/api/login", Some(&body), None)
+            .await?;
+        let token = grant["token"].as_str().context("login without a token")?;
+        Ok((id, token.to_string()))
+    }
+
     /// A raw QUIC connection to server `index`'s client endpoint, without the client library.
     pub async fn raw_connection(&self, index: usize) -> anyhow::Result<quinn::Connection> {
         let roots = tls::load_roots(&self.embedded.ca)?;

@@ -16,8 +16,8 @@ use cim_core::transport::{self, Link};
 use cim_core::{ALPN_INTERNAL, now_ms, tls};
 use cim_integration_tests::{Backend, TestCluster, WAIT, next_message};
 use cim_proto::v1::{
-    ChatMessage, ClientRequest, DeliveryBatch, LoginResult, SendAck, ServerControl,
-    chat_message::Target, client_request, server_control,
+    ChatMessage, ClientRequest, DeliveryBatch, SendAck, ServerControl, chat_message::Target,
+    client_request, server_control,
 };
 use cim_proto::{ProstMessage, read_required, write_frame};
 use http::{Method, StatusCode};
@@ -87,16 +87,9 @@ impl Scene {
         RouterApi::new(&self.cluster.client_config()).unwrap()
     }
 
-    /// Registers `name` and logs in over HTTP only (no QUIC session yet): returns the token,
-    /// for raw connections that must not share a session with a library client.
+    /// See [`TestCluster::http_login`].
     async fn http_login(&self, name: &str) -> anyhow::Result<(u64, String)> {
-        let api = self.api();
-        let id = api.register(name, "password").await?;
-        let body = serde_json::json!({"name": name, "password": "password"});
-        let grant: serde_json::Value = api
-            .call(Method::POST, "/api/login", Some(&body), None)
-            .await?;
-        Ok((id, grant["token"].as_str().unwrap().to_string()))
+        self.cluster.http_login(name).await
     }
 
     /// Sends Login with `token` on a new raw connection; returns the login result code.
@@ -119,22 +112,8 @@ impl Scene {
         quinn::SendStream,
         quinn::RecvStream,
     )> {
-        let (conn, result, send, recv) = self.raw_login_result(token, token_renewal).await?;
+        let (conn, result, send, recv) = self.cluster.raw_login(0, token, token_renewal).await?;
         Ok((conn, result.code, send, recv))
-    }
-
-    /// [`Scene::raw_session`] with the whole login result.
-    async fn raw_login_result(
-        &self,
-        token: &str,
-        token_renewal: bool,
-    ) -> anyhow::Result<(
-        quinn::Connection,
-        LoginResult,
-        quinn::SendStream,
-        quinn::RecvStream,
-    )> {
-        self.cluster.raw_login(0, token, token_renewal).await
     }
 }
 
@@ -537,13 +516,13 @@ async fn only_a_login_alone_on_the_server_is_told_its_inbox_is_caught_up() -> an
     let (_, token) = scene.http_login("carol").await?;
     // Nothing ever stored for Carol, and no session of hers on the server: she may continue
     // from seq 0 without pulling.
-    let (_first, result, _send, _recv) = scene.raw_login_result(&token, false).await?;
+    let (_first, result, _send, _recv) = scene.cluster.raw_login(0, &token, false).await?;
     assert_eq!(result.code, "");
     assert_eq!(result.inbox_caught_up_to, Some(0));
     // The same session again on a second connection while the first is there: it replaces the
     // first only once the router confirmed it, so pushes in between may have gone to the first,
     // and it is told nothing (the client pulls).
-    let (_second, result, _send2, _recv2) = scene.raw_login_result(&token, false).await?;
+    let (_second, result, _send2, _recv2) = scene.cluster.raw_login(0, &token, false).await?;
     assert_eq!(result.code, "");
     assert_eq!(result.inbox_caught_up_to, None);
     Ok(())
@@ -561,11 +540,11 @@ async fn a_login_the_router_refuses_leaves_no_session_behind() -> anyhow::Result
     let current = grant["token"].as_str().unwrap().to_string();
     // The replaced login's token is still signed and unexpired: the server takes its session
     // in before asking the router, which refuses it.
-    let (_refused, result, _send, _recv) = scene.raw_login_result(&replaced, false).await?;
+    let (_refused, result, _send, _recv) = scene.cluster.raw_login(0, &replaced, false).await?;
     assert_ne!(result.code, "", "a replaced login must be refused");
     // Had the refused session stayed in the server's map, the current login would find
     // another session of Dora's there and not be told that its inbox is caught up.
-    let (_conn, result, _send2, _recv2) = scene.raw_login_result(&current, false).await?;
+    let (_conn, result, _send2, _recv2) = scene.cluster.raw_login(0, &current, false).await?;
     assert_eq!(result.code, "");
     assert_eq!(result.inbox_caught_up_to, Some(0));
     Ok(())

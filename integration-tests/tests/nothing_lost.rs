@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use cim_client::{Client, ClientConfig, Event, Events, LoginOptions, RouterApi, Target};
+use cim_client::{Client, ClientConfig, Event, Events, LoginOptions, Target};
 use cim_integration_tests::cluster::ProcCluster;
 use cim_integration_tests::relay::{Impairments, Relay};
 use cim_integration_tests::{Backend, TestCluster, WAIT, eventually, next_event, next_message};
@@ -485,6 +485,13 @@ impl PausingStore {
     }
 }
 
+/// A one-server cluster on a [`PausingStore`] that pauses for `hold`.
+async fn paused_cluster(hold: Duration) -> anyhow::Result<(Arc<PausingStore>, TestCluster)> {
+    let store = PausingStore::new(hold);
+    let cluster = TestCluster::start_on_store(1, store.clone(), |_| {}).await?;
+    Ok((store, cluster))
+}
+
 #[async_trait]
 impl Store for PausingStore {
     async fn inbox_caught_up_to(&self, user: u64) -> Result<Option<u64>, StoreError> {
@@ -683,23 +690,16 @@ async fn a_message_stored_while_its_recipient_logs_in_is_pushed_to_the_new_sessi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_reported_late_does_not_release_the_route_of_the_resumed_session()
 -> anyhow::Result<()> {
-    let store = PausingStore::new(Duration::from_millis(800));
-    let cluster = TestCluster::start_on_store(1, store.clone(), |_| {}).await?;
-    let config = cluster.client_config();
-    let bob_id = cim_client::register(&config, "bob", "password").await?;
-    let body = serde_json::json!({"name": "bob", "password": "password"});
-    let grant: serde_json::Value = RouterApi::new(&config)?
-        .call(http::Method::POST, "/api/login", Some(&body), None)
-        .await?;
-    let token = grant["token"].as_str().unwrap();
-    let (first, result, _send, _recv) = cluster.raw_login(0, token, false).await?;
+    let (store, cluster) = paused_cluster(Duration::from_millis(800)).await?;
+    let (bob_id, token) = cluster.http_login("bob").await?;
+    let (first, result, _send, _recv) = cluster.raw_login(0, &token, false).await?;
     assert_eq!(result.code, "");
     // Bob's connection ends, and the server's report of it is slow to reach the store.
     store.release_armed.store(true, Ordering::SeqCst);
     first.close(0u32.into(), b"gone");
     tokio::time::timeout(WAIT, store.releasing.notified()).await?;
     // His client resumes the same login on a new connection while that report is on its way.
-    let (_second, result, _send2, _recv2) = cluster.raw_login(0, token, false).await?;
+    let (_second, result, _send2, _recv2) = cluster.raw_login(0, &token, false).await?;
     assert_eq!(result.code, "");
     eventually(WAIT, || async {
         (store.released.load(Ordering::SeqCst) == 1).then_some(())
@@ -721,15 +721,8 @@ async fn a_close_reported_late_does_not_release_the_route_of_the_resumed_session
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_that_fails_after_the_router_confirmed_it_does_not_keep_the_user_online()
 -> anyhow::Result<()> {
-    let store = PausingStore::new(Duration::from_millis(500));
-    let cluster = TestCluster::start_on_store(1, store.clone(), |_| {}).await?;
-    let config = cluster.client_config();
-    let carol_id = cim_client::register(&config, "carol", "password").await?;
-    let body = serde_json::json!({"name": "carol", "password": "password"});
-    let grant: serde_json::Value = RouterApi::new(&config)?
-        .call(http::Method::POST, "/api/login", Some(&body), None)
-        .await?;
-    let token = grant["token"].as_str().unwrap().to_string();
+    let (store, cluster) = paused_cluster(Duration::from_millis(500)).await?;
+    let (carol_id, token) = cluster.http_login("carol").await?;
     // Carol's client sends its login and is gone before the answer: the router has confirmed
     // the session, and the server cannot deliver the login result.
     store.armed.store(true, Ordering::SeqCst);
@@ -759,16 +752,9 @@ async fn a_login_that_fails_after_the_router_confirmed_it_does_not_keep_the_user
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_closes_while_its_successor_is_confirmed_leaves_the_route()
 -> anyhow::Result<()> {
-    let store = PausingStore::new(Duration::from_millis(500));
-    let cluster = TestCluster::start_on_store(1, store.clone(), |_| {}).await?;
-    let config = cluster.client_config();
-    let dan_id = cim_client::register(&config, "dan", "password").await?;
-    let body = serde_json::json!({"name": "dan", "password": "password"});
-    let grant: serde_json::Value = RouterApi::new(&config)?
-        .call(http::Method::POST, "/api/login", Some(&body), None)
-        .await?;
-    let token = grant["token"].as_str().unwrap();
-    let (first, result, _send, _recv) = cluster.raw_login(0, token, false).await?;
+    let (store, cluster) = paused_cluster(Duration::from_millis(500)).await?;
+    let (dan_id, token) = cluster.http_login("dan").await?;
+    let (first, result, _send, _recv) = cluster.raw_login(0, &token, false).await?;
     assert_eq!(result.code, "");
     // Dan's login resumes on a second connection while the first is still on the server. The
     // router confirms it; right then the first connection ends, and its close is reported and
@@ -779,7 +765,7 @@ async fn a_connection_that_closes_while_its_successor_is_confirmed_leaves_the_ro
         first.close(0u32.into(), b"gone");
         anyhow::Ok(())
     };
-    let (second, closed) = tokio::join!(cluster.raw_login(0, token, false), close_first);
+    let (second, closed) = tokio::join!(cluster.raw_login(0, &token, false), close_first);
     closed?;
     let (_second, result, _send2, _recv2) = second?;
     assert_eq!(result.code, "");
