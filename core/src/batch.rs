@@ -37,7 +37,8 @@ impl<T> Batcher<T> {
     }
 
     /// The next batch (one item at least, then whatever is queued by the end of the
-    /// [`LINGER_TURNS`]) and its in-flight slot, released when the permit drops. `None` once the queue is closed and empty.
+    /// [`LINGER_TURNS`]) and its in-flight slot, released when the permit drops. `None` once
+    /// the queue is closed and empty.
     pub async fn next(&mut self) -> Option<(Vec<T>, OwnedSemaphorePermit)> {
         let first = self.queue.recv().await?;
         let permit = self.slots.clone().acquire_owned().await.ok()?;

@@ -40,22 +40,19 @@ async fn run_pusher(links: Arc<ServerLinks>, server_id: String, queue: mpsc::Rec
         tokio::spawn(async move {
             let _permit = permit;
             let pushes = batch.len();
-            let request = if pushes == 1 {
-                let push = batch.into_iter().next().unwrap_or_default();
-                RouterRequest {
-                    kind: Some(router_request::Kind::Push(push)),
-                }
-            } else {
-                RouterRequest {
-                    kind: Some(router_request::Kind::Batch(PushBatch { pushes: batch })),
-                }
-            };
             let result = if pushes == 1 {
+                let push = batch.into_iter().next().unwrap_or_default();
+                let request = RouterRequest {
+                    kind: Some(router_request::Kind::Push(push)),
+                };
                 links
                     .call::<PushResult>(&server_id, &request)
                     .await
                     .map(drop)
             } else {
+                let request = RouterRequest {
+                    kind: Some(router_request::Kind::Batch(PushBatch { pushes: batch })),
+                };
                 links
                     .call::<PushBatchResult>(&server_id, &request)
                     .await
@@ -181,9 +178,10 @@ impl ServerLinks {
         match queue.try_send(push) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(push)) => {
+                let server_id = server_id.to_string();
                 tokio::spawn(async move {
                     if queue.send(push).await.is_err() {
-                        tracing::warn!("pusher stopped; recipients will pull");
+                        tracing::warn!(server = %server_id, "pusher stopped; recipients will pull");
                     }
                 });
             }

@@ -627,7 +627,8 @@ impl Service {
     /// Sends a message from `sender`: resolves recipients, stores the message in each
     /// recipient's inbox (the durable point: the caller acks the sender after this returns),
     /// then queues it for the servers holding online recipients, one push per server (a group
-    /// message's routes are read by a task of its own). A repeat of the same `client_msg_id` is stored once and gets the same id.
+    /// message's routes are read by a task of its own). A repeat of the same `client_msg_id`
+    /// is stored once and gets the same id.
     pub async fn send(
         self: &Arc<Self>,
         sender: &Sender,
@@ -730,17 +731,11 @@ impl Service {
             None => {
                 let service = self.clone();
                 tokio::spawn(async move {
-                    let pushed = match service.store.routes(&recipients).await {
-                        Ok(routes) => {
-                            service.push_routed(recipients, seqs, routes, &entry);
-                            Ok(())
-                        }
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = pushed {
+                    match service.store.routes(&recipients).await {
+                        Ok(routes) => service.push_routed(recipients, seqs, routes, &entry),
                         // Stored entries are not lost: recipients pull them when they
                         // (re)connect.
-                        tracing::warn!(msg_id, error = %e, "push skipped");
+                        Err(e) => tracing::warn!(msg_id, error = %e, "push skipped"),
                     }
                 });
             }
