@@ -201,22 +201,21 @@ impl State {
         session_id: u64,
         conn: &quinn::Connection,
     ) -> Option<CloseReport> {
-        let removed = self.remove_and(user_id, session_id, conn, || {
-            self.closing().entry(user_id).or_default().in_flight += 1;
+        let mut report = None;
+        self.remove_and(user_id, session_id, conn, || {
+            report = Some(self.report_close(user_id, session_id));
         });
-        removed.then(|| CloseReport {
-            state: self.clone(),
-            user: user_id,
-        })
+        report
     }
 
-    /// Counts a close report of `user`, for a session that is not in the map, as on its way
-    /// until the returned report drops.
-    fn report_close(self: &Arc<Self>, user: u64) -> CloseReport {
+    /// Counts a close report of `session_id` of `user` as on its way until the returned report
+    /// drops (for a session not in the map; [`State::close_for_report`] otherwise).
+    fn report_close(self: &Arc<Self>, user: u64, session_id: u64) -> CloseReport {
         self.closing().entry(user).or_default().in_flight += 1;
         CloseReport {
             state: self.clone(),
             user,
+            session_id,
         }
     }
 
@@ -455,7 +454,7 @@ async fn handle_client(conn: quinn::Connection, state: Arc<State>) {
             _ = message_loop(&conn, &auth, &state) => {}
         }
         if let Some(report) = state.close_for_report(auth.user_id, auth.session_id, &conn) {
-            report.send(auth.session_id).await;
+            report.send().await;
         }
         tracing::info!(reason = ?conn.close_reason(), "session closed");
     }
@@ -486,35 +485,29 @@ struct Unconfirmed<'a> {
 
 impl Drop for Unconfirmed<'_> {
     fn drop(&mut self) {
-        if !self.armed {
+        let (state, user, session_id) = (self.state, self.user, self.session_id);
+        let report = match (self.armed, self.report) {
+            (false, false) => None,
+            (true, false) => {
+                state.remove(user, session_id, self.conn);
+                None
+            }
+            (true, true) => state.close_for_report(user, session_id, self.conn),
             // Waiting to replace another session of the user: the router may have confirmed
             // this one. Report it unless it is the session in the map (the same login on an
             // older connection, whose route it would release). The map is checked and the
             // report counted in one critical section, as in `close_for_report`, so a login of
             // the same session that comes in now waits for the report.
-            if !self.report {
-                return;
+            (false, true) => {
+                let sessions = state.sessions();
+                (sessions.get(&user).map(|s| s.session_id) != Some(session_id))
+                    .then(|| state.report_close(user, session_id))
             }
-            let sessions = self.state.sessions();
-            if sessions.get(&self.user).map(|s| s.session_id) != Some(self.session_id)
-                && let Ok(runtime) = tokio::runtime::Handle::try_current()
-            {
-                let report = self.state.report_close(self.user);
-                drop(sessions);
-                runtime.spawn(report.send(self.session_id));
-            }
-            return;
-        }
-        if !self.report {
-            self.state.remove(self.user, self.session_id, self.conn);
-            return;
-        }
-        if let Some(report) = self
-            .state
-            .close_for_report(self.user, self.session_id, self.conn)
+        };
+        if let Some(report) = report
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            runtime.spawn(report.send(self.session_id));
+            runtime.spawn(report.send());
         }
     }
 }
@@ -524,15 +517,16 @@ impl Drop for Unconfirmed<'_> {
 struct CloseReport {
     state: Arc<State>,
     user: u64,
+    session_id: u64,
 }
 
 impl CloseReport {
-    /// Reports that `session_id`'s connection closed.
-    async fn send(self, session_id: u64) {
+    /// Reports that the session's connection closed.
+    async fn send(self) {
         let state = &self.state;
         let result = state
             .links
-            .session_closed(self.user, session_id, &state.config.id)
+            .session_closed(self.user, self.session_id, &state.config.id)
             .await;
         if let Err(e) = result {
             tracing::warn!(user = self.user, error = %e, "could not report session close");
