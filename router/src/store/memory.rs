@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+use super::expiring::{ExpiringMap, Weight};
 use super::{Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, Route, Store, StoreError};
 
 /// Most idempotency records kept; beyond this the oldest are forgotten early.
@@ -15,11 +16,10 @@ const MAX_SENT_RECORDS: usize = 1_000_000;
 /// (user, seq) pairs kept in append records (16 bytes each) before the oldest records go early:
 /// under a sustained group fan-out ten minutes of them would grow without bound. At 100,000
 /// deliveries a second this still covers 160 s, far more than a client's send timeout.
-#[cfg(not(test))]
 const MAX_APPENDED_PAIRS: usize = 16_000_000;
-/// Small enough for a test to reach.
-#[cfg(test)]
-const MAX_APPENDED_PAIRS: usize = 1_000;
+/// Shards of each map of per-message records: a shard's map grows by 1/256 of the records at a
+/// time, a few milliseconds' worth of messages at the most, and empty they cost 22 KiB.
+const RECORD_SHARDS: usize = 256;
 
 #[derive(Debug)]
 struct Lease {
@@ -50,15 +50,9 @@ struct Inner {
     /// [`APPEND_DEDUP`], kept after the entries are trimmed: a sender may resend after the
     /// recipients acked. One record per message, not per recipient: a group message's record
     /// costs one map entry and 16 bytes a member.
-    appended: HashMap<u64, Vec<(u64, u64)>>,
-    /// (expiry, msg id) of the `appended` records, oldest first.
-    appended_expiry: VecDeque<(Instant, u64)>,
-    /// (user, seq) pairs in all `appended` records.
-    appended_pairs: usize,
-    /// (sender, client msg id) -> (msg id, expiry).
-    sent: HashMap<(u64, u64), (u64, Instant)>,
-    /// The same keys in expiry order, for pruning without scanning the map.
-    sent_expiry: VecDeque<(Instant, (u64, u64))>,
+    appended: ExpiringMap<u64, AppendRecord, RECORD_SHARDS, MAX_APPENDED_PAIRS>,
+    /// (sender, client msg id) -> msg id.
+    sent: ExpiringMap<(u64, u64), u64, RECORD_SHARDS, MAX_SENT_RECORDS>,
     /// (user, session) -> expiry of revocations (logout, takeover, re-login).
     revoked: HashMap<(u64, u64), Instant>,
     /// Size of `revoked` at which expired marks are swept next (twice what the last sweep
@@ -69,6 +63,22 @@ struct Inner {
     groups: HashMap<String, (u64, BTreeSet<u64>)>,
     /// User -> groups.
     memberships: HashMap<u64, BTreeSet<String>>,
+}
+
+/// The (user, seq) pairs a message got, one per inbox it went to.
+type AppendRecord = Vec<(u64, u64)>;
+
+impl Weight for AppendRecord {
+    fn weight(&self) -> usize {
+        self.len()
+    }
+}
+
+/// A message id: one record.
+impl Weight for u64 {
+    fn weight(&self) -> usize {
+        1
+    }
 }
 
 impl Inner {
@@ -292,27 +302,11 @@ impl Store for MemoryStore {
         new_msg_id: u64,
         ttl: Duration,
     ) -> Result<u64, StoreError> {
-        let now = Instant::now();
-        let mut inner = self.inner();
-        // Forget expired records (and, beyond a million, the oldest ones).
-        while let Some((expires, key)) = inner.sent_expiry.front().copied() {
-            if expires > now && inner.sent_expiry.len() <= MAX_SENT_RECORDS {
-                break;
-            }
-            inner.sent_expiry.pop_front();
-            if inner.sent.get(&key).is_some_and(|(_, e)| *e == expires) {
-                inner.sent.remove(&key);
-            }
-        }
         let key = (sender, client_msg_id);
-        if let Some((msg_id, expires)) = inner.sent.get(&key)
-            && *expires > now
-        {
-            return Ok(*msg_id);
-        }
-        inner.sent.insert(key, (new_msg_id, now + ttl));
-        inner.sent_expiry.push_back((now + ttl, key));
-        Ok(new_msg_id)
+        Ok(self
+            .inner()
+            .sent
+            .upsert(key, Instant::now(), ttl, || new_msg_id, |msg_id| *msg_id))
     }
 
     async fn append_inbox(
@@ -325,47 +319,36 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let mut guard = self.inner();
         let Inner {
-            inboxes,
-            appended,
-            appended_expiry,
-            appended_pairs,
-            ..
+            inboxes, appended, ..
         } = &mut *guard;
-        // Forget expired records (and, beyond the cap, the oldest ones).
-        while appended_expiry
-            .front()
-            .is_some_and(|(at, _)| *at <= now || *appended_pairs > MAX_APPENDED_PAIRS)
-        {
-            if let Some((_, msg_id)) = appended_expiry.pop_front()
-                && let Some(record) = appended.remove(&msg_id)
-            {
-                *appended_pairs -= record.len();
-            }
-        }
-        let record = appended.entry(entry.msg_id).or_insert_with(|| {
-            appended_expiry.push_back((now + APPEND_DEDUP, entry.msg_id));
-            Vec::with_capacity(recipients.len())
-        });
-        // A resend: the inboxes it already reached keep the seq they gave it.
-        let earlier: HashMap<u64, u64> = record.iter().copied().collect();
-        Ok(recipients
-            .iter()
-            .map(|user| {
-                if let Some(seq) = earlier.get(user) {
-                    return *seq;
-                }
-                let inbox = inboxes.entry(*user).or_default();
-                inbox.last_seq += 1;
-                let seq = inbox.last_seq;
-                inbox.entries.push_back((seq, shared.clone()));
-                record.push((*user, seq));
-                *appended_pairs += 1;
-                while inbox.entries.len() > limits.max_len {
-                    inbox.entries.pop_front();
-                }
-                seq
-            })
-            .collect())
+        let append = |record: &mut AppendRecord| {
+            // A resend: the inboxes it already reached keep the seq they gave it.
+            let earlier: HashMap<u64, u64> = record.iter().copied().collect();
+            recipients
+                .iter()
+                .map(|user| {
+                    if let Some(seq) = earlier.get(user) {
+                        return *seq;
+                    }
+                    let inbox = inboxes.entry(*user).or_default();
+                    inbox.last_seq += 1;
+                    let seq = inbox.last_seq;
+                    inbox.entries.push_back((seq, shared.clone()));
+                    record.push((*user, seq));
+                    while inbox.entries.len() > limits.max_len {
+                        inbox.entries.pop_front();
+                    }
+                    seq
+                })
+                .collect()
+        };
+        Ok(appended.upsert(
+            entry.msg_id,
+            now,
+            APPEND_DEDUP,
+            || Vec::with_capacity(recipients.len()),
+            append,
+        ))
     }
 
     async fn fetch_inbox(
@@ -603,33 +586,16 @@ mod tests {
             .await
             .unwrap();
         tokio::time::advance(APPEND_DEDUP).await;
-        // Any later append prunes every inbox's expired records, not only its own.
-        store
-            .append_inbox(&[2], &entry(101, 6), limits)
-            .await
-            .unwrap();
-        let inner = store.inner();
-        assert!(!inner.appended.contains_key(&100));
-        assert_eq!(inner.appended_expiry.len(), 1);
-        assert_eq!(inner.appended_pairs, 1);
-    }
-
-    #[tokio::test]
-    async fn append_records_beyond_the_cap_go_oldest_first() {
-        let store = MemoryStore::new();
-        let limits = InboxLimits::default();
-        let members: Vec<u64> = (1..=600).collect();
-        for msg_id in [100, 101, 102] {
+        // Later appends to other inboxes prune every shard in turn, not only their own.
+        for msg_id in 0..RECORD_SHARDS as u64 {
             store
-                .append_inbox(&members, &entry(msg_id, 5), limits)
+                .append_inbox(&[2], &entry(1_000 + msg_id, 6), limits)
                 .await
                 .unwrap();
         }
         let inner = store.inner();
-        // 1,200 pairs were over the cap when the third message came: the first record went.
-        assert!(!inner.appended.contains_key(&100));
-        assert!(inner.appended.contains_key(&101) && inner.appended.contains_key(&102));
-        assert_eq!(inner.appended_pairs, 1_200);
+        assert_eq!(inner.appended.len(), RECORD_SHARDS);
+        assert_eq!(inner.appended.weight(), RECORD_SHARDS);
     }
 
     #[tokio::test]

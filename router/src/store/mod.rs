@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+mod expiring;
 mod memory;
 mod redis;
 
