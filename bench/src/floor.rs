@@ -324,7 +324,7 @@ fn close_all(clients: &[(FloorClient, mpsc::UnboundedReceiver<String>)]) {
 /// `floor-private`: the `private` scenario on the floor.
 pub async fn private(opts: &Options, target: &Target, report: &mut Report) -> anyhow::Result<()> {
     let clients = log_in(target, opts.clients, opts.concurrency, false, report).await?;
-    let mut receiving = Receiving::default();
+    let mut receiving = Receiving::new(opts);
     let mut senders = Vec::new();
     for (index, (client, deliveries)) in clients.into_iter().enumerate() {
         receiving.add(index, deliveries);

@@ -89,6 +89,10 @@ struct Args {
     /// Certificate set of the floor server (floor-server).
     #[arg(long, hide = true)]
     certs: Option<PathBuf>,
+    /// Write latency by send time (deliveries, p50, p99 and max per 100 ms window) as CSV to
+    /// this file: stalls show as windows whose latency stands out.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
     /// Print one JSON object on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -143,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
         seed: args.seed,
         progress: !args.json,
         kill: args.kill.clone(),
+        timeline: args.timeline.clone(),
     };
     if !args.json {
         eprintln!(

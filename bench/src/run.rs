@@ -14,7 +14,9 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::relay::{Impairments, Relay};
-use crate::stats::{Latencies, Percentiles, Tracker, decode_body, encode_body};
+use crate::stats::{
+    Latencies, Percentiles, TIMELINE_WINDOW_US, Tracker, decode_body, encode_body, timeline_windows,
+};
 use crate::target::{Target, process_cpu_seconds};
 
 /// What to measure.
@@ -96,6 +98,8 @@ pub struct Options {
     pub progress: bool,
     /// Server to kill with SIGKILL and its process id (failover).
     pub kill: Option<(String, u32)>,
+    /// Where to write latency per window of send time (`--timeline`).
+    pub timeline: Option<std::path::PathBuf>,
 }
 
 /// The result of a run (serialised with `--json`).
@@ -341,6 +345,8 @@ async fn users(
 struct Seen {
     latencies: Latencies,
     keys: Vec<(u32, u64)>,
+    /// (send time, latency) of every delivery, with `--timeline` only.
+    timeline: Vec<(u64, u64)>,
 }
 
 /// Runs a scenario against `target`.
@@ -635,6 +641,8 @@ impl Deliveries for Events {
 /// the run stops.
 pub(crate) struct Receiving {
     epoch: Instant,
+    /// Keep every delivery's send time and latency (`--timeline`).
+    timeline: bool,
     delivered: Arc<AtomicU64>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<(u32, Seen)>>,
@@ -644,6 +652,7 @@ impl Default for Receiving {
     fn default() -> Self {
         Self {
             epoch: Instant::now(),
+            timeline: false,
             delivered: Arc::new(AtomicU64::new(0)),
             stop: watch::channel(false).0,
             tasks: Vec::new(),
@@ -652,11 +661,20 @@ impl Default for Receiving {
 }
 
 impl Receiving {
+    /// Records deliveries for `opts`: with `--timeline`, each one's send time and latency too.
+    pub fn new(opts: &Options) -> Self {
+        Self {
+            timeline: opts.timeline.is_some(),
+            ..Self::default()
+        }
+    }
+
     /// Records client number `index`'s deliveries from now on.
     pub fn add(&mut self, index: usize, mut deliveries: impl Deliveries) {
         let delivered = self.delivered.clone();
         let mut stop = self.stop.subscribe();
         let epoch = self.epoch;
+        let timeline = self.timeline;
         self.tasks.push(tokio::spawn(async move {
             let mut seen = Seen::default();
             // One stop future for the whole run, not one built (and registered with the watch)
@@ -677,6 +695,9 @@ impl Receiving {
                             let now = epoch.elapsed().as_micros() as u64;
                             seen.latencies.record(now.saturating_sub(sent_at));
                             seen.keys.push((sender, counter));
+                            if timeline {
+                                seen.timeline.push((sent_at, now.saturating_sub(sent_at)));
+                            }
                             delivered.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -700,7 +721,7 @@ async fn messaging(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let ids: Arc<[u64]> = clients.iter().map(|(c, _)| c.info().user_id).collect();
-    let mut receiving = Receiving::default();
+    let mut receiving = Receiving::new(opts);
     let mut senders = Vec::new();
     for (index, (client, events)) in clients.into_iter().enumerate() {
         receiving.add(index, events);
@@ -745,7 +766,15 @@ pub(crate) async fn drive<C: LoadClient>(
     let expected = Arc::new(AtomicU64::new(0));
 
     let sending = Arc::new(AtomicBool::new(true));
-    let acks = Arc::new(std::sync::Mutex::new(Vec::<((u32, u64), u32, u64)>::new()));
+    // Room for every send of an open-loop run up front: doubling a vector of a quarter million
+    // records under the lock every ack takes stalls the harness for milliseconds, which the
+    // latencies it measures would show.
+    let open_loop_sends = opts.rate.map_or(0, |rate| {
+        (rate as f64 * (opts.duration.as_secs_f64() + 1.0)) as usize
+    });
+    let acks = Arc::new(std::sync::Mutex::new(
+        Vec::<((u32, u64), u32, u64)>::with_capacity(open_loop_sends),
+    ));
     let errors = Arc::new(AtomicU64::new(0));
     let send_one = {
         let acks = acks.clone();
@@ -822,7 +851,7 @@ pub(crate) async fn drive<C: LoadClient>(
                 let mut counters = vec![0u64; active.len()];
                 let mut tick = tokio::time::interval(Duration::from_millis(1));
                 let begin = Instant::now();
-                let mut inflight = Vec::new();
+                let mut inflight = Vec::with_capacity(open_loop_sends);
                 while sending.load(Ordering::Relaxed) {
                     tick.tick().await;
                     let due = (begin.elapsed().as_secs_f64() * rate as f64) as u64;
@@ -896,8 +925,10 @@ pub(crate) async fn drive<C: LoadClient>(
         send_ack.record(micros);
     }
     let mut latencies = Latencies::default();
+    let mut timeline = Vec::new();
     for receiver in receiving.tasks {
         let (index, seen) = receiver.await?;
+        timeline.extend(seen.timeline);
         for key in seen.keys {
             tracker.received(index, key);
         }
@@ -917,12 +948,28 @@ pub(crate) async fn drive<C: LoadClient>(
     report.harness_cpu_us_per_msg = cpu_us_per(cpu_before.1, cpu_after.1, summary.delivered);
     report.latency_us = latencies.percentiles();
     report.send_ack_latency_us = send_ack.percentiles();
+    if let Some(path) = &opts.timeline {
+        write_timeline(path, timeline)?;
+    }
     Ok(())
 }
 
 /// UDP datagrams sent plus received on each client's current connection.
 fn client_datagrams<C: LoadClient>(clients: &[Arc<C>]) -> Vec<u64> {
     clients.iter().map(|c| c.datagrams()).collect()
+}
+
+/// Writes latency by send time, in windows of [`TIMELINE_WINDOW_US`], as CSV to `path`.
+fn write_timeline(path: &std::path::Path, samples: Vec<(u64, u64)>) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let mut csv = String::from("sent_s,deliveries,p50_us,p99_us,max_us\n");
+    for w in timeline_windows(samples, TIMELINE_WINDOW_US) {
+        let p = w.latencies.percentiles();
+        let start = w.start_us as f64 / 1e6;
+        let count = w.latencies.len();
+        let _ = writeln!(csv, "{start:.1},{count},{},{},{}", p.p50, p.p99, p.max);
+    }
+    std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))
 }
 
 fn git_rev() -> String {

@@ -154,10 +154,61 @@ pub fn decode_body(body: &str) -> Option<(u32, u64, u64)> {
     ))
 }
 
+/// Width of a `--timeline` window: short enough to show a stall of tens of milliseconds, long
+/// enough for a percentile at 10,000 messages a second.
+pub const TIMELINE_WINDOW_US: u64 = 100_000;
+
+/// The latencies of the messages sent within one window of time.
+#[derive(Debug, Default)]
+pub struct Window {
+    /// When the window starts, in microseconds since the first send of the run.
+    pub start_us: u64,
+    pub latencies: Latencies,
+}
+
+/// Groups (send time, latency) samples into windows of `width_us` by send time, from the
+/// earliest send on; windows nobody sent in are left out.
+pub fn timeline_windows(mut samples: Vec<(u64, u64)>, width_us: u64) -> Vec<Window> {
+    samples.sort_unstable();
+    let Some(&(first, _)) = samples.first() else {
+        return Vec::new();
+    };
+    let mut windows: Vec<Window> = Vec::new();
+    for (sent, latency) in samples {
+        let start_us = (sent - first) / width_us * width_us;
+        if windows.last().is_none_or(|w| w.start_us != start_us) {
+            windows.push(Window {
+                start_us,
+                latencies: Latencies::default(),
+            });
+        }
+        if let Some(w) = windows.last_mut() {
+            w.latencies.record(latency);
+        }
+    }
+    windows
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeline_windows_group_by_send_time_from_the_first_send() {
+        // Out of order, as deliveries arrive; nothing sent in the window at 300.
+        let samples = vec![(1_250, 7), (1_000, 5), (1_099, 9), (1_100, 40), (1_450, 1)];
+        let windows = timeline_windows(samples, 100);
+        let summary: Vec<(u64, usize, u64)> = windows
+            .iter()
+            .map(|w| (w.start_us, w.latencies.len(), w.latencies.percentiles().max))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![(0, 2, 9), (100, 1, 40), (200, 1, 7), (400, 1, 1)]
+        );
+        assert!(timeline_windows(Vec::new(), 100).is_empty());
+    }
 
     #[test]
     fn percentiles_use_nearest_rank() {
