@@ -587,15 +587,16 @@ mod tests {
             .unwrap();
         tokio::time::advance(APPEND_DEDUP).await;
         // Later appends to other inboxes prune every shard in turn, not only their own.
-        for msg_id in 0..RECORD_SHARDS as u64 {
+        let sweep = RECORD_SHARDS * super::super::expiring::SWEEP_EVERY;
+        for msg_id in 0..sweep as u64 {
             store
                 .append_inbox(&[2], &entry(1_000 + msg_id, 6), limits)
                 .await
                 .unwrap();
         }
         let inner = store.inner();
-        assert_eq!(inner.appended.len(), RECORD_SHARDS);
-        assert_eq!(inner.appended.weight(), RECORD_SHARDS);
+        assert_eq!(inner.appended.len(), sweep);
+        assert_eq!(inner.appended.weight(), sweep);
     }
 
     #[tokio::test]
