@@ -19,11 +19,14 @@ pub(super) trait Weight {
 }
 
 /// Records that expire a fixed time after they were created, in `SHARDS` shards, with a cap
-/// of about `MAX_WEIGHT` on their total weight beyond which the oldest go early. The cap is
-/// kept per shard (its share of the whole), so "oldest" is per shard too: with keys spread
-/// evenly that is close to oldest overall.
+/// of `MAX_WEIGHT` on their total weight beyond which the oldest go early. Over the cap, the
+/// shards an upsert touches that hold more than their share lose their oldest records: with
+/// keys spread evenly that is close to oldest overall, and under the cap one heavy record (a
+/// big group's message) never pushes out its shard's others.
 pub(super) struct ExpiringMap<K, V, const SHARDS: usize, const MAX_WEIGHT: usize> {
     shards: Box<[Shard<K, V>]>,
+    /// The weight of all shards' records.
+    total: usize,
     /// Picks a key's shard (independent of the shards' own hashers).
     shard_of: RandomState,
     /// Upserts so far: every [`SWEEP_EVERY`]th also prunes the next shard in turn, so expired
@@ -59,15 +62,25 @@ impl<K, V> Default for Shard<K, V> {
     }
 }
 
+/// When a shard's oldest records go before they expire.
+#[derive(Clone, Copy)]
+struct Cap {
+    /// Most weight in all shards.
+    total: usize,
+    /// A shard's share of it.
+    share: usize,
+}
+
 impl<K: Hash + Eq + Copy, V: Weight> Shard<K, V> {
-    /// Forgets expired records, then the oldest ones while the shard weighs more than
-    /// `max_weight`.
-    fn prune(&mut self, now: Instant, max_weight: usize) {
-        if self.next_expiry.is_none_or(|at| at > now) && self.weight <= max_weight {
+    /// Forgets expired records, then the oldest ones while all shards together (`total`) weigh
+    /// more than the cap and this one more than its share.
+    fn prune(&mut self, now: Instant, total: &mut usize, cap: Cap) {
+        let over = |shard: usize, total: usize| total > cap.total && shard > cap.share;
+        if self.next_expiry.is_none_or(|at| at > now) && !over(self.weight, *total) {
             return;
         }
         while let Some(&(expires, key)) = self.expiry.front() {
-            if expires > now && self.weight <= max_weight {
+            if expires > now && !over(self.weight, *total) {
                 break;
             }
             self.expiry.pop_front();
@@ -75,6 +88,7 @@ impl<K: Hash + Eq + Copy, V: Weight> Shard<K, V> {
                 && let Some((value, _)) = self.records.remove(&key)
             {
                 self.weight -= value.weight();
+                *total -= value.weight();
             }
         }
         self.next_expiry = self.expiry.front().map(|(at, _)| *at);
@@ -88,6 +102,7 @@ impl<K, V, const SHARDS: usize, const MAX_WEIGHT: usize> Default
         const { assert!(SHARDS > 0) };
         Self {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            total: 0,
             shard_of: RandomState::new(),
             upserts: 0,
         }
@@ -97,8 +112,10 @@ impl<K, V, const SHARDS: usize, const MAX_WEIGHT: usize> Default
 impl<K: Hash + Eq + Copy, V: Weight, const SHARDS: usize, const MAX_WEIGHT: usize>
     ExpiringMap<K, V, SHARDS, MAX_WEIGHT>
 {
-    /// Largest weight one shard keeps before its oldest records go early.
-    const MAX_SHARD_WEIGHT: usize = MAX_WEIGHT.div_ceil(SHARDS);
+    const CAP: Cap = Cap {
+        total: MAX_WEIGHT,
+        share: MAX_WEIGHT.div_ceil(SHARDS),
+    };
 
     fn shard_index(&self, key: &K) -> usize {
         (self.shard_of.hash_one(key) % SHARDS as u64) as usize
@@ -117,10 +134,12 @@ impl<K: Hash + Eq + Copy, V: Weight, const SHARDS: usize, const MAX_WEIGHT: usiz
     ) -> R {
         self.upserts = self.upserts.wrapping_add(1);
         if self.upserts.is_multiple_of(SWEEP_EVERY) {
-            self.shards[self.upserts / SWEEP_EVERY % SHARDS].prune(now, Self::MAX_SHARD_WEIGHT);
+            let sweep = self.upserts / SWEEP_EVERY % SHARDS;
+            self.shards[sweep].prune(now, &mut self.total, Self::CAP);
         }
         let index = self.shard_index(&key);
-        self.shards[index].prune(now, Self::MAX_SHARD_WEIGHT);
+        self.shards[index].prune(now, &mut self.total, Self::CAP);
+        let total = &mut self.total;
         let Shard {
             records,
             next_expiry,
@@ -135,12 +154,14 @@ impl<K: Hash + Eq + Copy, V: Weight, const SHARDS: usize, const MAX_WEIGHT: usiz
                 let expires = now + ttl;
                 let value = create();
                 *weight += value.weight();
+                *total += value.weight();
                 expiry.push_back((expires, key));
                 next_expiry.get_or_insert(expires);
                 match stale_or_new {
                     Entry::Occupied(mut stale) => {
                         let (old, _) = stale.insert((value, expires));
                         *weight -= old.weight();
+                        *total -= old.weight();
                         stale.into_mut()
                     }
                     Entry::Vacant(new) => new.insert((value, expires)),
@@ -150,6 +171,7 @@ impl<K: Hash + Eq + Copy, V: Weight, const SHARDS: usize, const MAX_WEIGHT: usiz
         let before = value.weight();
         let result = update(value);
         *weight = *weight - before + value.weight();
+        *total = *total - before + value.weight();
         result
     }
 
@@ -159,10 +181,14 @@ impl<K: Hash + Eq + Copy, V: Weight, const SHARDS: usize, const MAX_WEIGHT: usiz
         self.shards.iter().map(|s| s.records.len()).sum()
     }
 
-    /// Their total weight.
+    /// Their total weight (checked against the shards').
     #[cfg(test)]
     pub fn weight(&self) -> usize {
-        self.shards.iter().map(|s| s.weight).sum()
+        assert_eq!(
+            self.total,
+            self.shards.iter().map(|s| s.weight).sum::<usize>()
+        );
+        self.total
     }
 }
 
@@ -227,6 +253,18 @@ mod tests {
         // Still over it at the next call: 101 goes too, and 102 keeps its value.
         let len = map.upsert(102, now, TTL, Vec::new, |v| v.len());
         assert_eq!((len, map.len(), map.weight()), (600, 1, 600));
+    }
+
+    #[tokio::test]
+    async fn under_the_cap_a_record_heavier_than_its_shards_share_stays() {
+        let mut map = ExpiringMap::<u64, Vec<u8>, 4, 1_000>::default();
+        let now = Instant::now();
+        map.upsert(1, now, TTL, Vec::new, |v| v.resize(600, 0));
+        for key in 2..100 {
+            map.upsert(key, now, TTL, Vec::new, |v| v.push(0));
+        }
+        let len = map.upsert(1, now, TTL, Vec::new, |v| v.len());
+        assert_eq!((len, map.len(), map.weight()), (600, 99, 698));
     }
 
     #[tokio::test(start_paused = true)]
