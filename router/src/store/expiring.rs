@@ -1,10 +1,11 @@
 //! A map whose records expire, for the in-memory store's idempotency records (one or two per
-//! message). It is split into shards, each with its own map and expiry queue, so that no
-//! insert pays for rehashing or moving every record at once. As one map, each time the record
-//! count passed a power of two the insert that grew it rehashed all of them (and the expiry
-//! queue copied itself) under the store's lock: at 10,000 messages a second that stalled every
-//! send for tens of milliseconds at 114,688, 229,376 and 262,144 records, and those stalls were
-//! the p99 latency. A shard grows by its own share only.
+//! message), built so that no insert pays for moving every record at once. As one `HashMap`
+//! and one `VecDeque`, each time the record count passed a power of two the insert that grew
+//! them rehashed or copied all of them under the store's lock: at 10,000 messages a second that
+//! stalled every send for tens of milliseconds at 114,688, 229,376 and 262,144 records, and
+//! those stalls were the p99 latency. Here the records sit in 256 maps (a map grows by 1/256 of
+//! them at a time) and their expiry order in a queue of fixed-size chunks (growing it moves
+//! one pointer per chunk).
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -18,81 +19,17 @@ pub(super) trait Weight {
     fn weight(&self) -> usize;
 }
 
-/// Records that expire a fixed time after they were created, in `SHARDS` shards, with a cap
-/// of `MAX_WEIGHT` on their total weight beyond which the oldest go early. Over the cap, the
-/// shards an upsert touches that hold more than their share lose their oldest records: with
-/// keys spread evenly that is close to oldest overall, and under the cap one heavy record (a
-/// big group's message) never pushes out its shard's others.
+/// Records that expire a fixed time after they were created, in `SHARDS` maps, with a cap of
+/// `MAX_WEIGHT` on their total weight beyond which the oldest go early.
 pub(super) struct ExpiringMap<K, V, const SHARDS: usize, const MAX_WEIGHT: usize> {
-    shards: Box<[Shard<K, V>]>,
-    /// The weight of all shards' records.
-    total: usize,
+    shards: Box<[HashMap<K, (V, Instant)>]>,
     /// Picks a key's shard (independent of the shards' own hashers).
     shard_of: RandomState,
-    /// Upserts so far: every [`SWEEP_EVERY`]th also prunes the next shard in turn, so expired
-    /// records go even from shards no key lands in any more.
-    upserts: usize,
-}
-
-/// How often an upsert prunes a shard besides its own.
-pub(super) const SWEEP_EVERY: usize = 16;
-
-/// The map's own fields and the time its next record expires share a cache line: a shard is
-/// one of hundreds, so what an upsert reads of it has usually left the cache since the last
-/// one. (Reading the expiry queue's front on every upsert instead cost a cache miss each time.)
-#[repr(C, align(64))]
-struct Shard<K, V> {
-    records: HashMap<K, (V, Instant)>,
-    /// The front of `expiry`'s time: when pruning has something to do.
-    next_expiry: Option<Instant>,
-    /// (expiry, key) of the records, oldest first. An entry whose record has since expired and
-    /// been created again (a different expiry) is skipped when it comes up.
-    expiry: VecDeque<(Instant, K)>,
-    weight: usize,
-}
-
-impl<K, V> Default for Shard<K, V> {
-    fn default() -> Self {
-        Self {
-            records: HashMap::new(),
-            next_expiry: None,
-            expiry: VecDeque::new(),
-            weight: 0,
-        }
-    }
-}
-
-/// When a shard's oldest records go before they expire.
-#[derive(Clone, Copy)]
-struct Cap {
-    /// Most weight in all shards.
+    /// (expiry, key) of every record, oldest first. An entry whose record has since expired
+    /// and been created again (a different expiry) is skipped when it comes up.
+    expiry: ChunkedQueue<(Instant, K)>,
+    /// The weight of all records.
     total: usize,
-    /// A shard's share of it.
-    share: usize,
-}
-
-impl<K: Hash + Eq + Copy, V: Weight> Shard<K, V> {
-    /// Forgets expired records, then the oldest ones while all shards together (`total`) weigh
-    /// more than the cap and this one more than its share.
-    fn prune(&mut self, now: Instant, total: &mut usize, cap: Cap) {
-        let over = |shard: usize, total: usize| total > cap.total && shard > cap.share;
-        if self.next_expiry.is_none_or(|at| at > now) && !over(self.weight, *total) {
-            return;
-        }
-        while let Some(&(expires, key)) = self.expiry.front() {
-            if expires > now && !over(self.weight, *total) {
-                break;
-            }
-            self.expiry.pop_front();
-            if self.records.get(&key).is_some_and(|(_, e)| *e == expires)
-                && let Some((value, _)) = self.records.remove(&key)
-            {
-                self.weight -= value.weight();
-                *total -= value.weight();
-            }
-        }
-        self.next_expiry = self.expiry.front().map(|(at, _)| *at);
-    }
 }
 
 impl<K, V, const SHARDS: usize, const MAX_WEIGHT: usize> Default
@@ -101,10 +38,10 @@ impl<K, V, const SHARDS: usize, const MAX_WEIGHT: usize> Default
     fn default() -> Self {
         const { assert!(SHARDS > 0) };
         Self {
-            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
-            total: 0,
+            shards: (0..SHARDS).map(|_| HashMap::new()).collect(),
             shard_of: RandomState::new(),
-            upserts: 0,
+            expiry: ChunkedQueue::default(),
+            total: 0,
         }
     }
 }
@@ -112,18 +49,28 @@ impl<K, V, const SHARDS: usize, const MAX_WEIGHT: usize> Default
 impl<K: Hash + Eq + Copy, V: Weight, const SHARDS: usize, const MAX_WEIGHT: usize>
     ExpiringMap<K, V, SHARDS, MAX_WEIGHT>
 {
-    const CAP: Cap = Cap {
-        total: MAX_WEIGHT,
-        share: MAX_WEIGHT.div_ceil(SHARDS),
-    };
-
     fn shard_index(&self, key: &K) -> usize {
         (self.shard_of.hash_one(key) % SHARDS as u64) as usize
     }
 
+    /// Forgets expired records, then the oldest ones while all of them weigh more than the cap.
+    fn prune(&mut self, now: Instant) {
+        while let Some(&(expires, key)) = self.expiry.front() {
+            if expires > now && self.total <= MAX_WEIGHT {
+                break;
+            }
+            self.expiry.pop_front();
+            let shard = &mut self.shards[self.shard_index(&key)];
+            if shard.get(&key).is_some_and(|(_, e)| *e == expires)
+                && let Some((value, _)) = shard.remove(&key)
+            {
+                self.total -= value.weight();
+            }
+        }
+    }
+
     /// Applies `update` to the value of `key`: the one whose record has not expired, or a new
-    /// one from `create` whose record expires `ttl` from `now`. Prunes `key`'s shard and one
-    /// more first.
+    /// one from `create` whose record expires `ttl` from `now`. Prunes first.
     pub fn upsert<R>(
         &mut self,
         key: K,
@@ -132,35 +79,26 @@ impl<K: Hash + Eq + Copy, V: Weight, const SHARDS: usize, const MAX_WEIGHT: usiz
         create: impl FnOnce() -> V,
         update: impl FnOnce(&mut V) -> R,
     ) -> R {
-        self.upserts = self.upserts.wrapping_add(1);
-        if self.upserts.is_multiple_of(SWEEP_EVERY) {
-            let sweep = self.upserts / SWEEP_EVERY % SHARDS;
-            self.shards[sweep].prune(now, &mut self.total, Self::CAP);
-        }
+        self.prune(now);
         let index = self.shard_index(&key);
-        self.shards[index].prune(now, &mut self.total, Self::CAP);
-        let total = &mut self.total;
-        let Shard {
-            records,
-            next_expiry,
+        let Self {
+            shards,
             expiry,
-            weight,
-        } = &mut self.shards[index];
-        let (value, _) = match records.entry(key) {
+            total,
+            ..
+        } = self;
+        let (value, _) = match shards[index].entry(key) {
             Entry::Occupied(live) if live.get().1 > now => live.into_mut(),
             // New, or expired but not yet pruned: records made with different `ttl`s are not
             // in expiry order in the queue.
             stale_or_new => {
                 let expires = now + ttl;
                 let value = create();
-                *weight += value.weight();
                 *total += value.weight();
                 expiry.push_back((expires, key));
-                next_expiry.get_or_insert(expires);
                 match stale_or_new {
                     Entry::Occupied(mut stale) => {
                         let (old, _) = stale.insert((value, expires));
-                        *weight -= old.weight();
                         *total -= old.weight();
                         stale.into_mut()
                     }
@@ -170,7 +108,6 @@ impl<K: Hash + Eq + Copy, V: Weight, const SHARDS: usize, const MAX_WEIGHT: usiz
         };
         let before = value.weight();
         let result = update(value);
-        *weight = *weight - before + value.weight();
         *total = *total - before + value.weight();
         result
     }
@@ -178,17 +115,63 @@ impl<K: Hash + Eq + Copy, V: Weight, const SHARDS: usize, const MAX_WEIGHT: usiz
     /// Live and not yet pruned records.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.records.len()).sum()
+        self.shards.iter().map(HashMap::len).sum()
     }
 
-    /// Their total weight (checked against the shards').
+    /// Their total weight (checked against the records').
     #[cfg(test)]
     pub fn weight(&self) -> usize {
-        assert_eq!(
-            self.total,
-            self.shards.iter().map(|s| s.weight).sum::<usize>()
-        );
+        let records: usize = self
+            .shards
+            .iter()
+            .flat_map(|shard| shard.values())
+            .map(|(value, _)| value.weight())
+            .sum();
+        assert_eq!(self.total, records);
         self.total
+    }
+}
+
+/// Items in a chunk of a [`ChunkedQueue`].
+const CHUNK: usize = 1024;
+
+/// A FIFO queue in chunks of [`CHUNK`] items: it grows a chunk at a time and never moves the
+/// items it holds.
+struct ChunkedQueue<T> {
+    chunks: VecDeque<VecDeque<T>>,
+}
+
+impl<T> Default for ChunkedQueue<T> {
+    fn default() -> Self {
+        Self {
+            chunks: VecDeque::new(),
+        }
+    }
+}
+
+impl<T> ChunkedQueue<T> {
+    fn push_back(&mut self, item: T) {
+        match self.chunks.back_mut() {
+            Some(last) if last.len() < CHUNK => last.push_back(item),
+            _ => {
+                let mut chunk = VecDeque::with_capacity(CHUNK);
+                chunk.push_back(item);
+                self.chunks.push_back(chunk);
+            }
+        }
+    }
+
+    fn front(&self) -> Option<&T> {
+        self.chunks.front().and_then(VecDeque::front)
+    }
+
+    fn pop_front(&mut self) -> Option<T> {
+        let first = self.chunks.front_mut()?;
+        let item = first.pop_front();
+        if first.is_empty() {
+            self.chunks.pop_front();
+        }
+        item
     }
 }
 
@@ -226,24 +209,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn every_shard_is_pruned_within_a_sweep_wherever_the_inserts_land() {
+    async fn expired_records_go_whichever_shard_the_next_insert_lands_in() {
         let mut map = ExpiringMap::<u64, Vec<u8>, 8, 1_000>::default();
         for key in 0..100 {
             value_of(&mut map, key, 1);
         }
         tokio::time::advance(TTL).await;
-        // All of these could land in one shard; the sweep still reaches the other seven.
-        let sweep = (8 * SWEEP_EVERY) as u64;
-        for key in 1_000..1_000 + sweep {
-            value_of(&mut map, key, 1);
-        }
-        assert_eq!(map.len() as u64, sweep);
-        assert_eq!(map.weight() as u64, sweep);
+        value_of(&mut map, 1_000, 1);
+        assert_eq!((map.len(), map.weight()), (1, 1));
     }
 
     #[tokio::test]
-    async fn beyond_the_cap_the_oldest_records_go_first() {
-        let mut map = ExpiringMap::<u64, Vec<u8>, 1, 1_000>::default();
+    async fn beyond_the_cap_the_oldest_records_go_first_across_shards() {
+        let mut map = ExpiringMap::<u64, Vec<u8>, 4, 1_000>::default();
         let now = Instant::now();
         for key in [100, 101, 102] {
             map.upsert(key, now, TTL, Vec::new, |v| v.resize(600, 0));
@@ -253,18 +231,30 @@ mod tests {
         // Still over it at the next call: 101 goes too, and 102 keeps its value.
         let len = map.upsert(102, now, TTL, Vec::new, |v| v.len());
         assert_eq!((len, map.len(), map.weight()), (600, 1, 600));
-    }
-
-    #[tokio::test]
-    async fn under_the_cap_a_record_heavier_than_its_shards_share_stays() {
-        let mut map = ExpiringMap::<u64, Vec<u8>, 4, 1_000>::default();
-        let now = Instant::now();
-        map.upsert(1, now, TTL, Vec::new, |v| v.resize(600, 0));
-        for key in 2..100 {
+        // Under the cap a record heavier than a shard's share of it stays.
+        for key in 1_000..1_300 {
             map.upsert(key, now, TTL, Vec::new, |v| v.push(0));
         }
-        let len = map.upsert(1, now, TTL, Vec::new, |v| v.len());
-        assert_eq!((len, map.len(), map.weight()), (600, 99, 698));
+        let len = map.upsert(102, now, TTL, Vec::new, |v| v.len());
+        assert_eq!((len, map.len(), map.weight()), (600, 301, 900));
+    }
+
+    #[test]
+    fn a_chunked_queue_is_first_in_first_out_across_chunks() {
+        let mut queue = ChunkedQueue::default();
+        for i in 0..2 * CHUNK + 3 {
+            queue.push_back(i);
+        }
+        assert_eq!(queue.chunks.len(), 3);
+        for i in 0..CHUNK + 1 {
+            assert_eq!(queue.pop_front(), Some(i));
+        }
+        assert_eq!(queue.chunks.len(), 2);
+        queue.push_back(7);
+        let rest: Vec<usize> = std::iter::from_fn(|| queue.pop_front()).collect();
+        let expected: Vec<usize> = (CHUNK + 1..2 * CHUNK + 3).chain([7]).collect();
+        assert_eq!(rest, expected);
+        assert!(queue.front().is_none() && queue.chunks.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
