@@ -127,6 +127,11 @@ async fn main() -> anyhow::Result<()> {
         ScenarioArg::FloorLogin => Scenario::FloorLogin,
         ScenarioArg::FloorServer => unreachable!("served above"),
     };
+    if args.timeline.is_some() && !scenario.sends_messages() {
+        bail!(
+            "--timeline needs a scenario that sends messages (private, group, lossy, floor-private)"
+        );
+    }
     let target = match (&args.router, &args.ca) {
         _ if scenario.on_floor() => Target::floor().await?,
         (Some(url), Some(ca)) => Target::external(url.clone(), ca)?,

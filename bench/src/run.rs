@@ -58,6 +58,14 @@ impl Scenario {
         }
     }
 
+    /// Whether the scenario sends messages (and so has latencies for `--timeline`).
+    pub fn sends_messages(self) -> bool {
+        matches!(
+            self,
+            Scenario::Private | Scenario::Group | Scenario::Lossy | Scenario::FloorPrivate
+        )
+    }
+
     /// Whether the scenario runs on the quinn floor instead of a cim.
     pub fn on_floor(self) -> bool {
         matches!(

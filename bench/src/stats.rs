@@ -161,13 +161,14 @@ pub const TIMELINE_WINDOW_US: u64 = 100_000;
 /// The latencies of the messages sent within one window of time.
 #[derive(Debug, Default)]
 pub struct Window {
-    /// When the window starts, in microseconds since the first send of the run.
+    /// When the window starts, in microseconds since the earliest send among the samples
+    /// (the earliest delivered message's).
     pub start_us: u64,
     pub latencies: Latencies,
 }
 
-/// Groups (send time, latency) samples into windows of `width_us` by send time, from the
-/// earliest send on; windows nobody sent in are left out.
+/// Groups (send time, latency) samples into windows of `width_us` (more than 0) by send time,
+/// from the earliest send on; windows nobody sent in are left out.
 pub fn timeline_windows(mut samples: Vec<(u64, u64)>, width_us: u64) -> Vec<Window> {
     samples.sort_unstable();
     let Some(&(first, _)) = samples.first() else {
