@@ -15,7 +15,8 @@ use tokio::sync::watch;
 
 use crate::relay::{Impairments, Relay};
 use crate::stats::{
-    Latencies, Percentiles, TIMELINE_WINDOW_US, Tracker, decode_body, encode_body, timeline_windows,
+    Latencies, MessageKey, Percentiles, TIMELINE_WINDOW_US, Tracker, decode_body, encode_body,
+    timeline_windows,
 };
 use crate::target::{Target, process_cpu_seconds};
 
@@ -645,6 +646,15 @@ impl Deliveries for Events {
     }
 }
 
+/// A message the cluster acked.
+struct Ack {
+    key: MessageKey,
+    /// Recipients the ack counts.
+    recipients: u32,
+    /// Send to ack.
+    micros: u64,
+}
+
 /// The receiving side of a messaging run: a task per client recording what it sees until
 /// the run stops.
 pub(crate) struct Receiving {
@@ -774,23 +784,17 @@ pub(crate) async fn drive<C: LoadClient>(
     let expected = Arc::new(AtomicU64::new(0));
 
     let sending = Arc::new(AtomicBool::new(true));
-    // Room for every send of an open-loop run up front: doubling a vector of a quarter million
-    // records under the lock every ack takes stalls the harness for milliseconds, which the
-    // latencies it measures would show.
-    let open_loop_sends = opts.rate.map_or(0, |rate| {
-        (rate as f64 * (opts.duration.as_secs_f64() + 1.0)) as usize
-    });
-    let acks = Arc::new(std::sync::Mutex::new(
-        Vec::<((u32, u64), u32, u64)>::with_capacity(open_loop_sends),
-    ));
+    // Each sending task keeps the acks it got and hands them over at the end: no lock per ack,
+    // and no shared list that stalls the harness while it grows.
+    let acked = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let send_one = {
-        let acks = acks.clone();
+        let acked = acked.clone();
         let errors = errors.clone();
         let expected = expected.clone();
         let size = opts.size;
         move |client: Arc<C>, index: u32, counter: u64| {
-            let acks = acks.clone();
+            let acked = acked.clone();
             let errors = errors.clone();
             let expected = expected.clone();
             async move {
@@ -807,15 +811,17 @@ pub(crate) async fn drive<C: LoadClient>(
                 match client.send(peer, body).await {
                     Ok(recipients) => {
                         expected.fetch_add(u64::from(recipients), Ordering::Relaxed);
-                        acks.lock().unwrap_or_else(|p| p.into_inner()).push((
-                            (index, counter),
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        Some(Ack {
+                            key: (index, counter),
                             recipients,
-                            now_us() - started,
-                        ));
+                            micros: now_us() - started,
+                        })
                     }
                     Err(e) => {
                         errors.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(error = %e, "send failed");
+                        None
                     }
                 }
             }
@@ -843,10 +849,12 @@ pub(crate) async fn drive<C: LoadClient>(
                     let client = client.clone();
                     tasks.push(tokio::spawn(async move {
                         let mut counter = lane;
+                        let mut acks = Vec::new();
                         while sending.load(Ordering::Relaxed) {
-                            send_one(client.clone(), index, counter).await;
+                            acks.extend(send_one(client.clone(), index, counter).await);
                             counter += window;
                         }
+                        acks
                     }));
                 }
             }
@@ -854,12 +862,16 @@ pub(crate) async fn drive<C: LoadClient>(
         Some(rate) => {
             let sending = sending.clone();
             let send_one = send_one.clone();
+            let duration = opts.duration;
             tasks.push(tokio::spawn(async move {
                 let mut issued = 0u64;
                 let mut counters = vec![0u64; active.len()];
                 let mut tick = tokio::time::interval(Duration::from_millis(1));
                 let begin = Instant::now();
-                let mut inflight = Vec::with_capacity(open_loop_sends);
+                // Room for every send up front: a list of a quarter million handles doubling
+                // would stall this loop.
+                let sends = (rate as f64 * (duration.as_secs_f64() + 1.0)) as usize;
+                let mut inflight = Vec::with_capacity(sends);
                 while sending.load(Ordering::Relaxed) {
                     tick.tick().await;
                     let due = (begin.elapsed().as_secs_f64() * rate as f64) as u64;
@@ -875,16 +887,18 @@ pub(crate) async fn drive<C: LoadClient>(
                         issued += 1;
                     }
                 }
+                let mut acks = Vec::with_capacity(inflight.len());
                 for task in inflight {
-                    let _ = task.await;
+                    acks.extend(task.await.ok().flatten());
                 }
+                acks
             }));
         }
     }
 
     let progress = {
         let delivered = delivered.clone();
-        let acks = acks.clone();
+        let acked = acked.clone();
         let show = opts.progress;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -892,7 +906,7 @@ pub(crate) async fn drive<C: LoadClient>(
             loop {
                 tick.tick().await;
                 if show {
-                    let sent = acks.lock().unwrap_or_else(|p| p.into_inner()).len();
+                    let sent = acked.load(Ordering::Relaxed);
                     eprintln!(
                         "  {:>5.1}s  sent {sent:>9}  delivered {:>9}",
                         started.elapsed().as_secs_f64(),
@@ -904,8 +918,9 @@ pub(crate) async fn drive<C: LoadClient>(
     };
     tokio::time::sleep(opts.duration).await;
     sending.store(false, Ordering::Relaxed);
+    let mut acks = Vec::new();
     for task in tasks {
-        let _ = task.await;
+        acks.extend(task.await.unwrap_or_default());
     }
     let send_window = started.elapsed();
     // Drain: wait until every acked delivery arrived (or give up after 15 s: those are lost).
@@ -928,9 +943,9 @@ pub(crate) async fn drive<C: LoadClient>(
 
     let mut tracker = Tracker::default();
     let mut send_ack = Latencies::default();
-    for (key, recipients, micros) in acks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
-        tracker.acked(key, recipients);
-        send_ack.record(micros);
+    for ack in acks {
+        tracker.acked(ack.key, ack.recipients);
+        send_ack.record(ack.micros);
     }
     let mut latencies = Latencies::default();
     let mut timeline = Vec::new();

@@ -99,6 +99,46 @@ async fn group_run_expects_one_delivery_per_other_member() -> anyhow::Result<()>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_run_counts_every_delivery_once_and_writes_its_timeline() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let timeline = dir.path().join("timeline.csv");
+    let r = bench(&[
+        "private",
+        "--rate",
+        "300",
+        "--clients",
+        "6",
+        "--duration",
+        "1",
+        "--concurrency",
+        "6",
+        "--timeline",
+        timeline.to_str().unwrap(),
+    ])
+    .await?;
+    let sent = r["sent"].as_u64().unwrap();
+    assert!(sent > 100, "{r}");
+    assert_eq!(r["delivered"].as_u64(), Some(sent), "{r}");
+    assert_eq!(
+        (r["lost"].as_u64(), r["duplicated"].as_u64()),
+        (Some(0), Some(0))
+    );
+    // One row per 100 ms of sending, in order, accounting for every delivery.
+    let csv = std::fs::read_to_string(&timeline)?;
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("sent_s,deliveries,p50_us,p99_us,max_us"));
+    let rows: Vec<Vec<f64>> = lines
+        .map(|l| l.split(',').map(|f| f.parse().unwrap()).collect())
+        .collect();
+    assert!(rows.len() >= 5, "{csv}");
+    assert!(rows.windows(2).all(|w| w[0][0] < w[1][0]), "{csv}");
+    assert!(rows.iter().all(|r| r[2] <= r[3] && r[3] <= r[4]), "{csv}");
+    let counted: f64 = rows.iter().map(|r| r[1]).sum();
+    assert_eq!(counted as u64, sent, "{csv}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lossy_and_login_runs_report_their_numbers() -> anyhow::Result<()> {
     let r = bench(&[
         "lossy",
