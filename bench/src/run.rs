@@ -854,7 +854,7 @@ pub(crate) async fn drive<C: LoadClient>(
                             acks.extend(send_one(client.clone(), index, counter).await);
                             counter += window;
                         }
-                        acks
+                        Ok(acks)
                     }));
                 }
             }
@@ -889,9 +889,9 @@ pub(crate) async fn drive<C: LoadClient>(
                 }
                 let mut acks = Vec::with_capacity(inflight.len());
                 for task in inflight {
-                    acks.extend(task.await.ok().flatten());
+                    acks.extend(task.await?);
                 }
-                acks
+                Ok::<_, tokio::task::JoinError>(acks)
             }));
         }
     }
@@ -918,9 +918,10 @@ pub(crate) async fn drive<C: LoadClient>(
     };
     tokio::time::sleep(opts.duration).await;
     sending.store(false, Ordering::Relaxed);
+    // A sending task that panicked would take its acks with it: fail the run instead.
     let mut acks = Vec::new();
     for task in tasks {
-        acks.extend(task.await.unwrap_or_default());
+        acks.extend(task.await??);
     }
     let send_window = started.elapsed();
     // Drain: wait until every acked delivery arrived (or give up after 15 s: those are lost).
