@@ -666,24 +666,15 @@ pub(crate) struct Receiving {
     tasks: Vec<tokio::task::JoinHandle<(u32, Seen)>>,
 }
 
-impl Default for Receiving {
-    fn default() -> Self {
-        Self {
-            epoch: Instant::now(),
-            timeline: false,
-            delivered: Arc::new(AtomicU64::new(0)),
-            stop: watch::channel(false).0,
-            tasks: Vec::new(),
-        }
-    }
-}
-
 impl Receiving {
     /// Records deliveries for `opts`: with `--timeline`, each one's send time and latency too.
     pub fn new(opts: &Options) -> Self {
         Self {
+            epoch: Instant::now(),
             timeline: opts.timeline.is_some(),
-            ..Self::default()
+            delivered: Arc::new(AtomicU64::new(0)),
+            stop: watch::channel(false).0,
+            tasks: Vec::new(),
         }
     }
 
