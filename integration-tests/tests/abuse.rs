@@ -1,5 +1,5 @@
 //! The abuse suite: forged, expired and misdirected tokens, a claimed sender, a client on the
-//! internal endpoint, an oversized frame, 10,000 streams at once, garbage UDP, malformed JSON on
+//! internal endpoint, an oversized frame, garbage on the control stream, 10,000 streams at once, garbage UDP, malformed JSON on
 //! every endpoint, a login brute force, a message flood and a client that never acks a delivery.
 //! After each, well-behaved clients on the same server still chat and no accepted message is
 //! lost.
@@ -16,8 +16,8 @@ use cim_core::transport::{self, Link};
 use cim_core::{ALPN_INTERNAL, now_ms, tls};
 use cim_integration_tests::{Backend, TestCluster, WAIT, next_message};
 use cim_proto::v1::{
-    ChatMessage, ClientRequest, DeliveryBatch, SendAck, ServerControl, chat_message::Target,
-    client_request, server_control,
+    ChatMessage, ClientControl, ClientRequest, DeliveryBatch, Ping, SendAck, ServerControl,
+    chat_message::Target, client_control, client_request, server_control,
 };
 use cim_proto::{ProstMessage, read_required, write_frame};
 use http::{Method, StatusCode};
@@ -273,6 +273,42 @@ async fn an_oversized_frame_is_refused_and_the_connection_survives() -> anyhow::
         next_message(&mut scene.bob_events).await?.body,
         "after the big one"
     );
+    scene.still_chatting().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_control_stream_ends_that_session_only() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let undecodable: &[u8] = &[0, 0, 0, 3, 0xff, 0xff, 0xff];
+    let oversized: &[u8] = &0x0010_0000u32.to_be_bytes();
+    for (name, garbage) in [("undecodable", undecodable), ("oversized", oversized)] {
+        let (_, token) = scene.http_login(name).await?;
+        let (conn, code, mut send, mut recv) = scene.raw_session(&token, false).await?;
+        assert_eq!(code, "");
+        // The control stream works: a ping gets its pong.
+        let ping = ClientControl {
+            kind: Some(client_control::Kind::Ping(Ping { nonce: 41 })),
+        };
+        write_frame(&mut send, &ping, 4096).await?;
+        let pong: ServerControl =
+            tokio::time::timeout(WAIT, read_required(&mut recv, 4096)).await??;
+        assert!(
+            matches!(pong.kind, Some(server_control::Kind::Pong(p)) if p.nonce == 41),
+            "{name}: {pong:?}"
+        );
+        send.write_all(garbage).await?;
+        let reason = tokio::time::timeout(WAIT, conn.closed()).await?;
+        match reason {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(
+                    close.error_code,
+                    cim_core::close::code(cim_core::close::PROTOCOL)
+                );
+                assert_eq!(&close.reason[..], b"bad control frame", "{name}");
+            }
+            other => panic!("{name}: closed by {other:?}"),
+        }
+    }
     scene.still_chatting().await
 }
 

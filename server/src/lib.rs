@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod links;
+mod mailbox;
 mod ops;
 mod outbox;
 mod resumption;

@@ -17,13 +17,15 @@ use cim_proto::v1::{
     client_control, client_request, server_control,
 };
 use cim_proto::{FrameError, SharedDelivery, read_frame, read_required, write_frame};
-use tokio::sync::{Notify, mpsc};
+use futures_util::StreamExt;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::ServerConfig;
 use crate::links::RouterLinks;
+use crate::mailbox::{self, mailbox};
 use crate::outbox::{Outbox, Queued};
 
 /// Largest control frame (a login carries a token of at most 2 KiB).
@@ -33,8 +35,7 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time given to a kicked client to read the Kick before the connection closes.
 const KICK_LINGER: Duration = Duration::from_secs(2);
 
-/// What the server can tell a session's control stream from outside. Kept small: each
-/// session's channel allocates 32 slots up front.
+/// What the server can tell a session's control stream from outside.
 #[derive(Debug)]
 enum ControlOut {
     Kick(String),
@@ -46,7 +47,7 @@ enum ControlOut {
 struct Session {
     session_id: u64,
     conn: quinn::Connection,
-    control: mpsc::Sender<ControlOut>,
+    control: mailbox::Sender<ControlOut>,
     outbox: Arc<Outbox>,
 }
 
@@ -408,10 +409,13 @@ pub(crate) async fn accept_clients(
             }
         };
         let state = state.clone();
+        // Boxed: what a task captures stays in its memory for the task's whole life, and a
+        // `quinn::Incoming` (the client's first packet) is 384 bytes.
+        let incoming = Box::new(incoming);
         tracker.spawn(
             async move {
                 let _guard = guard;
-                match incoming.await {
+                match (*incoming).await {
                     Ok(conn) => handle_client(conn, state).await,
                     Err(e) => tracing::debug!(error = %e, "handshake failed"),
                 }
@@ -432,7 +436,9 @@ struct Authenticated {
 }
 
 async fn handle_client(conn: quinn::Connection, state: Arc<State>) {
-    let login = tokio::time::timeout(LOGIN_TIMEOUT, login(&conn, &state)).await;
+    // Boxed, so its state (about 1.2 KB) is freed once the login is done rather than kept
+    // in the session task's memory.
+    let login = tokio::time::timeout(LOGIN_TIMEOUT, Box::pin(login(&conn, &state))).await;
     let (auth, send, recv, control_rx) = match login {
         Ok(Ok(ok)) => ok,
         Ok(Err(reason)) => {
@@ -466,7 +472,7 @@ type LoggedIn = (
     Authenticated,
     quinn::SendStream,
     quinn::RecvStream,
-    mpsc::Receiver<ControlOut>,
+    mailbox::Receiver<ControlOut>,
 );
 
 /// Takes a login's session out of the session map again unless the login completes: a refused,
@@ -592,7 +598,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
         Ok(claims) => claims,
         Err(e) => return Err(refuse(conn, &mut send, e.code(), &e.to_string(), close::AUTH).await),
     };
-    let (control_tx, control_rx) = mpsc::channel(64);
+    let (control_tx, control_rx) = mailbox(64);
     let outbox = Outbox::held(claims.user_id, conn.clone());
     let session = Session {
         session_id: claims.session_id,
@@ -793,8 +799,8 @@ async fn control_loop(
     conn: &quinn::Connection,
     auth: &Authenticated,
     mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    mut control_rx: mpsc::Receiver<ControlOut>,
+    recv: quinn::RecvStream,
+    mut control_rx: mailbox::Receiver<ControlOut>,
     state: &State,
 ) {
     // Checked now and at each ping, so a client resuming with an old token gets a fresh one
@@ -806,24 +812,24 @@ async fn control_loop(
     {
         return;
     }
-    // Frames are read by their own task because reading is not cancel-safe inside select!.
-    // They travel boxed: the channel allocates 32 slots up front, in every session.
-    let (frames_tx, mut frames) = mpsc::channel(4);
-    let reader = tokio::spawn(async move {
-        loop {
+    // Reading a frame is not cancel-safe, so the read in progress lives in this stream,
+    // which every turn of the select! below polls, rather than in a branch it may drop. It
+    // ends after the stream's end or a bad frame.
+    let mut frames = Box::pin(futures_util::stream::unfold(
+        Some(recv),
+        |recv| async move {
+            let mut recv = recv?;
             let frame = read_frame::<ClientControl, _>(&mut recv, MAX_CONTROL_FRAME).await;
-            let done = !matches!(frame, Ok(Some(_)));
-            if frames_tx.send(Box::new(frame)).await.is_err() || done {
-                return;
-            }
-        }
-    });
+            let more = matches!(frame, Ok(Some(_)));
+            Some((frame, more.then_some(recv)))
+        },
+    ));
     let timeout = state.config.heartbeat_timeout;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
-            frame = frames.recv() => match frame.map(|f| *f) {
+            frame = frames.next() => match frame {
                 Some(Ok(Some(ClientControl { kind: Some(client_control::Kind::Ping(ping)) }))) => {
                     deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
                     let pong = control(server_control::Kind::Pong(Pong { nonce: ping.nonce }));
@@ -879,7 +885,6 @@ async fn control_loop(
             }
         }
     }
-    reader.abort();
 }
 
 fn control(kind: server_control::Kind) -> ServerControl {
