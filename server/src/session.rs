@@ -16,7 +16,7 @@ use cim_proto::v1::{
     LoginResult, Pong, Presence, PullResult, Recipient, SendAck, ServerControl, TokenRenewal,
     client_control, client_request, server_control,
 };
-use cim_proto::{FrameError, SharedDelivery, read_frame, read_required, write_frame};
+use cim_proto::{FrameError, SharedDelivery, encode_frame, read_frame, read_required, write_frame};
 use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -460,7 +460,9 @@ async fn handle_client(conn: quinn::Connection, state: Arc<State>) {
             _ = message_loop(&conn, &auth, &state) => {}
         }
         if let Some(report) = state.close_for_report(auth.user_id, auth.session_id, &conn) {
-            report.send().await;
+            // Boxed: an exchange with the router is larger than the loops above, and the
+            // task's memory is the largest of its states for the session's whole life.
+            Box::pin(report.send()).await;
         }
         tracing::info!(reason = ?conn.close_reason(), "session closed");
     }
@@ -786,8 +788,7 @@ async fn renew_if_due(
         return Ok(());
     }
     if let Some(renewal) = renewal(auth, expires_at_ms, &state.config, now_ms()) {
-        let frame = control(server_control::Kind::TokenRenewal(renewal));
-        write_frame(send, &frame, MAX_CONTROL_FRAME).await?;
+        write_control(send, server_control::Kind::TokenRenewal(renewal)).await?;
         state.config.metrics.token_renewals.inc();
     }
     Ok(())
@@ -832,8 +833,8 @@ async fn control_loop(
             frame = frames.next() => match frame {
                 Some(Ok(Some(ClientControl { kind: Some(client_control::Kind::Ping(ping)) }))) => {
                     deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
-                    let pong = control(server_control::Kind::Pong(Pong { nonce: ping.nonce }));
-                    if write_frame(&mut send, &pong, MAX_CONTROL_FRAME).await.is_err()
+                    let pong = server_control::Kind::Pong(Pong { nonce: ping.nonce });
+                    if write_control(&mut send, pong).await.is_err()
                         || renew_if_due(auth, &mut token_expires_at_ms, &mut send, state).await.is_err()
                     {
                         break;
@@ -857,22 +858,23 @@ async fn control_loop(
             },
             out = control_rx.recv() => match out {
                 Some(ControlOut::Kick(reason)) => {
-                    let kick = control(server_control::Kind::Kick(Kick { reason }));
-                    if write_frame(&mut send, &kick, MAX_CONTROL_FRAME).await.is_ok() && send.finish().is_ok() {
-                        let _ = tokio::time::timeout(KICK_LINGER, send.stopped()).await;
+                    let kick = server_control::Kind::Kick(Kick { reason });
+                    if write_control(&mut send, kick).await.is_ok() && send.finish().is_ok() {
+                        // Boxed for the same reason as `write_control`: it happens once.
+                        let _ = Box::pin(tokio::time::timeout(KICK_LINGER, send.stopped())).await;
                     }
                     conn.close(close::code(close::KICKED), b"kicked");
                     break;
                 }
                 Some(ControlOut::Presence(presence)) => {
-                    let frame = control(server_control::Kind::Presence(*presence));
-                    if write_frame(&mut send, &frame, MAX_CONTROL_FRAME).await.is_err() {
+                    let presence = server_control::Kind::Presence(*presence);
+                    if write_control(&mut send, presence).await.is_err() {
                         break;
                     }
                 }
                 Some(ControlOut::Drain(reason)) => {
-                    let drain = control(server_control::Kind::Drain(Drain { reason }));
-                    if write_frame(&mut send, &drain, MAX_CONTROL_FRAME).await.is_err() {
+                    let drain = server_control::Kind::Drain(Drain { reason });
+                    if write_control(&mut send, drain).await.is_err() {
                         break;
                     }
                 }
@@ -889,6 +891,22 @@ async fn control_loop(
 
 fn control(kind: server_control::Kind) -> ServerControl {
     ServerControl { kind: Some(kind) }
+}
+
+/// Writes one control frame. The message is encoded before the future starts, so the control
+/// loop, which lives as long as the session, keeps only the encoded bytes across the write
+/// instead of room for the largest message it sends.
+fn write_control(
+    send: &mut quinn::SendStream,
+    kind: server_control::Kind,
+) -> impl Future<Output = Result<(), FrameError>> + '_ {
+    let frame = encode_frame(&control(kind), MAX_CONTROL_FRAME);
+    async move {
+        send.write_all(&frame?)
+            .await
+            .map_err(std::io::Error::from)?;
+        Ok(())
+    }
 }
 
 /// Accepts one bidirectional stream per client message until the connection ends. Sends are
