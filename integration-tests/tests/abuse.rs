@@ -1,6 +1,7 @@
 //! The abuse suite: forged, expired and misdirected tokens, a claimed sender, a client on the
-//! internal endpoint, an oversized frame, garbage on the control stream, 10,000 streams at once, garbage UDP, malformed JSON on
-//! every endpoint, a login brute force, a message flood and a client that never acks a delivery.
+//! internal endpoint, an oversized frame, garbage on the control stream, 10,000 streams at
+//! once, garbage UDP, malformed JSON on every endpoint, a login brute force, a message flood
+//! and a client that never acks a delivery.
 //! After each, well-behaved clients on the same server still chat and no accepted message is
 //! lost.
 
@@ -281,7 +282,13 @@ async fn garbage_on_the_control_stream_ends_that_session_only() -> anyhow::Resul
     let mut scene = Scene::new().await?;
     let undecodable: &[u8] = &[0, 0, 0, 3, 0xff, 0xff, 0xff];
     let oversized: &[u8] = &0x0010_0000u32.to_be_bytes();
-    for (name, garbage) in [("undecodable", undecodable), ("oversized", oversized)] {
+    // Half a length prefix, then the end of the stream.
+    let truncated: &[u8] = &[0, 0];
+    for (name, garbage) in [
+        ("undecodable", undecodable),
+        ("oversized", oversized),
+        ("truncated", truncated),
+    ] {
         let (_, token) = scene.http_login(name).await?;
         let (conn, code, mut send, mut recv) = scene.raw_session(&token, false).await?;
         assert_eq!(code, "");
@@ -297,6 +304,9 @@ async fn garbage_on_the_control_stream_ends_that_session_only() -> anyhow::Resul
             "{name}: {pong:?}"
         );
         send.write_all(garbage).await?;
+        if name == "truncated" {
+            send.finish()?;
+        }
         let reason = tokio::time::timeout(WAIT, conn.closed()).await?;
         match reason {
             quinn::ConnectionError::ApplicationClosed(close) => {

@@ -816,15 +816,16 @@ async fn control_loop(
     // Reading a frame is not cancel-safe, so the read in progress lives in this stream,
     // which every turn of the select! below polls, rather than in a branch it may drop. It
     // ends after the stream's end or a bad frame.
-    let mut frames = Box::pin(futures_util::stream::unfold(
-        Some(recv),
-        |recv| async move {
+    let mut frames = Box::pin(
+        futures_util::stream::unfold(Some(recv), |recv| async move {
             let mut recv = recv?;
             let frame = read_frame::<ClientControl, _>(&mut recv, MAX_CONTROL_FRAME).await;
             let more = matches!(frame, Ok(Some(_)));
             Some((frame, more.then_some(recv)))
-        },
-    ));
+        })
+        // Ended, it stays ended rather than panicking if polled again.
+        .fuse(),
+    );
     let timeout = state.config.heartbeat_timeout;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
