@@ -1040,7 +1040,14 @@ impl State {
                             };
                             t
                         }
-                        None => break,
+                        None => {
+                            // cim patch: nothing is left to send, so give the buffer back. A
+                            // handshake's flights grow it to several datagrams, and an idle
+                            // connection kept that for its whole life; a busy one allocates
+                            // it again on its next transmit.
+                            self.send_buffer = Vec::new();
+                            break;
+                        }
                     }
                 }
             };
