@@ -1041,10 +1041,10 @@ impl State {
                             t
                         }
                         None => {
-                            // cim patch: nothing is left to send, so give the buffer back. A
-                            // handshake's flights grow it to several datagrams, and an idle
-                            // connection kept that for its whole life; a busy one allocates
-                            // it again on its next transmit.
+                            // cim patch: nothing is left to send, so give the buffer back.
+                            // It holds an MTU, or a GSO batch once a transmit had a second
+                            // datagram (the handshake's flights), and an idle connection kept
+                            // it for its whole life. The next run allocates it again.
                             self.send_buffer = Vec::new();
                             break;
                         }
