@@ -35,17 +35,19 @@ use cim_core::{ALPN_CLIENT, close, tls};
 pub use cim_proto::v1::chat_message::Target;
 use cim_proto::v1::{
     ChatMessage, ClientControl, ClientRequest, Delivery, DeliveryAck, DeliveryBatch, GroupRequest,
-    GroupResult, Login, Ping, Pull, PullResult, SendAck, ServerControl, client_control,
-    client_request, group_request, server_control,
+    GroupResult, Login, Ping, Pull, PullResult, ServerControl, client_control, client_request,
+    group_request, server_control,
 };
 use cim_proto::{FrameError, read_frame, read_required, write_frame};
 use tokio::sync::{Mutex as AsyncMutex, Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+mod batch;
 pub mod console;
 mod http;
 pub mod reorder;
 
+use batch::{Carried, SendQueue};
 pub use http::{OnlineUser, RouterApi};
 use reorder::{Backoff, Reorder};
 
@@ -56,7 +58,7 @@ const MAX_PULL_FRAME: usize = 4 * 1024 * 1024;
 /// Time allowed for the QUIC handshake plus login exchange.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time one send attempt may take before it is retried.
-const SEND_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const SEND_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a held-back delivery waits for the gap before it to fill before pulling.
 const GAP_WAIT: Duration = Duration::from_millis(200);
 /// Entries per pull.
@@ -165,6 +167,19 @@ impl ClientError {
     /// the inbox append failed after the message id was recorded).
     pub fn send_outcome_unknown(&self) -> bool {
         matches!(self, ClientError::Timeout) || self.code() == Some(cim_proto::SEND_RETRY)
+    }
+}
+
+impl ClientError {
+    /// The same error again, for each of several sends it ended (the variants that carry
+    /// nothing else keep their kind; the others become their message).
+    pub(crate) fn duplicate(&self) -> ClientError {
+        match self {
+            ClientError::Timeout => ClientError::Timeout,
+            ClientError::Closed => ClientError::Closed,
+            ClientError::Protocol(m) => ClientError::Protocol(m.clone()),
+            other => ClientError::Connection(other.to_string()),
+        }
     }
 }
 
@@ -393,6 +408,9 @@ pub struct Stats {
     pub skipped: u64,
     /// Send attempts repeated after a transport failure, a timeout or a `retry` answer.
     pub send_retries: u64,
+    /// Acked sends that went out on a stream together with others (sends queued while
+    /// earlier ones waited for their acks).
+    pub sends_shared: u64,
 }
 
 /// A QUIC endpoint bound to `config.bind_addr` that trusts `config.ca_pem` and keeps TLS
@@ -435,7 +453,8 @@ struct Shared {
     password: String,
     endpoint: quinn::Endpoint,
     current: std::sync::Mutex<Current>,
-    conn: watch::Sender<Option<quinn::Connection>>,
+    /// The live connection's send queue (and through it the connection).
+    conn: watch::Sender<Option<Arc<SendQueue>>>,
     events: mpsc::Sender<Event>,
     inbox: AsyncMutex<Reorder<IncomingMessage>>,
     gap: Notify,
@@ -466,8 +485,19 @@ impl Shared {
         &self,
         deadline: tokio::time::Instant,
     ) -> Result<quinn::Connection, ClientError> {
+        Ok(self.live_sends(deadline).await?.conn().clone())
+    }
+
+    /// The live connection's send queue, waiting up to `deadline` for one.
+    async fn live_sends(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<SendQueue>, ClientError> {
         let mut rx = self.conn.subscribe();
-        let wait = rx.wait_for(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()));
+        let wait = rx.wait_for(|c| {
+            c.as_ref()
+                .is_some_and(|c| c.conn().close_reason().is_none())
+        });
         tokio::select! {
             _ = self.stop.cancelled() => Err(ClientError::Closed),
             got = tokio::time::timeout_at(deadline, wait) => match got {
@@ -602,7 +632,7 @@ impl Client {
     /// QUIC statistics of the current connection (datagrams, frames by type, path RTT), if
     /// one is up. They start over on every reconnect.
     pub fn transport_stats(&self) -> Option<quinn::ConnectionStats> {
-        self.shared.conn.borrow().as_ref().map(|c| c.stats())
+        self.shared.conn.borrow().as_ref().map(|c| c.conn().stats())
     }
 
     /// Highest inbox sequence number up to which every message was delivered.
@@ -650,12 +680,24 @@ impl Client {
                 body: body.to_string(),
             })),
         };
+        let frame = cim_proto::encode_frame(&request, cim_proto::DEFAULT_MAX_FRAME)?;
         let deadline = tokio::time::Instant::now() + self.shared.config.send_timeout;
         let mut unconfirmed = 0u32;
         loop {
-            let conn = self.shared.live_conn(deadline).await?;
-            let attempt =
-                tokio::time::timeout(SEND_ATTEMPT_TIMEOUT, send_once(&conn, &request)).await;
+            let sends = self.shared.live_sends(deadline).await?;
+            let attempt = tokio::time::timeout(
+                SEND_ATTEMPT_TIMEOUT,
+                sends.send(client_msg_id, frame.clone()),
+            )
+            .await
+            .map(|result| {
+                result.map(|(ack, carried)| {
+                    if carried == Carried::Shared && ack.code.is_empty() {
+                        self.shared.stats().sends_shared += 1;
+                    }
+                    ack
+                })
+            });
             match attempt {
                 Ok(Ok(ack)) if ack.code.is_empty() => {
                     return Ok(Ack {
@@ -795,7 +837,7 @@ impl Client {
     /// session as closed). No reconnect follows.
     pub async fn close(self) {
         self.shared.stop.cancel();
-        let conn = self.shared.conn.borrow().clone();
+        let conn = self.shared.conn.borrow().as_ref().map(|c| c.conn().clone());
         if let Some(conn) = conn {
             conn.close(close::code(close::NORMAL), b"bye");
         }
@@ -810,20 +852,10 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         self.shared.stop.cancel();
-        if let Some(conn) = self.shared.conn.borrow().clone() {
+        if let Some(conn) = self.shared.conn.borrow().as_ref().map(|c| c.conn().clone()) {
             conn.close(close::code(close::NORMAL), b"bye");
         }
     }
-}
-
-async fn send_once(
-    conn: &quinn::Connection,
-    request: &ClientRequest,
-) -> Result<SendAck, ClientError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    write_frame(&mut send, request, cim_proto::DEFAULT_MAX_FRAME).await?;
-    send.finish()?;
-    Ok(read_only_frame(&mut recv, 4096).await?)
 }
 
 /// An established, logged-in connection.
@@ -835,6 +867,8 @@ struct Connected {
     /// The inbox's last seq if it held no entries when the server confirmed the session
     /// (`None`: entries wait, unknown, or not a first login, which always pulls).
     inbox_caught_up_to: Option<u64>,
+    /// Most sends the server takes on one stream (0 or 1: one per stream).
+    max_sends_per_stream: u32,
 }
 
 /// Connects and logs in on the control stream, giving up after `timeout`. With `resume`
@@ -906,6 +940,7 @@ async fn login_exchange(
             recv,
             heartbeat: Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 600_000)),
             inbox_caught_up_to: r.inbox_caught_up_to,
+            max_sends_per_stream: r.max_sends_per_stream,
         }),
         Some(server_control::Kind::LoginResult(r)) => {
             conn.close(close::code(close::NORMAL), b"login refused");
@@ -1104,8 +1139,11 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
         recv,
         heartbeat,
         inbox_caught_up_to,
+        max_sends_per_stream,
     } = connected;
-    shared.conn.send_replace(Some(conn.clone()));
+    shared
+        .conn
+        .send_replace(Some(SendQueue::new(conn.clone(), max_sends_per_stream)));
     // Catch up on everything stored while we were away, unless the server says the inbox held
     // nothing when this session began: then everything up to its last seq was delivered
     // before (to this client or an earlier one of the user's) and every later entry is pushed

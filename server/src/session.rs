@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cim_core::limit::TokenBucket;
 use cim_core::token::Claims;
-use cim_core::transport::{CLIENT_STREAMS_BUSY, StreamAllowance, read_only_frame, take_end};
+use cim_core::transport::{CLIENT_STREAMS_BUSY, StreamAllowance, take_end};
 use cim_core::{close, now_ms};
 use cim_proto::v1::{
     ChatMessage, ClientControl, ClientRequest, Delivery, Drain, Forward, GroupResult, Kick,
@@ -711,6 +711,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
             server_id: state.config.id.clone(),
             heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
             inbox_caught_up_to,
+            max_sends_per_stream: MAX_SENDS_PER_STREAM,
         })),
     };
     write_frame(&mut send, &result, MAX_CONTROL_FRAME)
@@ -794,6 +795,29 @@ async fn renew_if_due(
     Ok(())
 }
 
+/// The frames of `recv` as a stream, for a `select!` loop: reading a frame is not
+/// cancel-safe, so the read in progress lives in the stream, which every turn of the loop
+/// polls, rather than in a branch it may drop. It ends after the stream's end (`Ok(None)`)
+/// or a bad frame, and stays ended rather than panicking if polled again. Boxed: it holds a
+/// read in progress, and the caller keeps it for a stream's whole life.
+fn frame_stream<M>(
+    recv: quinn::RecvStream,
+    max_frame: usize,
+) -> std::pin::Pin<Box<impl futures_util::Stream<Item = Result<Option<M>, FrameError>>>>
+where
+    M: cim_proto::ProstMessage + Default,
+{
+    Box::pin(
+        futures_util::stream::unfold(Some(recv), move |recv| async move {
+            let mut recv = recv?;
+            let frame = read_frame::<M, _>(&mut recv, max_frame).await;
+            let more = matches!(frame, Ok(Some(_)));
+            Some((frame, more.then_some(recv)))
+        })
+        .fuse(),
+    )
+}
+
 /// Serves the control stream: pings, logout, token renewals, and kick/drain from the server
 /// side. Returns when the session should end.
 async fn control_loop(
@@ -813,19 +837,7 @@ async fn control_loop(
     {
         return;
     }
-    // Reading a frame is not cancel-safe, so the read in progress lives in this stream,
-    // which every turn of the select! below polls, rather than in a branch it may drop. It
-    // ends after the stream's end or a bad frame.
-    let mut frames = Box::pin(
-        futures_util::stream::unfold(Some(recv), |recv| async move {
-            let mut recv = recv?;
-            let frame = read_frame::<ClientControl, _>(&mut recv, MAX_CONTROL_FRAME).await;
-            let more = matches!(frame, Ok(Some(_)));
-            Some((frame, more.then_some(recv)))
-        })
-        // Ended, it stays ended rather than panicking if polled again.
-        .fuse(),
-    );
+    let mut frames = frame_stream::<ClientControl>(recv, MAX_CONTROL_FRAME);
     let timeout = state.config.heartbeat_timeout;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
@@ -986,8 +998,12 @@ enum MessageError {
     Frame(#[from] FrameError),
     #[error("stream: {0}")]
     Closed(#[from] quinn::ClosedStream),
+    #[error("protocol: {0}")]
+    Protocol(String),
 }
 
+/// Serves one stream a client opened: one request and its reply, or for sends up to
+/// [`MAX_SENDS_PER_STREAM`] messages and an ack for each ([`send_messages`]).
 async fn handle_message(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -997,7 +1013,7 @@ async fn handle_message(
     gate: RateGate<'_>,
 ) -> Result<(), MessageError> {
     let max_frame = state.config.max_body_bytes + 256;
-    let request: ClientRequest = match read_only_frame(&mut recv, max_frame).await {
+    let request: ClientRequest = match read_required(&mut recv, max_frame).await {
         Ok(m) => m,
         Err(e @ FrameError::TooLarge { .. }) => {
             let ack = refused(0, "too_large", &e.to_string());
@@ -1010,21 +1026,22 @@ async fn handle_message(
             return Err(e.into());
         }
     };
-    match request.kind {
-        Some(client_request::Kind::Send(message)) if !gate.admit() => {
-            state.config.metrics.rate_limited.inc();
-            let ack = refused(
-                message.client_msg_id,
-                "rate_limited",
-                "too many messages; slow down",
-            );
-            write_frame(&mut send, &ack, 1024).await?;
-        }
+    let kind = match request.kind {
         Some(client_request::Kind::Send(message)) => {
-            state.config.metrics.messages_in.inc();
-            let ack = send_message(message, from_user, from_name, state).await;
-            write_frame(&mut send, &ack, 1024).await?;
+            let from = Sender {
+                user: from_user,
+                name: from_name,
+                gate,
+            };
+            return send_messages(send, recv, message, &from, state).await;
         }
+        // Every other request is alone on its stream.
+        other => {
+            take_end(&mut recv);
+            other
+        }
+    };
+    match kind {
         Some(client_request::Kind::Pull(pull)) => {
             let limit = pull.limit.clamp(1, MAX_PULL);
             let reply = match state.links.fetch(from_user, pull.after_seq, limit).await {
@@ -1048,13 +1065,100 @@ async fn handle_message(
             };
             write_frame(&mut send, &reply, MAX_PULL_FRAME).await?;
         }
-        None => {
+        Some(client_request::Kind::Send(_)) | None => {
             let _ = send.reset(close::code(close::PROTOCOL));
             return Ok(());
         }
     }
     send.finish()?;
     take_end(&mut recv);
+    Ok(())
+}
+
+/// The session a send stream belongs to.
+struct Sender<'a> {
+    user: u64,
+    name: String,
+    gate: RateGate<'a>,
+}
+
+/// Most messages one client stream may carry (told to clients at login). A client with
+/// several sends queued puts them on one stream: one stream, one task and one FIN for all,
+/// and the messages share datagrams.
+pub(crate) const MAX_SENDS_PER_STREAM: u32 = 32;
+
+/// Stores the messages of one send stream and writes an ack for each, in the order they
+/// came. Each message goes to the router as soon as it is read, so they are stored side by
+/// side rather than one after the other. A frame that is not a send, one send too many or an
+/// undecodable frame ends the stream with a reset after the acks of the messages before it
+/// (those are stored and acked as usual); a frame over the size limit gets a `too_large` ack
+/// in its place and ends the stream.
+async fn send_messages(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    first: ChatMessage,
+    from: &Sender<'_>,
+    state: &State,
+) -> Result<(), MessageError> {
+    let max_frame = state.config.max_body_bytes + 256;
+    let store = |message: ChatMessage| async move {
+        if !from.gate.admit() {
+            state.config.metrics.rate_limited.inc();
+            return refused(
+                message.client_msg_id,
+                "rate_limited",
+                "too many messages; slow down",
+            );
+        }
+        state.config.metrics.messages_in.inc();
+        send_message(message, from.user, from.name.clone(), state).await
+    };
+    let mut acks = futures_util::stream::FuturesOrdered::new();
+    acks.push_back(store(first));
+    let mut frames = frame_stream::<ClientRequest>(recv, max_frame);
+    let mut sends = 1;
+    let mut reading = true;
+    let mut ending: Option<Result<SendAck, MessageError>> = None;
+    loop {
+        tokio::select! {
+            Some(ack) = acks.next() => write_frame(&mut send, &ack, 1024).await?,
+            frame = frames.next(), if reading => match frame {
+                Some(Ok(Some(ClientRequest { kind: Some(client_request::Kind::Send(message)) })))
+                    if sends < MAX_SENDS_PER_STREAM =>
+                {
+                    sends += 1;
+                    acks.push_back(store(message));
+                }
+                Some(Ok(None)) | None => reading = false,
+                Some(Ok(Some(_))) => {
+                    reading = false;
+                    ending = Some(Err(MessageError::Protocol(format!(
+                        "a send stream carries only sends, at most {MAX_SENDS_PER_STREAM}"
+                    ))));
+                }
+                Some(Err(e @ FrameError::TooLarge { .. })) => {
+                    reading = false;
+                    ending = Some(Ok(refused(0, "too_large", &e.to_string())));
+                }
+                Some(Err(e)) => {
+                    reading = false;
+                    ending = Some(Err(e.into()));
+                }
+            },
+            else => break,
+        }
+    }
+    match ending {
+        None => send.finish()?,
+        Some(Ok(ack)) => {
+            write_frame(&mut send, &ack, 1024).await?;
+            send.finish()?;
+        }
+        Some(Err(e)) => {
+            let _ = send.reset(close::code(close::PROTOCOL));
+            return Err(e);
+        }
+    }
     Ok(())
 }
 
