@@ -1,5 +1,6 @@
 //! The abuse suite: forged, expired and misdirected tokens, a claimed sender, a client on the
-//! internal endpoint, an oversized frame, garbage on the control stream, 10,000 streams at
+//! internal endpoint, an oversized frame, garbage on the control stream, a send stream with
+//! other frames or too many sends, 10,000 streams at
 //! once, garbage UDP, malformed JSON on every endpoint, a login brute force, a message flood
 //! and a client that never acks a delivery.
 //! After each, well-behaved clients on the same server still chat and no accepted message is
@@ -20,7 +21,7 @@ use cim_proto::v1::{
     ChatMessage, ClientControl, ClientRequest, DeliveryBatch, Ping, SendAck, ServerControl,
     chat_message::Target, client_control, client_request, server_control,
 };
-use cim_proto::{ProstMessage, read_required, write_frame};
+use cim_proto::{ProstMessage, read_frame, read_required, write_frame};
 use http::{Method, StatusCode};
 
 /// A cluster with two well-behaved users, checked after every abuse.
@@ -319,6 +320,67 @@ async fn garbage_on_the_control_stream_ends_that_session_only() -> anyhow::Resul
             other => panic!("{name}: closed by {other:?}"),
         }
     }
+    scene.still_chatting().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_stream_carries_only_sends_and_only_so_many() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let (_, token) = scene.http_login("batcher").await?;
+    let (conn, result, control_send, control_recv) =
+        scene.cluster.raw_login(0, &token, false).await?;
+    assert_eq!(result.code, "");
+    let most = result.max_sends_per_stream as usize;
+    assert!(most > 1, "the server takes one send per stream");
+    let to = scene.bob.info().user_id;
+    let send = |id: u64| ClientRequest {
+        kind: Some(client_request::Kind::Send(ChatMessage {
+            client_msg_id: id,
+            target: Some(Target::ToUser(to)),
+            body: format!("batched {id}"),
+        })),
+    };
+    let pull = ClientRequest {
+        kind: Some(client_request::Kind::Pull(cim_proto::v1::Pull {
+            after_seq: 0,
+            limit: 10,
+        })),
+    };
+    // Three sends, then a pull; then one send more than a stream may carry. Each time the
+    // sends before the offending frame are stored and acked in order, then a refusal takes
+    // the offending frame's place and the stream ends.
+    let mut next_id = 1;
+    let mut delivered = Vec::new();
+    for (sends, offender) in [(3, pull), (most, send(0))] {
+        let (mut tx, mut rx) = conn.open_bi().await?;
+        let ids: Vec<u64> = (next_id..next_id + sends as u64).collect();
+        next_id += sends as u64;
+        for &id in &ids {
+            write_frame(&mut tx, &send(id), 4096).await?;
+        }
+        write_frame(&mut tx, &offender, 4096).await?;
+        tx.finish()?;
+        for &id in &ids {
+            let ack: SendAck = tokio::time::timeout(WAIT, read_required(&mut rx, 4096)).await??;
+            assert_eq!((ack.client_msg_id, ack.code.as_str()), (id, ""));
+        }
+        let refusal: SendAck = tokio::time::timeout(WAIT, read_required(&mut rx, 4096)).await??;
+        assert_eq!(
+            (refusal.client_msg_id, refusal.code.as_str()),
+            (0, "protocol")
+        );
+        let end = tokio::time::timeout(WAIT, read_frame::<SendAck, _>(&mut rx, 4096)).await??;
+        assert!(end.is_none(), "more after the refusal: {end:?}");
+        delivered.extend(ids.iter().map(|id| format!("batched {id}")));
+    }
+    let mut got = Vec::new();
+    for _ in 0..delivered.len() {
+        got.push(next_message(&mut scene.bob_events).await?.body);
+    }
+    got.sort();
+    delivered.sort();
+    assert_eq!(got, delivered, "every acked send, once");
+    drop((control_send, control_recv));
     scene.still_chatting().await
 }
 

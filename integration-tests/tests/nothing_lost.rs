@@ -1,6 +1,6 @@
-//! Nothing lost: through a lossy relay, across blackouts, socket rebinds, retries, a message
-//! stored while its recipient logs in, and a killed server, every acked message reaches its
-//! recipient exactly once and in order. Each scenario runs on the in-memory store and on a real
+//! Nothing lost: through a lossy relay, across blackouts, socket rebinds, retries, sends that
+//! share a stream, a message stored while its recipient logs in, and a killed server, every
+//! acked message reaches its recipient exactly once and in order. Each scenario runs on the in-memory store and on a real
 //! Redis, except the login race, which needs a store that stops at the right moment.
 
 #![allow(clippy::unwrap_used)]
@@ -377,6 +377,53 @@ async fn a_busy_recipient_gets_every_message_once_in_order(backend: Backend) -> 
     Ok(())
 }
 
+/// A sender with several sends in flight: the ones queued behind an unacked send share a
+/// stream. Through a lossy link, so that shared streams fail and their sends are retried.
+async fn sends_that_share_streams_are_delivered_once_in_order(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let (cluster, relay) = relayed(backend, Impairments::lossy(0.05), 11).await?;
+    let (alice, _alice_events) = user(&cluster, Some(&relay), "alice").await?;
+    let (bob, mut bob_events) = user(&cluster, Some(&relay), "bob").await?;
+    let alice = Arc::new(alice);
+    let to = bob.info().user_id;
+    let (loops, per_loop) = (8, 50);
+    let mut tasks = Vec::new();
+    for k in 0..loops {
+        let alice = alice.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_loop {
+                alice.send_private(to, &format!("w{k}-{i}")).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let got = receive(&mut bob_events, loops * per_loop, Duration::from_secs(120)).await?;
+    for pair in got.windows(2) {
+        assert_eq!(
+            pair[1].seq,
+            pair[0].seq + 1,
+            "sequence numbers must be gapless"
+        );
+    }
+    for k in 0..loops {
+        let from_k: Vec<&str> = got
+            .iter()
+            .map(|m| m.body.as_str())
+            .filter(|b| b.starts_with(&format!("w{k}-")))
+            .collect();
+        let want: Vec<String> = (0..per_loop).map(|i| format!("w{k}-{i}")).collect();
+        assert_eq!(from_k, want, "loop {k}'s messages, once each, in order");
+    }
+    let shared = alice.stats().sends_shared;
+    assert!(shared > 0, "no send shared a stream");
+    assert_nothing_more(&alice, &bob, &mut bob_events).await?;
+    Ok(())
+}
+
 macro_rules! on_both_backends {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -408,6 +455,7 @@ on_both_backends!(
     rebinding_the_socket_keeps_the_session,
     a_retried_client_message_id_is_delivered_once,
     a_busy_recipient_gets_every_message_once_in_order,
+    sends_that_share_streams_are_delivered_once_in_order,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1089,10 +1089,10 @@ pub(crate) const MAX_SENDS_PER_STREAM: u32 = 32;
 
 /// Stores the messages of one send stream and writes an ack for each, in the order they
 /// came. Each message goes to the router as soon as it is read, so they are stored side by
-/// side rather than one after the other. A frame that is not a send, one send too many or an
-/// undecodable frame ends the stream with a reset after the acks of the messages before it
-/// (those are stored and acked as usual); a frame over the size limit gets a `too_large` ack
-/// in its place and ends the stream.
+/// side rather than one after the other. A frame that is not a send, one send too many, an
+/// undecodable frame or one over the size limit ends the stream: the messages before it are
+/// stored and acked as usual, and the offending frame gets a refusal in its place (code
+/// `protocol`, `malformed` or `too_large`, message id 0).
 async fn send_messages(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
@@ -1118,7 +1118,7 @@ async fn send_messages(
     let mut frames = frame_stream::<ClientRequest>(recv, max_frame);
     let mut sends = 1;
     let mut reading = true;
-    let mut ending: Option<Result<SendAck, MessageError>> = None;
+    let mut refusal: Option<(&str, String)> = None;
     loop {
         tokio::select! {
             Some(ack) = acks.next() => write_frame(&mut send, &ack, 1024).await?,
@@ -1132,33 +1132,36 @@ async fn send_messages(
                 Some(Ok(None)) | None => reading = false,
                 Some(Ok(Some(_))) => {
                     reading = false;
-                    ending = Some(Err(MessageError::Protocol(format!(
-                        "a send stream carries only sends, at most {MAX_SENDS_PER_STREAM}"
-                    ))));
-                }
-                Some(Err(e @ FrameError::TooLarge { .. })) => {
-                    reading = false;
-                    ending = Some(Ok(refused(0, "too_large", &e.to_string())));
+                    refusal = Some((
+                        "protocol",
+                        format!("a send stream carries only sends, at most {MAX_SENDS_PER_STREAM}"),
+                    ));
                 }
                 Some(Err(e)) => {
                     reading = false;
-                    ending = Some(Err(e.into()));
+                    let code = match e {
+                        FrameError::TooLarge { .. } => "too_large",
+                        FrameError::Decode(_) => "malformed",
+                        // The client reset its side or the stream ended inside a frame: no
+                        // one is reading.
+                        FrameError::Truncated | FrameError::Io(_) => {
+                            let _ = send.reset(close::code(close::PROTOCOL));
+                            return Err(e.into());
+                        }
+                    };
+                    refusal = Some((code, e.to_string()));
                 }
             },
             else => break,
         }
     }
-    match ending {
-        None => send.finish()?,
-        Some(Ok(ack)) => {
-            write_frame(&mut send, &ack, 1024).await?;
-            send.finish()?;
-        }
-        Some(Err(e)) => {
-            let _ = send.reset(close::code(close::PROTOCOL));
-            return Err(e);
-        }
+    // The acks before it are written: they reach the client before the refusal and the end.
+    if let Some((code, why)) = refusal {
+        write_frame(&mut send, &refused(0, code, &why), 1024).await?;
+        send.finish()?;
+        return Err(MessageError::Protocol(why));
     }
+    send.finish()?;
     Ok(())
 }
 
