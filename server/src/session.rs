@@ -17,7 +17,7 @@ use cim_proto::v1::{
     client_control, client_request, server_control,
 };
 use cim_proto::{FrameError, SharedDelivery, encode_frame, read_frame, read_required, write_frame};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -1113,9 +1113,23 @@ async fn send_messages(
         state.config.metrics.messages_in.inc();
         send_message(message, from.user, from.name.clone(), state).await
     };
+    let mut frames = frame_stream::<ClientRequest>(recv, max_frame);
+    // Most streams carry one send, with the end of the stream in the same packet: then it is
+    // stored and acked without the machinery for several. Otherwise what was read (if
+    // anything) goes first.
+    let early = match frames.next().now_or_never() {
+        Some(Some(Ok(None)) | None) => {
+            let ack = store(first).await;
+            write_frame(&mut send, &ack, 1024).await?;
+            send.finish()?;
+            return Ok(());
+        }
+        Some(Some(frame)) => Some(frame),
+        None => None,
+    };
+    let mut frames = futures_util::stream::iter(early).chain(frames);
     let mut acks = futures_util::stream::FuturesOrdered::new();
     acks.push_back(store(first));
-    let mut frames = frame_stream::<ClientRequest>(recv, max_frame);
     let mut sends = 1;
     let mut reading = true;
     let mut refusal: Option<(&str, String)> = None;
