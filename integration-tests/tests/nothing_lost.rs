@@ -424,6 +424,53 @@ async fn sends_that_share_streams_are_delivered_once_in_order(
     Ok(())
 }
 
+/// Shared send streams cut off by a blackout longer than a send attempt: the sends on them
+/// fail, are sent again with the same ids (on the resumed or new connection), and each is
+/// delivered once, every sender loop's in order.
+async fn shared_send_streams_cut_by_a_blackout_are_retried_once(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let (cluster, relay) = relayed(backend, Impairments::none(), 13).await?;
+    let (alice, _alice_events) = user(&cluster, Some(&relay), "alice").await?;
+    let (bob, mut bob_events) = user(&cluster, None, "bob").await?;
+    let alice = Arc::new(alice);
+    let to = bob.info().user_id;
+    let (loops, per_loop) = (8, 20);
+    let mut tasks = Vec::new();
+    for k in 0..loops {
+        let alice = alice.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_loop {
+                alice.send_private(to, &format!("b{k}-{i}")).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let mut got = receive(&mut bob_events, 40, WAIT).await?;
+    relay.set_blackout(true);
+    // Longer than a send attempt (5 s): that is the scenario, not a synchronisation.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    relay.set_blackout(false);
+    for task in tasks {
+        task.await??;
+    }
+    got.extend(receive(&mut bob_events, loops * per_loop - got.len(), WAIT).await?);
+    for k in 0..loops {
+        let from_k: Vec<&str> = got
+            .iter()
+            .map(|m| m.body.as_str())
+            .filter(|b| b.starts_with(&format!("b{k}-")))
+            .collect();
+        let want: Vec<String> = (0..per_loop).map(|i| format!("b{k}-{i}")).collect();
+        assert_eq!(from_k, want, "loop {k}'s messages, once each, in order");
+    }
+    let stats = alice.stats();
+    assert!(stats.send_retries > 0, "nothing was retried: {stats:?}");
+    assert!(stats.sends_shared > 0, "no send shared a stream: {stats:?}");
+    assert_nothing_more(&alice, &bob, &mut bob_events).await?;
+    Ok(())
+}
+
 macro_rules! on_both_backends {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -456,6 +503,7 @@ on_both_backends!(
     a_retried_client_message_id_is_delivered_once,
     a_busy_recipient_gets_every_message_once_in_order,
     sends_that_share_streams_are_delivered_once_in_order,
+    shared_send_streams_cut_by_a_blackout_are_retried_once,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
