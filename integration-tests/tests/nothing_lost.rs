@@ -1,7 +1,8 @@
 //! Nothing lost: through a lossy relay, across blackouts, socket rebinds, retries, sends that
-//! share a stream, a message stored while its recipient logs in, and a killed server, every
-//! acked message reaches its recipient exactly once and in order. Each scenario runs on the in-memory store and on a real
-//! Redis, except the login race, which needs a store that stops at the right moment.
+//! share a stream (also cut off by a blackout), a message stored while its recipient logs in,
+//! and a killed server, every acked message reaches its recipient exactly once and in order.
+//! Each scenario runs on the in-memory store and on a real Redis, except the login race, which
+//! needs a store that stops at the right moment.
 
 #![allow(clippy::unwrap_used)]
 
