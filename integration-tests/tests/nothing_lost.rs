@@ -85,6 +85,11 @@ fn assert_exactly_in_order(got: &[cim_client::IncomingMessage], prefix: &str, n:
     let bodies: Vec<String> = got.iter().map(|m| m.body.clone()).collect();
     let want: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
     assert_eq!(bodies, want);
+    assert_gapless(got);
+}
+
+/// Asserts that the sequence numbers of `got` follow each other without a gap.
+fn assert_gapless(got: &[cim_client::IncomingMessage]) {
     for pair in got.windows(2) {
         assert_eq!(
             pair[1].seq,
@@ -322,6 +327,49 @@ async fn rebinding_the_socket_keeps_the_session(backend: Backend) -> anyhow::Res
     Ok(())
 }
 
+/// Asserts that `got` holds `{prefix}{k}-{i}` for every sender `k` and `i` below `per_sender`,
+/// each once, every sender's in order.
+fn assert_each_sender_once_in_order(
+    got: &[cim_client::IncomingMessage],
+    prefix: &str,
+    senders: usize,
+    per_sender: usize,
+) {
+    for k in 0..senders {
+        let from_k: Vec<&str> = got
+            .iter()
+            .map(|m| m.body.as_str())
+            .filter(|b| b.starts_with(&format!("{prefix}{k}-")))
+            .collect();
+        let want: Vec<String> = (0..per_sender)
+            .map(|i| format!("{prefix}{k}-{i}"))
+            .collect();
+        assert_eq!(from_k, want, "sender {k}'s messages, once each, in order");
+    }
+}
+
+/// Starts `loops` tasks that each send `{prefix}{k}-0`, `{prefix}{k}-1`, ... to `to` from
+/// `client`, one after the other: `loops` sends in flight.
+fn send_loops(
+    client: &Arc<Client>,
+    to: u64,
+    prefix: &'static str,
+    loops: usize,
+    per_loop: usize,
+) -> Vec<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    (0..loops)
+        .map(|k| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                for i in 0..per_loop {
+                    client.send_private(to, &format!("{prefix}{k}-{i}")).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect()
+}
+
 async fn a_retried_client_message_id_is_delivered_once(backend: Backend) -> anyhow::Result<()> {
     let cluster = TestCluster::start_on(1, backend).await?;
     let (alice, _alice_events) = user(&cluster, None, "alice").await?;
@@ -358,28 +406,14 @@ async fn a_busy_recipient_gets_every_message_once_in_order(backend: Backend) -> 
         clients.push(task.await??);
     }
     let got = receive(&mut bob_events, senders * per_sender, WAIT).await?;
-    for pair in got.windows(2) {
-        assert_eq!(
-            pair[1].seq,
-            pair[0].seq + 1,
-            "sequence numbers must be gapless"
-        );
-    }
-    for k in 0..senders {
-        let from_k: Vec<&str> = got
-            .iter()
-            .map(|m| m.body.as_str())
-            .filter(|b| b.starts_with(&format!("s{k}-")))
-            .collect();
-        let want: Vec<String> = (0..per_sender).map(|i| format!("s{k}-{i}")).collect();
-        assert_eq!(from_k, want, "sender {k}'s messages, once each, in order");
-    }
+    assert_gapless(&got);
+    assert_each_sender_once_in_order(&got, "s", senders, per_sender);
     assert_nothing_more(&clients[0], &bob, &mut bob_events).await?;
     Ok(())
 }
 
 /// A sender with several sends in flight: the ones queued behind an unacked send share a
-/// stream. Through a lossy link, so that shared streams fail and their sends are retried.
+/// stream. Through a lossy link, so that shared streams lose packets on the way.
 async fn sends_that_share_streams_are_delivered_once_in_order(
     backend: Backend,
 ) -> anyhow::Result<()> {
@@ -389,36 +423,13 @@ async fn sends_that_share_streams_are_delivered_once_in_order(
     let alice = Arc::new(alice);
     let to = bob.info().user_id;
     let (loops, per_loop) = (8, 50);
-    let mut tasks = Vec::new();
-    for k in 0..loops {
-        let alice = alice.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in 0..per_loop {
-                alice.send_private(to, &format!("w{k}-{i}")).await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
+    let tasks = send_loops(&alice, to, "w", loops, per_loop);
     for task in tasks {
         task.await??;
     }
     let got = receive(&mut bob_events, loops * per_loop, Duration::from_secs(120)).await?;
-    for pair in got.windows(2) {
-        assert_eq!(
-            pair[1].seq,
-            pair[0].seq + 1,
-            "sequence numbers must be gapless"
-        );
-    }
-    for k in 0..loops {
-        let from_k: Vec<&str> = got
-            .iter()
-            .map(|m| m.body.as_str())
-            .filter(|b| b.starts_with(&format!("w{k}-")))
-            .collect();
-        let want: Vec<String> = (0..per_loop).map(|i| format!("w{k}-{i}")).collect();
-        assert_eq!(from_k, want, "loop {k}'s messages, once each, in order");
-    }
+    assert_gapless(&got);
+    assert_each_sender_once_in_order(&got, "w", loops, per_loop);
     let shared = alice.stats().sends_shared;
     assert!(shared > 0, "no send shared a stream");
     assert_nothing_more(&alice, &bob, &mut bob_events).await?;
@@ -437,16 +448,7 @@ async fn shared_send_streams_cut_by_a_blackout_are_retried_once(
     let alice = Arc::new(alice);
     let to = bob.info().user_id;
     let (loops, per_loop) = (8, 20);
-    let mut tasks = Vec::new();
-    for k in 0..loops {
-        let alice = alice.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in 0..per_loop {
-                alice.send_private(to, &format!("b{k}-{i}")).await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
+    let tasks = send_loops(&alice, to, "b", loops, per_loop);
     let mut got = receive(&mut bob_events, 40, WAIT).await?;
     relay.set_blackout(true);
     // Longer than a send attempt (5 s): that is the scenario, not a synchronisation.
@@ -456,15 +458,7 @@ async fn shared_send_streams_cut_by_a_blackout_are_retried_once(
         task.await??;
     }
     got.extend(receive(&mut bob_events, loops * per_loop - got.len(), WAIT).await?);
-    for k in 0..loops {
-        let from_k: Vec<&str> = got
-            .iter()
-            .map(|m| m.body.as_str())
-            .filter(|b| b.starts_with(&format!("b{k}-")))
-            .collect();
-        let want: Vec<String> = (0..per_loop).map(|i| format!("b{k}-{i}")).collect();
-        assert_eq!(from_k, want, "loop {k}'s messages, once each, in order");
-    }
+    assert_each_sender_once_in_order(&got, "b", loops, per_loop);
     let stats = alice.stats();
     assert!(stats.send_retries > 0, "nothing was retried: {stats:?}");
     assert!(stats.sends_shared > 0, "no send shared a stream: {stats:?}");
