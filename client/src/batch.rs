@@ -178,26 +178,38 @@ async fn exchange(conn: quinn::Connection, mut batch: VecDeque<Waiting>) {
     let result = tokio::time::timeout(SEND_ATTEMPT_TIMEOUT, async {
         let (mut send, mut recv) = conn.open_bi().await?;
         let mut frames: Vec<Bytes> = batch.iter().map(|w| w.frame.clone()).collect();
-        send.write_all_chunks(&mut frames)
-            .await
-            .map_err(|e| ClientError::Connection(e.to_string()))?;
-        send.finish()
-            .map_err(|e| ClientError::Connection(e.to_string()))?;
-        while let Some(waiting) = batch.front() {
-            let ack: SendAck = read_required(&mut recv, MAX_ACK_FRAME).await?;
-            // A refusal of an unreadable frame names no message (0).
-            if ack.client_msg_id != waiting.client_msg_id && ack.client_msg_id != 0 {
-                return Err(ClientError::Protocol(format!(
-                    "ack for message {} where {} was due",
-                    ack.client_msg_id, waiting.client_msg_id
-                )));
+        let write = async {
+            send.write_all_chunks(&mut frames)
+                .await
+                .map_err(|e| ClientError::Connection(e.to_string()))?;
+            send.finish()
+                .map_err(|e| ClientError::Connection(e.to_string()))
+        };
+        // Acks are read while the frames go out, and still after a failed write: a server
+        // that will not take a frame (too large, say) answers the ones before it and puts a
+        // refusal in its place before it stops reading, and those answers must reach their
+        // sends, or the refused one would be retried with the others for ever.
+        let read = async {
+            while let Some(waiting) = batch.front() {
+                let ack: SendAck = read_required(&mut recv, MAX_ACK_FRAME).await?;
+                // A refusal of an unreadable frame names no message (0).
+                if ack.client_msg_id != waiting.client_msg_id && ack.client_msg_id != 0 {
+                    return Err(ClientError::Protocol(format!(
+                        "ack for message {} where {} was due",
+                        ack.client_msg_id, waiting.client_msg_id
+                    )));
+                }
+                if let Some(waiting) = batch.pop_front() {
+                    let _ = waiting.reply.send(Ok((ack, carried)));
+                }
             }
-            if let Some(waiting) = batch.pop_front() {
-                let _ = waiting.reply.send(Ok((ack, carried)));
-            }
-        }
-        take_end(&mut recv);
-        Ok(())
+            take_end(&mut recv);
+            Ok(())
+        };
+        let (written, read) = tokio::join!(write, read);
+        // Every send answered: a failed write no longer matters. Otherwise the write's error
+        // (if any) says why.
+        read.map_err(|e| written.err().unwrap_or(e))
     })
     .await
     .unwrap_or(Err(ClientError::Timeout));

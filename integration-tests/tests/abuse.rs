@@ -385,6 +385,55 @@ async fn a_send_stream_carries_only_sends_and_only_so_many() -> anyhow::Result<(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_send_among_shared_ones_is_refused_alone() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let (sharer, _events) = scene.cluster.user("sharer").await?;
+    let sharer = std::sync::Arc::new(sharer);
+    let to = scene.bob.info().user_id;
+    // The first send goes out at once; the others start while it waits for its ack, so they
+    // queue and share a stream, the 40 KiB one (over the server's frame limit, under the
+    // client's) among them.
+    let big = "x".repeat(40 * 1024);
+    let mut sends = Vec::new();
+    for i in 0..9 {
+        let sharer = sharer.clone();
+        let body = if i == 4 {
+            big.clone()
+        } else {
+            format!("small {i}")
+        };
+        sends.push(tokio::spawn(
+            async move { sharer.send_private(to, &body).await },
+        ));
+    }
+    let mut delivered = Vec::new();
+    for (i, send) in sends.into_iter().enumerate() {
+        let result = tokio::time::timeout(WAIT, send).await??;
+        if i == 4 {
+            match result {
+                Err(ClientError::SendRefused { code, .. }) => assert_eq!(code, "too_large"),
+                other => panic!("the oversized send: {other:?}"),
+            }
+        } else {
+            result?;
+            delivered.push(format!("small {i}"));
+        }
+    }
+    assert!(
+        sharer.stats().sends_shared > 0,
+        "no send shared a stream: {:?}",
+        sharer.stats()
+    );
+    let mut got = Vec::new();
+    for _ in 0..delivered.len() {
+        got.push(next_message(&mut scene.bob_events).await?.body);
+    }
+    got.sort();
+    assert_eq!(got, delivered, "every acked send, once");
+    scene.still_chatting().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_streams_at_once_do_not_hurt_anyone_else() -> anyhow::Result<()> {
     let mut scene = Scene::new().await?;
     let (_, token) = scene.http_login("flooder").await?;
