@@ -187,8 +187,9 @@ async fn exchange(conn: quinn::Connection, mut batch: VecDeque<Waiting>) {
         };
         // Acks are read while the frames go out, and still after a failed write: a server
         // that will not take a frame (too large, say) answers the ones before it and puts a
-        // refusal in its place before it stops reading, and those answers must reach their
-        // sends, or the refused one would be retried with the others for ever.
+        // refusal in its place before it stops reading. Those answers reach their sends;
+        // without them every send of the stream would be retried, the refused one with the
+        // others again.
         let read = async {
             while let Some(waiting) = batch.front() {
                 let ack: SendAck = read_required(&mut recv, MAX_ACK_FRAME).await?;

@@ -1,6 +1,6 @@
 //! The abuse suite: forged, expired and misdirected tokens, a claimed sender, a client on the
 //! internal endpoint, an oversized frame, garbage on the control stream, a send stream with
-//! other frames or too many sends, 10,000 streams at
+//! other frames or too many sends, oversized sends among shared ones, 10,000 streams at
 //! once, garbage UDP, malformed JSON on every endpoint, a login brute force, a message flood
 //! and a client that never acks a delivery.
 //! After each, well-behaved clients on the same server still chat and no accepted message is
@@ -385,19 +385,21 @@ async fn a_send_stream_carries_only_sends_and_only_so_many() -> anyhow::Result<(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_oversized_send_among_shared_ones_is_refused_alone() -> anyhow::Result<()> {
+async fn oversized_sends_among_shared_ones_are_refused_alone() -> anyhow::Result<()> {
     let mut scene = Scene::new().await?;
     let (sharer, _events) = scene.cluster.user("sharer").await?;
     let sharer = std::sync::Arc::new(sharer);
     let to = scene.bob.info().user_id;
     // The first send goes out at once; the others start while it waits for its ack, so they
-    // queue and share a stream, the 40 KiB one (over the server's frame limit, under the
-    // client's) among them.
-    let big = "x".repeat(40 * 1024);
+    // queue and share a stream, three of 60 KiB (over the server's frame limit, under the
+    // client's) among them: more than a stream's flow-control window, so the server stops
+    // the stream before the client has written it all.
+    let big = "x".repeat(60 * 1024);
+    let is_big = |i: usize| [2, 4, 6].contains(&i);
     let mut sends = Vec::new();
     for i in 0..9 {
         let sharer = sharer.clone();
-        let body = if i == 4 {
+        let body = if is_big(i) {
             big.clone()
         } else {
             format!("small {i}")
@@ -409,10 +411,10 @@ async fn an_oversized_send_among_shared_ones_is_refused_alone() -> anyhow::Resul
     let mut delivered = Vec::new();
     for (i, send) in sends.into_iter().enumerate() {
         let result = tokio::time::timeout(WAIT, send).await??;
-        if i == 4 {
+        if is_big(i) {
             match result {
                 Err(ClientError::SendRefused { code, .. }) => assert_eq!(code, "too_large"),
-                other => panic!("the oversized send: {other:?}"),
+                other => panic!("oversized send {i}: {other:?}"),
             }
         } else {
             result?;
