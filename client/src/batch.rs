@@ -119,11 +119,13 @@ impl SendQueue {
     /// it on as many streams as it needs, side by side.
     async fn flush(self: Arc<Self>) {
         tokio::task::yield_now().await;
-        let waiting = {
+        let mut waiting = {
             let mut state = self.state();
             state.flushing = false;
             std::mem::take(&mut state.waiting)
         };
+        // A caller that gave up while its send waited has retried it or failed: not sent.
+        waiting.retain(|w| !w.reply.is_closed());
         let mut streams = Vec::new();
         let mut waiting = waiting.into_iter().peekable();
         while waiting.peek().is_some() {
@@ -194,7 +196,8 @@ async fn exchange(conn: quinn::Connection, mut batch: VecDeque<Waiting>) {
             while let Some(waiting) = batch.front() {
                 let ack: SendAck = read_required(&mut recv, MAX_ACK_FRAME).await?;
                 // A refusal of an unreadable frame names no message (0).
-                if ack.client_msg_id != waiting.client_msg_id && ack.client_msg_id != 0 {
+                let refusal = ack.client_msg_id == 0 && !ack.code.is_empty();
+                if ack.client_msg_id != waiting.client_msg_id && !refusal {
                     return Err(ClientError::Protocol(format!(
                         "ack for message {} where {} was due",
                         ack.client_msg_id, waiting.client_msg_id

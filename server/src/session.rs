@@ -1094,7 +1094,7 @@ pub(crate) const MAX_SENDS_PER_STREAM: u32 = 32;
 /// stored and acked as usual, and the offending frame gets a refusal in its place (code
 /// `protocol`, `malformed` or `too_large`, message id 0).
 async fn send_messages(
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     recv: quinn::RecvStream,
     first: ChatMessage,
     from: &Sender<'_>,
@@ -1120,7 +1120,8 @@ async fn send_messages(
     let early = match frames.next().now_or_never() {
         Some(Some(Ok(None)) | None) => {
             let ack = store(first).await;
-            write_frame(&mut send, &ack, 1024).await?;
+            let (mut send, written) = write_acks(send, vec![ack]).await;
+            written?;
             send.finish()?;
             return Ok(());
         }
@@ -1133,9 +1134,29 @@ async fn send_messages(
     let mut sends = 1;
     let mut reading = true;
     let mut refusal: Option<(&str, String)> = None;
+    // Acks are written by a future of their own, so that the sends behind them keep going to
+    // the router while a client that reads its acks slowly holds the write up: a send that
+    // stood still could hold a place in the server's forward queue for good. Acks that come
+    // in meanwhile wait in `ready` and go out together with the next write.
+    let mut ready: Vec<SendAck> = Vec::new();
+    let mut idle: Option<quinn::SendStream> = Some(send);
+    let mut writing: Option<AckWrite> = None;
     loop {
+        if writing.is_none()
+            && !ready.is_empty()
+            && let Some(send) = idle.take()
+        {
+            writing = Some(write_acks(send, std::mem::take(&mut ready)));
+        }
         tokio::select! {
-            Some(ack) = acks.next() => write_frame(&mut send, &ack, 1024).await?,
+            Some(ack) = acks.next() => ready.push(ack),
+            Some((send, written)) = futures_util::future::OptionFuture::from(writing.as_mut()),
+                if writing.is_some() =>
+            {
+                writing = None;
+                written?;
+                idle = Some(send);
+            }
             frame = frames.next(), if reading => match frame {
                 Some(Ok(Some(ClientRequest { kind: Some(client_request::Kind::Send(message)) })))
                     if sends < MAX_SENDS_PER_STREAM =>
@@ -1159,7 +1180,9 @@ async fn send_messages(
                         // The client reset its side or the stream ended inside a frame: no
                         // one is reading.
                         FrameError::Truncated | FrameError::Io(_) => {
-                            let _ = send.reset(close::code(close::PROTOCOL));
+                            if let Some(mut send) = idle {
+                                let _ = send.reset(close::code(close::PROTOCOL));
+                            }
                             return Err(e.into());
                         }
                     };
@@ -1169,14 +1192,49 @@ async fn send_messages(
             else => break,
         }
     }
-    // The acks before it are written: they reach the client before the refusal and the end.
+    // Every ack is written (the loop ends only then): they reach the client before the
+    // refusal and the end.
+    let Some(send) = idle else {
+        return Err(MessageError::Protocol("send stream lost".into()));
+    };
     if let Some((code, why)) = refusal {
-        write_frame(&mut send, &refused(0, code, &why), 1024).await?;
+        let (mut send, written) = write_acks(send, vec![refused(0, code, &why)]).await;
+        written?;
         send.finish()?;
         return Err(MessageError::Protocol(why));
     }
+    let mut send = send;
     send.finish()?;
     Ok(())
+}
+
+/// Longest a client may leave its acks unread before its send stream is given up.
+const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Writing acks to a send stream; gives the stream back with the outcome.
+type AckWrite =
+    std::pin::Pin<Box<dyn Future<Output = (quinn::SendStream, Result<(), MessageError>)> + Send>>;
+
+/// Writes `acks` in one go, giving up (and resetting the stream) after
+/// [`ACK_WRITE_TIMEOUT`].
+fn write_acks(mut send: quinn::SendStream, acks: Vec<SendAck>) -> AckWrite {
+    Box::pin(async move {
+        let written = async {
+            let mut bytes = Vec::new();
+            for ack in &acks {
+                bytes.extend_from_slice(&encode_frame(ack, 1024)?);
+            }
+            match tokio::time::timeout(ACK_WRITE_TIMEOUT, send.write_all(&bytes)).await {
+                Ok(result) => result.map_err(|e| FrameError::Io(e.into()).into()),
+                Err(_) => {
+                    let _ = send.reset(close::code(close::TIMEOUT));
+                    Err(MessageError::Protocol("acks left unread".into()))
+                }
+            }
+        }
+        .await;
+        (send, written)
+    })
 }
 
 /// Most inbox entries returned by one pull.
