@@ -1,6 +1,7 @@
 //! The abuse suite: forged, expired and misdirected tokens, a claimed sender, a client on the
 //! internal endpoint, an oversized frame, garbage on the control stream, a send stream with
-//! other frames or too many sends, oversized sends among shared ones, 10,000 streams at
+//! other frames or too many sends, oversized sends among shared ones, a client that leaves
+//! its acks unread, 10,000 streams at
 //! once, garbage UDP, malformed JSON on every endpoint, a login brute force, a message flood
 //! and a client that never acks a delivery.
 //! After each, well-behaved clients on the same server still chat and no accepted message is
@@ -381,6 +382,63 @@ async fn a_send_stream_carries_only_sends_and_only_so_many() -> anyhow::Result<(
     delivered.sort();
     assert_eq!(got, delivered, "every acked send, once");
     drop((control_send, control_recv));
+    scene.still_chatting().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_whose_acks_go_unread_are_still_stored() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let (_, token) = scene.http_login("deaf").await?;
+    // A client that gives the server room for 16 bytes per stream and never reads its send
+    // stream: the first ack cannot even be written.
+    let roots = tls::load_roots(&scene.cluster.embedded.ca)?;
+    let mut config = transport::client_config(
+        tls::client_config(roots, &[cim_core::ALPN_CLIENT], None)?,
+        Link::Client,
+    )?;
+    let mut tight = transport::transport_config(Link::Client, quinn::Side::Client);
+    tight.stream_receive_window(quinn::VarInt::from_u32(16));
+    config.transport_config(std::sync::Arc::new(tight));
+    let endpoint = transport::client_endpoint("127.0.0.1:0".parse()?, config)?;
+    let conn = endpoint.connect(scene.server_addr(), "127.0.0.1")?.await?;
+    let (mut control, mut control_recv) = conn.open_bi().await?;
+    let login = ClientControl {
+        kind: Some(client_control::Kind::Login(cim_proto::v1::Login {
+            token,
+            last_seen_seq: 0,
+            token_renewal: false,
+        })),
+    };
+    write_frame(&mut control, &login, 4096).await?;
+    let reply: ServerControl =
+        tokio::time::timeout(WAIT, read_required(&mut control_recv, 4096)).await??;
+    assert!(
+        matches!(&reply.kind, Some(server_control::Kind::LoginResult(r)) if r.code.is_empty()),
+        "{reply:?}"
+    );
+    let to = scene.bob.info().user_id;
+    let (mut tx, _unread) = conn.open_bi().await?;
+    for id in 1..=32u64 {
+        let request = ClientRequest {
+            kind: Some(client_request::Kind::Send(ChatMessage {
+                client_msg_id: id,
+                target: Some(Target::ToUser(to)),
+                body: format!("unread {id}"),
+            })),
+        };
+        write_frame(&mut tx, &request, 4096).await?;
+    }
+    tx.finish()?;
+    // Every send goes on to the router and is stored although its ack waits.
+    let mut got = Vec::new();
+    for _ in 0..32 {
+        got.push(next_message(&mut scene.bob_events).await?.body);
+    }
+    got.sort();
+    let mut want: Vec<String> = (1..=32).map(|id| format!("unread {id}")).collect();
+    want.sort();
+    assert_eq!(got, want);
+    drop((control, control_recv));
     scene.still_chatting().await
 }
 
