@@ -479,11 +479,8 @@ async fn oversized_sends_among_shared_ones_are_refused_alone() -> anyhow::Result
             delivered.push(format!("small {i}"));
         }
     }
-    assert!(
-        sharer.stats().sends_shared > 0,
-        "no send shared a stream: {:?}",
-        sharer.stats()
-    );
+    // No check of `sends_shared`: it counts acked sends that shared a stream, and the small
+    // sends of a stream stopped at a big one may all be acked later, each alone.
     let mut got = Vec::new();
     for _ in 0..delivered.len() {
         got.push(next_message(&mut scene.bob_events).await?.body);
