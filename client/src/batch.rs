@@ -88,9 +88,9 @@ impl SendQueue {
         client_msg_id: u64,
         frame: Bytes,
     ) -> Result<(SendAck, Carried), ClientError> {
-        let _in_flight = InFlight::enter(self);
         let reply = {
             let mut state = self.state();
+            state.in_flight += 1;
             if self.per_stream <= 1 || (state.in_flight == 1 && !state.flushing) {
                 None
             } else {
@@ -107,6 +107,7 @@ impl SendQueue {
                 Some(answer)
             }
         };
+        let _in_flight = InFlight(self);
         match reply {
             None => Ok((send_alone(&self.conn, &frame).await?, Carried::Alone)),
             Some(answer) => answer
@@ -142,15 +143,8 @@ impl SendQueue {
     }
 }
 
-/// Counts a send as in flight until it is dropped.
+/// Takes a send (counted in `in_flight` when this is made) off the count when dropped.
 struct InFlight<'a>(&'a SendQueue);
-
-impl<'a> InFlight<'a> {
-    fn enter(queue: &'a SendQueue) -> Self {
-        queue.state().in_flight += 1;
-        Self(queue)
-    }
-}
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {

@@ -168,9 +168,7 @@ impl ClientError {
     pub fn send_outcome_unknown(&self) -> bool {
         matches!(self, ClientError::Timeout) || self.code() == Some(cim_proto::SEND_RETRY)
     }
-}
 
-impl ClientError {
     /// The same error again, for each of several sends it ended (the variants that carry
     /// nothing else keep their kind; the others become their message).
     pub(crate) fn duplicate(&self) -> ClientError {
@@ -689,17 +687,12 @@ impl Client {
                 SEND_ATTEMPT_TIMEOUT,
                 sends.send(client_msg_id, frame.clone()),
             )
-            .await
-            .map(|result| {
-                result.map(|(ack, carried)| {
-                    if carried == Carried::Shared && ack.code.is_empty() {
+            .await;
+            match attempt {
+                Ok(Ok((ack, carried))) if ack.code.is_empty() => {
+                    if carried == Carried::Shared {
                         self.shared.stats().sends_shared += 1;
                     }
-                    ack
-                })
-            });
-            match attempt {
-                Ok(Ok(ack)) if ack.code.is_empty() => {
                     return Ok(Ack {
                         msg_id: ack.msg_id,
                         recipients: ack.recipients,
@@ -708,7 +701,7 @@ impl Client {
                 // Possibly stored, possibly not: the same id again is stored at most once (id 0
                 // opts out of that, so it is not resent). The server answers at once while it
                 // has no router, so these resends back off.
-                Ok(Ok(ack))
+                Ok(Ok((ack, _)))
                     if ack.code == cim_proto::SEND_RETRY
                         && self.shared.config.reconnect
                         && client_msg_id != 0 =>
@@ -716,7 +709,7 @@ impl Client {
                     tracing::debug!(client_msg_id, message = %ack.message, "send unconfirmed");
                     unconfirmed += 1;
                 }
-                Ok(Ok(ack)) => {
+                Ok(Ok((ack, _))) => {
                     return Err(ClientError::SendRefused {
                         code: ack.code,
                         message: ack.message,

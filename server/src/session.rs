@@ -1026,7 +1026,8 @@ async fn handle_message(
             return Err(e.into());
         }
     };
-    let kind = match request.kind {
+    // Every request but a send is alone on its stream.
+    match request.kind {
         Some(client_request::Kind::Send(message)) => {
             let from = Sender {
                 user: from_user,
@@ -1035,13 +1036,6 @@ async fn handle_message(
             };
             return send_messages(send, recv, message, &from, state).await;
         }
-        // Every other request is alone on its stream.
-        other => {
-            take_end(&mut recv);
-            other
-        }
-    };
-    match kind {
         Some(client_request::Kind::Pull(pull)) => {
             let limit = pull.limit.clamp(1, MAX_PULL);
             let reply = match state.links.fetch(from_user, pull.after_seq, limit).await {
@@ -1065,7 +1059,7 @@ async fn handle_message(
             };
             write_frame(&mut send, &reply, MAX_PULL_FRAME).await?;
         }
-        Some(client_request::Kind::Send(_)) | None => {
+        None => {
             let _ = send.reset(close::code(close::PROTOCOL));
             return Ok(());
         }
@@ -1119,9 +1113,8 @@ async fn send_messages(
     // anything) goes first.
     let early = match frames.next().now_or_never() {
         Some(Some(Ok(None)) | None) => {
-            let ack = store(first).await;
-            let (mut send, written) = write_acks(send, vec![ack]).await;
-            written?;
+            let mut send = send;
+            write_acks(&mut send, &[store(first).await]).await?;
             send.finish()?;
             return Ok(());
         }
@@ -1146,7 +1139,7 @@ async fn send_messages(
             && !ready.is_empty()
             && let Some(send) = idle.take()
         {
-            writing = Some(write_acks(send, std::mem::take(&mut ready)));
+            writing = Some(write_acks_owned(send, std::mem::take(&mut ready)));
         }
         tokio::select! {
             Some(ack) = acks.next() => ready.push(ack),
@@ -1194,16 +1187,14 @@ async fn send_messages(
     }
     // Every ack is written (the loop ends only then): they reach the client before the
     // refusal and the end.
-    let Some(send) = idle else {
+    let Some(mut send) = idle else {
         return Err(MessageError::Protocol("send stream lost".into()));
     };
     if let Some((code, why)) = refusal {
-        let (mut send, written) = write_acks(send, vec![refused(0, code, &why)]).await;
-        written?;
+        write_acks(&mut send, &[refused(0, code, &why)]).await?;
         send.finish()?;
         return Err(MessageError::Protocol(why));
     }
-    let mut send = send;
     send.finish()?;
     Ok(())
 }
@@ -1217,22 +1208,25 @@ type AckWrite =
 
 /// Writes `acks` in one go, giving up (and resetting the stream) after
 /// [`ACK_WRITE_TIMEOUT`].
-fn write_acks(mut send: quinn::SendStream, acks: Vec<SendAck>) -> AckWrite {
-    Box::pin(async move {
-        let written = async {
-            let mut bytes = Vec::new();
-            for ack in &acks {
-                bytes.extend_from_slice(&encode_frame(ack, 1024)?);
-            }
-            match tokio::time::timeout(ACK_WRITE_TIMEOUT, send.write_all(&bytes)).await {
-                Ok(result) => result.map_err(|e| FrameError::Io(e.into()).into()),
-                Err(_) => {
-                    let _ = send.reset(close::code(close::TIMEOUT));
-                    Err(MessageError::Protocol("acks left unread".into()))
-                }
-            }
+async fn write_acks(send: &mut quinn::SendStream, acks: &[SendAck]) -> Result<(), MessageError> {
+    let mut bytes = Vec::new();
+    for ack in acks {
+        bytes.extend_from_slice(&encode_frame(ack, 1024)?);
+    }
+    match tokio::time::timeout(ACK_WRITE_TIMEOUT, send.write_all(&bytes)).await {
+        Ok(result) => result.map_err(|e| FrameError::Io(e.into()).into()),
+        Err(_) => {
+            let _ = send.reset(close::code(close::TIMEOUT));
+            Err(MessageError::Protocol("acks left unread".into()))
         }
-        .await;
+    }
+}
+
+/// [`write_acks`] as a future that owns the stream, for a `select!` loop that keeps going
+/// while it runs.
+fn write_acks_owned(mut send: quinn::SendStream, acks: Vec<SendAck>) -> AckWrite {
+    Box::pin(async move {
+        let written = write_acks(&mut send, &acks).await;
         (send, written)
     })
 }
