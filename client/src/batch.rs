@@ -218,3 +218,272 @@ async fn exchange(conn: quinn::Connection, mut batch: VecDeque<Waiting>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The queue's own bookkeeping against a scripted server on a real QUIC connection: which
+    //! sends share a stream, what a caller that gives up leaves behind, and what a failed
+    //! stream does to the sends it carried.
+
+    use std::net::SocketAddr;
+    use std::task::Poll;
+    use std::time::Duration;
+
+    use cim_core::transport::{self, Link};
+    use cim_core::{ALPN_CLIENT, tls};
+    use cim_proto::v1::{ChatMessage, ClientRequest, client_request};
+    use cim_proto::{read_frame, write_frame};
+    use tokio::sync::{Semaphore, mpsc};
+
+    use super::*;
+
+    /// What the scripted server does with a stream once it has read all of it.
+    #[derive(Clone, Copy)]
+    enum Answer {
+        /// An ack for every send, in order.
+        All,
+        /// An ack for the first send, then the end of the stream.
+        FirstThenEnd,
+    }
+
+    /// A server that reports the client message ids of each stream it reads (to its end), then
+    /// waits for a permit from `release` before it answers as `answer` says.
+    struct ScriptedServer {
+        streams: mpsc::UnboundedReceiver<Vec<u64>>,
+        release: Arc<Semaphore>,
+        _endpoints: (quinn::Endpoint, quinn::Endpoint),
+        _certs: tempfile::TempDir,
+    }
+
+    impl ScriptedServer {
+        /// The server and a queue on a connection to it taking `per_stream` sends a stream.
+        async fn start(per_stream: u32, answer: Answer) -> (Self, Arc<SendQueue>) {
+            let certs = tempfile::tempdir().unwrap();
+            let paths = cim_certs::generate(certs.path(), &[]).unwrap();
+            let server_tls = tls::server_config(
+                &paths.server_cert(),
+                &paths.server_key(),
+                &[ALPN_CLIENT],
+                None,
+            )
+            .unwrap();
+            let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+            let server = transport::server_endpoint(loopback, server_tls, Link::Client).unwrap();
+            let client_tls = tls::client_config(
+                tls::load_roots(&paths.ca_cert()).unwrap(),
+                &[ALPN_CLIENT],
+                None,
+            )
+            .unwrap();
+            let client = transport::client_endpoint(
+                loopback,
+                transport::client_config(client_tls, Link::Client).unwrap(),
+            )
+            .unwrap();
+            let addr = server.local_addr().unwrap();
+            let (streams_tx, streams) = mpsc::unbounded_channel();
+            let release = Arc::new(Semaphore::new(0));
+            let accepting = server.clone();
+            let permits = release.clone();
+            tokio::spawn(async move {
+                let conn = accepting.accept().await.unwrap().await.unwrap();
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    tokio::spawn(answer_stream(
+                        send,
+                        recv,
+                        answer,
+                        streams_tx.clone(),
+                        permits.clone(),
+                    ));
+                }
+            });
+            let conn = client
+                .connect(addr, &transport::server_name(&addr))
+                .unwrap()
+                .await
+                .unwrap();
+            let server = ScriptedServer {
+                streams,
+                release,
+                _endpoints: (server, client),
+                _certs: certs,
+            };
+            (server, SendQueue::new(conn, per_stream))
+        }
+
+        /// The ids of the next stream the server has read.
+        async fn next_stream(&mut self) -> Vec<u64> {
+            tokio::time::timeout(Duration::from_secs(10), self.streams.recv())
+                .await
+                .expect("a stream within 10 s")
+                .expect("server running")
+        }
+
+        /// Lets `n` more streams be answered.
+        fn answer(&self, n: usize) {
+            self.release.add_permits(n);
+        }
+    }
+
+    async fn answer_stream(
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        answer: Answer,
+        streams: mpsc::UnboundedSender<Vec<u64>>,
+        release: Arc<Semaphore>,
+    ) {
+        let mut ids = Vec::new();
+        while let Some(request) = read_frame::<ClientRequest, _>(&mut recv, 4096)
+            .await
+            .unwrap()
+        {
+            match request.kind {
+                Some(client_request::Kind::Send(m)) => ids.push(m.client_msg_id),
+                other => panic!("not a send: {other:?}"),
+            }
+        }
+        let _ = streams.send(ids.clone());
+        release.acquire().await.unwrap().forget();
+        for (i, id) in ids.into_iter().enumerate() {
+            if i == 1 && matches!(answer, Answer::FirstThenEnd) {
+                break;
+            }
+            let ack = SendAck {
+                client_msg_id: id,
+                msg_id: 1000 + id,
+                ..SendAck::default()
+            };
+            write_frame(&mut send, &ack, 4096).await.unwrap();
+        }
+        send.finish().unwrap();
+        let _ = send.stopped().await;
+    }
+
+    fn frame(client_msg_id: u64) -> Bytes {
+        let request = ClientRequest {
+            kind: Some(client_request::Kind::Send(ChatMessage {
+                client_msg_id,
+                body: format!("message {client_msg_id}"),
+                ..ChatMessage::default()
+            })),
+        };
+        cim_proto::encode_frame(&request, 4096).unwrap()
+    }
+
+    /// Starts sends `ids` as tasks of their own (in that order) and lets them queue.
+    async fn start_sends(
+        queue: &Arc<SendQueue>,
+        ids: impl IntoIterator<Item = u64>,
+    ) -> Vec<tokio::task::JoinHandle<Result<(SendAck, Carried), ClientError>>> {
+        let handles = ids
+            .into_iter()
+            .map(|id| {
+                let queue = queue.clone();
+                tokio::spawn(async move { queue.send(id, frame(id)).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        handles
+    }
+
+    async fn acked(
+        handle: tokio::task::JoinHandle<Result<(SendAck, Carried), ClientError>>,
+    ) -> (u64, Carried) {
+        let (ack, carried) = handle.await.unwrap().unwrap();
+        assert_eq!(ack.msg_id, 1000 + ack.client_msg_id);
+        (ack.client_msg_id, carried)
+    }
+
+    #[tokio::test]
+    async fn sends_queued_behind_one_in_flight_share_a_stream_and_get_their_own_acks() {
+        let (mut server, queue) = ScriptedServer::start(32, Answer::All).await;
+        let first = start_sends(&queue, [1]).await;
+        assert_eq!(server.next_stream().await, vec![1]);
+        let queued = start_sends(&queue, 2..=6).await;
+        assert_eq!(server.next_stream().await, vec![2, 3, 4, 5, 6]);
+        server.answer(2);
+        for handle in first {
+            assert_eq!(acked(handle).await, (1, Carried::Alone));
+        }
+        for (handle, id) in queued.into_iter().zip(2..) {
+            assert_eq!(acked(handle).await, (id, Carried::Shared));
+        }
+        // Nothing in flight: the next send goes alone again, at once.
+        let next = start_sends(&queue, [7]).await;
+        assert_eq!(server.next_stream().await, vec![7]);
+        server.answer(1);
+        assert_eq!(
+            acked(next.into_iter().next().unwrap()).await,
+            (7, Carried::Alone)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_queue_longer_than_a_stream_takes_so_many_streams() {
+        let (mut server, queue) = ScriptedServer::start(2, Answer::All).await;
+        let first = start_sends(&queue, [1]).await;
+        assert_eq!(server.next_stream().await, vec![1]);
+        let queued = start_sends(&queue, 2..=6).await;
+        let mut streams = vec![
+            server.next_stream().await,
+            server.next_stream().await,
+            server.next_stream().await,
+        ];
+        streams.sort();
+        assert_eq!(streams, vec![vec![2, 3], vec![4, 5], vec![6]]);
+        server.answer(4);
+        for handle in first.into_iter().chain(queued) {
+            acked(handle).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_send_given_up_while_queued_is_not_sent() {
+        let (mut server, queue) = ScriptedServer::start(32, Answer::All).await;
+        let first = start_sends(&queue, [1]).await;
+        assert_eq!(server.next_stream().await, vec![1]);
+        // Queued behind the first, then given up before its stream opens.
+        let mut gave_up = Box::pin(queue.send(2, frame(2)));
+        let polled = std::future::poll_fn(|cx| Poll::Ready(gave_up.as_mut().poll(cx))).await;
+        assert!(polled.is_pending(), "the send was queued, not answered");
+        drop(gave_up);
+        let queued = start_sends(&queue, [3]).await;
+        assert_eq!(server.next_stream().await, vec![3]);
+        server.answer(2);
+        for handle in first.into_iter().chain(queued) {
+            acked(handle).await;
+        }
+        // The send given up is no longer counted in flight: the next one goes alone.
+        let next = start_sends(&queue, [4]).await;
+        assert_eq!(server.next_stream().await, vec![4]);
+        server.answer(1);
+        assert_eq!(
+            acked(next.into_iter().next().unwrap()).await,
+            (4, Carried::Alone)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_stream_fails_only_its_unanswered_sends() {
+        let (mut server, queue) = ScriptedServer::start(32, Answer::FirstThenEnd).await;
+        let first = start_sends(&queue, [1]).await;
+        assert_eq!(server.next_stream().await, vec![1]);
+        let queued = start_sends(&queue, 2..=4).await;
+        assert_eq!(server.next_stream().await, vec![2, 3, 4]);
+        server.answer(2);
+        for handle in first {
+            assert_eq!(acked(handle).await, (1, Carried::Alone));
+        }
+        let mut results = Vec::new();
+        for handle in queued {
+            results.push(handle.await.unwrap());
+        }
+        let (ack, carried) = results.remove(0).unwrap();
+        assert_eq!((ack.client_msg_id, carried), (2, Carried::Shared));
+        // Failed, not lost: `send_with_id` tries any failed attempt again with the same
+        // client message id.
+        for result in results {
+            assert!(result.is_err(), "{result:?}");
+        }
+    }
+}
