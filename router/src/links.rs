@@ -13,8 +13,8 @@ use cim_core::transport::read_only_frame;
 use cim_proto::v1::{
     Delivery, ForwardBatchResult, GroupMember, GroupResult, KickResult, KickUser, Presence,
     PresencePush, PullResult, Push, PushBatch, PushBatchResult, PushResult, Recipient, RenewResult,
-    RouterRequest, SendAck, ServerRequest, SessionResult, group_request, router_request,
-    server_request,
+    RouterRequest, SendAck, ServerRequest, SessionOpenedBatchResult, SessionResult, group_request,
+    router_request, server_request,
 };
 use cim_proto::{ProstMessage, write_frame};
 use tokio::sync::mpsc;
@@ -368,37 +368,16 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
             let written = match request.kind {
                 // The link's own server id is authoritative, not the one in the body.
                 Some(server_request::Kind::SessionOpened(open)) => {
-                    let reply = match service
-                        .session_opened(open.user_id, open.session_id, &server_id)
-                        .await
-                    {
-                        Ok(true) => {
-                            let announcer = service.clone();
-                            tokio::spawn(async move {
-                                announcer.announce_presence(open.user_id, true).await
-                            });
-                            // Read after the route was confirmed: every later entry is pushed
-                            // to the session. Unknown, the client pulls to catch up.
-                            let inbox_caught_up_to =
-                                match service.inbox_caught_up_to(open.user_id).await {
-                                    Ok(seq) => seq,
-                                    Err(e) => {
-                                        tracing::debug!(error = %e, "inbox state unread");
-                                        None
-                                    }
-                                };
-                            SessionResult {
-                                inbox_caught_up_to,
-                                ..Default::default()
-                            }
-                        }
-                        Ok(false) => SessionResult {
-                            code: "session_replaced".into(),
-                            message: "this login was replaced or has expired; log in again".into(),
-                            ..Default::default()
-                        },
-                        Err(e) => failure_result(&e),
-                    };
+                    let reply =
+                        session_opened(&service, &server_id, open.user_id, open.session_id).await;
+                    write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
+                }
+                Some(server_request::Kind::SessionsOpened(batch)) => {
+                    let opened = batch.sessions.iter().map(|open| {
+                        session_opened(&service, &server_id, open.user_id, open.session_id)
+                    });
+                    let results = futures_util::future::join_all(opened).await;
+                    let reply = SessionOpenedBatchResult { results };
                     write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
                 }
                 Some(server_request::Kind::SessionClosed(closed)) => {
@@ -570,6 +549,41 @@ async fn group_command(
 }
 
 /// The answer to a session report or inbox trim the service could not handle.
+/// Confirms the route of a session `server_id` reports opened, and tells the user's contacts
+/// it is online.
+async fn session_opened(
+    service: &Arc<Service>,
+    server_id: &str,
+    user_id: u64,
+    session_id: u64,
+) -> SessionResult {
+    match service.session_opened(user_id, session_id, server_id).await {
+        Ok(true) => {
+            let announcer = service.clone();
+            tokio::spawn(async move { announcer.announce_presence(user_id, true).await });
+            // Read after the route was confirmed: every later entry is pushed to the session.
+            // Unknown, the client pulls to catch up.
+            let inbox_caught_up_to = match service.inbox_caught_up_to(user_id).await {
+                Ok(seq) => seq,
+                Err(e) => {
+                    tracing::debug!(error = %e, "inbox state unread");
+                    None
+                }
+            };
+            SessionResult {
+                inbox_caught_up_to,
+                ..Default::default()
+            }
+        }
+        Ok(false) => SessionResult {
+            code: "session_replaced".into(),
+            message: "this login was replaced or has expired; log in again".into(),
+            ..Default::default()
+        },
+        Err(e) => failure_result(&e),
+    }
+}
+
 fn failure_result(e: &ServiceError) -> SessionResult {
     SessionResult {
         code: e.code().into(),

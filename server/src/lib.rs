@@ -253,7 +253,7 @@ impl Server {
                 shutdown.clone(),
             ));
         }
-        tokio::spawn(links::run_forwarder(state.clone()));
+        links::run_batches(&state);
         tracker.spawn(renew_routes(state.clone(), shutdown.clone()));
         tracker.spawn(report_acks(state.clone(), shutdown.clone()));
         tracker.spawn(report_load(

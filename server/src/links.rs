@@ -11,8 +11,9 @@ use cim_core::transport::read_only_frame;
 use cim_proto::v1::{
     FetchInbox, Forward, ForwardBatch, ForwardBatchResult, GroupCommand, GroupRequest, GroupResult,
     KickResult, PullResult, PushBatchResult, PushResult, Recipient, RenewResult, RenewSessions,
-    RouterRequest, SendAck, ServerRequest, SessionClosed, SessionOpened, SessionRef, SessionResult,
-    TrimInbox, chat_message, router_request, server_request,
+    RouterRequest, SendAck, ServerRequest, SessionClosed, SessionOpened, SessionOpenedBatch,
+    SessionOpenedBatchResult, SessionRef, SessionResult, TrimInbox, chat_message, router_request,
+    server_request,
 };
 use cim_proto::{ProstMessage, write_frame};
 use tokio::sync::{mpsc, oneshot};
@@ -38,31 +39,55 @@ pub enum LinkError {
     Failed(String),
 }
 
-/// A forward waiting to leave, with where its ack goes.
-pub(crate) type PendingForward = (Forward, oneshot::Sender<Result<SendAck, LinkError>>);
-/// Forwards queued before senders wait.
-const FORWARD_QUEUE: usize = 4096;
-/// Most forwards in one batch.
+/// Requests (and where each one's answer goes) queued before callers wait, per kind.
+const BATCH_QUEUE: usize = 4096;
+/// Most requests in one batch.
 const MAX_BATCH: usize = 256;
 
-/// The routers currently connected to this server.
-pub struct RouterLinks {
-    conns: Mutex<Vec<quinn::Connection>>,
-    next: AtomicUsize,
-    forwards: mpsc::Sender<PendingForward>,
-    queued: Mutex<Option<mpsc::Receiver<PendingForward>>>,
+/// A request waiting to leave in a batch, with where its answer goes.
+type Pending<Q, R> = (Q, oneshot::Sender<Result<R, LinkError>>);
+
+/// Requests of one kind that leave for a router in batches ([`run_batches`]).
+struct BatchQueue<Q, R> {
+    queue: mpsc::Sender<Pending<Q, R>>,
+    /// Taken by the task that sends the batches.
+    queued: Mutex<Option<mpsc::Receiver<Pending<Q, R>>>>,
 }
 
-impl Default for RouterLinks {
+impl<Q, R> Default for BatchQueue<Q, R> {
     fn default() -> Self {
-        let (forwards, queued) = mpsc::channel(FORWARD_QUEUE);
+        let (queue, queued) = mpsc::channel(BATCH_QUEUE);
         Self {
-            conns: Mutex::default(),
-            next: AtomicUsize::new(0),
-            forwards,
+            queue,
             queued: Mutex::new(Some(queued)),
         }
     }
+}
+
+impl<Q, R> BatchQueue<Q, R> {
+    /// Queues `request` for the next batch and waits for its answer.
+    async fn call(&self, request: Q) -> Result<R, LinkError> {
+        let stopped = || LinkError::Failed("batch sender stopped".into());
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.queue
+            .send((request, reply_tx))
+            .await
+            .map_err(|_| stopped())?;
+        reply_rx.await.map_err(|_| stopped())?
+    }
+
+    fn take_queued(&self) -> Option<mpsc::Receiver<Pending<Q, R>>> {
+        self.queued.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// The routers currently connected to this server.
+#[derive(Default)]
+pub struct RouterLinks {
+    conns: Mutex<Vec<quinn::Connection>>,
+    next: AtomicUsize,
+    forwards: BatchQueue<Forward, SendAck>,
+    opened: BatchQueue<SessionOpened, SessionResult>,
 }
 
 impl RouterLinks {
@@ -131,21 +156,21 @@ impl RouterLinks {
         Err(LinkError::Failed(last_error))
     }
 
-    /// Reports a newly opened session; the router confirms its route.
+    /// Reports a newly opened session; the router confirms its route. Reports made while
+    /// earlier ones are in flight (a login storm) leave together.
     pub async fn session_opened(
         &self,
         user_id: u64,
         session_id: u64,
         server_id: &str,
     ) -> Result<SessionResult, LinkError> {
-        let request = ServerRequest {
-            kind: Some(server_request::Kind::SessionOpened(SessionOpened {
+        self.opened
+            .call(SessionOpened {
                 user_id,
                 session_id,
                 server_id: server_id.to_string(),
-            })),
-        };
-        self.call(&request).await
+            })
+            .await
     }
 
     /// Reports a closed session; the router removes its route.
@@ -241,14 +266,7 @@ impl RouterLinks {
             _ => None,
         };
         if affinity.is_none() {
-            let (reply_tx, reply_rx) = oneshot::channel();
-            self.forwards
-                .send((forward, reply_tx))
-                .await
-                .map_err(|_| LinkError::Failed("forwarder stopped".into()))?;
-            return reply_rx
-                .await
-                .map_err(|_| LinkError::Failed("forwarder stopped".into()))?;
+            return self.forwards.call(forward).await;
         }
         let request = ServerRequest {
             kind: Some(server_request::Kind::Forward(forward)),
@@ -324,36 +342,52 @@ pub(crate) async fn accept_routers(
     }
 }
 
-/// Sends queued forwards in batches: each batch takes everything queued (up to
-/// [`MAX_BATCH`]); up to [`BATCHES_IN_FLIGHT`] batches travel at once, shared by all the router
-/// links (each batch goes to the routers in turn).
-pub(crate) async fn run_forwarder(state: Arc<State>) {
-    let Some(queue) = state
-        .links
-        .queued
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-    else {
+/// Starts the tasks that send the batched requests: client messages and session reports.
+pub(crate) fn run_batches(state: &Arc<State>) {
+    tokio::spawn(send_batches(
+        state.clone(),
+        |links| &links.forwards,
+        |forwards| server_request::Kind::Forwards(ForwardBatch { forwards }),
+        |result: ForwardBatchResult| result.acks,
+    ));
+    tokio::spawn(send_batches(
+        state.clone(),
+        |links| &links.opened,
+        |sessions| server_request::Kind::SessionsOpened(SessionOpenedBatch { sessions }),
+        |result: SessionOpenedBatchResult| result.results,
+    ));
+}
+
+/// Sends the requests queued in one [`BatchQueue`] in batches: each batch takes everything
+/// queued (up to [`MAX_BATCH`]); up to [`BATCHES_IN_FLIGHT`] batches travel at once, shared by
+/// all the router links (each batch goes to the routers in turn). `request` makes a batch's
+/// request, `answers` takes the answers, one per request in order, out of its reply.
+async fn send_batches<Q, R, B>(
+    state: Arc<State>,
+    queue: fn(&RouterLinks) -> &BatchQueue<Q, R>,
+    request: fn(Vec<Q>) -> server_request::Kind,
+    answers: fn(B) -> Vec<R>,
+) where
+    Q: Send + 'static,
+    R: Send + 'static,
+    B: ProstMessage + Default + 'static,
+{
+    let Some(queued) = queue(&state.links).take_queued() else {
         return;
     };
-    let mut batches = Batcher::new(queue, BATCHES_IN_FLIGHT, MAX_BATCH);
+    let mut batches = Batcher::new(queued, BATCHES_IN_FLIGHT, MAX_BATCH);
     // Keeps running through a drain: clients still connected may send until they leave.
     while let Some((batch, permit)) = batches.next().await {
         let state = state.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let (forwards, replies): (Vec<Forward>, Vec<_>) = batch.into_iter().unzip();
+            let (requests, replies): (Vec<Q>, Vec<_>) = batch.into_iter().unzip();
             let request = ServerRequest {
-                kind: Some(server_request::Kind::Forwards(ForwardBatch { forwards })),
+                kind: Some(request(requests)),
             };
-            let acks = state
-                .links
-                .call::<ForwardBatchResult>(&request)
-                .await
-                .map(|r| r.acks);
+            let results = state.links.call::<B>(&request).await.map(answers);
             let short = LinkError::Failed("router answered a batch partly".into());
-            answer_all(replies, acks, short);
+            answer_all(replies, results, short);
         });
     }
 }
