@@ -1,7 +1,7 @@
 //! cim as a real cluster: `cim-router` and `cim-server` processes on a real Redis and a real
 //! ZooKeeper. Round-robin spread, chat across servers, `kill -9` failover, Redis restart,
-//! ZooKeeper session expiry, concurrent logins (of one user, and a storm of many), consistent
-//! hashing, sends while no router answers.
+//! ZooKeeper session expiry, concurrent logins, consistent hashing, sends while no router
+//! answers.
 
 #![allow(clippy::unwrap_used)]
 
@@ -272,10 +272,13 @@ async fn servers_come_back_after_their_zookeeper_session_expires() -> anyhow::Re
 async fn of_concurrent_logins_of_one_user_exactly_one_wins() -> anyhow::Result<()> {
     let cluster = ProcCluster::start(2, 2, "round-robin").await?;
     cim_client::register(&cluster.client_config(0), "solo", "password").await?;
-    let attempts = (0..8).map(|i| {
-        let config = cluster.client_config(i % 2);
-        tokio::spawn(async move { login(&config, "solo", false).await })
-    });
+    // Spawned all at once (a lazy `map` would start each only after the one before ended).
+    let attempts: Vec<_> = (0..8)
+        .map(|i| {
+            let config = cluster.client_config(i % 2);
+            tokio::spawn(async move { login(&config, "solo", false).await })
+        })
+        .collect();
     let mut won = Vec::new();
     let mut refused = 0;
     for attempt in attempts {
@@ -499,47 +502,4 @@ async fn a_send_whose_append_fails_after_its_id_was_recorded_is_resent_not_refus
     let _: () = acl("+@all").query_async(&mut redis).await?;
     let ack = sending.await??;
     resent_once_in_order(&alice, ack, bob_id, &mut bob_events, "while appends fail").await
-}
-
-/// A login storm on one server: the server reports the opened sessions to the router in
-/// batches, and each login must get its own confirmation back. Half the users have messages
-/// waiting and half have none; a login answered with the confirmation of a user with an empty
-/// inbox (which tells the client there is nothing to pull) would never see its waiting
-/// messages.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_login_storm_gets_each_session_its_own_confirmation() -> anyhow::Result<()> {
-    const USERS: usize = 48;
-    let cluster = ProcCluster::start(1, 1, "round-robin").await?;
-    let config = cluster.client_config(0);
-    let mut ids = Vec::new();
-    for i in 0..USERS {
-        ids.push(cim_client::register(&config, &format!("storm{i}"), "password").await?);
-    }
-    let waiting = |i: usize| if i % 2 == 0 { i % 3 + 1 } else { 0 };
-    let (sender, _sender_events) = users(&cluster, "storm-sender", 1).await?.remove(0);
-    for (i, &id) in ids.iter().enumerate() {
-        for k in 0..waiting(i) {
-            sender.send_private(id, &format!("waiting {i}.{k}")).await?;
-        }
-    }
-
-    let logins = (0..USERS).map(|i| {
-        let config = config.clone();
-        tokio::spawn(async move { login(&config, &format!("storm{i}"), false).await })
-    });
-    let mut clients = Vec::new();
-    for login in logins {
-        clients.push(login.await??);
-    }
-    for (i, (client, events)) in clients.iter_mut().enumerate() {
-        assert_eq!(client.info().user_id, ids[i]);
-        for k in 0..waiting(i) {
-            let m = next_message(events).await?;
-            assert_eq!(m.body, format!("waiting {i}.{k}"), "user {i}");
-        }
-        // Confirmed routes: a message sent now is pushed to the new session.
-        sender.send_private(ids[i], &format!("live {i}")).await?;
-        assert_eq!(next_message(events).await?.body, format!("live {i}"), "user {i}");
-    }
-    Ok(())
 }

@@ -1,8 +1,9 @@
 //! Nothing lost: through a lossy relay, across blackouts, socket rebinds, retries, sends that
 //! share a stream (also cut off by a blackout), a message stored while its recipient logs in,
-//! and a killed server, every acked message reaches its recipient exactly once and in order.
-//! Each scenario runs on the in-memory store and on a real Redis, except the login race, which
-//! needs a store that stops at the right moment.
+//! a login storm whose session reports travel in batches, and a killed server, every acked
+//! message reaches its recipient exactly once and in order. Each scenario runs on the
+//! in-memory store and on a real Redis, except the login race and the login storm, which need
+//! a store that stops or slows down at the right moment.
 
 #![allow(clippy::unwrap_used)]
 
@@ -466,6 +467,63 @@ async fn shared_send_streams_cut_by_a_blackout_are_retried_once(
     Ok(())
 }
 
+/// A login storm on one server: the server reports the opened sessions to the router in
+/// batches, and each login must get its own confirmation back. Half the users have messages
+/// waiting and half have none; a login answered with the confirmation of a user with an empty
+/// inbox (which tells the client there is nothing to pull) would never see its waiting
+/// messages. Route confirmations take 200 ms, so the reports queue up behind the two batches in
+/// flight, and a cheap password cost lets the logins reach the server together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_storm_gets_each_session_its_own_confirmation() -> anyhow::Result<()> {
+    const USERS: usize = 48;
+    let store = PausingStore::new(Duration::from_millis(200));
+    store.slow_confirms.store(true, Ordering::SeqCst);
+    let cluster = TestCluster::start_on_store(1, store.clone(), |config| {
+        config.password_cost = cim_router::password::Cost {
+            memory_kib: 256,
+            iterations: 1,
+        };
+    })
+    .await?;
+    let config = cluster.client_config();
+    let mut ids = Vec::new();
+    for i in 0..USERS {
+        ids.push(cim_client::register(&config, &format!("storm{i}"), "password").await?);
+    }
+    let waiting = |i: usize| if i.is_multiple_of(2) { i % 3 + 1 } else { 0 };
+    let (sender, _sender_events) = cluster.user("storm-sender").await?;
+    for (i, &id) in ids.iter().enumerate() {
+        for k in 0..waiting(i) {
+            sender.send_private(id, &format!("waiting {i}.{k}")).await?;
+        }
+    }
+
+    let logins: Vec<_> = (0..USERS)
+        .map(|i| {
+            let config = config.clone();
+            tokio::spawn(async move {
+                let name = format!("storm{i}");
+                Client::login(&config, &name, "password", LoginOptions::default()).await
+            })
+        })
+        .collect();
+    let mut clients = Vec::new();
+    for login in logins {
+        clients.push(login.await??);
+    }
+    for (i, (client, events)) in clients.iter_mut().enumerate() {
+        assert_eq!(client.info().user_id, ids[i]);
+        let want: Vec<String> = (0..waiting(i))
+            .map(|k| format!("waiting {i}.{k}"))
+            .collect();
+        let got = receive(events, want.len(), WAIT).await?;
+        let got: Vec<String> = got.into_iter().map(|m| m.body).collect();
+        assert_eq!(got, want, "user {i}");
+        assert_nothing_more(&sender, client, events).await?;
+    }
+    Ok(())
+}
+
 macro_rules! on_both_backends {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -551,10 +609,13 @@ async fn a_server_killed_mid_stream_loses_no_acked_message() -> anyhow::Result<(
 /// The memory store, except that it can pause two moments by `hold`, each once armed:
 /// - the next read of where a user's inbox stands (the router's, when it confirms a session),
 ///   after the read: long enough for a message to be stored and pushed in between;
-/// - the next route release (a server's report that a connection closed), before it.
+/// - the next route release (a server's report that a connection closed), before it;
+/// - with `slow_confirms` set, every route confirmation (a server's report that a session
+///   opened), before it.
 struct PausingStore {
     inner: MemoryStore,
     hold: Duration,
+    slow_confirms: AtomicBool,
     armed: AtomicBool,
     read: Notify,
     release_armed: AtomicBool,
@@ -567,6 +628,7 @@ impl PausingStore {
         Arc::new(Self {
             inner: MemoryStore::new(),
             hold,
+            slow_confirms: AtomicBool::new(false),
             armed: AtomicBool::new(false),
             read: Notify::new(),
             release_armed: AtomicBool::new(false),
@@ -623,6 +685,9 @@ impl Store for PausingStore {
         server_id: &str,
         lease: Duration,
     ) -> Result<bool, StoreError> {
+        if self.slow_confirms.load(Ordering::SeqCst) {
+            tokio::time::sleep(self.hold).await;
+        }
         self.inner
             .confirm_route(user, session_id, server_id, lease)
             .await
