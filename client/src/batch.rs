@@ -311,12 +311,34 @@ mod tests {
             (server, SendQueue::new(conn, per_stream))
         }
 
+        /// [`ScriptedServer::start`], then send 1, alone on its stream and left unanswered.
+        async fn with_one_in_flight(
+            per_stream: u32,
+            answer: Answer,
+        ) -> (Self, Arc<SendQueue>, Vec<SendHandle>) {
+            let (mut server, queue) = Self::start(per_stream, answer).await;
+            let first = start_sends(&queue, [1]).await;
+            assert_eq!(server.next_stream().await, vec![1]);
+            (server, queue, first)
+        }
+
         /// The ids of the next stream the server has read.
         async fn next_stream(&mut self) -> Vec<u64> {
             tokio::time::timeout(Duration::from_secs(10), self.streams.recv())
                 .await
                 .expect("a stream within 10 s")
                 .expect("server running")
+        }
+
+        /// Sends `id` with nothing else in flight: it must go out at once on a stream of its
+        /// own.
+        async fn next_send_goes_alone(&mut self, queue: &Arc<SendQueue>, id: u64) {
+            let next = start_sends(queue, [id]).await;
+            assert_eq!(self.next_stream().await, vec![id]);
+            self.answer(1);
+            for handle in next {
+                assert_eq!(acked(handle).await, (id, Carried::Alone));
+            }
         }
 
         /// Lets `n` more streams be answered.
@@ -359,6 +381,9 @@ mod tests {
         let _ = send.stopped().await;
     }
 
+    /// A send started by [`start_sends`].
+    type SendHandle = tokio::task::JoinHandle<Result<(SendAck, Carried), ClientError>>;
+
     fn frame(client_msg_id: u64) -> Bytes {
         let request = ClientRequest {
             kind: Some(client_request::Kind::Send(ChatMessage {
@@ -374,7 +399,7 @@ mod tests {
     async fn start_sends(
         queue: &Arc<SendQueue>,
         ids: impl IntoIterator<Item = u64>,
-    ) -> Vec<tokio::task::JoinHandle<Result<(SendAck, Carried), ClientError>>> {
+    ) -> Vec<SendHandle> {
         let handles = ids
             .into_iter()
             .map(|id| {
@@ -386,9 +411,7 @@ mod tests {
         handles
     }
 
-    async fn acked(
-        handle: tokio::task::JoinHandle<Result<(SendAck, Carried), ClientError>>,
-    ) -> (u64, Carried) {
+    async fn acked(handle: SendHandle) -> (u64, Carried) {
         let (ack, carried) = handle.await.unwrap().unwrap();
         assert_eq!(ack.msg_id, 1000 + ack.client_msg_id);
         (ack.client_msg_id, carried)
@@ -396,9 +419,7 @@ mod tests {
 
     #[tokio::test]
     async fn sends_queued_behind_one_in_flight_share_a_stream_and_get_their_own_acks() {
-        let (mut server, queue) = ScriptedServer::start(32, Answer::All).await;
-        let first = start_sends(&queue, [1]).await;
-        assert_eq!(server.next_stream().await, vec![1]);
+        let (mut server, queue, first) = ScriptedServer::with_one_in_flight(32, Answer::All).await;
         let queued = start_sends(&queue, 2..=6).await;
         assert_eq!(server.next_stream().await, vec![2, 3, 4, 5, 6]);
         server.answer(2);
@@ -408,21 +429,12 @@ mod tests {
         for (handle, id) in queued.into_iter().zip(2..) {
             assert_eq!(acked(handle).await, (id, Carried::Shared));
         }
-        // Nothing in flight: the next send goes alone again, at once.
-        let next = start_sends(&queue, [7]).await;
-        assert_eq!(server.next_stream().await, vec![7]);
-        server.answer(1);
-        assert_eq!(
-            acked(next.into_iter().next().unwrap()).await,
-            (7, Carried::Alone)
-        );
+        server.next_send_goes_alone(&queue, 7).await;
     }
 
     #[tokio::test]
     async fn a_queue_longer_than_a_stream_takes_so_many_streams() {
-        let (mut server, queue) = ScriptedServer::start(2, Answer::All).await;
-        let first = start_sends(&queue, [1]).await;
-        assert_eq!(server.next_stream().await, vec![1]);
+        let (mut server, queue, first) = ScriptedServer::with_one_in_flight(2, Answer::All).await;
         let queued = start_sends(&queue, 2..=6).await;
         let mut streams = vec![
             server.next_stream().await,
@@ -439,9 +451,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_send_given_up_while_queued_is_not_sent() {
-        let (mut server, queue) = ScriptedServer::start(32, Answer::All).await;
-        let first = start_sends(&queue, [1]).await;
-        assert_eq!(server.next_stream().await, vec![1]);
+        let (mut server, queue, first) = ScriptedServer::with_one_in_flight(32, Answer::All).await;
         // Queued behind the first, then given up before its stream opens.
         let mut gave_up = Box::pin(queue.send(2, frame(2)));
         let polled = std::future::poll_fn(|cx| Poll::Ready(gave_up.as_mut().poll(cx))).await;
@@ -453,21 +463,14 @@ mod tests {
         for handle in first.into_iter().chain(queued) {
             acked(handle).await;
         }
-        // The send given up is no longer counted in flight: the next one goes alone.
-        let next = start_sends(&queue, [4]).await;
-        assert_eq!(server.next_stream().await, vec![4]);
-        server.answer(1);
-        assert_eq!(
-            acked(next.into_iter().next().unwrap()).await,
-            (4, Carried::Alone)
-        );
+        // The send given up is no longer counted in flight.
+        server.next_send_goes_alone(&queue, 4).await;
     }
 
     #[tokio::test]
     async fn a_failed_stream_fails_only_its_unanswered_sends() {
-        let (mut server, queue) = ScriptedServer::start(32, Answer::FirstThenEnd).await;
-        let first = start_sends(&queue, [1]).await;
-        assert_eq!(server.next_stream().await, vec![1]);
+        let (mut server, queue, first) =
+            ScriptedServer::with_one_in_flight(32, Answer::FirstThenEnd).await;
         let queued = start_sends(&queue, 2..=4).await;
         assert_eq!(server.next_stream().await, vec![2, 3, 4]);
         server.answer(2);

@@ -471,13 +471,16 @@ async fn shared_send_streams_cut_by_a_blackout_are_retried_once(
 /// batches, and each login must get its own confirmation back. Half the users have messages
 /// waiting and half have none; a login answered with the confirmation of a user with an empty
 /// inbox (which tells the client there is nothing to pull) would never see its waiting
-/// messages. Route confirmations take 200 ms, so the reports queue up behind the two batches in
-/// flight, and a cheap password cost lets the logins reach the server together.
+/// messages. Then they all close at once, and the reports of the closed sessions go in
+/// batches too: each must release its own user's route (or that user stays online and cannot
+/// log in again without taking over). Route confirmations and releases take 200 ms, so the
+/// reports queue up behind the two batches in flight, and a cheap password cost lets the logins
+/// reach the server together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_storm_gets_each_session_its_own_confirmation() -> anyhow::Result<()> {
     const USERS: usize = 48;
     let store = PausingStore::new(Duration::from_millis(200));
-    store.slow_confirms.store(true, Ordering::SeqCst);
+    store.slow_reports.store(true, Ordering::SeqCst);
     let cluster = TestCluster::start_on_store(1, store.clone(), |config| {
         config.password_cost = cim_router::password::Cost {
             memory_kib: 256,
@@ -491,14 +494,44 @@ async fn a_login_storm_gets_each_session_its_own_confirmation() -> anyhow::Resul
         ids.push(cim_client::register(&config, &format!("storm{i}"), "password").await?);
     }
     let waiting = |i: usize| if i.is_multiple_of(2) { i % 3 + 1 } else { 0 };
-    let (sender, _sender_events) = cluster.user("storm-sender").await?;
+    let (sender, _sender_events) = cluster.user("sender").await?;
     for (i, &id) in ids.iter().enumerate() {
         for k in 0..waiting(i) {
             sender.send_private(id, &format!("waiting {i}.{k}")).await?;
         }
     }
 
-    let logins: Vec<_> = (0..USERS)
+    let mut clients = log_in_at_once(&config, USERS).await?;
+    for (i, (client, events)) in clients.iter_mut().enumerate() {
+        assert_eq!(client.info().user_id, ids[i]);
+        let want: Vec<String> = (0..waiting(i))
+            .map(|k| format!("waiting {i}.{k}"))
+            .collect();
+        let got = receive(events, want.len(), WAIT).await?;
+        let got: Vec<String> = got.into_iter().map(|m| m.body).collect();
+        assert_eq!(got, want, "user {i}");
+        assert_nothing_more(&sender, client, events).await?;
+    }
+
+    let closing: Vec<_> = clients
+        .into_iter()
+        .map(|(client, _)| tokio::spawn(client.close()))
+        .collect();
+    for close in closing {
+        close.await?;
+    }
+    eventually(WAIT, || async {
+        let online = sender.online_users("storm").await.ok()?;
+        online.is_empty().then_some(())
+    })
+    .await?;
+    log_in_at_once(&config, USERS).await?;
+    Ok(())
+}
+
+/// Logs `storm0` to `storm{n-1}` in, all at once.
+async fn log_in_at_once(config: &ClientConfig, n: usize) -> anyhow::Result<Vec<(Client, Events)>> {
+    let logins: Vec<_> = (0..n)
         .map(|i| {
             let config = config.clone();
             tokio::spawn(async move {
@@ -511,17 +544,7 @@ async fn a_login_storm_gets_each_session_its_own_confirmation() -> anyhow::Resul
     for login in logins {
         clients.push(login.await??);
     }
-    for (i, (client, events)) in clients.iter_mut().enumerate() {
-        assert_eq!(client.info().user_id, ids[i]);
-        let want: Vec<String> = (0..waiting(i))
-            .map(|k| format!("waiting {i}.{k}"))
-            .collect();
-        let got = receive(events, want.len(), WAIT).await?;
-        let got: Vec<String> = got.into_iter().map(|m| m.body).collect();
-        assert_eq!(got, want, "user {i}");
-        assert_nothing_more(&sender, client, events).await?;
-    }
-    Ok(())
+    Ok(clients)
 }
 
 macro_rules! on_both_backends {
@@ -610,12 +633,12 @@ async fn a_server_killed_mid_stream_loses_no_acked_message() -> anyhow::Result<(
 /// - the next read of where a user's inbox stands (the router's, when it confirms a session),
 ///   after the read: long enough for a message to be stored and pushed in between;
 /// - the next route release (a server's report that a connection closed), before it;
-/// - with `slow_confirms` set, every route confirmation (a server's report that a session
-///   opened), before it.
+/// - with `slow_reports` set, every route confirmation and release (a server's reports that a
+///   session opened or closed), before it.
 struct PausingStore {
     inner: MemoryStore,
     hold: Duration,
-    slow_confirms: AtomicBool,
+    slow_reports: AtomicBool,
     armed: AtomicBool,
     read: Notify,
     release_armed: AtomicBool,
@@ -628,7 +651,7 @@ impl PausingStore {
         Arc::new(Self {
             inner: MemoryStore::new(),
             hold,
-            slow_confirms: AtomicBool::new(false),
+            slow_reports: AtomicBool::new(false),
             armed: AtomicBool::new(false),
             read: Notify::new(),
             release_armed: AtomicBool::new(false),
@@ -685,7 +708,7 @@ impl Store for PausingStore {
         server_id: &str,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        if self.slow_confirms.load(Ordering::SeqCst) {
+        if self.slow_reports.load(Ordering::SeqCst) {
             tokio::time::sleep(self.hold).await;
         }
         self.inner
@@ -709,6 +732,9 @@ impl Store for PausingStore {
         session_id: u64,
         server_id: Option<&str>,
     ) -> Result<bool, StoreError> {
+        if self.slow_reports.load(Ordering::SeqCst) {
+            tokio::time::sleep(self.hold).await;
+        }
         if !self.release_armed.swap(false, Ordering::SeqCst) {
             return self.inner.release_route(user, session_id, server_id).await;
         }

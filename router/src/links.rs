@@ -13,10 +13,11 @@ use cim_core::transport::read_only_frame;
 use cim_proto::v1::{
     Delivery, ForwardBatchResult, GroupMember, GroupResult, KickResult, KickUser, Presence,
     PresencePush, PullResult, Push, PushBatch, PushBatchResult, PushResult, Recipient, RenewResult,
-    RouterRequest, SendAck, ServerRequest, SessionOpenedBatchResult, SessionResult, group_request,
+    RouterRequest, SendAck, ServerRequest, SessionBatchResult, SessionResult, group_request,
     router_request, server_request,
 };
 use cim_proto::{ProstMessage, write_frame};
+use futures_util::future::join_all;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -373,30 +374,22 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                     write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
                 }
                 Some(server_request::Kind::SessionsOpened(batch)) => {
-                    let opened = batch.sessions.iter().map(|open| {
-                        session_opened(&service, &server_id, open.user_id, open.session_id)
+                    let reply = each_session(&batch.sessions, |s| {
+                        session_opened(&service, &server_id, s.user_id, s.session_id)
                     });
-                    let results = futures_util::future::join_all(opened).await;
-                    let reply = SessionOpenedBatchResult { results };
-                    write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
+                    write_frame(&mut send, &reply.await, MAX_INTERNAL_FRAME).await
                 }
                 Some(server_request::Kind::SessionClosed(closed)) => {
-                    let reply = match service
-                        .session_closed(&server_id, closed.user_id, closed.session_id)
-                        .await
-                    {
-                        Ok(released) => {
-                            if released {
-                                let announcer = service.clone();
-                                tokio::spawn(async move {
-                                    announcer.announce_presence(closed.user_id, false).await
-                                });
-                            }
-                            SessionResult::default()
-                        }
-                        Err(e) => failure_result(&e),
-                    };
+                    let reply =
+                        session_closed(&service, &server_id, closed.user_id, closed.session_id)
+                            .await;
                     write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
+                }
+                Some(server_request::Kind::SessionsClosed(batch)) => {
+                    let reply = each_session(&batch.sessions, |s| {
+                        session_closed(&service, &server_id, s.user_id, s.session_id)
+                    });
+                    write_frame(&mut send, &reply.await, MAX_INTERNAL_FRAME).await
                 }
                 Some(server_request::Kind::Forward(forward)) => {
                     let Some(message) = forward.message else {
@@ -456,7 +449,7 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                             service.send_from_server(&sender, &message).await
                         }
                     });
-                    let acks = futures_util::future::join_all(sends).await;
+                    let acks = join_all(sends).await;
                     write_frame(&mut send, &ForwardBatchResult { acks }, MAX_INTERNAL_FRAME).await
                 }
                 Some(server_request::Kind::Group(command)) => {
@@ -549,6 +542,17 @@ async fn group_command(
 }
 
 /// The answer to a session report or inbox trim the service could not handle.
+/// Answers a batch of session reports: `answer` for each, side by side, the results in order.
+async fn each_session<S, F, Fut>(sessions: &[S], answer: F) -> SessionBatchResult
+where
+    F: FnMut(&S) -> Fut,
+    Fut: std::future::Future<Output = SessionResult>,
+{
+    SessionBatchResult {
+        results: join_all(sessions.iter().map(answer)).await,
+    }
+}
+
 /// Confirms the route of a session `server_id` reports opened, and tells the user's contacts
 /// it is online.
 async fn session_opened(
@@ -580,6 +584,26 @@ async fn session_opened(
             message: "this login was replaced or has expired; log in again".into(),
             ..Default::default()
         },
+        Err(e) => failure_result(&e),
+    }
+}
+
+/// Releases the route of a session `server_id` reports closed, and tells the user's contacts
+/// it is offline if that was the user's route.
+async fn session_closed(
+    service: &Arc<Service>,
+    server_id: &str,
+    user_id: u64,
+    session_id: u64,
+) -> SessionResult {
+    match service.session_closed(server_id, user_id, session_id).await {
+        Ok(released) => {
+            if released {
+                let announcer = service.clone();
+                tokio::spawn(async move { announcer.announce_presence(user_id, false).await });
+            }
+            SessionResult::default()
+        }
         Err(e) => failure_result(&e),
     }
 }

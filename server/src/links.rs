@@ -11,9 +11,9 @@ use cim_core::transport::read_only_frame;
 use cim_proto::v1::{
     FetchInbox, Forward, ForwardBatch, ForwardBatchResult, GroupCommand, GroupRequest, GroupResult,
     KickResult, PullResult, PushBatchResult, PushResult, Recipient, RenewResult, RenewSessions,
-    RouterRequest, SendAck, ServerRequest, SessionClosed, SessionOpened, SessionOpenedBatch,
-    SessionOpenedBatchResult, SessionRef, SessionResult, TrimInbox, chat_message, router_request,
-    server_request,
+    RouterRequest, SendAck, ServerRequest, SessionBatchResult, SessionClosed, SessionClosedBatch,
+    SessionOpened, SessionOpenedBatch, SessionRef, SessionResult, TrimInbox, chat_message,
+    router_request, server_request,
 };
 use cim_proto::{ProstMessage, write_frame};
 use tokio::sync::{mpsc, oneshot};
@@ -88,6 +88,7 @@ pub struct RouterLinks {
     next: AtomicUsize,
     forwards: BatchQueue<Forward, SendAck>,
     opened: BatchQueue<SessionOpened, SessionResult>,
+    closed: BatchQueue<SessionClosed, SessionResult>,
 }
 
 impl RouterLinks {
@@ -173,21 +174,21 @@ impl RouterLinks {
             .await
     }
 
-    /// Reports a closed session; the router removes its route.
+    /// Reports a closed session; the router removes its route. Reports made while earlier
+    /// ones are in flight (a logout storm, a drain) leave together.
     pub async fn session_closed(
         &self,
         user_id: u64,
         session_id: u64,
         server_id: &str,
     ) -> Result<SessionResult, LinkError> {
-        let request = ServerRequest {
-            kind: Some(server_request::Kind::SessionClosed(SessionClosed {
+        self.closed
+            .call(SessionClosed {
                 user_id,
                 session_id,
                 server_id: server_id.to_string(),
-            })),
-        };
-        self.call(&request).await
+            })
+            .await
     }
 
     /// Renews the routes of `sessions` through any router (or through `via`). Returns the
@@ -354,7 +355,13 @@ pub(crate) fn run_batches(state: &Arc<State>) {
         state.clone(),
         |links| &links.opened,
         |sessions| server_request::Kind::SessionsOpened(SessionOpenedBatch { sessions }),
-        |result: SessionOpenedBatchResult| result.results,
+        |result: SessionBatchResult| result.results,
+    ));
+    tokio::spawn(send_batches(
+        state.clone(),
+        |links| &links.closed,
+        |sessions| server_request::Kind::SessionsClosed(SessionClosedBatch { sessions }),
+        |result: SessionBatchResult| result.results,
     ));
 }
 
