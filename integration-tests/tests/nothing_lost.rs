@@ -629,7 +629,8 @@ async fn a_server_killed_mid_stream_loses_no_acked_message() -> anyhow::Result<(
     Ok(())
 }
 
-/// The memory store, except that it can pause two moments by `hold`, each once armed:
+/// The memory store, except that it can pause for `hold` at these moments (the first two once
+/// armed):
 /// - the next read of where a user's inbox stands (the router's, when it confirms a session),
 ///   after the read: long enough for a message to be stored and pushed in between;
 /// - the next route release (a server's report that a connection closed), before it;

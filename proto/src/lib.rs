@@ -51,16 +51,27 @@ pub enum FrameError {
 
 /// Encodes `msg` as one frame, refusing messages larger than `max`.
 pub fn encode_frame<M: Message>(msg: &M, max: usize) -> Result<Bytes, FrameError> {
+    let mut buf = BytesMut::new();
+    encode_frame_into(msg, max, &mut buf)?;
+    Ok(buf.freeze())
+}
+
+/// Appends `msg` to `buf` as one frame, refusing messages larger than `max`: several frames
+/// in one buffer, for one write.
+pub fn encode_frame_into<M: Message>(
+    msg: &M,
+    max: usize,
+    buf: &mut BytesMut,
+) -> Result<(), FrameError> {
     let len = msg.encoded_len();
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
-    let mut buf = BytesMut::with_capacity(LENGTH_PREFIX + len);
+    buf.reserve(LENGTH_PREFIX + len);
     // `len <= max`, and callers keep `max` far below u32::MAX.
     buf.put_u32(len as u32);
-    msg.encode(&mut buf)
-        .map_err(|_| FrameError::TooLarge { len, max })?;
-    Ok(buf.freeze())
+    msg.encode(buf)
+        .map_err(|_| FrameError::TooLarge { len, max })
 }
 
 /// Decodes one frame from the start of `buf` without I/O.
@@ -243,6 +254,23 @@ mod tests {
             let (back, used) = decode_frame::<ChatMessage>(&frame, DEFAULT_MAX_FRAME).unwrap().unwrap();
             prop_assert_eq!(back, msg);
             prop_assert_eq!(used, frame.len());
+        }
+
+        #[test]
+        fn frames_appended_to_one_buffer_read_back_in_order(
+            bodies in proptest::collection::vec(".{0,100}", 0..6),
+        ) {
+            let mut buf = BytesMut::new();
+            for (i, body) in bodies.iter().enumerate() {
+                encode_frame_into(&chat(body.clone(), i as u64, 1), DEFAULT_MAX_FRAME, &mut buf).unwrap();
+            }
+            let mut rest = &buf[..];
+            for (i, body) in bodies.iter().enumerate() {
+                let (back, used) = decode_frame::<ChatMessage>(rest, DEFAULT_MAX_FRAME).unwrap().unwrap();
+                prop_assert_eq!(back, chat(body.clone(), i as u64, 1));
+                rest = &rest[used..];
+            }
+            prop_assert!(rest.is_empty());
         }
 
         #[test]

@@ -541,7 +541,6 @@ async fn group_command(
     })
 }
 
-/// The answer to a session report or inbox trim the service could not handle.
 /// Answers a batch of session reports: `answer` for each, side by side, the results in order.
 async fn each_session<S, F, Fut>(sessions: &[S], answer: F) -> SessionBatchResult
 where
@@ -608,6 +607,7 @@ async fn session_closed(
     }
 }
 
+/// The answer to a session report or inbox trim the service could not handle.
 fn failure_result(e: &ServiceError) -> SessionResult {
     SessionResult {
         code: e.code().into(),

@@ -47,7 +47,7 @@ const MAX_BATCH: usize = 256;
 /// A request waiting to leave in a batch, with where its answer goes.
 type Pending<Q, R> = (Q, oneshot::Sender<Result<R, LinkError>>);
 
-/// Requests of one kind that leave for a router in batches ([`run_batches`]).
+/// Requests of one kind that leave for a router in batches ([`send_batches`]).
 struct BatchQueue<Q, R> {
     queue: mpsc::Sender<Pending<Q, R>>,
     /// Taken by the task that sends the batches.

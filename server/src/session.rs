@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use cim_core::limit::TokenBucket;
 use cim_core::token::Claims;
 use cim_core::transport::{CLIENT_STREAMS_BUSY, StreamAllowance, take_end};
@@ -16,7 +17,10 @@ use cim_proto::v1::{
     LoginResult, Pong, Presence, PullResult, Recipient, SendAck, ServerControl, TokenRenewal,
     client_control, client_request, server_control,
 };
-use cim_proto::{FrameError, SharedDelivery, encode_frame, read_frame, read_required, write_frame};
+use cim_proto::{
+    FrameError, SharedDelivery, encode_frame, encode_frame_into, read_frame, read_required,
+    write_frame,
+};
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -1209,11 +1213,11 @@ type AckWrite =
 /// Writes `acks` in one go, giving up (and resetting the stream) after
 /// [`ACK_WRITE_TIMEOUT`].
 async fn write_acks(send: &mut quinn::SendStream, acks: &[SendAck]) -> Result<(), MessageError> {
-    let mut bytes = Vec::new();
+    let mut frames = BytesMut::new();
     for ack in acks {
-        bytes.extend_from_slice(&encode_frame(ack, 1024)?);
+        encode_frame_into(ack, 1024, &mut frames)?;
     }
-    match tokio::time::timeout(ACK_WRITE_TIMEOUT, send.write_all(&bytes)).await {
+    match tokio::time::timeout(ACK_WRITE_TIMEOUT, send.write_chunk(frames.freeze())).await {
         Ok(result) => result.map_err(|e| FrameError::Io(e.into()).into()),
         Err(_) => {
             let _ = send.reset(close::code(close::TIMEOUT));
