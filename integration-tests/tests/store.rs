@@ -3,7 +3,8 @@
 //! per message id (also after the recipient acked), and return the recipient's route; a sender's retry of a message gets the
 //! message id its first attempt got; an inbox with no entries tells the last seq it gave, one
 //! with entries does not; the online list holds confirmed sessions only; a revoked
-//! login's server cannot renew its route back.
+//! login's server cannot renew its route back. On Redis, a route that cannot be read counts
+//! as none.
 
 #![allow(clippy::unwrap_used)]
 
@@ -228,4 +229,48 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     only_confirmed_sessions_are_online(&store).await?;
     revoked_sessions_do_not_get_their_routes_back(&store).await?;
     message_ids_are_recorded_once(&store).await
+}
+
+/// A route Redis holds but cim cannot read (written by something else, or damaged) counts as
+/// none: a private message to its user is still stored and its send succeeds (the recipient
+/// pulls it at the next connect), and a listing of several routes keeps the readable ones.
+/// Before, the send failed with a retry answer on every attempt although the message was
+/// stored each time, and one such route failed a whole group's push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_route_does_not_fail_a_stored_message() -> anyhow::Result<()> {
+    let redis = RedisProc::start().await?;
+    let store = RedisStore::connect(&redis.url()).await?;
+    let lease = Duration::from_secs(30);
+    let erin = store.create_account("erin", "hash").await?;
+    let frank = store.create_account("frank", "hash").await?;
+    let frank_route = Route {
+        server_id: "server-2".into(),
+        session_id: 9,
+        confirmed: false,
+    };
+    store
+        .claim_route(frank.id, frank_route.clone(), lease, false)
+        .await?;
+    let mut conn = redis::Client::open(redis.url())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let _: () = redis::cmd("SET")
+        .arg(format!("cim:{{u{}}}:route", erin.id))
+        .arg("not a route")
+        .query_async(&mut conn)
+        .await?;
+
+    let limits = InboxLimits::default();
+    let (seq, route) = store
+        .append_private(erin.id, &entry(40), limits)
+        .await?
+        .expect("erin exists");
+    assert_eq!((seq, route), (1, None));
+    let page = store.fetch_inbox(erin.id, 0, 10, limits, 6).await?;
+    assert_eq!(page.entries.len(), 1, "the message is in erin's inbox");
+    assert_eq!(
+        store.routes(&[erin.id, frank.id]).await?,
+        vec![None, Some(frank_route)]
+    );
+    Ok(())
 }

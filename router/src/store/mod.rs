@@ -213,7 +213,8 @@ pub trait Store: Send + Sync + 'static {
         session_id: u64,
         server_id: Option<&str>,
     ) -> Result<bool, StoreError>;
-    /// Current routes of `users`, in the same order.
+    /// Current routes of `users`, in the same order; a route that cannot be read counts as
+    /// none (and is logged).
     async fn routes(&self, users: &[u64]) -> Result<Vec<Option<Route>>, StoreError>;
     /// Ids of users with a confirmed session.
     async fn online_users(&self) -> Result<Vec<u64>, StoreError>;

@@ -162,6 +162,21 @@ fn decode_route(value: &str) -> Result<Route, StoreError> {
     })
 }
 
+/// A route read on a message's way or for a listing: one that cannot be decoded (written by
+/// something else, or damaged) is logged and taken as no route. A private message is stored
+/// before its route is read, and its recipient pulls it at the next connect, so an unreadable
+/// route must not fail a stored message's send (the sender would resend it until its attempts
+/// ran out) nor a group push to every other member.
+fn readable_route(user: u64, value: Option<&str>) -> Option<Route> {
+    match decode_route(value?) {
+        Ok(route) => Some(route),
+        Err(e) => {
+            tracing::warn!(user, error = %e, "unreadable route taken as none");
+            None
+        }
+    }
+}
+
 /// Claims a route: refuses if one exists and force is off. Returns {won, previous or ''}.
 const CLAIM: &str = r"
 local cur = redis.call('GET', KEYS[1])
@@ -541,10 +556,11 @@ impl Store for RedisStore {
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        values
-            .into_iter()
-            .map(|v| v.as_deref().map(decode_route).transpose())
-            .collect()
+        Ok(users
+            .iter()
+            .zip(values)
+            .map(|(user, v)| readable_route(*user, v.as_deref()))
+            .collect())
     }
 
     async fn online_users(&self) -> Result<Vec<u64>, StoreError> {
@@ -680,9 +696,7 @@ impl Store for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        stored
-            .map(|(seq, route)| Ok((seq, route.as_deref().map(decode_route).transpose()?)))
-            .transpose()
+        Ok(stored.map(|(seq, route)| (seq, readable_route(to, route.as_deref()))))
     }
 
     async fn fetch_inbox(
