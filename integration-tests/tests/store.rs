@@ -231,11 +231,12 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     message_ids_are_recorded_once(&store).await
 }
 
-/// A route Redis holds but cim cannot read (written by something else, or damaged) counts as
-/// none: a private message to its user is still stored and its send succeeds (the recipient
-/// pulls it at the next connect), and a listing of several routes keeps the readable ones.
-/// Before, the send failed with a retry answer on every attempt although the message was
-/// stored each time, and one such route failed a whole group's push.
+/// A route Redis holds but cim cannot read (written by something else, or damaged: not a
+/// route, not UTF-8, not a string) counts as none: a private message to its user is still
+/// stored and its send succeeds (the recipient pulls it at the next connect), and a listing of
+/// several routes keeps the readable ones. Before, the send of the stored message was answered
+/// retry on every attempt (each resend finding it stored already), and one such route failed a
+/// whole group's push.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_route_does_not_fail_a_stored_message() -> anyhow::Result<()> {
     let redis = RedisProc::start().await?;
@@ -243,6 +244,8 @@ async fn an_unreadable_route_does_not_fail_a_stored_message() -> anyhow::Result<
     let lease = Duration::from_secs(30);
     let erin = store.create_account("erin", "hash").await?;
     let frank = store.create_account("frank", "hash").await?;
+    let gina = store.create_account("gina", "hash").await?;
+    let hugo = store.create_account("hugo", "hash").await?;
     let frank_route = Route {
         server_id: "server-2".into(),
         session_id: 9,
@@ -254,23 +257,40 @@ async fn an_unreadable_route_does_not_fail_a_stored_message() -> anyhow::Result<
     let mut conn = redis::Client::open(redis.url())?
         .get_multiplexed_async_connection()
         .await?;
+    let route_key = |user: u64| format!("cim:{{u{user}}}:route");
     let _: () = redis::cmd("SET")
-        .arg(format!("cim:{{u{}}}:route", erin.id))
+        .arg(route_key(erin.id))
         .arg("not a route")
+        .query_async(&mut conn)
+        .await?;
+    let _: () = redis::cmd("SET")
+        .arg(route_key(gina.id))
+        .arg(&[0xff_u8, 0xfe, b'|', b'1'][..])
+        .query_async(&mut conn)
+        .await?;
+    let _: () = redis::cmd("SADD")
+        .arg(route_key(hugo.id))
+        .arg("a set, not a string")
         .query_async(&mut conn)
         .await?;
 
     let limits = InboxLimits::default();
-    let (seq, route) = store
-        .append_private(erin.id, &entry(40), limits)
-        .await?
-        .expect("erin exists");
-    assert_eq!((seq, route), (1, None));
-    let page = store.fetch_inbox(erin.id, 0, 10, limits, 6).await?;
-    assert_eq!(page.entries.len(), 1, "the message is in erin's inbox");
+    for (i, user) in [erin.id, gina.id, hugo.id].into_iter().enumerate() {
+        let (seq, route) = store
+            .append_private(user, &entry(40 + i as u64), limits)
+            .await?
+            .expect("the account exists");
+        assert_eq!((seq, route), (1, None), "user {user}");
+        let page = store.fetch_inbox(user, 0, 10, limits, 6).await?;
+        assert_eq!(
+            page.entries.len(),
+            1,
+            "the message is in user {user}'s inbox"
+        );
+    }
     assert_eq!(
-        store.routes(&[erin.id, frank.id]).await?,
-        vec![None, Some(frank_route)]
+        store.routes(&[erin.id, frank.id, gina.id, hugo.id]).await?,
+        vec![None, Some(frank_route), None, None]
     );
     Ok(())
 }

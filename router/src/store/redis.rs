@@ -111,12 +111,16 @@ const APPEND: &str = concat!(append_function!(), "return append()\n");
 
 /// [`APPEND`] for a private message, with the recipient's existence checked and its route
 /// read in the same call (all keys share the recipient's hash tag). KEYS as for [`APPEND`],
-/// then account, route. Returns nil for an unknown recipient, else `{seq, route or nil}`.
+/// then account, route. Returns nil for an unknown recipient, else `{seq, route or nil}`; a
+/// route key of another type reads as nil (the entry is appended by then).
 const APPEND_PRIVATE: &str = concat!(
     append_function!(),
     r"
 if redis.call('EXISTS', KEYS[4]) == 0 then return false end
-return {append(), redis.call('GET', KEYS[5])}
+local seq = append()
+local route = redis.pcall('GET', KEYS[5])
+if type(route) == 'table' then route = false end
+return {seq, route}
 "
 );
 
@@ -167,8 +171,12 @@ fn decode_route(value: &str) -> Result<Route, StoreError> {
 /// before its route is read, and its recipient pulls it at the next connect, so an unreadable
 /// route must not fail a stored message's send (the sender would resend it until its attempts
 /// ran out) nor a group push to every other member.
-fn readable_route(user: u64, value: Option<&str>) -> Option<Route> {
-    match decode_route(value?) {
+fn readable_route(user: u64, value: Option<&[u8]>) -> Option<Route> {
+    let value = value?;
+    let decoded = std::str::from_utf8(value)
+        .map_err(|_| StoreError::Corrupt(format!("route {:?}", String::from_utf8_lossy(value))))
+        .and_then(decode_route);
+    match decoded {
         Ok(route) => Some(route),
         Err(e) => {
             tracing::warn!(user, error = %e, "unreadable route taken as none");
@@ -552,15 +560,25 @@ impl Store for RedisStore {
         for user in users {
             pipe.get(route_key(*user));
         }
-        let values: Vec<Option<String>> = pipe
+        // Per-command errors come back in place, so a route key of another type (WRONGTYPE)
+        // counts as unreadable; any other error still fails the call.
+        let values: Vec<redis::RedisResult<Option<Vec<u8>>>> = pipe
+            .ignore_errors()
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        Ok(users
+        users
             .iter()
             .zip(values)
-            .map(|(user, v)| readable_route(*user, v.as_deref()))
-            .collect())
+            .map(|(user, value)| match value {
+                Ok(value) => Ok(readable_route(*user, value.as_deref())),
+                Err(e) if e.code() == Some("WRONGTYPE") => {
+                    tracing::warn!(user, error = %e, "unreadable route taken as none");
+                    Ok(None)
+                }
+                Err(e) => Err(unavailable(e)),
+            })
+            .collect()
     }
 
     async fn online_users(&self) -> Result<Vec<u64>, StoreError> {
@@ -692,7 +710,7 @@ impl Store for RedisStore {
         for arg in append_args(entry, limits) {
             call.arg(arg);
         }
-        let stored: Option<(u64, Option<String>)> = call
+        let stored: Option<(u64, Option<Vec<u8>>)> = call
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
