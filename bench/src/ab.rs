@@ -1,18 +1,18 @@
 //! `cim-ab`: compares two builds of cim on this machine. Runs one `cim-bench` command with each
 //! build's binaries in turn (the order swapped every pair, so a box that speeds up or slows
 //! down over the runs favours neither), prints each run's figures as it ends and a Markdown
-//! summary at the end (`cim_bench::compare`). Exits non-zero if a run fails or loses or
-//! duplicates a delivery.
+//! summary at the end (`cim_bench::compare`). Exits non-zero if a run fails, or, after the
+//! summary, if any run lost or duplicated a delivery.
 //!
 //! ```text
-//! cim-ab --before /tmp/old --after target/release --pairs 5 private --rate 10000
+//! cim-ab --before /tmp/old --after target/release --pairs 6 private --rate 10000
 //! ```
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
-use cim_bench::compare::{FIGURES, faults, show, summarise, table};
+use cim_bench::compare::{FIGURES, as_pair, before_runs_first, faults, show, summarise, table};
 use clap::Parser;
 use serde_json::Value;
 
@@ -20,17 +20,18 @@ use serde_json::Value;
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Directory holding the first build's cim-bench and cim-router (and cim-server, for
-    /// bench/cluster.sh-style targets).
+    /// Directory holding the first build's cim-bench and the cim-router it starts. (With
+    /// `--router` among the cim-bench arguments both builds' harnesses drive the same existing
+    /// cluster, which compares the harnesses only.)
     #[arg(long)]
     before: PathBuf,
     /// Directory holding the second build's binaries.
     #[arg(long)]
     after: PathBuf,
-    /// Pairs of runs.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+    /// Pairs of runs (an even number gives each build the first run equally often).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=100))]
     pairs: u64,
-    /// The cim-bench scenario and options (`--json` is added).
+    /// The cim-bench scenario and options (`--json` is added if missing).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
     bench: Vec<String>,
 }
@@ -40,8 +41,7 @@ fn main() -> anyhow::Result<()> {
     let mut pairs = Vec::new();
     let mut faulty = 0;
     for pair in 1..=args.pairs {
-        // Odd pairs run the before build first, even ones the after build.
-        let before_first = pair % 2 == 1;
+        let before_first = before_runs_first(pair);
         let (first, second) = if before_first {
             (("before", &args.before), ("after", &args.after))
         } else {
@@ -56,11 +56,7 @@ fn main() -> anyhow::Result<()> {
         }
         let second = reports.pop().context("two runs")?;
         let first = reports.pop().context("two runs")?;
-        pairs.push(if before_first {
-            (first, second)
-        } else {
-            (second, first)
-        });
+        pairs.push(as_pair(first, second, before_first));
     }
     println!();
     println!("cim-bench {}", args.bench.join(" "));
@@ -72,25 +68,29 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `dir/cim-bench ARGS --json` and returns its report.
+/// Runs `dir/cim-bench ARGS --json` and returns its report. A run that printed its report
+/// counts even if it exited non-zero: cim-bench does so after lost or duplicated deliveries,
+/// which the caller counts.
 fn run(dir: &Path, bench: &[String]) -> anyhow::Result<Value> {
     let exe = dir.join("cim-bench");
-    let output = Command::new(&exe)
-        .args(bench)
-        .arg("--json")
+    let mut command = Command::new(&exe);
+    command.args(bench);
+    if !bench.iter().any(|a| a == "--json") {
+        command.arg("--json");
+    }
+    let output = command
         .output()
         .with_context(|| format!("running {}", exe.display()))?;
-    if !output.status.success() {
-        bail!(
-            "{} {} failed ({}): {}",
+    match serde_json::from_slice(&output.stdout) {
+        Ok(report) => Ok(report),
+        Err(_) => bail!(
+            "{} {} printed no report ({}): {}",
             exe.display(),
             bench.join(" "),
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
-        );
+        ),
     }
-    serde_json::from_slice(&output.stdout)
-        .with_context(|| format!("{} printed no JSON report", exe.display()))
 }
 
 /// One run's figures on one line.

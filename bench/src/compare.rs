@@ -41,7 +41,7 @@ fn cpu_ratio(report: &Value, cluster: &str, harness: &str) -> Option<f64> {
 /// The figures `cim-ab` compares, in the order it prints them.
 pub const FIGURES: &[Figure] = &[
     Figure {
-        name: "msgs/s",
+        name: "delivered/s",
         better: Better::Higher,
         read: |r| number(r, "msgs_per_sec").filter(|v| *v > 0.0),
     },
@@ -102,6 +102,21 @@ pub const FIGURES: &[Figure] = &[
     },
 ];
 
+/// Whether pair number `pair` (from 1) runs the before build first: odd pairs do, even ones
+/// run the after build first, so a box that speeds up or slows down favours neither.
+pub fn before_runs_first(pair: u64) -> bool {
+    pair % 2 == 1
+}
+
+/// A pair's reports as (before, after), from the order they ran in.
+pub fn as_pair(first: Value, second: Value, before_first: bool) -> (Value, Value) {
+    if before_first {
+        (first, second)
+    } else {
+        (second, first)
+    }
+}
+
 /// Lost plus duplicated deliveries of one run: anything but 0 fails the comparison.
 pub fn faults(report: &Value) -> u64 {
     ["lost", "duplicated"]
@@ -143,8 +158,8 @@ pub struct Row {
     pub name: &'static str,
     pub before: Spread,
     pub after: Spread,
-    /// after / before within each pair.
-    pub ratio: Spread,
+    /// after / before within each pair (`None` if every before value was 0).
+    pub ratio: Option<Spread>,
     /// Pairs in which the after build did better.
     pub after_better: usize,
     /// Pairs with the figure in both runs.
@@ -179,7 +194,7 @@ pub fn summarise(pairs: &[(Value, Value)]) -> Vec<Row> {
                 name: figure.name,
                 before: Spread::of(&before)?,
                 after: Spread::of(&after)?,
-                ratio: Spread::of(&ratios)?,
+                ratio: Spread::of(&ratios),
                 after_better,
                 pairs: both.len(),
             })
@@ -208,14 +223,16 @@ pub fn table(rows: &[Row]) -> String {
         "| figure | before: median (range) | after: median (range) | after / before per pair | after better |\n|---|---|---|---|---|\n",
     );
     for row in rows {
+        let ratio = row.ratio.map_or_else(
+            || "-".to_string(),
+            |r| format!("{:.3} ({:.3}-{:.3})", r.median, r.min, r.max),
+        );
         out.push_str(&format!(
-            "| {} | {} | {} | {:.3} ({:.3}-{:.3}) | {} of {} |\n",
+            "| {} | {} | {} | {} | {} of {} |\n",
             row.name,
             show_spread(&row.before),
             show_spread(&row.after),
-            row.ratio.median,
-            row.ratio.min,
-            row.ratio.max,
+            ratio,
             row.after_better,
             row.pairs,
         ));
@@ -260,8 +277,8 @@ mod tests {
             ),
         ];
         let rows = summarise(&pairs);
-        let rate = rows.iter().find(|r| r.name == "msgs/s").unwrap();
-        assert!((rate.ratio.median - 1.1).abs() < 1e-9, "{rate:?}");
+        let rate = rows.iter().find(|r| r.name == "delivered/s").unwrap();
+        assert!((rate.ratio.unwrap().median - 1.1).abs() < 1e-9, "{rate:?}");
         assert_eq!((rate.after_better, rate.pairs), (2, 2));
         let ratio = rows
             .iter()
@@ -289,6 +306,30 @@ mod tests {
         let names: Vec<_> = rows.iter().map(|r| r.name).collect();
         assert_eq!(names, ["logins/s"]);
         assert_eq!(rows[0].after_better, 0);
+    }
+
+    #[test]
+    fn pairs_alternate_which_build_runs_first() {
+        let order: Vec<bool> = (1..=4).map(before_runs_first).collect();
+        assert_eq!(order, [true, false, true, false]);
+        let (before, after) = (json!("before"), json!("after"));
+        assert_eq!(
+            as_pair(before.clone(), after.clone(), true),
+            (before.clone(), after.clone())
+        );
+        assert_eq!(
+            as_pair(after.clone(), before.clone(), false),
+            (before, after)
+        );
+    }
+
+    #[test]
+    fn a_figure_that_was_zero_before_keeps_its_row() {
+        let idle = |bytes: f64| json!({"server_rss_bytes_per_conn": bytes});
+        let rows = summarise(&[(idle(0.0), idle(100.0))]);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].ratio, None);
+        assert!(table(&rows).contains("| - |"), "{}", table(&rows));
     }
 
     #[test]
