@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use cim_integration_tests::cluster::RedisProc;
-use cim_router::store::{InboxEntry, InboxLimits, MemoryStore, RedisStore, Route, Store};
+use cim_router::store::{Claim, InboxEntry, InboxLimits, MemoryStore, RedisStore, Route, Store};
 
 fn entry(msg_id: u64) -> InboxEntry {
     InboxEntry {
@@ -234,11 +234,11 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
 /// A route Redis holds but cim cannot read (written by something else, or damaged: not a
 /// route, not UTF-8, not a string) counts as none: a private message to its user is still
 /// stored and its send succeeds (the recipient pulls it at the next connect), and a listing of
-/// several routes keeps the readable ones. Before, the send of the stored message was answered
+/// several routes keeps the readable ones; a login claims the route over it. Before, the send of the stored message was answered
 /// retry on every attempt (each resend finding it stored already), and one such route failed a
 /// whole group's push.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreadable_route_does_not_fail_a_stored_message() -> anyhow::Result<()> {
+async fn an_unreadable_route_fails_neither_a_stored_message_nor_a_login() -> anyhow::Result<()> {
     let redis = RedisProc::start().await?;
     let store = RedisStore::connect(&redis.url()).await?;
     let lease = Duration::from_secs(30);
@@ -292,5 +292,16 @@ async fn an_unreadable_route_does_not_fail_a_stored_message() -> anyhow::Result<
         store.routes(&[erin.id, frank.id, gina.id, hugo.id]).await?,
         vec![None, Some(frank_route), None, None]
     );
+    // Nor does one keep its user from logging in without takeover: it holds no session.
+    for user in [erin.id, gina.id, hugo.id] {
+        let route = Route {
+            server_id: "server-1".into(),
+            session_id: user + 100,
+            confirmed: false,
+        };
+        let claim = store.claim_route(user, route.clone(), lease, false).await?;
+        assert_eq!(claim, Claim::Won { previous: None }, "user {user}");
+        assert_eq!(store.routes(&[user]).await?, vec![Some(route)]);
+    }
     Ok(())
 }

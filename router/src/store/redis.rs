@@ -185,10 +185,13 @@ fn readable_route(user: u64, value: Option<&[u8]>) -> Option<Route> {
     }
 }
 
-/// Claims a route: refuses if one exists and force is off. Returns {won, previous or ''}.
+/// Claims a route: refuses if one exists and force is off. Returns {won, previous or ''}. A
+/// value that is not a route (of another type, or not of the route's form) holds no session
+/// and never blocks a claim; it is overwritten (and returned, for the caller to log).
 const CLAIM: &str = r"
-local cur = redis.call('GET', KEYS[1])
-if cur and ARGV[3] == '0' then return {0, cur} end
+local cur = redis.pcall('GET', KEYS[1])
+if type(cur) == 'table' then cur = false end
+if cur and ARGV[3] == '0' and string.match(cur, '^%d+|[01]|') then return {0, cur} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return {1, cur or ''}
 ";
@@ -440,7 +443,7 @@ impl Store for RedisStore {
         force: bool,
     ) -> Result<Claim, StoreError> {
         let mut conn = self.conn();
-        let (won, previous): (i64, String) = self
+        let (won, previous): (i64, Vec<u8>) = self
             .claim
             .key(route_key(user))
             .arg(encode_route(&route))
@@ -449,9 +452,7 @@ impl Store for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        let previous = (!previous.is_empty())
-            .then(|| decode_route(&previous))
-            .transpose()?;
+        let previous = readable_route(user, (!previous.is_empty()).then_some(&previous[..]));
         if won == 0 {
             return match previous {
                 Some(p) => Ok(Claim::Busy(p)),
