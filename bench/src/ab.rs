@@ -42,20 +42,20 @@ fn main() -> anyhow::Result<()> {
     let mut faulty = 0;
     for pair in 1..=args.pairs {
         let before_first = before_runs_first(pair);
-        let (first, second) = if before_first {
-            (("before", &args.before), ("after", &args.after))
+        let (before, after) = (("before", &args.before), ("after", &args.after));
+        let order = if before_first {
+            [before, after]
         } else {
-            (("after", &args.after), ("before", &args.before))
+            [after, before]
         };
-        let mut reports = Vec::new();
-        for (label, dir) in [first, second] {
+        let mut run_one = |(label, dir): (&str, &PathBuf)| -> anyhow::Result<Value> {
             let report = run(dir, &args.bench)?;
             faulty += faults(&report);
             println!("pair {pair} {label:<6} {}", line(&report));
-            reports.push(report);
-        }
-        let second = reports.pop().context("two runs")?;
-        let first = reports.pop().context("two runs")?;
+            Ok(report)
+        };
+        let first = run_one(order[0])?;
+        let second = run_one(order[1])?;
         pairs.push(as_pair(first, second, before_first));
     }
     println!();

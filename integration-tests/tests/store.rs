@@ -4,7 +4,7 @@
 //! message id its first attempt got; an inbox with no entries tells the last seq it gave, one
 //! with entries does not; the online list holds confirmed sessions only; a revoked
 //! login's server cannot renew its route back. On Redis, a route that cannot be read counts
-//! as none.
+//! as none and does not block a login.
 
 #![allow(clippy::unwrap_used)]
 
@@ -233,10 +233,11 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
 
 /// A route Redis holds but cim cannot read (written by something else, or damaged: not a
 /// route, not UTF-8, not a string) counts as none: a private message to its user is still
-/// stored and its send succeeds (the recipient pulls it at the next connect), and a listing of
-/// several routes keeps the readable ones; a login claims the route over it. Before, the send of the stored message was answered
-/// retry on every attempt (each resend finding it stored already), and one such route failed a
-/// whole group's push.
+/// stored and its send succeeds (the recipient pulls it at the next connect), a listing of
+/// several routes keeps the readable ones, and a login without takeover claims the route over
+/// it. Before, the send of the stored message was answered retry on every attempt (each resend
+/// finding it stored already), one such route failed a whole group's push, and its user could
+/// log in only with takeover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_route_fails_neither_a_stored_message_nor_a_login() -> anyhow::Result<()> {
     let redis = RedisProc::start().await?;

@@ -166,8 +166,9 @@ fn decode_route(value: &str) -> Result<Route, StoreError> {
     })
 }
 
-/// A route read on a message's way or for a listing: one that cannot be decoded (written by
-/// something else, or damaged) is logged and taken as no route. A private message is stored
+/// A route as read for a message's push, a listing or a claim's previous holder: one that
+/// cannot be decoded (written by something else, or damaged) is logged and taken as no route
+/// (it holds no session anyone can use). A private message is stored
 /// before its route is read, and its recipient pulls it at the next connect, so an unreadable
 /// route must not fail a stored message's send (the sender would resend it until its attempts
 /// ran out) nor a group push to every other member.
