@@ -21,7 +21,8 @@ use cim_integration_tests::{Backend, TestCluster, WAIT, eventually, next_event, 
 use cim_proto::v1::{ClientControl, Login, client_control};
 use cim_proto::write_frame;
 use cim_router::store::{
-    Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, MemoryStore, Route, Store, StoreError,
+    Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, MemoryStore, Relogin, Route, Store,
+    StoreError,
 };
 use tokio::sync::Notify;
 
@@ -700,6 +701,17 @@ impl Store for PausingStore {
     ) -> Result<Claim, StoreError> {
         self.inner
             .claim_route(user, route, pending_lease, force)
+            .await
+    }
+    async fn claim_route_relogin(
+        &self,
+        user: u64,
+        route: Route,
+        pending_lease: Duration,
+        relogin: &Relogin,
+    ) -> Result<Claim, StoreError> {
+        self.inner
+            .claim_route_relogin(user, route, pending_lease, relogin)
             .await
     }
     async fn confirm_route(

@@ -1,7 +1,8 @@
 //! The whole CIM flow over real QUIC and HTTPS on 127.0.0.1: register, login with server
 //! assignment, group and private chat, online users, duplicate login, logout, bad
-//! credentials, token re-login and its refusals, dead-server detection, two real console
-//! clients chatting, and TLS resumption of a client's API calls.
+//! credentials, token re-login and its refusals (also when re-logins race with one token),
+//! dead-server detection, two real console clients chatting, and TLS resumption of a
+//! client's API calls.
 
 #![allow(clippy::unwrap_used)]
 
@@ -220,6 +221,45 @@ async fn a_token_re_logs_in_once_and_never_a_live_or_ended_login() -> anyhow::Re
         metrics.lines().any(|l| l == "cim_router_relogins_total 1"),
         "{metrics}"
     );
+    Ok(())
+}
+
+/// Re-logins racing with one token (a client's retry and its first attempt, or a leaked token
+/// used at the same moment): exactly one gets a login, the others are told it has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_re_logins_with_one_token_get_one_login() -> anyhow::Result<()> {
+    const RACERS: usize = 8;
+    let cluster = TestCluster::start_on(1, Backend::Redis).await?;
+    let api = RouterApi::new(&cluster.client_config())?;
+    let (alice, _alice_events) = cluster.user("alice").await?;
+    let token = alice.token();
+    alice.close().await;
+    let live = Err((409, "session_live".to_string()));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let results = loop {
+        let mut racers = tokio::task::JoinSet::new();
+        for _ in 0..RACERS {
+            let (api, token) = (api.clone(), token.clone());
+            racers.spawn(async move { relogin(&api, &token).await });
+        }
+        let results = racers.join_all().await;
+        // Until the server reports the connection closed, the login is live.
+        if results.iter().any(|r| *r != live) {
+            break results;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still live");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let granted = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(granted, 1, "{results:?}");
+    let ended = Err((401, "session_ended".to_string()));
+    assert!(
+        results
+            .iter()
+            .all(|r| r.is_ok() || *r == ended || *r == live),
+        "{results:?}"
+    );
+    assert_eq!(relogin(&api, &token).await, ended);
     Ok(())
 }
 

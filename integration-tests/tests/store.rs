@@ -3,7 +3,8 @@
 //! per message id (also after the recipient acked), and return the recipient's route; a sender's retry of a message gets the
 //! message id its first attempt got; an inbox with no entries tells the last seq it gave, one
 //! with entries does not; the online list holds confirmed sessions only; a revoked
-//! login's server cannot renew its route back. On Redis, a route that cannot be read counts
+//! login's server cannot renew its route back; a token re-login's claim ends the token's login
+//! atomically, once, and only over the route it was checked against. On Redis, a route that cannot be read counts
 //! as none and does not block a login.
 
 #![allow(clippy::unwrap_used)]
@@ -11,7 +12,9 @@
 use std::time::Duration;
 
 use cim_integration_tests::cluster::RedisProc;
-use cim_router::store::{Claim, InboxEntry, InboxLimits, MemoryStore, RedisStore, Route, Store};
+use cim_router::store::{
+    Claim, InboxEntry, InboxLimits, MemoryStore, RedisStore, Relogin, Route, Store,
+};
 
 fn entry(msg_id: u64) -> InboxEntry {
     InboxEntry {
@@ -212,12 +215,82 @@ async fn revoked_sessions_do_not_get_their_routes_back(store: &dyn Store) -> any
     Ok(())
 }
 
+async fn route_of(store: &dyn Store, user: u64) -> anyhow::Result<Option<Route>> {
+    Ok(store.routes(&[user]).await?.pop().flatten())
+}
+
+/// A re-login's claim ends the token's login in the same step, so it wins once; and it claims
+/// nothing once the route has changed since the token was checked (a password login came in
+/// between) or when the login ended otherwise (logged out, taken over).
+async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Result<()> {
+    let lease = Duration::from_secs(30);
+    let route = |session_id| Route {
+        server_id: "server-1".into(),
+        session_id,
+        confirmed: false,
+    };
+    let relogin = |session_id, seen_route_session| Relogin {
+        session_id,
+        seen_route_session,
+        revoke_for: Duration::from_secs(60),
+    };
+    let gina = store.create_account("gina", "hash").await?;
+    store.claim_route(gina.id, route(20), lease, false).await?;
+
+    // The token of login 20 re-logs in as 21, over its own route, and ends login 20.
+    assert_eq!(
+        store
+            .claim_route_relogin(gina.id, route(21), lease, &relogin(20, Some(20)))
+            .await?,
+        Claim::Won {
+            previous: Some(route(20))
+        }
+    );
+    assert!(store.is_revoked(gina.id, 20).await?);
+    // A second re-login with that token, checked against the route it finds now, is refused
+    // and changes nothing.
+    assert_eq!(
+        store
+            .claim_route_relogin(gina.id, route(22), lease, &relogin(20, Some(21)))
+            .await?,
+        Claim::Ended
+    );
+    assert_eq!(route_of(store, gina.id).await?, Some(route(21)));
+    // Login 21's token, checked against a route that has changed since (here: login 23's,
+    // claimed in between), and checked when there was none: both refused, and login 21
+    // does not end.
+    store.claim_route(gina.id, route(23), lease, true).await?;
+    for seen in [Some(21), None] {
+        assert_eq!(
+            store
+                .claim_route_relogin(gina.id, route(24), lease, &relogin(21, seen))
+                .await?,
+            Claim::Ended,
+            "checked against {seen:?}"
+        );
+    }
+    assert!(!store.is_revoked(gina.id, 21).await?);
+    assert_eq!(route_of(store, gina.id).await?, Some(route(23)));
+
+    // A user without a route: a re-login checked against none claims it.
+    let hank = store.create_account("hank", "hash").await?;
+    assert_eq!(
+        store
+            .claim_route_relogin(hank.id, route(30), lease, &relogin(29, None))
+            .await?,
+        Claim::Won { previous: None }
+    );
+    assert!(store.is_revoked(hank.id, 29).await?);
+    Ok(())
+}
+
 #[tokio::test]
 async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     let store = MemoryStore::new();
     private_appends_follow_the_contract(&store).await?;
     only_confirmed_sessions_are_online(&store).await?;
     revoked_sessions_do_not_get_their_routes_back(&store).await?;
+    a_relogin_claim_ends_its_login_once(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 
@@ -228,6 +301,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     private_appends_follow_the_contract(&store).await?;
     only_confirmed_sessions_are_online(&store).await?;
     revoked_sessions_do_not_get_their_routes_back(&store).await?;
+    a_relogin_claim_ends_its_login_once(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 

@@ -21,7 +21,7 @@ use crate::ids::IdGenerator;
 use crate::links::ServerLinks;
 use crate::password::{self, PasswordWork, WorkError};
 use crate::select::Selector;
-use crate::store::{Account, Claim, InboxEntry, Join, Route, Store, StoreError};
+use crate::store::{Account, Claim, InboxEntry, Join, Relogin, Route, Store, StoreError};
 
 /// Errors kept for the admin page.
 const RECENT_ERRORS: usize = 50;
@@ -307,7 +307,7 @@ impl Service {
             Err(_) => {}
         }
         let account = result.map_err(|e| self.login_refused(e, &format!("login of {name:?}")))?;
-        let grant = self.assign(account, takeover).await?;
+        let grant = self.assign(account, takeover, None).await?;
         self.config.metrics.logins.inc();
         Ok(grant)
     }
@@ -331,7 +331,7 @@ impl Service {
         // is stopped like one guessing passwords.
         let now = Instant::now();
         self.check_attempts(peer, now, false)?;
-        let (claims, account) = match self.check_relogin_token(token).await {
+        let (claims, account, seen_route_session) = match self.check_relogin_token(token).await {
             Ok(ok) => ok,
             Err(e) => {
                 if let (Some(ip), ServiceError::Unauthorized(_)) = (peer, &e) {
@@ -340,12 +340,21 @@ impl Service {
                 return Err(self.login_refused(e, "re-login"));
             }
         };
-        let grant = self.assign(account, true).await?;
-        // The new login exists now; if the old one cannot be marked, the route check still
-        // refuses its token (the user's route is another login's), so the grant stands.
-        if let Err(e) = self.revoke(&claims).await {
-            tracing::warn!(user = claims.user_id, error = %e, "could not revoke the re-logged-in session");
-        }
+        // The claim ends the token's login in the same atomic step, and only if the login
+        // and the user's route are still as checked: of two re-logins with one token (a
+        // client's retry racing its first attempt, or a leaked token), one wins.
+        let relogin = Relogin {
+            session_id: claims.session_id,
+            seen_route_session,
+            revoke_for: self.revocation_ttl(claims.expires_at_ms),
+        };
+        let grant = self
+            .assign(account, true, Some(&relogin))
+            .await
+            .map_err(|e| match e {
+                ServiceError::SessionEnded(_) => self.login_refused(e, "re-login"),
+                e => e,
+            })?;
         self.config.metrics.relogins.inc();
         tracing::info!(user = claims.user_id, from = %claims.server_id, "re-login with token");
         Ok(grant)
@@ -401,8 +410,12 @@ impl Service {
         left.max(self.config.token_ttl) + Duration::from_secs(60)
     }
 
-    /// The claims and account of a token that may re-log in (see [`Service::relogin`]).
-    async fn check_relogin_token(&self, token: &str) -> Result<(Claims, Account), ServiceError> {
+    /// The claims and account of a token that may re-log in (see [`Service::relogin`]), and
+    /// the session of the user's route it was checked against.
+    async fn check_relogin_token(
+        &self,
+        token: &str,
+    ) -> Result<(Claims, Account, Option<u64>), ServiceError> {
         let claims = self.config.token_key.verify(token, now_ms(), None)?;
         if self
             .store
@@ -414,7 +427,7 @@ impl Service {
             ));
         }
         let current = self.store.routes(&[claims.user_id]).await?.pop().flatten();
-        if let Some(route) = current
+        if let Some(route) = &current
             && self
                 .usable_servers()
                 .iter()
@@ -433,7 +446,7 @@ impl Service {
             .await?
             .pop()
             .ok_or(ServiceError::InvalidCredentials)?;
-        Ok((claims, account))
+        Ok((claims, account, current.map(|r| r.session_id)))
     }
 
     async fn check_credentials(&self, name: &str, password: &str) -> Result<Account, ServiceError> {
@@ -457,8 +470,14 @@ impl Service {
         Ok(account)
     }
 
-    /// Claims the route of a verified account and picks its server.
-    async fn assign(&self, account: Account, takeover: bool) -> Result<LoginGrant, ServiceError> {
+    /// Claims the route of a verified account and picks its server; a token re-login's claim
+    /// also ends the token's login (see [`Store::claim_route_relogin`]).
+    async fn assign(
+        &self,
+        account: Account,
+        takeover: bool,
+        relogin: Option<&Relogin>,
+    ) -> Result<LoginGrant, ServiceError> {
         let live = self.usable_servers();
         let current = self.store.routes(&[account.id]).await?.pop().flatten();
         let stale = current
@@ -478,17 +497,26 @@ impl Service {
             session_id,
             confirmed: false,
         };
-        let claim = self
-            .store
-            .claim_route(
-                account.id,
-                route,
-                self.config.pending_lease,
-                takeover || stale,
-            )
-            .await?;
+        let lease = self.config.pending_lease;
+        let claim = match relogin {
+            Some(relogin) => {
+                self.store
+                    .claim_route_relogin(account.id, route, lease, relogin)
+                    .await?
+            }
+            None => {
+                self.store
+                    .claim_route(account.id, route, lease, takeover || stale)
+                    .await?
+            }
+        };
         match claim {
             Claim::Busy(_) => return Err(ServiceError::AlreadyOnline),
+            Claim::Ended => {
+                return Err(ServiceError::SessionEnded(
+                    "it was re-logged in, logged out or replaced meanwhile",
+                ));
+            }
             Claim::Won {
                 previous: Some(previous),
             } => {

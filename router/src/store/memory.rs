@@ -9,7 +9,9 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::expiring::{ExpiringMap, Weight};
-use super::{Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, Route, Store, StoreError};
+use super::{
+    Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, Relogin, Route, Store, StoreError,
+};
 
 /// Most idempotency records kept; beyond this the oldest are forgotten early.
 const MAX_SENT_RECORDS: usize = 1_000_000;
@@ -89,6 +91,50 @@ impl Inner {
             .is_some_and(|expires| *expires > now)
     }
 
+    /// Marks `session_id` of `user` as ended for `ttl`.
+    fn revoke(&mut self, user: u64, session_id: u64, ttl: Duration, now: Instant) {
+        if self.revoked.len() >= self.revoked_sweep_at {
+            self.revoked.retain(|_, expires| *expires > now);
+            self.revoked_sweep_at = (self.revoked.len() * 2).max(1024);
+        }
+        self.revoked.insert((user, session_id), now + ttl);
+    }
+
+    /// [`Store::claim_route`], and with `relogin` [`Store::claim_route_relogin`].
+    fn claim(
+        &mut self,
+        user: u64,
+        route: Route,
+        pending_lease: Duration,
+        force: bool,
+        relogin: Option<&Relogin>,
+        now: Instant,
+    ) -> Claim {
+        let previous = self.live_route(user, now).map(|l| l.route.clone());
+        if let Some(relogin) = relogin {
+            if self.is_revoked(user, relogin.session_id, now)
+                || previous.as_ref().map(|r| r.session_id) != relogin.seen_route_session
+            {
+                return Claim::Ended;
+            }
+            self.revoke(user, relogin.session_id, relogin.revoke_for, now);
+        }
+        if let Some(existing) = &previous
+            && !force
+        {
+            return Claim::Busy(existing.clone());
+        }
+        self.online.remove(&user);
+        self.routes.insert(
+            user,
+            Lease {
+                route,
+                expires: now + pending_lease,
+            },
+        );
+        Claim::Won { previous }
+    }
+
     /// The live route of `user`, dropping it if its lease ran out.
     fn live_route(&mut self, user: u64, now: Instant) -> Option<&mut Lease> {
         if self.routes.get(&user).is_some_and(|l| l.expires <= now) {
@@ -163,23 +209,26 @@ impl Store for MemoryStore {
         pending_lease: Duration,
         force: bool,
     ) -> Result<Claim, StoreError> {
-        let now = Instant::now();
-        let mut inner = self.inner();
-        let previous = inner.live_route(user, now).map(|l| l.route.clone());
-        if let Some(existing) = &previous
-            && !force
-        {
-            return Ok(Claim::Busy(existing.clone()));
-        }
-        inner.online.remove(&user);
-        inner.routes.insert(
+        Ok(self
+            .inner()
+            .claim(user, route, pending_lease, force, None, Instant::now()))
+    }
+
+    async fn claim_route_relogin(
+        &self,
+        user: u64,
+        route: Route,
+        pending_lease: Duration,
+        relogin: &Relogin,
+    ) -> Result<Claim, StoreError> {
+        Ok(self.inner().claim(
             user,
-            Lease {
-                route,
-                expires: now + pending_lease,
-            },
-        );
-        Ok(Claim::Won { previous })
+            route,
+            pending_lease,
+            true,
+            Some(relogin),
+            Instant::now(),
+        ))
     }
 
     async fn confirm_route(
@@ -209,13 +258,7 @@ impl Store for MemoryStore {
         session_id: u64,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let now = Instant::now();
-        let mut inner = self.inner();
-        if inner.revoked.len() >= inner.revoked_sweep_at {
-            inner.revoked.retain(|_, expires| *expires > now);
-            inner.revoked_sweep_at = (inner.revoked.len() * 2).max(1024);
-        }
-        inner.revoked.insert((user, session_id), now + ttl);
+        self.inner().revoke(user, session_id, ttl, Instant::now());
         Ok(())
     }
 

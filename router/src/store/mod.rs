@@ -145,6 +145,21 @@ pub enum Claim {
     },
     /// Another login holds the user and takeover was not requested.
     Busy(Route),
+    /// A re-login's claim found its login ended, or the user's route changed since the token
+    /// was checked: nothing was claimed.
+    Ended,
+}
+
+/// What a token re-login's claim ([`Store::claim_route_relogin`]) ends and expects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relogin {
+    /// The login the token belongs to: it must not have ended, and ends with the claim.
+    pub session_id: u64,
+    /// Session of the user's route when the token was checked (`None`: no readable route);
+    /// the claim fails if the route has changed since.
+    pub seen_route_session: Option<u64>,
+    /// How long the ended login stays revoked (the rest of its newest token's life).
+    pub revoke_for: Duration,
 }
 
 /// Why a store operation failed.
@@ -183,6 +198,18 @@ pub trait Store: Send + Sync + 'static {
         route: Route,
         pending_lease: Duration,
         force: bool,
+    ) -> Result<Claim, StoreError>;
+    /// A token re-login's claim: [`Store::claim_route`] with takeover that, in the same
+    /// atomic step, ends the login the token belongs to (as [`Store::revoke_session`] would),
+    /// and claims nothing ([`Claim::Ended`]) if that login has ended already or the user's
+    /// route is no longer the one the router checked the token against. Of two re-logins
+    /// with one token, one wins; a password login in between is not taken over.
+    async fn claim_route_relogin(
+        &self,
+        user: u64,
+        route: Route,
+        pending_lease: Duration,
+        relogin: &Relogin,
     ) -> Result<Claim, StoreError>;
     /// Marks the route as confirmed (session open) and the user online, if the route still
     /// belongs to `session_id` on `server_id`. Returns whether it did.

@@ -30,7 +30,9 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::{Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, Route, Store, StoreError};
+use super::{
+    Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, Relogin, Route, Store, StoreError,
+};
 
 const NEXT_USER_ID: &str = "cim:next_user_id";
 const ONLINE: &str = "cim:online";
@@ -189,9 +191,19 @@ fn readable_route(user: u64, value: Option<&[u8]>) -> Option<Route> {
 /// Claims a route: refuses if one exists and force is off. Returns {won, previous or ''}. A
 /// value that is not a route (of another type, or not of the route's form) holds no session
 /// and never blocks a claim; it is overwritten (and returned, for the caller to log).
+/// A re-login's claim also gives KEYS[2], the revocation marker of the token's login, with
+/// ARGV[4] its lifetime in ms and ARGV[5] the session of the route the router checked the
+/// token against ('' for none): it returns {2, ''} without claiming if the login has ended
+/// or the route's session differs, and otherwise ends the login in the same step.
 const CLAIM: &str = r"
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) == 'table' then cur = false end
+if KEYS[2] then
+  if redis.call('EXISTS', KEYS[2]) == 1 then return {2, ''} end
+  local session = cur and string.match(cur, '^(%d+)|[01]|') or ''
+  if session ~= ARGV[5] then return {2, ''} end
+  redis.call('SET', KEYS[2], 1, 'PX', ARGV[4])
+end
 if cur and ARGV[3] == '0' and string.match(cur, '^%d+|[01]|') then return {0, cur} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return {1, cur or ''}
@@ -354,6 +366,62 @@ impl RedisStore {
         }
     }
 
+    /// [`Store::claim_route`], and with `relogin` [`Store::claim_route_relogin`].
+    async fn claim(
+        &self,
+        user: u64,
+        route: Route,
+        pending_lease: Duration,
+        force: bool,
+        relogin: Option<&Relogin>,
+    ) -> Result<Claim, StoreError> {
+        let mut conn = self.conn();
+        let mut invocation = self.claim.key(route_key(user));
+        invocation
+            .arg(encode_route(&route))
+            .arg(pending_lease.as_millis() as u64)
+            .arg(if force { "1" } else { "0" });
+        if let Some(relogin) = relogin {
+            invocation
+                .key(revoked_key(user, relogin.session_id))
+                .arg(relogin.revoke_for.as_millis() as u64)
+                .arg(
+                    relogin
+                        .seen_route_session
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
+                );
+        }
+        let (won, previous): (i64, Vec<u8>) = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if won == 2 {
+            return Ok(Claim::Ended);
+        }
+        let previous = readable_route(user, (!previous.is_empty()).then_some(&previous[..]));
+        if won == 0 {
+            return match previous {
+                Some(p) => Ok(Claim::Busy(p)),
+                None => Err(StoreError::Corrupt("claim refused without a route".into())),
+            };
+        }
+        let _: () = conn
+            .sadd(server_users_key(&route.server_id), user)
+            .await
+            .map_err(unavailable)?;
+        if let Some(p) = &previous
+            && p.server_id != route.server_id
+        {
+            let _: () = conn
+                .srem(server_users_key(&p.server_id), user)
+                .await
+                .map_err(unavailable)?;
+        }
+        self.leave_online(user).await?;
+        Ok(Claim::Won { previous })
+    }
+
     /// Drops `user` from the online set, then re-adds it if a confirmed route appeared in the
     /// meantime (a concurrent login's confirm may have added it just before our removal).
     async fn leave_online(&self, user: u64) -> Result<(), StoreError> {
@@ -443,37 +511,18 @@ impl Store for RedisStore {
         pending_lease: Duration,
         force: bool,
     ) -> Result<Claim, StoreError> {
-        let mut conn = self.conn();
-        let (won, previous): (i64, Vec<u8>) = self
-            .claim
-            .key(route_key(user))
-            .arg(encode_route(&route))
-            .arg(pending_lease.as_millis() as u64)
-            .arg(if force { "1" } else { "0" })
-            .invoke_async(&mut conn)
+        self.claim(user, route, pending_lease, force, None).await
+    }
+
+    async fn claim_route_relogin(
+        &self,
+        user: u64,
+        route: Route,
+        pending_lease: Duration,
+        relogin: &Relogin,
+    ) -> Result<Claim, StoreError> {
+        self.claim(user, route, pending_lease, true, Some(relogin))
             .await
-            .map_err(unavailable)?;
-        let previous = readable_route(user, (!previous.is_empty()).then_some(&previous[..]));
-        if won == 0 {
-            return match previous {
-                Some(p) => Ok(Claim::Busy(p)),
-                None => Err(StoreError::Corrupt("claim refused without a route".into())),
-            };
-        }
-        let _: () = conn
-            .sadd(server_users_key(&route.server_id), user)
-            .await
-            .map_err(unavailable)?;
-        if let Some(p) = &previous
-            && p.server_id != route.server_id
-        {
-            let _: () = conn
-                .srem(server_users_key(&p.server_id), user)
-                .await
-                .map_err(unavailable)?;
-        }
-        self.leave_online(user).await?;
-        Ok(Claim::Won { previous })
     }
 
     async fn confirm_route(
