@@ -1007,13 +1007,16 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
     // The first resume is short; once the router has said the server still holds the
     // session, resumes get a first connect's time (a slow path, not a dead server).
     let mut resume_timeout = RESUME_TIMEOUT;
+    // Set once a re-login got a grant (`true`: by token), even if its connect then failed:
+    // the session is a new login from then on, also when it is finally resumed.
+    let mut logged_in_again: Option<bool> = None;
     loop {
         if shared.stop.is_cancelled() {
             return None;
         }
         let last_seq = shared.inbox.lock().await.last();
         let attempt = if relogin {
-            relogin_once(shared, last_seq).await
+            relogin_once(shared, last_seq, &mut logged_in_again).await
         } else {
             let (token, addr) = {
                 let current = shared.current();
@@ -1030,7 +1033,7 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
             )
             .await;
             match result {
-                Ok((connected, zero_rtt)) => Ok((connected, zero_rtt, false)),
+                Ok((connected, zero_rtt)) => Ok((connected, zero_rtt)),
                 Err(e) => {
                     resume_failures += 1;
                     // A refused login (session replaced, token expired) or a server that keeps
@@ -1045,16 +1048,16 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
             }
         };
         match attempt {
-            Ok((connected, zero_rtt, by_token)) => {
+            Ok((connected, zero_rtt)) => {
                 let info = Reconnected {
                     server_id: shared.current().info.server_id.clone(),
-                    relogin,
+                    relogin: logged_in_again.is_some(),
                     zero_rtt,
                 };
                 let mut stats = shared.stats();
                 stats.reconnects += 1;
-                stats.relogins += u64::from(relogin);
-                stats.token_relogins += u64::from(by_token);
+                stats.relogins += u64::from(logged_in_again.is_some());
+                stats.token_relogins += u64::from(logged_in_again == Some(true));
                 stats.zero_rtt += u64::from(zero_rtt);
                 return Some((connected, info));
             }
@@ -1086,11 +1089,13 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
 
 /// Logs in again through the router: with the session token while it is accepted (no password
 /// hash on the router, so a dead server's clients come back fast), else with the password.
-/// Returns the connection, whether it used 0-RTT, and whether the token did the login.
+/// Returns the connection and whether it used 0-RTT; `granted` is set once the router granted
+/// the login (to whether the token did it), even if the connect then fails.
 async fn relogin_once(
     shared: &Arc<Shared>,
     last_seq: u64,
-) -> Result<(Connected, bool, bool), ClientError> {
+    granted: &mut Option<bool>,
+) -> Result<(Connected, bool), ClientError> {
     let token = shared.current().token.clone();
     let (grant, by_token) = match shared.api.relogin(&token).await {
         Ok(grant) => (grant, true),
@@ -1111,6 +1116,7 @@ async fn relogin_once(
         info: grant.session_info(),
         token: grant.token.clone(),
     };
+    *granted = Some(by_token);
     let (connected, zero_rtt) = connect(
         &shared.endpoint,
         shared.target(grant.server_addr),
@@ -1121,7 +1127,7 @@ async fn relogin_once(
         CONNECT_TIMEOUT,
     )
     .await?;
-    Ok((connected, zero_rtt, by_token))
+    Ok((connected, zero_rtt))
 }
 
 /// Serves one connection: heartbeats and control frames, deliveries, catch-up pull.
