@@ -1,9 +1,9 @@
 //! The abuse suite: forged, expired and misdirected tokens, a claimed sender, a client on the
 //! internal endpoint, an oversized frame, garbage on the control stream, a send stream with
 //! other frames or too many sends, oversized sends among shared ones, a client that leaves
-//! its acks unread, 10,000 streams at
-//! once, garbage UDP, malformed JSON on every endpoint, a login brute force, a message flood
-//! and a client that never acks a delivery.
+//! its acks unread, a client that leaves its control stream unread or ends it early, 10,000
+//! streams at once, garbage UDP, malformed JSON on every endpoint, a login brute force, a
+//! message flood and a client that never acks a delivery.
 //! After each, well-behaved clients on the same server still chat and no accepted message is
 //! lost.
 
@@ -275,6 +275,63 @@ async fn an_oversized_frame_is_refused_and_the_connection_survives() -> anyhow::
     assert_eq!(
         next_message(&mut scene.bob_events).await?.body,
         "after the big one"
+    );
+    scene.still_chatting().await
+}
+
+/// A client that finishes its control stream while one of its message streams is still open
+/// (a frame begun, never ended) has its connection closed: the session ended, so the
+/// connection must not live on, held by that stream, outside every limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_control_stream_ends_loses_its_connection() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let (_, token) = scene.http_login("raw").await?;
+    let (conn, code, mut control, _control_recv) = scene.raw_session(&token, false).await?;
+    assert_eq!(code, "");
+    let (mut half, _half_recv) = conn.open_bi().await?;
+    half.write_all(&[0, 0]).await?;
+    control.finish()?;
+    let closed = tokio::time::timeout(WAIT, conn.closed()).await;
+    assert!(closed.is_ok(), "the connection outlived its session");
+    scene.still_chatting().await
+}
+
+/// A client that stops reading its control stream (here: thousands of pings whose pongs it
+/// leaves unread, more than the stream's window) cannot keep its session past a takeover, or
+/// past a heartbeat timeout: a blocked control write held up the loop that sees both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_its_control_stream_unread_is_still_kicked() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let (_, token) = scene.http_login("raw").await?;
+    let (conn, code, mut control, _control_recv) = scene.raw_session(&token, false).await?;
+    assert_eq!(code, "");
+    let mut pings = Vec::new();
+    for nonce in 0..20_000 {
+        let ping = ClientControl {
+            kind: Some(client_control::Kind::Ping(Ping { nonce })),
+        };
+        let body = ping.encode_to_vec();
+        pings.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        pings.extend_from_slice(&body);
+    }
+    control.write_all(&pings).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Another login of the user takes the session over.
+    let (again, _events) = Client::login(
+        &scene.cluster.client_config(),
+        "raw",
+        "password",
+        LoginOptions { takeover: true },
+    )
+    .await?;
+    let closed = tokio::time::timeout(WAIT, conn.closed()).await;
+    assert!(closed.is_ok(), "the replaced session kept its connection");
+    again
+        .send_private(scene.bob.info().user_id, "from the new login")
+        .await?;
+    assert_eq!(
+        next_message(&mut scene.bob_events).await?.body,
+        "from the new login"
     );
     scene.still_chatting().await
 }

@@ -142,7 +142,7 @@ impl RouterLinks {
                 None => self.next.fetch_add(1, Ordering::Relaxed),
             };
             (0..conns.len())
-                .map(|i| conns[(start + i) % conns.len()].clone())
+                .map(|i| conns[start.wrapping_add(i) % conns.len()].clone())
                 .collect()
         };
         let mut last_error = String::new();
@@ -191,15 +191,27 @@ impl RouterLinks {
             .await
     }
 
-    /// Renews the routes of `sessions` through any router (or through `via`). Returns the
-    /// sessions whose route now belongs to another login.
+    /// Renews the routes of `sessions` through any router (or through `via`), a chunk at a
+    /// time, leaving out the sessions no longer `open` when their chunk goes: the router puts
+    /// an absent route back, so renewing a session whose close was reported meanwhile would
+    /// show its user online, on a route to nothing, for a lease. Returns the sessions whose
+    /// route now belongs to another login.
     pub async fn renew(
         &self,
         sessions: &[(u64, u64)],
         via: Option<&quinn::Connection>,
+        open: impl Fn(u64, u64) -> bool,
     ) -> Result<Vec<(u64, u64)>, LinkError> {
         let mut lost = Vec::new();
         for chunk in sessions.chunks(RENEW_CHUNK) {
+            let chunk: Vec<(u64, u64)> = chunk
+                .iter()
+                .copied()
+                .filter(|&(user, session)| open(user, session))
+                .collect();
+            if chunk.is_empty() {
+                continue;
+            }
             let request = ServerRequest {
                 kind: Some(server_request::Kind::Renew(RenewSessions {
                     sessions: chunk
@@ -406,7 +418,13 @@ pub(crate) async fn renew_sessions(state: &State, via: Option<&quinn::Connection
     if sessions.is_empty() {
         return;
     }
-    match state.links.renew(&sessions, via).await {
+    match state
+        .links
+        .renew(&sessions, via, |user, session| {
+            state.has_session(user, session)
+        })
+        .await
+    {
         Ok(lost) => {
             for (user, session) in lost {
                 tracing::info!(

@@ -38,6 +38,9 @@ const MAX_CONTROL_FRAME: usize = 4 * 1024;
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time given to a kicked client to read the Kick before the connection closes.
 const KICK_LINGER: Duration = Duration::from_secs(2);
+/// Most pull and group requests of one session served at once; more wait their turn (each
+/// holds a reply of up to [`MAX_PULL_FRAME`] until the client reads it).
+const FETCHES_IN_FLIGHT: usize = 4;
 
 /// What the server can tell a session's control stream from outside.
 #[derive(Debug)]
@@ -112,6 +115,13 @@ impl State {
             .filter(|(_, s)| !s.outbox.is_held())
             .map(|(user, s)| (*user, s.session_id))
             .collect()
+    }
+
+    /// Whether `session_id` is `user`'s session here.
+    pub(crate) fn has_session(&self, user: u64, session_id: u64) -> bool {
+        self.sessions()
+            .get(&user)
+            .is_some_and(|s| s.session_id == session_id)
     }
 
     pub(crate) fn session_count(&self) -> usize {
@@ -286,6 +296,16 @@ impl State {
         match removed {
             Some(session) => {
                 send_control(&session, ControlOut::Kick(reason.to_string()));
+                // The control loop closes the connection once the client has read the Kick
+                // (or after `KICK_LINGER`); should the loop be stuck, the kick still takes
+                // effect: an ended login must not keep a connection that sends as its user.
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let conn = session.conn;
+                    runtime.spawn(async move {
+                        tokio::time::sleep(KICK_LINGER * 2).await;
+                        conn.close(close::code(close::KICKED), b"kicked");
+                    });
+                }
                 true
             }
             None => false,
@@ -463,6 +483,10 @@ async fn handle_client(conn: quinn::Connection, state: Arc<State>) {
             _ = control_loop(&conn, &auth, send, recv, control_rx, &state) => {}
             _ = message_loop(&conn, &auth, &state) => {}
         }
+        // The loops may end with the connection still open (the client finished its control
+        // stream, or a control write failed or timed out); its streams' tasks hold it, so it
+        // must be closed here, or it would live on outside the session map and every limit.
+        conn.close(close::code(close::NORMAL), b"session ended");
         if let Some(report) = state.close_for_report(auth.user_id, auth.session_id, &conn) {
             // Boxed: an exchange with the router is larger than the loops above, and the
             // task's memory is the largest of its states for the session's whole life.
@@ -793,7 +817,8 @@ async fn renew_if_due(
         return Ok(());
     }
     if let Some(renewal) = renewal(auth, expires_at_ms, &state.config, now_ms()) {
-        write_control(send, server_control::Kind::TokenRenewal(renewal)).await?;
+        let limit = state.config.heartbeat_timeout;
+        write_control(send, server_control::Kind::TokenRenewal(renewal), limit).await?;
         state.config.metrics.token_renewals.inc();
     }
     Ok(())
@@ -835,6 +860,10 @@ async fn control_loop(
     // Checked now and at each ping, so a client resuming with an old token gets a fresh one
     // at once.
     let mut token_expires_at_ms = auth.token_expires_at_ms;
+    // A client that reads nothing of its control stream for a heartbeat timeout is as gone
+    // as one that sends nothing: a write blocked on it must not stop the loop from seeing
+    // the heartbeat deadline or a kick.
+    let limit = state.config.heartbeat_timeout;
     if renew_if_due(auth, &mut token_expires_at_ms, &mut send, state)
         .await
         .is_err()
@@ -851,7 +880,7 @@ async fn control_loop(
                 Some(Ok(Some(ClientControl { kind: Some(client_control::Kind::Ping(ping)) }))) => {
                     deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
                     let pong = server_control::Kind::Pong(Pong { nonce: ping.nonce });
-                    if write_control(&mut send, pong).await.is_err()
+                    if write_control(&mut send, pong, limit).await.is_err()
                         || renew_if_due(auth, &mut token_expires_at_ms, &mut send, state).await.is_err()
                     {
                         break;
@@ -876,7 +905,9 @@ async fn control_loop(
             out = control_rx.recv() => match out {
                 Some(ControlOut::Kick(reason)) => {
                     let kick = server_control::Kind::Kick(Kick { reason });
-                    if write_control(&mut send, kick).await.is_ok() && send.finish().is_ok() {
+                    if write_control(&mut send, kick, KICK_LINGER).await.is_ok()
+                        && send.finish().is_ok()
+                    {
                         // Boxed for the same reason as `write_control`: it happens once.
                         let _ = Box::pin(tokio::time::timeout(KICK_LINGER, send.stopped())).await;
                     }
@@ -885,13 +916,13 @@ async fn control_loop(
                 }
                 Some(ControlOut::Presence(presence)) => {
                     let presence = server_control::Kind::Presence(*presence);
-                    if write_control(&mut send, presence).await.is_err() {
+                    if write_control(&mut send, presence, limit).await.is_err() {
                         break;
                     }
                 }
                 Some(ControlOut::Drain(reason)) => {
                     let drain = server_control::Kind::Drain(Drain { reason });
-                    if write_control(&mut send, drain).await.is_err() {
+                    if write_control(&mut send, drain, limit).await.is_err() {
                         break;
                     }
                 }
@@ -910,19 +941,25 @@ fn control(kind: server_control::Kind) -> ServerControl {
     ServerControl { kind: Some(kind) }
 }
 
-/// Writes one control frame. The message is encoded before the future starts, so the control
-/// loop, which lives as long as the session, keeps only the encoded bytes across the write
-/// instead of room for the largest message it sends.
+/// Writes one control frame, failing if the client has not taken it within `limit`. The
+/// message is encoded before the future starts, so the control loop, which lives as long as
+/// the session, keeps only the encoded bytes across the write instead of room for the largest
+/// message it sends.
 fn write_control(
     send: &mut quinn::SendStream,
     kind: server_control::Kind,
+    limit: Duration,
 ) -> impl Future<Output = Result<(), FrameError>> + '_ {
     let frame = encode_frame(&control(kind), MAX_CONTROL_FRAME);
     async move {
-        send.write_all(&frame?)
-            .await
-            .map_err(std::io::Error::from)?;
-        Ok(())
+        let frame = frame?;
+        match tokio::time::timeout(limit, send.write_all(&frame)).await {
+            Ok(written) => Ok(written.map_err(std::io::Error::from)?),
+            Err(_) => {
+                tracing::info!("control stream left unread; ending the session");
+                Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into())
+            }
+        }
     }
 }
 
@@ -939,6 +976,7 @@ async fn message_loop(conn: &quinn::Connection, auth: &Authenticated, state: &Ar
     let refused_in_a_row = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let flood_cap = limits.message_burst.saturating_mul(4).max(100);
     let mut allowance = StreamAllowance::default();
+    let fetches = Arc::new(tokio::sync::Semaphore::new(FETCHES_IN_FLIGHT));
     while let Ok((send, recv)) = conn.accept_bi().await {
         if allowance.on_stream(std::time::Instant::now()) {
             tracing::debug!(user = auth.user_id, "busy client: stream allowance widened");
@@ -950,6 +988,7 @@ async fn message_loop(conn: &quinn::Connection, auth: &Authenticated, state: &Ar
         let bucket = bucket.clone();
         let refused = refused_in_a_row.clone();
         let conn = conn.clone();
+        let fetches = fetches.clone();
         tokio::spawn(async move {
             let gate = RateGate {
                 bucket: &bucket,
@@ -957,7 +996,8 @@ async fn message_loop(conn: &quinn::Connection, auth: &Authenticated, state: &Ar
                 flood_cap,
                 conn: &conn,
             };
-            if let Err(e) = handle_message(send, recv, from_user, from_name, &state, gate).await {
+            let served = handle_message(send, recv, from_user, from_name, &state, gate, &fetches);
+            if let Err(e) = served.await {
                 tracing::info!(user = from_user, error = %e, "message stream failed");
             }
         });
@@ -1015,6 +1055,7 @@ async fn handle_message(
     from_name: String,
     state: &State,
     gate: RateGate<'_>,
+    fetches: &tokio::sync::Semaphore,
 ) -> Result<(), MessageError> {
     let max_frame = state.config.max_body_bytes + 256;
     let request: ClientRequest = match read_required(&mut recv, max_frame).await {
@@ -1041,6 +1082,7 @@ async fn handle_message(
             return send_messages(send, recv, message, &from, state).await;
         }
         Some(client_request::Kind::Pull(pull)) => {
+            let _turn = fetches.acquire().await;
             let limit = pull.limit.clamp(1, MAX_PULL);
             let reply = match state.links.fetch(from_user, pull.after_seq, limit).await {
                 Ok(reply) => reply,
@@ -1050,9 +1092,10 @@ async fn handle_message(
                     ..Default::default()
                 },
             };
-            write_frame(&mut send, &reply, MAX_PULL_FRAME).await?;
+            write_reply(&mut send, &reply).await?;
         }
         Some(client_request::Kind::Group(request)) => {
+            let _turn = fetches.acquire().await;
             let reply = match state.links.group(from_user, request).await {
                 Ok(reply) => reply,
                 Err(e) => GroupResult {
@@ -1061,7 +1104,7 @@ async fn handle_message(
                     ..Default::default()
                 },
             };
-            write_frame(&mut send, &reply, MAX_PULL_FRAME).await?;
+            write_reply(&mut send, &reply).await?;
         }
         None => {
             let _ = send.reset(close::code(close::PROTOCOL));
@@ -1222,6 +1265,22 @@ async fn write_acks(send: &mut quinn::SendStream, acks: &[SendAck]) -> Result<()
         Err(_) => {
             let _ = send.reset(close::code(close::TIMEOUT));
             Err(MessageError::Protocol("acks left unread".into()))
+        }
+    }
+}
+
+/// Writes a pull's or group request's reply, giving up (and resetting the stream) after
+/// [`ACK_WRITE_TIMEOUT`]: a client that leaves it unread must not hold it, of up to
+/// [`MAX_PULL_FRAME`], and its turn among the session's fetches for good.
+async fn write_reply<M: cim_proto::ProstMessage>(
+    send: &mut quinn::SendStream,
+    reply: &M,
+) -> Result<(), MessageError> {
+    match tokio::time::timeout(ACK_WRITE_TIMEOUT, write_frame(send, reply, MAX_PULL_FRAME)).await {
+        Ok(written) => Ok(written?),
+        Err(_) => {
+            let _ = send.reset(close::code(close::TIMEOUT));
+            Err(MessageError::Protocol("reply left unread".into()))
         }
     }
 }
