@@ -295,17 +295,7 @@ impl State {
         };
         match removed {
             Some(session) => {
-                send_control(&session, ControlOut::Kick(reason.to_string()));
-                // The control loop closes the connection once the client has read the Kick
-                // (or after `KICK_LINGER`); should the loop be stuck, the kick still takes
-                // effect: an ended login must not keep a connection that sends as its user.
-                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    let conn = session.conn;
-                    runtime.spawn(async move {
-                        tokio::time::sleep(KICK_LINGER * 2).await;
-                        conn.close(close::code(close::KICKED), b"kicked");
-                    });
-                }
+                kick_session(session, reason);
                 true
             }
             None => false,
@@ -394,11 +384,29 @@ impl Drop for ConnectionGuard {
 }
 
 fn send_control(session: &Session, out: ControlOut) {
+    let code = match &out {
+        ControlOut::Drain(_) => close::DRAIN,
+        ControlOut::Kick(_) | ControlOut::Presence(_) => close::KICKED,
+    };
     if session.control.try_send(out).is_err() {
-        // The control task is gone or hopelessly behind: end the connection outright.
-        session
-            .conn
-            .close(close::code(close::KICKED), b"session ended");
+        // The control task is gone or hopelessly behind: end the connection outright, with
+        // the code that tells the client what the frame would have.
+        session.conn.close(close::code(code), b"session ended");
+    }
+}
+
+/// Tells a session taken out of the map that it has ended. Its control loop closes the
+/// connection once the client has read the Kick (or after `KICK_LINGER`); should the loop be
+/// stuck, the connection is closed anyway a little later: an ended login must not keep a
+/// connection that sends as its user.
+fn kick_session(session: Session, reason: &str) {
+    send_control(&session, ControlOut::Kick(reason.to_string()));
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let conn = session.conn;
+        runtime.spawn(async move {
+            tokio::time::sleep(KICK_LINGER * 2).await;
+            conn.close(close::code(close::KICKED), b"kicked");
+        });
     }
 }
 
@@ -689,7 +697,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
             in_map.armed = true;
             match previous {
                 Some(previous) if previous.session_id != claims.session_id => {
-                    send_control(&previous, ControlOut::Kick("logged in elsewhere".into()));
+                    kick_session(previous, "logged in elsewhere");
                 }
                 Some(previous) => {
                     // The same login reconnected (new path, 0-RTT resumption): it replaces its
