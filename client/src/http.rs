@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use cim_core::tls;
@@ -79,6 +80,7 @@ pub struct RouterApi {
     host: String,
     port: u16,
     tls: TlsConnector,
+    timeout: Duration,
 }
 
 impl RouterApi {
@@ -110,6 +112,7 @@ impl RouterApi {
             host,
             port,
             tls: TlsConnector::from(Arc::new(tls)),
+            timeout: config.http_timeout,
         })
     }
 
@@ -208,8 +211,24 @@ impl RouterApi {
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Http(format!("bad reply: {e}")))
     }
 
-    /// Sends one request with a raw body; returns the status and body bytes.
+    /// Sends one request with a raw body; returns the status and body bytes. Fails after the
+    /// configured `http_timeout` ([`HTTP_TIMEOUT`] by default): a router that stalls (paused, or cut off after the request went out,
+    /// with no TCP keep-alive to notice) must not hold up a login or a reconnect for good.
     pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        bearer: Option<&str>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let limit = self.timeout;
+        tokio::time::timeout(limit, self.exchange(method, path, body, bearer))
+            .await
+            .map_err(|_| ClientError::Http(format!("no answer within {limit:?}")))?
+    }
+
+    /// [`RouterApi::raw`] without its time limit.
+    async fn exchange(
         &self,
         method: Method,
         path: &str,
@@ -230,9 +249,11 @@ impl RouterApi {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| http_err(&e))?;
-        tokio::spawn(async move {
+        // One request per connection: the connection goes with this exchange, also when
+        // the exchange is given up.
+        let driver = AbortOnDrop(tokio::spawn(async move {
             let _ = conn.await;
-        });
+        }));
         let mut request = Request::builder()
             .method(method)
             .uri(path)
@@ -252,6 +273,19 @@ impl RouterApi {
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?
             .to_bytes();
+        drop(driver);
         Ok((status, bytes))
+    }
+}
+
+/// Default longest time a call to the router's HTTPS API may take, connection included.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

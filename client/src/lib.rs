@@ -219,6 +219,9 @@ pub struct ClientConfig {
     pub reconnect: bool,
     /// How long a send keeps retrying (across reconnects) before giving up.
     pub send_timeout: Duration,
+    /// Longest one call to the router's HTTPS API (login, re-login, register, ...) may take,
+    /// connecting included.
+    pub http_timeout: Duration,
     /// Reconnect backoff: first ceiling and cap.
     pub backoff: (Duration, Duration),
     /// A QUIC endpoint (from [`endpoint`]) to share between many clients, as a load
@@ -238,6 +241,7 @@ impl ClientConfig {
             heartbeat_timeout: None,
             reconnect: true,
             send_timeout: Duration::from_secs(30),
+            http_timeout: http::HTTP_TIMEOUT,
             backoff: (Duration::from_millis(100), Duration::from_secs(10)),
             endpoint: None,
         }
@@ -455,6 +459,10 @@ struct Shared {
     conn: watch::Sender<Option<Arc<SendQueue>>>,
     events: mpsc::Sender<Event>,
     inbox: AsyncMutex<Reorder<IncomingMessage>>,
+    /// `inbox.last()` once its messages are on the event channel, readable without the inbox
+    /// lock: the lock is held while events are emitted, and an application that asked for
+    /// [`Client::last_seq`] from its event loop would otherwise wait on itself.
+    delivered_seq: AtomicU64,
     gap: Notify,
     next_client_msg_id: AtomicU64,
     stats: std::sync::Mutex<Stats>,
@@ -536,6 +544,7 @@ impl Shared {
         if inbox.has_gap() {
             self.gap.notify_one();
         }
+        self.delivered_seq.store(inbox.last(), Ordering::Relaxed);
         inbox.last()
     }
 }
@@ -570,8 +579,12 @@ impl Client {
             conn: watch::channel(None).0,
             events: events_tx,
             inbox: AsyncMutex::new(Reorder::new(0)),
+            delivered_seq: AtomicU64::new(0),
             gap: Notify::new(),
-            next_client_msg_id: AtomicU64::new(rand::random::<u32>() as u64 + 1),
+            // Random 48 bits: a restarted client of the same user, within the router's dedup
+            // window, must not reuse an id of its previous run (its message would be taken
+            // for that one and not stored). Far from overflowing at any sending rate.
+            next_client_msg_id: AtomicU64::new((rand::random::<u64>() >> 16) + 1),
             stats: std::sync::Mutex::new(Stats::default()),
             stop: CancellationToken::new(),
         });
@@ -635,7 +648,7 @@ impl Client {
 
     /// Highest inbox sequence number up to which every message was delivered.
     pub async fn last_seq(&self) -> u64 {
-        self.shared.inbox.lock().await.last()
+        self.shared.delivered_seq.load(Ordering::Relaxed)
     }
 
     /// Moves the QUIC socket to a new local address (as when a phone changes networks). The
@@ -664,7 +677,9 @@ impl Client {
     }
 
     /// Sends with an explicit client message id (normally chosen by the client). Sending the
-    /// same id again is safe: cim stores and delivers the message once.
+    /// same id again is safe: cim stores and delivers the message once. Id 0 opts out of that:
+    /// each send of it is a new message, so one whose outcome is unknown (no ack in time, the
+    /// connection lost, a `retry` answer) is not sent again but fails.
     pub async fn send_with_id(
         &self,
         client_msg_id: u64,
@@ -683,11 +698,10 @@ impl Client {
         let mut unconfirmed = 0u32;
         loop {
             let sends = self.shared.live_sends(deadline).await?;
-            let attempt = tokio::time::timeout(
-                SEND_ATTEMPT_TIMEOUT,
-                sends.send(client_msg_id, frame.clone()),
-            )
-            .await;
+            let attempt_deadline = deadline.min(tokio::time::Instant::now() + SEND_ATTEMPT_TIMEOUT);
+            let attempt =
+                tokio::time::timeout_at(attempt_deadline, sends.send(client_msg_id, frame.clone()))
+                    .await;
             match attempt {
                 Ok(Ok((ack, carried))) if ack.code.is_empty() => {
                     if carried == Carried::Shared {
@@ -718,7 +732,12 @@ impl Client {
                 Ok(Err(e)) => tracing::debug!(client_msg_id, error = %e, "send attempt failed"),
                 Err(_) => tracing::debug!(client_msg_id, "send attempt timed out"),
             }
-            if !self.shared.config.reconnect || tokio::time::Instant::now() >= deadline {
+            // An id-0 send may have been stored although unconfirmed: sent again, it would be
+            // stored twice.
+            if !self.shared.config.reconnect
+                || client_msg_id == 0
+                || tokio::time::Instant::now() >= deadline
+            {
                 return Err(ClientError::Timeout);
             }
             self.shared.stats().send_retries += 1;
@@ -1148,7 +1167,11 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
     // before (to this client or an earlier one of the user's) and every later entry is pushed
     // to this connection. Done before deliveries are read, so that none is taken for old.
     match inbox_caught_up_to {
-        Some(last) => shared.inbox.lock().await.start_after(last),
+        Some(last) => {
+            let mut inbox = shared.inbox.lock().await;
+            inbox.start_after(last);
+            shared.delivered_seq.store(inbox.last(), Ordering::Relaxed);
+        }
         None => shared.gap.notify_one(),
     }
     let deliveries = tokio::spawn(accept_deliveries(shared.clone(), conn.clone()));
@@ -1195,8 +1218,12 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                         break End::Kicked(kick.reason);
                     }
                     Some(server_control::Kind::Presence(p)) => {
+                        // Best effort, as on the server: an application behind on its events
+                        // misses the change rather than stalling the heartbeat.
                         let event = Event::Presence { user_id: p.user_id, name: p.name, online: p.online };
-                        let _ = shared.events.send(event).await;
+                        if shared.events.try_send(event).is_err() {
+                            tracing::debug!("events backed up; presence change dropped");
+                        }
                     }
                     Some(server_control::Kind::Drain(drain)) => {
                         conn.close(close::code(close::DRAIN), b"draining");
@@ -1217,12 +1244,27 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                 conn.close(close::code(close::TIMEOUT), b"heartbeat timeout");
                 break End::Lost(format!("no heartbeat from server for {} ms", timeout.as_millis()));
             }
-            closed = conn.closed() => break End::Lost(closed.to_string()),
+            closed = conn.closed() => break closed_by_server(closed),
         }
     };
     reader.abort();
     deliveries.abort();
     end
+}
+
+/// How a connection the server closed ends the session: a server that ends a session without
+/// its Kick or Drain frame (its control stream was backed up) says which in the close code.
+fn closed_by_server(closed: quinn::ConnectionError) -> End {
+    if let quinn::ConnectionError::ApplicationClosed(app) = &closed {
+        let reason = String::from_utf8_lossy(&app.reason).into_owned();
+        if app.error_code == close::code(close::KICKED) {
+            return End::Kicked(reason);
+        }
+        if app.error_code == close::code(close::DRAIN) {
+            return End::Drain(reason);
+        }
+    }
+    End::Lost(closed.to_string())
 }
 
 /// Accepts one stream per pushed batch (usually one message), hands the messages on in

@@ -68,14 +68,20 @@ impl<T> Reorder<T> {
     }
 
     /// The inbox's oldest entry after `last` is `first`: anything before it is gone for good
-    /// (trimmed by the inbox caps), so stop waiting for it. Returns entries now releasable.
+    /// (trimmed by the inbox caps), so stop waiting for it. Entries before `first` that are
+    /// held (pushed before the trim) are released with it, in order. Returns entries now
+    /// releasable.
     pub fn skip_to(&mut self, first: u64) -> Vec<T> {
-        if first > self.last + 1 {
-            self.skipped += first - self.last - 1;
+        let mut out = Vec::new();
+        if first > self.last.saturating_add(1) {
+            let later = self.pending.split_off(&first);
+            let held = std::mem::replace(&mut self.pending, later);
+            self.skipped += first - self.last - 1 - held.len() as u64;
+            out.extend(held.into_values());
             self.last = first - 1;
-            self.pending.retain(|seq, _| *seq > first - 1);
         }
-        self.release()
+        out.extend(self.release());
+        out
     }
 
     /// Continues after `last` when nothing is held back: everything up to it was delivered
@@ -163,6 +169,21 @@ mod tests {
         assert_eq!(r.skip_to(8), Vec::<i32>::new());
         assert_eq!(r.offer(8, 8), vec![8, 9]);
         assert_eq!((r.last(), r.skipped()), (9, 2));
+    }
+
+    #[test]
+    fn skipping_releases_what_is_held_before_the_oldest_entry() {
+        let mut r = Reorder::new(40);
+        assert!(r.offer(50, 50).is_empty());
+        assert!(r.offer(1052, 1052).is_empty());
+        // The inbox was trimmed past 50 while it waited for 41..49: 50 was pushed already.
+        assert_eq!(r.skip_to(1051), vec![50]);
+        assert_eq!(r.offer(1051, 1051), vec![1051, 1052]);
+        assert_eq!((r.last(), r.skipped()), (1052, 1009));
+        // Near the largest seq, nothing overflows.
+        let mut r = Reorder::<i32>::new(u64::MAX);
+        assert!(r.skip_to(u64::MAX).is_empty());
+        assert_eq!(r.last(), u64::MAX);
     }
 
     #[test]

@@ -972,3 +972,27 @@ async fn a_connection_that_closes_while_its_successor_is_confirmed_leaves_the_ro
     );
     Ok(())
 }
+
+/// An application that falls behind on its events (more messages than the event channel
+/// holds) can still ask for its last sequence number from its event loop, and then gets every
+/// message in order. The inbox lock is held while events are emitted; `last_seq` once waited
+/// for it, and so for the application itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_behind_on_its_events_can_still_ask_for_its_last_seq() -> anyhow::Result<()>
+{
+    const MESSAGES: usize = 1_200;
+    let cluster = TestCluster::start(1).await?;
+    let (alice, _alice_events) = cluster.user("alice").await?;
+    let (bob, mut bob_events) = cluster.user("bob").await?;
+    let bob_id = bob.info().user_id;
+    for i in 0..MESSAGES {
+        alice.send_private(bob_id, &format!("queued {i}")).await?;
+    }
+    // Every message is acked, so stored; the ones past the channel wait to be emitted.
+    let last = tokio::time::timeout(WAIT, bob.last_seq()).await?;
+    assert!(last <= MESSAGES as u64, "{last}");
+    let got = receive(&mut bob_events, MESSAGES, WAIT).await?;
+    assert_exactly_in_order(&got, "queued ", MESSAGES);
+    assert_eq!(bob.last_seq().await, got.last().map_or(0, |m| m.seq));
+    Ok(())
+}

@@ -539,3 +539,35 @@ async fn a_clients_later_api_calls_resume_tls_even_after_a_storm_of_others() -> 
     );
     Ok(())
 }
+
+/// A router that takes the connection and never answers (stalled, or cut off after the
+/// request went out) fails the call after the client's `http_timeout` instead of holding it
+/// up for good: a login, or a reconnect's re-login, would otherwise never end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_never_answers_fails_the_call_in_time() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = silent.local_addr()?.port();
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            connections.push(tcp);
+        }
+    });
+    let mut config = cluster.client_config();
+    config.router_url = format!("https://127.0.0.1:{port}");
+    config.http_timeout = Duration::from_millis(500);
+    let register = cim_client::register(&config, "alice", "password");
+    let err = tokio::time::timeout(WAIT, register)
+        .await?
+        .expect_err("nothing answered");
+    assert!(err.to_string().contains("no answer within"), "{err}");
+    let login = Client::login(&config, "alice", "password", LoginOptions::default());
+    let err = tokio::time::timeout(WAIT, login)
+        .await?
+        .err()
+        .expect("nothing answered");
+    assert!(err.to_string().contains("no answer within"), "{err}");
+    held.abort();
+    Ok(())
+}
