@@ -146,7 +146,8 @@ impl RouterApi {
 
     /// Logs the session `token` belongs to in again, on a server the router picks, without
     /// the password. Refused with `unauthorized` (expired or forged token) or
-    /// `session_ended` (logged out, or replaced by another login).
+    /// `session_ended` (logged out, or re-logged in already) or `logged_in_elsewhere` (replaced
+    /// by another login).
     pub(crate) async fn relogin(&self, token: &str) -> Result<Grant, ClientError> {
         self.call::<(), _>(Method::POST, "/api/relogin", None, Some(token))
             .await

@@ -80,10 +80,11 @@ const RESUME_ATTEMPTS: u32 = 1;
 const RESUME_TIMEOUT: Duration = Duration::from_secs(2);
 /// Router answers to a token re-login after which only the password will do: the token
 /// expired or is not genuine (`unauthorized`), its login ended (`session_ended`: logged
-/// out, replaced, or already re-logged in by an attempt whose answer was lost), the account
-/// is gone, or the router predates re-login (`not_found`). Anything else (`session_live`:
-/// the router still sees the session on a live server; `busy`, `no_server`, no answer) is
-/// retried with backoff, the token again.
+/// out, or already re-logged in by an attempt whose answer was lost), the account is gone, or
+/// the router predates re-login (`not_found`). `logged_in_elsewhere` (another login replaced
+/// this one) ends the client instead. Anything else (`session_live`: the router still sees
+/// the session on a live server; `busy`, `no_server`, no answer) is retried with backoff, the
+/// token again.
 const TOKEN_REFUSALS: [&str; 4] = [
     "unauthorized",
     "session_ended",
@@ -1084,6 +1085,16 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
                 let _ = shared
                     .events
                     .send(Event::Kicked("credentials no longer accepted".into()))
+                    .await;
+                shared.stop.cancel();
+                return None;
+            }
+            // Another login of the user replaced this one while it was away: the newer login
+            // wins, as it would have with this client connected to hear the Kick.
+            Err(ClientError::Api { code, .. }) if code == "logged_in_elsewhere" => {
+                let _ = shared
+                    .events
+                    .send(Event::Kicked("logged in elsewhere".into()))
                     .await;
                 shared.stop.cancel();
                 return None;

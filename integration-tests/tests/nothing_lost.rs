@@ -21,8 +21,8 @@ use cim_integration_tests::{Backend, TestCluster, WAIT, eventually, next_event, 
 use cim_proto::v1::{ClientControl, Login, client_control};
 use cim_proto::write_frame;
 use cim_router::store::{
-    Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, MemoryStore, Relogin, Route, Store,
-    StoreError,
+    Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, MemoryStore, Relogin, Revocation,
+    Route, Store, StoreError,
 };
 use tokio::sync::Notify;
 
@@ -733,11 +733,16 @@ impl Store for PausingStore {
         user: u64,
         session: u64,
         ttl: Duration,
+        why: Revocation,
     ) -> Result<(), StoreError> {
-        self.inner.revoke_session(user, session, ttl).await
+        self.inner.revoke_session(user, session, ttl, why).await
     }
-    async fn is_revoked(&self, user: u64, session_id: u64) -> Result<bool, StoreError> {
-        self.inner.is_revoked(user, session_id).await
+    async fn revocation(
+        &self,
+        user: u64,
+        session_id: u64,
+    ) -> Result<Option<Revocation>, StoreError> {
+        self.inner.revocation(user, session_id).await
     }
     async fn release_route(
         &self,
@@ -994,5 +999,46 @@ async fn an_application_behind_on_its_events_can_still_ask_for_its_last_seq() ->
     let got = receive(&mut bob_events, MESSAGES, WAIT).await?;
     assert_exactly_in_order(&got, "queued ", MESSAGES);
     assert_eq!(bob.last_seq().await, got.last().map_or(0, |m| m.seq));
+    Ok(())
+}
+
+/// A device that was away (its path blacked out) while the user logged in with takeover on
+/// another device learns, when it comes back, that it was replaced, and stops: it does not
+/// fall back to its password and take the user back from the newer login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_replaced_while_away_stops_instead_of_taking_the_user_back() -> anyhow::Result<()>
+{
+    let (cluster, relay) = relayed(Backend::Memory, Impairments::none(), 9).await?;
+    let (away, mut away_events) = user(&cluster, Some(&relay), "alice").await?;
+    let (bob, _bob_events) = user(&cluster, None, "bob").await?;
+    relay.set_blackout(true);
+    match next_event(&mut away_events, WAIT).await? {
+        Event::Disconnected(_) => {}
+        other => panic!("expected a disconnect, got {other:?}"),
+    }
+    let (newer, mut newer_events) = Client::login(
+        &cluster.client_config(),
+        "alice",
+        "password",
+        LoginOptions { takeover: true },
+    )
+    .await?;
+    relay.set_blackout(false);
+    let kicked = loop {
+        match next_event(&mut away_events, Duration::from_secs(30)).await? {
+            Event::Kicked(reason) => break reason,
+            Event::Disconnected(_) | Event::Reconnected(_) => {}
+            other => panic!("unexpected event {other:?}"),
+        }
+    };
+    assert!(kicked.contains("elsewhere"), "{kicked}");
+    drop(away);
+    // The newer login was left alone and still gets its messages.
+    bob.send_private(newer.info().user_id, "to the newer device")
+        .await?;
+    match next_event(&mut newer_events, WAIT).await? {
+        Event::Message(m) => assert_eq!(m.body, "to the newer device"),
+        other => panic!("the newer login got {other:?}"),
+    }
     Ok(())
 }

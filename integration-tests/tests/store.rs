@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use cim_integration_tests::cluster::RedisProc;
 use cim_router::store::{
-    Claim, InboxEntry, InboxLimits, MemoryStore, RedisStore, Relogin, Route, Store,
+    Claim, InboxEntry, InboxLimits, MemoryStore, RedisStore, Relogin, Revocation, Route, Store,
 };
 
 fn entry(msg_id: u64) -> InboxEntry {
@@ -201,10 +201,14 @@ async fn revoked_sessions_do_not_get_their_routes_back(store: &dyn Store) -> any
     let frank = store.create_account("frank", "hash").await?;
     // Neither has a route (lapsed, or released by a logout); erin's login was revoked.
     store
-        .revoke_session(erin.id, 8, Duration::from_secs(60))
+        .revoke_session(erin.id, 8, Duration::from_secs(60), Revocation::Replaced)
         .await?;
-    assert!(store.is_revoked(erin.id, 8).await?);
-    assert!(!store.is_revoked(frank.id, 9).await?);
+    assert_eq!(
+        store.revocation(erin.id, 8).await?,
+        Some(Revocation::Replaced),
+        "why is kept"
+    );
+    assert_eq!(store.revocation(frank.id, 9).await?, None);
     let lost = store
         .renew_routes("server-1", &[(erin.id, 8), (frank.id, 9)], lease)
         .await?;
@@ -246,7 +250,10 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
             previous: Some(route(20))
         }
     );
-    assert!(store.is_revoked(gina.id, 20).await?);
+    assert_eq!(
+        store.revocation(gina.id, 20).await?,
+        Some(Revocation::ReLoggedIn)
+    );
     // A second re-login with that token, checked against the route it finds now, is refused
     // and changes nothing.
     assert_eq!(
@@ -269,7 +276,7 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
             "checked against {seen:?}"
         );
     }
-    assert!(!store.is_revoked(gina.id, 21).await?);
+    assert_eq!(store.revocation(gina.id, 21).await?, None);
     assert_eq!(route_of(store, gina.id).await?, Some(route(23)));
 
     // A user without a route: a re-login checked against none claims it.
@@ -280,7 +287,10 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
             .await?,
         Claim::Won { previous: None }
     );
-    assert!(store.is_revoked(hank.id, 29).await?);
+    assert_eq!(
+        store.revocation(hank.id, 29).await?,
+        Some(Revocation::ReLoggedIn)
+    );
     Ok(())
 }
 

@@ -68,7 +68,8 @@ impl From<ServiceError> for ApiError {
             }
             ServiceError::InvalidCredentials
             | ServiceError::Unauthorized(_)
-            | ServiceError::SessionEnded(_) => StatusCode::UNAUTHORIZED,
+            | ServiceError::SessionEnded(_)
+            | ServiceError::LoggedInElsewhere => StatusCode::UNAUTHORIZED,
             ServiceError::UnknownUser | ServiceError::UnknownGroup => StatusCode::NOT_FOUND,
             ServiceError::GroupExists | ServiceError::GroupFull => StatusCode::CONFLICT,
             ServiceError::NotMember => StatusCode::FORBIDDEN,
@@ -578,9 +579,10 @@ async fn authenticate(
         .map_err(ServiceError::from)?;
     if service
         .store
-        .is_revoked(claims.user_id, claims.session_id)
+        .revocation(claims.user_id, claims.session_id)
         .await
         .map_err(ServiceError::from)?
+        .is_some()
     {
         return Err(ServiceError::Unauthorized("the session has ended".into()).into());
     }

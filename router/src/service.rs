@@ -21,7 +21,9 @@ use crate::ids::IdGenerator;
 use crate::links::ServerLinks;
 use crate::password::{self, PasswordWork, WorkError};
 use crate::select::Selector;
-use crate::store::{Account, Claim, InboxEntry, Join, Relogin, Route, Store, StoreError};
+use crate::store::{
+    Account, Claim, InboxEntry, Join, Relogin, Revocation, Route, Store, StoreError,
+};
 
 /// Errors kept for the admin page.
 const RECENT_ERRORS: usize = 50;
@@ -87,6 +89,11 @@ pub enum ServiceError {
     /// newer login); only the password can start a new one.
     #[error("the session has ended: {0}")]
     SessionEnded(&'static str),
+    /// A re-login's token belongs to a login another login of the user replaced: the client
+    /// must not take the user back with its password (the newer login wins); it has been
+    /// logged out.
+    #[error("the user logged in elsewhere")]
+    LoggedInElsewhere,
     /// A re-login's token belongs to a login still connected to a live server: a token alone
     /// cannot move a live session (a leaked one must not steal it). Retry once the session
     /// has ended (its server reports it closed, or leaves).
@@ -139,6 +146,7 @@ impl ServiceError {
             ServiceError::NoServer => "no_server",
             ServiceError::Unauthorized(_) => "unauthorized",
             ServiceError::SessionEnded(_) => "session_ended",
+            ServiceError::LoggedInElsewhere => "logged_in_elsewhere",
             ServiceError::SessionLive => "session_live",
             ServiceError::UnknownUser => "unknown_user",
             ServiceError::UnknownGroup => "unknown_group",
@@ -361,11 +369,11 @@ impl Service {
     }
 
     /// Ends the login `claims` belongs to for as long as its newest token may live.
-    async fn revoke(&self, claims: &Claims) -> Result<(), ServiceError> {
+    async fn revoke(&self, claims: &Claims, why: Revocation) -> Result<(), ServiceError> {
         let ttl = self.revocation_ttl(claims.expires_at_ms);
         Ok(self
             .store
-            .revoke_session(claims.user_id, claims.session_id, ttl)
+            .revoke_session(claims.user_id, claims.session_id, ttl, why)
             .await?)
     }
 
@@ -417,14 +425,18 @@ impl Service {
         token: &str,
     ) -> Result<(Claims, Account, Option<u64>), ServiceError> {
         let claims = self.config.token_key.verify(token, now_ms(), None)?;
-        if self
+        match self
             .store
-            .is_revoked(claims.user_id, claims.session_id)
+            .revocation(claims.user_id, claims.session_id)
             .await?
         {
-            return Err(ServiceError::SessionEnded(
-                "it was logged out, replaced or re-logged in already",
-            ));
+            Some(Revocation::Replaced) => return Err(ServiceError::LoggedInElsewhere),
+            Some(_) => {
+                return Err(ServiceError::SessionEnded(
+                    "it was logged out or re-logged in already",
+                ));
+            }
+            None => {}
         }
         let current = self.store.routes(&[claims.user_id]).await?.pop().flatten();
         if let Some(route) = &current
@@ -434,7 +446,7 @@ impl Service {
                 .any(|s| s.id == route.server_id)
         {
             if route.session_id != claims.session_id {
-                return Err(ServiceError::SessionEnded("the user logged in elsewhere"));
+                return Err(ServiceError::LoggedInElsewhere);
             }
             if route.confirmed {
                 return Err(ServiceError::SessionLive);
@@ -524,7 +536,12 @@ impl Service {
                     .await;
                 // The replaced login's token must not bring it back once this one ends.
                 self.store
-                    .revoke_session(account.id, previous.session_id, self.revocation_ttl(0))
+                    .revoke_session(
+                        account.id,
+                        previous.session_id,
+                        self.revocation_ttl(0),
+                        Revocation::Replaced,
+                    )
                     .await?;
             }
             Claim::Won { previous: None } => {}
@@ -561,7 +578,7 @@ impl Service {
             .store
             .release_route(claims.user_id, claims.session_id, None)
             .await?;
-        self.revoke(claims).await?;
+        self.revoke(claims, Revocation::LoggedOut).await?;
         // If the session had already closed, its server announced the departure.
         if released {
             let service = self.clone();
@@ -610,7 +627,7 @@ impl Service {
         // timed out first) gets the route back, unless another login holds the user or the
         // session was logged out.
         let route = self.store.routes(&[user_id]).await?.pop().flatten();
-        if route.is_some() || self.store.is_revoked(user_id, session_id).await? {
+        if route.is_some() || self.store.revocation(user_id, session_id).await?.is_some() {
             return Ok(false);
         }
         let lost = self

@@ -10,7 +10,8 @@ use tokio::time::Instant;
 
 use super::expiring::{ExpiringMap, Weight};
 use super::{
-    Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, Relogin, Route, Store, StoreError,
+    Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, Relogin, Revocation, Route, Store,
+    StoreError,
 };
 
 /// Most idempotency records kept; beyond this the oldest are forgotten early.
@@ -55,8 +56,8 @@ struct Inner {
     appended: ExpiringMap<u64, AppendRecord, RECORD_SHARDS, MAX_APPENDED_PAIRS>,
     /// (sender, client msg id) -> msg id.
     sent: ExpiringMap<(u64, u64), u64, RECORD_SHARDS, MAX_SENT_RECORDS>,
-    /// (user, session) -> expiry of revocations (logout, takeover, re-login).
-    revoked: HashMap<(u64, u64), Instant>,
+    /// (user, session) -> expiry and reason of revocations (logout, takeover, re-login).
+    revoked: HashMap<(u64, u64), (Instant, Revocation)>,
     /// Size of `revoked` at which expired marks are swept next (twice what the last sweep
     /// left): takeovers and re-logins revoke too, so a sweep per revocation would make a
     /// failover storm quadratic.
@@ -84,20 +85,26 @@ impl Weight for u64 {
 }
 
 impl Inner {
-    /// Whether `session_id` of `user` was revoked and the mark has not expired.
-    fn is_revoked(&self, user: u64, session_id: u64, now: Instant) -> bool {
+    /// Why `session_id` of `user` was revoked, if it was and the mark has not expired.
+    fn revocation(&self, user: u64, session_id: u64, now: Instant) -> Option<Revocation> {
         self.revoked
             .get(&(user, session_id))
-            .is_some_and(|expires| *expires > now)
+            .filter(|(expires, _)| *expires > now)
+            .map(|(_, why)| *why)
     }
 
-    /// Marks `session_id` of `user` as ended for `ttl`.
-    fn revoke(&mut self, user: u64, session_id: u64, ttl: Duration, now: Instant) {
+    /// Whether `session_id` of `user` was revoked and the mark has not expired.
+    fn is_revoked(&self, user: u64, session_id: u64, now: Instant) -> bool {
+        self.revocation(user, session_id, now).is_some()
+    }
+
+    /// Marks `session_id` of `user` as ended, for `why`, for `ttl`.
+    fn revoke(&mut self, user: u64, session_id: u64, ttl: Duration, why: Revocation, now: Instant) {
         if self.revoked.len() >= self.revoked_sweep_at {
-            self.revoked.retain(|_, expires| *expires > now);
+            self.revoked.retain(|_, (expires, _)| *expires > now);
             self.revoked_sweep_at = (self.revoked.len() * 2).max(1024);
         }
-        self.revoked.insert((user, session_id), now + ttl);
+        self.revoked.insert((user, session_id), (now + ttl, why));
     }
 
     /// [`Store::claim_route`], and with `relogin` [`Store::claim_route_relogin`].
@@ -117,7 +124,8 @@ impl Inner {
             {
                 return Claim::Ended;
             }
-            self.revoke(user, relogin.session_id, relogin.revoke_for, now);
+            let why = Revocation::ReLoggedIn;
+            self.revoke(user, relogin.session_id, relogin.revoke_for, why, now);
         }
         if let Some(existing) = &previous
             && !force
@@ -257,13 +265,19 @@ impl Store for MemoryStore {
         user: u64,
         session_id: u64,
         ttl: Duration,
+        why: Revocation,
     ) -> Result<(), StoreError> {
-        self.inner().revoke(user, session_id, ttl, Instant::now());
+        self.inner()
+            .revoke(user, session_id, ttl, why, Instant::now());
         Ok(())
     }
 
-    async fn is_revoked(&self, user: u64, session_id: u64) -> Result<bool, StoreError> {
-        Ok(self.inner().is_revoked(user, session_id, Instant::now()))
+    async fn revocation(
+        &self,
+        user: u64,
+        session_id: u64,
+    ) -> Result<Option<Revocation>, StoreError> {
+        Ok(self.inner().revocation(user, session_id, Instant::now()))
     }
 
     async fn release_route(

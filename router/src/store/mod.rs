@@ -150,6 +150,43 @@ pub enum Claim {
     Ended,
 }
 
+/// Why a login ended, as its revocation records it: a client whose token is refused falls back
+/// to its password only when the login was not replaced by another one, so a device that was
+/// away does not take the user back from the newer login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    /// Logged out.
+    LoggedOut,
+    /// Another login of the user took over.
+    Replaced,
+    /// Its token logged in again (a new login began).
+    ReLoggedIn,
+    /// Ended by a router that did not record why.
+    Unrecorded,
+}
+
+impl Revocation {
+    /// The stored form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Revocation::LoggedOut => "logout",
+            Revocation::Replaced => "replaced",
+            Revocation::ReLoggedIn => "relogin",
+            Revocation::Unrecorded => "1",
+        }
+    }
+
+    /// Reads the stored form; anything else was written without a reason.
+    pub fn parse(stored: &str) -> Self {
+        match stored {
+            "logout" => Revocation::LoggedOut,
+            "replaced" => Revocation::Replaced,
+            "relogin" => Revocation::ReLoggedIn,
+            _ => Revocation::Unrecorded,
+        }
+    }
+}
+
 /// What a token re-login's claim ([`Store::claim_route_relogin`]) ends and expects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Relogin {
@@ -220,17 +257,22 @@ pub trait Store: Send + Sync + 'static {
         server_id: &str,
         lease: Duration,
     ) -> Result<bool, StoreError>;
-    /// Marks a login as ended (logged out, replaced by a takeover, or re-logged in with its
-    /// token) for `ttl` (the rest of its newest token's life), so its token cannot bring the
-    /// session back.
+    /// Marks a login as ended (logged out, replaced by another login, or re-logged in with
+    /// its token: `why`) for `ttl` (the rest of its newest token's life), so its token cannot
+    /// bring the session back.
     async fn revoke_session(
         &self,
         user: u64,
         session_id: u64,
         ttl: Duration,
+        why: Revocation,
     ) -> Result<(), StoreError>;
-    /// Whether [`Store::revoke_session`] marked this login.
-    async fn is_revoked(&self, user: u64, session_id: u64) -> Result<bool, StoreError>;
+    /// Whether and why [`Store::revoke_session`] (or a re-login's claim) ended this login.
+    async fn revocation(
+        &self,
+        user: u64,
+        session_id: u64,
+    ) -> Result<Option<Revocation>, StoreError>;
     /// Removes the route and online entry if they still belong to `session_id`, and, given
     /// `server_id`, if the route is on that server: a server's close report releases only a
     /// route to itself (a logout, without `server_id`, releases the route wherever it is).

@@ -17,7 +17,7 @@
 //! | `cim:{u<id>}:inbox` | sorted set, PX ttl | score seq, member `<seq>:<entry bytes>` ([`InboxEntry::encode`]) |
 //! | `cim:{u<id>}:m:<msg_id>` | string, PX dedup window | seq the message got in this inbox (idempotent append) |
 //! | `cim:{u<id>}:sent:<client_msg_id>` | string, PX dedup window | msg id given to the sender's message |
-//! | `cim:{u<id>}:revoked:<session_id>` | string, PX token lifetime | the login ended by logout |
+//! | `cim:{u<id>}:revoked:<session_id>` | string (`logout`, `replaced`, `relogin`), PX token lifetime | the login ended, and why |
 //! | `cim:group:{<name>}:owner` | string | owner's user id (exists iff the group exists) |
 //! | `cim:group:{<name>}:members` | set | member ids |
 //! | `cim:{u<id>}:groups` | set | names of the user's groups |
@@ -31,7 +31,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::{
-    Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, Relogin, Route, Store, StoreError,
+    Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, Relogin, Revocation, Route, Store,
+    StoreError,
 };
 
 const NEXT_USER_ID: &str = "cim:next_user_id";
@@ -202,7 +203,7 @@ if KEYS[2] then
   if redis.call('EXISTS', KEYS[2]) == 1 then return {2, ''} end
   local session = cur and string.match(cur, '^(%d+)|[01]|') or ''
   if session ~= ARGV[5] then return {2, ''} end
-  redis.call('SET', KEYS[2], 1, 'PX', ARGV[4])
+  redis.call('SET', KEYS[2], 'relogin', 'PX', ARGV[4])
 end
 if cur and ARGV[3] == '0' and string.match(cur, '^%d+|[01]|') then return {0, cur} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -560,20 +561,31 @@ impl Store for RedisStore {
         user: u64,
         session_id: u64,
         ttl: Duration,
+        why: Revocation,
     ) -> Result<(), StoreError> {
         let _: () = self
             .conn()
-            .pset_ex(revoked_key(user, session_id), 1, ttl.as_millis() as u64)
+            .pset_ex(
+                revoked_key(user, session_id),
+                why.as_str(),
+                ttl.as_millis() as u64,
+            )
             .await
             .map_err(unavailable)?;
         Ok(())
     }
 
-    async fn is_revoked(&self, user: u64, session_id: u64) -> Result<bool, StoreError> {
-        self.conn()
-            .exists(revoked_key(user, session_id))
+    async fn revocation(
+        &self,
+        user: u64,
+        session_id: u64,
+    ) -> Result<Option<Revocation>, StoreError> {
+        let stored: Option<Vec<u8>> = self
+            .conn()
+            .get(revoked_key(user, session_id))
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        Ok(stored.map(|v| Revocation::parse(&String::from_utf8_lossy(&v))))
     }
 
     async fn release_route(
