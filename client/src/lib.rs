@@ -468,6 +468,9 @@ struct Shared {
     next_client_msg_id: AtomicU64,
     stats: std::sync::Mutex<Stats>,
     stop: CancellationToken,
+    /// Cancelled once the supervisor task has ended: no reconnect (and no re-login) is under
+    /// way any more.
+    supervised: CancellationToken,
 }
 
 impl Shared {
@@ -588,6 +591,7 @@ impl Client {
             next_client_msg_id: AtomicU64::new((rand::random::<u64>() >> 16) + 1),
             stats: std::sync::Mutex::new(Stats::default()),
             stop: CancellationToken::new(),
+            supervised: CancellationToken::new(),
         });
         let target = shared.target(grant.server_addr);
         let name_for_tls = transport::server_name(&grant.server_addr);
@@ -839,8 +843,13 @@ impl Client {
 
     /// Logs out at the router and closes the connection.
     pub async fn logout(self) -> Result<(), ClientError> {
-        let token = self.token();
         self.shared.stop.cancel();
+        // A reconnect under way may be logging in again, which ends the login of the token
+        // held now: wait for it, so that the logout ends the newest login rather than fail on
+        // an ended one and leave the new one behind.
+        let settled = self.shared.config.http_timeout + CONNECT_TIMEOUT * 2;
+        let _ = tokio::time::timeout(settled, self.shared.supervised.cancelled()).await;
+        let token = self.token();
         let result = self.shared.api.logout(&token).await;
         self.close().await;
         result
@@ -976,6 +985,7 @@ enum End {
 
 /// Runs connections one after another until the client stops or is kicked.
 async fn supervise(shared: Arc<Shared>, first: Connected) {
+    let _ended = shared.supervised.clone().drop_guard();
     let mut connected = first;
     loop {
         let end = run_connection(&shared, connected).await;
@@ -1068,6 +1078,12 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
             }
         };
         match attempt {
+            // Stopped (closed, logged out) while the attempt ran: the connection it made is
+            // not wanted. A re-login's grant is kept in `current`, so a logout ends it.
+            Ok((connected, _)) if shared.stop.is_cancelled() => {
+                connected.conn.close(close::code(close::NORMAL), b"bye");
+                return None;
+            }
             Ok((connected, zero_rtt)) => {
                 let info = Reconnected {
                     server_id: shared.current().info.server_id.clone(),
