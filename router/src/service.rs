@@ -356,13 +356,20 @@ impl Service {
             seen_route_session,
             revoke_for: self.revocation_ttl(claims.expires_at_ms),
         };
-        let grant = self
-            .assign(account, true, Some(&relogin))
-            .await
-            .map_err(|e| match e {
-                ServiceError::SessionEnded(_) => self.login_refused(e, "re-login"),
-                e => e,
-            })?;
+        let grant = match self.assign(account, true, Some(&relogin)).await {
+            Ok(grant) => grant,
+            // The claim found the login ended or the route changed since the check: by
+            // whom, its revocation says (none yet: a login that replaced it).
+            Err(ServiceError::SessionEnded(_)) => {
+                let why = self
+                    .store
+                    .revocation(claims.user_id, claims.session_id)
+                    .await?
+                    .unwrap_or(Revocation::Replaced);
+                return Err(self.login_refused(ended(why), "re-login"));
+            }
+            Err(e) => return Err(e),
+        };
         self.config.metrics.relogins.inc();
         tracing::info!(user = claims.user_id, from = %claims.server_id, "re-login with token");
         Ok(grant)
@@ -425,18 +432,12 @@ impl Service {
         token: &str,
     ) -> Result<(Claims, Account, Option<u64>), ServiceError> {
         let claims = self.config.token_key.verify(token, now_ms(), None)?;
-        match self
+        let revocation = self
             .store
             .revocation(claims.user_id, claims.session_id)
-            .await?
-        {
-            Some(Revocation::Replaced) => return Err(ServiceError::LoggedInElsewhere),
-            Some(_) => {
-                return Err(ServiceError::SessionEnded(
-                    "it was logged out or re-logged in already",
-                ));
-            }
-            None => {}
+            .await?;
+        if let Some(why) = revocation {
+            return Err(ended(why));
         }
         let current = self.store.routes(&[claims.user_id]).await?.pop().flatten();
         if let Some(route) = &current
@@ -446,7 +447,14 @@ impl Service {
                 .any(|s| s.id == route.server_id)
         {
             if route.session_id != claims.session_id {
-                return Err(ServiceError::LoggedInElsewhere);
+                // Another login holds the user: a replacement whose revocation of this login
+                // is still to come, or a re-login with this very token that won since the
+                // check above (which its revocation says).
+                let revocation = self
+                    .store
+                    .revocation(claims.user_id, claims.session_id)
+                    .await?;
+                return Err(ended(revocation.unwrap_or(Revocation::Replaced)));
             }
             if route.confirmed {
                 return Err(ServiceError::SessionLive);
@@ -1093,5 +1101,13 @@ fn validate_password(password: &str) -> Result<(), ServiceError> {
         Err(ServiceError::BadRequest(
             "password must be 4-256 bytes long".into(),
         ))
+    }
+}
+
+/// The refusal of a token whose login ended for `why`.
+fn ended(why: Revocation) -> ServiceError {
+    match why {
+        Revocation::Replaced => ServiceError::LoggedInElsewhere,
+        _ => ServiceError::SessionEnded("it was logged out or re-logged in already"),
     }
 }
