@@ -961,7 +961,9 @@ fn write_control(
     let frame = encode_frame(&control(kind), MAX_CONTROL_FRAME);
     async move {
         let frame = frame?;
-        match tokio::time::timeout(limit, send.write_all(&frame)).await {
+        // Boxed: the timer would otherwise take room in every session's control loop for
+        // good, though a write is only a moment of it.
+        match Box::pin(tokio::time::timeout(limit, send.write_all(&frame))).await {
             Ok(written) => Ok(written.map_err(std::io::Error::from)?),
             Err(_) => {
                 tracing::info!("control stream left unread; ending the session");
@@ -976,15 +978,17 @@ fn write_control(
 /// disconnected.
 async fn message_loop(conn: &quinn::Connection, auth: &Authenticated, state: &Arc<State>) {
     let limits = state.config.limits;
-    let bucket = Arc::new(Mutex::new(TokenBucket::new(
-        limits.message_burst,
-        limits.messages_per_sec,
-        std::time::Instant::now(),
-    )));
-    let refused_in_a_row = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let shared = Arc::new(StreamLimits {
+        bucket: Mutex::new(TokenBucket::new(
+            limits.message_burst,
+            limits.messages_per_sec,
+            std::time::Instant::now(),
+        )),
+        refused_in_a_row: std::sync::atomic::AtomicU32::new(0),
+        fetches: tokio::sync::Semaphore::new(FETCHES_IN_FLIGHT),
+    });
     let flood_cap = limits.message_burst.saturating_mul(4).max(100);
     let mut allowance = StreamAllowance::default();
-    let fetches = Arc::new(tokio::sync::Semaphore::new(FETCHES_IN_FLIGHT));
     while let Ok((send, recv)) = conn.accept_bi().await {
         if allowance.on_stream(std::time::Instant::now()) {
             tracing::debug!(user = auth.user_id, "busy client: stream allowance widened");
@@ -993,23 +997,30 @@ async fn message_loop(conn: &quinn::Connection, auth: &Authenticated, state: &Ar
         let state = state.clone();
         let from_user = auth.user_id;
         let from_name = auth.user_name.clone();
-        let bucket = bucket.clone();
-        let refused = refused_in_a_row.clone();
+        let shared = shared.clone();
         let conn = conn.clone();
-        let fetches = fetches.clone();
         tokio::spawn(async move {
             let gate = RateGate {
-                bucket: &bucket,
-                refused: &refused,
+                bucket: &shared.bucket,
+                refused: &shared.refused_in_a_row,
                 flood_cap,
                 conn: &conn,
             };
-            let served = handle_message(send, recv, from_user, from_name, &state, gate, &fetches);
+            let fetches = &shared.fetches;
+            let served = handle_message(send, recv, from_user, from_name, &state, gate, fetches);
             if let Err(e) = served.await {
                 tracing::info!(user = from_user, error = %e, "message stream failed");
             }
         });
     }
+}
+
+/// What a session's message streams share: the send limit's state and the turns of fetches
+/// (one allocation per session).
+struct StreamLimits {
+    bucket: Mutex<TokenBucket>,
+    refused_in_a_row: std::sync::atomic::AtomicU32,
+    fetches: tokio::sync::Semaphore,
 }
 
 /// The per-session send limit, checked when a send arrives.
