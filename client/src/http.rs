@@ -250,11 +250,11 @@ impl RouterApi {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| http_err(&e))?;
-        // One request per connection: the connection goes with this exchange, also when
-        // the exchange is given up.
-        let driver = AbortOnDrop(tokio::spawn(async move {
+        // Given up (timed out), the exchange takes its connection with it; once answered,
+        // the connection closes by itself (its sender is dropped) as it always did.
+        let mut driver = AbortOnDrop(Some(tokio::spawn(async move {
             let _ = conn.await;
-        }));
+        })));
         let mut request = Request::builder()
             .method(method)
             .uri(path)
@@ -274,7 +274,7 @@ impl RouterApi {
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?
             .to_bytes();
-        drop(driver);
+        driver.0 = None;
         Ok((status, bytes))
     }
 }
@@ -282,11 +282,13 @@ impl RouterApi {
 /// Default longest time a call to the router's HTTPS API may take, connection included.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Aborts a spawned task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Aborts a spawned task when dropped, unless it was taken out.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
     }
 }
