@@ -37,6 +37,9 @@ struct OnlineUsers {
 struct ErrorBody {
     code: String,
     message: String,
+    /// With `session_ended`: `replaced` when another login of the user replaced this one.
+    #[serde(default)]
+    ended: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -203,9 +206,15 @@ impl RouterApi {
                 code: "unknown".into(),
                 message: String::from_utf8_lossy(&bytes).into_owned(),
             })?;
+            // A login another one replaced comes as `session_ended` (what older clients know,
+            // and take as a cue for their password); told apart here by its `ended` field.
+            let code = match err.ended.as_deref() {
+                Some("replaced") if err.code == "session_ended" => "logged_in_elsewhere".into(),
+                _ => err.code,
+            };
             return Err(ClientError::Api {
                 status: status.as_u16(),
-                code: err.code,
+                code,
                 message: err.message,
             });
         }

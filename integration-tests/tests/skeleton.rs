@@ -199,6 +199,16 @@ async fn a_token_re_logs_in_once_and_never_a_live_or_ended_login() -> anyhow::Re
     .await?;
     let replaced = Err((401, "logged_in_elsewhere".into()));
     assert_eq!(relogin(&api, &second).await, replaced);
+    // On the wire it is `session_ended`, which older clients know, with the reason beside it.
+    let (status, body) = api
+        .raw(http::Method::POST, "/api/relogin", Default::default(), Some(&second))
+        .await?;
+    let body: serde_json::Value = serde_json::from_slice(&body)?;
+    assert_eq!(
+        (status.as_u16(), &body["code"], &body["ended"]),
+        (401, &"session_ended".into(), &"replaced".into()),
+        "{body}"
+    );
     let last = third.token();
     third.logout().await?;
     assert_eq!(relogin(&api, &second).await, replaced);
@@ -216,6 +226,31 @@ async fn a_token_re_logs_in_once_and_never_a_live_or_ended_login() -> anyhow::Re
     assert!(
         metrics.lines().any(|l| l == "cim_router_relogins_total 1"),
         "{metrics}"
+    );
+    Ok(())
+}
+
+/// A token whose login never connected (its client's connect failed after the re-login) re-logs
+/// in again over its own pending route; a retry of that re-login (its answer lost) is told the
+/// login was re-logged in, so its client falls back to the password rather than stop as
+/// replaced by another device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_re_login_learns_its_login_was_re_logged_in_not_replaced() -> anyhow::Result<()> {
+    let cluster = TestCluster::start_on(1, Backend::Redis).await?;
+    let api = RouterApi::new(&cluster.client_config())?;
+    let (alice, _alice_events) = cluster.user("alice").await?;
+    let first = alice.token();
+    alice.close().await;
+    let second = eventually(WAIT, || {
+        let (api, first) = (&api, &first);
+        async move { relogin(api, first).await.ok() }
+    })
+    .await?;
+    let third = relogin(&api, &second).await;
+    assert!(third.is_ok(), "{third:?}");
+    assert_eq!(
+        relogin(&api, &second).await,
+        Err((401, "session_ended".into()))
     );
     Ok(())
 }

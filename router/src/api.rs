@@ -47,6 +47,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// With `session_ended`: why the login ended, when that tells the client what to do.
+    ended: Option<&'static str>,
 }
 
 impl ApiError {
@@ -55,6 +57,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            ended: None,
         }
     }
 }
@@ -88,7 +91,11 @@ impl From<ServiceError> for ApiError {
             }
             _ => {}
         }
-        ApiError::new(status, e.code(), e.to_string())
+        let mut error = ApiError::new(status, e.code(), e.to_string());
+        if matches!(e, ServiceError::LoggedInElsewhere) {
+            error.ended = Some("replaced");
+        }
+        error
     }
 }
 
@@ -97,6 +104,7 @@ impl Reply for ApiError {
         let body = ErrorBody {
             code: self.code,
             message: self.message,
+            ended: self.ended,
         };
         warp::reply::with_status(warp::reply::json(&body), self.status).into_response()
     }
@@ -106,6 +114,8 @@ impl Reply for ApiError {
 struct ErrorBody {
     code: &'static str,
     message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ended: Option<&'static str>,
 }
 
 #[derive(Deserialize)]

@@ -146,7 +146,9 @@ impl ServiceError {
             ServiceError::NoServer => "no_server",
             ServiceError::Unauthorized(_) => "unauthorized",
             ServiceError::SessionEnded(_) => "session_ended",
-            ServiceError::LoggedInElsewhere => "logged_in_elsewhere",
+            // The code older clients know (they fall back to their password); the reason is
+            // told apart in the answer's `ended` field (see `api.rs`).
+            ServiceError::LoggedInElsewhere => "session_ended",
             ServiceError::SessionLive => "session_live",
             ServiceError::UnknownUser => "unknown_user",
             ServiceError::UnknownGroup => "unknown_group",
@@ -339,36 +341,49 @@ impl Service {
         // is stopped like one guessing passwords.
         let now = Instant::now();
         self.check_attempts(peer, now, false)?;
-        let (claims, account, seen_route_session) = match self.check_relogin_token(token).await {
-            Ok(ok) => ok,
-            Err(e) => {
-                if let (Some(ip), ServiceError::Unauthorized(_)) = (peer, &e) {
-                    lock(&self.login_attempts).hit(ip, now);
+        // A route that lapsed or was cleaned up (its server left discovery) between the
+        // checks and the claim is no one else's login: check and claim once more.
+        let mut attempts = 0;
+        let (claims, grant) = loop {
+            attempts += 1;
+            let (claims, account, seen_route_session) =
+                match self.check_relogin_token(token).await {
+                    Ok(ok) => ok,
+                    Err(e) => {
+                        if let (Some(ip), ServiceError::Unauthorized(_)) = (peer, &e) {
+                            lock(&self.login_attempts).hit(ip, now);
+                        }
+                        return Err(self.login_refused(e, "re-login"));
+                    }
+                };
+            // The claim ends the token's login in the same atomic step, and only if the login
+            // and the user's route are still as checked: of two re-logins with one token (a
+            // client's retry racing its first attempt, or a leaked token), one wins.
+            let relogin = Relogin {
+                session_id: claims.session_id,
+                seen_route_session,
+                revoke_for: self.revocation_ttl(claims.expires_at_ms),
+            };
+            match self.assign(account, true, Some(&relogin)).await {
+                Ok(grant) => break (claims, grant),
+                // The login ended or the route changed since the check: by whom, the
+                // revocation says; none yet is a login that replaced it, or a route gone.
+                Err(ServiceError::SessionEnded(_)) => {
+                    let revocation = self
+                        .store
+                        .revocation(claims.user_id, claims.session_id)
+                        .await?;
+                    match revocation {
+                        Some(why) => return Err(self.login_refused(ended(why), "re-login")),
+                        None if attempts < 2 => continue,
+                        None => {
+                            let e = ServiceError::SessionEnded("the route changed meanwhile");
+                            return Err(self.login_refused(e, "re-login"));
+                        }
+                    }
                 }
-                return Err(self.login_refused(e, "re-login"));
+                Err(e) => return Err(e),
             }
-        };
-        // The claim ends the token's login in the same atomic step, and only if the login
-        // and the user's route are still as checked: of two re-logins with one token (a
-        // client's retry racing its first attempt, or a leaked token), one wins.
-        let relogin = Relogin {
-            session_id: claims.session_id,
-            seen_route_session,
-            revoke_for: self.revocation_ttl(claims.expires_at_ms),
-        };
-        let grant = match self.assign(account, true, Some(&relogin)).await {
-            Ok(grant) => grant,
-            // The claim found the login ended or the route changed since the check: by
-            // whom, its revocation says (none yet: a login that replaced it).
-            Err(ServiceError::SessionEnded(_)) => {
-                let why = self
-                    .store
-                    .revocation(claims.user_id, claims.session_id)
-                    .await?
-                    .unwrap_or(Revocation::Replaced);
-                return Err(self.login_refused(ended(why), "re-login"));
-            }
-            Err(e) => return Err(e),
         };
         self.config.metrics.relogins.inc();
         tracing::info!(user = claims.user_id, from = %claims.server_id, "re-login with token");
@@ -536,6 +551,14 @@ impl Service {
                 return Err(ServiceError::SessionEnded(
                     "it was re-logged in, logged out or replaced meanwhile",
                 ));
+            }
+            // A re-login over its token's own route: the claim revoked that login already, as
+            // re-logged in (a retry whose answer was lost must read that, not `replaced`).
+            Claim::Won {
+                previous: Some(previous),
+            } if relogin.is_some_and(|r| r.session_id == previous.session_id) => {
+                self.kick_route(account.id, &previous, "logged in again")
+                    .await;
             }
             Claim::Won {
                 previous: Some(previous),
