@@ -219,6 +219,30 @@ async fn revoked_sessions_do_not_get_their_routes_back(store: &dyn Store) -> any
     Ok(())
 }
 
+/// Entries past their age at the front of an inbox (a user away longer than the TTL, whose
+/// inbox newer messages kept alive) are skipped, never returned as an empty page with more to
+/// come: a client stops pulling at such a page and would never catch up.
+async fn expired_entries_never_hide_fresh_ones(store: &dyn Store) -> anyhow::Result<()> {
+    let limits = InboxLimits {
+        max_len: 1000,
+        ttl: Duration::from_millis(1000),
+    };
+    let ivy = store.create_account("ivy", "hash").await?;
+    for msg_id in 1..=12 {
+        let mut old_or_new = entry(500 + msg_id);
+        old_or_new.created_at_ms = if msg_id <= 10 { 5 } else { 5000 };
+        store.append_private(ivy.id, &old_or_new, limits).await?;
+    }
+    let seqs = |page: &cim_router::store::InboxPage| -> Vec<u64> {
+        page.entries.iter().map(|(seq, _)| *seq).collect()
+    };
+    let page = store.fetch_inbox(ivy.id, 0, 3, limits, 5500).await?;
+    assert_eq!((seqs(&page), page.more), (vec![11, 12], false));
+    let page = store.fetch_inbox(ivy.id, 0, 1, limits, 5500).await?;
+    assert_eq!((seqs(&page), page.more), (vec![11], true));
+    Ok(())
+}
+
 async fn route_of(store: &dyn Store, user: u64) -> anyhow::Result<Option<Route>> {
     Ok(store.routes(&[user]).await?.pop().flatten())
 }
@@ -301,6 +325,7 @@ async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     only_confirmed_sessions_are_online(&store).await?;
     revoked_sessions_do_not_get_their_routes_back(&store).await?;
     a_relogin_claim_ends_its_login_once(&store).await?;
+    expired_entries_never_hide_fresh_ones(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 
@@ -312,6 +337,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     only_confirmed_sessions_are_online(&store).await?;
     revoked_sessions_do_not_get_their_routes_back(&store).await?;
     a_relogin_claim_ends_its_login_once(&store).await?;
+    expired_entries_never_hide_fresh_ones(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 

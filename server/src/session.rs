@@ -386,7 +386,7 @@ impl Drop for ConnectionGuard {
 fn send_control(session: &Session, out: ControlOut) {
     let code = match &out {
         ControlOut::Drain(_) => close::DRAIN,
-        ControlOut::Kick(_) | ControlOut::Presence(_) => close::KICKED,
+        _ => close::KICKED,
     };
     if session.control.try_send(out).is_err() {
         // The control task is gone or hopelessly behind: end the connection outright, with

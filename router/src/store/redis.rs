@@ -789,29 +789,58 @@ impl Store for RedisStore {
         now_ms: u64,
     ) -> Result<InboxPage, StoreError> {
         let key = inbox_key(user);
-        let (_, members): ((), Vec<Vec<u8>>) = redis::pipe()
-            .zrembyscore(&key, "-inf", after_seq)
-            .cmd("ZRANGEBYSCORE")
-            .arg(&key)
-            .arg(format!("({after_seq}"))
-            .arg("+inf")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit + 1)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
-        let more = members.len() > limit;
         let oldest = now_ms.saturating_sub(limits.ttl.as_millis() as u64);
-        let mut entries = Vec::with_capacity(members.len().min(limit));
-        for member in members.iter().take(limit) {
-            match decode_member(member) {
-                Some((seq, entry)) if entry.created_at_ms >= oldest => entries.push((seq, entry)),
-                Some(_) => {}
-                None => {
+        // Entries past their age stay until the length cap or an ack removes them, and are
+        // skipped here; a page's worth of them at the front must not read as an empty page
+        // with more to come (a client stops pulling at that and never catches up), so the
+        // scan goes on past them, at most through a whole capped inbox.
+        let scans = limits.max_len / (limit + 1) + 2;
+        let mut entries = Vec::with_capacity(limit);
+        let mut more = false;
+        let mut cursor = after_seq;
+        'scan: for scan in 0..scans {
+            let mut range = redis::cmd("ZRANGEBYSCORE");
+            range
+                .arg(&key)
+                .arg(format!("({cursor}"))
+                .arg("+inf")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit + 1);
+            let members: Vec<Vec<u8>> = if scan == 0 {
+                // The client has everything up to `after_seq`: trim it first.
+                let (_, members): ((), Vec<Vec<u8>>) = redis::pipe()
+                    .zrembyscore(&key, "-inf", after_seq)
+                    .add_command(range)
+                    .query_async(&mut self.conn())
+                    .await
+                    .map_err(unavailable)?;
+                members
+            } else {
+                range
+                    .query_async(&mut self.conn())
+                    .await
+                    .map_err(unavailable)?
+            };
+            let exhausted = members.len() <= limit;
+            for member in &members {
+                let Some((seq, entry)) = decode_member(member) else {
                     return Err(StoreError::Corrupt(format!("inbox entry of user {user}")));
+                };
+                cursor = seq;
+                if entry.created_at_ms < oldest {
+                    continue;
                 }
+                if entries.len() == limit {
+                    more = true;
+                    break 'scan;
+                }
+                entries.push((seq, entry));
             }
+            if exhausted {
+                break;
+            }
+            more = scan + 1 == scans;
         }
         Ok(InboxPage { entries, more })
     }
