@@ -201,7 +201,12 @@ async fn a_token_re_logs_in_once_and_never_a_live_or_ended_login() -> anyhow::Re
     assert_eq!(relogin(&api, &second).await, replaced);
     // On the wire it is `session_ended`, which older clients know, with the reason beside it.
     let (status, body) = api
-        .raw(http::Method::POST, "/api/relogin", Default::default(), Some(&second))
+        .raw(
+            http::Method::POST,
+            "/api/relogin",
+            Default::default(),
+            Some(&second),
+        )
         .await?;
     let body: serde_json::Value = serde_json::from_slice(&body)?;
     assert_eq!(

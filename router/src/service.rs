@@ -303,6 +303,11 @@ impl Service {
         let now = Instant::now();
         let limits = self.config.login_limits;
         self.check_attempts(peer, now, true)?;
+        // Only a name an account could have is counted: the counter keeps its names, and one
+        // of up to a request body's size per failed attempt would grow it by gigabytes.
+        if name.len() > MAX_LOGIN_NAME {
+            return Err(self.login_refused(ServiceError::InvalidCredentials, "login"));
+        }
         if lock(&self.login_failures).count(&name.to_string(), now) >= limits.failures_per_user {
             tracing::warn!(name, "login failures of user over the limit");
             self.config.metrics.login_failures.inc();
@@ -346,16 +351,16 @@ impl Service {
         let mut attempts = 0;
         let (claims, grant) = loop {
             attempts += 1;
-            let (claims, account, seen_route_session) =
-                match self.check_relogin_token(token).await {
-                    Ok(ok) => ok,
-                    Err(e) => {
-                        if let (Some(ip), ServiceError::Unauthorized(_)) = (peer, &e) {
-                            lock(&self.login_attempts).hit(ip, now);
-                        }
-                        return Err(self.login_refused(e, "re-login"));
+            let (claims, account, seen_route_session) = match self.check_relogin_token(token).await
+            {
+                Ok(ok) => ok,
+                Err(e) => {
+                    if let (Some(ip), ServiceError::Unauthorized(_)) = (peer, &e) {
+                        lock(&self.login_attempts).hit(ip, now);
                     }
-                };
+                    return Err(self.login_refused(e, "re-login"));
+                }
+            };
             // The claim ends the token's login in the same atomic step, and only if the login
             // and the user's route are still as checked: of two re-logins with one token (a
             // client's retry racing its first attempt, or a leaked token), one wins.
@@ -485,7 +490,7 @@ impl Service {
     }
 
     async fn check_credentials(&self, name: &str, password: &str) -> Result<Account, ServiceError> {
-        if name.len() > 64 || password.len() > 256 {
+        if name.len() > MAX_LOGIN_NAME || password.len() > 256 {
             return Err(ServiceError::InvalidCredentials);
         }
         let account = self
@@ -605,11 +610,13 @@ impl Service {
         {
             self.kick_route(claims.user_id, route, "logged out").await;
         }
+        // Revoked before the route is released: a renewal or a late session report in between
+        // would otherwise put the route back for a session still open.
+        self.revoke(claims, Revocation::LoggedOut).await?;
         let released = self
             .store
             .release_route(claims.user_id, claims.session_id, None)
             .await?;
-        self.revoke(claims, Revocation::LoggedOut).await?;
         // If the session had already closed, its server announced the departure.
         if released {
             let service = self.clone();
@@ -1089,6 +1096,9 @@ fn shard(group: &str) -> usize {
     });
     (hash % GROUP_LOCKS as u64) as usize
 }
+
+/// Longest name a login is checked for (registration allows 32 bytes).
+const MAX_LOGIN_NAME: usize = 64;
 
 fn validate_name(name: &str) -> Result<(), ServiceError> {
     let ok_len = (1..=32).contains(&name.len());
