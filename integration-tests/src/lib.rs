@@ -122,6 +122,7 @@ impl TestCluster {
             admin_token: Some("test-admin-token".into()),
             inbox: cim_router::store::InboxLimits::default(),
             token_ttl: Duration::from_secs(600),
+            http_request_timeout: cim_router::RouterConfig::DEFAULT_HTTP_REQUEST_TIMEOUT,
             server_limits: cim_server::Limits {
                 max_connections_per_ip: 100_000,
                 messages_per_sec: 100_000,

@@ -2,8 +2,8 @@
 //! internal endpoint, an oversized frame, garbage on the control stream, a send stream with
 //! other frames or too many sends, oversized sends among shared ones, a client that leaves
 //! its acks unread, a client that leaves its control stream unread or ends it early, 10,000
-//! streams at once, garbage UDP, malformed JSON on every endpoint, a login brute force, a
-//! message flood and a client that never acks a delivery.
+//! streams at once, a request body that never ends, garbage UDP, malformed JSON on every
+//! endpoint, a login brute force, a message flood and a client that never acks a delivery.
 //! After each, well-behaved clients on the same server still chat and no accepted message is
 //! lost.
 
@@ -333,6 +333,43 @@ async fn a_client_that_leaves_its_control_stream_unread_is_still_kicked() -> any
         next_message(&mut scene.bob_events).await?.body,
         "from the new login"
     );
+    scene.still_chatting().await
+}
+
+/// A client that sends a request's headers and then trickles its body (here: stops) is
+/// answered `408` once the router's request timeout passes, instead of holding one of the
+/// router's bounded HTTPS connections for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_body_never_ends_is_answered_in_time() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut scene = Scene::with(|config| {
+        config.http_request_timeout = Duration::from_millis(500);
+    })
+    .await?;
+    let url = scene.cluster.embedded.router_url.clone();
+    let authority = url.trim_start_matches("https://").to_string();
+    let roots = tls::load_roots(&scene.cluster.embedded.ca)?;
+    let mut config = tls::client_config(roots, &[b"http/1.1"], None)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(&authority).await?;
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1")?;
+    let mut stream = connector.connect(name, tcp).await?;
+    let head = format!(
+        "POST /api/login HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
+         Content-Length: 100\r\n\r\n{{\"na"
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.flush().await?;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await;
+    assert!(
+        read.is_ok(),
+        "no answer to a request whose body never ended"
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"timeout\""), "{answer}");
     scene.still_chatting().await
 }
 

@@ -47,6 +47,8 @@ pub struct EmbeddedConfig {
     pub inbox: crate::store::InboxLimits,
     /// Lifetime of session tokens (router logins and the servers' renewals).
     pub token_ttl: Duration,
+    /// See [`RouterConfig::http_request_timeout`].
+    pub http_request_timeout: Duration,
 }
 
 /// A running embedded cluster.
@@ -145,6 +147,7 @@ pub async fn start_with_store(
     router_config.max_group_size = config.max_group_size;
     router_config.inbox = config.inbox;
     router_config.token_ttl = config.token_ttl;
+    router_config.http_request_timeout = config.http_request_timeout;
     let admin_token = config.admin_token.clone().unwrap_or_else(|| {
         (0..4)
             .map(|_| format!("{:08x}", rand::random::<u32>()))

@@ -26,11 +26,13 @@ const MAX_CONNECTIONS: usize = 4096;
 pub struct PeerAddr(pub SocketAddr);
 
 /// Accepts TLS connections on `listener` and serves `filter` on each until `shutdown`,
-/// counting handshakes (full and resumed) in `metrics`.
+/// counting handshakes (full and resumed) in `metrics`. A request that takes longer than
+/// `request_timeout` (a body trickled in, say) is answered `408` and its connection closed.
 pub async fn serve<F>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     filter: F,
+    request_timeout: Duration,
     metrics: Arc<RouterMetrics>,
     shutdown: CancellationToken,
 ) where
@@ -81,7 +83,15 @@ pub async fn serve<F>(
                 hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(PeerAddr(peer));
                     let mut service = service.clone();
-                    async move { service.call(req).await }
+                    async move {
+                        match tokio::time::timeout(request_timeout, service.call(req)).await {
+                            Ok(answered) => answered,
+                            Err(_) => {
+                                tracing::info!(%peer, "https request timed out");
+                                Ok(timed_out())
+                            }
+                        }
+                    }
                 });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -98,4 +108,21 @@ pub async fn serve<F>(
             }
         });
     }
+}
+
+/// The answer to a request that took too long; the connection closes after it.
+fn timed_out() -> Response {
+    let body = r#"{"code":"timeout","message":"the request took too long"}"#;
+    let mut response = Response::new(body.into());
+    *response.status_mut() = http::StatusCode::REQUEST_TIMEOUT;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    response
 }

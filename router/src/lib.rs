@@ -63,6 +63,10 @@ pub struct RouterConfig {
     pub password_cost: password::Cost,
     /// Limits on login attempts.
     pub login_limits: LoginLimits,
+    /// Longest an HTTPS request may take from its headers to its answer, body included: a
+    /// client that trickles a body must not hold a connection (one of a bounded number) for
+    /// good. Past it the request is answered `408 timeout`.
+    pub http_request_timeout: Duration,
     /// Most members a group may have.
     pub max_group_size: usize,
     /// What the router counts.
@@ -93,6 +97,9 @@ impl Default for LoginLimits {
 }
 
 impl RouterConfig {
+    /// Default of [`RouterConfig::http_request_timeout`].
+    pub const DEFAULT_HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+
     /// Defaults for everything but identity, address and credentials.
     pub fn new(
         id: impl Into<String>,
@@ -118,6 +125,7 @@ impl RouterConfig {
             dedup_window: Duration::from_secs(600),
             password_cost: password::Cost::default(),
             login_limits: LoginLimits::default(),
+            http_request_timeout: Self::DEFAULT_HTTP_REQUEST_TIMEOUT,
             max_group_size: 10_000,
             metrics: Arc::new(cim_core::metrics::RouterMetrics::unregistered()),
             registry: None,
@@ -235,6 +243,7 @@ impl Router {
             self.listener,
             self.http_tls,
             api::routes(service),
+            self.config.http_request_timeout,
             self.config.metrics.clone(),
             shutdown.clone(),
         )

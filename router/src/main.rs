@@ -228,6 +228,7 @@ async fn run_embedded(args: &Args) -> anyhow::Result<()> {
         admin_token: args.admin_token.clone(),
         inbox: inbox_limits(args),
         token_ttl: Duration::from_secs(args.token_ttl_secs),
+        http_request_timeout: cim_router::RouterConfig::DEFAULT_HTTP_REQUEST_TIMEOUT,
         server_limits: cim_server::Limits {
             max_connections: args.max_connections,
             max_connections_per_ip: args.max_connections_per_ip,
