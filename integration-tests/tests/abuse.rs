@@ -297,11 +297,17 @@ async fn a_session_whose_control_stream_ends_loses_its_connection() -> anyhow::R
 }
 
 /// A client that stops reading its control stream (here: thousands of pings whose pongs it
-/// leaves unread, more than the stream's window) cannot keep its session past a takeover, or
-/// past a heartbeat timeout: a blocked control write held up the loop that sees both.
+/// leaves unread, more than the stream's window) cannot keep its session past a takeover: a
+/// blocked control write held up the loop that sees kicks (and the heartbeat deadline).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_its_control_stream_unread_is_still_kicked() -> anyhow::Result<()> {
-    let mut scene = Scene::new().await?;
+    // A heartbeat timeout longer than the wait below: the kick itself must end the session,
+    // not the timeout of the blocked control write.
+    let mut scene = Scene::with(|config| {
+        config.heartbeat_interval = Duration::from_secs(10);
+        config.heartbeat_timeout = Duration::from_secs(30);
+    })
+    .await?;
     let (_, token) = scene.http_login("raw").await?;
     let (conn, code, mut control, _control_recv) = scene.raw_session(&token, false).await?;
     assert_eq!(code, "");
