@@ -296,6 +296,36 @@ async fn a_session_whose_control_stream_ends_loses_its_connection() -> anyhow::R
     scene.still_chatting().await
 }
 
+/// Sends more pings than the pongs' stream window holds, so the server's pong writes block
+/// once the caller reads none of them.
+async fn send_pings_to_leave_unanswered(control: &mut quinn::SendStream) -> anyhow::Result<()> {
+    let mut pings = Vec::new();
+    for nonce in 0..20_000 {
+        let ping = ClientControl {
+            kind: Some(client_control::Kind::Ping(Ping { nonce })),
+        };
+        let body = ping.encode_to_vec();
+        pings.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        pings.extend_from_slice(&body);
+    }
+    control.write_all(&pings).await?;
+    Ok(())
+}
+
+/// A client that reads nothing of its control stream is gone as much as one that sends
+/// nothing: the server's blocked pong write ends the session after a heartbeat timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_its_control_stream_unread_is_timed_out() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let (_, token) = scene.http_login("raw").await?;
+    let (conn, code, mut control, _control_recv) = scene.raw_session(&token, false).await?;
+    assert_eq!(code, "");
+    send_pings_to_leave_unanswered(&mut control).await?;
+    let closed = tokio::time::timeout(WAIT, conn.closed()).await;
+    assert!(closed.is_ok(), "the session outlived its heartbeat timeout");
+    scene.still_chatting().await
+}
+
 /// A client that stops reading its control stream (here: thousands of pings whose pongs it
 /// leaves unread, more than the stream's window) cannot keep its session past a takeover: a
 /// blocked control write held up the loop that sees kicks (and the heartbeat deadline).
@@ -311,16 +341,7 @@ async fn a_client_that_leaves_its_control_stream_unread_is_still_kicked() -> any
     let (_, token) = scene.http_login("raw").await?;
     let (conn, code, mut control, _control_recv) = scene.raw_session(&token, false).await?;
     assert_eq!(code, "");
-    let mut pings = Vec::new();
-    for nonce in 0..20_000 {
-        let ping = ClientControl {
-            kind: Some(client_control::Kind::Ping(Ping { nonce })),
-        };
-        let body = ping.encode_to_vec();
-        pings.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        pings.extend_from_slice(&body);
-    }
-    control.write_all(&pings).await?;
+    send_pings_to_leave_unanswered(&mut control).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Another login of the user takes the session over.
     let (again, _events) = Client::login(
