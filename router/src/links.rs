@@ -26,6 +26,10 @@ use crate::service::{Sender, Service, ServiceError};
 
 /// Pushes queued per server before senders wait.
 const PUSH_QUEUE: usize = 4096;
+/// Most pushes waiting for room in full push queues, all servers together; past it a push is
+/// dropped (its entry is in the inbox, and the recipient pulls it at its next gap or connect)
+/// rather than held in memory for a server that has stopped answering.
+const PUSHES_WAITING: usize = 4 * PUSH_QUEUE;
 /// Most pushes in one batch.
 const MAX_BATCH: usize = 256;
 
@@ -87,6 +91,10 @@ pub struct ServerLinks {
     endpoint: quinn::Endpoint,
     /// One batching pusher per server.
     pushers: std::sync::Mutex<HashMap<String, mpsc::Sender<Push>>>,
+    /// Pushes waiting for room in a full queue (at most [`PUSHES_WAITING`]).
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+    /// Pushes dropped because too many waited.
+    dropped: std::sync::atomic::AtomicU64,
     conns: RwLock<HashMap<String, quinn::Connection>>,
     /// Client messages forwarded by each server (for the admin page's rates).
     forwarded: RwLock<HashMap<String, Arc<std::sync::atomic::AtomicU64>>>,
@@ -99,6 +107,8 @@ impl ServerLinks {
         Self {
             endpoint,
             pushers: std::sync::Mutex::new(HashMap::new()),
+            waiting: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            dropped: std::sync::atomic::AtomicU64::new(0),
             conns: RwLock::new(HashMap::new()),
             forwarded: RwLock::new(HashMap::new()),
         }
@@ -169,7 +179,8 @@ impl ServerLinks {
 
     /// Queues `delivery` for `recipients` on one server. Pushes to a busy server are batched:
     /// while earlier batches are in flight, new pushes queue up and leave together. A full
-    /// queue makes a task wait for room, so the caller (a sender's ack) never waits on it.
+    /// queue makes a task wait for room, so the caller (a sender's ack) never waits on it; at
+    /// most [`PUSHES_WAITING`] wait, and past that the push is dropped (recipients pull).
     pub fn push(self: &Arc<Self>, server_id: &str, recipients: Vec<Recipient>, delivery: Delivery) {
         let push = Push {
             recipients,
@@ -179,11 +190,23 @@ impl ServerLinks {
         match queue.try_send(push) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(push)) => {
+                use std::sync::atomic::Ordering;
                 let server_id = server_id.to_string();
+                if self.waiting.fetch_add(1, Ordering::Relaxed) >= PUSHES_WAITING {
+                    self.waiting.fetch_sub(1, Ordering::Relaxed);
+                    // Logged at the 1st, 2nd, 4th, 8th... drop, not at every one.
+                    let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    if dropped.is_power_of_two() {
+                        tracing::warn!(server = %server_id, dropped, "push queues full; pushes dropped, recipients will pull");
+                    }
+                    return;
+                }
+                let waiting = self.waiting.clone();
                 tokio::spawn(async move {
                     if queue.send(push).await.is_err() {
                         tracing::warn!(server = %server_id, "pusher stopped; recipients will pull");
                     }
+                    waiting.fetch_sub(1, Ordering::Relaxed);
                 });
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
