@@ -1097,21 +1097,18 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
                 stats.zero_rtt += u64::from(zero_rtt);
                 return Some((connected, info));
             }
-            Err(ClientError::Api { code, .. }) if code == "invalid_credentials" => {
-                let _ = shared
-                    .events
-                    .send(Event::Kicked("credentials no longer accepted".into()))
-                    .await;
-                shared.stop.cancel();
-                return None;
-            }
-            // Another login of the user replaced this one while it was away: the newer login
-            // wins, as it would have with this client connected to hear the Kick.
-            Err(ClientError::Api { code, .. }) if code == "logged_in_elsewhere" => {
-                let _ = shared
-                    .events
-                    .send(Event::Kicked("logged in elsewhere".into()))
-                    .await;
+            // The password is no longer accepted, or another login of the user replaced this
+            // one while it was away (the newer login wins, as it would have with this client
+            // connected to hear the Kick): the session is over.
+            Err(ClientError::Api { code, .. })
+                if code == "invalid_credentials" || code == "logged_in_elsewhere" =>
+            {
+                let reason = if code == "invalid_credentials" {
+                    "credentials no longer accepted"
+                } else {
+                    "logged in elsewhere"
+                };
+                let _ = shared.events.send(Event::Kicked(reason.into())).await;
                 shared.stop.cancel();
                 return None;
             }

@@ -118,6 +118,16 @@ impl Scene {
         let (conn, result, send, recv) = self.cluster.raw_login(0, token, token_renewal).await?;
         Ok((conn, result.code, send, recv))
     }
+
+    /// A new user "raw" logged in on a raw connection: the connection and its control stream.
+    async fn raw_user_session(
+        &self,
+    ) -> anyhow::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+        let (_, token) = self.http_login("raw").await?;
+        let (conn, code, send, recv) = self.raw_session(&token, false).await?;
+        assert_eq!(code, "", "the raw login was refused");
+        Ok((conn, send, recv))
+    }
 }
 
 fn claims(user_id: u64, server_id: &str, expires_at_ms: u64) -> Claims {
@@ -285,9 +295,7 @@ async fn an_oversized_frame_is_refused_and_the_connection_survives() -> anyhow::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_whose_control_stream_ends_loses_its_connection() -> anyhow::Result<()> {
     let mut scene = Scene::new().await?;
-    let (_, token) = scene.http_login("raw").await?;
-    let (conn, code, mut control, _control_recv) = scene.raw_session(&token, false).await?;
-    assert_eq!(code, "");
+    let (conn, mut control, _control_recv) = scene.raw_user_session().await?;
     let (mut half, _half_recv) = conn.open_bi().await?;
     half.write_all(&[0, 0]).await?;
     control.finish()?;
@@ -317,9 +325,7 @@ async fn send_pings_to_leave_unanswered(control: &mut quinn::SendStream) -> anyh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_its_control_stream_unread_is_timed_out() -> anyhow::Result<()> {
     let mut scene = Scene::new().await?;
-    let (_, token) = scene.http_login("raw").await?;
-    let (conn, code, mut control, _control_recv) = scene.raw_session(&token, false).await?;
-    assert_eq!(code, "");
+    let (conn, mut control, _control_recv) = scene.raw_user_session().await?;
     send_pings_to_leave_unanswered(&mut control).await?;
     let closed = tokio::time::timeout(WAIT, conn.closed()).await;
     assert!(closed.is_ok(), "the session outlived its heartbeat timeout");
@@ -338,9 +344,7 @@ async fn a_client_that_leaves_its_control_stream_unread_is_still_kicked() -> any
         config.heartbeat_timeout = Duration::from_secs(30);
     })
     .await?;
-    let (_, token) = scene.http_login("raw").await?;
-    let (conn, code, mut control, _control_recv) = scene.raw_session(&token, false).await?;
-    assert_eq!(code, "");
+    let (conn, mut control, _control_recv) = scene.raw_user_session().await?;
     send_pings_to_leave_unanswered(&mut control).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Another login of the user takes the session over.
