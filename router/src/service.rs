@@ -519,13 +519,19 @@ impl Service {
         relogin: Option<&Relogin>,
     ) -> Result<LoginGrant, ServiceError> {
         let live = self.usable_servers();
-        let current = self.store.routes(&[account.id]).await?.pop().flatten();
-        let stale = current
-            .as_ref()
-            .is_some_and(|r| !live.iter().any(|s| s.id == r.server_id));
-        if current.is_some() && !takeover && !stale {
-            return Err(ServiceError::AlreadyOnline);
-        }
+        // A takeover (and a re-login) replaces whatever holds the route, so only a login
+        // without one reads it: another login on a live server refuses it, a route to a server
+        // that is gone is replaced.
+        let force = takeover || {
+            let current = self.store.routes(&[account.id]).await?.pop().flatten();
+            match current {
+                Some(r) if live.iter().any(|s| s.id == r.server_id) => {
+                    return Err(ServiceError::AlreadyOnline);
+                }
+                Some(_) => true,
+                None => false,
+            }
+        };
         let server = self
             .selector
             .pick(&live, account.id, rand::random())
@@ -546,7 +552,7 @@ impl Service {
             }
             None => {
                 self.store
-                    .claim_route(account.id, route, lease, takeover || stale)
+                    .claim_route(account.id, route, lease, force)
                     .await?
             }
         };
