@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio_rustls::TlsConnector;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::{ClientConfig, ClientError};
 
@@ -261,9 +262,9 @@ impl RouterApi {
             .map_err(|e| http_err(&e))?;
         // Given up (timed out), the exchange takes its connection with it; once answered,
         // the connection closes by itself (its sender is dropped) as it always did.
-        let mut driver = AbortOnDrop(Some(tokio::spawn(async move {
+        let driver = AbortOnDropHandle::new(tokio::spawn(async move {
             let _ = conn.await;
-        })));
+        }));
         let mut request = Request::builder()
             .method(method)
             .uri(path)
@@ -283,21 +284,10 @@ impl RouterApi {
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?
             .to_bytes();
-        driver.0 = None;
+        driver.detach();
         Ok((status, bytes))
     }
 }
 
 /// Default longest time a call to the router's HTTPS API may take, connection included.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Aborts a spawned task when dropped, unless it was taken out.
-struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(task) = self.0.take() {
-            task.abort();
-        }
-    }
-}
