@@ -115,6 +115,8 @@ pub const ZK_SESSION_MS: u64 = 3000;
 pub const ROUTE_LEASE_MS: u64 = 4000;
 /// Route renewal interval on servers.
 pub const RENEW_MS: u64 = 1000;
+/// Routers' lease on their message-id node (renewed every sixth of it).
+pub const ID_NODE_LEASE_MS: u64 = 3000;
 
 /// Routers and servers as processes, sharing Redis, ZooKeeper (under a private root) and a CA.
 pub struct ProcCluster {
@@ -222,6 +224,8 @@ impl ProcCluster {
                 &ZK_SESSION_MS.to_string(),
                 "--route-lease-ms",
                 &ROUTE_LEASE_MS.to_string(),
+                "--id-node-lease-ms",
+                &ID_NODE_LEASE_MS.to_string(),
                 "--certs",
                 &certs,
                 "--strategy",

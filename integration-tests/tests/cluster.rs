@@ -1,13 +1,14 @@
 //! cim as a real cluster: `cim-router` and `cim-server` processes on a real Redis and a real
 //! ZooKeeper. Round-robin spread, chat across servers, `kill -9` failover, Redis restart,
 //! ZooKeeper session expiry, concurrent logins, consistent hashing, sends while no router
-//! answers.
+//! answers, message-id nodes held one router at a time.
 
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use anyhow::Context;
 use cim_client::{Client, ClientConfig, ClientError, Event, Events, LoginOptions};
 use cim_integration_tests::cluster::{HEARTBEAT_MS, ProcCluster, ROUTE_LEASE_MS, ZK_SESSION_MS};
 use cim_integration_tests::{
@@ -502,4 +503,100 @@ async fn a_send_whose_append_fails_after_its_id_was_recorded_is_resent_not_refus
     let _: () = acl("+@all").query_async(&mut redis).await?;
     let ack = sending.await??;
     resent_once_in_order(&alice, ack, bob_id, &mut bob_events, "while appends fail").await
+}
+
+/// The message-id nodes held in Redis, as node -> owner (router id and process tag).
+async fn id_node_owners(cluster: &ProcCluster) -> anyhow::Result<HashMap<u16, String>> {
+    let mut redis = cluster.redis.conn().await?;
+    let held: HashMap<u16, String> = redis.hgetall("cim:id_nodes").await?;
+    let now_ms = cim_core::now_ms();
+    Ok(held
+        .into_iter()
+        .filter_map(|(node, value)| {
+            let mut parts = value.splitn(3, '|');
+            let expires: u64 = parts.next()?.parse().ok()?;
+            let owner = parts.nth(1)?.to_string();
+            (expires > now_ms).then_some((node, owner))
+        })
+        .collect())
+}
+
+/// The node number in a message id (bits 12 to 21).
+fn node_of(msg_id: u64) -> u16 {
+    ((msg_id >> 12) & 1023) as u16
+}
+
+/// Two routers could share a node number if each picked its own, and then issue the same id
+/// to two messages (a recipient takes the second for a resend of the first: acked, never
+/// stored). Each router holds its node in Redis instead; one whose node is taken (as after its
+/// hold lapsed) stops using it and claims another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_router_holds_its_own_message_id_node() -> anyhow::Result<()> {
+    let cluster = ProcCluster::start(2, 1, "round-robin").await?;
+    let held = id_node_owners(&cluster).await?;
+    let node_of_router = |held: &HashMap<u16, String>, router: &str| {
+        let nodes: Vec<u16> = held
+            .iter()
+            .filter(|(_, owner)| owner.starts_with(&format!("{router}#")))
+            .map(|(node, _)| *node)
+            .collect();
+        assert_eq!(nodes.len(), 1, "{router} holds one node: {held:?}");
+        nodes[0]
+    };
+    let r1 = node_of_router(&held, "r1");
+    let r2 = node_of_router(&held, "r2");
+    assert_ne!(r1, r2);
+
+    // A message through router 1's HTTP API carries its node.
+    let (bob, mut bob_events) = users(&cluster, "idn", 1).await?.pop().unwrap();
+    let config = cluster.client_config(0);
+    cim_client::register(&config, "carol", "password").await?;
+    let api = cim_client::RouterApi::new(&config)?;
+    let login: serde_json::Value = api
+        .call(
+            http::Method::POST,
+            "/api/login",
+            Some(&serde_json::json!({"name": "carol", "password": "password"})),
+            None,
+        )
+        .await?;
+    let token = login["token"].as_str().context("no token")?.to_string();
+    let to = bob.info().user_id;
+    let send = |body: &'static str| {
+        let (api, token) = (&api, &token);
+        async move {
+            let sent: serde_json::Value = api
+                .call(
+                    http::Method::POST,
+                    "/api/messages",
+                    Some(&serde_json::json!({"to": to, "body": body})),
+                    Some(token),
+                )
+                .await?;
+            sent["msg_id"].as_u64().context("no msg_id")
+        }
+    };
+    let first = send("first").await?;
+    assert_eq!(node_of(first), r1, "message {first} has router 1's node");
+    assert_eq!(next_message(&mut bob_events).await?.msg_id, first);
+
+    // Someone else takes router 1's node: it claims another within a renewal and its ids move.
+    let mut redis = cluster.redis.conn().await?;
+    let forever = cim_core::now_ms() + 3_600_000;
+    let _: () = redis
+        .hset("cim:id_nodes", r1, format!("{forever}|0|intruder#1"))
+        .await?;
+    let moved = eventually(WAIT, || async {
+        let held = id_node_owners(&cluster).await.ok()?;
+        held.iter()
+            .find(|(_, owner)| owner.starts_with("r1#"))
+            .map(|(node, _)| *node)
+    })
+    .await?;
+    assert!(moved != r1 && moved != r2, "moved to {moved}");
+    let second = send("second").await?;
+    assert_eq!(node_of(second), moved);
+    let got = next_message(&mut bob_events).await?;
+    assert_eq!((got.msg_id, got.body.as_str()), (second, "second"));
+    Ok(())
 }

@@ -21,8 +21,8 @@ use cim_integration_tests::{Backend, TestCluster, WAIT, eventually, next_event, 
 use cim_proto::v1::{ClientControl, Login, client_control};
 use cim_proto::write_frame;
 use cim_router::store::{
-    Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, MemoryStore, Relogin, Revocation,
-    Route, Store, StoreError,
+    Account, Claim, IdNode, InboxEntry, InboxLimits, InboxPage, Join, MemoryStore, Relogin,
+    Revocation, Route, Store, StoreError,
 };
 use tokio::sync::Notify;
 
@@ -835,6 +835,33 @@ impl Store for PausingStore {
     }
     async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError> {
         self.inner.user_groups(user).await
+    }
+    async fn claim_id_node(
+        &self,
+        owner: &str,
+        first: u16,
+        lease: Duration,
+        issue_until_ms: u64,
+    ) -> Result<Option<IdNode>, StoreError> {
+        let store = &self.inner;
+        store
+            .claim_id_node(owner, first, lease, issue_until_ms)
+            .await
+    }
+    async fn renew_id_node(
+        &self,
+        owner: &str,
+        node: u16,
+        lease: Duration,
+        issue_until_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let store = &self.inner;
+        store
+            .renew_id_node(owner, node, lease, issue_until_ms)
+            .await
+    }
+    async fn release_id_node(&self, owner: &str, node: u16) -> Result<(), StoreError> {
+        self.inner.release_id_node(owner, node).await
     }
 }
 

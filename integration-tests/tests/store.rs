@@ -4,8 +4,9 @@
 //! message id its first attempt got; an inbox with no entries tells the last seq it gave, one
 //! with entries does not; the online list holds confirmed sessions only; a revoked
 //! login's server cannot renew its route back; a token re-login's claim ends the token's login
-//! atomically, once, and only over the route it was checked against. On Redis, a route that cannot be read counts
-//! as none and does not block a login.
+//! atomically, once, and only over the route it was checked against; a message-id node is held
+//! by one router at a time, and its next holder learns how far the last one's ids went. On
+//! Redis, a route that cannot be read counts as none and does not block a login.
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,7 +14,8 @@ use std::time::Duration;
 
 use cim_integration_tests::cluster::RedisProc;
 use cim_router::store::{
-    Claim, InboxEntry, InboxLimits, MemoryStore, RedisStore, Relogin, Revocation, Route, Store,
+    Claim, ID_NODES, IdNode, InboxEntry, InboxLimits, MemoryStore, RedisStore, Relogin, Revocation,
+    Route, Store,
 };
 
 fn entry(msg_id: u64) -> InboxEntry {
@@ -318,6 +320,59 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
     Ok(())
 }
 
+/// Message-id nodes: one holder at a time, renewable by it alone, free again once released or
+/// lapsed, and the next holder learns the latest time the previous one's ids may carry.
+async fn id_nodes_are_held_once(store: &dyn Store) -> anyhow::Result<()> {
+    let long = Duration::from_secs(60);
+    let claim = |owner: &'static str, first: u16, lease: Duration, until: u64| async move {
+        store.claim_id_node(owner, first, lease, until).await
+    };
+    let a = claim("a#1", 7, long, 5_000).await?;
+    assert_eq!(a.map(|n| n.node), Some(7));
+    // Held: the next claim starting there gets the next one; the wrap-around is kept.
+    assert_eq!(claim("b#1", 7, long, 0).await?.map(|n| n.node), Some(8));
+    let last = claim("c#1", ID_NODES - 1, long, 0).await?;
+    assert_eq!(last.map(|n| n.node), Some(ID_NODES - 1));
+    assert_eq!(
+        claim("d#1", ID_NODES - 1, long, 0).await?.map(|n| n.node),
+        Some(0)
+    );
+    // Only the holder renews; renewing keeps the later of the times given.
+    assert!(store.renew_id_node("a#1", 7, long, 9_000).await?);
+    assert!(store.renew_id_node("a#1", 7, long, 6_000).await?);
+    assert!(!store.renew_id_node("b#1", 7, long, 0).await?);
+    // Another owner's release frees nothing; the holder's does, and the next holder learns
+    // how far its ids went.
+    store.release_id_node("b#1", 7).await?;
+    assert_eq!(claim("e#1", 7, long, 0).await?.map(|n| n.node), Some(9));
+    store.release_id_node("a#1", 7).await?;
+    assert_eq!(
+        claim("f#1", 7, long, 0).await?,
+        Some(IdNode {
+            node: 7,
+            issued_until_ms: 9_000
+        })
+    );
+    assert!(!store.renew_id_node("a#1", 7, long, 0).await?);
+    // A hold that is not renewed lapses and can be claimed.
+    let short = Duration::from_millis(200);
+    assert_eq!(
+        claim("g#1", 500, short, 1_234).await?.map(|n| n.node),
+        Some(500)
+    );
+    assert_eq!(claim("h#1", 500, long, 0).await?.map(|n| n.node), Some(501));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        claim("h#2", 500, long, 0).await?,
+        Some(IdNode {
+            node: 500,
+            issued_until_ms: 1_234
+        })
+    );
+    assert!(!store.renew_id_node("g#1", 500, long, 0).await?);
+    Ok(())
+}
+
 #[tokio::test]
 async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     let store = MemoryStore::new();
@@ -326,6 +381,7 @@ async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     revoked_sessions_do_not_get_their_routes_back(&store).await?;
     a_relogin_claim_ends_its_login_once(&store).await?;
     expired_entries_never_hide_fresh_ones(&store).await?;
+    id_nodes_are_held_once(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 
@@ -338,6 +394,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     revoked_sessions_do_not_get_their_routes_back(&store).await?;
     a_relogin_claim_ends_its_login_once(&store).await?;
     expired_entries_never_hide_fresh_ones(&store).await?;
+    id_nodes_are_held_once(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 

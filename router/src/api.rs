@@ -14,7 +14,7 @@
 //! | GET | /api/groups/NAME/members | bearer | - | 200 `{members: [{id, name, online}]}` |
 //! | GET | /api/groups | bearer | - | 200 `{groups: [...]}` |
 //! | GET | /health | - | - | 200 `{status, servers}` (liveness) |
-//! | GET | /ready | - | - | 200 when the store answers and a server is linked, else 503 `not_ready` |
+//! | GET | /ready | - | - | 200 when the store answers, a server is linked and a message-id node is held, else 503 `not_ready` |
 //! | GET | /metrics | - | - | Prometheus text exposition |
 //! | GET | /admin, /admin/api/state | admin token | `?token=` | the admin page and its JSON |
 //!

@@ -69,6 +69,10 @@ pub struct RouterConfig {
     pub http_request_timeout: Duration,
     /// Most members a group may have.
     pub max_group_size: usize,
+    /// Lease on the router's message-id node in the store, renewed every sixth of it. A
+    /// router that cannot renew it stops accepting messages when it lapses; a router that died
+    /// leaves its node to others after it.
+    pub id_node_lease: Duration,
     /// What the router counts.
     pub metrics: Arc<cim_core::metrics::RouterMetrics>,
     /// Registry served on `/metrics` (`None`: the endpoint answers 404).
@@ -127,6 +131,7 @@ impl RouterConfig {
             login_limits: LoginLimits::default(),
             http_request_timeout: Self::DEFAULT_HTTP_REQUEST_TIMEOUT,
             max_group_size: 10_000,
+            id_node_lease: Duration::from_secs(30),
             metrics: Arc::new(cim_core::metrics::RouterMetrics::unregistered()),
             registry: None,
             admin_token: None,
@@ -227,10 +232,20 @@ impl Router {
         let links = Arc::new(links::ServerLinks::new(self.endpoint.clone()));
         let service = Arc::new(service::Service::new(
             self.config.clone(),
-            store,
+            store.clone(),
             discovery.servers(),
             links,
         ));
+        let ids = ids::NodeHolder::new(
+            service.ids.clone(),
+            store.clone(),
+            &self.config.id,
+            self.config.id_node_lease,
+        );
+        // Claimed before serving, so the first messages get ids; kept (or claimed, if the
+        // store is not reachable yet) in the background.
+        let node = ids.claim().await;
+        let holding = tokio::spawn(ids.keep(node, shutdown.clone()));
         discovery
             .register_router(RouterInfo {
                 id: self.config.id.clone(),
@@ -249,6 +264,7 @@ impl Router {
         )
         .await;
         let _ = maintain.await;
+        let _ = holding.await;
         self.endpoint.close(
             cim_core::close::code(cim_core::close::NORMAL),
             b"router stopped",

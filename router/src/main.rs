@@ -62,6 +62,10 @@ struct Args {
     /// renewal.
     #[arg(long, env = "CIM_ROUTE_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
     route_lease_ms: u64,
+    /// Lease on the router's message-id node in Redis, in milliseconds (renewed every sixth of
+    /// it; a router that cannot renew it refuses messages once it lapses).
+    #[arg(long, env = "CIM_ID_NODE_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(600..=600_000))]
+    id_node_lease_ms: u64,
     /// Number of servers the embedded mode starts.
     #[arg(long, env = "CIM_EMBEDDED_SERVERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     servers: u16,
@@ -176,6 +180,7 @@ async fn run_cluster(args: &Args, redis: &str, zookeeper: &str) -> anyhow::Resul
     config.admin_token = args.admin_token.clone();
     config.inbox = inbox_limits(args);
     config.route_lease = Duration::from_millis(args.route_lease_ms);
+    config.id_node_lease = Duration::from_millis(args.id_node_lease_ms);
     let mut registry = cim_core::metrics::Registry::default();
     config.metrics = cim_core::metrics::RouterMetrics::new(&mut registry);
     config.registry = Some(Arc::new(registry));

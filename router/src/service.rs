@@ -243,7 +243,8 @@ pub struct Service {
     pub(crate) servers: watch::Receiver<Arc<Vec<ServerInfo>>>,
     pub(crate) links: Arc<ServerLinks>,
     selector: Selector,
-    ids: IdGenerator,
+    /// Message ids, with the node number [`crate::ids::NodeHolder`] keeps for this router.
+    pub(crate) ids: Arc<IdGenerator>,
 }
 
 impl Service {
@@ -262,7 +263,7 @@ impl Service {
             recent_errors: Mutex::new(std::collections::VecDeque::new()),
             password_work: PasswordWork::for_this_machine(),
             selector: Selector::new(config.strategy),
-            ids: IdGenerator::new(rand::random()),
+            ids: Arc::new(IdGenerator::unassigned()),
             config,
             store,
             servers,
@@ -760,7 +761,14 @@ impl Service {
             _ => None,
         };
         let now = now_ms();
-        let fresh_id = self.ids.next(now);
+        let fresh_id = self
+            .ids
+            .next(now, tokio::time::Instant::now())
+            .ok_or_else(|| {
+                ServiceError::Unavailable(StoreError::Unavailable(
+                    "this router holds no message-id node (its store is unreachable)".into(),
+                ))
+            })?;
         let msg_id = if message.client_msg_id == 0 {
             fresh_id
         } else {
@@ -1091,6 +1099,9 @@ impl Service {
         self.config.metrics.online_users.set(online.len() as i64);
         if self.usable_servers().is_empty() {
             return Err("no server linked".into());
+        }
+        if self.ids.node(tokio::time::Instant::now()).is_none() {
+            return Err("no message-id node held".into());
         }
         Ok(())
     }

@@ -10,8 +10,8 @@ use tokio::time::Instant;
 
 use super::expiring::{ExpiringMap, Weight};
 use super::{
-    Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, Relogin, Revocation, Route, Store,
-    StoreError,
+    Account, Claim, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Join, Relogin,
+    Revocation, Route, Store, StoreError,
 };
 
 /// Most idempotency records kept; beyond this the oldest are forgotten early.
@@ -66,6 +66,16 @@ struct Inner {
     groups: HashMap<String, (u64, BTreeSet<u64>)>,
     /// User -> groups.
     memberships: HashMap<u64, BTreeSet<String>>,
+    /// Message-id node -> its holder (kept after the hold ends, for its `issued_until_ms`).
+    id_nodes: HashMap<u16, IdNodeHold>,
+}
+
+/// A router's hold on a message-id node.
+#[derive(Debug)]
+struct IdNodeHold {
+    owner: String,
+    expires: Instant,
+    issued_until_ms: u64,
 }
 
 /// The (user, seq) pairs a message got, one per inbox it went to.
@@ -515,6 +525,67 @@ impl Store for MemoryStore {
             .get(&user)
             .map(|g| g.iter().cloned().collect())
             .unwrap_or_default())
+    }
+
+    async fn claim_id_node(
+        &self,
+        owner: &str,
+        first: u16,
+        lease: Duration,
+        issue_until_ms: u64,
+    ) -> Result<Option<IdNode>, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.inner();
+        let free = (0..ID_NODES)
+            .map(|i| (first % ID_NODES + i) % ID_NODES)
+            .find(|n| inner.id_nodes.get(n).is_none_or(|h| h.expires <= now));
+        let Some(node) = free else {
+            return Ok(None);
+        };
+        let previous = inner.id_nodes.insert(
+            node,
+            IdNodeHold {
+                owner: owner.to_string(),
+                expires: now + lease,
+                issued_until_ms: issue_until_ms,
+            },
+        );
+        Ok(Some(IdNode {
+            node,
+            issued_until_ms: previous.map_or(0, |h| h.issued_until_ms),
+        }))
+    }
+
+    async fn renew_id_node(
+        &self,
+        owner: &str,
+        node: u16,
+        lease: Duration,
+        issue_until_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.inner();
+        let hold = inner.id_nodes.entry(node).or_insert_with(|| IdNodeHold {
+            owner: owner.to_string(),
+            expires: now,
+            issued_until_ms: 0,
+        });
+        if hold.owner != owner {
+            return Ok(false);
+        }
+        hold.expires = now + lease;
+        hold.issued_until_ms = hold.issued_until_ms.max(issue_until_ms);
+        Ok(true)
+    }
+
+    async fn release_id_node(&self, owner: &str, node: u16) -> Result<(), StoreError> {
+        let now = Instant::now();
+        if let Some(hold) = self.inner().id_nodes.get_mut(&node)
+            && hold.owner == owner
+        {
+            hold.expires = now;
+        }
+        Ok(())
     }
 
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError> {

@@ -199,6 +199,21 @@ pub struct Relogin {
     pub revoke_for: Duration,
 }
 
+/// Number of node numbers in message ids (10 bits): at most this many routers hold one at once.
+pub const ID_NODES: u16 = 1024;
+
+/// A router's hold on a node number of message ids ([`Store::claim_id_node`]). Two routers that
+/// issued ids with one node number could issue the same id, and a recipient's inbox takes a
+/// second message with an id it has seen for a resend: acknowledged, never stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdNode {
+    /// The node number, below [`ID_NODES`].
+    pub node: u16,
+    /// The latest time (ms since the Unix epoch) any earlier holder of this node may have put
+    /// in an id: the new holder's ids must come after it, even if its clock is behind theirs.
+    pub issued_until_ms: u64,
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -367,6 +382,30 @@ pub trait Store: Send + Sync + 'static {
     async fn group_members(&self, name: &str) -> Result<Option<Vec<u64>>, StoreError>;
     /// Groups `user` belongs to, sorted.
     async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError>;
+
+    /// Claims a free message-id node for `owner` (unique per router process) for `lease`,
+    /// trying `first` and then the next numbers in turn. A node is free once its holder's
+    /// lease has lapsed or it was released. `issue_until_ms` is the latest time the owner puts
+    /// in an id before it renews. `None` when all [`ID_NODES`] are held.
+    async fn claim_id_node(
+        &self,
+        owner: &str,
+        first: u16,
+        lease: Duration,
+        issue_until_ms: u64,
+    ) -> Result<Option<IdNode>, StoreError>;
+    /// Extends `owner`'s hold on `node` by `lease` (counted from now) and records
+    /// `issue_until_ms` (the later of it and what was recorded stays). Returns false if the
+    /// node is another owner's now: the hold lapsed and someone claimed it.
+    async fn renew_id_node(
+        &self,
+        owner: &str,
+        node: u16,
+        lease: Duration,
+        issue_until_ms: u64,
+    ) -> Result<bool, StoreError>;
+    /// Frees `node` if `owner` holds it (a router stopping), keeping the time its ids reached.
+    async fn release_id_node(&self, owner: &str, node: u16) -> Result<(), StoreError>;
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@
 //! | `cim:group:{<name>}:owner` | string | owner's user id (exists iff the group exists) |
 //! | `cim:group:{<name>}:members` | set | member ids |
 //! | `cim:{u<id>}:groups` | set | names of the user's groups |
+//! | `cim:id_nodes` | hash | message-id node -> `<hold expires, ms>\|<issued until, ms>\|<owner>` (Redis clock for the expiry) |
 //!
 //! No `KEYS` anywhere; every multi-step change that must be atomic is a single-key Lua script.
 
@@ -31,11 +32,12 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::{
-    Account, Claim, InboxEntry, InboxLimits, InboxPage, Join, Relogin, Revocation, Route, Store,
-    StoreError,
+    Account, Claim, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Join, Relogin,
+    Revocation, Route, Store, StoreError,
 };
 
 const NEXT_USER_ID: &str = "cim:next_user_id";
+const ID_NODES_KEY: &str = "cim:id_nodes";
 const ONLINE: &str = "cim:online";
 
 fn name_key(name: &str) -> String {
@@ -264,6 +266,9 @@ pub struct RedisStore {
     append: Script,
     append_private: Script,
     join: Script,
+    claim_id_node: Script,
+    renew_id_node: Script,
+    release_id_node: Script,
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
@@ -287,6 +292,69 @@ async fn probe_set_nx_get(conn: &mut ConnectionManager) -> Result<(), StoreError
         Err(e) => Err(unavailable(e)),
     }
 }
+
+/// Lua: Redis's clock in ms, the one hold expiries are kept in (each router's own clock would
+/// do only if all agreed).
+macro_rules! now_ms {
+    () => {
+        "local t = redis.call('TIME')\n\
+         local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    };
+}
+
+/// [`Store::claim_id_node`]. KEYS[1]: [`ID_NODES_KEY`]. ARGV: owner, first node, lease ms,
+/// issue-until ms, node count. Returns `{node, issued until ms of the previous holder}` or nil.
+/// A record that cannot be read holds nothing.
+const CLAIM_ID_NODE: &str = concat!(
+    now_ms!(),
+    r"
+local nodes = tonumber(ARGV[5])
+for i = 0, nodes - 1 do
+  local node = tostring((tonumber(ARGV[2]) + i) % nodes)
+  local held = redis.call('HGET', KEYS[1], node)
+  local expires, issued = 0, '0'
+  if held then
+    local e, u = string.match(held, '^(%d+)|(%d+)|')
+    if e then expires, issued = tonumber(e), u end
+  end
+  if expires <= now then
+    redis.call('HSET', KEYS[1], node,
+      string.format('%.0f|%s|%s', now + tonumber(ARGV[3]), ARGV[4], ARGV[1]))
+    return {node, issued}
+  end
+end
+return false
+"
+);
+
+/// [`Store::renew_id_node`]. KEYS[1]: [`ID_NODES_KEY`]. ARGV: owner, node, lease ms,
+/// issue-until ms. Returns 1, or 0 if another owner holds the node. A missing record (Redis
+/// lost it) is written again: nobody else claimed the node since.
+const RENEW_ID_NODE: &str = concat!(
+    now_ms!(),
+    r"
+local issued = tonumber(ARGV[4])
+local held = redis.call('HGET', KEYS[1], ARGV[2])
+if held then
+  local u, owner = string.match(held, '^%d+|(%d+)|(.*)$')
+  if owner ~= ARGV[1] then return 0 end
+  issued = math.max(issued, tonumber(u))
+end
+redis.call('HSET', KEYS[1], ARGV[2],
+  string.format('%.0f|%.0f|%s', now + tonumber(ARGV[3]), issued, ARGV[1]))
+return 1
+"
+);
+
+/// [`Store::release_id_node`]. KEYS[1]: [`ID_NODES_KEY`]. ARGV: owner, node.
+const RELEASE_ID_NODE: &str = r"
+local held = redis.call('HGET', KEYS[1], ARGV[2])
+if not held then return 0 end
+local u, owner = string.match(held, '^%d+|(%d+)|(.*)$')
+if owner ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[2], '0|' .. u .. '|' .. owner)
+return 1
+";
 
 /// `SET key value NX PX ttl_ms GET`: stores `value` unless `key` holds one, and replies with
 /// the value it already held (nil when it stored ours).
@@ -325,6 +393,9 @@ impl RedisStore {
             append: Script::new(APPEND),
             append_private: Script::new(APPEND_PRIVATE),
             join: Script::new(JOIN),
+            claim_id_node: Script::new(CLAIM_ID_NODE),
+            renew_id_node: Script::new(RENEW_ID_NODE),
+            release_id_node: Script::new(RELEASE_ID_NODE),
         })
     }
 
@@ -954,6 +1025,62 @@ impl Store for RedisStore {
             .map_err(unavailable)?;
         groups.sort();
         Ok(groups)
+    }
+
+    async fn claim_id_node(
+        &self,
+        owner: &str,
+        first: u16,
+        lease: Duration,
+        issue_until_ms: u64,
+    ) -> Result<Option<IdNode>, StoreError> {
+        let claimed: Option<(u16, u64)> = self
+            .claim_id_node
+            .key(ID_NODES_KEY)
+            .arg(owner)
+            .arg(first % ID_NODES)
+            .arg(lease.as_millis() as u64)
+            .arg(issue_until_ms)
+            .arg(ID_NODES)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(claimed.map(|(node, issued_until_ms)| IdNode {
+            node,
+            issued_until_ms,
+        }))
+    }
+
+    async fn renew_id_node(
+        &self,
+        owner: &str,
+        node: u16,
+        lease: Duration,
+        issue_until_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let renewed: i64 = self
+            .renew_id_node
+            .key(ID_NODES_KEY)
+            .arg(owner)
+            .arg(node)
+            .arg(lease.as_millis() as u64)
+            .arg(issue_until_ms)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(renewed == 1)
+    }
+
+    async fn release_id_node(&self, owner: &str, node: u16) -> Result<(), StoreError> {
+        let _: i64 = self
+            .release_id_node
+            .key(ID_NODES_KEY)
+            .arg(owner)
+            .arg(node)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError> {
