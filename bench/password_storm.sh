@@ -12,7 +12,8 @@ cargo build --release -q -p cim-router -p cim-bench
 BIN="${STORM_BIN:-target/release}"
 WORK="$(mktemp -d -t cim-storm.XXXXXX)"
 "$BIN/cim-router" --http 127.0.0.1:0 --servers 2 --certs "$WORK/certs" \
-    --max-login-attempts-per-ip 100000000 --max-connections-per-ip 1000000 \
+    --max-login-attempts-per-ip 100000000 --max-registrations-per-ip 100000000 \
+    --max-connections-per-ip 1000000 \
     > "$WORK/router.out" 2> /dev/null &
 PID=$!
 trap 'kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null; rm -rf "$WORK"' EXIT

@@ -58,6 +58,8 @@ impl Target {
             .args([
                 "--max-login-attempts-per-ip",
                 "100000000",
+                "--max-registrations-per-ip",
+                "100000000",
                 "--max-connections-per-ip",
                 "1000000",
             ])

@@ -232,6 +232,8 @@ impl ProcCluster {
                 &self.strategy,
                 "--max-login-attempts-per-ip",
                 "100000",
+                "--max-registrations-per-ip",
+                "100000",
             ],
         )?;
         let line = proc.expect_line(&format!("router {id}: ")).await?;

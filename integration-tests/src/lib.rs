@@ -118,6 +118,10 @@ impl TestCluster {
                 failures_per_user: 5,
                 attempts_per_ip: 100_000,
             },
+            api_limits: cim_router::ApiLimits {
+                registrations_per_ip: 100_000,
+                requests_per_user: 100_000,
+            },
             max_group_size: 10_000,
             admin_token: Some("test-admin-token".into()),
             inbox: cim_router::store::InboxLimits::default(),

@@ -746,6 +746,83 @@ async fn a_login_brute_force_hits_the_limit() -> anyhow::Result<()> {
     scene.still_chatting().await
 }
 
+/// Registrations from one address and API requests of one user are limited: an account
+/// factory or a bot flooding the HTTP send API gets `429 rate_limited`, and nothing it was
+/// refused is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_and_api_floods_are_limited() -> anyhow::Result<()> {
+    let mut scene = Scene::with(|config| {
+        config.api_limits = cim_router::ApiLimits {
+            registrations_per_ip: 3,
+            requests_per_user: 5,
+        }
+    })
+    .await?;
+    // Alice and Bob took two registrations of this minute; Dave takes the last.
+    let (_, token) = scene.cluster.http_login("dave").await?;
+    let config = scene.cluster.client_config();
+    let err = cim_client::register(&config, "eve", "password")
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, ClientError::Api { status: 429, .. }),
+        "{err}"
+    );
+    assert_eq!(err.code(), Some("rate_limited"));
+
+    // Dave floods the send API: five a second go through, the rest are refused.
+    let api = RouterApi::new(&config)?;
+    let bob = scene.bob.info().user_id;
+    let (mut accepted, mut refused) = (Vec::new(), 0);
+    for i in 0..20 {
+        let body = serde_json::json!({"to": bob, "body": format!("flood {i}")});
+        let (status, reply) = api
+            .raw(
+                Method::POST,
+                "/api/messages",
+                body.to_string().into(),
+                Some(&token),
+            )
+            .await?;
+        match status {
+            StatusCode::OK => accepted.push(format!("flood {i}")),
+            StatusCode::TOO_MANY_REQUESTS => {
+                let reply: serde_json::Value = serde_json::from_slice(&reply)?;
+                assert_eq!(reply["code"], "rate_limited", "{reply}");
+                refused += 1;
+            }
+            other => anyhow::bail!("unexpected {other}: {reply:?}"),
+        }
+    }
+    // Twenty quick requests span one or two windows of a second.
+    assert!((5..=10).contains(&accepted.len()), "{accepted:?}");
+    assert_eq!(accepted.len() + refused, 20);
+    let mut delivered = Vec::new();
+    for _ in 0..accepted.len() {
+        delivered.push(next_message(&mut scene.bob_events).await?.body);
+    }
+    assert_eq!(delivered, accepted, "what was accepted arrives, in order");
+    // Others are unaffected; so is Dave a second later.
+    scene.still_chatting().await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let body = serde_json::json!({"to": bob, "body": "calm again"});
+    let (status, _) = api
+        .raw(
+            Method::POST,
+            "/api/messages",
+            body.to_string().into(),
+            Some(&token),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        next_message(&mut scene.bob_events).await?.body,
+        "calm again"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_flood_is_throttled_then_disconnected() -> anyhow::Result<()> {
     let mut scene = Scene::with(|c| {

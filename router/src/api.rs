@@ -3,7 +3,7 @@
 //!
 //! | method | path | auth | body / query | reply |
 //! |---|---|---|---|---|
-//! | POST | /api/register | - | `{name, password}` | 201 `{user_id, name}` |
+//! | POST | /api/register | - | `{name, password}` | 201 `{user_id, name}`; 429 `rate_limited` past the per-address limit |
 //! | POST | /api/login | - | `{name, password, takeover?}` | 200 `{user_id, name, token, server_id, server_addr, expires_at_ms}` |
 //! | POST | /api/relogin | bearer (a session token) | - | 200 as login; 401 `unauthorized` or `session_ended` when only the password will do; 409 `session_live` (the login is still connected to a live server); 429, 503 `no_server` as for login |
 //! | POST | /api/logout | bearer | - | 200 `{}` |
@@ -18,7 +18,8 @@
 //! | GET | /metrics | - | - | Prometheus text exposition |
 //! | GET | /admin, /admin/api/state | admin token | `?token=` | the admin page and its JSON |
 //!
-//! Every error is `{"code": "...", "message": "..."}` with a fitting status.
+//! Every error is `{"code": "...", "message": "..."}` with a fitting status. Every bearer call
+//! counts against its user's per-second limit (`429 rate_limited` past it).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -81,7 +82,9 @@ impl From<ServiceError> for ApiError {
             | ServiceError::Unavailable(_)
             | ServiceError::Retry(_)
             | ServiceError::Busy => StatusCode::SERVICE_UNAVAILABLE,
-            ServiceError::TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
+            ServiceError::TooManyAttempts | ServiceError::RateLimited(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         match &e {
@@ -243,12 +246,16 @@ pub fn routes(
     let register = warp::path!("api" / "register")
         .and(warp::post())
         .and(with_service.clone())
+        .and(warp::ext::optional::<PeerAddr>())
         .and(json_body::<RegisterRequest>())
         .then(
-            |service: Arc<Service>, req: Result<RegisterRequest, ApiError>| async move {
+            |service: Arc<Service>,
+             peer: Option<PeerAddr>,
+             req: Result<RegisterRequest, ApiError>| async move {
                 let result = async {
                     let req = req?;
-                    let account = service.register(&req.name, &req.password).await?;
+                    let peer = peer.map(|p| p.0.ip());
+                    let account = service.register(&req.name, &req.password, peer).await?;
                     let body = RegisterResponse {
                         user_id: account.id,
                         name: account.name,
@@ -587,6 +594,7 @@ async fn authenticate(
         .token_key
         .verify(&token, now_ms(), None)
         .map_err(ServiceError::from)?;
+    service.check_api_rate(claims.user_id)?;
     if service
         .store
         .revocation(claims.user_id, claims.session_id)

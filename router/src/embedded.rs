@@ -37,6 +37,8 @@ pub struct EmbeddedConfig {
     pub password_cost: crate::password::Cost,
     /// Login attempt limits of the router.
     pub login_limits: crate::LoginLimits,
+    /// Limits on registrations and other API requests.
+    pub api_limits: crate::ApiLimits,
     /// Caps on the servers' clients.
     pub server_limits: cim_server::Limits,
     /// Most members a group may have.
@@ -144,6 +146,7 @@ pub async fn start_with_store(
     router_config.strategy = config.strategy;
     router_config.password_cost = config.password_cost;
     router_config.login_limits = config.login_limits;
+    router_config.api_limits = config.api_limits;
     router_config.max_group_size = config.max_group_size;
     router_config.inbox = config.inbox;
     router_config.token_ttl = config.token_ttl;

@@ -63,6 +63,8 @@ pub struct RouterConfig {
     pub password_cost: password::Cost,
     /// Limits on login attempts.
     pub login_limits: LoginLimits,
+    /// Limits on registrations and on other API requests.
+    pub api_limits: ApiLimits,
     /// Longest an HTTPS request may take from its headers to its answer, body included: a
     /// client that trickles a body must not hold a connection (one of a bounded number) for
     /// good. Past it the request is answered `408 timeout`.
@@ -100,6 +102,26 @@ impl Default for LoginLimits {
     }
 }
 
+/// Limits on the API's other requests, per router (each router counts its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiLimits {
+    /// Registrations from one IP address per minute (each costs a password hash and an
+    /// account kept for good).
+    pub registrations_per_ip: u32,
+    /// Requests with a session token (sends, groups, listings, logout) of one user per
+    /// second; the server limits messages sent over QUIC on its own.
+    pub requests_per_user: u32,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        Self {
+            registrations_per_ip: 20,
+            requests_per_user: 100,
+        }
+    }
+}
+
 impl RouterConfig {
     /// Default of [`RouterConfig::http_request_timeout`].
     pub const DEFAULT_HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
@@ -129,6 +151,7 @@ impl RouterConfig {
             dedup_window: Duration::from_secs(600),
             password_cost: password::Cost::default(),
             login_limits: LoginLimits::default(),
+            api_limits: ApiLimits::default(),
             http_request_timeout: Self::DEFAULT_HTTP_REQUEST_TIMEOUT,
             max_group_size: 10_000,
             id_node_lease: Duration::from_secs(30),

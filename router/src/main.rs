@@ -90,6 +90,12 @@ struct Args {
     /// Login attempts per client IP address per minute.
     #[arg(long, env = "CIM_MAX_LOGIN_ATTEMPTS_PER_IP", default_value_t = 120, value_parser = clap::value_parser!(u32).range(1..))]
     max_login_attempts_per_ip: u32,
+    /// Registrations from one client IP address per minute.
+    #[arg(long, env = "CIM_MAX_REGISTRATIONS_PER_IP", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    max_registrations_per_ip: u32,
+    /// API requests with a session token (sends, groups, listings) per user per second.
+    #[arg(long, env = "CIM_MAX_API_REQUESTS_PER_USER", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    max_api_requests_per_user: u32,
     /// Embedded servers: client connections per server.
     #[arg(long, env = "CIM_MAX_CONNECTIONS", default_value_t = 100_000)]
     max_connections: usize,
@@ -155,6 +161,13 @@ fn login_limits(args: &Args) -> cim_router::LoginLimits {
     }
 }
 
+fn api_limits(args: &Args) -> cim_router::ApiLimits {
+    cim_router::ApiLimits {
+        registrations_per_ip: args.max_registrations_per_ip,
+        requests_per_user: args.max_api_requests_per_user,
+    }
+}
+
 async fn run_cluster(args: &Args, redis: &str, zookeeper: &str) -> anyhow::Result<()> {
     let certs = CertPaths::in_dir(&args.certs);
     let secret = std::fs::read_to_string(certs.token_secret())
@@ -175,6 +188,7 @@ async fn run_cluster(args: &Args, redis: &str, zookeeper: &str) -> anyhow::Resul
     config.strategy = args.strategy;
     config.password_cost = password_cost(args);
     config.login_limits = login_limits(args);
+    config.api_limits = api_limits(args);
     config.max_group_size = args.max_group_size as usize;
     config.token_ttl = Duration::from_secs(args.token_ttl_secs);
     config.admin_token = args.admin_token.clone();
@@ -229,6 +243,7 @@ async fn run_embedded(args: &Args) -> anyhow::Result<()> {
         heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
         password_cost: password_cost(args),
         login_limits: login_limits(args),
+        api_limits: api_limits(args),
         max_group_size: args.max_group_size as usize,
         admin_token: args.admin_token.clone(),
         inbox: inbox_limits(args),

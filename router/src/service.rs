@@ -55,6 +55,8 @@ pub struct Member {
 
 /// Window of the login limits.
 const LOGIN_WINDOW: Duration = Duration::from_secs(60);
+/// Window of the per-user API request limit.
+const API_WINDOW: Duration = Duration::from_secs(1);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Limiter state stays usable even if a holder panicked: worst case a count is off.
@@ -123,6 +125,9 @@ pub enum ServiceError {
     /// Too many login attempts for this user or from this address; retry later.
     #[error("too many login attempts; retry in a minute")]
     TooManyAttempts,
+    /// Too many registrations from this address, or API requests of this user; retry later.
+    #[error("{0}")]
+    RateLimited(&'static str),
     /// Storing a message failed in a way that leaves its outcome unknown (the store may have
     /// run the append and lost the reply); a resend with the same client message id settles it.
     #[error("storing the message did not finish: {0}")]
@@ -159,6 +164,7 @@ impl ServiceError {
             ServiceError::Unavailable(StoreError::NameTaken) => "name_taken",
             ServiceError::Unavailable(_) => "unavailable",
             ServiceError::TooManyAttempts => "too_many_attempts",
+            ServiceError::RateLimited(_) => "rate_limited",
             ServiceError::Busy => "busy",
             ServiceError::Retry(_) => cim_proto::SEND_RETRY,
             ServiceError::Internal(_) => "internal",
@@ -232,6 +238,10 @@ pub struct Service {
     pub(crate) config: Arc<RouterConfig>,
     login_failures: Mutex<WindowCounter<String>>,
     login_attempts: Mutex<WindowCounter<IpAddr>>,
+    /// Registrations per address per minute.
+    registrations: Mutex<WindowCounter<IpAddr>>,
+    /// Authenticated API requests per user per second.
+    api_requests: Mutex<WindowCounter<u64>>,
     /// Sends to one group are appended under one of these locks, so every member's inbox
     /// holds the group's messages in the same order.
     group_locks: Vec<tokio::sync::Mutex<()>>,
@@ -257,6 +267,8 @@ impl Service {
         Self {
             login_failures: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             login_attempts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
+            registrations: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
+            api_requests: Mutex::new(WindowCounter::new(API_WINDOW, 100_000)),
             group_locks: (0..GROUP_LOCKS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -271,8 +283,28 @@ impl Service {
         }
     }
 
-    /// Creates an account.
-    pub async fn register(&self, name: &str, password: &str) -> Result<Account, ServiceError> {
+    /// Creates an account, unless `peer` has registered too often this minute.
+    pub async fn register(
+        &self,
+        name: &str,
+        password: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<Account, ServiceError> {
+        if let Some(ip) = peer {
+            let count = lock(&self.registrations).hit(ip, Instant::now());
+            let limit = self.config.api_limits.registrations_per_ip;
+            if count > limit {
+                let e = ServiceError::RateLimited(
+                    "too many registrations from this address; retry in a minute",
+                );
+                // Once per address and minute: a flood must not flood the log too.
+                if count == limit + 1 {
+                    tracing::warn!(%ip, "registrations from address over the limit");
+                    self.record_error(e.code(), format!("register from {ip}: {e}"));
+                }
+                return Err(e);
+            }
+        }
         validate_name(name)?;
         validate_password(password)?;
         let password = password.to_string();
@@ -403,6 +435,26 @@ impl Service {
             .store
             .revoke_session(claims.user_id, claims.session_id, ttl, why)
             .await?)
+    }
+
+    /// Counts one API request of `user` (with a session token) and refuses it past the
+    /// per-user limit for the rest of the second.
+    pub(crate) fn check_api_rate(&self, user: u64) -> Result<(), ServiceError> {
+        let count = lock(&self.api_requests).hit(user, Instant::now());
+        let limit = self.config.api_limits.requests_per_user;
+        if count > limit {
+            if count == limit + 1 {
+                tracing::warn!(user, "API requests of user over the limit");
+                self.record_error(
+                    "rate_limited",
+                    format!("user {user}: over {limit} requests/s"),
+                );
+            }
+            return Err(ServiceError::RateLimited(
+                "too many requests for this user; slow down",
+            ));
+        }
+        Ok(())
     }
 
     /// Counts and records a refused login or re-login.
