@@ -731,19 +731,22 @@ async fn a_login_brute_force_hits_the_limit() -> anyhow::Result<()> {
         assert_eq!(err.code(), Some("invalid_credentials"), "{err}");
     }
     // Locked for the rest of the minute, even with the right password.
-    let err = Client::login(&config, "victim", "right-password", LoginOptions::default())
-        .await
-        .err()
-        .unwrap();
-    assert!(
-        matches!(&err, ClientError::Api { status: 429, .. }),
-        "{err}"
-    );
-    assert_eq!(err.code(), Some("too_many_attempts"));
+    let login = Client::login(&config, "victim", "right-password", LoginOptions::default());
+    assert_too_many(login.await.err(), "too_many_attempts");
     // Others are unaffected.
     cim_client::register(&config, "carol", "password").await?;
     Client::login(&config, "carol", "password", LoginOptions::default()).await?;
     scene.still_chatting().await
+}
+
+/// Checks that a call was refused `429` with `code`.
+fn assert_too_many(err: Option<ClientError>, code: &str) {
+    let err = err.expect("refused");
+    assert!(
+        matches!(&err, ClientError::Api { status: 429, .. }),
+        "{err}"
+    );
+    assert_eq!(err.code(), Some(code), "{err}");
 }
 
 /// Registrations from one address and API requests of one user are limited: an account
@@ -761,15 +764,8 @@ async fn registration_and_api_floods_are_limited() -> anyhow::Result<()> {
     // Alice and Bob took two registrations of this minute; Dave takes the last.
     let (_, token) = scene.cluster.http_login("dave").await?;
     let config = scene.cluster.client_config();
-    let err = cim_client::register(&config, "eve", "password")
-        .await
-        .err()
-        .unwrap();
-    assert!(
-        matches!(&err, ClientError::Api { status: 429, .. }),
-        "{err}"
-    );
-    assert_eq!(err.code(), Some("rate_limited"));
+    let register = cim_client::register(&config, "eve", "password");
+    assert_too_many(register.await.err(), "rate_limited");
 
     // Dave floods the send API: five a second go through, the rest are refused.
     let api = RouterApi::new(&config)?;
