@@ -141,6 +141,8 @@ pub struct ServerMetrics {
     pub connections: Gauge,
     /// Connections refused by caps.
     pub refused_connections: Counter,
+    /// Connection attempts told to validate their address first (a QUIC Retry).
+    pub retried_connections: Counter,
     /// Successful control-stream logins.
     pub logins: Counter,
     /// Fresh session tokens handed to connected clients.
@@ -169,6 +171,11 @@ impl ServerMetrics {
             "refused_connections",
             "Connections refused by caps",
             m.refused_connections.clone(),
+        );
+        r.register(
+            "retried_connections",
+            "Connection attempts told to validate their address first",
+            m.retried_connections.clone(),
         );
         r.register("logins", "Control-stream logins", m.logins.clone());
         r.register(
@@ -204,6 +211,7 @@ impl ServerMetrics {
         Self {
             connections: Gauge::default(),
             refused_connections: Counter::default(),
+            retried_connections: Counter::default(),
             logins: Counter::default(),
             token_renewals: Counter::default(),
             messages_in: Counter::default(),

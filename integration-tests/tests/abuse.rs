@@ -739,6 +739,35 @@ async fn a_login_brute_force_hits_the_limit() -> anyhow::Result<()> {
     scene.still_chatting().await
 }
 
+/// A connection from an address that has used half its share is told to validate the address
+/// first (a QUIC Retry), as are all once many unvalidated handshakes are under way: spoofed
+/// first packets cannot fill another address's share or the server. Real clients go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crowded_addresses_validate_before_they_get_a_place() -> anyhow::Result<()> {
+    let mut scene = Scene::with(|config| config.server_limits.max_connections_per_ip = 4).await?;
+    let api = RouterApi::new(&scene.cluster.client_config())?;
+    let retried = || async {
+        let metrics = cim_integration_tests::router_metrics(&api).await?;
+        cim_integration_tests::metric_value(&metrics, "cim_server_retried_connections_total")
+    };
+    // Alice and Bob hold two of 127.0.0.1's four places: Carol and Dave validate first.
+    assert_eq!(retried().await?, 0.0);
+    let (carol, _carol_events) = scene.cluster.user("carol").await?;
+    assert_eq!(retried().await?, 1.0);
+    let (_dave, _dave_events) = scene.cluster.user("dave").await?;
+    assert_eq!(retried().await?, 2.0);
+    // The address is full: the next is refused, validated or not.
+    let config = scene.cluster.client_config();
+    cim_client::register(&config, "eve", "password").await?;
+    let refused = Client::login(&config, "eve", "password", LoginOptions::default()).await;
+    assert!(refused.is_err(), "a fifth connection from one address");
+    carol
+        .send_private(scene.bob.info().user_id, "validated")
+        .await?;
+    assert_eq!(next_message(&mut scene.bob_events).await?.body, "validated");
+    scene.still_chatting().await
+}
+
 /// Checks that a call was refused `429` with `code`.
 fn assert_too_many(err: Option<ClientError>, code: &str) {
     let err = err.expect("refused");

@@ -66,8 +66,8 @@ pub(crate) struct State {
     emptied: Notify,
     /// Highest inbox seq each user acknowledged since the last trim report.
     acked: Mutex<HashMap<u64, u64>>,
-    /// Open client connections per IP address.
-    connections: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// Client connections admitted.
+    connections: Mutex<Admitted>,
     /// Set once the server drains: new logins are refused, so clients go to the router.
     draining: AtomicBool,
     /// Close reports on their way to a router, per user (see [`State::close_for_report`]).
@@ -94,7 +94,7 @@ impl State {
             sessions: Mutex::new(HashMap::new()),
             emptied: Notify::new(),
             acked: Mutex::new(HashMap::new()),
-            connections: Mutex::new(HashMap::new()),
+            connections: Mutex::new(Admitted::default()),
             draining: AtomicBool::new(false),
             closing: Mutex::new(HashMap::new()),
             close_answered: Notify::new(),
@@ -138,24 +138,37 @@ impl State {
         }
     }
 
-    /// Admits a connection from `ip` if the caps allow; the guard releases it.
-    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Result<ConnectionGuard, &'static str> {
+    /// Admits a connection from `ip` if the caps allow; the guard releases it. A connection
+    /// from an address not `validated` yet (the client has not shown it receives packets sent
+    /// there) is told to validate it first when such handshakes pile up or its address has used
+    /// half its connections: a flood of spoofed first packets then holds a bounded number of
+    /// places, and cannot fill another address's share.
+    fn admit(
+        self: &Arc<Self>,
+        ip: std::net::IpAddr,
+        validated: bool,
+    ) -> Result<Admission, &'static str> {
         let limits = self.config.limits;
-        let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-        let total: usize = conns.values().sum();
-        if total >= limits.max_connections {
+        let mut admitted = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if admitted.total >= limits.max_connections {
             return Err("server connection limit reached");
         }
-        let from_ip = conns.entry(ip).or_insert(0);
-        if *from_ip >= limits.max_connections_per_ip {
+        let from_ip = admitted.per_ip.get(&ip).copied().unwrap_or(0);
+        if from_ip >= limits.max_connections_per_ip {
             return Err("connection limit per address reached");
         }
-        *from_ip += 1;
+        if !validated && must_validate(admitted.unvalidated, from_ip, &limits) {
+            return Ok(Admission::ValidateFirst);
+        }
+        *admitted.per_ip.entry(ip).or_insert(0) += 1;
+        admitted.total += 1;
+        admitted.unvalidated += usize::from(!validated);
         self.config.metrics.connections.inc();
-        Ok(ConnectionGuard {
+        Ok(Admission::Admitted(ConnectionGuard {
             state: self.clone(),
             ip,
-        })
+            unvalidated: !validated,
+        }))
     }
 
     /// Records that `user` has every inbox entry up to `seq`.
@@ -360,24 +373,68 @@ impl State {
     }
 }
 
-/// Holds one admitted connection's place in the per-address count.
+/// Client connections admitted: per address, in all, and how many of them are handshakes
+/// from addresses not validated yet.
+#[derive(Default)]
+struct Admitted {
+    per_ip: HashMap<std::net::IpAddr, usize>,
+    total: usize,
+    unvalidated: usize,
+}
+
+/// Handshakes from unvalidated addresses under way past which new ones must validate their
+/// address first (a QUIC Retry: one round trip, no state kept until the client answers it).
+const MAX_UNVALIDATED_HANDSHAKES: usize = 256;
+
+/// Whether a connection from an unvalidated address must validate it before it is admitted,
+/// given the unvalidated handshakes under way and the connections its address holds.
+fn must_validate(unvalidated: usize, from_ip: usize, limits: &crate::Limits) -> bool {
+    unvalidated >= MAX_UNVALIDATED_HANDSHAKES || from_ip * 2 >= limits.max_connections_per_ip
+}
+
+/// What [`State::admit`] decided.
+enum Admission {
+    /// Admitted, holding a place until the guard drops.
+    Admitted(ConnectionGuard),
+    /// The client must validate its address first (answer with a Retry).
+    ValidateFirst,
+}
+
+/// Holds one admitted connection's place in the counts.
 pub(crate) struct ConnectionGuard {
     state: Arc<State>,
     ip: std::net::IpAddr,
+    /// Counted among the unvalidated handshakes.
+    unvalidated: bool,
+}
+
+impl ConnectionGuard {
+    /// The handshake is over: the client has shown it receives packets at its address.
+    fn handshake_done(&mut self) {
+        if std::mem::take(&mut self.unvalidated) {
+            let connections = &self.state.connections;
+            connections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .unvalidated -= 1;
+        }
+    }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.state.config.metrics.connections.dec();
-        let mut conns = self
+        let mut admitted = self
             .state
             .connections
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = conns.get_mut(&self.ip) {
+        admitted.total -= 1;
+        admitted.unvalidated -= usize::from(self.unvalidated);
+        if let Some(n) = admitted.per_ip.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
-                conns.remove(&self.ip);
+                admitted.per_ip.remove(&self.ip);
             }
         }
     }
@@ -431,8 +488,16 @@ pub(crate) async fn accept_clients(
             continue;
         }
         let peer = incoming.remote_address();
-        let guard = match state.admit(peer.ip()) {
-            Ok(guard) => guard,
+        let mut guard = match state.admit(peer.ip(), incoming.remote_address_validated()) {
+            Ok(Admission::Admitted(guard)) => guard,
+            Ok(Admission::ValidateFirst) => {
+                state.config.metrics.retried_connections.inc();
+                // Cannot fail: only an unvalidated address is asked to validate.
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+                continue;
+            }
             Err(why) => {
                 state.config.metrics.refused_connections.inc();
                 tracing::warn!(%peer, why, "connection refused");
@@ -446,9 +511,11 @@ pub(crate) async fn accept_clients(
         let incoming = Box::new(incoming);
         tracker.spawn(
             async move {
-                let _guard = guard;
                 match (*incoming).await {
-                    Ok(conn) => handle_client(conn, state).await,
+                    Ok(conn) => {
+                        guard.handshake_done();
+                        handle_client(conn, state).await;
+                    }
                     Err(e) => tracing::debug!(error = %e, "handshake failed"),
                 }
             }
@@ -1376,6 +1443,21 @@ fn refused(client_msg_id: u64, code: &str, message: &str) -> SendAck {
 mod tests {
     use super::*;
     use cim_core::token::TokenKey;
+
+    #[test]
+    fn unvalidated_addresses_validate_first_under_pressure() {
+        let limits = crate::Limits {
+            max_connections_per_ip: 10,
+            ..Default::default()
+        };
+        assert!(!must_validate(0, 0, &limits));
+        assert!(!must_validate(MAX_UNVALIDATED_HANDSHAKES - 1, 4, &limits));
+        assert!(must_validate(MAX_UNVALIDATED_HANDSHAKES, 0, &limits));
+        assert!(
+            must_validate(0, 5, &limits),
+            "half the address's share is used"
+        );
+    }
 
     #[test]
     fn a_token_is_renewed_once_less_than_half_its_lifetime_is_left() {
