@@ -81,6 +81,14 @@ impl<K: Hash + Eq + Clone> WindowCounter<K> {
         slot.0
     }
 
+    /// Takes back one event counted for `key` in its current window (one that turned out not
+    /// to count, e.g. refused as busy and to be retried).
+    pub fn forgive(&mut self, key: &K) {
+        if let Some((n, _)) = self.counts.get_mut(key) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
     /// Forgets `key` (e.g. after a successful login).
     pub fn reset(&mut self, key: &K) {
         self.counts.remove(key);
@@ -103,6 +111,21 @@ impl<K: Hash + Eq + Clone> WindowCounter<K> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forgiven_event_no_longer_counts() {
+        let t0 = Instant::now();
+        let mut c = WindowCounter::new(Duration::from_secs(60), 10);
+        c.hit("a", t0);
+        c.hit("a", t0);
+        c.forgive(&"a");
+        assert_eq!(c.count(&"a", t0), 1);
+        c.forgive(&"a");
+        c.forgive(&"a");
+        assert_eq!(c.count(&"a", t0), 0);
+        c.forgive(&"unknown");
+        assert_eq!(c.count(&"unknown", t0), 0);
+    }
 
     #[test]
     fn bucket_allows_bursts_then_the_sustained_rate() {

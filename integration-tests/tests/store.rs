@@ -354,6 +354,12 @@ async fn id_nodes_are_held_once(store: &dyn Store) -> anyhow::Result<()> {
         })
     );
     assert!(!store.renew_id_node("a#1", 7, long, 0).await?);
+    // A holder whose clock is behind keeps the later bound recorded for the next one.
+    store.release_id_node("f#1", 7).await?;
+    assert_eq!(
+        claim("f#2", 7, long, 0).await?.map(|n| n.issued_until_ms),
+        Some(9_000)
+    );
     // A hold that is not renewed lapses and can be claimed.
     let short = Duration::from_millis(200);
     assert_eq!(

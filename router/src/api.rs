@@ -19,7 +19,8 @@
 //! | GET | /admin, /admin/api/state | admin token | `?token=` | the admin page and its JSON |
 //!
 //! Every error is `{"code": "...", "message": "..."}` with a fitting status. Every bearer call
-//! counts against its user's per-second limit (`429 rate_limited` past it).
+//! but re-login and logout counts against its user's per-second limit (`429 rate_limited` past
+//! it). Per-address limits count an IPv6 client under its /64.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -35,7 +36,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::https::PeerAddr;
-use crate::service::{LoginGrant, Sender, Service, ServiceError};
+use crate::service::{LoginGrant, Sender, Service, ServiceError, limit_key};
 
 /// Largest request body accepted, in bytes.
 pub const MAX_HTTP_BODY: u64 = 64 * 1024;
@@ -254,7 +255,7 @@ pub fn routes(
              req: Result<RegisterRequest, ApiError>| async move {
                 let result = async {
                     let req = req?;
-                    let peer = peer.map(|p| p.0.ip());
+                    let peer = peer.map(|p| limit_key(p.0.ip()));
                     let account = service.register(&req.name, &req.password, peer).await?;
                     let body = RegisterResponse {
                         user_id: account.id,
@@ -280,7 +281,7 @@ pub fn routes(
                  req: Result<LoginRequest, ApiError>| async move {
                     let result = async {
                         let req = req?;
-                        let peer = peer.map(|p| p.0.ip());
+                        let peer = peer.map(|p| limit_key(p.0.ip()));
                         let grant = service
                             .login(&req.name, &req.password, req.takeover, peer)
                             .await?;
@@ -298,7 +299,7 @@ pub fn routes(
         .then(
             |service: Arc<Service>, peer: Option<PeerAddr>, auth: Result<String, ApiError>| async move {
                 let result = async {
-                    let grant = service.relogin(&auth?, peer.map(|p| p.0.ip())).await?;
+                    let grant = service.relogin(&auth?, peer.map(|p| limit_key(p.0.ip()))).await?;
                     Ok::<_, ApiError>(warp::reply::json(&LoginResponse::from(grant)))
                 };
                 respond_api(result.await)
@@ -311,7 +312,8 @@ pub fn routes(
         .then(
             |service: Arc<Service>, auth: Result<String, ApiError>| async move {
                 let result = async {
-                    let claims = authenticate(&service, auth).await?;
+                    // Not limited: a client over its limit must still be able to log out.
+                    let claims = authenticate_as(&service, auth, false).await?;
                     service.logout(&claims).await?;
                     Ok::<_, ApiError>(warp::reply::json(&serde_json::json!({})))
                 };
@@ -588,13 +590,24 @@ async fn authenticate(
     service: &Service,
     token: Result<String, ApiError>,
 ) -> Result<Claims, ApiError> {
+    authenticate_as(service, token, true).await
+}
+
+/// [`authenticate`], counted against the user's request limit if `limited`.
+async fn authenticate_as(
+    service: &Service,
+    token: Result<String, ApiError>,
+    limited: bool,
+) -> Result<Claims, ApiError> {
     let token = token?;
     let claims = service
         .config
         .token_key
         .verify(&token, now_ms(), None)
         .map_err(ServiceError::from)?;
-    service.check_api_rate(claims.user_id)?;
+    if limited {
+        service.check_api_rate(claims.user_id)?;
+    }
     if service
         .store
         .revocation(claims.user_id, claims.session_id)

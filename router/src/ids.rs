@@ -66,12 +66,14 @@ impl IdGenerator {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The node held, if the hold is alive at `now`.
-    pub fn node(&self, now: Instant) -> Option<u16> {
+    /// The node held, if ids can be issued with it at `now` (wall clock `now_ms`): the hold
+    /// is alive and the clock is not past the time ids may carry.
+    pub fn node(&self, now_ms: u64, now: Instant) -> Option<u16> {
         let state = self.state();
+        let wall = now_ms.saturating_sub(EPOCH_MS);
         state
             .node
-            .filter(|_| now < state.valid_until)
+            .filter(|_| now < state.valid_until && wall <= state.issue_until)
             .map(|n| n as u16)
     }
 
@@ -187,10 +189,13 @@ impl NodeHolder {
                 self.ids
                     .hold(claimed, self.valid_until(asked), issue_until_ms);
                 tracing::info!(node = claimed.node, owner = %self.owner, "message-id node claimed");
-                if claimed.issued_until_ms + self.lease.as_millis() as u64 > issue_until_ms {
+                if claimed.issued_until_ms + self.lease.as_millis() as u64 > issue_until_ms
+                    && !self.renew(claimed.node).await
+                {
                     // The previous holder's clock was ahead: our ids start after its, so the
-                    // time they may carry must move on at once.
-                    self.renew(claimed.node).await;
+                    // time they may carry must move on at once. Taken meanwhile: claim anew.
+                    self.ids.lose();
+                    return None;
                 }
                 Some(claimed.node)
             }
@@ -325,7 +330,7 @@ mod tests {
         assert_eq!(ids.next(EPOCH_MS + HOUR_MS + 1, now), None);
         ids.lose();
         assert_eq!(ids.next(EPOCH_MS + 7, now), None);
-        assert_eq!(ids.node(now), None);
+        assert_eq!(ids.node(EPOCH_MS + 7, now), None);
     }
 
     #[test]
@@ -337,6 +342,11 @@ mod tests {
         let next = held(9, EPOCH_MS + 50_000);
         let id = next.next(EPOCH_MS + 10_000, now).unwrap();
         assert!(id > previous_id, "{id} after {previous_id}");
-        assert_eq!(next.node(now), Some(9));
+        assert_eq!(next.node(EPOCH_MS + 10_000, now), Some(9));
+        assert_eq!(
+            next.node(EPOCH_MS + HOUR_MS + 1, now),
+            None,
+            "clock past the bound"
+        );
     }
 }

@@ -268,13 +268,20 @@ impl Router {
         // Claimed before serving, so the first messages get ids; kept (or claimed, if the
         // store is not reachable yet) in the background.
         let node = ids.claim().await;
-        let holding = tokio::spawn(ids.keep(node, shutdown.clone()));
-        discovery
+        // Stopped after the HTTPS server has drained, so sends in flight still get ids.
+        let stop_ids = CancellationToken::new();
+        let holding = tokio::spawn(ids.keep(node, stop_ids.clone()));
+        let registered = discovery
             .register_router(RouterInfo {
                 id: self.config.id.clone(),
                 http_addr,
             })
-            .await?;
+            .await;
+        if let Err(e) = registered {
+            stop_ids.cancel();
+            let _ = holding.await;
+            return Err(e.into());
+        }
         tracing::info!(id = %self.config.id, %http_addr, "router started");
         let maintain = tokio::spawn(links::maintain(service.clone(), shutdown.clone()));
         https::serve(
@@ -287,6 +294,7 @@ impl Router {
         )
         .await;
         let _ = maintain.await;
+        stop_ids.cancel();
         let _ = holding.await;
         self.endpoint.close(
             cim_core::close::code(cim_core::close::NORMAL),

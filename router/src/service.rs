@@ -283,13 +283,16 @@ impl Service {
         }
     }
 
-    /// Creates an account, unless `peer` has registered too often this minute.
+    /// Creates an account, unless `peer` has registered too often this minute. Requests refused
+    /// as malformed or `busy` (to be retried) do not count.
     pub async fn register(
         &self,
         name: &str,
         password: &str,
         peer: Option<IpAddr>,
     ) -> Result<Account, ServiceError> {
+        validate_name(name)?;
+        validate_password(password)?;
         if let Some(ip) = peer {
             let count = lock(&self.registrations).hit(ip, Instant::now());
             let limit = self.config.api_limits.registrations_per_ip;
@@ -305,8 +308,14 @@ impl Service {
                 return Err(e);
             }
         }
-        validate_name(name)?;
-        validate_password(password)?;
+        let registered = self.create_account(name, password).await;
+        if let (Some(ip), Err(ServiceError::Busy)) = (peer, &registered) {
+            lock(&self.registrations).forgive(&ip);
+        }
+        registered
+    }
+
+    async fn create_account(&self, name: &str, password: &str) -> Result<Account, ServiceError> {
         let password = password.to_string();
         let cost = self.config.password_cost;
         let hash = self
@@ -818,7 +827,7 @@ impl Service {
             .next(now, tokio::time::Instant::now())
             .ok_or_else(|| {
                 ServiceError::Unavailable(StoreError::Unavailable(
-                    "this router holds no message-id node (its store is unreachable)".into(),
+                    "this router cannot issue message ids until its id node is confirmed".into(),
                 ))
             })?;
         let msg_id = if message.client_msg_id == 0 {
@@ -1152,7 +1161,11 @@ impl Service {
         if self.usable_servers().is_empty() {
             return Err("no server linked".into());
         }
-        if self.ids.node(tokio::time::Instant::now()).is_none() {
+        if self
+            .ids
+            .node(now_ms(), tokio::time::Instant::now())
+            .is_none()
+        {
             return Err("no message-id node held".into());
         }
         Ok(())
@@ -1164,6 +1177,19 @@ fn shard(group: &str) -> usize {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
     (hash % GROUP_LOCKS as u64) as usize
+}
+
+/// The address a client is counted under by the per-address limits: an IPv6 client counts
+/// under its /64 (one host commonly holds a whole /64 and could rotate through it), an
+/// IPv4-mapped one under its IPv4 address.
+pub fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
 }
 
 /// Longest name a login is checked for (registration allows 32 bytes).
@@ -1211,5 +1237,21 @@ fn ended(why: Revocation) -> ServiceError {
     match why {
         Revocation::Replaced => ServiceError::LoggedInElsewhere,
         _ => ServiceError::SessionEnded("it was logged out or re-logged in already"),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_client_counts_under_its_64_and_a_mapped_one_as_ipv4() {
+        let key = |s: &str| limit_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("203.0.113.7"), "203.0.113.7");
+        assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:198.51.100.4"), "198.51.100.4");
     }
 }

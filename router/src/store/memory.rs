@@ -542,17 +542,17 @@ impl Store for MemoryStore {
         let Some(node) = free else {
             return Ok(None);
         };
-        let previous = inner.id_nodes.insert(
-            node,
-            IdNodeHold {
-                owner: owner.to_string(),
-                expires: now + lease,
-                issued_until_ms: issue_until_ms,
-            },
-        );
+        let previous = inner.id_nodes.get(&node).map_or(0, |h| h.issued_until_ms);
+        let hold = IdNodeHold {
+            owner: owner.to_string(),
+            expires: now + lease,
+            // The new holder's ids start after the old one's: the later bound stays.
+            issued_until_ms: issue_until_ms.max(previous),
+        };
+        inner.id_nodes.insert(node, hold);
         Ok(Some(IdNode {
             node,
-            issued_until_ms: previous.map_or(0, |h| h.issued_until_ms),
+            issued_until_ms: previous,
         }))
     }
 

@@ -386,7 +386,8 @@ pub trait Store: Send + Sync + 'static {
     /// Claims a free message-id node for `owner` (unique per router process) for `lease`,
     /// trying `first` and then the next numbers in turn. A node is free once its holder's
     /// lease has lapsed or it was released. `issue_until_ms` is the latest time the owner puts
-    /// in an id before it renews. `None` when all [`ID_NODES`] are held.
+    /// in an id before it renews; the later of it and the previous holder's stays recorded.
+    /// `None` when all [`ID_NODES`] are held.
     async fn claim_id_node(
         &self,
         owner: &str,

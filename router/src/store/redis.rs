@@ -304,7 +304,8 @@ macro_rules! now_ms {
 
 /// [`Store::claim_id_node`]. KEYS[1]: [`ID_NODES_KEY`]. ARGV: owner, first node, lease ms,
 /// issue-until ms, node count. Returns `{node, issued until ms of the previous holder}` or nil.
-/// A record that cannot be read holds nothing.
+/// The record keeps the later of the two bounds (the new holder's ids start after the old
+/// one's). A record that cannot be read holds nothing.
 const CLAIM_ID_NODE: &str = concat!(
     now_ms!(),
     r"
@@ -318,8 +319,9 @@ for i = 0, nodes - 1 do
     if e then expires, issued = tonumber(e), u end
   end
   if expires <= now then
+    local bound = math.max(tonumber(ARGV[4]), tonumber(issued))
     redis.call('HSET', KEYS[1], node,
-      string.format('%.0f|%s|%s', now + tonumber(ARGV[3]), ARGV[4], ARGV[1]))
+      string.format('%.0f|%.0f|%s', now + tonumber(ARGV[3]), bound, ARGV[1]))
     return {node, issued}
   end
 end
