@@ -320,6 +320,38 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
     Ok(())
 }
 
+/// A group append to more members than one pipeline carries: every member gets the entry once,
+/// with its own next seq, and the seqs come back in the members' order.
+async fn a_large_group_append_reaches_every_member_once(store: &dyn Store) -> anyhow::Result<()> {
+    let limits = InboxLimits::default();
+    let mut members = Vec::new();
+    for i in 0..700 {
+        members.push(
+            store
+                .create_account(&format!("member{i}"), "hash")
+                .await?
+                .id,
+        );
+    }
+    // The first member already has an entry: its seqs run one ahead of everyone else's.
+    store
+        .append_private(members[0], &entry(800), limits)
+        .await?;
+    let first = store.append_inbox(&members, &entry(801), limits).await?;
+    let again = store.append_inbox(&members, &entry(801), limits).await?;
+    let second = store.append_inbox(&members, &entry(802), limits).await?;
+    let mut expected_first = vec![1; members.len()];
+    expected_first[0] = 2;
+    assert_eq!(first, expected_first);
+    assert_eq!(again, first, "the same message again is not appended again");
+    assert_eq!(second, first.iter().map(|s| s + 1).collect::<Vec<_>>());
+    let last = *members.last().unwrap();
+    let page = store.fetch_inbox(last, 0, 10, limits, 5).await?;
+    let ids: Vec<u64> = page.entries.iter().map(|(_, e)| e.msg_id).collect();
+    assert_eq!(ids, [801, 802]);
+    Ok(())
+}
+
 /// Message-id nodes: one holder at a time, renewable by it alone, free again once released or
 /// lapsed, and the next holder learns the latest time the previous one's ids may carry.
 async fn id_nodes_are_held_once(store: &dyn Store) -> anyhow::Result<()> {
@@ -388,6 +420,7 @@ async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     a_relogin_claim_ends_its_login_once(&store).await?;
     expired_entries_never_hide_fresh_ones(&store).await?;
     id_nodes_are_held_once(&store).await?;
+    a_large_group_append_reaches_every_member_once(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 
@@ -401,6 +434,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     a_relogin_claim_ends_its_login_once(&store).await?;
     expired_entries_never_hide_fresh_ones(&store).await?;
     id_nodes_are_held_once(&store).await?;
+    a_large_group_append_reaches_every_member_once(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 
