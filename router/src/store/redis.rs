@@ -25,6 +25,7 @@
 //!
 //! No `KEYS` anywhere; every multi-step change that must be atomic is a single-key Lua script.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -185,7 +186,13 @@ fn readable_route(user: u64, value: Option<&[u8]>) -> Option<Route> {
     match decoded {
         Ok(route) => Some(route),
         Err(e) => {
-            tracing::warn!(user, error = %e, "unreadable route taken as none");
+            // Read on every send to the user until a login overwrites it: logged at the 1st,
+            // 2nd, 4th, 8th... time, so a busy recipient does not flood the log.
+            static UNREADABLE: AtomicU64 = AtomicU64::new(0);
+            let seen = UNREADABLE.fetch_add(1, Ordering::Relaxed) + 1;
+            if seen.is_power_of_two() {
+                tracing::warn!(user, error = %e, seen, "unreadable route taken as none");
+            }
             None
         }
     }
