@@ -68,9 +68,9 @@ pub fn parse(line: &str) -> Command {
     }
     if let Some(rest) = line.strip_prefix(':') {
         let mut parts = rest.trim().splitn(2, char::is_whitespace);
-        let verb = parts.next().unwrap_or_default();
+        let verb = parts.next().unwrap_or_default().to_ascii_lowercase();
         let arg = parts.next().unwrap_or_default().trim().to_string();
-        return match verb {
+        return match verb.as_str() {
             "q" | "quit" => Command::Quit,
             "olu" => Command::OnlineUsers(arg),
             "groups" => Command::Groups,
@@ -87,7 +87,7 @@ pub fn parse(line: &str) -> Command {
         };
     }
     if let Some(rest) = line.strip_prefix('#') {
-        return match rest.split_once(' ') {
+        return match rest.split_once(char::is_whitespace) {
             Some((group, body)) if !group.is_empty() && !body.trim().is_empty() => Command::Group {
                 group: group.to_string(),
                 body: body.to_string(),
@@ -97,7 +97,7 @@ pub fn parse(line: &str) -> Command {
     }
     if let Some((to, body)) = line.split_once(";;") {
         return match to.trim().parse::<u64>() {
-            Ok(to) if !body.is_empty() => Command::Private {
+            Ok(to) if !body.trim().is_empty() => Command::Private {
                 to,
                 body: body.to_string(),
             },
@@ -106,6 +106,22 @@ pub fn parse(line: &str) -> Command {
         };
     }
     Command::Broadcast(line.to_string())
+}
+
+/// `text` safe to print on a terminal: control characters (line breaks, escape sequences that
+/// would move the cursor or recolour the screen) and bidirectional overrides are shown escaped,
+/// so another user cannot forge a line or rewrite the screen. Tabs stay.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if (c.is_control() && c != '\t') || bidi {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Formats a UTC time of day `HH:MM:SS` from milliseconds since the Unix epoch.
@@ -125,6 +141,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn printed_text_cannot_forge_lines_or_escape_the_terminal() {
+        assert_eq!(printable("hi\tthere"), "hi\tthere");
+        assert_eq!(
+            printable("a\n[12:00:00] admin: b"),
+            "a\\n[12:00:00] admin: b"
+        );
+        assert_eq!(printable("\u{1b}[2J"), "\\u{1b}[2J");
+        assert_eq!(printable("x\u{202e}y"), "x\\u{202e}y");
+        assert_eq!(printable("grüße 👋"), "grüße 👋");
+    }
+
+    #[test]
     fn parses_cim_syntax() {
         assert_eq!(parse("hello all"), Command::Broadcast("hello all".into()));
         assert_eq!(
@@ -138,6 +166,15 @@ mod tests {
         assert_eq!(parse(":olu al"), Command::OnlineUsers("al".into()));
         assert_eq!(parse(":q"), Command::Quit);
         assert_eq!(parse(":info"), Command::Info);
+        assert_eq!(parse(":Q"), Command::Quit);
+        assert_eq!(
+            parse("#team\thi"),
+            Command::Group {
+                group: "team".into(),
+                body: "hi".into()
+            }
+        );
+        assert!(matches!(parse("7;;   "), Command::Invalid(_)));
         assert_eq!(parse(":help"), Command::Help);
         assert_eq!(
             parse("#rust hello all"),

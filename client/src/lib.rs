@@ -138,6 +138,10 @@ pub enum ClientError {
     /// An operation did not finish in time.
     #[error("timed out")]
     Timeout,
+    /// No connection to a server came back in time, so nothing was sent (the client is
+    /// reconnecting; try again).
+    #[error("not connected to a server (reconnecting); nothing was sent")]
+    NotConnected,
     /// The client was closed, logged out or kicked.
     #[error("client is closed")]
     Closed,
@@ -175,6 +179,7 @@ impl ClientError {
     pub(crate) fn duplicate(&self) -> ClientError {
         match self {
             ClientError::Timeout => ClientError::Timeout,
+            ClientError::NotConnected => ClientError::NotConnected,
             ClientError::Closed => ClientError::Closed,
             ClientError::Protocol(m) => ClientError::Protocol(m.clone()),
             other => ClientError::Connection(other.to_string()),
@@ -621,7 +626,15 @@ impl Client {
                     break connected;
                 }
                 Err(e @ ClientError::LoginRefused { .. }) => return Err(e),
-                Err(e) if attempt >= LOGIN_CONNECT_ATTEMPTS => return Err(e),
+                Err(e) if attempt >= LOGIN_CONNECT_ATTEMPTS => {
+                    // The router holds the user for this login until its claim lapses: give
+                    // it back, so that trying again is not refused as already online.
+                    let _ = shared.api.logout(&grant.token).await;
+                    return Err(ClientError::Connection(format!(
+                        "could not reach server {} at {}: {e}",
+                        grant.server_id, grant.server_addr
+                    )));
+                }
                 Err(e) => tracing::debug!(error = %e, attempt, "connect failed; retrying"),
             }
         };
@@ -701,8 +714,13 @@ impl Client {
         let frame = cim_proto::encode_frame(&request, cim_proto::DEFAULT_MAX_FRAME)?;
         let deadline = tokio::time::Instant::now() + self.shared.config.send_timeout;
         let mut unconfirmed = 0u32;
+        let mut attempted = false;
         loop {
-            let sends = self.shared.live_sends(deadline).await?;
+            let sends = match self.shared.live_sends(deadline).await {
+                Err(ClientError::Timeout) if !attempted => return Err(ClientError::NotConnected),
+                other => other?,
+            };
+            attempted = true;
             let attempt_deadline = deadline.min(tokio::time::Instant::now() + SEND_ATTEMPT_TIMEOUT);
             let attempt =
                 tokio::time::timeout_at(attempt_deadline, sends.send(client_msg_id, frame.clone()))
@@ -773,7 +791,10 @@ impl Client {
             })),
         };
         let deadline = tokio::time::Instant::now() + SEND_ATTEMPT_TIMEOUT;
-        let conn = self.shared.live_conn(deadline).await?;
+        let conn = match self.shared.live_conn(deadline).await {
+            Err(ClientError::Timeout) => return Err(ClientError::NotConnected),
+            other => other?,
+        };
         let reply: GroupResult = tokio::time::timeout(SEND_ATTEMPT_TIMEOUT, async {
             let (mut send, mut recv) = conn.open_bi().await?;
             write_frame(&mut send, &request, 4096).await?;

@@ -7,7 +7,10 @@ use anyhow::Context;
 use cim_client::console::{self, Command};
 use cim_client::{Client, ClientConfig, ClientError, Event, LoginOptions};
 use clap::Parser;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use std::io::BufRead;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
 
 /// cim console client.
 #[derive(Parser, Debug)]
@@ -45,79 +48,134 @@ async fn main() -> anyhow::Result<()> {
     let ca = std::fs::read(&args.ca)
         .with_context(|| format!("reading CA file {}", args.ca.display()))?;
     let config = ClientConfig::new(args.router.clone(), ca);
+    let mut name_taken = false;
     if args.register {
         match cim_client::register(&config, &args.name, &args.password).await {
             Ok(id) => println!("registered {} with id {id}", args.name),
-            Err(e) if e.code() == Some("name_taken") => {}
+            Err(e) if e.code() == Some("name_taken") => name_taken = true,
             Err(e) => return Err(e).context("registering"),
         }
     }
     let options = LoginOptions {
         takeover: args.takeover,
     };
-    let (client, mut events) = Client::login(&config, &args.name, &args.password, options)
-        .await
-        .context("logging in")?;
+    let (client, mut events) =
+        match Client::login(&config, &args.name, &args.password, options).await {
+            Ok(logged_in) => logged_in,
+            Err(e) if name_taken && e.code() == Some("invalid_credentials") => anyhow::bail!(
+                "the name {:?} is registered already, and not with this password",
+                args.name
+            ),
+            Err(e) => return Err(e).context("logging in"),
+        };
     announce(&client);
     println!("type :help for commands");
 
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    loop {
-        tokio::select! {
-            line = lines.next_line() => {
-                let line = match line {
-                    Ok(Some(line)) => line,
-                    // End of input: leave like :q.
-                    Ok(None) | Err(_) => {
-                        let _ = client.logout().await;
-                        return Ok(());
-                    }
-                };
-                match console::parse(&line) {
-                    Command::Quit => {
-                        if let Err(e) = client.logout().await {
-                            eprintln!("! logout: {e}");
-                        }
-                        println!("bye");
-                        return Ok(());
-                    }
-                    command => run(&client, command).await,
-                }
+    // Commands run one after another on a task of their own, so that a send waiting for a
+    // reconnect neither holds up what arrives meanwhile nor a :q.
+    let client = Arc::new(client);
+    let (commands, mut queued) = mpsc::unbounded_channel::<Command>();
+    let worker = tokio::spawn({
+        let client = client.clone();
+        async move {
+            while let Some(command) = queued.recv().await {
+                run(&client, command).await;
             }
+        }
+    });
+    let mut lines = stdin_lines();
+    let ended = loop {
+        tokio::select! {
+            line = lines.recv() => match line.as_deref().map(console::parse) {
+                // End of input (or Ctrl-D) leaves like :q.
+                None | Some(Command::Quit) => break None,
+                Some(command) => {
+                    let _ = commands.send(command);
+                }
+            },
+            _ = tokio::signal::ctrl_c() => break None,
             event = events.next() => match event {
                 Some(Event::Message(m)) => {
                     let kind = match &m.group {
                         Some(g) if g == "all" => String::new(),
-                        Some(g) => format!(" [{g}]"),
+                        Some(g) => format!(" [{}]", console::printable(g)),
                         None => " (private)".into(),
                     };
-                    println!("[{}] {}{kind}: {}", console::time_of_day(m.created_at_ms), m.from_name, m.body);
+                    println!(
+                        "[{}] {}{kind}: {}",
+                        console::time_of_day(m.created_at_ms),
+                        console::printable(&m.from_name),
+                        console::printable(&m.body)
+                    );
                 }
-                Some(Event::Kicked(reason)) => {
-                    println!("! session ended by server: {reason}");
-                    return Ok(());
-                }
+                Some(Event::Kicked(reason)) => break Some(format!("session ended: {}", console::printable(&reason))),
                 Some(Event::Drain(reason)) => {
-                    println!("! server is draining ({reason}); moving to another server");
+                    println!("! server is draining ({}); moving to another server", console::printable(&reason));
                 }
                 Some(Event::Disconnected(reason)) => {
-                    println!("! connection lost ({reason}); reconnecting");
+                    println!("! connection lost ({}); reconnecting", console::printable(&reason));
                 }
                 Some(Event::Presence { user_id, name, online }) => {
                     let state = if online { "online" } else { "offline" };
-                    println!("* {name} ({user_id}) is {state}");
+                    println!("* {} ({user_id}) is {state}", console::printable(&name));
                 }
                 Some(Event::Reconnected(how)) => {
                     let how_text = if how.relogin { "logged in again" } else { "resumed" };
                     println!("reconnected ({how_text}) on server {}", how.server_id);
                 }
-                None => {
-                    println!("! session ended");
-                    return Ok(());
+                None => break Some("session ended".to_string()),
+            }
+        }
+    };
+    worker.abort();
+    // Awaited, so its hold on the client is gone and the logout below can take it.
+    let _ = worker.await;
+    match ended {
+        Some(why) => println!("! {why}"),
+        None => {
+            match Arc::try_unwrap(client) {
+                Ok(client) => {
+                    if let Err(e) = client.logout().await {
+                        eprintln!("! logout: {e}");
+                    }
+                }
+                Err(_) => eprintln!("! logout: the client is still in use"),
+            }
+            println!("bye");
+        }
+    }
+    Ok(())
+}
+
+/// Console input, line by line, read on a thread of its own: a read on the runtime's blocking
+/// pool (`tokio::io::stdin`) cannot be cancelled and would hold the exit until the next Enter.
+/// Bytes that are not UTF-8 are replaced, not taken for the end of input.
+fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
+    let (lines, received) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match stdin.read_until(b'\n', &mut line) {
+                Ok(0) => return,
+                Ok(_) => {
+                    if lines
+                        .send(String::from_utf8_lossy(&line).into_owned())
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    eprintln!("! cannot read input: {e}");
+                    return;
                 }
             }
         }
-    }
+    });
+    received
 }
 
 fn announce(client: &Client) {

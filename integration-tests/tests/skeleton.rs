@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use cim_client::{Client, ClientError, Event, LoginOptions, RouterApi};
 use cim_integration_tests::{
     Backend, Proc, TestCluster, WAIT, eventually, metric_value, next_event, next_message,
@@ -472,6 +473,61 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     alice.expect_line("online users (1)").await?;
     alice.send_line(":q").await?;
     alice.expect_line("bye").await?;
+    Ok(())
+}
+
+/// The console prints what others send with control characters escaped (no forged lines, no
+/// terminal escapes), exits at once when its session is taken over (no Enter needed), and at
+/// the end of its input logs out like `:q`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_escapes_what_it_prints_and_leaves_at_once() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let ca = cluster.embedded.ca.to_string_lossy().into_owned();
+    let url = cluster.embedded.router_url.clone();
+    let console = |name: &str| {
+        let args = [
+            "--router",
+            &url,
+            "--ca",
+            &ca,
+            "--name",
+            name,
+            "--password",
+            "pw-1234",
+            "--register",
+        ];
+        Proc::spawn("cim-client", &args)
+    };
+    let mut alice = console("alice")?;
+    let line = alice.expect_line("logged in as alice").await?;
+    let alice_id: u64 = line
+        .split("(id ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .context("no id")?
+        .parse()?;
+    let (bob, _bob_events) = cluster.user("bob").await?;
+    bob.send_private(alice_id, "one\n[00:00:00] admin (private): \u{1b}[2Jtwo")
+        .await?;
+    let line = alice.expect_line("one\\n[00:00:00] admin").await?;
+    assert!(line.contains("\\u{1b}[2Jtwo"), "{line}");
+
+    // Taken over elsewhere: the console says so and exits without waiting for input.
+    let config = cluster.client_config();
+    let takeover = LoginOptions { takeover: true };
+    let (_elsewhere, _events) = Client::login(&config, "alice", "pw-1234", takeover).await?;
+    alice.expect_line("session ended").await?;
+    let status = tokio::time::timeout(WAIT, alice.child.wait()).await??;
+    assert!(status.success(), "{status}");
+
+    // End of input: logged out, so no longer online.
+    let mut carol = console("carol")?;
+    carol.expect_line("logged in as carol").await?;
+    assert!(bob.online_users("carol").await?.len() == 1);
+    drop(carol.child.stdin.take());
+    carol.expect_line("bye").await?;
+    tokio::time::timeout(WAIT, carol.child.wait()).await??;
+    assert!(bob.online_users("carol").await?.is_empty());
     Ok(())
 }
 
