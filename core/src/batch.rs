@@ -24,6 +24,11 @@ pub struct Batcher<T> {
     queue: mpsc::Receiver<T>,
     slots: Arc<Semaphore>,
     max: usize,
+    /// Size of an item, and the most a batch may hold by it.
+    weigh: fn(&T) -> usize,
+    max_weight: usize,
+    /// An item taken off the queue that did not fit its batch: the first of the next.
+    held: Option<T>,
 }
 
 impl<T> Batcher<T> {
@@ -33,25 +38,47 @@ impl<T> Batcher<T> {
             queue,
             slots: Arc::new(Semaphore::new(in_flight.max(1))),
             max: max.max(1),
+            weigh: |_| 0,
+            max_weight: usize::MAX,
+            held: None,
         }
     }
 
+    /// Also at most `max_weight` by `weigh` per batch (e.g. encoded bytes, so that a batch of
+    /// large items stays under the link's frame limit). An item heavier than that alone still
+    /// goes, alone.
+    pub fn weighed(mut self, weigh: fn(&T) -> usize, max_weight: usize) -> Self {
+        self.weigh = weigh;
+        self.max_weight = max_weight;
+        self
+    }
+
     /// The next batch (one item at least, then whatever is queued by the end of the
-    /// [`LINGER_TURNS`]) and its in-flight slot, released when the permit drops. `None` once
-    /// the queue is closed and empty.
+    /// [`LINGER_TURNS`], while it fits) and its in-flight slot, released when the permit
+    /// drops. `None` once the queue is closed and empty.
     pub async fn next(&mut self) -> Option<(Vec<T>, OwnedSemaphorePermit)> {
-        let first = self.queue.recv().await?;
+        let first = match self.held.take() {
+            Some(held) => held,
+            None => self.queue.recv().await?,
+        };
         let permit = self.slots.clone().acquire_owned().await.ok()?;
+        let mut weight = (self.weigh)(&first);
         let mut batch = vec![first];
-        for turn in 0..=LINGER_TURNS {
+        'turns: for turn in 0..=LINGER_TURNS {
             if turn > 0 {
                 tokio::task::yield_now().await;
             }
             while batch.len() < self.max {
-                match self.queue.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
+                let Ok(next) = self.queue.try_recv() else {
+                    break;
+                };
+                let next_weight = (self.weigh)(&next);
+                if weight.saturating_add(next_weight) > self.max_weight {
+                    self.held = Some(next);
+                    break 'turns;
                 }
+                weight += next_weight;
+                batch.push(next);
             }
             if batch.len() >= self.max {
                 break;
@@ -101,6 +128,22 @@ mod tests {
         let (second, _permit) = batcher.next().await.unwrap();
         assert_eq!(second, vec![3, 4]);
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn batches_stay_within_their_weight_and_an_overweight_item_goes_alone() {
+        let (tx, rx) = mpsc::channel(16);
+        for size in [40, 50, 20, 200, 30, 30] {
+            tx.send(size).await.unwrap();
+        }
+        drop(tx);
+        let mut batcher = Batcher::new(rx, 1, 10).weighed(|size: &usize| *size, 100);
+        let mut batches = Vec::new();
+        while let Some((batch, permit)) = batcher.next().await {
+            batches.push(batch);
+            drop(permit);
+        }
+        assert_eq!(batches, [vec![40, 50], vec![20], vec![200], vec![30, 30]]);
     }
 
     #[tokio::test]

@@ -32,13 +32,20 @@ const PUSH_QUEUE: usize = 4096;
 const PUSHES_WAITING: usize = 4 * PUSH_QUEUE;
 /// Most pushes in one batch.
 const MAX_BATCH: usize = 256;
+/// Most encoded bytes of pushes in one batch: half the frame limit, so that a batch of large
+/// messages (256 of 16 KiB are over 4 MiB) is never refused whole as too large.
+const MAX_BATCH_BYTES: usize = MAX_INTERNAL_FRAME / 2;
+/// Most recipients in one push: a broadcast to a server's 100,000 sessions goes as several,
+/// each well under the frame limit (9 bytes or so per recipient).
+const MAX_PUSH_RECIPIENTS: usize = 50_000;
 
 /// Sends the queued pushes of one server: each batch takes everything queued (up to
 /// [`MAX_BATCH`]); up to [`BATCHES_IN_FLIGHT`] batches travel at once.
 /// A push that fails leaves its entries in the inboxes: the recipients pull them when they
 /// see the gap or reconnect.
 async fn run_pusher(links: Arc<ServerLinks>, server_id: String, queue: mpsc::Receiver<Push>) {
-    let mut batches = Batcher::new(queue, BATCHES_IN_FLIGHT, MAX_BATCH);
+    let mut batches = Batcher::new(queue, BATCHES_IN_FLIGHT, MAX_BATCH)
+        .weighed(|push: &Push| push.encoded_len(), MAX_BATCH_BYTES);
     while let Some((batch, permit)) = batches.next().await {
         let links = links.clone();
         let server_id = server_id.clone();
@@ -182,6 +189,12 @@ impl ServerLinks {
     /// queue makes a task wait for room, so the caller (a sender's ack) never waits on it; at
     /// most [`PUSHES_WAITING`] wait, and past that the push is dropped (recipients pull).
     pub fn push(self: &Arc<Self>, server_id: &str, recipients: Vec<Recipient>, delivery: Delivery) {
+        if recipients.len() > MAX_PUSH_RECIPIENTS {
+            for part in recipients.chunks(MAX_PUSH_RECIPIENTS) {
+                self.push(server_id, part.to_vec(), delivery.clone());
+            }
+            return;
+        }
         let push = Push {
             recipients,
             delivery: Some(delivery),

@@ -43,6 +43,9 @@ pub enum LinkError {
 const BATCH_QUEUE: usize = 4096;
 /// Most requests in one batch.
 const MAX_BATCH: usize = 256;
+/// Most encoded bytes of requests in one batch: half the frame limit, so that 256 sends near
+/// the 16 KiB body limit (over 4 MiB) are never refused whole as too large.
+const MAX_BATCH_BYTES: usize = MAX_INTERNAL_FRAME / 2;
 
 /// A request waiting to leave in a batch, with where its answer goes.
 type Pending<Q, R> = (Q, oneshot::Sender<Result<R, LinkError>>);
@@ -387,14 +390,17 @@ async fn send_batches<Q, R, B>(
     request: fn(Vec<Q>) -> server_request::Kind,
     answers: fn(B) -> Vec<R>,
 ) where
-    Q: Send + 'static,
+    Q: ProstMessage + Send + 'static,
     R: Send + 'static,
     B: ProstMessage + Default + 'static,
 {
     let Some(queued) = queue(&state.links).take_queued() else {
         return;
     };
-    let mut batches = Batcher::new(queued, BATCHES_IN_FLIGHT, MAX_BATCH);
+    let mut batches = Batcher::new(queued, BATCHES_IN_FLIGHT, MAX_BATCH).weighed(
+        |(request, _): &Pending<Q, R>| request.encoded_len(),
+        MAX_BATCH_BYTES,
+    );
     // Keeps running through a drain: clients still connected may send until they leave.
     while let Some((batch, permit)) = batches.next().await {
         let state = state.clone();
