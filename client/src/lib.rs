@@ -230,6 +230,10 @@ pub struct ClientConfig {
     pub http_timeout: Duration,
     /// Reconnect backoff: first ceiling and cap.
     pub backoff: (Duration, Duration),
+    /// How often a connected client pulls whatever it has seen (counted in heartbeats, at
+    /// least one): deliveries a router failed to push, with nothing after them to show the gap,
+    /// are late by at most this. 5 minutes by default.
+    pub idle_pull_every: Duration,
     /// A QUIC endpoint (from [`endpoint`]) to share between many clients, as a load
     /// generator does; `None` gives each client its own socket. Rebinding a shared endpoint
     /// moves every client on it.
@@ -249,6 +253,7 @@ impl ClientConfig {
             send_timeout: Duration::from_secs(30),
             http_timeout: http::HTTP_TIMEOUT,
             backoff: (Duration::from_millis(100), Duration::from_secs(10)),
+            idle_pull_every: Duration::from_secs(300),
             endpoint: None,
         }
     }
@@ -1234,6 +1239,8 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
     });
     let timeout = shared.config.heartbeat_timeout.unwrap_or(heartbeat * 3);
     let mut ticker = tokio::time::interval(heartbeat);
+    let idle_pull_pings =
+        (shared.config.idle_pull_every.as_millis() / heartbeat.as_millis().max(1)).max(1) as u64;
     let mut nonce = 0u64;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
@@ -1242,6 +1249,11 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
             _ = shared.stop.cancelled() => break End::Stopped,
             _ = ticker.tick() => {
                 nonce += 1;
+                // A safety net for deliveries lost where no one could tell (a router's push
+                // that failed): a pull now and then, however quiet the session.
+                if nonce.is_multiple_of(idle_pull_pings) {
+                    shared.gap.notify_one();
+                }
                 let ping = ClientControl { kind: Some(client_control::Kind::Ping(Ping { nonce })) };
                 if let Err(e) = write_frame(&mut send, &ping, MAX_CONTROL_FRAME).await {
                     break End::Lost(format!("control stream failed: {e}"));
@@ -1255,8 +1267,12 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                     None => break End::Lost("control stream closed".into()),
                 };
                 match kind {
-                    Some(server_control::Kind::Pong(_)) => {
+                    Some(server_control::Kind::Pong(pong)) => {
                         deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
+                        // The server dropped deliveries we have not got by other means: pull.
+                        if pong.missed_up_to > shared.delivered_seq.load(Ordering::Relaxed) {
+                            shared.gap.notify_one();
+                        }
                     }
                     Some(server_control::Kind::Kick(kick)) => {
                         conn.close(close::code(close::KICKED), b"kicked");

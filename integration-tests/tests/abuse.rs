@@ -965,6 +965,53 @@ async fn a_delivery_never_acked_does_not_hold_up_the_next() -> anyhow::Result<()
     scene.still_chatting().await
 }
 
+/// A delivery the server gave up on (here the client refused its stream) is named in the next
+/// Pong: a client that stays connected and gets no later message would otherwise never learn
+/// to pull it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_delivery_is_named_in_the_next_pong() -> anyhow::Result<()> {
+    let mut scene = Scene::with(|c| c.heartbeat_timeout = Duration::from_secs(30)).await?;
+    let (carol, token) = scene.http_login("carol").await?;
+    let (conn, code, mut control_send, mut control_recv) = scene.raw_session(&token, false).await?;
+    assert_eq!(code, "");
+    let mut nonce = 0;
+    let mut missed_up_to = async || -> anyhow::Result<u64> {
+        nonce += 1;
+        let ping = ClientControl {
+            kind: Some(client_control::Kind::Ping(Ping { nonce })),
+        };
+        write_frame(&mut control_send, &ping, 4096).await?;
+        loop {
+            let frame: ServerControl = read_required(&mut control_recv, 4096).await?;
+            if let Some(server_control::Kind::Pong(pong)) = frame.kind
+                && pong.nonce == nonce
+            {
+                return Ok(pong.missed_up_to);
+            }
+        }
+    };
+    assert_eq!(missed_up_to().await?, 0);
+    scene.alice.send_private(carol, "refused").await?;
+    let (mut send, mut recv) = tokio::time::timeout(WAIT, conn.accept_bi()).await??;
+    let batch: DeliveryBatch = read_required(&mut recv, 65_536).await?;
+    let seq = batch.deliveries[0].seq;
+    send.reset(quinn::VarInt::from_u32(0))?;
+    recv.stop(quinn::VarInt::from_u32(0))?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let missed = missed_up_to().await?;
+        if missed == seq {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "missed_up_to stayed {missed}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    scene.still_chatting().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_a_login_alone_on_the_server_is_told_its_inbox_is_caught_up() -> anyhow::Result<()> {
     let scene = Scene::new().await?;

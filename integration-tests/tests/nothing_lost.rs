@@ -1069,3 +1069,31 @@ async fn a_device_replaced_while_away_stops_instead_of_taking_the_user_back() ->
     }
     Ok(())
 }
+
+/// A message stored while its recipient's route was gone (so no push went out) still reaches a
+/// client that stays connected and gets nothing after it to show the gap: its periodic pull
+/// fetches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_never_pushed_reaches_a_quiet_client_by_its_periodic_pull() -> anyhow::Result<()>
+{
+    let cluster = TestCluster::start_on(1, Backend::Redis).await?;
+    let (alice, _alice_events) = cluster.user("alice").await?;
+    let mut config = cluster.client_config();
+    config.idle_pull_every = Duration::from_secs(1);
+    cim_client::register(&config, "bob", "password").await?;
+    let (bob, mut bob_events) =
+        Client::login(&config, "bob", "password", LoginOptions::default()).await?;
+    let bob_id = bob.info().user_id;
+    alice.send_private(bob_id, "pushed").await?;
+    assert_eq!(next_message(&mut bob_events).await?.body, "pushed");
+
+    // Bob's route vanishes (as when it lapsed while his server was cut off from the store):
+    // the next message is stored but pushed nowhere.
+    let redis_proc = cluster.redis.as_ref().expect("a Redis cluster");
+    let mut conn = redis_proc.conn().await?;
+    let route_key = format!("cim:{{u{bob_id}}}:route");
+    let _: () = ::redis::AsyncCommands::del(&mut conn, route_key).await?;
+    alice.send_private(bob_id, "never pushed").await?;
+    assert_eq!(next_message(&mut bob_events).await?.body, "never pushed");
+    Ok(())
+}

@@ -66,6 +66,8 @@ struct Queue {
     senders: usize,
     /// Senders whose stream has waited for its ack past [`stall_after`].
     stalled: usize,
+    /// Highest seq dropped without delivery (0: none), told to the client in each `Pong`.
+    missed_up_to: u64,
 }
 
 impl Queue {
@@ -109,6 +111,11 @@ impl Outbox {
         })
     }
 
+    /// The highest seq dropped without delivery, 0 if none: the client pulls up to it.
+    pub(crate) fn missed_up_to(&self) -> u64 {
+        self.queue().missed_up_to
+    }
+
     /// Whether the outbox is still held (its session not yet confirmed).
     pub(crate) fn is_held(&self) -> bool {
         self.queue().held
@@ -131,6 +138,7 @@ impl Outbox {
     pub(crate) fn push(self: &Arc<Self>, delivery: Queued, state: &Arc<State>) -> bool {
         let mut queue = self.queue();
         if queue.pending.len() >= MAX_PENDING {
+            queue.missed_up_to = queue.missed_up_to.max(delivery.seq);
             return false;
         }
         queue.pending.push_back(delivery);
@@ -159,6 +167,7 @@ impl Outbox {
         let metrics = &state.config.metrics;
         while let Some(batch) = self.next_batch() {
             let count = batch.len() as u64;
+            let batch_up_to = batch.iter().map(|q| q.seq).max().unwrap_or(0);
             let sending = send_batch(&self.conn, batch);
             tokio::pin!(sending);
             // One timer per stream: first the stall time, then the delivery timeout.
@@ -193,11 +202,15 @@ impl Outbox {
                     state.record_ack(self.user, acked);
                 }
                 Err(e) => {
-                    // Whatever is still queued would fail the same way; the client pulls it.
+                    // Whatever is still queued would fail the same way; the client pulls it,
+                    // told by its next Pong if it stays connected.
                     let dropped = {
                         let mut queue = self.queue();
                         queue.senders -= 1;
-                        std::mem::take(&mut queue.pending).len() as u64
+                        let pending = std::mem::take(&mut queue.pending);
+                        let pending_up_to = pending.iter().map(|q| q.seq).max().unwrap_or(0);
+                        queue.missed_up_to = queue.missed_up_to.max(batch_up_to).max(pending_up_to);
+                        pending.len() as u64
                     };
                     metrics.delivery_failures.inc_by(count + dropped);
                     tracing::debug!(user = self.user, count, dropped, error = %e, "delivery failed");
@@ -272,6 +285,7 @@ mod tests {
             held: false,
             senders: 1,
             stalled: 0,
+            missed_up_to: 0,
         }
     }
 

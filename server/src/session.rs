@@ -538,7 +538,7 @@ async fn handle_client(conn: quinn::Connection, state: Arc<State>) {
     // Boxed, so its state (about 1.2 KB) is freed once the login is done rather than kept
     // in the session task's memory.
     let login = tokio::time::timeout(LOGIN_TIMEOUT, Box::pin(login(&conn, &state))).await;
-    let (auth, send, recv, control_rx) = match login {
+    let (auth, send, recv, control_rx, outbox) = match login {
         Ok(Ok(ok)) => ok,
         Ok(Err(reason)) => {
             tracing::info!(peer = %conn.remote_address(), %reason, "login refused");
@@ -555,7 +555,7 @@ async fn handle_client(conn: quinn::Connection, state: Arc<State>) {
     async {
         tracing::info!(name = %auth.user_name, "session opened");
         tokio::select! {
-            _ = control_loop(&conn, &auth, send, recv, control_rx, &state) => {}
+            _ = control_loop(&conn, &auth, send, recv, control_rx, &outbox, &state) => {}
             _ = message_loop(&conn, &auth, &state) => {}
         }
         // The loops may end with the connection still open (the client finished its control
@@ -578,6 +578,7 @@ type LoggedIn = (
     quinn::SendStream,
     quinn::RecvStream,
     mailbox::Receiver<ControlOut>,
+    Arc<Outbox>,
 );
 
 /// Takes a login's session out of the session map again unless the login completes: a refused,
@@ -829,7 +830,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
         token_expires_at_ms: claims.expires_at_ms,
         token_renewal: login.token_renewal,
     };
-    Ok((auth, send, recv, control_rx))
+    Ok((auth, send, recv, control_rx, outbox))
 }
 
 /// Tells the client why its login failed, then closes the connection. Returns the reason.
@@ -930,6 +931,7 @@ async fn control_loop(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     mut control_rx: mailbox::Receiver<ControlOut>,
+    outbox: &Outbox,
     state: &State,
 ) {
     // Checked now and at each ping, so a client resuming with an old token gets a fresh one
@@ -954,7 +956,10 @@ async fn control_loop(
             frame = frames.next() => match frame {
                 Some(Ok(Some(ClientControl { kind: Some(client_control::Kind::Ping(ping)) }))) => {
                     deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
-                    let pong = server_control::Kind::Pong(Pong { nonce: ping.nonce });
+                    let pong = server_control::Kind::Pong(Pong {
+                        nonce: ping.nonce,
+                        missed_up_to: outbox.missed_up_to(),
+                    });
                     if write_control(&mut send, pong, limit).await.is_err()
                         || renew_if_due(auth, &mut token_expires_at_ms, &mut send, state).await.is_err()
                     {
