@@ -121,6 +121,20 @@ impl ServerLinks {
         }
     }
 
+    /// Drops what is kept per server for `server_id`, which left: its push queue (its pusher
+    /// ends once the pushes already queued have failed) and its forward count. Servers named
+    /// after short-lived hosts would otherwise leave a task and a map entry each for good.
+    pub(crate) fn forget(&self, server_id: &str) {
+        self.pushers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(server_id);
+        self.forwarded
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(server_id);
+    }
+
     /// Client messages forwarded by `server_id` so far.
     pub fn forwarded(&self, server_id: &str) -> u64 {
         self.forwarded
@@ -317,6 +331,7 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
             }
             service.links.set(&id, None);
             if !servers.iter().any(|s| s.id == id) {
+                service.links.forget(&id);
                 match service.store.remove_server_routes(&id).await {
                     Ok(users) => {
                         tracing::info!(server = %id, routes = users.len(), "server left; routes removed");
