@@ -1241,6 +1241,8 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
     let mut ticker = tokio::time::interval(heartbeat);
     let idle_pull_pings =
         (shared.config.idle_pull_every.as_millis() / heartbeat.as_millis().max(1)).max(1) as u64;
+    // Clients that reconnected together (after a server's drain) pull at different moments.
+    let idle_pull_phase = rand::random::<u64>() % idle_pull_pings;
     let mut nonce = 0u64;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
@@ -1251,7 +1253,7 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                 nonce += 1;
                 // A safety net for deliveries lost where no one could tell (a router's push
                 // that failed): a pull now and then, however quiet the session.
-                if nonce.is_multiple_of(idle_pull_pings) {
+                if (nonce + idle_pull_phase).is_multiple_of(idle_pull_pings) {
                     shared.gap.notify_one();
                 }
                 let ping = ClientControl { kind: Some(client_control::Kind::Ping(Ping { nonce })) };

@@ -9,6 +9,7 @@ use cim_client::{Client, ClientConfig, ClientError, Event, LoginOptions};
 use clap::Parser;
 use std::io::BufRead;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
@@ -75,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
     // reconnect neither holds up what arrives meanwhile nor a :q.
     let client = Arc::new(client);
     let (commands, mut queued) = mpsc::unbounded_channel::<Command>();
-    let worker = tokio::spawn({
+    let mut worker = tokio::spawn({
         let client = client.clone();
         async move {
             while let Some(command) = queued.recv().await {
@@ -84,16 +85,19 @@ async fn main() -> anyhow::Result<()> {
         }
     });
     let mut lines = stdin_lines();
+    // One handler for the whole loop: a Ctrl-C between two turns is not missed.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     let ended = loop {
         tokio::select! {
             line = lines.recv() => match line.as_deref().map(console::parse) {
                 // End of input (or Ctrl-D) leaves like :q.
-                None | Some(Command::Quit) => break None,
+                None | Some(Command::Quit) => break Ending::Quit,
                 Some(command) => {
                     let _ = commands.send(command);
                 }
             },
-            _ = tokio::signal::ctrl_c() => break None,
+            _ = &mut ctrl_c => break Ending::Interrupted,
             event = events.next() => match event {
                 Some(Event::Message(m)) => {
                     let kind = match &m.group {
@@ -108,7 +112,7 @@ async fn main() -> anyhow::Result<()> {
                         console::printable(&m.body)
                     );
                 }
-                Some(Event::Kicked(reason)) => break Some(format!("session ended: {}", console::printable(&reason))),
+                Some(Event::Kicked(reason)) => break Ending::Ended(format!("session ended: {}", console::printable(&reason))),
                 Some(Event::Drain(reason)) => {
                     println!("! server is draining ({}); moving to another server", console::printable(&reason));
                 }
@@ -123,28 +127,58 @@ async fn main() -> anyhow::Result<()> {
                     let how_text = if how.relogin { "logged in again" } else { "resumed" };
                     println!("reconnected ({how_text}) on server {}", how.server_id);
                 }
-                None => break Some("session ended".to_string()),
+                None => break Ending::Ended("session ended".to_string()),
             }
         }
     };
-    worker.abort();
-    // Awaited, so its hold on the client is gone and the logout below can take it.
-    let _ = worker.await;
     match ended {
-        Some(why) => println!("! {why}"),
-        None => {
-            match Arc::try_unwrap(client) {
-                Ok(client) => {
-                    if let Err(e) = client.logout().await {
-                        eprintln!("! logout: {e}");
-                    }
-                }
-                Err(_) => eprintln!("! logout: the client is still in use"),
+        Ending::Ended(why) => {
+            worker.abort();
+            println!("! {why}");
+            return Ok(());
+        }
+        Ending::Quit => {
+            // What was typed before :q still goes out, in order; a Ctrl-C gives up on it.
+            drop(commands);
+            let limit = config.send_timeout + Duration::from_secs(5);
+            let finished = tokio::select! {
+                done = tokio::time::timeout(limit, &mut worker) => done.is_ok(),
+                _ = &mut ctrl_c => false,
+            };
+            if !finished {
+                worker.abort();
+                let _ = worker.await;
             }
-            println!("bye");
+        }
+        Ending::Interrupted => {
+            worker.abort();
+            let _ = worker.await;
         }
     }
+    // The worker is gone, so this is the only holder left.
+    match Arc::try_unwrap(client) {
+        Ok(client) => tokio::select! {
+            result = client.logout() => {
+                if let Err(e) = result {
+                    eprintln!("! logout: {e}");
+                }
+            }
+            _ = tokio::signal::ctrl_c() => eprintln!("! logout skipped"),
+        },
+        Err(_) => eprintln!("! logout: the client is still in use"),
+    }
+    println!("bye");
     Ok(())
+}
+
+/// Why the console loop ended.
+enum Ending {
+    /// `:q` or the end of input: queued commands finish, then log out.
+    Quit,
+    /// Ctrl-C: log out at once.
+    Interrupted,
+    /// The session ended (taken over, logged out elsewhere): nothing to log out.
+    Ended(String),
 }
 
 /// Console input, line by line, read on a thread of its own: a read on the runtime's blocking

@@ -506,7 +506,7 @@ async fn a_console_escapes_what_it_prints_and_leaves_at_once() -> anyhow::Result
         .and_then(|r| r.split(')').next())
         .context("no id")?
         .parse()?;
-    let (bob, _bob_events) = cluster.user("bob").await?;
+    let (bob, mut bob_events) = cluster.user("bob").await?;
     bob.send_private(alice_id, "one\n[00:00:00] admin (private): \u{1b}[2Jtwo")
         .await?;
     let line = alice.expect_line("one\\n[00:00:00] admin").await?;
@@ -520,12 +520,19 @@ async fn a_console_escapes_what_it_prints_and_leaves_at_once() -> anyhow::Result
     let status = tokio::time::timeout(WAIT, alice.child.wait()).await??;
     assert!(status.success(), "{status}");
 
-    // End of input: logged out, so no longer online.
+    // End of input right after a message: the message still goes out, then Carol is logged
+    // out, so no longer online.
     let mut carol = console("carol")?;
     carol.expect_line("logged in as carol").await?;
     assert!(bob.online_users("carol").await?.len() == 1);
+    let bob_id = bob.info().user_id;
+    carol
+        .send_line(&format!("{bob_id};;typed just before the end"))
+        .await?;
     drop(carol.child.stdin.take());
     carol.expect_line("bye").await?;
+    let got = next_message(&mut bob_events).await?;
+    assert_eq!(got.body, "typed just before the end");
     tokio::time::timeout(WAIT, carol.child.wait()).await??;
     assert!(bob.online_users("carol").await?.is_empty());
     Ok(())

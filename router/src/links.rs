@@ -213,7 +213,12 @@ impl ServerLinks {
             recipients,
             delivery: Some(delivery),
         };
-        let queue = self.pusher(server_id);
+        let Some(queue) = self.pusher(server_id) else {
+            // No link and no queue: the server left (its routes are going). The recipients
+            // pull what was stored when they log in again.
+            tracing::debug!(server = %server_id, "no link to server; push skipped");
+            return;
+        };
         match queue.try_send(push) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(push)) => {
@@ -242,15 +247,20 @@ impl ServerLinks {
         }
     }
 
-    fn pusher(self: &Arc<Self>, server_id: &str) -> mpsc::Sender<Push> {
+    /// The push queue of `server_id`, started on first use while a link to it exists: one
+    /// for a server that left would live on after [`ServerLinks::forget`].
+    fn pusher(self: &Arc<Self>, server_id: &str) -> Option<mpsc::Sender<Push>> {
         let mut pushers = self.pushers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(queue) = pushers.get(server_id) {
-            return queue.clone();
+            return Some(queue.clone());
+        }
+        if !self.is_connected(server_id) {
+            return None;
         }
         let (tx, rx) = mpsc::channel(PUSH_QUEUE);
         tokio::spawn(run_pusher(self.clone(), server_id.to_string(), rx));
         pushers.insert(server_id.to_string(), tx.clone());
-        tx
+        Some(tx)
     }
 
     /// Tells `recipients` on a server that `user_id` came online or went offline.

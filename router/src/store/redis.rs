@@ -186,8 +186,9 @@ fn readable_route(user: u64, value: Option<&[u8]>) -> Option<Route> {
     match decoded {
         Ok(route) => Some(route),
         Err(e) => {
-            // Read on every send to the user until a login overwrites it: logged at the 1st,
-            // 2nd, 4th, 8th... time, so a busy recipient does not flood the log.
+            // Read on every send to the user until a login overwrites it: unreadable routes
+            // (all of them together) are logged at the 1st, 2nd, 4th, 8th... reading, so a busy
+            // recipient does not flood the log.
             static UNREADABLE: AtomicU64 = AtomicU64::new(0);
             let seen = UNREADABLE.fetch_add(1, Ordering::Relaxed) + 1;
             if seen.is_power_of_two() {
