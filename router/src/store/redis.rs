@@ -430,49 +430,39 @@ impl RedisStore {
         T: redis::FromRedisValue,
         A: AsRef<[Vec<u8>]>,
     {
+        let mut conn = self.conn();
         let mut replies = Vec::with_capacity(calls.len());
         for chunk in calls.chunks(PIPELINE_CHUNK) {
-            replies.extend(self.eval_pipeline::<T, A>(script, chunk).await?);
+            let build = || {
+                let mut pipe = redis::pipe();
+                for (keys, args) in chunk {
+                    let cmd = pipe.cmd("EVALSHA").arg(script.get_hash()).arg(keys.len());
+                    for k in keys {
+                        cmd.arg(k);
+                    }
+                    for a in args.as_ref() {
+                        cmd.arg(a.as_slice());
+                    }
+                }
+                pipe
+            };
+            let chunk_replies: Vec<T> = match build().query_async(&mut conn).await {
+                Ok(v) => v,
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    script
+                        .prepare_invoke()
+                        .load_async(&mut conn)
+                        .await
+                        .map_err(unavailable)?;
+                    build().query_async(&mut conn).await.map_err(unavailable)?
+                }
+                Err(e) => return Err(unavailable(e)),
+            };
+            replies.extend(chunk_replies);
         }
         Ok(replies)
-    }
-
-    /// One pipeline of [`RedisStore::eval_pipelined`].
-    async fn eval_pipeline<T, A>(
-        &self,
-        script: &Script,
-        calls: &[(Vec<String>, A)],
-    ) -> Result<Vec<T>, StoreError>
-    where
-        T: redis::FromRedisValue,
-        A: AsRef<[Vec<u8>]>,
-    {
-        let mut conn = self.conn();
-        let build = || {
-            let mut pipe = redis::pipe();
-            for (keys, args) in calls {
-                let cmd = pipe.cmd("EVALSHA").arg(script.get_hash()).arg(keys.len());
-                for k in keys {
-                    cmd.arg(k);
-                }
-                for a in args.as_ref() {
-                    cmd.arg(a.as_slice());
-                }
-            }
-            pipe
-        };
-        match build().query_async(&mut conn).await {
-            Ok(v) => Ok(v),
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                script
-                    .prepare_invoke()
-                    .load_async(&mut conn)
-                    .await
-                    .map_err(unavailable)?;
-                build().query_async(&mut conn).await.map_err(unavailable)
-            }
-            Err(e) => Err(unavailable(e)),
-        }
     }
 
     /// [`Store::claim_route`], and with `relogin` [`Store::claim_route_relogin`].
