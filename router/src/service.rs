@@ -295,18 +295,12 @@ impl Service {
         validate_password(password)?;
         if let Some(ip) = peer {
             let count = lock(&self.registrations).hit(ip, Instant::now());
-            let limit = self.config.api_limits.registrations_per_ip;
-            if count > limit {
-                let e = ServiceError::RateLimited(
-                    "too many registrations from this address; retry in a minute",
-                );
-                // Once per address and minute: a flood must not flood the log too.
-                if count == limit + 1 {
-                    tracing::warn!(%ip, "registrations from address over the limit");
-                    self.record_error(e.code(), format!("register from {ip}: {e}"));
-                }
-                return Err(e);
-            }
+            self.within_limit(
+                count,
+                self.config.api_limits.registrations_per_ip,
+                "too many registrations from this address; retry in a minute",
+                || format!("registrations from {ip} over the limit"),
+            )?;
         }
         let registered = self.create_account(name, password).await;
         if let (Some(ip), Err(ServiceError::Busy)) = (peer, &registered) {
@@ -451,19 +445,34 @@ impl Service {
     pub(crate) fn check_api_rate(&self, user: u64) -> Result<(), ServiceError> {
         let count = lock(&self.api_requests).hit(user, Instant::now());
         let limit = self.config.api_limits.requests_per_user;
-        if count > limit {
-            if count == limit + 1 {
-                tracing::warn!(user, "API requests of user over the limit");
-                self.record_error(
-                    "rate_limited",
-                    format!("user {user}: over {limit} requests/s"),
-                );
-            }
-            return Err(ServiceError::RateLimited(
-                "too many requests for this user; slow down",
-            ));
+        self.within_limit(
+            count,
+            limit,
+            "too many requests for this user; slow down",
+            || format!("API requests of user {user} over {limit} a second"),
+        )
+    }
+
+    /// Refuses `rate_limited` with `why` once `count` (this window's, this request included)
+    /// is past `limit`. Only the window's first refusal is logged and shown on the admin page
+    /// (`what`): a flood must not flood the log too.
+    fn within_limit(
+        &self,
+        count: u32,
+        limit: u32,
+        why: &'static str,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), ServiceError> {
+        if count <= limit {
+            return Ok(());
         }
-        Ok(())
+        let e = ServiceError::RateLimited(why);
+        if count == limit + 1 {
+            let what = what();
+            tracing::warn!("{what}");
+            self.record_error(e.code(), what);
+        }
+        Err(e)
     }
 
     /// Counts and records a refused login or re-login.
