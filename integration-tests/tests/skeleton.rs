@@ -417,38 +417,38 @@ async fn a_client_notices_its_server_was_killed_within_the_heartbeat_timeout() -
     Ok(())
 }
 
+/// A `cim-client` console registering and logging in `name` (password `pw-1234`) on `cluster`.
+fn console(cluster: &TestCluster, name: &str) -> anyhow::Result<Proc> {
+    let ca = cluster.embedded.ca.to_string_lossy().into_owned();
+    let url = cluster.embedded.router_url.clone();
+    let args = [
+        "--router",
+        &url,
+        "--ca",
+        &ca,
+        "--name",
+        name,
+        "--password",
+        "pw-1234",
+        "--register",
+    ];
+    Proc::spawn("cim-client", &args)
+}
+
+/// The user id in a console's `logged in as NAME (id N) ...` line.
+fn id_in(line: &str) -> anyhow::Result<u64> {
+    let id = line.split("(id ").nth(1).and_then(|r| r.split(')').next());
+    Ok(id.with_context(|| format!("no id in {line:?}"))?.parse()?)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<()> {
     let cluster = TestCluster::start(2).await?;
-    let ca = cluster.embedded.ca.to_string_lossy().into_owned();
-    let url = cluster.embedded.router_url.clone();
-    let console = |name: &str| {
-        Proc::spawn(
-            "cim-client",
-            &[
-                "--router",
-                &url,
-                "--ca",
-                &ca,
-                "--name",
-                name,
-                "--password",
-                "pw-1234",
-                "--register",
-            ],
-        )
-    };
-    let mut alice = console("alice")?;
+    let mut alice = console(&cluster, "alice")?;
     let alice_line = alice.expect_line("logged in as alice").await?;
-    let mut bob = console("bob")?;
+    let mut bob = console(&cluster, "bob")?;
     let bob_line = bob.expect_line("logged in as bob").await?;
-    let id_of = |line: &str| -> anyhow::Result<u64> {
-        let id = line.split("(id ").nth(1).and_then(|r| r.split(')').next());
-        Ok(id
-            .ok_or_else(|| anyhow::anyhow!("no id in {line:?}"))?
-            .parse()?)
-    };
-    let (alice_id, bob_id) = (id_of(&alice_line)?, id_of(&bob_line)?);
+    let (alice_id, bob_id) = (id_in(&alice_line)?, id_in(&bob_line)?);
 
     alice.send_line(":olu").await?;
     alice.expect_line("online users (2)").await?;
@@ -482,30 +482,8 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_console_escapes_what_it_prints_and_leaves_at_once() -> anyhow::Result<()> {
     let cluster = TestCluster::start(1).await?;
-    let ca = cluster.embedded.ca.to_string_lossy().into_owned();
-    let url = cluster.embedded.router_url.clone();
-    let console = |name: &str| {
-        let args = [
-            "--router",
-            &url,
-            "--ca",
-            &ca,
-            "--name",
-            name,
-            "--password",
-            "pw-1234",
-            "--register",
-        ];
-        Proc::spawn("cim-client", &args)
-    };
-    let mut alice = console("alice")?;
-    let line = alice.expect_line("logged in as alice").await?;
-    let alice_id: u64 = line
-        .split("(id ")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .context("no id")?
-        .parse()?;
+    let mut alice = console(&cluster, "alice")?;
+    let alice_id = id_in(&alice.expect_line("logged in as alice").await?)?;
     let (bob, mut bob_events) = cluster.user("bob").await?;
     bob.send_private(alice_id, "one\n[00:00:00] admin (private): \u{1b}[2Jtwo")
         .await?;
@@ -522,7 +500,7 @@ async fn a_console_escapes_what_it_prints_and_leaves_at_once() -> anyhow::Result
 
     // End of input right after a message: the message still goes out, then Carol is logged
     // out, so no longer online.
-    let mut carol = console("carol")?;
+    let mut carol = console(&cluster, "carol")?;
     carol.expect_line("logged in as carol").await?;
     assert!(bob.online_users("carol").await?.len() == 1);
     let bob_id = bob.info().user_id;
