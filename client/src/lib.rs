@@ -508,7 +508,8 @@ impl Shared {
         Ok(self.live_sends(deadline).await?.conn().clone())
     }
 
-    /// The live connection's send queue, waiting up to `deadline` for one.
+    /// The live connection's send queue, waiting up to `deadline` for one (`NotConnected` if
+    /// none came).
     async fn live_sends(
         &self,
         deadline: tokio::time::Instant,
@@ -523,7 +524,7 @@ impl Shared {
             got = tokio::time::timeout_at(deadline, wait) => match got {
                 Ok(Ok(conn)) => conn.clone().ok_or(ClientError::Closed),
                 Ok(Err(_)) => Err(ClientError::Closed),
-                Err(_) => Err(ClientError::Timeout),
+                Err(_) => Err(ClientError::NotConnected),
             },
         }
     }
@@ -722,7 +723,8 @@ impl Client {
         let mut attempted = false;
         loop {
             let sends = match self.shared.live_sends(deadline).await {
-                Err(ClientError::Timeout) if !attempted => return Err(ClientError::NotConnected),
+                // An earlier attempt may have been stored: the outcome is unknown.
+                Err(ClientError::NotConnected) if attempted => return Err(ClientError::Timeout),
                 other => other?,
             };
             attempted = true;
@@ -796,10 +798,7 @@ impl Client {
             })),
         };
         let deadline = tokio::time::Instant::now() + SEND_ATTEMPT_TIMEOUT;
-        let conn = match self.shared.live_conn(deadline).await {
-            Err(ClientError::Timeout) => return Err(ClientError::NotConnected),
-            other => other?,
-        };
+        let conn = self.shared.live_conn(deadline).await?;
         let reply: GroupResult = tokio::time::timeout(SEND_ATTEMPT_TIMEOUT, async {
             let (mut send, mut recv) = conn.open_bi().await?;
             write_frame(&mut send, &request, 4096).await?;
