@@ -3,6 +3,7 @@
 //! the server opens streams for session events and forwarded client messages.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -30,6 +31,9 @@ const PUSH_QUEUE: usize = 4096;
 /// dropped (its entry is in the inbox, and the recipient pulls it at its next gap or connect)
 /// rather than held in memory for a server that has stopped answering.
 const PUSHES_WAITING: usize = 4 * PUSH_QUEUE;
+/// Most of those waiting for one server: a server that hangs (its link up, its answers gone)
+/// fills its own queue and this many places, and leaves the rest to servers that answer.
+const PUSHES_WAITING_PER_SERVER: usize = PUSHES_WAITING / 4;
 /// Most pushes in one batch.
 const MAX_BATCH: usize = 256;
 /// Most encoded bytes of pushes in one batch: half the frame limit, so that a batch of large
@@ -93,18 +97,74 @@ pub enum LinkError {
     Failed(String),
 }
 
+/// Places for pushes that wait for room in a full push queue: at most `total` in all and
+/// `per_server` for any one server.
+struct WaitPlaces {
+    taken: Arc<AtomicUsize>,
+    total: usize,
+    per_server: usize,
+}
+
+/// A push's place while it waits; given back when dropped.
+struct WaitPlace {
+    taken: Arc<AtomicUsize>,
+    server_taken: Arc<AtomicUsize>,
+}
+
+impl WaitPlaces {
+    fn new(total: usize, per_server: usize) -> Self {
+        Self {
+            taken: Arc::new(AtomicUsize::new(0)),
+            total,
+            per_server,
+        }
+    }
+
+    /// A place for one more push waiting for a server whose own count is `server_taken`, or
+    /// `None` when that server or all of them together hold their most.
+    fn take(&self, server_taken: &Arc<AtomicUsize>) -> Option<WaitPlace> {
+        if server_taken.fetch_add(1, Ordering::Relaxed) >= self.per_server {
+            server_taken.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        if self.taken.fetch_add(1, Ordering::Relaxed) >= self.total {
+            self.taken.fetch_sub(1, Ordering::Relaxed);
+            server_taken.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(WaitPlace {
+            taken: self.taken.clone(),
+            server_taken: server_taken.clone(),
+        })
+    }
+}
+
+impl Drop for WaitPlace {
+    fn drop(&mut self) {
+        self.taken.fetch_sub(1, Ordering::Relaxed);
+        self.server_taken.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One server's push queue and the count of pushes waiting for room in it.
+#[derive(Clone)]
+struct Pusher {
+    queue: mpsc::Sender<Push>,
+    waiting: Arc<AtomicUsize>,
+}
+
 /// Connections to servers, by server id.
 pub struct ServerLinks {
     endpoint: quinn::Endpoint,
     /// One batching pusher per server.
-    pushers: std::sync::Mutex<HashMap<String, mpsc::Sender<Push>>>,
-    /// Pushes waiting for room in a full queue (at most [`PUSHES_WAITING`]).
-    waiting: Arc<std::sync::atomic::AtomicUsize>,
+    pushers: std::sync::Mutex<HashMap<String, Pusher>>,
+    /// Places for pushes waiting for room in a full queue.
+    waiting: WaitPlaces,
     /// Pushes dropped because too many waited.
-    dropped: std::sync::atomic::AtomicU64,
+    dropped: AtomicU64,
     conns: RwLock<HashMap<String, quinn::Connection>>,
     /// Client messages forwarded by each server (for the admin page's rates).
-    forwarded: RwLock<HashMap<String, Arc<std::sync::atomic::AtomicU64>>>,
+    forwarded: RwLock<HashMap<String, Arc<AtomicU64>>>,
 }
 
 impl ServerLinks {
@@ -114,8 +174,8 @@ impl ServerLinks {
         Self {
             endpoint,
             pushers: std::sync::Mutex::new(HashMap::new()),
-            waiting: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-            dropped: std::sync::atomic::AtomicU64::new(0),
+            waiting: WaitPlaces::new(PUSHES_WAITING, PUSHES_WAITING_PER_SERVER),
+            dropped: AtomicU64::new(0),
             conns: RwLock::new(HashMap::new()),
             forwarded: RwLock::new(HashMap::new()),
         }
@@ -141,10 +201,10 @@ impl ServerLinks {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(server_id)
-            .map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed))
+            .map_or(0, |n| n.load(Ordering::Relaxed))
     }
 
-    fn forward_counter(&self, server_id: &str) -> Arc<std::sync::atomic::AtomicU64> {
+    fn forward_counter(&self, server_id: &str) -> Arc<AtomicU64> {
         if let Some(n) = self
             .forwarded
             .read()
@@ -201,7 +261,8 @@ impl ServerLinks {
     /// Queues `delivery` for `recipients` on one server. Pushes to a busy server are batched:
     /// while earlier batches are in flight, new pushes queue up and leave together. A full
     /// queue makes a task wait for room, so the caller (a sender's ack) never waits on it; at
-    /// most [`PUSHES_WAITING`] wait, and past that the push is dropped (recipients pull).
+    /// most [`PUSHES_WAITING`] wait ([`PUSHES_WAITING_PER_SERVER`] for one server), and past
+    /// that the push is dropped (recipients pull).
     pub fn push(self: &Arc<Self>, server_id: &str, recipients: Vec<Recipient>, delivery: Delivery) {
         if recipients.len() > MAX_PUSH_RECIPIENTS {
             for part in recipients.chunks(MAX_PUSH_RECIPIENTS) {
@@ -213,32 +274,29 @@ impl ServerLinks {
             recipients,
             delivery: Some(delivery),
         };
-        let Some(queue) = self.pusher(server_id) else {
+        let Some(pusher) = self.pusher(server_id) else {
             // No link and no queue: the server left (its routes are going). The recipients
             // pull what was stored when they log in again.
             tracing::debug!(server = %server_id, "no link to server; push skipped");
             return;
         };
-        match queue.try_send(push) {
+        match pusher.queue.try_send(push) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(push)) => {
-                use std::sync::atomic::Ordering;
                 let server_id = server_id.to_string();
-                if self.waiting.fetch_add(1, Ordering::Relaxed) >= PUSHES_WAITING {
-                    self.waiting.fetch_sub(1, Ordering::Relaxed);
+                let Some(place) = self.waiting.take(&pusher.waiting) else {
                     // Logged at the 1st, 2nd, 4th, 8th... drop, not at every one.
                     let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                     if dropped.is_power_of_two() {
                         tracing::warn!(server = %server_id, dropped, "push queues full; pushes dropped, recipients will pull");
                     }
                     return;
-                }
-                let waiting = self.waiting.clone();
+                };
                 tokio::spawn(async move {
-                    if queue.send(push).await.is_err() {
+                    let _place = place;
+                    if pusher.queue.send(push).await.is_err() {
                         tracing::warn!(server = %server_id, "pusher stopped; recipients will pull");
                     }
-                    waiting.fetch_sub(1, Ordering::Relaxed);
                 });
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -249,18 +307,22 @@ impl ServerLinks {
 
     /// The push queue of `server_id`, started on first use while a link to it exists: one
     /// for a server that left would live on after [`ServerLinks::forget`].
-    fn pusher(self: &Arc<Self>, server_id: &str) -> Option<mpsc::Sender<Push>> {
+    fn pusher(self: &Arc<Self>, server_id: &str) -> Option<Pusher> {
         let mut pushers = self.pushers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(queue) = pushers.get(server_id) {
-            return Some(queue.clone());
+        if let Some(pusher) = pushers.get(server_id) {
+            return Some(pusher.clone());
         }
         if !self.is_connected(server_id) {
             return None;
         }
-        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+        let (queue, rx) = mpsc::channel(PUSH_QUEUE);
         tokio::spawn(run_pusher(self.clone(), server_id.to_string(), rx));
-        pushers.insert(server_id.to_string(), tx.clone());
-        Some(tx)
+        let pusher = Pusher {
+            queue,
+            waiting: Arc::new(AtomicUsize::new(0)),
+        };
+        pushers.insert(server_id.to_string(), pusher.clone());
+        Some(pusher)
     }
 
     /// Tells `recipients` on a server that `user_id` came online or went offline.
@@ -457,7 +519,7 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                         let _ = send.reset(cim_core::close::code(cim_core::close::PROTOCOL));
                         return;
                     };
-                    forwarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    forwarded.fetch_add(1, Ordering::Relaxed);
                     let sender = Sender {
                         id: forward.from_user,
                         name: forward.from_name,
@@ -489,10 +551,7 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                     write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
                 }
                 Some(server_request::Kind::Forwards(batch)) => {
-                    forwarded.fetch_add(
-                        batch.forwards.len() as u64,
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
+                    forwarded.fetch_add(batch.forwards.len() as u64, Ordering::Relaxed);
                     let sends = batch.forwards.into_iter().map(|forward| {
                         let service = service.clone();
                         async move {
@@ -674,5 +733,40 @@ fn failure_result(e: &ServiceError) -> SessionResult {
         code: e.code().into(),
         message: e.to_string(),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_that_fills_its_wait_places_leaves_the_rest_to_others() {
+        let places = WaitPlaces::new(5, 3);
+        let hung = Arc::new(AtomicUsize::new(0));
+        let held: Vec<WaitPlace> = (0..3).filter_map(|_| places.take(&hung)).collect();
+        assert_eq!(held.len(), 3);
+        assert!(places.take(&hung).is_none(), "past its own share");
+        assert_eq!(hung.load(Ordering::Relaxed), 3);
+
+        let other = Arc::new(AtomicUsize::new(0));
+        let first = places.take(&other).expect("room left for another server");
+        let second = places.take(&other).expect("room left for another server");
+        assert!(places.take(&other).is_none(), "past the total");
+        assert_eq!(
+            other.load(Ordering::Relaxed),
+            2,
+            "a refused place is not counted"
+        );
+
+        drop(first);
+        drop(held);
+        assert_eq!(hung.load(Ordering::Relaxed), 0);
+        assert_eq!(places.taken.load(Ordering::Relaxed), 1);
+        assert!(
+            places.take(&hung).is_some(),
+            "given-back places are free again"
+        );
+        drop(second);
     }
 }
