@@ -859,6 +859,24 @@ async fn registration_and_api_floods_are_limited() -> anyhow::Result<()> {
         )
         .await?;
     assert_eq!(status, StatusCode::OK);
+    // Someone still holding the ended login's token cannot use up Dave's next login's limit.
+    for _ in 0..10 {
+        let (status, _) = api
+            .raw(Method::GET, "/api/groups", Default::default(), Some(&token))
+            .await?;
+        assert_ne!(status, StatusCode::OK, "an ended login's token is refused");
+    }
+    let login = serde_json::json!({"name": "dave", "password": "password"});
+    let grant: serde_json::Value = api
+        .call(Method::POST, "/api/login", Some(&login), None)
+        .await?;
+    let token = grant["token"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("login without a token: {grant}"))?;
+    let (status, reply) = api
+        .raw(Method::GET, "/api/groups", Default::default(), Some(token))
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{reply:?}");
     Ok(())
 }
 

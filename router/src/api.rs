@@ -606,7 +606,7 @@ async fn authenticate_as(
         .verify(&token, now_ms(), None)
         .map_err(ServiceError::from)?;
     if limited {
-        service.check_api_rate(claims.user_id)?;
+        service.check_api_rate(claims.user_id, claims.session_id)?;
     }
     if service
         .store

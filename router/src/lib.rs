@@ -108,8 +108,9 @@ pub struct ApiLimits {
     /// Registrations from one IP address per minute (each costs a password hash and an
     /// account kept for good).
     pub registrations_per_ip: u32,
-    /// Requests with a session token (sends, groups, listings, logout) of one user per
-    /// second; the server limits messages sent over QUIC on its own.
+    /// Requests with a session token (sends, groups, listings) of one user's login per
+    /// second (a user has one login at a time; an ended login's tokens count apart); the
+    /// server limits messages sent over QUIC on its own.
     pub requests_per_user: u32,
 }
 

@@ -240,8 +240,8 @@ pub struct Service {
     login_attempts: Mutex<WindowCounter<IpAddr>>,
     /// Registrations per address per minute.
     registrations: Mutex<WindowCounter<IpAddr>>,
-    /// Authenticated API requests per user per second.
-    api_requests: Mutex<WindowCounter<u64>>,
+    /// Authenticated API requests per login (user id, session id) per second.
+    api_requests: Mutex<WindowCounter<(u64, u64)>>,
     /// Sends to one group are appended under one of these locks, so every member's inbox
     /// holds the group's messages in the same order.
     group_locks: Vec<tokio::sync::Mutex<()>>,
@@ -440,10 +440,13 @@ impl Service {
             .await?)
     }
 
-    /// Counts one API request of `user` (with a session token) and refuses it past the
-    /// per-user limit for the rest of the second.
-    pub(crate) fn check_api_rate(&self, user: u64) -> Result<(), ServiceError> {
-        let count = lock(&self.api_requests).hit(user, Instant::now());
+    /// Counts one API request of `user`'s login `session` (with one of its tokens) and refuses
+    /// it past the limit for the rest of the second. It is counted before the store is asked
+    /// whether the login has ended, so a flood costs no store reads; and per login, not per
+    /// user, so someone holding a token of a login that ended cannot use up the user's
+    /// current one.
+    pub(crate) fn check_api_rate(&self, user: u64, session: u64) -> Result<(), ServiceError> {
+        let count = lock(&self.api_requests).hit((user, session), Instant::now());
         let limit = self.config.api_limits.requests_per_user;
         self.within_limit(
             count,
