@@ -3,13 +3,15 @@
 //! other frames or too many sends, oversized sends among shared ones, a client that leaves
 //! its acks unread, a client that leaves its control stream unread or ends it early, 10,000
 //! streams at once, a request body that never ends, garbage UDP, malformed JSON on every
-//! endpoint, a login brute force, a message flood and a client that never acks a delivery.
+//! endpoint, a login brute force, a message flood, a client that never acks a delivery and a
+//! router that reads sends and never answers.
 //! After each, well-behaved clients on the same server still chat and no accepted message is
 //! lost.
 
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,7 +22,8 @@ use cim_core::{ALPN_INTERNAL, now_ms, tls};
 use cim_integration_tests::{Backend, TestCluster, WAIT, next_message};
 use cim_proto::v1::{
     ChatMessage, ClientControl, ClientRequest, DeliveryBatch, Ping, SendAck, ServerControl,
-    chat_message::Target, client_control, client_request, server_control,
+    ServerRequest, chat_message::Target, client_control, client_request, server_control,
+    server_request,
 };
 use cim_proto::{ProstMessage, read_frame, read_required, write_frame};
 use http::{Method, StatusCode};
@@ -287,6 +290,86 @@ async fn an_oversized_frame_is_refused_and_the_connection_survives() -> anyhow::
         "after the big one"
     );
     scene.still_chatting().await
+}
+
+/// A send without a client message id (0) has no dedup: once a router may have acted on it
+/// (it read the request and never answered), it is not sent again through another router,
+/// where it would be stored a second time; its sender is told to send again and decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_without_an_id_is_not_resent_through_another_router() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    // A second router on the server's internal endpoint that reads every request, answers
+    // none, and notes the messages it was handed.
+    let certs = cim_certs::CertPaths::in_dir(scene.cluster.dir.path().join("certs"));
+    let (cert, key) = (certs.router_cert(), certs.router_key());
+    let config = transport::client_config(
+        tls::client_config(
+            tls::load_roots(&certs.ca_cert())?,
+            &[ALPN_INTERNAL],
+            Some((&cert, &key)),
+        )?,
+        Link::Internal,
+    )?;
+    let endpoint = transport::client_endpoint("127.0.0.1:0".parse()?, config)?;
+    let internal = scene.cluster.embedded.internal_addrs[0];
+    let silent = endpoint.connect(internal, "127.0.0.1")?.await?;
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen_by_silent = seen.clone();
+    let silent_router = silent.clone();
+    tokio::spawn(async move {
+        while let Ok((mut send, mut recv)) = silent_router.accept_bi().await {
+            let Ok(request) = read_required::<ServerRequest, _>(&mut recv, 1 << 22).await else {
+                continue;
+            };
+            let bodies = match request.kind {
+                Some(server_request::Kind::Forwards(batch)) => batch.forwards,
+                Some(server_request::Kind::Forward(forward)) => vec![forward],
+                _ => Vec::new(),
+            };
+            let mut seen = seen_by_silent.lock().unwrap();
+            seen.extend(bodies.into_iter().filter_map(|f| f.message.map(|m| m.body)));
+            let _ = send.reset(0u32.into());
+        }
+    });
+    // Let the server take the link before the sends start.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let (conn, _control, _control_recv) = scene.raw_user_session().await?;
+    let bob = scene.bob.info().user_id;
+    let (mut stored, mut unconfirmed) = (Vec::new(), Vec::new());
+    // Batches go to the two routers in turn: some of these reach the silent one.
+    for i in 0..12 {
+        let body = format!("no id {i}");
+        let request = ClientRequest {
+            kind: Some(client_request::Kind::Send(ChatMessage {
+                client_msg_id: 0,
+                target: Some(Target::ToUser(bob)),
+                body: body.clone(),
+            })),
+        };
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_frame(&mut send, &request, 4096).await?;
+        send.finish()?;
+        let ack: SendAck = tokio::time::timeout(WAIT, read_required(&mut recv, 4096)).await??;
+        match ack.code.as_str() {
+            "" => stored.push(body),
+            cim_proto::SEND_RETRY => unconfirmed.push(body),
+            other => anyhow::bail!("unexpected answer {other}: {}", ack.message),
+        }
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "no send reached the silent router");
+    assert_eq!(
+        unconfirmed, seen,
+        "exactly the sends the silent router saw are unconfirmed"
+    );
+    // Bob gets the stored ones, once each, and none the silent router saw.
+    for body in &stored {
+        assert_eq!(&next_message(&mut scene.bob_events).await?.body, body);
+    }
+    scene.still_chatting().await?;
+    drop(silent);
+    Ok(())
 }
 
 /// A client that finishes its control stream while one of its message streams is still open

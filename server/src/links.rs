@@ -47,6 +47,31 @@ const MAX_BATCH: usize = 256;
 /// the 16 KiB body limit (over 4 MiB) are never refused whole as too large.
 const MAX_BATCH_BYTES: usize = MAX_INTERNAL_FRAME / 2;
 
+/// Whether a failed request may be sent again to the next router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failover {
+    /// Always: the request does the same once or twice (session reports, reads, renewals,
+    /// sends that carry a client message id, which routers store once).
+    Always,
+    /// Only when it surely never reached the router (no stream could be opened): a send with
+    /// client message id 0 has no dedup, and a router that timed out or dropped its link
+    /// after reading it may have stored it. Its sender is told to send again (`retry`) and
+    /// decides, as after any unconfirmed send.
+    OnlyUnsent,
+}
+
+impl Failover {
+    /// How a request carrying `forwards` may fail over.
+    fn of_forwards<'a>(mut forwards: impl Iterator<Item = &'a Forward>) -> Self {
+        let once_only = forwards.any(|f| f.message.as_ref().is_none_or(|m| m.client_msg_id == 0));
+        if once_only {
+            Self::OnlyUnsent
+        } else {
+            Self::Always
+        }
+    }
+}
+
 /// A request waiting to leave in a batch, with where its answer goes.
 type Pending<Q, R> = (Q, oneshot::Sender<Result<R, LinkError>>);
 
@@ -125,15 +150,17 @@ impl RouterLinks {
         &self,
         request: &ServerRequest,
     ) -> Result<R, LinkError> {
-        self.call_from(request, None).await
+        self.call_from(request, None, Failover::Always).await
     }
 
     /// [`RouterLinks::call`] starting at the router chosen by `affinity` (a stable hash), so
-    /// related requests go through the same router while the router set is stable.
+    /// related requests go through the same router while the router set is stable, and
+    /// trying the next router after a failure only as `failover` allows.
     async fn call_from<R: ProstMessage + Default>(
         &self,
         request: &ServerRequest,
         affinity: Option<u64>,
+        failover: Failover,
     ) -> Result<R, LinkError> {
         let candidates: Vec<quinn::Connection> = {
             let conns = self.conns();
@@ -150,12 +177,24 @@ impl RouterLinks {
         };
         let mut last_error = String::new();
         for conn in candidates {
-            match tokio::time::timeout(REQUEST_TIMEOUT, exchange(&conn, request)).await {
-                Ok(Ok(reply)) => return Ok(reply),
-                Ok(Err(e)) => last_error = e.to_string(),
-                Err(_) => last_error = "timed out".into(),
-            }
+            // Only a stream that could not be opened says the router never saw the request.
+            let maybe_seen =
+                match tokio::time::timeout(REQUEST_TIMEOUT, exchange(&conn, request)).await {
+                    Ok(Ok(reply)) => return Ok(reply),
+                    Ok(Err(e)) => {
+                        last_error = e.to_string();
+                        !matches!(e, cim_core::transport::ExchangeError::Connection(_))
+                    }
+                    Err(_) => {
+                        last_error = "timed out".into();
+                        true
+                    }
+                };
             tracing::debug!(router = %conn.remote_address(), error = %last_error, "router request failed");
+            if maybe_seen && failover == Failover::OnlyUnsent {
+                last_error = format!("{last_error} (the router may have acted on it)");
+                break;
+            }
         }
         Err(LinkError::Failed(last_error))
     }
@@ -284,10 +323,11 @@ impl RouterLinks {
         if affinity.is_none() {
             return self.forwards.call(forward).await;
         }
+        let failover = Failover::of_forwards(std::iter::once(&forward));
         let request = ServerRequest {
             kind: Some(server_request::Kind::Forward(forward)),
         };
-        self.call_from(&request, affinity).await
+        self.call_from(&request, affinity, failover).await
     }
 
     /// Runs a client's group request at a router.
@@ -363,18 +403,21 @@ pub(crate) fn run_batches(state: &Arc<State>) {
     tokio::spawn(send_batches(
         state.clone(),
         |links| &links.forwards,
+        |forwards| Failover::of_forwards(forwards.iter()),
         |forwards| server_request::Kind::Forwards(ForwardBatch { forwards }),
         |result: ForwardBatchResult| result.acks,
     ));
     tokio::spawn(send_batches(
         state.clone(),
         |links| &links.opened,
+        |_| Failover::Always,
         |sessions| server_request::Kind::SessionsOpened(SessionOpenedBatch { sessions }),
         |result: SessionBatchResult| result.results,
     ));
     tokio::spawn(send_batches(
         state.clone(),
         |links| &links.closed,
+        |_| Failover::Always,
         |sessions| server_request::Kind::SessionsClosed(SessionClosedBatch { sessions }),
         |result: SessionBatchResult| result.results,
     ));
@@ -382,11 +425,13 @@ pub(crate) fn run_batches(state: &Arc<State>) {
 
 /// Sends the requests queued in one [`BatchQueue`] in batches: each batch takes everything
 /// queued (up to [`MAX_BATCH`]); up to [`BATCHES_IN_FLIGHT`] batches travel at once, shared by
-/// all the router links (each batch goes to the routers in turn). `request` makes a batch's
-/// request, `answers` takes the answers, one per request in order, out of its reply.
+/// all the router links (each batch goes to the routers in turn, as far as `failover` says a
+/// batch may go on). `request` makes a batch's request, `answers` takes the answers, one per
+/// request in order, out of its reply.
 async fn send_batches<Q, R, B>(
     state: Arc<State>,
     queue: fn(&RouterLinks) -> &BatchQueue<Q, R>,
+    failover: fn(&[Q]) -> Failover,
     request: fn(Vec<Q>) -> server_request::Kind,
     answers: fn(B) -> Vec<R>,
 ) where
@@ -407,10 +452,15 @@ async fn send_batches<Q, R, B>(
         tokio::spawn(async move {
             let _permit = permit;
             let (requests, replies): (Vec<Q>, Vec<_>) = batch.into_iter().unzip();
+            let failover = failover(&requests);
             let request = ServerRequest {
                 kind: Some(request(requests)),
             };
-            let results = state.links.call::<B>(&request).await.map(answers);
+            let results = state
+                .links
+                .call_from::<B>(&request, None, failover)
+                .await
+                .map(answers);
             let short = LinkError::Failed("router answered a batch partly".into());
             answer_all(replies, results, short);
         });
