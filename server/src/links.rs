@@ -313,16 +313,15 @@ impl RouterLinks {
     }
 
     /// Hands a client's message to a router; the reply is the sender's ack. A named group's
-    /// messages all go through the same router, which orders them; other messages are batched
-    /// while the server is busy.
+    /// messages all go through the same router, which orders them; a broadcast (`all`) goes
+    /// on its own, since storing it for everyone online takes long enough to hold up the
+    /// acks of a whole batch; private messages are batched while the server is busy.
     pub async fn forward(&self, forward: Forward) -> Result<SendAck, LinkError> {
         let affinity = match forward.message.as_ref().and_then(|m| m.target.as_ref()) {
-            Some(chat_message::Target::Group(g)) if g != "all" => Some(fnv1a(g.as_bytes())),
-            _ => None,
+            Some(chat_message::Target::Group(g)) if g == "all" => None,
+            Some(chat_message::Target::Group(g)) => Some(fnv1a(g.as_bytes())),
+            _ => return self.forwards.call(forward).await,
         };
-        if affinity.is_none() {
-            return self.forwards.call(forward).await;
-        }
         let failover = Failover::of_forwards(std::iter::once(&forward));
         let request = ServerRequest {
             kind: Some(server_request::Kind::Forward(forward)),
