@@ -24,6 +24,7 @@ pub mod https;
 mod ids;
 mod links;
 pub mod password;
+mod presence;
 pub mod select;
 pub mod service;
 pub mod store;
@@ -285,6 +286,7 @@ impl Router {
         }
         tracing::info!(id = %self.config.id, %http_addr, "router started");
         let maintain = tokio::spawn(links::maintain(service.clone(), shutdown.clone()));
+        let announcing = tokio::spawn(presence::run(service.clone(), shutdown.clone()));
         https::serve(
             self.listener,
             self.http_tls,
@@ -295,6 +297,7 @@ impl Router {
         )
         .await;
         let _ = maintain.await;
+        let _ = announcing.await;
         stop_ids.cancel();
         let _ = holding.await;
         self.endpoint.close(

@@ -407,12 +407,9 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
                 match service.store.remove_server_routes(&id).await {
                     Ok(users) => {
                         tracing::info!(server = %id, routes = users.len(), "server left; routes removed");
-                        let announcer = service.clone();
-                        tokio::spawn(async move {
-                            for user in users {
-                                announcer.announce_presence(user, false).await;
-                            }
-                        });
+                        for user in users {
+                            service.announce_presence(user, false);
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(server = %id, error = %e, "could not remove routes of departed server")
@@ -682,8 +679,7 @@ async fn session_opened(
 ) -> SessionResult {
     match service.session_opened(user_id, session_id, server_id).await {
         Ok(true) => {
-            let announcer = service.clone();
-            tokio::spawn(async move { announcer.announce_presence(user_id, true).await });
+            service.announce_presence(user_id, true);
             // Read after the route was confirmed: every later entry is pushed to the session.
             // Unknown, the client pulls to catch up.
             let inbox_caught_up_to = match service.inbox_caught_up_to(user_id).await {
@@ -718,8 +714,7 @@ async fn session_closed(
     match service.session_closed(server_id, user_id, session_id).await {
         Ok(released) => {
             if released {
-                let announcer = service.clone();
-                tokio::spawn(async move { announcer.announce_presence(user_id, false).await });
+                service.announce_presence(user_id, false);
             }
             SessionResult::default()
         }

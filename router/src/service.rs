@@ -20,6 +20,7 @@ use crate::RouterConfig;
 use crate::ids::IdGenerator;
 use crate::links::ServerLinks;
 use crate::password::{self, PasswordWork, WorkError};
+use crate::presence::PresenceQueue;
 use crate::select::Selector;
 use crate::store::{
     Account, Claim, InboxEntry, Join, Relogin, Revocation, Route, Store, StoreError,
@@ -255,6 +256,8 @@ pub struct Service {
     selector: Selector,
     /// Message ids, with the node number [`crate::ids::NodeHolder`] keeps for this router.
     pub(crate) ids: Arc<IdGenerator>,
+    /// Presence announcements waiting for [`crate::presence::run`]'s workers.
+    pub(crate) presence: PresenceQueue,
 }
 
 impl Service {
@@ -276,6 +279,7 @@ impl Service {
             password_work: PasswordWork::for_this_machine(),
             selector: Selector::new(config.strategy),
             ids: Arc::new(IdGenerator::unassigned()),
+            presence: PresenceQueue::default(),
             config,
             store,
             servers,
@@ -699,9 +703,7 @@ impl Service {
             .await?;
         // If the session had already closed, its server announced the departure.
         if released {
-            let service = self.clone();
-            let user = claims.user_id;
-            tokio::spawn(async move { service.announce_presence(user, false).await });
+            self.announce_presence(claims.user_id, false);
         }
         tracing::info!(user = claims.user_id, "logout");
         Ok(())
@@ -1070,9 +1072,15 @@ impl Service {
         Ok(self.store.user_groups(user).await?)
     }
 
-    /// Tells the online users who share a group with `user` that it came online or left.
-    /// Best effort: presence is not stored, failures are logged.
-    pub async fn announce_presence(&self, user: u64, online: bool) {
+    /// Queues telling the online users who share a group with `user` that it came online or
+    /// left (see [`crate::presence`]). Best effort: presence is not stored, failures are
+    /// logged.
+    pub fn announce_presence(&self, user: u64, online: bool) {
+        self.presence.announce(user, online);
+    }
+
+    /// Tells the users who share a group with `user` that it is now `online` (or offline).
+    pub(crate) async fn announce_now(&self, user: u64, online: bool) {
         if let Err(e) = self.try_announce_presence(user, online).await {
             tracing::debug!(user, error = %e, "presence not announced");
         }
