@@ -124,15 +124,44 @@ pub fn printable(text: &str) -> String {
     out
 }
 
-/// Formats a UTC time of day `HH:MM:SS` from milliseconds since the Unix epoch.
-pub fn time_of_day(ms: u64) -> String {
+/// Milliseconds in a day.
+const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// When a message was sent, `ms` after the Unix epoch, in UTC: the time of day `HH:MM:SS` for
+/// a message of the day it is at `now_ms`, with the date before it (`YYYY-MM-DD HH:MM:SS`)
+/// for an older one (an offline message from days ago).
+pub fn timestamp(ms: u64, now_ms: u64) -> String {
     let secs = ms / 1000;
-    format!(
+    let time = format!(
         "{:02}:{:02}:{:02}",
         (secs / 3600) % 24,
         (secs / 60) % 60,
         secs % 60
-    )
+    );
+    if ms / DAY_MS == now_ms / DAY_MS {
+        return time;
+    }
+    let (year, month, day) = civil_date(ms / DAY_MS);
+    format!("{year:04}-{month:02}-{day:02} {time}")
+}
+
+/// The proleptic Gregorian date `days` days after 1970-01-01 (H. Hinnant's `civil_from_days`).
+fn civil_date(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
 }
 
 #[cfg(test)]
@@ -197,11 +226,20 @@ mod tests {
     }
 
     #[test]
-    fn formats_time_of_day() {
-        assert_eq!(time_of_day(0), "00:00:00");
+    fn a_message_of_today_shows_its_time_and_an_older_one_its_date_too() {
+        let at = ((13 * 60 + 5) * 60 + 9) * 1000 + 999;
+        assert_eq!(timestamp(at, at + 1000), "13:05:09");
+        assert_eq!(timestamp(0, DAY_MS - 1), "00:00:00");
+        assert_eq!(timestamp(at, DAY_MS), "1970-01-01 13:05:09");
+        // 2024-02-29 (a leap day) 23:59:59 UTC, read on 2026-11-29.
         assert_eq!(
-            time_of_day(((13 * 60 + 5) * 60 + 9) * 1000 + 999),
-            "13:05:09"
+            timestamp(1_709_251_199_000, 1_795_910_400_000),
+            "2024-02-29 23:59:59"
         );
+        assert_eq!(civil_date(0), (1970, 1, 1));
+        assert_eq!(civil_date(11_016), (2000, 2, 29));
+        assert_eq!(civil_date(20_786), (2026, 11, 29));
+        assert_eq!(civil_date(20_818), (2026, 12, 31));
+        assert_eq!(civil_date(20_819), (2027, 1, 1));
     }
 }

@@ -107,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
                     };
                     println!(
                         "[{}] {}{kind}: {}",
-                        console::time_of_day(m.created_at_ms),
+                        console::timestamp(m.created_at_ms, cim_core::now_ms()),
                         console::printable(&m.from_name),
                         console::printable(&m.body)
                     );
