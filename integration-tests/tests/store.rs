@@ -6,7 +6,8 @@
 //! login's server cannot renew its route back; a token re-login's claim ends the token's login
 //! atomically, once, and only over the route it was checked against; a message-id node is held
 //! by one router at a time, and its next holder learns how far the last one's ids went. On
-//! Redis, a route that cannot be read counts as none and does not block a login.
+//! Redis, a route that cannot be read counts as none and does not block a login, and an inbox
+//! entry that cannot be read is skipped.
 
 #![allow(clippy::unwrap_used)]
 
@@ -511,5 +512,41 @@ async fn an_unreadable_route_fails_neither_a_stored_message_nor_a_login() -> any
         assert_eq!(claim, Claim::Won { previous: None }, "user {user}");
         assert_eq!(store.routes(&[user]).await?, vec![Some(route)]);
     }
+    Ok(())
+}
+
+/// An inbox entry Redis holds but cim cannot read (damaged, or written by a newer router in a
+/// rolling upgrade) is skipped like an expired one. Before, every pull of that inbox failed,
+/// so nothing after the entry reached its user until the entry aged out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_inbox_entry_holds_back_none_after_it() -> anyhow::Result<()> {
+    let redis = RedisProc::start().await?;
+    let store = RedisStore::connect(&redis.url()).await?;
+    let limits = InboxLimits::default();
+    let ida = store.create_account("ida", "hash").await?;
+    store.append_private(ida.id, &entry(1), limits).await?;
+    let mut conn = redis::Client::open(redis.url())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let seq: u64 = redis::cmd("INCR")
+        .arg(format!("cim:{{u{}}}:seq", ida.id))
+        .query_async(&mut conn)
+        .await?;
+    let _: () = redis::cmd("ZADD")
+        .arg(format!("cim:{{u{}}}:inbox", ida.id))
+        .arg(seq)
+        .arg(format!("{seq}:not an entry"))
+        .query_async(&mut conn)
+        .await?;
+    store.append_private(ida.id, &entry(3), limits).await?;
+
+    let page = store.fetch_inbox(ida.id, 0, 10, limits, 6).await?;
+    let got: Vec<(u64, u64)> = page.entries.iter().map(|(s, e)| (*s, e.msg_id)).collect();
+    assert_eq!(got, vec![(1, 1), (3, 3)]);
+    assert!(!page.more);
+    // A page that ends on it still moves past it.
+    let page = store.fetch_inbox(ida.id, 1, 1, limits, 6).await?;
+    let got: Vec<(u64, u64)> = page.entries.iter().map(|(s, e)| (*s, e.msg_id)).collect();
+    assert_eq!(got, vec![(3, 3)]);
     Ok(())
 }

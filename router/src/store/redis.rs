@@ -141,10 +141,11 @@ fn append_args(entry: &InboxEntry, limits: InboxLimits) -> Vec<Vec<u8>> {
 }
 
 /// Splits a `<seq>:<entry>` inbox member.
-fn decode_member(member: &[u8]) -> Option<(u64, InboxEntry)> {
+/// Splits a `<seq>:<entry>` inbox member into its seq and its encoded entry.
+fn split_member(member: &[u8]) -> Option<(u64, &[u8])> {
     let colon = member.iter().position(|b| *b == b':')?;
     let seq = std::str::from_utf8(&member[..colon]).ok()?.parse().ok()?;
-    Some((seq, InboxEntry::decode(&member[colon + 1..])?))
+    Some((seq, &member[colon + 1..]))
 }
 
 fn encode_route(route: &Route) -> String {
@@ -178,6 +179,17 @@ fn decode_route(value: &str) -> Result<Route, StoreError> {
 /// before its route is read, and its recipient pulls it at the next connect, so an unreadable
 /// route must not fail a stored message's send (the sender would resend it until its attempts
 /// ran out) nor a group push to every other member.
+/// Logs an index update (a server's user set, the online set) that failed after the route
+/// itself changed: the change stands, since failing it would make the caller retry a claim
+/// that already won, or leave a login half done. The indexes repair themselves: the online set
+/// is checked against routes when read and refilled by renewals, and a server's user set is
+/// filled again by confirms and renewals (and read only to clean up after a departed server).
+fn index_kept(result: Result<(), StoreError>, user: u64, after: &str) {
+    if let Err(e) = result {
+        tracing::warn!(user, after, error = %e, "route index not updated; it repairs itself");
+    }
+}
+
 fn readable_route(user: u64, value: Option<&[u8]>) -> Option<Route> {
     let value = value?;
     let decoded = std::str::from_utf8(value)
@@ -505,19 +517,22 @@ impl RedisStore {
                 None => Err(StoreError::Corrupt("claim refused without a route".into())),
             };
         }
-        let _: () = conn
-            .sadd(server_users_key(&route.server_id), user)
-            .await
-            .map_err(unavailable)?;
-        if let Some(p) = &previous
-            && p.server_id != route.server_id
-        {
+        let indexed = async {
             let _: () = conn
-                .srem(server_users_key(&p.server_id), user)
+                .sadd(server_users_key(&route.server_id), user)
                 .await
                 .map_err(unavailable)?;
-        }
-        self.leave_online(user).await?;
+            if let Some(p) = &previous
+                && p.server_id != route.server_id
+            {
+                let _: () = conn
+                    .srem(server_users_key(&p.server_id), user)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            self.leave_online(user).await
+        };
+        index_kept(indexed.await, user, "claim");
         Ok(Claim::Won { previous })
     }
 
@@ -526,10 +541,8 @@ impl RedisStore {
     async fn leave_online(&self, user: u64) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let _: () = conn.srem(ONLINE, user).await.map_err(unavailable)?;
-        let current: Option<String> = conn.get(route_key(user)).await.map_err(unavailable)?;
-        if let Some(route) = current.as_deref().map(decode_route).transpose()?
-            && route.confirmed
-        {
+        let current: Option<Vec<u8>> = conn.get(route_key(user)).await.map_err(unavailable)?;
+        if readable_route(user, current.as_deref()).is_some_and(|route| route.confirmed) {
             let _: () = conn.sadd(ONLINE, user).await.map_err(unavailable)?;
         }
         Ok(())
@@ -642,14 +655,15 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         if ok == 1 {
-            let _: () = redis::pipe()
+            let indexed = redis::pipe()
                 .sadd(ONLINE, user)
                 .ignore()
                 .sadd(server_users_key(server_id), user)
                 .ignore()
                 .query_async(&mut conn)
                 .await
-                .map_err(unavailable)?;
+                .map_err(unavailable);
+            index_kept(indexed, user, "confirm");
         }
         Ok(ok == 1)
     }
@@ -704,12 +718,17 @@ impl Store for RedisStore {
         if released.is_empty() {
             return Ok(false);
         }
-        let route = decode_route(&released)?;
-        let _: () = conn
-            .srem(server_users_key(&route.server_id), user)
-            .await
-            .map_err(unavailable)?;
-        self.leave_online(user).await?;
+        let indexed = async {
+            // The released route was read by the script; unreadable, it names no server.
+            if let Some(route) = readable_route(user, Some(released.as_bytes())) {
+                let _: () = conn
+                    .srem(server_users_key(&route.server_id), user)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            self.leave_online(user).await
+        };
+        index_kept(indexed.await, user, "release");
         Ok(true)
     }
 
@@ -924,10 +943,21 @@ impl Store for RedisStore {
             };
             let exhausted = members.len() <= limit;
             for member in &members {
-                let Some((seq, entry)) = decode_member(member) else {
+                let Some((seq, encoded)) = split_member(member) else {
                     return Err(StoreError::Corrupt(format!("inbox entry of user {user}")));
                 };
                 cursor = seq;
+                // An entry that cannot be read (damaged, or written by a newer version in a
+                // rolling upgrade) is skipped like an expired one: failing the page would
+                // hold every later entry back until the entry aged out.
+                let Some(entry) = InboxEntry::decode(encoded) else {
+                    static UNREADABLE: AtomicU64 = AtomicU64::new(0);
+                    let seen = UNREADABLE.fetch_add(1, Ordering::Relaxed) + 1;
+                    if seen.is_power_of_two() {
+                        tracing::warn!(user, seq, seen, "unreadable inbox entry skipped");
+                    }
+                    continue;
+                };
                 if entry.created_at_ms < oldest {
                     continue;
                 }
