@@ -313,6 +313,30 @@ async fn probe_set_nx_get(conn: &mut ConnectionManager) -> Result<(), StoreError
     }
 }
 
+/// Warns unless Redis is set never to evict keys (`maxmemory-policy noeviction`, Redis's
+/// default): evicting a user's `seq` counter would start the inbox at 1 again (and the
+/// client would drop the new messages as seen), evicting the `sent:`/`m:` records would
+/// store a resend twice. Only a warning: managed Redis often refuses `CONFIG`, and the
+/// policy can change later.
+async fn check_eviction_policy(conn: &mut ConnectionManager) {
+    let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(conn)
+        .await;
+    match policy.as_deref() {
+        Ok([_, policy]) if policy == "noeviction" => {}
+        Ok([_, policy]) => tracing::warn!(
+            policy = %policy,
+            "Redis may evict keys (maxmemory-policy is not noeviction): evicted inbox counters \
+             or dedup records lose or repeat messages; set maxmemory-policy noeviction"
+        ),
+        Ok(_) | Err(_) => {
+            tracing::info!("could not read Redis's maxmemory-policy; it must be noeviction")
+        }
+    }
+}
+
 /// Lua: Redis's clock in ms, the one hold expiries are kept in (each router's own clock would
 /// do only if all agreed).
 macro_rules! now_ms {
@@ -410,6 +434,7 @@ impl RedisStore {
             .await
             .map_err(unavailable)?;
         probe_set_nx_get(&mut conn).await?;
+        check_eviction_policy(&mut conn).await;
         Ok(Self {
             conn,
             claim: Script::new(CLAIM),
