@@ -5,7 +5,8 @@
 //! with entries does not; the online list holds confirmed sessions only; a revoked
 //! login's server cannot renew its route back; a token re-login's claim ends the token's login
 //! atomically, once, and only over the route it was checked against; a message-id node is held
-//! by one router at a time, and its next holder learns how far the last one's ids went. On
+//! by one router at a time, and its next holder learns how far the last one's ids went; a
+//! group starts with its owner as a member and stops joins at its cap. On
 //! Redis, a route that cannot be read counts as none and does not block a login, and an inbox
 //! entry that cannot be read is skipped.
 
@@ -15,8 +16,8 @@ use std::time::Duration;
 
 use cim_integration_tests::cluster::RedisProc;
 use cim_router::store::{
-    Claim, ID_NODES, IdNode, InboxEntry, InboxLimits, MemoryStore, RedisStore, Relogin, Revocation,
-    Route, Store,
+    Claim, ID_NODES, IdNode, InboxEntry, InboxLimits, Join, MemoryStore, RedisStore, Relogin,
+    Revocation, Route, Store,
 };
 
 fn entry(msg_id: u64) -> InboxEntry {
@@ -229,6 +230,7 @@ async fn expired_entries_never_hide_fresh_ones(store: &dyn Store) -> anyhow::Res
     let limits = InboxLimits {
         max_len: 1000,
         ttl: Duration::from_millis(1000),
+        ..Default::default()
     };
     let ivy = store.create_account("ivy", "hash").await?;
     for msg_id in 1..=12 {
@@ -412,6 +414,33 @@ async fn id_nodes_are_held_once(store: &dyn Store) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A group is created with its owner as its first member, once per name; joins stop at the
+/// cap and count a member once; a member that leaves is gone from the group and from its own
+/// list of groups.
+async fn groups_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
+    let (owner, other, third) = (7001, 7002, 7003);
+    assert!(store.create_group("crew", owner).await?);
+    assert!(
+        !store.create_group("crew", other).await?,
+        "the name is taken"
+    );
+    assert_eq!(store.group_members("crew").await?, Some(vec![owner]));
+    assert_eq!(store.user_groups(owner).await?, vec!["crew".to_string()]);
+    assert_eq!(store.join_group("crew", other, 2).await?, Join::Joined);
+    assert_eq!(
+        store.join_group("crew", other, 2).await?,
+        Join::AlreadyMember
+    );
+    assert_eq!(store.join_group("crew", third, 2).await?, Join::Full);
+    assert_eq!(store.join_group("nope", third, 2).await?, Join::NoGroup);
+    assert_eq!(store.group_members("crew").await?, Some(vec![owner, other]));
+    assert!(store.leave_group("crew", other).await?);
+    assert!(!store.leave_group("crew", other).await?);
+    assert!(store.user_groups(other).await?.is_empty());
+    assert_eq!(store.group_members("nope").await?, None);
+    Ok(())
+}
+
 #[tokio::test]
 async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     let store = MemoryStore::new();
@@ -422,6 +451,7 @@ async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     expired_entries_never_hide_fresh_ones(&store).await?;
     id_nodes_are_held_once(&store).await?;
     a_large_group_append_reaches_every_member_once(&store).await?;
+    groups_follow_the_contract(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 
@@ -436,6 +466,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     expired_entries_never_hide_fresh_ones(&store).await?;
     id_nodes_are_held_once(&store).await?;
     a_large_group_append_reaches_every_member_once(&store).await?;
+    groups_follow_the_contract(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 

@@ -56,10 +56,8 @@ pub struct RouterConfig {
     pub route_lease: Duration,
     /// Largest message body accepted, in bytes.
     pub max_body_bytes: usize,
-    /// Caps on each user's inbox.
+    /// Caps on each user's inbox, and how long a send is remembered so a retry is stored once.
     pub inbox: store::InboxLimits,
-    /// How long a sender's client message id is remembered, so a retry is stored once.
-    pub dedup_window: Duration,
     /// Argon2id cost of new password hashes.
     pub password_cost: password::Cost,
     /// Limits on login attempts.
@@ -150,7 +148,6 @@ impl RouterConfig {
             route_lease: Duration::from_secs(30),
             max_body_bytes: 16 * 1024,
             inbox: store::InboxLimits::default(),
-            dedup_window: Duration::from_secs(600),
             password_cost: password::Cost::default(),
             login_limits: LoginLimits::default(),
             api_limits: ApiLimits::default(),

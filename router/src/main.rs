@@ -151,6 +151,7 @@ fn inbox_limits(args: &Args) -> cim_router::store::InboxLimits {
     cim_router::store::InboxLimits {
         max_len: args.inbox_max_len as usize,
         ttl: Duration::from_secs(args.inbox_ttl_secs),
+        ..Default::default()
     }
 }
 

@@ -852,7 +852,7 @@ impl Service {
                     sender.id,
                     message.client_msg_id,
                     fresh_id,
-                    self.config.dedup_window,
+                    self.config.inbox.dedup,
                 )
                 .await?
         };

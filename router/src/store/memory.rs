@@ -37,10 +37,6 @@ struct Inbox {
     entries: VecDeque<(u64, Arc<InboxEntry>)>,
 }
 
-/// How long an inbox remembers the seq a message got, for idempotent resends (the Redis store
-/// keeps its markers as long).
-const APPEND_DEDUP: Duration = Duration::from_secs(600);
-
 #[derive(Default)]
 struct Inner {
     accounts: HashMap<u64, Account>,
@@ -50,7 +46,7 @@ struct Inner {
     online: BTreeSet<u64>,
     inboxes: HashMap<u64, Inbox>,
     /// msg id -> (user, seq) of every inbox the message was appended to within
-    /// [`APPEND_DEDUP`], kept after the entries are trimmed: a sender may resend after the
+    /// [`InboxLimits::dedup`], kept after the entries are trimmed: a sender may resend after the
     /// recipients acked. One record per message, not per recipient: a group message's record
     /// costs one map entry and 16 bytes a member.
     appended: ExpiringMap<u64, AppendRecord, RECORD_SHARDS, MAX_APPENDED_PAIRS>,
@@ -412,7 +408,7 @@ impl Store for MemoryStore {
         Ok(appended.upsert(
             entry.msg_id,
             now,
-            APPEND_DEDUP,
+            limits.dedup,
             || Vec::with_capacity(recipients.len()),
             append,
         ))
@@ -604,7 +600,7 @@ impl Store for MemoryStore {
     }
 }
 
-/// Drops entries up to `up_to`. Their msg-id records stay until [`APPEND_DEDUP`] passes: a
+/// Drops entries up to `up_to`. Their msg-id records stay until [`InboxLimits::dedup`] passes: a
 /// sender may resend (same id) after the recipient has the message and acked it.
 fn trim(inbox: &mut Inbox, up_to: u64) {
     while inbox.entries.front().is_some_and(|(seq, _)| *seq <= up_to) {
@@ -713,7 +709,7 @@ mod tests {
             .append_inbox(&[1], &entry(100, 5), limits)
             .await
             .unwrap();
-        tokio::time::advance(APPEND_DEDUP).await;
+        tokio::time::advance(limits.dedup).await;
         // Any later append prunes every inbox's expired records, not only its own.
         store
             .append_inbox(&[2], &entry(101, 6), limits)
@@ -781,6 +777,7 @@ mod tests {
         let limits = InboxLimits {
             max_len: 3,
             ttl: Duration::from_millis(100),
+            ..Default::default()
         };
         for id in 0..5 {
             store

@@ -102,6 +102,10 @@ pub struct InboxLimits {
     pub max_len: usize,
     /// Entries older than this are dropped.
     pub ttl: Duration,
+    /// How long a sender's client message id (and so the message id it got) and each inbox's
+    /// seq for a message id are remembered: a resend within it is stored once. One window for
+    /// both, so a resend that keeps its message id never gets a second seq.
+    pub dedup: Duration,
 }
 
 impl Default for InboxLimits {
@@ -109,6 +113,7 @@ impl Default for InboxLimits {
         Self {
             max_len: 1000,
             ttl: Duration::from_secs(7 * 24 * 3600),
+            dedup: Duration::from_secs(600),
         }
     }
 }

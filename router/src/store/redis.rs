@@ -75,6 +75,14 @@ fn user_groups_key(user: u64) -> String {
     format!("cim:{{u{user}}}:groups")
 }
 
+/// Creates a group with its owner as its first member, both or neither. KEYS: owner,
+/// members. ARGV: owner. Returns 1 created, 0 the name is taken.
+const CREATE_GROUP: &str = r"
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+";
+
 /// Joins a group under its cap. KEYS: owner, members. ARGV: user, cap. Returns 1 joined,
 /// 2 already a member, 3 full, 0 no such group.
 const JOIN: &str = r"
@@ -88,9 +96,6 @@ return 1
 fn sent_key(sender: u64, client_msg_id: u64) -> String {
     format!("cim:{{u{sender}}}:sent:{client_msg_id}")
 }
-
-/// How long the record of an appended message is kept, for idempotent retries.
-const APPEND_DEDUP: Duration = Duration::from_secs(600);
 
 /// Lua function shared by [`APPEND`] and [`APPEND_PRIVATE`]: appends an entry once per message
 /// id and returns its seq. KEYS[1..3]: seq, inbox, appended-marker. ARGV: entry bytes, max
@@ -136,7 +141,7 @@ fn append_args(entry: &InboxEntry, limits: InboxLimits) -> Vec<Vec<u8>> {
         entry.encode(),
         limits.max_len.max(1).to_string().into_bytes(),
         (limits.ttl.as_millis() as u64).to_string().into_bytes(),
-        (APPEND_DEDUP.as_millis() as u64).to_string().into_bytes(),
+        (limits.dedup.as_millis() as u64).to_string().into_bytes(),
     ]
 }
 
@@ -285,6 +290,7 @@ pub struct RedisStore {
     restore: Script,
     append: Script,
     append_private: Script,
+    create_group: Script,
     join: Script,
     claim_id_node: Script,
     renew_id_node: Script,
@@ -444,6 +450,7 @@ impl RedisStore {
             restore: Script::new(RESTORE),
             append: Script::new(APPEND),
             append_private: Script::new(APPEND_PRIVATE),
+            create_group: Script::new(CREATE_GROUP),
             join: Script::new(JOIN),
             claim_id_node: Script::new(CLAIM_ID_NODE),
             renew_id_node: Script::new(RENEW_ID_NODE),
@@ -1030,15 +1037,18 @@ impl Store for RedisStore {
 
     async fn create_group(&self, name: &str, owner: u64) -> Result<bool, StoreError> {
         let mut conn = self.conn();
-        let created: bool = conn
-            .set_nx(group_owner_key(name), owner)
+        // The owner is a member from the start: a failure in between must not leave a group
+        // whose name is taken and whose owner is not in it.
+        let created: i64 = self
+            .create_group
+            .key(group_owner_key(name))
+            .key(group_members_key(name))
+            .arg(owner)
+            .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        let created = created == 1;
         if created {
-            let _: () = conn
-                .sadd(group_members_key(name), owner)
-                .await
-                .map_err(unavailable)?;
             let _: () = conn
                 .sadd(user_groups_key(owner), name)
                 .await
