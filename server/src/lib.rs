@@ -301,21 +301,28 @@ async fn renew_routes(state: Arc<session::State>, shutdown: CancellationToken) {
     }
 }
 
-/// Reports clients' inbox acknowledgements to a router twice a second, so inboxes shrink.
-/// Losing a report only delays trimming: the next pull trims too.
+/// Reports clients' inbox acknowledgements to a router twice a second, so inboxes shrink, and
+/// once more at shutdown. A report no router took is kept for the next one (a newer ack of the
+/// same user replaces it): an untrimmed entry would reach the user's next new client again,
+/// since a client that starts pulls everything its inbox still holds.
 async fn report_acks(state: Arc<session::State>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+        let stopping = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = tick.tick() => false,
+        };
         let acked = state.take_acks();
-        if acked.is_empty() {
-            continue;
+        if !acked.is_empty()
+            && let Err(e) = state.links.trim(acked.clone()).await
+        {
+            tracing::debug!(error = %e, users = acked.len(), "ack report failed; kept for the next");
+            for (user, seq) in acked {
+                state.record_ack(user, seq);
+            }
         }
-        if let Err(e) = state.links.trim(acked).await {
-            tracing::debug!(error = %e, "ack report failed");
+        if stopping {
+            return;
         }
     }
 }
