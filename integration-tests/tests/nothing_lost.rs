@@ -18,8 +18,8 @@ use cim_client::{Client, ClientConfig, Event, Events, LoginOptions, Target};
 use cim_integration_tests::cluster::ProcCluster;
 use cim_integration_tests::relay::{Impairments, Relay};
 use cim_integration_tests::{Backend, TestCluster, WAIT, eventually, next_event, next_message};
-use cim_proto::v1::{ClientControl, Login, client_control};
-use cim_proto::write_frame;
+use cim_proto::v1::{ClientControl, Login, Ping, ServerControl, client_control, server_control};
+use cim_proto::{read_required, write_frame};
 use cim_router::store::{
     Account, Claim, IdNode, InboxEntry, InboxLimits, InboxPage, Join, MemoryStore, Relogin,
     Revocation, Route, Store, StoreError,
@@ -1001,6 +1001,74 @@ async fn a_connection_that_closes_while_its_successor_is_confirmed_leaves_the_ro
     assert!(
         route.as_ref().is_some_and(|r| r.confirmed),
         "the resumed session lost its route: {route:?}"
+    );
+    Ok(())
+}
+
+/// A login that waited for the router while a newer login of the same user got onto the
+/// server does not push that newer one out. Erin's client resumes her login on a second
+/// connection (her first still holds her place on the server, so the resume waits for the
+/// router); the router confirms it, and its answer is slow. Meanwhile Erin logs in again
+/// elsewhere with takeover, which the router kicks her first connection for, and that login
+/// gets onto the same server and is confirmed. The resume's late answer must not replace it:
+/// the server asks the router again and refuses the resume, whose login was replaced. Before,
+/// it went in and kicked the newest login ("logged in elsewhere"), and no client of Erin's
+/// stayed connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_confirmed_resume_does_not_push_out_a_newer_login() -> anyhow::Result<()> {
+    let (store, cluster) = paused_cluster(Duration::from_millis(1500)).await?;
+    let (_, token) = cluster.http_login("erin").await?;
+    let (_first, result, _send, _recv) = cluster.raw_login(0, &token, false).await?;
+    assert_eq!(result.code, "");
+    store.armed.store(true, Ordering::SeqCst);
+    let resume = tokio::spawn({
+        let cluster_token = token.clone();
+        let conn = cluster.raw_connection(0).await?;
+        async move {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            let login = ClientControl {
+                kind: Some(client_control::Kind::Login(Login {
+                    token: cluster_token,
+                    last_seen_seq: 0,
+                    token_renewal: false,
+                })),
+            };
+            write_frame(&mut send, &login, 4096).await?;
+            let reply: ServerControl = read_required(&mut recv, 4096).await?;
+            anyhow::Ok((conn, reply, send, recv))
+        }
+    });
+    tokio::time::timeout(WAIT, store.read.notified()).await?;
+
+    // The router has confirmed the resume and is slow to say so: Erin takes over.
+    let api = cim_client::RouterApi::new(&cluster.client_config())?;
+    let body = serde_json::json!({"name": "erin", "password": "password", "takeover": true});
+    let grant: serde_json::Value = api
+        .call(http::Method::POST, "/api/login", Some(&body), None)
+        .await?;
+    let newest = grant["token"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("login without a token: {grant}"))?;
+    let (_third, result, mut send, mut recv) = cluster.raw_login(0, newest, false).await?;
+    assert_eq!(result.code, "", "the takeover login is refused");
+
+    let (_resumed, reply, _rs, _rr) = resume.await??;
+    let Some(server_control::Kind::LoginResult(resumed)) = reply.kind else {
+        anyhow::bail!("expected a login result, got {reply:?}");
+    };
+    assert_eq!(
+        resumed.code, "session_replaced",
+        "the replaced resume got in"
+    );
+    // The newest login still holds its place: its heartbeat is answered, no kick came first.
+    let ping = ClientControl {
+        kind: Some(client_control::Kind::Ping(Ping { nonce: 7 })),
+    };
+    write_frame(&mut send, &ping, 4096).await?;
+    let reply: ServerControl = tokio::time::timeout(WAIT, read_required(&mut recv, 4096)).await??;
+    assert!(
+        matches!(reply.kind, Some(server_control::Kind::Pong(_))),
+        "the newest login got {reply:?}"
     );
     Ok(())
 }

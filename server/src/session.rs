@@ -724,7 +724,10 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
             slot.insert(session);
             None
         }
-        Entry::Occupied(_) => Some(session),
+        Entry::Occupied(occupant) => {
+            let seen = (occupant.get().session_id, occupant.get().conn.stable_id());
+            Some((session, seen))
+        }
     };
     let mut in_map = Unconfirmed {
         state,
@@ -760,8 +763,44 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
     };
     let inbox_caught_up_to = match waiting {
         None => confirmed_seq,
-        Some(session) => {
-            let previous = state.sessions().insert(claims.user_id, session);
+        Some((session, mut seen)) => {
+            // Another login of the user may have got into the map while the router confirmed
+            // this one (a takeover from elsewhere, for which the router kicked the session
+            // seen then). Only the router knows which of the two the route belongs to: it is
+            // asked again before the newcomer is replaced, and a refusal refuses this login.
+            let previous = loop {
+                {
+                    let mut sessions = state.sessions();
+                    let newcomer = sessions
+                        .get(&claims.user_id)
+                        .map(|s| (s.session_id, s.conn.stable_id()))
+                        .filter(|&(id, conn)| id != claims.session_id && (id, conn) != seen);
+                    match newcomer {
+                        None => break sessions.insert(claims.user_id, session),
+                        Some(newcomer) => seen = newcomer,
+                    }
+                }
+                match state
+                    .links
+                    .session_opened(claims.user_id, claims.session_id, &state.config.id)
+                    .await
+                {
+                    Ok(result) if result.code.is_empty() => {}
+                    Ok(result) => {
+                        in_map.report = false;
+                        drop(in_map);
+                        let (code, why) = (&result.code, &result.message);
+                        return Err(refuse(conn, &mut send, code, why, close::AUTH).await);
+                    }
+                    Err(e) => {
+                        drop(in_map);
+                        let message = format!("cannot confirm session: {e}");
+                        let refusal =
+                            refuse(conn, &mut send, "unavailable", &message, close::OVERLOAD);
+                        return Err(refusal.await);
+                    }
+                }
+            };
             in_map.armed = true;
             match previous {
                 Some(previous) if previous.session_id != claims.session_id => {
