@@ -57,6 +57,9 @@ const MAX_CONTROL_FRAME: usize = 4 * 1024;
 const MAX_PULL_FRAME: usize = 4 * 1024 * 1024;
 /// Time allowed for the QUIC handshake plus login exchange.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pings after which a pong naming the same dropped deliveries asks for a pull again (a
+/// minute at the default heartbeat).
+const MISSED_REPULL_PINGS: u64 = 12;
 /// Time one send attempt may take before it is retried.
 pub(crate) const SEND_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a held-back delivery waits for the gap before it to fill before pulling.
@@ -1243,6 +1246,12 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
     // Clients that reconnected together (after a server's drain) pull at different moments.
     let idle_pull_phase = rand::random::<u64>() % idle_pull_pings;
     let mut nonce = 0u64;
+    // The highest dropped-delivery mark a pull was asked for, and at which ping. A mark is
+    // pulled for once, and again only after `MISSED_REPULL_PINGS` more (in case that pull
+    // failed): entries behind it that another client of the user got and acked are gone from
+    // the inbox, so this client may never reach the mark, and pulling at every pong would
+    // not help.
+    let mut missed_pulled = (0u64, 0u64);
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     let end = loop {
@@ -1271,7 +1280,12 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                     Some(server_control::Kind::Pong(pong)) => {
                         deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
                         // The server dropped deliveries we have not got by other means: pull.
-                        if pong.missed_up_to > shared.delivered_seq.load(Ordering::Relaxed) {
+                        let (pulled_for, pulled_at) = missed_pulled;
+                        if pong.missed_up_to > shared.delivered_seq.load(Ordering::Relaxed)
+                            && (pong.missed_up_to > pulled_for
+                                || nonce >= pulled_at + MISSED_REPULL_PINGS)
+                        {
+                            missed_pulled = (pong.missed_up_to, nonce);
                             shared.gap.notify_one();
                         }
                     }
