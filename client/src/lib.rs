@@ -533,7 +533,10 @@ impl Shared {
     }
 
     /// Offers deliveries to the reorder buffer and emits what became releasable, in order.
-    /// Returns the sequence number up to which the client has everything.
+    /// Returns the sequence number up to which the application has everything (what the
+    /// client acks): once the application has dropped its [`Events`], that stays where the
+    /// last message it got left it, so what it never got stays in the inbox for the user's
+    /// next client.
     async fn accept_deliveries(
         &self,
         deliveries: Vec<Delivery>,
@@ -554,10 +557,20 @@ impl Shared {
             stats.skipped = inbox.skipped();
         }
         // Emitting under the lock keeps events in sequence order across concurrent streams.
+        let mut handed_over = None;
+        let mut refused = self.events.is_closed();
         for message in ready {
+            let seq = message.seq;
             if self.events.send(Event::Message(message)).await.is_err() {
+                refused = true;
                 break;
             }
+            handed_over = Some(seq);
+        }
+        if refused {
+            let have = handed_over.unwrap_or_else(|| self.delivered_seq.load(Ordering::Relaxed));
+            self.delivered_seq.store(have, Ordering::Relaxed);
+            return have;
         }
         if inbox.has_gap() {
             self.gap.notify_one();
@@ -1400,7 +1413,13 @@ async fn pull_all(shared: &Arc<Shared>) -> Result<(), ClientError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let conn = shared.live_conn(deadline).await?;
-        let after = shared.inbox.lock().await.last();
+        // A pull trims the inbox up to `after`: never past what the application got.
+        let after = {
+            let inbox = shared.inbox.lock().await;
+            inbox
+                .last()
+                .min(shared.delivered_seq.load(Ordering::Relaxed))
+        };
         let request = ClientRequest {
             kind: Some(client_request::Kind::Pull(Pull {
                 after_seq: after,

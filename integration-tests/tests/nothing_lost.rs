@@ -1005,6 +1005,42 @@ async fn a_connection_that_closes_while_its_successor_is_confirmed_leaves_the_ro
     Ok(())
 }
 
+/// Messages that reach a client whose application has dropped its event stream are not
+/// acknowledged: they stay in the inbox, and the user's next client gets them. Before, the
+/// client acked them on arrival, the inbox was trimmed, and no application ever saw them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_no_application_took_stay_for_the_next_client() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let (alice, _alice_events) = cluster.user("alice").await?;
+    let (bob, mut bob_events) = cluster.user("bob").await?;
+    let bob_id = bob.info().user_id;
+    alice.send_private(bob_id, "seen").await?;
+    assert_eq!(next_message(&mut bob_events).await?.body, "seen");
+    drop(bob_events);
+    for i in 0..3 {
+        alice.send_private(bob_id, &format!("unseen {i}")).await?;
+    }
+    // Time for the deliveries, their acks and the server's trim report (every 500 ms).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        bob.last_seq().await,
+        1,
+        "acked past what the application got"
+    );
+    bob.close().await;
+
+    let config = cluster.client_config();
+    let (_bob, mut events) =
+        Client::login(&config, "bob", "password", LoginOptions { takeover: true }).await?;
+    let got: Vec<String> = receive(&mut events, 3, WAIT)
+        .await?
+        .into_iter()
+        .map(|m| m.body)
+        .collect();
+    assert_eq!(got, ["unseen 0", "unseen 1", "unseen 2"]);
+    Ok(())
+}
+
 /// A login that waited for the router while a newer login of the same user got onto the
 /// server does not push that newer one out. Erin's client resumes her login on a second
 /// connection (her first still holds her place on the server, so the resume waits for the
