@@ -581,3 +581,56 @@ async fn an_unreadable_inbox_entry_holds_back_none_after_it() -> anyhow::Result<
     assert_eq!(got, vec![(3, 3)]);
     Ok(())
 }
+
+/// The route scripts read a route key they cannot read (not a string, or not a route) as no
+/// route: a server's renewal restores its sessions' routes over such keys, and one such key
+/// among a server's sessions fails neither the renewal of the others nor a confirm or release.
+/// Before, a key of another type failed its script, and with it the whole renewal pipeline:
+/// every session of that server lost its route when the leases ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_route_fails_no_renewal() -> anyhow::Result<()> {
+    let redis = RedisProc::start().await?;
+    let store = RedisStore::connect(&redis.url()).await?;
+    let lease = Duration::from_secs(30);
+    let mut conn = redis::Client::open(redis.url())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let route_key = |user: u64| format!("cim:{{u{user}}}:route");
+    let (ivan, jack, kate) = (8001, 8002, 8003);
+    let _: () = redis::cmd("SADD")
+        .arg(route_key(ivan))
+        .arg("a set, not a string")
+        .query_async(&mut conn)
+        .await?;
+    let _: () = redis::cmd("SET")
+        .arg(route_key(jack))
+        .arg("not a route")
+        .query_async(&mut conn)
+        .await?;
+    let kate_route = Route {
+        server_id: "server-1".into(),
+        session_id: 3,
+        confirmed: false,
+    };
+    store.claim_route(kate, kate_route, lease, false).await?;
+
+    assert!(!store.confirm_route(ivan, 1, "server-1", lease).await?);
+    assert!(!store.release_route(ivan, 1, Some("server-1")).await?);
+    assert!(!store.release_route(jack, 2, None).await?);
+    let lost = store
+        .renew_routes("server-1", &[(ivan, 1), (jack, 2), (kate, 3)], lease)
+        .await?;
+    assert!(lost.is_empty(), "{lost:?}");
+    let confirmed = |session_id| {
+        Some(Route {
+            server_id: "server-1".into(),
+            session_id,
+            confirmed: true,
+        })
+    };
+    assert_eq!(
+        store.routes(&[ivan, jack, kate]).await?,
+        vec![confirmed(1), confirmed(2), confirmed(3)]
+    );
+    Ok(())
+}

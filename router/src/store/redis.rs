@@ -237,48 +237,76 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return {1, cur or ''}
 ";
 
+/// Lua function of the route scripts below: the route held at KEYS[1], or false for none. A
+/// value that is not a route (of another type, or a string not of the route's form) holds no
+/// session, as for [`CLAIM`]: it reads as none instead of failing the script (and, in a
+/// pipeline, every renewal after it).
+macro_rules! route_function {
+    () => {
+        r"
+local function route()
+  local cur = redis.pcall('GET', KEYS[1])
+  if type(cur) ~= 'string' or not string.match(cur, '^%d+|[01]|') then return false end
+  return cur
+end
+"
+    };
+}
+
 /// Confirms a route if it still belongs to the session on the server.
-const CONFIRM: &str = r"
-local cur = redis.call('GET', KEYS[1])
+const CONFIRM: &str = concat!(
+    route_function!(),
+    r"
+local cur = route()
 if not cur then return 0 end
 local sess, conf, server = string.match(cur, '^(%d+)|(%d)|(.*)$')
 if sess ~= ARGV[1] or server ~= ARGV[2] then return 0 end
 redis.call('SET', KEYS[1], sess .. '|1|' .. server, 'PX', ARGV[3])
 return 1
-";
+"
+);
 
 /// Sets a confirmed route (with a fresh lease) unless another session holds the user or the
 /// session was revoked (logged out, replaced, re-logged in).
 /// KEYS: route, the session's revocation marker. ARGV: session id, route value, lease ms.
 /// Returns 1 if set.
-const RESTORE: &str = r"
+const RESTORE: &str = concat!(
+    route_function!(),
+    r"
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local cur = redis.call('GET', KEYS[1])
+local cur = route()
 if cur and string.match(cur, '^(%d+)|') ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
-";
+"
+);
 
 /// Deletes a route if it belongs to the session (ARGV[1]) and, unless ARGV[2] is empty, to the
 /// server ARGV[2]. Returns the deleted value or ''.
-const RELEASE: &str = r"
-local cur = redis.call('GET', KEYS[1])
+const RELEASE: &str = concat!(
+    route_function!(),
+    r"
+local cur = route()
 if not cur then return '' end
 local session, server = string.match(cur, '^(%d+)|%d|(.*)$')
 if session ~= ARGV[1] then return '' end
 if ARGV[2] ~= '' and server ~= ARGV[2] then return '' end
 redis.call('DEL', KEYS[1])
 return cur
-";
+"
+);
 
 /// Deletes a route if it is on the server. Returns 1 if deleted.
-const REMOVE_IF_SERVER: &str = r"
-local cur = redis.call('GET', KEYS[1])
+const REMOVE_IF_SERVER: &str = concat!(
+    route_function!(),
+    r"
+local cur = route()
 if not cur then return 0 end
 if string.match(cur, '^%d+|%d|(.*)$') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
-";
+"
+);
 
 /// Accounts and routes in Redis.
 pub struct RedisStore {
