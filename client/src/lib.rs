@@ -1081,6 +1081,7 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
     // Set once a re-login got a grant (`true`: by token), even if its connect then failed:
     // the session is a new login from then on, also when it is finally resumed.
     let mut logged_in_again: Option<bool> = None;
+    let mut failures = 0u32;
     loop {
         if shared.stop.is_cancelled() {
             return None;
@@ -1161,7 +1162,16 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
                 resume_failures = 0;
                 resume_timeout = CONNECT_TIMEOUT;
             }
-            Err(e) => tracing::debug!(error = %e, relogin, "reconnect attempt failed"),
+            Err(e) => {
+                // A blip is only worth a debug line; a reconnect that keeps failing is said
+                // at the 4th, 8th, 16th... attempt, where a console (at `warn`) shows it.
+                failures += 1;
+                if failures >= 4 && failures.is_power_of_two() {
+                    tracing::warn!(error = %e, attempts = failures, "still reconnecting");
+                } else {
+                    tracing::debug!(error = %e, relogin, "reconnect attempt failed");
+                }
+            }
         }
         let delay = backoff.next_delay(rand::random());
         tokio::select! {
