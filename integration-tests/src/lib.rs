@@ -112,6 +112,7 @@ impl TestCluster {
             strategy: cim_router::Strategy::RoundRobin,
             heartbeat_interval: Duration::from_millis(300),
             heartbeat_timeout: Duration::from_secs(2),
+            renew_interval: Duration::from_secs(10),
             password_cost: cim_router::password::Cost::default(),
             // Every test client comes from 127.0.0.1 and some send as fast as they can.
             login_limits: cim_router::LoginLimits {

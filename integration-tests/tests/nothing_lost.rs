@@ -636,7 +636,8 @@ async fn a_server_killed_mid_stream_loses_no_acked_message() -> anyhow::Result<(
 ///   after the read: long enough for a message to be stored and pushed in between;
 /// - the next route release (a server's report that a connection closed), before it;
 /// - with `slow_reports` set, every route confirmation and release (a server's reports that a
-///   session opened or closed), before it.
+///   session opened or closed), before it;
+/// - the next route renewal (a server's), once armed, before it.
 struct PausingStore {
     inner: MemoryStore,
     hold: Duration,
@@ -646,6 +647,9 @@ struct PausingStore {
     release_armed: AtomicBool,
     releasing: Notify,
     released: AtomicUsize,
+    renew_armed: AtomicBool,
+    renewing: Notify,
+    renewed: AtomicUsize,
 }
 
 impl PausingStore {
@@ -659,6 +663,9 @@ impl PausingStore {
             release_armed: AtomicBool::new(false),
             releasing: Notify::new(),
             released: AtomicUsize::new(0),
+            renew_armed: AtomicBool::new(false),
+            renewing: Notify::new(),
+            renewed: AtomicUsize::new(0),
         })
     }
 }
@@ -774,7 +781,16 @@ impl Store for PausingStore {
         sessions: &[(u64, u64)],
         lease: Duration,
     ) -> Result<Vec<u64>, StoreError> {
-        self.inner.renew_routes(server_id, sessions, lease).await
+        let held = self.renew_armed.swap(false, Ordering::SeqCst);
+        if held {
+            self.renewing.notify_one();
+            tokio::time::sleep(self.hold).await;
+        }
+        let lost = self.inner.renew_routes(server_id, sessions, lease).await;
+        if held {
+            self.renewed.fetch_add(1, Ordering::SeqCst);
+        }
+        lost
     }
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError> {
         self.inner.remove_server_routes(server_id).await
@@ -1038,6 +1054,39 @@ async fn messages_no_application_took_stay_for_the_next_client() -> anyhow::Resu
         .map(|m| m.body)
         .collect();
     assert_eq!(got, ["unseen 0", "unseen 1", "unseen 2"]);
+    Ok(())
+}
+
+/// A session that closes while its server's route renewal, which listed it, is on its way
+/// stays closed: the close report waits for the renewal's answer. Before, the report could be
+/// taken first (on another router, or another stream of the same one), and the late renewal
+/// put the released route back: the user showed online, and a login without takeover was
+/// refused as already online, until the lease ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_during_a_renewal_is_not_undone_by_it() -> anyhow::Result<()> {
+    let store = PausingStore::new(Duration::from_millis(1000));
+    let cluster = TestCluster::start_on_store(1, store.clone(), |config| {
+        config.renew_interval = Duration::from_millis(200);
+    })
+    .await?;
+    let (fay_id, token) = cluster.http_login("fay").await?;
+    let (conn, result, _send, _recv) = cluster.raw_login(0, &token, false).await?;
+    assert_eq!(result.code, "");
+    store.renew_armed.store(true, Ordering::SeqCst);
+    tokio::time::timeout(WAIT, store.renewing.notified()).await?;
+    // The renewal listing Fay's session is held at the store: her connection ends now.
+    conn.close(0u32.into(), b"gone");
+    eventually(WAIT, || async {
+        (store.renewed.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await?;
+    // Once that renewal is through, her route is gone (and stays gone).
+    eventually(WAIT, || async {
+        let route = store.inner.routes(&[fay_id]).await.ok()?.pop()?;
+        route.is_none().then_some(())
+    })
+    .await?;
+    assert!(!store.inner.online_users().await?.contains(&fay_id));
     Ok(())
 }
 

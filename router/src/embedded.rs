@@ -33,6 +33,8 @@ pub struct EmbeddedConfig {
     pub heartbeat_interval: Duration,
     /// Dead-peer timeout on servers.
     pub heartbeat_timeout: Duration,
+    /// How often servers renew their sessions' routes.
+    pub renew_interval: Duration,
     /// Argon2id cost of new password hashes.
     pub password_cost: crate::password::Cost,
     /// Login attempt limits of the router.
@@ -119,6 +121,7 @@ pub async fn start_with_store(
         );
         server_config.heartbeat_interval = config.heartbeat_interval;
         server_config.heartbeat_timeout = config.heartbeat_timeout;
+        server_config.renew_interval = config.renew_interval;
         server_config.limits = config.server_limits;
         server_config.token_ttl = config.token_ttl;
         server_config.metrics =

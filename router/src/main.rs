@@ -242,6 +242,7 @@ async fn run_embedded(args: &Args) -> anyhow::Result<()> {
         strategy: args.strategy,
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
         heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+        renew_interval: cim_server::ServerConfig::DEFAULT_RENEW_INTERVAL,
         password_cost: password_cost(args),
         login_limits: login_limits(args),
         api_limits: api_limits(args),

@@ -99,6 +99,9 @@ impl Default for Limits {
 }
 
 impl ServerConfig {
+    /// How often open sessions' routes are renewed unless set otherwise.
+    pub const DEFAULT_RENEW_INTERVAL: Duration = Duration::from_secs(10);
+
     /// Defaults for everything but identity, addresses and credentials.
     pub fn new(
         id: impl Into<String>,
@@ -123,7 +126,7 @@ impl ServerConfig {
             heartbeat_timeout: Duration::from_secs(15),
             max_body_bytes: 16 * 1024,
             drain_grace: Duration::from_secs(2),
-            renew_interval: Duration::from_secs(10),
+            renew_interval: Self::DEFAULT_RENEW_INTERVAL,
             limits: Limits::default(),
             metrics: Arc::new(cim_core::metrics::ServerMetrics::unregistered()),
             ops_addr: None,

@@ -117,6 +117,20 @@ pub struct RouterLinks {
     forwards: BatchQueue<Forward, SendAck>,
     opened: BatchQueue<SessionOpened, SessionResult>,
     closed: BatchQueue<SessionClosed, SessionResult>,
+    /// Renewal chunks on their way to a router; close reports wait for them.
+    renewing: AtomicUsize,
+    /// Woken whenever a renewal chunk is answered or given up.
+    renewed: tokio::sync::Notify,
+}
+
+/// A renewal chunk on its way (see [`RouterLinks::renew`]); dropped once answered.
+struct RenewalInFlight<'a>(&'a RouterLinks);
+
+impl Drop for RenewalInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.renewing.fetch_sub(1, Ordering::SeqCst);
+        self.0.renewed.notify_waiters();
+    }
 }
 
 impl RouterLinks {
@@ -217,13 +231,17 @@ impl RouterLinks {
     }
 
     /// Reports a closed session; the router removes its route. Reports made while earlier
-    /// ones are in flight (a logout storm, a drain) leave together.
+    /// ones are in flight (a logout storm, a drain) leave together. A report waits for the
+    /// renewal chunks on their way (at most [`REQUEST_TIMEOUT`]): a chunk that listed the
+    /// session before it closed, answered after this report on another router (or on
+    /// another stream of the same one), would put the released route back for a lease.
     pub async fn session_closed(
         &self,
         user_id: u64,
         session_id: u64,
         server_id: &str,
     ) -> Result<SessionResult, LinkError> {
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT, self.renewals_settled()).await;
         self.closed
             .call(SessionClosed {
                 user_id,
@@ -231,6 +249,19 @@ impl RouterLinks {
                 server_id: server_id.to_string(),
             })
             .await
+    }
+
+    /// Waits until no renewal chunk is on its way.
+    async fn renewals_settled(&self) {
+        loop {
+            let renewed = self.renewed.notified();
+            tokio::pin!(renewed);
+            renewed.as_mut().enable();
+            if self.renewing.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            renewed.await;
+        }
     }
 
     /// Renews the routes of `sessions` through any router (or through `via`), a chunk at a
@@ -246,6 +277,9 @@ impl RouterLinks {
     ) -> Result<Vec<(u64, u64)>, LinkError> {
         let mut lost = Vec::new();
         for chunk in sessions.chunks(RENEW_CHUNK) {
+            // Counted before the sessions are checked: a close after the check waits for it.
+            self.renewing.fetch_add(1, Ordering::SeqCst);
+            let _in_flight = RenewalInFlight(self);
             let chunk: Vec<(u64, u64)> = chunk
                 .iter()
                 .copied()
