@@ -19,7 +19,7 @@ use cim_client::{Client, ClientError, Events, LoginOptions, RouterApi};
 use cim_core::token::{Claims, TokenKey};
 use cim_core::transport::{self, Link};
 use cim_core::{ALPN_INTERNAL, now_ms, tls};
-use cim_integration_tests::{Backend, TestCluster, WAIT, next_message};
+use cim_integration_tests::{Backend, TestCluster, WAIT, eventually, next_message};
 use cim_proto::v1::{
     ChatMessage, ClientControl, ClientRequest, DeliveryBatch, Ping, SendAck, ServerControl,
     ServerRequest, chat_message::Target, client_control, client_request, server_control,
@@ -289,6 +289,72 @@ async fn an_oversized_frame_is_refused_and_the_connection_survives() -> anyhow::
         next_message(&mut scene.bob_events).await?.body,
         "after the big one"
     );
+    scene.still_chatting().await
+}
+
+/// A login that ended by closing (no logout, no takeover: its route is simply gone) ends for
+/// good once the user logs in again. Its token, left behind or stolen, no longer calls the
+/// API, resumes its session, or re-logs in, not even after the newer login has ended. Before,
+/// it did all three, and the older login could take the user back from the newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_login_ends_when_the_user_logs_in_again() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let (ivy, old_token) = scene.http_login("ivy").await?;
+    let (conn, code) = scene.raw_login(&old_token).await?;
+    assert_eq!(code, "");
+    conn.close(0u32.into(), b"app closed");
+    let store = scene.cluster.embedded.store.clone();
+    eventually(WAIT, || async {
+        let route = store.routes(&[ivy]).await.ok()?.pop()?;
+        route.is_none().then_some(())
+    })
+    .await?;
+
+    let api = scene.api();
+    let login = serde_json::json!({"name": "ivy", "password": "password"});
+    let grant: serde_json::Value = api
+        .call(Method::POST, "/api/login", Some(&login), None)
+        .await?;
+    let new_token = grant["token"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("login without a token: {grant}"))?
+        .to_string();
+    let (status, _) = api
+        .raw(
+            Method::GET,
+            "/api/groups",
+            Default::default(),
+            Some(&old_token),
+        )
+        .await?;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the old token still calls the API"
+    );
+    let (_resumed, code) = scene.raw_login(&old_token).await?;
+    assert_ne!(code, "", "the old login resumed");
+
+    let (status, _) = api
+        .raw(
+            Method::POST,
+            "/api/logout",
+            Default::default(),
+            Some(&new_token),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    let (status, reply) = api
+        .raw(
+            Method::POST,
+            "/api/relogin",
+            Default::default(),
+            Some(&old_token),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{reply:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&reply)?;
+    assert_eq!(reply["ended"], "replaced", "{reply}");
     scene.still_chatting().await
 }
 

@@ -254,7 +254,8 @@ async fn route_of(store: &dyn Store, user: u64) -> anyhow::Result<Option<Route>>
 
 /// A re-login's claim ends the token's login in the same step, so it wins once; and it claims
 /// nothing once the route has changed since the token was checked (a password login came in
-/// between) or when the login ended otherwise (logged out, taken over).
+/// between) or when the login ended otherwise (logged out, taken over). Every won claim names
+/// the user's login before it, also one whose route is gone.
 async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Result<()> {
     let lease = Duration::from_secs(30);
     let route = |session_id| Route {
@@ -276,7 +277,8 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
             .claim_route_relogin(gina.id, route(21), lease, &relogin(20, Some(20)))
             .await?,
         Claim::Won {
-            previous: Some(route(20))
+            previous: Some(route(20)),
+            last_login: Some(20)
         }
     );
     assert_eq!(
@@ -307,6 +309,16 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
     }
     assert_eq!(store.revocation(gina.id, 21).await?, None);
     assert_eq!(route_of(store, gina.id).await?, Some(route(23)));
+    // A login whose session closed (its route released) is still the last login: the next
+    // claim names it, so the router can end it.
+    assert!(store.release_route(gina.id, 23, None).await?);
+    assert_eq!(
+        store.claim_route(gina.id, route(25), lease, false).await?,
+        Claim::Won {
+            previous: None,
+            last_login: Some(23)
+        }
+    );
 
     // A user without a route: a re-login checked against none claims it.
     let hank = store.create_account("hank", "hash").await?;
@@ -314,7 +326,10 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
         store
             .claim_route_relogin(hank.id, route(30), lease, &relogin(29, None))
             .await?,
-        Claim::Won { previous: None }
+        Claim::Won {
+            previous: None,
+            last_login: None
+        }
     );
     assert_eq!(
         store.revocation(hank.id, 29).await?,
@@ -540,7 +555,11 @@ async fn an_unreadable_route_fails_neither_a_stored_message_nor_a_login() -> any
             confirmed: false,
         };
         let claim = store.claim_route(user, route.clone(), lease, false).await?;
-        assert_eq!(claim, Claim::Won { previous: None }, "user {user}");
+        let won = Claim::Won {
+            previous: None,
+            last_login: None,
+        };
+        assert_eq!(claim, won, "user {user}");
         assert_eq!(store.routes(&[user]).await?, vec![Some(route)]);
     }
     Ok(())

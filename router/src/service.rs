@@ -641,30 +641,44 @@ impl Service {
                     "it was re-logged in, logged out or replaced meanwhile",
                 ));
             }
-            // A re-login over its token's own route: the claim revoked that login already, as
-            // re-logged in (a retry whose answer was lost must read that, not `replaced`).
             Claim::Won {
-                previous: Some(previous),
-            } if relogin.is_some_and(|r| r.session_id == previous.session_id) => {
-                self.kick_route(account.id, &previous, "logged in again")
-                    .await;
-            }
-            Claim::Won {
-                previous: Some(previous),
+                previous,
+                last_login,
             } => {
-                self.kick_route(account.id, &previous, "logged in elsewhere")
-                    .await;
-                // The replaced login's token must not bring it back once this one ends.
-                self.store
-                    .revoke_session(
-                        account.id,
-                        previous.session_id,
-                        self.revocation_ttl(0),
-                        Revocation::Replaced,
-                    )
-                    .await?;
+                // A re-login's own login was ended by the claim already, as re-logged in (a
+                // retry whose answer was lost must read that, not `replaced`).
+                let own = relogin.map(|r| r.session_id);
+                let mut replaced = Vec::with_capacity(2);
+                if let Some(previous) = previous {
+                    let why = if own == Some(previous.session_id) {
+                        "logged in again"
+                    } else {
+                        replaced.push(previous.session_id);
+                        "logged in elsewhere"
+                    };
+                    self.kick_route(account.id, &previous, why).await;
+                }
+                // The login before this one ends too, even with no route left (its session
+                // closed): else one of its tokens could still call the API, or resume and
+                // take the user back once this login ends.
+                if let Some(last) = last_login
+                    && own != Some(last)
+                    && !replaced.contains(&last)
+                {
+                    replaced.push(last);
+                }
+                // A replaced login's tokens must not bring it back once this one ends.
+                for session_id in replaced {
+                    self.store
+                        .revoke_session(
+                            account.id,
+                            session_id,
+                            self.revocation_ttl(0),
+                            Revocation::Replaced,
+                        )
+                        .await?;
+                }
             }
-            Claim::Won { previous: None } => {}
         }
         let expires_at_ms = now_ms() + self.config.token_ttl.as_millis() as u64;
         let token = self.config.token_key.sign(&Claims {

@@ -43,6 +43,8 @@ struct Inner {
     by_name: HashMap<String, u64>,
     next_id: u64,
     routes: HashMap<u64, Lease>,
+    /// The session of each user's latest login (see [`Claim::Won`]).
+    logins: HashMap<u64, u64>,
     online: BTreeSet<u64>,
     inboxes: HashMap<u64, Inbox>,
     /// msg id -> (user, seq) of every inbox the message was appended to within
@@ -139,6 +141,7 @@ impl Inner {
             return Claim::Busy(existing.clone());
         }
         self.online.remove(&user);
+        let last_login = self.logins.insert(user, route.session_id);
         self.routes.insert(
             user,
             Lease {
@@ -146,7 +149,10 @@ impl Inner {
                 expires: now + pending_lease,
             },
         );
-        Claim::Won { previous }
+        Claim::Won {
+            previous,
+            last_login,
+        }
     }
 
     /// The live route of `user`, dropping it if its lease ran out.
@@ -644,7 +650,10 @@ mod tests {
                 .claim_route(1, route("s1", 10), LEASE, false)
                 .await
                 .unwrap(),
-            Claim::Won { previous: None }
+            Claim::Won {
+                previous: None,
+                last_login: None
+            }
         );
         assert!(matches!(
             store
@@ -656,7 +665,10 @@ mod tests {
         assert!(store.confirm_route(1, 10, "s1", LEASE).await.unwrap());
         assert_eq!(store.online_users().await.unwrap(), vec![1]);
 
-        let Claim::Won { previous } = store
+        let Claim::Won {
+            previous,
+            last_login,
+        } = store
             .claim_route(1, route("s2", 11), LEASE, true)
             .await
             .unwrap()
@@ -664,6 +676,7 @@ mod tests {
             panic!("forced claim must win");
         };
         assert_eq!(previous.unwrap().session_id, 10);
+        assert_eq!(last_login, Some(10));
         // The replaced session can neither confirm nor release the new route.
         assert!(!store.confirm_route(1, 10, "s1", LEASE).await.unwrap());
         assert!(!store.release_route(1, 10, Some("s1")).await.unwrap());
@@ -686,7 +699,11 @@ mod tests {
                 .claim_route(1, route("s1", 11), LEASE, false)
                 .await
                 .unwrap(),
-            Claim::Won { previous: None }
+            Claim::Won {
+                previous: None,
+                last_login: Some(10)
+            },
+            "the lapsed claim's login is still the last one"
         );
     }
 

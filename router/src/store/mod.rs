@@ -147,6 +147,10 @@ pub enum Claim {
     Won {
         /// Route that was overwritten.
         previous: Option<Route>,
+        /// The session of the user's login granted before this one (kept per user, without
+        /// expiry, whether or not its route is still there), if any: a login whose session
+        /// closed left no route, and its tokens must still end now that a newer login began.
+        last_login: Option<u64>,
     },
     /// Another login holds the user and takeover was not requested.
     Busy(Route),

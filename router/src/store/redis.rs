@@ -47,6 +47,9 @@ fn name_key(name: &str) -> String {
 fn account_key(user: u64) -> String {
     format!("cim:{{u{user}}}:account")
 }
+fn login_key(user: u64) -> String {
+    format!("cim:{{u{user}}}:login")
+}
 fn route_key(user: u64) -> String {
     format!("cim:{{u{user}}}:route")
 }
@@ -219,22 +222,27 @@ fn readable_route(user: u64, value: Option<&[u8]>) -> Option<Route> {
 /// Claims a route: refuses if one exists and force is off. Returns {won, previous or ''}. A
 /// value that is not a route (of another type, or not of the route's form) holds no session
 /// and never blocks a claim; it is overwritten (and returned, for the caller to log).
-/// A re-login's claim also gives KEYS[2], the revocation marker of the token's login, with
+/// KEYS[2] records the session of the user's latest login (no expiry): a won claim writes its
+/// own there and returns the one before ('' for none) as its third value.
+/// A re-login's claim also gives KEYS[3], the revocation marker of the token's login, with
 /// ARGV[4] its lifetime in ms and ARGV[5] the session of the route the router checked the
-/// token against ('' for none): it returns {2, ''} without claiming if the login has ended
+/// token against ('' for none): it returns {2, '', ''} without claiming if the login has ended
 /// or the route's session differs, and otherwise ends the login in the same step.
 const CLAIM: &str = r"
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) == 'table' then cur = false end
-if KEYS[2] then
-  if redis.call('EXISTS', KEYS[2]) == 1 then return {2, ''} end
+if KEYS[3] then
+  if redis.call('EXISTS', KEYS[3]) == 1 then return {2, '', ''} end
   local session = cur and string.match(cur, '^(%d+)|[01]|') or ''
-  if session ~= ARGV[5] then return {2, ''} end
-  redis.call('SET', KEYS[2], 'relogin', 'PX', ARGV[4])
+  if session ~= ARGV[5] then return {2, '', ''} end
+  redis.call('SET', KEYS[3], 'relogin', 'PX', ARGV[4])
 end
-if cur and ARGV[3] == '0' and string.match(cur, '^%d+|[01]|') then return {0, cur} end
+if cur and ARGV[3] == '0' and string.match(cur, '^%d+|[01]|') then return {0, cur, ''} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return {1, cur or ''}
+local last = redis.pcall('GET', KEYS[2])
+if type(last) ~= 'string' then last = '' end
+redis.call('SET', KEYS[2], string.match(ARGV[1], '^(%d+)|'))
+return {1, cur or '', last}
 ";
 
 /// Lua function of the route scripts below: the route held at KEYS[1], or false for none. A
@@ -549,6 +557,7 @@ impl RedisStore {
         let mut conn = self.conn();
         let mut invocation = self.claim.key(route_key(user));
         invocation
+            .key(login_key(user))
             .arg(encode_route(&route))
             .arg(pending_lease.as_millis() as u64)
             .arg(if force { "1" } else { "0" });
@@ -563,7 +572,7 @@ impl RedisStore {
                         .unwrap_or_default(),
                 );
         }
-        let (won, previous): (i64, Vec<u8>) = invocation
+        let (won, previous, last_login): (i64, Vec<u8>, String) = invocation
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -593,7 +602,10 @@ impl RedisStore {
             self.leave_online(user).await
         };
         index_kept(indexed.await, user, "claim");
-        Ok(Claim::Won { previous })
+        Ok(Claim::Won {
+            previous,
+            last_login: last_login.parse().ok(),
+        })
     }
 
     /// Drops `user` from the online set, then re-adds it if a confirmed route appeared in the
