@@ -553,6 +553,39 @@ async fn a_request_whose_body_never_ends_is_answered_in_time() -> anyhow::Result
     scene.still_chatting().await
 }
 
+/// One address cannot take every HTTPS place of the router by opening connections and
+/// saying nothing (a TCP connect costs it nothing): past its share (512) new ones are closed at
+/// once, and its places come back when its connections close. Before, the 513th waited out
+/// the handshake timeout like the rest, and 4,096 such connections stopped all logins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_connections_from_one_address_are_capped() -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut scene = Scene::new().await?;
+    let url = scene.cluster.embedded.router_url.clone();
+    let authority = url.trim_start_matches("https://").to_string();
+    let mut held = Vec::new();
+    for _ in 0..512 {
+        held.push(tokio::net::TcpStream::connect(&authority).await?);
+    }
+    let mut extra = tokio::net::TcpStream::connect(&authority).await?;
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection past the address's share was kept: {read:?}"
+    );
+    drop(held);
+    let api = scene.api();
+    eventually(WAIT, || async {
+        api.raw(Method::GET, "/health", Default::default(), None)
+            .await
+            .ok()
+            .filter(|(status, _)| *status == StatusCode::OK)
+    })
+    .await?;
+    scene.still_chatting().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_control_stream_ends_that_session_only() -> anyhow::Result<()> {
     let mut scene = Scene::new().await?;

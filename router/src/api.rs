@@ -40,8 +40,9 @@ use crate::service::{LoginGrant, Sender, Service, ServiceError, limit_key};
 
 /// Largest request body accepted, in bytes.
 pub const MAX_HTTP_BODY: u64 = 64 * 1024;
-/// Largest body read (to refuse it cleanly) before the connection is simply cut.
-const MAX_DRAINED_BODY: u64 = 1024 * 1024;
+/// Largest body read (to refuse it cleanly) before the connection is simply cut: twice the
+/// limit, so the bodies buffered before a request is authenticated stay small.
+const MAX_DRAINED_BODY: u64 = 2 * MAX_HTTP_BODY;
 
 /// An API error: a status and a JSON body with a stable code.
 #[derive(Debug)]

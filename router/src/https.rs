@@ -20,6 +20,67 @@ use warp::reply::Response;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent HTTPS connections accepted before new ones wait.
 const MAX_CONNECTIONS: usize = 4096;
+/// Concurrent HTTPS connections from one address (an IPv6 client's /64); past it new ones are
+/// closed at once, so one host holding connections open (a TCP connect costs it nothing)
+/// cannot take every place. Clients use one short connection per request.
+const MAX_CONNECTIONS_PER_IP: usize = MAX_CONNECTIONS / 8;
+
+/// Open HTTPS connections per address.
+#[derive(Default)]
+struct PerAddress {
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+/// One connection's place in [`PerAddress`]; given back when dropped.
+struct AddressPlace {
+    counts: Arc<PerAddress>,
+    ip: std::net::IpAddr,
+}
+
+impl PerAddress {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place for one more connection from `peer`, unless its address holds its most.
+    fn admit(self: &Arc<Self>, peer: SocketAddr) -> Option<AddressPlace> {
+        let ip = crate::service::limit_key(peer.ip());
+        let mut open = self.lock();
+        let count = open.entry(ip).or_insert(0);
+        if *count >= MAX_CONNECTIONS_PER_IP {
+            drop(open);
+            // Logged at the 1st, 2nd, 4th, 8th... refusal, not at every one.
+            let refused = self
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(%ip, refused, "https connections from one address over the limit; closed");
+            }
+            return None;
+        }
+        *count += 1;
+        Some(AddressPlace {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressPlace {
+    fn drop(&mut self) {
+        let mut open = self.counts.lock();
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// The peer address of an HTTPS request, inserted into request extensions.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +102,7 @@ pub async fn serve<F>(
     let acceptor = TlsAcceptor::from(tls);
     let service = warp::service(filter);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_address = Arc::new(PerAddress::default());
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
@@ -57,13 +119,16 @@ pub async fn serve<F>(
                 }
             },
         };
+        let Some(place) = per_address.admit(peer) else {
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let service = service.clone();
         let shutdown = shutdown.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, place);
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
