@@ -637,7 +637,8 @@ async fn a_server_killed_mid_stream_loses_no_acked_message() -> anyhow::Result<(
 /// - the next route release (a server's report that a connection closed), before it;
 /// - with `slow_reports` set, every route confirmation and release (a server's reports that a
 ///   session opened or closed), before it;
-/// - the next route renewal (a server's), once armed, before it.
+/// - the next route renewal (a server's), once armed, before it;
+/// - with `slow_reports` set, every scan of the online users, before it (and it counts them).
 struct PausingStore {
     inner: MemoryStore,
     hold: Duration,
@@ -650,6 +651,7 @@ struct PausingStore {
     renew_armed: AtomicBool,
     renewing: Notify,
     renewed: AtomicUsize,
+    online_scans: AtomicUsize,
 }
 
 impl PausingStore {
@@ -666,6 +668,7 @@ impl PausingStore {
             renew_armed: AtomicBool::new(false),
             renewing: Notify::new(),
             renewed: AtomicUsize::new(0),
+            online_scans: AtomicUsize::new(0),
         })
     }
 }
@@ -773,6 +776,10 @@ impl Store for PausingStore {
         self.inner.routes(users).await
     }
     async fn online_users(&self) -> Result<Vec<u64>, StoreError> {
+        self.online_scans.fetch_add(1, Ordering::SeqCst);
+        if self.slow_reports.load(Ordering::SeqCst) {
+            tokio::time::sleep(self.hold).await;
+        }
         self.inner.online_users().await
     }
     async fn renew_routes(
@@ -1087,6 +1094,32 @@ async fn a_close_during_a_renewal_is_not_undone_by_it() -> anyhow::Result<()> {
     })
     .await?;
     assert!(!store.inner.online_users().await?.contains(&fay_id));
+    Ok(())
+}
+
+/// Listings of the online users that come in together share scans of the store (each reads
+/// a route and an account per online user): twenty at once cost two scans, not twenty, and
+/// each still sees everyone who was online when it was asked. Before, each listing (and each
+/// unauthenticated readiness probe) ran its own scan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_listings_asked_together_share_a_scan() -> anyhow::Result<()> {
+    let (store, cluster) = paused_cluster(Duration::from_millis(500)).await?;
+    let (_alice, _a) = cluster.user("alice").await?;
+    let (bob, _b) = cluster.user("bob").await?;
+    store.slow_reports.store(true, Ordering::SeqCst);
+    let before = store.online_scans.load(Ordering::SeqCst);
+    let bob = Arc::new(bob);
+    let mut listings = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let bob = bob.clone();
+        listings.spawn(async move { bob.online_users("").await });
+    }
+    while let Some(listing) = listings.join_next().await {
+        let names: Vec<String> = listing??.into_iter().map(|u| u.name).collect();
+        assert_eq!(names, ["alice", "bob"]);
+    }
+    let scans = store.online_scans.load(Ordering::SeqCst) - before;
+    assert!(scans <= 2, "{scans} scans for 20 listings");
     Ok(())
 }
 

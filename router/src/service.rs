@@ -258,6 +258,27 @@ pub struct Service {
     pub(crate) ids: Arc<IdGenerator>,
     /// Presence announcements waiting for [`crate::presence::run`]'s workers.
     pub(crate) presence: PresenceQueue,
+    /// The latest scan of the online users (see [`Service::online_scan`]).
+    online_scans: OnlineScans,
+}
+
+/// Scans of the online users, one at a time (see [`Service::online_scan`]).
+#[derive(Default)]
+struct OnlineScans {
+    /// Calls made so far.
+    requested: std::sync::atomic::AtomicU64,
+    /// The latest scan; held while a scan runs.
+    last: tokio::sync::Mutex<Option<OnlineScan>>,
+}
+
+/// One scan of the online users.
+struct OnlineScan {
+    /// The calls made before it began, all answered by it.
+    covers: u64,
+    /// When it ended.
+    at: Instant,
+    /// The online users' accounts, sorted by name.
+    accounts: Arc<Vec<Account>>,
 }
 
 impl Service {
@@ -280,6 +301,7 @@ impl Service {
             selector: Selector::new(config.strategy),
             ids: Arc::new(IdGenerator::unassigned()),
             presence: PresenceQueue::default(),
+            online_scans: OnlineScans::default(),
             config,
             store,
             servers,
@@ -735,10 +757,45 @@ impl Service {
 
     /// Online users, sorted by name, optionally only those whose name starts with `prefix`.
     pub async fn online_users(&self, prefix: &str) -> Result<Vec<Account>, ServiceError> {
+        let online = self.online_scan(Duration::ZERO).await?;
+        Ok(online
+            .iter()
+            .filter(|a| a.name.starts_with(prefix))
+            .cloned()
+            .collect())
+    }
+
+    /// The online users' accounts, sorted by name, from a scan of the store that began after
+    /// this call did, or that ended at most `max_age` ago. Scans run one at a time, and every
+    /// call that came in while one ran shares the next: a scan reads a route and an account per
+    /// online user, so callers arriving together (a flood of listings or readiness probes)
+    /// cost the store one scan at a time instead of one each.
+    async fn online_scan(&self, max_age: Duration) -> Result<Arc<Vec<Account>>, ServiceError> {
+        let ticket = self
+            .online_scans
+            .requested
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let mut last = self.online_scans.last.lock().await;
+        if let Some(scan) = last.as_ref()
+            && (scan.covers >= ticket || scan.at.elapsed() <= max_age)
+        {
+            return Ok(scan.accounts.clone());
+        }
+        // Every call that came in so far is answered by this scan.
+        let covers = self
+            .online_scans
+            .requested
+            .load(std::sync::atomic::Ordering::SeqCst);
         let ids = self.store.online_users().await?;
         let mut accounts = self.store.accounts_by_id(&ids).await?;
-        accounts.retain(|a| a.name.starts_with(prefix));
         accounts.sort_by(|a, b| a.name.cmp(&b.name));
+        let accounts = Arc::new(accounts);
+        *last = Some(OnlineScan {
+            covers,
+            at: Instant::now(),
+            accounts: accounts.clone(),
+        });
         Ok(accounts)
     }
 
@@ -1186,9 +1243,9 @@ impl Service {
 
     /// Whether the router can serve: the store answers and at least one server is linked.
     pub async fn ready(&self) -> Result<(), String> {
+        // A scan at most a second old answers for the store: probes need no fresher one.
         let online = self
-            .store
-            .online_users()
+            .online_scan(Duration::from_secs(1))
             .await
             .map_err(|e| format!("store: {e}"))?;
         self.config.metrics.online_users.set(online.len() as i64);
