@@ -41,7 +41,13 @@ struct TokenQuery {
 }
 
 fn authorized(service: &Service, query: &TokenQuery, header: Option<&str>) -> bool {
-    let Some(expected) = service.config.admin_token.as_deref() else {
+    // An empty token (a library caller's mistake; the binary refuses one) opens nothing.
+    let Some(expected) = service
+        .config
+        .admin_token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+    else {
         return false;
     };
     let given = query

@@ -119,13 +119,28 @@ struct Args {
     /// /api/relogin`) until it expires. Keep the servers' --token-ttl-secs equal.
     #[arg(long, env = "CIM_TOKEN_TTL_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(2..=86_400))]
     token_ttl_secs: u64,
-    /// Credential for the admin page at /admin (embedded mode: a random one if not given).
-    #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true)]
+    /// Credential for the admin page at /admin, at least 16 characters (embedded mode: a
+    /// random one if not given).
+    #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true, value_parser = admin_token)]
     admin_token: Option<String>,
     /// Log format: text or json.
     #[arg(long, env = "CIM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
 }
+
+/// Parses `--admin-token`: an empty or short one (an unset variable in a deployment template
+/// reads as empty) would open the admin page to anyone, or to a quick guess.
+fn admin_token(token: &str) -> Result<String, String> {
+    if token.len() < MIN_ADMIN_TOKEN {
+        return Err(format!(
+            "the admin token must be at least {MIN_ADMIN_TOKEN} characters (leave it out to turn the admin page off)"
+        ));
+    }
+    Ok(token.to_string())
+}
+
+/// Shortest admin token accepted.
+const MIN_ADMIN_TOKEN: usize = 16;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -284,4 +299,23 @@ async fn run_embedded(args: &Args) -> anyhow::Result<()> {
     shutdown.cancel();
     cluster.wait().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Args;
+
+    #[test]
+    fn an_empty_or_short_admin_token_is_refused() {
+        let parse = |token: &str| Args::try_parse_from(["cim-router", "--admin-token", token]);
+        assert!(
+            parse("").is_err(),
+            "an empty token would open the admin page"
+        );
+        assert!(parse("short").is_err());
+        let args = parse("sixteen-chars-ok").expect("a long enough token");
+        assert_eq!(args.admin_token.as_deref(), Some("sixteen-chars-ok"));
+    }
 }
