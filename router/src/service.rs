@@ -260,6 +260,8 @@ pub struct Service {
     pub(crate) presence: PresenceQueue,
     /// The latest scan of the online users (see [`Service::online_scan`]).
     online_scans: OnlineScans,
+    /// Checked against for unknown names (see [`Service::stand_in_hash`]).
+    stand_in_hash: std::sync::OnceLock<String>,
 }
 
 /// Scans of the online users, one at a time (see [`Service::online_scan`]).
@@ -302,6 +304,7 @@ impl Service {
             ids: Arc::new(IdGenerator::unassigned()),
             presence: PresenceQueue::default(),
             online_scans: OnlineScans::default(),
+            stand_in_hash: std::sync::OnceLock::new(),
             config,
             store,
             servers,
@@ -593,21 +596,39 @@ impl Service {
         if name.len() > MAX_LOGIN_NAME || password.len() > 256 {
             return Err(ServiceError::InvalidCredentials);
         }
-        let account = self
-            .store
-            .account_by_name(name)
-            .await?
-            .ok_or(ServiceError::InvalidCredentials)?;
-        let stored = account.password_hash.clone();
+        let account = self.store.account_by_name(name).await?;
+        // An unknown name is checked against a stand-in hash of the same cost, so it takes as
+        // long (and queues, or is answered `busy`, the same) as a wrong password: the answer's
+        // timing does not tell which names exist.
+        let stored = match &account {
+            Some(account) => account.password_hash.clone(),
+            None => self.stand_in_hash().await?,
+        };
         let password = password.to_string();
         let ok = self
             .password_work
             .run(move || password::verify(&password, &stored))
             .await?;
-        if !ok {
-            return Err(ServiceError::InvalidCredentials);
+        match account {
+            Some(account) if ok => Ok(account),
+            _ => Err(ServiceError::InvalidCredentials),
         }
-        Ok(account)
+    }
+
+    /// A hash at the configured cost that no password matches in practice (of 32 random
+    /// bytes), made once.
+    async fn stand_in_hash(&self) -> Result<String, ServiceError> {
+        if let Some(hash) = self.stand_in_hash.get() {
+            return Ok(hash.clone());
+        }
+        let cost = self.config.password_cost;
+        let secret = format!("{:032x}", rand::random::<u128>());
+        let hash = self
+            .password_work
+            .run(move || password::hash(&secret, cost))
+            .await?
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        Ok(self.stand_in_hash.get_or_init(|| hash).clone())
     }
 
     /// Claims the route of a verified account and picks its server; a token re-login's claim
@@ -1344,5 +1365,57 @@ mod tests {
         assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
         assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
         assert_eq!(key("::ffff:198.51.100.4"), "198.51.100.4");
+    }
+
+    /// A service on the memory store, with no servers and a cheap password cost.
+    fn service() -> Service {
+        let mut config = RouterConfig::new(
+            "router-test",
+            "127.0.0.1:0".parse().unwrap(),
+            "unused.pem".into(),
+            "unused.key".into(),
+            "unused-ca.pem".into(),
+            cim_core::token::TokenKey::new(&[7; 32]),
+        );
+        config.password_cost = password::Cost {
+            memory_kib: 64,
+            iterations: 1,
+        };
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (_, servers) = watch::channel(Arc::new(Vec::new()));
+        Service::new(
+            Arc::new(config),
+            Arc::new(crate::store::MemoryStore::new()),
+            servers,
+            Arc::new(ServerLinks::new(endpoint)),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_unknown_name_costs_a_password_check_like_a_wrong_password() {
+        let service = service();
+        service
+            .register("known", "right password", None)
+            .await
+            .unwrap();
+        let wrong = service.check_credentials("known", "wrong password").await;
+        assert!(matches!(wrong, Err(ServiceError::InvalidCredentials)));
+        assert!(service.stand_in_hash.get().is_none());
+        let unknown = service.check_credentials("nobody", "any password").await;
+        assert!(matches!(unknown, Err(ServiceError::InvalidCredentials)));
+        let stand_in = service
+            .stand_in_hash
+            .get()
+            .expect("checked against a stand-in hash");
+        assert!(
+            stand_in.starts_with("$argon2id$v=19$m=64,t=1"),
+            "{stand_in}"
+        );
+        assert!(
+            service
+                .check_credentials("known", "right password")
+                .await
+                .is_ok()
+        );
     }
 }
