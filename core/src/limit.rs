@@ -41,7 +41,9 @@ impl TokenBucket {
 
 /// Counts events per key in fixed windows (e.g. failed logins per user per minute). Memory is
 /// bounded: when more than `max_keys` keys are tracked, expired windows are dropped, and if
-/// that is not enough the oldest windows go.
+/// that is not enough the half with the fewest events goes (the oldest first among equal
+/// counts): a flood of new keys, one event each, cannot push out a key near its limit (a
+/// user a password guesser has nearly locked) to reset its count.
 #[derive(Debug)]
 pub struct WindowCounter<K> {
     window: Duration,
@@ -99,10 +101,10 @@ impl<K: Hash + Eq + Clone> WindowCounter<K> {
         self.counts
             .retain(|_, (_, start)| now.saturating_duration_since(*start) < window);
         if self.counts.len() >= self.max_keys {
-            let mut starts: Vec<Instant> = self.counts.values().map(|(_, s)| *s).collect();
-            starts.sort_unstable();
-            let cutoff = starts[starts.len() / 2];
-            self.counts.retain(|_, (_, start)| *start > cutoff);
+            let mut weights: Vec<(u32, Instant)> = self.counts.values().copied().collect();
+            weights.sort_unstable();
+            let cutoff = weights[weights.len() / 2];
+            self.counts.retain(|_, weight| *weight > cutoff);
         }
     }
 }
@@ -152,6 +154,21 @@ mod tests {
         assert_eq!(c.hit("alice", t0 + Duration::from_secs(61)), 1);
         c.reset(&"alice");
         assert_eq!(c.count(&"alice", t0 + Duration::from_secs(61)), 0);
+    }
+
+    #[test]
+    fn a_flood_of_new_keys_does_not_reset_a_busy_one() {
+        let t0 = Instant::now();
+        let mut c = WindowCounter::new(Duration::from_secs(60), 100);
+        let target = "target".to_string();
+        for _ in 0..4 {
+            c.hit(target.clone(), t0);
+        }
+        for i in 0..10_000u32 {
+            c.hit(i.to_string(), t0 + Duration::from_millis(1));
+        }
+        assert_eq!(c.count(&target, t0 + Duration::from_secs(1)), 4);
+        assert!(c.counts.len() <= 101, "{}", c.counts.len());
     }
 
     #[test]
