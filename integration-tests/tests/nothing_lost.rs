@@ -638,7 +638,8 @@ async fn a_server_killed_mid_stream_loses_no_acked_message() -> anyhow::Result<(
 /// - with `slow_reports` set, every route confirmation and release (a server's reports that a
 ///   session opened or closed), before it;
 /// - the next route renewal (a server's), once armed, before it;
-/// - with `slow_reports` set, every scan of the online users, before it (and it counts them).
+/// - with `slow_reports` set, every scan of the online users, before it (and it counts them);
+/// - the next `route_reads_held` route reads, after them.
 struct PausingStore {
     inner: MemoryStore,
     hold: Duration,
@@ -652,6 +653,7 @@ struct PausingStore {
     renewing: Notify,
     renewed: AtomicUsize,
     online_scans: AtomicUsize,
+    route_reads_held: AtomicUsize,
 }
 
 impl PausingStore {
@@ -669,6 +671,7 @@ impl PausingStore {
             renewing: Notify::new(),
             renewed: AtomicUsize::new(0),
             online_scans: AtomicUsize::new(0),
+            route_reads_held: AtomicUsize::new(0),
         })
     }
 }
@@ -773,7 +776,14 @@ impl Store for PausingStore {
         released
     }
     async fn routes(&self, users: &[u64]) -> Result<Vec<Option<Route>>, StoreError> {
-        self.inner.routes(users).await
+        let routes = self.inner.routes(users).await?;
+        let held = self
+            .route_reads_held
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if held.is_ok() {
+            tokio::time::sleep(self.hold).await;
+        }
+        Ok(routes)
     }
     async fn online_users(&self) -> Result<Vec<u64>, StoreError> {
         self.online_scans.fetch_add(1, Ordering::SeqCst);
@@ -1120,6 +1130,36 @@ async fn online_listings_asked_together_share_a_scan() -> anyhow::Result<()> {
     }
     let scans = store.online_scans.load(Ordering::SeqCst) - before;
     assert!(scans <= 2, "{scans} scans for 20 listings");
+    Ok(())
+}
+
+/// Of two logins without takeover that both find the user's route on a server that is gone,
+/// one wins and the other is refused as already online, as if the route were not there.
+/// Before, both replaced the route by force, and the second kicked the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_logins_over_a_departed_servers_route_do_not_both_win() -> anyhow::Result<()> {
+    let (store, cluster) = paused_cluster(Duration::from_millis(400)).await?;
+    let config = cluster.client_config();
+    let zed = cim_client::register(&config, "zed", "password").await?;
+    let gone = Route {
+        server_id: "server-gone".into(),
+        session_id: 5,
+        confirmed: false,
+    };
+    let claim = store
+        .inner
+        .claim_route(zed, gone, Duration::from_secs(30), false)
+        .await?;
+    assert!(matches!(claim, Claim::Won { .. }));
+    // Both logins read that route before either claims.
+    store.route_reads_held.store(2, Ordering::SeqCst);
+    let api = cim_client::RouterApi::new(&config)?;
+    let body = serde_json::json!({"name": "zed", "password": "password"}).to_string();
+    let login = || api.raw(http::Method::POST, "/api/login", body.clone().into(), None);
+    let (first, second) = tokio::join!(login(), login());
+    let mut statuses = [first?.0.as_u16(), second?.0.as_u16()];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 409], "exactly one login wins");
     Ok(())
 }
 

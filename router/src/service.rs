@@ -641,15 +641,23 @@ impl Service {
     ) -> Result<LoginGrant, ServiceError> {
         let live = self.usable_servers();
         // A takeover (and a re-login) replaces whatever holds the route, so only a login
-        // without one reads it: another login on a live server refuses it, a route to a server
-        // that is gone is replaced.
+        // without one reads it: another login on a live server refuses it. A route to a server
+        // that is gone holds no one: it is released (if it is still that one) and the route
+        // claimed like a free one, so of two logins that both found it one wins and the other
+        // is refused as already online. Its login ends as the one before this (the claim
+        // names it).
         let force = takeover || {
             let current = self.store.routes(&[account.id]).await?.pop().flatten();
             match current {
                 Some(r) if live.iter().any(|s| s.id == r.server_id) => {
                     return Err(ServiceError::AlreadyOnline);
                 }
-                Some(_) => true,
+                Some(r) => {
+                    self.store
+                        .release_route(account.id, r.session_id, Some(&r.server_id))
+                        .await?;
+                    false
+                }
                 None => false,
             }
         };
