@@ -39,6 +39,20 @@ impl TokenBucket {
     }
 }
 
+/// The address a client is counted under by per-address limits (router and server alike): an
+/// IPv6 client counts under its /64 (one host commonly holds a whole /64 and could rotate
+/// through it), an IPv4-mapped one under its IPv4 address.
+pub fn address_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
 /// Counts events per key in fixed windows (e.g. failed logins per user per minute). Memory is
 /// bounded: when more than `max_keys` keys are tracked, expired windows are dropped, and if
 /// that is not enough the half with the fewest events goes (the oldest first among equal

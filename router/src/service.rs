@@ -1299,17 +1299,10 @@ fn shard(group: &str) -> usize {
     (hash % GROUP_LOCKS as u64) as usize
 }
 
-/// The address a client is counted under by the per-address limits: an IPv6 client counts
-/// under its /64 (one host commonly holds a whole /64 and could rotate through it), an
-/// IPv4-mapped one under its IPv4 address.
+/// The address a client is counted under by the per-address limits (see
+/// [`cim_core::limit::address_key`]).
 pub fn limit_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
-        },
-    }
+    cim_core::limit::address_key(ip)
 }
 
 /// Longest name a login is checked for (registration allows 32 bytes).

@@ -488,7 +488,8 @@ pub(crate) async fn accept_clients(
             continue;
         }
         let peer = incoming.remote_address();
-        let mut guard = match state.admit(peer.ip(), incoming.remote_address_validated()) {
+        let address = cim_core::limit::address_key(peer.ip());
+        let mut guard = match state.admit(address, incoming.remote_address_validated()) {
             Ok(Admission::Admitted(guard)) => guard,
             Ok(Admission::ValidateFirst) => {
                 state.config.metrics.retried_connections.inc();
@@ -511,12 +512,17 @@ pub(crate) async fn accept_clients(
         let incoming = Box::new(incoming);
         tracker.spawn(
             async move {
-                match (*incoming).await {
-                    Ok(conn) => {
+                // One deadline from the first packet to the login result: quinn restarts its
+                // idle timer on every packet, so a client that keeps a handshake going (or
+                // never logs in) would otherwise hold its place for good.
+                let deadline = tokio::time::Instant::now() + LOGIN_TIMEOUT;
+                match tokio::time::timeout_at(deadline, *incoming).await {
+                    Ok(Ok(conn)) => {
                         guard.handshake_done();
-                        handle_client(conn, state).await;
+                        handle_client(conn, state, deadline).await;
                     }
-                    Err(e) => tracing::debug!(error = %e, "handshake failed"),
+                    Ok(Err(e)) => tracing::debug!(error = %e, "handshake failed"),
+                    Err(_) => tracing::debug!("handshake not done in time"),
                 }
             }
             .instrument(tracing::debug_span!("client", %peer)),
@@ -534,10 +540,11 @@ struct Authenticated {
     token_renewal: bool,
 }
 
-async fn handle_client(conn: quinn::Connection, state: Arc<State>) {
+/// Serves one client connection: its login (done by `deadline`), then its session.
+async fn handle_client(conn: quinn::Connection, state: Arc<State>, deadline: tokio::time::Instant) {
     // Boxed, so its state (about 1.2 KB) is freed once the login is done rather than kept
     // in the session task's memory.
-    let login = tokio::time::timeout(LOGIN_TIMEOUT, Box::pin(login(&conn, &state))).await;
+    let login = tokio::time::timeout_at(deadline, Box::pin(login(&conn, &state))).await;
     let (auth, send, recv, control_rx, outbox) = match login {
         Ok(Ok(ok)) => ok,
         Ok(Err(reason)) => {
