@@ -27,11 +27,18 @@ impl TokenBucket {
 
     /// Takes one token if available.
     pub fn try_take(&mut self, now: Instant) -> bool {
+        self.try_take_n(1, now)
+    }
+
+    /// Takes `n` tokens if that many are available (a costlier request); at most the whole
+    /// capacity is asked for.
+    pub fn try_take_n(&mut self, n: u32, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let n = f64::from(n).min(self.capacity);
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false

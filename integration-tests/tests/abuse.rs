@@ -21,9 +21,9 @@ use cim_core::transport::{self, Link};
 use cim_core::{ALPN_INTERNAL, now_ms, tls};
 use cim_integration_tests::{Backend, TestCluster, WAIT, eventually, next_message};
 use cim_proto::v1::{
-    ChatMessage, ClientControl, ClientRequest, DeliveryBatch, Ping, SendAck, ServerControl,
-    ServerRequest, chat_message::Target, client_control, client_request, server_control,
-    server_request,
+    ChatMessage, ClientControl, ClientRequest, DeliveryBatch, Ping, Pull, PullResult, SendAck,
+    ServerControl, ServerRequest, chat_message::Target, client_control, client_request,
+    server_control, server_request,
 };
 use cim_proto::{ProstMessage, read_frame, read_required, write_frame};
 use http::{Method, StatusCode};
@@ -1060,6 +1060,55 @@ async fn registration_and_api_floods_are_limited() -> anyhow::Result<()> {
         .await?;
     assert_eq!(status, StatusCode::OK, "{reply:?}");
     Ok(())
+}
+
+/// Broadcasts to everyone online, pulls and group requests count against a session's message
+/// rate: a broadcast (stored in every online inbox) as 50 sends, the others as one each.
+/// Before, a session could broadcast at the full message rate, and pull or list groups with
+/// no limit at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcasts_and_pulls_count_against_the_message_rate() -> anyhow::Result<()> {
+    let mut scene = Scene::with(|c| {
+        c.server_limits.messages_per_sec = 20;
+        c.server_limits.message_burst = 100;
+    })
+    .await?;
+    // A broadcast takes 50 of the 100 in the bucket: two go, the third waits for the refill.
+    let mut broadcast = Vec::new();
+    for i in 0..3 {
+        match scene.alice.send_group("all", &format!("to all {i}")).await {
+            Ok(_) => broadcast.push(format!("to all {i}")),
+            Err(e) if e.code() == Some("rate_limited") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    assert_eq!(broadcast.len(), 2, "{broadcast:?}");
+    for body in &broadcast {
+        assert_eq!(&next_message(&mut scene.bob_events).await?.body, body);
+    }
+
+    let (conn, _control, _control_recv) = scene.raw_user_session().await?;
+    let pull = ClientRequest {
+        kind: Some(client_request::Kind::Pull(Pull {
+            after_seq: 0,
+            limit: 10,
+        })),
+    };
+    let mut limited = 0;
+    for _ in 0..150 {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_frame(&mut send, &pull, 4096).await?;
+        send.finish()?;
+        let reply: PullResult =
+            tokio::time::timeout(WAIT, read_required(&mut recv, 1 << 22)).await??;
+        match reply.code.as_str() {
+            "" => {}
+            "rate_limited" => limited += 1,
+            other => anyhow::bail!("unexpected pull answer {other}: {}", reply.message),
+        }
+    }
+    assert!(limited > 0, "no pull was throttled");
+    scene.still_chatting().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

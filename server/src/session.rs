@@ -1150,14 +1150,15 @@ struct RateGate<'a> {
 }
 
 impl RateGate<'_> {
-    /// Whether this send may go ahead. Past the flood cap the connection is closed.
-    fn admit(&self) -> bool {
+    /// Whether a request costing `cost` sends may go ahead. Past the flood cap the connection
+    /// is closed.
+    fn admit(&self, cost: u32) -> bool {
         use std::sync::atomic::Ordering;
         let ok = self
             .bucket
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .try_take(std::time::Instant::now());
+            .try_take_n(cost, std::time::Instant::now());
         if ok {
             self.refused.store(0, Ordering::Relaxed);
             return true;
@@ -1169,6 +1170,20 @@ impl RateGate<'_> {
                 .close(close::code(close::OVERLOAD), b"message rate limit exceeded");
         }
         false
+    }
+}
+
+/// What a broadcast to everyone online costs against the sender's message rate: it is stored
+/// in every online user's inbox and pushed to every server, so at the default 200 a second a
+/// session broadcasts at most 4 a second (burst 8).
+const BROADCAST_COST: u32 = 50;
+
+/// What `message` costs against its sender's message rate: one send, or
+/// [`BROADCAST_COST`] for a broadcast.
+fn send_cost(message: &ChatMessage) -> u32 {
+    match &message.target {
+        Some(cim_proto::v1::chat_message::Target::Group(g)) if g == "all" => BROADCAST_COST,
+        _ => 1,
     }
 }
 
@@ -1219,6 +1234,14 @@ async fn handle_message(
             return send_messages(send, recv, message, &from, state).await;
         }
         Some(client_request::Kind::Pull(pull)) => {
+            if !gate.admit(1) {
+                let reply = PullResult {
+                    code: "rate_limited".into(),
+                    message: "too many requests; slow down".into(),
+                    ..Default::default()
+                };
+                return write_reply(&mut send, &reply).await;
+            }
             let _turn = fetches.acquire().await;
             let limit = pull.limit.clamp(1, MAX_PULL);
             let reply = match state.links.fetch(from_user, pull.after_seq, limit).await {
@@ -1232,6 +1255,14 @@ async fn handle_message(
             write_reply(&mut send, &reply).await?;
         }
         Some(client_request::Kind::Group(request)) => {
+            if !gate.admit(1) {
+                let reply = GroupResult {
+                    code: "rate_limited".into(),
+                    message: "too many requests; slow down".into(),
+                    ..Default::default()
+                };
+                return write_reply(&mut send, &reply).await;
+            }
             let _turn = fetches.acquire().await;
             let reply = match state.links.group(from_user, request).await {
                 Ok(reply) => reply,
@@ -1280,7 +1311,7 @@ async fn send_messages(
 ) -> Result<(), MessageError> {
     let max_frame = state.config.max_body_bytes + 256;
     let store = |message: ChatMessage| async move {
-        if !from.gate.admit() {
+        if !from.gate.admit(send_cost(&message)) {
             state.config.metrics.rate_limited.inc();
             return refused(
                 message.client_msg_id,
