@@ -1062,6 +1062,37 @@ async fn registration_and_api_floods_are_limited() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A message stream whose frame never arrives in full (a length, then nothing) is reset
+/// after the server's frame timeout (10 s), freeing the frame's buffer and its task. Before,
+/// it stayed open for as long as the session's heartbeats kept it alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_that_never_arrives_in_full_is_given_up() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let (conn, mut control, mut control_recv) = scene.raw_user_session().await?;
+    // The session stays alive: it pings, and reads the pongs.
+    let heartbeat = tokio::spawn(async move {
+        for nonce in 0.. {
+            let ping = ClientControl {
+                kind: Some(client_control::Kind::Ping(Ping { nonce })),
+            };
+            write_frame(&mut control, &ping, 4096).await?;
+            let _: ServerControl = read_required(&mut control_recv, 4096).await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        anyhow::Ok(())
+    });
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&16_000u32.to_be_bytes()).await?;
+    let read = tokio::time::timeout(Duration::from_secs(20), recv.read_to_end(1024)).await;
+    match read {
+        Ok(Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(_)))) => {}
+        other => anyhow::bail!("the half-written stream was not reset: {other:?}"),
+    }
+    assert!(conn.close_reason().is_none(), "the session itself ended");
+    heartbeat.abort();
+    scene.still_chatting().await
+}
+
 /// Broadcasts to everyone online, pulls and group requests count against a session's message
 /// rate: a broadcast (stored in every online inbox) as 50 sends, the others as one each.
 /// Before, a session could broadcast at the full message rate, and pull or list groups with

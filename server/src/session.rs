@@ -954,6 +954,7 @@ async fn renew_if_due(
 fn frame_stream<M>(
     recv: quinn::RecvStream,
     max_frame: usize,
+    frame_timeout: Option<Duration>,
 ) -> std::pin::Pin<Box<impl futures_util::Stream<Item = Result<Option<M>, FrameError>>>>
 where
     M: cim_proto::ProstMessage + Default,
@@ -961,7 +962,13 @@ where
     Box::pin(
         futures_util::stream::unfold(Some(recv), move |recv| async move {
             let mut recv = recv?;
-            let frame = read_frame::<M, _>(&mut recv, max_frame).await;
+            let read = read_frame::<M, _>(&mut recv, max_frame);
+            let frame = match frame_timeout {
+                Some(limit) => tokio::time::timeout(limit, read)
+                    .await
+                    .unwrap_or_else(|_| Err(frame_timed_out())),
+                None => read.await,
+            };
             let more = matches!(frame, Ok(Some(_)));
             Some((frame, more.then_some(recv)))
         })
@@ -993,7 +1000,7 @@ async fn control_loop(
     {
         return;
     }
-    let mut frames = frame_stream::<ClientControl>(recv, MAX_CONTROL_FRAME);
+    let mut frames = frame_stream::<ClientControl>(recv, MAX_CONTROL_FRAME, None);
     let timeout = state.config.heartbeat_timeout;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
@@ -1173,6 +1180,19 @@ impl RateGate<'_> {
     }
 }
 
+/// Time a client has for each frame on a message stream, the first counted from the stream's
+/// opening: a stream left half-written would otherwise hold its frame's buffer (allocated
+/// when the length arrives) and a task for as long as the session lives.
+const MESSAGE_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The error of a frame that did not arrive in time (the stream is then reset).
+fn frame_timed_out() -> FrameError {
+    FrameError::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "frame not received in time",
+    ))
+}
+
 /// What a broadcast to everyone online costs against the sender's message rate: it is stored
 /// in every online user's inbox and pushed to every server, so at the default 200 a second a
 /// session broadcasts at most 4 a second (burst 8).
@@ -1210,7 +1230,8 @@ async fn handle_message(
     fetches: &tokio::sync::Semaphore,
 ) -> Result<(), MessageError> {
     let max_frame = state.config.max_body_bytes + 256;
-    let request: ClientRequest = match read_required(&mut recv, max_frame).await {
+    let first = tokio::time::timeout(MESSAGE_FRAME_TIMEOUT, read_required(&mut recv, max_frame));
+    let request: ClientRequest = match first.await.unwrap_or_else(|_| Err(frame_timed_out())) {
         Ok(m) => m,
         Err(e @ FrameError::TooLarge { .. }) => {
             let ack = refused(0, "too_large", &e.to_string());
@@ -1322,7 +1343,7 @@ async fn send_messages(
         state.config.metrics.messages_in.inc();
         send_message(message, from.user, from.name.clone(), state).await
     };
-    let mut frames = frame_stream::<ClientRequest>(recv, max_frame);
+    let mut frames = frame_stream::<ClientRequest>(recv, max_frame, Some(MESSAGE_FRAME_TIMEOUT));
     // Most streams carry one send, with the end of the stream in the same packet: then it is
     // stored and acked without the machinery for several. Otherwise what was read (if
     // anything) goes first.
