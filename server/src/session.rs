@@ -352,6 +352,35 @@ impl State {
         let mut delivered = Vec::with_capacity(recipients.len());
         let mut absent = Vec::new();
         let message = SharedDelivery::new(delivery);
+        let push = |outbox: &Arc<Outbox>, user: u64, seq: u64| {
+            let queued = Queued {
+                seq,
+                message: message.clone(),
+            };
+            if !outbox.push(queued, self) {
+                self.config.metrics.delivery_failures.inc();
+                tracing::debug!(user, "delivery queue full; the client pulls");
+            }
+        };
+        // A big push (a broadcast, a large group) takes the outboxes out of the session map
+        // and queues to them after letting go of it: logins, closes and kicks wait on the map.
+        if recipients.len() > DELIVER_UNDER_LOCK {
+            let mut outboxes = Vec::with_capacity(recipients.len());
+            {
+                let sessions = self.sessions();
+                for recipient in recipients {
+                    match sessions.get(&recipient.user_id) {
+                        Some(session) => outboxes.push((session.outbox.clone(), recipient)),
+                        None => absent.push(recipient.user_id),
+                    }
+                }
+            }
+            for (outbox, recipient) in outboxes {
+                delivered.push(recipient.user_id);
+                push(&outbox, recipient.user_id, recipient.seq);
+            }
+            return (delivered, absent);
+        }
         let sessions = self.sessions();
         for recipient in recipients {
             let user = recipient.user_id;
@@ -360,18 +389,15 @@ impl State {
                 continue;
             };
             delivered.push(user);
-            let queued = Queued {
-                seq: recipient.seq,
-                message: message.clone(),
-            };
-            if !session.outbox.push(queued, self) {
-                self.config.metrics.delivery_failures.inc();
-                tracing::debug!(user, "delivery queue full; the client pulls");
-            }
+            push(&session.outbox, user, recipient.seq);
         }
         (delivered, absent)
     }
 }
+
+/// Most recipients of a push queued to while the session map is held (see
+/// [`State::deliver`]).
+const DELIVER_UNDER_LOCK: usize = 64;
 
 /// Client connections admitted: per address, in all, and how many of them are handshakes
 /// from addresses not validated yet.
