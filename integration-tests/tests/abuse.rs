@@ -1093,6 +1093,54 @@ async fn a_frame_that_never_arrives_in_full_is_given_up() -> anyhow::Result<()> 
     scene.still_chatting().await
 }
 
+/// A pull reply stops at about 512 KiB of text and says more waits, however many entries were
+/// asked for: the server holds a reply until its client reads it, and a client asking for
+/// 200 entries of 16 KiB each and never reading could pin over 3 MB a stream. The next pull
+/// gets the rest, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_reply_is_capped_in_bytes() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let (carl, token) = scene.http_login("carl").await?;
+    let big = "x".repeat(16_000);
+    for _ in 0..40 {
+        scene.alice.send_private(carl, &big).await?;
+    }
+    let (conn, code) = scene.raw_login(&token).await?;
+    assert_eq!(code, "");
+    let conn = &conn;
+    let pull = |after_seq| async move {
+        let request = ClientRequest {
+            kind: Some(client_request::Kind::Pull(Pull {
+                after_seq,
+                limit: 200,
+            })),
+        };
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_frame(&mut send, &request, 4096).await?;
+        send.finish()?;
+        let reply: PullResult = read_required(&mut recv, 1 << 23).await?;
+        anyhow::Ok(reply)
+    };
+    let first = pull(0).await?;
+    assert!(first.more, "a capped page must say more waits");
+    assert!(
+        (1..40).contains(&first.deliveries.len()),
+        "{} entries",
+        first.deliveries.len()
+    );
+    let last = first.deliveries.last().map_or(0, |d| d.seq);
+    let rest = pull(last).await?;
+    let seqs: Vec<u64> = first
+        .deliveries
+        .iter()
+        .chain(&rest.deliveries)
+        .map(|d| d.seq)
+        .collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<u64>>());
+    assert!(!rest.more);
+    scene.still_chatting().await
+}
+
 /// Broadcasts to everyone online, pulls and group requests count against a session's message
 /// rate: a broadcast (stored in every online inbox) as 50 sends, the others as one each.
 /// Before, a session could broadcast at the full message rate, and pull or list groups with

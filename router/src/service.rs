@@ -1058,13 +1058,23 @@ impl Service {
         // A full page means at least that many (more are waiting); good enough for a depth.
         let depth = page.entries.len() + usize::from(page.more);
         self.config.metrics.inbox_depth.observe(depth as f64);
+        // A page stops at about MAX_PULL_BYTES of text (always taking one entry): the server
+        // holds a reply until its client has read it.
+        let mut deliveries = Vec::with_capacity(page.entries.len());
+        let mut bytes = 0;
+        let mut more = page.more;
+        for (seq, entry) in &page.entries {
+            let size = entry.body.len() + entry.from_name.len() + entry.group.len();
+            if !deliveries.is_empty() && bytes + size > MAX_PULL_BYTES {
+                more = true;
+                break;
+            }
+            bytes += size;
+            deliveries.push(delivery_of(*seq, entry));
+        }
         Ok(PullResult {
-            deliveries: page
-                .entries
-                .iter()
-                .map(|(seq, entry)| delivery_of(*seq, entry))
-                .collect(),
-            more: page.more,
+            deliveries,
+            more,
             code: String::new(),
             message: String::new(),
         })
@@ -1304,6 +1314,10 @@ fn shard(group: &str) -> usize {
 pub fn limit_key(ip: IpAddr) -> IpAddr {
     cim_core::limit::address_key(ip)
 }
+
+/// Most bytes of message text (bodies, names, groups) in one pull reply: 200 entries of 16 KiB
+/// would be over 3 MB, held by the server until its client reads it.
+const MAX_PULL_BYTES: usize = 512 * 1024;
 
 /// Longest name a login is checked for (registration allows 32 bytes).
 const MAX_LOGIN_NAME: usize = 64;
