@@ -317,7 +317,7 @@ async fn report_acks(state: Arc<session::State>, shutdown: CancellationToken) {
         };
         let acked = state.take_acks();
         if !acked.is_empty()
-            && let Err(e) = state.links.trim(acked.clone()).await
+            && let Err(e) = state.links.trim(&acked).await
         {
             tracing::debug!(error = %e, users = acked.len(), "ack report failed; kept for the next");
             for (user, seq) in acked {

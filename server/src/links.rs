@@ -126,6 +126,14 @@ pub struct RouterLinks {
 /// A renewal chunk on its way (see [`RouterLinks::renew`]); dropped once answered.
 struct RenewalInFlight<'a>(&'a RouterLinks);
 
+impl<'a> RenewalInFlight<'a> {
+    /// Counts a chunk on its way until the returned guard is dropped.
+    fn start(links: &'a RouterLinks) -> Self {
+        links.renewing.fetch_add(1, Ordering::SeqCst);
+        Self(links)
+    }
+}
+
 impl Drop for RenewalInFlight<'_> {
     fn drop(&mut self) {
         self.0.renewing.fetch_sub(1, Ordering::SeqCst);
@@ -278,8 +286,7 @@ impl RouterLinks {
         let mut lost = Vec::new();
         for chunk in sessions.chunks(RENEW_CHUNK) {
             // Counted before the sessions are checked: a close after the check waits for it.
-            self.renewing.fetch_add(1, Ordering::SeqCst);
-            let _in_flight = RenewalInFlight(self);
+            let _in_flight = RenewalInFlight::start(self);
             let chunk: Vec<(u64, u64)> = chunk
                 .iter()
                 .copied()
@@ -333,12 +340,12 @@ impl RouterLinks {
     }
 
     /// Reports what clients acknowledged, so routers can trim inboxes.
-    pub async fn trim(&self, acked: Vec<(u64, u64)>) -> Result<(), LinkError> {
+    pub async fn trim(&self, acked: &[(u64, u64)]) -> Result<(), LinkError> {
         let request = ServerRequest {
             kind: Some(server_request::Kind::Trim(TrimInbox {
                 acked: acked
-                    .into_iter()
-                    .map(|(user_id, seq)| Recipient { user_id, seq })
+                    .iter()
+                    .map(|&(user_id, seq)| Recipient { user_id, seq })
                     .collect(),
             })),
         };
