@@ -990,9 +990,7 @@ where
             let mut recv = recv?;
             let read = read_frame::<M, _>(&mut recv, max_frame);
             let frame = match frame_timeout {
-                Some(limit) => tokio::time::timeout(limit, read)
-                    .await
-                    .unwrap_or_else(|_| Err(frame_timed_out())),
+                Some(limit) => in_time(limit, read).await,
                 None => read.await,
             };
             let more = matches!(frame, Ok(Some(_)));
@@ -1211,12 +1209,18 @@ impl RateGate<'_> {
 /// when the length arrives) and a task for as long as the session lives.
 const MESSAGE_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The error of a frame that did not arrive in time (the stream is then reset).
-fn frame_timed_out() -> FrameError {
-    FrameError::Io(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        "frame not received in time",
-    ))
+/// `read` of a frame, failed as an I/O timeout (the stream is then reset) unless it is done
+/// within `limit`.
+async fn in_time<T>(
+    limit: Duration,
+    read: impl std::future::Future<Output = Result<T, FrameError>>,
+) -> Result<T, FrameError> {
+    tokio::time::timeout(limit, read).await.unwrap_or_else(|_| {
+        Err(FrameError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "frame not received in time",
+        )))
+    })
 }
 
 /// What a broadcast to everyone online costs against the sender's message rate: it is stored
@@ -1256,8 +1260,8 @@ async fn handle_message(
     fetches: &tokio::sync::Semaphore,
 ) -> Result<(), MessageError> {
     let max_frame = state.config.max_body_bytes + 256;
-    let first = tokio::time::timeout(MESSAGE_FRAME_TIMEOUT, read_required(&mut recv, max_frame));
-    let request: ClientRequest = match first.await.unwrap_or_else(|_| Err(frame_timed_out())) {
+    let first = in_time(MESSAGE_FRAME_TIMEOUT, read_required(&mut recv, max_frame));
+    let request: ClientRequest = match first.await {
         Ok(m) => m,
         Err(e @ FrameError::TooLarge { .. }) => {
             let ack = refused(0, "too_large", &e.to_string());
