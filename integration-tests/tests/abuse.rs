@@ -1093,6 +1093,21 @@ async fn a_frame_that_never_arrives_in_full_is_given_up() -> anyhow::Result<()> 
     scene.still_chatting().await
 }
 
+/// Pulls `limit` inbox entries after `after_seq` on a raw connection; the reply.
+async fn raw_pull(
+    conn: &quinn::Connection,
+    after_seq: u64,
+    limit: u32,
+) -> anyhow::Result<PullResult> {
+    let request = ClientRequest {
+        kind: Some(client_request::Kind::Pull(Pull { after_seq, limit })),
+    };
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, &request, 4096).await?;
+    send.finish()?;
+    Ok(tokio::time::timeout(WAIT, read_required(&mut recv, 1 << 23)).await??)
+}
+
 /// A pull reply stops at about 512 KiB of text and says more waits, however many entries were
 /// asked for: the server holds a reply until its client reads it, and a client asking for
 /// 200 entries of 16 KiB each and never reading could pin over 3 MB a stream. The next pull
@@ -1107,21 +1122,7 @@ async fn a_pull_reply_is_capped_in_bytes() -> anyhow::Result<()> {
     }
     let (conn, code) = scene.raw_login(&token).await?;
     assert_eq!(code, "");
-    let conn = &conn;
-    let pull = |after_seq| async move {
-        let request = ClientRequest {
-            kind: Some(client_request::Kind::Pull(Pull {
-                after_seq,
-                limit: 200,
-            })),
-        };
-        let (mut send, mut recv) = conn.open_bi().await?;
-        write_frame(&mut send, &request, 4096).await?;
-        send.finish()?;
-        let reply: PullResult = read_required(&mut recv, 1 << 23).await?;
-        anyhow::Ok(reply)
-    };
-    let first = pull(0).await?;
+    let first = raw_pull(&conn, 0, 200).await?;
     assert!(first.more, "a capped page must say more waits");
     assert!(
         (1..40).contains(&first.deliveries.len()),
@@ -1129,7 +1130,7 @@ async fn a_pull_reply_is_capped_in_bytes() -> anyhow::Result<()> {
         first.deliveries.len()
     );
     let last = first.deliveries.last().map_or(0, |d| d.seq);
-    let rest = pull(last).await?;
+    let rest = raw_pull(&conn, last, 200).await?;
     let seqs: Vec<u64> = first
         .deliveries
         .iter()
@@ -1167,19 +1168,9 @@ async fn broadcasts_and_pulls_count_against_the_message_rate() -> anyhow::Result
     }
 
     let (conn, _control, _control_recv) = scene.raw_user_session().await?;
-    let pull = ClientRequest {
-        kind: Some(client_request::Kind::Pull(Pull {
-            after_seq: 0,
-            limit: 10,
-        })),
-    };
     let mut limited = 0;
     for _ in 0..150 {
-        let (mut send, mut recv) = conn.open_bi().await?;
-        write_frame(&mut send, &pull, 4096).await?;
-        send.finish()?;
-        let reply: PullResult =
-            tokio::time::timeout(WAIT, read_required(&mut recv, 1 << 22)).await??;
+        let reply = raw_pull(&conn, 0, 10).await?;
         match reply.code.as_str() {
             "" => {}
             "rate_limited" => limited += 1,

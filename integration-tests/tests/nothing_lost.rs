@@ -676,6 +676,17 @@ impl PausingStore {
     }
 }
 
+/// Waits until `user` has no route in `store`, then checks it is not listed online.
+async fn gone_offline(store: &PausingStore, user: u64) -> anyhow::Result<()> {
+    eventually(WAIT, || async {
+        let route = store.inner.routes(&[user]).await.ok()?.pop()?;
+        route.is_none().then_some(())
+    })
+    .await?;
+    assert!(!store.inner.online_users().await?.contains(&user));
+    Ok(())
+}
+
 /// A one-server cluster on a [`PausingStore`] that pauses for `hold`.
 async fn paused_cluster(hold: Duration) -> anyhow::Result<(Arc<PausingStore>, TestCluster)> {
     let store = PausingStore::new(hold);
@@ -1000,13 +1011,7 @@ async fn a_login_that_fails_after_the_router_confirmed_it_does_not_keep_the_user
     conn.close(0u32.into(), b"gone");
     // The server tells the router, which takes her offline well before her route's lease
     // would have run out.
-    eventually(WAIT, || async {
-        let route = store.inner.routes(&[carol_id]).await.ok()?.pop()?;
-        route.is_none().then_some(())
-    })
-    .await?;
-    assert!(!store.inner.online_users().await?.contains(&carol_id));
-    Ok(())
+    gone_offline(&store, carol_id).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1098,13 +1103,7 @@ async fn a_close_during_a_renewal_is_not_undone_by_it() -> anyhow::Result<()> {
     })
     .await?;
     // Once that renewal is through, her route is gone (and stays gone).
-    eventually(WAIT, || async {
-        let route = store.inner.routes(&[fay_id]).await.ok()?.pop()?;
-        route.is_none().then_some(())
-    })
-    .await?;
-    assert!(!store.inner.online_users().await?.contains(&fay_id));
-    Ok(())
+    gone_offline(&store, fay_id).await
 }
 
 /// Listings of the online users that come in together share scans of the store (each reads
