@@ -66,6 +66,8 @@ pub(crate) const SEND_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 const GAP_WAIT: Duration = Duration::from_millis(200);
 /// Entries per pull.
 const PULL_LIMIT: u32 = 200;
+/// How long closing waits for the pong that says its last ack is in.
+const ACK_FLUSH_WAIT: Duration = Duration::from_secs(1);
 /// Connect attempts of a first login.
 const LOGIN_CONNECT_ATTEMPTS: u32 = 3;
 /// Resume attempts against the same server before logging in again through the router. One:
@@ -352,14 +354,51 @@ pub struct GroupMemberInfo {
 }
 
 /// The stream of [`Event`]s of one session.
+///
+/// A message counts as done (acknowledged, and trimmed from the inbox) once the application
+/// asks for the next event after it, or closes or logs out the client. Messages it took and
+/// did not finish with, if it crashes or drops the client without closing it, stay in the
+/// inbox for the user's next client.
 pub struct Events {
     rx: mpsc::Receiver<Event>,
+    progress: Arc<Progress>,
 }
 
 impl Events {
     /// The next event, or `None` once the client is closed and every event was taken.
     pub async fn next(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        self.progress.done_with_taken();
+        let event = self.rx.recv().await;
+        if let Some(Event::Message(message)) = &event {
+            self.progress
+                .taken
+                .fetch_max(message.seq, Ordering::Relaxed);
+        }
+        event
+    }
+}
+
+/// How far the application got with its messages; shared by [`Events`] and the client (not
+/// the whole client state, which holds the event sender: `Events` would never end).
+#[derive(Debug, Default)]
+struct Progress {
+    /// Seq of the last message the application took.
+    taken: AtomicU64,
+    /// Seq up to which the application is done with every message.
+    processed: AtomicU64,
+}
+
+impl Progress {
+    /// The application is done with every message it took.
+    fn done_with_taken(&self) {
+        let taken = self.taken.load(Ordering::Relaxed);
+        self.processed.fetch_max(taken, Ordering::Relaxed);
+    }
+
+    /// What to acknowledge of `have` (the seq up to which the client holds every entry):
+    /// never past what the application is done with.
+    fn ack_up_to(&self, have: u64) -> u64 {
+        have.min(self.processed.load(Ordering::Relaxed))
     }
 }
 
@@ -477,6 +516,11 @@ struct Shared {
     /// lock: the lock is held while events are emitted, and an application that asked for
     /// [`Client::last_seq`] from its event loop would otherwise wait on itself.
     delivered_seq: AtomicU64,
+    progress: Arc<Progress>,
+    /// Asks the connection task to send a ping now, carrying the latest processed mark.
+    ack_flush: Notify,
+    /// Woken when the pong of such a ping arrives: the server has recorded the ack.
+    ack_flushed: Notify,
     gap: Notify,
     next_client_msg_id: AtomicU64,
     stats: std::sync::Mutex<Stats>,
@@ -529,6 +573,28 @@ impl Shared {
                 Ok(Err(_)) => Err(ClientError::Closed),
                 Err(_) => Err(ClientError::NotConnected),
             },
+        }
+    }
+
+    /// Counts every message the application took as done and, if connected, acknowledges
+    /// them with a ping, waiting (briefly) for its pong so that the ack is in before the
+    /// connection closes.
+    async fn flush_acks(&self) {
+        self.progress.done_with_taken();
+        let connected = self
+            .conn
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.conn().close_reason().is_none());
+        if !connected || self.stop.is_cancelled() {
+            return;
+        }
+        let flushed = self.ack_flushed.notified();
+        tokio::pin!(flushed);
+        flushed.as_mut().enable();
+        self.ack_flush.notify_one();
+        if tokio::time::timeout(ACK_FLUSH_WAIT, flushed).await.is_err() {
+            tracing::debug!("no pong for the final ack; the last messages may come again");
         }
     }
 
@@ -597,6 +663,7 @@ impl Client {
         };
 
         let (events_tx, events_rx) = mpsc::channel(1024);
+        let progress = Arc::new(Progress::default());
         let shared = Arc::new(Shared {
             config: config.clone(),
             api,
@@ -611,6 +678,9 @@ impl Client {
             events: events_tx,
             inbox: AsyncMutex::new(Reorder::new(0)),
             delivered_seq: AtomicU64::new(0),
+            progress: progress.clone(),
+            ack_flush: Notify::new(),
+            ack_flushed: Notify::new(),
             gap: Notify::new(),
             // Random 48 bits: a restarted client of the same user, within the router's dedup
             // window, must not reuse an id of its previous run (its message would be taken
@@ -662,7 +732,13 @@ impl Client {
         };
         tokio::spawn(supervise(shared.clone(), connected));
         tokio::spawn(fill_gaps(shared.clone()));
-        Ok((Client { shared }, Events { rx: events_rx }))
+        Ok((
+            Client { shared },
+            Events {
+                rx: events_rx,
+                progress,
+            },
+        ))
     }
 
     /// Who this session belongs to (the server changes after a re-login).
@@ -882,8 +958,10 @@ impl Client {
         self.shared.api.online_users(&token, prefix).await
     }
 
-    /// Logs out at the router and closes the connection.
+    /// Logs out at the router and closes the connection. Every message the application took
+    /// counts as done.
     pub async fn logout(self) -> Result<(), ClientError> {
+        self.shared.flush_acks().await;
         self.shared.stop.cancel();
         // A reconnect under way may be logging in again, which ends the login of the token
         // held now: wait for it, so that the logout ends the newest login rather than fail on
@@ -897,8 +975,10 @@ impl Client {
     }
 
     /// Closes the connection without logging out at the router (the server reports the
-    /// session as closed). No reconnect follows.
+    /// session as closed). No reconnect follows. Every message the application took counts
+    /// as done.
     pub async fn close(self) {
+        self.shared.flush_acks().await;
         self.shared.stop.cancel();
         let conn = self.shared.conn.borrow().as_ref().map(|c| c.conn().clone());
         if let Some(conn) = conn {
@@ -1275,6 +1355,8 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
     // the inbox, so this client may never reach the mark, and pulling at every pong would
     // not help.
     let mut missed_pulled = (0u64, 0u64);
+    // The ping whose pong a closing client waits for.
+    let mut flush_nonce = None;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     let end = loop {
@@ -1287,8 +1369,14 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                 if (nonce + idle_pull_phase).is_multiple_of(idle_pull_pings) {
                     shared.gap.notify_one();
                 }
-                let ping = ClientControl { kind: Some(client_control::Kind::Ping(Ping { nonce })) };
-                if let Err(e) = write_frame(&mut send, &ping, MAX_CONTROL_FRAME).await {
+                if let Err(e) = ping(&mut send, nonce, &shared.progress, false).await {
+                    break End::Lost(format!("control stream failed: {e}"));
+                }
+            }
+            _ = shared.ack_flush.notified() => {
+                nonce += 1;
+                flush_nonce = Some(nonce);
+                if let Err(e) = ping(&mut send, nonce, &shared.progress, true).await {
                     break End::Lost(format!("control stream failed: {e}"));
                 }
             }
@@ -1302,6 +1390,9 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                 match kind {
                     Some(server_control::Kind::Pong(pong)) => {
                         deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
+                        if flush_nonce == Some(pong.nonce) {
+                            shared.ack_flushed.notify_waiters();
+                        }
                         // The server dropped deliveries we have not got by other means: pull.
                         let (pulled_for, pulled_at) = missed_pulled;
                         if pong.missed_up_to > shared.delivered_seq.load(Ordering::Relaxed)
@@ -1351,6 +1442,25 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
     end
 }
 
+/// Sends a heartbeat ping, which also acknowledges what the application is done with (and
+/// when `closing`, has the server trim the inbox before its pong).
+async fn ping(
+    send: &mut quinn::SendStream,
+    nonce: u64,
+    progress: &Progress,
+    closing: bool,
+) -> Result<(), FrameError> {
+    let ping = Ping {
+        nonce,
+        processed_up_to: progress.processed.load(Ordering::Relaxed),
+        closing,
+    };
+    let control = ClientControl {
+        kind: Some(client_control::Kind::Ping(ping)),
+    };
+    write_frame(send, &control, MAX_CONTROL_FRAME).await
+}
+
 /// How a connection the server closed ends the session: a server that ends a session without
 /// its Kick or Drain frame (its control stream was backed up) says which in the close code.
 fn closed_by_server(closed: quinn::ConnectionError) -> End {
@@ -1385,7 +1495,10 @@ async fn accept_deliveries(shared: Arc<Shared>, conn: quinn::Connection) {
             // Waiting here when the application is slow pushes back on the server instead of
             // buffering without bound.
             let have = shared.accept_deliveries(batch.deliveries, None).await;
-            let ack = DeliveryAck { msg_id, seq: have };
+            let ack = DeliveryAck {
+                msg_id,
+                seq: shared.progress.ack_up_to(have),
+            };
             if write_frame(&mut send, &ack, 1024).await.is_ok() {
                 let _ = send.finish();
             }
@@ -1423,7 +1536,7 @@ async fn pull_all(shared: &Arc<Shared>) -> Result<(), ClientError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let conn = shared.live_conn(deadline).await?;
-        // A pull trims the inbox up to `after`: never past what the application got.
+        // Never past what the application got; the trim never past what it is done with.
         let after = {
             let inbox = shared.inbox.lock().await;
             inbox
@@ -1434,6 +1547,7 @@ async fn pull_all(shared: &Arc<Shared>) -> Result<(), ClientError> {
             kind: Some(client_request::Kind::Pull(Pull {
                 after_seq: after,
                 limit: PULL_LIMIT,
+                trim_up_to: Some(shared.progress.ack_up_to(after)),
             })),
         };
         let page: PullResult = tokio::time::timeout(SEND_ATTEMPT_TIMEOUT, async {

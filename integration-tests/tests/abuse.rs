@@ -459,7 +459,10 @@ async fn send_pings_to_leave_unanswered(control: &mut quinn::SendStream) -> anyh
     let mut pings = Vec::new();
     for nonce in 0..20_000 {
         let ping = ClientControl {
-            kind: Some(client_control::Kind::Ping(Ping { nonce })),
+            kind: Some(client_control::Kind::Ping(Ping {
+                nonce,
+                ..Default::default()
+            })),
         };
         let body = ping.encode_to_vec();
         pings.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -603,7 +606,10 @@ async fn garbage_on_the_control_stream_ends_that_session_only() -> anyhow::Resul
         assert_eq!(code, "");
         // The control stream works: a ping gets its pong.
         let ping = ClientControl {
-            kind: Some(client_control::Kind::Ping(Ping { nonce: 41 })),
+            kind: Some(client_control::Kind::Ping(Ping {
+                nonce: 41,
+                ..Default::default()
+            })),
         };
         write_frame(&mut send, &ping, 4096).await?;
         let pong: ServerControl =
@@ -652,6 +658,7 @@ async fn a_send_stream_carries_only_sends_and_only_so_many() -> anyhow::Result<(
         kind: Some(client_request::Kind::Pull(cim_proto::v1::Pull {
             after_seq: 0,
             limit: 10,
+            trim_up_to: None,
         })),
     };
     // Three sends, then a pull; then one send more than a stream may carry. Each time the
@@ -1073,7 +1080,10 @@ async fn a_frame_that_never_arrives_in_full_is_given_up() -> anyhow::Result<()> 
     let heartbeat = tokio::spawn(async move {
         for nonce in 0.. {
             let ping = ClientControl {
-                kind: Some(client_control::Kind::Ping(Ping { nonce })),
+                kind: Some(client_control::Kind::Ping(Ping {
+                    nonce,
+                    ..Default::default()
+                })),
             };
             write_frame(&mut control, &ping, 4096).await?;
             let _: ServerControl = read_required(&mut control_recv, 4096).await?;
@@ -1100,7 +1110,11 @@ async fn raw_pull(
     limit: u32,
 ) -> anyhow::Result<PullResult> {
     let request = ClientRequest {
-        kind: Some(client_request::Kind::Pull(Pull { after_seq, limit })),
+        kind: Some(client_request::Kind::Pull(Pull {
+            after_seq,
+            limit,
+            trim_up_to: None,
+        })),
     };
     let (mut send, mut recv) = conn.open_bi().await?;
     write_frame(&mut send, &request, 4096).await?;
@@ -1297,7 +1311,10 @@ async fn a_dropped_delivery_is_named_in_the_next_pong() -> anyhow::Result<()> {
     let mut missed_up_to = async || -> anyhow::Result<u64> {
         nonce += 1;
         let ping = ClientControl {
-            kind: Some(client_control::Kind::Ping(Ping { nonce })),
+            kind: Some(client_control::Kind::Ping(Ping {
+                nonce,
+                ..Default::default()
+            })),
         };
         write_frame(&mut control_send, &ping, 4096).await?;
         loop {

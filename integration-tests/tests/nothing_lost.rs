@@ -854,12 +854,13 @@ impl Store for PausingStore {
         &self,
         user: u64,
         after_seq: u64,
+        trim_up_to: u64,
         limit: usize,
         limits: InboxLimits,
         now_ms: u64,
     ) -> Result<InboxPage, StoreError> {
         self.inner
-            .fetch_inbox(user, after_seq, limit, limits, now_ms)
+            .fetch_inbox(user, after_seq, trim_up_to, limit, limits, now_ms)
             .await
     }
     async fn trim_inbox(&self, acked: &[(u64, u64)]) -> Result<(), StoreError> {
@@ -1079,6 +1080,44 @@ async fn messages_no_application_took_stay_for_the_next_client() -> anyhow::Resu
     Ok(())
 }
 
+/// A message counts as done only once the application asks for the next event after it (or
+/// closes the client): a client that dies with messages it took and did not finish with, or
+/// never took, leaves them in the inbox for the user's next client, and the ones it finished
+/// with do not come again (their ack rides on a heartbeat ping when nothing else carries it).
+/// Before, the client acked a message when it queued it for the application, and a crash lost
+/// up to a full event queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_the_application_did_not_finish_come_again_after_a_crash() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let (alice, _alice_events) = cluster.user("alice").await?;
+    let (bob, mut bob_events) = cluster.user("bob").await?;
+    let bob_id = bob.info().user_id;
+    for body in ["finished", "taken", "queued"] {
+        alice.send_private(bob_id, body).await?;
+    }
+    // All three reach Bob's client (and are acked as far as his application got: nowhere)
+    // before his application takes any.
+    eventually(WAIT, || async { (bob.last_seq().await == 3).then_some(()) }).await?;
+    assert_eq!(next_message(&mut bob_events).await?.body, "finished");
+    assert_eq!(next_message(&mut bob_events).await?.body, "taken");
+    // Heartbeats carry the ack of "finished", and the server reports it (every 500 ms).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The client dies without closing (no final ack).
+    drop(bob);
+    drop(bob_events);
+
+    let config = cluster.client_config();
+    let (_bob, mut events) =
+        Client::login(&config, "bob", "password", LoginOptions { takeover: true }).await?;
+    let got: Vec<String> = receive(&mut events, 2, WAIT)
+        .await?
+        .into_iter()
+        .map(|m| m.body)
+        .collect();
+    assert_eq!(got, ["taken", "queued"]);
+    Ok(())
+}
+
 /// A session that closes while its server's route renewal, which listed it, is on its way
 /// stays closed: the close report waits for the renewal's answer. Before, the report could be
 /// taken first (on another router, or another stream of the same one), and the late renewal
@@ -1219,7 +1258,10 @@ async fn a_late_confirmed_resume_does_not_push_out_a_newer_login() -> anyhow::Re
     );
     // The newest login still holds its place: its heartbeat is answered, no kick came first.
     let ping = ClientControl {
-        kind: Some(client_control::Kind::Ping(Ping { nonce: 7 })),
+        kind: Some(client_control::Kind::Ping(Ping {
+            nonce: 7,
+            ..Default::default()
+        })),
     };
     write_frame(&mut send, &ping, 4096).await?;
     let reply: ServerControl = tokio::time::timeout(WAIT, read_required(&mut recv, 4096)).await??;

@@ -94,9 +94,20 @@ async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Resul
         store.append_inbox(&[bob.id], &entry(12), limits).await?,
         vec![3]
     );
-    let page = store.fetch_inbox(bob.id, 0, 10, limits, 6).await?;
+    let page = store.fetch_inbox(bob.id, 0, 0, 10, limits, 6).await?;
     let ids: Vec<u64> = page.entries.iter().map(|(_, e)| e.msg_id).collect();
     assert_eq!(ids, vec![10, 11, 12]);
+    // A pull after 2 whose application is done only with 1 trims 1 and keeps 2.
+    let page = store.fetch_inbox(bob.id, 2, 1, 10, limits, 6).await?;
+    let ids: Vec<u64> = page.entries.iter().map(|(_, e)| e.msg_id).collect();
+    assert_eq!(ids, vec![12]);
+    let page = store.fetch_inbox(bob.id, 0, 0, 10, limits, 6).await?;
+    let ids: Vec<u64> = page.entries.iter().map(|(_, e)| e.msg_id).collect();
+    assert_eq!(
+        ids,
+        vec![11, 12],
+        "only what the application finished is trimmed"
+    );
 
     // Bob has everything and says so; a late resend of a message he had is still not
     // appended again.
@@ -106,7 +117,7 @@ async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Resul
         .await?
         .unwrap();
     assert_eq!(late, 2, "a resend after the ack keeps its sequence number");
-    let page = store.fetch_inbox(bob.id, 3, 10, limits, 6).await?;
+    let page = store.fetch_inbox(bob.id, 3, 3, 10, limits, 6).await?;
     assert!(page.entries.is_empty(), "nothing new after the resend");
     assert_eq!(
         store.inbox_caught_up_to(bob.id).await?,
@@ -241,9 +252,9 @@ async fn expired_entries_never_hide_fresh_ones(store: &dyn Store) -> anyhow::Res
     let seqs = |page: &cim_router::store::InboxPage| -> Vec<u64> {
         page.entries.iter().map(|(seq, _)| *seq).collect()
     };
-    let page = store.fetch_inbox(ivy.id, 0, 3, limits, 5500).await?;
+    let page = store.fetch_inbox(ivy.id, 0, 0, 3, limits, 5500).await?;
     assert_eq!((seqs(&page), page.more), (vec![11, 12], false));
-    let page = store.fetch_inbox(ivy.id, 0, 1, limits, 5500).await?;
+    let page = store.fetch_inbox(ivy.id, 0, 0, 1, limits, 5500).await?;
     assert_eq!((seqs(&page), page.more), (vec![11], true));
     Ok(())
 }
@@ -364,7 +375,7 @@ async fn a_large_group_append_reaches_every_member_once(store: &dyn Store) -> an
     assert_eq!(again, first, "the same message again is not appended again");
     assert_eq!(second, first.iter().map(|s| s + 1).collect::<Vec<_>>());
     let last = *members.last().unwrap();
-    let page = store.fetch_inbox(last, 0, 10, limits, 5).await?;
+    let page = store.fetch_inbox(last, 0, 0, 10, limits, 5).await?;
     let ids: Vec<u64> = page.entries.iter().map(|(_, e)| e.msg_id).collect();
     assert_eq!(ids, [801, 802]);
     Ok(())
@@ -536,7 +547,7 @@ async fn an_unreadable_route_fails_neither_a_stored_message_nor_a_login() -> any
             .await?
             .expect("the account exists");
         assert_eq!((seq, route), (1, None), "user {user}");
-        let page = store.fetch_inbox(user, 0, 10, limits, 6).await?;
+        let page = store.fetch_inbox(user, 0, 0, 10, limits, 6).await?;
         assert_eq!(
             page.entries.len(),
             1,
@@ -590,12 +601,12 @@ async fn an_unreadable_inbox_entry_holds_back_none_after_it() -> anyhow::Result<
         .await?;
     store.append_private(ida.id, &entry(3), limits).await?;
 
-    let page = store.fetch_inbox(ida.id, 0, 10, limits, 6).await?;
+    let page = store.fetch_inbox(ida.id, 0, 0, 10, limits, 6).await?;
     let got: Vec<(u64, u64)> = page.entries.iter().map(|(s, e)| (*s, e.msg_id)).collect();
     assert_eq!(got, vec![(1, 1), (3, 3)]);
     assert!(!page.more);
     // A page that ends on it still moves past it.
-    let page = store.fetch_inbox(ida.id, 1, 1, limits, 6).await?;
+    let page = store.fetch_inbox(ida.id, 1, 1, 1, limits, 6).await?;
     let got: Vec<(u64, u64)> = page.entries.iter().map(|(s, e)| (*s, e.msg_id)).collect();
     assert_eq!(got, vec![(3, 3)]);
     Ok(())

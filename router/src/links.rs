@@ -526,7 +526,12 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                 }
                 Some(server_request::Kind::Fetch(fetch)) => {
                     let reply = match service
-                        .fetch(fetch.user_id, fetch.after_seq, fetch.limit)
+                        .fetch(
+                            fetch.user_id,
+                            fetch.after_seq,
+                            fetch.trim_up_to,
+                            fetch.limit,
+                        )
                         .await
                     {
                         Ok(reply) => reply,

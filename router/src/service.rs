@@ -1044,16 +1044,26 @@ impl Service {
         }
     }
 
-    /// A page of `user`'s inbox after `after_seq`, for a client's pull.
+    /// A page of `user`'s inbox after `after_seq`, for a client's pull; entries up to
+    /// `trim_up_to` (never past `after_seq`; `None`: up to it) are trimmed.
     pub async fn fetch(
         &self,
         user: u64,
         after_seq: u64,
+        trim_up_to: Option<u64>,
         limit: u32,
     ) -> Result<PullResult, ServiceError> {
+        let trim_up_to = trim_up_to.map_or(after_seq, |trim| trim.min(after_seq));
         let page = self
             .store
-            .fetch_inbox(user, after_seq, limit as usize, self.config.inbox, now_ms())
+            .fetch_inbox(
+                user,
+                after_seq,
+                trim_up_to,
+                limit as usize,
+                self.config.inbox,
+                now_ms(),
+            )
             .await?;
         // A full page means at least that many (more are waiting); good enough for a depth.
         let depth = page.entries.len() + usize::from(page.more);

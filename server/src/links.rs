@@ -10,10 +10,10 @@ use cim_core::batch::{BATCHES_IN_FLIGHT, Batcher, answer_all};
 use cim_core::transport::read_only_frame;
 use cim_proto::v1::{
     FetchInbox, Forward, ForwardBatch, ForwardBatchResult, GroupCommand, GroupRequest, GroupResult,
-    KickResult, PullResult, PushBatchResult, PushResult, Recipient, RenewResult, RenewSessions,
-    RouterRequest, SendAck, ServerRequest, SessionBatchResult, SessionClosed, SessionClosedBatch,
-    SessionOpened, SessionOpenedBatch, SessionRef, SessionResult, TrimInbox, chat_message,
-    router_request, server_request,
+    KickResult, Pull, PullResult, PushBatchResult, PushResult, Recipient, RenewResult,
+    RenewSessions, RouterRequest, SendAck, ServerRequest, SessionBatchResult, SessionClosed,
+    SessionClosedBatch, SessionOpened, SessionOpenedBatch, SessionRef, SessionResult, TrimInbox,
+    chat_message, router_request, server_request,
 };
 use cim_proto::{ProstMessage, write_frame};
 use tokio::sync::{mpsc, oneshot};
@@ -322,18 +322,19 @@ impl RouterLinks {
         Ok(lost)
     }
 
-    /// Reads a page of `user`'s inbox for a client's pull.
+    /// Reads a page of `user`'s inbox for a client's pull (see [`Pull`] for `trim_up_to`).
     pub async fn fetch(
         &self,
         user_id: u64,
-        after_seq: u64,
+        pull: &Pull,
         limit: u32,
     ) -> Result<PullResult, LinkError> {
         let request = ServerRequest {
             kind: Some(server_request::Kind::Fetch(FetchInbox {
                 user_id,
-                after_seq,
+                after_seq: pull.after_seq,
                 limit,
+                trim_up_to: pull.trim_up_to,
             })),
         };
         self.call(&request).await

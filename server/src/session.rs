@@ -38,6 +38,9 @@ const MAX_CONTROL_FRAME: usize = 4 * 1024;
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time given to a kicked client to read the Kick before the connection closes.
 const KICK_LINGER: Duration = Duration::from_secs(2);
+/// Longest a closing client's trim may hold up its control stream (the client waits a
+/// second for the pong, then closes anyway).
+const CLOSING_TRIM_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most pull and group requests of one session served at once; more wait their turn (each
 /// holds a reply of up to [`MAX_PULL_FRAME`] until the client reads it).
 const FETCHES_IN_FLIGHT: usize = 4;
@@ -1025,6 +1028,7 @@ async fn control_loop(
         return;
     }
     let mut frames = frame_stream::<ClientControl>(recv, MAX_CONTROL_FRAME, None);
+    let mut closing_trimmed = false;
     let timeout = state.config.heartbeat_timeout;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
@@ -1033,6 +1037,19 @@ async fn control_loop(
             frame = frames.next() => match frame {
                 Some(Ok(Some(ClientControl { kind: Some(client_control::Kind::Ping(ping)) }))) => {
                     deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
+                    state.record_ack(auth.user_id, ping.processed_up_to);
+                    // A closing client waits for this pong: its last ack must be in the
+                    // store before its user's next client pulls (once a session, as each
+                    // costs a router call).
+                    if ping.closing && !closing_trimmed && ping.processed_up_to > 0 {
+                        closing_trimmed = true;
+                        let acked = [(auth.user_id, ping.processed_up_to)];
+                        match tokio::time::timeout(CLOSING_TRIM_TIMEOUT, state.links.trim(&acked)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::debug!(error = %e, "closing trim failed; left to the ack report"),
+                            Err(_) => tracing::debug!("closing trim timed out; left to the ack report"),
+                        }
+                    }
                     let pong = server_control::Kind::Pong(Pong {
                         nonce: ping.nonce,
                         missed_up_to: outbox.missed_up_to(),
@@ -1295,7 +1312,7 @@ async fn handle_message(
             }
             let _turn = fetches.acquire().await;
             let limit = pull.limit.clamp(1, MAX_PULL);
-            let reply = match state.links.fetch(from_user, pull.after_seq, limit).await {
+            let reply = match state.links.fetch(from_user, &pull, limit).await {
                 Ok(reply) => reply,
                 Err(e) => PullResult {
                     code: "unavailable".into(),

@@ -424,6 +424,7 @@ impl Store for MemoryStore {
         &self,
         user: u64,
         after_seq: u64,
+        trim_up_to: u64,
         limit: usize,
         limits: InboxLimits,
         now_ms: u64,
@@ -432,7 +433,7 @@ impl Store for MemoryStore {
         let Some(inbox) = inner.inboxes.get_mut(&user) else {
             return Ok(InboxPage::default());
         };
-        trim(inbox, after_seq);
+        trim(inbox, trim_up_to);
         let oldest = now_ms.saturating_sub(limits.ttl.as_millis() as u64);
         let mut fresh = inbox
             .entries
@@ -770,16 +771,16 @@ mod tests {
             vec![2]
         );
 
-        let page = store.fetch_inbox(1, 0, 10, limits, 10).await.unwrap();
+        let page = store.fetch_inbox(1, 0, 0, 10, limits, 10).await.unwrap();
         let seqs: Vec<u64> = page.entries.iter().map(|(s, _)| *s).collect();
         assert_eq!((seqs, page.more), (vec![1, 2], false));
-        let page = store.fetch_inbox(1, 0, 1, limits, 10).await.unwrap();
+        let page = store.fetch_inbox(1, 0, 0, 1, limits, 10).await.unwrap();
         assert!(page.more);
         // Fetching after 1 trims entry 1 for good.
-        store.fetch_inbox(1, 1, 10, limits, 10).await.unwrap();
+        store.fetch_inbox(1, 1, 1, 10, limits, 10).await.unwrap();
         assert_eq!(
             store
-                .fetch_inbox(1, 0, 10, limits, 10)
+                .fetch_inbox(1, 0, 0, 10, limits, 10)
                 .await
                 .unwrap()
                 .entries
@@ -802,12 +803,12 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let page = store.fetch_inbox(1, 0, 10, limits, 1170).await.unwrap();
+        let page = store.fetch_inbox(1, 0, 0, 10, limits, 1170).await.unwrap();
         let seqs: Vec<u64> = page.entries.iter().map(|(s, _)| *s).collect();
         // Length cap keeps 3..=5; the age cap drops 3 (created at 1060, older than 1170-100).
         assert_eq!(seqs, vec![4, 5]);
         store.trim_inbox(&[(1, 4)]).await.unwrap();
-        let page = store.fetch_inbox(1, 0, 10, limits, 1170).await.unwrap();
+        let page = store.fetch_inbox(1, 0, 0, 10, limits, 1170).await.unwrap();
         assert_eq!(
             page.entries.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
             vec![5]

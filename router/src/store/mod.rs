@@ -365,11 +365,13 @@ pub trait Store: Send + Sync + 'static {
         Ok(Some((seq, route)))
     }
     /// Up to `limit` entries of `user` after `after_seq`, oldest first, skipping entries older
-    /// than the limits allow. Entries up to `after_seq` are trimmed (the client has them).
+    /// than the limits allow. Entries up to `trim_up_to` are trimmed first (the client's
+    /// application is done with them; callers pass at most `after_seq`).
     async fn fetch_inbox(
         &self,
         user: u64,
         after_seq: u64,
+        trim_up_to: u64,
         limit: usize,
         limits: InboxLimits,
         now_ms: u64,

@@ -975,6 +975,7 @@ impl Store for RedisStore {
         &self,
         user: u64,
         after_seq: u64,
+        trim_up_to: u64,
         limit: usize,
         limits: InboxLimits,
         now_ms: u64,
@@ -999,9 +1000,10 @@ impl Store for RedisStore {
                 .arg(0)
                 .arg(limit + 1);
             let members: Vec<Vec<u8>> = if scan == 0 {
-                // The client has everything up to `after_seq`: trim it first.
+                // The client's application is done with everything up to `trim_up_to`: trim
+                // it first.
                 let (_, members): ((), Vec<Vec<u8>>) = redis::pipe()
-                    .zrembyscore(&key, "-inf", after_seq)
+                    .zrembyscore(&key, "-inf", trim_up_to)
                     .add_command(range)
                     .query_async(&mut self.conn())
                     .await
