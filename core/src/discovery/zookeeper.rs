@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -124,8 +125,11 @@ impl ZkDiscovery {
 
         let wake = Arc::new(Notify::new());
         let listener_wake = wake.clone();
+        let state_changes = Arc::new(AtomicU64::new(0));
+        let listener_state_changes = state_changes.clone();
         zk.add_listener(move |state: ZkState| {
             tracing::info!(?state, "zookeeper state changed");
+            listener_state_changes.fetch_add(1, Ordering::Relaxed);
             listener_wake.notify_waiters();
         });
         let registrations = Arc::new(Mutex::new(Registrations::default()));
@@ -137,6 +141,7 @@ impl ZkDiscovery {
                 zk.clone(),
                 servers_path.clone(),
                 wake.clone(),
+                state_changes.clone(),
                 {
                     let servers = servers.clone();
                     move |nodes| {
@@ -154,6 +159,7 @@ impl ZkDiscovery {
                 zk.clone(),
                 routers_path.clone(),
                 wake.clone(),
+                state_changes.clone(),
                 {
                     let routers = routers.clone();
                     move |nodes| {
@@ -334,16 +340,29 @@ async fn watch_folder(
     zk: Arc<ZooKeeper>,
     path: String,
     wake: Arc<Notify>,
+    state_changes: Arc<AtomicU64>,
     publish: impl Fn(Vec<(String, Vec<u8>)>) + Send + 'static,
 ) {
     let (changed_tx, mut changed) = mpsc::channel::<()>(1);
+    // A watch is set only while none is pending: zookeeper-async keeps each one's callback
+    // until its event comes, so setting one on every pass (every second and every wake) grew
+    // that table without end in a cluster whose membership stood still. A state change (a
+    // reconnect, a new session after an expiry) may have lost the pending one: set another.
+    let mut armed_in_state = None;
     loop {
-        let tx = changed_tx.clone();
-        let listed = zk
-            .get_children_w(&path, move |_event: WatchedEvent| {
-                let _ = tx.try_send(());
-            })
-            .await;
+        let state = state_changes.load(Ordering::Relaxed);
+        let listed = if armed_in_state == Some(state) {
+            zk.get_children(&path, false).await
+        } else {
+            let tx = changed_tx.clone();
+            let listed = zk
+                .get_children_w(&path, move |_event: WatchedEvent| {
+                    let _ = tx.try_send(());
+                })
+                .await;
+            armed_in_state = listed.is_ok().then_some(state);
+            listed
+        };
         match listed {
             Ok(children) => {
                 let mut nodes = Vec::with_capacity(children.len());
@@ -367,7 +386,7 @@ async fn watch_folder(
             Err(e) => tracing::debug!(%path, error = ?e, "listing failed"),
         }
         tokio::select! {
-            _ = changed.recv() => {}
+            _ = changed.recv() => armed_in_state = None,
             _ = wake.notified() => {}
             _ = tokio::time::sleep(RECONCILE_EVERY) => {}
         }
