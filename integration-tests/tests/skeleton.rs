@@ -142,6 +142,45 @@ async fn second_login_is_refused_unless_it_takes_over() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A user's route on a server the router has not linked yet (it just started, or is still
+/// dialing) still refuses a second login: the server is in discovery, so the session may
+/// well be live. Before, only linked servers counted, and the route was released: a second
+/// login came in beside the live session, with no kick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_on_a_server_not_linked_yet_refuses_a_second_login() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let config = cluster.client_config();
+    let ula = cim_client::register(&config, "ula", "password").await?;
+    // A server in discovery that the router cannot reach (nothing listens there).
+    let unreachable = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+    let ghost = cim_core::discovery::ServerInfo {
+        id: "ghost".into(),
+        client_addr: unreachable,
+        internal_addr: unreachable,
+        load: 0,
+    };
+    cluster.embedded.discovery.register_server(ghost).await?;
+    let store = &cluster.embedded.store;
+    let route = cim_router::store::Route {
+        server_id: "ghost".into(),
+        session_id: 7,
+        confirmed: false,
+    };
+    store
+        .claim_route(ula, route, Duration::from_secs(30), false)
+        .await?;
+    assert!(
+        store
+            .confirm_route(ula, 7, "ghost", Duration::from_secs(30))
+            .await?
+    );
+
+    let refused = Client::login(&config, "ula", "password", LoginOptions::default()).await;
+    let err = refused.err().context("a second login must be refused")?;
+    assert_eq!(err.code(), Some("already_online"), "{err}");
+    Ok(())
+}
+
 /// `POST /api/relogin` with `token`: the new token, or the refusal's status and code.
 async fn relogin(api: &RouterApi, token: &str) -> Result<String, (u16, String)> {
     match api

@@ -71,6 +71,8 @@ pub struct Embedded {
     pub certs_created: bool,
     /// The store the router uses.
     pub store: Arc<dyn Store>,
+    /// The in-process discovery the router and servers share.
+    pub discovery: Arc<dyn Discovery>,
     tasks: JoinSet<()>,
 }
 
@@ -168,8 +170,9 @@ pub async fn start_with_store(
     let router_url = format!("https://{}", router.http_addr());
     let admin_url = format!("{router_url}/admin?token={admin_token}");
     let router_store = store.clone();
+    let router_discovery = discovery.clone();
     tasks.spawn(async move {
-        if let Err(e) = router.run(router_store, discovery, shutdown).await {
+        if let Err(e) = router.run(router_store, router_discovery, shutdown).await {
             tracing::error!(error = %e, "router failed");
         }
     });
@@ -181,6 +184,7 @@ pub async fn start_with_store(
         internal_addrs,
         certs_created,
         store,
+        discovery,
         tasks,
     })
 }

@@ -2,7 +2,7 @@
 //! discovery view and redialled with backoff. The router opens streams for pushes and kicks;
 //! the server opens streams for session events and forwarded client messages.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -165,6 +165,8 @@ pub struct ServerLinks {
     conns: RwLock<HashMap<String, quinn::Connection>>,
     /// Client messages forwarded by each server (for the admin page's rates).
     forwarded: RwLock<HashMap<String, Arc<AtomicU64>>>,
+    /// Servers whose link went down and is not back (until they leave discovery).
+    lost: std::sync::Mutex<HashSet<String>>,
 }
 
 impl ServerLinks {
@@ -178,6 +180,7 @@ impl ServerLinks {
             dropped: AtomicU64::new(0),
             conns: RwLock::new(HashMap::new()),
             forwarded: RwLock::new(HashMap::new()),
+            lost: std::sync::Mutex::new(HashSet::new()),
         }
     }
 
@@ -227,6 +230,24 @@ impl ServerLinks {
             .unwrap_or_else(|p| p.into_inner())
             .get(server_id)
             .cloned()
+    }
+
+    /// Whether this router's link to `server_id` went down and is not back: a server it has
+    /// not linked yet (just started, still dialing) is not lost.
+    pub fn link_lost(&self, server_id: &str) -> bool {
+        self.lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(server_id)
+    }
+
+    fn set_lost(&self, server_id: &str, lost: bool) {
+        let mut set = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        if lost {
+            set.insert(server_id.to_string());
+        } else {
+            set.remove(server_id);
+        }
     }
 
     /// Whether a live connection to `server_id` exists.
@@ -402,6 +423,7 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
                 );
             }
             service.links.set(&id, None);
+            service.links.set_lost(&id, false);
             if !servers.iter().any(|s| s.id == id) {
                 service.links.forget(&id);
                 match service.store.remove_server_routes(&id).await {
@@ -447,6 +469,7 @@ async fn dial(service: Arc<Service>, server: ServerInfo, shutdown: CancellationT
                 backoff = Duration::from_millis(100);
                 tracing::info!(server = %server.id, addr = %server.internal_addr, "linked to server");
                 service.links.set(&server.id, Some(conn.clone()));
+                service.links.set_lost(&server.id, false);
                 tokio::select! {
                     _ = serve_server(&service, &server.id, &conn) => {}
                     _ = shutdown.cancelled() => {
@@ -455,6 +478,7 @@ async fn dial(service: Arc<Service>, server: ServerInfo, shutdown: CancellationT
                     }
                 }
                 service.links.set(&server.id, None);
+                service.links.set_lost(&server.id, true);
                 tracing::info!(server = %server.id, reason = ?conn.close_reason(), "link to server lost");
             }
             Err(e) => {

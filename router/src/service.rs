@@ -564,10 +564,7 @@ impl Service {
         }
         let current = self.store.routes(&[claims.user_id]).await?.pop().flatten();
         if let Some(route) = &current
-            && self
-                .usable_servers()
-                .iter()
-                .any(|s| s.id == route.server_id)
+            && self.server_alive(&route.server_id)
         {
             if route.session_id != claims.session_id {
                 // Another login holds the user: a replacement whose revocation of this login
@@ -639,7 +636,12 @@ impl Service {
         takeover: bool,
         relogin: Option<&Relogin>,
     ) -> Result<LoginGrant, ServiceError> {
-        let live = self.usable_servers();
+        // Picked first: with no server to give, the route is left as it is.
+        let server = self
+            .selector
+            .pick(&self.usable_servers(), account.id, rand::random())
+            .cloned()
+            .ok_or(ServiceError::NoServer)?;
         // A takeover (and a re-login) replaces whatever holds the route, so only a login
         // without one reads it: another login on a live server refuses it. A route to a server
         // that is gone holds no one: it is released (if it is still that one) and the route
@@ -649,7 +651,7 @@ impl Service {
         let force = takeover || {
             let current = self.store.routes(&[account.id]).await?.pop().flatten();
             match current {
-                Some(r) if live.iter().any(|s| s.id == r.server_id) => {
+                Some(r) if self.server_alive(&r.server_id) => {
                     return Err(ServiceError::AlreadyOnline);
                 }
                 Some(r) => {
@@ -661,11 +663,6 @@ impl Service {
                 None => false,
             }
         };
-        let server = self
-            .selector
-            .pick(&live, account.id, rand::random())
-            .cloned()
-            .ok_or(ServiceError::NoServer)?;
         let session_id = rand::random::<u64>().max(1);
         let route = Route {
             server_id: server.id.clone(),
@@ -1288,6 +1285,14 @@ impl Service {
             .collect();
         self.config.metrics.linked_servers.set(usable.len() as i64);
         usable
+    }
+
+    /// Whether a route's server counts as alive for a login: it is in discovery and its link
+    /// from this router did not go down. One not linked yet (this router just started, or is
+    /// still dialing) counts as alive: taking its users' routes would let a second login in
+    /// beside a live session.
+    fn server_alive(&self, server_id: &str) -> bool {
+        self.servers.borrow().iter().any(|s| s.id == server_id) && !self.links.link_lost(server_id)
     }
 
     /// Whether the router can serve: the store answers and at least one server is linked.
