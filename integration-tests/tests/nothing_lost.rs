@@ -768,6 +768,9 @@ impl Store for PausingStore {
     ) -> Result<Option<Revocation>, StoreError> {
         self.inner.revocation(user, session_id).await
     }
+    async fn last_login(&self, user: u64) -> Result<Option<u64>, StoreError> {
+        self.inner.last_login(user).await
+    }
     async fn release_route(
         &self,
         user: u64,

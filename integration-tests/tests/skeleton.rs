@@ -193,6 +193,34 @@ async fn relogin(api: &RouterApi, token: &str) -> Result<String, (u16, String)> 
     }
 }
 
+/// An expired token whose login a newer one replaced is refused as replaced, not just as
+/// expired: on a plain `unauthorized` the client logs in with its password and takeover, so a
+/// laptop that slept past its token's life took the user back from the phone that logged in
+/// meanwhile. The latest login's own expired token is refused as expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_of_a_replaced_login_says_it_was_replaced() -> anyhow::Result<()> {
+    let cluster = TestCluster::start_with(1, Backend::Memory, |config| {
+        config.token_ttl = Duration::from_secs(1);
+    })
+    .await?;
+    let config = cluster.client_config();
+    let api = RouterApi::new(&config)?;
+    let (_, laptop) = cluster.http_login("ivy").await?;
+    let (phone, _phone_events) =
+        Client::login(&config, "ivy", "password", LoginOptions { takeover: true }).await?;
+    let phone_token = phone.token();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        relogin(&api, &laptop).await,
+        Err((401, "logged_in_elsewhere".into()))
+    );
+    assert_eq!(
+        relogin(&api, &phone_token).await,
+        Err((401, "unauthorized".into()))
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_re_logs_in_once_and_never_a_live_or_ended_login() -> anyhow::Result<()> {
     // On Redis: single use, takeovers and logouts are revocations stored there.

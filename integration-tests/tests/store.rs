@@ -330,9 +330,11 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
             last_login: Some(23)
         }
     );
+    assert_eq!(store.last_login(gina.id).await?, Some(25));
 
     // A user without a route: a re-login checked against none claims it.
     let hank = store.create_account("hank", "hash").await?;
+    assert_eq!(store.last_login(hank.id).await?, None);
     assert_eq!(
         store
             .claim_route_relogin(hank.id, route(30), lease, &relogin(29, None))

@@ -554,7 +554,10 @@ impl Service {
         &self,
         token: &str,
     ) -> Result<(Claims, Account, Option<u64>), ServiceError> {
-        let claims = self.config.token_key.verify(token, now_ms(), None)?;
+        let claims = match self.config.token_key.verify(token, now_ms(), None) {
+            Err(TokenError::Expired) => return Err(self.expired_token_refusal(token).await),
+            verified => verified?,
+        };
         let revocation = self
             .store
             .revocation(claims.user_id, claims.session_id)
@@ -587,6 +590,29 @@ impl Service {
             .pop()
             .ok_or(ServiceError::InvalidCredentials)?;
         Ok((claims, account, current.map(|r| r.session_id)))
+    }
+
+    /// Why an expired token may not re-log in. A login that ended says how (as for a live
+    /// token), and one that a newer login replaced says so (`session_ended`, replaced: the
+    /// client stops) even once its revocation mark is gone: on `unauthorized` the client logs
+    /// in with its password and takeover, and would take the user back from the newer login
+    /// on another device.
+    async fn expired_token_refusal(&self, token: &str) -> ServiceError {
+        let expired = ServiceError::from(TokenError::Expired);
+        let Ok(claims) = self.config.token_key.verify_signature(token) else {
+            return expired;
+        };
+        let (user, session) = (claims.user_id, claims.session_id);
+        let why = match self.store.revocation(user, session).await {
+            Ok(Some(why)) => return ended(why),
+            Ok(None) => self.store.last_login(user).await,
+            Err(e) => return e.into(),
+        };
+        match why {
+            Ok(Some(latest)) if latest != session => ended(Revocation::Replaced),
+            Ok(_) => expired,
+            Err(e) => e.into(),
+        }
     }
 
     async fn check_credentials(&self, name: &str, password: &str) -> Result<Account, ServiceError> {

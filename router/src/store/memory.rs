@@ -292,6 +292,10 @@ impl Store for MemoryStore {
         Ok(self.inner().revocation(user, session_id, Instant::now()))
     }
 
+    async fn last_login(&self, user: u64) -> Result<Option<u64>, StoreError> {
+        Ok(self.inner().logins.get(&user).copied())
+    }
+
     async fn release_route(
         &self,
         user: u64,

@@ -297,6 +297,8 @@ pub trait Store: Send + Sync + 'static {
         user: u64,
         session_id: u64,
     ) -> Result<Option<Revocation>, StoreError>;
+    /// The session id of `user`'s latest login (the last route claim), kept with no expiry.
+    async fn last_login(&self, user: u64) -> Result<Option<u64>, StoreError>;
     /// Removes the route and online entry if they still belong to `session_id`, and, given
     /// `server_id`, if the route is on that server: a server's close report releases only a
     /// route to itself (a logout, without `server_id`, releases the route wherever it is).

@@ -772,6 +772,16 @@ impl Store for RedisStore {
         Ok(stored.map(|v| Revocation::parse(&String::from_utf8_lossy(&v))))
     }
 
+    async fn last_login(&self, user: u64) -> Result<Option<u64>, StoreError> {
+        let stored: Option<String> = self
+            .conn()
+            .get(login_key(user))
+            .await
+            .map_err(unavailable)?;
+        // Anything but a session id reads as none, as the claim script does.
+        Ok(stored.and_then(|s| s.parse().ok()))
+    }
+
     async fn release_route(
         &self,
         user: u64,
