@@ -165,37 +165,47 @@ impl ProcCluster {
 
     /// Starts a server process with id `id`.
     pub async fn add_server(&mut self, id: &str) -> anyhow::Result<()> {
+        self.add_server_with(id, &[]).await
+    }
+
+    /// Starts a server process with id `id` and `extra` options.
+    pub async fn add_server_with(&mut self, id: &str, extra: &[&str]) -> anyhow::Result<()> {
         let zk = zookeeper_hosts()?;
         let certs = self.certs_dir();
-        let mut proc = Proc::spawn(
-            "cim-server",
-            &[
-                "--id",
-                id,
-                "--zookeeper",
-                &zk,
-                "--zk-root",
-                &self.zk_root,
-                "--zk-session-timeout-ms",
-                &ZK_SESSION_MS.to_string(),
-                "--listen",
-                "127.0.0.1:0",
-                "--internal",
-                "127.0.0.1:0",
-                "--certs",
-                &certs,
-                "--heartbeat-ms",
-                &HEARTBEAT_MS.to_string(),
-                "--heartbeat-timeout-ms",
-                &HEARTBEAT_TIMEOUT_MS.to_string(),
-                "--renew-ms",
-                &RENEW_MS.to_string(),
-                "--max-connections-per-ip",
-                "100000",
-                "--max-msgs-per-sec",
-                "100000",
-            ],
-        )?;
+        let (zk_session, heartbeat, heartbeat_timeout, renew) = (
+            ZK_SESSION_MS.to_string(),
+            HEARTBEAT_MS.to_string(),
+            HEARTBEAT_TIMEOUT_MS.to_string(),
+            RENEW_MS.to_string(),
+        );
+        let mut args = vec![
+            "--id",
+            id,
+            "--zookeeper",
+            &zk,
+            "--zk-root",
+            &self.zk_root,
+            "--zk-session-timeout-ms",
+            &zk_session,
+            "--listen",
+            "127.0.0.1:0",
+            "--internal",
+            "127.0.0.1:0",
+            "--certs",
+            &certs,
+            "--heartbeat-ms",
+            &heartbeat,
+            "--heartbeat-timeout-ms",
+            &heartbeat_timeout,
+            "--renew-ms",
+            &renew,
+            "--max-connections-per-ip",
+            "100000",
+            "--max-msgs-per-sec",
+            "100000",
+        ];
+        args.extend_from_slice(extra);
+        let mut proc = Proc::spawn("cim-server", &args)?;
         proc.expect_line(&format!("server {id} listening")).await?;
         self.servers.push((id.to_string(), proc));
         Ok(())

@@ -602,3 +602,32 @@ async fn each_router_holds_its_own_message_id_node() -> anyhow::Result<()> {
     assert_eq!((got.msg_id, got.body.as_str()), (second, "second"));
     Ok(())
 }
+
+/// A server that no router reaches any more drains its clients after
+/// `--routerless-drain-ms`, so that they log in again through a router and land on a server it
+/// can reach. Before, heartbeats kept them on it, unable to send (every send answered
+/// `retry`) or receive, for as long as the cut lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_no_router_reaches_drains_its_clients() -> anyhow::Result<()> {
+    let mut cluster = ProcCluster::start(1, 0, "round-robin").await?;
+    cluster
+        .add_server_with("s1", &["--routerless-drain-ms", "1000"])
+        .await?;
+    cluster.wait_servers(1).await?;
+    let (_ann, mut events) = users(&cluster, "rl", 1).await?.pop().unwrap();
+    cluster.routers[0].1.child.kill().await?;
+    // The link times out (4 s without packets), and a second later the server drains.
+    let reason = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match events.next().await {
+                Some(Event::Drain(reason)) => return Some(reason),
+                Some(_) => {}
+                None => return None,
+            }
+        }
+    })
+    .await
+    .context("no drain")?;
+    assert_eq!(reason.as_deref(), Some("no router reaches this server"));
+    Ok(())
+}

@@ -63,6 +63,10 @@ pub struct ServerConfig {
     /// How often the routes of open sessions are renewed (keep well under the router's route
     /// lease).
     pub renew_interval: Duration,
+    /// How long the server may have no router linked before it moves its clients off (drains
+    /// them): their sends would be refused and no push would come, while heartbeats alone
+    /// kept them there for as long as the cut lasted.
+    pub routerless_drain_after: Duration,
     /// Caps on what peers may use.
     pub limits: Limits,
     /// What the server counts.
@@ -101,6 +105,10 @@ impl Default for Limits {
 impl ServerConfig {
     /// How often open sessions' routes are renewed unless set otherwise.
     pub const DEFAULT_RENEW_INTERVAL: Duration = Duration::from_secs(10);
+    /// How long a server stays without routers before draining its clients, unless set
+    /// otherwise: over a ZooKeeper session expiry (routers drop a server whose node is gone)
+    /// and the redial after it, with room to spare.
+    pub const DEFAULT_ROUTERLESS_DRAIN_AFTER: Duration = Duration::from_secs(20);
 
     /// Defaults for everything but identity, addresses and credentials.
     pub fn new(
@@ -127,6 +135,7 @@ impl ServerConfig {
             max_body_bytes: 16 * 1024,
             drain_grace: Duration::from_secs(2),
             renew_interval: Self::DEFAULT_RENEW_INTERVAL,
+            routerless_drain_after: Self::DEFAULT_ROUTERLESS_DRAIN_AFTER,
             limits: Limits::default(),
             metrics: Arc::new(cim_core::metrics::ServerMetrics::unregistered()),
             ops_addr: None,
@@ -259,6 +268,7 @@ impl Server {
         links::run_batches(&state);
         tracker.spawn(renew_routes(state.clone(), shutdown.clone()));
         tracker.spawn(report_acks(state.clone(), shutdown.clone()));
+        tracker.spawn(drain_when_routerless(state.clone(), shutdown.clone()));
         tracker.spawn(report_load(
             discovery.clone(),
             state.clone(),
@@ -274,6 +284,8 @@ impl Server {
 
         shutdown.cancelled().await;
         tracing::info!(id = %self.config.id, "server draining");
+        // While routers still link here: they drop the links once the node is gone.
+        report_acks_once(&state).await;
         if let Err(e) = discovery.deregister_server(&self.config.id).await {
             tracing::warn!(error = %e, "could not deregister from discovery");
         }
@@ -315,17 +327,54 @@ async fn report_acks(state: Arc<session::State>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => true,
             _ = tick.tick() => false,
         };
-        let acked = state.take_acks();
-        if !acked.is_empty()
-            && let Err(e) = state.links.trim(&acked).await
-        {
-            tracing::debug!(error = %e, users = acked.len(), "ack report failed; kept for the next");
-            for (user, seq) in acked {
-                state.record_ack(user, seq);
-            }
-        }
+        report_acks_once(&state).await;
         if stopping {
             return;
+        }
+    }
+}
+
+/// Reports the acknowledgements recorded since the last report; keeps them if no router
+/// took them.
+async fn report_acks_once(state: &session::State) {
+    let acked = state.take_acks();
+    if !acked.is_empty()
+        && let Err(e) = state.links.trim(&acked).await
+    {
+        tracing::debug!(error = %e, users = acked.len(), "ack report failed; kept for the next");
+        for (user, seq) in acked {
+            state.record_ack(user, seq);
+        }
+    }
+}
+
+/// Drains the clients of a server that has had no router linked for
+/// `routerless_drain_after` (a ZooKeeper partition that expired its node, say, or routers
+/// that cannot reach it): routers then give them servers they can reach. Heartbeats alone
+/// would keep them here, unable to send or receive, for as long as the cut lasts. New logins
+/// need a router to confirm them, so none comes in meanwhile; once a router links again,
+/// the server serves as before.
+async fn drain_when_routerless(state: Arc<session::State>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut alone_since: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !state.links.is_empty() {
+            alone_since = None;
+            continue;
+        }
+        let since = *alone_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() >= state.config.routerless_drain_after && state.session_count() > 0 {
+            tracing::warn!(
+                sessions = state.session_count(),
+                alone_for = ?since.elapsed(),
+                "no router linked; draining clients to servers routers can reach"
+            );
+            state.drain_sessions("no router reaches this server");
+            alone_since = Some(tokio::time::Instant::now());
         }
     }
 }

@@ -63,6 +63,10 @@ struct Args {
     /// route lease, 30 s by default).
     #[arg(long, env = "CIM_RENEW_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     renew_ms: u64,
+    /// How long the server may have no router linked before it drains its clients to other
+    /// servers, in milliseconds.
+    #[arg(long, env = "CIM_ROUTERLESS_DRAIN_MS", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
+    routerless_drain_ms: u64,
     /// Lifetime of the session tokens this server renews, in seconds (keep equal to the
     /// routers' --token-ttl-secs).
     #[arg(long, env = "CIM_TOKEN_TTL_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(2..=86_400))]
@@ -108,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
     config.heartbeat_timeout = Duration::from_millis(args.heartbeat_timeout_ms);
     config.renew_interval = Duration::from_millis(args.renew_ms);
+    config.routerless_drain_after = Duration::from_millis(args.routerless_drain_ms);
     config.token_ttl = Duration::from_secs(args.token_ttl_secs);
     config.limits = cim_server::Limits {
         max_connections: args.max_connections,

@@ -335,9 +335,14 @@ impl State {
             .collect()
     }
 
-    /// Sends `Drain` to every session.
+    /// Refuses new logins from now on and sends `Drain` to every session.
     pub(crate) fn drain_all(&self, reason: &str) {
         self.draining.store(true, Ordering::Relaxed);
+        self.drain_sessions(reason);
+    }
+
+    /// Sends `Drain` to every session (the server goes on taking logins).
+    pub(crate) fn drain_sessions(&self, reason: &str) {
         let sessions: Vec<Session> = self.sessions().values().cloned().collect();
         for session in sessions {
             send_control(&session, ControlOut::Drain(reason.to_string()));
