@@ -362,13 +362,21 @@ pub struct GroupMemberInfo {
 pub struct Events {
     rx: mpsc::Receiver<Event>,
     progress: Arc<Progress>,
+    /// Cancelled once the session is over for good (kicked, closed, or lost with reconnects
+    /// off): then no more events come, even while the application still holds the client.
+    ended: CancellationToken,
 }
 
 impl Events {
-    /// The next event, or `None` once the client is closed and every event was taken.
+    /// The next event, or `None` once the session is over (kicked, closed, or lost with
+    /// reconnecting off) and every event was taken.
     pub async fn next(&mut self) -> Option<Event> {
         self.progress.done_with_taken();
-        let event = self.rx.recv().await;
+        let event = tokio::select! {
+            biased;
+            event = self.rx.recv() => event,
+            () = self.ended.cancelled() => self.rx.try_recv().ok(),
+        };
         if let Some(Event::Message(message)) = &event {
             self.progress
                 .taken
@@ -717,7 +725,12 @@ impl Client {
                     }
                     break connected;
                 }
-                Err(e @ ClientError::LoginRefused { .. }) => return Err(e),
+                Err(e @ ClientError::LoginRefused { .. }) => {
+                    // Given back, as below: else a retry is refused as already online until
+                    // the router's claim for this login lapses.
+                    let _ = shared.api.logout(&grant.token).await;
+                    return Err(e);
+                }
                 Err(e) if attempt >= LOGIN_CONNECT_ATTEMPTS => {
                     // The router holds the user for this login until its claim lapses: give
                     // it back, so that trying again is not refused as already online.
@@ -732,11 +745,13 @@ impl Client {
         };
         tokio::spawn(supervise(shared.clone(), connected));
         tokio::spawn(fill_gaps(shared.clone()));
+        let ended = shared.supervised.clone();
         Ok((
             Client { shared },
             Events {
                 rx: events_rx,
                 progress,
+                ended,
             },
         ))
     }
@@ -816,7 +831,9 @@ impl Client {
         loop {
             let sends = match self.shared.live_sends(deadline).await {
                 // An earlier attempt may have been stored: the outcome is unknown.
-                Err(ClientError::NotConnected) if attempted => return Err(ClientError::Timeout),
+                Err(ClientError::NotConnected | ClientError::Closed) if attempted => {
+                    return Err(ClientError::Timeout);
+                }
                 other => other?,
             };
             attempted = true;
@@ -1166,7 +1183,9 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
         if shared.stop.is_cancelled() {
             return None;
         }
-        let last_seq = shared.inbox.lock().await.last();
+        // Not the inbox lock: a delivery holding it while the application's event queue is
+        // full would hold up the reconnect too.
+        let last_seq = shared.delivered_seq.load(Ordering::Relaxed);
         let attempt = if relogin {
             relogin_once(shared, last_seq, &mut logged_in_again).await
         } else {

@@ -128,6 +128,10 @@ async fn second_login_is_refused_unless_it_takes_over() -> anyhow::Result<()> {
         Event::Kicked(reason) => assert!(reason.contains("elsewhere"), "{reason}"),
         other => panic!("expected a kick, got {other:?}"),
     }
+    // The kicked session's events end, though the application still holds its client (an
+    // event loop like `run_handler` returns).
+    let after_kick = tokio::time::timeout(WAIT, first_events.next()).await;
+    assert_eq!(after_kick.ok(), Some(None), "events go on after the kick");
     // The old session's token can no longer act; the new one can.
     assert_eq!(second.online_users("").await?.len(), 1);
     drop(first);
