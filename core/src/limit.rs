@@ -5,6 +5,23 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
+use cim_proto::v1::{ChatMessage, chat_message};
+
+/// What a broadcast to everyone online costs against the sender's message rate (on a server)
+/// or request rate (over HTTP): it is stored in every online user's inbox and pushed to every
+/// server, so at a server's default 200 a second a session broadcasts at most 4 a second
+/// (burst 8).
+pub const BROADCAST_COST: u32 = 50;
+
+/// What `message` costs against its sender's rate: one send, or [`BROADCAST_COST`] for a
+/// broadcast (to the group `all`).
+pub fn send_cost(message: &ChatMessage) -> u32 {
+    match &message.target {
+        Some(chat_message::Target::Group(g)) if g == "all" => BROADCAST_COST,
+        _ => 1,
+    }
+}
+
 /// A token bucket: bursts up to `capacity`, sustained `per_second`.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -92,6 +109,11 @@ impl<K: Hash + Eq + Clone> WindowCounter<K> {
 
     /// Counts one event for `key`; returns the count including it.
     pub fn hit(&mut self, key: K, now: Instant) -> u32 {
+        self.hit_n(key, 1, now)
+    }
+
+    /// Counts `n` events for `key` (one costing that many); returns the count including them.
+    pub fn hit_n(&mut self, key: K, n: u32, now: Instant) -> u32 {
         if self.counts.len() >= self.max_keys && !self.counts.contains_key(&key) {
             self.prune(now);
         }
@@ -100,7 +122,7 @@ impl<K: Hash + Eq + Clone> WindowCounter<K> {
         if now.saturating_duration_since(slot.1) >= window {
             *slot = (0, now);
         }
-        slot.0 = slot.0.saturating_add(1);
+        slot.0 = slot.0.saturating_add(n);
         slot.0
     }
 

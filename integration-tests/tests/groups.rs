@@ -195,6 +195,15 @@ async fn group_errors_have_codes_and_the_http_api_works() -> anyhow::Result<()> 
         code(bob.leave_group("club").await).as_deref(),
         Some("not_member")
     );
+    assert_eq!(
+        code(bob.leave_group("nope").await).as_deref(),
+        Some("unknown_group")
+    );
+    // Dots alone are no name (`..` in a URL path means the folder above).
+    assert_eq!(
+        code(alice.create_group("..").await).as_deref(),
+        Some("bad_request")
+    );
     let err = bob.send_group("club", "let me in").await.unwrap_err();
     assert_eq!(err.code(), Some("not_member"));
 

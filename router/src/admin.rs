@@ -50,10 +50,12 @@ fn authorized(service: &Service, query: &TokenQuery, header: Option<&str>) -> bo
     else {
         return false;
     };
+    // An empty `?token=` does not hide the header.
     let given = query
         .token
         .as_deref()
-        .or_else(|| header.and_then(|h| h.strip_prefix("Bearer ")));
+        .filter(|t| !t.is_empty())
+        .or_else(|| header.and_then(crate::api::bearer_token));
     // Compare in constant time: the token is a credential.
     given.is_some_and(|g| {
         g.len() == expected.len()

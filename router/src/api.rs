@@ -377,6 +377,11 @@ pub fn routes(
                         target: Some(target),
                         body: req.body,
                     };
+                    // The request counted one; a broadcast costs as much as on a server.
+                    let extra = cim_core::limit::send_cost(&message) - 1;
+                    if extra > 0 {
+                        service.check_api_rate_n(claims.user_id, claims.session_id, extra)?;
+                    }
                     let sender = Sender {
                         id: claims.user_id,
                         name: claims.user_name,
@@ -571,13 +576,22 @@ fn json_body<T: DeserializeOwned + Send>()
         })
 }
 
+/// The token of an `Authorization: Bearer <token>` header's value; the scheme's name is
+/// case-insensitive (RFC 7235).
+pub(crate) fn bearer_token(header: &str) -> Option<&str> {
+    let scheme = header.get(..7)?;
+    scheme
+        .eq_ignore_ascii_case("bearer ")
+        .then(|| header[7..].trim())
+}
+
 /// The bearer token from the Authorization header, if any.
 fn bearer() -> impl Filter<Extract = (Result<String, ApiError>,), Error = Rejection> + Clone {
     warp::header::optional::<String>("authorization").map(|header: Option<String>| {
         header
             .as_deref()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(|t| t.trim().to_string())
+            .and_then(bearer_token)
+            .map(str::to_string)
             .ok_or_else(|| {
                 ApiError::new(
                     StatusCode::UNAUTHORIZED,
@@ -634,6 +648,24 @@ fn respond_api<R: Reply>(result: Result<R, ApiError>) -> Response {
 async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     let error = if rejection.is_not_found() {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+    } else if let Some(header) = rejection.find::<warp::reject::InvalidHeader>() {
+        // Ahead of the method check: another route's method refusal is merged in. Not
+        // visible ASCII: a client's mistake (or a probe), not the router's, so not a
+        // warning per request.
+        tracing::debug!(header = header.name(), "invalid header");
+        if header.name() == "authorization" {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the Authorization header is not a token",
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("invalid {} header", header.name()),
+            )
+        }
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -663,4 +695,18 @@ async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "bad request")
     };
     Ok(error.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn a_bearer_token_is_read_whatever_the_scheme_case() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc "), Some("abc"));
+        assert_eq!(bearer_token("BEARER abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bear"), None);
+    }
 }

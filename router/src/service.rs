@@ -475,7 +475,18 @@ impl Service {
     /// user, so someone holding a token of a login that ended cannot use up the user's
     /// current one.
     pub(crate) fn check_api_rate(&self, user: u64, session: u64) -> Result<(), ServiceError> {
-        let count = lock(&self.api_requests).hit((user, session), Instant::now());
+        self.check_api_rate_n(user, session, 1)
+    }
+
+    /// [`Service::check_api_rate`] for a request that costs `cost` (a broadcast costs
+    /// [`cim_core::limit::BROADCAST_COST`]).
+    pub(crate) fn check_api_rate_n(
+        &self,
+        user: u64,
+        session: u64,
+        cost: u32,
+    ) -> Result<(), ServiceError> {
+        let count = lock(&self.api_requests).hit_n((user, session), cost, Instant::now());
         let limit = self.config.api_limits.requests_per_user;
         self.within_limit(
             count,
@@ -1176,6 +1187,8 @@ impl Service {
     pub async fn leave_group(&self, user: u64, name: &str) -> Result<(), ServiceError> {
         if self.store.leave_group(name, user).await? {
             Ok(())
+        } else if self.store.group_members(name).await?.is_none() {
+            Err(ServiceError::UnknownGroup)
         } else {
             Err(ServiceError::NotMember)
         }
@@ -1363,16 +1376,19 @@ const MAX_PULL_BYTES: usize = 512 * 1024;
 /// Longest name a login is checked for (registration allows 32 bytes).
 const MAX_LOGIN_NAME: usize = 64;
 
+/// A name of 1-32 characters of A-Z, a-z, 0-9, '_', '-', '.', not dots alone (`..` in a URL
+/// path is read as "the folder above" by most HTTP clients).
 fn validate_name(name: &str) -> Result<(), ServiceError> {
     let ok_len = (1..=32).contains(&name.len());
     let ok_chars = name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if ok_len && ok_chars {
+    let only_dots = name.chars().all(|c| c == '.');
+    if ok_len && ok_chars && !only_dots {
         Ok(())
     } else {
         Err(ServiceError::BadRequest(
-            "name must be 1-32 characters of A-Z, a-z, 0-9, '_', '-', '.'".into(),
+            "name must be 1-32 characters of A-Z, a-z, 0-9, '_', '-', '.' (not dots alone)".into(),
         ))
     }
 }
@@ -1385,7 +1401,8 @@ fn validate_group_name(name: &str) -> Result<(), ServiceError> {
     }
     validate_name(name).map_err(|_| {
         ServiceError::BadRequest(
-            "group name must be 1-32 characters of A-Z, a-z, 0-9, '_', '-', '.'".into(),
+            "group name must be 1-32 characters of A-Z, a-z, 0-9, '_', '-', '.' (not dots alone)"
+                .into(),
         )
     })
 }
@@ -1421,6 +1438,17 @@ mod tests {
         assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
         assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
         assert_eq!(key("::ffff:198.51.100.4"), "198.51.100.4");
+    }
+
+    #[test]
+    fn names_are_short_plain_and_not_dots_alone() {
+        for good in ["alice", "a.b", "x", "A_b-9", ".hidden", &"n".repeat(32)] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".", "..", "...", "a b", "é", "a/b", &"n".repeat(33)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+        assert!(validate_group_name("all").is_err());
     }
 
     /// A service on the memory store, with no servers and a cheap password cost.

@@ -1245,20 +1245,6 @@ async fn in_time<T>(
     })
 }
 
-/// What a broadcast to everyone online costs against the sender's message rate: it is stored
-/// in every online user's inbox and pushed to every server, so at the default 200 a second a
-/// session broadcasts at most 4 a second (burst 8).
-const BROADCAST_COST: u32 = 50;
-
-/// What `message` costs against its sender's message rate: one send, or
-/// [`BROADCAST_COST`] for a broadcast.
-fn send_cost(message: &ChatMessage) -> u32 {
-    match &message.target {
-        Some(cim_proto::v1::chat_message::Target::Group(g)) if g == "all" => BROADCAST_COST,
-        _ => 1,
-    }
-}
-
 /// Why a message stream ended without an ack.
 #[derive(Debug, thiserror::Error)]
 enum MessageError {
@@ -1384,7 +1370,7 @@ async fn send_messages(
 ) -> Result<(), MessageError> {
     let max_frame = state.config.max_body_bytes + 256;
     let store = |message: ChatMessage| async move {
-        if !from.gate.admit(send_cost(&message)) {
+        if !from.gate.admit(cim_core::limit::send_cost(&message)) {
             state.config.metrics.rate_limited.inc();
             return refused(
                 message.client_msg_id,
