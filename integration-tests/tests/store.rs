@@ -469,6 +469,47 @@ async fn groups_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A departed server's routes go, with their users' online entries; routes that moved to
+/// another server, and their users, stay. Enough users for several pipelined chunks.
+async fn a_departed_servers_routes_are_removed(store: &dyn Store) -> anyhow::Result<()> {
+    let lease = Duration::from_secs(30);
+    let mut on_gone = Vec::new();
+    for i in 0..1200u64 {
+        let user = store.create_account(&format!("gone{i}"), "hash").await?.id;
+        let route = Route {
+            server_id: "server-gone".into(),
+            session_id: 100 + i,
+            confirmed: false,
+        };
+        store.claim_route(user, route, lease, false).await?;
+        assert!(
+            store
+                .confirm_route(user, 100 + i, "server-gone", lease)
+                .await?
+        );
+        on_gone.push(user);
+    }
+    // One of them has since logged in on another server.
+    let moved = on_gone.pop().unwrap();
+    let route = Route {
+        server_id: "server-kept".into(),
+        session_id: 99,
+        confirmed: false,
+    };
+    store.claim_route(moved, route, lease, true).await?;
+    assert!(store.confirm_route(moved, 99, "server-kept", lease).await?);
+
+    let mut removed = store.remove_server_routes("server-gone").await?;
+    removed.sort_unstable();
+    assert_eq!(removed, on_gone);
+    let online = store.online_users().await?;
+    assert!(online.contains(&moved), "the moved user stays online");
+    assert!(!on_gone.iter().any(|u| online.contains(u)), "{online:?}");
+    assert!(store.routes(&on_gone).await?.iter().all(Option::is_none));
+    assert!(store.routes(&[moved]).await?[0].is_some());
+    Ok(())
+}
+
 #[tokio::test]
 async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     let store = MemoryStore::new();
@@ -480,6 +521,7 @@ async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     id_nodes_are_held_once(&store).await?;
     a_large_group_append_reaches_every_member_once(&store).await?;
     groups_follow_the_contract(&store).await?;
+    a_departed_servers_routes_are_removed(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 
@@ -495,6 +537,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     id_nodes_are_held_once(&store).await?;
     a_large_group_append_reaches_every_member_once(&store).await?;
     groups_follow_the_contract(&store).await?;
+    a_departed_servers_routes_are_removed(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 

@@ -426,17 +426,21 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
             service.links.set_lost(&id, false);
             if !servers.iter().any(|s| s.id == id) {
                 service.links.forget(&id);
-                match service.store.remove_server_routes(&id).await {
-                    Ok(users) => {
-                        tracing::info!(server = %id, routes = users.len(), "server left; routes removed");
-                        for user in users {
-                            service.announce_presence(user, false);
+                // Off this loop, which meanwhile goes on linking other servers.
+                let service = service.clone();
+                tokio::spawn(async move {
+                    match service.store.remove_server_routes(&id).await {
+                        Ok(users) => {
+                            tracing::info!(server = %id, routes = users.len(), "server left; routes removed");
+                            for user in users {
+                                service.announce_presence(user, false);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(server = %id, error = %e, "could not remove routes of departed server")
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(server = %id, error = %e, "could not remove routes of departed server")
-                    }
-                }
+                });
             }
         }
         for server in servers.iter() {

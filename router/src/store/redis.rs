@@ -608,6 +608,23 @@ impl RedisStore {
         })
     }
 
+    /// [`RedisStore::leave_online`] for several users, in three round trips.
+    async fn leave_online_all(&self, users: &[u64]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let _: () = conn.srem(ONLINE, users).await.map_err(unavailable)?;
+        let routes = self.routes(users).await?;
+        let back: Vec<u64> = users
+            .iter()
+            .zip(routes)
+            .filter(|(_, route)| route.as_ref().is_some_and(|r| r.confirmed))
+            .map(|(&user, _)| user)
+            .collect();
+        if !back.is_empty() {
+            let _: () = conn.sadd(ONLINE, &back).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
     /// Drops `user` from the online set, then re-adds it if a confirmed route appeared in the
     /// meantime (a concurrent login's confirm may have added it just before our removal).
     async fn leave_online(&self, user: u64) -> Result<(), StoreError> {
@@ -1235,19 +1252,21 @@ impl Store for RedisStore {
             .smembers(server_users_key(server_id))
             .await
             .map_err(unavailable)?;
-        let mut removed = Vec::new();
-        for user in users {
-            let deleted: i64 = self
-                .remove_if_server
-                .key(route_key(user))
-                .arg(server_id)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            if deleted == 1 {
-                self.leave_online(user).await?;
-                removed.push(user);
-            }
+        // Pipelined, as renewals are: one by one, a server with 100,000 users took 300,000
+        // round trips while its users showed online.
+        let calls: Vec<(Vec<String>, [Vec<u8>; 1])> = users
+            .iter()
+            .map(|&user| (vec![route_key(user)], [server_id.as_bytes().to_vec()]))
+            .collect();
+        let deleted: Vec<i64> = self.eval_pipelined(&self.remove_if_server, &calls).await?;
+        let removed: Vec<u64> = users
+            .iter()
+            .zip(deleted)
+            .filter(|&(_, deleted)| deleted == 1)
+            .map(|(&user, _)| user)
+            .collect();
+        for chunk in removed.chunks(PIPELINE_CHUNK) {
+            self.leave_online_all(chunk).await?;
         }
         let _: () = conn
             .del(server_users_key(server_id))
