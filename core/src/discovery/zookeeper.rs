@@ -117,11 +117,21 @@ impl ZkDiscovery {
             .map_err(unavailable)?;
         let zk = Arc::new(zk);
         // The connection is open but the session may not be: the first real request waits.
-        tokio::time::timeout(session_timeout, zk.ensure_path(&servers_path))
-            .await
-            .map_err(|_| DiscoveryError::Unavailable("zookeeper session not established".into()))?
-            .map_err(unavailable)?;
-        zk.ensure_path(&routers_path).await.map_err(unavailable)?;
+        let folders = async {
+            tokio::time::timeout(session_timeout, zk.ensure_path(&servers_path))
+                .await
+                .map_err(|_| {
+                    DiscoveryError::Unavailable("zookeeper session not established".into())
+                })?
+                .map_err(unavailable)?;
+            zk.ensure_path(&routers_path).await.map_err(unavailable)
+        };
+        if let Err(e) = folders.await {
+            // Else the client goes on reconnecting for the rest of the process (it has no
+            // Drop), one more for each retry of a patient start.
+            let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, zk.close()).await;
+            return Err(e);
+        }
 
         let wake = Arc::new(Notify::new());
         let listener_wake = wake.clone();
