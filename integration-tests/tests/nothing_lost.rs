@@ -654,6 +654,8 @@ struct PausingStore {
     renewed: AtomicUsize,
     online_scans: AtomicUsize,
     route_reads_held: AtomicUsize,
+    /// Inboxes trimmed by ack reports (one per user reported).
+    trims: AtomicUsize,
 }
 
 impl PausingStore {
@@ -672,6 +674,7 @@ impl PausingStore {
             renewed: AtomicUsize::new(0),
             online_scans: AtomicUsize::new(0),
             route_reads_held: AtomicUsize::new(0),
+            trims: AtomicUsize::new(0),
         })
     }
 }
@@ -867,6 +870,7 @@ impl Store for PausingStore {
             .await
     }
     async fn trim_inbox(&self, acked: &[(u64, u64)]) -> Result<(), StoreError> {
+        self.trims.fetch_add(acked.len(), Ordering::SeqCst);
         self.inner.trim_inbox(acked).await
     }
     async fn create_group(&self, name: &str, owner: u64) -> Result<bool, StoreError> {
@@ -1118,6 +1122,34 @@ async fn messages_the_application_did_not_finish_come_again_after_a_crash() -> a
         .map(|m| m.body)
         .collect();
     assert_eq!(got, ["taken", "queued"]);
+    Ok(())
+}
+
+/// A heartbeat acknowledges what the application finished only when that moved: an idle
+/// session's pings cost the store no trims. Before, each ping of every session that had ever
+/// finished a message was reported, and trimmed, again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_heartbeats_trim_nothing() -> anyhow::Result<()> {
+    let (store, cluster) = paused_cluster(Duration::ZERO).await?;
+    let (alice, _alice_events) = cluster.user("alice").await?;
+    let (bob, mut bob_events) = cluster.user("bob").await?;
+    alice.send_private(bob.info().user_id, "hi").await?;
+    assert_eq!(next_message(&mut bob_events).await?.body, "hi");
+    // Bob's application comes back for more: "hi" is done, and a ping says so.
+    let _ = tokio::time::timeout(Duration::from_millis(100), bob_events.next()).await;
+    eventually(WAIT, || async {
+        (store.trims.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await?;
+    // Time for a report to settle, then several heartbeats (300 ms) and reports (500 ms).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let settled = store.trims.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(
+        store.trims.load(Ordering::SeqCst),
+        settled,
+        "idle pings trimmed"
+    );
     Ok(())
 }
 

@@ -400,7 +400,10 @@ async fn exchange<R: ProstMessage + Default>(
 pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken) {
     let mut view = service.servers.clone();
     let mut dialers: HashMap<String, (ServerInfo, JoinHandle<()>)> = HashMap::new();
+    // Removals of departed servers' routes still running, by server id.
+    let mut removals: HashMap<String, JoinHandle<()>> = HashMap::new();
     loop {
+        removals.retain(|_, removal| !removal.is_finished());
         let servers = view.borrow_and_update().clone();
         // Drop links to servers that left or moved.
         let gone: Vec<String> = dialers
@@ -428,7 +431,8 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
                 service.links.forget(&id);
                 // Off this loop, which meanwhile goes on linking other servers.
                 let service = service.clone();
-                tokio::spawn(async move {
+                let key = id.clone();
+                let removal = tokio::spawn(async move {
                     match service.store.remove_server_routes(&id).await {
                         Ok(users) => {
                             tracing::info!(server = %id, routes = users.len(), "server left; routes removed");
@@ -441,11 +445,23 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
                         }
                     }
                 });
+                removals.insert(key, removal);
             }
         }
         for server in servers.iter() {
             if !dialers.contains_key(&server.id) {
-                let task = tokio::spawn(dial(service.clone(), server.clone(), shutdown.clone()));
+                // A server back from a departure is linked (and renews its sessions over the
+                // link) only once the removal of its routes is done: else the removal could
+                // delete the routes the renewal restores.
+                let removal = removals.remove(&server.id);
+                let (service, server_info, shutdown) =
+                    (service.clone(), server.clone(), shutdown.clone());
+                let task = tokio::spawn(async move {
+                    if let Some(removal) = removal {
+                        let _ = removal.await;
+                    }
+                    dial(service, server_info, shutdown).await;
+                });
                 dialers.insert(server.id.clone(), (server.clone(), task));
             }
         }

@@ -325,7 +325,7 @@ impl Service {
         if let Some(ip) = peer {
             let count = lock(&self.registrations).hit(ip, Instant::now());
             self.within_limit(
-                count,
+                (count, 1),
                 self.config.api_limits.registrations_per_ip,
                 "too many registrations from this address; retry in a minute",
                 || format!("registrations from {ip} over the limit"),
@@ -489,19 +489,20 @@ impl Service {
         let count = lock(&self.api_requests).hit_n((user, session), cost, Instant::now());
         let limit = self.config.api_limits.requests_per_user;
         self.within_limit(
-            count,
+            (count, cost),
             limit,
             "too many requests for this user; slow down",
             || format!("API requests of user {user} over {limit} a second"),
         )
     }
 
-    /// Refuses `rate_limited` with `why` once `count` (this window's, this request included)
-    /// is past `limit`. Only the window's first refusal is logged and shown on the admin page
-    /// (`what`): a flood must not flood the log too.
+    /// Refuses `rate_limited` with `why` once `count` (this window's, this request's `cost`
+    /// included) is past `limit`. Only the window's first refusal (the request that crossed
+    /// the limit) is logged and shown on the admin page (`what`): a flood must not flood the
+    /// log too.
     fn within_limit(
         &self,
-        count: u32,
+        (count, cost): (u32, u32),
         limit: u32,
         why: &'static str,
         what: impl FnOnce() -> String,
@@ -510,7 +511,7 @@ impl Service {
             return Ok(());
         }
         let e = ServiceError::RateLimited(why);
-        if count == limit + 1 {
+        if count.saturating_sub(cost) <= limit {
             let what = what();
             tracing::warn!("{what}");
             self.record_error(e.code(), what);

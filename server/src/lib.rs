@@ -284,8 +284,9 @@ impl Server {
 
         shutdown.cancelled().await;
         tracing::info!(id = %self.config.id, "server draining");
-        // While routers still link here: they drop the links once the node is gone.
-        report_acks_once(&state).await;
+        // While routers still link here: they drop the links once the node is gone. Briefly:
+        // the server stays in discovery (and takes logins) until it is done.
+        report_acks_once(&state, Duration::from_secs(1)).await;
         if let Err(e) = discovery.deregister_server(&self.config.id).await {
             tracing::warn!(error = %e, "could not deregister from discovery");
         }
@@ -327,24 +328,35 @@ async fn report_acks(state: Arc<session::State>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => true,
             _ = tick.tick() => false,
         };
-        report_acks_once(&state).await;
+        report_acks_once(&state, ACK_REPORT_TIMEOUT).await;
         if stopping {
             return;
         }
     }
 }
 
-/// Reports the acknowledgements recorded since the last report; keeps them if no router
-/// took them.
-async fn report_acks_once(state: &session::State) {
+/// Longest a periodic ack report may take (routers tried in turn, each for a while).
+const ACK_REPORT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reports the acknowledgements recorded since the last report, giving up after `within`;
+/// keeps them if no router took them.
+async fn report_acks_once(state: &session::State, within: Duration) {
     let acked = state.take_acks();
-    if !acked.is_empty()
-        && let Err(e) = state.links.trim(&acked).await
-    {
-        tracing::debug!(error = %e, users = acked.len(), "ack report failed; kept for the next");
-        for (user, seq) in acked {
-            state.record_ack(user, seq);
-        }
+    if acked.is_empty() {
+        return;
+    }
+    let error = match tokio::time::timeout(within, state.links.trim(&acked)).await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".into(),
+    };
+    tracing::debug!(
+        error,
+        users = acked.len(),
+        "ack report failed; kept for the next"
+    );
+    for (user, seq) in acked {
+        state.record_ack(user, seq);
     }
 }
 

@@ -40,7 +40,7 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 const KICK_LINGER: Duration = Duration::from_secs(2);
 /// Longest a closing client's trim may hold up its control stream (the client waits a
 /// second for the pong, then closes anyway).
-const CLOSING_TRIM_TIMEOUT: Duration = Duration::from_secs(2);
+const CLOSING_TRIM_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most pull and group requests of one session served at once; more wait their turn (each
 /// holds a reply of up to [`MAX_PULL_FRAME`] until the client reads it).
 const FETCHES_IN_FLIGHT: usize = 4;
@@ -1034,6 +1034,7 @@ async fn control_loop(
     }
     let mut frames = frame_stream::<ClientControl>(recv, MAX_CONTROL_FRAME, None);
     let mut closing_trimmed = false;
+    let mut ping_acked = 0;
     let timeout = state.config.heartbeat_timeout;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
@@ -1042,7 +1043,12 @@ async fn control_loop(
             frame = frames.next() => match frame {
                 Some(Ok(Some(ClientControl { kind: Some(client_control::Kind::Ping(ping)) }))) => {
                     deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
-                    state.record_ack(auth.user_id, ping.processed_up_to);
+                    // Only a mark that moved: every idle session's heartbeat would otherwise
+                    // cost the store a trim.
+                    if ping.processed_up_to > ping_acked {
+                        ping_acked = ping.processed_up_to;
+                        state.record_ack(auth.user_id, ping.processed_up_to);
+                    }
                     // A closing client waits for this pong: its last ack must be in the
                     // store before its user's next client pulls (once a session, as each
                     // costs a router call).
