@@ -11,6 +11,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,9 +22,9 @@ use cim_core::transport::{self, Link};
 use cim_core::{ALPN_INTERNAL, now_ms, tls};
 use cim_integration_tests::{Backend, TestCluster, WAIT, eventually, next_message};
 use cim_proto::v1::{
-    ChatMessage, ClientControl, ClientRequest, DeliveryBatch, Ping, Pull, PullResult, SendAck,
-    ServerControl, ServerRequest, chat_message::Target, client_control, client_request,
-    server_control, server_request,
+    ChatMessage, ClientControl, ClientRequest, DeliveryBatch, Forward, ForwardBatchResult, Ping,
+    Pull, PullResult, SendAck, ServerControl, ServerRequest, chat_message::Target, client_control,
+    client_request, server_control, server_request,
 };
 use cim_proto::{ProstMessage, read_frame, read_required, write_frame};
 use http::{Method, StatusCode};
@@ -358,14 +359,14 @@ async fn a_closed_login_ends_when_the_user_logs_in_again() -> anyhow::Result<()>
     scene.still_chatting().await
 }
 
-/// A send without a client message id (0) has no dedup: once a router may have acted on it
-/// (it read the request and never answered), it is not sent again through another router,
-/// where it would be stored a second time; its sender is told to send again and decides.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_send_without_an_id_is_not_resent_through_another_router() -> anyhow::Result<()> {
-    let mut scene = Scene::new().await?;
-    // A second router on the server's internal endpoint that reads every request, answers
-    // none, and notes the messages it was handed.
+/// A second "router" linked to the server's internal endpoint (with a router certificate):
+/// it reads each request and hands its forwards to `answer`, which returns the reply frame
+/// to write, or `None` to answer nothing (the stream is reset). Requests without forwards
+/// are left unanswered too. The link lasts while the returned connection is kept.
+async fn fake_router(
+    scene: &Scene,
+    answer: impl Fn(Vec<Forward>, bool) -> Option<Bytes> + Send + 'static,
+) -> anyhow::Result<quinn::Connection> {
     let certs = cim_certs::CertPaths::in_dir(scene.cluster.dir.path().join("certs"));
     let (cert, key) = (certs.router_cert(), certs.router_key());
     let config = transport::client_config(
@@ -378,27 +379,59 @@ async fn a_send_without_an_id_is_not_resent_through_another_router() -> anyhow::
     )?;
     let endpoint = transport::client_endpoint("127.0.0.1:0".parse()?, config)?;
     let internal = scene.cluster.embedded.internal_addrs[0];
-    let silent = endpoint.connect(internal, "127.0.0.1")?.await?;
-    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
-    let seen_by_silent = seen.clone();
-    let silent_router = silent.clone();
+    let link = endpoint.connect(internal, "127.0.0.1")?.await?;
+    let router = link.clone();
     tokio::spawn(async move {
-        while let Ok((mut send, mut recv)) = silent_router.accept_bi().await {
+        while let Ok((mut send, mut recv)) = router.accept_bi().await {
             let Ok(request) = read_required::<ServerRequest, _>(&mut recv, 1 << 22).await else {
                 continue;
             };
-            let bodies = match request.kind {
-                Some(server_request::Kind::Forwards(batch)) => batch.forwards,
-                Some(server_request::Kind::Forward(forward)) => vec![forward],
-                _ => Vec::new(),
+            let (forwards, batched) = match request.kind {
+                Some(server_request::Kind::Forwards(batch)) => (batch.forwards, true),
+                Some(server_request::Kind::Forward(forward)) => (vec![forward], false),
+                _ => (Vec::new(), false),
             };
-            let mut seen = seen_by_silent.lock().unwrap();
-            seen.extend(bodies.into_iter().filter_map(|f| f.message.map(|m| m.body)));
-            let _ = send.reset(0u32.into());
+            let reply = if forwards.is_empty() {
+                None
+            } else {
+                answer(forwards, batched)
+            };
+            match reply {
+                Some(frame) => {
+                    let _ = send.write_all(&frame).await;
+                    let _ = send.finish();
+                }
+                None => {
+                    let _ = send.reset(0u32.into());
+                }
+            }
         }
     });
     // Let the server take the link before the sends start.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(link)
+}
+
+/// A send without a client message id (0) has no dedup: once a router may have acted on it
+/// (it read the request and never answered), it is not sent again through another router,
+/// where it would be stored a second time; its sender is told to send again and decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_without_an_id_is_not_resent_through_another_router() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    // A second router that reads every request, answers none, and notes the messages it was
+    // handed.
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen_by_silent = seen.clone();
+    let silent = fake_router(&scene, move |forwards, _| {
+        let mut seen = seen_by_silent.lock().unwrap();
+        seen.extend(
+            forwards
+                .into_iter()
+                .filter_map(|f| f.message.map(|m| m.body)),
+        );
+        None
+    })
+    .await?;
 
     let (conn, _control, _control_recv) = scene.raw_user_session().await?;
     let bob = scene.bob.info().user_id;
@@ -435,6 +468,60 @@ async fn a_send_without_an_id_is_not_resent_through_another_router() -> anyhow::
     }
     scene.still_chatting().await?;
     drop(silent);
+    Ok(())
+}
+
+/// A router that refuses every send as `unavailable` (it holds no message-id node, say, or
+/// lost its store) stored nothing: a send with a client message id goes on to the next
+/// router instead of failing. Before, every send the server handed it came back refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_an_unavailable_router_refused_goes_to_another() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let refusals = Arc::new(AtomicUsize::new(0));
+    let counted = refusals.clone();
+    let unavailable = fake_router(&scene, move |forwards, batched| {
+        counted.fetch_add(forwards.len(), Ordering::SeqCst);
+        let acks: Vec<SendAck> = forwards
+            .iter()
+            .map(|f| SendAck {
+                client_msg_id: f.message.as_ref().map_or(0, |m| m.client_msg_id),
+                code: cim_proto::SEND_UNAVAILABLE.into(),
+                message: "no message-id node".into(),
+                ..Default::default()
+            })
+            .collect();
+        let frame = if batched {
+            cim_proto::encode_frame(&ForwardBatchResult { acks }, 1 << 20)
+        } else {
+            cim_proto::encode_frame(&acks[0], 1 << 20)
+        };
+        frame.ok()
+    })
+    .await?;
+    let bob = scene.bob.info().user_id;
+    let mut sent = Vec::new();
+    // Private sends go to the two routers in turn, a group's to one of them.
+    scene.alice.create_group("pair").await?;
+    scene.bob.join_group("pair").await?;
+    for i in 0..8 {
+        let body = format!("through {i}");
+        scene.alice.send_private(bob, &body).await?;
+        scene
+            .alice
+            .send_group("pair", &format!("group {i}"))
+            .await?;
+        sent.push(body);
+        sent.push(format!("group {i}"));
+    }
+    assert!(
+        refusals.load(Ordering::SeqCst) > 0,
+        "no send reached the unavailable router"
+    );
+    for body in &sent {
+        assert_eq!(&next_message(&mut scene.bob_events).await?.body, body);
+    }
+    scene.still_chatting().await?;
+    drop(unavailable);
     Ok(())
 }
 

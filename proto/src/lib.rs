@@ -27,6 +27,11 @@ pub const LENGTH_PREFIX: usize = 4;
 /// be stored, and a resend with the same `client_msg_id` settles it.
 pub const SEND_RETRY: &str = "retry";
 
+/// `SendAck.code` of a send a router refused before storing anything (it could not reach its
+/// store, or holds no message-id node yet). A send with a `client_msg_id` may go to another
+/// router; one without may not (its append may have run and failed only in its reply).
+pub const SEND_UNAVAILABLE: &str = "unavailable";
+
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {

@@ -175,6 +175,22 @@ impl RouterLinks {
         self.call_from(request, None, Failover::Always).await
     }
 
+    /// Every router link, starting at the one chosen by `affinity` (a stable hash) or else
+    /// the next in rotation.
+    fn candidates(&self, affinity: Option<u64>) -> Vec<quinn::Connection> {
+        let conns = self.conns();
+        if conns.is_empty() {
+            return Vec::new();
+        }
+        let start = match affinity {
+            Some(hash) => hash as usize,
+            None => self.next.fetch_add(1, Ordering::Relaxed),
+        };
+        (0..conns.len())
+            .map(|i| conns[start.wrapping_add(i) % conns.len()].clone())
+            .collect()
+    }
+
     /// [`RouterLinks::call`] starting at the router chosen by `affinity` (a stable hash), so
     /// related requests go through the same router while the router set is stable, and
     /// trying the next router after a failure only as `failover` allows.
@@ -184,19 +200,10 @@ impl RouterLinks {
         affinity: Option<u64>,
         failover: Failover,
     ) -> Result<R, LinkError> {
-        let candidates: Vec<quinn::Connection> = {
-            let conns = self.conns();
-            if conns.is_empty() {
-                return Err(LinkError::NoRouter);
-            }
-            let start = match affinity {
-                Some(hash) => hash as usize,
-                None => self.next.fetch_add(1, Ordering::Relaxed),
-            };
-            (0..conns.len())
-                .map(|i| conns[start.wrapping_add(i) % conns.len()].clone())
-                .collect()
-        };
+        let candidates = self.candidates(affinity);
+        if candidates.is_empty() {
+            return Err(LinkError::NoRouter);
+        }
         let mut last_error = String::new();
         for conn in candidates {
             // Only a stream that could not be opened says the router never saw the request.
@@ -358,17 +365,76 @@ impl RouterLinks {
     /// messages all go through the same router, which orders them; a broadcast (`all`) goes
     /// on its own, since storing it for everyone online takes long enough to hold up the
     /// acks of a whole batch; private messages are batched while the server is busy.
+    ///
+    /// A send with a client message id that a router refused as `unavailable` (it stored
+    /// nothing: no store, no message-id node) goes to the other routers in turn; a group's
+    /// to the ones after its own in the same order on every server, so its messages still
+    /// meet at one router.
     pub async fn forward(&self, forward: Forward) -> Result<SendAck, LinkError> {
         let affinity = match forward.message.as_ref().and_then(|m| m.target.as_ref()) {
             Some(chat_message::Target::Group(g)) if g == "all" => None,
             Some(chat_message::Target::Group(g)) => Some(fnv1a(g.as_bytes())),
-            _ => return self.forwards.call(forward).await,
+            _ => None,
         };
+        let resendable = forward
+            .message
+            .as_ref()
+            .is_some_and(|m| m.client_msg_id != 0)
+            && self.len() > 1;
+        let again = resendable.then(|| forward.clone());
+        let ack = self.forward_once(forward, affinity).await?;
+        match again {
+            Some(forward) if ack.code == cim_proto::SEND_UNAVAILABLE => {
+                let next = affinity.map(|hash| hash.wrapping_add(1));
+                Ok(self
+                    .forward_past_unavailable(forward, next)
+                    .await
+                    .unwrap_or(ack))
+            }
+            _ => Ok(ack),
+        }
+    }
+
+    /// One forward: a private send batched, a group send to its router.
+    async fn forward_once(
+        &self,
+        forward: Forward,
+        affinity: Option<u64>,
+    ) -> Result<SendAck, LinkError> {
+        let is_group = matches!(
+            forward.message.as_ref().and_then(|m| m.target.as_ref()),
+            Some(chat_message::Target::Group(_))
+        );
+        if !is_group {
+            return self.forwards.call(forward).await;
+        }
         let failover = Failover::of_forwards(std::iter::once(&forward));
         let request = ServerRequest {
             kind: Some(server_request::Kind::Forward(forward)),
         };
         self.call_from(&request, affinity, failover).await
+    }
+
+    /// Offers a send with a client message id to each router in turn, starting at
+    /// `affinity` (or the next in rotation), until one answers other than `unavailable`.
+    /// `None` if none did.
+    async fn forward_past_unavailable(
+        &self,
+        forward: Forward,
+        affinity: Option<u64>,
+    ) -> Option<SendAck> {
+        let request = ServerRequest {
+            kind: Some(server_request::Kind::Forward(forward)),
+        };
+        for conn in self.candidates(affinity) {
+            match tokio::time::timeout(REQUEST_TIMEOUT, exchange::<SendAck>(&conn, &request)).await
+            {
+                Ok(Ok(ack)) if ack.code != cim_proto::SEND_UNAVAILABLE => return Some(ack),
+                // Unavailable there too, or no answer: the id makes a resend safe.
+                _ => {}
+            }
+        }
+        None
     }
 
     /// Runs a client's group request at a router.
