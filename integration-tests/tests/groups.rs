@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use anyhow::Context;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -283,4 +284,31 @@ async fn wait_presence(events: &mut Events) -> anyhow::Result<(u64, String, bool
         } => Ok((user_id, name, online)),
         other => anyhow::bail!("expected a presence event, got {other:?}"),
     }
+}
+
+/// A user whose route went missing while the session lived on (it lapsed, or was removed
+/// while the server was out of discovery, and the user was announced offline) is announced
+/// online again when the server's renewal brings the route back. Before, contacts kept
+/// seeing a connected user as offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_a_renewal_brings_back_is_announced_online() -> anyhow::Result<()> {
+    let cluster = TestCluster::start_with(1, Backend::Memory, |c| {
+        c.renew_interval = Duration::from_millis(300);
+    })
+    .await?;
+    let (alice, mut alice_events) = cluster.user("alice").await?;
+    let (bob, _b) = cluster.user("bob").await?;
+    alice.create_group("pals").await?;
+    bob.join_group("pals").await?;
+    let bob_id = bob.info().user_id;
+    // Bob's route goes (as when his server left discovery for a moment); his session stays.
+    let store = &cluster.embedded.store;
+    let session = store.routes(&[bob_id]).await?[0]
+        .as_ref()
+        .context("bob has no route")?
+        .session_id;
+    assert!(store.release_route(bob_id, session, None).await?);
+    let online = wait_presence(&mut alice_events).await?;
+    assert_eq!(online, (bob_id, "bob".to_string(), true));
+    Ok(())
 }

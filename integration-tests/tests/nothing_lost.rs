@@ -22,7 +22,7 @@ use cim_proto::v1::{ClientControl, Login, Ping, ServerControl, client_control, s
 use cim_proto::{read_required, write_frame};
 use cim_router::store::{
     Account, Claim, IdNode, InboxEntry, InboxLimits, InboxPage, Join, MemoryStore, Relogin,
-    Revocation, Route, Store, StoreError,
+    Renewal, Revocation, Route, Store, StoreError,
 };
 use tokio::sync::Notify;
 
@@ -814,7 +814,7 @@ impl Store for PausingStore {
         server_id: &str,
         sessions: &[(u64, u64)],
         lease: Duration,
-    ) -> Result<Vec<u64>, StoreError> {
+    ) -> Result<Renewal, StoreError> {
         let held = self.renew_armed.swap(false, Ordering::SeqCst);
         if held {
             self.renewing.notify_one();

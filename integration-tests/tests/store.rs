@@ -17,7 +17,7 @@ use std::time::Duration;
 use cim_integration_tests::cluster::RedisProc;
 use cim_router::store::{
     Claim, ID_NODES, IdNode, InboxEntry, InboxLimits, Join, MemoryStore, RedisStore, Relogin,
-    Revocation, Route, Store,
+    Renewal, Revocation, Route, Store,
 };
 
 fn entry(msg_id: u64) -> InboxEntry {
@@ -224,13 +224,23 @@ async fn revoked_sessions_do_not_get_their_routes_back(store: &dyn Store) -> any
         "why is kept"
     );
     assert_eq!(store.revocation(frank.id, 9).await?, None);
-    let lost = store
+    let renewal = store
         .renew_routes("server-1", &[(erin.id, 8), (frank.id, 9)], lease)
         .await?;
-    assert_eq!(lost, vec![erin.id], "a revoked login's server must end it");
+    assert_eq!(
+        renewal.stale,
+        vec![erin.id],
+        "a revoked login's server must end it"
+    );
+    assert_eq!(renewal.restored, vec![frank.id], "frank's route came back");
     let routes = store.routes(&[erin.id, frank.id]).await?;
     assert_eq!(routes[0], None);
     assert_eq!(routes[1].as_ref().map(|r| r.session_id), Some(9));
+    // Renewed again, it is there already: not restored.
+    let renewal = store
+        .renew_routes("server-1", &[(frank.id, 9)], lease)
+        .await?;
+    assert_eq!(renewal, Renewal::default());
     Ok(())
 }
 
@@ -692,10 +702,10 @@ async fn an_unreadable_route_fails_no_renewal() -> anyhow::Result<()> {
     assert!(!store.confirm_route(ivan, 1, "server-1", lease).await?);
     assert!(!store.release_route(ivan, 1, Some("server-1")).await?);
     assert!(!store.release_route(jack, 2, None).await?);
-    let lost = store
+    let renewal = store
         .renew_routes("server-1", &[(ivan, 1), (jack, 2), (kate, 3)], lease)
         .await?;
-    assert!(lost.is_empty(), "{lost:?}");
+    assert!(renewal.stale.is_empty(), "{renewal:?}");
     let confirmed = |session_id| {
         Some(Route {
             server_id: "server-1".into(),

@@ -885,11 +885,11 @@ impl Service {
         if route.is_some() || self.store.revocation(user_id, session_id).await?.is_some() {
             return Ok(false);
         }
-        let lost = self
+        let renewal = self
             .store
             .renew_routes(server_id, &[(user_id, session_id)], lease)
             .await?;
-        Ok(lost.is_empty())
+        Ok(renewal.stale.is_empty())
     }
 
     /// Where `user`'s inbox stands if it holds nothing (see [`Store::inbox_caught_up_to`]).
@@ -898,16 +898,22 @@ impl Service {
     }
 
     /// A server lists its open sessions: renew their routes. Returns users whose route now
-    /// belongs to another login.
+    /// belongs to another login. Users whose route came back (it lapsed, or was removed while
+    /// their server was out of discovery, and they were announced offline) are announced
+    /// online again.
     pub async fn renew_sessions(
         &self,
         server_id: &str,
         sessions: &[(u64, u64)],
     ) -> Result<Vec<u64>, ServiceError> {
-        Ok(self
+        let renewal = self
             .store
             .renew_routes(server_id, sessions, self.config.route_lease)
-            .await?)
+            .await?;
+        for user in renewal.restored {
+            self.announce_presence(user, true);
+        }
+        Ok(renewal.stale)
     }
 
     /// `server_id` reports a connection of a session as closed.

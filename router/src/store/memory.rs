@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::expiring::{ExpiringMap, Weight};
 use super::{
-    Account, Claim, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Join, Relogin,
+    Account, Claim, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Join, Relogin, Renewal,
     Revocation, Route, Store, StoreError,
 };
 
@@ -338,18 +338,20 @@ impl Store for MemoryStore {
         server_id: &str,
         sessions: &[(u64, u64)],
         lease: Duration,
-    ) -> Result<Vec<u64>, StoreError> {
+    ) -> Result<Renewal, StoreError> {
         let now = Instant::now();
         let mut inner = self.inner();
-        let mut lost = Vec::new();
+        let mut renewal = Renewal::default();
         for &(user, session_id) in sessions {
-            if inner.is_revoked(user, session_id, now)
-                || inner
-                    .live_route(user, now)
-                    .is_some_and(|held| held.route.session_id != session_id)
-            {
-                lost.push(user);
+            let held = inner
+                .live_route(user, now)
+                .map(|held| held.route.session_id);
+            if inner.is_revoked(user, session_id, now) || held.is_some_and(|s| s != session_id) {
+                renewal.stale.push(user);
                 continue;
+            }
+            if held.is_none() {
+                renewal.restored.push(user);
             }
             let route = Route {
                 server_id: server_id.to_string(),
@@ -365,7 +367,7 @@ impl Store for MemoryStore {
             );
             inner.online.insert(user);
         }
-        Ok(lost)
+        Ok(renewal)
     }
 
     async fn message_id(

@@ -118,6 +118,16 @@ impl Default for InboxLimits {
     }
 }
 
+/// What [`Store::renew_routes`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Renewal {
+    /// Users whose route belongs to another login or whose login was revoked: their sessions
+    /// on the server are stale.
+    pub stale: Vec<u64>,
+    /// Users whose route was missing and is back: they show online again.
+    pub restored: Vec<u64>,
+}
+
 /// A page of inbox entries.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InboxPage {
@@ -315,14 +325,14 @@ pub trait Store: Send + Sync + 'static {
     async fn online_users(&self) -> Result<Vec<u64>, StoreError>;
     /// Renews the leases of sessions open on `server_id`, given as `(user, session_id)`. A
     /// session whose route is missing (lapsed, or removed while the server was out of
-    /// discovery) gets it back, confirmed. Returns the users whose route belongs to another
-    /// login or whose login was revoked: their sessions on this server are stale.
+    /// discovery) gets it back, confirmed. Says which sessions are stale (another login holds
+    /// the user, or the login was revoked) and which routes came back.
     async fn renew_routes(
         &self,
         server_id: &str,
         sessions: &[(u64, u64)],
         lease: Duration,
-    ) -> Result<Vec<u64>, StoreError>;
+    ) -> Result<Renewal, StoreError>;
     /// Removes every route on `server_id` (the server is gone). Returns the users affected.
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError>;
 

@@ -33,7 +33,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::{
-    Account, Claim, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Join, Relogin,
+    Account, Claim, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Join, Relogin, Renewal,
     Revocation, Route, Store, StoreError,
 };
 
@@ -277,7 +277,7 @@ return 1
 /// Sets a confirmed route (with a fresh lease) unless another session holds the user or the
 /// session was revoked (logged out, replaced, re-logged in).
 /// KEYS: route, the session's revocation marker. ARGV: session id, route value, lease ms.
-/// Returns 1 if set.
+/// Returns 1 if renewed, 2 if set where there was no route, 0 if not set.
 const RESTORE: &str = concat!(
     route_function!(),
     r"
@@ -285,7 +285,8 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local cur = route()
 if cur and string.match(cur, '^(%d+)|') ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 1
+if cur then return 1 end
+return 2
 "
 );
 
@@ -886,9 +887,9 @@ impl Store for RedisStore {
         server_id: &str,
         sessions: &[(u64, u64)],
         lease: Duration,
-    ) -> Result<Vec<u64>, StoreError> {
+    ) -> Result<Renewal, StoreError> {
         if sessions.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Renewal::default());
         }
         let calls: Vec<(Vec<String>, Vec<Vec<u8>>)> = sessions
             .iter()
@@ -908,13 +909,16 @@ impl Store for RedisStore {
             .collect();
         let results: Vec<i64> = self.eval_pipelined(&self.restore, &calls).await?;
         let mut conn = self.conn();
-        let mut lost = Vec::new();
+        let mut renewal = Renewal::default();
         let mut kept = Vec::new();
-        for (&(user, _), ok) in sessions.iter().zip(results) {
-            if ok == 1 {
-                kept.push(user);
-            } else {
-                lost.push(user);
+        for (&(user, _), outcome) in sessions.iter().zip(results) {
+            match outcome {
+                0 => renewal.stale.push(user),
+                2 => {
+                    renewal.restored.push(user);
+                    kept.push(user);
+                }
+                _ => kept.push(user),
             }
         }
         if !kept.is_empty() {
@@ -927,7 +931,7 @@ impl Store for RedisStore {
                 .await
                 .map_err(unavailable)?;
         }
-        Ok(lost)
+        Ok(renewal)
     }
 
     async fn message_id(
