@@ -50,7 +50,11 @@ fn main() -> anyhow::Result<()> {
         };
         let mut run_one = |(label, dir): (&str, &PathBuf)| -> anyhow::Result<Value> {
             let report = run(dir, &args.bench)?;
-            faulty += faults(&report);
+            let found = faults(&report);
+            if !found.is_empty() {
+                eprintln!("pair {pair} {label}: {}", found.join(", "));
+                faulty += 1;
+            }
             println!("pair {pair} {label:<6} {}", line(&report));
             Ok(report)
         };
@@ -63,14 +67,13 @@ fn main() -> anyhow::Result<()> {
     println!();
     print!("{}", table(&summarise(&pairs)));
     if faulty > 0 {
-        bail!("{faulty} lost or duplicated deliveries");
+        bail!("{faulty} runs failed (lost, duplicated or misdelivered deliveries, failed sends)");
     }
     Ok(())
 }
 
 /// Runs `dir/cim-bench ARGS --json` and returns its report. A run that printed its report
-/// counts even if it exited non-zero: cim-bench does so after lost or duplicated deliveries,
-/// which the caller counts.
+/// counts even if it exited non-zero: cim-bench does so for the faults the caller counts.
 fn run(dir: &Path, bench: &[String]) -> anyhow::Result<Value> {
     let exe = dir.join("cim-bench");
     let mut command = Command::new(&exe);

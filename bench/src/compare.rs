@@ -117,12 +117,37 @@ pub fn as_pair(first: Value, second: Value, before_first: bool) -> (Value, Value
     }
 }
 
-/// Lost plus duplicated deliveries of one run: anything but 0 fails the comparison.
-pub fn faults(report: &Value) -> u64 {
-    ["lost", "duplicated"]
-        .iter()
-        .filter_map(|k| report.get(k)?.as_u64())
-        .sum()
+/// What makes one run's report a failure, each said in a few words: lost, duplicated or
+/// misdelivered deliveries, failed sends, a messaging run that sent nothing, failover victims
+/// that never came back. Empty for a good run. (Reports of older builds lack some fields:
+/// those count as 0.)
+pub fn faults(report: &Value) -> Vec<String> {
+    let count = |key: &str| report.get(key).and_then(Value::as_u64).unwrap_or(0);
+    let mut faults: Vec<String> = [
+        ("lost", "lost deliveries"),
+        ("duplicated", "duplicated deliveries"),
+        ("misdelivered", "deliveries to the wrong client"),
+        ("send_errors", "failed sends"),
+    ]
+    .iter()
+    .filter(|(key, _)| count(key) > 0)
+    .map(|(key, what)| format!("{} {what}", count(key)))
+    .collect();
+    let messaging = matches!(
+        report.get("scenario").and_then(Value::as_str),
+        Some("private" | "group" | "lossy")
+    );
+    if messaging && count("sent") == 0 {
+        faults.push("nothing sent".into());
+    }
+    if let Some(failover) = report.get("failover").filter(|f| !f.is_null()) {
+        let field = |key: &str| failover.get(key).and_then(Value::as_u64).unwrap_or(0);
+        let missing = field("victims").saturating_sub(field("recovered"));
+        if missing > 0 {
+            faults.push(format!("{missing} failover clients never came back"));
+        }
+    }
+    faults
 }
 
 /// Median, smallest and largest of some values.
@@ -247,7 +272,7 @@ mod tests {
 
     fn private(rate: f64, cluster: f64, harness: f64, p99_us: u64) -> Value {
         json!({
-            "scenario": "private", "delivered": 1000, "lost": 0, "duplicated": 0,
+            "scenario": "private", "sent": 1000, "delivered": 1000, "lost": 0, "duplicated": 0,
             "msgs_per_sec": rate, "logins_per_sec": null,
             "latency_us": {"p50": 1000, "p99": p99_us},
             "cluster_cpu_us_per_msg": cluster, "harness_cpu_us_per_msg": harness,
@@ -333,8 +358,25 @@ mod tests {
     }
 
     #[test]
-    fn lost_and_duplicated_deliveries_are_faults() {
-        assert_eq!(faults(&private(1.0, 1.0, 1.0, 1)), 0);
-        assert_eq!(faults(&json!({"lost": 2, "duplicated": 1})), 3);
+    fn lost_duplicated_misdelivered_and_unsent_are_faults() {
+        assert!(faults(&private(1.0, 1.0, 1.0, 1)).is_empty());
+        assert_eq!(
+            faults(&json!({"scenario": "private", "sent": 5, "lost": 2, "duplicated": 1})),
+            ["2 lost deliveries", "1 duplicated deliveries"]
+        );
+        assert_eq!(
+            faults(&json!({"scenario": "group", "sent": 5, "misdelivered": 3, "send_errors": 1})),
+            ["3 deliveries to the wrong client", "1 failed sends"]
+        );
+        assert_eq!(
+            faults(&json!({"scenario": "private", "sent": 0})),
+            ["nothing sent"]
+        );
+        // A login storm sends nothing, as it should.
+        assert!(faults(&json!({"scenario": "login", "sent": 0})).is_empty());
+        assert_eq!(
+            faults(&json!({"scenario": "failover", "failover": {"victims": 4, "recovered": 3}})),
+            ["1 failover clients never came back"]
+        );
     }
 }

@@ -167,21 +167,9 @@ async fn main() -> anyhow::Result<()> {
     } else {
         print_table(&report);
     }
-    if let Some(f) = &report.failover
-        && f.recovered < f.victims
-    {
-        bail!(
-            "{} of the killed server's {} clients did not come back",
-            f.victims - f.recovered,
-            f.victims
-        );
-    }
-    if report.lost > 0 || report.duplicated > 0 {
-        bail!(
-            "{} lost and {} duplicated deliveries",
-            report.lost,
-            report.duplicated
-        );
+    let faults = cim_bench::compare::faults(&serde_json::to_value(&report)?);
+    if !faults.is_empty() {
+        bail!("{}", faults.join(", "));
     }
     Ok(())
 }
@@ -253,6 +241,7 @@ fn print_table(r: &Report) {
     println!("delivered         {}", r.delivered);
     println!("lost              {}", r.lost);
     println!("duplicated        {}", r.duplicated);
+    println!("misdelivered      {}", r.misdelivered);
     println!("send errors       {}", r.send_errors);
     println!("throughput        {:.0} deliveries/s", r.msgs_per_sec);
     if let Some(d) = r.client_datagrams_per_msg {

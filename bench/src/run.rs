@@ -15,8 +15,8 @@ use tokio::sync::watch;
 
 use crate::relay::{Impairments, Relay};
 use crate::stats::{
-    Latencies, MessageKey, Percentiles, TIMELINE_WINDOW_US, Tracker, decode_body, encode_body,
-    timeline_windows,
+    Audience, Latencies, MessageKey, Percentiles, TIMELINE_WINDOW_US, Tracker, decode_body,
+    encode_body, timeline_windows,
 };
 use crate::target::{Target, process_cpu_seconds};
 
@@ -128,6 +128,8 @@ pub struct Report {
     pub lost: u64,
     /// Deliveries seen twice.
     pub duplicated: u64,
+    /// Deliveries of acked messages to a client they were not sent to.
+    pub misdelivered: u64,
     /// Delivered messages per second (deliveries per second for `group`).
     pub msgs_per_sec: f64,
     /// Sender timestamp to recipient application.
@@ -170,7 +172,7 @@ pub struct Report {
     pub failover: Option<Failover>,
     /// The command line.
     pub command: String,
-    /// `git rev-parse --short HEAD` where the bench ran.
+    /// The git revision the harness was built from (`git describe --always --dirty`).
     pub git_rev: String,
 }
 
@@ -646,11 +648,14 @@ impl Deliveries for Events {
     }
 }
 
+/// How long deliveries must stop coming before a run stops receiving.
+const DRAIN_QUIET: Duration = Duration::from_millis(300);
+
 /// A message the cluster acked.
 struct Ack {
     key: MessageKey,
-    /// Recipients the ack counts.
-    recipients: u32,
+    /// Who it was sent to.
+    audience: Audience,
     /// Send to ack.
     micros: u64,
 }
@@ -784,13 +789,15 @@ pub(crate) async fn drive<C: LoadClient>(
         let errors = errors.clone();
         let expected = expected.clone();
         let size = opts.size;
-        move |client: Arc<C>, index: u32, counter: u64| {
+        // `scheduled`: when an open-loop send was due (in microseconds since the epoch), so a
+        // send the harness itself issued late counts its lateness in its latency.
+        move |client: Arc<C>, index: u32, counter: u64, scheduled: Option<u64>| {
             let acked = acked.clone();
             let errors = errors.clone();
             let expected = expected.clone();
             async move {
-                let body = encode_body(index, counter, now_us(), size);
-                let started = now_us();
+                let started = scheduled.unwrap_or_else(now_us);
+                let body = encode_body(index, counter, started, size);
                 let peer = group_senders.is_none().then(|| {
                     let peer = rand::rng().random_range(0..peers);
                     if peer == index as usize {
@@ -799,14 +806,22 @@ pub(crate) async fn drive<C: LoadClient>(
                         peer
                     }
                 });
+                let audience = match peer {
+                    Some(peer) => Audience::One(peer as u32),
+                    None => Audience::AllBut(index),
+                };
                 match client.send(peer, body).await {
-                    Ok(recipients) => {
-                        expected.fetch_add(u64::from(recipients), Ordering::Relaxed);
+                    Ok(_) => {
+                        let reach = match audience {
+                            Audience::One(_) => 1,
+                            Audience::AllBut(_) => peers as u64 - 1,
+                        };
+                        expected.fetch_add(reach, Ordering::Relaxed);
                         acked.fetch_add(1, Ordering::Relaxed);
                         Some(Ack {
                             key: (index, counter),
-                            recipients,
-                            micros: now_us() - started,
+                            audience,
+                            micros: now_us().saturating_sub(started),
                         })
                     }
                     Err(e) => {
@@ -842,7 +857,7 @@ pub(crate) async fn drive<C: LoadClient>(
                         let mut counter = lane;
                         let mut acks = Vec::new();
                         while sending.load(Ordering::Relaxed) {
-                            acks.extend(send_one(client.clone(), index, counter).await);
+                            acks.extend(send_one(client.clone(), index, counter, None).await);
                             counter += window;
                         }
                         Ok(acks)
@@ -859,6 +874,7 @@ pub(crate) async fn drive<C: LoadClient>(
                 let mut counters = vec![0u64; active.len()];
                 let mut tick = tokio::time::interval(Duration::from_millis(1));
                 let begin = Instant::now();
+                let begin_us = now_us();
                 // Room for every send up front: a list of a quarter million handles doubling
                 // would stall this loop.
                 let sends = (rate as f64 * (duration.as_secs_f64() + 1.0)) as usize;
@@ -869,10 +885,12 @@ pub(crate) async fn drive<C: LoadClient>(
                     while issued < due {
                         let slot = (issued as usize) % active.len();
                         let (index, client) = &active[slot];
+                        let due_us = begin_us + issued * 1_000_000 / rate;
                         inflight.push(tokio::spawn(send_one(
                             client.clone(),
                             *index,
                             counters[slot],
+                            Some(due_us),
                         )));
                         counters[slot] += 1;
                         issued += 1;
@@ -931,12 +949,24 @@ pub(crate) async fn drive<C: LoadClient>(
         .map(|(after, before)| after.checked_sub(before).unwrap_or(after))
         .sum();
     progress.abort();
+    // Then on until nothing more comes for a moment: the count above includes duplicates
+    // and deliveries of unacked sends, so it can be reached early, and a late duplicate must
+    // still be seen.
+    let mut last = delivered.load(Ordering::Relaxed);
+    while Instant::now() < drain_deadline {
+        tokio::time::sleep(DRAIN_QUIET).await;
+        let now = delivered.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
     let _ = receiving.stop.send(true);
 
-    let mut tracker = Tracker::default();
+    let mut tracker = Tracker::new(peers as u32);
     let mut send_ack = Latencies::default();
     for ack in acks {
-        tracker.acked(ack.key, ack.recipients);
+        tracker.acked(ack.key, ack.audience);
         send_ack.record(ack.micros);
     }
     let mut latencies = Latencies::default();
@@ -955,6 +985,7 @@ pub(crate) async fn drive<C: LoadClient>(
     report.delivered = summary.delivered;
     report.lost = summary.lost;
     report.duplicated = summary.duplicated;
+    report.misdelivered = summary.misdelivered;
     report.send_errors = errors.load(Ordering::Relaxed);
     // Throughput over the whole time deliveries took, sending plus drain.
     report.msgs_per_sec = summary.delivered as f64 / elapsed.as_secs_f64();
@@ -987,12 +1018,7 @@ fn write_timeline(path: &std::path::Path, samples: Vec<(u64, u64)>) -> anyhow::R
     std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))
 }
 
+/// The revision this harness was built from (see build.rs).
 fn git_rev() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
+    env!("CIM_BUILD_REV").to_string()
 }

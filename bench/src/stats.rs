@@ -72,11 +72,41 @@ impl Latencies {
 /// Identifies one bench message: who sent it and its number in that sender's sequence.
 pub type MessageKey = (u32, u64);
 
+/// Who a message is for, by client index: what the harness sent it to, not what the cluster
+/// says it stored (a cluster that stored a message for fewer users, or the wrong one, must
+/// show as lost or misdelivered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// One client (a private message).
+    One(u32),
+    /// Every client of the run but this one, the sender (a message to the group).
+    AllBut(u32),
+}
+
+impl Audience {
+    fn includes(self, client: u32) -> bool {
+        match self {
+            Audience::One(to) => client == to,
+            Audience::AllBut(sender) => client != sender,
+        }
+    }
+
+    /// How many of `clients` clients should receive it.
+    fn size(self, clients: u32) -> u64 {
+        match self {
+            Audience::One(_) => 1,
+            Audience::AllBut(_) => u64::from(clients.saturating_sub(1)),
+        }
+    }
+}
+
 /// Tracks which acked messages reached which recipients.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Tracker {
-    /// Acked messages and how many recipients each should reach.
-    expected: HashMap<MessageKey, u32>,
+    /// Clients in the run (indexes `0..clients`).
+    clients: u32,
+    /// Acked messages and who each is for.
+    expected: HashMap<MessageKey, Audience>,
     /// (recipient, message) pairs seen.
     seen: HashSet<(u32, MessageKey)>,
     duplicated: u64,
@@ -87,7 +117,7 @@ pub struct Tracker {
 pub struct Summary {
     /// Messages acked by cim.
     pub sent: u64,
-    /// Deliveries expected from the acked messages (recipients summed).
+    /// Deliveries expected from the acked messages (their audiences summed).
     pub expected: u64,
     /// Distinct (recipient, message) deliveries seen.
     pub delivered: u64,
@@ -95,12 +125,24 @@ pub struct Summary {
     pub lost: u64,
     /// Deliveries seen more than once.
     pub duplicated: u64,
+    /// Deliveries of acked messages to a client they were not for.
+    pub misdelivered: u64,
 }
 
 impl Tracker {
-    /// `key` was acked and should reach `recipients` recipients.
-    pub fn acked(&mut self, key: MessageKey, recipients: u32) {
-        self.expected.insert(key, recipients);
+    /// A tracker for a run of `clients` clients.
+    pub fn new(clients: u32) -> Self {
+        Self {
+            clients,
+            expected: HashMap::new(),
+            seen: HashSet::new(),
+            duplicated: 0,
+        }
+    }
+
+    /// `key` was acked and is for `audience`.
+    pub fn acked(&mut self, key: MessageKey, audience: Audience) {
+        self.expected.insert(key, audience);
     }
 
     /// `recipient` received `key`.
@@ -113,16 +155,24 @@ impl Tracker {
     /// Counts so far. Deliveries of messages whose ack was never seen (a send still in flight
     /// when the run stopped) count as delivered but not as expected.
     pub fn summary(&self) -> Summary {
-        let expected: u64 = self.expected.values().map(|n| u64::from(*n)).sum();
-        let mut per_message: HashMap<MessageKey, u64> = HashMap::new();
-        for (_, key) in &self.seen {
-            *per_message.entry(*key).or_default() += 1;
+        let expected: u64 = self.expected.values().map(|a| a.size(self.clients)).sum();
+        let mut reached: HashMap<MessageKey, u64> = HashMap::new();
+        let mut misdelivered = 0;
+        for &(recipient, key) in &self.seen {
+            match self.expected.get(&key) {
+                Some(audience) if audience.includes(recipient) => {
+                    *reached.entry(key).or_default() += 1;
+                }
+                Some(_) => misdelivered += 1,
+                None => {}
+            }
         }
         let lost = self
             .expected
             .iter()
-            .map(|(key, n)| {
-                u64::from(*n).saturating_sub(per_message.get(key).copied().unwrap_or(0))
+            .map(|(key, audience)| {
+                let reached = reached.get(key).copied().unwrap_or(0);
+                audience.size(self.clients).saturating_sub(reached)
             })
             .sum();
         Summary {
@@ -131,6 +181,7 @@ impl Tracker {
             delivered: self.seen.len() as u64,
             lost,
             duplicated: self.duplicated,
+            misdelivered,
         }
     }
 }
@@ -227,37 +278,52 @@ mod tests {
 
     #[test]
     fn tracker_finds_lost_and_duplicated_deliveries() {
-        let mut t = Tracker::default();
-        t.acked((1, 1), 2); // group message to two recipients
-        t.acked((1, 2), 1);
-        t.acked((2, 1), 1);
-        t.received(10, (1, 1));
-        t.received(11, (1, 1));
-        t.received(11, (1, 1)); // duplicate
-        t.received(10, (1, 2));
+        let mut t = Tracker::new(4);
+        t.acked((1, 1), Audience::AllBut(1)); // group message to clients 0, 2 and 3
+        t.acked((1, 2), Audience::One(2));
+        t.acked((2, 1), Audience::One(0));
+        t.received(0, (1, 1));
+        t.received(2, (1, 1));
+        t.received(2, (1, 1)); // duplicate
+        t.received(3, (1, 1));
+        t.received(2, (1, 2));
         // (2, 1) never arrives; (3, 9) arrives without a recorded ack.
-        t.received(10, (3, 9));
+        t.received(0, (3, 9));
         let s = t.summary();
         assert_eq!(
             s,
             Summary {
                 sent: 3,
-                expected: 4,
-                delivered: 4,
+                expected: 5,
+                delivered: 5,
                 lost: 1,
-                duplicated: 1
+                duplicated: 1,
+                misdelivered: 0,
             }
         );
     }
 
     #[test]
     fn one_recipient_twice_does_not_hide_another_missing() {
-        let mut t = Tracker::default();
-        t.acked((1, 1), 2);
-        t.received(10, (1, 1));
-        t.received(10, (1, 1));
+        let mut t = Tracker::new(3);
+        t.acked((1, 1), Audience::AllBut(1));
+        t.received(0, (1, 1));
+        t.received(0, (1, 1));
         let s = t.summary();
         assert_eq!((s.lost, s.duplicated), (1, 1));
+    }
+
+    #[test]
+    fn a_delivery_to_the_wrong_client_is_misdelivered_and_lost() {
+        let mut t = Tracker::new(3);
+        t.acked((0, 1), Audience::One(1));
+        t.acked((1, 1), Audience::AllBut(1));
+        t.received(2, (0, 1)); // for client 1
+        t.received(1, (1, 1)); // back to its sender
+        t.received(0, (1, 1));
+        t.received(2, (1, 1));
+        let s = t.summary();
+        assert_eq!((s.lost, s.misdelivered, s.duplicated), (1, 2, 0));
     }
 
     #[test]

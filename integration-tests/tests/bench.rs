@@ -50,8 +50,12 @@ async fn private_run(scenario: &str, extra: &[&str]) -> anyhow::Result<serde_jso
     assert!(sent > 10, "{r}");
     assert_eq!(r["delivered"].as_u64(), Some(sent), "{r}");
     assert_eq!(
-        (r["lost"].as_u64(), r["duplicated"].as_u64()),
-        (Some(0), Some(0)),
+        (
+            r["lost"].as_u64(),
+            r["duplicated"].as_u64(),
+            r["misdelivered"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0)),
         "{r}"
     );
     let lat = &r["latency_us"];
@@ -93,8 +97,12 @@ async fn group_run_expects_one_delivery_per_other_member() -> anyhow::Result<()>
     // Three sends in flight per sender: their messages must still be told apart.
     assert_eq!(r["delivered"].as_u64(), Some(sent * 4), "{r}");
     assert_eq!(
-        (r["lost"].as_u64(), r["duplicated"].as_u64()),
-        (Some(0), Some(0)),
+        (
+            r["lost"].as_u64(),
+            r["duplicated"].as_u64(),
+            r["misdelivered"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0)),
         "{r}"
     );
     Ok(())
