@@ -62,8 +62,9 @@ commands:
 
 /// Parses one input line.
 pub fn parse(line: &str) -> Command {
-    let line = line.trim_end_matches(['\r', '\n']);
-    if line.trim().is_empty() {
+    // Leading blanks too: " :q" or " #team hi" must not go to everyone as a broadcast.
+    let line = line.trim_end_matches(['\r', '\n']).trim_start();
+    if line.is_empty() {
         return Command::Nothing;
     }
     if let Some(rest) = line.strip_prefix(':') {
@@ -223,6 +224,15 @@ mod tests {
         assert!(matches!(parse("bob;;hi"), Command::Invalid(_)));
         assert!(matches!(parse("7;;"), Command::Invalid(_)));
         assert!(matches!(parse(":nope"), Command::Invalid(_)));
+        // Leading blanks do not turn a command or a group message into a broadcast.
+        assert_eq!(parse("  :q"), Command::Quit);
+        assert_eq!(
+            parse(" #team hi"),
+            Command::Group {
+                group: "team".into(),
+                body: "hi".into()
+            }
+        );
     }
 
     #[test]

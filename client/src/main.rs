@@ -9,6 +9,7 @@ use cim_client::{Client, ClientConfig, ClientError, Event, LoginOptions};
 use clap::Parser;
 use std::io::BufRead;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -76,11 +77,15 @@ async fn main() -> anyhow::Result<()> {
     // reconnect neither holds up what arrives meanwhile nor a :q.
     let client = Arc::new(client);
     let (commands, mut queued) = mpsc::unbounded_channel::<Command>();
+    // Commands typed and not yet done: a Ctrl-C that drops them says how many.
+    let pending = Arc::new(AtomicUsize::new(0));
     let mut worker = tokio::spawn({
         let client = client.clone();
+        let pending = pending.clone();
         async move {
             while let Some(command) = queued.recv().await {
                 run(&client, command).await;
+                pending.fetch_sub(1, Ordering::Relaxed);
             }
         }
     });
@@ -94,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
                 // End of input (or Ctrl-D) leaves like :q.
                 None | Some(Command::Quit) => break Ending::Quit,
                 Some(command) => {
+                    pending.fetch_add(1, Ordering::Relaxed);
                     let _ = commands.send(command);
                 }
             },
@@ -148,11 +154,13 @@ async fn main() -> anyhow::Result<()> {
             if !finished {
                 worker.abort();
                 let _ = worker.await;
+                dropped(&pending);
             }
         }
         Ending::Interrupted => {
             worker.abort();
             let _ = worker.await;
+            dropped(&pending);
         }
     }
     // The worker is gone, so this is the only holder left.
@@ -169,6 +177,15 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("bye");
     Ok(())
+}
+
+/// Says how many typed commands a Ctrl-C dropped (a send among them may or may not have
+/// gone out).
+fn dropped(pending: &AtomicUsize) {
+    let dropped = pending.load(Ordering::Relaxed);
+    if dropped > 0 {
+        eprintln!("! interrupted: {dropped} command(s) typed before were not done");
+    }
 }
 
 /// Why the console loop ended.
