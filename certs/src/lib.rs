@@ -17,6 +17,9 @@ use rcgen::{
 
 /// File names inside a certificate directory.
 pub const CA_CERT: &str = "ca.pem";
+/// The hosts the certificates were made for, one a line (not part of [`ALL_FILES`]: sets made
+/// before it was kept have none).
+pub const HOSTS: &str = "hosts.txt";
 /// CA private key.
 pub const CA_KEY: &str = "ca-key.pem";
 /// Certificate presented by servers on their client and internal QUIC endpoints.
@@ -58,6 +61,18 @@ pub enum CertError {
         dir: PathBuf,
         /// First missing file.
         missing: String,
+    },
+    /// A reused set's certificates were made for other hosts than one now asked for.
+    #[error(
+        "the certificates in {dir} do not cover {host} (made for {made_for}); remove the directory to make a new set"
+    )]
+    HostNotCovered {
+        /// Directory inspected.
+        dir: PathBuf,
+        /// Host asked for.
+        host: String,
+        /// Hosts the set covers.
+        made_for: String,
     },
     /// rcgen refused the parameters.
     #[error("certificate generation failed: {0}")]
@@ -171,14 +186,33 @@ pub fn generate(dir: &Path, extra_hosts: &[String]) -> Result<CertPaths, CertErr
     write_new(&paths.router_cert(), &router_pem)?;
     write_new(&paths.router_key(), &router_key)?;
     write_new(&paths.token_secret(), &secret_hex)?;
+    // A record, not a key: one left from an earlier set is replaced.
+    let record = dir.join(HOSTS);
+    fs::write(&record, hosts.join("\n") + "\n").map_err(|source| CertError::Io {
+        path: record,
+        source,
+    })?;
     Ok(paths)
 }
 
-/// Reuses a complete set in `dir`, or generates one if the directory holds none of the files.
-/// Returns the paths and whether a new set was created.
-pub fn ensure(dir: &Path) -> Result<(CertPaths, bool), CertError> {
+/// Reuses a complete set in `dir`, or generates one covering `extra_hosts` too if the
+/// directory holds none of the files. Returns the paths and whether a new set was created. A
+/// reused set whose record of hosts (written with it) lacks one of `extra_hosts` is refused:
+/// clients would fail every handshake with a name the certificates do not carry.
+pub fn ensure(dir: &Path, extra_hosts: &[String]) -> Result<(CertPaths, bool), CertError> {
     let present: Vec<bool> = ALL_FILES.iter().map(|f| dir.join(f).exists()).collect();
     if present.iter().all(|p| *p) {
+        // Sets made before the record was kept are taken as they are.
+        if let Ok(recorded) = fs::read_to_string(dir.join(HOSTS)) {
+            let covered: Vec<&str> = recorded.lines().collect();
+            if let Some(host) = extra_hosts.iter().find(|h| !covered.contains(&h.as_str())) {
+                return Err(CertError::HostNotCovered {
+                    dir: dir.to_owned(),
+                    host: host.clone(),
+                    made_for: covered.join(", "),
+                });
+            }
+        }
         return Ok((CertPaths::in_dir(dir), false));
     }
     if let Some(i) = present.iter().position(|p| !p)
@@ -189,7 +223,7 @@ pub fn ensure(dir: &Path) -> Result<(CertPaths, bool), CertError> {
             missing: ALL_FILES[i].to_string(),
         });
     }
-    Ok((generate(dir, &[])?, true))
+    Ok((generate(dir, extra_hosts)?, true))
 }
 
 fn name(common_name: &str) -> DistinguishedName {
@@ -239,16 +273,32 @@ mod tests {
         assert!(matches!(err, CertError::Exists(_)), "{err}");
         assert_eq!(fs::read_to_string(paths.ca_cert()).unwrap(), ca_before);
 
-        let (_, created) = ensure(dir.path()).unwrap();
+        let (_, created) = ensure(dir.path(), &["cim.example".into()]).unwrap();
         assert!(!created);
         assert_eq!(fs::read_to_string(paths.ca_cert()).unwrap(), ca_before);
+        // A host the set was not made for is refused, not silently reused.
+        let err = ensure(dir.path(), &["10.0.0.5".into()]).unwrap_err();
+        assert!(
+            matches!(&err, CertError::HostNotCovered { host, .. } if host == "10.0.0.5"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ensure_makes_a_set_for_the_hosts_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, created) = ensure(dir.path(), &["10.0.0.5".into()]).unwrap();
+        assert!(created);
+        let hosts = fs::read_to_string(dir.path().join(HOSTS)).unwrap();
+        assert!(hosts.lines().any(|h| h == "10.0.0.5"), "{hosts}");
+        assert!(ensure(dir.path(), &["10.0.0.5".into()]).is_ok());
     }
 
     #[test]
     fn ensure_refuses_a_partial_set() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(CA_KEY), "old key").unwrap();
-        let err = ensure(dir.path()).unwrap_err();
+        let err = ensure(dir.path(), &[]).unwrap_err();
         assert!(matches!(err, CertError::Incomplete { .. }), "{err}");
         assert_eq!(
             fs::read_to_string(dir.path().join(CA_KEY)).unwrap(),
