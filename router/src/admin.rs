@@ -31,9 +31,15 @@ struct ErrorRow {
 struct State {
     router: String,
     servers: Vec<ServerRow>,
+    /// The first [`ONLINE_SHOWN`] online users, by name.
     online: Vec<String>,
+    /// How many users are online.
+    online_count: usize,
     errors: Vec<ErrorRow>,
 }
+
+/// Online users the page lists by name (it counts them all).
+const ONLINE_SHOWN: usize = 1000;
 
 #[derive(serde::Deserialize)]
 struct TokenQuery {
@@ -124,13 +130,22 @@ pub fn routes(
                         forwarded,
                     })
                     .collect();
-                let online = match service.online_users("").await {
-                    Ok(users) => users.into_iter().map(|a| a.name).collect(),
-                    Err(e) => {
-                        service.record_error(e.code(), format!("admin page: {e}"));
-                        Vec::new()
-                    }
-                };
+                // A scan up to two seconds old will do: every open page asks each second.
+                let (online, online_count) =
+                    match service.online_scan(std::time::Duration::from_secs(2)).await {
+                        Ok(users) => (
+                            users
+                                .iter()
+                                .take(ONLINE_SHOWN)
+                                .map(|a| a.name.clone())
+                                .collect(),
+                            users.len(),
+                        ),
+                        Err(e) => {
+                            service.record_error(e.code(), format!("admin page: {e}"));
+                            (Vec::new(), 0)
+                        }
+                    };
                 let errors = service
                     .recent_errors()
                     .into_iter()
@@ -145,6 +160,7 @@ pub fn routes(
                     router: service.config.id.clone(),
                     servers,
                     online,
+                    online_count,
                     errors,
                 };
                 warp::reply::json(&state).into_response()
@@ -224,7 +240,7 @@ async function refresh() {
       li.textContent = name;
       online.appendChild(li);
     }
-    document.getElementById("online-count").textContent = String(state.online.length);
+    document.getElementById("online-count").textContent = String(state.online_count);
     const errors = document.querySelector("#errors tbody");
     errors.replaceChildren();
     for (const e of state.errors) {

@@ -834,7 +834,10 @@ impl Service {
     /// call that came in while one ran shares the next: a scan reads a route and an account per
     /// online user, so callers arriving together (a flood of listings or readiness probes)
     /// cost the store one scan at a time instead of one each.
-    async fn online_scan(&self, max_age: Duration) -> Result<Arc<Vec<Account>>, ServiceError> {
+    pub(crate) async fn online_scan(
+        &self,
+        max_age: Duration,
+    ) -> Result<Arc<Vec<Account>>, ServiceError> {
         let ticket = self
             .online_scans
             .requested
