@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 
 /// What the relay does to each datagram.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -187,8 +188,11 @@ fn forward(socket: Arc<UdpSocket>, to: Option<SocketAddr>, data: Vec<u8>, plan: 
 
 async fn run(front: Arc<UdpSocket>, upstream: SocketAddr, shared: Arc<Shared>) {
     // One upstream socket per client address, so the server sees each client (and each
-    // client address change) separately.
-    let mut upstreams: HashMap<SocketAddr, (Arc<UdpSocket>, JoinHandle<()>)> = HashMap::new();
+    // client address change) separately. Each one's return path ends with this task, also
+    // when it is aborted (a dropped relay): else a stopped relay went on carrying traffic
+    // from the server to its clients.
+    let mut upstreams: HashMap<SocketAddr, (Arc<UdpSocket>, AbortOnDropHandle<()>)> =
+        HashMap::new();
     let mut buf = vec![0u8; 65_536];
     loop {
         let Ok((len, client)) = front.recv_from(&mut buf).await else {
@@ -204,20 +208,17 @@ async fn run(front: Arc<UdpSocket>, upstream: SocketAddr, shared: Arc<Shared>) {
                     continue;
                 }
                 let socket = Arc::new(socket);
-                let back = tokio::spawn(backward(
+                let back = AbortOnDropHandle::new(tokio::spawn(backward(
                     socket.clone(),
                     front.clone(),
                     client,
                     shared.clone(),
-                ));
+                )));
                 upstreams.insert(client, (socket.clone(), back));
                 socket
             }
         };
         forward(socket, None, buf[..len].to_vec(), shared.plan());
-    }
-    for (_, (_, task)) in upstreams {
-        task.abort();
     }
 }
 
