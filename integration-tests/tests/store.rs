@@ -476,6 +476,12 @@ async fn groups_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     assert!(!store.leave_group("crew", other).await?);
     assert!(store.user_groups(other).await?.is_empty());
     assert_eq!(store.group_members("nope").await?, None);
+    // The last member leaving deletes the group: its name is free again.
+    assert!(store.leave_group("crew", owner).await?);
+    assert_eq!(store.group_members("crew").await?, None);
+    assert_eq!(store.join_group("crew", other, 2).await?, Join::NoGroup);
+    assert!(store.create_group("crew", third).await?);
+    assert_eq!(store.group_members("crew").await?, Some(vec![third]));
     Ok(())
 }
 

@@ -509,10 +509,13 @@ impl Store for MemoryStore {
 
     async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError> {
         let mut inner = self.inner();
-        let was = inner
-            .groups
-            .get_mut(name)
-            .is_some_and(|(_, members)| members.remove(&user));
+        let (was, now_empty) = match inner.groups.get_mut(name) {
+            Some((_, members)) => (members.remove(&user), members.is_empty()),
+            None => (false, false),
+        };
+        if now_empty {
+            inner.groups.remove(name);
+        }
         if let Some(groups) = inner.memberships.get_mut(&user) {
             groups.remove(name);
         }

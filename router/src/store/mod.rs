@@ -399,7 +399,8 @@ pub trait Store: Send + Sync + 'static {
     async fn create_group(&self, name: &str, owner: u64) -> Result<bool, StoreError>;
     /// Adds `user` to `name` unless the group has `cap` members already.
     async fn join_group(&self, name: &str, user: u64, cap: usize) -> Result<Join, StoreError>;
-    /// Removes `user` from `name`. Returns whether it was a member.
+    /// Removes `user` from `name`; a group whose last member left is deleted (its name can be
+    /// taken again). Returns whether it was a member.
     async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError>;
     /// Members of `name`, sorted; `None` if there is no such group.
     async fn group_members(&self, name: &str) -> Result<Option<Vec<u64>>, StoreError>;

@@ -86,6 +86,16 @@ redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 ";
 
+/// Leaves a group, and deletes the group once its last member left (its name is free again).
+/// KEYS: owner, members. ARGV: user. Returns 1 if the user was a member.
+const LEAVE: &str = r"
+local removed = redis.call('SREM', KEYS[2], ARGV[1])
+if removed == 1 and redis.call('SCARD', KEYS[2]) == 0 then
+  redis.call('DEL', KEYS[1])
+end
+return removed
+";
+
 /// Joins a group under its cap. KEYS: owner, members. ARGV: user, cap. Returns 1 joined,
 /// 2 already a member, 3 full, 0 no such group.
 const JOIN: &str = r"
@@ -329,6 +339,7 @@ pub struct RedisStore {
     append_private: Script,
     create_group: Script,
     join: Script,
+    leave: Script,
     claim_id_node: Script,
     renew_id_node: Script,
     release_id_node: Script,
@@ -489,6 +500,7 @@ impl RedisStore {
             append_private: Script::new(APPEND_PRIVATE),
             create_group: Script::new(CREATE_GROUP),
             join: Script::new(JOIN),
+            leave: Script::new(LEAVE),
             claim_id_node: Script::new(CLAIM_ID_NODE),
             renew_id_node: Script::new(RENEW_ID_NODE),
             release_id_node: Script::new(RELEASE_ID_NODE),
@@ -1158,8 +1170,12 @@ impl Store for RedisStore {
 
     async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError> {
         let mut conn = self.conn();
-        let removed: i64 = conn
-            .srem(group_members_key(name), user)
+        let removed: i64 = self
+            .leave
+            .key(group_owner_key(name))
+            .key(group_members_key(name))
+            .arg(user)
+            .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
         let _: () = conn
