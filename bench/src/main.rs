@@ -153,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
         progress: !args.json,
         kill: args.kill.clone(),
         timeline: args.timeline.clone(),
+        drain_limit: Options::DRAIN_LIMIT,
     };
     if !args.json {
         eprintln!(

@@ -109,6 +109,13 @@ pub struct Options {
     pub kill: Option<(String, u32)>,
     /// Where to write latency per window of send time (`--timeline`).
     pub timeline: Option<std::path::PathBuf>,
+    /// Longest wait after sending for acked messages to arrive; those still missing are lost.
+    pub drain_limit: Duration,
+}
+
+impl Options {
+    /// How long a run waits for acked messages to arrive unless told otherwise.
+    pub const DRAIN_LIMIT: Duration = Duration::from_secs(15);
 }
 
 /// The result of a run (serialised with `--json`).
@@ -933,8 +940,8 @@ pub(crate) async fn drive<C: LoadClient>(
         acks.extend(task.await??);
     }
     let send_window = started.elapsed();
-    // Drain: wait until every acked delivery arrived (or give up after 15 s: those are lost).
-    let drain_deadline = Instant::now() + Duration::from_secs(15);
+    // Drain: wait until every acked delivery arrived (or give up: those are lost).
+    let drain_deadline = Instant::now() + opts.drain_limit;
     while delivered.load(Ordering::Relaxed) < expected.load(Ordering::Relaxed)
         && Instant::now() < drain_deadline
     {
@@ -1021,4 +1028,153 @@ fn write_timeline(path: &std::path::Path, samples: Vec<(u64, u64)>) -> anyhow::R
 /// The revision this harness was built from (see build.rs).
 fn git_rev() -> String {
     env!("CIM_BUILD_REV").to_string()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+
+    /// What the fake cluster does wrong, to the message of a given number (counted over all
+    /// sends of the run).
+    #[derive(Clone, Copy)]
+    enum Fault {
+        Lose(u64),
+        Duplicate(u64),
+        /// Delivered to its sender instead.
+        Misdirect(u64),
+    }
+
+    /// A client of a fake cluster made of channels: every send is acked and delivered to its
+    /// recipients, except as its fault says.
+    struct FakeClient {
+        index: usize,
+        inboxes: Arc<Vec<mpsc::UnboundedSender<String>>>,
+        sent: Arc<AtomicU64>,
+        fault: Fault,
+    }
+
+    impl LoadClient for FakeClient {
+        async fn send(&self, peer: Option<usize>, body: String) -> anyhow::Result<u32> {
+            let n = self.sent.fetch_add(1, Ordering::SeqCst);
+            let clients = self.inboxes.len();
+            let recipients: Vec<usize> = match peer {
+                Some(peer) => vec![peer],
+                None => (0..clients).filter(|&i| i != self.index).collect(),
+            };
+            for (i, &to) in recipients.iter().enumerate() {
+                // Only the message's first recipient suffers the fault.
+                let faulty = i == 0;
+                match self.fault {
+                    Fault::Lose(k) if faulty && n == k => continue,
+                    Fault::Duplicate(k) if faulty && n == k => {
+                        let _ = self.inboxes[to].send(body.clone());
+                    }
+                    Fault::Misdirect(k) if faulty && n == k => {
+                        // To its own sender: a client it is never for.
+                        let _ = self.inboxes[self.index].send(body.clone());
+                        continue;
+                    }
+                    _ => {}
+                }
+                let _ = self.inboxes[to].send(body.clone());
+            }
+            Ok(recipients.len() as u32)
+        }
+
+        fn datagrams(&self) -> u64 {
+            0
+        }
+    }
+
+    fn options(scenario: Scenario) -> Options {
+        Options {
+            scenario,
+            clients: 4,
+            duration: Duration::from_millis(300),
+            rate: Some(1000),
+            window: 1,
+            members: 4,
+            senders: 2,
+            connections: 0,
+            loss_pct: 0.0,
+            size: 64,
+            concurrency: 1,
+            seed: 1,
+            progress: false,
+            kill: None,
+            timeline: None,
+            drain_limit: Duration::from_secs(1),
+        }
+    }
+
+    /// Runs `drive` over four fake clients with `fault`; a group run when `group`.
+    async fn run_with(fault: Fault, group: bool) -> Report {
+        let scenario = if group {
+            Scenario::Group
+        } else {
+            Scenario::Private
+        };
+        let opts = options(scenario);
+        let mut receiving = Receiving::new(&opts);
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..4).map(|_| mpsc::unbounded_channel::<String>()).unzip();
+        for (index, receiver) in receivers.into_iter().enumerate() {
+            receiving.add(index, receiver);
+        }
+        let inboxes = Arc::new(senders);
+        let sent = Arc::new(AtomicU64::new(0));
+        let clients: Vec<Arc<FakeClient>> = (0..4)
+            .map(|index| {
+                Arc::new(FakeClient {
+                    index,
+                    inboxes: inboxes.clone(),
+                    sent: sent.clone(),
+                    fault,
+                })
+            })
+            .collect();
+        let mut report = Report::default();
+        let group_senders = group.then_some(opts.senders);
+        drive(
+            &opts,
+            || None,
+            &clients,
+            group_senders,
+            receiving,
+            &mut report,
+        )
+        .await
+        .unwrap();
+        assert!(report.sent > 50, "{report:?}");
+        report
+    }
+
+    fn faults(report: &Report) -> (u64, u64, u64) {
+        (report.lost, report.duplicated, report.misdelivered)
+    }
+
+    /// The harness sees what a cluster did wrong, end to end: from the sends through the
+    /// receiving tasks and the drain to the report.
+    #[tokio::test]
+    async fn a_run_reports_what_the_cluster_lost_repeated_or_misdirected() {
+        for group in [false, true] {
+            assert_eq!(faults(&run_with(Fault::Lose(20), group).await), (1, 0, 0));
+            assert_eq!(
+                faults(&run_with(Fault::Duplicate(20), group).await),
+                (0, 1, 0)
+            );
+            assert_eq!(
+                faults(&run_with(Fault::Misdirect(20), group).await),
+                (1, 0, 1),
+                "group {group}"
+            );
+            // A fault past the end of the run changes nothing.
+            assert_eq!(
+                faults(&run_with(Fault::Lose(u64::MAX), group).await),
+                (0, 0, 0)
+            );
+        }
+    }
 }
