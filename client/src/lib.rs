@@ -363,7 +363,8 @@ pub struct Events {
     rx: mpsc::Receiver<Event>,
     progress: Arc<Progress>,
     /// Cancelled once the session is over for good (kicked, closed, or lost with reconnects
-    /// off): then no more events come, even while the application still holds the client.
+    /// off) and its last status event is in the queue: then no more events come, even while
+    /// the application still holds the client.
     ended: CancellationToken,
 }
 
@@ -743,9 +744,11 @@ impl Client {
                 Err(e) => tracing::debug!(error = %e, attempt, "connect failed; retrying"),
             }
         };
-        tokio::spawn(supervise(shared.clone(), connected));
+        let events_ended = CancellationToken::new();
+        let status = StatusEvents::start(shared.events.clone(), events_ended.clone());
+        tokio::spawn(supervise(shared.clone(), connected, status));
         tokio::spawn(fill_gaps(shared.clone()));
-        let ended = shared.supervised.clone();
+        let ended = events_ended;
         Ok((
             Client { shared },
             Events {
@@ -1122,35 +1125,34 @@ enum End {
 }
 
 /// Runs connections one after another until the client stops or is kicked.
-async fn supervise(shared: Arc<Shared>, first: Connected) {
+async fn supervise(shared: Arc<Shared>, first: Connected, status: StatusEvents) {
     let _ended = shared.supervised.clone().drop_guard();
     let mut connected = first;
     loop {
         let end = run_connection(&shared, connected).await;
         shared.conn.send_replace(None);
         let mut relogin = false;
-        match end {
+        let event = match end {
             End::Stopped => return,
             End::Kicked(reason) => {
-                let _ = shared.events.send(Event::Kicked(reason)).await;
+                status.emit(Event::Kicked(reason));
                 shared.stop.cancel();
                 return;
             }
             End::Drain(reason) => {
-                let _ = shared.events.send(Event::Drain(reason)).await;
                 relogin = true;
+                Event::Drain(reason)
             }
-            End::Lost(reason) => {
-                let _ = shared.events.send(Event::Disconnected(reason)).await;
-            }
-        }
+            End::Lost(reason) => Event::Disconnected(reason),
+        };
+        status.emit(event);
         if !shared.config.reconnect {
             shared.stop.cancel();
             return;
         }
-        match reconnect(&shared, relogin).await {
+        match reconnect(&shared, relogin, &status).await {
             Some((mut next, info)) => {
-                let _ = shared.events.send(Event::Reconnected(info)).await;
+                status.emit(Event::Reconnected(info));
                 // A reconnect always catches up. When it resumes the same session, the old
                 // connection's end may still be on its way to the router and release the
                 // route after the new one was confirmed; the pull covers what was stored until
@@ -1163,10 +1165,42 @@ async fn supervise(shared: Arc<Shared>, first: Connected) {
     }
 }
 
+/// The session's own events (kicked, drained, disconnected, reconnected), handed to the
+/// application in order by a task of their own: the supervisor never waits for room in the
+/// application's event queue. An application that is a full queue behind, waiting on a send
+/// that waits for the reconnect, held up both until the send timed out. The events end (see
+/// [`Events::next`]) once the supervisor has dropped this and every one is handed over.
+struct StatusEvents(mpsc::UnboundedSender<Event>);
+
+impl StatusEvents {
+    /// Starts the task that hands status events to `events`; `ended` is cancelled once it is
+    /// done.
+    fn start(events: mpsc::Sender<Event>, ended: CancellationToken) -> Self {
+        let (status, mut queued) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let _ended = ended.drop_guard();
+            while let Some(event) = queued.recv().await {
+                if events.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Self(status)
+    }
+
+    fn emit(&self, event: Event) {
+        let _ = self.0.send(event);
+    }
+}
+
 /// Re-establishes the session: resume on the same server first (unless `relogin`), then log
 /// in again through the router, with jittered exponential backoff. `None` if the client
 /// stopped.
-async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected, Reconnected)> {
+async fn reconnect(
+    shared: &Arc<Shared>,
+    mut relogin: bool,
+    status: &StatusEvents,
+) -> Option<(Connected, Reconnected)> {
     let (base, max) = shared.config.backoff;
     let mut backoff = Backoff::new(base, max);
     let mut resume_failures = 0;
@@ -1249,7 +1283,7 @@ async fn reconnect(shared: &Arc<Shared>, mut relogin: bool) -> Option<(Connected
                 } else {
                     "logged in elsewhere"
                 };
-                let _ = shared.events.send(Event::Kicked(reason.into())).await;
+                status.emit(Event::Kicked(reason.into()));
                 shared.stop.cancel();
                 return None;
             }

@@ -167,6 +167,48 @@ async fn an_offline_recipient_gets_everything_in_order_when_back(
     Ok(())
 }
 
+/// A client whose application is a full event queue behind (it waits on a send instead of
+/// reading) still reconnects after losing its connection, and the send goes through: the
+/// `Disconnected` event waits for room while the reconnect runs. Before, the reconnect waited
+/// behind the event, the send behind the reconnect, and both until the send timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_event_queue_does_not_hold_up_the_reconnect() -> anyhow::Result<()> {
+    let (cluster, relay) = relayed(Backend::Memory, Impairments::none(), 13).await?;
+    let (alice, _alice_events) = user(&cluster, None, "alice").await?;
+    let mut config = cluster.client_config();
+    config.server_overrides = HashMap::from([(cluster.embedded.servers[0].1, relay.addr)]);
+    config.send_timeout = Duration::from_secs(15);
+    cim_client::register(&config, "bob", "password").await?;
+    let (bob, mut bob_events) =
+        Client::login(&config, "bob", "password", LoginOptions::default()).await?;
+    // More than Bob's event queue holds (1,024), none read.
+    let bob_id = bob.info().user_id;
+    for i in 0..1100 {
+        alice.send_private(bob_id, &format!("queued {i}")).await?;
+    }
+    eventually(WAIT, || async {
+        (bob.last_seq().await >= 1024).then_some(())
+    })
+    .await?;
+    // The connection goes (heartbeat timeout: 2 s) and comes back after three seconds.
+    relay.set_blackout(true);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    relay.set_blackout(false);
+    let sent = tokio::time::timeout(
+        Duration::from_secs(12),
+        bob.send_private(alice.info().user_id, "still here"),
+    )
+    .await;
+    assert!(
+        matches!(sent, Ok(Ok(_))),
+        "the send waited for the application: {sent:?}"
+    );
+    // Every message comes, once and in order.
+    let got = receive(&mut bob_events, 1100, WAIT).await?;
+    assert_exactly_in_order(&got, "queued ", 1100);
+    Ok(())
+}
+
 async fn a_five_second_blackout_heals_by_itself(backend: Backend) -> anyhow::Result<()> {
     let (cluster, relay) = relayed(backend, Impairments::none(), 11).await?;
     let (alice, _alice_events) = user(&cluster, None, "alice").await?;
