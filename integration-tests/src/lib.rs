@@ -124,6 +124,7 @@ impl TestCluster {
                 requests_per_user: 100_000,
             },
             max_group_size: 10_000,
+            max_groups_per_user: 1_000,
             admin_token: Some("test-admin-token".into()),
             inbox: cim_router::store::InboxLimits::default(),
             token_ttl: Duration::from_secs(600),

@@ -312,3 +312,35 @@ async fn a_route_a_renewal_brings_back_is_announced_online() -> anyhow::Result<(
     assert_eq!(online, (bob_id, "bob".to_string(), true));
     Ok(())
 }
+
+/// A user may be in at most `max_groups_per_user` groups, created or joined: each of a user's
+/// groups is read at every login and logout of theirs, to tell its members. Rejoining one it
+/// is in, and joining again after leaving one, still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_is_in_at_most_so_many_groups() -> anyhow::Result<()> {
+    let cluster = TestCluster::start_with(1, Backend::Memory, |c| {
+        c.max_groups_per_user = 2;
+    })
+    .await?;
+    let (alice, _a) = cluster.user("alice").await?;
+    let (bob, _b) = cluster.user("bob").await?;
+    bob.create_group("third").await?;
+    alice.create_group("first").await?;
+    alice.create_group("second").await?;
+    let code = |r: Result<(), cim_client::ClientError>| r.unwrap_err().code().map(str::to_owned);
+    assert_eq!(
+        code(alice.create_group("more").await).as_deref(),
+        Some("too_many_groups")
+    );
+    assert_eq!(
+        code(alice.join_group("third").await).as_deref(),
+        Some("too_many_groups")
+    );
+    alice.join_group("first").await?;
+    alice.leave_group("second").await?;
+    alice.join_group("third").await?;
+    let mut groups = alice.my_groups().await?;
+    groups.sort();
+    assert_eq!(groups, ["first", "third"]);
+    Ok(())
+}

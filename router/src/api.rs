@@ -77,7 +77,9 @@ impl From<ServiceError> for ApiError {
             | ServiceError::SessionEnded(_)
             | ServiceError::LoggedInElsewhere => StatusCode::UNAUTHORIZED,
             ServiceError::UnknownUser | ServiceError::UnknownGroup => StatusCode::NOT_FOUND,
-            ServiceError::GroupExists | ServiceError::GroupFull => StatusCode::CONFLICT,
+            ServiceError::GroupExists
+            | ServiceError::GroupFull
+            | ServiceError::TooManyGroups(_) => StatusCode::CONFLICT,
             ServiceError::NotMember => StatusCode::FORBIDDEN,
             ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServiceError::NoServer

@@ -45,6 +45,8 @@ pub struct EmbeddedConfig {
     pub server_limits: cim_server::Limits,
     /// Most members a group may have.
     pub max_group_size: usize,
+    /// Most groups a user may be in.
+    pub max_groups_per_user: usize,
     /// Admin page credential (`None`: a random one is made).
     pub admin_token: Option<String>,
     /// Caps on each user's inbox.
@@ -159,6 +161,7 @@ pub async fn start_with_store(
     router_config.login_limits = config.login_limits;
     router_config.api_limits = config.api_limits;
     router_config.max_group_size = config.max_group_size;
+    router_config.max_groups_per_user = config.max_groups_per_user;
     router_config.inbox = config.inbox;
     router_config.token_ttl = config.token_ttl;
     router_config.http_request_timeout = config.http_request_timeout;

@@ -70,6 +70,9 @@ pub struct RouterConfig {
     pub http_request_timeout: Duration,
     /// Most members a group may have.
     pub max_group_size: usize,
+    /// Most groups a user may be in (each is read at every login and logout of the user's,
+    /// to tell its members).
+    pub max_groups_per_user: usize,
     /// Lease on the router's message-id node in the store, renewed every sixth of it. A
     /// router that cannot renew it stops accepting messages when it lapses; a router that died
     /// leaves its node to others after it.
@@ -153,6 +156,7 @@ impl RouterConfig {
             api_limits: ApiLimits::default(),
             http_request_timeout: Self::DEFAULT_HTTP_REQUEST_TIMEOUT,
             max_group_size: 10_000,
+            max_groups_per_user: 1_000,
             id_node_lease: Duration::from_secs(30),
             metrics: Arc::new(cim_core::metrics::RouterMetrics::unregistered()),
             registry: None,

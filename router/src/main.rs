@@ -114,6 +114,9 @@ struct Args {
     /// Most members a group may have.
     #[arg(long, env = "CIM_MAX_GROUP_SIZE", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
     max_group_size: u64,
+    /// Most groups a user may be in (created or joined).
+    #[arg(long, env = "CIM_MAX_GROUPS_PER_USER", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_groups_per_user: u64,
     /// Lifetime of session tokens in seconds. Connected clients get fresh ones while their
     /// session lives; a token lets its holder re-log in without the password (`POST
     /// /api/relogin`) until it expires. Keep the servers' --token-ttl-secs equal.
@@ -206,6 +209,7 @@ async fn run_cluster(args: &Args, redis: &str, zookeeper: &str) -> anyhow::Resul
     config.login_limits = login_limits(args);
     config.api_limits = api_limits(args);
     config.max_group_size = args.max_group_size as usize;
+    config.max_groups_per_user = args.max_groups_per_user as usize;
     config.token_ttl = Duration::from_secs(args.token_ttl_secs);
     config.admin_token = args.admin_token.clone();
     config.inbox = inbox_limits(args);
@@ -262,6 +266,7 @@ async fn run_embedded(args: &Args) -> anyhow::Result<()> {
         login_limits: login_limits(args),
         api_limits: api_limits(args),
         max_group_size: args.max_group_size as usize,
+        max_groups_per_user: args.max_groups_per_user as usize,
         admin_token: args.admin_token.clone(),
         inbox: inbox_limits(args),
         token_ttl: Duration::from_secs(args.token_ttl_secs),

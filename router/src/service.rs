@@ -114,6 +114,9 @@ pub enum ServiceError {
     /// The group is at its size cap.
     #[error("group is full")]
     GroupFull,
+    /// The user is in as many groups as a user may be.
+    #[error("in {0} groups already, the most a user may be in")]
+    TooManyGroups(usize),
     /// The caller is not a member of the group.
     #[error("not a member of the group")]
     NotMember,
@@ -160,6 +163,7 @@ impl ServiceError {
             ServiceError::UnknownGroup => "unknown_group",
             ServiceError::GroupExists => "group_exists",
             ServiceError::GroupFull => "group_full",
+            ServiceError::TooManyGroups(_) => "too_many_groups",
             ServiceError::NotMember => "not_member",
             ServiceError::TooLarge(_) => "too_large",
             ServiceError::Unavailable(StoreError::NameTaken) => "name_taken",
@@ -1173,6 +1177,7 @@ impl Service {
     /// Creates a group; its creator is its owner and first member.
     pub async fn create_group(&self, user: u64, name: &str) -> Result<(), ServiceError> {
         validate_group_name(name)?;
+        self.check_group_count(user, name).await?;
         if !self.store.create_group(name, user).await? {
             return Err(ServiceError::GroupExists);
         }
@@ -1182,6 +1187,7 @@ impl Service {
 
     /// Adds `user` to a group (joining twice is fine).
     pub async fn join_group(&self, user: u64, name: &str) -> Result<(), ServiceError> {
+        self.check_group_count(user, name).await?;
         match self
             .store
             .join_group(name, user, self.config.max_group_size)
@@ -1191,6 +1197,19 @@ impl Service {
             Join::Full => Err(ServiceError::GroupFull),
             Join::NoGroup => Err(ServiceError::UnknownGroup),
         }
+    }
+
+    /// Refuses to put `user` in one more group than `max_groups_per_user` (joining one it is
+    /// in already is fine): each of a user's groups is read at every login and logout of
+    /// theirs, to tell its members. Checked before the store call, so joins at once may pass
+    /// it by a few; a cap, not an invariant.
+    async fn check_group_count(&self, user: u64, name: &str) -> Result<(), ServiceError> {
+        let groups = self.store.user_groups(user).await?;
+        let limit = self.config.max_groups_per_user;
+        if groups.len() >= limit && !groups.iter().any(|g| g == name) {
+            return Err(ServiceError::TooManyGroups(limit));
+        }
+        Ok(())
     }
 
     /// Removes `user` from a group.
