@@ -366,30 +366,27 @@ impl RouterLinks {
     /// on its own, since storing it for everyone online takes long enough to hold up the
     /// acks of a whole batch; private messages are batched while the server is busy.
     ///
-    /// A send with a client message id that a router refused as `unavailable` (it stored
-    /// nothing: no store, no message-id node) goes to the other routers in turn; a group's
-    /// to the ones after its own in the same order on every server, so its messages still
-    /// meet at one router.
+    /// A private send with a client message id that a router refused as `unavailable` (it
+    /// stored nothing: no store, no message-id node) is offered to the other routers in
+    /// turn. Group sends are not: a group's messages are ordered by meeting at one router, and
+    /// a router whose store only blips refuses some and stores others.
     pub async fn forward(&self, forward: Forward) -> Result<SendAck, LinkError> {
-        let affinity = match forward.message.as_ref().and_then(|m| m.target.as_ref()) {
-            Some(chat_message::Target::Group(g)) if g == "all" => None,
-            Some(chat_message::Target::Group(g)) => Some(fnv1a(g.as_bytes())),
-            _ => None,
+        let (affinity, private) = match forward.message.as_ref().and_then(|m| m.target.as_ref()) {
+            Some(chat_message::Target::Group(g)) if g == "all" => (None, false),
+            Some(chat_message::Target::Group(g)) => (Some(fnv1a(g.as_bytes())), false),
+            _ => (None, true),
         };
-        let resendable = forward
-            .message
-            .as_ref()
-            .is_some_and(|m| m.client_msg_id != 0)
+        let resendable = private
+            && forward
+                .message
+                .as_ref()
+                .is_some_and(|m| m.client_msg_id != 0)
             && self.len() > 1;
         let again = resendable.then(|| forward.clone());
         let ack = self.forward_once(forward, affinity).await?;
         match again {
             Some(forward) if ack.code == cim_proto::SEND_UNAVAILABLE => {
-                let next = affinity.map(|hash| hash.wrapping_add(1));
-                Ok(self
-                    .forward_past_unavailable(forward, next)
-                    .await
-                    .unwrap_or(ack))
+                Ok(self.forward_past_unavailable(forward).await.unwrap_or(ack))
             }
             _ => Ok(ack),
         }
@@ -415,26 +412,30 @@ impl RouterLinks {
         self.call_from(&request, affinity, failover).await
     }
 
-    /// Offers a send with a client message id to each router in turn, starting at
-    /// `affinity` (or the next in rotation), until one answers other than `unavailable`.
-    /// `None` if none did.
-    async fn forward_past_unavailable(
-        &self,
-        forward: Forward,
-        affinity: Option<u64>,
-    ) -> Option<SendAck> {
+    /// Offers a send with a client message id to each router in turn until one answers other
+    /// than `unavailable`. `None` if every one refused it; a `retry` answer if one may have
+    /// stored it (it read the send and gave no answer).
+    async fn forward_past_unavailable(&self, forward: Forward) -> Option<SendAck> {
+        let client_msg_id = forward.message.as_ref().map_or(0, |m| m.client_msg_id);
         let request = ServerRequest {
             kind: Some(server_request::Kind::Forward(forward)),
         };
-        for conn in self.candidates(affinity) {
+        let mut unknown = false;
+        for conn in self.candidates(None) {
             match tokio::time::timeout(REQUEST_TIMEOUT, exchange::<SendAck>(&conn, &request)).await
             {
                 Ok(Ok(ack)) if ack.code != cim_proto::SEND_UNAVAILABLE => return Some(ack),
-                // Unavailable there too, or no answer: the id makes a resend safe.
-                _ => {}
+                Ok(Ok(_)) => {}
+                // The id makes trying the next router safe, but this one may have stored it.
+                Ok(Err(_)) | Err(_) => unknown = true,
             }
         }
-        None
+        unknown.then(|| SendAck {
+            client_msg_id,
+            code: cim_proto::SEND_RETRY.into(),
+            message: "no router took the send; send again with the same client_msg_id".into(),
+            ..Default::default()
+        })
     }
 
     /// Runs a client's group request at a router.
