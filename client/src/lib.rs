@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cim_core::transport::{self, Link, read_only_frame};
@@ -526,6 +526,8 @@ struct Shared {
     /// [`Client::last_seq`] from its event loop would otherwise wait on itself.
     delivered_seq: AtomicU64,
     progress: Arc<Progress>,
+    /// Status events on their way to the application, which messages wait for.
+    status_backlog: Arc<StatusBacklog>,
     /// Asks the connection task to send a ping now, carrying the latest processed mark.
     ack_flush: Notify,
     /// Woken when the pong of such a ping arrives: the server has recorded the ack.
@@ -631,7 +633,12 @@ impl Shared {
             stats.duplicates = inbox.duplicates();
             stats.skipped = inbox.skipped();
         }
-        // Emitting under the lock keeps events in sequence order across concurrent streams.
+        // Emitting under the lock keeps events in sequence order across concurrent streams,
+        // and after the status events emitted before (a `Reconnected` before the messages
+        // of the connection it announces).
+        if !ready.is_empty() {
+            self.status_backlog.cleared().await;
+        }
         let mut handed_over = None;
         let mut refused = self.events.is_closed();
         for message in ready {
@@ -688,6 +695,7 @@ impl Client {
             inbox: AsyncMutex::new(Reorder::new(0)),
             delivered_seq: AtomicU64::new(0),
             progress: progress.clone(),
+            status_backlog: Arc::new(StatusBacklog::default()),
             ack_flush: Notify::new(),
             ack_flushed: Notify::new(),
             gap: Notify::new(),
@@ -745,7 +753,11 @@ impl Client {
             }
         };
         let events_ended = CancellationToken::new();
-        let status = StatusEvents::start(shared.events.clone(), events_ended.clone());
+        let status = StatusEvents::start(
+            shared.events.clone(),
+            shared.status_backlog.clone(),
+            events_ended.clone(),
+        );
         tokio::spawn(supervise(shared.clone(), connected, status));
         tokio::spawn(fill_gaps(shared.clone()));
         let ended = events_ended;
@@ -1170,26 +1182,69 @@ async fn supervise(shared: Arc<Shared>, first: Connected, status: StatusEvents) 
 /// application's event queue. An application that is a full queue behind, waiting on a send
 /// that waits for the reconnect, held up both until the send timed out. The events end (see
 /// [`Events::next`]) once the supervisor has dropped this and every one is handed over.
-struct StatusEvents(mpsc::UnboundedSender<Event>);
+struct StatusEvents {
+    queue: mpsc::UnboundedSender<Event>,
+    backlog: Arc<StatusBacklog>,
+}
+
+/// Status events emitted and not yet in the application's queue. Messages wait for them (see
+/// [`Shared::accept_deliveries`]), so a `Reconnected` still comes before the messages of the
+/// connection it announces.
+#[derive(Default)]
+struct StatusBacklog {
+    pending: AtomicUsize,
+    handed: Notify,
+}
+
+impl StatusBacklog {
+    /// Waits until every status event emitted so far is in the application's queue.
+    async fn cleared(&self) {
+        loop {
+            let handed = self.handed.notified();
+            tokio::pin!(handed);
+            handed.as_mut().enable();
+            if self.pending.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            handed.await;
+        }
+    }
+
+    fn handed_over(&self, n: usize) {
+        self.pending.fetch_sub(n, Ordering::SeqCst);
+        self.handed.notify_waiters();
+    }
+}
 
 impl StatusEvents {
-    /// Starts the task that hands status events to `events`; `ended` is cancelled once it is
-    /// done.
-    fn start(events: mpsc::Sender<Event>, ended: CancellationToken) -> Self {
-        let (status, mut queued) = mpsc::unbounded_channel();
+    /// Starts the task that hands status events to `events`, counting them in `backlog`;
+    /// `ended` is cancelled once it is done.
+    fn start(
+        events: mpsc::Sender<Event>,
+        backlog: Arc<StatusBacklog>,
+        ended: CancellationToken,
+    ) -> Self {
+        let (queue, mut queued) = mpsc::unbounded_channel();
+        let handing = backlog.clone();
         tokio::spawn(async move {
             let _ended = ended.drop_guard();
             while let Some(event) = queued.recv().await {
                 if events.send(event).await.is_err() {
+                    // No application takes events any more: nothing waits for these.
+                    handing.handed_over(handing.pending.load(Ordering::SeqCst));
                     return;
                 }
+                handing.handed_over(1);
             }
         });
-        Self(status)
+        Self { queue, backlog }
     }
 
     fn emit(&self, event: Event) {
-        let _ = self.0.send(event);
+        self.backlog.pending.fetch_add(1, Ordering::SeqCst);
+        if self.queue.send(event).is_err() {
+            self.backlog.handed_over(1);
+        }
     }
 }
 
