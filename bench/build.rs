@@ -13,8 +13,10 @@ fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=CIM_BUILD_REV={rev}");
-    // A new commit, or a change staged or committed, builds the harness again with its name.
-    for path in ["../.git/HEAD", "../.git/index"] {
+    // A new commit (the reflog), a checkout, or a change staged builds the harness again with
+    // its name. An edit not staged yet is not seen: "-dirty" then lags until the next build
+    // that runs this script.
+    for path in ["../.git/HEAD", "../.git/logs/HEAD", "../.git/index"] {
         println!("cargo:rerun-if-changed={path}");
     }
 }

@@ -135,7 +135,7 @@ pub fn faults(report: &Value) -> Vec<String> {
     .collect();
     let messaging = matches!(
         report.get("scenario").and_then(Value::as_str),
-        Some("private" | "group" | "lossy")
+        Some("private" | "group" | "lossy" | "floor-private")
     );
     if messaging && count("sent") == 0 {
         faults.push("nothing sent".into());

@@ -8,6 +8,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -205,7 +206,13 @@ pub fn ensure(dir: &Path, extra_hosts: &[String]) -> Result<(CertPaths, bool), C
         // Sets made before the record was kept are taken as they are.
         if let Ok(recorded) = fs::read_to_string(dir.join(HOSTS)) {
             let covered: Vec<&str> = recorded.lines().collect();
-            if let Some(host) = extra_hosts.iter().find(|h| !covered.contains(&h.as_str())) {
+            // Addresses compare as addresses (`2001:DB8::1` is `2001:db8::1`), names as text.
+            let same = |a: &str, b: &str| match (a.parse::<IpAddr>(), b.parse::<IpAddr>()) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => a.eq_ignore_ascii_case(b),
+            };
+            let missing = |host: &&String| !covered.iter().any(|c| same(c, host));
+            if let Some(host) = extra_hosts.iter().find(missing) {
                 return Err(CertError::HostNotCovered {
                     dir: dir.to_owned(),
                     host: host.clone(),
@@ -292,6 +299,7 @@ mod tests {
         let hosts = fs::read_to_string(dir.path().join(HOSTS)).unwrap();
         assert!(hosts.lines().any(|h| h == "10.0.0.5"), "{hosts}");
         assert!(ensure(dir.path(), &["10.0.0.5".into()]).is_ok());
+        assert!(ensure(dir.path(), &["LOCALHOST".into(), "::1".into()]).is_ok());
     }
 
     #[test]

@@ -102,11 +102,12 @@ pub async fn start_with_store(
 ) -> anyhow::Result<Embedded> {
     use anyhow::Context;
     // The addresses clients are given must be in the certificates (the loopback ones are).
-    let hosts: Vec<String> = [config.server_ip, config.http_addr.ip()]
+    let mut hosts: Vec<String> = [config.server_ip, config.http_addr.ip()]
         .iter()
         .filter(|ip| !ip.is_unspecified() && !ip.is_loopback())
         .map(ToString::to_string)
         .collect();
+    hosts.dedup();
     let (certs, certs_created) = cim_certs::ensure(&config.certs_dir, &hosts)
         .with_context(|| format!("preparing certificates in {}", config.certs_dir.display()))?;
     let secret = std::fs::read_to_string(certs.token_secret())
