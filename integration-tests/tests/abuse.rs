@@ -1096,18 +1096,19 @@ async fn registration_and_api_floods_are_limited() -> anyhow::Result<()> {
 
     // Dave floods the send API: five a second go through, the rest are refused.
     let api = RouterApi::new(&config)?;
+    let post = |body: serde_json::Value| {
+        api.raw(
+            Method::POST,
+            "/api/messages",
+            body.to_string().into(),
+            Some(&token),
+        )
+    };
     let bob = scene.bob.info().user_id;
     let (mut accepted, mut refused) = (Vec::new(), 0);
     for i in 0..20 {
         let body = serde_json::json!({"to": bob, "body": format!("flood {i}")});
-        let (status, reply) = api
-            .raw(
-                Method::POST,
-                "/api/messages",
-                body.to_string().into(),
-                Some(&token),
-            )
-            .await?;
+        let (status, reply) = post(body).await?;
         match status {
             StatusCode::OK => accepted.push(format!("flood {i}")),
             StatusCode::TOO_MANY_REQUESTS => {
@@ -1130,14 +1131,7 @@ async fn registration_and_api_floods_are_limited() -> anyhow::Result<()> {
     scene.still_chatting().await?;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let body = serde_json::json!({"to": bob, "body": "calm again"});
-    let (status, _) = api
-        .raw(
-            Method::POST,
-            "/api/messages",
-            body.to_string().into(),
-            Some(&token),
-        )
-        .await?;
+    let (status, _) = post(body).await?;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         next_message(&mut scene.bob_events).await?.body,
@@ -1145,14 +1139,7 @@ async fn registration_and_api_floods_are_limited() -> anyhow::Result<()> {
     );
     // A broadcast costs fifty requests, as on a server: over a limit of five, it is refused.
     let body = serde_json::json!({"group": "all", "body": "everyone!"});
-    let (status, _) = api
-        .raw(
-            Method::POST,
-            "/api/messages",
-            body.to_string().into(),
-            Some(&token),
-        )
-        .await?;
+    let (status, _) = post(body).await?;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     // Over the limit again, Dave can still log out.
     for _ in 0..6 {
