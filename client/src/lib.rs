@@ -27,9 +27,10 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use cim_core::pending::Pending;
 use cim_core::transport::{self, Link, read_only_frame};
 use cim_core::{ALPN_CLIENT, close, tls};
 pub use cim_proto::v1::chat_message::Target;
@@ -637,7 +638,7 @@ impl Shared {
         // and after the status events emitted before (a `Reconnected` before the messages
         // of the connection it announces).
         if !ready.is_empty() {
-            self.status_backlog.cleared().await;
+            self.status_backlog.none().await;
         }
         let mut handed_over = None;
         let mut refused = self.events.is_closed();
@@ -1190,31 +1191,7 @@ struct StatusEvents {
 /// Status events emitted and not yet in the application's queue. Messages wait for them (see
 /// [`Shared::accept_deliveries`]), so a `Reconnected` still comes before the messages of the
 /// connection it announces.
-#[derive(Default)]
-struct StatusBacklog {
-    pending: AtomicUsize,
-    handed: Notify,
-}
-
-impl StatusBacklog {
-    /// Waits until every status event emitted so far is in the application's queue.
-    async fn cleared(&self) {
-        loop {
-            let handed = self.handed.notified();
-            tokio::pin!(handed);
-            handed.as_mut().enable();
-            if self.pending.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            handed.await;
-        }
-    }
-
-    fn handed_over(&self, n: usize) {
-        self.pending.fetch_sub(n, Ordering::SeqCst);
-        self.handed.notify_waiters();
-    }
-}
+type StatusBacklog = Pending;
 
 impl StatusEvents {
     /// Starts the task that hands status events to `events`, counting them in `backlog`;
@@ -1231,19 +1208,19 @@ impl StatusEvents {
             while let Some(event) = queued.recv().await {
                 if events.send(event).await.is_err() {
                     // No application takes events any more: nothing waits for these.
-                    handing.handed_over(handing.pending.load(Ordering::SeqCst));
+                    handing.done(handing.count());
                     return;
                 }
-                handing.handed_over(1);
+                handing.done(1);
             }
         });
         Self { queue, backlog }
     }
 
     fn emit(&self, event: Event) {
-        self.backlog.pending.fetch_add(1, Ordering::SeqCst);
+        self.backlog.add(1);
         if self.queue.send(event).is_err() {
-            self.backlog.handed_over(1);
+            self.backlog.done(1);
         }
     }
 }

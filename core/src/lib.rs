@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod limit;
 pub mod logging;
 pub mod metrics;
+pub mod pending;
 pub mod tls;
 pub mod token;
 pub mod transport;

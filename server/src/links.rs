@@ -118,9 +118,7 @@ pub struct RouterLinks {
     opened: BatchQueue<SessionOpened, SessionResult>,
     closed: BatchQueue<SessionClosed, SessionResult>,
     /// Renewal chunks on their way to a router; close reports wait for them.
-    renewing: AtomicUsize,
-    /// Woken whenever a renewal chunk is answered or given up.
-    renewed: tokio::sync::Notify,
+    renewing: cim_core::pending::Pending,
 }
 
 /// A renewal chunk on its way (see [`RouterLinks::renew`]); dropped once answered.
@@ -129,15 +127,14 @@ struct RenewalInFlight<'a>(&'a RouterLinks);
 impl<'a> RenewalInFlight<'a> {
     /// Counts a chunk on its way until the returned guard is dropped.
     fn start(links: &'a RouterLinks) -> Self {
-        links.renewing.fetch_add(1, Ordering::SeqCst);
+        links.renewing.add(1);
         Self(links)
     }
 }
 
 impl Drop for RenewalInFlight<'_> {
     fn drop(&mut self) {
-        self.0.renewing.fetch_sub(1, Ordering::SeqCst);
-        self.0.renewed.notify_waiters();
+        self.0.renewing.done(1);
     }
 }
 
@@ -268,15 +265,7 @@ impl RouterLinks {
 
     /// Waits until no renewal chunk is on its way.
     async fn renewals_settled(&self) {
-        loop {
-            let renewed = self.renewed.notified();
-            tokio::pin!(renewed);
-            renewed.as_mut().enable();
-            if self.renewing.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            renewed.await;
-        }
+        self.renewing.none().await;
     }
 
     /// Renews the routes of `sessions` through any router (or through `via`), a chunk at a
