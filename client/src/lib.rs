@@ -414,7 +414,8 @@ impl Progress {
 
 /// Receives messages, like CIM's message callback.
 pub trait MessageHandler: Send {
-    /// Called for each incoming message.
+    /// Called for each incoming message. Once it returns, the message counts as done
+    /// (acknowledged): store it before returning if it must survive a crash.
     fn on_message(&mut self, message: &IncomingMessage);
     /// Called for every other event; the default ignores them.
     fn on_event(&mut self, _event: &Event) {}
