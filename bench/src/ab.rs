@@ -2,7 +2,7 @@
 //! build's binaries in turn (the order swapped every pair, so a box that speeds up or slows
 //! down over the runs favours neither), prints each run's figures as it ends and a Markdown
 //! summary at the end (`cim_bench::compare`). Exits non-zero if a run fails, or, after the
-//! summary, if any run lost or duplicated a delivery.
+//! summary, if any run had a fault (`cim_bench::compare::faults`).
 //!
 //! ```text
 //! cim-ab --before /tmp/old --after target/release --pairs 6 private --rate 10000

@@ -6,6 +6,8 @@
 
 use serde_json::Value;
 
+use crate::run::Scenario;
+
 /// Whether a larger value of a figure is the better one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Better {
@@ -122,7 +124,7 @@ pub fn as_pair(first: Value, second: Value, before_first: bool) -> (Value, Value
 /// that never came back. Empty for a good run. (Reports of older builds lack some fields:
 /// those count as 0.)
 pub fn faults(report: &Value) -> Vec<String> {
-    let count = |key: &str| report.get(key).and_then(Value::as_u64).unwrap_or(0);
+    let count = |value: &Value, key: &str| value.get(key).and_then(Value::as_u64).unwrap_or(0);
     let mut faults: Vec<String> = [
         ("lost", "lost deliveries"),
         ("duplicated", "duplicated deliveries"),
@@ -130,22 +132,24 @@ pub fn faults(report: &Value) -> Vec<String> {
         ("send_errors", "failed sends"),
     ]
     .iter()
-    .filter(|(key, _)| count(key) > 0)
-    .map(|(key, what)| format!("{} {what}", count(key)))
+    .filter_map(|(key, what)| {
+        let n = count(report, key);
+        (n > 0).then(|| format!("{n} {what}"))
+    })
     .collect();
-    let messaging = matches!(
-        report.get("scenario").and_then(Value::as_str),
-        Some("private" | "group" | "lossy" | "floor-private")
-    );
-    if messaging && count("sent") == 0 {
+    let messaging = report
+        .get("scenario")
+        .and_then(Value::as_str)
+        .and_then(Scenario::from_name)
+        .is_some_and(Scenario::sends_messages);
+    if messaging && count(report, "sent") == 0 {
         faults.push("nothing sent".into());
     }
-    if let Some(failover) = report.get("failover").filter(|f| !f.is_null()) {
-        let field = |key: &str| failover.get(key).and_then(Value::as_u64).unwrap_or(0);
-        let missing = field("victims").saturating_sub(field("recovered"));
-        if missing > 0 {
-            faults.push(format!("{missing} failover clients never came back"));
-        }
+    // A report without a failover holds `null` there, which reads as 0 victims.
+    let failover = &report["failover"];
+    let missing = count(failover, "victims").saturating_sub(count(failover, "recovered"));
+    if missing > 0 {
+        faults.push(format!("{missing} failover clients never came back"));
     }
     faults
 }

@@ -223,7 +223,7 @@ async fn accept_deliveries(conn: quinn::Connection, tx: mpsc::UnboundedSender<St
 }
 
 impl LoadClient for FloorClient {
-    async fn send(&self, peer: Option<usize>, body: String) -> anyhow::Result<u32> {
+    async fn send(&self, peer: Option<usize>, body: String) -> anyhow::Result<()> {
         let to = peer.context("the floor has no groups")? as u32;
         let (mut send, mut recv) = self.conn.open_bi().await?;
         let mut message = Vec::with_capacity(4 + body.len());
@@ -233,7 +233,7 @@ impl LoadClient for FloorClient {
         send.finish()?;
         let ack = recv.read_to_end(16).await?;
         ensure!(ack.len() == 8, "ack of {} bytes", ack.len());
-        Ok(1)
+        Ok(())
     }
 
     fn datagrams(&self) -> u64 {

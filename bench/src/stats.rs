@@ -92,7 +92,7 @@ impl Audience {
     }
 
     /// How many of `clients` clients should receive it.
-    fn size(self, clients: u32) -> u64 {
+    pub fn size(self, clients: u32) -> u64 {
         match self {
             Audience::One(_) => 1,
             Audience::AllBut(_) => u64::from(clients.saturating_sub(1)),
