@@ -624,8 +624,11 @@ async fn close_all(clients: Vec<(Client, Events)>) {
 pub(crate) trait LoadClient: Send + Sync + 'static {
     /// Sends `body` to client number `peer` of the run (`None`: to the group everyone is in)
     /// and waits for the ack.
-    fn send(&self, peer: Option<usize>, body: String)
-    -> impl Future<Output = anyhow::Result<()>> + Send;
+    fn send(
+        &self,
+        peer: Option<usize>,
+        body: String,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
     /// UDP datagrams sent plus received on the client's current connection (0 while it has
     /// none).
     fn datagrams(&self) -> u64;

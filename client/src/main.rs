@@ -107,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
             event = events.next() => match event {
                 Some(Event::Message(m)) => {
                     let kind = match &m.group {
-                        Some(g) if g == "all" => String::new(),
+                        Some(g) if g == cim_proto::BROADCAST_GROUP => String::new(),
                         Some(g) => format!(" [{}]", console::printable(g)),
                         None => " (private)".into(),
                     };
@@ -147,20 +147,20 @@ async fn main() -> anyhow::Result<()> {
             // What was typed before :q still goes out, in order; a Ctrl-C gives up on it.
             drop(commands);
             let limit = config.send_timeout + Duration::from_secs(5);
-            let finished = tokio::select! {
-                done = tokio::time::timeout(limit, &mut worker) => done.is_ok(),
-                _ = &mut ctrl_c => false,
+            let unfinished = tokio::select! {
+                done = tokio::time::timeout(limit, &mut worker) => done.is_err().then_some("timed out"),
+                _ = &mut ctrl_c => Some("interrupted"),
             };
-            if !finished {
+            if let Some(why) = unfinished {
                 worker.abort();
                 let _ = worker.await;
-                dropped(&pending);
+                dropped(&pending, why);
             }
         }
         Ending::Interrupted => {
             worker.abort();
             let _ = worker.await;
-            dropped(&pending);
+            dropped(&pending, "interrupted");
         }
     }
     // The worker is gone, so this is the only holder left.
@@ -179,12 +179,12 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Says how many typed commands a Ctrl-C dropped (a send among them may or may not have
-/// gone out).
-fn dropped(pending: &AtomicUsize) {
+/// Says how many typed commands were dropped, and `why` (a send among them may or may not
+/// have gone out).
+fn dropped(pending: &AtomicUsize, why: &str) {
     let dropped = pending.load(Ordering::Relaxed);
     if dropped > 0 {
-        eprintln!("! interrupted: {dropped} command(s) typed before were not done");
+        eprintln!("! {why}: {dropped} command(s) typed before were not done");
     }
 }
 

@@ -17,7 +17,7 @@ pub const BROADCAST_COST: u32 = 50;
 /// broadcast (to the group `all`).
 pub fn send_cost(message: &ChatMessage) -> u32 {
     match &message.target {
-        Some(chat_message::Target::Group(g)) if g == "all" => BROADCAST_COST,
+        Some(chat_message::Target::Group(g)) if g == cim_proto::BROADCAST_GROUP => BROADCAST_COST,
         _ => 1,
     }
 }
@@ -156,6 +156,16 @@ impl<K: Hash + Eq + Clone> WindowCounter<K> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_client_counts_under_its_64_and_a_mapped_one_as_ipv4() {
+        let key = |s: &str| address_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("203.0.113.7"), "203.0.113.7");
+        assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:198.51.100.4"), "198.51.100.4");
+    }
 
     #[test]
     fn a_forgiven_event_no_longer_counts() {

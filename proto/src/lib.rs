@@ -32,6 +32,9 @@ pub const SEND_RETRY: &str = "retry";
 /// router; one without may not (its append may have run and failed only in its reply).
 pub const SEND_UNAVAILABLE: &str = "unavailable";
 
+/// The group that reaches everyone online (CIM's group chat).
+pub const BROADCAST_GROUP: &str = "all";
+
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {

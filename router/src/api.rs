@@ -36,7 +36,8 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::https::PeerAddr;
-use crate::service::{LoginGrant, Sender, Service, ServiceError, limit_key};
+use crate::service::{LoginGrant, Sender, Service, ServiceError};
+use cim_core::limit::address_key;
 
 /// Largest request body accepted, in bytes.
 pub const MAX_HTTP_BODY: u64 = 64 * 1024;
@@ -258,7 +259,7 @@ pub fn routes(
              req: Result<RegisterRequest, ApiError>| async move {
                 let result = async {
                     let req = req?;
-                    let peer = peer.map(|p| limit_key(p.0.ip()));
+                    let peer = peer.map(|p| address_key(p.0.ip()));
                     let account = service.register(&req.name, &req.password, peer).await?;
                     let body = RegisterResponse {
                         user_id: account.id,
@@ -284,7 +285,7 @@ pub fn routes(
                  req: Result<LoginRequest, ApiError>| async move {
                     let result = async {
                         let req = req?;
-                        let peer = peer.map(|p| limit_key(p.0.ip()));
+                        let peer = peer.map(|p| address_key(p.0.ip()));
                         let grant = service
                             .login(&req.name, &req.password, req.takeover, peer)
                             .await?;
@@ -302,7 +303,7 @@ pub fn routes(
         .then(
             |service: Arc<Service>, peer: Option<PeerAddr>, auth: Result<String, ApiError>| async move {
                 let result = async {
-                    let grant = service.relogin(&auth?, peer.map(|p| limit_key(p.0.ip()))).await?;
+                    let grant = service.relogin(&auth?, peer.map(|p| address_key(p.0.ip()))).await?;
                     Ok::<_, ApiError>(warp::reply::json(&LoginResponse::from(grant)))
                 };
                 respond_api(result.await)

@@ -47,7 +47,7 @@ impl PerAddress {
 
     /// A place for one more connection from `peer`, unless its address holds its most.
     fn admit(self: &Arc<Self>, peer: SocketAddr) -> Option<AddressPlace> {
-        let ip = crate::service::limit_key(peer.ip());
+        let ip = cim_core::limit::address_key(peer.ip());
         let mut open = self.lock();
         let count = open.entry(ip).or_insert(0);
         if *count >= MAX_CONNECTIONS_PER_IP {

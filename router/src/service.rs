@@ -64,8 +64,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The group that reaches everyone online (CIM's group chat).
-pub const BROADCAST_GROUP: &str = "all";
+pub use cim_proto::BROADCAST_GROUP;
 
 /// Why a request failed. Each variant maps to a stable code.
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +166,7 @@ impl ServiceError {
             ServiceError::NotMember => "not_member",
             ServiceError::TooLarge(_) => "too_large",
             ServiceError::Unavailable(StoreError::NameTaken) => "name_taken",
-            ServiceError::Unavailable(_) => "unavailable",
+            ServiceError::Unavailable(_) => cim_proto::SEND_UNAVAILABLE,
             ServiceError::TooManyAttempts => "too_many_attempts",
             ServiceError::RateLimited(_) => "rate_limited",
             ServiceError::Busy => "busy",
@@ -1392,12 +1391,6 @@ fn shard(group: &str) -> usize {
     (hash % GROUP_LOCKS as u64) as usize
 }
 
-/// The address a client is counted under by the per-address limits (see
-/// [`cim_core::limit::address_key`]).
-pub fn limit_key(ip: IpAddr) -> IpAddr {
-    cim_core::limit::address_key(ip)
-}
-
 /// Most bytes of message text (bodies, names, groups) in one pull reply: 200 entries of 16 KiB
 /// would be over 3 MB, held by the server until its client reads it.
 const MAX_PULL_BYTES: usize = 512 * 1024;
@@ -1458,16 +1451,6 @@ fn ended(why: Revocation) -> ServiceError {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_ipv6_client_counts_under_its_64_and_a_mapped_one_as_ipv4() {
-        let key = |s: &str| limit_key(s.parse().unwrap()).to_string();
-        assert_eq!(key("203.0.113.7"), "203.0.113.7");
-        assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
-        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
-        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
-        assert_eq!(key("::ffff:198.51.100.4"), "198.51.100.4");
-    }
 
     #[test]
     fn names_are_short_plain_and_not_dots_alone() {

@@ -361,7 +361,9 @@ impl RouterLinks {
     /// a router whose store only blips refuses some and stores others.
     pub async fn forward(&self, forward: Forward) -> Result<SendAck, LinkError> {
         let (affinity, private) = match forward.message.as_ref().and_then(|m| m.target.as_ref()) {
-            Some(chat_message::Target::Group(g)) if g == "all" => (None, false),
+            Some(chat_message::Target::Group(g)) if g == cim_proto::BROADCAST_GROUP => {
+                (None, false)
+            }
             Some(chat_message::Target::Group(g)) => (Some(fnv1a(g.as_bytes())), false),
             _ => (None, true),
         };
