@@ -721,7 +721,7 @@ where
 /// Confirms the route of a session `server_id` reports opened, and tells the user's contacts
 /// it is online.
 async fn session_opened(
-    service: &Arc<Service>,
+    service: &Service,
     server_id: &str,
     user_id: u64,
     session_id: u64,
@@ -755,7 +755,7 @@ async fn session_opened(
 /// Releases the route of a session `server_id` reports closed, and tells the user's contacts
 /// it is offline if that was the user's route.
 async fn session_closed(
-    service: &Arc<Service>,
+    service: &Service,
     server_id: &str,
     user_id: u64,
     session_id: u64,

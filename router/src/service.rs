@@ -14,6 +14,7 @@ use cim_core::now_ms;
 use cim_core::token::{Claims, TokenError};
 use cim_proto::v1::{ChatMessage, Delivery, PullResult, Recipient, SendAck, chat_message::Target};
 use futures_util::future::join_all;
+use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::watch;
 
 use crate::RouterConfig;
@@ -42,6 +43,8 @@ pub struct RecentError {
 
 /// Locks sharding group sends.
 const GROUP_LOCKS: usize = 256;
+/// Group member lists one presence announcement reads at once.
+const PRESENCE_GROUP_READS: usize = 16;
 
 /// A member of a group, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -282,8 +285,17 @@ struct OnlineScan {
     covers: u64,
     /// When it ended.
     at: Instant,
-    /// The online users' accounts, sorted by name.
-    accounts: Arc<Vec<Account>>,
+    /// The online users, sorted by name.
+    users: Arc<Vec<OnlineUser>>,
+}
+
+/// A user online, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnlineUser {
+    /// Account id.
+    pub id: u64,
+    /// Account name.
+    pub name: String,
 }
 
 impl Service {
@@ -788,7 +800,7 @@ impl Service {
     }
 
     /// Ends the session a token belongs to.
-    pub async fn logout(self: &Arc<Self>, claims: &Claims) -> Result<(), ServiceError> {
+    pub async fn logout(&self, claims: &Claims) -> Result<(), ServiceError> {
         // Kick first: once the server has dropped the session, its lease renewals cannot
         // bring the route back after we release it.
         let routes = self.store.routes(&[claims.user_id]).await?;
@@ -823,16 +835,16 @@ impl Service {
     }
 
     /// Online users, sorted by name, optionally only those whose name starts with `prefix`.
-    pub async fn online_users(&self, prefix: &str) -> Result<Vec<Account>, ServiceError> {
+    pub async fn online_users(&self, prefix: &str) -> Result<Vec<OnlineUser>, ServiceError> {
         let online = self.online_scan(Duration::ZERO).await?;
         Ok(online
             .iter()
-            .filter(|a| a.name.starts_with(prefix))
+            .filter(|u| u.name.starts_with(prefix))
             .cloned()
             .collect())
     }
 
-    /// The online users' accounts, sorted by name, from a scan of the store that began after
+    /// The online users, sorted by name, from a scan of the store that began after
     /// this call did, or that ended at most `max_age` ago. Scans run one at a time, and every
     /// call that came in while one ran shares the next: a scan reads a route and an account per
     /// online user, so callers arriving together (a flood of listings or readiness probes)
@@ -840,7 +852,7 @@ impl Service {
     pub(crate) async fn online_scan(
         &self,
         max_age: Duration,
-    ) -> Result<Arc<Vec<Account>>, ServiceError> {
+    ) -> Result<Arc<Vec<OnlineUser>>, ServiceError> {
         let ticket = self
             .online_scans
             .requested
@@ -850,7 +862,7 @@ impl Service {
         if let Some(scan) = last.as_ref()
             && (scan.covers >= ticket || scan.at.elapsed() <= max_age)
         {
-            return Ok(scan.accounts.clone());
+            return Ok(scan.users.clone());
         }
         // Every call that came in so far is answered by this scan.
         let covers = self
@@ -858,15 +870,25 @@ impl Service {
             .requested
             .load(std::sync::atomic::Ordering::SeqCst);
         let ids = self.store.online_users().await?;
-        let mut accounts = self.store.accounts_by_id(&ids).await?;
-        accounts.sort_by(|a, b| a.name.cmp(&b.name));
-        let accounts = Arc::new(accounts);
+        // Names only: the scan is kept, and accounts carry password hashes.
+        let mut users: Vec<OnlineUser> = self
+            .store
+            .accounts_by_id(&ids)
+            .await?
+            .into_iter()
+            .map(|a| OnlineUser {
+                id: a.id,
+                name: a.name,
+            })
+            .collect();
+        users.sort_by(|a, b| a.name.cmp(&b.name));
+        let users = Arc::new(users);
         *last = Some(OnlineScan {
             covers,
             at: Instant::now(),
-            accounts: accounts.clone(),
+            users: users.clone(),
         });
-        Ok(accounts)
+        Ok(users)
     }
 
     /// A server reports a session as open: confirm the route if it still belongs to it.
@@ -1275,10 +1297,15 @@ impl Service {
         if groups.is_empty() {
             return Ok(());
         }
-        let mut peers = std::collections::BTreeSet::new();
-        for group in &groups {
-            peers.extend(self.store.group_members(group).await?.unwrap_or_default());
-        }
+        // Read a few at a time, not one after another: a user may be in a thousand groups.
+        let store = &self.store;
+        let members: Vec<Option<Vec<u64>>> = futures_util::stream::iter(groups)
+            .map(|group| async move { store.group_members(&group).await })
+            .buffer_unordered(PRESENCE_GROUP_READS)
+            .try_collect()
+            .await?;
+        let mut peers: std::collections::BTreeSet<u64> =
+            members.into_iter().flatten().flatten().collect();
         peers.remove(&user);
         let peers: Vec<u64> = peers.into_iter().collect();
         let name = match self.store.accounts_by_id(&[user]).await?.pop() {

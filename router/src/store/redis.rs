@@ -158,7 +158,6 @@ fn append_args(entry: &InboxEntry, limits: InboxLimits) -> Vec<Vec<u8>> {
     ]
 }
 
-/// Splits a `<seq>:<entry>` inbox member.
 /// Splits a `<seq>:<entry>` inbox member into its seq and its encoded entry.
 fn split_member(member: &[u8]) -> Option<(u64, &[u8])> {
     let colon = member.iter().position(|b| *b == b':')?;
@@ -191,12 +190,6 @@ fn decode_route(value: &str) -> Result<Route, StoreError> {
     })
 }
 
-/// A route as read for a message's push, a listing or a claim's previous holder: one that
-/// cannot be decoded (written by something else, or damaged) is logged and taken as no route
-/// (it holds no session anyone can use). A private message is stored
-/// before its route is read, and its recipient pulls it at the next connect, so an unreadable
-/// route must not fail a stored message's send (the sender would resend it until its attempts
-/// ran out) nor a group push to every other member.
 /// Logs an index update (a server's user set, the online set) that failed after the route
 /// itself changed: the change stands, since failing it would make the caller retry a claim
 /// that already won, or leave a login half done. The indexes repair themselves: the online set
@@ -208,6 +201,12 @@ fn index_kept(result: Result<(), StoreError>, user: u64, after: &str) {
     }
 }
 
+/// A route as read for a message's push, a listing or a claim's previous holder: one that
+/// cannot be decoded (written by something else, or damaged) is logged and taken as no route
+/// (it holds no session anyone can use). A private message is stored
+/// before its route is read, and its recipient pulls it at the next connect, so an unreadable
+/// route must not fail a stored message's send (the sender would resend it until its attempts
+/// ran out) nor a group push to every other member.
 fn readable_route(user: u64, value: Option<&[u8]>) -> Option<Route> {
     let value = value?;
     let decoded = std::str::from_utf8(value)
@@ -229,7 +228,8 @@ fn readable_route(user: u64, value: Option<&[u8]>) -> Option<Route> {
     }
 }
 
-/// Claims a route: refuses if one exists and force is off. Returns {won, previous or ''}. A
+/// Claims a route: refuses if one exists and force is off. Returns {won, previous or '', last
+/// login or ''}. A
 /// value that is not a route (of another type, or not of the route's form) holds no session
 /// and never blocks a claim; it is overwritten (and returned, for the caller to log).
 /// KEYS[2] records the session of the user's latest login (no expiry): a won claim writes its
@@ -612,7 +612,7 @@ impl RedisStore {
                     .await
                     .map_err(unavailable)?;
             }
-            self.leave_online(user).await
+            self.leave_online(&[user]).await
         };
         index_kept(indexed.await, user, "claim");
         Ok(Claim::Won {
@@ -621,8 +621,10 @@ impl RedisStore {
         })
     }
 
-    /// [`RedisStore::leave_online`] for several users, in three round trips.
-    async fn leave_online_all(&self, users: &[u64]) -> Result<(), StoreError> {
+    /// Drops `users` from the online set, then re-adds those with a confirmed route by now (a
+    /// concurrent login's confirm may have added one just before our removal). Three round
+    /// trips, however many users.
+    async fn leave_online(&self, users: &[u64]) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let _: () = conn.srem(ONLINE, users).await.map_err(unavailable)?;
         let routes = self.routes(users).await?;
@@ -634,18 +636,6 @@ impl RedisStore {
             .collect();
         if !back.is_empty() {
             let _: () = conn.sadd(ONLINE, &back).await.map_err(unavailable)?;
-        }
-        Ok(())
-    }
-
-    /// Drops `user` from the online set, then re-adds it if a confirmed route appeared in the
-    /// meantime (a concurrent login's confirm may have added it just before our removal).
-    async fn leave_online(&self, user: u64) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let _: () = conn.srem(ONLINE, user).await.map_err(unavailable)?;
-        let current: Option<Vec<u8>> = conn.get(route_key(user)).await.map_err(unavailable)?;
-        if readable_route(user, current.as_deref()).is_some_and(|route| route.confirmed) {
-            let _: () = conn.sadd(ONLINE, user).await.map_err(unavailable)?;
         }
         Ok(())
     }
@@ -838,7 +828,7 @@ impl Store for RedisStore {
                     .await
                     .map_err(unavailable)?;
             }
-            self.leave_online(user).await
+            self.leave_online(&[user]).await
         };
         index_kept(indexed.await, user, "release");
         Ok(true)
@@ -888,8 +878,8 @@ impl Store for RedisStore {
             }
         }
         // Routes whose lease ran out leave the set lazily.
-        for id in stale {
-            self.leave_online(id).await?;
+        for chunk in stale.chunks(PIPELINE_CHUNK) {
+            self.leave_online(chunk).await?;
         }
         Ok(online)
     }
@@ -1286,7 +1276,7 @@ impl Store for RedisStore {
             .map(|(&user, _)| user)
             .collect();
         for chunk in removed.chunks(PIPELINE_CHUNK) {
-            self.leave_online_all(chunk).await?;
+            self.leave_online(chunk).await?;
         }
         let _: () = conn
             .del(server_users_key(server_id))
