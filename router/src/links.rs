@@ -2,7 +2,7 @@
 //! discovery view and redialled with backoff. The router opens streams for pushes and kicks;
 //! the server opens streams for session events and forwarded client messages.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -162,11 +162,11 @@ pub struct ServerLinks {
     waiting: WaitPlaces,
     /// Pushes dropped because too many waited.
     dropped: AtomicU64,
-    conns: RwLock<HashMap<String, quinn::Connection>>,
+    /// Each server's link: its connection, or `None` once it went down and is not back (until
+    /// the server leaves discovery). A server not in it has not been linked yet.
+    conns: RwLock<HashMap<String, Option<quinn::Connection>>>,
     /// Client messages forwarded by each server (for the admin page's rates).
     forwarded: RwLock<HashMap<String, Arc<AtomicU64>>>,
-    /// Servers whose link went down and is not back (until they leave discovery).
-    lost: std::sync::Mutex<HashSet<String>>,
 }
 
 impl ServerLinks {
@@ -180,7 +180,6 @@ impl ServerLinks {
             dropped: AtomicU64::new(0),
             conns: RwLock::new(HashMap::new()),
             forwarded: RwLock::new(HashMap::new()),
-            lost: std::sync::Mutex::new(HashSet::new()),
         }
     }
 
@@ -230,24 +229,19 @@ impl ServerLinks {
             .unwrap_or_else(|p| p.into_inner())
             .get(server_id)
             .cloned()
+            .flatten()
     }
 
     /// Whether this router's link to `server_id` went down and is not back: a server it has
     /// not linked yet (just started, still dialing) is not lost.
     pub fn link_lost(&self, server_id: &str) -> bool {
-        self.lost
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(server_id)
-    }
-
-    fn set_lost(&self, server_id: &str, lost: bool) {
-        let mut set = self.lost.lock().unwrap_or_else(|p| p.into_inner());
-        if lost {
-            set.insert(server_id.to_string());
-        } else {
-            set.remove(server_id);
-        }
+        matches!(
+            self.conns
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(server_id),
+            Some(None)
+        )
     }
 
     /// Whether a live connection to `server_id` exists.
@@ -256,12 +250,20 @@ impl ServerLinks {
             .is_some_and(|c| c.close_reason().is_none())
     }
 
-    fn set(&self, server_id: &str, conn: Option<quinn::Connection>) {
-        let mut conns = self.conns.write().unwrap_or_else(|p| p.into_inner());
-        match conn {
-            Some(c) => conns.insert(server_id.to_string(), c),
-            None => conns.remove(server_id),
-        };
+    /// Records `server_id`'s link as `link`: a connection, or `None` for one that went down.
+    fn set(&self, server_id: &str, link: Option<quinn::Connection>) {
+        self.conns
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(server_id.to_string(), link);
+    }
+
+    /// Forgets `server_id`'s link (the server left or moved).
+    fn unlink(&self, server_id: &str) {
+        self.conns
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(server_id);
     }
 
     async fn call<R: ProstMessage + Default>(
@@ -425,8 +427,7 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
                     b"server left",
                 );
             }
-            service.links.set(&id, None);
-            service.links.set_lost(&id, false);
+            service.links.unlink(&id);
             if !servers.iter().any(|s| s.id == id) {
                 service.links.forget(&id);
                 // Off this loop, which meanwhile goes on linking other servers.
@@ -489,7 +490,6 @@ async fn dial(service: Arc<Service>, server: ServerInfo, shutdown: CancellationT
                 backoff = Duration::from_millis(100);
                 tracing::info!(server = %server.id, addr = %server.internal_addr, "linked to server");
                 service.links.set(&server.id, Some(conn.clone()));
-                service.links.set_lost(&server.id, false);
                 tokio::select! {
                     _ = serve_server(&service, &server.id, &conn) => {}
                     _ = shutdown.cancelled() => {
@@ -498,7 +498,6 @@ async fn dial(service: Arc<Service>, server: ServerInfo, shutdown: CancellationT
                     }
                 }
                 service.links.set(&server.id, None);
-                service.links.set_lost(&server.id, true);
                 tracing::info!(server = %server.id, reason = ?conn.close_reason(), "link to server lost");
             }
             Err(e) => {
