@@ -528,8 +528,10 @@ struct Shared {
     /// [`Client::last_seq`] from its event loop would otherwise wait on itself.
     delivered_seq: AtomicU64,
     progress: Arc<Progress>,
-    /// Status events on their way to the application, which messages wait for.
-    status_backlog: Arc<StatusBacklog>,
+    /// Status events emitted and not yet in the application's queue. Messages wait for them
+    /// (see [`Shared::accept_deliveries`]), so a `Reconnected` still comes before the messages
+    /// of the connection it announces.
+    status_backlog: Arc<Pending>,
     /// Asks the connection task to send a ping now, carrying the latest processed mark.
     ack_flush: Notify,
     /// Woken when the pong of such a ping arrives: the server has recorded the ack.
@@ -697,7 +699,7 @@ impl Client {
             inbox: AsyncMutex::new(Reorder::new(0)),
             delivered_seq: AtomicU64::new(0),
             progress: progress.clone(),
-            status_backlog: Arc::new(StatusBacklog::default()),
+            status_backlog: Arc::new(Pending::default()),
             ack_flush: Notify::new(),
             ack_flushed: Notify::new(),
             gap: Notify::new(),
@@ -762,13 +764,12 @@ impl Client {
         );
         tokio::spawn(supervise(shared.clone(), connected, status));
         tokio::spawn(fill_gaps(shared.clone()));
-        let ended = events_ended;
         Ok((
             Client { shared },
             Events {
                 rx: events_rx,
                 progress,
-                ended,
+                ended: events_ended,
             },
         ))
     }
@@ -1186,22 +1187,13 @@ async fn supervise(shared: Arc<Shared>, first: Connected, status: StatusEvents) 
 /// [`Events::next`]) once the supervisor has dropped this and every one is handed over.
 struct StatusEvents {
     queue: mpsc::UnboundedSender<Event>,
-    backlog: Arc<StatusBacklog>,
+    backlog: Arc<Pending>,
 }
-
-/// Status events emitted and not yet in the application's queue. Messages wait for them (see
-/// [`Shared::accept_deliveries`]), so a `Reconnected` still comes before the messages of the
-/// connection it announces.
-type StatusBacklog = Pending;
 
 impl StatusEvents {
     /// Starts the task that hands status events to `events`, counting them in `backlog`;
     /// `ended` is cancelled once it is done.
-    fn start(
-        events: mpsc::Sender<Event>,
-        backlog: Arc<StatusBacklog>,
-        ended: CancellationToken,
-    ) -> Self {
+    fn start(events: mpsc::Sender<Event>, backlog: Arc<Pending>, ended: CancellationToken) -> Self {
         let (queue, mut queued) = mpsc::unbounded_channel();
         let handing = backlog.clone();
         tokio::spawn(async move {

@@ -1116,17 +1116,26 @@ async fn messages_no_application_took_stay_for_the_next_client() -> anyhow::Resu
         "acked past what the application got"
     );
     bob.close().await;
+    let got = next_client_gets(&cluster, "bob", 3).await?;
+    assert_eq!(got, ["unseen 0", "unseen 1", "unseen 2"]);
+    Ok(())
+}
 
+/// Logs `name` in as a new client (taking over) and returns the bodies of the first `n`
+/// messages it gets.
+async fn next_client_gets(
+    cluster: &TestCluster,
+    name: &str,
+    n: usize,
+) -> anyhow::Result<Vec<String>> {
     let config = cluster.client_config();
-    let (_bob, mut events) =
-        Client::login(&config, "bob", "password", LoginOptions { takeover: true }).await?;
-    let got: Vec<String> = receive(&mut events, 3, WAIT)
+    let (_client, mut events) =
+        Client::login(&config, name, "password", LoginOptions { takeover: true }).await?;
+    Ok(receive(&mut events, n, WAIT)
         .await?
         .into_iter()
         .map(|m| m.body)
-        .collect();
-    assert_eq!(got, ["unseen 0", "unseen 1", "unseen 2"]);
-    Ok(())
+        .collect())
 }
 
 /// A message counts as done only once the application asks for the next event after it (or
@@ -1154,15 +1163,7 @@ async fn messages_the_application_did_not_finish_come_again_after_a_crash() -> a
     // The client dies without closing (no final ack).
     drop(bob);
     drop(bob_events);
-
-    let config = cluster.client_config();
-    let (_bob, mut events) =
-        Client::login(&config, "bob", "password", LoginOptions { takeover: true }).await?;
-    let got: Vec<String> = receive(&mut events, 2, WAIT)
-        .await?
-        .into_iter()
-        .map(|m| m.body)
-        .collect();
+    let got = next_client_gets(&cluster, "bob", 2).await?;
     assert_eq!(got, ["taken", "queued"]);
     Ok(())
 }

@@ -253,7 +253,7 @@ impl RouterLinks {
         session_id: u64,
         server_id: &str,
     ) -> Result<SessionResult, LinkError> {
-        let _ = tokio::time::timeout(REQUEST_TIMEOUT, self.renewals_settled()).await;
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT, self.renewing.none()).await;
         self.closed
             .call(SessionClosed {
                 user_id,
@@ -261,11 +261,6 @@ impl RouterLinks {
                 server_id: server_id.to_string(),
             })
             .await
-    }
-
-    /// Waits until no renewal chunk is on its way.
-    async fn renewals_settled(&self) {
-        self.renewing.none().await;
     }
 
     /// Renews the routes of `sessions` through any router (or through `via`), a chunk at a
@@ -374,33 +369,21 @@ impl RouterLinks {
                 .is_some_and(|m| m.client_msg_id != 0)
             && self.len() > 1;
         let again = resendable.then(|| forward.clone());
-        let ack = self.forward_once(forward, affinity).await?;
+        let ack = if private {
+            self.forwards.call(forward).await?
+        } else {
+            let failover = Failover::of_forwards(std::iter::once(&forward));
+            let request = ServerRequest {
+                kind: Some(server_request::Kind::Forward(forward)),
+            };
+            self.call_from(&request, affinity, failover).await?
+        };
         match again {
             Some(forward) if ack.code == cim_proto::SEND_UNAVAILABLE => {
                 Ok(self.forward_past_unavailable(forward).await.unwrap_or(ack))
             }
             _ => Ok(ack),
         }
-    }
-
-    /// One forward: a private send batched, a group send to its router.
-    async fn forward_once(
-        &self,
-        forward: Forward,
-        affinity: Option<u64>,
-    ) -> Result<SendAck, LinkError> {
-        let is_group = matches!(
-            forward.message.as_ref().and_then(|m| m.target.as_ref()),
-            Some(chat_message::Target::Group(_))
-        );
-        if !is_group {
-            return self.forwards.call(forward).await;
-        }
-        let failover = Failover::of_forwards(std::iter::once(&forward));
-        let request = ServerRequest {
-            kind: Some(server_request::Kind::Forward(forward)),
-        };
-        self.call_from(&request, affinity, failover).await
     }
 
     /// Offers a send with a client message id to each router in turn until one answers other
