@@ -2,6 +2,7 @@
 //! private, `:olu` lists online users, `:q` quits; `:help` lists all commands.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use cim_client::console::{self, Command};
@@ -39,7 +40,7 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -141,7 +142,8 @@ async fn main() -> anyhow::Result<()> {
         Ending::Ended(why) => {
             worker.abort();
             println!("! {why}");
-            return Ok(());
+            // Not a quit the user asked for: a script running the console can tell.
+            return Ok(ExitCode::from(SESSION_ENDED_EXIT));
         }
         Ending::Quit => {
             // What was typed before :q still goes out, in order; a Ctrl-C gives up on it.
@@ -176,8 +178,12 @@ async fn main() -> anyhow::Result<()> {
         Err(_) => eprintln!("! logout: the client is still in use"),
     }
     println!("bye");
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
+
+/// The exit status when the session ended without the user quitting (taken over elsewhere,
+/// logged out, or ended by the server).
+const SESSION_ENDED_EXIT: u8 = 2;
 
 /// Says how many typed commands were dropped, and `why` (a send among them may or may not
 /// have gone out).

@@ -548,8 +548,8 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
 }
 
 /// The console prints what others send with control characters escaped (no forged lines, no
-/// terminal escapes), exits at once when its session is taken over (no Enter needed), and at
-/// the end of its input logs out like `:q`.
+/// terminal escapes), exits at once when its session is taken over (no Enter needed, status 2),
+/// and at the end of its input logs out like `:q` (status 0).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_console_escapes_what_it_prints_and_leaves_at_once() -> anyhow::Result<()> {
     let cluster = TestCluster::start(1).await?;
@@ -567,7 +567,11 @@ async fn a_console_escapes_what_it_prints_and_leaves_at_once() -> anyhow::Result
     let (_elsewhere, _events) = Client::login(&config, "alice", "pw-1234", takeover).await?;
     alice.expect_line("session ended").await?;
     let status = tokio::time::timeout(WAIT, alice.child.wait()).await??;
-    assert!(status.success(), "{status}");
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "a session ended elsewhere is no quit: {status}"
+    );
 
     // End of input right after a message: the message still goes out, then Carol is logged
     // out, so no longer online.
@@ -582,7 +586,8 @@ async fn a_console_escapes_what_it_prints_and_leaves_at_once() -> anyhow::Result
     carol.expect_line("bye").await?;
     let got = next_message(&mut bob_events).await?;
     assert_eq!(got.body, "typed just before the end");
-    tokio::time::timeout(WAIT, carol.child.wait()).await??;
+    let status = tokio::time::timeout(WAIT, carol.child.wait()).await??;
+    assert!(status.success(), "{status}");
     assert!(bob.online_users("carol").await?.is_empty());
     Ok(())
 }
