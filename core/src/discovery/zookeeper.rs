@@ -127,8 +127,8 @@ impl ZkDiscovery {
             zk.ensure_path(&routers_path).await.map_err(unavailable)
         };
         if let Err(e) = folders.await {
-            // Else the client goes on reconnecting for the rest of the process (it has no
-            // Drop), one more for each retry of a patient start.
+            // Ends the session at once if it came up late (dropping the client only stops its
+            // task: the session would wait out its timeout).
             let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, zk.close()).await;
             return Err(e);
         }
@@ -478,5 +478,68 @@ mod tests {
         assert_eq!(parse_server("s1", &server_node(&info)), Some(info));
         assert_eq!(parse_server("s1", b"\xff\xfe garbage"), None);
         assert_eq!(parse_server("s1", b"client=nope\ninternal=1.2.3.4:5"), None);
+    }
+
+    /// A loopback listener that accepts connections and closes each at once (a ZooKeeper
+    /// without quorum, or starting), and the number it accepted so far.
+    async fn accept_and_close() -> (String, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::Relaxed);
+                drop(socket);
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// A ZooKeeper that accepts connections and closes them is retried at a bounded pace (the
+    /// library reconnected at once, spinning a core), and a start that gave up on it leaves no
+    /// client behind reconnecting for the rest of the process.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_zookeeper_that_hangs_up_is_not_redialed_in_a_loop() {
+        let (addr, accepted) = accept_and_close().await;
+        let started = tokio::time::Instant::now();
+        let connected = ZkDiscovery::connect_patiently(
+            &addr,
+            DEFAULT_ROOT,
+            Duration::from_secs(2),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(connected.is_err(), "no session can come up");
+        let elapsed = started.elapsed().as_secs_f64();
+        let while_trying = accepted.load(Ordering::Relaxed);
+        // At most one attempt per 500 ms retry time, for each client made (one per try).
+        assert!(
+            (while_trying as f64) < elapsed * 2.0 * 2.0 + 4.0,
+            "{while_trying} connections in {elapsed:.1} s"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = accepted.load(Ordering::Relaxed) - while_trying;
+        assert!(after <= 1, "{after} connections after giving up");
+    }
+
+    /// A client dropped without `close` (whose request would be lost to the hang-ups anyway)
+    /// stops dialing: the library's task went on for the rest of the process.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_zookeeper_client_stops_dialing() {
+        let (addr, accepted) = accept_and_close().await;
+        let retry = Duration::from_millis(100);
+        let zk = ZooKeeper::connect_with_retry_time(&addr, Duration::from_secs(2), |_| {}, retry)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let dialing = accepted.load(Ordering::Relaxed);
+        assert!((2..=7).contains(&dialing), "{dialing} dials in 500 ms");
+        drop(zk);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let dropped_at = accepted.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = accepted.load(Ordering::Relaxed) - dropped_at;
+        assert_eq!(after, 0, "{after} dials after the client was dropped");
     }
 }
