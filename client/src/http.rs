@@ -29,9 +29,14 @@ pub struct OnlineUser {
     pub name: String,
 }
 
-#[derive(Deserialize)]
-struct OnlineUsers {
-    users: Vec<OnlineUser>,
+/// A page of online users, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct OnlinePage {
+    /// The users, by name.
+    pub users: Vec<OnlineUser>,
+    /// More follow the last one: ask again with `after` set to its name.
+    #[serde(default)]
+    pub more: bool,
 }
 
 #[derive(Deserialize)]
@@ -165,27 +170,34 @@ impl RouterApi {
         Ok(())
     }
 
-    /// Online users whose name starts with `prefix`.
+    /// Online users whose name starts with `prefix`: the first page (at most 1,000).
     pub async fn online_users(
         &self,
         token: &str,
         prefix: &str,
     ) -> Result<Vec<OnlineUser>, ClientError> {
-        let encoded: String = prefix
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
-        let path = format!("/api/users/online?prefix={encoded}");
-        let reply: OnlineUsers = self
-            .call::<(), _>(Method::GET, &path, None, Some(token))
-            .await?;
-        Ok(reply.users)
+        Ok(self.online_page(token, prefix, "", None).await?.users)
+    }
+
+    /// A page of the online users whose name starts with `prefix` and comes after `after`:
+    /// at most `limit` (1 to 1,000; the router's cap when `None`).
+    pub async fn online_page(
+        &self,
+        token: &str,
+        prefix: &str,
+        after: &str,
+        limit: Option<usize>,
+    ) -> Result<OnlinePage, ClientError> {
+        let mut path = format!(
+            "/api/users/online?prefix={}&after={}",
+            query_encoded(prefix),
+            query_encoded(after)
+        );
+        if let Some(limit) = limit {
+            path.push_str(&format!("&limit={limit}"));
+        }
+        self.call::<(), _>(Method::GET, &path, None, Some(token))
+            .await
     }
 
     /// Sends one request and parses a JSON reply; error replies become [`ClientError::Api`].
@@ -291,3 +303,17 @@ impl RouterApi {
 
 /// Default longest time a call to the router's HTTPS API may take, connection included.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `value` percent-encoded for a query string (unreserved characters kept).
+fn query_encoded(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

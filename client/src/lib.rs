@@ -49,7 +49,7 @@ mod http;
 pub mod reorder;
 
 use batch::{Carried, SendQueue};
-pub use http::{OnlineUser, RouterApi};
+pub use http::{OnlinePage, OnlineUser, RouterApi};
 use reorder::{Backoff, Reorder};
 
 /// Largest control frame.
@@ -987,10 +987,27 @@ impl Client {
             .groups)
     }
 
-    /// Users online now, whose name starts with `prefix` (empty: everyone).
+    /// Users online now whose name starts with `prefix` (empty: everyone), by name: the
+    /// first page, at most 1,000 ([`Client::online_page`] for the next ones).
     pub async fn online_users(&self, prefix: &str) -> Result<Vec<OnlineUser>, ClientError> {
         let token = self.token();
         self.shared.api.online_users(&token, prefix).await
+    }
+
+    /// A page of the users online now whose name starts with `prefix` and comes after `after`
+    /// (the last name of the page before; empty for the first), at most `limit` (1 to 1,000;
+    /// `None` for 1,000).
+    pub async fn online_page(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: Option<usize>,
+    ) -> Result<OnlinePage, ClientError> {
+        let token = self.token();
+        self.shared
+            .api
+            .online_page(&token, prefix, after, limit)
+            .await
     }
 
     /// Logs out at the router and closes the connection. Every message the application took

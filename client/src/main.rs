@@ -301,10 +301,15 @@ async fn run(client: &Client, command: Command) {
             Ok(groups) => println!("your groups ({}): {}", groups.len(), groups.join(" ")),
             Err(e) => println!("! {e}"),
         },
-        Command::OnlineUsers(prefix) => match client.online_users(&prefix).await {
-            Ok(users) => {
-                println!("online users ({}):", users.len());
-                for u in users {
+        Command::OnlineUsers(prefix) => match client.online_page(&prefix, "", None).await {
+            Ok(page) => {
+                let more = if page.more {
+                    "; more online: narrow it with :olu PREFIX"
+                } else {
+                    ""
+                };
+                println!("online users ({}{more}):", page.users.len());
+                for u in page.users {
                     println!("  {} {}", u.id, u.name);
                 }
             }

@@ -575,7 +575,11 @@ async fn each_router_holds_its_own_message_id_node() -> anyhow::Result<()> {
                     Some(token),
                 )
                 .await?;
-            sent["msg_id"].as_u64().context("no msg_id")
+            let id = sent["msg_id"].as_u64().context("no msg_id")?;
+            // The decimal twin for JavaScript, whose numbers round ids above 2^53.
+            assert!(id > 1 << 53, "message ids are above 2^53: {id}");
+            assert_eq!(sent["msg_id_str"].as_str(), Some(id.to_string().as_str()));
+            anyhow::Ok(id)
         }
     };
     let first = send("first").await?;

@@ -88,6 +88,19 @@ async fn online_users_track_login_and_logout() -> anyhow::Result<()> {
         |users: Vec<cim_client::OnlineUser>| users.into_iter().map(|u| u.name).collect::<Vec<_>>();
     assert_eq!(names(alice.online_users("").await?), ["alice", "bob"]);
     assert_eq!(names(alice.online_users("b").await?), ["bob"]);
+    // Pages by name: a page of one says more follow, the page after the last name is the end.
+    let first = alice.online_page("", "", Some(1)).await?;
+    assert_eq!(
+        (names(first.users), first.more),
+        (vec!["alice".into()], true)
+    );
+    let second = alice.online_page("", "alice", Some(1)).await?;
+    assert_eq!(
+        (names(second.users), second.more),
+        (vec!["bob".into()], false)
+    );
+    let refused = alice.online_page("", "", Some(1001)).await.unwrap_err();
+    assert_eq!(refused.code(), Some("bad_request"), "{refused}");
 
     bob.logout().await?;
     assert_eq!(names(alice.online_users("").await?), ["alice"]);

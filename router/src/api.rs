@@ -7,8 +7,8 @@
 //! | POST | /api/login | - | `{name, password, takeover?}` | 200 `{user_id, name, token, server_id, server_addr, expires_at_ms}` |
 //! | POST | /api/relogin | bearer (a session token) | - | 200 as login; 401 `unauthorized` or `session_ended` when only the password will do; 409 `session_live` (the login is still connected to a live server); 429, 503 `no_server` as for login |
 //! | POST | /api/logout | bearer | - | 200 `{}` |
-//! | GET | /api/users/online | bearer | `?prefix=` | 200 `{users: [{id, name}]}` |
-//! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, recipients}` |
+//! | GET | /api/users/online | bearer | `?prefix=&after=&limit=` | 200 `{users: [{id, name}], more}` (a page by name, at most 1,000) |
+//! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, msg_id_str, recipients}` |
 //! | POST | /api/groups | bearer | `{name}` | 201 `{name}` |
 //! | POST | /api/groups/NAME/join, /leave | bearer | - | 200 `{}` |
 //! | GET | /api/groups/NAME/members | bearer | - | 200 `{members: [{id, name, online}]}` |
@@ -36,7 +36,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::https::PeerAddr;
-use crate::service::{LoginGrant, Sender, Service, ServiceError};
+use crate::service::{LoginGrant, MAX_ONLINE_PAGE, Sender, Service, ServiceError};
 use cim_core::limit::address_key;
 
 /// Largest request body accepted, in bytes.
@@ -178,14 +178,22 @@ struct UserJson {
 }
 
 #[derive(Serialize)]
-struct UsersResponse {
+struct OnlineResponse {
     users: Vec<UserJson>,
+    /// More users follow the last one: ask again with `after` set to its name.
+    more: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct OnlineQuery {
     #[serde(default)]
     prefix: String,
+    /// Only names after this one (the last name of the page before).
+    #[serde(default)]
+    after: String,
+    /// Most users to return (1 to [`MAX_ONLINE_PAGE`], which is the default).
+    limit: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +210,9 @@ struct SendRequest {
 #[derive(Serialize)]
 struct SendResponse {
     msg_id: u64,
+    /// `msg_id` in decimal: message ids are above 2^53, which a JSON number loses in
+    /// JavaScript (and in any parser that reads numbers as doubles).
+    msg_id_str: String,
     recipients: u32,
 }
 
@@ -328,26 +339,24 @@ pub fn routes(
         .and(warp::get())
         .and(with_service.clone())
         .and(bearer())
-        .and(
-            warp::query::<OnlineQuery>()
-                .or(warp::any().map(|| OnlineQuery {
-                    prefix: String::new(),
-                }))
-                .unify(),
-        )
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .then(
-            |service: Arc<Service>, auth: Result<String, ApiError>, q: OnlineQuery| async move {
+            |service: Arc<Service>, auth: Result<String, ApiError>, query: String| async move {
                 let result = async {
                     authenticate(&service, auth).await?;
-                    let users = service.online_users(&q.prefix).await?;
-                    let users = users
+                    let q = online_query(&query)?;
+                    let limit = q.limit.unwrap_or(MAX_ONLINE_PAGE);
+                    let page = service.online_users(&q.prefix, &q.after, limit).await?;
+                    let users = page
+                        .users
                         .into_iter()
                         .map(|a| UserJson {
                             id: a.id,
                             name: a.name,
                         })
                         .collect();
-                    Ok::<_, ApiError>(warp::reply::json(&UsersResponse { users }))
+                    let more = page.more;
+                    Ok::<_, ApiError>(warp::reply::json(&OnlineResponse { users, more }))
                 };
                 respond_api(result.await)
             },
@@ -392,6 +401,7 @@ pub fn routes(
                     let sent = service.send(&sender, &message).await?;
                     Ok(warp::reply::json(&SendResponse {
                         msg_id: sent.msg_id,
+                        msg_id_str: sent.msg_id.to_string(),
                         recipients: sent.recipients,
                     }))
                 };
@@ -700,9 +710,29 @@ async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     Ok(error.into_response())
 }
 
+/// Reads an online listing's query string; a limit outside 1 to [`MAX_ONLINE_PAGE`] or an
+/// unknown parameter is a `400`, not a default.
+fn online_query(query: &str) -> Result<OnlineQuery, ApiError> {
+    let q: OnlineQuery = serde_urlencoded::from_str(query).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("invalid query string: {e}"),
+        )
+    })?;
+    match q.limit {
+        Some(limit) if !(1..=MAX_ONLINE_PAGE).contains(&limit) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("limit must be 1 to {MAX_ONLINE_PAGE}"),
+        )),
+        _ => Ok(q),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::bearer_token;
+    use super::{bearer_token, online_query};
 
     #[test]
     fn a_bearer_token_is_read_whatever_the_scheme_case() {
@@ -711,5 +741,23 @@ mod tests {
         assert_eq!(bearer_token("BEARER abc"), Some("abc"));
         assert_eq!(bearer_token("Basic abc"), None);
         assert_eq!(bearer_token("Bear"), None);
+    }
+
+    #[test]
+    fn an_online_query_is_read_or_refused_with_a_reason() {
+        let q = online_query("prefix=b%C3%B6&after=bob&limit=5").unwrap();
+        assert_eq!(
+            (q.prefix.as_str(), q.after.as_str(), q.limit),
+            ("bö", "bob", Some(5))
+        );
+        let q = online_query("").unwrap();
+        assert_eq!(
+            (q.prefix.as_str(), q.after.as_str(), q.limit),
+            ("", "", None)
+        );
+        for bad in ["limit=0", "limit=1001", "limit=x", "limit=-1", "colour=red"] {
+            let refused = online_query(bad).err().unwrap();
+            assert_eq!(refused.code, "bad_request", "{bad}");
+        }
     }
 }

@@ -298,6 +298,34 @@ pub struct OnlineUser {
     pub name: String,
 }
 
+/// Most users one online listing returns: a listing of everyone online must not cost the
+/// router (and the caller) the whole set at once.
+pub const MAX_ONLINE_PAGE: usize = 1000;
+
+/// A page of an online listing.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct OnlinePage {
+    /// Users by name.
+    pub users: Vec<OnlineUser>,
+    /// More users follow the last one (ask again with `after` set to its name).
+    pub more: bool,
+}
+
+/// The page of `online` (sorted by name) whose names start with `prefix` and come after
+/// `after`: at most `limit` users, and at most [`MAX_ONLINE_PAGE`].
+fn online_page(online: &[OnlineUser], prefix: &str, after: &str, limit: usize) -> OnlinePage {
+    let limit = limit.min(MAX_ONLINE_PAGE);
+    let start = online.partition_point(|u| u.name.as_str() < prefix || u.name.as_str() <= after);
+    let mut matching = online[start..]
+        .iter()
+        .take_while(|u| u.name.starts_with(prefix));
+    let users: Vec<OnlineUser> = matching.by_ref().take(limit).cloned().collect();
+    OnlinePage {
+        users,
+        more: matching.next().is_some(),
+    }
+}
+
 impl Service {
     pub(crate) fn new(
         config: Arc<RouterConfig>,
@@ -835,13 +863,16 @@ impl Service {
     }
 
     /// Online users, sorted by name, optionally only those whose name starts with `prefix`.
-    pub async fn online_users(&self, prefix: &str) -> Result<Vec<OnlineUser>, ServiceError> {
+    /// One page of the online users whose name starts with `prefix`, by name: at most `limit`
+    /// (capped at [`MAX_ONLINE_PAGE`]) of those named after `after`, and whether more follow.
+    pub async fn online_users(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<OnlinePage, ServiceError> {
         let online = self.online_scan(Duration::ZERO).await?;
-        Ok(online
-            .iter()
-            .filter(|u| u.name.starts_with(prefix))
-            .cloned()
-            .collect())
+        Ok(online_page(&online, prefix, after, limit))
     }
 
     /// The online users, sorted by name, from a scan of the store that began after
@@ -1488,6 +1519,46 @@ mod tests {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
         assert!(validate_group_name("all").is_err());
+    }
+
+    #[test]
+    fn online_listings_come_in_pages_by_name() {
+        let online: Vec<OnlineUser> = ["al", "alice", "amy", "bob", "bobby", "carl"]
+            .iter()
+            .zip(1..)
+            .map(|(name, id)| OnlineUser {
+                id,
+                name: name.to_string(),
+            })
+            .collect();
+        let names = |page: OnlinePage| {
+            let names: Vec<String> = page.users.into_iter().map(|u| u.name).collect();
+            (names.join(" "), page.more)
+        };
+        let page = |prefix, after, limit| names(online_page(&online, prefix, after, limit));
+        assert_eq!(
+            page("", "", 10),
+            ("al alice amy bob bobby carl".into(), false)
+        );
+        assert_eq!(page("", "", 2), ("al alice".into(), true));
+        assert_eq!(page("", "alice", 2), ("amy bob".into(), true));
+        assert_eq!(page("", "bobby", 2), ("carl".into(), false));
+        assert_eq!(page("a", "", 3), ("al alice amy".into(), false));
+        assert_eq!(page("a", "", 2), ("al alice".into(), true));
+        assert_eq!(page("a", "alice", 2), ("amy".into(), false));
+        // A cursor before the prefix starts at the prefix; one past it ends the listing.
+        assert_eq!(page("bob", "al", 5), ("bob bobby".into(), false));
+        assert_eq!(page("al", "b", 5), (String::new(), false));
+        assert_eq!(page("zed", "", 5), (String::new(), false));
+        assert_eq!(page("", "", 0), (String::new(), true));
+        let many: Vec<OnlineUser> = (0..MAX_ONLINE_PAGE as u64 + 5)
+            .map(|id| OnlineUser {
+                id,
+                name: format!("u{id:05}"),
+            })
+            .collect();
+        let capped = online_page(&many, "", "", usize::MAX);
+        assert_eq!((capped.users.len(), capped.more), (MAX_ONLINE_PAGE, true));
     }
 
     /// A service on the memory store, with no servers and a cheap password cost.
