@@ -424,6 +424,21 @@ async fn a_retried_client_message_id_is_delivered_once(backend: Backend) -> anyh
     assert_eq!(first.msg_id, again.msg_id);
     let got = receive(&mut bob_events, 1, WAIT).await?;
     assert_eq!(got[0].body, "only once");
+    // The same id for another message is no retry: refused, not acked with the first's id
+    // (which would report a message never stored as sent).
+    let alice_id = alice.info().user_id;
+    for (target, body) in [
+        (to.clone(), "another message"),
+        (Target::ToUser(alice_id), "only once"),
+    ] {
+        let reused = alice.send_with_id(42, target, body).await.unwrap_err();
+        assert_eq!(reused.code(), Some("client_msg_id_reused"), "{reused}");
+    }
+    let retried = alice.send_with_id(42, to.clone(), "only once").await?;
+    assert_eq!(
+        retried.msg_id, first.msg_id,
+        "the record stays the first message's"
+    );
     assert_nothing_more(&alice, &bob, &mut bob_events).await?;
     Ok(())
 }
@@ -875,11 +890,12 @@ impl Store for PausingStore {
         &self,
         sender: u64,
         client_msg_id: u64,
+        fingerprint: u64,
         new_msg_id: u64,
         ttl: Duration,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         self.inner
-            .message_id(sender, client_msg_id, new_msg_id, ttl)
+            .message_id(sender, client_msg_id, fingerprint, new_msg_id, ttl)
             .await
     }
     async fn append_inbox(

@@ -139,16 +139,27 @@ async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Resul
 
 async fn message_ids_are_recorded_once(store: &dyn Store) -> anyhow::Result<()> {
     let window = Duration::from_secs(60);
-    assert_eq!(store.message_id(7, 1, 100, window).await?, 100);
+    let (hello, bye) = (0xfeed_beef_0000_0001, 0xfeed_beef_0000_0002);
+    assert_eq!(store.message_id(7, 1, hello, 100, window).await?, Some(100));
     assert_eq!(
-        store.message_id(7, 1, 101, window).await?,
-        100,
+        store.message_id(7, 1, hello, 101, window).await?,
+        Some(100),
         "a retry gets the first attempt's id"
     );
-    assert_eq!(store.message_id(7, 2, 102, window).await?, 102);
     assert_eq!(
-        store.message_id(8, 1, 103, window).await?,
-        103,
+        store.message_id(7, 1, bye, 101, window).await?,
+        None,
+        "another message under a used id is no retry"
+    );
+    assert_eq!(
+        store.message_id(7, 1, hello, 101, window).await?,
+        Some(100),
+        "and does not replace the record"
+    );
+    assert_eq!(store.message_id(7, 2, bye, 102, window).await?, Some(102));
+    assert_eq!(
+        store.message_id(8, 1, bye, 103, window).await?,
+        Some(103),
         "client message ids are per sender"
     );
     Ok(())
@@ -554,7 +565,20 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     a_large_group_append_reaches_every_member_once(&store).await?;
     groups_follow_the_contract(&store).await?;
     a_departed_servers_routes_are_removed(&store).await?;
-    message_ids_are_recorded_once(&store).await
+    message_ids_are_recorded_once(&store).await?;
+    // A record an older router wrote (a bare id, no fingerprint) is taken as the same
+    // message: a retry across a rolling upgrade still gets its first id.
+    let mut conn = redis::Client::open(redis.url())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let _: () = redis::cmd("SET")
+        .arg("cim:{u9}:sent:1")
+        .arg("555")
+        .query_async(&mut conn)
+        .await?;
+    let window = Duration::from_secs(60);
+    assert_eq!(store.message_id(9, 1, 77, 600, window).await?, Some(555));
+    Ok(())
 }
 
 /// A route Redis holds but cim cannot read (written by something else, or damaged: not a

@@ -79,6 +79,7 @@ impl From<ServiceError> for ApiError {
             | ServiceError::LoggedInElsewhere => StatusCode::UNAUTHORIZED,
             ServiceError::UnknownUser | ServiceError::UnknownGroup => StatusCode::NOT_FOUND,
             ServiceError::GroupExists
+            | ServiceError::ClientMsgIdReused(_)
             | ServiceError::GroupFull
             | ServiceError::TooManyGroups(_) => StatusCode::CONFLICT,
             ServiceError::NotMember => StatusCode::FORBIDDEN,

@@ -125,6 +125,10 @@ pub enum ServiceError {
     /// The body exceeds the configured limit.
     #[error("message body exceeds {0} bytes")]
     TooLarge(usize),
+    /// The sender's client message id is recorded for another message (another target or
+    /// body) within the dedup window: taking it for a retry would ack a message never stored.
+    #[error("client_msg_id {0} was used for another message; use a new id for each message")]
+    ClientMsgIdReused(u64),
     /// The store or another dependency is unavailable; retry later.
     #[error("service unavailable")]
     Unavailable(#[from] StoreError),
@@ -168,6 +172,7 @@ impl ServiceError {
             ServiceError::TooManyGroups(_) => "too_many_groups",
             ServiceError::NotMember => "not_member",
             ServiceError::TooLarge(_) => "too_large",
+            ServiceError::ClientMsgIdReused(_) => "client_msg_id_reused",
             ServiceError::Unavailable(StoreError::NameTaken) => "name_taken",
             ServiceError::Unavailable(_) => cim_proto::SEND_UNAVAILABLE,
             ServiceError::TooManyAttempts => "too_many_attempts",
@@ -287,6 +292,33 @@ struct OnlineScan {
     at: Instant,
     /// The online users, sorted by name.
     users: Arc<Vec<OnlineUser>>,
+}
+
+/// What tells one message from another under the same client message id: a 64-bit FNV-1a
+/// hash of its target and body (fixed, so routers of different builds agree).
+pub fn send_fingerprint(message: &ChatMessage) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = OFFSET;
+    let mut feed = |bytes: &[u8]| {
+        for &b in bytes {
+            hash = (hash ^ u64::from(b)).wrapping_mul(PRIME);
+        }
+    };
+    match &message.target {
+        Some(Target::ToUser(to)) => {
+            feed(b"u");
+            feed(&to.to_le_bytes());
+        }
+        Some(Target::Group(g)) => {
+            feed(b"g");
+            feed(&(g.len() as u64).to_le_bytes());
+            feed(g.as_bytes());
+        }
+        None => feed(b"-"),
+    }
+    feed(message.body.as_bytes());
+    hash
 }
 
 /// A user online, as listed.
@@ -1051,10 +1083,19 @@ impl Service {
                 .message_id(
                     sender.id,
                     message.client_msg_id,
+                    send_fingerprint(message),
                     fresh_id,
                     self.config.inbox.dedup,
                 )
                 .await?
+                .ok_or_else(|| {
+                    tracing::info!(
+                        user_id = sender.id,
+                        client_msg_id = message.client_msg_id,
+                        "client message id reused for another message"
+                    );
+                    ServiceError::ClientMsgIdReused(message.client_msg_id)
+                })?
         };
         let entry = InboxEntry {
             msg_id,
@@ -1519,6 +1560,31 @@ mod tests {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
         assert!(validate_group_name("all").is_err());
+    }
+
+    #[test]
+    fn a_fingerprint_tells_targets_and_bodies_apart() {
+        let message = |target, body: &str| ChatMessage {
+            target: Some(target),
+            body: body.into(),
+            ..Default::default()
+        };
+        let hi_bob = send_fingerprint(&message(Target::ToUser(2), "hi"));
+        assert_eq!(hi_bob, send_fingerprint(&message(Target::ToUser(2), "hi")));
+        // The FNV-1a of b"u", 2u64 LE and b"hi" (as Python computes it): routers of every
+        // build must agree on it.
+        assert_eq!(hi_bob, 0x297b_0c90_9cc5_3865, "{hi_bob:#x}");
+        let others = [
+            message(Target::ToUser(3), "hi"),
+            message(Target::ToUser(2), "hi!"),
+            message(Target::Group("team".into()), "hi"),
+            message(Target::Group("tea".into()), "mhi"),
+        ];
+        let mut all: Vec<u64> = others.iter().map(send_fingerprint).collect();
+        all.push(hi_bob);
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 5);
     }
 
     #[test]

@@ -53,7 +53,7 @@ struct Inner {
     /// costs one map entry and 16 bytes a member.
     appended: ExpiringMap<u64, AppendRecord, RECORD_SHARDS, MAX_APPENDED_PAIRS>,
     /// (sender, client msg id) -> msg id.
-    sent: ExpiringMap<(u64, u64), u64, RECORD_SHARDS, MAX_SENT_RECORDS>,
+    sent: ExpiringMap<(u64, u64), (u64, u64), RECORD_SHARDS, MAX_SENT_RECORDS>,
     /// (user, session) -> expiry and reason of revocations (logout, takeover, re-login).
     revoked: HashMap<(u64, u64), (Instant, Revocation)>,
     /// Size of `revoked` at which expired marks are swept next (twice what the last sweep
@@ -85,8 +85,8 @@ impl Weight for AppendRecord {
     }
 }
 
-/// A message id: one record.
-impl Weight for u64 {
+/// A message id and its fingerprint: one record.
+impl Weight for (u64, u64) {
     fn weight(&self) -> usize {
         1
     }
@@ -374,14 +374,19 @@ impl Store for MemoryStore {
         &self,
         sender: u64,
         client_msg_id: u64,
+        fingerprint: u64,
         new_msg_id: u64,
         ttl: Duration,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let key = (sender, client_msg_id);
-        Ok(self
-            .inner()
-            .sent
-            .upsert(key, Instant::now(), ttl, || new_msg_id, |msg_id| *msg_id))
+        let (msg_id, recorded) = self.inner().sent.upsert(
+            key,
+            Instant::now(),
+            ttl,
+            || (new_msg_id, fingerprint),
+            |recorded| *recorded,
+        );
+        Ok((recorded == fingerprint).then_some(msg_id))
     }
 
     async fn append_inbox(
@@ -828,9 +833,19 @@ mod tests {
     async fn message_ids_are_stable_per_client_message() {
         let store = MemoryStore::new();
         let ttl = Duration::from_secs(60);
-        assert_eq!(store.message_id(1, 7, 100, ttl).await.unwrap(), 100);
-        assert_eq!(store.message_id(1, 7, 200, ttl).await.unwrap(), 100);
-        assert_eq!(store.message_id(2, 7, 300, ttl).await.unwrap(), 300);
+        assert_eq!(
+            store.message_id(1, 7, 9, 100, ttl).await.unwrap(),
+            Some(100)
+        );
+        assert_eq!(
+            store.message_id(1, 7, 9, 200, ttl).await.unwrap(),
+            Some(100)
+        );
+        assert_eq!(store.message_id(1, 7, 8, 200, ttl).await.unwrap(), None);
+        assert_eq!(
+            store.message_id(2, 7, 8, 300, ttl).await.unwrap(),
+            Some(300)
+        );
     }
 
     #[tokio::test]

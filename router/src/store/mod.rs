@@ -337,14 +337,20 @@ pub trait Store: Send + Sync + 'static {
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError>;
 
     /// The message id of `sender`'s message `client_msg_id`: the one recorded by an earlier
-    /// attempt, or else `new_msg_id`, which is recorded for `ttl`. Makes sends idempotent.
+    /// attempt, or else `new_msg_id`, which is recorded for `ttl` with the message's
+    /// `fingerprint` (its target and body, [`crate::service::send_fingerprint`]). Makes sends
+    /// idempotent. `None` when `client_msg_id` is recorded for a message with another
+    /// fingerprint: the sender reused the id for a different message, which must not be
+    /// taken for a retry (acked and dropped). A record without a fingerprint (written before
+    /// they were kept) counts as the same message.
     async fn message_id(
         &self,
         sender: u64,
         client_msg_id: u64,
+        fingerprint: u64,
         new_msg_id: u64,
         ttl: Duration,
-    ) -> Result<u64, StoreError>;
+    ) -> Result<Option<u64>, StoreError>;
     /// Appends `entry` to each recipient's inbox with that recipient's next sequence number,
     /// once per message id: appending the same message again returns the sequence number it
     /// already has. Returns the sequence numbers in `recipients` order. `recipients` names each

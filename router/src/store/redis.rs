@@ -16,7 +16,7 @@
 //! | `cim:{u<id>}:seq` | string | last inbox sequence number of the user (INCR, never reset) |
 //! | `cim:{u<id>}:inbox` | sorted set, PX ttl | score seq, member `<seq>:<entry bytes>` ([`InboxEntry::encode`]) |
 //! | `cim:{u<id>}:m:<msg_id>` | string, PX dedup window | seq the message got in this inbox (idempotent append) |
-//! | `cim:{u<id>}:sent:<client_msg_id>` | string, PX dedup window | msg id given to the sender's message |
+//! | `cim:{u<id>}:sent:<client_msg_id>` | string `<msg id>:<fingerprint hex>`, PX dedup window | msg id given to the sender's message, and the message's fingerprint (a bare id: recorded by an older version) |
 //! | `cim:{u<id>}:revoked:<session_id>` | string (`logout`, `replaced`, `relogin`), PX token lifetime | the login ended, and why |
 //! | `cim:group:{<name>}:owner` | string | owner's user id (exists iff the group exists) |
 //! | `cim:group:{<name>}:members` | set | member ids |
@@ -355,7 +355,7 @@ fn unavailable(e: redis::RedisError) -> StoreError {
 /// Redis-compatible servers and Redis with `INFO` denied by ACL work.
 async fn probe_set_nx_get(conn: &mut ConnectionManager) -> Result<(), StoreError> {
     let probe: redis::RedisResult<Option<String>> =
-        set_unless_present("cim:probe:set-nx-get", 1, 1000)
+        set_unless_present("cim:probe:set-nx-get", "1", 1000)
             .query_async(conn)
             .await;
     match probe {
@@ -463,7 +463,7 @@ const PIPELINE_CHUNK: usize = 256;
 
 /// `SET key value NX PX ttl_ms GET`: stores `value` unless `key` holds one, and replies with
 /// the value it already held (nil when it stored ours).
-fn set_unless_present(key: &str, value: u64, ttl_ms: u64) -> redis::Cmd {
+fn set_unless_present(key: &str, value: &str, ttl_ms: u64) -> redis::Cmd {
     let mut cmd = redis::cmd("SET");
     cmd.arg(key)
         .arg(value)
@@ -940,20 +940,37 @@ impl Store for RedisStore {
         &self,
         sender: u64,
         client_msg_id: u64,
+        fingerprint: u64,
         new_msg_id: u64,
         ttl: Duration,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         // One plain command instead of a script: records the new id unless one is recorded,
         // and returns the recorded one (NX with GET needs Redis 7).
-        let recorded: Option<u64> = set_unless_present(
-            &sent_key(sender, client_msg_id),
-            new_msg_id,
+        let key = sent_key(sender, client_msg_id);
+        let recorded: Option<String> = set_unless_present(
+            &key,
+            &format!("{new_msg_id}:{fingerprint:x}"),
             ttl.as_millis() as u64,
         )
         .query_async(&mut self.conn())
         .await
         .map_err(unavailable)?;
-        Ok(recorded.unwrap_or(new_msg_id))
+        let Some(recorded) = recorded else {
+            return Ok(Some(new_msg_id));
+        };
+        let corrupt = || StoreError::Corrupt(format!("{key}: {recorded:?}"));
+        // A bare id was recorded by a version that kept no fingerprint.
+        let (msg_id, recorded_fingerprint) = match recorded.split_once(':') {
+            Some((id, fp)) => (
+                id,
+                Some(u64::from_str_radix(fp, 16).map_err(|_| corrupt())?),
+            ),
+            None => (recorded.as_str(), None),
+        };
+        let msg_id = msg_id.parse().map_err(|_| corrupt())?;
+        Ok(recorded_fingerprint
+            .is_none_or(|fp| fp == fingerprint)
+            .then_some(msg_id))
     }
 
     async fn append_inbox(
