@@ -6,6 +6,7 @@ pub mod batch;
 pub mod cert_cache;
 pub mod config;
 pub mod discovery;
+pub mod fnv;
 pub mod limit;
 pub mod logging;
 pub mod metrics;

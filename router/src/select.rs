@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cim_core::discovery::ServerInfo;
+use cim_core::fnv::fnv1a;
 
 /// Virtual nodes per server on the consistent-hash ring.
 const VNODES: u32 = 160;
@@ -97,12 +98,6 @@ fn consistent_hash(servers: &[ServerInfo], user_id: u64) -> Option<&ServerInfo> 
         }
     }
     best.or(lowest).map(|(_, s)| s)
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 /// splitmix64 finaliser: spreads nearby inputs over the whole ring.

@@ -297,28 +297,21 @@ struct OnlineScan {
 /// What tells one message from another under the same client message id: a 64-bit FNV-1a
 /// hash of its target and body (fixed, so routers of different builds agree).
 pub fn send_fingerprint(message: &ChatMessage) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut hash = OFFSET;
-    let mut feed = |bytes: &[u8]| {
-        for &b in bytes {
-            hash = (hash ^ u64::from(b)).wrapping_mul(PRIME);
-        }
-    };
+    let mut hash = cim_core::fnv::Fnv1a::default();
     match &message.target {
         Some(Target::ToUser(to)) => {
-            feed(b"u");
-            feed(&to.to_le_bytes());
+            hash.write(b"u");
+            hash.write(&to.to_le_bytes());
         }
         Some(Target::Group(g)) => {
-            feed(b"g");
-            feed(&(g.len() as u64).to_le_bytes());
-            feed(g.as_bytes());
+            hash.write(b"g");
+            hash.write(&(g.len() as u64).to_le_bytes());
+            hash.write(g.as_bytes());
         }
-        None => feed(b"-"),
+        None => hash.write(b"-"),
     }
-    feed(message.body.as_bytes());
-    hash
+    hash.write(message.body.as_bytes());
+    hash.finish()
 }
 
 /// A user online, as listed.
@@ -1484,10 +1477,7 @@ impl Service {
 }
 
 fn shard(group: &str) -> usize {
-    let hash = group.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    (hash % GROUP_LOCKS as u64) as usize
+    (cim_core::fnv::fnv1a(group.as_bytes()) % GROUP_LOCKS as u64) as usize
 }
 
 /// Most bytes of message text (bodies, names, groups) in one pull reply: 200 entries of 16 KiB

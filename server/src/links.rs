@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cim_core::batch::{BATCHES_IN_FLIGHT, Batcher, answer_all};
+use cim_core::fnv::fnv1a;
 use cim_core::transport::read_only_frame;
 use cim_proto::v1::{
     FetchInbox, Forward, ForwardBatch, ForwardBatchResult, GroupCommand, GroupRequest, GroupResult,
@@ -426,12 +427,6 @@ impl RouterLinks {
         };
         self.call(&request).await
     }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 async fn exchange<R: ProstMessage + Default>(
