@@ -401,6 +401,37 @@ async fn a_large_group_append_reaches_every_member_once(store: &dyn Store) -> an
     let page = store.fetch_inbox(last, 0, 0, 10, limits, 5).await?;
     let ids: Vec<u64> = page.entries.iter().map(|(_, e)| e.msg_id).collect();
     assert_eq!(ids, [801, 802]);
+
+    // Reads of many users (a broadcast, a listing) come back whole and in order, however
+    // the store splits them: routes where some users have one, accounts where some exist.
+    let many: Vec<u64> = (0..2500u64).map(|i| 1_000_000 + i).collect();
+    let with_route = [0, 1023, 1024, 2047, 2048, 2499];
+    for &i in &with_route {
+        let route = Route {
+            server_id: format!("server-{i}"),
+            session_id: i as u64,
+            confirmed: false,
+        };
+        store
+            .claim_route(many[i], route, Duration::from_secs(60), false)
+            .await?;
+    }
+    let routes = store.routes(&many).await?;
+    let held: Vec<(usize, String)> = routes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((i, r.as_ref()?.server_id.clone())))
+        .collect();
+    let expected: Vec<(usize, String)> = with_route
+        .iter()
+        .map(|&i| (i, format!("server-{i}")))
+        .collect();
+    assert_eq!(held, expected);
+    let mut ids: Vec<u64> = many.clone();
+    ids.splice(1500..1500, members.iter().copied());
+    let accounts = store.accounts_by_id(&ids).await?;
+    let found: Vec<u64> = accounts.iter().map(|a| a.id).collect();
+    assert_eq!(found, members, "every existing account, in the order asked");
     Ok(())
 }
 

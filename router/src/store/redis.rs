@@ -461,6 +461,11 @@ return 1
 /// 10,000 members was 160 MB of commands at once, and its entry copied once per member).
 const PIPELINE_CHUNK: usize = 256;
 
+/// Plain reads per pipeline (routes, accounts): a listing of everyone online or a broadcast
+/// reads one per online user, and in one pipeline 100,000 of them were one reply held at once
+/// and one stretch of Redis's time past the 2 s response timeout.
+const READ_CHUNK: usize = 1024;
+
 /// `SET key value NX PX ttl_ms GET`: stores `value` unless `key` holds one, and replies with
 /// the value it already held (nil when it stored ours).
 fn set_unless_present(key: &str, value: &str, ttl_ms: u64) -> redis::Cmd {
@@ -680,32 +685,29 @@ impl Store for RedisStore {
     }
 
     async fn accounts_by_id(&self, ids: &[u64]) -> Result<Vec<Account>, StoreError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.cmd("HMGET")
-                .arg(account_key(*id))
-                .arg("name")
-                .arg("pw");
-        }
-        let rows: Vec<(Option<String>, Option<String>)> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
-        Ok(ids
-            .iter()
-            .zip(rows)
-            .filter_map(|(id, row)| match row {
+        let mut accounts = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(READ_CHUNK) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("HMGET")
+                    .arg(account_key(*id))
+                    .arg("name")
+                    .arg("pw");
+            }
+            let rows: Vec<(Option<String>, Option<String>)> = pipe
+                .query_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
+            accounts.extend(chunk.iter().zip(rows).filter_map(|(id, row)| match row {
                 (Some(name), Some(pw)) => Some(Account {
                     id: *id,
                     name,
                     password_hash: pw,
                 }),
                 _ => None,
-            })
-            .collect())
+            }));
+        }
+        Ok(accounts)
     }
 
     async fn claim_route(
@@ -835,32 +837,31 @@ impl Store for RedisStore {
     }
 
     async fn routes(&self, users: &[u64]) -> Result<Vec<Option<Route>>, StoreError> {
-        if users.is_empty() {
-            return Ok(Vec::new());
+        let mut routes = Vec::with_capacity(users.len());
+        for chunk in users.chunks(READ_CHUNK) {
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                pipe.get(route_key(*user));
+            }
+            // Per-command errors come back in place, so a route key of another type
+            // (WRONGTYPE) counts as unreadable; any other error still fails the call.
+            let values: Vec<redis::RedisResult<Option<Vec<u8>>>> = pipe
+                .ignore_errors()
+                .query_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
+            for (user, value) in chunk.iter().zip(values) {
+                routes.push(match value {
+                    Ok(value) => readable_route(*user, value.as_deref()),
+                    Err(e) if e.code() == Some("WRONGTYPE") => {
+                        tracing::warn!(user, error = %e, "unreadable route taken as none");
+                        None
+                    }
+                    Err(e) => return Err(unavailable(e)),
+                });
+            }
         }
-        let mut pipe = redis::pipe();
-        for user in users {
-            pipe.get(route_key(*user));
-        }
-        // Per-command errors come back in place, so a route key of another type (WRONGTYPE)
-        // counts as unreadable; any other error still fails the call.
-        let values: Vec<redis::RedisResult<Option<Vec<u8>>>> = pipe
-            .ignore_errors()
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
-        users
-            .iter()
-            .zip(values)
-            .map(|(user, value)| match value {
-                Ok(value) => Ok(readable_route(*user, value.as_deref())),
-                Err(e) if e.code() == Some("WRONGTYPE") => {
-                    tracing::warn!(user, error = %e, "unreadable route taken as none");
-                    Ok(None)
-                }
-                Err(e) => Err(unavailable(e)),
-            })
-            .collect()
+        Ok(routes)
     }
 
     async fn online_users(&self) -> Result<Vec<u64>, StoreError> {
@@ -924,14 +925,18 @@ impl Store for RedisStore {
             }
         }
         if !kept.is_empty() {
-            let _: () = redis::pipe()
+            // The routes are renewed: a failure here must not lose the stale and restored
+            // lists (the next renewal adds the users back).
+            let indexed: redis::RedisResult<()> = redis::pipe()
                 .sadd(ONLINE, &kept)
                 .ignore()
                 .sadd(server_users_key(server_id), &kept)
                 .ignore()
                 .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .await;
+            if let Err(e) = indexed {
+                tracing::warn!(server = server_id, users = kept.len(), error = %e, "route index not updated after a renewal; it repairs itself");
+            }
         }
         Ok(renewal)
     }
@@ -1292,13 +1297,19 @@ impl Store for RedisStore {
             .filter(|&(_, deleted)| deleted == 1)
             .map(|(&user, _)| user)
             .collect();
-        for chunk in removed.chunks(PIPELINE_CHUNK) {
-            self.leave_online(chunk).await?;
+        // The routes are gone: an index failure must not lose the users to announce offline
+        // (the online set is checked against routes when read).
+        let indexed = async {
+            for chunk in removed.chunks(PIPELINE_CHUNK) {
+                self.leave_online(chunk).await?;
+            }
+            conn.del::<_, ()>(server_users_key(server_id))
+                .await
+                .map_err(unavailable)
+        };
+        if let Err(e) = indexed.await {
+            tracing::warn!(server = server_id, users = removed.len(), error = %e, "route index not updated after a server left; it repairs itself");
         }
-        let _: () = conn
-            .del(server_users_key(server_id))
-            .await
-            .map_err(unavailable)?;
         Ok(removed)
     }
 }
