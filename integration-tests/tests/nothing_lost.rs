@@ -713,6 +713,8 @@ struct PausingStore {
     route_reads_held: AtomicUsize,
     /// Inboxes trimmed by ack reports (one per user reported).
     trims: AtomicUsize,
+    /// Trims still to fail (as on a store that is down), before any succeeds.
+    failing_trims: AtomicUsize,
 }
 
 impl PausingStore {
@@ -732,6 +734,7 @@ impl PausingStore {
             online_scans: AtomicUsize::new(0),
             route_reads_held: AtomicUsize::new(0),
             trims: AtomicUsize::new(0),
+            failing_trims: AtomicUsize::new(0),
         })
     }
 }
@@ -928,6 +931,12 @@ impl Store for PausingStore {
             .await
     }
     async fn trim_inbox(&self, acked: &[(u64, u64)]) -> Result<(), StoreError> {
+        let failing = self
+            .failing_trims
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(StoreError::Unavailable("trims fail in this test".into()));
+        }
         self.trims.fetch_add(acked.len(), Ordering::SeqCst);
         self.inner.trim_inbox(acked).await
     }
@@ -1209,6 +1218,29 @@ async fn idle_heartbeats_trim_nothing() -> anyhow::Result<()> {
         settled,
         "idle pings trimmed"
     );
+    Ok(())
+}
+
+/// Acks a router could not store (its store failed the trim) are reported again. Before, the
+/// server took the router's refusal for done and dropped them: the inbox kept the messages,
+/// and the user's next client got them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_a_router_could_not_trim_are_reported_again() -> anyhow::Result<()> {
+    let (store, cluster) = paused_cluster(Duration::ZERO).await?;
+    store.failing_trims.store(2, Ordering::SeqCst);
+    let (alice, _alice_events) = cluster.user("alice").await?;
+    let (bob, mut bob_events) = cluster.user("bob").await?;
+    let bob_id = bob.info().user_id;
+    alice.send_private(bob_id, "hi").await?;
+    assert_eq!(next_message(&mut bob_events).await?.body, "hi");
+    // Bob's application comes back for more: "hi" is done, and a ping says so, once.
+    let _ = tokio::time::timeout(Duration::from_millis(100), bob_events.next()).await;
+    eventually(WAIT, || async {
+        let caught_up = store.inner.inbox_caught_up_to(bob_id).await.ok()?;
+        (caught_up == Some(1)).then_some(())
+    })
+    .await?;
+    assert_eq!(store.failing_trims.load(Ordering::SeqCst), 0);
     Ok(())
 }
 

@@ -332,7 +332,10 @@ impl RouterLinks {
         self.call(&request).await
     }
 
-    /// Reports what clients acknowledged, so routers can trim inboxes.
+    /// Reports what clients acknowledged, so routers can trim inboxes. A router that could not
+    /// trim (its store failed) answers with a code: that is a failure, so the caller keeps
+    /// the acks for the next report (taken as done, they were lost, and the user's next
+    /// client got those messages again).
     pub async fn trim(&self, acked: &[(u64, u64)]) -> Result<(), LinkError> {
         let request = ServerRequest {
             kind: Some(server_request::Kind::Trim(TrimInbox {
@@ -342,8 +345,15 @@ impl RouterLinks {
                     .collect(),
             })),
         };
-        let _: SessionResult = self.call(&request).await?;
-        Ok(())
+        let result: SessionResult = self.call(&request).await?;
+        if result.code.is_empty() {
+            Ok(())
+        } else {
+            Err(LinkError::Failed(format!(
+                "trim refused: {} ({})",
+                result.code, result.message
+            )))
+        }
     }
 
     /// Hands a client's message to a router; the reply is the sender's ack. A named group's

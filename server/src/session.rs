@@ -681,8 +681,18 @@ impl CloseReport {
             .links
             .session_closed(self.user, self.session_id, &state.config.id)
             .await;
-        if let Err(e) = result {
-            tracing::warn!(user = self.user, error = %e, "could not report session close");
+        // Unreported, the route lapses with its lease (no one renews it).
+        match result {
+            Err(e) => {
+                tracing::warn!(user = self.user, error = %e, "could not report session close")
+            }
+            Ok(refused) if !refused.code.is_empty() => tracing::warn!(
+                user = self.user,
+                code = refused.code,
+                message = refused.message,
+                "a router could not record the session close"
+            ),
+            Ok(_) => {}
         }
     }
 }
