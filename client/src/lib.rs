@@ -854,6 +854,9 @@ impl Client {
                 }
                 other => other?,
             };
+            // Every earlier attempt ended without an answer that settled it (each one that
+            // did returned): any of them may have been stored.
+            let earlier_unsettled = attempted;
             attempted = true;
             let attempt_deadline = deadline.min(tokio::time::Instant::now() + SEND_ATTEMPT_TIMEOUT);
             let attempt =
@@ -879,6 +882,22 @@ impl Client {
                 {
                     tracing::debug!(client_msg_id, message = %ack.message, "send unconfirmed");
                     unconfirmed += 1;
+                }
+                // A refusal of a resend says nothing about an earlier attempt that may have
+                // been stored: "not sent" would be wrong (an application sending it again
+                // under a new id would deliver it twice). A passing refusal is waited out;
+                // any other leaves the outcome unknown.
+                Ok(Ok((ack, _)))
+                    if earlier_unsettled
+                        && (ack.code == cim_proto::RATE_LIMITED
+                            || ack.code == cim_proto::SEND_UNAVAILABLE) =>
+                {
+                    tracing::debug!(client_msg_id, code = %ack.code, "resend refused for now");
+                    unconfirmed += 1;
+                }
+                Ok(Ok((ack, _))) if earlier_unsettled => {
+                    tracing::debug!(client_msg_id, code = %ack.code, "resend refused; outcome unknown");
+                    return Err(ClientError::Timeout);
                 }
                 Ok(Ok((ack, _))) => {
                     return Err(ClientError::SendRefused {

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context;
 use bytes::Bytes;
 use cim_client::{Client, ClientError, Events, LoginOptions, RouterApi};
 use cim_core::token::{Claims, TokenKey};
@@ -515,6 +516,84 @@ async fn a_send_an_unavailable_router_refused_goes_to_another() -> anyhow::Resul
     }
     scene.still_chatting().await?;
     drop(unavailable);
+    Ok(())
+}
+
+/// A resend refused after an earlier attempt went unanswered says nothing about that attempt,
+/// which may have been stored: the client waits out a passing refusal (`rate_limited`,
+/// `unavailable`) and reports any other as an unknown outcome, never as "not sent" (an
+/// application sending again under a new id would deliver it twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_resend_does_not_say_an_earlier_attempt_was_not_stored() -> anyhow::Result<()> {
+    let scene = Scene::new().await?;
+    // Answers by body: a probe is refused at once; otherwise each client message id gets, in
+    // turn, the answers its body lists ("retry,not_member"), then an ack.
+    let asked = Arc::new(Mutex::new(std::collections::HashMap::<u64, usize>::new()));
+    let fake = fake_router(&scene, move |forwards, batched| {
+        let acks: Vec<SendAck> = forwards
+            .iter()
+            .map(|f| {
+                let message = f.message.clone().unwrap_or_default();
+                let id = message.client_msg_id;
+                let mut asked = asked.lock().unwrap();
+                let turn = asked.entry(id).or_default();
+                let code = message.body.split(',').nth(*turn).unwrap_or("").to_string();
+                *turn += 1;
+                SendAck {
+                    client_msg_id: id,
+                    msg_id: if code.is_empty() { 77 } else { 0 },
+                    code,
+                    ..Default::default()
+                }
+            })
+            .collect();
+        let frame = if batched {
+            cim_proto::encode_frame(&ForwardBatchResult { acks }, 1 << 20)
+        } else {
+            cim_proto::encode_frame(&acks[0], 1 << 20)
+        };
+        frame.ok()
+    })
+    .await?;
+    // A group's sends all go to one router: find a group name the fake router gets.
+    let mut group = None;
+    for i in 0..64 {
+        let name = format!("g{i}");
+        let probe = scene
+            .alice
+            .send_group(&name, "probe_refused")
+            .await
+            .unwrap_err();
+        if probe.code() == Some("probe_refused") {
+            group = Some(name);
+            break;
+        }
+    }
+    let group = group.context("no group name reached the fake router")?;
+    let target = || Target::Group(group.clone());
+
+    let unknown = scene
+        .alice
+        .send_with_id(1001, target(), "retry,not_member")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(unknown, ClientError::Timeout),
+        "a refusal after an unanswered attempt reads as not sent: {unknown:?}"
+    );
+    let waited = scene
+        .alice
+        .send_with_id(1002, target(), "retry,rate_limited,unavailable")
+        .await?;
+    assert_eq!(waited.msg_id, 77, "passing refusals are waited out");
+    // A first attempt's refusal is the answer.
+    let refused = scene
+        .alice
+        .send_with_id(1003, target(), "not_member")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some("not_member"), "{refused:?}");
+    drop(fake);
     Ok(())
 }
 

@@ -32,6 +32,10 @@ pub const SEND_RETRY: &str = "retry";
 /// router; one without may not (its append may have run and failed only in its reply).
 pub const SEND_UNAVAILABLE: &str = "unavailable";
 
+/// Code of a request refused for its sender's rate (sends, pulls, group requests, API calls):
+/// nothing was done; the same request later may succeed.
+pub const RATE_LIMITED: &str = "rate_limited";
+
 /// The group that reaches everyone online (CIM's group chat).
 pub const BROADCAST_GROUP: &str = "all";
 

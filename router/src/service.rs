@@ -176,7 +176,7 @@ impl ServiceError {
             ServiceError::Unavailable(StoreError::NameTaken) => "name_taken",
             ServiceError::Unavailable(_) => cim_proto::SEND_UNAVAILABLE,
             ServiceError::TooManyAttempts => "too_many_attempts",
-            ServiceError::RateLimited(_) => "rate_limited",
+            ServiceError::RateLimited(_) => cim_proto::RATE_LIMITED,
             ServiceError::Busy => "busy",
             ServiceError::Retry(_) => cim_proto::SEND_RETRY,
             ServiceError::Internal(_) => "internal",

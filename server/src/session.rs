@@ -1311,7 +1311,7 @@ async fn handle_message(
         Some(client_request::Kind::Pull(pull)) => {
             if !gate.admit(1) {
                 let reply = PullResult {
-                    code: "rate_limited".into(),
+                    code: cim_proto::RATE_LIMITED.into(),
                     message: "too many requests; slow down".into(),
                     ..Default::default()
                 };
@@ -1332,7 +1332,7 @@ async fn handle_message(
         Some(client_request::Kind::Group(request)) => {
             if !gate.admit(1) {
                 let reply = GroupResult {
-                    code: "rate_limited".into(),
+                    code: cim_proto::RATE_LIMITED.into(),
                     message: "too many requests; slow down".into(),
                     ..Default::default()
                 };
@@ -1390,7 +1390,7 @@ async fn send_messages(
             state.config.metrics.rate_limited.inc();
             return refused(
                 message.client_msg_id,
-                "rate_limited",
+                cim_proto::RATE_LIMITED,
                 "too many messages; slow down",
             );
         }
