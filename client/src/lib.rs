@@ -84,6 +84,9 @@ const RESUME_ATTEMPTS: u32 = 1;
 /// if the server is only slow or out of reach the router sends the client back to resuming
 /// (with a first connect's timeout from then on).
 const RESUME_TIMEOUT: Duration = Duration::from_secs(2);
+/// A connection that lasts this long (or a heartbeat interval, if longer) ends a streak of
+/// short-lived ones (see [`supervise`]).
+const MIN_STEADY_CONNECTION: Duration = Duration::from_secs(1);
 /// Router answers to a token re-login after which only the password will do: the token
 /// expired or is not genuine (`unauthorized`), its login ended (`session_ended`: logged
 /// out, or already re-logged in by an attempt whose answer was lost), the account is gone, or
@@ -1179,9 +1182,23 @@ enum End {
 async fn supervise(shared: Arc<Shared>, first: Connected, status: StatusEvents) {
     let _ended = shared.supervised.clone().drop_guard();
     let mut connected = first;
+    // Connections that end soon after they began (a server that takes the login and hangs
+    // up, or closes on a limit at once) are a streak: each reconnect waits longer. Else the
+    // first attempt of each reconnect went at once, a reconnect (and its catch-up pull) per
+    // round trip.
+    let (base, max) = shared.config.backoff;
+    let mut short_lived = Backoff::new(base, max);
     loop {
+        let began = tokio::time::Instant::now();
+        let lasted_enough = connected.heartbeat.max(MIN_STEADY_CONNECTION);
         let end = run_connection(&shared, connected).await;
         shared.conn.send_replace(None);
+        let pause = if began.elapsed() >= lasted_enough {
+            short_lived = Backoff::new(base, max);
+            Duration::ZERO
+        } else {
+            short_lived.next_delay(rand::random())
+        };
         let mut relogin = false;
         let event = match end {
             End::Stopped => return,
@@ -1200,6 +1217,13 @@ async fn supervise(shared: Arc<Shared>, first: Connected, status: StatusEvents) 
         if !shared.config.reconnect {
             shared.stop.cancel();
             return;
+        }
+        if !pause.is_zero() {
+            tracing::debug!(?pause, "connection ended soon after it began; waiting");
+            tokio::select! {
+                _ = shared.stop.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
         }
         match reconnect(&shared, relogin, &status).await {
             Some((mut next, info)) => {

@@ -23,9 +23,9 @@ use cim_core::transport::{self, Link};
 use cim_core::{ALPN_INTERNAL, now_ms, tls};
 use cim_integration_tests::{Backend, TestCluster, WAIT, eventually, next_message};
 use cim_proto::v1::{
-    ChatMessage, ClientControl, ClientRequest, DeliveryBatch, Forward, ForwardBatchResult, Ping,
-    Pull, PullResult, SendAck, ServerControl, ServerRequest, chat_message::Target, client_control,
-    client_request, server_control, server_request,
+    ChatMessage, ClientControl, ClientRequest, DeliveryBatch, Forward, ForwardBatchResult,
+    LoginResult, Ping, Pull, PullResult, SendAck, ServerControl, ServerRequest,
+    chat_message::Target, client_control, client_request, server_control, server_request,
 };
 use cim_proto::{ProstMessage, read_frame, read_required, write_frame};
 use http::{Method, StatusCode};
@@ -594,6 +594,61 @@ async fn a_refused_resend_does_not_say_an_earlier_attempt_was_not_stored() -> an
         .unwrap_err();
     assert_eq!(refused.code(), Some("not_member"), "{refused:?}");
     drop(fake);
+    Ok(())
+}
+
+/// A server that takes each login and hangs up at once (here a fake one, with the cluster's
+/// server certificate, that the client's server address is sent to) is not redialed in a loop:
+/// the client waits longer after each connection that ended soon after it began. Before, the
+/// first attempt of each reconnect went at once: a connection (and a catch-up pull) per round
+/// trip, for as long as it lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_hangs_up_after_each_login_is_not_redialed_in_a_loop() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let certs = cim_certs::CertPaths::in_dir(cluster.dir.path().join("certs"));
+    let tls = tls::server_config(
+        &certs.server_cert(),
+        &certs.server_key(),
+        &[cim_core::ALPN_CLIENT],
+        None,
+    )?;
+    let endpoint = transport::server_endpoint("127.0.0.1:0".parse()?, tls, Link::Client)?;
+    let fake = endpoint.local_addr()?;
+    let logins = Arc::new(AtomicUsize::new(0));
+    let counted = logins.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let conn = incoming.await?;
+                let (mut send, mut recv) = conn.accept_bi().await?;
+                let _login: ClientControl = read_required(&mut recv, 4096).await?;
+                let result = ServerControl {
+                    kind: Some(server_control::Kind::LoginResult(LoginResult {
+                        heartbeat_interval_ms: 1000,
+                        ..Default::default()
+                    })),
+                };
+                write_frame(&mut send, &result, 4096).await?;
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                conn.close(cim_core::close::code(cim_core::close::OVERLOAD), b"hang up");
+                anyhow::Ok(())
+            });
+        }
+    });
+    let mut config = cluster.client_config();
+    config
+        .server_overrides
+        .insert(cluster.embedded.servers[0].1, fake);
+    cim_client::register(&config, "hung", "password").await?;
+    let (client, _events) =
+        Client::login(&config, "hung", "password", LoginOptions::default()).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seen = logins.load(Ordering::SeqCst);
+    // With 100 ms doubling to 10 s (random below each ceiling): at most about 7 in 2 s.
+    assert!((2..=10).contains(&seen), "{seen} logins in 2 s");
+    client.close().await;
     Ok(())
 }
 
