@@ -69,6 +69,8 @@ const GAP_WAIT: Duration = Duration::from_millis(200);
 const PULL_LIMIT: u32 = 200;
 /// How long closing waits for the pong that says its last ack is in.
 const ACK_FLUSH_WAIT: Duration = Duration::from_secs(1);
+/// Longest a close or logout waits for a reconnect under way to send the final ack.
+const FINAL_ACK_RECONNECT_WAIT: Duration = Duration::from_secs(2);
 /// Connect attempts of a first login.
 const LOGIN_CONNECT_ATTEMPTS: u32 = 3;
 /// Resume attempts against the same server before logging in again through the router. One:
@@ -594,17 +596,15 @@ impl Shared {
         }
     }
 
-    /// Counts every message the application took as done and, if connected, acknowledges
-    /// them with a ping, waiting (briefly) for its pong so that the ack is in before the
-    /// connection closes.
+    /// Counts every message the application took as done and acknowledges them with a ping,
+    /// waiting (briefly) for its pong so that the ack is in before the connection closes.
+    /// While the client reconnects, waits a little for the connection: skipped, the ack was
+    /// lost, and the user's next client got again everything finished since the last one.
     async fn flush_acks(&self) {
         self.progress.done_with_taken();
-        let connected = self
-            .conn
-            .borrow()
-            .as_ref()
-            .is_some_and(|c| c.conn().close_reason().is_none());
-        if !connected || self.stop.is_cancelled() {
+        let deadline = tokio::time::Instant::now() + FINAL_ACK_RECONNECT_WAIT;
+        if let Err(e) = self.live_conn(deadline).await {
+            tracing::debug!(error = %e, "no connection for the final ack; the last messages may come again");
             return;
         }
         let flushed = self.ack_flushed.notified();

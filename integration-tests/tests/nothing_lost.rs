@@ -1193,6 +1193,40 @@ async fn messages_the_application_did_not_finish_come_again_after_a_crash() -> a
     Ok(())
 }
 
+/// A client closed while it reconnects still acknowledges what its application finished: the
+/// close waits (at most 2 s) for the connection to come back. Before, the final ack was
+/// skipped when no connection was up, and the user's next client got those messages again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_during_a_reconnect_still_acks_what_the_application_finished() -> anyhow::Result<()>
+{
+    let (cluster, relay) = relayed(Backend::Memory, Impairments::none(), 29).await?;
+    let (alice, _alice_events) = user(&cluster, None, "alice").await?;
+    let (bob, mut bob_events) = user(&cluster, Some(&relay), "bob").await?;
+    let bob_id = bob.info().user_id;
+    for body in ["one", "two", "three"] {
+        alice.send_private(bob_id, body).await?;
+    }
+    for body in ["one", "two", "three"] {
+        assert_eq!(next_message(&mut bob_events).await?.body, body);
+    }
+    // Cut off: asking for the next event (the disconnect) finishes "three" while no
+    // connection can carry its ack.
+    relay.set_blackout(true);
+    match next_event(&mut bob_events, WAIT).await? {
+        Event::Disconnected(_) => {}
+        other => anyhow::bail!("expected a disconnect, got {other:?}"),
+    }
+    relay.set_blackout(false);
+    bob.close().await;
+    let caught_up = cluster.embedded.store.inbox_caught_up_to(bob_id).await?;
+    assert_eq!(
+        caught_up,
+        Some(3),
+        "the finished messages wait for the next client"
+    );
+    Ok(())
+}
+
 /// A heartbeat acknowledges what the application finished only when that moved: an idle
 /// session's pings cost the store no trims. Before, each ping of every session that had ever
 /// finished a message was reported, and trimmed, again.
