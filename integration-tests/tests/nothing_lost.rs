@@ -1227,6 +1227,37 @@ async fn a_close_during_a_reconnect_still_acks_what_the_application_finished() -
     Ok(())
 }
 
+/// A login resumed on a new connection while the old one is still in its server's map waits
+/// for the router's confirmation; if the router kicks that login meanwhile (here a logout over
+/// HTTP, after the confirmation left the router), the resume is refused. Before, the kick took
+/// the old connection out of the map, the resume found the slot empty and came in: a
+/// logged-out login ran, able to send as its user, until the next route renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_kicked_while_its_resume_waits_for_the_router_is_refused() -> anyhow::Result<()> {
+    let store = PausingStore::new(Duration::from_millis(1000));
+    let cluster = TestCluster::start_on_store(1, store.clone(), |_| {}).await?;
+    let (_bob_id, token) = cluster.http_login("bob").await?;
+    let (first, result, _send, _recv) = cluster.raw_login(0, &token, false).await?;
+    assert_eq!(result.code, "");
+    // The next confirmation's answer is held after the router made it.
+    store.armed.store(true, Ordering::SeqCst);
+    let resumed = cluster.raw_login(0, &token, false);
+    let logout = async {
+        tokio::time::timeout(WAIT, store.read.notified()).await?;
+        let api = cim_client::RouterApi::new(&cluster.client_config())?;
+        api.logout(&token).await?;
+        tokio::time::timeout(WAIT, first.closed()).await?;
+        anyhow::Ok(())
+    };
+    let (resumed, logged_out) = tokio::join!(resumed, logout);
+    logged_out?;
+    let (conn, result, _send, _recv) = resumed?;
+    assert_eq!(result.code, "session_replaced", "a logged-out login came in: {result:?}");
+    let closed = tokio::time::timeout(WAIT, conn.closed()).await;
+    assert!(closed.is_ok(), "the refused connection stayed");
+    Ok(())
+}
+
 /// A heartbeat acknowledges what the application finished only when that moved: an idle
 /// session's pings cost the store no trims. Before, each ping of every session that had ever
 /// finished a message was reported, and trimmed, again.

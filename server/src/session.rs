@@ -819,16 +819,23 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
             // this one (a takeover from elsewhere, for which the router kicked the session
             // seen then). Only the router knows which of the two the route belongs to: it is
             // asked again before the newcomer is replaced, and a refusal refuses this login.
+            // The same goes once if the session seen left the map meanwhile: it may have
+            // closed, or the router may have kicked this very login (a logout, a takeover to
+            // another server) after its confirmation was on its way, and a login it revoked
+            // must not come in (it ran, sending as its user, until the next renewal).
+            let mut asked_after_leaving = false;
             let previous = loop {
                 {
                     let mut sessions = state.sessions();
-                    let newcomer = sessions
+                    let current = sessions
                         .get(&claims.user_id)
-                        .map(|s| (s.session_id, s.conn.stable_id()))
-                        .filter(|&(id, conn)| id != claims.session_id && (id, conn) != seen);
-                    match newcomer {
-                        None => break sessions.insert(claims.user_id, session),
-                        Some(newcomer) => seen = newcomer,
+                        .map(|s| (s.session_id, s.conn.stable_id()));
+                    match current {
+                        Some((id, conn)) if id != claims.session_id && (id, conn) != seen => {
+                            seen = (id, conn);
+                        }
+                        None if !asked_after_leaving => asked_after_leaving = true,
+                        _ => break sessions.insert(claims.user_id, session),
                     }
                 }
                 match state
@@ -878,8 +885,12 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
                     .await;
                 match again {
                     Ok(result) if result.code.is_empty() => {}
+                    // The login ended meanwhile (revoked): it must not go on.
                     Ok(result) => {
-                        tracing::warn!(code = %result.code, "session not confirmed again")
+                        in_map.report = false;
+                        drop(in_map);
+                        let (code, why) = (&result.code, &result.message);
+                        return Err(refuse(conn, &mut send, code, why, close::AUTH).await);
                     }
                     Err(e) => tracing::warn!(error = %e, "session not confirmed again"),
                 }
