@@ -69,6 +69,15 @@ const GAP_WAIT: Duration = Duration::from_millis(200);
 const PULL_LIMIT: u32 = 200;
 /// How long closing waits for the pong that says its last ack is in.
 const ACK_FLUSH_WAIT: Duration = Duration::from_secs(1);
+/// Send refusals that no attempt of the same message could have escaped (it is too large,
+/// empty, to no one, or its id names another message): final even after an attempt that went
+/// unanswered. Others (`not_member`, `unknown_group`) depend on what changed since.
+const REFUSALS_OF_THE_MESSAGE: &[&str] = &[
+    "too_large",
+    "bad_request",
+    "unknown_user",
+    "client_msg_id_reused",
+];
 /// Longest a close or logout waits for a reconnect under way to send the final ack.
 const FINAL_ACK_RECONNECT_WAIT: Duration = Duration::from_secs(2);
 /// Connect attempts of a first login.
@@ -887,9 +896,10 @@ impl Client {
                     unconfirmed += 1;
                 }
                 // A refusal of a resend says nothing about an earlier attempt that may have
-                // been stored: "not sent" would be wrong (an application sending it again
-                // under a new id would deliver it twice). A passing refusal is waited out;
-                // any other leaves the outcome unknown.
+                // been stored, unless the message itself is refused (no attempt of it could
+                // be stored): "not sent" would be wrong (an application sending it again under
+                // a new id would deliver it twice). A passing refusal is waited out; any other
+                // leaves the outcome unknown.
                 Ok(Ok((ack, _)))
                     if earlier_unsettled
                         && (ack.code == cim_proto::RATE_LIMITED
@@ -898,7 +908,10 @@ impl Client {
                     tracing::debug!(client_msg_id, code = %ack.code, "resend refused for now");
                     unconfirmed += 1;
                 }
-                Ok(Ok((ack, _))) if earlier_unsettled => {
+                Ok(Ok((ack, _)))
+                    if earlier_unsettled
+                        && !REFUSALS_OF_THE_MESSAGE.contains(&ack.code.as_str()) =>
+                {
                     tracing::debug!(client_msg_id, code = %ack.code, "resend refused; outcome unknown");
                     return Err(ClientError::Timeout);
                 }

@@ -521,8 +521,9 @@ async fn a_send_an_unavailable_router_refused_goes_to_another() -> anyhow::Resul
 
 /// A resend refused after an earlier attempt went unanswered says nothing about that attempt,
 /// which may have been stored: the client waits out a passing refusal (`rate_limited`,
-/// `unavailable`) and reports any other as an unknown outcome, never as "not sent" (an
-/// application sending again under a new id would deliver it twice).
+/// `unavailable`) and reports any other that does not refuse the message itself as an unknown
+/// outcome, never as "not sent" (an application sending again under a new id would deliver it
+/// twice).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_resend_does_not_say_an_earlier_attempt_was_not_stored() -> anyhow::Result<()> {
     let scene = Scene::new().await?;
@@ -586,6 +587,13 @@ async fn a_refused_resend_does_not_say_an_earlier_attempt_was_not_stored() -> an
         .send_with_id(1002, target(), "retry,rate_limited,unavailable")
         .await?;
     assert_eq!(waited.msg_id, 77, "passing refusals are waited out");
+    // A refusal of the message itself is final: no attempt of it could have been stored.
+    let too_large = scene
+        .alice
+        .send_with_id(1004, target(), "retry,too_large")
+        .await
+        .unwrap_err();
+    assert_eq!(too_large.code(), Some("too_large"), "{too_large:?}");
     // A first attempt's refusal is the answer.
     let refused = scene
         .alice

@@ -1252,7 +1252,10 @@ async fn a_login_kicked_while_its_resume_waits_for_the_router_is_refused() -> an
     let (resumed, logged_out) = tokio::join!(resumed, logout);
     logged_out?;
     let (conn, result, _send, _recv) = resumed?;
-    assert_eq!(result.code, "session_replaced", "a logged-out login came in: {result:?}");
+    assert_eq!(
+        result.code, "session_replaced",
+        "a logged-out login came in: {result:?}"
+    );
     let closed = tokio::time::timeout(WAIT, conn.closed()).await;
     assert!(closed.is_ok(), "the refused connection stayed");
     Ok(())
