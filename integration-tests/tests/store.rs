@@ -556,6 +556,34 @@ async fn a_departed_servers_routes_are_removed(store: &dyn Store) -> anyhow::Res
     };
     store.claim_route(moved, route, lease, true).await?;
     assert!(store.confirm_route(moved, 99, "server-kept", lease).await?);
+    // Two more whose leases lapse first: they were offline already, so neither a release
+    // nor the removal finds them (they are not announced offline twice).
+    let short = Duration::from_millis(50);
+    let mut lapsed = Vec::new();
+    for (i, name) in ["lapsed-a", "lapsed-b"].into_iter().enumerate() {
+        let user = store.create_account(name, "hash").await?.id;
+        let session = 5000 + i as u64;
+        let route = Route {
+            server_id: "server-gone".into(),
+            session_id: session,
+            confirmed: false,
+        };
+        store.claim_route(user, route, short, false).await?;
+        assert!(
+            store
+                .confirm_route(user, session, "server-gone", short)
+                .await?
+        );
+        lapsed.push((user, session));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (user, session) = lapsed[0];
+    assert!(
+        !store
+            .release_route(user, session, Some("server-gone"))
+            .await?,
+        "a lapsed route was released"
+    );
 
     let mut removed = store.remove_server_routes("server-gone").await?;
     removed.sort_unstable();

@@ -919,9 +919,12 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
             max_sends_per_stream: MAX_SENDS_PER_STREAM,
         })),
     };
-    write_frame(&mut send, &result, MAX_CONTROL_FRAME)
-        .await
-        .map_err(|e| e.to_string())?;
+    if let Err(e) = write_frame(&mut send, &result, MAX_CONTROL_FRAME).await {
+        // The session leaves the map (and its close is reported) with `in_map`; the connection
+        // goes now, not when the last delivery stream holding it gives up.
+        conn.close(close::code(close::NORMAL), b"login result not taken");
+        return Err(e.to_string());
+    }
     in_map.armed = false;
     in_map.report = false;
     let auth = Authenticated {
