@@ -252,6 +252,22 @@ async fn revoked_sessions_do_not_get_their_routes_back(store: &dyn Store) -> any
         .renew_routes("server-1", &[(frank.id, 9)], lease)
         .await?;
     assert_eq!(renewal, Renewal::default());
+    // A login logged out while its client was still connecting: its route is there, pending,
+    // and the server's confirmation of it must fail.
+    let gail = store.create_account("gail", "hash").await?;
+    let pending = Route {
+        server_id: "server-1".into(),
+        session_id: 10,
+        confirmed: false,
+    };
+    store.claim_route(gail.id, pending, lease, false).await?;
+    store
+        .revoke_session(gail.id, 10, Duration::from_secs(60), Revocation::LoggedOut)
+        .await?;
+    assert!(
+        !store.confirm_route(gail.id, 10, "server-1", lease).await?,
+        "a revoked login was confirmed"
+    );
     Ok(())
 }
 

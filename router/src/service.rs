@@ -854,17 +854,16 @@ impl Service {
 
     /// Ends the session a token belongs to.
     pub async fn logout(&self, claims: &Claims) -> Result<(), ServiceError> {
-        // Kick first: once the server has dropped the session, its lease renewals cannot
-        // bring the route back after we release it.
+        // Revoked first: from then on neither a confirmation (a client still connecting when
+        // the kick below finds no session on its server) nor a renewal or a late session
+        // report can put the route back for the session.
+        self.revoke(claims, Revocation::LoggedOut).await?;
         let routes = self.store.routes(&[claims.user_id]).await?;
         if let Some(Some(route)) = routes.first()
             && route.session_id == claims.session_id
         {
             self.kick_route(claims.user_id, route, "logged out").await;
         }
-        // Revoked before the route is released: a renewal or a late session report in between
-        // would otherwise put the route back for a session still open.
-        self.revoke(claims, Revocation::LoggedOut).await?;
         let released = self
             .store
             .release_route(claims.user_id, claims.session_id, None)

@@ -262,6 +262,9 @@ impl Store for MemoryStore {
     ) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut inner = self.inner();
+        if inner.is_revoked(user, session_id, now) {
+            return Ok(false);
+        }
         let Some(held) = inner.live_route(user, now) else {
             return Ok(false);
         };

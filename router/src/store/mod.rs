@@ -283,7 +283,8 @@ pub trait Store: Send + Sync + 'static {
         relogin: &Relogin,
     ) -> Result<Claim, StoreError>;
     /// Marks the route as confirmed (session open) and the user online, if the route still
-    /// belongs to `session_id` on `server_id`. Returns whether it did.
+    /// belongs to `session_id` on `server_id` and the session was not revoked. Returns whether
+    /// it did.
     async fn confirm_route(
         &self,
         user: u64,

@@ -271,10 +271,13 @@ end
     };
 }
 
-/// Confirms a route if it still belongs to the session on the server.
+/// Confirms a route if it still belongs to the session on the server and the session was not
+/// revoked (a logout that came while its client was still connecting).
+/// KEYS: route, the session's revocation marker. ARGV: session id, server id, lease ms.
 const CONFIRM: &str = concat!(
     route_function!(),
     r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local cur = route()
 if not cur then return 0 end
 local sess, conf, server = string.match(cur, '^(%d+)|(%d)|(.*)$')
@@ -742,6 +745,7 @@ impl Store for RedisStore {
         let ok: i64 = self
             .confirm
             .key(route_key(user))
+            .key(revoked_key(user, session_id))
             .arg(session_id)
             .arg(server_id)
             .arg(lease.as_millis() as u64)
