@@ -715,6 +715,8 @@ struct PausingStore {
     trims: AtomicUsize,
     /// Trims still to fail (as on a store that is down), before any succeeds.
     failing_trims: AtomicUsize,
+    /// Private appends still to run and then fail (their reply lost).
+    lost_append_replies: AtomicUsize,
 }
 
 impl PausingStore {
@@ -735,6 +737,7 @@ impl PausingStore {
             route_reads_held: AtomicUsize::new(0),
             trims: AtomicUsize::new(0),
             failing_trims: AtomicUsize::new(0),
+            lost_append_replies: AtomicUsize::new(0),
         })
     }
 }
@@ -915,7 +918,16 @@ impl Store for PausingStore {
         entry: &InboxEntry,
         limits: InboxLimits,
     ) -> Result<Option<(u64, Option<Route>)>, StoreError> {
-        self.inner.append_private(to, entry, limits).await
+        let appended = self.inner.append_private(to, entry, limits).await;
+        let lost = self
+            .lost_append_replies
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if lost.is_ok() {
+            return Err(StoreError::Unavailable(
+                "the append's reply was lost".into(),
+            ));
+        }
+        appended
     }
     async fn fetch_inbox(
         &self,
@@ -1309,6 +1321,45 @@ async fn acks_a_router_could_not_trim_are_reported_again() -> anyhow::Result<()>
     })
     .await?;
     assert_eq!(store.failing_trims.load(Ordering::SeqCst), 0);
+    Ok(())
+}
+
+/// A send without a client message id whose append ran but whose reply was lost is answered
+/// `retry` (outcome unknown), not `unavailable` (which says nothing was stored: a caller
+/// trusting it sent the message again and it was delivered twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_without_an_id_whose_append_reply_was_lost_is_of_unknown_outcome()
+-> anyhow::Result<()> {
+    let (store, cluster) = paused_cluster(Duration::ZERO).await?;
+    let (bob, mut bob_events) = cluster.user("bob").await?;
+    let (_alice_id, token) = cluster.http_login("alice").await?;
+    let api = cim_client::RouterApi::new(&cluster.client_config())?;
+    store.lost_append_replies.store(1, Ordering::SeqCst);
+    let body = serde_json::json!({"to": bob.info().user_id, "body": "stored, reply lost"});
+    let sent = api
+        .call::<_, serde_json::Value>(
+            http::Method::POST,
+            "/api/messages",
+            Some(&body),
+            Some(&token),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sent.code(), Some(cim_proto::SEND_RETRY), "{sent}");
+    // It was stored (though not pushed): the next message's gap brings it to Bob first.
+    let body = serde_json::json!({"to": bob.info().user_id, "body": "after"});
+    api.call::<_, serde_json::Value>(
+        http::Method::POST,
+        "/api/messages",
+        Some(&body),
+        Some(&token),
+    )
+    .await?;
+    assert_eq!(
+        next_message(&mut bob_events).await?.body,
+        "stored, reply lost"
+    );
+    assert_eq!(next_message(&mut bob_events).await?.body, "after");
     Ok(())
 }
 

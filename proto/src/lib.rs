@@ -23,13 +23,13 @@ pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
 pub const LENGTH_PREFIX: usize = 4;
 
 /// `SendAck.code` of a send whose outcome is unknown (no router answered the server, or the
-/// router's inbox append failed after it recorded the message id): the message may or may not
-/// be stored, and a resend with the same `client_msg_id` settles it.
+/// router's inbox append failed, perhaps only in its reply): the message may or may not be
+/// stored, and a resend with the same `client_msg_id` settles it (without one, a resend may
+/// store it twice).
 pub const SEND_RETRY: &str = "retry";
 
 /// `SendAck.code` of a send a router refused before storing anything (it could not reach its
-/// store, or holds no message-id node yet). A send with a `client_msg_id` may go to another
-/// router; one without may not (its append may have run and failed only in its reply).
+/// store, or holds no message-id node yet): sending it again, to any router, is safe.
 pub const SEND_UNAVAILABLE: &str = "unavailable";
 
 /// Code of a request refused for its sender's rate (sends, pulls, group requests, API calls):

@@ -1097,23 +1097,17 @@ impl Service {
             body: message.body.clone(),
             created_at_ms: now,
         };
-        // The store answered the message id a moment ago, so an append that fails now may
-        // have run (a lost reply, a timeout). With a client message id a resend is idempotent:
-        // ask for one rather than report a refusal for a message that may be stored.
-        let append_failed = |e: StoreError| {
-            if message.client_msg_id == 0 {
-                ServiceError::Unavailable(e)
-            } else {
-                ServiceError::Retry(e)
-            }
-        };
+        // An append that fails may have run (a lost reply, a timeout): its outcome is unknown,
+        // never "not stored". With a client message id a resend settles it; without one, the
+        // sender decides (a resend may store it twice). Before, a send without an id was
+        // answered `unavailable`, which says nothing was stored.
         let (seqs, routes) = match &message.target {
             Some(Target::ToUser(to)) => {
                 let (seq, route) = self
                     .store
                     .append_private(*to, &entry, self.config.inbox)
                     .await
-                    .map_err(append_failed)?
+                    .map_err(ServiceError::Retry)?
                     .ok_or(ServiceError::UnknownUser)?;
                 (vec![seq], Some(vec![route]))
             }
@@ -1122,7 +1116,7 @@ impl Service {
                     .store
                     .append_inbox(&recipients, &entry, self.config.inbox)
                     .await
-                    .map_err(append_failed)?;
+                    .map_err(ServiceError::Retry)?;
                 (seqs, None)
             }
         };
