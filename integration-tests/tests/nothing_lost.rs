@@ -717,6 +717,9 @@ struct PausingStore {
     failing_trims: AtomicUsize,
     /// Private appends still to run and then fail (their reply lost).
     lost_append_replies: AtomicUsize,
+    /// Group appends still to hold for `hold` (after `group_append_held` is notified).
+    group_appends_held: AtomicUsize,
+    group_append_held: Notify,
 }
 
 impl PausingStore {
@@ -738,6 +741,8 @@ impl PausingStore {
             trims: AtomicUsize::new(0),
             failing_trims: AtomicUsize::new(0),
             lost_append_replies: AtomicUsize::new(0),
+            group_appends_held: AtomicUsize::new(0),
+            group_append_held: Notify::new(),
         })
     }
 }
@@ -910,6 +915,13 @@ impl Store for PausingStore {
         entry: &InboxEntry,
         limits: InboxLimits,
     ) -> Result<Vec<u64>, StoreError> {
+        let held = self
+            .group_appends_held
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if held.is_ok() {
+            self.group_append_held.notify_one();
+            tokio::time::sleep(self.hold).await;
+        }
         self.inner.append_inbox(recipients, entry, limits).await
     }
     async fn append_private(
@@ -1360,6 +1372,47 @@ async fn a_send_without_an_id_whose_append_reply_was_lost_is_of_unknown_outcome(
         "stored, reply lost"
     );
     assert_eq!(next_message(&mut bob_events).await?.body, "after");
+    Ok(())
+}
+
+/// A group send that waits for its group's turn at the router reads the members once its turn
+/// came: a member who left meanwhile (the leave acked) does not get it. Before, the members
+/// were read before the wait, and the leaver got a message ordered after the leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_send_waiting_its_turn_skips_a_member_who_left_meanwhile() -> anyhow::Result<()> {
+    let store = PausingStore::new(Duration::from_millis(800));
+    let cluster = TestCluster::start_on_store(1, store.clone(), |_| {}).await?;
+    let (alice, _alice_events) = cluster.user("alice").await?;
+    let (bob, _bob_events) = cluster.user("bob").await?;
+    let (carol, _carol_events) = cluster.user("carol").await?;
+    alice.create_group("team").await?;
+    bob.join_group("team").await?;
+    carol.join_group("team").await?;
+    // Alice's send holds the group's turn in the store; Bob's comes while it does.
+    store.group_appends_held.store(1, Ordering::SeqCst);
+    let alice = Arc::new(alice);
+    let first = tokio::spawn({
+        let alice = alice.clone();
+        async move { alice.send_group("team", "before the leave").await }
+    });
+    tokio::time::timeout(WAIT, store.group_append_held.notified()).await?;
+    let bob = Arc::new(bob);
+    let second = tokio::spawn({
+        let bob = bob.clone();
+        async move { bob.send_group("team", "after the leave").await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    carol.leave_group("team").await?;
+    first.await??;
+    second.await??;
+    let carol_id = carol.info().user_id;
+    let limits = cim_router::store::InboxLimits::default();
+    let page = store
+        .inner
+        .fetch_inbox(carol_id, 0, 0, 10, limits, cim_core::now_ms())
+        .await?;
+    let bodies: Vec<&str> = page.entries.iter().map(|(_, e)| e.body.as_str()).collect();
+    assert_eq!(bodies, ["before the leave"]);
     Ok(())
 }
 

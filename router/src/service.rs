@@ -1029,6 +1029,16 @@ impl Service {
         if message.body.len() > self.config.max_body_bytes {
             return Err(ServiceError::TooLarge(self.config.max_body_bytes));
         }
+        // Same order for every member: one group's appends never interleave (servers send a
+        // group's messages through one router while the router set is stable). The members
+        // are read under the lock: read before, a member who left (or joined) while this send
+        // waited for it got (or missed) a message ordered after the leave (or the join).
+        let _ordered = match &message.target {
+            Some(Target::Group(g)) if g != BROADCAST_GROUP => {
+                Some(self.group_locks[shard(g)].lock().await)
+            }
+            _ => None,
+        };
         let (recipients, group) = match &message.target {
             // The recipient's existence is checked as its inbox is appended to.
             Some(Target::ToUser(to)) => (vec![*to], String::new()),
@@ -1050,14 +1060,6 @@ impl Service {
                 (others, g.clone())
             }
             None => return Err(ServiceError::BadRequest("message has no recipient".into())),
-        };
-        // Same order for every member: one group's appends never interleave (servers send a
-        // group's messages through one router while the router set is stable).
-        let _ordered = match &message.target {
-            Some(Target::Group(g)) if g != BROADCAST_GROUP => {
-                Some(self.group_locks[shard(g)].lock().await)
-            }
-            _ => None,
         };
         let now = now_ms();
         let fresh_id = self
