@@ -1032,34 +1032,13 @@ impl Service {
         // Same order for every member: one group's appends never interleave (servers send a
         // group's messages through one router while the router set is stable). The members
         // are read under the lock: read before, a member who left (or joined) while this send
-        // waited for it got (or missed) a message ordered after the leave (or the join).
+        // waited for it got (or missed) a message ordered after the leave (or the join). The
+        // read goes alongside the message id's, so the lock is held no longer than before.
         let _ordered = match &message.target {
             Some(Target::Group(g)) if g != BROADCAST_GROUP => {
                 Some(self.group_locks[shard(g)].lock().await)
             }
             _ => None,
-        };
-        let (recipients, group) = match &message.target {
-            // The recipient's existence is checked as its inbox is appended to.
-            Some(Target::ToUser(to)) => (vec![*to], String::new()),
-            Some(Target::Group(g)) if g == BROADCAST_GROUP => {
-                let mut online = self.store.online_users().await?;
-                online.retain(|u| *u != sender.id);
-                (online, g.clone())
-            }
-            Some(Target::Group(g)) => {
-                let members = self
-                    .store
-                    .group_members(g)
-                    .await?
-                    .ok_or(ServiceError::UnknownGroup)?;
-                if !members.contains(&sender.id) {
-                    return Err(ServiceError::NotMember);
-                }
-                let others = members.into_iter().filter(|u| *u != sender.id).collect();
-                (others, g.clone())
-            }
-            None => return Err(ServiceError::BadRequest("message has no recipient".into())),
         };
         let now = now_ms();
         let fresh_id = self
@@ -1070,9 +1049,34 @@ impl Service {
                     "this router cannot issue message ids until its id node is confirmed".into(),
                 ))
             })?;
-        let msg_id = if message.client_msg_id == 0 {
-            fresh_id
-        } else {
+        let recipients = async {
+            match &message.target {
+                // The recipient's existence is checked as its inbox is appended to.
+                Some(Target::ToUser(to)) => Ok((vec![*to], String::new())),
+                Some(Target::Group(g)) if g == BROADCAST_GROUP => {
+                    let mut online = self.store.online_users().await?;
+                    online.retain(|u| *u != sender.id);
+                    Ok((online, g.clone()))
+                }
+                Some(Target::Group(g)) => {
+                    let members = self
+                        .store
+                        .group_members(g)
+                        .await?
+                        .ok_or(ServiceError::UnknownGroup)?;
+                    if !members.contains(&sender.id) {
+                        return Err(ServiceError::NotMember);
+                    }
+                    let others = members.into_iter().filter(|u| *u != sender.id).collect();
+                    Ok((others, g.clone()))
+                }
+                None => Err(ServiceError::BadRequest("message has no recipient".into())),
+            }
+        };
+        let msg_id = async {
+            if message.client_msg_id == 0 {
+                return Ok(fresh_id);
+            }
             self.store
                 .message_id(
                     sender.id,
@@ -1089,8 +1093,9 @@ impl Service {
                         "client message id reused for another message"
                     );
                     ServiceError::ClientMsgIdReused(message.client_msg_id)
-                })?
+                })
         };
+        let ((recipients, group), msg_id) = tokio::try_join!(recipients, msg_id)?;
         let entry = InboxEntry {
             msg_id,
             from_user: sender.id,
