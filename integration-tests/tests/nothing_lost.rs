@@ -793,9 +793,10 @@ impl Store for PausingStore {
         route: Route,
         pending_lease: Duration,
         force: bool,
+        replaced_for: Duration,
     ) -> Result<Claim, StoreError> {
         self.inner
-            .claim_route(user, route, pending_lease, force)
+            .claim_route(user, route, pending_lease, force, replaced_for)
             .await
     }
     async fn claim_route_relogin(
@@ -1484,7 +1485,13 @@ async fn two_logins_over_a_departed_servers_route_do_not_both_win() -> anyhow::R
     };
     let claim = store
         .inner
-        .claim_route(zed, gone, Duration::from_secs(30), false)
+        .claim_route(
+            zed,
+            gone,
+            Duration::from_secs(30),
+            false,
+            Duration::from_secs(3600),
+        )
         .await?;
     assert!(matches!(claim, Claim::Won { .. }));
     // Both logins read that route before either claims.

@@ -184,7 +184,13 @@ async fn a_route_on_a_server_not_linked_yet_refuses_a_second_login() -> anyhow::
         confirmed: false,
     };
     store
-        .claim_route(ula, route, Duration::from_secs(30), false)
+        .claim_route(
+            ula,
+            route,
+            Duration::from_secs(30),
+            false,
+            Duration::from_secs(3600),
+        )
         .await?;
     assert!(
         store

@@ -63,7 +63,13 @@ async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Resul
         confirmed: false,
     };
     store
-        .claim_route(bob.id, route.clone(), Duration::from_secs(30), false)
+        .claim_route(
+            bob.id,
+            route.clone(),
+            Duration::from_secs(30),
+            false,
+            Duration::from_secs(3600),
+        )
         .await?;
     assert!(
         store
@@ -175,10 +181,22 @@ async fn only_confirmed_sessions_are_online(store: &dyn Store) -> anyhow::Result
         confirmed: false,
     };
     store
-        .claim_route(carol.id, route("server-1", 5), lease, false)
+        .claim_route(
+            carol.id,
+            route("server-1", 5),
+            lease,
+            false,
+            Duration::from_secs(3600),
+        )
         .await?;
     store
-        .claim_route(dave.id, route("server-2", 6), lease, false)
+        .claim_route(
+            dave.id,
+            route("server-2", 6),
+            lease,
+            false,
+            Duration::from_secs(3600),
+        )
         .await?;
     assert!(store.confirm_route(carol.id, 5, "server-1", lease).await?);
     assert!(
@@ -194,7 +212,13 @@ async fn only_confirmed_sessions_are_online(store: &dyn Store) -> anyhow::Result
     // Carol's route moves to server-2 (a session id is bound to one server in practice, but
     // the store does not rely on it); server-1 then reports the session closed.
     store
-        .claim_route(carol.id, route("server-2", 5), lease, true)
+        .claim_route(
+            carol.id,
+            route("server-2", 5),
+            lease,
+            true,
+            Duration::from_secs(3600),
+        )
         .await?;
     assert!(store.confirm_route(carol.id, 5, "server-2", lease).await?);
     assert!(
@@ -212,7 +236,13 @@ async fn only_confirmed_sessions_are_online(store: &dyn Store) -> anyhow::Result
     assert!(!store.online_users().await?.contains(&carol.id));
     // A logout releases the route wherever it is.
     store
-        .claim_route(dave.id, route("server-1", 8), lease, true)
+        .claim_route(
+            dave.id,
+            route("server-1", 8),
+            lease,
+            true,
+            Duration::from_secs(3600),
+        )
         .await?;
     assert!(store.confirm_route(dave.id, 8, "server-1", lease).await?);
     assert!(!store.release_route(dave.id, 7, None).await?);
@@ -260,7 +290,9 @@ async fn revoked_sessions_do_not_get_their_routes_back(store: &dyn Store) -> any
         session_id: 10,
         confirmed: false,
     };
-    store.claim_route(gail.id, pending, lease, false).await?;
+    store
+        .claim_route(gail.id, pending, lease, false, Duration::from_secs(3600))
+        .await?;
     store
         .revoke_session(gail.id, 10, Duration::from_secs(60), Revocation::LoggedOut)
         .await?;
@@ -315,9 +347,12 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
         session_id,
         seen_route_session,
         revoke_for: Duration::from_secs(60),
+        replaced_for: Duration::from_secs(60),
     };
     let gina = store.create_account("gina", "hash").await?;
-    store.claim_route(gina.id, route(20), lease, false).await?;
+    store
+        .claim_route(gina.id, route(20), lease, false, Duration::from_secs(3600))
+        .await?;
 
     // The token of login 20 re-logs in as 21, over its own route, and ends login 20.
     assert_eq!(
@@ -331,7 +366,8 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
     );
     assert_eq!(
         store.revocation(gina.id, 20).await?,
-        Some(Revocation::ReLoggedIn)
+        Some(Revocation::ReLoggedIn),
+        "a re-login's own login reads as re-logged in, not replaced"
     );
     // A second re-login with that token, checked against the route it finds now, is refused
     // and changes nothing.
@@ -343,9 +379,11 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
     );
     assert_eq!(route_of(store, gina.id).await?, Some(route(21)));
     // Login 21's token, checked against a route that has changed since (here: login 23's,
-    // claimed in between), and checked when there was none: both refused, and login 21
-    // does not end.
-    store.claim_route(gina.id, route(23), lease, true).await?;
+    // claimed in between, which replaced login 21 in the same step), and checked when there
+    // was none: both refused, and login 21 stays replaced (not re-logged in).
+    store
+        .claim_route(gina.id, route(23), lease, true, Duration::from_secs(3600))
+        .await?;
     for seen in [Some(21), None] {
         assert_eq!(
             store
@@ -355,19 +393,31 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
             "checked against {seen:?}"
         );
     }
-    assert_eq!(store.revocation(gina.id, 21).await?, None);
+    assert_eq!(
+        store.revocation(gina.id, 21).await?,
+        Some(Revocation::Replaced)
+    );
     assert_eq!(route_of(store, gina.id).await?, Some(route(23)));
     // A login whose session closed (its route released) is still the last login: the next
     // claim names it, so the router can end it.
     assert!(store.release_route(gina.id, 23, None).await?);
     assert_eq!(
-        store.claim_route(gina.id, route(25), lease, false).await?,
+        store
+            .claim_route(gina.id, route(25), lease, false, Duration::from_secs(3600))
+            .await?,
         Claim::Won {
             previous: None,
             last_login: Some(23)
         }
     );
     assert_eq!(store.last_login(gina.id).await?, Some(25));
+    // ...and ends it in the same step: a claim whose answer is lost leaves no login it
+    // replaced live.
+    assert_eq!(
+        store.revocation(gina.id, 23).await?,
+        Some(Revocation::Replaced)
+    );
+    assert_eq!(store.revocation(gina.id, 25).await?, None);
 
     // A user without a route: a re-login checked against none claims it.
     let hank = store.create_account("hank", "hash").await?;
@@ -429,7 +479,13 @@ async fn a_large_group_append_reaches_every_member_once(store: &dyn Store) -> an
             confirmed: false,
         };
         store
-            .claim_route(many[i], route, Duration::from_secs(60), false)
+            .claim_route(
+                many[i],
+                route,
+                Duration::from_secs(60),
+                false,
+                Duration::from_secs(3600),
+            )
             .await?;
     }
     let routes = store.routes(&many).await?;
@@ -555,7 +611,9 @@ async fn a_departed_servers_routes_are_removed(store: &dyn Store) -> anyhow::Res
             session_id: 100 + i,
             confirmed: false,
         };
-        store.claim_route(user, route, lease, false).await?;
+        store
+            .claim_route(user, route, lease, false, Duration::from_secs(3600))
+            .await?;
         assert!(
             store
                 .confirm_route(user, 100 + i, "server-gone", lease)
@@ -570,7 +628,9 @@ async fn a_departed_servers_routes_are_removed(store: &dyn Store) -> anyhow::Res
         session_id: 99,
         confirmed: false,
     };
-    store.claim_route(moved, route, lease, true).await?;
+    store
+        .claim_route(moved, route, lease, true, Duration::from_secs(3600))
+        .await?;
     assert!(store.confirm_route(moved, 99, "server-kept", lease).await?);
     // Two more whose leases lapse first: they were offline already, so neither a release
     // nor the removal finds them (they are not announced offline twice).
@@ -584,7 +644,9 @@ async fn a_departed_servers_routes_are_removed(store: &dyn Store) -> anyhow::Res
             session_id: session,
             confirmed: false,
         };
-        store.claim_route(user, route, short, false).await?;
+        store
+            .claim_route(user, route, short, false, Duration::from_secs(3600))
+            .await?;
         assert!(
             store
                 .confirm_route(user, session, "server-gone", short)
@@ -678,7 +740,13 @@ async fn an_unreadable_route_fails_neither_a_stored_message_nor_a_login() -> any
         confirmed: false,
     };
     store
-        .claim_route(frank.id, frank_route.clone(), lease, false)
+        .claim_route(
+            frank.id,
+            frank_route.clone(),
+            lease,
+            false,
+            Duration::from_secs(3600),
+        )
         .await?;
     let mut conn = redis::Client::open(redis.url())?
         .get_multiplexed_async_connection()
@@ -725,7 +793,9 @@ async fn an_unreadable_route_fails_neither_a_stored_message_nor_a_login() -> any
             session_id: user + 100,
             confirmed: false,
         };
-        let claim = store.claim_route(user, route.clone(), lease, false).await?;
+        let claim = store
+            .claim_route(user, route.clone(), lease, false, Duration::from_secs(3600))
+            .await?;
         let won = Claim::Won {
             previous: None,
             last_login: None,
@@ -802,7 +872,9 @@ async fn an_unreadable_route_fails_no_renewal() -> anyhow::Result<()> {
         session_id: 3,
         confirmed: false,
     };
-    store.claim_route(kate, kate_route, lease, false).await?;
+    store
+        .claim_route(kate, kate_route, lease, false, Duration::from_secs(3600))
+        .await?;
 
     assert!(!store.confirm_route(ivan, 1, "server-1", lease).await?);
     assert!(!store.release_route(ivan, 1, Some("server-1")).await?);

@@ -501,6 +501,7 @@ impl Service {
                 session_id: claims.session_id,
                 seen_route_session,
                 revoke_for: self.revocation_ttl(claims.expires_at_ms),
+                replaced_for: self.revocation_ttl(0),
             };
             match self.assign(account, true, Some(&relogin)).await {
                 Ok(grant) => break (claims, grant),
@@ -783,8 +784,9 @@ impl Service {
                     .await?
             }
             None => {
+                let replaced_for = self.revocation_ttl(0);
                 self.store
-                    .claim_route(account.id, route, lease, force)
+                    .claim_route(account.id, route, lease, force, replaced_for)
                     .await?
             }
         };
@@ -795,42 +797,19 @@ impl Service {
                     "it was re-logged in, logged out or replaced meanwhile",
                 ));
             }
-            Claim::Won {
-                previous,
-                last_login,
-            } => {
-                // A re-login's own login was ended by the claim already, as re-logged in (a
-                // retry whose answer was lost must read that, not `replaced`).
-                let own = relogin.map(|r| r.session_id);
-                let mut replaced = Vec::with_capacity(2);
+            // The claim revoked the logins it replaced (the previous route's and the last
+            // one, with no route left if its session closed) in the same step, so none of
+            // their tokens can call the API or take the user back once this login ends; a
+            // re-login's own login it ended as re-logged in. What is left is the kick.
+            Claim::Won { previous, .. } => {
                 if let Some(previous) = previous {
+                    let own = relogin.map(|r| r.session_id);
                     let why = if own == Some(previous.session_id) {
                         "logged in again"
                     } else {
-                        replaced.push(previous.session_id);
                         "logged in elsewhere"
                     };
                     self.kick_route(account.id, &previous, why).await;
-                }
-                // The login before this one ends too, even with no route left (its session
-                // closed): else one of its tokens could still call the API, or resume and
-                // take the user back once this login ends.
-                if let Some(last) = last_login
-                    && own != Some(last)
-                    && !replaced.contains(&last)
-                {
-                    replaced.push(last);
-                }
-                // A replaced login's tokens must not bring it back once this one ends.
-                for session_id in replaced {
-                    self.store
-                        .revoke_session(
-                            account.id,
-                            session_id,
-                            self.revocation_ttl(0),
-                            Revocation::Replaced,
-                        )
-                        .await?;
                 }
             }
         }

@@ -118,12 +118,14 @@ impl Inner {
     }
 
     /// [`Store::claim_route`], and with `relogin` [`Store::claim_route_relogin`].
+    #[allow(clippy::too_many_arguments)]
     fn claim(
         &mut self,
         user: u64,
         route: Route,
         pending_lease: Duration,
         force: bool,
+        replaced_for: Duration,
         relogin: Option<&Relogin>,
         now: Instant,
     ) -> Claim {
@@ -143,7 +145,18 @@ impl Inner {
             return Claim::Busy(existing.clone());
         }
         self.online.remove(&user);
-        let last_login = self.logins.insert(user, route.session_id);
+        let new = route.session_id;
+        let last_login = self.logins.insert(user, new);
+        // The logins this one replaces end in the same step (see `Store::claim_route`).
+        let own = relogin.map(|r| r.session_id);
+        for ended in [previous.as_ref().map(|r| r.session_id), last_login]
+            .into_iter()
+            .flatten()
+        {
+            if ended != new && Some(ended) != own {
+                self.revoke(user, ended, replaced_for, Revocation::Replaced, now);
+            }
+        }
         self.routes.insert(
             user,
             Lease {
@@ -230,10 +243,12 @@ impl Store for MemoryStore {
         route: Route,
         pending_lease: Duration,
         force: bool,
+        replaced_for: Duration,
     ) -> Result<Claim, StoreError> {
+        let now = Instant::now();
         Ok(self
             .inner()
-            .claim(user, route, pending_lease, force, None, Instant::now()))
+            .claim(user, route, pending_lease, force, replaced_for, None, now))
     }
 
     async fn claim_route_relogin(
@@ -248,6 +263,7 @@ impl Store for MemoryStore {
             route,
             pending_lease,
             true,
+            relogin.replaced_for,
             Some(relogin),
             Instant::now(),
         ))
@@ -674,7 +690,7 @@ mod tests {
         let store = MemoryStore::new();
         assert_eq!(
             store
-                .claim_route(1, route("s1", 10), LEASE, false)
+                .claim_route(1, route("s1", 10), LEASE, false, Duration::from_secs(3600))
                 .await
                 .unwrap(),
             Claim::Won {
@@ -684,7 +700,7 @@ mod tests {
         );
         assert!(matches!(
             store
-                .claim_route(1, route("s2", 11), LEASE, false)
+                .claim_route(1, route("s2", 11), LEASE, false, Duration::from_secs(3600))
                 .await
                 .unwrap(),
             Claim::Busy(_)
@@ -696,7 +712,7 @@ mod tests {
             previous,
             last_login,
         } = store
-            .claim_route(1, route("s2", 11), LEASE, true)
+            .claim_route(1, route("s2", 11), LEASE, true, Duration::from_secs(3600))
             .await
             .unwrap()
         else {
@@ -717,13 +733,19 @@ mod tests {
     async fn unconfirmed_claims_lapse() {
         let store = MemoryStore::new();
         store
-            .claim_route(1, route("s1", 10), Duration::from_secs(5), false)
+            .claim_route(
+                1,
+                route("s1", 10),
+                Duration::from_secs(5),
+                false,
+                Duration::from_secs(3600),
+            )
             .await
             .unwrap();
         tokio::time::advance(Duration::from_secs(6)).await;
         assert_eq!(
             store
-                .claim_route(1, route("s1", 11), LEASE, false)
+                .claim_route(1, route("s1", 11), LEASE, false, Duration::from_secs(3600))
                 .await
                 .unwrap(),
             Claim::Won {
@@ -864,11 +886,11 @@ mod tests {
     async fn removing_a_server_drops_its_routes_only() {
         let store = MemoryStore::new();
         store
-            .claim_route(1, route("s1", 10), LEASE, false)
+            .claim_route(1, route("s1", 10), LEASE, false, Duration::from_secs(3600))
             .await
             .unwrap();
         store
-            .claim_route(2, route("s2", 20), LEASE, false)
+            .claim_route(2, route("s2", 20), LEASE, false, Duration::from_secs(3600))
             .await
             .unwrap();
         store.confirm_route(1, 10, "s1", LEASE).await.unwrap();

@@ -216,6 +216,8 @@ pub struct Relogin {
     pub seen_route_session: Option<u64>,
     /// How long the ended login stays revoked (the rest of its newest token's life).
     pub revoke_for: Duration,
+    /// How long the logins the claim replaces stay revoked (see [`Store::claim_route`]).
+    pub replaced_for: Duration,
 }
 
 /// Number of node numbers in message ids (10 bits): at most this many routers hold one at once.
@@ -262,13 +264,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Atomically claims `user`'s route for a new login. Without `force`, an existing route
     /// makes the claim fail with [`Claim::Busy`]; with it, the route is replaced. A claim that
-    /// the server does not confirm within `pending_lease` lapses.
+    /// the server does not confirm within `pending_lease` lapses. A won claim also ends, in
+    /// the same step, the logins it replaces (the replaced route's session and the user's
+    /// last login, see [`Claim::Won`]): revoked as [`Revocation::Replaced`] for
+    /// `replaced_for`, so a claim whose answer is lost leaves none of them live.
     async fn claim_route(
         &self,
         user: u64,
         route: Route,
         pending_lease: Duration,
         force: bool,
+        replaced_for: Duration,
     ) -> Result<Claim, StoreError>;
     /// A token re-login's claim: [`Store::claim_route`] with takeover that, in the same
     /// atomic step, ends the login the token belongs to (as [`Store::revoke_session`] would),

@@ -66,7 +66,11 @@ fn appended_key(user: u64, msg_id: u64) -> String {
     format!("cim:{{u{user}}}:m:{msg_id}")
 }
 fn revoked_key(user: u64, session_id: u64) -> String {
-    format!("cim:{{u{user}}}:revoked:{session_id}")
+    format!("{}{session_id}", revoked_prefix(user))
+}
+/// The revocation keys of `user` without the session (the claim script adds it).
+fn revoked_prefix(user: u64) -> String {
+    format!("cim:{{u{user}}}:revoked:")
 }
 fn group_owner_key(name: &str) -> String {
     format!("cim:group:{{{name}}}:owner")
@@ -234,8 +238,11 @@ fn readable_route(user: u64, value: Option<&[u8]>) -> Option<Route> {
 /// and never blocks a claim; it is overwritten (and returned, for the caller to log).
 /// KEYS[2] records the session of the user's latest login (no expiry): a won claim writes its
 /// own there and returns the one before ('' for none) as its third value.
+/// A won claim revokes, in the same step, the replaced route's session and that last login
+/// (unless either is the new session or ARGV[6], the re-login's own): `replaced`, for ARGV[4]
+/// ms, at ARGV[5] .. session (the user's revocation keys, in the route key's hash slot).
 /// A re-login's claim also gives KEYS[3], the revocation marker of the token's login, with
-/// ARGV[4] its lifetime in ms and ARGV[5] the session of the route the router checked the
+/// ARGV[7] its lifetime in ms and ARGV[8] the session of the route the router checked the
 /// token against ('' for none): it returns {2, '', ''} without claiming if the login has ended
 /// or the route's session differs, and otherwise ends the login in the same step.
 const CLAIM: &str = r"
@@ -244,14 +251,21 @@ if type(cur) == 'table' then cur = false end
 if KEYS[3] then
   if redis.call('EXISTS', KEYS[3]) == 1 then return {2, '', ''} end
   local session = cur and string.match(cur, '^(%d+)|[01]|') or ''
-  if session ~= ARGV[5] then return {2, '', ''} end
-  redis.call('SET', KEYS[3], 'relogin', 'PX', ARGV[4])
+  if session ~= ARGV[8] then return {2, '', ''} end
+  redis.call('SET', KEYS[3], 'relogin', 'PX', ARGV[7])
 end
 if cur and ARGV[3] == '0' and string.match(cur, '^%d+|[01]|') then return {0, cur, ''} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local last = redis.pcall('GET', KEYS[2])
 if type(last) ~= 'string' then last = '' end
-redis.call('SET', KEYS[2], string.match(ARGV[1], '^(%d+)|'))
+local new = string.match(ARGV[1], '^(%d+)|')
+redis.call('SET', KEYS[2], new)
+local previous = cur and string.match(cur, '^(%d+)|[01]|') or ''
+for _, ended in ipairs({previous, last}) do
+  if ended ~= '' and ended ~= new and ended ~= ARGV[6] then
+    redis.call('SET', ARGV[5] .. ended, 'replaced', 'PX', ARGV[4])
+  end
+end
 return {1, cur or '', last}
 ";
 
@@ -573,6 +587,7 @@ impl RedisStore {
         route: Route,
         pending_lease: Duration,
         force: bool,
+        replaced_for: Duration,
         relogin: Option<&Relogin>,
     ) -> Result<Claim, StoreError> {
         let mut conn = self.conn();
@@ -581,7 +596,14 @@ impl RedisStore {
             .key(login_key(user))
             .arg(encode_route(&route))
             .arg(pending_lease.as_millis() as u64)
-            .arg(if force { "1" } else { "0" });
+            .arg(if force { "1" } else { "0" })
+            .arg(replaced_for.as_millis() as u64)
+            .arg(revoked_prefix(user))
+            .arg(
+                relogin
+                    .map(|r| r.session_id.to_string())
+                    .unwrap_or_default(),
+            );
         if let Some(relogin) = relogin {
             invocation
                 .key(revoked_key(user, relogin.session_id))
@@ -719,8 +741,10 @@ impl Store for RedisStore {
         route: Route,
         pending_lease: Duration,
         force: bool,
+        replaced_for: Duration,
     ) -> Result<Claim, StoreError> {
-        self.claim(user, route, pending_lease, force, None).await
+        self.claim(user, route, pending_lease, force, replaced_for, None)
+            .await
     }
 
     async fn claim_route_relogin(
@@ -730,8 +754,16 @@ impl Store for RedisStore {
         pending_lease: Duration,
         relogin: &Relogin,
     ) -> Result<Claim, StoreError> {
-        self.claim(user, route, pending_lease, true, Some(relogin))
-            .await
+        let replaced_for = relogin.replaced_for;
+        self.claim(
+            user,
+            route,
+            pending_lease,
+            true,
+            replaced_for,
+            Some(relogin),
+        )
+        .await
     }
 
     async fn confirm_route(
