@@ -62,9 +62,13 @@ struct Args {
     /// Group members (group).
     #[arg(long, default_value_t = 1000)]
     members: usize,
-    /// Members sending broadcasts (group).
+    /// Members sending to the group (group).
     #[arg(long, default_value_t = 8)]
     senders: usize,
+    /// Send to `all` (everyone online, CIM's group chat) instead of a named group of the
+    /// members (group; the scenario before session 23).
+    #[arg(long)]
+    broadcast: bool,
     /// Idle connections (idle).
     #[arg(long, default_value_t = 10_000)]
     connections: usize,
@@ -145,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
         window: usize::from(args.window),
         members: args.members,
         senders: args.senders,
+        broadcast: args.broadcast,
         connections: args.connections,
         loss_pct: args.loss,
         size: args.size,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cim_client::{Client, ClientConfig, Event, Events, LoginOptions};
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use futures_util::stream;
 use rand::Rng;
 use serde::Serialize;
@@ -110,6 +110,8 @@ pub struct Options {
     pub members: usize,
     /// Members that send (group).
     pub senders: usize,
+    /// Send to `all` (everyone online) instead of a named group of the members (group).
+    pub broadcast: bool,
     /// Idle connections (idle).
     pub connections: usize,
     /// Loss for the relay, in percent (lossy).
@@ -375,6 +377,28 @@ async fn users(
     Ok(clients)
 }
 
+/// Makes `name` a group of every client: the first creates it, the others join, `concurrency`
+/// at a time.
+async fn form_group(
+    clients: &[(Client, Events)],
+    name: &str,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let Some(((owner, _), others)) = clients.split_first() else {
+        return Ok(());
+    };
+    owner
+        .create_group(name)
+        .await
+        .with_context(|| format!("creating group {name}"))?;
+    stream::iter(others)
+        .map(|(client, _)| client.join_group(name))
+        .buffer_unordered(concurrency)
+        .try_collect::<()>()
+        .await
+        .with_context(|| format!("joining group {name}"))
+}
+
 /// What one receiver saw.
 #[derive(Default)]
 struct Seen {
@@ -421,14 +445,15 @@ pub async fn run(opts: &Options, target: &Target) -> anyhow::Result<Report> {
             let no_relay = HashMap::new();
             let clients =
                 users(target, &prefix, opts.members, &no_relay, opts, &mut report).await?;
-            messaging(
-                opts,
-                target,
-                clients,
-                Some(opts.senders.max(1)),
-                &mut report,
-            )
-            .await?;
+            let group = if opts.broadcast {
+                cim_client::BROADCAST_GROUP.to_string()
+            } else {
+                let name = format!("{prefix}-group");
+                form_group(&clients, &name, opts.concurrency).await?;
+                name
+            };
+            let senders = opts.senders.max(1);
+            messaging(opts, target, clients, Some((senders, group)), &mut report).await?;
         }
         Scenario::Login => {
             let names = register(target, &prefix, opts.clients, opts.concurrency).await?;
@@ -641,16 +666,18 @@ pub(crate) trait Deliveries: Send + 'static {
     fn next_body(&mut self) -> impl Future<Output = Option<Option<String>>> + Send;
 }
 
-/// A cim client of a run, with the user ids of every client of the run (peers by index).
+/// A cim client of a run, with the user ids of every client of the run (peers by index) and
+/// the group it sends group messages to.
 struct CimClient {
     client: Client,
     ids: Arc<[u64]>,
+    group: Arc<str>,
 }
 
 impl LoadClient for CimClient {
     async fn send(&self, peer: Option<usize>, body: String) -> anyhow::Result<()> {
         match peer {
-            None => self.client.send_group("all", &body).await?,
+            None => self.client.send_group(&self.group, &body).await?,
             Some(peer) => self.client.send_private(self.ids[peer], &body).await?,
         };
         Ok(())
@@ -749,16 +776,20 @@ impl Receiving {
 }
 
 /// Sends for `opts.duration` (closed loop, or open loop at `opts.rate`), then drains and fills
-/// in the report. With `group_senders`, that many members broadcast to everyone; otherwise
-/// every client sends private messages to random peers.
+/// in the report. With `group`, that many members send to that group (every client is in
+/// it); otherwise every client sends private messages to random peers.
 async fn messaging(
     opts: &Options,
     target: &Target,
     clients: Vec<(Client, Events)>,
-    group_senders: Option<usize>,
+    group: Option<(usize, String)>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let ids: Arc<[u64]> = clients.iter().map(|(c, _)| c.info().user_id).collect();
+    let (group_senders, group) = match group {
+        Some((senders, name)) => (Some(senders), Arc::<str>::from(name)),
+        None => (None, Arc::from("")),
+    };
     let mut receiving = Receiving::new(opts);
     let mut senders = Vec::new();
     for (index, (client, events)) in clients.into_iter().enumerate() {
@@ -766,6 +797,7 @@ async fn messaging(
         senders.push(Arc::new(CimClient {
             client,
             ids: ids.clone(),
+            group: group.clone(),
         }));
     }
     drive(
@@ -1110,6 +1142,7 @@ mod tests {
             window: 1,
             members: 4,
             senders: 2,
+            broadcast: false,
             connections: 0,
             loss_pct: 0.0,
             size: 64,
