@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cim_client::{Client, ClientConfig, Event, Events, LoginOptions};
-use futures_util::{StreamExt, TryStreamExt};
 use futures_util::stream;
+use futures_util::{StreamExt, TryStreamExt};
 use rand::Rng;
 use serde::Serialize;
 use tokio::sync::watch;

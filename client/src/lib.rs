@@ -33,9 +33,9 @@ use std::time::Duration;
 use cim_core::pending::Pending;
 use cim_core::transport::{self, Link, read_only_frame};
 use cim_core::{ALPN_CLIENT, close, tls};
-pub use cim_proto::v1::chat_message::Target;
 /// The group that reaches everyone online (CIM's group chat): `send_group(BROADCAST_GROUP, ..)`.
 pub use cim_proto::BROADCAST_GROUP;
+pub use cim_proto::v1::chat_message::Target;
 use cim_proto::v1::{
     ChatMessage, ClientControl, ClientRequest, Delivery, DeliveryAck, DeliveryBatch, GroupRequest,
     GroupResult, Login, Ping, Pull, PullResult, ServerControl, client_control, client_request,

@@ -207,6 +207,9 @@ async fn group_errors_have_codes_and_the_http_api_works() -> anyhow::Result<()> 
     );
     let err = bob.send_group("club", "let me in").await.unwrap_err();
     assert_eq!(err.code(), Some("not_member"));
+    // Nor may he see who is in it, and who of them is online.
+    let err = bob.group_members("club").await.unwrap_err();
+    assert_eq!(err.code(), Some("not_member"));
 
     // The same over HTTP.
     let api = cim_client::RouterApi::new(&cluster.client_config())?;

@@ -464,9 +464,9 @@ pub fn routes(
         .then(
             |name: String, service: Arc<Service>, auth: Result<String, ApiError>| async move {
                 let result = async {
-                    authenticate(&service, auth).await?;
+                    let claims = authenticate(&service, auth).await?;
                     let members = service
-                        .group_members(&name)
+                        .group_members(claims.user_id, &name)
                         .await?
                         .into_iter()
                         .map(|m| MemberJson {

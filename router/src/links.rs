@@ -680,7 +680,7 @@ async fn group_command(
             .map(|()| GroupResult::default()),
         group_request::Op::Members => {
             service
-                .group_members(name)
+                .group_members(user, name)
                 .await
                 .map(|members| GroupResult {
                     members: members

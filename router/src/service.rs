@@ -1288,13 +1288,21 @@ impl Service {
         }
     }
 
-    /// Members of a group with their presence, sorted by name.
-    pub async fn group_members(&self, name: &str) -> Result<Vec<Member>, ServiceError> {
+    /// Members of a group with their presence, sorted by name, for `caller`, who must be one:
+    /// anyone else could watch the members come and go online.
+    pub async fn group_members(
+        &self,
+        caller: u64,
+        name: &str,
+    ) -> Result<Vec<Member>, ServiceError> {
         let ids = self
             .store
             .group_members(name)
             .await?
             .ok_or(ServiceError::UnknownGroup)?;
+        if !ids.contains(&caller) {
+            return Err(ServiceError::NotMember);
+        }
         let routes = self.store.routes(&ids).await?;
         let online: std::collections::HashSet<u64> = ids
             .iter()
