@@ -361,12 +361,12 @@ async fn a_closed_login_ends_when_the_user_logs_in_again() -> anyhow::Result<()>
 }
 
 /// A second "router" linked to the server's internal endpoint (with a router certificate):
-/// it reads each request and hands its forwards to `answer`, which returns the reply frame
-/// to write, or `None` to answer nothing (the stream is reset). Requests without forwards
-/// are left unanswered too. The link lasts while the returned connection is kept.
+/// it reads each request and hands its forwards to `answer`, which returns their acks in
+/// order, or `None` to answer nothing (the stream is reset). Requests without forwards are
+/// left unanswered too. The link lasts while the returned connection is kept.
 async fn fake_router(
     scene: &Scene,
-    answer: impl Fn(Vec<Forward>, bool) -> Option<Bytes> + Send + 'static,
+    answer: impl Fn(Vec<Forward>) -> Option<Vec<SendAck>> + Send + 'static,
 ) -> anyhow::Result<quinn::Connection> {
     let certs = cim_certs::CertPaths::in_dir(scene.cluster.dir.path().join("certs"));
     let (cert, key) = (certs.router_cert(), certs.router_key());
@@ -392,11 +392,19 @@ async fn fake_router(
                 Some(server_request::Kind::Forward(forward)) => (vec![forward], false),
                 _ => (Vec::new(), false),
             };
-            let reply = if forwards.is_empty() {
+            let acks = if forwards.is_empty() {
                 None
             } else {
-                answer(forwards, batched)
+                answer(forwards)
             };
+            let reply = acks.and_then(|acks| {
+                let frame = if batched {
+                    cim_proto::encode_frame(&ForwardBatchResult { acks }, 1 << 20)
+                } else {
+                    cim_proto::encode_frame(acks.first()?, 1 << 20)
+                };
+                frame.ok()
+            });
             match reply {
                 Some(frame) => {
                     let _ = send.write_all(&frame).await;
@@ -423,7 +431,7 @@ async fn a_send_without_an_id_is_not_resent_through_another_router() -> anyhow::
     // handed.
     let seen = Arc::new(Mutex::new(Vec::<String>::new()));
     let seen_by_silent = seen.clone();
-    let silent = fake_router(&scene, move |forwards, _| {
+    let silent = fake_router(&scene, move |forwards| {
         let mut seen = seen_by_silent.lock().unwrap();
         seen.extend(
             forwards
@@ -480,7 +488,7 @@ async fn a_send_an_unavailable_router_refused_goes_to_another() -> anyhow::Resul
     let mut scene = Scene::new().await?;
     let refusals = Arc::new(AtomicUsize::new(0));
     let counted = refusals.clone();
-    let unavailable = fake_router(&scene, move |forwards, batched| {
+    let unavailable = fake_router(&scene, move |forwards| {
         counted.fetch_add(forwards.len(), Ordering::SeqCst);
         let acks: Vec<SendAck> = forwards
             .iter()
@@ -491,12 +499,7 @@ async fn a_send_an_unavailable_router_refused_goes_to_another() -> anyhow::Resul
                 ..Default::default()
             })
             .collect();
-        let frame = if batched {
-            cim_proto::encode_frame(&ForwardBatchResult { acks }, 1 << 20)
-        } else {
-            cim_proto::encode_frame(&acks[0], 1 << 20)
-        };
-        frame.ok()
+        Some(acks)
     })
     .await?;
     let bob = scene.bob.info().user_id;
@@ -530,7 +533,7 @@ async fn a_refused_resend_does_not_say_an_earlier_attempt_was_not_stored() -> an
     // Answers by body: a probe is refused at once; otherwise each client message id gets, in
     // turn, the answers its body lists ("retry,not_member"), then an ack.
     let asked = Arc::new(Mutex::new(std::collections::HashMap::<u64, usize>::new()));
-    let fake = fake_router(&scene, move |forwards, batched| {
+    let fake = fake_router(&scene, move |forwards| {
         let acks: Vec<SendAck> = forwards
             .iter()
             .map(|f| {
@@ -548,12 +551,7 @@ async fn a_refused_resend_does_not_say_an_earlier_attempt_was_not_stored() -> an
                 }
             })
             .collect();
-        let frame = if batched {
-            cim_proto::encode_frame(&ForwardBatchResult { acks }, 1 << 20)
-        } else {
-            cim_proto::encode_frame(&acks[0], 1 << 20)
-        };
-        frame.ok()
+        Some(acks)
     })
     .await?;
     // A group's sends all go to one router: find a group name the fake router gets.
