@@ -36,6 +36,10 @@ pub const SEND_UNAVAILABLE: &str = "unavailable";
 /// nothing was done; the same request later may succeed.
 pub const RATE_LIMITED: &str = "rate_limited";
 
+/// Code of a session confirmation the router refused because the session is not the user's
+/// (another login replaced it, it was logged out, or its route lapsed): the login must end.
+pub const SESSION_REPLACED: &str = "session_replaced";
+
 /// The group that reaches everyone online (CIM's group chat).
 pub const BROADCAST_GROUP: &str = "all";
 

@@ -743,7 +743,7 @@ async fn session_opened(
             }
         }
         Ok(false) => SessionResult {
-            code: "session_replaced".into(),
+            code: cim_proto::SESSION_REPLACED.into(),
             message: "this login was replaced or has expired; log in again".into(),
             ..Default::default()
         },

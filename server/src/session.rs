@@ -822,7 +822,9 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
             // The same goes once if the session seen left the map meanwhile: it may have
             // closed, or the router may have kicked this very login (a logout, a takeover to
             // another server) after its confirmation was on its way, and a login it revoked
-            // must not come in (it ran, sending as its user, until the next renewal).
+            // must not come in (it ran, sending as its user, until the next renewal). It goes
+            // into the empty slot before it asks, so that a kick from then on finds it.
+            let mut waiting = Some(session);
             let mut asked_after_leaving = false;
             let previous = loop {
                 {
@@ -830,12 +832,21 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
                     let current = sessions
                         .get(&claims.user_id)
                         .map(|s| (s.session_id, s.conn.stable_id()));
-                    match current {
-                        Some((id, conn)) if id != claims.session_id && (id, conn) != seen => {
+                    match (current, waiting.take()) {
+                        (Some((id, conn)), still)
+                            if id != claims.session_id && (id, conn) != seen =>
+                        {
                             seen = (id, conn);
+                            waiting = still;
                         }
-                        None if !asked_after_leaving => asked_after_leaving = true,
-                        _ => break sessions.insert(claims.user_id, session),
+                        (None, Some(session)) if !asked_after_leaving => {
+                            asked_after_leaving = true;
+                            sessions.insert(claims.user_id, session);
+                            in_map.armed = true;
+                        }
+                        (_, Some(session)) => break sessions.insert(claims.user_id, session),
+                        // In the map since before the last answer, which confirmed it.
+                        (_, None) => break None,
                     }
                 }
                 match state
@@ -843,6 +854,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
                     .session_opened(claims.user_id, claims.session_id, &state.config.id)
                     .await
                 {
+                    Ok(result) if result.code.is_empty() && waiting.is_none() => break None,
                     Ok(result) if result.code.is_empty() => {}
                     Ok(result) => {
                         in_map.report = false;
@@ -885,12 +897,16 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
                     .await;
                 match again {
                     Ok(result) if result.code.is_empty() => {}
-                    // The login ended meanwhile (revoked): it must not go on.
-                    Ok(result) => {
+                    // The login ended meanwhile (revoked): it must not go on. Another code (the
+                    // router's store failed) says nothing about the login.
+                    Ok(result) if result.code == cim_proto::SESSION_REPLACED => {
                         in_map.report = false;
                         drop(in_map);
                         let (code, why) = (&result.code, &result.message);
                         return Err(refuse(conn, &mut send, code, why, close::AUTH).await);
+                    }
+                    Ok(result) => {
+                        tracing::warn!(code = %result.code, "session not confirmed again")
                     }
                     Err(e) => tracing::warn!(error = %e, "session not confirmed again"),
                 }
