@@ -719,7 +719,8 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
 }
 
 /// A route Redis holds but cim cannot read (written by something else, or damaged: not a
-/// route, not UTF-8, not a string) counts as none: a private message to its user is still
+/// route, not UTF-8, not a string, of a route's form with a server id that is not UTF-8)
+/// counts as none: a private message to its user is still
 /// stored and its send succeeds (the recipient pulls it at the next connect), a listing of
 /// several routes keeps the readable ones, and a login without takeover claims the route over
 /// it. Before, the send of the stored message was answered retry on every attempt (each resend
@@ -734,6 +735,7 @@ async fn an_unreadable_route_fails_neither_a_stored_message_nor_a_login() -> any
     let frank = store.create_account("frank", "hash").await?;
     let gina = store.create_account("gina", "hash").await?;
     let hugo = store.create_account("hugo", "hash").await?;
+    let ivan = store.create_account("ivan", "hash").await?;
     let frank_route = Route {
         server_id: "server-2".into(),
         session_id: 9,
@@ -767,9 +769,15 @@ async fn an_unreadable_route_fails_neither_a_stored_message_nor_a_login() -> any
         .arg("a set, not a string")
         .query_async(&mut conn)
         .await?;
+    // Of a route's form, but its server id is not UTF-8.
+    let _: () = redis::cmd("SET")
+        .arg(route_key(ivan.id))
+        .arg(&b"5|1|\xffserver"[..])
+        .query_async(&mut conn)
+        .await?;
 
     let limits = InboxLimits::default();
-    for (i, user) in [erin.id, gina.id, hugo.id].into_iter().enumerate() {
+    for (i, user) in [erin.id, gina.id, hugo.id, ivan.id].into_iter().enumerate() {
         let (seq, route) = store
             .append_private(user, &entry(40 + i as u64), limits)
             .await?
@@ -783,11 +791,13 @@ async fn an_unreadable_route_fails_neither_a_stored_message_nor_a_login() -> any
         );
     }
     assert_eq!(
-        store.routes(&[erin.id, frank.id, gina.id, hugo.id]).await?,
-        vec![None, Some(frank_route), None, None]
+        store
+            .routes(&[erin.id, frank.id, gina.id, hugo.id, ivan.id])
+            .await?,
+        vec![None, Some(frank_route), None, None, None]
     );
     // Nor does one keep its user from logging in without takeover: it holds no session.
-    for user in [erin.id, gina.id, hugo.id] {
+    for user in [erin.id, gina.id, hugo.id, ivan.id] {
         let route = Route {
             server_id: "server-1".into(),
             session_id: user + 100,

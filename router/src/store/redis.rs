@@ -591,34 +591,45 @@ impl RedisStore {
         relogin: Option<&Relogin>,
     ) -> Result<Claim, StoreError> {
         let mut conn = self.conn();
-        let mut invocation = self.claim.key(route_key(user));
-        invocation
-            .key(login_key(user))
-            .arg(encode_route(&route))
-            .arg(pending_lease.as_millis() as u64)
-            .arg(if force { "1" } else { "0" })
-            .arg(replaced_for.as_millis() as u64)
-            .arg(revoked_prefix(user))
-            .arg(
-                relogin
-                    .map(|r| r.session_id.to_string())
-                    .unwrap_or_default(),
-            );
-        if let Some(relogin) = relogin {
+        let mut force = force;
+        let (won, previous, last_login) = loop {
+            let mut invocation = self.claim.key(route_key(user));
             invocation
-                .key(revoked_key(user, relogin.session_id))
-                .arg(relogin.revoke_for.as_millis() as u64)
+                .key(login_key(user))
+                .arg(encode_route(&route))
+                .arg(pending_lease.as_millis() as u64)
+                .arg(if force { "1" } else { "0" })
+                .arg(replaced_for.as_millis() as u64)
+                .arg(revoked_prefix(user))
                 .arg(
                     relogin
-                        .seen_route_session
-                        .map(|s| s.to_string())
+                        .map(|r| r.session_id.to_string())
                         .unwrap_or_default(),
                 );
-        }
-        let (won, previous, last_login): (i64, Vec<u8>, String) = invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+            if let Some(relogin) = relogin {
+                invocation
+                    .key(revoked_key(user, relogin.session_id))
+                    .arg(relogin.revoke_for.as_millis() as u64)
+                    .arg(
+                        relogin
+                            .seen_route_session
+                            .map(|s| s.to_string())
+                            .unwrap_or_default(),
+                    );
+            }
+            let (won, previous, last_login): (i64, Vec<u8>, String) = invocation
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            // A route of the script's form that cannot be read (a damaged server id, say)
+            // holds no session anyone can use, as for every other reader: it is claimed over
+            // like a value of another form. Refused, its user could log in only with takeover.
+            if won == 0 && !force && readable_route(user, Some(&previous)).is_none() {
+                force = true;
+                continue;
+            }
+            break (won, previous, last_login);
+        };
         if won == 2 {
             return Ok(Claim::Ended);
         }
