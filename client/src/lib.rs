@@ -654,11 +654,11 @@ impl Shared {
         // Emitting under the lock keeps events in sequence order across concurrent streams,
         // and after the status events emitted before (a `Reconnected` before the messages
         // of the connection it announces).
-        if !ready.is_empty() {
+        let mut refused = self.events.is_closed();
+        if !ready.is_empty() && !refused {
             self.status_backlog.none().await;
         }
         let mut handed_over = None;
-        let mut refused = self.events.is_closed();
         for message in ready {
             let seq = message.seq;
             if self.events.send(Event::Message(message)).await.is_err() {
@@ -1275,20 +1275,26 @@ impl StatusEvents {
             let _ended = ended.drop_guard();
             while let Some(event) = queued.recv().await {
                 if events.send(event).await.is_err() {
-                    // No application takes events any more: nothing waits for these.
-                    handing.done(handing.count());
+                    // No application takes events any more: nothing waits for these. Each
+                    // one queued is counted off as it is taken out (an `emit` after the close
+                    // counts its own off), so the count reaches zero whatever raced in.
+                    handing.done();
+                    queued.close();
+                    while queued.recv().await.is_some() {
+                        handing.done();
+                    }
                     return;
                 }
-                handing.done(1);
+                handing.done();
             }
         });
         Self { queue, backlog }
     }
 
     fn emit(&self, event: Event) {
-        self.backlog.add(1);
+        self.backlog.add();
         if self.queue.send(event).is_err() {
-            self.backlog.done(1);
+            self.backlog.done();
         }
     }
 }

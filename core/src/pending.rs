@@ -13,20 +13,15 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// `n` more on their way.
-    pub fn add(&self, n: usize) {
-        self.count.fetch_add(n, Ordering::SeqCst);
+    /// One more on its way.
+    pub fn add(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// `n` of them arrived (or were given up); wakes whoever waits.
-    pub fn done(&self, n: usize) {
-        self.count.fetch_sub(n, Ordering::SeqCst);
+    /// One of them arrived (or was given up); wakes whoever waits.
+    pub fn done(&self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
         self.changed.notify_waiters();
-    }
-
-    /// How many are on their way.
-    pub fn count(&self) -> usize {
-        self.count.load(Ordering::SeqCst)
     }
 
     /// Waits until none is on its way (at once if none is).
@@ -35,7 +30,7 @@ impl Pending {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if self.count() == 0 {
+            if self.count.load(Ordering::SeqCst) == 0 {
                 return;
             }
             changed.await;
@@ -53,15 +48,16 @@ mod tests {
     async fn none_waits_for_the_last_one() {
         let pending = Arc::new(Pending::default());
         pending.none().await;
-        pending.add(2);
+        pending.add();
+        pending.add();
         let waiter = tokio::spawn({
             let pending = pending.clone();
             async move { pending.none().await }
         });
-        pending.done(1);
+        pending.done();
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished(), "one is still on its way");
-        pending.done(1);
+        pending.done();
         tokio::time::timeout(Duration::from_secs(1), waiter)
             .await
             .expect("woken once none is left")

@@ -128,14 +128,14 @@ struct RenewalInFlight<'a>(&'a RouterLinks);
 impl<'a> RenewalInFlight<'a> {
     /// Counts a chunk on its way until the returned guard is dropped.
     fn start(links: &'a RouterLinks) -> Self {
-        links.renewing.add(1);
+        links.renewing.add();
         Self(links)
     }
 }
 
 impl Drop for RenewalInFlight<'_> {
     fn drop(&mut self) {
-        self.0.renewing.done(1);
+        self.0.renewing.done();
     }
 }
 
