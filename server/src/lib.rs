@@ -317,20 +317,17 @@ async fn renew_routes(state: Arc<session::State>, shutdown: CancellationToken) {
     }
 }
 
-/// Reports clients' inbox acknowledgements to a router twice a second, so inboxes shrink, and
-/// once more at shutdown. A report no router took is kept for the next one (a newer ack of the
-/// same user replaces it): an untrimmed entry would reach the user's next new client again,
-/// since a client that starts pulls everything its inbox still holds.
+/// Reports clients' inbox acknowledgements to a router twice a second, so inboxes shrink (the
+/// last report, at shutdown, is [`Server::run`]'s, before it leaves discovery). A report no
+/// router took is kept for the next one (a newer ack of the same user replaces it): an
+/// untrimmed entry would reach the user's next new client again, since a client that starts
+/// pulls everything its inbox still holds.
 async fn report_acks(state: Arc<session::State>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
-        let stopping = tokio::select! {
-            _ = shutdown.cancelled() => true,
-            _ = tick.tick() => false,
-        };
-        report_acks_once(&state, ACK_REPORT_TIMEOUT).await;
-        if stopping {
-            return;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => report_acks_once(&state, ACK_REPORT_TIMEOUT).await,
         }
     }
 }

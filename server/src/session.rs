@@ -1083,23 +1083,34 @@ async fn control_loop(
             frame = frames.next() => match frame {
                 Some(Ok(Some(ClientControl { kind: Some(client_control::Kind::Ping(ping)) }))) => {
                     deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
-                    // Only a mark that moved: every idle session's heartbeat would otherwise
-                    // cost the store a trim.
-                    if ping.processed_up_to > ping_acked {
+                    // Only a mark that moved is reported: every idle session's heartbeat would
+                    // otherwise cost the store a trim.
+                    let moved = ping.processed_up_to > ping_acked;
+                    if moved {
                         ping_acked = ping.processed_up_to;
-                        state.record_ack(auth.user_id, ping.processed_up_to);
                     }
                     // A closing client waits for this pong: its last ack must be in the
                     // store before its user's next client pulls (once a session, as each
-                    // costs a router call).
-                    if ping.closing && !closing_trimmed && ping.processed_up_to > 0 {
+                    // costs a router call). Trimmed here, it is not reported again.
+                    let trimmed = if ping.closing && !closing_trimmed && ping.processed_up_to > 0 {
                         closing_trimmed = true;
                         let acked = [(auth.user_id, ping.processed_up_to)];
                         match tokio::time::timeout(CLOSING_TRIM_TIMEOUT, state.links.trim(&acked)).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => tracing::debug!(error = %e, "closing trim failed; left to the ack report"),
-                            Err(_) => tracing::debug!("closing trim timed out; left to the ack report"),
+                            Ok(Ok(())) => true,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "closing trim failed; left to the ack report");
+                                false
+                            }
+                            Err(_) => {
+                                tracing::debug!("closing trim timed out; left to the ack report");
+                                false
+                            }
                         }
+                    } else {
+                        false
+                    };
+                    if moved && !trimmed {
+                        state.record_ack(auth.user_id, ping.processed_up_to);
                     }
                     let pong = server_control::Kind::Pong(Pong {
                         nonce: ping.nonce,
