@@ -75,10 +75,10 @@ const ACK_FLUSH_WAIT: Duration = Duration::from_secs(1);
 /// empty, to no one, or its id names another message): final even after an attempt that went
 /// unanswered. Others (`not_member`, `unknown_group`) depend on what changed since.
 const REFUSALS_OF_THE_MESSAGE: &[&str] = &[
-    "too_large",
-    "bad_request",
-    "unknown_user",
-    "client_msg_id_reused",
+    cim_proto::TOO_LARGE,
+    cim_proto::BAD_REQUEST,
+    cim_proto::UNKNOWN_USER,
+    cim_proto::CLIENT_MSG_ID_REUSED,
 ];
 /// Longest a close or logout waits for a reconnect under way to send the final ack.
 const FINAL_ACK_RECONNECT_WAIT: Duration = Duration::from_secs(2);

@@ -28,9 +28,22 @@ pub const LENGTH_PREFIX: usize = 4;
 /// store it twice).
 pub const SEND_RETRY: &str = "retry";
 
-/// `SendAck.code` of a send a router refused before storing anything (it could not reach its
-/// store, or holds no message-id node yet): sending it again, to any router, is safe.
+/// Code of a request that could not be served now and did nothing (no router reached, or the
+/// router could not reach its store). For a send (`SendAck.code`): refused before anything
+/// was stored (also when the router holds no message-id node yet), so sending it again, to
+/// any router, is safe.
 pub const SEND_UNAVAILABLE: &str = "unavailable";
+
+/// Codes of a send refused for the message itself, which no attempt of it escapes: too large,
+/// malformed (empty, no recipient), to a user that does not exist, or under a client message
+/// id recorded for another message.
+pub const TOO_LARGE: &str = "too_large";
+/// See [`TOO_LARGE`].
+pub const BAD_REQUEST: &str = "bad_request";
+/// See [`TOO_LARGE`].
+pub const UNKNOWN_USER: &str = "unknown_user";
+/// See [`TOO_LARGE`].
+pub const CLIENT_MSG_ID_REUSED: &str = "client_msg_id_reused";
 
 /// Code of a request refused for its sender's rate (sends, pulls, group requests, API calls):
 /// nothing was done; the same request later may succeed.

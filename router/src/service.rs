@@ -154,7 +154,7 @@ impl ServiceError {
     /// Stable machine-readable code.
     pub fn code(&self) -> &'static str {
         match self {
-            ServiceError::BadRequest(_) => "bad_request",
+            ServiceError::BadRequest(_) => cim_proto::BAD_REQUEST,
             ServiceError::NameTaken => "name_taken",
             ServiceError::InvalidCredentials => "invalid_credentials",
             ServiceError::AlreadyOnline => "already_online",
@@ -165,14 +165,14 @@ impl ServiceError {
             // told apart in the answer's `ended` field (see `api.rs`).
             ServiceError::LoggedInElsewhere => "session_ended",
             ServiceError::SessionLive => "session_live",
-            ServiceError::UnknownUser => "unknown_user",
+            ServiceError::UnknownUser => cim_proto::UNKNOWN_USER,
             ServiceError::UnknownGroup => "unknown_group",
             ServiceError::GroupExists => "group_exists",
             ServiceError::GroupFull => "group_full",
             ServiceError::TooManyGroups(_) => "too_many_groups",
             ServiceError::NotMember => "not_member",
-            ServiceError::TooLarge(_) => "too_large",
-            ServiceError::ClientMsgIdReused(_) => "client_msg_id_reused",
+            ServiceError::TooLarge(_) => cim_proto::TOO_LARGE,
+            ServiceError::ClientMsgIdReused(_) => cim_proto::CLIENT_MSG_ID_REUSED,
             ServiceError::Unavailable(StoreError::NameTaken) => "name_taken",
             ServiceError::Unavailable(_) => cim_proto::SEND_UNAVAILABLE,
             ServiceError::TooManyAttempts => "too_many_attempts",

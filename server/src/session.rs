@@ -809,7 +809,14 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
         Err(e) => {
             drop(in_map);
             let message = format!("cannot confirm session: {e}");
-            return Err(refuse(conn, &mut send, "unavailable", &message, close::OVERLOAD).await);
+            return Err(refuse(
+                conn,
+                &mut send,
+                cim_proto::SEND_UNAVAILABLE,
+                &message,
+                close::OVERLOAD,
+            )
+            .await);
         }
     };
     let inbox_caught_up_to = match waiting {
@@ -865,8 +872,13 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
                     Err(e) => {
                         drop(in_map);
                         let message = format!("cannot confirm session: {e}");
-                        let refusal =
-                            refuse(conn, &mut send, "unavailable", &message, close::OVERLOAD);
+                        let refusal = refuse(
+                            conn,
+                            &mut send,
+                            cim_proto::SEND_UNAVAILABLE,
+                            &message,
+                            close::OVERLOAD,
+                        );
                         return Err(refusal.await);
                     }
                 }
@@ -1329,7 +1341,7 @@ async fn handle_message(
     let request: ClientRequest = match first.await {
         Ok(m) => m,
         Err(e @ FrameError::TooLarge { .. }) => {
-            let ack = refused(0, "too_large", &e.to_string());
+            let ack = refused(0, cim_proto::TOO_LARGE, &e.to_string());
             write_frame(&mut send, &ack, 1024).await?;
             send.finish()?;
             return Err(e.into());
@@ -1363,7 +1375,7 @@ async fn handle_message(
             let reply = match state.links.fetch(from_user, &pull, limit).await {
                 Ok(reply) => reply,
                 Err(e) => PullResult {
-                    code: "unavailable".into(),
+                    code: cim_proto::SEND_UNAVAILABLE.into(),
                     message: e.to_string(),
                     ..Default::default()
                 },
@@ -1383,7 +1395,7 @@ async fn handle_message(
             let reply = match state.links.group(from_user, request).await {
                 Ok(reply) => reply,
                 Err(e) => GroupResult {
-                    code: "unavailable".into(),
+                    code: cim_proto::SEND_UNAVAILABLE.into(),
                     message: e.to_string(),
                     ..Default::default()
                 },
@@ -1499,7 +1511,7 @@ async fn send_messages(
                 Some(Err(e)) => {
                     reading = false;
                     let code = match e {
-                        FrameError::TooLarge { .. } => "too_large",
+                        FrameError::TooLarge { .. } => cim_proto::TOO_LARGE,
                         FrameError::Decode(_) => "malformed",
                         // The client reset its side or the stream ended inside a frame: no
                         // one is reading.
@@ -1615,13 +1627,13 @@ async fn send_message(
 
 fn validate(message: &ChatMessage, max_body: usize) -> Result<(), (&'static str, &'static str)> {
     if message.target.is_none() {
-        return Err(("bad_request", "message has no recipient"));
+        return Err((cim_proto::BAD_REQUEST, "message has no recipient"));
     }
     if message.body.is_empty() {
-        return Err(("bad_request", "message body is empty"));
+        return Err((cim_proto::BAD_REQUEST, "message body is empty"));
     }
     if message.body.len() > max_body {
-        return Err(("too_large", "message body is too large"));
+        return Err((cim_proto::TOO_LARGE, "message body is too large"));
     }
     Ok(())
 }
