@@ -804,10 +804,11 @@ impl Store for PausingStore {
         user: u64,
         route: Route,
         pending_lease: Duration,
+        replaced_for: Duration,
         relogin: &Relogin,
     ) -> Result<Claim, StoreError> {
         self.inner
-            .claim_route_relogin(user, route, pending_lease, relogin)
+            .claim_route_relogin(user, route, pending_lease, replaced_for, relogin)
             .await
     }
     async fn confirm_route(

@@ -347,7 +347,6 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
         session_id,
         seen_route_session,
         revoke_for: Duration::from_secs(60),
-        replaced_for: Duration::from_secs(60),
     };
     let gina = store.create_account("gina", "hash").await?;
     store
@@ -357,7 +356,13 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
     // The token of login 20 re-logs in as 21, over its own route, and ends login 20.
     assert_eq!(
         store
-            .claim_route_relogin(gina.id, route(21), lease, &relogin(20, Some(20)))
+            .claim_route_relogin(
+                gina.id,
+                route(21),
+                lease,
+                Duration::from_secs(60),
+                &relogin(20, Some(20))
+            )
             .await?,
         Claim::Won {
             previous: Some(route(20)),
@@ -373,7 +378,13 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
     // and changes nothing.
     assert_eq!(
         store
-            .claim_route_relogin(gina.id, route(22), lease, &relogin(20, Some(21)))
+            .claim_route_relogin(
+                gina.id,
+                route(22),
+                lease,
+                Duration::from_secs(60),
+                &relogin(20, Some(21))
+            )
             .await?,
         Claim::Ended
     );
@@ -387,7 +398,13 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
     for seen in [Some(21), None] {
         assert_eq!(
             store
-                .claim_route_relogin(gina.id, route(24), lease, &relogin(21, seen))
+                .claim_route_relogin(
+                    gina.id,
+                    route(24),
+                    lease,
+                    Duration::from_secs(60),
+                    &relogin(21, seen)
+                )
                 .await?,
             Claim::Ended,
             "checked against {seen:?}"
@@ -424,7 +441,13 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
     assert_eq!(store.last_login(hank.id).await?, None);
     assert_eq!(
         store
-            .claim_route_relogin(hank.id, route(30), lease, &relogin(29, None))
+            .claim_route_relogin(
+                hank.id,
+                route(30),
+                lease,
+                Duration::from_secs(60),
+                &relogin(29, None)
+            )
             .await?,
         Claim::Won {
             previous: None,

@@ -186,12 +186,10 @@ struct OnlineResponse {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 struct OnlineQuery {
-    #[serde(default)]
     prefix: String,
     /// Only names after this one (the last name of the page before).
-    #[serde(default)]
     after: String,
     /// Most users to return (1 to [`MAX_ONLINE_PAGE`], which is the default).
     limit: Option<usize>,

@@ -501,7 +501,6 @@ impl Service {
                 session_id: claims.session_id,
                 seen_route_session,
                 revoke_for: self.revocation_ttl(claims.expires_at_ms),
-                replaced_for: self.revocation_ttl(0),
             };
             match self.assign(account, true, Some(&relogin)).await {
                 Ok(grant) => break (claims, grant),
@@ -777,14 +776,15 @@ impl Service {
             confirmed: false,
         };
         let lease = self.config.pending_lease;
+        // The logins the claim replaces end with it (see `Store::claim_route`).
+        let replaced_for = self.revocation_ttl(0);
         let claim = match relogin {
             Some(relogin) => {
                 self.store
-                    .claim_route_relogin(account.id, route, lease, relogin)
+                    .claim_route_relogin(account.id, route, lease, replaced_for, relogin)
                     .await?
             }
             None => {
-                let replaced_for = self.revocation_ttl(0);
                 self.store
                     .claim_route(account.id, route, lease, force, replaced_for)
                     .await?
@@ -865,7 +865,6 @@ impl Service {
         }
     }
 
-    /// Online users, sorted by name, optionally only those whose name starts with `prefix`.
     /// One page of the online users whose name starts with `prefix`, by name: at most `limit`
     /// (capped at [`MAX_ONLINE_PAGE`]) of those named after `after`, and whether more follow.
     pub async fn online_users(

@@ -256,6 +256,7 @@ impl Store for MemoryStore {
         user: u64,
         route: Route,
         pending_lease: Duration,
+        replaced_for: Duration,
         relogin: &Relogin,
     ) -> Result<Claim, StoreError> {
         Ok(self.inner().claim(
@@ -263,7 +264,7 @@ impl Store for MemoryStore {
             route,
             pending_lease,
             true,
-            relogin.replaced_for,
+            replaced_for,
             Some(relogin),
             Instant::now(),
         ))

@@ -216,8 +216,6 @@ pub struct Relogin {
     pub seen_route_session: Option<u64>,
     /// How long the ended login stays revoked (the rest of its newest token's life).
     pub revoke_for: Duration,
-    /// How long the logins the claim replaces stay revoked (see [`Store::claim_route`]).
-    pub replaced_for: Duration,
 }
 
 /// Number of node numbers in message ids (10 bits): at most this many routers hold one at once.
@@ -277,7 +275,7 @@ pub trait Store: Send + Sync + 'static {
         replaced_for: Duration,
     ) -> Result<Claim, StoreError>;
     /// A token re-login's claim: [`Store::claim_route`] with takeover that, in the same
-    /// atomic step, ends the login the token belongs to (as [`Store::revoke_session`] would),
+    /// atomic step, also ends the login the token belongs to (as [`Store::revoke_session`] would),
     /// and claims nothing ([`Claim::Ended`]) if that login has ended already or the user's
     /// route is no longer the one the router checked the token against. Of two re-logins
     /// with one token, one wins; a password login in between is not taken over.
@@ -286,6 +284,7 @@ pub trait Store: Send + Sync + 'static {
         user: u64,
         route: Route,
         pending_lease: Duration,
+        replaced_for: Duration,
         relogin: &Relogin,
     ) -> Result<Claim, StoreError>;
     /// Marks the route as confirmed (session open) and the user online, if the route still

@@ -763,9 +763,9 @@ impl Store for RedisStore {
         user: u64,
         route: Route,
         pending_lease: Duration,
+        replaced_for: Duration,
         relogin: &Relogin,
     ) -> Result<Claim, StoreError> {
-        let replaced_for = relogin.replaced_for;
         self.claim(
             user,
             route,
@@ -1333,9 +1333,10 @@ impl Store for RedisStore {
             .map_err(unavailable)?;
         // Pipelined, as renewals are: one by one, a server with 100,000 users took 300,000
         // round trips while its users showed online.
-        let calls: Vec<(Vec<String>, [Vec<u8>; 1])> = users
+        let server = [server_id.as_bytes().to_vec()];
+        let calls: Vec<(Vec<String>, &[Vec<u8>])> = users
             .iter()
-            .map(|&user| (vec![route_key(user)], [server_id.as_bytes().to_vec()]))
+            .map(|&user| (vec![route_key(user)], &server[..]))
             .collect();
         let deleted: Vec<i64> = self.eval_pipelined(&self.remove_if_server, &calls).await?;
         let removed: Vec<u64> = users
