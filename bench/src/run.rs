@@ -666,18 +666,24 @@ pub(crate) trait Deliveries: Send + 'static {
     fn next_body(&mut self) -> impl Future<Output = Option<Option<String>>> + Send;
 }
 
-/// A cim client of a run, with the user ids of every client of the run (peers by index) and
-/// the group it sends group messages to.
+/// A cim client of a run, with the user ids of every client of the run (peers by index) and,
+/// in a group run, the group it sends to.
 struct CimClient {
     client: Client,
     ids: Arc<[u64]>,
-    group: Arc<str>,
+    group: Option<Arc<str>>,
 }
 
 impl LoadClient for CimClient {
     async fn send(&self, peer: Option<usize>, body: String) -> anyhow::Result<()> {
         match peer {
-            None => self.client.send_group(&self.group, &body).await?,
+            None => {
+                let group = self
+                    .group
+                    .as_deref()
+                    .context("a group send in a private run")?;
+                self.client.send_group(group, &body).await?
+            }
             Some(peer) => self.client.send_private(self.ids[peer], &body).await?,
         };
         Ok(())
@@ -786,10 +792,9 @@ async fn messaging(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let ids: Arc<[u64]> = clients.iter().map(|(c, _)| c.info().user_id).collect();
-    let (group_senders, group) = match group {
-        Some((senders, name)) => (Some(senders), Arc::<str>::from(name)),
-        None => (None, Arc::from("")),
-    };
+    let (group_senders, group): (Option<usize>, Option<Arc<str>>) = group
+        .map(|(senders, name)| (senders, Arc::from(name)))
+        .unzip();
     let mut receiving = Receiving::new(opts);
     let mut senders = Vec::new();
     for (index, (client, events)) in clients.into_iter().enumerate() {

@@ -1235,12 +1235,8 @@ async fn supervise(shared: Arc<Shared>, first: Connected, status: StatusEvents) 
         }
         if !pause.is_zero() {
             tracing::debug!(?pause, "connection ended soon after it began; waiting");
-            tokio::select! {
-                _ = shared.stop.cancelled() => return,
-                _ = tokio::time::sleep(pause) => {}
-            }
         }
-        match reconnect(&shared, relogin, &status).await {
+        match reconnect(&shared, relogin, &status, pause).await {
             Some((mut next, info)) => {
                 status.emit(Event::Reconnected(info));
                 // A reconnect always catches up. When it resumes the same session, the old
@@ -1299,13 +1295,14 @@ impl StatusEvents {
     }
 }
 
-/// Re-establishes the session: resume on the same server first (unless `relogin`), then log
-/// in again through the router, with jittered exponential backoff. `None` if the client
-/// stopped.
+/// Re-establishes the session after `first_delay`: resume on the same server first (unless
+/// `relogin`), then log in again through the router, with jittered exponential backoff.
+/// `None` if the client stopped.
 async fn reconnect(
     shared: &Arc<Shared>,
     mut relogin: bool,
     status: &StatusEvents,
+    first_delay: Duration,
 ) -> Option<(Connected, Reconnected)> {
     let (base, max) = shared.config.backoff;
     let mut backoff = Backoff::new(base, max);
@@ -1319,7 +1316,14 @@ async fn reconnect(
     // the session is a new login from then on, also when it is finally resumed.
     let mut logged_in_again: Option<bool> = None;
     let mut failures = 0u32;
+    let mut delay = first_delay;
     loop {
+        if !delay.is_zero() {
+            tokio::select! {
+                _ = shared.stop.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
         if shared.stop.is_cancelled() {
             return None;
         }
@@ -1412,11 +1416,7 @@ async fn reconnect(
                 }
             }
         }
-        let delay = backoff.next_delay(rand::random());
-        tokio::select! {
-            _ = shared.stop.cancelled() => return None,
-            _ = tokio::time::sleep(delay) => {}
-        }
+        delay = backoff.next_delay(rand::random());
     }
 }
 

@@ -20,6 +20,9 @@ use cim_router::store::{
     Renewal, Revocation, Route, Store,
 };
 
+/// How long the logins a claim replaces stay revoked, in these tests.
+const REPLACED_FOR: Duration = Duration::from_secs(3600);
+
 fn entry(msg_id: u64) -> InboxEntry {
     InboxEntry {
         msg_id,
@@ -68,7 +71,7 @@ async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Resul
             route.clone(),
             Duration::from_secs(30),
             false,
-            Duration::from_secs(3600),
+            REPLACED_FOR,
         )
         .await?;
     assert!(
@@ -181,22 +184,10 @@ async fn only_confirmed_sessions_are_online(store: &dyn Store) -> anyhow::Result
         confirmed: false,
     };
     store
-        .claim_route(
-            carol.id,
-            route("server-1", 5),
-            lease,
-            false,
-            Duration::from_secs(3600),
-        )
+        .claim_route(carol.id, route("server-1", 5), lease, false, REPLACED_FOR)
         .await?;
     store
-        .claim_route(
-            dave.id,
-            route("server-2", 6),
-            lease,
-            false,
-            Duration::from_secs(3600),
-        )
+        .claim_route(dave.id, route("server-2", 6), lease, false, REPLACED_FOR)
         .await?;
     assert!(store.confirm_route(carol.id, 5, "server-1", lease).await?);
     assert!(
@@ -212,13 +203,7 @@ async fn only_confirmed_sessions_are_online(store: &dyn Store) -> anyhow::Result
     // Carol's route moves to server-2 (a session id is bound to one server in practice, but
     // the store does not rely on it); server-1 then reports the session closed.
     store
-        .claim_route(
-            carol.id,
-            route("server-2", 5),
-            lease,
-            true,
-            Duration::from_secs(3600),
-        )
+        .claim_route(carol.id, route("server-2", 5), lease, true, REPLACED_FOR)
         .await?;
     assert!(store.confirm_route(carol.id, 5, "server-2", lease).await?);
     assert!(
@@ -236,13 +221,7 @@ async fn only_confirmed_sessions_are_online(store: &dyn Store) -> anyhow::Result
     assert!(!store.online_users().await?.contains(&carol.id));
     // A logout releases the route wherever it is.
     store
-        .claim_route(
-            dave.id,
-            route("server-1", 8),
-            lease,
-            true,
-            Duration::from_secs(3600),
-        )
+        .claim_route(dave.id, route("server-1", 8), lease, true, REPLACED_FOR)
         .await?;
     assert!(store.confirm_route(dave.id, 8, "server-1", lease).await?);
     assert!(!store.release_route(dave.id, 7, None).await?);
@@ -291,7 +270,7 @@ async fn revoked_sessions_do_not_get_their_routes_back(store: &dyn Store) -> any
         confirmed: false,
     };
     store
-        .claim_route(gail.id, pending, lease, false, Duration::from_secs(3600))
+        .claim_route(gail.id, pending, lease, false, REPLACED_FOR)
         .await?;
     store
         .revoke_session(gail.id, 10, Duration::from_secs(60), Revocation::LoggedOut)
@@ -350,7 +329,7 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
     };
     let gina = store.create_account("gina", "hash").await?;
     store
-        .claim_route(gina.id, route(20), lease, false, Duration::from_secs(3600))
+        .claim_route(gina.id, route(20), lease, false, REPLACED_FOR)
         .await?;
 
     // The token of login 20 re-logs in as 21, over its own route, and ends login 20.
@@ -393,7 +372,7 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
     // claimed in between, which replaced login 21 in the same step), and checked when there
     // was none: both refused, and login 21 stays replaced (not re-logged in).
     store
-        .claim_route(gina.id, route(23), lease, true, Duration::from_secs(3600))
+        .claim_route(gina.id, route(23), lease, true, REPLACED_FOR)
         .await?;
     for seen in [Some(21), None] {
         assert_eq!(
@@ -420,7 +399,7 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
     assert!(store.release_route(gina.id, 23, None).await?);
     assert_eq!(
         store
-            .claim_route(gina.id, route(25), lease, false, Duration::from_secs(3600))
+            .claim_route(gina.id, route(25), lease, false, REPLACED_FOR)
             .await?,
         Claim::Won {
             previous: None,
@@ -502,13 +481,7 @@ async fn a_large_group_append_reaches_every_member_once(store: &dyn Store) -> an
             confirmed: false,
         };
         store
-            .claim_route(
-                many[i],
-                route,
-                Duration::from_secs(60),
-                false,
-                Duration::from_secs(3600),
-            )
+            .claim_route(many[i], route, Duration::from_secs(60), false, REPLACED_FOR)
             .await?;
     }
     let routes = store.routes(&many).await?;
@@ -635,7 +608,7 @@ async fn a_departed_servers_routes_are_removed(store: &dyn Store) -> anyhow::Res
             confirmed: false,
         };
         store
-            .claim_route(user, route, lease, false, Duration::from_secs(3600))
+            .claim_route(user, route, lease, false, REPLACED_FOR)
             .await?;
         assert!(
             store
@@ -652,7 +625,7 @@ async fn a_departed_servers_routes_are_removed(store: &dyn Store) -> anyhow::Res
         confirmed: false,
     };
     store
-        .claim_route(moved, route, lease, true, Duration::from_secs(3600))
+        .claim_route(moved, route, lease, true, REPLACED_FOR)
         .await?;
     assert!(store.confirm_route(moved, 99, "server-kept", lease).await?);
     // Two more whose leases lapse first: they were offline already, so neither a release
@@ -668,7 +641,7 @@ async fn a_departed_servers_routes_are_removed(store: &dyn Store) -> anyhow::Res
             confirmed: false,
         };
         store
-            .claim_route(user, route, short, false, Duration::from_secs(3600))
+            .claim_route(user, route, short, false, REPLACED_FOR)
             .await?;
         assert!(
             store
@@ -765,13 +738,7 @@ async fn an_unreadable_route_fails_neither_a_stored_message_nor_a_login() -> any
         confirmed: false,
     };
     store
-        .claim_route(
-            frank.id,
-            frank_route.clone(),
-            lease,
-            false,
-            Duration::from_secs(3600),
-        )
+        .claim_route(frank.id, frank_route.clone(), lease, false, REPLACED_FOR)
         .await?;
     let mut conn = redis::Client::open(redis.url())?
         .get_multiplexed_async_connection()
@@ -827,7 +794,7 @@ async fn an_unreadable_route_fails_neither_a_stored_message_nor_a_login() -> any
             confirmed: false,
         };
         let claim = store
-            .claim_route(user, route.clone(), lease, false, Duration::from_secs(3600))
+            .claim_route(user, route.clone(), lease, false, REPLACED_FOR)
             .await?;
         let won = Claim::Won {
             previous: None,
@@ -906,7 +873,7 @@ async fn an_unreadable_route_fails_no_renewal() -> anyhow::Result<()> {
         confirmed: false,
     };
     store
-        .claim_route(kate, kate_route, lease, false, Duration::from_secs(3600))
+        .claim_route(kate, kate_route, lease, false, REPLACED_FOR)
         .await?;
 
     assert!(!store.confirm_route(ivan, 1, "server-1", lease).await?);

@@ -672,6 +672,8 @@ mod tests {
     }
 
     const LEASE: Duration = Duration::from_secs(30);
+    /// How long the logins a claim replaces stay revoked, in these tests.
+    const REPLACED_FOR: Duration = Duration::from_secs(3600);
 
     #[tokio::test]
     async fn names_are_unique() {
@@ -691,7 +693,7 @@ mod tests {
         let store = MemoryStore::new();
         assert_eq!(
             store
-                .claim_route(1, route("s1", 10), LEASE, false, Duration::from_secs(3600))
+                .claim_route(1, route("s1", 10), LEASE, false, REPLACED_FOR)
                 .await
                 .unwrap(),
             Claim::Won {
@@ -701,7 +703,7 @@ mod tests {
         );
         assert!(matches!(
             store
-                .claim_route(1, route("s2", 11), LEASE, false, Duration::from_secs(3600))
+                .claim_route(1, route("s2", 11), LEASE, false, REPLACED_FOR)
                 .await
                 .unwrap(),
             Claim::Busy(_)
@@ -713,7 +715,7 @@ mod tests {
             previous,
             last_login,
         } = store
-            .claim_route(1, route("s2", 11), LEASE, true, Duration::from_secs(3600))
+            .claim_route(1, route("s2", 11), LEASE, true, REPLACED_FOR)
             .await
             .unwrap()
         else {
@@ -739,14 +741,14 @@ mod tests {
                 route("s1", 10),
                 Duration::from_secs(5),
                 false,
-                Duration::from_secs(3600),
+                REPLACED_FOR,
             )
             .await
             .unwrap();
         tokio::time::advance(Duration::from_secs(6)).await;
         assert_eq!(
             store
-                .claim_route(1, route("s1", 11), LEASE, false, Duration::from_secs(3600))
+                .claim_route(1, route("s1", 11), LEASE, false, REPLACED_FOR)
                 .await
                 .unwrap(),
             Claim::Won {
@@ -887,11 +889,11 @@ mod tests {
     async fn removing_a_server_drops_its_routes_only() {
         let store = MemoryStore::new();
         store
-            .claim_route(1, route("s1", 10), LEASE, false, Duration::from_secs(3600))
+            .claim_route(1, route("s1", 10), LEASE, false, REPLACED_FOR)
             .await
             .unwrap();
         store
-            .claim_route(2, route("s2", 20), LEASE, false, Duration::from_secs(3600))
+            .claim_route(2, route("s2", 20), LEASE, false, REPLACED_FOR)
             .await
             .unwrap();
         store.confirm_route(1, 10, "s1", LEASE).await.unwrap();
