@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::ServerConfig;
-use crate::links::RouterLinks;
+use crate::links::{LinkError, RouterLinks};
 use crate::mailbox::{self, mailbox};
 use crate::outbox::{Outbox, Queued};
 
@@ -636,6 +636,33 @@ struct Unconfirmed<'a> {
     report: bool,
 }
 
+impl Unconfirmed<'_> {
+    /// Ends the login on the router's `answer` to its confirmation, telling the client why.
+    /// The session leaves the map before the client hears it (a login right after the refusal
+    /// must not find it there): on a refusal with no close report (the router holds no route
+    /// for it), on a failure to get an answer with one (the router may have confirmed it).
+    async fn refuse(
+        mut self,
+        send: &mut quinn::SendStream,
+        answer: Result<cim_proto::v1::SessionResult, LinkError>,
+    ) -> String {
+        let conn = self.conn;
+        match answer {
+            Ok(refused) => {
+                self.report = false;
+                drop(self);
+                refuse(conn, send, &refused.code, &refused.message, close::AUTH).await
+            }
+            Err(e) => {
+                drop(self);
+                let message = format!("cannot confirm session: {e}");
+                let code = cim_proto::SEND_UNAVAILABLE;
+                refuse(conn, send, code, &message, close::OVERLOAD).await
+            }
+        }
+    }
+}
+
 impl Drop for Unconfirmed<'_> {
     fn drop(&mut self) {
         let (state, user, session_id) = (self.state, self.user, self.session_id);
@@ -799,25 +826,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
         .await
     {
         Ok(result) if result.code.is_empty() => result.inbox_caught_up_to,
-        // The session leaves the map before the client hears why: a login right after the
-        // refusal must not find it there.
-        Ok(result) => {
-            in_map.report = false;
-            drop(in_map);
-            return Err(refuse(conn, &mut send, &result.code, &result.message, close::AUTH).await);
-        }
-        Err(e) => {
-            drop(in_map);
-            let message = format!("cannot confirm session: {e}");
-            return Err(refuse(
-                conn,
-                &mut send,
-                cim_proto::SEND_UNAVAILABLE,
-                &message,
-                close::OVERLOAD,
-            )
-            .await);
-        }
+        answer => return Err(in_map.refuse(&mut send, answer).await),
     };
     let inbox_caught_up_to = match waiting {
         None => confirmed_seq,
@@ -863,24 +872,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
                 {
                     Ok(result) if result.code.is_empty() && waiting.is_none() => break None,
                     Ok(result) if result.code.is_empty() => {}
-                    Ok(result) => {
-                        in_map.report = false;
-                        drop(in_map);
-                        let (code, why) = (&result.code, &result.message);
-                        return Err(refuse(conn, &mut send, code, why, close::AUTH).await);
-                    }
-                    Err(e) => {
-                        drop(in_map);
-                        let message = format!("cannot confirm session: {e}");
-                        let refusal = refuse(
-                            conn,
-                            &mut send,
-                            cim_proto::SEND_UNAVAILABLE,
-                            &message,
-                            close::OVERLOAD,
-                        );
-                        return Err(refusal.await);
-                    }
+                    answer => return Err(in_map.refuse(&mut send, answer).await),
                 }
             };
             in_map.armed = true;
@@ -912,10 +904,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
                     // The login ended meanwhile (revoked): it must not go on. Another code (the
                     // router's store failed) says nothing about the login.
                     Ok(result) if result.code == cim_proto::SESSION_REPLACED => {
-                        in_map.report = false;
-                        drop(in_map);
-                        let (code, why) = (&result.code, &result.message);
-                        return Err(refuse(conn, &mut send, code, why, close::AUTH).await);
+                        return Err(in_map.refuse(&mut send, Ok(result)).await);
                     }
                     Ok(result) => {
                         tracing::warn!(code = %result.code, "session not confirmed again")
