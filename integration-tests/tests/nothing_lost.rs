@@ -1,5 +1,6 @@
 //! Nothing lost: through a lossy relay, across blackouts, socket rebinds, retries, sends that
-//! share a stream (also cut off by a blackout), a message stored while its recipient logs in,
+//! share a stream (also cut off by a blackout), a message stored while its recipient logs in
+//! or while its connected recipient's route was missing,
 //! a login storm whose session reports travel in batches, and a killed server, every acked
 //! message reaches its recipient exactly once and in order. Each scenario runs on the
 //! in-memory store and on a real Redis, except the login race and the login storm, which need
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use anyhow::Context;
 use async_trait::async_trait;
 
 use cim_client::{Client, ClientConfig, Event, Events, LoginOptions, Target};
@@ -164,6 +166,36 @@ async fn an_offline_recipient_gets_everything_in_order_when_back(
     assert_nothing_more(&alice, &bob, &mut bob_events).await?;
     // Bob's login said his inbox held more than he had, so he pulled.
     assert!(bob.stats().pulls >= 1, "{:?}", bob.stats());
+    Ok(())
+}
+
+/// A message stored while its recipient's route was missing (it lapsed, or was removed while
+/// the server was out of discovery) while the recipient stayed connected reaches the client
+/// once the server's renewal brings the route back, within a few heartbeats. Before, nothing
+/// pushed it: it waited for the client's next message or its idle pull, minutes later.
+async fn a_message_stored_while_the_route_was_missing_arrives_once_it_is_back(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    // Renewals far enough apart that the send below lands before the route is back.
+    let cluster = TestCluster::start_with(1, backend, |c| {
+        c.renew_interval = Duration::from_secs(2);
+    })
+    .await?;
+    let (alice, _alice_events) = user(&cluster, None, "alice").await?;
+    let (bob, mut bob_events) = user(&cluster, None, "bob").await?;
+    let bob_id = bob.info().user_id;
+    alice.send_private(bob_id, "before").await?;
+    assert_eq!(next_message(&mut bob_events).await?.body, "before");
+    // Bob's route goes (as when his server left discovery for a moment); his session stays.
+    let store = &cluster.embedded.store;
+    let session = store.routes(&[bob_id]).await?[0]
+        .as_ref()
+        .context("bob has no route")?
+        .session_id;
+    assert!(store.release_route(bob_id, session, None).await?);
+    alice.send_private(bob_id, "while unrouted").await?;
+    assert_eq!(next_message(&mut bob_events).await?.body, "while unrouted");
+    assert_nothing_more(&alice, &bob, &mut bob_events).await?;
     Ok(())
 }
 
@@ -629,6 +661,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     lossy_link_delivers_every_message_once_in_order,
     an_offline_recipient_gets_everything_in_order_when_back,
+    a_message_stored_while_the_route_was_missing_arrives_once_it_is_back,
     a_five_second_blackout_heals_by_itself,
     a_short_outage_resumes_with_zero_rtt,
     an_outage_after_the_login_token_expired_resumes_with_a_renewed_one,
@@ -774,6 +807,9 @@ impl Store for PausingStore {
             tokio::time::sleep(self.hold).await;
         }
         Ok(seq)
+    }
+    async fn inbox_heads(&self, users: &[u64]) -> Result<Vec<u64>, StoreError> {
+        self.inner.inbox_heads(users).await
     }
     async fn create_account(&self, name: &str, hash: &str) -> Result<Account, StoreError> {
         self.inner.create_account(name, hash).await

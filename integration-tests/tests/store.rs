@@ -143,6 +143,11 @@ async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Resul
         None,
         "an entry waits"
     );
+    assert_eq!(
+        store.inbox_heads(&[bob.id, bob.id + 1000]).await?,
+        vec![4, 0],
+        "the last seq given out, 0 for an inbox never written"
+    );
     Ok(())
 }
 

@@ -12,10 +12,10 @@ use cim_core::discovery::ServerInfo;
 use cim_core::transport;
 use cim_core::transport::read_only_frame;
 use cim_proto::v1::{
-    Delivery, ForwardBatchResult, GroupMember, GroupResult, KickResult, KickUser, Presence,
-    PresencePush, PullResult, Push, PushBatch, PushBatchResult, PushResult, Recipient, RenewResult,
-    RouterRequest, SendAck, ServerRequest, SessionBatchResult, SessionResult, group_request,
-    router_request, server_request,
+    Delivery, ForwardBatchResult, GroupMember, GroupResult, InboxHead, KickResult, KickUser,
+    Presence, PresencePush, PullResult, Push, PushBatch, PushBatchResult, PushResult, Recipient,
+    RenewResult, RouterRequest, SendAck, ServerRequest, SessionBatchResult, SessionResult,
+    group_request, router_request, server_request,
 };
 use cim_proto::{ProstMessage, write_frame};
 use futures_util::future::join_all;
@@ -627,8 +627,8 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                         .iter()
                         .map(|s| (s.user_id, s.session_id))
                         .collect();
-                    let lost_users = match service.renew_sessions(&server_id, &sessions).await {
-                        Ok(lost) => lost,
+                    let renewed = match service.renew_sessions(&server_id, &sessions).await {
+                        Ok(renewed) => renewed,
                         Err(e) => {
                             // No verdict: the server keeps its sessions and retries later.
                             tracing::warn!(server = %server_id, error = ?e, "could not renew routes");
@@ -636,7 +636,15 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                             return;
                         }
                     };
-                    write_frame(&mut send, &RenewResult { lost_users }, MAX_INTERNAL_FRAME).await
+                    let reply = RenewResult {
+                        lost_users: renewed.lost,
+                        restored: renewed
+                            .restored
+                            .into_iter()
+                            .map(|(user_id, last_seq)| InboxHead { user_id, last_seq })
+                            .collect(),
+                    };
+                    write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
                 }
                 None => {
                     let _ = send.reset(cim_core::close::code(cim_core::close::PROTOCOL));

@@ -245,6 +245,15 @@ pub struct Sent {
     pub recipients: u32,
 }
 
+/// What a server's renewal of its sessions found ([`Service::renew_sessions`]).
+#[derive(Debug, Default)]
+pub struct SessionsRenewed {
+    /// Users whose route belongs to another login or whose login was revoked.
+    pub lost: Vec<u64>,
+    /// Users whose route was missing and is back, with the last seq their inbox gave out.
+    pub restored: Vec<(u64, u64)>,
+}
+
 /// The router's behaviour over its store, discovery view and server links.
 pub struct Service {
     pub(crate) config: Arc<RouterConfig>,
@@ -958,23 +967,34 @@ impl Service {
         Ok(self.store.inbox_caught_up_to(user).await?)
     }
 
-    /// A server lists its open sessions: renew their routes. Returns users whose route now
-    /// belongs to another login. Users whose route came back (it lapsed, or was removed while
-    /// their server was out of discovery, and they were announced offline) are announced
-    /// online again.
+    /// A server lists its open sessions: renew their routes. Users whose route came back (it
+    /// lapsed, or was removed while their server was out of discovery, and they were announced
+    /// offline) are announced online again, and their inbox heads go back to the server: what
+    /// was stored for them while the route was missing was pushed to no one.
     pub async fn renew_sessions(
         &self,
         server_id: &str,
         sessions: &[(u64, u64)],
-    ) -> Result<Vec<u64>, ServiceError> {
+    ) -> Result<SessionsRenewed, ServiceError> {
         let renewal = self
             .store
             .renew_routes(server_id, sessions, self.config.route_lease)
             .await?;
-        for user in renewal.restored {
+        for &user in &renewal.restored {
             self.announce_presence(user, true);
         }
-        Ok(renewal.stale)
+        let restored = match self.store.inbox_heads(&renewal.restored).await {
+            Ok(heads) => renewal.restored.into_iter().zip(heads).collect(),
+            Err(e) => {
+                // The routes are back; the clients' idle pulls fetch what waits.
+                tracing::warn!(server = server_id, users = renewal.restored.len(), error = %e, "could not read the inbox heads of restored routes");
+                Vec::new()
+            }
+        };
+        Ok(SessionsRenewed {
+            lost: renewal.stale,
+            restored,
+        })
     }
 
     /// `server_id` reports a connection of a session as closed.

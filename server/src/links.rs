@@ -2,6 +2,7 @@
 //! pushes and kicks, and sends session events and client messages to a router over the same
 //! connections (round robin, failing over to the next router).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -120,6 +121,16 @@ pub struct RouterLinks {
     closed: BatchQueue<SessionClosed, SessionResult>,
     /// Renewal chunks on their way to a router; close reports wait for them.
     renewing: cim_core::pending::Pending,
+}
+
+/// What [`RouterLinks::renew`] found.
+#[derive(Debug, Default)]
+pub struct Renewed {
+    /// Sessions whose route now belongs to another login, as `(user, session)`.
+    pub lost: Vec<(u64, u64)>,
+    /// Sessions whose route was missing and came back, as `(user, session, last seq of the
+    /// user's inbox)`: what was stored meanwhile was pushed to no one.
+    pub restored: Vec<(u64, u64, u64)>,
 }
 
 /// A renewal chunk on its way (see [`RouterLinks::renew`]); dropped once answered.
@@ -267,15 +278,14 @@ impl RouterLinks {
     /// Renews the routes of `sessions` through any router (or through `via`), a chunk at a
     /// time, leaving out the sessions no longer `open` when their chunk goes: the router puts
     /// an absent route back, so renewing a session whose close was reported meanwhile would
-    /// show its user online, on a route to nothing, for a lease. Returns the sessions whose
-    /// route now belongs to another login.
+    /// show its user online, on a route to nothing, for a lease.
     pub async fn renew(
         &self,
         sessions: &[(u64, u64)],
         via: Option<&quinn::Connection>,
         open: impl Fn(u64, u64) -> bool,
-    ) -> Result<Vec<(u64, u64)>, LinkError> {
-        let mut lost = Vec::new();
+    ) -> Result<Renewed, LinkError> {
+        let mut renewed = Renewed::default();
         for chunk in sessions.chunks(RENEW_CHUNK) {
             // Counted before the sessions are checked: a close after the check waits for it.
             let _in_flight = RenewalInFlight::start(self);
@@ -305,13 +315,21 @@ impl RouterLinks {
                     .map_err(|e| LinkError::Failed(e.to_string()))?,
                 None => self.call(&request).await?,
             };
-            lost.extend(
-                chunk
-                    .iter()
-                    .filter(|(user, _)| reply.lost_users.contains(user)),
-            );
+            let lost: HashSet<u64> = reply.lost_users.into_iter().collect();
+            let restored: HashMap<u64, u64> = reply
+                .restored
+                .into_iter()
+                .map(|head| (head.user_id, head.last_seq))
+                .collect();
+            for &(user, session) in &chunk {
+                if lost.contains(&user) {
+                    renewed.lost.push((user, session));
+                } else if let Some(&last_seq) = restored.get(&user) {
+                    renewed.restored.push((user, session, last_seq));
+                }
+            }
         }
-        Ok(lost)
+        Ok(renewed)
     }
 
     /// Reads a page of `user`'s inbox for a client's pull (see [`Pull`] for `trim_up_to`).
@@ -568,14 +586,17 @@ pub(crate) async fn renew_sessions(state: &State, via: Option<&quinn::Connection
         })
         .await
     {
-        Ok(lost) => {
-            for (user, session) in lost {
+        Ok(renewed) => {
+            for (user, session) in renewed.lost {
                 tracing::info!(
                     user,
                     session,
                     "route belongs to another login; ending session"
                 );
                 state.kick(user, session, "logged in elsewhere");
+            }
+            for (user, session, last_seq) in renewed.restored {
+                state.stored_unpushed(user, session, last_seq);
             }
         }
         Err(e) => tracing::warn!(error = %e, "route renewal failed"),

@@ -116,6 +116,12 @@ impl Outbox {
         self.queue().missed_up_to
     }
 
+    /// Entries up to `seq` may never reach the client by a push: the client pulls up to it.
+    pub(crate) fn missed(&self, seq: u64) {
+        let mut queue = self.queue();
+        queue.missed_up_to = queue.missed_up_to.max(seq);
+    }
+
     /// Whether the outbox is still held (its session not yet confirmed).
     pub(crate) fn is_held(&self) -> bool {
         self.queue().held

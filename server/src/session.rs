@@ -127,6 +127,17 @@ impl State {
             .is_some_and(|s| s.session_id == session_id)
     }
 
+    /// Tells `user`'s session `session_id` (if still here) that its inbox holds entries up to
+    /// `last_seq` that may not have been pushed (they were stored while its route was
+    /// missing): its next pong asks the client to pull them.
+    pub(crate) fn stored_unpushed(&self, user: u64, session_id: u64, last_seq: u64) {
+        if let Some(session) = self.sessions().get(&user)
+            && session.session_id == session_id
+        {
+            session.outbox.missed(last_seq);
+        }
+    }
+
     pub(crate) fn session_count(&self) -> usize {
         self.sessions().len()
     }

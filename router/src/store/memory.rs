@@ -499,6 +499,14 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn inbox_heads(&self, users: &[u64]) -> Result<Vec<u64>, StoreError> {
+        let inner = self.inner();
+        Ok(users
+            .iter()
+            .map(|user| inner.inboxes.get(user).map_or(0, |inbox| inbox.last_seq))
+            .collect())
+    }
+
     async fn create_group(&self, name: &str, owner: u64) -> Result<bool, StoreError> {
         let mut inner = self.inner();
         if inner.groups.contains_key(name) {

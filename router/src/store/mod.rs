@@ -405,6 +405,9 @@ pub trait Store: Send + Sync + 'static {
     /// If `user`'s inbox holds no entries: the last sequence number it ever gave out (0 if
     /// none), read in the same instant as the inbox was seen empty. `None` while entries wait.
     async fn inbox_caught_up_to(&self, user: u64) -> Result<Option<u64>, StoreError>;
+    /// The last sequence number each of `users`' inboxes gave out (0 if none), in the same
+    /// order: whatever was stored for them up to now lies at or below it.
+    async fn inbox_heads(&self, users: &[u64]) -> Result<Vec<u64>, StoreError>;
 
     /// Creates group `name` owned by `owner`, who becomes its first member. Returns false if
     /// the name is taken.

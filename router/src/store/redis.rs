@@ -1179,6 +1179,22 @@ impl Store for RedisStore {
         Ok((entries == 0).then_some(seq.unwrap_or(0)))
     }
 
+    async fn inbox_heads(&self, users: &[u64]) -> Result<Vec<u64>, StoreError> {
+        let mut heads = Vec::with_capacity(users.len());
+        for chunk in users.chunks(READ_CHUNK) {
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                pipe.get(seq_key(*user));
+            }
+            let seqs: Vec<Option<u64>> = pipe
+                .query_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
+            heads.extend(seqs.into_iter().map(|seq| seq.unwrap_or(0)));
+        }
+        Ok(heads)
+    }
+
     async fn create_group(&self, name: &str, owner: u64) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         // The owner is a member from the start: a failure in between must not leave a group
