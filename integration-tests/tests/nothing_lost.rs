@@ -199,6 +199,45 @@ async fn a_message_stored_while_the_route_was_missing_arrives_once_it_is_back(
     Ok(())
 }
 
+/// A message stored whose push never reached the recipient's server (a router that could not
+/// reach it, or failed to read the route: here the entry goes into the store directly) while
+/// the recipient stays connected arrives by the server's next renewal, which says the inbox
+/// is ahead of what the server pushed. Before, it waited for the next message or the 5-minute
+/// idle pull.
+async fn a_message_whose_push_was_lost_arrives_after_the_next_renewal(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let cluster = TestCluster::start_with(1, backend, |c| {
+        c.renew_interval = Duration::from_millis(500);
+    })
+    .await?;
+    let (alice, _alice_events) = user(&cluster, None, "alice").await?;
+    let (bob, mut bob_events) = user(&cluster, None, "bob").await?;
+    let bob_id = bob.info().user_id;
+    alice.send_private(bob_id, "pushed").await?;
+    assert_eq!(next_message(&mut bob_events).await?.body, "pushed");
+    let entry = InboxEntry {
+        msg_id: 42,
+        from_user: alice.info().user_id,
+        from_name: "alice".into(),
+        group: String::new(),
+        body: "never pushed".into(),
+        created_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64,
+    };
+    let (seq, _) = cluster
+        .embedded
+        .store
+        .append_private(bob_id, &entry, InboxLimits::default())
+        .await?
+        .context("bob's account is gone")?;
+    assert_eq!(seq, 2);
+    assert_eq!(next_message(&mut bob_events).await?.body, "never pushed");
+    assert_nothing_more(&alice, &bob, &mut bob_events).await?;
+    Ok(())
+}
+
 /// A client whose application is a full event queue behind (it waits on a send instead of
 /// reading) still reconnects after losing its connection, and the send goes through: the
 /// `Disconnected` event waits for room while the reconnect runs. Before, the reconnect waited
@@ -662,6 +701,7 @@ on_both_backends!(
     lossy_link_delivers_every_message_once_in_order,
     an_offline_recipient_gets_everything_in_order_when_back,
     a_message_stored_while_the_route_was_missing_arrives_once_it_is_back,
+    a_message_whose_push_was_lost_arrives_after_the_next_renewal,
     a_five_second_blackout_heals_by_itself,
     a_short_outage_resumes_with_zero_rtt,
     an_outage_after_the_login_token_expired_resumes_with_a_renewed_one,

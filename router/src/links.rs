@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::service::{Sender, Service, ServiceError};
+use crate::service::{RenewedSession, Sender, Service, ServiceError};
 
 /// Pushes queued per server before senders wait.
 const PUSH_QUEUE: usize = 4096;
@@ -622,10 +622,14 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                     write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
                 }
                 Some(server_request::Kind::Renew(renew)) => {
-                    let sessions: Vec<(u64, u64)> = renew
+                    let sessions: Vec<RenewedSession> = renew
                         .sessions
                         .iter()
-                        .map(|s| (s.user_id, s.session_id))
+                        .map(|s| RenewedSession {
+                            user: s.user_id,
+                            session: s.session_id,
+                            told_up_to: s.told_up_to,
+                        })
                         .collect();
                     let renewed = match service.renew_sessions(&server_id, &sessions).await {
                         Ok(renewed) => renewed,
@@ -638,8 +642,8 @@ async fn serve_server(service: &Arc<Service>, server_id: &str, conn: &quinn::Con
                     };
                     let reply = RenewResult {
                         lost_users: renewed.lost,
-                        restored: renewed
-                            .restored
+                        behind: renewed
+                            .behind
                             .into_iter()
                             .map(|(user_id, last_seq)| InboxHead { user_id, last_seq })
                             .collect(),

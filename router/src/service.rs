@@ -245,13 +245,23 @@ pub struct Sent {
     pub recipients: u32,
 }
 
+/// A session a server renews ([`Service::renew_sessions`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RenewedSession {
+    pub user: u64,
+    pub session: u64,
+    /// The highest inbox seq the server pushed to the session or told it about.
+    pub told_up_to: u64,
+}
+
 /// What a server's renewal of its sessions found ([`Service::renew_sessions`]).
 #[derive(Debug, Default)]
 pub struct SessionsRenewed {
     /// Users whose route belongs to another login or whose login was revoked.
     pub lost: Vec<u64>,
-    /// Users whose route was missing and is back, with the last seq their inbox gave out.
-    pub restored: Vec<(u64, u64)>,
+    /// Users whose inbox gave out entries past what the server told their session, with the
+    /// last seq given out.
+    pub behind: Vec<(u64, u64)>,
 }
 
 /// The router's behaviour over its store, discovery view and server links.
@@ -967,33 +977,46 @@ impl Service {
         Ok(self.store.inbox_caught_up_to(user).await?)
     }
 
-    /// A server lists its open sessions: renew their routes. Users whose route came back (it
-    /// lapsed, or was removed while their server was out of discovery, and they were announced
-    /// offline) are announced online again, and their inbox heads go back to the server: what
-    /// was stored for them while the route was missing was pushed to no one.
+    /// A server lists its open sessions, each with the highest seq it pushed to it or told it
+    /// about: renew their routes. Users whose route came back (it lapsed, or was removed while
+    /// their server was out of discovery, and they were announced offline) are announced
+    /// online again. Sessions whose inbox gave out more than the server told them get their
+    /// inbox head back: those entries were pushed to no one (stored while the route was
+    /// missing, or their push was lost on the way to the server), and their client pulls.
     pub async fn renew_sessions(
         &self,
         server_id: &str,
-        sessions: &[(u64, u64)],
+        sessions: &[RenewedSession],
     ) -> Result<SessionsRenewed, ServiceError> {
+        let refs: Vec<(u64, u64)> = sessions.iter().map(|s| (s.user, s.session)).collect();
         let renewal = self
             .store
-            .renew_routes(server_id, sessions, self.config.route_lease)
+            .renew_routes(server_id, &refs, self.config.route_lease)
             .await?;
         for &user in &renewal.restored {
             self.announce_presence(user, true);
         }
-        let restored = match self.store.inbox_heads(&renewal.restored).await {
-            Ok(heads) => renewal.restored.into_iter().zip(heads).collect(),
+        let kept: Vec<&RenewedSession> = sessions
+            .iter()
+            .filter(|s| !renewal.stale.contains(&s.user))
+            .collect();
+        let users: Vec<u64> = kept.iter().map(|s| s.user).collect();
+        let behind = match self.store.inbox_heads(&users).await {
+            Ok(heads) => kept
+                .iter()
+                .zip(heads)
+                .filter(|(session, head)| *head > session.told_up_to)
+                .map(|(session, head)| (session.user, head))
+                .collect(),
             Err(e) => {
-                // The routes are back; the clients' idle pulls fetch what waits.
-                tracing::warn!(server = server_id, users = renewal.restored.len(), error = %e, "could not read the inbox heads of restored routes");
+                // The routes are renewed; the clients' idle pulls fetch what waits.
+                tracing::warn!(server = server_id, users = users.len(), error = %e, "could not read the inbox heads of renewed sessions");
                 Vec::new()
             }
         };
         Ok(SessionsRenewed {
             lost: renewal.stale,
-            restored,
+            behind,
         })
     }
 

@@ -128,9 +128,9 @@ pub struct RouterLinks {
 pub struct Renewed {
     /// Sessions whose route now belongs to another login, as `(user, session)`.
     pub lost: Vec<(u64, u64)>,
-    /// Sessions whose route was missing and came back, as `(user, session, last seq of the
-    /// user's inbox)`: what was stored meanwhile was pushed to no one.
-    pub restored: Vec<(u64, u64, u64)>,
+    /// Sessions whose inbox gave out entries past what was told to them, as `(user, session,
+    /// last seq given out)`: the router pushed those to no one, or its pushes were lost.
+    pub behind: Vec<(u64, u64, u64)>,
 }
 
 /// A renewal chunk on its way (see [`RouterLinks::renew`]); dropped once answered.
@@ -278,10 +278,11 @@ impl RouterLinks {
     /// Renews the routes of `sessions` through any router (or through `via`), a chunk at a
     /// time, leaving out the sessions no longer `open` when their chunk goes: the router puts
     /// an absent route back, so renewing a session whose close was reported meanwhile would
-    /// show its user online, on a route to nothing, for a lease.
+    /// show its user online, on a route to nothing, for a lease. Each session goes with the
+    /// highest seq told to it (`(user, session, told_up_to)`).
     pub async fn renew(
         &self,
-        sessions: &[(u64, u64)],
+        sessions: &[(u64, u64, u64)],
         via: Option<&quinn::Connection>,
         open: impl Fn(u64, u64) -> bool,
     ) -> Result<Renewed, LinkError> {
@@ -289,10 +290,10 @@ impl RouterLinks {
         for chunk in sessions.chunks(RENEW_CHUNK) {
             // Counted before the sessions are checked: a close after the check waits for it.
             let _in_flight = RenewalInFlight::start(self);
-            let chunk: Vec<(u64, u64)> = chunk
+            let chunk: Vec<(u64, u64, u64)> = chunk
                 .iter()
                 .copied()
-                .filter(|&(user, session)| open(user, session))
+                .filter(|&(user, session, _)| open(user, session))
                 .collect();
             if chunk.is_empty() {
                 continue;
@@ -301,9 +302,10 @@ impl RouterLinks {
                 kind: Some(server_request::Kind::Renew(RenewSessions {
                     sessions: chunk
                         .iter()
-                        .map(|&(user_id, session_id)| SessionRef {
+                        .map(|&(user_id, session_id, told_up_to)| SessionRef {
                             user_id,
                             session_id,
+                            told_up_to,
                         })
                         .collect(),
                 })),
@@ -316,16 +318,16 @@ impl RouterLinks {
                 None => self.call(&request).await?,
             };
             let lost: HashSet<u64> = reply.lost_users.into_iter().collect();
-            let restored: HashMap<u64, u64> = reply
-                .restored
+            let behind: HashMap<u64, u64> = reply
+                .behind
                 .into_iter()
                 .map(|head| (head.user_id, head.last_seq))
                 .collect();
-            for &(user, session) in &chunk {
+            for &(user, session, _) in &chunk {
                 if lost.contains(&user) {
                     renewed.lost.push((user, session));
-                } else if let Some(&last_seq) = restored.get(&user) {
-                    renewed.restored.push((user, session, last_seq));
+                } else if let Some(&head) = behind.get(&user) {
+                    renewed.behind.push((user, session, head));
                 }
             }
         }
@@ -595,8 +597,8 @@ pub(crate) async fn renew_sessions(state: &State, via: Option<&quinn::Connection
                 );
                 state.kick(user, session, "logged in elsewhere");
             }
-            for (user, session, last_seq) in renewed.restored {
-                state.stored_unpushed(user, session, last_seq);
+            for (user, session, head) in renewed.behind {
+                state.inbox_behind(user, session, head);
             }
         }
         Err(e) => tracing::warn!(error = %e, "route renewal failed"),

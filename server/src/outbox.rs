@@ -68,9 +68,20 @@ struct Queue {
     stalled: usize,
     /// Highest seq dropped without delivery (0: none), told to the client in each `Pong`.
     missed_up_to: u64,
+    /// Highest seq queued here or told to the client as missed: what the session's router
+    /// compares with its inbox at each renewal.
+    told_up_to: u64,
 }
 
 impl Queue {
+    /// See [`Outbox::behind`].
+    fn behind(&mut self, head: u64) {
+        if head > self.told_up_to {
+            self.told_up_to = head;
+            self.missed_up_to = self.missed_up_to.max(head);
+        }
+    }
+
     /// Whether what is pending wants another sender: none runs, or every running one waits on
     /// a slow stream and fewer than [`MAX_SENDERS`] run.
     fn wants_sender(&self) -> bool {
@@ -116,10 +127,15 @@ impl Outbox {
         self.queue().missed_up_to
     }
 
-    /// Entries up to `seq` may never reach the client by a push: the client pulls up to it.
-    pub(crate) fn missed(&self, seq: u64) {
-        let mut queue = self.queue();
-        queue.missed_up_to = queue.missed_up_to.max(seq);
+    /// The highest seq queued here or told to the client as missed (see [`Outbox::behind`]).
+    pub(crate) fn told_up_to(&self) -> u64 {
+        self.queue().told_up_to
+    }
+
+    /// The inbox gave out entries up to `head` (a router says, at a renewal). Unless pushes of
+    /// them came in since, they were pushed to no one: the client is told to pull up to it.
+    pub(crate) fn behind(&self, head: u64) {
+        self.queue().behind(head);
     }
 
     /// Whether the outbox is still held (its session not yet confirmed).
@@ -143,6 +159,7 @@ impl Outbox {
     /// Returns false (and drops the delivery) when the session is hopelessly behind.
     pub(crate) fn push(self: &Arc<Self>, delivery: Queued, state: &Arc<State>) -> bool {
         let mut queue = self.queue();
+        queue.told_up_to = queue.told_up_to.max(delivery.seq);
         if queue.pending.len() >= MAX_PENDING {
             queue.missed_up_to = queue.missed_up_to.max(delivery.seq);
             return false;
@@ -290,9 +307,21 @@ mod tests {
                 .collect(),
             held: false,
             senders: 1,
-            stalled: 0,
-            missed_up_to: 0,
+            ..Queue::default()
         }
+    }
+
+    #[test]
+    fn an_inbox_head_past_what_was_pushed_is_told_as_missed_once() {
+        let mut queue = queue_of(&[10, 10]);
+        queue.told_up_to = 2;
+        queue.behind(2);
+        assert_eq!(queue.missed_up_to, 0, "both were pushed");
+        queue.behind(5);
+        assert_eq!((queue.missed_up_to, queue.told_up_to), (5, 5));
+        queue.missed_up_to = 0;
+        queue.behind(5);
+        assert_eq!(queue.missed_up_to, 0, "told already");
     }
 
     fn seqs(batch: &[Queued]) -> Vec<u64> {

@@ -110,13 +110,14 @@ impl State {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The confirmed sessions here, as `(user, session_id)` (a login still waiting for the router
-    /// is left out: renewing its route could confirm a login the router is about to refuse).
-    pub(crate) fn session_refs(&self) -> Vec<(u64, u64)> {
+    /// The confirmed sessions here, as `(user, session_id, told_up_to)` (see
+    /// [`Outbox::told_up_to`]; a login still waiting for the router is left out: renewing its
+    /// route could confirm a login the router is about to refuse).
+    pub(crate) fn session_refs(&self) -> Vec<(u64, u64, u64)> {
         self.sessions()
             .iter()
             .filter(|(_, s)| !s.outbox.is_held())
-            .map(|(user, s)| (*user, s.session_id))
+            .map(|(user, s)| (*user, s.session_id, s.outbox.told_up_to()))
             .collect()
     }
 
@@ -127,14 +128,13 @@ impl State {
             .is_some_and(|s| s.session_id == session_id)
     }
 
-    /// Tells `user`'s session `session_id` (if still here) that its inbox holds entries up to
-    /// `last_seq` that may not have been pushed (they were stored while its route was
-    /// missing): its next pong asks the client to pull them.
-    pub(crate) fn stored_unpushed(&self, user: u64, session_id: u64, last_seq: u64) {
+    /// Tells `user`'s session `session_id` (if still here) that its inbox gave out entries up
+    /// to `head` (see [`Outbox::behind`]).
+    pub(crate) fn inbox_behind(&self, user: u64, session_id: u64, head: u64) {
         if let Some(session) = self.sessions().get(&user)
             && session.session_id == session_id
         {
-            session.outbox.missed(last_seq);
+            session.outbox.behind(head);
         }
     }
 
