@@ -1,6 +1,7 @@
 //! Named groups and presence: a 200-member group over three servers (every member gets every
 //! message once, all in the same order, one push per server per message), leaving, offline
-//! catch-up, errors, the HTTP group API, and presence events for users who share a group.
+//! catch-up, errors, the HTTP group API, and presence events for users who share a group (also
+//! when a server leaves discovery for a moment, or comes back at another address).
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cim_client::{Client, Event, Events, LoginOptions};
-use cim_integration_tests::{Backend, TestCluster, WAIT, metric_value, next_event, router_metrics};
+use cim_integration_tests::{
+    Backend, TestCluster, WAIT, eventually, metric_value, next_event, router_metrics,
+};
 use http::Method;
 
 async fn cluster(servers: usize) -> anyhow::Result<TestCluster> {
@@ -313,6 +316,69 @@ async fn a_route_a_renewal_brings_back_is_announced_online() -> anyhow::Result<(
     assert!(store.release_route(bob_id, session, None).await?);
     let online = wait_presence(&mut alice_events).await?;
     assert_eq!(online, (bob_id, "bob".to_string(), true));
+    Ok(())
+}
+
+/// Alice and Bob share a group on a one-server cluster; returns Bob's id, the server's
+/// discovery entry and Alice's events.
+async fn pals_on_one_server(
+    cluster: &TestCluster,
+) -> anyhow::Result<(u64, cim_core::discovery::ServerInfo, Vec<(Client, Events)>)> {
+    let (alice, alice_events) = cluster.user("alice").await?;
+    let (bob, bob_events) = cluster.user("bob").await?;
+    alice.create_group("pals").await?;
+    bob.join_group("pals").await?;
+    let server = cluster.embedded.discovery.servers().borrow()[0].clone();
+    Ok((
+        bob.info().user_id,
+        server,
+        vec![(alice, alice_events), (bob, bob_events)],
+    ))
+}
+
+/// A server out of discovery for a moment while its router link works (its ZooKeeper session
+/// expired while it lived, or the router's own did and it read the listing before the servers
+/// were back) keeps its users' routes: nobody is announced offline. Before, every such blip
+/// removed all of the server's routes, announced its users offline and online again, and
+/// dropped the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_out_of_discovery_for_a_moment_keeps_its_users_online() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let (bob_id, server, mut clients) = pals_on_one_server(&cluster).await?;
+    let discovery = &cluster.embedded.discovery;
+    discovery.deregister_server(&server.id).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    discovery.register_server(server).await?;
+    let alice_events = &mut clients[0].1;
+    match next_event(alice_events, Duration::from_secs(2)).await {
+        Err(_) => {}
+        Ok(event) => anyhow::bail!("a blip of discovery reached the users: {event:?}"),
+    }
+    let route = cluster.embedded.store.routes(&[bob_id]).await?[0].clone();
+    assert!(route.is_some_and(|r| r.confirmed), "bob's route stays");
+    Ok(())
+}
+
+/// A server id back in discovery at another address is a new process without the old one's
+/// sessions: its routes are removed as for a departure, so their clients can log in again.
+/// Before, the routes stayed, on a server id that counted as alive, and a token re-login was
+/// refused `session_live` until the lease ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_id_back_at_another_address_loses_the_old_routes() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let (bob_id, mut server, _clients) = pals_on_one_server(&cluster).await?;
+    // Nothing listens at the new address: the old process's link must not come back.
+    let elsewhere = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+    server.internal_addr = elsewhere;
+    server.client_addr = elsewhere;
+    cluster.embedded.discovery.register_server(server).await?;
+    let store = &cluster.embedded.store;
+    eventually(WAIT, || async {
+        let route = store.routes(&[bob_id]).await.ok()?.pop()?;
+        route.is_none().then_some(())
+    })
+    .await
+    .context("bob's route to the old process stays")?;
     Ok(())
 }
 

@@ -397,16 +397,31 @@ async fn exchange<R: ProstMessage + Default>(
     transport::exchange(conn, request, MAX_INTERNAL_FRAME).await
 }
 
+/// How long a server out of the discovery view keeps its link and routes while the link still
+/// works. A server whose ZooKeeper session expired while it lived registers again within about
+/// a second of its new session, and a router whose own session expired may read the listing
+/// before the servers are back in it: without the wait, a ZooKeeper partition longer than the
+/// session timeout removed every route (every user announced offline, then online again) and
+/// dropped every link. A server that died loses its link within the link idle timeout (4 s),
+/// before ZooKeeper drops it, so its departure is not delayed.
+const DEPARTURE_GRACE: Duration = Duration::from_secs(10);
+
 /// Keeps one link per server in the discovery view: dials new servers, drops links to servers
-/// that left, and removes the routes of servers that left (their clients log in again).
+/// that left (after [`DEPARTURE_GRACE`] while the link works) or moved, and removes the routes
+/// of servers that left or moved: a server at a new address is a new process without the old
+/// one's sessions (their clients log in again).
 pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken) {
     let mut view = service.servers.clone();
     let mut dialers: HashMap<String, (ServerInfo, JoinHandle<()>)> = HashMap::new();
     // Removals of departed servers' routes still running, by server id.
     let mut removals: HashMap<String, JoinHandle<()>> = HashMap::new();
+    // Linked servers out of the view, by id, with when this loop first saw them out.
+    let mut absent: HashMap<String, tokio::time::Instant> = HashMap::new();
     loop {
         removals.retain(|_, removal| !removal.is_finished());
         let servers = view.borrow_and_update().clone();
+        absent.retain(|id, _| !servers.iter().any(|s| &s.id == id));
+        let now = tokio::time::Instant::now();
         // Drop links to servers that left or moved.
         let gone: Vec<String> = dialers
             .iter()
@@ -418,6 +433,14 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
             .map(|(id, _)| id.clone())
             .collect();
         for id in gone {
+            let moved = servers.iter().any(|s| s.id == id);
+            if !moved {
+                let since = *absent.entry(id.clone()).or_insert(now);
+                if now < since + DEPARTURE_GRACE && service.links.is_connected(&id) {
+                    continue;
+                }
+                absent.remove(&id);
+            }
             if let Some((_, task)) = dialers.remove(&id) {
                 task.abort();
             }
@@ -428,26 +451,24 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
                 );
             }
             service.links.unlink(&id);
-            if !servers.iter().any(|s| s.id == id) {
-                service.links.forget(&id);
-                // Off this loop, which meanwhile goes on linking other servers.
-                let service = service.clone();
-                let key = id.clone();
-                let removal = tokio::spawn(async move {
-                    match service.store.remove_server_routes(&id).await {
-                        Ok(users) => {
-                            tracing::info!(server = %id, routes = users.len(), "server left; routes removed");
-                            for user in users {
-                                service.announce_presence(user, false);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(server = %id, error = %e, "could not remove routes of departed server")
+            service.links.forget(&id);
+            // Off this loop, which meanwhile goes on linking other servers.
+            let service = service.clone();
+            let key = id.clone();
+            let removal = tokio::spawn(async move {
+                match service.store.remove_server_routes(&id).await {
+                    Ok(users) => {
+                        tracing::info!(server = %id, moved, routes = users.len(), "server left; routes removed");
+                        for user in users {
+                            service.announce_presence(user, false);
                         }
                     }
-                });
-                removals.insert(key, removal);
-            }
+                    Err(e) => {
+                        tracing::warn!(server = %id, error = %e, "could not remove routes of departed server")
+                    }
+                }
+            });
+            removals.insert(key, removal);
         }
         for server in servers.iter() {
             if !dialers.contains_key(&server.id) {
@@ -466,9 +487,17 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
                 dialers.insert(server.id.clone(), (server.clone(), task));
             }
         }
+        // A server waiting out its grace is looked at again each second (its link may go).
+        let recheck = async {
+            if absent.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
         tokio::select! {
             _ = shutdown.cancelled() => break,
             changed = view.changed() => if changed.is_err() { break },
+            _ = recheck => {}
         }
     }
     for (_, (_, task)) in dialers {
