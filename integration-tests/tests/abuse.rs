@@ -1218,7 +1218,8 @@ fn assert_too_many(err: Option<ClientError>, code: &str) {
 
 /// Registrations from one address and API requests of one user are limited: an account
 /// factory or a bot flooding the HTTP send API gets `429 rate_limited`, and nothing it was
-/// refused is stored.
+/// refused is stored. Re-logins with one token count against its login the same way (their
+/// refusals other than a bad token are not counted against the address).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_and_api_floods_are_limited() -> anyhow::Result<()> {
     let mut scene = Scene::with(|config| {
@@ -1273,6 +1274,7 @@ async fn registration_and_api_floods_are_limited() -> anyhow::Result<()> {
     let body = serde_json::json!({"to": bob, "body": "calm again"});
     let (status, _) = post(body).await?;
     assert_eq!(status, StatusCode::OK);
+
     assert_eq!(
         next_message(&mut scene.bob_events).await?.body,
         "calm again"
@@ -1313,6 +1315,25 @@ async fn registration_and_api_floods_are_limited() -> anyhow::Result<()> {
         .raw(Method::GET, "/api/groups", Default::default(), Some(token))
         .await?;
     assert_eq!(status, StatusCode::OK, "{reply:?}");
+    // Re-logins with Dave's token (one wins, the rest are refused: that login has ended)
+    // count against his login as its API calls do, before the store is asked.
+    let mut limited = 0;
+    for _ in 0..20 {
+        let (status, reply) = api
+            .raw(
+                Method::POST,
+                "/api/relogin",
+                Default::default(),
+                Some(token),
+            )
+            .await?;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let reply: serde_json::Value = serde_json::from_slice(&reply)?;
+            assert_eq!(reply["code"], "rate_limited", "{reply}");
+            limited += 1;
+        }
+    }
+    assert!(limited >= 10, "{limited} of 20 re-logins limited");
     Ok(())
 }
 

@@ -140,7 +140,10 @@ pub enum ServiceError {
     RateLimited(&'static str),
     /// Storing a message failed in a way that leaves its outcome unknown (the store may have
     /// run the append and lost the reply); a resend with the same client message id settles it.
-    #[error("storing the message did not finish: {0}")]
+    /// The store's error goes to the log, not to the client.
+    #[error(
+        "storing the message did not finish and may have run; resend with the same client_msg_id"
+    )]
     Retry(StoreError),
     /// Too many logins and registrations are hashing passwords; retry shortly.
     #[error("too many logins in progress; retry shortly")]
@@ -657,6 +660,10 @@ impl Service {
             Err(TokenError::Expired) => return Err(self.expired_token_refusal(token).await),
             verified => verified?,
         };
+        // Counted against the token's login as its API calls are, before any store read: a
+        // refusal other than a bad token (`session_live`, `session_ended`) is not counted
+        // against the address, and a loop of them cost several reads each.
+        self.check_api_rate(claims.user_id, claims.session_id)?;
         let revocation = self
             .store
             .revocation(claims.user_id, claims.session_id)

@@ -25,7 +25,12 @@ pub(crate) async fn serve(
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
-                Err(_) => continue,
+                Err(e) => {
+                    // Out of file descriptors, say: retrying at once would spin a core.
+                    tracing::warn!(error = %e, "ops endpoint: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             },
         };
         let registry = registry.clone();
