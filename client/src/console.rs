@@ -50,6 +50,7 @@ commands:
   <text>               send <text> to everyone online
   <userId>;;<text>     send <text> privately to user <userId>
   #<group> <text>      send <text> to a named group
+  #all <text>          send <text> to everyone online, also text that starts with ':' or '#'
   :create <group>      create a group (you become its owner and first member)
   :join <group>        join a group
   :leave <group>       leave a group
@@ -96,7 +97,11 @@ pub fn parse(line: &str) -> Command {
             _ => Command::Invalid("use #<group> <text>".into()),
         };
     }
-    if let Some((to, body)) = line.split_once(";;") {
+    // `userId;;text` only with one word before the `;;`: "see you;; later" is chat.
+    if let Some((to, body)) = line
+        .split_once(";;")
+        .filter(|(to, _)| !to.trim().contains(char::is_whitespace))
+    {
         return match to.trim().parse::<u64>() {
             Ok(to) if !body.trim().is_empty() => Command::Private {
                 to,
@@ -222,6 +227,17 @@ mod tests {
         assert!(matches!(parse(":join"), Command::Invalid(_)));
         assert_eq!(parse("   "), Command::Nothing);
         assert!(matches!(parse("bob;;hi"), Command::Invalid(_)));
+        assert_eq!(
+            parse("see you;; later"),
+            Command::Broadcast("see you;; later".into())
+        );
+        assert_eq!(
+            parse("#all :) hi"),
+            Command::Group {
+                group: "all".into(),
+                body: ":) hi".into()
+            }
+        );
         assert!(matches!(parse("7;;"), Command::Invalid(_)));
         assert!(matches!(parse(":nope"), Command::Invalid(_)));
         // Leading blanks do not turn a command or a group message into a broadcast.

@@ -80,12 +80,17 @@ async fn main() -> anyhow::Result<ExitCode> {
     let (commands, mut queued) = mpsc::unbounded_channel::<Command>();
     // Commands typed and not yet done: a Ctrl-C that drops them says how many.
     let pending = Arc::new(AtomicUsize::new(0));
+    // Sends that failed and commands dropped: the exit status says whether there were any.
+    let failed = Arc::new(AtomicUsize::new(0));
     let mut worker = tokio::spawn({
         let client = client.clone();
         let pending = pending.clone();
+        let failed = failed.clone();
         async move {
             while let Some(command) = queued.recv().await {
-                run(&client, command).await;
+                if !run(&client, command).await {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
                 pending.fetch_sub(1, Ordering::Relaxed);
             }
         }
@@ -99,6 +104,13 @@ async fn main() -> anyhow::Result<ExitCode> {
             line = lines.recv() => match line.as_deref().map(console::parse) {
                 // End of input (or Ctrl-D) leaves like :q.
                 None | Some(Command::Quit) => break Ending::Quit,
+                // What needs no cluster is done at once, not behind a send that waits for a
+                // reconnect.
+                Some(command @ (Command::Help | Command::Info | Command::Nothing | Command::Invalid(_))) => {
+                    if !run(&client, command).await {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 Some(command) => {
                     pending.fetch_add(1, Ordering::Relaxed);
                     let _ = commands.send(command);
@@ -156,13 +168,14 @@ async fn main() -> anyhow::Result<ExitCode> {
             if let Some(why) = unfinished {
                 worker.abort();
                 let _ = worker.await;
-                dropped(&pending, why);
+                dropped(&pending, &failed, why);
             }
         }
         Ending::Interrupted => {
             worker.abort();
             let _ = worker.await;
-            dropped(&pending, "interrupted");
+            dropped(&pending, &failed, "interrupted");
+            println!("logging out (Ctrl-C again to skip)");
         }
     }
     // The worker is gone, so this is the only holder left.
@@ -178,6 +191,10 @@ async fn main() -> anyhow::Result<ExitCode> {
         Err(_) => eprintln!("! logout: the client is still in use"),
     }
     println!("bye");
+    if failed.load(Ordering::Relaxed) > 0 {
+        // A script piping commands in can tell that not everything went out.
+        return Ok(ExitCode::from(COMMANDS_FAILED_EXIT));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -185,12 +202,43 @@ async fn main() -> anyhow::Result<ExitCode> {
 /// logged out, or ended by the server).
 const SESSION_ENDED_EXIT: u8 = 2;
 
+/// The exit status after a quit when a command failed (a send not sent or not confirmed, a
+/// group command refused) or typed commands were dropped.
+const COMMANDS_FAILED_EXIT: u8 = 3;
+
+/// How long a send refused `rate_limited` (nothing stored) is tried again: a pasted burst of
+/// lines goes out at the allowed pace instead of mostly refused.
+const RATE_LIMIT_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Says how many typed commands were dropped, and `why` (a send among them may or may not
-/// have gone out).
-fn dropped(pending: &AtomicUsize, why: &str) {
+/// have gone out), and counts them as failed.
+fn dropped(pending: &AtomicUsize, failed: &AtomicUsize, why: &str) {
     let dropped = pending.load(Ordering::Relaxed);
     if dropped > 0 {
+        failed.fetch_add(dropped, Ordering::Relaxed);
         eprintln!("! {why}: {dropped} command(s) typed before were not done");
+    }
+}
+
+/// Runs `send` until it is not refused `rate_limited` or [`RATE_LIMIT_PATIENCE`] has passed,
+/// waiting a little longer each time (a refusal stored nothing, so trying again cannot
+/// duplicate).
+async fn paced<T, F: std::future::Future<Output = Result<T, ClientError>>>(
+    mut send: impl FnMut() -> F,
+) -> Result<T, ClientError> {
+    let deadline = tokio::time::Instant::now() + RATE_LIMIT_PATIENCE;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match send().await {
+            Err(e)
+                if e.code() == Some(cim_proto::RATE_LIMITED)
+                    && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            result => return result,
+        }
     }
 }
 
@@ -243,10 +291,17 @@ fn announce(client: &Client) {
     );
 }
 
-fn report(result: Result<(), ClientError>, done: &str) {
+/// Prints `done` or the error; returns whether it went well.
+fn report(result: Result<(), ClientError>, done: &str) -> bool {
     match result {
-        Ok(()) => println!("{done}"),
-        Err(e) => println!("! {e}"),
+        Ok(()) => {
+            println!("{done}");
+            true
+        }
+        Err(e) => {
+            println!("! {e}");
+            false
+        }
     }
 }
 
@@ -259,24 +314,21 @@ fn unsent(e: &ClientError) -> &'static str {
     }
 }
 
-/// Carries out one console command.
-async fn run(client: &Client, command: Command) {
+/// Carries out one console command. Returns false if it failed.
+async fn run(client: &Client, command: Command) -> bool {
     match command {
-        Command::Broadcast(body) => {
-            if let Err(e) = client.send_group("all", &body).await {
-                println!("! {}: {e}", unsent(&e));
-            }
-        }
-        Command::Private { to, body } => {
-            if let Err(e) = client.send_private(to, &body).await {
-                println!("! {} to {to}: {e}", unsent(&e));
-            }
-        }
-        Command::Group { group, body } => {
-            if let Err(e) = client.send_group(&group, &body).await {
-                println!("! {} to #{group}: {e}", unsent(&e));
-            }
-        }
+        Command::Broadcast(body) => sent(
+            paced(|| client.send_group(cim_proto::BROADCAST_GROUP, &body)).await,
+            "",
+        ),
+        Command::Private { to, body } => sent(
+            paced(|| client.send_private(to, &body)).await,
+            &format!(" to {to}"),
+        ),
+        Command::Group { group, body } => sent(
+            paced(|| client.send_group(&group, &body)).await,
+            &format!(" to #{group}"),
+        ),
         Command::Create(group) => report(
             client.create_group(&group).await,
             &format!("created #{group}"),
@@ -294,12 +346,16 @@ async fn run(client: &Client, command: Command) {
                     let state = if m.online { "online" } else { "offline" };
                     println!("  {} {} {state}", m.id, m.name);
                 }
+                true
             }
-            Err(e) => println!("! {e}"),
+            Err(e) => report(Err(e), ""),
         },
         Command::Groups => match client.my_groups().await {
-            Ok(groups) => println!("your groups ({}): {}", groups.len(), groups.join(" ")),
-            Err(e) => println!("! {e}"),
+            Ok(groups) => {
+                println!("your groups ({}): {}", groups.len(), groups.join(" "));
+                true
+            }
+            Err(e) => report(Err(e), ""),
         },
         Command::OnlineUsers(prefix) => match client.online_page(&prefix, "", None).await {
             Ok(page) => {
@@ -312,8 +368,9 @@ async fn run(client: &Client, command: Command) {
                 for u in page.users {
                     println!("  {} {}", u.id, u.name);
                 }
+                true
             }
-            Err(e) => println!("! {e}"),
+            Err(e) => report(Err(e), ""),
         },
         Command::Info => {
             let info = client.info();
@@ -321,10 +378,27 @@ async fn run(client: &Client, command: Command) {
                 "you are {} (id {}) on server {} at {}",
                 info.name, info.user_id, info.server_id, info.server_addr
             );
+            true
         }
-        Command::Help => println!("{}", console::HELP),
-        Command::Nothing => {}
-        Command::Invalid(why) => println!("! {why}"),
-        Command::Quit => {}
+        Command::Help => {
+            println!("{}", console::HELP);
+            true
+        }
+        Command::Nothing | Command::Quit => true,
+        Command::Invalid(why) => {
+            println!("! {why}");
+            false
+        }
+    }
+}
+
+/// Reports a failed send (`to` names its target); returns whether it was sent.
+fn sent<T>(result: Result<T, ClientError>, to: &str) -> bool {
+    match result {
+        Ok(_) => true,
+        Err(e) => {
+            println!("! {}{to}: {e}", unsent(&e));
+            false
+        }
     }
 }

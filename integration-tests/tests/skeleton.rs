@@ -611,6 +611,45 @@ async fn a_console_escapes_what_it_prints_and_leaves_at_once() -> anyhow::Result
     Ok(())
 }
 
+/// A burst of plain lines pasted into the console goes out whole, at the pace the server
+/// allows (a broadcast costs fifty sends: eight at once, then four a second), instead of
+/// mostly refused `rate_limited`; and a console that quits after a command failed exits with
+/// status 3, so a script piping commands in can tell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pasted_burst_goes_out_whole_and_a_failure_shows_in_the_exit_status() -> anyhow::Result<()>
+{
+    // The production default (the test clusters' is far higher).
+    let cluster = TestCluster::start_with(1, Backend::Memory, |c| {
+        c.server_limits.messages_per_sec = 200;
+        c.server_limits.message_burst = 400;
+    })
+    .await?;
+    let (_bob, mut bob_events) = cluster.user("bob").await?;
+    let mut alice = console(&cluster, "alice")?;
+    alice.expect_line("logged in as alice").await?;
+    const LINES: usize = 16;
+    for i in 0..LINES {
+        alice.send_line(&format!("pasted {i}")).await?;
+    }
+    for i in 0..LINES {
+        assert_eq!(
+            next_message(&mut bob_events).await?.body,
+            format!("pasted {i}")
+        );
+    }
+    alice.send_line("#nosuchgroup hello").await?;
+    alice.send_line(":q").await?;
+    alice.expect_line("bye").await?;
+    let status = tokio::time::timeout(WAIT, alice.child.wait()).await??;
+    assert_eq!(status.code(), Some(3), "{status}");
+    assert!(
+        !alice.seen.iter().any(|line| line.contains("pasted")),
+        "no pasted line was refused: {:?}",
+        alice.seen
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_credit_is_granted_in_bulk_to_busy_clients() -> anyhow::Result<()> {
     let cluster = TestCluster::start(1).await?;
