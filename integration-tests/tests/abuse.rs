@@ -778,6 +778,22 @@ async fn a_request_whose_body_never_ends_is_answered_in_time() -> anyhow::Result
     scene.still_chatting().await
 }
 
+/// A request head past 16 KiB (a header of 64 KiB here) is refused `431` and its connection
+/// closed: before, hyper's default let each connection hold about 400 KB of head before any
+/// request was authenticated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_head_is_refused() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let filler = "x".repeat(64 * 1024);
+    let head = format!("GET /health HTTP/1.1\r\nHost: cim\r\nX-Filler: {filler}\r\n\r\n");
+    let answer = raw_https(&scene.cluster, head.as_bytes()).await?;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let head = "GET /health HTTP/1.1\r\nHost: cim\r\nConnection: close\r\n\r\n";
+    let answer = raw_https(&scene.cluster, head.as_bytes()).await?;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    scene.still_chatting().await
+}
+
 /// The Authorization header is read as clients send it: the scheme in any case (RFC 7235),
 /// and one that is not visible ASCII is a `401`, logged at debug. Before, `bearer` was refused
 /// and bytes outside ASCII were an unexplained `400` with a warning per request.

@@ -18,6 +18,17 @@ use warp::reply::Response;
 
 /// Time a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes of a request head (request line and headers) and of a connection's read buffer:
+/// hyper's default (about 400 KB) let each of thousands of connections hold that much before
+/// any request was authenticated. cim's heads are a few hundred bytes.
+const MAX_READ_BUFFER: usize = 16 * 1024;
+/// How long one connection serves requests; then it finishes the one under way and closes,
+/// and is dropped [`CLOSE_GRACE`] later if that does not happen (a client that stopped
+/// reading its responses: hyper has no write timeout). Clients use a connection per request,
+/// or reconnect.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// See [`CONNECTION_LIFETIME`]; also what a connection gets at shutdown.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// Concurrent HTTPS connections accepted before new ones wait.
 const MAX_CONNECTIONS: usize = 4096;
 /// Concurrent HTTPS connections from one address (an IPv6 client's /64); past it new ones are
@@ -161,15 +172,29 @@ pub async fn serve<F>(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
+                .max_buf_size(MAX_READ_BUFFER)
                 .serve_connection(TokioIo::new(stream), handler);
             tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(%peer, error = %e, "https connection ended with error");
+            let ended = tokio::select! {
+                result = conn.as_mut() => Some(result),
+                _ = shutdown.cancelled() => None,
+                _ = tokio::time::sleep(CONNECTION_LIFETIME) => None,
+            };
+            let result = match ended {
+                Some(result) => result,
+                None => {
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            tracing::info!(%peer, "https connection did not close; dropped");
+                            return;
+                        }
                     }
                 }
-                _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "https connection ended with error");
             }
         });
     }
