@@ -431,7 +431,9 @@ impl Progress {
 /// Receives messages, like CIM's message callback.
 pub trait MessageHandler: Send {
     /// Called for each incoming message. Once it returns, the message counts as done
-    /// (acknowledged): store it before returning if it must survive a crash.
+    /// (acknowledged): store it before returning if it must survive a crash. Closing or
+    /// logging out the client counts it as done too, also while this still runs (as for
+    /// [`Events`]): close only after the handler has returned.
     fn on_message(&mut self, message: &IncomingMessage);
     /// Called for every other event; the default ignores them.
     fn on_event(&mut self, _event: &Event) {}
