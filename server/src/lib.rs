@@ -284,12 +284,14 @@ impl Server {
 
         shutdown.cancelled().await;
         tracing::info!(id = %self.config.id, "server draining");
-        // While routers still link here: they drop the links once the node is gone. Briefly:
-        // the server stays in discovery (and takes logins) until it is done.
-        report_acks_once(&state, Duration::from_secs(1)).await;
+        // Out of discovery first, so routers assign no more logins here (one that comes is
+        // refused `draining`); they keep a working link to a server out of discovery for a
+        // while (`DEPARTURE_GRACE`), long enough for the acks it holds to be reported.
+        state.refuse_logins();
         if let Err(e) = discovery.deregister_server(&self.config.id).await {
             tracing::warn!(error = %e, "could not deregister from discovery");
         }
+        report_acks_once(&state, Duration::from_secs(1)).await;
         state.drain_all("server shutting down");
         let drained = tokio::time::timeout(self.config.drain_grace, state.wait_empty()).await;
         if drained.is_err() {
@@ -318,7 +320,7 @@ async fn renew_routes(state: Arc<session::State>, shutdown: CancellationToken) {
 }
 
 /// Reports clients' inbox acknowledgements to a router twice a second, so inboxes shrink (the
-/// last report, at shutdown, is [`Server::run`]'s, before it leaves discovery). A report no
+/// last report, at shutdown, is [`Server::run`]'s, right after it leaves discovery). A report no
 /// router took is kept for the next one (a newer ack of the same user replaces it): an
 /// untrimmed entry would reach the user's next new client again, since a client that starts
 /// pulls everything its inbox still holds.

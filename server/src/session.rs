@@ -346,9 +346,14 @@ impl State {
             .collect()
     }
 
+    /// Refuses new logins from now on (`draining`).
+    pub(crate) fn refuse_logins(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
     /// Refuses new logins from now on and sends `Drain` to every session.
     pub(crate) fn drain_all(&self, reason: &str) {
-        self.draining.store(true, Ordering::Relaxed);
+        self.refuse_logins();
         self.drain_sessions(reason);
     }
 
