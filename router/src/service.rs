@@ -410,7 +410,7 @@ impl Service {
         password: &str,
         peer: Option<IpAddr>,
     ) -> Result<Account, ServiceError> {
-        validate_name(name)?;
+        validate_user_name(name)?;
         validate_password(password)?;
         if let Some(ip) = peer {
             let count = lock(&self.registrations).hit(ip, Instant::now());
@@ -1540,6 +1540,19 @@ fn validate_name(name: &str) -> Result<(), ServiceError> {
     }
 }
 
+/// A user name as [`validate_name`] has it, and not digits alone: the console reads
+/// `42;;hello` as user id 42, so a user named `42` could not be told apart from the user with
+/// that id. Names registered before this rule still log in.
+fn validate_user_name(name: &str) -> Result<(), ServiceError> {
+    validate_name(name)?;
+    if name.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ServiceError::BadRequest(
+            "name must not be digits alone (they read as a user id)".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn validate_group_name(name: &str) -> Result<(), ServiceError> {
     if name == BROADCAST_GROUP {
         return Err(ServiceError::BadRequest(format!(
@@ -1586,6 +1599,12 @@ mod tests {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
         assert!(validate_group_name("all").is_err());
+        assert!(validate_user_name("42").is_err(), "digits read as an id");
+        assert!(validate_user_name("r2d2").is_ok());
+        assert!(
+            validate_group_name("42").is_ok(),
+            "a group is named after #"
+        );
     }
 
     #[test]
