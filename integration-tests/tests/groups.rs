@@ -360,7 +360,8 @@ async fn a_server_out_of_discovery_for_a_moment_keeps_its_users_online() -> anyh
 }
 
 /// A server id back in discovery at another address is a new process without the old one's
-/// sessions: its routes are removed as for a departure, so their clients can log in again.
+/// sessions (as one with another incarnation is: `links::same_process`): its routes are
+/// removed as for a departure, so their clients can log in again.
 /// Before, the routes stayed, on a server id that counted as alive, and a token re-login was
 /// refused `session_live` until the lease ran out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -175,6 +175,7 @@ async fn a_route_on_a_server_not_linked_yet_refuses_a_second_login() -> anyhow::
         client_addr: unreachable,
         internal_addr: unreachable,
         load: 0,
+        incarnation: 0,
     };
     cluster.embedded.discovery.register_server(ghost).await?;
     let store = &cluster.embedded.store;

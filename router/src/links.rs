@@ -406,10 +406,17 @@ async fn exchange<R: ProstMessage + Default>(
 /// before ZooKeeper drops it, so its departure is not delayed.
 const DEPARTURE_GRACE: Duration = Duration::from_secs(10);
 
+/// Whether two discovery entries are the same server process: same id, address and
+/// incarnation.
+fn same_process(a: &ServerInfo, b: &ServerInfo) -> bool {
+    a.id == b.id && a.internal_addr == b.internal_addr && a.incarnation == b.incarnation
+}
+
 /// Keeps one link per server in the discovery view: dials new servers, drops links to servers
-/// that left (after [`DEPARTURE_GRACE`] while the link works) or moved, and removes the routes
-/// of servers that left or moved: a server at a new address is a new process without the old
-/// one's sessions (their clients log in again).
+/// that left (after [`DEPARTURE_GRACE`] while the link works) or were replaced, and removes the
+/// routes of servers that left or were replaced: a server id at a new address or with another
+/// incarnation is a new process without the old one's sessions (their clients resume on it,
+/// which brings their routes back, or log in again).
 pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken) {
     let mut view = service.servers.clone();
     let mut dialers: HashMap<String, (ServerInfo, JoinHandle<()>)> = HashMap::new();
@@ -422,19 +429,15 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
         let servers = view.borrow_and_update().clone();
         absent.retain(|id, _| !servers.iter().any(|s| &s.id == id));
         let now = tokio::time::Instant::now();
-        // Drop links to servers that left or moved.
+        // Drop links to servers that left or were replaced.
         let gone: Vec<String> = dialers
             .iter()
-            .filter(|(id, (info, _))| {
-                !servers
-                    .iter()
-                    .any(|s| &s.id == *id && s.internal_addr == info.internal_addr)
-            })
+            .filter(|(_, (info, _))| !servers.iter().any(|s| same_process(s, info)))
             .map(|(id, _)| id.clone())
             .collect();
         for id in gone {
-            let moved = servers.iter().any(|s| s.id == id);
-            if !moved {
+            let replaced = servers.iter().any(|s| s.id == id);
+            if !replaced {
                 let since = *absent.entry(id.clone()).or_insert(now);
                 if now < since + DEPARTURE_GRACE && service.links.is_connected(&id) {
                     continue;
@@ -458,7 +461,7 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
             let removal = tokio::spawn(async move {
                 match service.store.remove_server_routes(&id).await {
                     Ok(users) => {
-                        tracing::info!(server = %id, moved, routes = users.len(), "server left; routes removed");
+                        tracing::info!(server = %id, replaced, routes = users.len(), "server left; routes removed");
                         for user in users {
                             service.announce_presence(user, false);
                         }
@@ -823,6 +826,32 @@ fn failure_result(e: &ServiceError) -> SessionResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restarted_server_is_another_process_even_at_the_same_address() {
+        let before = ServerInfo {
+            id: "s1".into(),
+            client_addr: "127.0.0.1:1000".parse().unwrap(),
+            internal_addr: "127.0.0.1:2000".parse().unwrap(),
+            load: 3,
+            incarnation: 7,
+        };
+        let reloaded = ServerInfo {
+            load: 9,
+            ..before.clone()
+        };
+        assert!(same_process(&before, &reloaded), "only its load changed");
+        let restarted = ServerInfo {
+            incarnation: 8,
+            ..before.clone()
+        };
+        assert!(!same_process(&before, &restarted));
+        let moved = ServerInfo {
+            internal_addr: "127.0.0.1:2001".parse().unwrap(),
+            ..before.clone()
+        };
+        assert!(!same_process(&before, &moved));
+    }
 
     #[test]
     fn a_server_that_fills_its_wait_places_leaves_the_rest_to_others() {

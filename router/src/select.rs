@@ -119,6 +119,7 @@ mod tests {
                 client_addr: "127.0.0.1:1".parse().unwrap(),
                 internal_addr: "127.0.0.1:2".parse().unwrap(),
                 load: (10 - i) as u32,
+                incarnation: 0,
             })
             .collect()
     }

@@ -239,6 +239,7 @@ impl Server {
             client_addr: advertise(self.client_addr()),
             internal_addr: advertise(self.internal_addr()),
             load: 0,
+            incarnation: rand::random(),
         };
         let state = Arc::new(session::State::new(self.config.clone()));
         let tracker = TaskTracker::new();

@@ -25,6 +25,9 @@ pub struct ServerInfo {
     pub internal_addr: SocketAddr,
     /// Connected clients, as last reported.
     pub load: u32,
+    /// Random per server process (0 from one that does not say): a server id back with
+    /// another is a new process, without the old one's sessions, even at the same address.
+    pub incarnation: u64,
 }
 
 /// A router as seen through discovery.

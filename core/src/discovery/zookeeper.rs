@@ -228,8 +228,8 @@ fn publish<T: PartialEq>(sender: &watch::Sender<Arc<Vec<T>>>, list: Vec<T>) {
 
 fn server_node(info: &ServerInfo) -> Vec<u8> {
     format!(
-        "client={}\ninternal={}\nload={}\n",
-        info.client_addr, info.internal_addr, info.load
+        "client={}\ninternal={}\nload={}\nincarnation={}\n",
+        info.client_addr, info.internal_addr, info.load, info.incarnation
     )
     .into_bytes()
 }
@@ -249,6 +249,10 @@ fn parse_server(id: &str, data: &[u8]) -> Option<ServerInfo> {
         client_addr: f.get("client")?.parse().ok()?,
         internal_addr: f.get("internal")?.parse().ok()?,
         load: f.get("load").and_then(|l| l.parse().ok()).unwrap_or(0),
+        incarnation: f
+            .get("incarnation")
+            .and_then(|i| i.parse().ok())
+            .unwrap_or(0),
     };
     Some(parsed)
 }
@@ -474,6 +478,7 @@ mod tests {
             client_addr: "127.0.0.1:1000".parse().unwrap(),
             internal_addr: "[::1]:2000".parse().unwrap(),
             load: 12,
+            incarnation: u64::MAX,
         };
         assert_eq!(parse_server("s1", &server_node(&info)), Some(info));
         assert_eq!(parse_server("s1", b"\xff\xfe garbage"), None);
