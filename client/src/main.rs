@@ -88,9 +88,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         let failed = failed.clone();
         async move {
             while let Some(command) = queued.recv().await {
-                if !run(&client, command).await {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
+                run_counted(&client, command, &failed).await;
                 pending.fetch_sub(1, Ordering::Relaxed);
             }
         }
@@ -107,9 +105,7 @@ async fn main() -> anyhow::Result<ExitCode> {
                 // What needs no cluster is done at once, not behind a send that waits for a
                 // reconnect.
                 Some(command @ (Command::Help | Command::Info | Command::Nothing | Command::Invalid(_))) => {
-                    if !run(&client, command).await {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
+                    run_counted(&client, command, &failed).await;
                 }
                 Some(command) => {
                     pending.fetch_add(1, Ordering::Relaxed);
@@ -158,12 +154,21 @@ async fn main() -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(SESSION_ENDED_EXIT));
         }
         Ending::Quit => {
-            // What was typed before :q still goes out, in order; a Ctrl-C gives up on it.
+            // What was typed before :q still goes out, in order; a Ctrl-C gives up on it. The
+            // wait is per command: a long paste goes out at the rate limit's pace, and only a
+            // command that makes no progress for a send's time (and then some) gives up.
             drop(commands);
             let limit = config.send_timeout + Duration::from_secs(5);
-            let unfinished = tokio::select! {
-                done = tokio::time::timeout(limit, &mut worker) => done.is_err().then_some("timed out"),
-                _ = &mut ctrl_c => Some("interrupted"),
+            let unfinished = loop {
+                let left = pending.load(Ordering::Relaxed);
+                tokio::select! {
+                    done = tokio::time::timeout(limit, &mut worker) => match done {
+                        Ok(_) => break None,
+                        Err(_) if pending.load(Ordering::Relaxed) < left => {}
+                        Err(_) => break Some("timed out"),
+                    },
+                    _ = &mut ctrl_c => break Some("interrupted"),
+                }
             };
             if let Some(why) = unfinished {
                 worker.abort();
@@ -311,6 +316,13 @@ fn unsent(e: &ClientError) -> &'static str {
         "not confirmed (it may still arrive)"
     } else {
         "not sent"
+    }
+}
+
+/// [`run`], counting a failure in `failed`.
+async fn run_counted(client: &Client, command: Command, failed: &AtomicUsize) {
+    if !run(client, command).await {
+        failed.fetch_add(1, Ordering::Relaxed);
     }
 }
 

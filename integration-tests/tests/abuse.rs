@@ -1332,17 +1332,24 @@ async fn registration_and_api_floods_are_limited() -> anyhow::Result<()> {
         .await?;
     assert_eq!(status, StatusCode::OK, "{reply:?}");
     // Re-logins with Dave's token (one wins, the rest are refused: that login has ended)
-    // count against his login as its API calls do, before the store is asked.
-    let mut limited = 0;
+    // count against his login as its API calls do, before the store is asked. All at once:
+    // one after another, a slow machine could spread them over more than four seconds.
+    let mut relogins = tokio::task::JoinSet::new();
     for _ in 0..20 {
-        let (status, reply) = api
-            .raw(
+        let (api, token) = (api.clone(), token.to_string());
+        relogins.spawn(async move {
+            api.raw(
                 Method::POST,
                 "/api/relogin",
                 Default::default(),
-                Some(token),
+                Some(&token),
             )
-            .await?;
+            .await
+        });
+    }
+    let mut limited = 0;
+    while let Some(answer) = relogins.join_next().await {
+        let (status, reply) = answer??;
         if status == StatusCode::TOO_MANY_REQUESTS {
             let reply: serde_json::Value = serde_json::from_slice(&reply)?;
             assert_eq!(reply["code"], "rate_limited", "{reply}");

@@ -644,7 +644,7 @@ async fn a_pasted_burst_goes_out_whole_and_a_failure_shows_in_the_exit_status() 
     let status = tokio::time::timeout(WAIT, alice.child.wait()).await??;
     assert_eq!(status.code(), Some(3), "{status}");
     assert!(
-        !alice.seen.iter().any(|line| line.contains("pasted")),
+        !alice.seen.iter().any(|line| line.contains("rate_limited")),
         "no pasted line was refused: {:?}",
         alice.seen
     );

@@ -899,5 +899,27 @@ async fn an_unreadable_route_fails_no_renewal() -> anyhow::Result<()> {
         store.routes(&[ivan, jack, kate]).await?,
         vec![confirmed(1), confirmed(2), confirmed(3)]
     );
+
+    // Nor does an unreadable inbox counter fail the others' inbox heads (a renewal's answer).
+    let seq_key = |user: u64| format!("cim:{{u{user}}}:seq");
+    let _: () = redis::cmd("SADD")
+        .arg(seq_key(ivan))
+        .arg("a set")
+        .query_async(&mut conn)
+        .await?;
+    let _: () = redis::cmd("SET")
+        .arg(seq_key(jack))
+        .arg("not a number")
+        .query_async(&mut conn)
+        .await?;
+    let _: () = redis::cmd("SET")
+        .arg(seq_key(kate))
+        .arg("12")
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(
+        store.inbox_heads(&[ivan, jack, kate, 8004]).await?,
+        vec![0, 0, 12, 0]
+    );
     Ok(())
 }

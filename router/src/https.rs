@@ -23,12 +23,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// any request was authenticated. cim's heads are a few hundred bytes.
 const MAX_READ_BUFFER: usize = 16 * 1024;
 /// How long one connection serves requests; then it finishes the one under way and closes,
-/// and is dropped [`CLOSE_GRACE`] later if that does not happen (a client that stopped
-/// reading its responses: hyper has no write timeout). Clients use a connection per request,
-/// or reconnect.
+/// and is dropped if that takes longer than the request timeout and [`CLOSE_MARGIN`] (a
+/// client that stopped reading its responses: hyper has no write timeout). Clients use a
+/// connection per request, or reconnect. Shutdown closes connections the same way.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
-/// See [`CONNECTION_LIFETIME`]; also what a connection gets at shutdown.
-const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// See [`CONNECTION_LIFETIME`]: time to write the answer to a request that took its whole
+/// timeout (`408`).
+const CLOSE_MARGIN: Duration = Duration::from_secs(5);
 /// Concurrent HTTPS connections accepted before new ones wait.
 const MAX_CONNECTIONS: usize = 4096;
 /// Concurrent HTTPS connections from one address (an IPv6 client's /64); past it new ones are
@@ -184,7 +185,8 @@ pub async fn serve<F>(
                 Some(result) => result,
                 None => {
                     conn.as_mut().graceful_shutdown();
-                    match tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await {
+                    let grace = request_timeout + CLOSE_MARGIN;
+                    match tokio::time::timeout(grace, conn.as_mut()).await {
                         Ok(result) => result,
                         Err(_) => {
                             tracing::info!(%peer, "https connection did not close; dropped");

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cim_core::transport::read_only_frame;
 use cim_proto::v1::DeliveryAck;
@@ -71,15 +71,37 @@ struct Queue {
     /// Highest seq queued here or told to the client as missed: what the session's router
     /// compares with its inbox at each renewal.
     told_up_to: u64,
+    /// An inbox head a renewal reported past `told_up_to`, and when. Pushes the router issued
+    /// before it answered may still be on their way (its push queue lags under load), so the
+    /// head counts as missed only if they have not come [`BEHIND_SETTLE`] later: a busy
+    /// client would otherwise pull what is already queued to it.
+    behind: Option<(u64, Instant)>,
 }
+
+/// See `Queue::behind`.
+const BEHIND_SETTLE: Duration = Duration::from_secs(1);
 
 impl Queue {
     /// See [`Outbox::behind`].
-    fn behind(&mut self, head: u64) {
-        if head > self.told_up_to {
-            self.told_up_to = head;
-            self.missed_up_to = self.missed_up_to.max(head);
+    fn behind(&mut self, head: u64, now: Instant) {
+        let reported = self.behind.map_or(0, |(head, _)| head);
+        if head > self.told_up_to && head > reported {
+            self.behind = Some((head, now));
         }
+    }
+
+    /// See [`Outbox::missed_up_to`].
+    fn missed_up_to(&mut self, now: Instant) -> u64 {
+        if let Some((head, at)) = self.behind
+            && now >= at + BEHIND_SETTLE
+        {
+            self.behind = None;
+            if head > self.told_up_to {
+                self.told_up_to = head;
+                self.missed_up_to = self.missed_up_to.max(head);
+            }
+        }
+        self.missed_up_to
     }
 
     /// Whether what is pending wants another sender: none runs, or every running one waits on
@@ -122,9 +144,10 @@ impl Outbox {
         })
     }
 
-    /// The highest seq dropped without delivery, 0 if none: the client pulls up to it.
+    /// The highest seq dropped without delivery, or stored and never pushed (see
+    /// [`Outbox::behind`]), 0 if none: the client pulls up to it.
     pub(crate) fn missed_up_to(&self) -> u64 {
-        self.queue().missed_up_to
+        self.queue().missed_up_to(Instant::now())
     }
 
     /// The highest seq queued here or told to the client as missed (see [`Outbox::behind`]).
@@ -132,10 +155,17 @@ impl Outbox {
         self.queue().told_up_to
     }
 
+    /// The client holds everything up to `seq` (its login found the inbox empty there).
+    pub(crate) fn caught_up_to(&self, seq: u64) {
+        let mut queue = self.queue();
+        queue.told_up_to = queue.told_up_to.max(seq);
+    }
+
     /// The inbox gave out entries up to `head` (a router says, at a renewal). Unless pushes of
-    /// them came in since, they were pushed to no one: the client is told to pull up to it.
+    /// them come in within [`BEHIND_SETTLE`], they were pushed to no one: the client is told
+    /// to pull up to it.
     pub(crate) fn behind(&self, head: u64) {
-        self.queue().behind(head);
+        self.queue().behind(head, Instant::now());
     }
 
     /// Whether the outbox is still held (its session not yet confirmed).
@@ -312,16 +342,28 @@ mod tests {
     }
 
     #[test]
-    fn an_inbox_head_past_what_was_pushed_is_told_as_missed_once() {
+    fn an_inbox_head_past_what_was_pushed_is_told_as_missed_once_it_had_time_to_come() {
+        let start = Instant::now();
+        let settled = start + BEHIND_SETTLE;
         let mut queue = queue_of(&[10, 10]);
         queue.told_up_to = 2;
-        queue.behind(2);
-        assert_eq!(queue.missed_up_to, 0, "both were pushed");
-        queue.behind(5);
-        assert_eq!((queue.missed_up_to, queue.told_up_to), (5, 5));
+        queue.behind(2, start);
+        assert_eq!(queue.missed_up_to(settled), 0, "both were pushed");
+        queue.behind(5, start);
+        assert_eq!(queue.missed_up_to(start), 0, "its push may be on its way");
+        assert_eq!(queue.missed_up_to(settled), 5);
+        assert_eq!(queue.told_up_to, 5);
         queue.missed_up_to = 0;
-        queue.behind(5);
-        assert_eq!(queue.missed_up_to, 0, "told already");
+        queue.behind(5, settled);
+        assert_eq!(
+            queue.missed_up_to(settled + BEHIND_SETTLE),
+            0,
+            "told already"
+        );
+        // A push that comes meanwhile settles it.
+        queue.behind(7, settled);
+        queue.told_up_to = 7;
+        assert_eq!(queue.missed_up_to(settled + BEHIND_SETTLE), 0);
     }
 
     fn seqs(batch: &[Queued]) -> Vec<u64> {

@@ -932,6 +932,11 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
             None
         }
     };
+    if let Some(seq) = inbox_caught_up_to {
+        // The client starts from there without pulling: the first renewal must not take its
+        // whole inbox history for entries pushed to no one.
+        outbox.caught_up_to(seq);
+    }
     outbox.release(state);
     // A login that passed the draining check while the drain began may have been missed by
     // `drain_all`: it is told now (after its login result).

@@ -538,6 +538,30 @@ impl RedisStore {
         self.conn.clone()
     }
 
+    /// GETs the key `key_of` names for each of `users`, [`READ_CHUNK`] to a pipeline. Errors
+    /// of single commands come back in place (a key of another type: `WRONGTYPE`); any other
+    /// failure fails the call.
+    async fn get_each(
+        &self,
+        users: &[u64],
+        key_of: fn(u64) -> String,
+    ) -> Result<Vec<redis::RedisResult<Option<Vec<u8>>>>, StoreError> {
+        let mut values = Vec::with_capacity(users.len());
+        for chunk in users.chunks(READ_CHUNK) {
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                pipe.get(key_of(*user));
+            }
+            let chunk_values: Vec<redis::RedisResult<Option<Vec<u8>>>> = pipe
+                .ignore_errors()
+                .query_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
+            values.extend(chunk_values);
+        }
+        Ok(values)
+    }
+
     /// Runs EVALSHA calls of `script` (one per `(keys, args)`) in pipelines of
     /// [`PIPELINE_CHUNK`], [`PIPELINES_IN_FLIGHT`] at a time. Returns the replies in order.
     async fn eval_pipelined<T, A>(
@@ -906,29 +930,17 @@ impl Store for RedisStore {
     }
 
     async fn routes(&self, users: &[u64]) -> Result<Vec<Option<Route>>, StoreError> {
+        let values = self.get_each(users, route_key).await?;
         let mut routes = Vec::with_capacity(users.len());
-        for chunk in users.chunks(READ_CHUNK) {
-            let mut pipe = redis::pipe();
-            for user in chunk {
-                pipe.get(route_key(*user));
-            }
-            // Per-command errors come back in place, so a route key of another type
-            // (WRONGTYPE) counts as unreadable; any other error still fails the call.
-            let values: Vec<redis::RedisResult<Option<Vec<u8>>>> = pipe
-                .ignore_errors()
-                .query_async(&mut self.conn())
-                .await
-                .map_err(unavailable)?;
-            for (user, value) in chunk.iter().zip(values) {
-                routes.push(match value {
-                    Ok(value) => readable_route(*user, value.as_deref()),
-                    Err(e) if e.code() == Some("WRONGTYPE") => {
-                        tracing::warn!(user, error = %e, "unreadable route taken as none");
-                        None
-                    }
-                    Err(e) => return Err(unavailable(e)),
-                });
-            }
+        for (user, value) in users.iter().zip(values) {
+            routes.push(match value {
+                Ok(value) => readable_route(*user, value.as_deref()),
+                Err(e) if e.code() == Some("WRONGTYPE") => {
+                    tracing::warn!(user, error = %e, "unreadable route taken as none");
+                    None
+                }
+                Err(e) => return Err(unavailable(e)),
+            });
         }
         Ok(routes)
     }
@@ -1057,7 +1069,7 @@ impl Store for RedisStore {
             return Ok(Vec::new());
         }
         // One copy of the entry for all members (a pipeline still packs one per command, so
-        // at most PIPELINE_CHUNK of them are held at once).
+        // at most PIPELINE_CHUNK times PIPELINES_IN_FLIGHT of them are held at once).
         let args = append_args(entry, limits);
         let calls: Vec<(Vec<String>, &[Vec<u8>])> = recipients
             .iter()
@@ -1202,17 +1214,22 @@ impl Store for RedisStore {
     }
 
     async fn inbox_heads(&self, users: &[u64]) -> Result<Vec<u64>, StoreError> {
+        let values = self.get_each(users, seq_key).await?;
         let mut heads = Vec::with_capacity(users.len());
-        for chunk in users.chunks(READ_CHUNK) {
-            let mut pipe = redis::pipe();
-            for user in chunk {
-                pipe.get(seq_key(*user));
-            }
-            let seqs: Vec<Option<u64>> = pipe
-                .query_async(&mut self.conn())
-                .await
-                .map_err(unavailable)?;
-            heads.extend(seqs.into_iter().map(|seq| seq.unwrap_or(0)));
+        for (user, value) in users.iter().zip(values) {
+            let seq = match value {
+                Ok(None) => Some(0),
+                Ok(Some(bytes)) => std::str::from_utf8(&bytes)
+                    .ok()
+                    .and_then(|s| s.parse().ok()),
+                Err(e) if e.code() == Some("WRONGTYPE") => None,
+                Err(e) => return Err(unavailable(e)),
+            };
+            // One unreadable counter must not fail the others' heads (a renewal's answer).
+            heads.push(seq.unwrap_or_else(|| {
+                tracing::warn!(user, "unreadable inbox seq taken as 0");
+                0
+            }));
         }
         Ok(heads)
     }
