@@ -298,6 +298,9 @@ impl Server {
         if drained.is_err() {
             tracing::warn!(left = state.session_count(), "drain grace period over");
         }
+        // The acks the clients sent while they left (their closing pings), while the routers'
+        // links are still up.
+        report_acks_once(&state, Duration::from_secs(1)).await;
         self.client_endpoint
             .close(close::code(close::DRAIN), b"server shutting down");
         self.internal_endpoint
