@@ -312,8 +312,28 @@ struct OnlineScan {
     covers: u64,
     /// When it ended.
     at: Instant,
+    /// How long it took.
+    took: Duration,
     /// The online users, sorted by name.
     users: Arc<Vec<OnlineUser>>,
+}
+
+/// A scan of the online users that took this long or longer answers calls for as long again
+/// after it ended: back to back (a flood of listings, or many users paging through a big
+/// list) such scans keep the store busy at most half the time. A small deployment's scans
+/// take far less, and every listing sees the logins and logouts before it.
+const SLOW_SCAN: Duration = Duration::from_millis(50);
+
+impl OnlineScan {
+    /// Whether it answers a call that accepts a scan `max_age` old (see [`SLOW_SCAN`]).
+    fn fresh_enough(&self, max_age: Duration) -> bool {
+        let reuse = if self.took >= SLOW_SCAN {
+            self.took
+        } else {
+            Duration::ZERO
+        };
+        self.at.elapsed() <= max_age.max(reuse)
+    }
 }
 
 /// What tells one message from another under the same client message id: a 64-bit FNV-1a
@@ -904,7 +924,8 @@ impl Service {
     }
 
     /// The online users, sorted by name, from a scan of the store that began after
-    /// this call did, or that ended at most `max_age` ago. Scans run one at a time, and every
+    /// this call did, or that ended at most `max_age` ago (or, for a slow scan, at most as
+    /// long ago as it took: [`SLOW_SCAN`]). Scans run one at a time, and every
     /// call that came in while one ran shares the next: a scan reads a route and an account per
     /// online user, so callers arriving together (a flood of listings or readiness probes)
     /// cost the store one scan at a time instead of one each.
@@ -919,7 +940,7 @@ impl Service {
             + 1;
         let mut last = self.online_scans.last.lock().await;
         if let Some(scan) = last.as_ref()
-            && (scan.covers >= ticket || scan.at.elapsed() <= max_age)
+            && (scan.covers >= ticket || scan.fresh_enough(max_age))
         {
             return Ok(scan.users.clone());
         }
@@ -928,6 +949,7 @@ impl Service {
             .online_scans
             .requested
             .load(std::sync::atomic::Ordering::SeqCst);
+        let began = Instant::now();
         let ids = self.store.online_users().await?;
         // Names only: the scan is kept, and accounts carry password hashes.
         let mut users: Vec<OnlineUser> = self
@@ -945,6 +967,7 @@ impl Service {
         *last = Some(OnlineScan {
             covers,
             at: Instant::now(),
+            took: began.elapsed(),
             users: users.clone(),
         });
         Ok(users)
@@ -1605,6 +1628,26 @@ mod tests {
             validate_group_name("42").is_ok(),
             "a group is named after #"
         );
+    }
+
+    #[test]
+    fn a_slow_online_scan_answers_for_as_long_as_it_took() {
+        let scan = |took_ms, ended_ms_ago| OnlineScan {
+            covers: 0,
+            at: Instant::now() - Duration::from_millis(ended_ms_ago),
+            took: Duration::from_millis(took_ms),
+            users: Arc::default(),
+        };
+        assert!(
+            !scan(10, 20).fresh_enough(Duration::ZERO),
+            "a fast one never"
+        );
+        assert!(
+            scan(10, 20).fresh_enough(Duration::from_secs(1)),
+            "as asked"
+        );
+        assert!(scan(200, 20).fresh_enough(Duration::ZERO));
+        assert!(!scan(200, 400).fresh_enough(Duration::ZERO));
     }
 
     #[test]
