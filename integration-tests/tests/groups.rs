@@ -390,6 +390,33 @@ async fn a_server_id_back_at_another_address_loses_the_old_routes() -> anyhow::R
     Ok(())
 }
 
+/// A big group's member listing (1,000 members or more: a route and an account read per
+/// member) is read at most once a second, however often it is asked for: any user may join
+/// any group, and listing the biggest at the API limit kept the store busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_groups_member_listing_is_read_at_most_once_a_second() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let (alice, _a) = cluster.user("alice").await?;
+    alice.create_group("crowd").await?;
+    let store = &cluster.embedded.store;
+    let mut extras = Vec::new();
+    for i in 0..1000 {
+        let account = store.create_account(&format!("extra{i}"), "hash").await?;
+        store.join_group("crowd", account.id, 10_000).await?;
+        extras.push(account.id);
+    }
+    assert_eq!(alice.group_members("crowd").await?.len(), 1001);
+    store.leave_group("crowd", extras[0]).await?;
+    assert_eq!(
+        alice.group_members("crowd").await?.len(),
+        1001,
+        "the listing of a second ago answers"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(alice.group_members("crowd").await?.len(), 1000);
+    Ok(())
+}
+
 /// A user may be in at most `max_groups_per_user` groups, created or joined: each of a user's
 /// groups is read at every login and logout of theirs, to tell its members. Rejoining one it
 /// is in, and joining again after leaving one, still work.

@@ -293,6 +293,8 @@ pub struct Service {
     pub(crate) presence: PresenceQueue,
     /// The latest scan of the online users (see [`Service::online_scan`]).
     online_scans: OnlineScans,
+    /// Recent member listings of big groups (see [`Service::group_members`]).
+    member_listings: std::sync::Mutex<HashMap<String, MemberListing>>,
     /// Checked against for unknown names (see [`Service::stand_in_hash`]).
     stand_in_hash: std::sync::OnceLock<String>,
 }
@@ -317,6 +319,15 @@ struct OnlineScan {
     /// The online users, sorted by name.
     users: Arc<Vec<OnlineUser>>,
 }
+
+/// A group's member listing and when it was read.
+type MemberListing = (Instant, Arc<Vec<Member>>);
+
+/// Members from which a group's member listing is kept for [`BIG_GROUP_LISTING_AGE`] and
+/// answers every listing of it meanwhile.
+const BIG_GROUP_LISTING: usize = 1000;
+/// See [`BIG_GROUP_LISTING`].
+const BIG_GROUP_LISTING_AGE: Duration = Duration::from_secs(1);
 
 /// A scan of the online users that took this long or longer answers calls for as long again
 /// after it ended: back to back (a flood of listings, or many users paging through a big
@@ -414,6 +425,7 @@ impl Service {
             ids: Arc::new(IdGenerator::unassigned()),
             presence: PresenceQueue::default(),
             online_scans: OnlineScans::default(),
+            member_listings: Default::default(),
             stand_in_hash: std::sync::OnceLock::new(),
             config,
             store,
@@ -1375,6 +1387,15 @@ impl Service {
         if !ids.contains(&caller) {
             return Err(ServiceError::NotMember);
         }
+        // A big group's listing reads a route and an account per member: it is read at most
+        // once a second, whoever asks and however often (any user may join any group).
+        let big = ids.len() >= BIG_GROUP_LISTING;
+        if big
+            && let Some((at, members)) = lock(&self.member_listings).get(name)
+            && at.elapsed() < BIG_GROUP_LISTING_AGE
+        {
+            return Ok(members.as_ref().clone());
+        }
         let routes = self.store.routes(&ids).await?;
         let online: std::collections::HashSet<u64> = ids
             .iter()
@@ -1394,6 +1415,14 @@ impl Service {
             })
             .collect();
         members.sort_by(|a, b| a.name.cmp(&b.name));
+        if big {
+            let mut listings = lock(&self.member_listings);
+            listings.retain(|_, (at, _)| at.elapsed() < BIG_GROUP_LISTING_AGE);
+            listings.insert(
+                name.to_string(),
+                (Instant::now(), Arc::new(members.clone())),
+            );
+        }
         Ok(members)
     }
 
