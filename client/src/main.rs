@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use cim_client::console::{self, Command};
-use cim_client::{Client, ClientConfig, ClientError, Event, LoginOptions};
+use cim_client::{Ack, Client, ClientConfig, ClientError, Event, LoginOptions};
 use clap::Parser;
 use std::io::BufRead;
 use std::sync::Arc;
@@ -332,14 +332,17 @@ async fn run(client: &Client, command: Command) -> bool {
         Command::Broadcast(body) => sent(
             paced(|| client.send_group(cim_proto::BROADCAST_GROUP, &body)).await,
             "",
+            "no one else is online",
         ),
         Command::Private { to, body } => sent(
             paced(|| client.send_private(to, &body)).await,
             &format!(" to {to}"),
+            "",
         ),
         Command::Group { group, body } => sent(
             paced(|| client.send_group(&group, &body)).await,
             &format!(" to #{group}"),
+            &format!("no one else is in #{group}"),
         ),
         Command::Create(group) => report(
             client.create_group(&group).await,
@@ -404,9 +407,14 @@ async fn run(client: &Client, command: Command) -> bool {
     }
 }
 
-/// Reports a failed send (`to` names its target); returns whether it was sent.
-fn sent<T>(result: Result<T, ClientError>, to: &str) -> bool {
+/// Reports a failed send (`to` names its target), or one stored for no one (`alone` says
+/// why); returns whether it was sent.
+fn sent(result: Result<Ack, ClientError>, to: &str, alone: &str) -> bool {
     match result {
+        Ok(ack) if ack.recipients == 0 => {
+            println!("(sent{to}, but {alone})");
+            true
+        }
         Ok(_) => true,
         Err(e) => {
             println!("! {}{to}: {e}", unsent(&e));

@@ -562,6 +562,10 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     bob.expect_line("bye").await?;
     alice.send_line(":olu").await?;
     alice.expect_line("online users (1)").await?;
+    alice.send_line("anyone there?").await?;
+    alice
+        .expect_line("(sent, but no one else is online)")
+        .await?;
     alice.send_line(":q").await?;
     alice.expect_line("bye").await?;
     Ok(())
