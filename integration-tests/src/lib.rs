@@ -233,6 +233,18 @@ impl TestCluster {
         cim_client::register(&config, name, "password").await?;
         Ok(Client::login(&config, name, "password", LoginOptions::default()).await?)
     }
+
+    /// Removes `user`'s route from the store, as when its server left discovery for a moment;
+    /// the session stays, and the server's next renewal brings the route back.
+    pub async fn drop_route(&self, user: u64) -> anyhow::Result<()> {
+        let store = &self.embedded.store;
+        let session = store.routes(&[user]).await?[0]
+            .as_ref()
+            .with_context(|| format!("user {user} has no route"))?
+            .session_id;
+        anyhow::ensure!(store.release_route(user, session, None).await?);
+        Ok(())
+    }
 }
 
 /// Polls `check` until it yields a value or `timeout` passes.

@@ -307,13 +307,7 @@ async fn a_route_a_renewal_brings_back_is_announced_online() -> anyhow::Result<(
     alice.create_group("pals").await?;
     bob.join_group("pals").await?;
     let bob_id = bob.info().user_id;
-    // Bob's route goes (as when his server left discovery for a moment); his session stays.
-    let store = &cluster.embedded.store;
-    let session = store.routes(&[bob_id]).await?[0]
-        .as_ref()
-        .context("bob has no route")?
-        .session_id;
-    assert!(store.release_route(bob_id, session, None).await?);
+    cluster.drop_route(bob_id).await?;
     let online = wait_presence(&mut alice_events).await?;
     assert_eq!(online, (bob_id, "bob".to_string(), true));
     Ok(())

@@ -186,13 +186,7 @@ async fn a_message_stored_while_the_route_was_missing_arrives_once_it_is_back(
     let bob_id = bob.info().user_id;
     alice.send_private(bob_id, "before").await?;
     assert_eq!(next_message(&mut bob_events).await?.body, "before");
-    // Bob's route goes (as when his server left discovery for a moment); his session stays.
-    let store = &cluster.embedded.store;
-    let session = store.routes(&[bob_id]).await?[0]
-        .as_ref()
-        .context("bob has no route")?
-        .session_id;
-    assert!(store.release_route(bob_id, session, None).await?);
+    cluster.drop_route(bob_id).await?;
     alice.send_private(bob_id, "while unrouted").await?;
     assert_eq!(next_message(&mut bob_events).await?.body, "while unrouted");
     assert_nothing_more(&alice, &bob, &mut bob_events).await?;
