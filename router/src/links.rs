@@ -406,6 +406,9 @@ async fn exchange<R: ProstMessage + Default>(
 /// before ZooKeeper drops it, so its departure is not delayed.
 const DEPARTURE_GRACE: Duration = Duration::from_secs(10);
 
+/// Tries at removing a departed server's routes (its routes lapse with their leases anyway).
+const REMOVAL_ATTEMPTS: u32 = 3;
+
 /// Whether two discovery entries are the same server process: same id, address and
 /// incarnation.
 fn same_process(a: &ServerInfo, b: &ServerInfo) -> bool {
@@ -459,15 +462,23 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
             let service = service.clone();
             let key = id.clone();
             let removal = tokio::spawn(async move {
-                match service.store.remove_server_routes(&id).await {
-                    Ok(users) => {
-                        tracing::info!(server = %id, replaced, routes = users.len(), "server left; routes removed");
-                        for user in users {
-                            service.announce_presence(user, false);
+                // A store blip must not leave the departed server's users online (and
+                // unannounced) until their leases run out: a few tries, a second apart.
+                for attempt in 1..=REMOVAL_ATTEMPTS {
+                    match service.store.remove_server_routes(&id).await {
+                        Ok(users) => {
+                            tracing::info!(server = %id, replaced, routes = users.len(), "server left; routes removed");
+                            for user in users {
+                                service.announce_presence(user, false);
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(server = %id, attempt, error = %e, "could not remove routes of departed server")
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(server = %id, error = %e, "could not remove routes of departed server")
+                    if attempt < REMOVAL_ATTEMPTS {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
             });
