@@ -786,8 +786,29 @@ async fn an_oversized_request_head_is_refused() -> anyhow::Result<()> {
     let mut scene = Scene::new().await?;
     let filler = "x".repeat(64 * 1024);
     let head = format!("GET /health HTTP/1.1\r\nHost: cim\r\nX-Filler: {filler}\r\n\r\n");
-    let answer = raw_https(&scene.cluster, head.as_bytes()).await?;
-    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // The router answers once it has read 16 KiB and closes the connection with the rest
+    // unread: the write of the rest, or the read of the answer, may then find the connection
+    // reset. Either way the head was refused; what must not come is a 200.
+    match raw_https(&scene.cluster, head.as_bytes()).await {
+        Ok(answer) => assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+            "{answer}"
+        ),
+        Err(e) => {
+            let kind = e.downcast_ref::<std::io::Error>().map(|e| e.kind());
+            assert!(
+                matches!(
+                    kind,
+                    Some(
+                        std::io::ErrorKind::BrokenPipe
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::UnexpectedEof
+                    )
+                ),
+                "{e:#}"
+            );
+        }
+    }
     let head = "GET /health HTTP/1.1\r\nHost: cim\r\nConnection: close\r\n\r\n";
     let answer = raw_https(&scene.cluster, head.as_bytes()).await?;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
