@@ -836,11 +836,13 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
     let watch = state.watch_closes(claims.user_id);
     let answered = state.wait_closes(&watch).await;
     in_map.report = true;
-    let confirmed_seq = match state
-        .links
-        .session_opened(claims.user_id, claims.session_id, &state.config.id)
-        .await
-    {
+    // The router's confirmation of this login (asked again below when the map changed).
+    let confirm = || {
+        state
+            .links
+            .session_opened(claims.user_id, claims.session_id, &state.config.id)
+    };
+    let confirmed_seq = match confirm().await {
         Ok(result) if result.code.is_empty() => result.inbox_caught_up_to,
         answer => return Err(in_map.refuse(&mut send, answer).await),
     };
@@ -857,7 +859,6 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
             // must not come in (it ran, sending as its user, until the next renewal). It goes
             // into the empty slot before it asks, so that a kick from then on finds it.
             let mut waiting = Some(session);
-            let mut asked_after_leaving = false;
             let previous = loop {
                 {
                     let mut sessions = state.sessions();
@@ -871,21 +872,19 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
                             seen = (id, conn);
                             waiting = still;
                         }
-                        (None, Some(session)) if !asked_after_leaving => {
-                            asked_after_leaving = true;
+                        // Into the empty slot; the answer below ends the loop.
+                        (None, Some(session)) => {
                             sessions.insert(claims.user_id, session);
                             in_map.armed = true;
                         }
                         (_, Some(session)) => break sessions.insert(claims.user_id, session),
-                        // In the map since before the last answer, which confirmed it.
+                        // Not reached: the login is in the map only after the arm above,
+                        // whose answer ends the loop.
                         (_, None) => break None,
                     }
                 }
-                match state
-                    .links
-                    .session_opened(claims.user_id, claims.session_id, &state.config.id)
-                    .await
-                {
+                match confirm().await {
+                    // In the map since before this answer, which confirmed it.
                     Ok(result) if result.code.is_empty() && waiting.is_none() => break None,
                     Ok(result) if result.code.is_empty() => {}
                     answer => return Err(in_map.refuse(&mut send, answer).await),
@@ -911,11 +910,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
             // later close of an older connection can be reported: this one is in the map now.
             if state.closes_since(&watch, answered) {
                 state.wait_closes(&watch).await;
-                let again = state
-                    .links
-                    .session_opened(claims.user_id, claims.session_id, &state.config.id)
-                    .await;
-                match again {
+                match confirm().await {
                     Ok(result) if result.code.is_empty() => {}
                     // The login ended meanwhile (revoked): it must not go on. Another code (the
                     // router's store failed) says nothing about the login.
