@@ -245,7 +245,10 @@ fn readable_route(user: u64, value: Option<&[u8]>) -> Option<Route> {
 /// A re-login's claim also gives KEYS[3], the revocation marker of the token's login, with
 /// ARGV[7] its lifetime in ms and ARGV[8] the session of the route the router checked the
 /// token against ('' for none): it returns {2, '', ''} without claiming if the login has ended
-/// or the route's session differs, and otherwise ends the login in the same step.
+/// or the route's session differs, and otherwise ends the login in the same step (without
+/// one, ARGV[7] and ARGV[8] are empty). ARGV[9], unless empty, is a value of the route's form
+/// the caller could not read (a damaged server id, say): held there, it does not block the
+/// claim either.
 const CLAIM: &str = r"
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) == 'table' then cur = false end
@@ -255,7 +258,9 @@ if KEYS[3] then
   if session ~= ARGV[8] then return {2, '', ''} end
   redis.call('SET', KEYS[3], 'relogin', 'PX', ARGV[7])
 end
-if cur and ARGV[3] == '0' and string.match(cur, '^%d+|[01]|') then return {0, cur, ''} end
+if cur and ARGV[3] == '0' and cur ~= ARGV[9] and string.match(cur, '^%d+|[01]|') then
+  return {0, cur, ''}
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local last = redis.pcall('GET', KEYS[2])
 if type(last) ~= 'string' then last = '' end
@@ -637,7 +642,9 @@ impl RedisStore {
         relogin: Option<&Relogin>,
     ) -> Result<Claim, StoreError> {
         let mut conn = self.conn();
-        let mut force = force;
+        // A route of the script's form that cannot be read, seen by the first try: claimed
+        // over on the second.
+        let mut unreadable: Vec<u8> = Vec::new();
         let (won, previous, last_login) = loop {
             let mut invocation = self.claim.key(route_key(user));
             invocation
@@ -652,8 +659,8 @@ impl RedisStore {
                         .map(|r| r.session_id.to_string())
                         .unwrap_or_default(),
                 );
-            if let Some(relogin) = relogin {
-                invocation
+            match relogin {
+                Some(relogin) => invocation
                     .key(revoked_key(user, relogin.session_id))
                     .arg(relogin.revoke_for.as_millis() as u64)
                     .arg(
@@ -661,8 +668,10 @@ impl RedisStore {
                             .seen_route_session
                             .map(|s| s.to_string())
                             .unwrap_or_default(),
-                    );
-            }
+                    ),
+                None => invocation.arg("").arg(""),
+            };
+            invocation.arg(&unreadable[..]);
             let (won, previous, last_login): (i64, Vec<u8>, String) = invocation
                 .invoke_async(&mut conn)
                 .await
@@ -670,8 +679,14 @@ impl RedisStore {
             // A route of the script's form that cannot be read (a damaged server id, say)
             // holds no session anyone can use, as for every other reader: it is claimed over
             // like a value of another form. Refused, its user could log in only with takeover.
-            if won == 0 && !force && readable_route(user, Some(&previous)).is_none() {
-                force = true;
+            // Named to the script, not forced: a login that took the route meanwhile still
+            // refuses this one.
+            if won == 0
+                && unreadable.is_empty()
+                && !previous.is_empty()
+                && readable_route(user, Some(&previous)).is_none()
+            {
+                unreadable = previous;
                 continue;
             }
             break (won, previous, last_login);
