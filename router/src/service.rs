@@ -1095,13 +1095,17 @@ impl Service {
         if message.body.len() > self.config.max_body_bytes {
             return Err(ServiceError::TooLarge(self.config.max_body_bytes));
         }
+        // Before any id is taken or recorded for it.
+        let Some(target) = &message.target else {
+            return Err(ServiceError::BadRequest("message has no recipient".into()));
+        };
         // Same order for every member: one group's appends never interleave (servers send a
         // group's messages through one router while the router set is stable). The members
         // are read under the lock: read before, a member who left (or joined) while this send
         // waited for it got (or missed) a message ordered after the leave (or the join). The
         // read goes alongside the message id's, so the lock is held no longer than before.
-        let _ordered = match &message.target {
-            Some(Target::Group(g)) if g != BROADCAST_GROUP => {
+        let _ordered = match target {
+            Target::Group(g) if g != BROADCAST_GROUP => {
                 Some(self.group_locks[shard(g)].lock().await)
             }
             _ => None,
@@ -1116,15 +1120,15 @@ impl Service {
                 ))
             })?;
         let recipients = async {
-            match &message.target {
+            match target {
                 // The recipient's existence is checked as its inbox is appended to.
-                Some(Target::ToUser(to)) => Ok((vec![*to], String::new())),
-                Some(Target::Group(g)) if g == BROADCAST_GROUP => {
+                Target::ToUser(to) => Ok((vec![*to], String::new())),
+                Target::Group(g) if g == BROADCAST_GROUP => {
                     let mut online = self.store.online_users().await?;
                     online.retain(|u| *u != sender.id);
                     Ok((online, g.clone()))
                 }
-                Some(Target::Group(g)) => {
+                Target::Group(g) => {
                     let members = self
                         .store
                         .group_members(g)
@@ -1136,7 +1140,6 @@ impl Service {
                     let others = members.into_iter().filter(|u| *u != sender.id).collect();
                     Ok((others, g.clone()))
                 }
-                None => Err(ServiceError::BadRequest("message has no recipient".into())),
             }
         };
         let msg_id = async {
@@ -1174,8 +1177,8 @@ impl Service {
         // never "not stored". With a client message id a resend settles it; without one, the
         // sender decides (a resend may store it twice). Before, a send without an id was
         // answered `unavailable`, which says nothing was stored.
-        let (seqs, routes) = match &message.target {
-            Some(Target::ToUser(to)) => {
+        let (seqs, routes) = match target {
+            Target::ToUser(to) => {
                 let (seq, route) = self
                     .store
                     .append_private(*to, &entry, self.config.inbox)
@@ -1184,7 +1187,7 @@ impl Service {
                     .ok_or(ServiceError::UnknownUser)?;
                 (vec![seq], Some(vec![route]))
             }
-            _ => {
+            Target::Group(_) => {
                 let seqs = self
                     .store
                     .append_inbox(&recipients, &entry, self.config.inbox)
