@@ -344,7 +344,7 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
                 gina.id,
                 route(21),
                 lease,
-                Duration::from_secs(60),
+                REPLACED_FOR,
                 &relogin(20, Some(20))
             )
             .await?,
@@ -366,7 +366,7 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
                 gina.id,
                 route(22),
                 lease,
-                Duration::from_secs(60),
+                REPLACED_FOR,
                 &relogin(20, Some(21))
             )
             .await?,
@@ -382,13 +382,7 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
     for seen in [Some(21), None] {
         assert_eq!(
             store
-                .claim_route_relogin(
-                    gina.id,
-                    route(24),
-                    lease,
-                    Duration::from_secs(60),
-                    &relogin(21, seen)
-                )
+                .claim_route_relogin(gina.id, route(24), lease, REPLACED_FOR, &relogin(21, seen))
                 .await?,
             Claim::Ended,
             "checked against {seen:?}"
@@ -425,13 +419,7 @@ async fn a_relogin_claim_ends_its_login_once(store: &dyn Store) -> anyhow::Resul
     assert_eq!(store.last_login(hank.id).await?, None);
     assert_eq!(
         store
-            .claim_route_relogin(
-                hank.id,
-                route(30),
-                lease,
-                Duration::from_secs(60),
-                &relogin(29, None)
-            )
+            .claim_route_relogin(hank.id, route(30), lease, REPLACED_FOR, &relogin(29, None))
             .await?,
         Claim::Won {
             previous: None,
