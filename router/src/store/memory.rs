@@ -639,22 +639,21 @@ impl Store for MemoryStore {
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError> {
         let now = Instant::now();
         let mut inner = self.inner();
-        let on_server: Vec<(u64, bool)> = inner
-            .routes
-            .iter()
-            .filter(|(_, l)| l.route.server_id == server_id)
-            .map(|(u, l)| (*u, l.expires > now))
-            .collect();
-        for (user, _) in &on_server {
-            inner.routes.remove(user);
-            inner.online.remove(user);
-        }
-        // Users whose lease had lapsed were offline already (as on Redis, where the key is
-        // gone): they are not announced offline again.
-        Ok(on_server
-            .into_iter()
-            .filter_map(|(user, live)| live.then_some(user))
-            .collect())
+        let Inner { routes, online, .. } = &mut *inner;
+        let mut removed = Vec::new();
+        routes.retain(|user, lease| {
+            if lease.route.server_id != server_id {
+                return true;
+            }
+            online.remove(user);
+            // Users whose lease had lapsed were offline already (as on Redis, where the key
+            // is gone): they are not announced offline again.
+            if lease.expires > now {
+                removed.push(*user);
+            }
+            false
+        });
+        Ok(removed)
     }
 }
 
