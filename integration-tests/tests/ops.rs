@@ -1,6 +1,6 @@
 //! Operations: configuration is validated with errors naming the option, the example
-//! configuration files work, and the admin page renders the live cluster in a real headless
-//! Chromium.
+//! configuration files work, the admin page renders the live cluster in a real headless
+//! Chromium, and a server's plain-HTTP ops endpoint answers and bounds what a peer holds.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,8 +9,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use cim_client::{Client, LoginOptions};
-use cim_integration_tests::{Proc, TestCluster, bin_path};
+use cim_integration_tests::cluster::{ProcCluster, free_port};
+use cim_integration_tests::{Proc, TestCluster, WAIT, bin_path, eventually, metric_value};
 use http::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn refused(bin: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = tokio::process::Command::new(bin_path(bin)?)
@@ -157,5 +159,76 @@ async fn the_admin_page_shows_the_live_cluster_in_a_real_browser() -> anyhow::Re
         "the refused login is not listed:\n{dom}"
     );
     assert!(dom.contains(r#"<span id="online-count">2</span>"#), "{dom}");
+    Ok(())
+}
+
+/// Sends `request` on a new connection to `addr` and reads until the server closes it: the
+/// answer, or an error for a reset.
+async fn exchange(addr: &str, request: &[u8]) -> std::io::Result<String> {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.write_all(request).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), tcp.read_to_end(&mut answer))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+async fn get(addr: &str, path: &str) -> anyhow::Result<String> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: ops\r\nConnection: close\r\n\r\n");
+    Ok(exchange(addr, request.as_bytes()).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_ops_endpoint_answers_and_closes_what_never_finishes_a_request()
+-> anyhow::Result<()> {
+    let mut cluster = ProcCluster::start(1, 0, "round-robin").await?;
+    let ops = format!("127.0.0.1:{}", free_port()?);
+    cluster.add_server_with("s1", &["--metrics", &ops]).await?;
+    cluster.wait_servers(1).await?;
+
+    assert!(get(&ops, "/health").await?.starts_with("HTTP/1.1 200"));
+    eventually(WAIT, || async {
+        get(&ops, "/ready")
+            .await
+            .ok()?
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    })
+    .await?;
+    let metrics = get(&ops, "/metrics").await?;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    metric_value(&metrics, "cim_server_logins_total")?;
+    assert!(
+        get(&ops, "/nothing-here")
+            .await?
+            .starts_with("HTTP/1.1 404")
+    );
+
+    // A head that never ends is closed after the head timeout (5 s), with or without a
+    // `408`: what must not happen is that it holds its place for good.
+    let started = std::time::Instant::now();
+    let stalled = exchange(&ops, b"GET /health HTTP/1.1\r\nHost: ops\r\n").await;
+    assert!(
+        !stalled.as_deref().unwrap_or("").contains(" 200 "),
+        "an unfinished head was answered: {stalled:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "closed only after {:?}",
+        started.elapsed()
+    );
+
+    // A head past 16 KiB is refused (`431`, or a reset when the rest of it stays unread).
+    let mut long = b"GET /health HTTP/1.1\r\nHost: ops\r\nX-Filler: ".to_vec();
+    long.extend(std::iter::repeat_n(b'a', 32 * 1024));
+    long.extend_from_slice(b"\r\n\r\n");
+    match exchange(&ops, &long).await {
+        Ok(answer) => assert!(answer.starts_with("HTTP/1.1 431"), "{answer}"),
+        Err(e) => assert_ne!(e.kind(), std::io::ErrorKind::TimedOut, "{e}"),
+    }
+
+    // Still serving after both.
+    assert!(get(&ops, "/health").await?.starts_with("HTTP/1.1 200"));
     Ok(())
 }

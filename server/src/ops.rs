@@ -1,8 +1,11 @@
 //! The server's operations endpoint (plain HTTP, meant for a private network): `/metrics`
-//! (Prometheus), `/health` (alive) and `/ready` (at least one router linked).
+//! (Prometheus), `/health` (alive) and `/ready` (at least one router linked). Private or not,
+//! a peer that opens connections and sends nothing, or a head without end, holds a place only
+//! for a moment and a bounded number of them at once.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use cim_core::metrics::{Registry, render};
@@ -13,6 +16,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::session::State;
 
+/// Connections served at once; further ones wait in the listener's backlog. A scraper and a
+/// probe or two need a few.
+const MAX_CONNECTIONS: usize = 64;
+/// Time a connection has to send a whole request head (from the moment it is accepted).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most bytes of a request head; a longer one is answered `431`.
+const MAX_READ_BUFFER: usize = 16 * 1024;
+/// How long one connection serves; then it finishes its request and closes, and is dropped
+/// if it has not within [`CLOSE_GRACE`] (a peer that stopped reading its answer).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// See [`CONNECTION_LIFETIME`].
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// Serves the endpoint on `listener` until `shutdown`.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
@@ -20,8 +36,12 @@ pub(crate) async fn serve(
     state: Arc<State>,
     shutdown: CancellationToken,
 ) {
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (tcp, _) = tokio::select! {
+        let Ok(place) = places.clone().acquire_owned().await else {
+            return;
+        };
+        let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -35,14 +55,40 @@ pub(crate) async fn serve(
         };
         let registry = registry.clone();
         let state = state.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _place = place;
             let handler = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let response = answer(req.uri().path(), registry.as_deref(), &state);
                 async move { Ok::<_, Infallible>(response) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), handler)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .max_buf_size(MAX_READ_BUFFER)
+                .serve_connection(TokioIo::new(tcp), handler);
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                result = conn.as_mut() => Some(result),
+                _ = shutdown.cancelled() => None,
+                _ = tokio::time::sleep(CONNECTION_LIFETIME) => None,
+            };
+            let result = match ended {
+                Some(result) => result,
+                None => {
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            tracing::debug!(%peer, "ops connection did not close; dropped");
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "ops connection ended with error");
+            }
         });
     }
 }
