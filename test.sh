@@ -12,6 +12,7 @@ cd "$(dirname "$0")"
 . scripts/zookeeper.sh
 
 missing=()
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 [ -f "$ZK_JAR" ] || missing+=(zookeeper)
 command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
@@ -19,10 +20,24 @@ command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing ${missing[*]}"
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get install -y -q "${missing[@]}" || { $SUDO apt-get update -q && $SUDO apt-get install -y -q "${missing[@]}"; }
+    SUDO=()
+    if [ "$(id -u)" -ne 0 ]; then
+        if ! sudo -n true 2>/dev/null; then
+            echo "test.sh: installing needs root or password-less sudo; install ${missing[*]} by hand" >&2
+            exit 1
+        fi
+        SUDO=(sudo)
+    fi
+    # Through `env`: sudo drops the caller's environment. The lock timeout waits out an
+    # apt run of the system's own (a freshly booted machine's daily upgrade).
+    APT=("${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300)
+    "${APT[@]}" install -y -q "${missing[@]}" || { "${APT[@]}" update -q && "${APT[@]}" install -y -q "${missing[@]}"; }
+fi
+# The stores' scripts and commands need Redis 7 (an older one fails tests in unclear ways).
+redis_version="$(redis-server --version | sed -n 's/.* v=\([0-9]*\)\..*/\1/p')"
+if [ "${redis_version:-0}" -lt 7 ]; then
+    echo "test.sh: redis-server 7.0 or newer is needed; found: $(redis-server --version)" >&2
+    exit 1
 fi
 
 WORK="$(mktemp -d -t cim-test.XXXXXX)"
@@ -40,7 +55,8 @@ trap cleanup EXIT
 
 start_zookeeper "$WORK/zk" || exit 1
 export CIM_TEST_ZOOKEEPER="127.0.0.1:$ZK_PORT"
-export CIM_TEST_REDIS_SERVER="$(command -v redis-server)"
+CIM_TEST_REDIS_SERVER="$(command -v redis-server)"
+export CIM_TEST_REDIS_SERVER
 echo "test.sh: zookeeper on $CIM_TEST_ZOOKEEPER, redis-server at $CIM_TEST_REDIS_SERVER"
 
 cargo build --workspace --bins

@@ -23,7 +23,11 @@ NAMES=() # what each of PIDS is, for the CPU report
 cleanup() {
     local status=$?
     if [ "$status" -ne 0 ]; then
-        for log in "$WORK"/*.log; do echo "== $log" >&2; tail -n 5 "$log" >&2; done
+        for log in "$WORK"/*.log; do
+            [ -e "$log" ] || continue # failed before anything started
+            echo "== $log" >&2
+            tail -n 5 "$log" >&2
+        done
     fi
     # Newest first: servers and router drain and deregister (on SIGTERM) while ZooKeeper and
     # Redis are still up; each gets a few seconds before it is killed.

@@ -4,6 +4,9 @@
 #                         sets ZK_PORT and ZK_PID (stopping it is the caller's job)
 
 ZK_JAR=/usr/share/java/zookeeper.jar
+# Without an SLF4J binding ZooKeeper logs nothing; this one (libslf4j-java, which zookeeper
+# depends on) writes its warnings and errors to the log, so a failed start says why.
+ZK_SLF4J=/usr/share/java/slf4j-simple.jar
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -11,7 +14,11 @@ free_port() {
 
 start_zookeeper() {
     local dir="$1"
-    ZK_PORT="$(free_port)"
+    ZK_PORT="$(free_port)" || true
+    if [ -z "$ZK_PORT" ]; then
+        echo "zookeeper: no free port found (free_port needs python3)" >&2
+        return 1
+    fi
     mkdir -p "$dir"
     cat > "$dir/zoo.cfg" <<CFG
 tickTime=500
@@ -24,11 +31,15 @@ maxClientCnxns=0
 admin.enableServer=false
 4lw.commands.whitelist=ruok
 CFG
-    java -Xmx256m -cp "/etc/zookeeper/conf:$ZK_JAR" org.apache.zookeeper.server.ZooKeeperServerMain \
-        "$dir/zoo.cfg" > "$dir/zookeeper.log" 2>&1 &
+    local classpath="/etc/zookeeper/conf:$ZK_JAR"
+    [ ! -f "$ZK_SLF4J" ] || classpath="$classpath:$ZK_SLF4J"
+    java -Xmx256m -Dorg.slf4j.simpleLogger.defaultLogLevel=warn -cp "$classpath" \
+        org.apache.zookeeper.server.ZooKeeperServerMain "$dir/zoo.cfg" > "$dir/zookeeper.log" 2>&1 &
     ZK_PID=$!
     for _ in $(seq 1 120); do
         [ "$(zookeeper_ruok)" = "imok" ] && return 0
+        # Exited (a bad configuration, the port taken): no use waiting.
+        kill -0 "$ZK_PID" 2>/dev/null || break
         sleep 0.25
     done
     echo "zookeeper did not start; log:" >&2
