@@ -1,7 +1,8 @@
 //! Nothing lost: through a lossy relay, across blackouts, socket rebinds, retries, sends that
 //! share a stream (also cut off by a blackout), a message stored while its recipient logs in
 //! or while its connected recipient's route was missing,
-//! a login storm whose session reports travel in batches, and a killed server, every acked
+//! a login storm whose session reports travel in batches, a killed server and a killed router
+//! (one of two), every acked
 //! message reaches its recipient exactly once and in order. Each scenario runs on the
 //! in-memory store and on a real Redis, except the login race and the login storm, which need
 //! a store that stops or slows down at the right moment.
@@ -751,6 +752,91 @@ async fn a_server_killed_mid_stream_loses_no_acked_message() -> anyhow::Result<(
     let want: Vec<String> = acked.iter().map(|i| format!("s{i}")).collect();
     assert_eq!(bodies, want, "every acked message exactly once, in order");
     assert_nothing_more(&alice, &bob, &mut bob_events).await?;
+    Ok(())
+}
+
+/// Messages (`Event::Message`) until `want` of them came, whatever else happens meanwhile
+/// (presence, reconnects).
+async fn messages(events: &mut Events, want: usize) -> anyhow::Result<Vec<String>> {
+    let mut got = Vec::with_capacity(want);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while got.len() < want {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match next_event(events, left).await {
+            Ok(Event::Message(m)) => got.push(m.body),
+            Ok(_) => {}
+            Err(e) => anyhow::bail!("{e:#}: got {} of {want}: {got:?}", got.len()),
+        }
+    }
+    Ok(got)
+}
+
+/// Two routers, and the one that is not the clients' HTTPS router is killed (`kill -9`) while
+/// a sender sends private and named-group messages back to back: whatever it held (a forward
+/// read, an append made, a push not yet sent) is resent or pulled, so every acked message
+/// reaches each recipient exactly once, in the order it was acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_killed_mid_stream_loses_no_acked_message() -> anyhow::Result<()> {
+    let mut cluster = ProcCluster::start(2, 2, "round-robin").await?;
+    let config = cluster.client_config(0);
+    let mut logins = Vec::new();
+    for name in ["alice", "bob", "carol"] {
+        cim_client::register(&config, name, "password").await?;
+        logins.push(Client::login(&config, name, "password", LoginOptions::default()).await?);
+    }
+    let (carol, mut carol_events) = logins.pop().unwrap();
+    let (bob, mut bob_events) = logins.pop().unwrap();
+    let (alice, _alice_events) = logins.pop().unwrap();
+    alice.create_group("crew").await?;
+    bob.join_group("crew").await?;
+    carol.join_group("crew").await?;
+
+    let n = 300;
+    let to = bob.info().user_id;
+    let (progress_tx, mut progress) = tokio::sync::mpsc::channel(n);
+    let sender = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for i in 0..n {
+            let sent = if i % 3 == 2 {
+                alice.send_group("crew", &format!("g{i}")).await
+            } else {
+                alice.send_private(to, &format!("p{i}")).await
+            };
+            match sent {
+                Ok(_) => acked.push(i),
+                Err(e) => eprintln!("send {i} not acked: {e}"),
+            }
+            let _ = progress_tx.send(i).await;
+        }
+        (alice, acked)
+    });
+    while let Some(i) = progress.recv().await {
+        if i == 100 {
+            break;
+        }
+    }
+    cluster.routers[1].1.child.kill().await?;
+    while progress.recv().await.is_some() {}
+    let (alice, acked) = sender.await?;
+    assert!(acked.len() >= n - 10, "only {} of {n} acked", acked.len());
+
+    let body = |i: &usize| format!("{}{i}", if i % 3 == 2 { 'g' } else { 'p' });
+    let want_bob: Vec<String> = acked.iter().map(body).collect();
+    let want_carol: Vec<String> = acked.iter().filter(|i| *i % 3 == 2).map(body).collect();
+    assert_eq!(
+        messages(&mut bob_events, want_bob.len()).await?,
+        want_bob,
+        "bob"
+    );
+    assert_eq!(
+        messages(&mut carol_events, want_carol.len()).await?,
+        want_carol,
+        "carol"
+    );
+    // Nothing after them: no duplicate was on its way.
+    alice.send_group("crew", "last").await?;
+    assert_eq!(messages(&mut bob_events, 1).await?, ["last"]);
+    assert_eq!(messages(&mut carol_events, 1).await?, ["last"]);
     Ok(())
 }
 
