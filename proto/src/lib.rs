@@ -124,6 +124,12 @@ pub fn decode_frame<M: Message + Default>(
     Ok(Some((M::decode(body)?, LENGTH_PREFIX + len)))
 }
 
+/// Bytes of a frame's body set aside before any of it has arrived; a longer body's buffer grows
+/// as its bytes come (doubling, never past the announced length). A peer that sends length
+/// prefixes alone, on every stream it may open, so holds this much per stream instead of its
+/// frame limit.
+const FIRST_BODY_ALLOCATION: usize = 1024;
+
 /// Reads one frame. Returns `Ok(None)` if the stream ends cleanly before a new frame starts.
 pub async fn read_frame<M, R>(reader: &mut R, max: usize) -> Result<Option<M>, FrameError>
 where
@@ -147,14 +153,16 @@ where
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
-    let mut body = vec![0u8; len];
-    reader.read_exact(&mut body).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            FrameError::Truncated
-        } else {
-            FrameError::Io(e)
+    let mut body = Vec::with_capacity(len.min(FIRST_BODY_ALLOCATION));
+    while body.len() < len {
+        let remaining = len - body.len();
+        if body.len() == body.capacity() {
+            body.reserve_exact(remaining.min(body.capacity()));
         }
-    })?;
+        if reader.read_buf(&mut (&mut body).limit(remaining)).await? == 0 {
+            return Err(FrameError::Truncated);
+        }
+    }
     Ok(Some(M::decode(body.as_slice())?))
 }
 
@@ -410,5 +418,66 @@ mod tests {
             read_frame::<ChatMessage, _>(&mut big, 1024).await,
             Err(FrameError::TooLarge { .. })
         ));
+    }
+
+    /// A reader handing out `data` a few bytes at a time, recording the most room any read
+    /// offered it.
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        step: usize,
+        most_room: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let this = &mut *self;
+            this.most_room = this.most_room.max(buf.remaining());
+            let n = this
+                .step
+                .min(buf.remaining())
+                .min(this.data.len() - this.at);
+            buf.put_slice(&this.data[this.at..this.at + n]);
+            this.at += n;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_into_room_that_grows_as_it_comes() {
+        let body = "x".repeat(20_000);
+        let frame = encode_frame(&chat(body.clone(), 3, 4), 64 * 1024).unwrap();
+        // The prefix and the first bytes alone: the room offered stays at the first allocation.
+        let mut prefix_only = Trickle {
+            data: frame[..LENGTH_PREFIX + 10].to_vec(),
+            at: 0,
+            step: 7,
+            most_room: 0,
+        };
+        assert!(matches!(
+            read_frame::<ChatMessage, _>(&mut prefix_only, 64 * 1024).await,
+            Err(FrameError::Truncated)
+        ));
+        assert!(
+            prefix_only.most_room <= FIRST_BODY_ALLOCATION,
+            "{}",
+            prefix_only.most_room
+        );
+        // All of it, in small pieces and whole: the same message.
+        for step in [1000, frame.len()] {
+            let mut whole = Trickle {
+                data: frame.to_vec(),
+                at: 0,
+                step,
+                most_room: 0,
+            };
+            let back: ChatMessage = read_required(&mut whole, 64 * 1024).await.unwrap();
+            assert_eq!(back.body, body);
+            assert_eq!(whole.at, frame.len(), "read past the frame");
+        }
     }
 }
