@@ -7,7 +7,7 @@ use std::sync::Arc;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+pub use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 pub use prometheus_client::registry::Registry;
 
@@ -155,6 +155,9 @@ pub struct ServerMetrics {
     pub delivery_failures: Counter,
     /// Sends refused by the per-session rate limit.
     pub rate_limited: Counter,
+    /// Bytes of messages waiting in the sessions' outboxes or on their way to clients, each
+    /// message counted once however many sessions it waits for.
+    pub queued_bytes: Gauge,
 }
 
 impl ServerMetrics {
@@ -203,6 +206,11 @@ impl ServerMetrics {
             "Sends refused by the rate limit",
             m.rate_limited.clone(),
         );
+        r.register(
+            "queued_bytes",
+            "Bytes of messages waiting for delivery to clients",
+            m.queued_bytes.clone(),
+        );
         Arc::new(m)
     }
 
@@ -218,6 +226,7 @@ impl ServerMetrics {
             deliveries: Counter::default(),
             delivery_failures: Counter::default(),
             rate_limited: Counter::default(),
+            queued_bytes: Gauge::default(),
         }
     }
 }

@@ -1613,6 +1613,29 @@ async fn a_delivery_never_acked_does_not_hold_up_the_next() -> anyhow::Result<()
     scene.still_chatting().await
 }
 
+/// Pings on a raw session's control stream and returns its Pong's `missed_up_to`.
+async fn pong_missed_up_to(
+    control_send: &mut quinn::SendStream,
+    control_recv: &mut quinn::RecvStream,
+    nonce: u64,
+) -> anyhow::Result<u64> {
+    let ping = ClientControl {
+        kind: Some(client_control::Kind::Ping(Ping {
+            nonce,
+            ..Default::default()
+        })),
+    };
+    write_frame(control_send, &ping, 4096).await?;
+    loop {
+        let frame: ServerControl = read_required(control_recv, 4096).await?;
+        if let Some(server_control::Kind::Pong(pong)) = frame.kind
+            && pong.nonce == nonce
+        {
+            return Ok(pong.missed_up_to);
+        }
+    }
+}
+
 /// A delivery the server gave up on (here the client refused its stream) is named in the next
 /// Pong: a client that stays connected and gets no later message would otherwise never learn
 /// to pull it.
@@ -1625,21 +1648,7 @@ async fn a_dropped_delivery_is_named_in_the_next_pong() -> anyhow::Result<()> {
     let mut nonce = 0;
     let mut missed_up_to = async || -> anyhow::Result<u64> {
         nonce += 1;
-        let ping = ClientControl {
-            kind: Some(client_control::Kind::Ping(Ping {
-                nonce,
-                ..Default::default()
-            })),
-        };
-        write_frame(&mut control_send, &ping, 4096).await?;
-        loop {
-            let frame: ServerControl = read_required(&mut control_recv, 4096).await?;
-            if let Some(server_control::Kind::Pong(pong)) = frame.kind
-                && pong.nonce == nonce
-            {
-                return Ok(pong.missed_up_to);
-            }
-        }
+        pong_missed_up_to(&mut control_send, &mut control_recv, nonce).await
     };
     assert_eq!(missed_up_to().await?, 0);
     scene.alice.send_private(carol, "refused").await?;
@@ -1657,6 +1666,40 @@ async fn a_dropped_delivery_is_named_in_the_next_pong() -> anyhow::Result<()> {
         assert!(
             tokio::time::Instant::now() < deadline,
             "missed_up_to stayed {missed}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    scene.still_chatting().await
+}
+
+/// A client that takes none of its deliveries (it accepts no stream, acks nothing) holds about
+/// a megabyte of them on the server, not its queue's 4,096 of the largest messages (64 MiB):
+/// what comes past it is dropped at once and named in the next Pong, long before the delivery
+/// timeout (10 s) would drop the lot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_takes_nothing_holds_a_megabyte_not_its_whole_queue() -> anyhow::Result<()> {
+    let mut scene = Scene::with(|c| c.heartbeat_timeout = Duration::from_secs(30)).await?;
+    let (carol, token) = scene.http_login("carol").await?;
+    let (_conn, code, mut control_send, mut control_recv) =
+        scene.raw_session(&token, false).await?;
+    assert_eq!(code, "");
+    let started = tokio::time::Instant::now();
+    let body = "x".repeat(16_000);
+    let n = 100;
+    for _ in 0..n {
+        scene.alice.send_private(carol, &body).await?;
+    }
+    // Carol's inbox seqs are 1..=n: the last was dropped as it came.
+    let mut nonce = 0;
+    loop {
+        nonce += 1;
+        let missed = pong_missed_up_to(&mut control_send, &mut control_recv, nonce).await?;
+        if missed == n {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "missed_up_to stayed {missed}: the queue took everything"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

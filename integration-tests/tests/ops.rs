@@ -199,6 +199,7 @@ async fn a_servers_ops_endpoint_answers_and_closes_what_never_finishes_a_request
     let metrics = get(&ops, "/metrics").await?;
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     metric_value(&metrics, "cim_server_logins_total")?;
+    assert_eq!(metric_value(&metrics, "cim_server_queued_bytes")?, 0.0);
     assert!(
         get(&ops, "/nothing-here")
             .await?

@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cim_core::metrics::Gauge;
 use cim_core::transport::read_only_frame;
 use cim_proto::v1::DeliveryAck;
 use cim_proto::{FrameError, SharedDelivery, encode_delivery_batch};
@@ -38,6 +39,40 @@ const MAX_BATCH: usize = 128;
 const MAX_BATCH_BYTES: usize = cim_proto::DEFAULT_MAX_FRAME / 2;
 /// Deliveries waiting for one session before new ones are left to the client's pull.
 const MAX_PENDING: usize = 4096;
+/// Bytes of deliveries (as a batch carries them) waiting for one session before new ones are
+/// left to the client's pull: a client that takes its streams slowly (acking each just before
+/// [`DELIVERY_TIMEOUT`]) held up to [`MAX_PENDING`] of the largest messages, 64 MiB, for as
+/// long as its senders kept the queue full.
+const MAX_PENDING_BYTES: usize = 1024 * 1024;
+/// Bytes of messages waiting in all of a server's outboxes (each counted once, however many
+/// sessions it waits for) past which a session that already has deliveries waiting takes no
+/// more: many slow sessions, each within its own cap, cannot take the server's memory either.
+/// A session with none waiting still takes each delivery, so clients that keep up see no
+/// difference; the others pull.
+const MAX_QUEUED_BYTES: i64 = 256 * 1024 * 1024;
+
+/// A pushed message, encoded once for all its recipients on this server, counted in the
+/// server's `queued_bytes` until no outbox holds it any more.
+pub(crate) struct QueuedMessage {
+    delivery: SharedDelivery,
+    queued_bytes: Gauge,
+}
+
+impl QueuedMessage {
+    pub(crate) fn new(delivery: SharedDelivery, queued_bytes: &Gauge) -> Arc<Self> {
+        queued_bytes.inc_by(delivery.batch_len(0) as i64);
+        Arc::new(Self {
+            delivery,
+            queued_bytes: queued_bytes.clone(),
+        })
+    }
+}
+
+impl Drop for QueuedMessage {
+    fn drop(&mut self) {
+        self.queued_bytes.dec_by(self.delivery.batch_len(0) as i64);
+    }
+}
 
 /// The deliveries waiting for one session, and the tasks sending them.
 pub(crate) struct Outbox {
@@ -49,18 +84,20 @@ pub(crate) struct Outbox {
 /// One recipient's delivery: its inbox seq and the message, encoded once for all recipients.
 pub(crate) struct Queued {
     pub(crate) seq: u64,
-    pub(crate) message: SharedDelivery,
+    pub(crate) message: Arc<QueuedMessage>,
 }
 
 impl Queued {
     fn batch_len(&self) -> usize {
-        self.message.batch_len(self.seq)
+        self.message.delivery.batch_len(self.seq)
     }
 }
 
 #[derive(Default)]
 struct Queue {
     pending: VecDeque<Queued>,
+    /// [`Queued::batch_len`] of everything in `pending`.
+    pending_bytes: usize,
     /// The session is not confirmed yet: deliveries queue, none leaves (see [`Outbox::held`]).
     held: bool,
     senders: usize,
@@ -82,6 +119,21 @@ struct Queue {
 const BEHIND_SETTLE: Duration = Duration::from_secs(1);
 
 impl Queue {
+    /// Whether a delivery of `len` bytes may wait here: always when nothing else waits (the
+    /// client keeps up), else within [`MAX_PENDING`] and [`MAX_PENDING_BYTES`] and while the
+    /// server is not `crowded` (see [`MAX_QUEUED_BYTES`]).
+    fn admits(&self, len: usize, crowded: bool) -> bool {
+        self.pending.is_empty()
+            || (self.pending.len() < MAX_PENDING
+                && self.pending_bytes + len <= MAX_PENDING_BYTES
+                && !crowded)
+    }
+
+    fn enqueue(&mut self, delivery: Queued) {
+        self.pending_bytes += delivery.batch_len();
+        self.pending.push_back(delivery);
+    }
+
     /// See [`Outbox::behind`].
     fn behind(&mut self, head: u64, now: Instant) {
         let reported = self.behind.map_or(0, |(head, _)| head);
@@ -124,6 +176,7 @@ impl Queue {
             bytes += len;
             batch.extend(self.pending.pop_front());
         }
+        self.pending_bytes -= bytes;
         batch
     }
 }
@@ -186,15 +239,17 @@ impl Outbox {
     }
 
     /// Queues `delivery` and starts a sender if it wants one ([`Queue::wants_sender`]).
-    /// Returns false (and drops the delivery) when the session is hopelessly behind.
+    /// Returns false (and drops the delivery, for the client to pull) when the session is
+    /// too far behind ([`Queue::admits`]).
     pub(crate) fn push(self: &Arc<Self>, delivery: Queued, state: &Arc<State>) -> bool {
+        let crowded = state.config.metrics.queued_bytes.get() > MAX_QUEUED_BYTES;
         let mut queue = self.queue();
         queue.told_up_to = queue.told_up_to.max(delivery.seq);
-        if queue.pending.len() >= MAX_PENDING {
+        if !queue.admits(delivery.batch_len(), crowded) {
             queue.missed_up_to = queue.missed_up_to.max(delivery.seq);
             return false;
         }
-        queue.pending.push_back(delivery);
+        queue.enqueue(delivery);
         self.start_sender_if_wanted(&mut queue, state);
         true
     }
@@ -261,6 +316,7 @@ impl Outbox {
                         let mut queue = self.queue();
                         queue.senders -= 1;
                         let pending = std::mem::take(&mut queue.pending);
+                        queue.pending_bytes = 0;
                         let pending_up_to = pending.iter().map(|q| q.seq).max().unwrap_or(0);
                         queue.missed_up_to = queue.missed_up_to.max(batch_up_to).max(pending_up_to);
                         pending.len() as u64
@@ -306,7 +362,7 @@ async fn send_batch(
     deliveries: Vec<Queued>,
 ) -> Result<u64, DeliveryError> {
     let frame = encode_delivery_batch(
-        deliveries.iter().map(|d| (d.seq, &d.message)),
+        deliveries.iter().map(|d| (d.seq, &d.message.delivery)),
         cim_proto::DEFAULT_MAX_FRAME,
     )?;
     let (mut send, mut recv) = conn.open_bi().await?;
@@ -322,23 +378,85 @@ mod tests {
     use super::*;
     use cim_proto::v1::{Delivery, DeliveryBatch};
 
+    fn queued(seq: u64, body_len: usize, queued_bytes: &Gauge) -> Queued {
+        Queued {
+            seq,
+            message: QueuedMessage::new(
+                SharedDelivery::new(Delivery {
+                    body: "x".repeat(body_len),
+                    ..Default::default()
+                }),
+                queued_bytes,
+            ),
+        }
+    }
+
     fn queue_of(bodies: &[usize]) -> Queue {
-        Queue {
-            pending: bodies
-                .iter()
-                .enumerate()
-                .map(|(i, len)| Queued {
-                    seq: i as u64 + 1,
-                    message: SharedDelivery::new(Delivery {
-                        body: "x".repeat(*len),
-                        ..Default::default()
-                    }),
-                })
-                .collect(),
+        let mut queue = Queue {
             held: false,
             senders: 1,
             ..Queue::default()
+        };
+        let gauge = Gauge::default();
+        for (i, len) in bodies.iter().enumerate() {
+            queue.enqueue(queued(i as u64 + 1, *len, &gauge));
         }
+        queue
+    }
+
+    #[test]
+    fn a_session_behind_takes_deliveries_within_its_caps_and_the_servers() {
+        let gauge = Gauge::default();
+        let mut queue = queue_of(&[]);
+        let big = queued(1, 16_000, &gauge);
+        assert!(queue.admits(big.batch_len(), true), "nothing waits: always");
+        queue.enqueue(big);
+        assert!(
+            !queue.admits(10, true),
+            "a crowded server keeps only what keeps up"
+        );
+        assert!(queue.admits(10, false));
+        // The byte cap: about 65 of the largest messages wait, not MAX_PENDING of them.
+        let mut seq = 1;
+        loop {
+            let next = queued(seq + 1, 16_000, &gauge);
+            if !queue.admits(next.batch_len(), false) {
+                break;
+            }
+            queue.enqueue(next);
+            seq += 1;
+        }
+        assert!(
+            (60..=66).contains(&queue.pending.len()),
+            "{}",
+            queue.pending.len()
+        );
+        assert!(queue.pending_bytes <= MAX_PENDING_BYTES);
+        // The count cap, for small ones.
+        let mut small = queue_of(&[1; MAX_PENDING - 1]);
+        assert!(small.admits(10, false));
+        small.enqueue(queued(MAX_PENDING as u64, 1, &gauge));
+        assert!(!small.admits(10, false));
+        // Batches taken give their bytes back.
+        while !queue.take_batch().is_empty() {}
+        assert_eq!(queue.pending_bytes, 0);
+    }
+
+    #[test]
+    fn a_message_counts_in_the_servers_queued_bytes_until_its_last_copy_is_gone() {
+        let gauge = Gauge::default();
+        let first = queued(1, 1000, &gauge);
+        let len = first.message.delivery.batch_len(0) as i64;
+        assert_eq!(gauge.get(), len);
+        let second = Queued {
+            seq: 2,
+            message: first.message.clone(),
+        };
+        assert_eq!(gauge.get(), len, "shared by two sessions: counted once");
+        drop(first);
+        assert_eq!(gauge.get(), len);
+        drop(second);
+        assert_eq!(gauge.get(), 0);
     }
 
     #[test]
@@ -391,7 +509,7 @@ mod tests {
         while !queue.pending.is_empty() {
             let batch = queue.take_batch();
             let frame = encode_delivery_batch(
-                batch.iter().map(|d| (d.seq, &d.message)),
+                batch.iter().map(|d| (d.seq, &d.message.delivery)),
                 cim_proto::DEFAULT_MAX_FRAME,
             )
             .unwrap();

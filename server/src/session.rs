@@ -30,7 +30,7 @@ use tracing::Instrument;
 use crate::ServerConfig;
 use crate::links::{LinkError, RouterLinks};
 use crate::mailbox::{self, mailbox};
-use crate::outbox::{Outbox, Queued};
+use crate::outbox::{Outbox, Queued, QueuedMessage};
 
 /// Largest control frame (a login carries a token of at most 2 KiB).
 const MAX_CONTROL_FRAME: usize = 4 * 1024;
@@ -375,7 +375,10 @@ impl State {
     ) -> (Vec<u64>, Vec<u64>) {
         let mut delivered = Vec::with_capacity(recipients.len());
         let mut absent = Vec::new();
-        let message = SharedDelivery::new(delivery);
+        let message = QueuedMessage::new(
+            SharedDelivery::new(delivery),
+            &self.config.metrics.queued_bytes,
+        );
         let push = |outbox: &Arc<Outbox>, user: u64, seq: u64| {
             let queued = Queued {
                 seq,
