@@ -217,6 +217,43 @@ async fn relogin(api: &RouterApi, token: &str) -> Result<String, (u16, String)> 
     }
 }
 
+/// A token's re-login makes a new login whose token may re-log in at once (its route is not
+/// confirmed yet): a user's chain of them stops at 30 a minute, each link having left a
+/// revocation mark and a kick behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_token_re_logins_is_limited_per_user() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let config = cluster.client_config();
+    let api = RouterApi::new(&config)?;
+    let (alice, _alice_events) = cluster.user("alice").await?;
+    let mut token = alice.token();
+    alice.close().await;
+    token = eventually(WAIT, || {
+        let (api, token) = (&api, &token);
+        async move { relogin(api, token).await.ok() }
+    })
+    .await?;
+    for link in 2..=30 {
+        token = relogin(&api, &token)
+            .await
+            .unwrap_or_else(|e| panic!("re-login {link} refused: {e:?}"));
+    }
+    assert_eq!(
+        relogin(&api, &token).await,
+        Err((429, "rate_limited".into()))
+    );
+    // Someone else's chain is their own.
+    let (bob, _bob_events) = cluster.user("bob").await?;
+    let bobs = bob.token();
+    bob.close().await;
+    eventually(WAIT, || {
+        let (api, bobs) = (&api, &bobs);
+        async move { relogin(api, bobs).await.ok() }
+    })
+    .await?;
+    Ok(())
+}
+
 /// An expired token whose login a newer one replaced is refused as replaced, not just as
 /// expired: on a plain `unauthorized` the client logs in with its password and takeover, so a
 /// laptop that slept past its token's life took the user back from the phone that logged in

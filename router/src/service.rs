@@ -61,6 +61,11 @@ pub struct Member {
 const LOGIN_WINDOW: Duration = Duration::from_secs(60);
 /// Window of the per-user API request limit.
 const API_WINDOW: Duration = Duration::from_secs(1);
+/// Token re-logins of one user per [`LOGIN_WINDOW`]. Each makes a new login, whose own token
+/// may re-log in at once (its route is unconfirmed), and leaves a revocation mark for a token
+/// lifetime and a kick: a chain of them at HTTPS speed left millions of marks behind. A
+/// client whose new server keeps failing re-logs in a few times a minute (it backs off).
+const RELOGINS_PER_USER: u32 = 30;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Limiter state stays usable even if a holder panicked: worst case a count is off.
@@ -276,6 +281,8 @@ pub struct Service {
     registrations: Mutex<WindowCounter<IpAddr>>,
     /// Authenticated API requests per login (user id, session id) per second.
     api_requests: Mutex<WindowCounter<(u64, u64)>>,
+    /// Token re-logins per user per minute ([`RELOGINS_PER_USER`]).
+    relogins: Mutex<WindowCounter<u64>>,
     /// Sends to one group are appended under one of these locks, so every member's inbox
     /// holds the group's messages in the same order.
     group_locks: Vec<tokio::sync::Mutex<()>>,
@@ -416,6 +423,7 @@ impl Service {
             login_attempts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             registrations: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             api_requests: Mutex::new(WindowCounter::new(API_WINDOW, 100_000)),
+            relogins: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             group_locks: (0..GROUP_LOCKS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -548,6 +556,10 @@ impl Service {
                     return Err(self.login_refused(e, "re-login"));
                 }
             };
+            if lock(&self.relogins).count(&claims.user_id, now) >= RELOGINS_PER_USER {
+                let e = ServiceError::RateLimited("too many re-logins for this user; slow down");
+                return Err(self.login_refused(e, "re-login"));
+            }
             // The claim ends the token's login in the same atomic step, and only if the login
             // and the user's route are still as checked: of two re-logins with one token (a
             // client's retry racing its first attempt, or a leaked token), one wins.
@@ -577,6 +589,7 @@ impl Service {
                 Err(e) => return Err(e),
             }
         };
+        lock(&self.relogins).hit(claims.user_id, now);
         self.config.metrics.relogins.inc();
         tracing::info!(user = claims.user_id, from = %claims.server_id, "re-login with token");
         Ok(grant)
