@@ -34,6 +34,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     "${APT[@]}" install -y -q "${missing[@]}" || { "${APT[@]}" update -q && "${APT[@]}" install -y -q "${missing[@]}"; }
 fi
 # The stores' scripts and commands need Redis 7 (an older one fails tests in unclear ways).
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "test.sh: redis-server is missing (its install failed?)" >&2
+    exit 1
+fi
 redis_version="$(redis-server --version | sed -n 's/.* v=\([0-9]*\)\..*/\1/p')"
 if [ "${redis_version:-0}" -lt 7 ]; then
     echo "test.sh: redis-server 7.0 or newer is needed; found: $(redis-server --version)" >&2

@@ -384,6 +384,32 @@ async fn a_server_id_back_at_another_address_loses_the_old_routes() -> anyhow::R
     Ok(())
 }
 
+/// A server id back at the same address with another incarnation (a process restarted
+/// within the departure grace, before the routers saw it leave) is a new process without the
+/// old one's sessions: the old routes go (the clients resume on it or log in again), instead
+/// of refusing their token re-logins as live until the lease ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_id_back_with_another_incarnation_loses_the_old_routes() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let (bob_id, mut server, _clients) = pals_on_one_server(&cluster).await?;
+    let store = &cluster.embedded.store;
+    let old_session = store.routes(&[bob_id]).await?[0]
+        .clone()
+        .context("bob has a route")?
+        .session_id;
+    server.incarnation = server.incarnation.wrapping_add(1);
+    cluster.embedded.discovery.register_server(server).await?;
+    eventually(WAIT, || async {
+        let route = store.routes(&[bob_id]).await.ok()?.pop()?;
+        route
+            .is_none_or(|route| route.session_id != old_session)
+            .then_some(())
+    })
+    .await
+    .context("bob's route from the old incarnation stays")?;
+    Ok(())
+}
+
 /// A big group's member listing (1,000 members or more: a route and an account read per
 /// member) is read at most once a second, however often it is asked for: any user may join
 /// any group, and listing the biggest at the API limit kept the store busy.

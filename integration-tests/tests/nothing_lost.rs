@@ -818,7 +818,9 @@ async fn a_router_killed_mid_stream_loses_no_acked_message() -> anyhow::Result<(
     cluster.routers[1].1.child.kill().await?;
     while progress.recv().await.is_some() {}
     let (alice, acked) = sender.await?;
-    assert!(acked.len() >= n - 10, "only {} of {n} acked", acked.len());
+    // The servers send what a dead router held to the other one, and the clients resend what
+    // they were told to: every send is acked in the end.
+    assert_eq!(acked.len(), n, "only {} of {n} acked", acked.len());
 
     let body = |i: &usize| format!("{}{i}", if i % 3 == 2 { 'g' } else { 'p' });
     let want_bob: Vec<String> = acked.iter().map(body).collect();

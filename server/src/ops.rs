@@ -38,8 +38,12 @@ pub(crate) async fn serve(
 ) {
     let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok(place) = places.clone().acquire_owned().await else {
-            return;
+        let place = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            place = places.clone().acquire_owned() => match place {
+                Ok(place) => place,
+                Err(_) => return,
+            },
         };
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
