@@ -34,6 +34,10 @@ const PUSHES_WAITING: usize = 4 * PUSH_QUEUE;
 /// Most of those waiting for one server: a server that hangs (its link up, its answers gone)
 /// fills its own queue and this many places, and leaves the rest to servers that answer.
 const PUSHES_WAITING_PER_SERVER: usize = PUSHES_WAITING / 4;
+/// Encoded bytes of the pushes queued or waiting for one server before new ones are dropped
+/// (for the recipients to pull): the counts above alone let a server that stops answering
+/// hold thousands of broadcast pushes of 50,000 recipients, half a megabyte each.
+const MAX_QUEUED_PUSH_BYTES: usize = 64 * 1024 * 1024;
 /// Most pushes in one batch.
 const MAX_BATCH: usize = 256;
 /// Most encoded bytes of pushes in one batch: half the frame limit, so that a batch of large
@@ -47,10 +51,18 @@ const MAX_PUSH_RECIPIENTS: usize = 50_000;
 /// [`MAX_BATCH`]); up to [`BATCHES_IN_FLIGHT`] batches travel at once.
 /// A push that fails leaves its entries in the inboxes: the recipients pull them when they
 /// see the gap or reconnect.
-async fn run_pusher(links: Arc<ServerLinks>, server_id: String, queue: mpsc::Receiver<Push>) {
+async fn run_pusher(
+    links: Arc<ServerLinks>,
+    server_id: String,
+    queue: mpsc::Receiver<Measured<Push>>,
+    queued_bytes: Arc<AtomicUsize>,
+) {
     let mut batches = Batcher::new(queue, BATCHES_IN_FLIGHT, MAX_BATCH)
-        .weighed(|push: &Push| push.encoded_len(), MAX_BATCH_BYTES);
+        .weighed(|push: &Measured<Push>| push.len, MAX_BATCH_BYTES);
     while let Some((batch, permit)) = batches.next().await {
+        let bytes: usize = batch.iter().map(|push| push.len).sum();
+        queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let batch: Vec<Push> = batch.into_iter().map(|push| push.item).collect();
         let links = links.clone();
         let server_id = server_id.clone();
         tokio::spawn(async move {
@@ -79,6 +91,12 @@ async fn run_pusher(links: Arc<ServerLinks>, server_id: String, queue: mpsc::Rec
             }
         });
     }
+}
+
+/// An item with its encoded length, measured once when it is queued.
+struct Measured<T> {
+    item: T,
+    len: usize,
 }
 
 /// Largest frame on router links.
@@ -149,8 +167,26 @@ impl Drop for WaitPlace {
 /// One server's push queue and the count of pushes waiting for room in it.
 #[derive(Clone)]
 struct Pusher {
-    queue: mpsc::Sender<Push>,
+    queue: mpsc::Sender<Measured<Push>>,
     waiting: Arc<AtomicUsize>,
+    /// Encoded bytes of this server's pushes queued or waiting ([`MAX_QUEUED_PUSH_BYTES`]).
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+impl Pusher {
+    /// Counts `len` more bytes queued, unless that would pass [`MAX_QUEUED_PUSH_BYTES`].
+    fn charge(&self, len: usize) -> bool {
+        if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > MAX_QUEUED_PUSH_BYTES {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Takes back bytes [`Pusher::charge`] counted for a push that never reached the queue.
+    fn refund(&self, len: usize) {
+        self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+    }
 }
 
 /// Connections to servers, by server id.
@@ -303,28 +339,41 @@ impl ServerLinks {
             tracing::debug!(server = %server_id, "no link to server; push skipped");
             return;
         };
-        match pusher.queue.try_send(push) {
+        let len = push.encoded_len();
+        if !pusher.charge(len) {
+            self.count_drop(server_id);
+            return;
+        }
+        match pusher.queue.try_send(Measured { item: push, len }) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(push)) => {
                 let server_id = server_id.to_string();
                 let Some(place) = self.waiting.take(&pusher.waiting) else {
-                    // Logged at the 1st, 2nd, 4th, 8th... drop, not at every one.
-                    let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                    if dropped.is_power_of_two() {
-                        tracing::warn!(server = %server_id, dropped, "push queues full; pushes dropped, recipients will pull");
-                    }
+                    pusher.refund(len);
+                    self.count_drop(&server_id);
                     return;
                 };
                 tokio::spawn(async move {
                     let _place = place;
                     if pusher.queue.send(push).await.is_err() {
+                        pusher.refund(len);
                         tracing::warn!(server = %server_id, "pusher stopped; recipients will pull");
                     }
                 });
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
+                pusher.refund(len);
                 tracing::warn!(server = %server_id, "pusher stopped; recipients will pull");
             }
+        }
+    }
+
+    /// Counts a push dropped for want of room, logged at the 1st, 2nd, 4th, 8th... drop, not
+    /// at every one.
+    fn count_drop(&self, server_id: &str) {
+        let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if dropped.is_power_of_two() {
+            tracing::warn!(server = %server_id, dropped, "push queues full; pushes dropped, recipients will pull");
         }
     }
 
@@ -339,10 +388,17 @@ impl ServerLinks {
             return None;
         }
         let (queue, rx) = mpsc::channel(PUSH_QUEUE);
-        tokio::spawn(run_pusher(self.clone(), server_id.to_string(), rx));
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(run_pusher(
+            self.clone(),
+            server_id.to_string(),
+            rx,
+            queued_bytes.clone(),
+        ));
         let pusher = Pusher {
             queue,
             waiting: Arc::new(AtomicUsize::new(0)),
+            queued_bytes,
         };
         pushers.insert(server_id.to_string(), pusher.clone());
         Some(pusher)
@@ -837,6 +893,21 @@ fn failure_result(e: &ServiceError) -> SessionResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_servers_queued_pushes_are_capped_in_bytes() {
+        let (queue, _pushes) = mpsc::channel(1);
+        let pusher = Pusher {
+            queue,
+            waiting: Arc::default(),
+            queued_bytes: Arc::default(),
+        };
+        assert!(pusher.charge(MAX_QUEUED_PUSH_BYTES - 10));
+        assert!(!pusher.charge(11), "past the cap");
+        assert!(pusher.charge(10), "a refused charge took nothing");
+        pusher.refund(10);
+        assert!(pusher.charge(10));
+    }
 
     #[test]
     fn a_restarted_server_is_another_process_even_at_the_same_address() {
