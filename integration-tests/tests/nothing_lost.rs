@@ -708,43 +708,66 @@ on_both_backends!(
     shared_send_streams_cut_by_a_blackout_are_retried_once,
 );
 
+/// Registers and logs in a user for each of `names`, in order.
+async fn logged_in(config: &ClientConfig, names: &[&str]) -> anyhow::Result<Vec<(Client, Events)>> {
+    let mut logins = Vec::new();
+    for name in names {
+        cim_client::register(config, name, "password").await?;
+        logins.push(Client::login(config, name, "password", LoginOptions::default()).await?);
+    }
+    Ok(logins)
+}
+
+/// Makes `n` sends back to back (`send(i)` the i-th) and runs `kill` once 100 of them went:
+/// the sends acked, by index.
+async fn sends_with_a_kill_midway(
+    n: usize,
+    mut send: impl AsyncFnMut(usize) -> Result<cim_client::Ack, cim_client::ClientError>,
+    kill: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<Vec<usize>> {
+    let (midway, at_midway) = tokio::sync::oneshot::channel();
+    let sending = async {
+        let mut midway = Some(midway);
+        let mut acked = Vec::new();
+        for i in 0..n {
+            match send(i).await {
+                Ok(_) => acked.push(i),
+                Err(e) => eprintln!("send {i} not acked: {e}"),
+            }
+            if i == 100
+                && let Some(midway) = midway.take()
+            {
+                let _ = midway.send(());
+            }
+        }
+        acked
+    };
+    let killing = async {
+        let _ = at_midway.await;
+        kill.await
+    };
+    let (acked, killed) = tokio::join!(sending, killing);
+    killed?;
+    Ok(acked)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_mid_stream_loses_no_acked_message() -> anyhow::Result<()> {
     let mut cluster = ProcCluster::start(1, 2, "round-robin").await?;
-    let config = cluster.client_config(0);
-    let mut logins = Vec::new();
-    for name in ["alice", "filler", "bob"] {
-        cim_client::register(&config, name, "password").await?;
-        logins.push(Client::login(&config, name, "password", LoginOptions::default()).await?);
-    }
+    let mut logins = logged_in(&cluster.client_config(0), &["alice", "filler", "bob"]).await?;
     let (bob, mut bob_events) = logins.pop().unwrap();
     let (alice, _alice_events) = logins.remove(0);
     // Round robin put alice and bob on the same server: killing it hits sender and recipient.
     assert_eq!(alice.info().server_id, bob.info().server_id);
     let doomed = alice.info().server_id.clone();
 
-    let n = 300;
     let to = bob.info().user_id;
-    let (progress_tx, mut progress) = tokio::sync::mpsc::channel(n);
-    let sender = tokio::spawn(async move {
-        let mut acked = Vec::new();
-        for i in 0..n {
-            match alice.send_private(to, &format!("s{i}")).await {
-                Ok(_) => acked.push(i),
-                Err(e) => eprintln!("send {i} not acked: {e}"),
-            }
-            let _ = progress_tx.send(i).await;
-        }
-        (alice, acked)
-    });
-    while let Some(i) = progress.recv().await {
-        if i == 100 {
-            break;
-        }
-    }
-    cluster.signal_server(&doomed, "KILL").await?;
-    while progress.recv().await.is_some() {}
-    let (alice, acked) = sender.await?;
+    let acked = sends_with_a_kill_midway(
+        300,
+        async |i| alice.send_private(to, &format!("s{i}")).await,
+        cluster.signal_server(&doomed, "KILL"),
+    )
+    .await?;
     assert!(acked.len() >= 100, "only {} acked", acked.len());
 
     let got = receive(&mut bob_events, acked.len(), Duration::from_secs(60)).await?;
@@ -778,12 +801,7 @@ async fn messages(events: &mut Events, want: usize) -> anyhow::Result<Vec<String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_killed_mid_stream_loses_no_acked_message() -> anyhow::Result<()> {
     let mut cluster = ProcCluster::start(2, 2, "round-robin").await?;
-    let config = cluster.client_config(0);
-    let mut logins = Vec::new();
-    for name in ["alice", "bob", "carol"] {
-        cim_client::register(&config, name, "password").await?;
-        logins.push(Client::login(&config, name, "password", LoginOptions::default()).await?);
-    }
+    let mut logins = logged_in(&cluster.client_config(0), &["alice", "bob", "carol"]).await?;
     let (carol, mut carol_events) = logins.pop().unwrap();
     let (bob, mut bob_events) = logins.pop().unwrap();
     let (alice, _alice_events) = logins.pop().unwrap();
@@ -793,31 +811,19 @@ async fn a_router_killed_mid_stream_loses_no_acked_message() -> anyhow::Result<(
 
     let n = 300;
     let to = bob.info().user_id;
-    let (progress_tx, mut progress) = tokio::sync::mpsc::channel(n);
-    let sender = tokio::spawn(async move {
-        let mut acked = Vec::new();
-        for i in 0..n {
-            let sent = if i % 3 == 2 {
+    let doomed = &mut cluster.routers[1].1.child;
+    let acked = sends_with_a_kill_midway(
+        n,
+        async |i| {
+            if i % 3 == 2 {
                 alice.send_group("crew", &format!("g{i}")).await
             } else {
                 alice.send_private(to, &format!("p{i}")).await
-            };
-            match sent {
-                Ok(_) => acked.push(i),
-                Err(e) => eprintln!("send {i} not acked: {e}"),
             }
-            let _ = progress_tx.send(i).await;
-        }
-        (alice, acked)
-    });
-    while let Some(i) = progress.recv().await {
-        if i == 100 {
-            break;
-        }
-    }
-    cluster.routers[1].1.child.kill().await?;
-    while progress.recv().await.is_some() {}
-    let (alice, acked) = sender.await?;
+        },
+        async { Ok(doomed.kill().await?) },
+    )
+    .await?;
     // The servers send what a dead router held to the other one, and the clients resend what
     // they were told to: every send is acked in the end.
     assert_eq!(acked.len(), n, "only {} of {n} acked", acked.len());
