@@ -1269,6 +1269,11 @@ impl Service {
         trim_up_to: Option<u64>,
         limit: u32,
     ) -> Result<PullResult, ServiceError> {
+        // Servers ask for at most 200; a page is never larger than an inbox.
+        let limit = limit.clamp(
+            1,
+            u32::try_from(self.config.inbox.max_len.max(1)).unwrap_or(u32::MAX),
+        );
         let trim_up_to = trim_up_to.map_or(after_seq, |trim| trim.min(after_seq));
         let page = self
             .store

@@ -466,13 +466,23 @@ async fn exchange<R: ProstMessage + Default>(
     cim_core::transport::exchange(conn, request, MAX_INTERNAL_FRAME).await
 }
 
-/// Accepts router connections until shutdown. Mutual TLS already refused peers without a
-/// certificate from the cluster CA.
+/// Router handshakes under way at once; past it new ones are refused (routers are few, and
+/// dial again).
+const MAX_ROUTER_HANDSHAKES: usize = 64;
+/// Time a router has to finish its handshake. Without it, a peer that reaches the internal
+/// port and never finishes one (it needs no certificate to start) kept each attempt for as
+/// long as it sent a packet every few seconds.
+const ROUTER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts router connections until shutdown. Mutual TLS refuses peers without a certificate
+/// from the cluster CA; [`MAX_ROUTER_HANDSHAKES`] and [`ROUTER_HANDSHAKE_TIMEOUT`] bound what
+/// the others hold meanwhile.
 pub(crate) async fn accept_routers(
     endpoint: quinn::Endpoint,
     state: Arc<State>,
     shutdown: CancellationToken,
 ) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_ROUTER_HANDSHAKES));
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -481,16 +491,26 @@ pub(crate) async fn accept_routers(
                 None => return,
             },
         };
+        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %incoming.remote_address(), "too many router handshakes under way; refused");
+            incoming.refuse();
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
             let peer = incoming.remote_address();
-            let conn = match incoming.await {
-                Ok(conn) => conn,
-                Err(e) => {
+            let conn = match tokio::time::timeout(ROUTER_HANDSHAKE_TIMEOUT, incoming).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
                     tracing::info!(%peer, error = %e, "router handshake refused");
                     return;
                 }
+                Err(_) => {
+                    tracing::info!(%peer, "router handshake timed out");
+                    return;
+                }
             };
+            drop(handshake);
             tracing::info!(%peer, "router connected");
             state.links.add(conn.clone());
             // A new router link may follow a moment out of discovery (routes removed) or a

@@ -1350,7 +1350,7 @@ async fn handle_message(
         Ok(m) => m,
         Err(e @ FrameError::TooLarge { .. }) => {
             let ack = refused(0, cim_proto::TOO_LARGE, &e.to_string());
-            write_frame(&mut send, &ack, 1024).await?;
+            write_acks(&mut send, &[ack]).await?;
             send.finish()?;
             return Err(e.into());
         }

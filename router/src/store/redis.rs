@@ -1138,7 +1138,7 @@ impl Store for RedisStore {
         // with more to come (a client stops pulling at that and never catches up), so the
         // scan goes on past them, at most through a whole capped inbox.
         let scans = limits.max_len / (limit + 1) + 2;
-        let mut entries = Vec::with_capacity(limit);
+        let mut entries = Vec::with_capacity(limit.min(256));
         let mut more = false;
         let mut cursor = after_seq;
         'scan: for scan in 0..scans {
