@@ -245,6 +245,42 @@ impl TestCluster {
         anyhow::ensure!(store.release_route(user, session, None).await?);
         Ok(())
     }
+
+    /// Registers server `server_id` again with another incarnation: to the routers, a new
+    /// process at the old address, without the old one's sessions.
+    pub async fn reincarnate_server(&self, server_id: &str) -> anyhow::Result<()> {
+        let discovery = &self.embedded.discovery;
+        let mut server = discovery
+            .servers()
+            .borrow()
+            .iter()
+            .find(|s| s.id == server_id)
+            .with_context(|| format!("server {server_id} is not in discovery"))?
+            .clone();
+        server.incarnation = server.incarnation.wrapping_add(1);
+        discovery.register_server(server).await?;
+        Ok(())
+    }
+}
+
+/// Waits (up to [`WAIT`]) for `events` to say that `user` went offline, past other events.
+pub async fn announced_offline(events: &mut Events, user: u64) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let event = next_event(events, left)
+            .await
+            .with_context(|| format!("user {user} was not announced offline"))?;
+        if let Event::Presence {
+            user_id,
+            online: false,
+            ..
+        } = event
+        {
+            anyhow::ensure!(user_id == user, "user {user_id} announced offline instead");
+            return Ok(());
+        }
+    }
 }
 
 /// Polls `check` until it yields a value or `timeout` passes.

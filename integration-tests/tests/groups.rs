@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use cim_client::{Client, Event, Events, LoginOptions};
 use cim_integration_tests::{
-    Backend, TestCluster, WAIT, eventually, metric_value, next_event, router_metrics,
+    Backend, TestCluster, WAIT, announced_offline, eventually, metric_value, next_event,
+    router_metrics,
 };
 use http::Method;
 
@@ -398,34 +399,10 @@ async fn a_server_id_back_with_another_incarnation_loses_the_old_routes() -> any
     bob.join_group("pals").await?;
     // Round robin: Alice is on the other server, where she hears of Bob's routes going.
     assert_ne!(alice.info().server_id, bob.info().server_id);
-    let mut server = cluster
-        .embedded
-        .discovery
-        .servers()
-        .borrow()
-        .iter()
-        .find(|s| s.id == bob.info().server_id)
-        .context("bob's server is in discovery")?
-        .clone();
-    server.incarnation = server.incarnation.wrapping_add(1);
-    cluster.embedded.discovery.register_server(server).await?;
-    // Bob's login may be announced first (they share a group now).
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let event = next_event(&mut alice_events, left)
-            .await
-            .context("bob's route from the old incarnation stays")?;
-        if let Event::Presence {
-            user_id,
-            online: false,
-            ..
-        } = event
-        {
-            assert_eq!(user_id, bob.info().user_id);
-            return Ok(());
-        }
-    }
+    cluster.reincarnate_server(&bob.info().server_id).await?;
+    announced_offline(&mut alice_events, bob.info().user_id)
+        .await
+        .context("bob's route from the old incarnation stays")
 }
 
 /// A big group's member listing (1,000 members or more: a route and an account read per

@@ -20,7 +20,9 @@ use async_trait::async_trait;
 use cim_client::{Client, ClientConfig, Event, Events, LoginOptions, Target};
 use cim_integration_tests::cluster::ProcCluster;
 use cim_integration_tests::relay::{Impairments, Relay};
-use cim_integration_tests::{Backend, TestCluster, WAIT, eventually, next_event, next_message};
+use cim_integration_tests::{
+    Backend, TestCluster, WAIT, announced_offline, eventually, next_event, next_message,
+};
 use cim_proto::v1::{ClientControl, Login, Ping, ServerControl, client_control, server_control};
 use cim_proto::{read_required, write_frame};
 use cim_router::store::{
@@ -876,6 +878,8 @@ struct PausingStore {
     trims: AtomicUsize,
     /// Trims still to fail (as on a store that is down), before any succeeds.
     failing_trims: AtomicUsize,
+    /// Removals of a departed server's routes still to fail, before any succeeds.
+    failing_removals: AtomicUsize,
     /// Private appends still to run and then fail (their reply lost).
     lost_append_replies: AtomicUsize,
     /// Group appends still to hold for `hold` (after `group_append_held` is notified).
@@ -901,6 +905,7 @@ impl PausingStore {
             route_reads_held: AtomicUsize::new(0),
             trims: AtomicUsize::new(0),
             failing_trims: AtomicUsize::new(0),
+            failing_removals: AtomicUsize::new(0),
             lost_append_replies: AtomicUsize::new(0),
             group_appends_held: AtomicUsize::new(0),
             group_append_held: Notify::new(),
@@ -1061,6 +1066,12 @@ impl Store for PausingStore {
         lost
     }
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError> {
+        let failing = self
+            .failing_removals
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(StoreError::Unavailable("removals fail in this test".into()));
+        }
         self.inner.remove_server_routes(server_id).await
     }
     async fn message_id(
@@ -1499,6 +1510,24 @@ async fn acks_a_router_could_not_trim_are_reported_again() -> anyhow::Result<()>
     })
     .await?;
     assert_eq!(store.failing_trims.load(Ordering::SeqCst), 0);
+    Ok(())
+}
+
+/// A departed (here: replaced) server's routes are removed even when the store fails the
+/// first try: a blip left its users online, and unannounced, until their leases ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_servers_routes_go_even_if_the_first_removal_fails() -> anyhow::Result<()> {
+    let store = PausingStore::new(Duration::ZERO);
+    let cluster = TestCluster::start_on_store(2, store.clone(), |_| {}).await?;
+    let (alice, mut alice_events) = cluster.user("alice").await?;
+    let (bob, _bob_events) = cluster.user("bob").await?;
+    alice.create_group("pals").await?;
+    bob.join_group("pals").await?;
+    assert_ne!(alice.info().server_id, bob.info().server_id);
+    store.failing_removals.store(1, Ordering::SeqCst);
+    cluster.reincarnate_server(&bob.info().server_id).await?;
+    announced_offline(&mut alice_events, bob.info().user_id).await?;
+    assert_eq!(store.failing_removals.load(Ordering::SeqCst), 0);
     Ok(())
 }
 
