@@ -48,6 +48,8 @@ pub struct RouterMetrics {
     pub https_handshakes: Counter,
     /// Of those, handshakes resumed from a session ticket (no certificate, no signature).
     pub https_resumed: Counter,
+    /// Routes removed because their server left or was replaced by a new process.
+    pub departed_routes: Counter,
 }
 
 impl RouterMetrics {
@@ -104,6 +106,11 @@ impl RouterMetrics {
             "HTTPS handshakes resumed from a session ticket",
             m.https_resumed.clone(),
         );
+        r.register(
+            "departed_routes",
+            "Routes removed because their server left or was replaced",
+            m.departed_routes.clone(),
+        );
         Arc::new(m)
     }
 
@@ -123,6 +130,7 @@ impl RouterMetrics {
             inbox_depth: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             https_handshakes: Counter::default(),
             https_resumed: Counter::default(),
+            departed_routes: Counter::default(),
         }
     }
 

@@ -261,25 +261,18 @@ impl TestCluster {
         discovery.register_server(server).await?;
         Ok(())
     }
-}
 
-/// Waits (up to [`WAIT`]) for `events` to say that `user` went offline, past other events.
-pub async fn announced_offline(events: &mut Events, user: u64) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let event = next_event(events, left)
-            .await
-            .with_context(|| format!("user {user} was not announced offline"))?;
-        if let Event::Presence {
-            user_id,
-            online: false,
-            ..
-        } = event
-        {
-            anyhow::ensure!(user_id == user, "user {user_id} announced offline instead");
-            return Ok(());
-        }
+    /// Waits (up to [`WAIT`]) until the router has removed `at_least` routes of servers that
+    /// left or were replaced (`cim_router_departed_routes_total`).
+    pub async fn wait_departed_routes(&self, at_least: f64) -> anyhow::Result<()> {
+        let api = cim_client::RouterApi::new(&self.client_config())?;
+        eventually(WAIT, || async {
+            let metrics = router_metrics(&api).await.ok()?;
+            let removed = metric_value(&metrics, "cim_router_departed_routes_total").ok()?;
+            (removed >= at_least).then_some(())
+        })
+        .await
+        .context("the departed server's routes stay")
     }
 }
 

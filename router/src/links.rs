@@ -524,6 +524,11 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
                     match service.store.remove_server_routes(&id).await {
                         Ok(users) => {
                             tracing::info!(server = %id, replaced, routes = users.len(), "server left; routes removed");
+                            service
+                                .config
+                                .metrics
+                                .departed_routes
+                                .inc_by(users.len() as u64);
                             for user in users {
                                 service.announce_presence(user, false);
                             }

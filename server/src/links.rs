@@ -483,6 +483,7 @@ pub(crate) async fn accept_routers(
     shutdown: CancellationToken,
 ) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_ROUTER_HANDSHAKES));
+    let mut refused: u64 = 0;
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -491,8 +492,20 @@ pub(crate) async fn accept_routers(
                 None => return,
             },
         };
+        // A place only for a peer that proved it receives packets at its address (a QUIC
+        // Retry, one round trip, no state kept): spoofed first packets cannot fill them.
+        if !incoming.remote_address_validated() {
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().refuse();
+            }
+            continue;
+        }
         let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %incoming.remote_address(), "too many router handshakes under way; refused");
+            // Logged at the 1st, 2nd, 4th, 8th... refusal.
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(peer = %incoming.remote_address(), refused, "too many router handshakes under way; refused");
+            }
             incoming.refuse();
             continue;
         };
