@@ -7,6 +7,7 @@ pub mod cert_cache;
 pub mod config;
 pub mod discovery;
 pub mod fnv;
+pub mod http1;
 pub mod limit;
 pub mod logging;
 pub mod metrics;

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cim_core::http1::{Served, serve_for};
 use cim_core::metrics::RouterMetrics;
 use hyper_util::rt::TokioIo;
 use rustls::HandshakeKind;
@@ -175,28 +176,13 @@ pub async fn serve<F>(
                 .header_read_timeout(Duration::from_secs(10))
                 .max_buf_size(MAX_READ_BUFFER)
                 .serve_connection(TokioIo::new(stream), handler);
-            tokio::pin!(conn);
-            let ended = tokio::select! {
-                result = conn.as_mut() => Some(result),
-                _ = shutdown.cancelled() => None,
-                _ = tokio::time::sleep(CONNECTION_LIFETIME) => None,
-            };
-            let result = match ended {
-                Some(result) => result,
-                None => {
-                    conn.as_mut().graceful_shutdown();
-                    let grace = request_timeout + CLOSE_MARGIN;
-                    match tokio::time::timeout(grace, conn.as_mut()).await {
-                        Ok(result) => result,
-                        Err(_) => {
-                            tracing::info!(%peer, "https connection did not close; dropped");
-                            return;
-                        }
-                    }
+            let grace = request_timeout + CLOSE_MARGIN;
+            match serve_for(conn, CONNECTION_LIFETIME, grace, shutdown.cancelled()).await {
+                Served::Ended(Ok(())) => {}
+                Served::Ended(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "https connection ended with error");
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "https connection ended with error");
+                Served::Dropped => tracing::info!(%peer, "https connection did not close; dropped"),
             }
         });
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use cim_core::http1::{Served, serve_for};
 use cim_core::metrics::{Registry, render};
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
@@ -71,27 +72,12 @@ pub(crate) async fn serve(
                 .header_read_timeout(HEAD_TIMEOUT)
                 .max_buf_size(MAX_READ_BUFFER)
                 .serve_connection(TokioIo::new(tcp), handler);
-            tokio::pin!(conn);
-            let ended = tokio::select! {
-                result = conn.as_mut() => Some(result),
-                _ = shutdown.cancelled() => None,
-                _ = tokio::time::sleep(CONNECTION_LIFETIME) => None,
-            };
-            let result = match ended {
-                Some(result) => result,
-                None => {
-                    conn.as_mut().graceful_shutdown();
-                    match tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await {
-                        Ok(result) => result,
-                        Err(_) => {
-                            tracing::debug!(%peer, "ops connection did not close; dropped");
-                            return;
-                        }
-                    }
+            match serve_for(conn, CONNECTION_LIFETIME, CLOSE_GRACE, shutdown.cancelled()).await {
+                Served::Ended(Ok(())) => {}
+                Served::Ended(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "ops connection ended with error");
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "ops connection ended with error");
+                Served::Dropped => tracing::debug!(%peer, "ops connection did not close; dropped"),
             }
         });
     }
