@@ -93,13 +93,7 @@ impl From<ServiceError> for ApiError {
             }
             ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        match &e {
-            ServiceError::Internal(detail) => tracing::error!(detail, "internal error"),
-            ServiceError::Unavailable(inner) | ServiceError::Retry(inner) => {
-                tracing::warn!(error = %inner, "store unavailable")
-            }
-            _ => {}
-        }
+        e.log_detail();
         let mut error = ApiError::new(status, e.code(), e.to_string());
         if matches!(e, ServiceError::LoggedInElsewhere) {
             error.ended = Some("replaced");

@@ -159,6 +159,23 @@ pub enum ServiceError {
 }
 
 impl ServiceError {
+    /// Logs what the error's text leaves out for the caller, whichever way it is answered
+    /// (HTTP, or a server's ack): an internal error's detail, and the store's error (at the
+    /// 1st, 2nd, 4th... one, so that an outage does not log every send).
+    pub fn log_detail(&self) {
+        static STORE_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        match self {
+            ServiceError::Internal(detail) => tracing::error!(detail, "internal error"),
+            ServiceError::Unavailable(inner) | ServiceError::Retry(inner) => {
+                let seen = STORE_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                if seen.is_power_of_two() {
+                    tracing::warn!(error = %inner, seen, "store unavailable");
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Stable machine-readable code.
     pub fn code(&self) -> &'static str {
         match self {
@@ -543,23 +560,19 @@ impl Service {
         self.check_attempts(peer, now, false)?;
         // A route that lapsed or was cleaned up (its server left discovery) between the
         // checks and the claim is no one else's login: check and claim once more.
-        let mut attempts = 0;
-        let (claims, grant) = loop {
-            attempts += 1;
-            let (claims, account, seen_route_session) = match self.check_relogin_token(token).await
-            {
-                Ok(ok) => ok,
-                Err(e) => {
-                    if let (Some(ip), ServiceError::Unauthorized(_)) = (peer, &e) {
-                        lock(&self.login_attempts).hit(ip, now);
-                    }
-                    return Err(self.login_refused(e, "re-login"));
-                }
-            };
-            if lock(&self.relogins).count(&claims.user_id, now) >= RELOGINS_PER_USER {
-                let e = ServiceError::RateLimited("too many re-logins for this user; slow down");
-                return Err(self.login_refused(e, "re-login"));
+        let refused = |e: ServiceError| {
+            if let (Some(ip), ServiceError::Unauthorized(_)) = (peer, &e) {
+                lock(&self.login_attempts).hit(ip, now);
             }
+            self.login_refused(e, "re-login")
+        };
+        // The token and the limits once per request, however often the checks run below.
+        let claims = self.relogin_claims(token, now).await.map_err(refused)?;
+        let mut attempts = 0;
+        let grant = loop {
+            attempts += 1;
+            let (account, seen_route_session) =
+                self.check_relogin(&claims).await.map_err(refused)?;
             // The claim ends the token's login in the same atomic step, and only if the login
             // and the user's route are still as checked: of two re-logins with one token (a
             // client's retry racing its first attempt, or a leaked token), one wins.
@@ -569,7 +582,7 @@ impl Service {
                 revoke_for: self.revocation_ttl(claims.expires_at_ms),
             };
             match self.assign(account, true, Some(&relogin)).await {
-                Ok(grant) => break (claims, grant),
+                Ok(grant) => break grant,
                 // The login ended or the route changed since the check: by whom, the
                 // revocation says; none yet is a login that replaced it, or a route gone.
                 Err(ServiceError::SessionEnded(_)) => {
@@ -695,12 +708,9 @@ impl Service {
         left.max(self.config.token_ttl) + Duration::from_secs(60)
     }
 
-    /// The claims and account of a token that may re-log in (see [`Service::relogin`]), and
-    /// the session of the user's route it was checked against.
-    async fn check_relogin_token(
-        &self,
-        token: &str,
-    ) -> Result<(Claims, Account, Option<u64>), ServiceError> {
+    /// The claims of a genuine, unexpired token, counted against its login's API rate and
+    /// its user's re-logins (see [`Service::relogin`]).
+    async fn relogin_claims(&self, token: &str, now: Instant) -> Result<Claims, ServiceError> {
         let claims = match self.config.token_key.verify(token, now_ms(), None) {
             Err(TokenError::Expired) => return Err(self.expired_token_refusal(token).await),
             verified => verified?,
@@ -709,6 +719,17 @@ impl Service {
         // refusal other than a bad token (`session_live`, `session_ended`) is not counted
         // against the address, and a loop of them cost several reads each.
         self.check_api_rate(claims.user_id, claims.session_id)?;
+        if lock(&self.relogins).count(&claims.user_id, now) >= RELOGINS_PER_USER {
+            return Err(ServiceError::RateLimited(
+                "too many re-logins for this user; slow down",
+            ));
+        }
+        Ok(claims)
+    }
+
+    /// Whether the login of `claims` may re-log in now (see [`Service::relogin`]): its account,
+    /// and the session of the user's route it was checked against.
+    async fn check_relogin(&self, claims: &Claims) -> Result<(Account, Option<u64>), ServiceError> {
         let revocation = self
             .store
             .revocation(claims.user_id, claims.session_id)
@@ -740,7 +761,7 @@ impl Service {
             .await?
             .pop()
             .ok_or(ServiceError::InvalidCredentials)?;
-        Ok((claims, account, current.map(|r| r.session_id)))
+        Ok((account, current.map(|r| r.session_id)))
     }
 
     /// Why an expired token may not re-log in. A login that ended says how (as for a live
@@ -1333,7 +1354,8 @@ impl Service {
             Err(e) => {
                 self.config.metrics.error(e.code());
                 self.record_error(e.code(), format!("send from user {}: {e}", sender.id));
-                if let ServiceError::Internal(detail) | ServiceError::BadRequest(detail) = &e {
+                e.log_detail();
+                if let ServiceError::BadRequest(detail) = &e {
                     tracing::warn!(detail, "send refused");
                 }
                 SendAck {
