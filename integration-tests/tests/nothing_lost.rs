@@ -217,9 +217,7 @@ async fn a_message_whose_push_was_lost_arrives_after_the_next_renewal(
         from_name: "alice".into(),
         group: String::new(),
         body: "never pushed".into(),
-        created_at_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis() as u64,
+        created_at_ms: cim_core::now_ms(),
     };
     let (seq, _) = cluster
         .embedded

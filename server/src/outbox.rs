@@ -129,8 +129,9 @@ impl Queue {
                 && !crowded)
     }
 
-    fn enqueue(&mut self, delivery: Queued) {
-        self.pending_bytes += delivery.batch_len();
+    /// Queues `delivery`, whose [`Queued::batch_len`] is `len`.
+    fn enqueue(&mut self, delivery: Queued, len: usize) {
+        self.pending_bytes += len;
         self.pending.push_back(delivery);
     }
 
@@ -245,11 +246,12 @@ impl Outbox {
         let crowded = state.config.metrics.queued_bytes.get() > MAX_QUEUED_BYTES;
         let mut queue = self.queue();
         queue.told_up_to = queue.told_up_to.max(delivery.seq);
-        if !queue.admits(delivery.batch_len(), crowded) {
+        let len = delivery.batch_len();
+        if !queue.admits(len, crowded) {
             queue.missed_up_to = queue.missed_up_to.max(delivery.seq);
             return false;
         }
-        queue.enqueue(delivery);
+        queue.enqueue(delivery, len);
         self.start_sender_if_wanted(&mut queue, state);
         true
     }
@@ -399,7 +401,9 @@ mod tests {
         };
         let gauge = Gauge::default();
         for (i, len) in bodies.iter().enumerate() {
-            queue.enqueue(queued(i as u64 + 1, *len, &gauge));
+            let delivery = queued(i as u64 + 1, *len, &gauge);
+            let len = delivery.batch_len();
+            queue.enqueue(delivery, len);
         }
         queue
     }
@@ -409,8 +413,9 @@ mod tests {
         let gauge = Gauge::default();
         let mut queue = queue_of(&[]);
         let big = queued(1, 16_000, &gauge);
-        assert!(queue.admits(big.batch_len(), true), "nothing waits: always");
-        queue.enqueue(big);
+        let len = big.batch_len();
+        assert!(queue.admits(len, true), "nothing waits: always");
+        queue.enqueue(big, len);
         assert!(
             !queue.admits(10, true),
             "a crowded server keeps only what keeps up"
@@ -420,10 +425,11 @@ mod tests {
         let mut seq = 1;
         loop {
             let next = queued(seq + 1, 16_000, &gauge);
-            if !queue.admits(next.batch_len(), false) {
+            let len = next.batch_len();
+            if !queue.admits(len, false) {
                 break;
             }
-            queue.enqueue(next);
+            queue.enqueue(next, len);
             seq += 1;
         }
         assert!(
@@ -435,7 +441,9 @@ mod tests {
         // The count cap, for small ones.
         let mut small = queue_of(&[1; MAX_PENDING - 1]);
         assert!(small.admits(10, false));
-        small.enqueue(queued(MAX_PENDING as u64, 1, &gauge));
+        let last = queued(MAX_PENDING as u64, 1, &gauge);
+        let len = last.batch_len();
+        small.enqueue(last, len);
         assert!(!small.admits(10, false));
         // Batches taken give their bytes back.
         while !queue.take_batch().is_empty() {}
