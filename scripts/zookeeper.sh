@@ -48,5 +48,7 @@ CFG
 }
 
 zookeeper_ruok() {
-    timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$ZK_PORT; echo ruok >&3; cat <&3" 2>/dev/null
+    # Stops if the port does not answer yet: bash goes on past a failed `exec` redirection,
+    # and the echo would then write to whatever the caller left open as descriptor 3.
+    timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$ZK_PORT || exit 1; echo ruok >&3; cat <&3" 2>/dev/null
 }

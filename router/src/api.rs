@@ -1,5 +1,5 @@
-//! The router's HTTPS JSON API (warp filters). This is the only module that knows HTTP and
-//! serde; it converts between JSON bodies and the service's domain types.
+//! The router's HTTPS JSON API (warp filters). With `admin.rs` and `https.rs`, the only router
+//! modules that know HTTP; it converts between JSON bodies and the service's domain types.
 //!
 //! | method | path | auth | body / query | reply |
 //! |---|---|---|---|---|
@@ -19,7 +19,7 @@
 //! | GET | /admin, /admin/api/state | admin token | `?token=` | the admin page and its JSON |
 //!
 //! Every error is `{"code": "...", "message": "..."}` with a fitting status. Every bearer call
-//! but re-login and logout counts against its user's per-second limit (`429 rate_limited` past
+//! but logout counts (a re-login against its token's login) against its user's per-second limit (`429 rate_limited` past
 //! it). Per-address limits count an IPv6 client under its /64.
 
 use std::convert::Infallible;

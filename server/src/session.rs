@@ -1621,8 +1621,8 @@ async fn send_message(
     match state.links.forward(forward).await {
         Ok(ack) => ack,
         Err(e) => {
-            // The router may have stored the message before the link failed (a router drops
-            // its link to a draining server at once): only a resend with the same id settles it.
+            // The router may have stored the message before the link failed or timed out:
+            // only a resend with the same id settles it.
             tracing::warn!(error = %e, "forward failed");
             refused(
                 client_msg_id,

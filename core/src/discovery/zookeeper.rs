@@ -9,7 +9,7 @@
 //! is refreshed on every watch event plus a periodic re-read as a safety net for lost watches.
 //!
 //! Node data is UTF-8 `key=value` lines: servers `client=<addr>`, `internal=<addr>`,
-//! `load=<n>`; routers `http=<addr>`.
+//! `load=<n>`, `incarnation=<n>`; routers `http=<addr>`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

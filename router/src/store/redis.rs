@@ -23,7 +23,7 @@
 //! | `cim:{u<id>}:groups` | set | names of the user's groups |
 //! | `cim:id_nodes` | hash | message-id node -> `<hold expires, ms>\|<issued until, ms>\|<owner>` (Redis clock for the expiry) |
 //!
-//! No `KEYS` anywhere; every multi-step change that must be atomic is a single-key Lua script.
+//! No `KEYS` anywhere; every multi-step change that must be atomic is one Lua script (over keys of one hash slot).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
