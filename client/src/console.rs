@@ -1,6 +1,8 @@
 //! Parsing of console input lines into commands (CIM's syntax), kept free of I/O so it is
 //! tested with plain strings.
 
+use cim_core::names::{MAX_NAME_LEN, NAME_RULE};
+
 /// What a console line asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -58,8 +60,8 @@ commands:
   :groups              list your groups
   :olu [prefix]        list online users (optionally whose name starts with prefix)
   :info                show your id, name and server
-  :help                show this help
-  :q                   log out and quit";
+  :help (or :all)      show this help
+  :q (or :q!)          log out and quit";
 
 /// Parses one input line.
 pub fn parse(line: &str) -> Command {
@@ -73,23 +75,37 @@ pub fn parse(line: &str) -> Command {
         let verb = parts.next().unwrap_or_default().to_ascii_lowercase();
         let arg = parts.next().unwrap_or_default().trim().to_string();
         return match verb.as_str() {
-            "q" | "quit" => Command::Quit,
+            "" => Command::Invalid("a command follows ':'; type :help".into()),
+            // CIM's `:q keyword` searched the history: quitting on it would surprise.
+            "q" | "q!" | "quit" | "groups" | "info" | "help" | "all" if !arg.is_empty() => {
+                Command::Invalid(format!(":{verb} takes nothing after it; type :help"))
+            }
+            "q" | "q!" | "quit" => Command::Quit,
+            "olu" if arg.len() > MAX_NAME_LEN => Command::Invalid(format!(
+                "no name starts with that: names are at most {MAX_NAME_LEN} characters"
+            )),
             "olu" => Command::OnlineUsers(arg),
             "groups" => Command::Groups,
             "create" | "join" | "leave" | "members" if arg.is_empty() => {
                 Command::Invalid(format!(":{verb} needs a group name"))
+            }
+            "create" | "join" | "leave" | "members" if arg.len() > MAX_NAME_LEN => {
+                Command::Invalid(no_such_group_name())
             }
             "create" => Command::Create(arg),
             "join" => Command::Join(arg),
             "leave" => Command::Leave(arg),
             "members" => Command::Members(arg),
             "info" => Command::Info,
-            "help" => Command::Help,
+            "help" | "all" => Command::Help,
             other => Command::Invalid(format!("unknown command :{other}; type :help")),
         };
     }
     if let Some(rest) = line.strip_prefix('#') {
         return match rest.split_once(char::is_whitespace) {
+            Some((group, _)) if group.len() > MAX_NAME_LEN => {
+                Command::Invalid(no_such_group_name())
+            }
             Some((group, body)) if !group.is_empty() && !body.trim().is_empty() => Command::Group {
                 group: group.to_string(),
                 body: body.to_string(),
@@ -112,6 +128,11 @@ pub fn parse(line: &str) -> Command {
         };
     }
     Command::Broadcast(line.to_string())
+}
+
+/// Why a name longer than any group's is refused before asking the router.
+fn no_such_group_name() -> String {
+    format!("no group has that name: group names are {NAME_RULE}")
 }
 
 /// `text` safe to print on a terminal: control characters (line breaks, escape sequences that
@@ -240,6 +261,33 @@ mod tests {
         );
         assert!(matches!(parse("7;;"), Command::Invalid(_)));
         assert!(matches!(parse(":nope"), Command::Invalid(_)));
+        // CIM's quit and help spellings; an argument after a command that takes none is
+        // refused, not ignored (`:q word` was CIM's history search, not a quit).
+        assert_eq!(parse(":q!"), Command::Quit);
+        assert_eq!(parse(":all"), Command::Help);
+        assert!(matches!(parse(":q hello"), Command::Invalid(_)));
+        assert!(matches!(parse(":info me"), Command::Invalid(_)));
+        assert!(matches!(parse(":"), Command::Invalid(_)));
+        // Names longer than any can be are refused before a request is made.
+        let long = "g".repeat(MAX_NAME_LEN + 1);
+        assert!(matches!(parse(&format!("#{long} hi")), Command::Invalid(_)));
+        assert!(matches!(
+            parse(&format!(":join {long}")),
+            Command::Invalid(_)
+        ));
+        assert!(matches!(
+            parse(&format!(":olu {long}")),
+            Command::Invalid(_)
+        ));
+        let longest = "g".repeat(MAX_NAME_LEN);
+        assert_eq!(
+            parse(&format!(":join {longest}")),
+            Command::Join(longest.clone())
+        );
+        assert_eq!(
+            parse(&format!(":olu {longest}")),
+            Command::OnlineUsers(longest)
+        );
         // Leading blanks do not turn a command or a group message into a broadcast.
         assert_eq!(parse("  :q"), Command::Quit);
         assert_eq!(

@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use cim_core::pending::Pending;
@@ -348,6 +348,14 @@ pub enum Event {
     Disconnected(String),
     /// The connection is back.
     Reconnected(Reconnected),
+    /// Reconnecting keeps failing: said at the 4th, 8th, 16th... failed attempt, with the
+    /// latest attempt's error. The client goes on trying.
+    Reconnecting {
+        /// Failed attempts so far.
+        attempts: u32,
+        /// Why the latest one failed.
+        error: String,
+    },
     /// A user who shares a group with us came online (`online`) or went offline.
     Presence {
         /// The user.
@@ -556,6 +564,8 @@ struct Shared {
     ack_flushed: Notify,
     gap: Notify,
     next_client_msg_id: AtomicU64,
+    /// The largest body the server of the latest connection takes (0: it did not say).
+    max_body_bytes: AtomicU32,
     stats: std::sync::Mutex<Stats>,
     stop: CancellationToken,
     /// Cancelled once the supervisor task has ended: no reconnect (and no re-login) is under
@@ -723,6 +733,7 @@ impl Client {
             // window, must not reuse an id of its previous run (its message would be taken
             // for that one and not stored). Far from overflowing at any sending rate.
             next_client_msg_id: AtomicU64::new((rand::random::<u64>() >> 16) + 1),
+            max_body_bytes: AtomicU32::new(0),
             stats: std::sync::Mutex::new(Stats::default()),
             stop: CancellationToken::new(),
             supervised: CancellationToken::new(),
@@ -752,6 +763,9 @@ impl Client {
                     if attempt > 1 {
                         connected.inbox_caught_up_to = None;
                     }
+                    shared
+                        .max_body_bytes
+                        .store(connected.max_body_bytes, Ordering::Relaxed);
                     break connected;
                 }
                 Err(e @ ClientError::LoginRefused { .. }) => {
@@ -793,6 +807,15 @@ impl Client {
     /// Who this session belongs to (the server changes after a re-login).
     pub fn info(&self) -> SessionInfo {
         self.shared.current().info.clone()
+    }
+
+    /// The largest message body, in bytes, the server takes (`None` from a server that does
+    /// not say): an application can refuse a longer one before sending it.
+    pub fn max_body_bytes(&self) -> Option<usize> {
+        match self.shared.max_body_bytes.load(Ordering::Relaxed) {
+            0 => None,
+            max => Some(max as usize),
+        }
     }
 
     /// The session token (for the router's HTTP API).
@@ -858,7 +881,18 @@ impl Client {
                 body: body.to_string(),
             })),
         };
-        let frame = cim_proto::encode_frame(&request, cim_proto::DEFAULT_MAX_FRAME)?;
+        let frame = match cim_proto::encode_frame(&request, cim_proto::DEFAULT_MAX_FRAME) {
+            Ok(frame) => frame,
+            // Too large for any server to read: refused here, as a server would.
+            Err(FrameError::TooLarge { max, .. }) => {
+                let max = self.max_body_bytes().unwrap_or(max);
+                return Err(ClientError::SendRefused {
+                    code: cim_proto::TOO_LARGE.into(),
+                    message: format!("message too long: {} bytes, at most {max}", body.len()),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         let deadline = tokio::time::Instant::now() + self.shared.config.send_timeout;
         let mut unconfirmed = 0u32;
         let mut attempted = false;
@@ -1103,6 +1137,8 @@ struct Connected {
     inbox_caught_up_to: Option<u64>,
     /// Most sends the server takes on one stream (0 or 1: one per stream).
     max_sends_per_stream: u32,
+    /// The largest body the server takes (0: it did not say).
+    max_body_bytes: u32,
 }
 
 /// Connects and logs in on the control stream, giving up after `timeout`. With `resume`
@@ -1175,6 +1211,7 @@ async fn login_exchange(
             heartbeat: Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 600_000)),
             inbox_caught_up_to: r.inbox_caught_up_to,
             max_sends_per_stream: r.max_sends_per_stream,
+            max_body_bytes: r.max_body_bytes,
         }),
         Some(server_control::Kind::LoginResult(r)) => {
             conn.close(close::code(close::NORMAL), b"login refused");
@@ -1391,7 +1428,7 @@ async fn reconnect(
                 if code == "invalid_credentials" || code == "logged_in_elsewhere" =>
             {
                 let reason = if code == "invalid_credentials" {
-                    "credentials no longer accepted"
+                    "credentials no longer accepted (the account is gone or its password changed)"
                 } else {
                     "logged in elsewhere"
                 };
@@ -1408,11 +1445,15 @@ async fn reconnect(
                 resume_timeout = CONNECT_TIMEOUT;
             }
             Err(e) => {
-                // A blip is only worth a debug line; a reconnect that keeps failing is said
-                // at the 4th, 8th, 16th... attempt, where a console (at `warn`) shows it.
+                // A blip is only worth a debug line; a reconnect that keeps failing is told
+                // to the application at the 4th, 8th, 16th... attempt.
                 failures += 1;
                 if failures >= 4 && failures.is_power_of_two() {
-                    tracing::warn!(error = %e, attempts = failures, "still reconnecting");
+                    tracing::info!(error = %e, attempts = failures, "still reconnecting");
+                    status.emit(Event::Reconnecting {
+                        attempts: failures,
+                        error: e.to_string(),
+                    });
                 } else {
                     tracing::debug!(error = %e, relogin, "reconnect attempt failed");
                 }
@@ -1474,7 +1515,11 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
         heartbeat,
         inbox_caught_up_to,
         max_sends_per_stream,
+        max_body_bytes,
     } = connected;
+    shared
+        .max_body_bytes
+        .store(max_body_bytes, Ordering::Relaxed);
     shared
         .conn
         .send_replace(Some(SendQueue::new(conn.clone(), max_sends_per_stream)));

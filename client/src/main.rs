@@ -4,11 +4,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use cim_client::console::{self, Command};
 use cim_client::{Ack, Client, ClientConfig, ClientError, Event, LoginOptions};
 use clap::Parser;
-use std::io::BufRead;
+use std::io::{BufRead, IsTerminal};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -40,37 +39,71 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
+async fn main() -> ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let ca = std::fs::read(&args.ca)
-        .with_context(|| format!("reading CA file {}", args.ca.display()))?;
+    // A failure to start is one line for a person, not an error chain with a backtrace.
+    match start(&args).await {
+        Ok((config, client, events)) => chat(config, client, events).await,
+        Err(why) => {
+            eprintln!("! {why}");
+            ExitCode::from(CANNOT_LOG_IN_EXIT)
+        }
+    }
+}
+
+/// Registers (if asked) and logs in; the error says why not, in words.
+async fn start(args: &Args) -> Result<(ClientConfig, Client, cim_client::Events), String> {
+    let ca = std::fs::read(&args.ca).map_err(|e| {
+        format!(
+            "cannot read the CA certificate {}: {e} (give it with --ca FILE, or run where the \
+             router wrote certs-dev/)",
+            args.ca.display()
+        )
+    })?;
     let config = ClientConfig::new(args.router.clone(), ca);
     let mut name_taken = false;
     if args.register {
         match cim_client::register(&config, &args.name, &args.password).await {
             Ok(id) => println!("registered {} with id {id}", args.name),
             Err(e) if e.code() == Some("name_taken") => name_taken = true,
-            Err(e) => return Err(e).context("registering"),
+            Err(e) => return Err(format!("cannot register: {}", in_words(&e, &args.router))),
         }
     }
     let options = LoginOptions {
         takeover: args.takeover,
     };
-    let (client, mut events) =
-        match Client::login(&config, &args.name, &args.password, options).await {
-            Ok(logged_in) => logged_in,
-            Err(e) if name_taken && e.code() == Some("invalid_credentials") => anyhow::bail!(
-                "the name {:?} is registered already, and not with this password",
-                args.name
-            ),
-            Err(e) => return Err(e).context("logging in"),
-        };
+    match Client::login(&config, &args.name, &args.password, options).await {
+        Ok((client, events)) => Ok((config, client, events)),
+        Err(e) if name_taken && e.code() == Some("invalid_credentials") => Err(format!(
+            "the name {:?} is registered already, and not with this password",
+            args.name
+        )),
+        Err(e) => Err(format!("cannot log in: {}", in_words(&e, &args.router))),
+    }
+}
+
+/// A registration's or login's error as a person at the console needs it.
+fn in_words(e: &ClientError, router: &str) -> String {
+    match (e.code(), e) {
+        (Some("invalid_credentials"), _) => "wrong name or password".into(),
+        (Some("already_online"), _) => {
+            "you are logged in elsewhere; run again with --takeover to end that session".into()
+        }
+        (_, ClientError::Api { code, message, .. }) => format!("{message} ({code})"),
+        (_, ClientError::Http(why)) => format!("the router at {router} did not answer: {why}"),
+        _ => e.to_string(),
+    }
+}
+
+/// Runs the console until the user quits or the session ends; returns the exit status.
+async fn chat(config: ClientConfig, client: Client, mut events: cim_client::Events) -> ExitCode {
     announce(&client);
     println!("type :help for commands");
 
@@ -120,10 +153,12 @@ async fn main() -> anyhow::Result<ExitCode> {
                         Some(g) => format!(" [{}]", console::printable(g)),
                         None => " (private)".into(),
                     };
+                    // With the id: a reply is `id;;text`.
                     println!(
-                        "[{}] {}{kind}: {}",
+                        "[{}] {} ({}){kind}: {}",
                         console::timestamp(m.created_at_ms, cim_core::now_ms()),
                         console::printable(&m.from_name),
+                        m.from_user,
                         console::printable(&m.body)
                     );
                 }
@@ -138,6 +173,9 @@ async fn main() -> anyhow::Result<ExitCode> {
                     let state = if online { "online" } else { "offline" };
                     println!("* {} ({user_id}) is {state}", console::printable(&name));
                 }
+                Some(Event::Reconnecting { attempts, error }) => {
+                    println!("! still reconnecting ({attempts} attempts): {}", console::printable(&error));
+                }
                 Some(Event::Reconnected(how)) => {
                     let how_text = if how.relogin { "logged in again" } else { "resumed" };
                     println!("reconnected ({how_text}) on server {}", how.server_id);
@@ -149,9 +187,11 @@ async fn main() -> anyhow::Result<ExitCode> {
     match ended {
         Ending::Ended(why) => {
             worker.abort();
+            let _ = worker.await;
             println!("! {why}");
+            dropped(&pending, &failed, "session ended");
             // Not a quit the user asked for: a script running the console can tell.
-            return Ok(ExitCode::from(SESSION_ENDED_EXIT));
+            return ExitCode::from(SESSION_ENDED_EXIT);
         }
         Ending::Quit => {
             // What was typed before :q still goes out, in order; a Ctrl-C gives up on it. The
@@ -198,10 +238,13 @@ async fn main() -> anyhow::Result<ExitCode> {
     println!("bye");
     if failed.load(Ordering::Relaxed) > 0 {
         // A script piping commands in can tell that not everything went out.
-        return Ok(ExitCode::from(COMMANDS_FAILED_EXIT));
+        return ExitCode::from(COMMANDS_FAILED_EXIT);
     }
-    Ok(ExitCode::SUCCESS)
+    ExitCode::SUCCESS
 }
+
+/// The exit status when registering or logging in failed.
+const CANNOT_LOG_IN_EXIT: u8 = 1;
 
 /// The exit status when the session ended without the user quitting (taken over elsewhere,
 /// logged out, or ended by the server).

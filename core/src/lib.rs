@@ -11,6 +11,7 @@ pub mod http1;
 pub mod limit;
 pub mod logging;
 pub mod metrics;
+pub mod names;
 pub mod pending;
 pub mod tls;
 pub mod token;

@@ -584,16 +584,35 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
 
     alice.send_line("hello bob, this is everyone").await?;
     let line = bob.expect_line("hello bob, this is everyone").await?;
-    assert!(line.contains("alice: "), "{line}");
+    // The sender's id comes with the name: a reply is `id;;text`.
+    assert!(line.contains(&format!("alice ({alice_id}): ")), "{line}");
 
     bob.send_line(&format!("{alice_id};;a secret for alice"))
         .await?;
     let line = alice.expect_line("a secret for alice").await?;
-    assert!(line.contains("bob (private): "), "{line}");
+    assert!(
+        line.contains(&format!("bob ({bob_id}) (private): ")),
+        "{line}"
+    );
 
     bob.send_line(":info").await?;
     bob.expect_line(&format!("you are bob (id {bob_id})"))
         .await?;
+
+    // A message over the server's limit is refused naming it, whether the server refuses it
+    // (over the body limit) or the client does (too large for any frame a server reads).
+    let limit = cim_server::ServerConfig::DEFAULT_MAX_BODY_BYTES;
+    for len in [limit + 1, 70_000] {
+        bob.send_line(&format!("{alice_id};;{}", "x".repeat(len)))
+            .await?;
+        bob.expect_line(&format!("message too long: {len} bytes, at most {limit}"))
+            .await?;
+    }
+    // `:q` with words after it was CIM's history search: refused, not a quit.
+    bob.send_line(":q hello").await?;
+    bob.expect_line(":q takes nothing after it").await?;
+    bob.send_line(":info").await?;
+    bob.expect_line("you are bob").await?;
 
     bob.send_line(":q").await?;
     bob.expect_line("bye").await?;

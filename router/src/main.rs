@@ -285,7 +285,8 @@ async fn run_embedded(args: &Args) -> anyhow::Result<()> {
         println!("created dev certificates in {}", args.certs.display());
     }
     println!(
-        "cim embedded mode: router and {} servers in one process",
+        "cim embedded mode: router and {} servers in one process; accounts, groups and \
+         messages live in its memory and are gone when it stops",
         cluster.servers.len()
     );
     println!("router: {}", cluster.router_url);

@@ -1621,17 +1621,13 @@ const MAX_LOGIN_NAME: usize = 64;
 /// A name of 1-32 characters of A-Z, a-z, 0-9, '_', '-', '.', not dots alone (`..` in a URL
 /// path is read as "the folder above" by most HTTP clients).
 fn validate_name(name: &str) -> Result<(), ServiceError> {
-    let ok_len = (1..=32).contains(&name.len());
-    let ok_chars = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    let only_dots = name.chars().all(|c| c == '.');
-    if ok_len && ok_chars && !only_dots {
+    if cim_core::names::is_valid_name(name) {
         Ok(())
     } else {
-        Err(ServiceError::BadRequest(
-            "name must be 1-32 characters of A-Z, a-z, 0-9, '_', '-', '.' (not dots alone)".into(),
-        ))
+        Err(ServiceError::BadRequest(format!(
+            "name must be {}",
+            cim_core::names::NAME_RULE
+        )))
     }
 }
 
@@ -1655,10 +1651,7 @@ fn validate_group_name(name: &str) -> Result<(), ServiceError> {
         )));
     }
     validate_name(name).map_err(|_| {
-        ServiceError::BadRequest(
-            "group name must be 1-32 characters of A-Z, a-z, 0-9, '_', '-', '.' (not dots alone)"
-                .into(),
-        )
+        ServiceError::BadRequest(format!("group name must be {}", cim_core::names::NAME_RULE))
     })
 }
 

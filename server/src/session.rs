@@ -953,6 +953,7 @@ async fn login(conn: &quinn::Connection, state: &Arc<State>) -> Result<LoggedIn,
             heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
             inbox_caught_up_to,
             max_sends_per_stream: MAX_SENDS_PER_STREAM,
+            max_body_bytes: u32::try_from(state.config.max_body_bytes).unwrap_or(u32::MAX),
         })),
     };
     if let Err(e) = write_frame(&mut send, &result, MAX_CONTROL_FRAME).await {
@@ -1348,8 +1349,9 @@ async fn handle_message(
     let first = in_time(MESSAGE_FRAME_TIMEOUT, read_required(&mut recv, max_frame));
     let request: ClientRequest = match first.await {
         Ok(m) => m,
-        Err(e @ FrameError::TooLarge { .. }) => {
-            let ack = refused(0, cim_proto::TOO_LARGE, &e.to_string());
+        Err(e @ FrameError::TooLarge { len, .. }) => {
+            let why = too_long(len, state.config.max_body_bytes);
+            let ack = refused(0, cim_proto::TOO_LARGE, &why);
             write_acks(&mut send, &[ack]).await?;
             send.finish()?;
             return Err(e.into());
@@ -1518,9 +1520,11 @@ async fn send_messages(
                 }
                 Some(Err(e)) => {
                     reading = false;
-                    let code = match e {
-                        FrameError::TooLarge { .. } => cim_proto::TOO_LARGE,
-                        FrameError::Decode(_) => "malformed",
+                    let (code, why) = match e {
+                        FrameError::TooLarge { len, .. } => {
+                            (cim_proto::TOO_LARGE, too_long(len, state.config.max_body_bytes))
+                        }
+                        FrameError::Decode(_) => ("malformed", e.to_string()),
                         // The client reset its side or the stream ended inside a frame: no
                         // one is reading.
                         FrameError::Truncated | FrameError::Io(_) => {
@@ -1530,7 +1534,7 @@ async fn send_messages(
                             return Err(e.into());
                         }
                     };
-                    refusal = Some((code, e.to_string()));
+                    refusal = Some((code, why));
                 }
             },
             else => break,
@@ -1610,7 +1614,7 @@ async fn send_message(
     state: &State,
 ) -> SendAck {
     if let Err((code, why)) = validate(&message, state.config.max_body_bytes) {
-        return refused(message.client_msg_id, code, why);
+        return refused(message.client_msg_id, code, &why);
     }
     let client_msg_id = message.client_msg_id;
     let forward = Forward {
@@ -1633,17 +1637,23 @@ async fn send_message(
     }
 }
 
-fn validate(message: &ChatMessage, max_body: usize) -> Result<(), (&'static str, &'static str)> {
+fn validate(message: &ChatMessage, max_body: usize) -> Result<(), (&'static str, String)> {
     if message.target.is_none() {
-        return Err((cim_proto::BAD_REQUEST, "message has no recipient"));
+        return Err((cim_proto::BAD_REQUEST, "message has no recipient".into()));
     }
     if message.body.is_empty() {
-        return Err((cim_proto::BAD_REQUEST, "message body is empty"));
+        return Err((cim_proto::BAD_REQUEST, "message body is empty".into()));
     }
     if message.body.len() > max_body {
-        return Err((cim_proto::TOO_LARGE, "message body is too large"));
+        return Err((cim_proto::TOO_LARGE, too_long(message.body.len(), max_body)));
     }
     Ok(())
+}
+
+/// The refusal text for a body (or the frame holding it) of `len` bytes where the server
+/// takes bodies of `max_body`.
+fn too_long(len: usize, max_body: usize) -> String {
+    format!("message too long: {len} bytes, at most {max_body}")
 }
 
 fn refused(client_msg_id: u64, code: &str, message: &str) -> SendAck {
