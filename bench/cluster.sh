@@ -87,7 +87,7 @@ COST=(--argon2-memory-kib 256 --argon2-iterations 1)
 [ "${PASSWORD_COST:-}" != default ] || COST=()
 HTTP_PORT="$(free_port)"
 "$BIN/cim-router" --redis "redis://127.0.0.1:$REDIS_PORT" --zookeeper "127.0.0.1:$ZK_PORT" \
-    --http "127.0.0.1:$HTTP_PORT" --certs "$WORK/certs" \
+    --http "127.0.0.1:$HTTP_PORT" --link-ip 127.0.0.1 --certs "$WORK/certs" \
     ${COST[@]+"${COST[@]}"} --max-login-attempts-per-ip 100000000 --max-registrations-per-ip 100000000 \
     > "$WORK/router.log" 2>&1 &
 PIDS+=($!)

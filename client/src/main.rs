@@ -1,6 +1,7 @@
 //! `cim-client`: the console client. A plain line goes to everyone online, `userId;;text` is
 //! private, `:olu` lists online users, `:q` quits; `:help` lists all commands.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -36,6 +37,9 @@ struct Args {
     /// If the user is online elsewhere, end that session instead of being refused.
     #[arg(long)]
     takeover: bool,
+    /// Local address of the client's UDP socket.
+    #[arg(long, env = "CIM_BIND", default_value = "0.0.0.0:0")]
+    bind: SocketAddr,
 }
 
 #[tokio::main]
@@ -67,7 +71,8 @@ async fn start(args: &Args) -> Result<(ClientConfig, Client, cim_client::Events)
             args.ca.display()
         )
     })?;
-    let config = ClientConfig::new(args.router.clone(), ca);
+    let mut config = ClientConfig::new(args.router.clone(), ca);
+    config.bind_addr = args.bind;
     let mut name_taken = false;
     if args.register {
         match cim_client::register(&config, &args.name, &args.password).await {

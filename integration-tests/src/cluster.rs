@@ -224,6 +224,8 @@ impl ProcCluster {
                 &id,
                 "--http",
                 "127.0.0.1:0",
+                "--link-ip",
+                "127.0.0.1",
                 "--redis",
                 &redis,
                 "--zookeeper",

@@ -1107,7 +1107,10 @@ async fn ten_thousand_streams_at_once_do_not_hurt_anyone_else() -> anyhow::Resul
         }));
     }
     let opened = tokio::time::timeout(Duration::from_secs(120), futures_join(tasks)).await?;
-    assert!(opened > 0);
+    // Each stream got its credit and its garbage in (the server resets each one, as its frame
+    // ends early), and the connection stays: a broken stream is no reason to drop the session.
+    assert_eq!(opened, 10_000);
+    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
     scene.still_chatting().await
 }
 
@@ -1284,6 +1287,7 @@ async fn registration_and_api_floods_are_limited() -> anyhow::Result<()> {
     };
     let bob = scene.bob.info().user_id;
     let (mut accepted, mut refused) = (Vec::new(), 0);
+    let flood_began = std::time::Instant::now();
     for i in 0..20 {
         let body = serde_json::json!({"to": bob, "body": format!("flood {i}")});
         let (status, reply) = post(body).await?;
@@ -1297,8 +1301,13 @@ async fn registration_and_api_floods_are_limited() -> anyhow::Result<()> {
             other => anyhow::bail!("unexpected {other}: {reply:?}"),
         }
     }
-    // Twenty quick requests span one or two windows of a second.
-    assert!((5..=10).contains(&accepted.len()), "{accepted:?}");
+    // Five in each window of a second the twenty requests spanned: one or two when they are
+    // quick, more on a slow machine (one after another, each its own HTTPS connection).
+    let windows = flood_began.elapsed().as_secs() as usize + 2;
+    assert!(
+        (5..=5 * windows).contains(&accepted.len()),
+        "{accepted:?} in {windows} windows at most"
+    );
     assert_eq!(accepted.len() + refused, 20);
     let mut delivered = Vec::new();
     for _ in 0..accepted.len() {
@@ -1562,26 +1571,38 @@ async fn token_renewals_go_only_to_clients_that_take_them() -> anyhow::Result<()
         let (_, token) = scene.http_login(name).await?;
         let mut claims = key.verify(&token, now_ms(), None).unwrap();
         claims.expires_at_ms = now_ms() + 60_000;
-        let (_conn, code, _send, mut recv) = scene.raw_session(&key.sign(&claims), takes).await?;
+        let (_conn, code, mut send, mut recv) =
+            scene.raw_session(&key.sign(&claims), takes).await?;
         assert_eq!(code, "");
-        let next = tokio::time::timeout(
-            Duration::from_secs(1),
-            read_required::<ServerControl, _>(&mut recv, 4096),
-        )
-        .await;
-        match (takes, next) {
-            (false, Err(_)) => {}
-            (
-                true,
-                Ok(Ok(ServerControl {
-                    kind: Some(server_control::Kind::TokenRenewal(renewal)),
-                })),
-            ) => {
+        if !takes {
+            // A renewal is due at login and again at each ping (after its pong): with none
+            // sent, each ping's pong is the next frame.
+            for nonce in [1, 2] {
+                let ping = ClientControl {
+                    kind: Some(client_control::Kind::Ping(Ping {
+                        nonce,
+                        ..Default::default()
+                    })),
+                };
+                write_frame(&mut send, &ping, 4096).await?;
+                let next: ServerControl =
+                    tokio::time::timeout(WAIT, read_required(&mut recv, 4096)).await??;
+                match next.kind {
+                    Some(server_control::Kind::Pong(pong)) => assert_eq!(pong.nonce, nonce),
+                    other => panic!("a client that takes no renewals got {other:?}"),
+                }
+            }
+            continue;
+        }
+        let next: ServerControl =
+            tokio::time::timeout(WAIT, read_required(&mut recv, 4096)).await??;
+        match next.kind {
+            Some(server_control::Kind::TokenRenewal(renewal)) => {
                 let fresh = key.verify(&renewal.token, now_ms(), None).unwrap();
                 assert_eq!(fresh.session_id, claims.session_id);
                 assert!(fresh.expires_at_ms > now_ms() + 500_000, "{fresh:?}");
             }
-            (takes, other) => panic!("takes renewals: {takes}, got {other:?}"),
+            other => panic!("a client that takes renewals got {other:?}"),
         }
     }
     scene.still_chatting().await
@@ -1697,8 +1718,11 @@ async fn a_session_that_takes_nothing_holds_a_megabyte_not_its_whole_queue() -> 
         if missed == n {
             break;
         }
+        // The clock started before the first send, so before the first delivery stream
+        // opened: until the server's delivery timeout (10 s) has passed, nothing was dropped
+        // by it, and a drop was the queue refusing the message.
         assert!(
-            started.elapsed() < Duration::from_secs(8),
+            started.elapsed() < Duration::from_secs(9),
             "missed_up_to stayed {missed}: the queue took everything"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;

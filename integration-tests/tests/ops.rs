@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use anyhow::Context;
 use cim_client::{Client, LoginOptions};
-use cim_integration_tests::cluster::{ProcCluster, free_port};
+use cim_integration_tests::cluster::ProcCluster;
 use cim_integration_tests::{Proc, TestCluster, WAIT, bin_path, eventually, metric_value};
 use http::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -183,9 +184,22 @@ async fn get(addr: &str, path: &str) -> anyhow::Result<String> {
 async fn a_servers_ops_endpoint_answers_and_closes_what_never_finishes_a_request()
 -> anyhow::Result<()> {
     let mut cluster = ProcCluster::start(1, 0, "round-robin").await?;
-    let ops = format!("127.0.0.1:{}", free_port()?);
-    cluster.add_server_with("s1", &["--metrics", &ops]).await?;
+    cluster
+        .add_server_with("s1", &["--metrics", "127.0.0.1:0"])
+        .await?;
     cluster.wait_servers(1).await?;
+    let listening = cluster
+        .server("s1")?
+        .seen
+        .last()
+        .context("no start line")?
+        .clone();
+    let ops = listening
+        .split(", ops on ")
+        .nth(1)
+        .with_context(|| format!("no ops address in {listening:?}"))?
+        .trim()
+        .to_string();
 
     assert!(get(&ops, "/health").await?.starts_with("HTTP/1.1 200"));
     eventually(WAIT, || async {
@@ -208,17 +222,14 @@ async fn a_servers_ops_endpoint_answers_and_closes_what_never_finishes_a_request
 
     // A head that never ends is closed after the head timeout (5 s), with or without a
     // `408`: what must not happen is that it holds its place for good.
-    let started = std::time::Instant::now();
-    let stalled = exchange(&ops, b"GET /health HTTP/1.1\r\nHost: ops\r\n").await;
-    assert!(
-        !stalled.as_deref().unwrap_or("").contains(" 200 "),
-        "an unfinished head was answered: {stalled:?}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "closed only after {:?}",
-        started.elapsed()
-    );
+    // `exchange` gives up after 20 s: a connection still open then was not closed.
+    match exchange(&ops, b"GET /health HTTP/1.1\r\nHost: ops\r\n").await {
+        Ok(answer) => assert!(
+            !answer.contains(" 200 "),
+            "an unfinished head was answered: {answer}"
+        ),
+        Err(e) => assert_ne!(e.kind(), std::io::ErrorKind::TimedOut, "never closed"),
+    }
 
     // A head past 16 KiB is refused (`431`, or a reset when the rest of it stays unread).
     let mut long = b"GET /health HTTP/1.1\r\nHost: ops\r\nX-Filler: ".to_vec();

@@ -146,6 +146,9 @@ async fn second_login_is_refused_unless_it_takes_over() -> anyhow::Result<()> {
     let after_kick = tokio::time::timeout(WAIT, first_events.next()).await;
     assert_eq!(after_kick.ok(), Some(None), "events go on after the kick");
     // The old session's token can no longer act; the new one can.
+    let api = cim_client::RouterApi::new(&config)?;
+    let stale = api.online_users(&first.token(), "").await.unwrap_err();
+    assert_eq!(stale.code(), Some("unauthorized"), "{stale}");
     assert_eq!(second.online_users("").await?.len(), 1);
     drop(first);
     let (bob, mut bob_events) = cluster.user("bob").await?;
@@ -497,9 +500,11 @@ async fn bad_messages_are_refused_with_codes_and_offline_users_get_theirs_later(
     Ok(())
 }
 
+/// A client whose server process dies without a goodbye packet (`SIGKILL` of the embedded
+/// router and its server) finds out by its heartbeat timeout (1 s here), not only when it
+/// next sends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_notices_its_server_was_killed_within_the_heartbeat_timeout() -> anyhow::Result<()>
-{
+async fn a_client_notices_a_killed_server_by_its_heartbeat() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let certs = dir.path().join("certs");
     let certs_arg = certs.to_string_lossy().into_owned();
@@ -535,13 +540,10 @@ async fn a_client_notices_its_server_was_killed_within_the_heartbeat_timeout() -
 
     router.child.start_kill()?; // SIGKILL: no goodbye packets
     router.child.wait().await?;
-    let killed_at = tokio::time::Instant::now();
-    // The client's timeout is three heartbeat intervals (600 ms); allow generous slack.
-    match next_event(&mut events, Duration::from_secs(5)).await? {
+    match next_event(&mut events, WAIT).await? {
         Event::Disconnected(reason) => assert!(reason.contains("heartbeat"), "{reason}"),
         other => panic!("expected a disconnect, got {other:?}"),
     }
-    assert!(killed_at.elapsed() < Duration::from_secs(5));
     Ok(())
 }
 
@@ -559,6 +561,8 @@ fn console(cluster: &TestCluster, name: &str) -> anyhow::Result<Proc> {
         "--password",
         "pw-1234",
         "--register",
+        "--bind",
+        "127.0.0.1:0",
     ];
     Proc::spawn("cim-client", &args)
 }

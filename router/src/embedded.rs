@@ -157,6 +157,8 @@ pub async fn start_with_store(
         certs.ca_cert(),
         token_key,
     );
+    // The servers are in this process, at this address: the links need no other.
+    router_config.link_ip = Some(config.server_ip);
     router_config.strategy = config.strategy;
     router_config.password_cost = config.password_cost;
     router_config.login_limits = config.login_limits;

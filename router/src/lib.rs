@@ -6,7 +6,7 @@
 //! in a [`store::Store`] (Redis in a cluster, memory in the embedded mode) and their view of the
 //! servers comes from a [`cim_core::discovery::Discovery`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +38,9 @@ pub struct RouterConfig {
     pub id: String,
     /// HTTPS listen address.
     pub http_addr: SocketAddr,
+    /// Local address the router's links to servers leave from (`None`: any address of
+    /// `http_addr`'s family).
+    pub link_ip: Option<IpAddr>,
     /// Certificate chain for HTTPS, also presented as client certificate to servers (PEM).
     pub cert: PathBuf,
     /// Private key for `cert` (PEM).
@@ -141,6 +144,7 @@ impl RouterConfig {
         Self {
             id: id.into(),
             http_addr,
+            link_ip: None,
             cert,
             key,
             ca,
@@ -214,18 +218,13 @@ impl Router {
             &[ALPN_INTERNAL],
             Some((&config.cert, &config.key)),
         )?;
-        let unspecified: SocketAddr = if config.http_addr.is_ipv4() {
-            "0.0.0.0:0"
+        let link_ip = config.link_ip.unwrap_or(if config.http_addr.is_ipv4() {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
         } else {
-            "[::]:0"
-        }
-        .parse()
-        .map_err(|_| StartError::Bind {
-            addr: config.http_addr,
-            source: std::io::Error::other("bad unspecified address"),
-        })?;
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        });
         let endpoint = transport::client_endpoint(
-            unspecified,
+            SocketAddr::new(link_ip, 0),
             transport::client_config(link_tls, Link::Internal)?,
         )?;
         let listener = tokio::net::TcpListener::bind(config.http_addr)

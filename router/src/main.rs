@@ -37,6 +37,10 @@ struct Args {
     /// HTTPS listen address.
     #[arg(long, env = "CIM_HTTP_ADDR", default_value = "127.0.0.1:8443")]
     http: SocketAddr,
+    /// Local IP address the links to servers leave from (cluster mode; default: any address
+    /// of --http's family). The embedded mode uses its servers' address.
+    #[arg(long, env = "CIM_LINK_IP")]
+    link_ip: Option<IpAddr>,
     /// Certificate directory (from `cim-certs`; created on first run in the embedded mode).
     #[arg(long, env = "CIM_CERTS_DIR", default_value = "certs-dev")]
     certs: PathBuf,
@@ -204,6 +208,7 @@ async fn run_cluster(args: &Args, redis: &str, zookeeper: &str) -> anyhow::Resul
         certs.ca_cert(),
         token_key,
     );
+    config.link_ip = args.link_ip;
     config.strategy = args.strategy;
     config.password_cost = password_cost(args);
     config.login_limits = login_limits(args);

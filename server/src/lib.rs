@@ -169,6 +169,8 @@ pub struct Server {
     config: Arc<ServerConfig>,
     client_endpoint: quinn::Endpoint,
     internal_endpoint: quinn::Endpoint,
+    /// The ops endpoint's socket, bound with the others so that its port is known at once.
+    ops_listener: Option<std::net::TcpListener>,
 }
 
 impl Server {
@@ -198,11 +200,26 @@ impl Server {
             transport::server_endpoint(config.client_addr, client_tls, Link::Client)?;
         let internal_endpoint =
             transport::server_endpoint(config.internal_addr, internal_tls, Link::Internal)?;
+        let ops_listener = config
+            .ops_addr
+            .map(|addr| {
+                let listener = std::net::TcpListener::bind(addr)?;
+                listener.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(listener)
+            })
+            .transpose()
+            .map_err(|e| StartError::Config(format!("binding --metrics: {e}")))?;
         Ok(Self {
             config: Arc::new(config),
             client_endpoint,
             internal_endpoint,
+            ops_listener,
         })
+    }
+
+    /// Bound ops (`--metrics`) address, if there is an ops endpoint.
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.ops_listener.as_ref()?.local_addr().ok()
     }
 
     /// Bound client address.
@@ -257,11 +274,12 @@ impl Server {
             tracker.clone(),
             shutdown.clone(),
         ));
-        if let Some(addr) = self.config.ops_addr {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| StartError::Config(format!("binding --metrics {addr}: {e}")))?;
-            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "ops endpoint");
+        if let Some(listener) = self.ops_listener {
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .map_err(|e| StartError::Config(format!("serving --metrics: {e}")))?;
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "ops endpoint");
+            }
             tracker.spawn(ops::serve(
                 listener,
                 self.config.registry.clone(),

@@ -133,8 +133,12 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
     .context("connecting to zookeeper")?;
+    let ops = server
+        .ops_addr()
+        .map(|addr| format!(", ops on {addr}"))
+        .unwrap_or_default();
     println!(
-        "server {} listening for clients on {} and routers on {}",
+        "server {} listening for clients on {} and routers on {}{ops}",
         args.id,
         server.client_addr(),
         server.internal_addr()
