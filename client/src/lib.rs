@@ -854,6 +854,14 @@ impl Client {
             .map_err(|e| ClientError::Connection(e.to_string()))
     }
 
+    /// The local address of the client's UDP socket (after a [`Client::rebind`], the new one).
+    pub fn local_addr(&self) -> Result<SocketAddr, ClientError> {
+        self.shared
+            .endpoint
+            .local_addr()
+            .map_err(|e| ClientError::Connection(e.to_string()))
+    }
+
     /// Sends a private message to `to_user`.
     pub async fn send_private(&self, to_user: u64, body: &str) -> Result<Ack, ClientError> {
         self.send(Target::ToUser(to_user), body).await

@@ -146,6 +146,7 @@ async fn lossy_and_login_runs_report_their_numbers() -> anyhow::Result<()> {
     ])
     .await?;
     assert_eq!(r["loss_pct"].as_f64(), Some(10.0));
+    assert!(r["sent"].as_u64().is_some_and(|sent| sent > 0), "{r}");
     assert_eq!(r["lost"].as_u64(), Some(0), "{r}");
     assert_eq!(r["delivered"].as_u64(), r["sent"].as_u64(), "{r}");
     let r = bench(&["login", "--clients", "8", "--concurrency", "4"]).await?;

@@ -126,6 +126,11 @@ async fn a_200_member_group_over_three_servers_gets_every_message_once_in_one_or
     // One push per server holding online recipients per message: 30 messages x 3 servers.
     let after = pushes(&cluster).await?;
     assert_eq!(after - before, 30 * 3);
+    // And nothing more: a last message is every other member's next one.
+    clients[0].send_group("big", "the end").await?;
+    for (i, e) in events.iter_mut().enumerate().skip(1) {
+        assert_eq!(next_chat(e).await?.body, "the end", "member {i} got more");
+    }
     Ok(())
 }
 
