@@ -464,6 +464,10 @@ pub struct Ack {
     pub msg_id: u64,
     /// Recipient inboxes the message is durably stored in.
     pub recipients: u32,
+    /// For a private message: whether the recipient was online when it was stored (pushed
+    /// at once) or is not (it waits in the inbox for their next login). `None` for group
+    /// messages and from older routers.
+    pub recipient_online: Option<bool>,
 }
 
 /// Who a session belongs to.
@@ -928,6 +932,7 @@ impl Client {
                     return Ok(Ack {
                         msg_id: ack.msg_id,
                         recipients: ack.recipients,
+                        recipient_online: ack.recipient_online,
                     });
                 }
                 // Possibly stored, possibly not: the same id again is stored at most once (id 0
@@ -1579,8 +1584,10 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
             _ = ticker.tick() => {
                 nonce += 1;
                 // A safety net for deliveries lost where no one could tell (a router's push
-                // that failed): a pull now and then, however quiet the session.
-                if (nonce + idle_pull_phase).is_multiple_of(idle_pull_pings) {
+                // that failed): a pull now and then, however quiet the session. Not at the
+                // first tick, as the connection begins: it was just told it is caught up, or
+                // pulls to catch up anyway.
+                if nonce > 1 && (nonce + idle_pull_phase).is_multiple_of(idle_pull_pings) {
                     shared.gap.notify_one();
                 }
                 if let Err(e) = ping(&mut send, nonce, &shared.progress, false).await {

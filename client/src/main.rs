@@ -455,10 +455,14 @@ async fn run(client: &Client, command: Command) -> bool {
     }
 }
 
-/// Reports a failed send (`to` names its target), or one stored for no one (`alone` says
-/// why); returns whether it was sent.
+/// Reports a failed send (`to` names its target), one stored for no one (`alone` says why),
+/// or a private one whose recipient is offline; returns whether it was sent.
 fn sent(result: Result<Ack, ClientError>, to: &str, alone: &str) -> bool {
     match result {
+        Ok(ack) if ack.recipient_online == Some(false) => {
+            println!("(sent{to}, who is offline: it waits for their next login)");
+            true
+        }
         Ok(ack) if ack.recipients == 0 => {
             println!("(sent{to}, but {alone})");
             true

@@ -1292,7 +1292,12 @@ async fn registration_and_api_floods_are_limited() -> anyhow::Result<()> {
         let body = serde_json::json!({"to": bob, "body": format!("flood {i}")});
         let (status, reply) = post(body).await?;
         match status {
-            StatusCode::OK => accepted.push(format!("flood {i}")),
+            StatusCode::OK => {
+                // Bob is online: his message is pushed at once, and the answer says so.
+                let reply: serde_json::Value = serde_json::from_slice(&reply)?;
+                assert_eq!(reply["recipient_online"], true, "{reply}");
+                accepted.push(format!("flood {i}"));
+            }
             StatusCode::TOO_MANY_REQUESTS => {
                 let reply: serde_json::Value = serde_json::from_slice(&reply)?;
                 assert_eq!(reply["code"], "rate_limited", "{reply}");

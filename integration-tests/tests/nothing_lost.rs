@@ -1189,7 +1189,9 @@ async fn a_message_stored_while_its_recipient_logs_in_is_pushed_to_the_new_sessi
     let store = PausingStore::new(Duration::from_millis(500));
     let cluster = TestCluster::start_on_store(1, store.clone(), |_| {}).await?;
     let (alice, _alice_events) = cluster.user("alice").await?;
-    let config = cluster.client_config();
+    let mut config = cluster.client_config();
+    // No idle pull (a safety net at a random heartbeat) may blur the count of pulls below.
+    config.idle_pull_every = Duration::from_secs(86_400);
     let bob_id = cim_client::register(&config, "bob", "password").await?;
     store.armed.store(true, Ordering::SeqCst);
     let login = {

@@ -479,17 +479,17 @@ async fn bad_messages_are_refused_with_codes_and_offline_users_get_theirs_later(
         .unwrap_err();
     assert_eq!(err.code(), Some("too_large"), "{err}");
     // The session survives all of that; a broadcast with nobody else online reaches no one.
-    assert_eq!(alice.send_group("all", "still here").await?.recipients, 0);
+    let broadcast = alice.send_group("all", "still here").await?;
+    assert_eq!(
+        (broadcast.recipients, broadcast.recipient_online),
+        (0, None)
+    );
 
-    // Bob is offline: his messages are stored and acked, and arrive in order when he logs in.
+    // Bob is offline: his messages are stored and acked (saying he is offline), and arrive in
+    // order when he logs in.
     for i in 0..5 {
-        assert_eq!(
-            alice
-                .send_private(bob, &format!("offline {i}"))
-                .await?
-                .recipients,
-            1
-        );
+        let ack = alice.send_private(bob, &format!("offline {i}")).await?;
+        assert_eq!((ack.recipients, ack.recipient_online), (1, Some(false)));
     }
     let (_bob, mut bob_events) =
         Client::login(&config, "bob", "password", LoginOptions::default()).await?;
@@ -497,6 +497,8 @@ async fn bad_messages_are_refused_with_codes_and_offline_users_get_theirs_later(
         let m = next_message(&mut bob_events).await?;
         assert_eq!((m.body, m.seq), (format!("offline {i}"), i + 1));
     }
+    let ack = alice.send_private(bob, "online now").await?;
+    assert_eq!(ack.recipient_online, Some(true));
     Ok(())
 }
 
@@ -622,6 +624,10 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     bob.expect_line("bye").await?;
     alice.send_line(":olu").await?;
     alice.expect_line("online users (1)").await?;
+    alice.send_line(&format!("{bob_id};;see you later")).await?;
+    alice
+        .expect_line(&format!("(sent to {bob_id}, who is offline"))
+        .await?;
     alice.send_line("anyone there?").await?;
     alice
         .expect_line("(sent, but no one else is online)")

@@ -207,6 +207,9 @@ struct SendResponse {
     /// JavaScript (and in any parser that reads numbers as doubles).
     msg_id_str: String,
     recipients: u32,
+    /// For a private message: whether its recipient was online when it was stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recipient_online: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -396,6 +399,7 @@ pub fn routes(
                         msg_id: sent.msg_id,
                         msg_id_str: sent.msg_id.to_string(),
                         recipients: sent.recipients,
+                        recipient_online: sent.recipient_online,
                     }))
                 };
                 respond_api(result.await)

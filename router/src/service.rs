@@ -268,6 +268,9 @@ pub struct Sent {
     pub msg_id: u64,
     /// Recipient inboxes it is stored in.
     pub recipients: u32,
+    /// For a private message: whether the recipient had a route (was online) when it was
+    /// stored.
+    pub recipient_online: Option<bool>,
 }
 
 /// A session a server renews ([`Service::renew_sessions`]).
@@ -1231,6 +1234,9 @@ impl Service {
             }
         };
         let stored = recipients.len() as u32;
+        let recipient_online = routes
+            .as_ref()
+            .map(|routes| routes.iter().all(Option::is_some));
         self.config.metrics.messages.inc();
         self.config.metrics.stored.inc_by(u64::from(stored));
         match routes {
@@ -1252,6 +1258,7 @@ impl Service {
         Ok(Sent {
             msg_id,
             recipients: stored,
+            recipient_online,
         })
     }
 
@@ -1350,6 +1357,7 @@ impl Service {
                 code: String::new(),
                 message: String::new(),
                 recipients: sent.recipients,
+                recipient_online: sent.recipient_online,
             },
             Err(e) => {
                 self.config.metrics.error(e.code());
@@ -1364,6 +1372,7 @@ impl Service {
                     code: e.code().to_string(),
                     message: e.to_string(),
                     recipients: 0,
+                    recipient_online: None,
                 }
             }
         }

@@ -1663,6 +1663,7 @@ fn refused(client_msg_id: u64, code: &str, message: &str) -> SendAck {
         code: code.to_string(),
         message: message.to_string(),
         recipients: 0,
+        recipient_online: None,
     }
 }
 
