@@ -132,7 +132,7 @@ pub fn parse(line: &str) -> Command {
 
 /// Why a name longer than any group's is refused before asking the router.
 fn no_such_group_name() -> String {
-    format!("no group has that name: group names are {NAME_RULE}")
+    format!("too long for a group name: group names are {NAME_RULE}")
 }
 
 /// `text` safe to print on a terminal: control characters (line breaks, escape sequences that

@@ -138,7 +138,8 @@ pub enum ClientError {
         /// Human-readable explanation.
         message: String,
     },
-    /// The server refused a message. With code `retry` (returned only when reconnecting is off
+    /// The server refused a message (or, with `too_large`, the client did: a body too large
+    /// for any frame a server reads is never sent). With code `retry` (returned only when reconnecting is off
     /// or the client message id is 0) the outcome is unknown: the message may still be stored
     /// and delivered.
     #[error("message refused: {code}: {message}")]
@@ -852,10 +853,7 @@ impl Client {
             .endpoint
             .rebind(socket)
             .map_err(|e| ClientError::Connection(e.to_string()))?;
-        self.shared
-            .endpoint
-            .local_addr()
-            .map_err(|e| ClientError::Connection(e.to_string()))
+        self.local_addr()
     }
 
     /// The local address of the client's UDP socket (after a [`Client::rebind`], the new one).
@@ -896,11 +894,17 @@ impl Client {
         let frame = match cim_proto::encode_frame(&request, cim_proto::DEFAULT_MAX_FRAME) {
             Ok(frame) => frame,
             // Too large for any server to read: refused here, as a server would.
-            Err(FrameError::TooLarge { max, .. }) => {
-                let max = self.max_body_bytes().unwrap_or(max);
+            Err(FrameError::TooLarge { .. }) => {
+                let message = match self.max_body_bytes() {
+                    Some(max) => cim_proto::too_long(body.len(), max),
+                    None => format!(
+                        "message too long: {} bytes, more than a frame holds",
+                        body.len()
+                    ),
+                };
                 return Err(ClientError::SendRefused {
                     code: cim_proto::TOO_LARGE.into(),
-                    message: format!("message too long: {} bytes, at most {max}", body.len()),
+                    message,
                 });
             }
             Err(e) => return Err(e.into()),
@@ -1567,6 +1571,7 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
         (shared.config.idle_pull_every.as_millis() / heartbeat.as_millis().max(1)).max(1) as u64;
     // Clients that reconnected together (after a server's drain) pull at different moments.
     let idle_pull_phase = rand::random::<u64>() % idle_pull_pings;
+    let mut ticks = 0u64;
     let mut nonce = 0u64;
     // The highest dropped-delivery mark a pull was asked for, and at which ping. A mark is
     // pulled for once, and again only after `MISSED_REPULL_PINGS` more (in case that pull
@@ -1582,12 +1587,13 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
         tokio::select! {
             _ = shared.stop.cancelled() => break End::Stopped,
             _ = ticker.tick() => {
+                ticks += 1;
                 nonce += 1;
                 // A safety net for deliveries lost where no one could tell (a router's push
                 // that failed): a pull now and then, however quiet the session. Not at the
                 // first tick, as the connection begins: it was just told it is caught up, or
                 // pulls to catch up anyway.
-                if nonce > 1 && (nonce + idle_pull_phase).is_multiple_of(idle_pull_pings) {
+                if ticks > 1 && (ticks + idle_pull_phase).is_multiple_of(idle_pull_pings) {
                     shared.gap.notify_one();
                 }
                 if let Err(e) = ping(&mut send, nonce, &shared.progress, false).await {

@@ -374,9 +374,32 @@ async fn run_counted(client: &Client, command: Command, failed: &AtomicUsize) {
     }
 }
 
+/// Whether `body` is over the limit the server named; if so, says so (`to` names the target).
+fn refused_as_too_long(client: &Client, body: &str, to: &str) -> bool {
+    match client.max_body_bytes() {
+        Some(max) if body.len() > max => {
+            println!("! not sent{to}: {}", cim_proto::too_long(body.len(), max));
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Carries out one console command. Returns false if it failed.
 async fn run(client: &Client, command: Command) -> bool {
     match command {
+        // Checked here, as a text field would: the server would refuse it the same way.
+        Command::Broadcast(body) if refused_as_too_long(client, &body, "") => false,
+        Command::Private { to, body }
+            if refused_as_too_long(client, &body, &format!(" to {to}")) =>
+        {
+            false
+        }
+        Command::Group { group, body }
+            if refused_as_too_long(client, &body, &format!(" to #{group}")) =>
+        {
+            false
+        }
         Command::Broadcast(body) => sent(
             paced(|| client.send_group(cim_proto::BROADCAST_GROUP, &body)).await,
             "",

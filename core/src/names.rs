@@ -1,5 +1,5 @@
 //! The rule for user and group names, shared by the router (which enforces it) and the console
-//! (which refuses a name no one can have before asking the router).
+//! (which refuses a name longer than any can be before asking the router).
 
 /// Longest name, in bytes (every allowed character is one byte).
 pub const MAX_NAME_LEN: usize = 32;
@@ -30,5 +30,10 @@ mod tests {
         assert!(!is_valid_name(".."));
         assert!(!is_valid_name("a b"));
         assert!(!is_valid_name("grüße"));
+        // The rule in words names the same length.
+        assert!(
+            NAME_RULE.starts_with(&format!("1-{MAX_NAME_LEN} ")),
+            "{NAME_RULE}"
+        );
     }
 }

@@ -302,6 +302,22 @@ pub async fn next_event(events: &mut Events, timeout: Duration) -> anyhow::Resul
         .context("event stream ended")
 }
 
+/// The next event within `timeout` that is not [`Event::Reconnecting`]: a reconnect that
+/// takes a few attempts says so on the way, however the test goes on.
+pub async fn next_event_past_retries(
+    events: &mut Events,
+    timeout: Duration,
+) -> anyhow::Result<Event> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match next_event(events, left).await? {
+            Event::Reconnecting { .. } => {}
+            event => return Ok(event),
+        }
+    }
+}
+
 /// The next message event (skipping nothing: any other event is an error).
 pub async fn next_message(events: &mut Events) -> anyhow::Result<cim_client::IncomingMessage> {
     match next_event(events, WAIT).await? {

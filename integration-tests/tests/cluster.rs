@@ -12,7 +12,8 @@ use anyhow::Context;
 use cim_client::{Client, ClientConfig, ClientError, Event, Events, LoginOptions};
 use cim_integration_tests::cluster::{HEARTBEAT_MS, ProcCluster, ROUTE_LEASE_MS, ZK_SESSION_MS};
 use cim_integration_tests::{
-    WAIT, eventually, metric_value, next_event, next_message, router_metrics,
+    WAIT, eventually, metric_value, next_event, next_event_past_retries, next_message,
+    router_metrics,
 };
 use redis::AsyncCommands;
 
@@ -118,7 +119,7 @@ async fn clients_of_a_killed_server_move_to_live_servers_and_its_routes_go() -> 
             Event::Disconnected(_) => {}
             other => panic!("expected a disconnect, got {other:?}"),
         }
-        match next_event(&mut clients[i].1, Duration::from_secs(30)).await? {
+        match next_event_past_retries(&mut clients[i].1, Duration::from_secs(30)).await? {
             Event::Reconnected(how) => {
                 assert!(how.relogin, "{how:?}");
                 assert_ne!(how.server_id, victim_server);
@@ -318,8 +319,8 @@ async fn consistent_hash_moves_only_the_departed_servers_users() -> anyhow::Resu
 
     cluster.signal_server("s3", "TERM").await?; // graceful: leaves discovery at once
     cluster.wait_servers(2).await?;
-    // Where the departed server's users went: the ring (fixed names, fixed hash) spreads them
-    // over both servers left, not all onto one.
+    // Where the departed server's users went: the ring (the test's own Redis numbers the users
+    // from 1, and the hash is fixed) spreads them over both servers left, not all onto one.
     let mut moved_to = std::collections::HashSet::new();
     for name in &names {
         let (client, _events) = login(&config, name, false).await?;
@@ -415,7 +416,7 @@ async fn a_rolling_restart_of_every_server_loses_nothing() -> anyhow::Result<()>
             match next_event(&mut events[r], Duration::from_secs(30)).await? {
                 Event::Message(m) => got.push(m.body),
                 Event::Drain(_) => drained += 1,
-                Event::Disconnected(_) | Event::Reconnected(_) => {}
+                Event::Disconnected(_) | Event::Reconnecting { .. } | Event::Reconnected(_) => {}
                 other => panic!("unexpected {other:?}"),
             }
         }

@@ -20,7 +20,9 @@ use async_trait::async_trait;
 use cim_client::{Client, ClientConfig, Event, Events, LoginOptions, Target};
 use cim_integration_tests::cluster::ProcCluster;
 use cim_integration_tests::relay::{Impairments, Relay};
-use cim_integration_tests::{Backend, TestCluster, WAIT, eventually, next_event, next_message};
+use cim_integration_tests::{
+    Backend, TestCluster, WAIT, eventually, next_event, next_event_past_retries, next_message,
+};
 use cim_proto::v1::{ClientControl, Login, Ping, ServerControl, client_control, server_control};
 use cim_proto::{read_required, write_frame};
 use cim_router::store::{
@@ -293,7 +295,7 @@ async fn a_five_second_blackout_heals_by_itself(backend: Backend) -> anyhow::Res
     // Five seconds outlast the server's heartbeat timeout (2 s here), so the server has ended
     // the session: the client resumes it (its route comes back) or, past its short resume
     // attempt, logs in again with its token. Never with the password.
-    match next_event(&mut bob_events, Duration::from_secs(30)).await? {
+    match next_event_past_retries(&mut bob_events, Duration::from_secs(30)).await? {
         Event::Reconnected(_) => {
             let stats = bob.stats();
             assert_eq!(stats.relogins, stats.token_relogins, "{stats:?}");
@@ -320,7 +322,7 @@ async fn outage(
     }
     tokio::time::sleep(after_notice).await;
     relay.set_blackout(false);
-    match next_event(events, Duration::from_secs(30)).await? {
+    match next_event_past_retries(events, Duration::from_secs(30)).await? {
         Event::Reconnected(how) => Ok(how),
         other => anyhow::bail!("expected a reconnect, got {other:?}"),
     }
@@ -416,7 +418,6 @@ async fn rebinding_the_socket_keeps_the_session(backend: Backend) -> anyhow::Res
     let before = bob.stats();
     let old_addr = bob.local_addr()?;
     let new_addr = bob.rebind("127.0.0.1:0".parse()?)?;
-    assert_eq!(bob.local_addr()?, new_addr);
     alice
         .send_private(bob.info().user_id, "after rebind")
         .await?;
@@ -1826,7 +1827,7 @@ async fn a_device_replaced_while_away_stops_instead_of_taking_the_user_back() ->
     let kicked = loop {
         match next_event(&mut away_events, Duration::from_secs(30)).await? {
             Event::Kicked(reason) => break reason,
-            Event::Disconnected(_) | Event::Reconnected(_) => {}
+            Event::Disconnected(_) | Event::Reconnecting { .. } | Event::Reconnected(_) => {}
             other => panic!("unexpected event {other:?}"),
         }
     };

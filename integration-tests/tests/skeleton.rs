@@ -473,11 +473,16 @@ async fn bad_messages_are_refused_with_codes_and_offline_users_get_theirs_later(
     assert_eq!(err.code(), Some("unknown_group"), "{err}");
     let err = alice.send_group("all", "").await.unwrap_err();
     assert_eq!(err.code(), Some("bad_request"), "{err}");
-    let err = alice
-        .send_group("all", &"x".repeat(20_000))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Some("too_large"), "{err}");
+    // Too large: refused by the body's length, or by its frame's before the body is read.
+    let limit = cim_server::ServerConfig::DEFAULT_MAX_BODY_BYTES;
+    for (len, why) in [
+        (limit + 1, format!("{} bytes, at most {limit}", limit + 1)),
+        (20_000, format!("more than {limit} bytes")),
+    ] {
+        let err = alice.send_group("all", &"x".repeat(len)).await.unwrap_err();
+        assert_eq!(err.code(), Some("too_large"), "{err}");
+        assert!(err.to_string().contains(&why), "{err}");
+    }
     // The session survives all of that; a broadcast with nobody else online reaches no one.
     let broadcast = alice.send_group("all", "still here").await?;
     assert_eq!(
@@ -499,12 +504,16 @@ async fn bad_messages_are_refused_with_codes_and_offline_users_get_theirs_later(
     }
     let ack = alice.send_private(bob, "online now").await?;
     assert_eq!(ack.recipient_online, Some(true));
+    // Logged in over HTTP but not (yet) on a server: not online, nothing is pushed.
+    let (carol, _token) = cluster.http_login("carol").await?;
+    let ack = alice.send_private(carol, "not connected yet").await?;
+    assert_eq!(ack.recipient_online, Some(false));
     Ok(())
 }
 
 /// A client whose server process dies without a goodbye packet (`SIGKILL` of the embedded
-/// router and its server) finds out by its heartbeat timeout (1 s here), not only when it
-/// next sends.
+/// router and its server) finds out by its heartbeat timeout (three 200 ms intervals here),
+/// not only when it next sends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_notices_a_killed_server_by_its_heartbeat() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -605,10 +614,10 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     bob.expect_line(&format!("you are bob (id {bob_id})"))
         .await?;
 
-    // A message over the server's limit is refused naming it, whether the server refuses it
-    // (over the body limit) or the client does (too large for any frame a server reads).
+    // A message over the server's limit is refused naming it and its length: the console
+    // checks the limit the server gave at login, however far over it is.
     let limit = cim_server::ServerConfig::DEFAULT_MAX_BODY_BYTES;
-    for len in [limit + 1, 70_000] {
+    for len in [limit + 1, 20_000, 70_000] {
         bob.send_line(&format!("{alice_id};;{}", "x".repeat(len)))
             .await?;
         bob.expect_line(&format!("message too long: {len} bytes, at most {limit}"))

@@ -22,6 +22,15 @@ pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
 /// Bytes in the length prefix.
 pub const LENGTH_PREFIX: usize = 4;
 
+/// The largest message body servers and routers take unless configured otherwise.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// The refusal text (with [`TOO_LARGE`]) for a body of `len` bytes where `max_body` is the
+/// most taken: one wording wherever the limit is checked.
+pub fn too_long(len: usize, max_body: usize) -> String {
+    format!("message too long: {len} bytes, at most {max_body}")
+}
+
 /// `SendAck.code` of a send whose outcome is unknown (no router answered the server, or the
 /// router's inbox append failed, perhaps only in its reply): the message may or may not be
 /// stored, and a resend with the same `client_msg_id` settles it (without one, a resend may

@@ -153,7 +153,7 @@ impl RouterConfig {
             token_ttl: Duration::from_secs(600),
             pending_lease: Duration::from_secs(30),
             route_lease: Duration::from_secs(30),
-            max_body_bytes: 16 * 1024,
+            max_body_bytes: cim_proto::DEFAULT_MAX_BODY_BYTES,
             inbox: store::InboxLimits::default(),
             password_cost: password::Cost::default(),
             login_limits: LoginLimits::default(),

@@ -268,8 +268,8 @@ pub struct Sent {
     pub msg_id: u64,
     /// Recipient inboxes it is stored in.
     pub recipients: u32,
-    /// For a private message: whether the recipient had a route (was online) when it was
-    /// stored.
+    /// For a private message: whether the recipient had a confirmed route (was online, so it
+    /// was pushed) when it was stored.
     pub recipient_online: Option<bool>,
 }
 
@@ -1234,9 +1234,13 @@ impl Service {
             }
         };
         let stored = recipients.len() as u32;
-        let recipient_online = routes
-            .as_ref()
-            .map(|routes| routes.iter().all(Option::is_some));
+        // Online as a push counts it: a pending claim (an HTTP login whose client has not
+        // reached its server yet) gets no push.
+        let recipient_online = routes.as_ref().map(|routes| {
+            routes
+                .iter()
+                .all(|route| route.as_ref().is_some_and(|r| r.confirmed))
+        });
         self.config.metrics.messages.inc();
         self.config.metrics.stored.inc_by(u64::from(stored));
         match routes {

@@ -104,7 +104,7 @@ impl Default for Limits {
 
 impl ServerConfig {
     /// The largest message body taken unless set otherwise, in bytes.
-    pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024;
+    pub const DEFAULT_MAX_BODY_BYTES: usize = cim_proto::DEFAULT_MAX_BODY_BYTES;
 
     /// How often open sessions' routes are renewed unless set otherwise.
     pub const DEFAULT_RENEW_INTERVAL: Duration = Duration::from_secs(10);
@@ -208,7 +208,10 @@ impl Server {
                 Ok::<_, std::io::Error>(listener)
             })
             .transpose()
-            .map_err(|e| StartError::Config(format!("binding --metrics: {e}")))?;
+            .map_err(|e| {
+                let addr = config.ops_addr.map(|a| a.to_string()).unwrap_or_default();
+                StartError::Config(format!("binding --metrics {addr}: {e}"))
+            })?;
         Ok(Self {
             config: Arc::new(config),
             client_endpoint,

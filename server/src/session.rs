@@ -1349,8 +1349,8 @@ async fn handle_message(
     let first = in_time(MESSAGE_FRAME_TIMEOUT, read_required(&mut recv, max_frame));
     let request: ClientRequest = match first.await {
         Ok(m) => m,
-        Err(e @ FrameError::TooLarge { len, .. }) => {
-            let why = too_long(len, state.config.max_body_bytes);
+        Err(e @ FrameError::TooLarge { .. }) => {
+            let why = frame_too_long(state.config.max_body_bytes);
             let ack = refused(0, cim_proto::TOO_LARGE, &why);
             write_acks(&mut send, &[ack]).await?;
             send.finish()?;
@@ -1521,8 +1521,8 @@ async fn send_messages(
                 Some(Err(e)) => {
                     reading = false;
                     let (code, why) = match e {
-                        FrameError::TooLarge { len, .. } => {
-                            (cim_proto::TOO_LARGE, too_long(len, state.config.max_body_bytes))
+                        FrameError::TooLarge { .. } => {
+                            (cim_proto::TOO_LARGE, frame_too_long(state.config.max_body_bytes))
                         }
                         FrameError::Decode(_) => ("malformed", e.to_string()),
                         // The client reset its side or the stream ended inside a frame: no
@@ -1645,15 +1645,18 @@ fn validate(message: &ChatMessage, max_body: usize) -> Result<(), (&'static str,
         return Err((cim_proto::BAD_REQUEST, "message body is empty".into()));
     }
     if message.body.len() > max_body {
-        return Err((cim_proto::TOO_LARGE, too_long(message.body.len(), max_body)));
+        return Err((
+            cim_proto::TOO_LARGE,
+            cim_proto::too_long(message.body.len(), max_body),
+        ));
     }
     Ok(())
 }
 
-/// The refusal text for a body (or the frame holding it) of `len` bytes where the server
-/// takes bodies of `max_body`.
-fn too_long(len: usize, max_body: usize) -> String {
-    format!("message too long: {len} bytes, at most {max_body}")
+/// The refusal text for a frame too large to hold a body of at most `max_body` bytes (refused
+/// on its length prefix, so the body's own length is not known).
+fn frame_too_long(max_body: usize) -> String {
+    format!("message too long: more than {max_body} bytes")
 }
 
 fn refused(client_msg_id: u64, code: &str, message: &str) -> SendAck {
