@@ -50,6 +50,9 @@ pub struct RouterMetrics {
     pub https_resumed: Counter,
     /// Routes removed because their server left or was replaced by a new process.
     pub departed_routes: Counter,
+    /// Group sends waiting for their group's turn (a send of the same group, or of one that
+    /// shares its lock, is being stored): a hot group shows here.
+    pub group_sends_waiting: Gauge,
 }
 
 impl RouterMetrics {
@@ -111,6 +114,11 @@ impl RouterMetrics {
             "Routes removed because their server left or was replaced",
             m.departed_routes.clone(),
         );
+        r.register(
+            "group_sends_waiting",
+            "Group sends waiting for their group's turn",
+            m.group_sends_waiting.clone(),
+        );
         Arc::new(m)
     }
 
@@ -131,6 +139,7 @@ impl RouterMetrics {
             https_handshakes: Counter::default(),
             https_resumed: Counter::default(),
             departed_routes: Counter::default(),
+            group_sends_waiting: Gauge::default(),
         }
     }
 

@@ -21,7 +21,8 @@ use cim_client::{Client, ClientConfig, Event, Events, LoginOptions, Target};
 use cim_integration_tests::cluster::ProcCluster;
 use cim_integration_tests::relay::{Impairments, Relay};
 use cim_integration_tests::{
-    Backend, TestCluster, WAIT, eventually, next_event, next_event_past_retries, next_message,
+    Backend, TestCluster, WAIT, eventually, metric_value, next_event, next_event_past_retries,
+    next_message, router_metrics,
 };
 use cim_proto::v1::{ClientControl, Login, Ping, ServerControl, client_control, server_control};
 use cim_proto::{read_required, write_frame};
@@ -1603,7 +1604,14 @@ async fn a_group_send_waiting_its_turn_skips_a_member_who_left_meanwhile() -> an
         let bob = bob.clone();
         async move { bob.send_group("team", "after the leave").await }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Bob's send waits for the group's turn when Carol leaves.
+    let api = cim_client::RouterApi::new(&cluster.client_config())?;
+    eventually(WAIT, || async {
+        let metrics = router_metrics(&api).await.ok()?;
+        let waiting = metric_value(&metrics, "cim_router_group_sends_waiting").ok()?;
+        (waiting == 1.0).then_some(())
+    })
+    .await?;
     carol.leave_group("team").await?;
     first.await??;
     second.await??;

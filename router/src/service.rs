@@ -1143,7 +1143,14 @@ impl Service {
         // read goes alongside the message id's, so the lock is held no longer than before.
         let _ordered = match target {
             Target::Group(g) if g != BROADCAST_GROUP => {
-                Some(self.group_locks[shard(g)].lock().await)
+                let lock = &self.group_locks[shard(g)];
+                Some(match lock.try_lock() {
+                    Ok(turn) => turn,
+                    Err(_) => {
+                        let _waiting = Waiting::on(&self.config.metrics.group_sends_waiting);
+                        lock.lock().await
+                    }
+                })
             }
             _ => None,
         };
@@ -1617,6 +1624,22 @@ impl Service {
             return Err("no message-id node held".into());
         }
         Ok(())
+    }
+}
+
+/// Counts one waiter in a gauge for as long as it lives (a send given up while it waits, too).
+struct Waiting<'a>(&'a cim_core::metrics::Gauge);
+
+impl<'a> Waiting<'a> {
+    fn on(gauge: &'a cim_core::metrics::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
