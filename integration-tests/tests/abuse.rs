@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use cim_client::{Client, ClientError, Events, LoginOptions, RouterApi};
+use cim_client::{Client, ClientError, Event, Events, LoginOptions, RouterApi};
 use cim_core::token::{Claims, TokenKey};
 use cim_core::transport::{self, Link};
 use cim_core::{ALPN_INTERNAL, now_ms, tls};
-use cim_integration_tests::{Backend, TestCluster, WAIT, eventually, next_message};
+use cim_integration_tests::{Backend, TestCluster, WAIT, eventually, next_event, next_message};
 use cim_proto::v1::{
     ChatMessage, ClientControl, ClientRequest, DeliveryBatch, Forward, ForwardBatchResult,
     LoginResult, Ping, Pull, PullResult, SendAck, ServerControl, ServerRequest,
@@ -242,22 +242,29 @@ async fn a_client_cannot_use_the_internal_endpoint() -> anyhow::Result<()> {
     )?;
     let endpoint = transport::client_endpoint("127.0.0.1:0".parse()?, config)?;
     let internal = scene.cluster.embedded.internal_addrs[0];
-    let attempt = async {
-        let conn = endpoint.connect(internal, "127.0.0.1")?.await?;
-        // With TLS 1.3 the client may think it is connected until the server's verdict on its
-        // (missing) certificate arrives: any use must fail.
-        let (mut send, mut recv) = conn.open_bi().await?;
-        send.write_all(b"\0\0\0\x02\x0a\x00").await?;
-        send.finish()?;
-        let mut buf = Vec::new();
-        let n = tokio::io::AsyncReadExt::read_to_end(&mut recv, &mut buf).await?;
-        anyhow::Ok(n)
+    let connecting = endpoint.connect(internal, "127.0.0.1")?;
+    let refusal = match tokio::time::timeout(WAIT, connecting).await? {
+        Err(e) => e,
+        Ok(conn) => {
+            // With TLS 1.3 the client may think it is connected until the server's verdict on
+            // its (missing) certificate arrives: any use must fail, and the connection with it.
+            let used = tokio::time::timeout(WAIT, async {
+                let (mut send, mut recv) = conn.open_bi().await?;
+                send.write_all(b"\0\0\0\x02\x0a\x00").await?;
+                send.finish()?;
+                let mut buf = Vec::new();
+                let n = tokio::io::AsyncReadExt::read_to_end(&mut recv, &mut buf).await?;
+                anyhow::Ok(n)
+            })
+            .await?;
+            assert!(
+                used.is_err(),
+                "a client without a cluster certificate used it"
+            );
+            conn.close_reason().expect("the connection was closed")
+        }
     };
-    let result = tokio::time::timeout(WAIT, attempt).await?;
-    assert!(
-        result.is_err(),
-        "the internal endpoint must refuse a client without a cluster certificate"
-    );
+    assert!(refusal.to_string().contains("no certificates"), "{refusal}");
     scene.still_chatting().await
 }
 
@@ -1238,7 +1245,13 @@ async fn crowded_addresses_validate_before_they_get_a_place() -> anyhow::Result<
     let config = scene.cluster.client_config();
     cim_client::register(&config, "eve", "password").await?;
     let refused = Client::login(&config, "eve", "password", LoginOptions::default()).await;
-    assert!(refused.is_err(), "a fifth connection from one address");
+    let refused = refused.err().expect("a fifth connection from one address");
+    assert!(
+        refused
+            .to_string()
+            .contains("refused to accept a new connection"),
+        "{refused}"
+    );
     carol
         .send_private(scene.bob.info().user_id, "validated")
         .await?;
@@ -1535,7 +1548,7 @@ async fn a_message_flood_is_throttled_then_disconnected() -> anyhow::Result<()> 
     cim_client::register(&config, "spammer", "password").await?;
     let mut quiet = config.clone();
     quiet.reconnect = false;
-    let (spammer, _s) =
+    let (spammer, mut spammer_events) =
         Client::login(&quiet, "spammer", "password", LoginOptions::default()).await?;
     let to = scene.bob.info().user_id;
     let mut limited = 0;
@@ -1552,6 +1565,11 @@ async fn a_message_flood_is_throttled_then_disconnected() -> anyhow::Result<()> 
     }
     assert!(limited > 0, "no send was throttled");
     assert!(cut_off, "a sender that keeps flooding must be disconnected");
+    // The send that failed was cut off by the server ending the session, not by a timeout.
+    match next_event(&mut spammer_events, WAIT).await? {
+        Event::Disconnected(reason) => assert!(reason.contains("rate limit"), "{reason}"),
+        other => panic!("expected the session to end, got {other:?}"),
+    }
     // Bob got the spam that was accepted, then Alice's message: drain until it shows up.
     scene.sent += 1;
     let body = format!("still fine {}", scene.sent);
