@@ -49,3 +49,102 @@ where
         Err(_) => Served::Dropped,
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper::{Request, Response};
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+
+    const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+
+    /// A connection whose handler answers `body` after `delay`, with its client end: the
+    /// request is already written, so the connection reads it at its first turn.
+    async fn connection(
+        delay: Duration,
+        body: usize,
+        buffer: usize,
+    ) -> (
+        Connection<
+            TokioIo<DuplexStream>,
+            impl HttpService<Incoming, ResBody = Full<Bytes>, Error = Infallible>,
+        >,
+        DuplexStream,
+    ) {
+        let (mut client, server) = tokio::io::duplex(buffer);
+        client.write_all(REQUEST).await.unwrap();
+        let handler = hyper::service::service_fn(move |_: Request<Incoming>| async move {
+            tokio::time::sleep(delay).await;
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'x'; body]))))
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .serve_connection(TokioIo::new(server), handler);
+        (conn, client)
+    }
+
+    /// Everything the server writes until it closes the connection.
+    async fn read_to_close(mut client: DuplexStream) -> String {
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut answer))
+            .await
+            .expect("the connection was never closed")
+            .unwrap();
+        String::from_utf8(answer).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_past_its_lifetime_answers_its_request_then_closes() {
+        // The request takes longer than the lifetime: it is answered whole, and then the
+        // connection ends (the client reads to the end, so it was closed).
+        let (conn, client) = connection(Duration::from_millis(500), 10, 64 * 1024).await;
+        let serving = serve_for(
+            conn,
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+            std::future::pending(),
+        );
+        let (served, answer) = tokio::join!(serving, read_to_close(client));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("xxxxxxxxxx"), "{answer}");
+        assert!(matches!(served, Served::Ended(Ok(()))), "{served:?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_dropped_after_the_grace() {
+        // An answer far larger than the pipe, to a client that reads none of it: the
+        // connection cannot finish, so once its lifetime and grace are over it is dropped.
+        let (conn, _client) = connection(Duration::ZERO, 1024 * 1024, 1024).await;
+        let served = serve_for(
+            conn,
+            Duration::from_millis(100),
+            Duration::from_millis(100),
+            std::future::pending(),
+        );
+        let served = tokio::time::timeout(Duration::from_secs(30), served).await;
+        assert!(matches!(served, Ok(Served::Dropped)));
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_an_idle_connection_at_once() {
+        let (conn, client) = connection(Duration::ZERO, 10, 64 * 1024).await;
+        let serving = serve_for(
+            conn,
+            Duration::from_secs(3600),
+            Duration::from_secs(30),
+            async {},
+        );
+        // The request already written is still answered; then the connection closes, long
+        // before its lifetime.
+        let (served, answer) = tokio::join!(serving, read_to_close(client));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(matches!(served, Served::Ended(Ok(()))), "{served:?}");
+    }
+}
