@@ -411,6 +411,15 @@ impl Events {
         }
         event
     }
+
+    /// Events waiting to be taken: an application can tell it is falling behind. Past
+    /// [`Events::CAPACITY`], deliveries wait on the server side.
+    pub fn waiting(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// Most events held for the application at once.
+    pub const CAPACITY: usize = 1024;
 }
 
 /// How far the application got with its messages; shared by [`Events`] and the client (not
@@ -713,7 +722,7 @@ impl Client {
             None => endpoint(config)?,
         };
 
-        let (events_tx, events_rx) = mpsc::channel(1024);
+        let (events_tx, events_rx) = mpsc::channel(Events::CAPACITY);
         let progress = Arc::new(Progress::default());
         let shared = Arc::new(Shared {
             config: config.clone(),

@@ -1801,9 +1801,14 @@ async fn an_application_behind_on_its_events_can_still_ask_for_its_last_seq() ->
     for i in 0..MESSAGES {
         alice.send_private(bob_id, &format!("queued {i}")).await?;
     }
-    // Every message is acked, so stored; the ones past the channel wait to be emitted.
+    // Every message is acked, so stored; once the event queue is full, the ones past it wait
+    // to be emitted, and the emitter holds the inbox lock while it waits for room.
+    eventually(WAIT, || async {
+        (bob_events.waiting() == cim_client::Events::CAPACITY).then_some(())
+    })
+    .await?;
     let last = tokio::time::timeout(WAIT, bob.last_seq()).await?;
-    assert!(last <= MESSAGES as u64, "{last}");
+    assert!(last <= cim_client::Events::CAPACITY as u64, "{last}");
     let got = receive(&mut bob_events, MESSAGES, WAIT).await?;
     assert_exactly_in_order(&got, "queued ", MESSAGES);
     assert_eq!(bob.last_seq().await, got.last().map_or(0, |m| m.seq));
