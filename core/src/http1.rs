@@ -133,18 +133,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn shutdown_closes_an_idle_connection_at_once() {
-        let (conn, client) = connection(Duration::ZERO, 10, 64 * 1024).await;
+    async fn shutdown_lets_the_request_under_way_finish_then_closes() {
+        // Shutdown comes while the request is being answered, long before the lifetime: the
+        // answer is written whole, then the connection closes.
+        let (conn, client) = connection(Duration::from_millis(500), 10, 64 * 1024).await;
         let serving = serve_for(
             conn,
             Duration::from_secs(3600),
             Duration::from_secs(30),
-            async {},
+            // Its clock starts at the connection's first turn, as the lifetime's does.
+            async { tokio::time::sleep(Duration::from_millis(100)).await },
         );
-        // The request already written is still answered; then the connection closes, long
-        // before its lifetime.
         let (served, answer) = tokio::join!(serving, read_to_close(client));
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("xxxxxxxxxx"), "{answer}");
         assert!(matches!(served, Served::Ended(Ok(()))), "{served:?}");
     }
 }
