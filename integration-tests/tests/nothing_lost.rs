@@ -1583,7 +1583,8 @@ async fn a_send_without_an_id_whose_append_reply_was_lost_is_of_unknown_outcome(
 /// were read before the wait, and the leaver got a message ordered after the leave.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_send_waiting_its_turn_skips_a_member_who_left_meanwhile() -> anyhow::Result<()> {
-    let store = PausingStore::new(Duration::from_millis(800));
+    // Alice's append is held long enough for Bob's send to reach its wait on a loaded machine.
+    let store = PausingStore::new(Duration::from_secs(3));
     let cluster = TestCluster::start_on_store(1, store.clone(), |_| {}).await?;
     let (alice, _alice_events) = cluster.user("alice").await?;
     let (bob, _bob_events) = cluster.user("bob").await?;
