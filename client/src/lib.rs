@@ -334,8 +334,10 @@ pub struct Reconnected {
     pub zero_rtt: bool,
 }
 
-/// Something that happened to the session.
+/// Something that happened to the session. New kinds may come in later versions: a `match`
+/// needs an arm for the others.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// A message arrived (in inbox order, each once).
     Message(IncomingMessage),

@@ -185,6 +185,8 @@ async fn chat(config: ClientConfig, client: Client, mut events: cim_client::Even
                     let how_text = if how.relogin { "logged in again" } else { "resumed" };
                     println!("reconnected ({how_text}) on server {}", how.server_id);
                 }
+                // A kind of event this console does not know yet (a newer library).
+                Some(_) => {}
                 None => break Ending::Ended("session ended".to_string()),
             }
         }
@@ -450,6 +452,14 @@ async fn run(client: &Client, command: Command) -> bool {
                 } else {
                     ""
                 };
+                if page.users.is_empty() {
+                    // Only with a prefix: without one, this user is online.
+                    println!(
+                        "online users (0): no one whose name starts with \"{}\"",
+                        console::printable(&prefix)
+                    );
+                    return true;
+                }
                 println!("online users ({}{more}):", page.users.len());
                 for u in page.users {
                     println!("  {} {}", u.id, u.name);

@@ -633,6 +633,10 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     bob.expect_line("bye").await?;
     alice.send_line(":olu").await?;
     alice.expect_line("online users (1)").await?;
+    alice.send_line(":olu bo").await?;
+    alice
+        .expect_line("online users (0): no one whose name starts with \"bo\"")
+        .await?;
     alice.send_line(&format!("{bob_id};;see you later")).await?;
     alice
         .expect_line(&format!("(sent to {bob_id}, who is offline"))
