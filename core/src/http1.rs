@@ -100,21 +100,22 @@ mod tests {
         String::from_utf8(answer).unwrap()
     }
 
-    #[tokio::test]
-    async fn a_connection_past_its_lifetime_answers_its_request_then_closes() {
-        // The request takes longer than the lifetime: it is answered whole, and then the
-        // connection ends (the client reads to the end, so it was closed).
+    /// Serves a request that takes 500 ms for `lifetime` or until `shutdown`, and checks that
+    /// it is answered whole and the connection then closed.
+    async fn answered_then_closed(lifetime: Duration, shutdown: impl Future<Output = ()>) {
         let (conn, client) = connection(Duration::from_millis(500), 10, 64 * 1024).await;
-        let serving = serve_for(
-            conn,
-            Duration::from_millis(100),
-            Duration::from_secs(30),
-            std::future::pending(),
-        );
+        let serving = serve_for(conn, lifetime, Duration::from_secs(30), shutdown);
         let (served, answer) = tokio::join!(serving, read_to_close(client));
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with("xxxxxxxxxx"), "{answer}");
         assert!(matches!(served, Served::Ended(Ok(()))), "{served:?}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_past_its_lifetime_answers_its_request_then_closes() {
+        // The request takes longer than the lifetime: it is answered whole, and then the
+        // connection ends (the client reads to the end, so it was closed).
+        answered_then_closed(Duration::from_millis(100), std::future::pending()).await;
     }
 
     #[tokio::test]
@@ -135,18 +136,9 @@ mod tests {
     #[tokio::test]
     async fn shutdown_lets_the_request_under_way_finish_then_closes() {
         // Shutdown comes while the request is being answered, long before the lifetime: the
-        // answer is written whole, then the connection closes.
-        let (conn, client) = connection(Duration::from_millis(500), 10, 64 * 1024).await;
-        let serving = serve_for(
-            conn,
-            Duration::from_secs(3600),
-            Duration::from_secs(30),
-            // Its clock starts at the connection's first turn, as the lifetime's does.
-            async { tokio::time::sleep(Duration::from_millis(100)).await },
-        );
-        let (served, answer) = tokio::join!(serving, read_to_close(client));
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        assert!(answer.ends_with("xxxxxxxxxx"), "{answer}");
-        assert!(matches!(served, Served::Ended(Ok(()))), "{served:?}");
+        // answer is written whole, then the connection closes. Its clock starts at the
+        // connection's first turn, as the lifetime's does.
+        let shutdown = async { tokio::time::sleep(Duration::from_millis(100)).await };
+        answered_then_closed(Duration::from_secs(3600), shutdown).await;
     }
 }
