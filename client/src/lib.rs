@@ -139,9 +139,9 @@ pub enum ClientError {
         message: String,
     },
     /// The server refused a message (or, with `too_large`, the client did: a body too large
-    /// for any frame a server reads is never sent). With code `retry` (returned only when reconnecting is off
-    /// or the client message id is 0) the outcome is unknown: the message may still be stored
-    /// and delivered.
+    /// for any frame a server reads is never sent). With code `retry` (returned only when
+    /// reconnecting is off or the client message id is 0) the outcome is unknown: the message
+    /// may still be stored and delivered.
     #[error("message refused: {code}: {message}")]
     SendRefused {
         /// Stable error code, e.g. `rate_limited`.

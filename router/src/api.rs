@@ -19,8 +19,8 @@
 //! | GET | /admin, /admin/api/state | admin token | `?token=` | the admin page and its JSON |
 //!
 //! Every error is `{"code": "...", "message": "..."}` with a fitting status. Every bearer call
-//! but logout counts (a re-login against its token's login) against its user's per-second limit (`429 rate_limited` past
-//! it). Per-address limits count an IPv6 client under its /64.
+//! but logout counts (a re-login against its token's login) against its user's per-second
+//! limit (`429 rate_limited` past it). Per-address limits count an IPv6 client under its /64.
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cim_core::limit::WindowCounter;
+use cim_core::metrics::Gauge;
 
 use cim_core::discovery::ServerInfo;
 use cim_core::now_ms;
@@ -1628,10 +1629,10 @@ impl Service {
 }
 
 /// Counts one waiter in a gauge for as long as it lives (a send given up while it waits, too).
-struct Waiting<'a>(&'a cim_core::metrics::Gauge);
+struct Waiting<'a>(&'a Gauge);
 
 impl<'a> Waiting<'a> {
-    fn on(gauge: &'a cim_core::metrics::Gauge) -> Self {
+    fn on(gauge: &'a Gauge) -> Self {
         gauge.inc();
         Self(gauge)
     }

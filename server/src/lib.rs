@@ -173,6 +173,13 @@ pub struct Server {
     ops_listener: Option<std::net::TcpListener>,
 }
 
+/// The ops endpoint's listening socket, ready for tokio to take over.
+fn bind_ops(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
 impl Server {
     /// Binds both endpoints. Port 0 picks free ports; see [`Server::client_addr`].
     pub fn bind(config: ServerConfig) -> Result<Self, StartError> {
@@ -200,18 +207,13 @@ impl Server {
             transport::server_endpoint(config.client_addr, client_tls, Link::Client)?;
         let internal_endpoint =
             transport::server_endpoint(config.internal_addr, internal_tls, Link::Internal)?;
-        let ops_listener = config
-            .ops_addr
-            .map(|addr| {
-                let listener = std::net::TcpListener::bind(addr)?;
-                listener.set_nonblocking(true)?;
-                Ok::<_, std::io::Error>(listener)
-            })
-            .transpose()
-            .map_err(|e| {
-                let addr = config.ops_addr.map(|a| a.to_string()).unwrap_or_default();
-                StartError::Config(format!("binding --metrics {addr}: {e}"))
-            })?;
+        let ops_listener = match config.ops_addr {
+            Some(addr) => Some(
+                bind_ops(addr)
+                    .map_err(|e| StartError::Config(format!("binding --metrics {addr}: {e}")))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             config: Arc::new(config),
             client_endpoint,
