@@ -187,11 +187,27 @@ impl TestCluster {
 
     /// A raw QUIC connection to server `index`'s client endpoint, without the client library.
     pub async fn raw_connection(&self, index: usize) -> anyhow::Result<quinn::Connection> {
+        self.raw_connection_with_window(index, None).await
+    }
+
+    /// [`TestCluster::raw_connection`] whose streams hold at most `stream_window` bytes the
+    /// test has not read (`None`: the client library's window), so that a server's writes
+    /// block soon on a stream the test leaves unread.
+    pub async fn raw_connection_with_window(
+        &self,
+        index: usize,
+        stream_window: Option<u32>,
+    ) -> anyhow::Result<quinn::Connection> {
         let roots = tls::load_roots(&self.embedded.ca)?;
-        let config = transport::client_config(
+        let mut config = transport::client_config(
             tls::client_config(roots, &[ALPN_CLIENT], None)?,
             Link::Client,
         )?;
+        if let Some(window) = stream_window {
+            let mut narrow = transport::transport_config(Link::Client, quinn::Side::Client);
+            narrow.stream_receive_window(quinn::VarInt::from_u32(window));
+            config.transport_config(Arc::new(narrow));
+        }
         let endpoint = transport::client_endpoint("127.0.0.1:0".parse()?, config)?;
         let addr = self.embedded.servers[index].1;
         Ok(endpoint.connect(addr, "127.0.0.1")?.await?)
@@ -211,6 +227,20 @@ impl TestCluster {
         quinn::RecvStream,
     )> {
         let conn = self.raw_connection(index).await?;
+        Self::raw_login_on(conn, token, token_renewal).await
+    }
+
+    /// Logs in with `token` on `conn` (see [`TestCluster::raw_login`]).
+    pub async fn raw_login_on(
+        conn: quinn::Connection,
+        token: &str,
+        token_renewal: bool,
+    ) -> anyhow::Result<(
+        quinn::Connection,
+        LoginResult,
+        quinn::SendStream,
+        quinn::RecvStream,
+    )> {
         let (mut send, mut recv) = conn.open_bi().await?;
         let login = ClientControl {
             kind: Some(client_control::Kind::Login(Login {

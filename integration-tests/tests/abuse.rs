@@ -1,10 +1,10 @@
 //! The abuse suite: forged, expired and misdirected tokens, a claimed sender, a client on the
 //! internal endpoint, an oversized frame, garbage on the control stream, a send stream with
 //! other frames or too many sends, oversized sends among shared ones, a client that leaves
-//! its acks unread, a client that leaves its control stream unread or ends it early, 10,000
-//! streams at once, a request body that never ends, garbage UDP, malformed JSON on every
-//! endpoint, a login brute force, a message flood, a client that never acks a delivery and a
-//! router that reads sends and never answers.
+//! its acks unread, a client that leaves its control stream unread or ends it early, a ping
+//! flood, 10,000 streams at once, a request body that never ends, garbage UDP, malformed JSON
+//! on every endpoint, a login brute force, a message flood, a client that never acks a
+//! delivery and a router that reads sends and never answers.
 //! After each, well-behaved clients on the same server still chat and no accepted message is
 //! lost.
 
@@ -128,9 +128,22 @@ impl Scene {
     async fn raw_user_session(
         &self,
     ) -> anyhow::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+        self.raw_user_session_with_window(None).await
+    }
+
+    /// [`Scene::raw_user_session`] on a connection whose streams hold at most `stream_window`
+    /// unread bytes.
+    async fn raw_user_session_with_window(
+        &self,
+        stream_window: Option<u32>,
+    ) -> anyhow::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
         let (_, token) = self.http_login("raw").await?;
-        let (conn, code, send, recv) = self.raw_session(&token, false).await?;
-        assert_eq!(code, "", "the raw login was refused");
+        let conn = self
+            .cluster
+            .raw_connection_with_window(0, stream_window)
+            .await?;
+        let (conn, result, send, recv) = TestCluster::raw_login_on(conn, &token, false).await?;
+        assert_eq!(result.code, "", "the raw login was refused");
         Ok((conn, send, recv))
     }
 }
@@ -680,11 +693,10 @@ async fn a_session_whose_control_stream_ends_loses_its_connection() -> anyhow::R
     scene.still_chatting().await
 }
 
-/// Sends more pings than the pongs' stream window holds, so the server's pong writes block
-/// once the caller reads none of them.
-async fn send_pings_to_leave_unanswered(control: &mut quinn::SendStream) -> anyhow::Result<()> {
+/// `count` pings, framed, with nonces from 0.
+fn pings(count: u64) -> Vec<u8> {
     let mut pings = Vec::new();
-    for nonce in 0..20_000 {
+    for nonce in 0..count {
         let ping = ClientControl {
             kind: Some(client_control::Kind::Ping(Ping {
                 nonce,
@@ -695,8 +707,32 @@ async fn send_pings_to_leave_unanswered(control: &mut quinn::SendStream) -> anyh
         pings.extend_from_slice(&(body.len() as u32).to_be_bytes());
         pings.extend_from_slice(&body);
     }
-    control.write_all(&pings).await?;
-    Ok(())
+    pings
+}
+
+/// Stream window of a raw session whose control stream the test leaves unread: 16 pongs
+/// (8 bytes each at these nonces) fill it.
+const UNREAD_CONTROL_WINDOW: u32 = 128;
+
+/// A raw session whose control stream the test leaves unread: sends twice as many pings as
+/// [`UNREAD_CONTROL_WINDOW`] holds pongs, so the server's pong writes block, and no more than
+/// a client may send at once.
+async fn raw_session_with_unread_pongs(
+    scene: &Scene,
+) -> anyhow::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+    let (conn, mut control, control_recv) = scene
+        .raw_user_session_with_window(Some(UNREAD_CONTROL_WINDOW))
+        .await?;
+    control.write_all(&pings(32)).await?;
+    Ok((conn, control, control_recv))
+}
+
+/// The application close `conn` ended with (it must have ended by one).
+fn application_close(closed: quinn::ConnectionError) -> (quinn::VarInt, Bytes) {
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => (close.error_code, close.reason),
+        other => panic!("closed by {other:?}"),
+    }
 }
 
 /// A client that reads nothing of its control stream is gone as much as one that sends
@@ -704,10 +740,19 @@ async fn send_pings_to_leave_unanswered(control: &mut quinn::SendStream) -> anyh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_its_control_stream_unread_is_timed_out() -> anyhow::Result<()> {
     let mut scene = Scene::new().await?;
-    let (conn, mut control, _control_recv) = scene.raw_user_session().await?;
-    send_pings_to_leave_unanswered(&mut control).await?;
-    let closed = tokio::time::timeout(WAIT, conn.closed()).await;
-    assert!(closed.is_ok(), "the session outlived its heartbeat timeout");
+    let (conn, _control, _control_recv) = raw_session_with_unread_pongs(&scene).await?;
+    let closed = tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .context("the session outlived its heartbeat timeout")?;
+    // Ended by the blocked pong write (not as a ping flood, nor by the heartbeat deadline,
+    // which a blocked loop does not see).
+    assert_eq!(
+        application_close(closed),
+        (
+            cim_core::close::code(cim_core::close::NORMAL),
+            Bytes::from_static(b"session ended")
+        )
+    );
     scene.still_chatting().await
 }
 
@@ -723,8 +768,7 @@ async fn a_client_that_leaves_its_control_stream_unread_is_still_kicked() -> any
         config.heartbeat_timeout = Duration::from_secs(30);
     })
     .await?;
-    let (conn, mut control, _control_recv) = scene.raw_user_session().await?;
-    send_pings_to_leave_unanswered(&mut control).await?;
+    let (conn, _control, _control_recv) = raw_session_with_unread_pongs(&scene).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Another login of the user takes the session over.
     let (again, _events) = Client::login(
@@ -734,14 +778,53 @@ async fn a_client_that_leaves_its_control_stream_unread_is_still_kicked() -> any
         LoginOptions { takeover: true },
     )
     .await?;
-    let closed = tokio::time::timeout(WAIT, conn.closed()).await;
-    assert!(closed.is_ok(), "the replaced session kept its connection");
+    let closed = tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .context("the replaced session kept its connection")?;
+    assert_eq!(
+        application_close(closed),
+        (
+            cim_core::close::code(cim_core::close::KICKED),
+            Bytes::from_static(b"kicked")
+        )
+    );
     again
         .send_private(scene.bob.info().user_id, "from the new login")
         .await?;
     assert_eq!(
         next_message(&mut scene.bob_events).await?.body,
         "from the new login"
+    );
+    scene.still_chatting().await
+}
+
+/// A client may send a burst of pings, each answered, but a flood of them ends its session
+/// with a reason that says so; everyone else chats on. Before, every ping got its pong,
+/// however many came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_flood_ends_that_session_only() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let (conn, mut control, mut control_recv) = scene.raw_user_session().await?;
+    control.write_all(&pings(30)).await?;
+    for nonce in 0..30 {
+        let pong: ServerControl =
+            tokio::time::timeout(WAIT, read_required(&mut control_recv, 4096)).await??;
+        assert!(
+            matches!(pong.kind, Some(server_control::Kind::Pong(ref p)) if p.nonce == nonce),
+            "{pong:?}"
+        );
+    }
+    // The server may close the connection before all of it is written.
+    let _ = control.write_all(&pings(1000)).await;
+    let closed = tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .context("the flood went on")?;
+    assert_eq!(
+        application_close(closed),
+        (
+            cim_core::close::code(cim_core::close::OVERLOAD),
+            Bytes::from_static(b"ping rate limit exceeded")
+        )
     );
     scene.still_chatting().await
 }

@@ -44,6 +44,11 @@ const CLOSING_TRIM_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most pull and group requests of one session served at once; more wait their turn (each
 /// holds a reply of up to [`MAX_PULL_FRAME`] until the client reads it).
 const FETCHES_IN_FLIGHT: usize = 4;
+/// Pings a session may send per second, and at once. A client pings once a heartbeat interval
+/// (at least 100 ms apart: it clamps what the server asks for) and once more as it closes;
+/// a session past this is flooding its control stream and is closed.
+const PINGS_PER_SEC: u32 = 20;
+const PING_BURST: u32 = 40;
 
 /// What the server can tell a session's control stream from outside.
 #[derive(Debug)]
@@ -1096,6 +1101,7 @@ async fn control_loop(
     let mut frames = frame_stream::<ClientControl>(recv, MAX_CONTROL_FRAME, None);
     let mut closing_trimmed = false;
     let mut ping_acked = 0;
+    let mut pings = TokenBucket::new(PING_BURST, PINGS_PER_SEC, std::time::Instant::now());
     let timeout = state.config.heartbeat_timeout;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
@@ -1103,6 +1109,11 @@ async fn control_loop(
         tokio::select! {
             frame = frames.next() => match frame {
                 Some(Ok(Some(ClientControl { kind: Some(client_control::Kind::Ping(ping)) }))) => {
+                    if !pings.try_take(std::time::Instant::now()) {
+                        tracing::info!(user = auth.user_id, "ping flood: closing the session");
+                        conn.close(close::code(close::OVERLOAD), b"ping rate limit exceeded");
+                        break;
+                    }
                     deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
                     // Only a mark that moved is reported: every idle session's heartbeat would
                     // otherwise cost the store a trim.
