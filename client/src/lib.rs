@@ -368,6 +368,17 @@ pub enum Event {
         /// Whether it is online now.
         online: bool,
     },
+    /// Someone joined or left a group we are in (said in groups of at most 100 members).
+    GroupChange {
+        /// The group.
+        group: String,
+        /// The user who joined or left.
+        user_id: u64,
+        /// Its name.
+        name: String,
+        /// Whether it joined (otherwise it left).
+        joined: bool,
+    },
 }
 
 /// A group member as listed.
@@ -1646,12 +1657,12 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                         break End::Kicked(kick.reason);
                     }
                     Some(server_control::Kind::Presence(p)) => {
-                        // Best effort, as on the server: an application behind on its events
-                        // misses the change rather than stalling the heartbeat.
                         let event = Event::Presence { user_id: p.user_id, name: p.name, online: p.online };
-                        if shared.events.try_send(event).is_err() {
-                            tracing::debug!("events backed up; presence change dropped");
-                        }
+                        notice(&shared.events, event);
+                    }
+                    Some(server_control::Kind::GroupChange(c)) => {
+                        let event = Event::GroupChange { group: c.group, user_id: c.user_id, name: c.name, joined: c.joined };
+                        notice(&shared.events, event);
                     }
                     Some(server_control::Kind::Drain(drain)) => {
                         conn.close(close::code(close::DRAIN), b"draining");
@@ -1678,6 +1689,14 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
     reader.abort();
     deliveries.abort();
     end
+}
+
+/// Passes a presence or group change to the application. Best effort, as on the server: an
+/// application behind on its events misses the change rather than stalling the heartbeat.
+fn notice(events: &mpsc::Sender<Event>, event: Event) {
+    if events.try_send(event).is_err() {
+        tracing::debug!("events backed up; a presence or group change was dropped");
+    }
 }
 
 /// Sends a heartbeat ping, which also acknowledges what the application is done with (and

@@ -178,6 +178,10 @@ async fn chat(config: ClientConfig, client: Client, mut events: cim_client::Even
                     let state = if online { "online" } else { "offline" };
                     println!("* {} ({user_id}) is {state}", console::printable(&name));
                 }
+                Some(Event::GroupChange { group, user_id, name, joined }) => {
+                    let change = if joined { "joined" } else { "left" };
+                    println!("* {} ({user_id}) {change} #{}", console::printable(&name), console::printable(&group));
+                }
                 Some(Event::Reconnecting { attempts, error }) => {
                     println!("! still reconnecting ({attempts} attempts): {}", console::printable(&error));
                 }

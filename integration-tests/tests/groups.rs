@@ -1,7 +1,8 @@
 //! Named groups and presence: a 200-member group over three servers (every member gets every
 //! message once, all in the same order, one push per server per message), leaving, offline
-//! catch-up, errors, the HTTP group API, and presence events for users who share a group (also
-//! when a server leaves discovery for a moment, or comes back at another address).
+//! catch-up, errors, the HTTP group API, joins and leaves told to the group, and presence
+//! events for users who share a group (also when a server leaves discovery for a moment, or
+//! comes back at another address).
 
 #![allow(clippy::unwrap_used)]
 
@@ -28,15 +29,50 @@ async fn cluster(servers: usize) -> anyhow::Result<TestCluster> {
     .await
 }
 
-/// The next chat message, skipping presence events.
+/// The next chat message, skipping presence events and group changes.
 async fn next_chat(events: &mut Events) -> anyhow::Result<cim_client::IncomingMessage> {
+    next_chat_noting_changes(events, &mut Vec::new()).await
+}
+
+/// A group change: the group, who, and whether they joined.
+type Change = (String, u64, bool);
+
+/// [`next_chat`], adding the group changes it skips to `changes`.
+async fn next_chat_noting_changes(
+    events: &mut Events,
+    changes: &mut Vec<Change>,
+) -> anyhow::Result<cim_client::IncomingMessage> {
     loop {
         match next_event(events, WAIT).await? {
             Event::Message(m) => return Ok(m),
             Event::Presence { .. } => {}
+            Event::GroupChange {
+                group,
+                user_id,
+                joined,
+                ..
+            } => changes.push((group, user_id, joined)),
             other => anyhow::bail!("unexpected event {other:?}"),
         }
     }
+}
+
+/// The group changes among the events that come until none has come for half a second.
+async fn changes_until_quiet(events: &mut Events) -> anyhow::Result<Vec<Change>> {
+    let mut changes = Vec::new();
+    while let Ok(event) = tokio::time::timeout(Duration::from_millis(500), events.next()).await {
+        match event.context("the session ended")? {
+            Event::GroupChange {
+                group,
+                user_id,
+                joined,
+                ..
+            } => changes.push((group, user_id, joined)),
+            Event::Presence { .. } => {}
+            other => anyhow::bail!("unexpected event {other:?}"),
+        }
+    }
+    Ok(changes)
 }
 
 async fn pushes(cluster: &TestCluster) -> anyhow::Result<u64> {
@@ -90,11 +126,16 @@ async fn a_200_member_group_over_three_servers_gets_every_message_once_in_one_or
     // Every member gets every message not its own, once, and all in the same order.
     let mut reference: Option<Vec<u64>> = None;
     let mut orders: Vec<(u64, Vec<(u64, u64)>)> = Vec::new();
+    let mut owners_changes = Vec::new();
     for (i, e) in events.iter_mut().enumerate() {
         let want = if senders.contains(&i) { 20 } else { 30 };
         let mut got = Vec::new();
         for _ in 0..want {
-            let m = next_chat(e).await?;
+            let m = if i == 0 {
+                next_chat_noting_changes(e, &mut owners_changes).await?
+            } else {
+                next_chat(e).await?
+            };
             assert_eq!(m.group.as_deref(), Some("big"));
             got.push((m.msg_id, m.from_user));
         }
@@ -126,6 +167,13 @@ async fn a_200_member_group_over_three_servers_gets_every_message_once_in_one_or
     // One push per server holding online recipients per message: 30 messages x 3 servers.
     let after = pushes(&cluster).await?;
     assert_eq!(after - before, 30 * 3);
+    // The owner heard of the joins while the group had at most 100 members (m1 to m99), and
+    // of no later one.
+    owners_changes.extend(changes_until_quiet(&mut events[0]).await?);
+    let joined: Vec<Change> = (1..100)
+        .map(|i| ("big".to_string(), clients[i].info().user_id, true))
+        .collect();
+    assert_eq!(owners_changes, joined);
     // And nothing more: a last message is every other member's next one.
     clients[0].send_group("big", "the end").await?;
     for (i, e) in events.iter_mut().enumerate().skip(1) {
@@ -286,14 +334,76 @@ async fn presence_events_reach_users_who_share_a_group() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A join or a leave is told to the group's other online members, on every server, whether
+/// made on a client's connection or over HTTP; not to the user who made it, not to anyone
+/// outside the group, and not again for a join of a member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_and_leaves_are_told_to_the_groups_online_members() -> anyhow::Result<()> {
+    let cluster = cluster(2).await?;
+    let mut users = Vec::new();
+    for name in ["alice", "bob", "carol", "dave"] {
+        users.push(cluster.user(name).await?);
+    }
+    let servers: std::collections::HashSet<String> =
+        users.iter().map(|(c, _)| c.info().server_id).collect();
+    assert_eq!(servers.len(), 2, "the users share one server");
+    let [
+        (alice, mut alice_events),
+        (bob, mut bob_events),
+        (carol, mut carol_events),
+        (dave, mut dave_events),
+    ] = <[_; 4]>::try_from(users).ok().unwrap();
+    let (bob_id, carol_id) = (bob.info().user_id, carol.info().user_id);
+
+    alice.create_group("pals").await?;
+    bob.join_group("pals").await?;
+    bob.join_group("pals").await?;
+    // Carol joins over HTTP.
+    let api = cim_client::RouterApi::new(&cluster.client_config())?;
+    let _: serde_json::Value = api
+        .call::<(), _>(
+            Method::POST,
+            "/api/groups/pals/join",
+            None,
+            Some(&carol.token()),
+        )
+        .await?;
+    bob.leave_group("pals").await?;
+
+    let change = |who, joined| ("pals".to_string(), who, joined);
+    let wanted: [(&str, &mut Events, Vec<Change>); 4] = [
+        (
+            "alice",
+            &mut alice_events,
+            vec![
+                change(bob_id, true),
+                change(carol_id, true),
+                change(bob_id, false),
+            ],
+        ),
+        ("bob", &mut bob_events, vec![change(carol_id, true)]),
+        ("carol", &mut carol_events, vec![change(bob_id, false)]),
+        ("dave", &mut dave_events, vec![]),
+    ];
+    for (name, events, want) in wanted {
+        assert_eq!(changes_until_quiet(events).await?, want, "{name}");
+    }
+    dave.close().await;
+    Ok(())
+}
+
+/// The next presence event, skipping group changes.
 async fn wait_presence(events: &mut Events) -> anyhow::Result<(u64, String, bool)> {
-    match next_event(events, Duration::from_secs(10)).await? {
-        Event::Presence {
-            user_id,
-            name,
-            online,
-        } => Ok((user_id, name, online)),
-        other => anyhow::bail!("expected a presence event, got {other:?}"),
+    loop {
+        match next_event(events, Duration::from_secs(10)).await? {
+            Event::Presence {
+                user_id,
+                name,
+                online,
+            } => return Ok((user_id, name, online)),
+            Event::GroupChange { .. } => {}
+            other => anyhow::bail!("expected a presence event, got {other:?}"),
+        }
     }
 }
 
@@ -363,10 +473,14 @@ async fn a_server_out_of_discovery_for_a_moment_keeps_its_users_online() -> anyh
         assert!(route.is_some(), "bob's route went while his server was out");
     }
     discovery.register_server(server).await?;
-    // Bob's login may still be announced (online) to Alice, now that they share a group.
+    // Bob's login may still be announced (online) to Alice, now that they share a group, and
+    // his joining it.
     let alice_events = &mut clients[0].1;
     while let Ok(event) = next_event(alice_events, Duration::from_secs(2)).await {
-        if !matches!(event, Event::Presence { online: true, .. }) {
+        if !matches!(
+            event,
+            Event::Presence { online: true, .. } | Event::GroupChange { joined: true, .. }
+        ) {
             anyhow::bail!("a blip of discovery reached the users: {event:?}");
         }
     }

@@ -12,12 +12,21 @@ use cim_core::discovery::ServerInfo;
 use cim_core::transport;
 use cim_core::transport::read_only_frame;
 use cim_proto::v1::{
-    Delivery, ForwardBatchResult, GroupMember, GroupResult, InboxHead, KickResult, KickUser,
-    Presence, PresencePush, PullResult, Push, PushBatch, PushBatchResult, PushResult, Recipient,
-    RenewResult, RouterRequest, SendAck, ServerRequest, SessionBatchResult, SessionResult,
-    group_request, router_request, server_request,
+    Delivery, ForwardBatchResult, GroupChange, GroupChangePush, GroupMember, GroupResult,
+    InboxHead, KickResult, KickUser, Presence, PresencePush, PullResult, Push, PushBatch,
+    PushBatchResult, PushResult, Recipient, RenewResult, RouterRequest, SendAck, ServerRequest,
+    SessionBatchResult, SessionResult, group_request, router_request, server_request,
 };
 use cim_proto::{ProstMessage, write_frame};
+
+/// What [`ServerLinks::notify`] tells users: a change they hear of, best effort.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    /// Someone who shares a group with them came online or went offline.
+    Presence(Presence),
+    /// Someone joined or left a group of theirs.
+    GroupChange(GroupChange),
+}
 use futures_util::future::join_all;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -404,26 +413,25 @@ impl ServerLinks {
         Some(pusher)
     }
 
-    /// Tells `recipients` on a server that `user_id` came online or went offline.
-    pub async fn presence(
+    /// Passes `notice` to `recipients` on a server (best effort, not stored).
+    pub async fn notify(
         &self,
         server_id: &str,
         recipients: Vec<u64>,
-        user_id: u64,
-        name: &str,
-        online: bool,
+        notice: Notice,
     ) -> Result<PushResult, LinkError> {
-        let request = RouterRequest {
-            kind: Some(router_request::Kind::Presence(PresencePush {
+        let kind = match notice {
+            Notice::Presence(presence) => router_request::Kind::Presence(PresencePush {
                 recipients,
-                presence: Some(Presence {
-                    user_id,
-                    name: name.to_string(),
-                    online,
-                }),
-            })),
+                presence: Some(presence),
+            }),
+            Notice::GroupChange(change) => router_request::Kind::GroupChange(GroupChangePush {
+                recipients,
+                change: Some(change),
+            }),
         };
-        self.call(server_id, &request).await
+        self.call(server_id, &RouterRequest { kind: Some(kind) })
+            .await
     }
 
     /// Ends a session on a server. Returns whether the server had it.

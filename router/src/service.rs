@@ -13,14 +13,17 @@ use cim_core::metrics::Gauge;
 use cim_core::discovery::ServerInfo;
 use cim_core::now_ms;
 use cim_core::token::{Claims, TokenError};
-use cim_proto::v1::{ChatMessage, Delivery, PullResult, Recipient, SendAck, chat_message::Target};
+use cim_proto::v1::{
+    ChatMessage, Delivery, GroupChange, Presence, PullResult, Recipient, SendAck,
+    chat_message::Target,
+};
 use futures_util::future::join_all;
 use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::watch;
 
 use crate::RouterConfig;
 use crate::ids::IdGenerator;
-use crate::links::ServerLinks;
+use crate::links::{Notice, ServerLinks};
 use crate::password::{self, PasswordWork, WorkError};
 use crate::presence::PresenceQueue;
 use crate::select::Selector;
@@ -356,6 +359,11 @@ type MemberListing = (Instant, Vec<Member>);
 const BIG_GROUP_LISTING: usize = 1000;
 /// See [`BIG_GROUP_LISTING`].
 const BIG_GROUP_LISTING_AGE: Duration = Duration::from_secs(1);
+/// Groups with more members than this do not announce joins and leaves: in a big group they
+/// are noise to its members, and each reads every member's route.
+const GROUP_CHANGE_MAX_MEMBERS: usize = 100;
+/// Longest a join or leave waits for its announcement.
+const GROUP_CHANGE_WAIT: Duration = Duration::from_secs(1);
 
 /// A scan of the online users that took this long or longer answers calls for as long again
 /// after it ended: back to back (a flood of listings, or many users paging through a big
@@ -1401,7 +1409,7 @@ impl Service {
         Ok(())
     }
 
-    /// Adds `user` to a group (joining twice is fine).
+    /// Adds `user` to a group (joining twice is fine), and tells its online members.
     pub async fn join_group(&self, user: u64, name: &str) -> Result<(), ServiceError> {
         self.check_group_count(user, name).await?;
         match self
@@ -1409,7 +1417,11 @@ impl Service {
             .join_group(name, user, self.config.max_group_size)
             .await?
         {
-            Join::Joined | Join::AlreadyMember => Ok(()),
+            Join::Joined => {
+                self.announce_group_change(user, name, true).await;
+                Ok(())
+            }
+            Join::AlreadyMember => Ok(()),
             Join::Full => Err(ServiceError::GroupFull),
             Join::NoGroup => Err(ServiceError::UnknownGroup),
         }
@@ -1428,9 +1440,10 @@ impl Service {
         Ok(())
     }
 
-    /// Removes `user` from a group.
+    /// Removes `user` from a group, and tells its online members.
     pub async fn leave_group(&self, user: u64, name: &str) -> Result<(), ServiceError> {
         if self.store.leave_group(name, user).await? {
+            self.announce_group_change(user, name, false).await;
             Ok(())
         } else if self.store.group_members(name).await?.is_none() {
             Err(ServiceError::UnknownGroup)
@@ -1525,26 +1538,88 @@ impl Service {
             members.into_iter().flatten().flatten().collect();
         peers.remove(&user);
         let peers: Vec<u64> = peers.into_iter().collect();
-        let name = match self.store.accounts_by_id(&[user]).await?.pop() {
-            Some(a) => a.name,
-            None => return Ok(()),
+        let Some(name) = self.user_name(user).await? else {
+            return Ok(());
         };
-        let routes = self.store.routes(&peers).await?;
+        let presence = Presence {
+            user_id: user,
+            name,
+            online,
+        };
+        self.notify_online(&peers, Notice::Presence(presence)).await
+    }
+
+    /// Tells the group's other online members that `user` joined it (or left it). Best
+    /// effort, as presence: not stored, failures logged, and given up after
+    /// [`GROUP_CHANGE_WAIT`] (the join or leave is answered after it, so that one client's
+    /// changes are told in the order it made them).
+    async fn announce_group_change(&self, user: u64, group: &str, joined: bool) {
+        let announced = tokio::time::timeout(
+            GROUP_CHANGE_WAIT,
+            self.try_announce_group_change(user, group, joined),
+        )
+        .await;
+        match announced {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(user, group, error = %e, "group change not announced"),
+            Err(_) => tracing::debug!(user, group, "group change announcement timed out"),
+        }
+    }
+
+    async fn try_announce_group_change(
+        &self,
+        user: u64,
+        group: &str,
+        joined: bool,
+    ) -> Result<(), ServiceError> {
+        let Some(mut members) = self.store.group_members(group).await? else {
+            return Ok(());
+        };
+        if members.len() > GROUP_CHANGE_MAX_MEMBERS {
+            return Ok(());
+        }
+        members.retain(|&member| member != user);
+        if members.is_empty() {
+            return Ok(());
+        }
+        let Some(name) = self.user_name(user).await? else {
+            return Ok(());
+        };
+        let change = GroupChange {
+            group: group.to_string(),
+            user_id: user,
+            name,
+            joined,
+        };
+        self.notify_online(&members, Notice::GroupChange(change))
+            .await
+    }
+
+    /// The name of `user`'s account, if it has one.
+    async fn user_name(&self, user: u64) -> Result<Option<String>, ServiceError> {
+        Ok(self
+            .store
+            .accounts_by_id(&[user])
+            .await?
+            .pop()
+            .map(|a| a.name))
+    }
+
+    /// Passes `notice` to those of `users` who are online, one request per server holding
+    /// some of them. Best effort: a failed push is logged.
+    async fn notify_online(&self, users: &[u64], notice: Notice) -> Result<(), ServiceError> {
+        let routes = self.store.routes(users).await?;
         let mut by_server: HashMap<String, Vec<u64>> = HashMap::new();
-        for (peer, route) in peers.into_iter().zip(routes) {
+        for (&user, route) in users.iter().zip(routes) {
             if let Some(route) = route.filter(|r| r.confirmed) {
-                by_server.entry(route.server_id).or_default().push(peer);
+                by_server.entry(route.server_id).or_default().push(user);
             }
         }
         let pushes = by_server.into_iter().map(|(server, recipients)| {
-            let name = name.clone();
+            let notice = notice.clone();
             async move {
-                let result = self
-                    .links
-                    .presence(&server, recipients, user, &name, online)
-                    .await;
-                if let Err(e) = result {
-                    tracing::debug!(%server, error = %e, "presence push failed");
+                if let Err(e) = self.links.notify(&server, recipients, notice).await {
+                    tracing::debug!(%server, error = %e, "notice push failed");
                 }
             }
         });

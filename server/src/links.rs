@@ -11,11 +11,12 @@ use cim_core::batch::{BATCHES_IN_FLIGHT, Batcher, answer_all};
 use cim_core::fnv::fnv1a;
 use cim_core::transport::read_only_frame;
 use cim_proto::v1::{
-    FetchInbox, Forward, ForwardBatch, ForwardBatchResult, GroupCommand, GroupRequest, GroupResult,
-    KickResult, Pull, PullResult, PushBatchResult, PushResult, Recipient, RenewResult,
-    RenewSessions, RouterRequest, SendAck, ServerRequest, SessionBatchResult, SessionClosed,
-    SessionClosedBatch, SessionOpened, SessionOpenedBatch, SessionRef, SessionResult, TrimInbox,
-    chat_message, router_request, server_request,
+    FetchInbox, Forward, ForwardBatch, ForwardBatchResult, GroupChangePush, GroupCommand,
+    GroupRequest, GroupResult, KickResult, PresencePush, Pull, PullResult, PushBatchResult,
+    PushResult, Recipient, RenewResult, RenewSessions, RouterRequest, SendAck, ServerRequest,
+    SessionBatchResult, SessionClosed, SessionClosedBatch, SessionOpened, SessionOpenedBatch,
+    SessionRef, SessionResult, TrimInbox, chat_message, router_request, server_control,
+    server_request,
 };
 use cim_proto::{ProstMessage, write_frame};
 use tokio::sync::{mpsc, oneshot};
@@ -638,6 +639,20 @@ pub(crate) async fn renew_sessions(state: &State, via: Option<&quinn::Connection
     }
 }
 
+/// Passes `notice` to the local sessions of `recipients` and answers with those found.
+async fn notify(
+    state: &State,
+    send: &mut quinn::SendStream,
+    recipients: &[u64],
+    notice: &server_control::Kind,
+) -> Result<(), cim_proto::FrameError> {
+    let reply = PushResult {
+        delivered: state.notify(recipients, notice),
+        absent: Vec::new(),
+    };
+    write_frame(send, &reply, MAX_INTERNAL_FRAME).await
+}
+
 async fn serve_router(conn: &quinn::Connection, state: &Arc<State>) {
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let state = state.clone();
@@ -675,23 +690,27 @@ async fn serve_router(conn: &quinn::Connection, state: &Arc<State>) {
                         .collect();
                     write_frame(&mut send, &PushBatchResult { results }, MAX_INTERNAL_FRAME).await
                 }
-                Some(router_request::Kind::Presence(push)) => {
-                    let Some(presence) = push.presence else {
-                        let _ = send.reset(cim_core::close::code(cim_core::close::PROTOCOL));
-                        return;
-                    };
-                    let delivered = state.presence(&push.recipients, &presence);
-                    let reply = PushResult {
-                        delivered,
-                        absent: Vec::new(),
-                    };
-                    write_frame(&mut send, &reply, MAX_INTERNAL_FRAME).await
+                Some(router_request::Kind::Presence(PresencePush {
+                    recipients,
+                    presence: Some(presence),
+                })) => {
+                    let notice = server_control::Kind::Presence(presence);
+                    notify(&state, &mut send, &recipients, &notice).await
+                }
+                Some(router_request::Kind::GroupChange(GroupChangePush {
+                    recipients,
+                    change: Some(change),
+                })) => {
+                    let notice = server_control::Kind::GroupChange(change);
+                    notify(&state, &mut send, &recipients, &notice).await
                 }
                 Some(router_request::Kind::Kick(kick)) => {
                     let found = state.kick(kick.user_id, kick.session_id, &kick.reason);
                     write_frame(&mut send, &KickResult { found }, MAX_INTERNAL_FRAME).await
                 }
-                None => {
+                // A notice without its content, or a kind this server does not know.
+                Some(router_request::Kind::Presence(_) | router_request::Kind::GroupChange(_))
+                | None => {
                     let _ = send.reset(cim_core::close::code(cim_core::close::PROTOCOL));
                     return;
                 }

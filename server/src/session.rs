@@ -14,8 +14,8 @@ use cim_core::transport::{CLIENT_STREAMS_BUSY, StreamAllowance, take_end};
 use cim_core::{close, now_ms};
 use cim_proto::v1::{
     ChatMessage, ClientControl, ClientRequest, Delivery, Drain, Forward, GroupResult, Kick,
-    LoginResult, Pong, Presence, PullResult, Recipient, SendAck, ServerControl, TokenRenewal,
-    client_control, client_request, server_control,
+    LoginResult, Pong, PullResult, Recipient, SendAck, ServerControl, TokenRenewal, client_control,
+    client_request, server_control,
 };
 use cim_proto::{
     FrameError, SharedDelivery, encode_frame, encode_frame_into, read_frame, read_required,
@@ -55,7 +55,8 @@ const PING_BURST: u32 = 40;
 enum ControlOut {
     Kick(String),
     Drain(String),
-    Presence(Box<Presence>),
+    /// A best-effort notice: a presence or group change.
+    Notice(Box<server_control::Kind>),
 }
 
 #[derive(Clone)]
@@ -334,16 +335,16 @@ impl State {
         }
     }
 
-    /// Passes a presence change to local sessions (best effort: a session whose control
-    /// stream is backed up misses it). Returns the recipients found.
-    pub(crate) fn presence(&self, recipients: &[u64], presence: &Presence) -> Vec<u64> {
+    /// Passes a notice (a presence or group change) to local sessions (best effort: a session
+    /// whose control stream is backed up misses it). Returns the recipients found.
+    pub(crate) fn notify(&self, recipients: &[u64], notice: &server_control::Kind) -> Vec<u64> {
         let sessions = self.sessions();
         recipients
             .iter()
             .filter(|user| {
                 sessions.get(user).is_some_and(|s| {
                     s.control
-                        .try_send(ControlOut::Presence(Box::new(presence.clone())))
+                        .try_send(ControlOut::Notice(Box::new(notice.clone())))
                         .is_ok()
                 })
             })
@@ -1182,9 +1183,8 @@ async fn control_loop(
                     conn.close(close::code(close::KICKED), b"kicked");
                     break;
                 }
-                Some(ControlOut::Presence(presence)) => {
-                    let presence = server_control::Kind::Presence(*presence);
-                    if write_control(&mut send, presence, limit).await.is_err() {
+                Some(ControlOut::Notice(notice)) => {
+                    if write_control(&mut send, *notice, limit).await.is_err() {
                         break;
                     }
                 }
