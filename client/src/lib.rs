@@ -1589,6 +1589,9 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
     });
     let timeout = shared.config.heartbeat_timeout.unwrap_or(heartbeat * 3);
     let mut ticker = tokio::time::interval(heartbeat);
+    // After a stall (a suspended laptop, a starved process) one ping, not every missed one
+    // back to back: the server closes a session that pings past its limit.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let idle_pull_pings =
         (shared.config.idle_pull_every.as_millis() / heartbeat.as_millis().max(1)).max(1) as u64;
     // Clients that reconnected together (after a server's drain) pull at different moments.

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
-use cim_proto::v1::{ChatMessage, chat_message};
+use cim_proto::v1::{ChatMessage, GroupRequest, chat_message, group_request};
 
 /// What a broadcast to everyone online costs against the sender's message rate (on a server)
 /// or request rate (over HTTP): it is stored in every online user's inbox and pushed to every
@@ -18,6 +18,19 @@ pub const BROADCAST_COST: u32 = 50;
 pub fn send_cost(message: &ChatMessage) -> u32 {
     match &message.target {
         Some(chat_message::Target::Group(g)) if g == cim_proto::BROADCAST_GROUP => BROADCAST_COST,
+        _ => 1,
+    }
+}
+
+/// What joining or leaving a group costs against the requester's rate (on a server or over
+/// HTTP): the change is told to up to 99 other members, so at a server's default 200 a
+/// second a session changes its groups at most 20 times a second.
+pub const MEMBERSHIP_CHANGE_COST: u32 = 10;
+
+/// What a group request costs: [`MEMBERSHIP_CHANGE_COST`] for a join or a leave, else one.
+pub fn group_request_cost(request: &GroupRequest) -> u32 {
+    match group_request::Op::try_from(request.op) {
+        Ok(group_request::Op::Join | group_request::Op::Leave) => MEMBERSHIP_CHANGE_COST,
         _ => 1,
     }
 }
@@ -165,6 +178,31 @@ mod tests {
         assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
         assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
         assert_eq!(key("::ffff:198.51.100.4"), "198.51.100.4");
+    }
+
+    #[test]
+    fn joins_and_leaves_cost_more_than_other_group_requests() {
+        let cost = |op: group_request::Op| {
+            group_request_cost(&GroupRequest {
+                op: op as i32,
+                name: "team".into(),
+            })
+        };
+        assert_eq!(cost(group_request::Op::Join), MEMBERSHIP_CHANGE_COST);
+        assert_eq!(cost(group_request::Op::Leave), MEMBERSHIP_CHANGE_COST);
+        for op in [
+            group_request::Op::Create,
+            group_request::Op::Members,
+            group_request::Op::Mine,
+        ] {
+            assert_eq!(cost(op), 1, "{op:?}");
+        }
+        // An op this version does not know costs one, as it is refused.
+        let unknown = GroupRequest {
+            op: 99,
+            name: String::new(),
+        };
+        assert_eq!(group_request_cost(&unknown), 1);
     }
 
     #[test]

@@ -710,8 +710,8 @@ fn pings(count: u64) -> Vec<u8> {
     pings
 }
 
-/// Stream window of a raw session whose control stream the test leaves unread: 16 pongs
-/// (8 bytes each at these nonces) fill it.
+/// Stream window of a raw session whose control stream the test leaves unread: about 16
+/// pongs (6 to 8 bytes each at these nonces) fill it.
 const UNREAD_CONTROL_WINDOW: u32 = 128;
 
 /// A raw session whose control stream the test leaves unread: sends twice as many pings as
@@ -998,17 +998,15 @@ async fn garbage_on_the_control_stream_ends_that_session_only() -> anyhow::Resul
         if name == "truncated" {
             send.finish()?;
         }
-        let reason = tokio::time::timeout(WAIT, conn.closed()).await?;
-        match reason {
-            quinn::ConnectionError::ApplicationClosed(close) => {
-                assert_eq!(
-                    close.error_code,
-                    cim_core::close::code(cim_core::close::PROTOCOL)
-                );
-                assert_eq!(&close.reason[..], b"bad control frame", "{name}");
-            }
-            other => panic!("{name}: closed by {other:?}"),
-        }
+        let closed = tokio::time::timeout(WAIT, conn.closed()).await?;
+        assert_eq!(
+            application_close(closed),
+            (
+                cim_core::close::code(cim_core::close::PROTOCOL),
+                Bytes::from_static(b"bad control frame")
+            ),
+            "{name}"
+        );
     }
     scene.still_chatting().await
 }
@@ -1614,6 +1612,39 @@ async fn broadcasts_and_pulls_count_against_the_message_rate() -> anyhow::Result
         }
     }
     assert!(limited > 0, "no pull was throttled");
+    scene.still_chatting().await
+}
+
+/// A join or a leave, told to the group's other members, costs ten sends: a session toggling
+/// its membership is throttled long before one sending group messages would be. Other group
+/// requests cost one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_and_leaves_count_ten_against_the_message_rate() -> anyhow::Result<()> {
+    let mut scene = Scene::with(|c| {
+        c.server_limits.messages_per_sec = 1;
+        c.server_limits.message_burst = 35;
+    })
+    .await?;
+    scene.alice.create_group("toggle").await?;
+    let mut changes = 0;
+    let refused = loop {
+        let change = if changes % 2 == 0 {
+            scene.bob.join_group("toggle").await
+        } else {
+            scene.bob.leave_group("toggle").await
+        };
+        match change {
+            Ok(()) => changes += 1,
+            Err(e) => break e,
+        }
+        anyhow::ensure!(changes < 10, "no join or leave was throttled");
+    };
+    assert_eq!(refused.code(), Some("rate_limited"), "{refused:?}");
+    // 35 = 3 x 10 + 5.
+    assert_eq!(changes, 3);
+    for _ in 0..5 {
+        scene.bob.my_groups().await?;
+    }
     scene.still_chatting().await
 }
 

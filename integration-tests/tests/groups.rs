@@ -37,40 +37,56 @@ async fn next_chat(events: &mut Events) -> anyhow::Result<cim_client::IncomingMe
 /// A group change: the group, who, and whether they joined.
 type Change = (String, u64, bool);
 
+/// The group change `event` tells, if it is one.
+fn change_of(event: &Event) -> Option<Change> {
+    match event {
+        Event::GroupChange {
+            group,
+            user_id,
+            joined,
+            ..
+        } => Some((group.clone(), *user_id, *joined)),
+        _ => None,
+    }
+}
+
 /// [`next_chat`], adding the group changes it skips to `changes`.
 async fn next_chat_noting_changes(
     events: &mut Events,
     changes: &mut Vec<Change>,
 ) -> anyhow::Result<cim_client::IncomingMessage> {
     loop {
-        match next_event(events, WAIT).await? {
+        let event = next_event(events, WAIT).await?;
+        match event {
             Event::Message(m) => return Ok(m),
-            Event::Presence { .. } => {}
-            Event::GroupChange {
-                group,
-                user_id,
-                joined,
-                ..
-            } => changes.push((group, user_id, joined)),
-            other => anyhow::bail!("unexpected event {other:?}"),
+            other => note_change(other, changes)?,
         }
     }
 }
 
-/// The group changes among the events that come until none has come for half a second.
-async fn changes_until_quiet(events: &mut Events) -> anyhow::Result<Vec<Change>> {
-    let mut changes = Vec::new();
+/// Adds the change `event` tells to `changes`; a presence event is skipped, anything else is
+/// unexpected.
+fn note_change(event: Event, changes: &mut Vec<Change>) -> anyhow::Result<()> {
+    match (change_of(&event), event) {
+        (Some(change), _) => changes.push(change),
+        (None, Event::Presence { .. }) => {}
+        (None, other) => anyhow::bail!("unexpected event {other:?}"),
+    }
+    Ok(())
+}
+
+/// The group changes `events` bring after `changes` (those seen already): waits for `want` in
+/// all, then half a second more, so that any beyond them show.
+async fn group_changes(
+    events: &mut Events,
+    mut changes: Vec<Change>,
+    want: usize,
+) -> anyhow::Result<Vec<Change>> {
+    while changes.len() < want {
+        note_change(next_event(events, WAIT).await?, &mut changes)?;
+    }
     while let Ok(event) = tokio::time::timeout(Duration::from_millis(500), events.next()).await {
-        match event.context("the session ended")? {
-            Event::GroupChange {
-                group,
-                user_id,
-                joined,
-                ..
-            } => changes.push((group, user_id, joined)),
-            Event::Presence { .. } => {}
-            other => anyhow::bail!("unexpected event {other:?}"),
-        }
+        note_change(event.context("the session ended")?, &mut changes)?;
     }
     Ok(changes)
 }
@@ -169,10 +185,10 @@ async fn a_200_member_group_over_three_servers_gets_every_message_once_in_one_or
     assert_eq!(after - before, 30 * 3);
     // The owner heard of the joins while the group had at most 100 members (m1 to m99), and
     // of no later one.
-    owners_changes.extend(changes_until_quiet(&mut events[0]).await?);
     let joined: Vec<Change> = (1..100)
         .map(|i| ("big".to_string(), clients[i].info().user_id, true))
         .collect();
+    let owners_changes = group_changes(&mut events[0], owners_changes, joined.len()).await?;
     assert_eq!(owners_changes, joined);
     // And nothing more: a last message is every other member's next one.
     clients[0].send_group("big", "the end").await?;
@@ -386,7 +402,8 @@ async fn joins_and_leaves_are_told_to_the_groups_online_members() -> anyhow::Res
         ("dave", &mut dave_events, vec![]),
     ];
     for (name, events, want) in wanted {
-        assert_eq!(changes_until_quiet(events).await?, want, "{name}");
+        let got = group_changes(events, Vec::new(), want.len()).await?;
+        assert_eq!(got, want, "{name}");
     }
     dave.close().await;
     Ok(())

@@ -1153,6 +1153,9 @@ impl Store for PausingStore {
     async fn group_members(&self, name: &str) -> Result<Option<Vec<u64>>, StoreError> {
         self.inner.group_members(name).await
     }
+    async fn group_size(&self, name: &str) -> Result<usize, StoreError> {
+        self.inner.group_size(name).await
+    }
     async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError> {
         self.inner.user_groups(user).await
     }

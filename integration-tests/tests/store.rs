@@ -556,7 +556,7 @@ async fn id_nodes_are_held_once(store: &dyn Store) -> anyhow::Result<()> {
 }
 
 /// A group is created with its owner as its first member, once per name; joins stop at the
-/// cap and count a member once; a member that leaves is gone from the group and from its own
+/// cap and count a member once (its size says so too); a member that leaves is gone from the group and from its own
 /// list of groups.
 async fn groups_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     let (owner, other, third) = (7001, 7002, 7003);
@@ -575,6 +575,8 @@ async fn groups_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     assert_eq!(store.join_group("crew", third, 2).await?, Join::Full);
     assert_eq!(store.join_group("nope", third, 2).await?, Join::NoGroup);
     assert_eq!(store.group_members("crew").await?, Some(vec![owner, other]));
+    assert_eq!(store.group_size("crew").await?, 2);
+    assert_eq!(store.group_size("nope").await?, 0);
     assert!(store.leave_group("crew", other).await?);
     assert!(!store.leave_group("crew", other).await?);
     assert!(store.user_groups(other).await?.is_empty());
@@ -582,6 +584,7 @@ async fn groups_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     // The last member leaving deletes the group: its name is free again.
     assert!(store.leave_group("crew", owner).await?);
     assert_eq!(store.group_members("crew").await?, None);
+    assert_eq!(store.group_size("crew").await?, 0);
     assert_eq!(store.join_group("crew", other, 2).await?, Join::NoGroup);
     assert!(store.create_group("crew", third).await?);
     assert_eq!(store.group_members("crew").await?, Some(vec![third]));

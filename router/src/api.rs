@@ -437,9 +437,20 @@ pub fn routes(
              auth: Result<String, ApiError>| async move {
                 let result = async {
                     let claims = authenticate(&service, auth).await?;
+                    // The request counted one; a join or leave costs as much as on a server.
+                    let change = || {
+                        let extra = cim_core::limit::MEMBERSHIP_CHANGE_COST - 1;
+                        service.check_api_rate_n(claims.user_id, claims.session_id, extra)
+                    };
                     match action.as_str() {
-                        "join" => service.join_group(claims.user_id, &name).await?,
-                        "leave" => service.leave_group(claims.user_id, &name).await?,
+                        "join" => {
+                            change()?;
+                            service.join_group(claims.user_id, &name).await?
+                        }
+                        "leave" => {
+                            change()?;
+                            service.leave_group(claims.user_id, &name).await?
+                        }
                         _ => {
                             return Err(ApiError::new(
                                 StatusCode::NOT_FOUND,

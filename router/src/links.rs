@@ -18,15 +18,6 @@ use cim_proto::v1::{
     SessionBatchResult, SessionResult, group_request, router_request, server_request,
 };
 use cim_proto::{ProstMessage, write_frame};
-
-/// What [`ServerLinks::notify`] tells users: a change they hear of, best effort.
-#[derive(Debug, Clone)]
-pub enum Notice {
-    /// Someone who shares a group with them came online or went offline.
-    Presence(Presence),
-    /// Someone joined or left a group of theirs.
-    GroupChange(GroupChange),
-}
 use futures_util::future::join_all;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -55,6 +46,15 @@ const MAX_BATCH_BYTES: usize = MAX_INTERNAL_FRAME / 2;
 /// Most recipients in one push: a broadcast to a server's 100,000 sessions goes as several,
 /// each well under the frame limit (9 bytes or so per recipient).
 const MAX_PUSH_RECIPIENTS: usize = 50_000;
+
+/// What [`ServerLinks::notify`] tells users: a change they hear of, best effort.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    /// Someone who shares a group with them came online or went offline.
+    Presence(Presence),
+    /// Someone joined or left a group of theirs.
+    GroupChange(GroupChange),
+}
 
 /// Sends the queued pushes of one server: each batch takes everything queued (up to
 /// [`MAX_BATCH`]); up to [`BATCHES_IN_FLIGHT`] batches travel at once.

@@ -1572,12 +1572,13 @@ impl Service {
         group: &str,
         joined: bool,
     ) -> Result<(), ServiceError> {
+        // Sized first: a big group's members are not read at all.
+        if self.store.group_size(group).await? > GROUP_CHANGE_MAX_MEMBERS {
+            return Ok(());
+        }
         let Some(mut members) = self.store.group_members(group).await? else {
             return Ok(());
         };
-        if members.len() > GROUP_CHANGE_MAX_MEMBERS {
-            return Ok(());
-        }
         members.retain(|&member| member != user);
         if members.is_empty() {
             return Ok(());

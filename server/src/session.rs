@@ -1404,7 +1404,7 @@ async fn handle_message(
             write_reply(&mut send, &reply).await?;
         }
         Some(client_request::Kind::Group(request)) => {
-            if !gate.admit(1) {
+            if !gate.admit(cim_core::limit::group_request_cost(&request)) {
                 let reply = GroupResult {
                     code: cim_proto::RATE_LIMITED.into(),
                     message: "too many requests; slow down".into(),

@@ -586,6 +586,14 @@ impl Store for MemoryStore {
             .map(|(_, members)| members.iter().copied().collect()))
     }
 
+    async fn group_size(&self, name: &str) -> Result<usize, StoreError> {
+        Ok(self
+            .inner()
+            .groups
+            .get(name)
+            .map_or(0, |(_, members)| members.len()))
+    }
+
     async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError> {
         Ok(self
             .inner()

@@ -419,6 +419,8 @@ pub trait Store: Send + Sync + 'static {
     async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError>;
     /// Members of `name`, sorted; `None` if there is no such group.
     async fn group_members(&self, name: &str) -> Result<Option<Vec<u64>>, StoreError>;
+    /// How many members `name` has (0 if there is no such group), without reading them.
+    async fn group_size(&self, name: &str) -> Result<usize, StoreError>;
     /// Groups `user` belongs to, sorted.
     async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError>;
 

@@ -1329,6 +1329,13 @@ impl Store for RedisStore {
         Ok(Some(members))
     }
 
+    async fn group_size(&self, name: &str) -> Result<usize, StoreError> {
+        self.conn()
+            .scard(group_members_key(name))
+            .await
+            .map_err(unavailable)
+    }
+
     async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError> {
         let mut groups: Vec<String> = self
             .conn()
