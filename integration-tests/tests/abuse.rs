@@ -1623,6 +1623,7 @@ async fn joins_and_leaves_count_ten_against_the_message_rate() -> anyhow::Result
     let mut scene = Scene::with(|c| {
         c.server_limits.messages_per_sec = 1;
         c.server_limits.message_burst = 35;
+        c.api_limits.requests_per_user = 100;
     })
     .await?;
     scene.alice.create_group("toggle").await?;
@@ -1645,6 +1646,29 @@ async fn joins_and_leaves_count_ten_against_the_message_rate() -> anyhow::Result
     for _ in 0..5 {
         scene.bob.my_groups().await?;
     }
+
+    // Over HTTP, against 100 requests a second: ten changes fit in a second, and sixty in a
+    // row (at a few milliseconds each) pass that, where as plain requests they would not.
+    // (Another group: Bob, still in the first, would hear of these.)
+    scene.alice.create_group("over_http").await?;
+    let (_, token) = scene.http_login("carol").await?;
+    let api = scene.api();
+    let mut refused = None;
+    for i in 0..60 {
+        let path = if i % 2 == 0 {
+            "/api/groups/over_http/join"
+        } else {
+            "/api/groups/over_http/leave"
+        };
+        if let Err(e) = api
+            .call::<(), serde_json::Value>(Method::POST, path, None, Some(&token))
+            .await
+        {
+            refused = Some(e);
+            break;
+        }
+    }
+    assert_too_many(refused, "rate_limited");
     scene.still_chatting().await
 }
 
