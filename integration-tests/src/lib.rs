@@ -24,6 +24,15 @@ use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio_util::sync::CancellationToken;
 
+/// A raw login's connection, its login result and its control stream (send, receive): the
+/// session lasts while the connection and the control stream are kept.
+pub type RawSession = (
+    quinn::Connection,
+    LoginResult,
+    quinn::SendStream,
+    quinn::RecvStream,
+);
+
 /// Default wait for something that should happen promptly.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -220,12 +229,7 @@ impl TestCluster {
         index: usize,
         token: &str,
         token_renewal: bool,
-    ) -> anyhow::Result<(
-        quinn::Connection,
-        LoginResult,
-        quinn::SendStream,
-        quinn::RecvStream,
-    )> {
+    ) -> anyhow::Result<RawSession> {
         let conn = self.raw_connection(index).await?;
         Self::raw_login_on(conn, token, token_renewal).await
     }
@@ -235,12 +239,7 @@ impl TestCluster {
         conn: quinn::Connection,
         token: &str,
         token_renewal: bool,
-    ) -> anyhow::Result<(
-        quinn::Connection,
-        LoginResult,
-        quinn::SendStream,
-        quinn::RecvStream,
-    )> {
+    ) -> anyhow::Result<RawSession> {
         let (mut send, mut recv) = conn.open_bi().await?;
         let login = ClientControl {
             kind: Some(client_control::Kind::Login(Login {

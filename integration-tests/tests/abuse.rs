@@ -727,12 +727,25 @@ async fn raw_session_with_unread_pongs(
     Ok((conn, control, control_recv))
 }
 
-/// The application close `conn` ended with (it must have ended by one).
-fn application_close(closed: quinn::ConnectionError) -> (quinn::VarInt, Bytes) {
+/// Waits for `conn` to close, and checks that cim closed it with `code` and `reason`.
+async fn assert_closed_with(
+    conn: &quinn::Connection,
+    code: u32,
+    reason: &str,
+    what: &str,
+) -> anyhow::Result<()> {
+    let closed = tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .with_context(|| format!("{what}: still open"))?;
     match closed {
-        quinn::ConnectionError::ApplicationClosed(close) => (close.error_code, close.reason),
-        other => panic!("closed by {other:?}"),
+        quinn::ConnectionError::ApplicationClosed(close) => assert_eq!(
+            (close.error_code, &close.reason[..]),
+            (cim_core::close::code(code), reason.as_bytes()),
+            "{what}"
+        ),
+        other => panic!("{what}: closed by {other:?}"),
     }
+    Ok(())
 }
 
 /// A client that reads nothing of its control stream is gone as much as one that sends
@@ -741,23 +754,15 @@ fn application_close(closed: quinn::ConnectionError) -> (quinn::VarInt, Bytes) {
 async fn a_client_that_leaves_its_control_stream_unread_is_timed_out() -> anyhow::Result<()> {
     let mut scene = Scene::new().await?;
     let (conn, _control, _control_recv) = raw_session_with_unread_pongs(&scene).await?;
-    let closed = tokio::time::timeout(WAIT, conn.closed())
-        .await
-        .context("the session outlived its heartbeat timeout")?;
     // Ended by the blocked pong write (not as a ping flood, nor by the heartbeat deadline,
     // which a blocked loop does not see).
-    assert_eq!(
-        application_close(closed),
-        (
-            cim_core::close::code(cim_core::close::NORMAL),
-            Bytes::from_static(b"session ended")
-        )
-    );
+    let what = "a session past its heartbeat timeout";
+    assert_closed_with(&conn, cim_core::close::NORMAL, "session ended", what).await?;
     scene.still_chatting().await
 }
 
-/// A client that stops reading its control stream (here: thousands of pings whose pongs it
-/// leaves unread, more than the stream's window) cannot keep its session past a takeover: a
+/// A client that stops reading its control stream (here: more pongs than its narrow stream
+/// window holds) cannot keep its session past a takeover: a
 /// blocked control write held up the loop that sees kicks (and the heartbeat deadline).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_its_control_stream_unread_is_still_kicked() -> anyhow::Result<()> {
@@ -778,16 +783,8 @@ async fn a_client_that_leaves_its_control_stream_unread_is_still_kicked() -> any
         LoginOptions { takeover: true },
     )
     .await?;
-    let closed = tokio::time::timeout(WAIT, conn.closed())
-        .await
-        .context("the replaced session kept its connection")?;
-    assert_eq!(
-        application_close(closed),
-        (
-            cim_core::close::code(cim_core::close::KICKED),
-            Bytes::from_static(b"kicked")
-        )
-    );
+    let what = "the replaced session";
+    assert_closed_with(&conn, cim_core::close::KICKED, "kicked", what).await?;
     again
         .send_private(scene.bob.info().user_id, "from the new login")
         .await?;
@@ -816,16 +813,8 @@ async fn a_ping_flood_ends_that_session_only() -> anyhow::Result<()> {
     }
     // The server may close the connection before all of it is written.
     let _ = control.write_all(&pings(1000)).await;
-    let closed = tokio::time::timeout(WAIT, conn.closed())
-        .await
-        .context("the flood went on")?;
-    assert_eq!(
-        application_close(closed),
-        (
-            cim_core::close::code(cim_core::close::OVERLOAD),
-            Bytes::from_static(b"ping rate limit exceeded")
-        )
-    );
+    let reason = "ping rate limit exceeded";
+    assert_closed_with(&conn, cim_core::close::OVERLOAD, reason, "a ping flood").await?;
     scene.still_chatting().await
 }
 
@@ -998,15 +987,7 @@ async fn garbage_on_the_control_stream_ends_that_session_only() -> anyhow::Resul
         if name == "truncated" {
             send.finish()?;
         }
-        let closed = tokio::time::timeout(WAIT, conn.closed()).await?;
-        assert_eq!(
-            application_close(closed),
-            (
-                cim_core::close::code(cim_core::close::PROTOCOL),
-                Bytes::from_static(b"bad control frame")
-            ),
-            "{name}"
-        );
+        assert_closed_with(&conn, cim_core::close::PROTOCOL, "bad control frame", name).await?;
     }
     scene.still_chatting().await
 }
