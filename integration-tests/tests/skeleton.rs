@@ -610,6 +610,19 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
         "{line}"
     );
 
+    // Joining and leaving a group is told to its other members.
+    alice.send_line(":create team").await?;
+    alice.expect_line("created #team").await?;
+    bob.send_line(":join team").await?;
+    bob.expect_line("joined #team").await?;
+    alice
+        .expect_line(&format!("* bob ({bob_id}) joined #team"))
+        .await?;
+    bob.send_line(":leave team").await?;
+    bob.expect_line("left #team").await?;
+    alice
+        .expect_line(&format!("* bob ({bob_id}) left #team"))
+        .await?;
     bob.send_line(":info").await?;
     bob.expect_line(&format!("you are bob (id {bob_id})"))
         .await?;
