@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 mod batch;
 pub mod console;
 mod http;
+mod presence;
 pub mod reorder;
 
 use batch::{Carried, SendQueue};
@@ -359,7 +360,8 @@ pub enum Event {
         /// Why the latest one failed.
         error: String,
     },
-    /// A user who shares a group with us came online (`online`) or went offline.
+    /// A user who shares a group with us came online (`online`) or went offline. Told once per
+    /// change: a takeover, after which the user is still online, is not told.
     Presence {
         /// The user.
         user_id: u64,
@@ -594,6 +596,8 @@ struct Shared {
     /// The largest body the server of the latest connection takes (0: it did not say).
     max_body_bytes: AtomicU32,
     stats: std::sync::Mutex<Stats>,
+    /// What the application was last told of each user's presence.
+    known_presence: std::sync::Mutex<presence::KnownPresence>,
     stop: CancellationToken,
     /// Cancelled once the supervisor task has ended: no reconnect (and no re-login) is under
     /// way any more.
@@ -762,6 +766,7 @@ impl Client {
             next_client_msg_id: AtomicU64::new((rand::random::<u64>() >> 16) + 1),
             max_body_bytes: AtomicU32::new(0),
             stats: std::sync::Mutex::new(Stats::default()),
+            known_presence: Default::default(),
             stop: CancellationToken::new(),
             supervised: CancellationToken::new(),
         });
@@ -1660,12 +1665,17 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                         break End::Kicked(kick.reason);
                     }
                     Some(server_control::Kind::Presence(p)) => {
-                        let event = Event::Presence { user_id: p.user_id, name: p.name, online: p.online };
-                        notice(&shared.events, event);
+                        let mut known = shared.known_presence.lock().unwrap_or_else(|p| p.into_inner());
+                        if known.is_news(p.user_id, p.online) {
+                            let event = Event::Presence { user_id: p.user_id, name: p.name, online: p.online };
+                            if notice(&shared.events, event) {
+                                known.told(p.user_id, p.online);
+                            }
+                        }
                     }
                     Some(server_control::Kind::GroupChange(c)) => {
                         let event = Event::GroupChange { group: c.group, user_id: c.user_id, name: c.name, joined: c.joined };
-                        notice(&shared.events, event);
+                        let _ = notice(&shared.events, event);
                     }
                     Some(server_control::Kind::Drain(drain)) => {
                         conn.close(close::code(close::DRAIN), b"draining");
@@ -1694,12 +1704,15 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
     end
 }
 
-/// Passes a presence or group change to the application. Best effort, as on the server: an
-/// application behind on its events misses the change rather than stalling the heartbeat.
-fn notice(events: &mpsc::Sender<Event>, event: Event) {
-    if events.try_send(event).is_err() {
+/// Passes a presence or group change to the application, and says whether it did. Best
+/// effort, as on the server: an application behind on its events misses the change rather
+/// than stalling the heartbeat.
+fn notice(events: &mpsc::Sender<Event>, event: Event) -> bool {
+    let passed = events.try_send(event).is_ok();
+    if !passed {
         tracing::debug!("events backed up; a presence or group change was dropped");
     }
+    passed
 }
 
 /// Sends a heartbeat ping, which also acknowledges what the application is done with (and

@@ -338,6 +338,15 @@ async fn presence_events_reach_users_who_share_a_group() -> anyhow::Result<()> {
     let online = wait_presence(&mut alice_events).await?;
     assert_eq!(online, (bob_id, "bob".to_string(), true));
 
+    // A takeover leaves Bob online: Alice is not told so again (its router announces it as
+    // any login; the pause lets that go out), and the next she hears is his logout.
+    let takeover = LoginOptions { takeover: true };
+    let (bob_again, _b2) = Client::login(&config, "bob", "password", takeover).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bob_again.logout().await?;
+    let offline = wait_presence(&mut alice_events).await?;
+    assert_eq!(offline, (bob_id, "bob".to_string(), false));
+
     // Someone who shares no group with alice comes and goes unannounced.
     let (dave, _d) = cluster.user("dave").await?;
     dave.close().await;
