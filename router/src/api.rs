@@ -10,7 +10,7 @@
 //! | GET | /api/users/online | bearer | `?prefix=&after=&limit=` | 200 `{users: [{id, name}], more}` (a page by name, at most 1,000) |
 //! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, msg_id_str, recipients}`, and `recipient_online` for a private message |
 //! | POST | /api/groups | bearer | `{name}` | 201 `{name}` |
-//! | POST | /api/groups/NAME/join, /leave | bearer | - | 200 `{}` |
+//! | POST | /api/groups/NAME/join, /leave | bearer | - | 200 `{}`; counts 10 against the limit below (told to the members of a group of at most 100) |
 //! | GET | /api/groups/NAME/members | bearer | - | 200 `{members: [{id, name, online}]}` |
 //! | GET | /api/groups | bearer | - | 200 `{groups: [...]}` |
 //! | GET | /health | - | - | 200 `{status, servers}` (liveness) |
