@@ -110,7 +110,7 @@ fn in_words(e: &ClientError, router: &str) -> String {
 /// Runs the console until the user quits or the session ends; returns the exit status.
 async fn chat(config: ClientConfig, client: Client, mut events: cim_client::Events) -> ExitCode {
     announce(&client);
-    println!("type :help for commands");
+    println!("type :help for commands; times are UTC");
 
     // Commands run one after another on a task of their own, so that a send waiting for a
     // reconnect neither holds up what arrives meanwhile nor a :q.
