@@ -492,16 +492,20 @@ async fn keep_pinging(mut control: quinn::SendStream) -> anyhow::Result<()> {
 
 /// The next presence frame on a raw session's control stream (user, online), past pongs.
 async fn next_raw_presence(control: &mut quinn::RecvStream) -> anyhow::Result<(u64, bool)> {
-    loop {
-        let frame: ServerControl = tokio::time::timeout(WAIT, read_required(control, 4096))
-            .await
-            .context("no presence in time")??;
-        match frame.kind {
-            Some(server_control::Kind::Presence(p)) => return Ok((p.user_id, p.online)),
-            Some(server_control::Kind::Pong(_)) => {}
-            other => anyhow::bail!("unexpected control frame {other:?}"),
+    let next = async {
+        loop {
+            let frame: ServerControl = read_required(control, 4096).await?;
+            match frame.kind {
+                Some(server_control::Kind::Presence(p)) => return Ok((p.user_id, p.online)),
+                Some(server_control::Kind::Pong(_)) => {}
+                other => anyhow::bail!("unexpected control frame {other:?}"),
+            }
         }
-    }
+    };
+    // One deadline for the whole wait: pongs come all the time.
+    tokio::time::timeout(WAIT, next)
+        .await
+        .context("no presence in time")?
 }
 
 /// Alice and Bob share a group on a one-server cluster; returns Bob's id, the server's
