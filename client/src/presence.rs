@@ -52,7 +52,11 @@ mod tests {
         }
         assert_eq!(known.online.len(), MAX_KNOWN);
         known.told(0, false);
-        assert_eq!(known.online.len(), MAX_KNOWN, "a known user takes no new place");
+        assert_eq!(
+            known.online.len(),
+            MAX_KNOWN,
+            "a known user takes no new place"
+        );
         known.told(u64::MAX, true);
         assert_eq!(known.online.len(), 1);
         assert!(known.is_news(1, true), "forgotten");

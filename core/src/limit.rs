@@ -23,7 +23,7 @@ pub fn send_cost(message: &ChatMessage) -> u32 {
 }
 
 /// What joining or leaving a group costs against the requester's rate (on a server or over
-/// HTTP): the change is told to up to 99 other members, so at a server's default 200 a
+/// HTTP): the change is told to up to 100 other members, so at a server's default 200 a
 /// second a session changes its groups at most 20 times a second.
 pub const MEMBERSHIP_CHANGE_COST: u32 = 10;
 
@@ -197,7 +197,7 @@ mod tests {
         ] {
             assert_eq!(cost(op), 1, "{op:?}");
         }
-        // An op this version does not know costs one, as it is refused.
+        // An op this version does not know costs one (the router answers it as MINE).
         let unknown = GroupRequest {
             op: 99,
             name: String::new(),

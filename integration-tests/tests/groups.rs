@@ -341,7 +341,9 @@ async fn presence_events_reach_users_who_share_a_group() -> anyhow::Result<()> {
     assert_eq!(online, (bob_id, "bob".to_string(), true));
 
     // A takeover leaves Bob online: Alice is not told so again (its router announces it as
-    // any login; the pause lets that go out), and the next she hears is his logout.
+    // any login; the pause lets that go out before the logout's, which would otherwise
+    // replace it in the router's queue), and the next she hears is his logout. The rule
+    // itself has a unit test in `client/src/presence.rs`.
     let takeover = LoginOptions { takeover: true };
     let (bob_again, _b2) = Client::login(&config, "bob", "password", takeover).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -468,9 +470,17 @@ async fn a_route_a_renewal_brings_back_is_announced_online() -> anyhow::Result<(
         .join_group("pals", bob_id, usize::MAX)
         .await?;
     let (_bob, _b) = Client::login(&config, "bob", "password", LoginOptions::default()).await?;
-    assert_eq!(next_raw_presence(&mut alice).await?, (bob_id, true), "login");
+    assert_eq!(
+        next_raw_presence(&mut alice).await?,
+        (bob_id, true),
+        "login"
+    );
     cluster.drop_route(bob_id).await?;
-    assert_eq!(next_raw_presence(&mut alice).await?, (bob_id, true), "renewal");
+    assert_eq!(
+        next_raw_presence(&mut alice).await?,
+        (bob_id, true),
+        "renewal"
+    );
     pinging.abort();
     Ok(())
 }

@@ -556,8 +556,8 @@ async fn id_nodes_are_held_once(store: &dyn Store) -> anyhow::Result<()> {
 }
 
 /// A group is created with its owner as its first member, once per name; joins stop at the
-/// cap and count a member once (its size says so too); a member that leaves is gone from the group and from its own
-/// list of groups.
+/// cap and count a member once (its size says so too); a member that leaves is gone from the
+/// group and from its own list of groups.
 async fn groups_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     let (owner, other, third) = (7001, 7002, 7003);
     assert!(store.create_group("crew", owner).await?);

@@ -10,7 +10,7 @@
 //! | GET | /api/users/online | bearer | `?prefix=&after=&limit=` | 200 `{users: [{id, name}], more}` (a page by name, at most 1,000) |
 //! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, msg_id_str, recipients}`, and `recipient_online` for a private message |
 //! | POST | /api/groups | bearer | `{name}` | 201 `{name}` |
-//! | POST | /api/groups/NAME/join, /leave | bearer | - | 200 `{}`; counts 10 against the limit below (told to the members of a group of at most 100) |
+//! | POST | /api/groups/NAME/join, /leave | bearer | - | 200 `{}`; counts 10 against the limit below (told to the other online members of a group of at most 100) |
 //! | GET | /api/groups/NAME/members | bearer | - | 200 `{members: [{id, name, online}]}` |
 //! | GET | /api/groups | bearer | - | 200 `{groups: [...]}` |
 //! | GET | /health | - | - | 200 `{status, servers}` (liveness) |
@@ -386,10 +386,8 @@ pub fn routes(
                         body: req.body,
                     };
                     // The request counted one; a broadcast costs as much as on a server.
-                    let extra = cim_core::limit::send_cost(&message) - 1;
-                    if extra > 0 {
-                        service.check_api_rate_n(claims.user_id, claims.session_id, extra)?;
-                    }
+                    let cost = cim_core::limit::send_cost(&message);
+                    service.check_api_extra(claims.user_id, claims.session_id, cost)?;
                     let sender = Sender {
                         id: claims.user_id,
                         name: claims.user_name,
@@ -439,8 +437,8 @@ pub fn routes(
                     let claims = authenticate(&service, auth).await?;
                     // The request counted one; a join or leave costs as much as on a server.
                     let change = || {
-                        let extra = cim_core::limit::MEMBERSHIP_CHANGE_COST - 1;
-                        service.check_api_rate_n(claims.user_id, claims.session_id, extra)
+                        let cost = cim_core::limit::MEMBERSHIP_CHANGE_COST;
+                        service.check_api_extra(claims.user_id, claims.session_id, cost)
                     };
                     match action.as_str() {
                         "join" => {

@@ -638,14 +638,26 @@ impl Service {
         self.check_api_rate_n(user, session, 1)
     }
 
-    /// [`Service::check_api_rate`] for a request that costs `cost` (a broadcast costs
-    /// [`cim_core::limit::BROADCAST_COST`]).
-    pub(crate) fn check_api_rate_n(
+    /// Counts what a costlier request (a broadcast, a join or leave) adds to the one
+    /// [`Service::check_api_rate`] counted for it, `cost` in all, but never more than the
+    /// limit allows in one second: under a limit below `cost` such a request still goes, one
+    /// a second.
+    pub(crate) fn check_api_extra(
         &self,
         user: u64,
         session: u64,
         cost: u32,
     ) -> Result<(), ServiceError> {
+        let limit = self.config.api_limits.requests_per_user;
+        let extra = cost.min(limit).saturating_sub(1);
+        if extra == 0 {
+            return Ok(());
+        }
+        self.check_api_rate_n(user, session, extra)
+    }
+
+    /// [`Service::check_api_rate`] for a request that costs `cost`.
+    fn check_api_rate_n(&self, user: u64, session: u64, cost: u32) -> Result<(), ServiceError> {
         let count = lock(&self.api_requests).hit_n((user, session), cost, Instant::now());
         let limit = self.config.api_limits.requests_per_user;
         self.within_limit(
@@ -1445,7 +1457,7 @@ impl Service {
         if self.store.leave_group(name, user).await? {
             self.announce_group_change(user, name, false).await;
             Ok(())
-        } else if self.store.group_members(name).await?.is_none() {
+        } else if self.store.group_size(name).await? == 0 {
             Err(ServiceError::UnknownGroup)
         } else {
             Err(ServiceError::NotMember)
@@ -1572,13 +1584,17 @@ impl Service {
         group: &str,
         joined: bool,
     ) -> Result<(), ServiceError> {
-        // Sized first: a big group's members are not read at all.
+        // Sized first: a big group's members are not read at all (and checked again after
+        // the read, as joins may have come between).
         if self.store.group_size(group).await? > GROUP_CHANGE_MAX_MEMBERS {
             return Ok(());
         }
         let Some(mut members) = self.store.group_members(group).await? else {
             return Ok(());
         };
+        if members.len() > GROUP_CHANGE_MAX_MEMBERS {
+            return Ok(());
+        }
         members.retain(|&member| member != user);
         if members.is_empty() {
             return Ok(());
@@ -1616,15 +1632,21 @@ impl Service {
                 by_server.entry(route.server_id).or_default().push(user);
             }
         }
-        let pushes = by_server.into_iter().map(|(server, recipients)| {
-            let notice = notice.clone();
-            async move {
-                if let Err(e) = self.links.notify(&server, recipients, notice).await {
-                    tracing::debug!(%server, error = %e, "notice push failed");
+        // In a task of its own: a caller that stops waiting (a join whose announcement took
+        // longer than `GROUP_CHANGE_WAIT`) leaves the pushes to land late, not to be lost.
+        let links = self.links.clone();
+        let pushing = tokio::spawn(async move {
+            let pushes = by_server.into_iter().map(|(server, recipients)| {
+                let (links, notice) = (&links, notice.clone());
+                async move {
+                    if let Err(e) = links.notify(&server, recipients, notice).await {
+                        tracing::debug!(%server, error = %e, "notice push failed");
+                    }
                 }
-            }
+            });
+            join_all(pushes).await;
         });
-        join_all(pushes).await;
+        let _ = pushing.await;
         Ok(())
     }
 

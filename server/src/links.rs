@@ -640,7 +640,7 @@ pub(crate) async fn renew_sessions(state: &State, via: Option<&quinn::Connection
 }
 
 /// Passes `notice` to the local sessions of `recipients` and answers with those found.
-async fn notify(
+async fn notify_and_reply(
     state: &State,
     send: &mut quinn::SendStream,
     recipients: &[u64],
@@ -695,14 +695,14 @@ async fn serve_router(conn: &quinn::Connection, state: &Arc<State>) {
                     presence: Some(presence),
                 })) => {
                     let notice = server_control::Kind::Presence(presence);
-                    notify(&state, &mut send, &recipients, &notice).await
+                    notify_and_reply(&state, &mut send, &recipients, &notice).await
                 }
                 Some(router_request::Kind::GroupChange(GroupChangePush {
                     recipients,
                     change: Some(change),
                 })) => {
                     let notice = server_control::Kind::GroupChange(change);
-                    notify(&state, &mut send, &recipients, &notice).await
+                    notify_and_reply(&state, &mut send, &recipients, &notice).await
                 }
                 Some(router_request::Kind::Kick(kick)) => {
                     let found = state.kick(kick.user_id, kick.session_id, &kick.reason);

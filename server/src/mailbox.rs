@@ -1,5 +1,5 @@
 //! A small bounded queue with one receiver, for what the server tells a session's control
-//! stream from outside (kick, drain, presence).
+//! stream from outside (kick, drain, notices: presence and group changes).
 //!
 //! Every session holds one for its whole life, and those messages are rare, so it is built for
 //! memory rather than throughput: a tokio `mpsc` channel allocates its shared state padded to

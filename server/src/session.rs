@@ -44,10 +44,11 @@ const CLOSING_TRIM_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most pull and group requests of one session served at once; more wait their turn (each
 /// holds a reply of up to [`MAX_PULL_FRAME`] until the client reads it).
 const FETCHES_IN_FLIGHT: usize = 4;
-/// Pings a session may send per second, and at once. A client pings once a heartbeat interval
+/// Pings a session may send per second. A client pings once a heartbeat interval
 /// (at least 100 ms apart: it clamps what the server asks for) and once more as it closes;
 /// a session past this is flooding its control stream and is closed.
 const PINGS_PER_SEC: u32 = 20;
+/// Pings a session may send at once (see [`PINGS_PER_SEC`]).
 const PING_BURST: u32 = 40;
 
 /// What the server can tell a session's control stream from outside.
