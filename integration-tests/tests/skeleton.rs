@@ -474,7 +474,7 @@ async fn bad_messages_are_refused_with_codes_and_offline_users_get_theirs_later(
     let err = alice.send_group("all", "").await.unwrap_err();
     assert_eq!(err.code(), Some("bad_request"), "{err}");
     // Too large: refused by the body's length, or by its frame's before the body is read.
-    let limit = cim_server::ServerConfig::DEFAULT_MAX_BODY_BYTES;
+    let limit = cim_proto::DEFAULT_MAX_BODY_BYTES;
     for (len, why) in [
         (limit + 1, format!("{} bytes, at most {limit}", limit + 1)),
         (20_000, format!("more than {limit} bytes")),
@@ -629,7 +629,7 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
 
     // A message over the server's limit is refused naming it and its length: the console
     // checks the limit the server gave at login, however far over it is.
-    let limit = cim_server::ServerConfig::DEFAULT_MAX_BODY_BYTES;
+    let limit = cim_proto::DEFAULT_MAX_BODY_BYTES;
     for len in [limit + 1, 20_000, 70_000] {
         bob.send_line(&format!("{alice_id};;{}", "x".repeat(len)))
             .await?;

@@ -1632,6 +1632,10 @@ impl Service {
                 by_server.entry(route.server_id).or_default().push(user);
             }
         }
+        if by_server.is_empty() {
+            // No one to tell (a login storm's users are mostly alone): no task for it.
+            return Ok(());
+        }
         // In a task of its own: a caller that stops waiting (a join whose announcement took
         // longer than `GROUP_CHANGE_WAIT`) leaves the pushes to land late, not to be lost.
         let links = self.links.clone();

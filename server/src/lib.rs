@@ -103,9 +103,6 @@ impl Default for Limits {
 }
 
 impl ServerConfig {
-    /// The largest message body taken unless set otherwise, in bytes.
-    pub const DEFAULT_MAX_BODY_BYTES: usize = cim_proto::DEFAULT_MAX_BODY_BYTES;
-
     /// How often open sessions' routes are renewed unless set otherwise.
     pub const DEFAULT_RENEW_INTERVAL: Duration = Duration::from_secs(10);
     /// How long a server stays without routers before draining its clients, unless set
@@ -135,7 +132,7 @@ impl ServerConfig {
             token_ttl: Duration::from_secs(600),
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(15),
-            max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
+            max_body_bytes: cim_proto::DEFAULT_MAX_BODY_BYTES,
             drain_grace: Duration::from_secs(2),
             renew_interval: Self::DEFAULT_RENEW_INTERVAL,
             routerless_drain_after: Self::DEFAULT_ROUTERLESS_DRAIN_AFTER,
