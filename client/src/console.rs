@@ -40,6 +40,8 @@ pub enum Command {
     Help,
     /// `:q`: log out and quit.
     Quit,
+    /// `:q words` (CIM's): search the message history for lines with `words`.
+    Search(String),
     /// An empty line: nothing to do.
     Nothing,
     /// Unrecognised input, with an explanation.
@@ -60,6 +62,7 @@ commands:
   :groups              list your groups
   :olu [prefix]        list online users (optionally whose name starts with prefix)
   :info                show your id, name and server
+  :q <words>           search your message history on this machine (the latest 50 lines)
   :help (or :all)      show this help
   :q (or :q!)          log out and quit";
 
@@ -76,8 +79,9 @@ pub fn parse(line: &str) -> Command {
         let arg = parts.next().unwrap_or_default().trim().to_string();
         return match verb.as_str() {
             "" => Command::Invalid("a command follows ':'; type :help".into()),
-            // CIM's `:q keyword` searched the history: quitting on it would surprise.
-            "q" | "q!" | "quit" | "groups" | "info" | "help" | "all" if !arg.is_empty() => {
+            // CIM's `:q keyword`: a search, never a quit.
+            "q" if !arg.is_empty() => Command::Search(arg),
+            "q!" | "quit" | "groups" | "info" | "help" | "all" if !arg.is_empty() => {
                 Command::Invalid(format!(":{verb} takes nothing after it; type :help"))
             }
             "q" | "q!" | "quit" => Command::Quit,
@@ -170,6 +174,13 @@ pub fn timestamp(ms: u64, now_ms: u64) -> String {
     }
     let (year, month, day) = civil_date(ms / DAY_MS);
     format!("{year:04}-{month:02}-{day:02} {time}")
+}
+
+/// `ms` after the Unix epoch as `YYYY-MM-DD HH:MM:SS` in UTC, whatever day it is now (the
+/// message history's time).
+pub fn date_time(ms: u64) -> String {
+    // The date shows for any moment not of day `u64::MAX / DAY_MS`, far beyond any clock.
+    timestamp(ms, u64::MAX)
 }
 
 /// The proleptic Gregorian date `days` days after 1970-01-01 (H. Hinnant's `civil_from_days`).
@@ -265,7 +276,11 @@ mod tests {
         // refused, not ignored (`:q word` was CIM's history search, not a quit).
         assert_eq!(parse(":q!"), Command::Quit);
         assert_eq!(parse(":all"), Command::Help);
-        assert!(matches!(parse(":q hello"), Command::Invalid(_)));
+        assert_eq!(
+            parse(":q Hello  there "),
+            Command::Search("Hello  there".into())
+        );
+        assert!(matches!(parse(":q! hello"), Command::Invalid(_)));
         assert!(matches!(parse(":info me"), Command::Invalid(_)));
         assert!(matches!(parse(":"), Command::Invalid(_)));
         // Names longer than any can be are refused before a request is made.
@@ -310,6 +325,8 @@ mod tests {
             timestamp(1_709_251_199_000, 1_795_910_400_000),
             "2024-02-29 23:59:59"
         );
+        assert_eq!(date_time(at), "1970-01-01 13:05:09");
+        assert_eq!(date_time(1_795_910_400_000), "2026-11-29 00:00:00");
         assert_eq!(civil_date(0), (1970, 1, 1));
         assert_eq!(civil_date(11_016), (2000, 2, 29));
         assert_eq!(civil_date(20_786), (2026, 11, 29));

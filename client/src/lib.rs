@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 mod batch;
 pub mod console;
+pub mod history;
 mod http;
 mod presence;
 pub mod reorder;

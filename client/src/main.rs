@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cim_client::console::{self, Command};
-use cim_client::{Ack, Client, ClientConfig, ClientError, Event, LoginOptions};
+use cim_client::history::{self, History};
+use cim_client::{Ack, Client, ClientConfig, ClientError, Event, IncomingMessage, LoginOptions};
 use clap::Parser;
 use std::io::{BufRead, IsTerminal};
 use std::sync::Arc;
@@ -40,6 +41,13 @@ struct Args {
     /// Local address of the client's UDP socket.
     #[arg(long, env = "CIM_BIND", default_value = "0.0.0.0:0")]
     bind: SocketAddr,
+    /// File of the message history that `:q words` searches (default: under
+    /// $XDG_DATA_HOME/cim/history/, or ~/.local/share/cim/history/, per router and user).
+    #[arg(long, env = "CIM_HISTORY")]
+    history: Option<PathBuf>,
+    /// Keep no message history.
+    #[arg(long, conflicts_with = "history")]
+    no_history: bool,
 }
 
 #[tokio::main]
@@ -54,7 +62,10 @@ async fn main() -> ExitCode {
         .init();
     // A failure to start is one line for a person, not an error chain with a backtrace.
     match start(&args).await {
-        Ok((config, client, events)) => chat(config, client, events).await,
+        Ok((config, client, events)) => {
+            let history = open_history(&args, &client);
+            chat(config, client, events, history).await
+        }
         Err(why) => {
             eprintln!("! {why}");
             ExitCode::from(CANNOT_LOG_IN_EXIT)
@@ -94,6 +105,62 @@ async fn start(args: &Args) -> Result<(ClientConfig, Client, cim_client::Events)
     }
 }
 
+/// The message history the flags ask for, once logged in (the name is then a valid one);
+/// says where it is kept, or why none is.
+fn open_history(args: &Args, client: &Client) -> Option<Arc<History>> {
+    if args.no_history {
+        return None;
+    }
+    let path = args
+        .history
+        .clone()
+        .or_else(|| history::default_path(&client.info().name, &args.router));
+    let Some(path) = path else {
+        println!("! no message history: $HOME is not set (give a file with --history FILE)");
+        return None;
+    };
+    match History::open(path.clone()) {
+        Ok(history) => {
+            println!("message history: {} (:q words searches it)", path.display());
+            Some(Arc::new(history))
+        }
+        Err(e) => {
+            println!("! no message history: cannot open {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+/// Appends `text`, at `ms` after the epoch, to the history; says so if that failed (then
+/// no more is kept).
+fn keep(history: Option<&Arc<History>>, ms: u64, text: &str) {
+    let Some(history) = history else {
+        return;
+    };
+    if let Err(e) = history.record(&format!("[{}] {text}", console::date_time(ms))) {
+        println!(
+            "! message history: cannot write {}: {e}; no more is kept",
+            history.path().display()
+        );
+    }
+}
+
+/// A received message as shown, without its time: sender name and id (a reply is
+/// `id;;text`), whether it was private or to which group, and the text, escaped.
+fn message_text(m: &IncomingMessage) -> String {
+    let kind = match &m.group {
+        Some(g) if g == cim_proto::BROADCAST_GROUP => String::new(),
+        Some(g) => format!(" [{}]", console::printable(g)),
+        None => " (private)".into(),
+    };
+    format!(
+        "{} ({}){kind}: {}",
+        console::printable(&m.from_name),
+        m.from_user,
+        console::printable(&m.body)
+    )
+}
+
 /// A registration's or login's error as a person at the console needs it.
 fn in_words(e: &ClientError, router: &str) -> String {
     match (e.code(), e) {
@@ -108,7 +175,12 @@ fn in_words(e: &ClientError, router: &str) -> String {
 }
 
 /// Runs the console until the user quits or the session ends; returns the exit status.
-async fn chat(config: ClientConfig, client: Client, mut events: cim_client::Events) -> ExitCode {
+async fn chat(
+    config: ClientConfig,
+    client: Client,
+    mut events: cim_client::Events,
+    history: Option<Arc<History>>,
+) -> ExitCode {
     announce(&client);
     println!("type :help for commands; times are UTC");
 
@@ -122,11 +194,12 @@ async fn chat(config: ClientConfig, client: Client, mut events: cim_client::Even
     let failed = Arc::new(AtomicUsize::new(0));
     let mut worker = tokio::spawn({
         let client = client.clone();
+        let history = history.clone();
         let pending = pending.clone();
         let failed = failed.clone();
         async move {
             while let Some(command) = queued.recv().await {
-                run_counted(&client, command, &failed).await;
+                run_counted(&client, history.as_ref(), command, &failed).await;
                 pending.fetch_sub(1, Ordering::Relaxed);
             }
         }
@@ -143,7 +216,7 @@ async fn chat(config: ClientConfig, client: Client, mut events: cim_client::Even
                 // What needs no cluster is done at once, not behind a send that waits for a
                 // reconnect.
                 Some(command @ (Command::Help | Command::Info | Command::Nothing | Command::Invalid(_))) => {
-                    run_counted(&client, command, &failed).await;
+                    run_counted(&client, history.as_ref(), command, &failed).await;
                 }
                 Some(command) => {
                     pending.fetch_add(1, Ordering::Relaxed);
@@ -153,19 +226,9 @@ async fn chat(config: ClientConfig, client: Client, mut events: cim_client::Even
             _ = &mut ctrl_c => break Ending::Interrupted,
             event = events.next() => match event {
                 Some(Event::Message(m)) => {
-                    let kind = match &m.group {
-                        Some(g) if g == cim_proto::BROADCAST_GROUP => String::new(),
-                        Some(g) => format!(" [{}]", console::printable(g)),
-                        None => " (private)".into(),
-                    };
-                    // With the id: a reply is `id;;text`.
-                    println!(
-                        "[{}] {} ({}){kind}: {}",
-                        console::timestamp(m.created_at_ms, cim_core::now_ms()),
-                        console::printable(&m.from_name),
-                        m.from_user,
-                        console::printable(&m.body)
-                    );
+                    let text = message_text(&m);
+                    println!("[{}] {text}", console::timestamp(m.created_at_ms, cim_core::now_ms()));
+                    keep(history.as_ref(), m.created_at_ms, &text);
                 }
                 Some(Event::Kicked(reason)) => break Ending::Ended(format!("session ended: {}", console::printable(&reason))),
                 Some(Event::Drain(reason)) => {
@@ -374,8 +437,13 @@ fn unsent(e: &ClientError) -> &'static str {
 }
 
 /// [`run`], counting a failure in `failed`.
-async fn run_counted(client: &Client, command: Command, failed: &AtomicUsize) {
-    if !run(client, command).await {
+async fn run_counted(
+    client: &Client,
+    history: Option<&Arc<History>>,
+    command: Command,
+    failed: &AtomicUsize,
+) {
+    if !run(client, history, command).await {
         failed.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -391,8 +459,9 @@ fn refused_as_too_long(client: &Client, body: &str, to: &str) -> bool {
     }
 }
 
-/// Carries out one console command. Returns false if it failed.
-async fn run(client: &Client, command: Command) -> bool {
+/// Carries out one console command, keeping what it sent in `history`. Returns false if it
+/// failed.
+async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) -> bool {
     match command {
         // Checked here, as a text field would: the server would refuse it the same way.
         Command::Broadcast(body) if refused_as_too_long(client, &body, "") => false,
@@ -406,21 +475,27 @@ async fn run(client: &Client, command: Command) -> bool {
         {
             false
         }
-        Command::Broadcast(body) => sent(
-            paced(|| client.send_group(cim_proto::BROADCAST_GROUP, &body)).await,
-            "",
-            "no one else is online",
-        ),
-        Command::Private { to, body } => sent(
-            paced(|| client.send_private(to, &body)).await,
-            &format!(" to {to}"),
-            "",
-        ),
-        Command::Group { group, body } => sent(
-            paced(|| client.send_group(&group, &body)).await,
-            &format!(" to #{group}"),
-            &format!("no one else is in #{group}"),
-        ),
+        Command::Broadcast(body) => {
+            let result = paced(|| client.send_group(cim_proto::BROADCAST_GROUP, &body)).await;
+            let mine = format!("you: {}", console::printable(&body));
+            sent(result, "", "no one else is online", history, &mine)
+        }
+        Command::Private { to, body } => {
+            let result = paced(|| client.send_private(to, &body)).await;
+            let mine = format!("you to {to} (private): {}", console::printable(&body));
+            sent(result, &format!(" to {to}"), "", history, &mine)
+        }
+        Command::Group { group, body } => {
+            let result = paced(|| client.send_group(&group, &body)).await;
+            let mine = format!(
+                "you [{}]: {}",
+                console::printable(&group),
+                console::printable(&body)
+            );
+            let alone = format!("no one else is in #{group}");
+            sent(result, &format!(" to #{group}"), &alone, history, &mine)
+        }
+        Command::Search(words) => search(history, words).await,
         Command::Create(group) => report(
             client.create_group(&group).await,
             &format!("created #{group}"),
@@ -492,9 +567,56 @@ async fn run(client: &Client, command: Command) -> bool {
     }
 }
 
+/// Prints the latest lines of `history` that contain `words`; returns whether it could.
+async fn search(history: Option<&Arc<History>>, words: String) -> bool {
+    let Some(history) = history.cloned() else {
+        println!("! no message history is kept (see --history)");
+        return false;
+    };
+    let asked = console::printable(&words);
+    let found =
+        tokio::task::spawn_blocking(move || history.search(&words, history::SHOWN_MATCHES)).await;
+    match found {
+        Ok(Ok(found)) if found.total == 0 => {
+            println!("history: no line with \"{asked}\"");
+            true
+        }
+        Ok(Ok(found)) => {
+            let latest = if found.total > found.lines.len() {
+                format!(", the latest {}", found.lines.len())
+            } else {
+                String::new()
+            };
+            println!("history: {} line(s) with \"{asked}\"{latest}:", found.total);
+            for line in found.lines {
+                println!("  {line}");
+            }
+            true
+        }
+        Ok(Err(e)) => {
+            println!("! cannot read the message history: {e}");
+            false
+        }
+        Err(e) => {
+            println!("! cannot search the message history: {e}");
+            false
+        }
+    }
+}
+
 /// Reports a failed send (`to` names its target), one stored for no one (`alone` says why),
-/// or a private one whose recipient is offline; returns whether it was sent.
-fn sent(result: Result<Ack, ClientError>, to: &str, alone: &str) -> bool {
+/// or a private one whose recipient is offline; keeps a sent one (`mine`, as the history
+/// shows it) in `history`; returns whether it was sent.
+fn sent(
+    result: Result<Ack, ClientError>,
+    to: &str,
+    alone: &str,
+    history: Option<&Arc<History>>,
+    mine: &str,
+) -> bool {
+    if result.is_ok() {
+        keep(history, cim_core::now_ms(), mine);
+    }
     match result {
         Ok(ack) if ack.recipient_online == Some(false) => {
             println!("(sent{to}, who is offline: it waits for their next login)");

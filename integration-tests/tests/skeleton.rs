@@ -558,10 +558,14 @@ async fn a_client_notices_a_killed_server_by_its_heartbeat() -> anyhow::Result<(
     Ok(())
 }
 
-/// A `cim-client` console registering and logging in `name` (password `pw-1234`) on `cluster`.
+/// A `cim-client` console registering and logging in `name` (password `pw-1234`) on `cluster`,
+/// keeping its message history in the cluster's directory (a console started again for the
+/// same name finds what the one before kept).
 fn console(cluster: &TestCluster, name: &str) -> anyhow::Result<Proc> {
     let ca = cluster.embedded.ca.to_string_lossy().into_owned();
     let url = cluster.embedded.router_url.clone();
+    let history = cluster.dir.path().join(format!("history/{name}.log"));
+    let history = history.to_string_lossy().into_owned();
     let args = [
         "--router",
         &url,
@@ -574,6 +578,8 @@ fn console(cluster: &TestCluster, name: &str) -> anyhow::Result<Proc> {
         "--register",
         "--bind",
         "127.0.0.1:0",
+        "--history",
+        &history,
     ];
     Proc::spawn("cim-client", &args)
 }
@@ -609,6 +615,32 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
         line.contains(&format!("bob ({bob_id}) (private): ")),
         "{line}"
     );
+    // `:q words` (CIM's) searches the history, ignoring case: what came in, what went out.
+    alice.send_line(":q SECRET").await?;
+    alice
+        .expect_line("history: 1 line(s) with \"SECRET\":")
+        .await?;
+    let line = alice.expect_line("a secret for alice").await?;
+    assert!(
+        line.contains(&format!("] bob ({bob_id}) (private): a secret")),
+        "{line}"
+    );
+    bob.send_line(":q hello bob").await?;
+    bob.expect_line("history: 1 line(s)").await?;
+    let line = bob.expect_line("hello bob, this is everyone").await?;
+    assert!(
+        line.contains(&format!("] alice ({alice_id}): hello")),
+        "{line}"
+    );
+    bob.send_line(":q for alice").await?;
+    let line = bob.expect_line("a secret for alice").await?;
+    assert!(
+        line.contains(&format!("] you to {alice_id} (private): ")),
+        "{line}"
+    );
+    bob.send_line(":q nothing like it").await?;
+    bob.expect_line("history: no line with \"nothing like it\"")
+        .await?;
 
     // Joining and leaving a group is told to its other members.
     alice.send_line(":create team").await?;
@@ -636,9 +668,9 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
         bob.expect_line(&format!("message too long: {len} bytes, at most {limit}"))
             .await?;
     }
-    // `:q` with words after it was CIM's history search: refused, not a quit.
-    bob.send_line(":q hello").await?;
-    bob.expect_line(":q takes nothing after it").await?;
+    // `:q!` with words after it is no quit (nor a search).
+    bob.send_line(":q! hello").await?;
+    bob.expect_line(":q! takes nothing after it").await?;
     bob.send_line(":info").await?;
     bob.expect_line("you are bob").await?;
 
@@ -658,6 +690,21 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     alice
         .expect_line("(sent, but no one else is online)")
         .await?;
+    alice.send_line(":q").await?;
+    alice.expect_line("bye").await?;
+
+    // The history outlives the console: a new one finds what the last one sent.
+    let mut alice = console(&cluster, "alice")?;
+    alice.expect_line("logged in as alice").await?;
+    alice.send_line(":q see you").await?;
+    let line = alice.expect_line("see you later").await?;
+    assert!(
+        line.contains(&format!("] you to {bob_id} (private): ")),
+        "{line}"
+    );
+    alice.send_line(":q anyone there").await?;
+    let line = alice.expect_line("anyone there?").await?;
+    assert!(line.contains("] you: anyone there?"), "{line}");
     alice.send_line(":q").await?;
     alice.expect_line("bye").await?;
     Ok(())
