@@ -63,6 +63,7 @@ async fn main() -> ExitCode {
     // A failure to start is one line for a person, not an error chain with a backtrace.
     match start(&args).await {
         Ok((config, client, events)) => {
+            announce(&client);
             let history = open_history(&args, &client);
             chat(config, client, events, history).await
         }
@@ -181,7 +182,6 @@ async fn chat(
     mut events: cim_client::Events,
     history: Option<Arc<History>>,
 ) -> ExitCode {
-    announce(&client);
     println!("type :help for commands; times are UTC");
 
     // Commands run one after another on a task of their own, so that a send waiting for a
