@@ -351,10 +351,14 @@ async fn presence_events_reach_users_who_share_a_group() -> anyhow::Result<()> {
     let offline = wait_presence(&mut alice_events).await?;
     assert_eq!(offline, (bob_id, "bob".to_string(), false));
 
-    // Someone who shares no group with alice comes and goes unannounced.
+    // Users who share no group with alice come and go unannounced: the next presence she
+    // hears of is Bob's login, made after theirs.
     let (dave, _d) = cluster.user("dave").await?;
     dave.close().await;
     let (carol, _c) = cluster.user("carol").await?;
+    let (_bob, _b) = Client::login(&config, "bob", "password", LoginOptions::default()).await?;
+    let online = wait_presence(&mut alice_events).await?;
+    assert_eq!(online, (bob_id, "bob".to_string(), true));
     carol.send_private(alice.info().user_id, "marker").await?;
     match next_event(&mut alice_events, WAIT).await? {
         Event::Message(m) => assert_eq!(m.body, "marker"),
