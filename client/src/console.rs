@@ -24,8 +24,27 @@ pub enum Command {
     },
     /// `:olu [prefix]`: list online users.
     OnlineUsers(String),
-    /// `:create NAME`: create a group.
-    Create(String),
+    /// `:create NAME [invite-only]`: create a group.
+    Create {
+        /// Group name.
+        group: String,
+        /// Only members the owner adds get in.
+        invite_only: bool,
+    },
+    /// `:add NAME USERID`: the owner adds a member.
+    Add {
+        /// Group name.
+        group: String,
+        /// The user added.
+        user: u64,
+    },
+    /// `:remove NAME USERID`: the owner removes a member.
+    Remove {
+        /// Group name.
+        group: String,
+        /// The user removed.
+        user: u64,
+    },
     /// `:join NAME`: join a group.
     Join(String),
     /// `:leave NAME`: leave a group.
@@ -56,9 +75,15 @@ commands:
   #<group> <text>      send <text> to a named group
   #all <text>          send <text> to everyone online, also text that starts with ':' or '#'
   :create <group>      create a group (you become its owner and first member)
+  :create <group> invite-only
+                       create a group only members you add get into
   :join <group>        join a group
   :leave <group>       leave a group
-  :members <group>     list a group's members and who is online
+  :add <group> <userId>
+                       add a user to a group you own
+  :remove <group> <userId>
+                       remove a member from a group you own
+  :members <group>     list a group's members, who is online and who owns it
   :groups              list your groups
   :olu [prefix]        list online users (optionally whose name starts with prefix)
   :info                show your id, name and server
@@ -90,13 +115,14 @@ pub fn parse(line: &str) -> Command {
             )),
             "olu" => Command::OnlineUsers(arg),
             "groups" => Command::Groups,
-            "create" | "join" | "leave" | "members" if arg.is_empty() => {
+            "create" | "join" | "leave" | "members" | "add" | "remove" if arg.is_empty() => {
                 Command::Invalid(format!(":{verb} needs a group name"))
             }
-            "create" | "join" | "leave" | "members" if arg.len() > MAX_NAME_LEN => {
+            "create" => parse_create(&arg),
+            "add" | "remove" => parse_member_change(&verb, &arg),
+            "join" | "leave" | "members" if arg.len() > MAX_NAME_LEN => {
                 Command::Invalid(no_such_group_name())
             }
-            "create" => Command::Create(arg),
             "join" => Command::Join(arg),
             "leave" => Command::Leave(arg),
             "members" => Command::Members(arg),
@@ -132,6 +158,47 @@ pub fn parse(line: &str) -> Command {
         };
     }
     Command::Broadcast(line.to_string())
+}
+
+/// `:create NAME [invite-only]`.
+fn parse_create(arg: &str) -> Command {
+    let mut words = arg.split_whitespace();
+    let group = words.next().unwrap_or_default();
+    let invite_only = match (words.next(), words.next()) {
+        (None, _) => false,
+        (Some("invite-only"), None) => true,
+        _ => return Command::Invalid("use :create <group> [invite-only]".into()),
+    };
+    if group.len() > MAX_NAME_LEN {
+        return Command::Invalid(no_such_group_name());
+    }
+    Command::Create {
+        group: group.to_string(),
+        invite_only,
+    }
+}
+
+/// `:add NAME USERID` and `:remove NAME USERID`.
+fn parse_member_change(verb: &str, arg: &str) -> Command {
+    let words: Vec<&str> = arg.split_whitespace().collect();
+    let [group, user] = words[..] else {
+        return Command::Invalid(format!("use :{verb} <group> <userId>"));
+    };
+    if group.len() > MAX_NAME_LEN {
+        return Command::Invalid(no_such_group_name());
+    }
+    let Ok(user) = user.parse::<u64>() else {
+        return Command::Invalid(format!(
+            "{:?} is not a user id; use :{verb} <group> <userId> (:olu shows ids)",
+            printable(user)
+        ));
+    };
+    let group = group.to_string();
+    if verb == "add" {
+        Command::Add { group, user }
+    } else {
+        Command::Remove { group, user }
+    }
 }
 
 /// Why a name longer than any group's is refused before asking the router.
@@ -252,7 +319,43 @@ mod tests {
         );
         assert!(matches!(parse("#rust"), Command::Invalid(_)));
         assert_eq!(parse(":join rust"), Command::Join("rust".into()));
-        assert_eq!(parse(":create rust"), Command::Create("rust".into()));
+        assert_eq!(
+            parse(":create rust"),
+            Command::Create {
+                group: "rust".into(),
+                invite_only: false
+            }
+        );
+        assert_eq!(
+            parse(":create rust  invite-only"),
+            Command::Create {
+                group: "rust".into(),
+                invite_only: true
+            }
+        );
+        assert!(matches!(parse(":create rust open"), Command::Invalid(_)));
+        assert!(matches!(
+            parse(":create rust invite-only x"),
+            Command::Invalid(_)
+        ));
+        assert_eq!(
+            parse(":add rust 42"),
+            Command::Add {
+                group: "rust".into(),
+                user: 42
+            }
+        );
+        assert_eq!(
+            parse(":remove rust 42"),
+            Command::Remove {
+                group: "rust".into(),
+                user: 42
+            }
+        );
+        assert!(matches!(parse(":add rust bob"), Command::Invalid(_)));
+        assert!(matches!(parse(":add rust"), Command::Invalid(_)));
+        assert!(matches!(parse(":remove"), Command::Invalid(_)));
+        assert!(matches!(parse(":remove rust 4 2"), Command::Invalid(_)));
         assert_eq!(parse(":leave rust"), Command::Leave("rust".into()));
         assert_eq!(parse(":members rust"), Command::Members("rust".into()));
         assert_eq!(parse(":groups"), Command::Groups);

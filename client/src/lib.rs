@@ -371,7 +371,9 @@ pub enum Event {
         /// Whether it is online now.
         online: bool,
     },
-    /// Someone joined or left a group we are in (said in groups of at most 100 members).
+    /// Someone joined or left a group we are in, or its owner added or removed them (said
+    /// in groups of at most 100 members; always to the user added or removed, which may be
+    /// us).
     GroupChange {
         /// The group.
         group: String,
@@ -381,6 +383,9 @@ pub enum Event {
         name: String,
         /// Whether it joined (otherwise it left).
         joined: bool,
+        /// The owner (id and name) who added or removed the user; `None` when the user
+        /// joined or left.
+        by: Option<(u64, String)>,
     },
 }
 
@@ -393,6 +398,8 @@ pub struct GroupMemberInfo {
     pub name: String,
     /// Whether the member is online.
     pub online: bool,
+    /// Whether the member owns the group (adds and removes members).
+    pub owner: bool,
 }
 
 /// The stream of [`Event`]s of one session.
@@ -1036,11 +1043,17 @@ impl Client {
         op: group_request::Op,
         name: &str,
     ) -> Result<GroupResult, ClientError> {
+        self.group_request_with(GroupRequest {
+            op: op as i32,
+            name: name.to_string(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn group_request_with(&self, request: GroupRequest) -> Result<GroupResult, ClientError> {
         let request = ClientRequest {
-            kind: Some(client_request::Kind::Group(GroupRequest {
-                op: op as i32,
-                name: name.to_string(),
-            })),
+            kind: Some(client_request::Kind::Group(request)),
         };
         let deadline = tokio::time::Instant::now() + SEND_ATTEMPT_TIMEOUT;
         let conn = self.shared.live_conn(deadline).await?;
@@ -1069,6 +1082,56 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Creates a named group that only members we add get into; we become its owner and
+    /// first member.
+    pub async fn create_invite_only_group(&self, name: &str) -> Result<(), ClientError> {
+        self.group_request_with(GroupRequest {
+            op: group_request::Op::Create as i32,
+            name: name.to_string(),
+            invite_only: true,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Adds `user` to a group we own (refused `not_owner` otherwise); they and the group's
+    /// online members are told.
+    pub async fn add_member(&self, group: &str, user: u64) -> Result<(), ClientError> {
+        self.member_change(group_request::Op::Add, group, user)
+            .await
+    }
+
+    /// Removes `user` from a group we own (refused `not_owner` otherwise); they and the
+    /// group's online members are told. In an open group they may join again.
+    pub async fn remove_member(&self, group: &str, user: u64) -> Result<(), ClientError> {
+        self.member_change(group_request::Op::Remove, group, user)
+            .await
+    }
+
+    async fn member_change(
+        &self,
+        op: group_request::Op,
+        group: &str,
+        user: u64,
+    ) -> Result<(), ClientError> {
+        let reply = self
+            .group_request_with(GroupRequest {
+                op: op as i32,
+                name: group.to_string(),
+                user_id: user,
+                ..Default::default()
+            })
+            .await?;
+        // An older router answers an op it does not know as a listing of our groups.
+        if !reply.done {
+            return Err(ClientError::Protocol(
+                "the router is too old to add or remove group members".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Joins a group.
     pub async fn join_group(&self, name: &str) -> Result<(), ClientError> {
         self.group_request(group_request::Op::Join, name)
@@ -1093,6 +1156,7 @@ impl Client {
                 id: m.user_id,
                 name: m.name,
                 online: m.online,
+                owner: m.owner,
             })
             .collect())
     }
@@ -1675,7 +1739,8 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                         }
                     }
                     Some(server_control::Kind::GroupChange(c)) => {
-                        let event = Event::GroupChange { group: c.group, user_id: c.user_id, name: c.name, joined: c.joined };
+                        let by = (c.by_user_id != 0).then_some((c.by_user_id, c.by_name));
+                        let event = Event::GroupChange { group: c.group, user_id: c.user_id, name: c.name, joined: c.joined, by };
                         let _ = notice(&shared.events, event);
                     }
                     Some(server_control::Kind::Drain(drain)) => {

@@ -241,9 +241,21 @@ async fn chat(
                     let state = if online { "online" } else { "offline" };
                     println!("* {} ({user_id}) is {state}", console::printable(&name));
                 }
-                Some(Event::GroupChange { group, user_id, name, joined }) => {
-                    let change = if joined { "joined" } else { "left" };
-                    println!("* {} ({user_id}) {change} #{}", console::printable(&name), console::printable(&group));
+                Some(Event::GroupChange { group, user_id, name, joined, by }) => {
+                    let group = console::printable(&group);
+                    let (who, were) = if user_id == client.info().user_id {
+                        ("you".to_string(), "were")
+                    } else {
+                        (format!("{} ({user_id})", console::printable(&name)), "was")
+                    };
+                    match (by, joined) {
+                        (None, true) => println!("* {who} joined #{group}"),
+                        (None, false) => println!("* {who} left #{group}"),
+                        (Some((by_id, by_name)), joined) => {
+                            let change = if joined { "added to" } else { "removed from" };
+                            println!("* {who} {were} {change} #{group} by {} ({by_id})", console::printable(&by_name));
+                        }
+                    }
                 }
                 Some(Event::Reconnecting { attempts, error }) => {
                     println!("! still reconnecting ({attempts} attempts): {}", console::printable(&error));
@@ -496,9 +508,27 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
             sent(result, &format!(" to #{group}"), &alone, history, &mine)
         }
         Command::Search(words) => search(history, words).await,
-        Command::Create(group) => report(
+        Command::Create {
+            group,
+            invite_only: false,
+        } => report(
             client.create_group(&group).await,
             &format!("created #{group}"),
+        ),
+        Command::Create {
+            group,
+            invite_only: true,
+        } => report(
+            client.create_invite_only_group(&group).await,
+            &format!("created #{group} (invite-only: :add {group} <userId> adds members)"),
+        ),
+        Command::Add { group, user } => report(
+            client.add_member(&group, user).await,
+            &format!("added {user} to #{group}"),
+        ),
+        Command::Remove { group, user } => report(
+            client.remove_member(&group, user).await,
+            &format!("removed {user} from #{group}"),
         ),
         Command::Join(group) => {
             report(client.join_group(&group).await, &format!("joined #{group}"))
@@ -511,7 +541,8 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
                 println!("#{group} members ({}):", members.len());
                 for m in members {
                     let state = if m.online { "online" } else { "offline" };
-                    println!("  {} {} {state}", m.id, m.name);
+                    let owner = if m.owner { " (owner)" } else { "" };
+                    println!("  {} {} {state}{owner}", m.id, m.name);
                 }
                 true
             }

@@ -27,10 +27,16 @@ pub fn send_cost(message: &ChatMessage) -> u32 {
 /// second a session changes its groups at most 20 times a second.
 pub const MEMBERSHIP_CHANGE_COST: u32 = 10;
 
-/// What a group request costs: [`MEMBERSHIP_CHANGE_COST`] for a join or a leave, else one.
+/// What a group request costs: [`MEMBERSHIP_CHANGE_COST`] for a change of members (a join,
+/// a leave, an owner's add or removal), else one.
 pub fn group_request_cost(request: &GroupRequest) -> u32 {
     match group_request::Op::try_from(request.op) {
-        Ok(group_request::Op::Join | group_request::Op::Leave) => MEMBERSHIP_CHANGE_COST,
+        Ok(
+            group_request::Op::Join
+            | group_request::Op::Leave
+            | group_request::Op::Add
+            | group_request::Op::Remove,
+        ) => MEMBERSHIP_CHANGE_COST,
         _ => 1,
     }
 }
@@ -186,10 +192,17 @@ mod tests {
             group_request_cost(&GroupRequest {
                 op: op as i32,
                 name: "team".into(),
+                ..Default::default()
             })
         };
-        assert_eq!(cost(group_request::Op::Join), MEMBERSHIP_CHANGE_COST);
-        assert_eq!(cost(group_request::Op::Leave), MEMBERSHIP_CHANGE_COST);
+        for op in [
+            group_request::Op::Join,
+            group_request::Op::Leave,
+            group_request::Op::Add,
+            group_request::Op::Remove,
+        ] {
+            assert_eq!(cost(op), MEMBERSHIP_CHANGE_COST, "{op:?}");
+        }
         for op in [
             group_request::Op::Create,
             group_request::Op::Members,
@@ -200,7 +213,7 @@ mod tests {
         // An op this version does not know costs one (the router answers it as MINE).
         let unknown = GroupRequest {
             op: 99,
-            name: String::new(),
+            ..Default::default()
         };
         assert_eq!(group_request_cost(&unknown), 1);
     }

@@ -27,8 +27,8 @@ use cim_integration_tests::{
 use cim_proto::v1::{ClientControl, Login, Ping, ServerControl, client_control, server_control};
 use cim_proto::{read_required, write_frame};
 use cim_router::store::{
-    Account, Claim, IdNode, InboxEntry, InboxLimits, InboxPage, Join, MemoryStore, Relogin,
-    Renewal, Revocation, Route, Store, StoreError,
+    Account, Claim, GroupInfo, IdNode, InboxEntry, InboxLimits, InboxPage, Join, MemoryStore,
+    Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
 };
 use tokio::sync::Notify;
 
@@ -1141,11 +1141,36 @@ impl Store for PausingStore {
         self.trims.fetch_add(acked.len(), Ordering::SeqCst);
         self.inner.trim_inbox(acked).await
     }
-    async fn create_group(&self, name: &str, owner: u64) -> Result<bool, StoreError> {
-        self.inner.create_group(name, owner).await
+    async fn create_group(
+        &self,
+        name: &str,
+        owner: u64,
+        invite_only: bool,
+    ) -> Result<bool, StoreError> {
+        self.inner.create_group(name, owner, invite_only).await
     }
     async fn join_group(&self, name: &str, user: u64, cap: usize) -> Result<Join, StoreError> {
         self.inner.join_group(name, user, cap).await
+    }
+    async fn add_member(
+        &self,
+        name: &str,
+        owner: u64,
+        user: u64,
+        cap: usize,
+    ) -> Result<Join, StoreError> {
+        self.inner.add_member(name, owner, user, cap).await
+    }
+    async fn remove_member(
+        &self,
+        name: &str,
+        owner: u64,
+        user: u64,
+    ) -> Result<Removal, StoreError> {
+        self.inner.remove_member(name, owner, user).await
+    }
+    async fn group_info(&self, name: &str) -> Result<Option<GroupInfo>, StoreError> {
+        self.inner.group_info(name).await
     }
     async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError> {
         self.inner.leave_group(name, user).await

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use cim_integration_tests::cluster::RedisProc;
 use cim_router::store::{
-    Claim, ID_NODES, IdNode, InboxEntry, InboxLimits, Join, MemoryStore, RedisStore, Relogin,
-    Renewal, Revocation, Route, Store,
+    Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, Join, MemoryStore, RedisStore,
+    Relogin, Removal, Renewal, Revocation, Route, Store,
 };
 
 /// How long the logins a claim replaces stay revoked, in these tests.
@@ -560,11 +560,16 @@ async fn id_nodes_are_held_once(store: &dyn Store) -> anyhow::Result<()> {
 /// group and from its own list of groups.
 async fn groups_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     let (owner, other, third) = (7001, 7002, 7003);
-    assert!(store.create_group("crew", owner).await?);
+    assert!(store.create_group("crew", owner, false).await?);
     assert!(
-        !store.create_group("crew", other).await?,
+        !store.create_group("crew", other, false).await?,
         "the name is taken"
     );
+    let open = GroupInfo {
+        owner,
+        invite_only: false,
+    };
+    assert_eq!(store.group_info("crew").await?, Some(open));
     assert_eq!(store.group_members("crew").await?, Some(vec![owner]));
     assert_eq!(store.user_groups(owner).await?, vec!["crew".to_string()]);
     assert_eq!(store.join_group("crew", other, 2).await?, Join::Joined);
@@ -586,8 +591,114 @@ async fn groups_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     assert_eq!(store.group_members("crew").await?, None);
     assert_eq!(store.group_size("crew").await?, 0);
     assert_eq!(store.join_group("crew", other, 2).await?, Join::NoGroup);
-    assert!(store.create_group("crew", third).await?);
+    assert_eq!(store.group_info("crew").await?, None);
+    assert!(store.create_group("crew", third, false).await?);
     assert_eq!(store.group_members("crew").await?, Some(vec![third]));
+    assert!(store.leave_group("crew", third).await?);
+    Ok(())
+}
+
+/// Only the owner adds and removes members, and adds are the only way into an invite-only
+/// group; a removed member is gone from the group and its own list; an owner who leaves hands
+/// the group to the member with the lowest id; a group re-created under the name of a
+/// deleted invite-only one is open unless asked otherwise.
+async fn owners_and_invite_only_groups_follow_the_contract(
+    store: &dyn Store,
+) -> anyhow::Result<()> {
+    let (owner, member, outsider, late) = (7101, 7110, 7120, 7105);
+    assert!(store.create_group("club", owner, true).await?);
+    let info = |owner, invite_only| Some(GroupInfo { owner, invite_only });
+    assert_eq!(store.group_info("club").await?, info(owner, true));
+    assert_eq!(
+        store.join_group("club", member, 10).await?,
+        Join::InviteOnly
+    );
+    assert_eq!(
+        store.add_member("club", outsider, member, 10).await?,
+        Join::NotOwner
+    );
+    assert_eq!(
+        store.add_member("club", owner, member, 10).await?,
+        Join::Joined
+    );
+    assert_eq!(
+        store.add_member("club", owner, member, 10).await?,
+        Join::AlreadyMember
+    );
+    // A member joining again is no refusal.
+    assert_eq!(
+        store.join_group("club", member, 10).await?,
+        Join::AlreadyMember
+    );
+    assert_eq!(
+        store.add_member("club", member, outsider, 10).await?,
+        Join::NotOwner,
+        "a member is no owner"
+    );
+    assert_eq!(
+        store.add_member("club", owner, outsider, 2).await?,
+        Join::Full
+    );
+    assert_eq!(
+        store.add_member("nope", owner, outsider, 10).await?,
+        Join::NoGroup
+    );
+    assert_eq!(store.user_groups(member).await?, vec!["club".to_string()]);
+
+    assert_eq!(
+        store.remove_member("club", member, owner).await?,
+        Removal::NotOwner
+    );
+    assert_eq!(
+        store.remove_member("club", owner, outsider).await?,
+        Removal::NotMember
+    );
+    assert_eq!(
+        store.remove_member("club", owner, owner).await?,
+        Removal::NotMember,
+        "an owner leaves instead"
+    );
+    assert_eq!(
+        store.remove_member("nope", owner, member).await?,
+        Removal::NoGroup
+    );
+    assert_eq!(
+        store.remove_member("club", owner, member).await?,
+        Removal::Removed
+    );
+    assert_eq!(store.group_members("club").await?, Some(vec![owner]));
+    assert!(store.user_groups(member).await?.is_empty());
+    assert_eq!(
+        store.join_group("club", member, 10).await?,
+        Join::InviteOnly,
+        "a removed member stays out"
+    );
+
+    // The owner leaves: the lowest id left owns the group, and may add and remove.
+    for user in [member, late] {
+        store.add_member("club", owner, user, 10).await?;
+    }
+    assert!(store.leave_group("club", owner).await?);
+    assert_eq!(store.group_info("club").await?, info(late, true));
+    assert_eq!(
+        store.add_member("club", owner, outsider, 10).await?,
+        Join::NotOwner
+    );
+    assert_eq!(
+        store.remove_member("club", late, member).await?,
+        Removal::Removed
+    );
+    assert!(store.leave_group("club", late).await?);
+    assert_eq!(store.group_info("club").await?, None);
+    // The name is free, and a new group under it is open.
+    assert!(store.create_group("club", outsider, false).await?);
+    assert_eq!(store.group_info("club").await?, info(outsider, false));
+    assert_eq!(store.join_group("club", member, 10).await?, Join::Joined);
+    assert_eq!(
+        store.add_member("club", outsider, owner, 10).await?,
+        Join::Joined,
+        "an owner adds to an open group too"
+    );
     Ok(())
 }
 
@@ -677,6 +788,7 @@ async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     id_nodes_are_held_once(&store).await?;
     a_large_group_append_reaches_every_member_once(&store).await?;
     groups_follow_the_contract(&store).await?;
+    owners_and_invite_only_groups_follow_the_contract(&store).await?;
     a_departed_servers_routes_are_removed(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
@@ -693,6 +805,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     id_nodes_are_held_once(&store).await?;
     a_large_group_append_reaches_every_member_once(&store).await?;
     groups_follow_the_contract(&store).await?;
+    owners_and_invite_only_groups_follow_the_contract(&store).await?;
     a_departed_servers_routes_are_removed(&store).await?;
     message_ids_are_recorded_once(&store).await?;
     // A record an older router wrote (a bare id, no fingerprint) is taken as the same

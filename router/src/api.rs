@@ -9,9 +9,11 @@
 //! | POST | /api/logout | bearer | - | 200 `{}` |
 //! | GET | /api/users/online | bearer | `?prefix=&after=&limit=` | 200 `{users: [{id, name}], more}` (a page by name, at most 1,000) |
 //! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, msg_id_str, recipients}`, and `recipient_online` for a private message |
-//! | POST | /api/groups | bearer | `{name}` | 201 `{name}` |
-//! | POST | /api/groups/NAME/join, /leave | bearer | - | 200 `{}`; counts 10 against the limit below (told to the other online members of a group of at most 100) |
-//! | GET | /api/groups/NAME/members | bearer | - | 200 `{members: [{id, name, online}]}` |
+//! | POST | /api/groups | bearer | `{name, invite_only?}` | 201 `{name}` |
+//! | POST | /api/groups/NAME/join, /leave | bearer | - | 200 `{}`; counts 10 against the limit below (told to the other online members of a group of at most 100); 403 `invite_only` |
+//! | POST | /api/groups/NAME/members | bearer (the owner) | `{user_id}` | 200 `{}`: adds the user (told to them and to the group, as a join); 403 `not_owner`; counts 10 |
+//! | DELETE | /api/groups/NAME/members/ID | bearer (the owner) | - | 200 `{}`: removes the user (told to them and to the group); 404 `no_such_member`; 403 `not_owner`; counts 10 |
+//! | GET | /api/groups/NAME/members | bearer | - | 200 `{members: [{id, name, online, owner}]}` |
 //! | GET | /api/groups | bearer | - | 200 `{groups: [...]}` |
 //! | GET | /health | - | - | 200 `{status, servers}` (liveness) |
 //! | GET | /ready | - | - | 200 when the store answers, a server is linked and a message-id node is held, else 503 `not_ready` |
@@ -82,7 +84,10 @@ impl From<ServiceError> for ApiError {
             | ServiceError::ClientMsgIdReused(_)
             | ServiceError::GroupFull
             | ServiceError::TooManyGroups(_) => StatusCode::CONFLICT,
-            ServiceError::NotMember => StatusCode::FORBIDDEN,
+            ServiceError::NotMember | ServiceError::InviteOnly | ServiceError::NotOwner => {
+                StatusCode::FORBIDDEN
+            }
+            ServiceError::NoSuchMember => StatusCode::NOT_FOUND,
             ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServiceError::NoServer
             | ServiceError::Unavailable(_)
@@ -216,6 +221,15 @@ struct SendResponse {
 #[serde(deny_unknown_fields)]
 struct CreateGroupRequest {
     name: String,
+    /// Only members the owner adds get in.
+    #[serde(default)]
+    invite_only: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddMemberRequest {
+    user_id: u64,
 }
 
 #[derive(Serialize)]
@@ -223,6 +237,7 @@ struct MemberJson {
     id: u64,
     name: String,
     online: bool,
+    owner: bool,
 }
 
 #[derive(Serialize)]
@@ -415,7 +430,9 @@ pub fn routes(
                 let result = async {
                     let claims = authenticate(&service, auth).await?;
                     let req = req?;
-                    service.create_group(claims.user_id, &req.name).await?;
+                    service
+                        .create_group(claims.user_id, &req.name, req.invite_only)
+                        .await?;
                     Ok::<_, ApiError>(warp::reply::with_status(
                         warp::reply::json(&serde_json::json!({"name": req.name})),
                         StatusCode::CREATED,
@@ -435,18 +452,13 @@ pub fn routes(
              auth: Result<String, ApiError>| async move {
                 let result = async {
                     let claims = authenticate(&service, auth).await?;
-                    // The request counted one; a join or leave costs as much as on a server.
-                    let change = || {
-                        let cost = cim_core::limit::MEMBERSHIP_CHANGE_COST;
-                        service.check_api_extra(claims.user_id, claims.session_id, cost)
-                    };
                     match action.as_str() {
                         "join" => {
-                            change()?;
+                            membership_change(&service, &claims)?;
                             service.join_group(claims.user_id, &name).await?
                         }
                         "leave" => {
-                            change()?;
+                            membership_change(&service, &claims)?;
                             service.leave_group(claims.user_id, &name).await?
                         }
                         _ => {
@@ -458,6 +470,44 @@ pub fn routes(
                         }
                     }
                     Ok(warp::reply::json(&serde_json::json!({})))
+                };
+                respond_api(result.await)
+            },
+        );
+    // Before `group_action`, which would take `POST .../members` for an unknown action.
+    let add_member = warp::path!("api" / "groups" / String / "members")
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(bearer())
+        .and(json_body::<AddMemberRequest>())
+        .then(
+            |name: String,
+             service: Arc<Service>,
+             auth: Result<String, ApiError>,
+             req: Result<AddMemberRequest, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth).await?;
+                    let req = req?;
+                    membership_change(&service, &claims)?;
+                    service
+                        .add_member(claims.user_id, &name, req.user_id)
+                        .await?;
+                    Ok::<_, ApiError>(warp::reply::json(&serde_json::json!({})))
+                };
+                respond_api(result.await)
+            },
+        );
+    let remove_member = warp::path!("api" / "groups" / String / "members" / u64)
+        .and(warp::delete())
+        .and(with_service.clone())
+        .and(bearer())
+        .then(
+            |name: String, user: u64, service: Arc<Service>, auth: Result<String, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth).await?;
+                    membership_change(&service, &claims)?;
+                    service.remove_member(claims.user_id, &name, user).await?;
+                    Ok::<_, ApiError>(warp::reply::json(&serde_json::json!({})))
                 };
                 respond_api(result.await)
             },
@@ -478,6 +528,7 @@ pub fn routes(
                             id: m.id,
                             name: m.name,
                             online: m.online,
+                            owner: m.owner,
                         })
                         .collect();
                     Ok::<_, ApiError>(warp::reply::json(&MembersResponse { members }))
@@ -544,7 +595,7 @@ pub fn routes(
     // Each route is boxed before they are combined: the nested type of fourteen `or`s of
     // unboxed filters took rustc over a minute and a half to check (coherence and auto traits),
     // three times per test run. A boxed filter costs one dynamic call per route tried.
-    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 14] = [
+    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 16] = [
         register.boxed(),
         login.boxed(),
         relogin.boxed(),
@@ -552,6 +603,8 @@ pub fn routes(
         online.boxed(),
         send.boxed(),
         create_group.boxed(),
+        add_member.boxed(),
+        remove_member.boxed(),
         group_action.boxed(),
         group_members.boxed(),
         my_groups.boxed(),
@@ -564,6 +617,13 @@ pub fn routes(
         .fold(first, |all, route| all.or(route).unify().boxed())
         .recover(recover)
         .unify()
+}
+
+/// Counts a change of a group's members against the caller's API limit: the request
+/// counted one, and such a change costs as much as on a server.
+fn membership_change(service: &Service, claims: &Claims) -> Result<(), ServiceError> {
+    let cost = cim_core::limit::MEMBERSHIP_CHANGE_COST;
+    service.check_api_extra(claims.user_id, claims.session_id, cost)
 }
 
 /// Reads the body (capped) and parses it as JSON, yielding our own error on failure.

@@ -791,7 +791,7 @@ async fn group_command(
     let op = group_request::Op::try_from(request.op).unwrap_or(group_request::Op::Mine);
     let outcome = match op {
         group_request::Op::Create => service
-            .create_group(user, name)
+            .create_group(user, name, request.invite_only)
             .await
             .map(|()| GroupResult::default()),
         group_request::Op::Join => service
@@ -802,6 +802,22 @@ async fn group_command(
             .leave_group(user, name)
             .await
             .map(|()| GroupResult::default()),
+        // `done`: an older router answers these as MINE, which its client must not take for
+        // a change made.
+        group_request::Op::Add => service
+            .add_member(user, name, request.user_id)
+            .await
+            .map(|()| GroupResult {
+                done: true,
+                ..Default::default()
+            }),
+        group_request::Op::Remove => service
+            .remove_member(user, name, request.user_id)
+            .await
+            .map(|()| GroupResult {
+                done: true,
+                ..Default::default()
+            }),
         group_request::Op::Members => {
             service
                 .group_members(user, name)
@@ -813,6 +829,7 @@ async fn group_command(
                             user_id: m.id,
                             name: m.name,
                             online: m.online,
+                            owner: m.owner,
                         })
                         .collect(),
                     ..Default::default()

@@ -28,7 +28,7 @@ use crate::password::{self, PasswordWork, WorkError};
 use crate::presence::PresenceQueue;
 use crate::select::Selector;
 use crate::store::{
-    Account, Claim, InboxEntry, Join, Relogin, Revocation, Route, Store, StoreError,
+    Account, Claim, InboxEntry, Join, Relogin, Removal, Revocation, Route, Store, StoreError,
 };
 
 /// Errors kept for the admin page.
@@ -59,6 +59,8 @@ pub struct Member {
     pub name: String,
     /// Whether the member has a session now.
     pub online: bool,
+    /// Whether the member owns the group.
+    pub owner: bool,
 }
 
 /// Window of the login limits.
@@ -131,6 +133,15 @@ pub enum ServiceError {
     /// The caller is not a member of the group.
     #[error("not a member of the group")]
     NotMember,
+    /// A join of an invite-only group.
+    #[error("the group is invite-only: its owner adds its members")]
+    InviteOnly,
+    /// An add or a removal by someone who does not own the group.
+    #[error("only the group's owner adds and removes members")]
+    NotOwner,
+    /// A removal of a user who is not in the group.
+    #[error("that user is not a member of the group")]
+    NoSuchMember,
     /// The body exceeds the configured limit.
     #[error("message body exceeds {0} bytes")]
     TooLarge(usize),
@@ -200,6 +211,9 @@ impl ServiceError {
             ServiceError::GroupFull => "group_full",
             ServiceError::TooManyGroups(_) => "too_many_groups",
             ServiceError::NotMember => "not_member",
+            ServiceError::InviteOnly => "invite_only",
+            ServiceError::NotOwner => "not_owner",
+            ServiceError::NoSuchMember => "no_such_member",
             ServiceError::TooLarge(_) => cim_proto::TOO_LARGE,
             ServiceError::ClientMsgIdReused(_) => cim_proto::CLIENT_MSG_ID_REUSED,
             ServiceError::Unavailable(StoreError::NameTaken) => "name_taken",
@@ -1410,32 +1424,90 @@ impl Service {
         }
     }
 
-    /// Creates a group; its creator is its owner and first member.
-    pub async fn create_group(&self, user: u64, name: &str) -> Result<(), ServiceError> {
+    /// Creates a group; its creator is its owner and first member. Only members its owner
+    /// adds get into an `invite_only` one.
+    pub async fn create_group(
+        &self,
+        user: u64,
+        name: &str,
+        invite_only: bool,
+    ) -> Result<(), ServiceError> {
         validate_group_name(name)?;
         self.check_group_count(user, name).await?;
-        if !self.store.create_group(name, user).await? {
+        if !self.store.create_group(name, user, invite_only).await? {
             return Err(ServiceError::GroupExists);
         }
-        tracing::info!(user, group = name, "group created");
+        tracing::info!(user, group = name, invite_only, "group created");
         Ok(())
     }
 
     /// Adds `user` to a group (joining twice is fine), and tells its online members.
     pub async fn join_group(&self, user: u64, name: &str) -> Result<(), ServiceError> {
         self.check_group_count(user, name).await?;
-        match self
+        let joined = self
             .store
             .join_group(name, user, self.config.max_group_size)
-            .await?
-        {
+            .await?;
+        self.entered(joined, user, name, None).await
+    }
+
+    /// `owner` adds `user` to a group it owns (the only way into an invite-only one); the new
+    /// member and the group's other online members are told.
+    pub async fn add_member(&self, owner: u64, name: &str, user: u64) -> Result<(), ServiceError> {
+        if self.user_name(user).await?.is_none() {
+            return Err(ServiceError::UnknownUser);
+        }
+        self.check_group_count(user, name).await?;
+        let added = self
+            .store
+            .add_member(name, owner, user, self.config.max_group_size)
+            .await?;
+        self.entered(added, user, name, Some(owner)).await
+    }
+
+    /// Answers a join or an add (`by` the owner), telling the group once someone got in.
+    async fn entered(
+        &self,
+        outcome: Join,
+        user: u64,
+        name: &str,
+        by: Option<u64>,
+    ) -> Result<(), ServiceError> {
+        match outcome {
             Join::Joined => {
-                self.announce_group_change(user, name, true).await;
+                self.announce_group_change(user, name, true, by).await;
                 Ok(())
             }
             Join::AlreadyMember => Ok(()),
             Join::Full => Err(ServiceError::GroupFull),
             Join::NoGroup => Err(ServiceError::UnknownGroup),
+            Join::InviteOnly => Err(ServiceError::InviteOnly),
+            Join::NotOwner => Err(ServiceError::NotOwner),
+        }
+    }
+
+    /// `owner` removes `user` from a group it owns (an owner removing itself leaves); the
+    /// removed member and the group's other online members are told. In an open group the
+    /// removed member may join again.
+    pub async fn remove_member(
+        &self,
+        owner: u64,
+        name: &str,
+        user: u64,
+    ) -> Result<(), ServiceError> {
+        if user == owner {
+            return self.leave_group(owner, name).await;
+        }
+        match self.store.remove_member(name, owner, user).await? {
+            Removal::Removed => {
+                tracing::info!(owner, user, group = name, "member removed");
+                self.announce_group_change(user, name, false, Some(owner))
+                    .await;
+                Ok(())
+            }
+            Removal::NotMember => Err(ServiceError::NoSuchMember),
+            Removal::NoGroup => Err(ServiceError::UnknownGroup),
+            Removal::NotOwner => Err(ServiceError::NotOwner),
         }
     }
 
@@ -1455,7 +1527,7 @@ impl Service {
     /// Removes `user` from a group, and tells its online members.
     pub async fn leave_group(&self, user: u64, name: &str) -> Result<(), ServiceError> {
         if self.store.leave_group(name, user).await? {
-            self.announce_group_change(user, name, false).await;
+            self.announce_group_change(user, name, false, None).await;
             Ok(())
         } else if self.store.group_size(name).await? == 0 {
             Err(ServiceError::UnknownGroup)
@@ -1479,6 +1551,8 @@ impl Service {
         if !ids.contains(&caller) {
             return Err(ServiceError::NotMember);
         }
+        // Read after the members: an owner who left meanwhile has passed the group on.
+        let owner = self.store.group_info(name).await?.map(|info| info.owner);
         // A big group's listing reads a route and an account per member: it is read at most
         // once a second, whoever asks and however often (any user may join any group).
         let big = ids.len() >= BIG_GROUP_LISTING;
@@ -1502,6 +1576,7 @@ impl Service {
             .into_iter()
             .map(|a| Member {
                 online: online.contains(&a.id),
+                owner: owner == Some(a.id),
                 id: a.id,
                 name: a.name,
             })
@@ -1561,14 +1636,15 @@ impl Service {
         self.notify_online(&peers, Notice::Presence(presence)).await
     }
 
-    /// Tells the group's other online members that `user` joined it (or left it). Best
-    /// effort, as presence: not stored, failures logged, and given up after
-    /// [`GROUP_CHANGE_WAIT`] (the join or leave is answered after it, so that one client's
-    /// changes are told in the order it made them).
-    async fn announce_group_change(&self, user: u64, group: &str, joined: bool) {
+    /// Tells the group's other online members that `user` joined it (or left it), or that
+    /// the owner `by` added (or removed) `user`, who is then told too, in a group of any
+    /// size. Best effort, as presence: not stored, failures logged, and given up after
+    /// [`GROUP_CHANGE_WAIT`] (the change is answered after it, so that one client's changes
+    /// are told in the order it made them).
+    async fn announce_group_change(&self, user: u64, group: &str, joined: bool, by: Option<u64>) {
         let announced = tokio::time::timeout(
             GROUP_CHANGE_WAIT,
-            self.try_announce_group_change(user, group, joined),
+            self.try_announce_group_change(user, group, joined, by),
         )
         .await;
         match announced {
@@ -1583,33 +1659,48 @@ impl Service {
         user: u64,
         group: &str,
         joined: bool,
+        by: Option<u64>,
     ) -> Result<(), ServiceError> {
-        // Sized first: a big group's members are not read at all (and checked again after
-        // the read, as joins may have come between).
-        if self.store.group_size(group).await? > GROUP_CHANGE_MAX_MEMBERS {
-            return Ok(());
+        let mut told = self.group_change_audience(group).await?;
+        let actor = by.unwrap_or(user);
+        told.retain(|&member| member != actor);
+        if by.is_some() && !told.contains(&user) {
+            told.push(user);
         }
-        let Some(mut members) = self.store.group_members(group).await? else {
-            return Ok(());
-        };
-        if members.len() > GROUP_CHANGE_MAX_MEMBERS {
-            return Ok(());
-        }
-        members.retain(|&member| member != user);
-        if members.is_empty() {
+        if told.is_empty() {
             return Ok(());
         }
         let Some(name) = self.user_name(user).await? else {
             return Ok(());
+        };
+        let by_name = match by {
+            Some(by) => self.user_name(by).await?.unwrap_or_default(),
+            None => String::new(),
         };
         let change = GroupChange {
             group: group.to_string(),
             user_id: user,
             name,
             joined,
+            by_user_id: by.unwrap_or(0),
+            by_name,
         };
-        self.notify_online(&members, Notice::GroupChange(change))
-            .await
+        self.notify_online(&told, Notice::GroupChange(change)).await
+    }
+
+    /// The members told of a change in `group`: all of them in a group of at most
+    /// [`GROUP_CHANGE_MAX_MEMBERS`], none in a bigger one.
+    async fn group_change_audience(&self, group: &str) -> Result<Vec<u64>, ServiceError> {
+        // Sized first: a big group's members are not read at all (and checked again after
+        // the read, as joins may have come between).
+        if self.store.group_size(group).await? > GROUP_CHANGE_MAX_MEMBERS {
+            return Ok(Vec::new());
+        }
+        let members = self.store.group_members(group).await?.unwrap_or_default();
+        if members.len() > GROUP_CHANGE_MAX_MEMBERS {
+            return Ok(Vec::new());
+        }
+        Ok(members)
     }
 
     /// The name of `user`'s account, if it has one.

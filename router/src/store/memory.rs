@@ -10,8 +10,8 @@ use tokio::time::Instant;
 
 use super::expiring::{ExpiringMap, Weight};
 use super::{
-    Account, Claim, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Join, Relogin, Renewal,
-    Revocation, Route, Store, StoreError,
+    Account, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Join, Relogin,
+    Removal, Renewal, Revocation, Route, Store, StoreError,
 };
 
 /// Most idempotency records kept; beyond this the oldest are forgotten early (about 100 MB at
@@ -68,12 +68,20 @@ struct Inner {
     /// left): takeovers and re-logins revoke too, so a sweep per revocation would make a
     /// failover storm quadratic.
     revoked_sweep_at: usize,
-    /// Group name -> (owner, members).
-    groups: HashMap<String, (u64, BTreeSet<u64>)>,
+    /// Group name -> the group.
+    groups: HashMap<String, Group>,
     /// User -> groups.
     memberships: HashMap<u64, BTreeSet<String>>,
     /// Message-id node -> its holder (kept after the hold ends, for its `issued_until_ms`).
     id_nodes: HashMap<u16, IdNodeHold>,
+}
+
+/// A named group.
+#[derive(Debug)]
+struct Group {
+    owner: u64,
+    invite_only: bool,
+    members: BTreeSet<u64>,
 }
 
 /// A router's hold on a message-id node.
@@ -201,6 +209,40 @@ impl MemoryStore {
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         // Every critical section leaves the maps consistent before it can panic.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts `user` in `name`: a join (`by` is `None`) or its owner's add.
+    fn enter_group(
+        &self,
+        name: &str,
+        by: Option<u64>,
+        user: u64,
+        cap: usize,
+    ) -> Result<Join, StoreError> {
+        let mut inner = self.inner();
+        let Some(group) = inner.groups.get_mut(name) else {
+            return Ok(Join::NoGroup);
+        };
+        match by {
+            Some(by) if by != group.owner => return Ok(Join::NotOwner),
+            _ => {}
+        }
+        if group.members.contains(&user) {
+            return Ok(Join::AlreadyMember);
+        }
+        if by.is_none() && group.invite_only {
+            return Ok(Join::InviteOnly);
+        }
+        if group.members.len() >= cap {
+            return Ok(Join::Full);
+        }
+        group.members.insert(user);
+        inner
+            .memberships
+            .entry(user)
+            .or_default()
+            .insert(name.to_string());
+        Ok(Join::Joined)
     }
 }
 
@@ -527,14 +569,22 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn create_group(&self, name: &str, owner: u64) -> Result<bool, StoreError> {
+    async fn create_group(
+        &self,
+        name: &str,
+        owner: u64,
+        invite_only: bool,
+    ) -> Result<bool, StoreError> {
         let mut inner = self.inner();
         if inner.groups.contains_key(name) {
             return Ok(false);
         }
-        inner
-            .groups
-            .insert(name.to_string(), (owner, BTreeSet::from([owner])));
+        let group = Group {
+            owner,
+            invite_only,
+            members: BTreeSet::from([owner]),
+        };
+        inner.groups.insert(name.to_string(), group);
         inner
             .memberships
             .entry(owner)
@@ -544,29 +594,53 @@ impl Store for MemoryStore {
     }
 
     async fn join_group(&self, name: &str, user: u64, cap: usize) -> Result<Join, StoreError> {
+        self.enter_group(name, None, user, cap)
+    }
+
+    async fn add_member(
+        &self,
+        name: &str,
+        owner: u64,
+        user: u64,
+        cap: usize,
+    ) -> Result<Join, StoreError> {
+        self.enter_group(name, Some(owner), user, cap)
+    }
+
+    async fn remove_member(
+        &self,
+        name: &str,
+        owner: u64,
+        user: u64,
+    ) -> Result<Removal, StoreError> {
         let mut inner = self.inner();
-        let Some((_, members)) = inner.groups.get_mut(name) else {
-            return Ok(Join::NoGroup);
+        let Some(group) = inner.groups.get_mut(name) else {
+            return Ok(Removal::NoGroup);
         };
-        if members.contains(&user) {
-            return Ok(Join::AlreadyMember);
+        if group.owner != owner {
+            return Ok(Removal::NotOwner);
         }
-        if members.len() >= cap {
-            return Ok(Join::Full);
+        if user == owner || !group.members.remove(&user) {
+            return Ok(Removal::NotMember);
         }
-        members.insert(user);
-        inner
-            .memberships
-            .entry(user)
-            .or_default()
-            .insert(name.to_string());
-        Ok(Join::Joined)
+        if let Some(groups) = inner.memberships.get_mut(&user) {
+            groups.remove(name);
+        }
+        Ok(Removal::Removed)
     }
 
     async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError> {
         let mut inner = self.inner();
         let (was, now_empty) = match inner.groups.get_mut(name) {
-            Some((_, members)) => (members.remove(&user), members.is_empty()),
+            Some(group) => {
+                let was = group.members.remove(&user);
+                if let Some(&heir) = group.members.first()
+                    && group.owner == user
+                {
+                    group.owner = heir;
+                }
+                (was, group.members.is_empty())
+            }
             None => (false, false),
         };
         if now_empty {
@@ -578,12 +652,19 @@ impl Store for MemoryStore {
         Ok(was)
     }
 
+    async fn group_info(&self, name: &str) -> Result<Option<GroupInfo>, StoreError> {
+        Ok(self.inner().groups.get(name).map(|group| GroupInfo {
+            owner: group.owner,
+            invite_only: group.invite_only,
+        }))
+    }
+
     async fn group_members(&self, name: &str) -> Result<Option<Vec<u64>>, StoreError> {
         Ok(self
             .inner()
             .groups
             .get(name)
-            .map(|(_, members)| members.iter().copied().collect()))
+            .map(|group| group.members.iter().copied().collect()))
     }
 
     async fn group_size(&self, name: &str) -> Result<usize, StoreError> {
@@ -591,7 +672,7 @@ impl Store for MemoryStore {
             .inner()
             .groups
             .get(name)
-            .map_or(0, |(_, members)| members.len()))
+            .map_or(0, |group| group.members.len()))
     }
 
     async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError> {

@@ -137,7 +137,7 @@ pub struct InboxPage {
     pub more: bool,
 }
 
-/// Outcome of [`Store::join_group`].
+/// Outcome of [`Store::join_group`] and [`Store::add_member`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Join {
     /// The user is now a member.
@@ -148,6 +148,32 @@ pub enum Join {
     Full,
     /// No such group.
     NoGroup,
+    /// A join of an invite-only group: only its owner adds members.
+    InviteOnly,
+    /// An add by someone who does not own the group.
+    NotOwner,
+}
+
+/// Outcome of [`Store::remove_member`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// The user was a member and is no more.
+    Removed,
+    /// The user was not a member.
+    NotMember,
+    /// No such group.
+    NoGroup,
+    /// The remover does not own the group.
+    NotOwner,
+}
+
+/// What [`Store::group_info`] tells of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// Its owner: its creator, or the member it passed to when the owner left.
+    pub owner: u64,
+    /// Whether only members its owner adds get in.
+    pub invite_only: bool,
 }
 
 /// Outcome of [`Store::claim_route`].
@@ -409,14 +435,34 @@ pub trait Store: Send + Sync + 'static {
     /// order: whatever was stored for them up to now lies at or below it.
     async fn inbox_heads(&self, users: &[u64]) -> Result<Vec<u64>, StoreError>;
 
-    /// Creates group `name` owned by `owner`, who becomes its first member. Returns false if
-    /// the name is taken.
-    async fn create_group(&self, name: &str, owner: u64) -> Result<bool, StoreError>;
-    /// Adds `user` to `name` unless the group has `cap` members already.
+    /// Creates group `name` owned by `owner`, who becomes its first member; only members its
+    /// owner adds get into an `invite_only` one. Returns false if the name is taken.
+    async fn create_group(
+        &self,
+        name: &str,
+        owner: u64,
+        invite_only: bool,
+    ) -> Result<bool, StoreError>;
+    /// Adds `user` to `name` unless the group has `cap` members already or is invite-only.
     async fn join_group(&self, name: &str, user: u64, cap: usize) -> Result<Join, StoreError>;
+    /// `owner` adds `user` to `name` (any group it owns, invite-only or not) unless the group
+    /// has `cap` members already; [`Join::NotOwner`] if `owner` does not own it.
+    async fn add_member(
+        &self,
+        name: &str,
+        owner: u64,
+        user: u64,
+        cap: usize,
+    ) -> Result<Join, StoreError>;
+    /// `owner` removes `user` (another member: an owner leaves) from `name`.
+    async fn remove_member(&self, name: &str, owner: u64, user: u64)
+    -> Result<Removal, StoreError>;
     /// Removes `user` from `name`; a group whose last member left is deleted (its name can be
-    /// taken again). Returns whether it was a member.
+    /// taken again), and one whose owner left passes to the member with the lowest id.
+    /// Returns whether it was a member.
     async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError>;
+    /// The owner of `name` and whether it is invite-only; `None` if there is no such group.
+    async fn group_info(&self, name: &str) -> Result<Option<GroupInfo>, StoreError>;
     /// Members of `name`, sorted; `None` if there is no such group.
     async fn group_members(&self, name: &str) -> Result<Option<Vec<u64>>, StoreError>;
     /// How many members `name` has (0 if there is no such group), without reading them.

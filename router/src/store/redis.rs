@@ -34,8 +34,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::{
-    Account, Claim, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Join, Relogin, Renewal,
-    Revocation, Route, Store, StoreError,
+    Account, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Join, Relogin,
+    Removal, Renewal, Revocation, Route, Store, StoreError,
 };
 
 const NEXT_USER_ID: &str = "cim:next_user_id";
@@ -79,35 +79,68 @@ fn group_owner_key(name: &str) -> String {
 fn group_members_key(name: &str) -> String {
     format!("cim:group:{{{name}}}:members")
 }
+/// Present (`1`) while the group is invite-only; a group created before invite-only groups
+/// existed has none, and is open.
+fn group_invite_only_key(name: &str) -> String {
+    format!("cim:group:{{{name}}}:invite_only")
+}
 fn user_groups_key(user: u64) -> String {
     format!("cim:{{u{user}}}:groups")
 }
 
-/// Creates a group with its owner as its first member, both or neither. KEYS: owner,
-/// members. ARGV: owner. Returns 1 created, 0 the name is taken.
+/// Creates a group with its owner as its first member, all or nothing. KEYS: owner,
+/// members, invite-only. ARGV: owner, `1` for invite-only. Returns 1 created, 0 the name is
+/// taken.
 const CREATE_GROUP: &str = r"
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
 redis.call('SADD', KEYS[2], ARGV[1])
+if ARGV[2] == '1' then redis.call('SET', KEYS[3], '1') else redis.call('DEL', KEYS[3]) end
 return 1
 ";
 
-/// Leaves a group, and deletes the group once its last member left (its name is free again).
-/// KEYS: owner, members. ARGV: user. Returns 1 if the user was a member.
+/// Leaves a group, and deletes the group once its last member left (its name is free again);
+/// an owner who leaves hands the group to the member with the lowest id (compared as
+/// decimal strings: Lua's numbers would round ids past 2^53). KEYS: owner, members,
+/// invite-only. ARGV: user. Returns 1 if the user was a member.
 const LEAVE: &str = r"
 local removed = redis.call('SREM', KEYS[2], ARGV[1])
-if removed == 1 and redis.call('SCARD', KEYS[2]) == 0 then
-  redis.call('DEL', KEYS[1])
+if removed == 1 then
+  if redis.call('SCARD', KEYS[2]) == 0 then
+    redis.call('DEL', KEYS[1], KEYS[3])
+  elseif redis.call('GET', KEYS[1]) == ARGV[1] then
+    local heir = nil
+    for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+      if heir == nil or #m < #heir or (#m == #heir and m < heir) then heir = m end
+    end
+    redis.call('SET', KEYS[1], heir)
+  end
 end
 return removed
 ";
 
-/// Joins a group under its cap. KEYS: owner, members. ARGV: user, cap. Returns 1 joined,
-/// 2 already a member, 3 full, 0 no such group.
+/// Puts a user in a group under its cap: a join (ARGV[3] empty), refused in an invite-only
+/// group, or an add by the owner (ARGV[3] the owner's id). KEYS: owner, members,
+/// invite-only. ARGV: user, cap, owner or ``. Returns 1 joined, 2 already a member, 3 full,
+/// 4 invite-only, 5 not the owner, 0 no such group.
 const JOIN: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local owner = redis.call('GET', KEYS[1])
+if not owner then return 0 end
+if ARGV[3] ~= '' and owner ~= ARGV[3] then return 5 end
 if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 2 end
+if ARGV[3] == '' and redis.call('EXISTS', KEYS[3]) == 1 then return 4 end
 if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[2]) then return 3 end
 redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+";
+
+/// The owner removes another member. KEYS: owner, members. ARGV: owner, user. Returns 1
+/// removed, 2 not a member (or the owner itself), 3 not the owner, 0 no such group.
+const REMOVE_MEMBER: &str = r"
+local owner = redis.call('GET', KEYS[1])
+if not owner then return 0 end
+if owner ~= ARGV[1] then return 3 end
+if ARGV[2] == ARGV[1] then return 2 end
+if redis.call('SREM', KEYS[2], ARGV[2]) == 0 then return 2 end
 return 1
 ";
 
@@ -362,6 +395,7 @@ pub struct RedisStore {
     append_private: Script,
     create_group: Script,
     join: Script,
+    remove_member: Script,
     leave: Script,
     claim_id_node: Script,
     renew_id_node: Script,
@@ -507,6 +541,43 @@ fn set_unless_present(key: &str, value: &str, ttl_ms: u64) -> redis::Cmd {
 }
 
 impl RedisStore {
+    /// Puts `user` in `name`: a join (`by` is `None`) or its owner's add.
+    async fn enter_group(
+        &self,
+        name: &str,
+        by: Option<u64>,
+        user: u64,
+        cap: usize,
+    ) -> Result<Join, StoreError> {
+        let mut conn = self.conn();
+        let outcome: i64 = self
+            .join
+            .key(group_owner_key(name))
+            .key(group_members_key(name))
+            .key(group_invite_only_key(name))
+            .arg(user)
+            .arg(cap)
+            .arg(by.map(|by| by.to_string()).unwrap_or_default())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let join = match outcome {
+            1 => Join::Joined,
+            2 => Join::AlreadyMember,
+            3 => Join::Full,
+            4 => Join::InviteOnly,
+            5 => Join::NotOwner,
+            _ => Join::NoGroup,
+        };
+        if matches!(join, Join::Joined | Join::AlreadyMember) {
+            let _: () = conn
+                .sadd(user_groups_key(user), name)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(join)
+    }
+
     /// Connects to `url` (e.g. `redis://127.0.0.1:6379`). Fails if Redis is unreachable now;
     /// later outages are survived.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -532,6 +603,7 @@ impl RedisStore {
             append_private: Script::new(APPEND_PRIVATE),
             create_group: Script::new(CREATE_GROUP),
             join: Script::new(JOIN),
+            remove_member: Script::new(REMOVE_MEMBER),
             leave: Script::new(LEAVE),
             claim_id_node: Script::new(CLAIM_ID_NODE),
             renew_id_node: Script::new(RENEW_ID_NODE),
@@ -1249,7 +1321,12 @@ impl Store for RedisStore {
         Ok(heads)
     }
 
-    async fn create_group(&self, name: &str, owner: u64) -> Result<bool, StoreError> {
+    async fn create_group(
+        &self,
+        name: &str,
+        owner: u64,
+        invite_only: bool,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         // The owner is a member from the start: a failure in between must not leave a group
         // whose name is taken and whose owner is not in it.
@@ -1257,7 +1334,9 @@ impl Store for RedisStore {
             .create_group
             .key(group_owner_key(name))
             .key(group_members_key(name))
+            .key(group_invite_only_key(name))
             .arg(owner)
+            .arg(u8::from(invite_only))
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -1272,29 +1351,65 @@ impl Store for RedisStore {
     }
 
     async fn join_group(&self, name: &str, user: u64, cap: usize) -> Result<Join, StoreError> {
+        self.enter_group(name, None, user, cap).await
+    }
+
+    async fn add_member(
+        &self,
+        name: &str,
+        owner: u64,
+        user: u64,
+        cap: usize,
+    ) -> Result<Join, StoreError> {
+        self.enter_group(name, Some(owner), user, cap).await
+    }
+
+    async fn remove_member(
+        &self,
+        name: &str,
+        owner: u64,
+        user: u64,
+    ) -> Result<Removal, StoreError> {
         let mut conn = self.conn();
         let outcome: i64 = self
-            .join
+            .remove_member
             .key(group_owner_key(name))
             .key(group_members_key(name))
+            .arg(owner)
             .arg(user)
-            .arg(cap)
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        let join = match outcome {
-            1 => Join::Joined,
-            2 => Join::AlreadyMember,
-            3 => Join::Full,
-            _ => Join::NoGroup,
+        let removal = match outcome {
+            1 => Removal::Removed,
+            2 => Removal::NotMember,
+            3 => Removal::NotOwner,
+            _ => Removal::NoGroup,
         };
-        if matches!(join, Join::Joined | Join::AlreadyMember) {
+        if removal == Removal::Removed {
             let _: () = conn
-                .sadd(user_groups_key(user), name)
+                .srem(user_groups_key(user), name)
                 .await
                 .map_err(unavailable)?;
         }
-        Ok(join)
+        Ok(removal)
+    }
+
+    async fn group_info(&self, name: &str) -> Result<Option<GroupInfo>, StoreError> {
+        let mut conn = self.conn();
+        let (owner, invite_only): (Option<String>, bool) = redis::pipe()
+            .get(group_owner_key(name))
+            .exists(group_invite_only_key(name))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Some(owner) = owner else {
+            return Ok(None);
+        };
+        let owner = owner
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("group owner {owner:?}")))?;
+        Ok(Some(GroupInfo { owner, invite_only }))
     }
 
     async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError> {
@@ -1303,6 +1418,7 @@ impl Store for RedisStore {
             .leave
             .key(group_owner_key(name))
             .key(group_members_key(name))
+            .key(group_invite_only_key(name))
             .arg(user)
             .invoke_async(&mut conn)
             .await
