@@ -426,6 +426,196 @@ async fn joins_and_leaves_are_told_to_the_groups_online_members() -> anyhow::Res
     Ok(())
 }
 
+/// A group change with the owner who made it: group, user, joined, and the owner's id when
+/// the owner added or removed the user.
+type OwnerChange = (String, u64, bool, Option<u64>);
+
+/// Notes the group change `event` tells (with who made it) in `changes`, skips presence, and
+/// returns a message.
+fn note_owner_change(
+    event: Event,
+    changes: &mut Vec<OwnerChange>,
+) -> Option<cim_client::IncomingMessage> {
+    match event {
+        Event::GroupChange {
+            group,
+            user_id,
+            joined,
+            by,
+            ..
+        } => changes.push((group, user_id, joined, by.map(|(id, _)| id))),
+        Event::Message(m) => return Some(m),
+        _ => {}
+    }
+    None
+}
+
+/// The group changes (with who made them) `events` bring after `changes` (those seen
+/// already): waits for `want` in all, then half a second more, so that any beyond them show.
+/// A message is an error.
+async fn owner_changes(
+    events: &mut Events,
+    mut changes: Vec<OwnerChange>,
+    want: usize,
+) -> anyhow::Result<Vec<OwnerChange>> {
+    while changes.len() < want {
+        let event = next_event(events, WAIT).await?;
+        if let Some(m) = note_owner_change(event, &mut changes) {
+            anyhow::bail!("unexpected message {m:?}");
+        }
+    }
+    while let Ok(event) = tokio::time::timeout(Duration::from_millis(500), events.next()).await {
+        if let Some(m) = note_owner_change(event.context("the session ended")?, &mut changes) {
+            anyhow::bail!("unexpected message {m:?}");
+        }
+    }
+    Ok(changes)
+}
+
+/// An invite-only group is entered only by members its owner adds (in-band or over HTTP);
+/// the owner removes members, who then can neither send to it nor join it again; only the
+/// owner does either. The member added or removed and the other online members are told who
+/// did it; the owner, who did it, is not; outsiders hear nothing. The listing names the owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_only_groups_owner_adds_and_removes_its_members() -> anyhow::Result<()> {
+    let cluster = cluster(2).await?;
+    let mut users = Vec::new();
+    for name in ["alice", "bob", "carol", "dave"] {
+        users.push(cluster.user(name).await?);
+    }
+    let servers: std::collections::HashSet<String> =
+        users.iter().map(|(c, _)| c.info().server_id).collect();
+    assert_eq!(servers.len(), 2, "the users share one server");
+    let [
+        (alice, mut alice_events),
+        (bob, mut bob_events),
+        (carol, mut carol_events),
+        (dave, mut dave_events),
+    ] = <[_; 4]>::try_from(users).ok().unwrap();
+    let (alice_id, bob_id, carol_id) = (
+        alice.info().user_id,
+        bob.info().user_id,
+        carol.info().user_id,
+    );
+    let api = cim_client::RouterApi::new(&cluster.client_config())?;
+    let refusal = |result: Result<(), cim_client::ClientError>| {
+        result.err().and_then(|e| e.code().map(str::to_string))
+    };
+
+    alice.create_invite_only_group("club").await?;
+    assert_eq!(
+        refusal(bob.join_group("club").await).as_deref(),
+        Some("invite_only")
+    );
+    alice.add_member("club", bob_id).await?;
+    assert_eq!(
+        refusal(bob.add_member("club", carol_id).await).as_deref(),
+        Some("not_owner"),
+        "a member is no owner"
+    );
+    assert_eq!(
+        refusal(alice.add_member("club", 987_654).await).as_deref(),
+        Some("unknown_user")
+    );
+    // Carol is added over HTTP.
+    let _: serde_json::Value = api
+        .call(
+            Method::POST,
+            "/api/groups/club/members",
+            Some(&serde_json::json!({"user_id": carol_id})),
+            Some(&alice.token()),
+        )
+        .await?;
+    bob.send_group("club", "hello club").await?;
+    // The changes that came before the message count too.
+    let (mut seen_by_alice, mut seen_by_carol) = (Vec::new(), Vec::new());
+    for (events, seen) in [
+        (&mut alice_events, &mut seen_by_alice),
+        (&mut carol_events, &mut seen_by_carol),
+    ] {
+        let got = loop {
+            if let Some(m) = note_owner_change(next_event(events, WAIT).await?, seen) {
+                break m;
+            }
+        };
+        assert_eq!(got.body, "hello club");
+    }
+    let members = bob.group_members("club").await?;
+    let owners: Vec<(&str, bool)> = members.iter().map(|m| (m.name.as_str(), m.owner)).collect();
+    assert_eq!(owners, [("alice", true), ("bob", false), ("carol", false)]);
+
+    // Bob is removed in-band: he can neither send to the group nor join it again.
+    alice.remove_member("club", bob_id).await?;
+    assert_eq!(
+        refusal(bob.send_group("club", "still here?").await.map(|_| ())).as_deref(),
+        Some("not_member")
+    );
+    assert_eq!(
+        refusal(bob.join_group("club").await).as_deref(),
+        Some("invite_only")
+    );
+    // Carol is removed over HTTP, once; Dave, no owner, cannot remove anyone.
+    let remove = |who: u64, token: String| {
+        let api = &api;
+        async move {
+            api.call::<(), serde_json::Value>(
+                Method::DELETE,
+                &format!("/api/groups/club/members/{who}"),
+                None,
+                Some(&token),
+            )
+            .await
+        }
+    };
+    assert_eq!(
+        remove(alice_id, dave.token())
+            .await
+            .err()
+            .and_then(|e| e.code().map(str::to_string)),
+        Some("not_owner".to_string())
+    );
+    remove(carol_id, alice.token()).await?;
+    assert_eq!(
+        remove(carol_id, alice.token())
+            .await
+            .err()
+            .and_then(|e| e.code().map(str::to_string)),
+        Some("no_such_member".to_string())
+    );
+    assert_eq!(alice.group_members("club").await?.len(), 1);
+
+    let by_alice = |who, joined| ("club".to_string(), who, joined, Some(alice_id));
+    let wanted: [(&str, &mut Events, Vec<OwnerChange>, Vec<OwnerChange>); 4] = [
+        ("alice", &mut alice_events, seen_by_alice, vec![]),
+        (
+            "bob",
+            &mut bob_events,
+            Vec::new(),
+            vec![
+                by_alice(bob_id, true),
+                by_alice(carol_id, true),
+                by_alice(bob_id, false),
+            ],
+        ),
+        (
+            "carol",
+            &mut carol_events,
+            seen_by_carol,
+            vec![
+                by_alice(carol_id, true),
+                by_alice(bob_id, false),
+                by_alice(carol_id, false),
+            ],
+        ),
+        ("dave", &mut dave_events, Vec::new(), vec![]),
+    ];
+    for (name, events, seen, want) in wanted {
+        let got = owner_changes(events, seen, want.len()).await?;
+        assert_eq!(got, want, "{name}");
+    }
+    Ok(())
+}
+
 /// The next presence event, skipping group changes.
 async fn wait_presence(events: &mut Events) -> anyhow::Result<(u64, String, bool)> {
     loop {
