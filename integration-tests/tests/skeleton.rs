@@ -655,6 +655,30 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     alice
         .expect_line(&format!("* bob ({bob_id}) left #team"))
         .await?;
+    // An invite-only group: only its owner puts members in, and takes them out.
+    alice.send_line(":create club invite-only").await?;
+    alice.expect_line("created #club (invite-only").await?;
+    bob.send_line(":join club").await?;
+    bob.expect_line("! ").await?;
+    assert!(
+        bob.seen.last().unwrap().contains("invite-only"),
+        "{:?}",
+        bob.seen
+    );
+    alice.send_line(&format!(":add club {bob_id}")).await?;
+    alice
+        .expect_line(&format!("added {bob_id} to #club"))
+        .await?;
+    bob.expect_line(&format!("* you were added to #club by alice ({alice_id})"))
+        .await?;
+    bob.send_line(":members club").await?;
+    bob.expect_line(&format!("{alice_id} alice online (owner)"))
+        .await?;
+    alice.send_line(&format!(":remove club {bob_id}")).await?;
+    bob.expect_line(&format!(
+        "* you were removed from #club by alice ({alice_id})"
+    ))
+    .await?;
     bob.send_line(":info").await?;
     bob.expect_line(&format!("you are bob (id {bob_id})"))
         .await?;
