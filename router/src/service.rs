@@ -1486,7 +1486,7 @@ impl Service {
         }
     }
 
-    /// `owner` removes `user` from a group it owns (an owner removing itself leaves); the
+    /// `owner` removes `user` from a group it owns (removing oneself is leaving); the
     /// removed member and the group's other online members are told. In an open group the
     /// removed member may join again.
     pub async fn remove_member(
