@@ -31,11 +31,11 @@ pub enum Command {
         /// Only members the owner adds get in.
         invite_only: bool,
     },
-    /// `:add NAME USERID`: the owner adds a member.
-    Add {
+    /// `:invite NAME USERID`: the owner invites a user.
+    Invite {
         /// Group name.
         group: String,
-        /// The user added.
+        /// The user invited.
         user: u64,
     },
     /// `:remove NAME USERID`: the owner removes a member.
@@ -76,13 +76,13 @@ commands:
   #all <text>          send <text> to everyone online, also text that starts with ':' or '#'
   :create <group>      create a group (you become its owner and first member)
   :create <group> invite-only
-                       create a group only members you add get into
+                       create a group only users you invite get into
   :join <group>        join a group
   :leave <group>       leave a group
-  :add <group> <userId>
-                       add a user to a group you own
+  :invite <group> <userId>
+                       invite a user to a group you own (their :join lets them in)
   :remove <group> <userId>
-                       remove a member from a group you own
+                       remove a member from a group you own, or withdraw an invitation
   :members <group>     list a group's members, who is online and who owns it
   :groups              list your groups
   :olu [prefix]        list online users (optionally whose name starts with prefix)
@@ -115,11 +115,11 @@ pub fn parse(line: &str) -> Command {
             )),
             "olu" => Command::OnlineUsers(arg),
             "groups" => Command::Groups,
-            "create" | "join" | "leave" | "members" | "add" | "remove" if arg.is_empty() => {
+            "create" | "join" | "leave" | "members" | "invite" | "remove" if arg.is_empty() => {
                 Command::Invalid(format!(":{verb} needs a group name"))
             }
             "create" => parse_create(&arg),
-            "add" | "remove" => parse_member_change(&verb, &arg),
+            "invite" | "remove" => parse_member_change(&verb, &arg),
             "join" | "leave" | "members" if arg.len() > MAX_NAME_LEN => {
                 Command::Invalid(no_such_group_name())
             }
@@ -178,7 +178,7 @@ fn parse_create(arg: &str) -> Command {
     }
 }
 
-/// `:add NAME USERID` and `:remove NAME USERID`.
+/// `:invite NAME USERID` and `:remove NAME USERID`.
 fn parse_member_change(verb: &str, arg: &str) -> Command {
     let words: Vec<&str> = arg.split_whitespace().collect();
     let [group, user] = words[..] else {
@@ -194,8 +194,8 @@ fn parse_member_change(verb: &str, arg: &str) -> Command {
         ));
     };
     let group = group.to_string();
-    if verb == "add" {
-        Command::Add { group, user }
+    if verb == "invite" {
+        Command::Invite { group, user }
     } else {
         Command::Remove { group, user }
     }
@@ -339,8 +339,8 @@ mod tests {
             Command::Invalid(_)
         ));
         assert_eq!(
-            parse(":add rust 42"),
-            Command::Add {
+            parse(":invite rust 42"),
+            Command::Invite {
                 group: "rust".into(),
                 user: 42
             }
@@ -352,8 +352,8 @@ mod tests {
                 user: 42
             }
         );
-        assert!(matches!(parse(":add rust bob"), Command::Invalid(_)));
-        assert!(matches!(parse(":add rust"), Command::Invalid(_)));
+        assert!(matches!(parse(":invite rust bob"), Command::Invalid(_)));
+        assert!(matches!(parse(":invite rust"), Command::Invalid(_)));
         assert!(matches!(parse(":remove"), Command::Invalid(_)));
         assert!(matches!(parse(":remove rust 4 2"), Command::Invalid(_)));
         assert_eq!(parse(":leave rust"), Command::Leave("rust".into()));

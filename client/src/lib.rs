@@ -371,9 +371,8 @@ pub enum Event {
         /// Whether it is online now.
         online: bool,
     },
-    /// Someone joined or left a group we are in, or its owner added or removed them (said
-    /// in groups of at most 100 members; always to the user added or removed, which may be
-    /// us).
+    /// Someone joined or left a group we are in, or its owner removed them (said in groups
+    /// of at most 100 members; always to the user removed, which may be us).
     GroupChange {
         /// The group.
         group: String,
@@ -383,9 +382,19 @@ pub enum Event {
         name: String,
         /// Whether it joined (otherwise it left).
         joined: bool,
-        /// The owner (id and name) who added or removed the user; `None` when the user
-        /// joined or left.
+        /// The owner (id and name) who removed the user; `None` when the user joined or
+        /// left.
         by: Option<(u64, String)>,
+    },
+    /// A group's owner invited us: [`Client::join_group`] lets us in (an invite-only group
+    /// lets in no one else). Best effort: told only if we are online then.
+    GroupInvite {
+        /// The group.
+        group: String,
+        /// The owner who invited us.
+        by_user_id: u64,
+        /// Its name.
+        by_name: String,
     },
 }
 
@@ -398,7 +407,7 @@ pub struct GroupMemberInfo {
     pub name: String,
     /// Whether the member is online.
     pub online: bool,
-    /// Whether the member owns the group (adds and removes members).
+    /// Whether the member owns the group (invites and removes members).
     pub owner: bool,
 }
 
@@ -1082,28 +1091,36 @@ impl Client {
             .map(|_| ())
     }
 
-    /// Creates a named group that only members we add get into; we become its owner and
+    /// Creates a named group that only users we invite get into; we become its owner and
     /// first member.
     pub async fn create_invite_only_group(&self, name: &str) -> Result<(), ClientError> {
-        self.group_request_with(GroupRequest {
-            op: group_request::Op::Create as i32,
-            name: name.to_string(),
-            invite_only: true,
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
+        let reply = self
+            .group_request_with(GroupRequest {
+                op: group_request::Op::Create as i32,
+                name: name.to_string(),
+                invite_only: true,
+                ..Default::default()
+            })
+            .await?;
+        // An older router or server creates it open, and says nothing of it.
+        if !reply.invite_only {
+            return Err(ClientError::Protocol(format!(
+                "the group {name} was created open: the cluster is too old for invite-only groups"
+            )));
+        }
+        Ok(())
     }
 
-    /// Adds `user` to a group we own (refused `not_owner` otherwise); they and the group's
-    /// online members are told.
-    pub async fn add_member(&self, group: &str, user: u64) -> Result<(), ClientError> {
-        self.member_change(group_request::Op::Add, group, user)
+    /// Invites `user` to a group we own (refused `not_owner` otherwise): their join then lets
+    /// them in. They are told if online.
+    pub async fn invite(&self, group: &str, user: u64) -> Result<(), ClientError> {
+        self.member_change(group_request::Op::Invite, group, user)
             .await
     }
 
-    /// Removes `user` from a group we own (refused `not_owner` otherwise); they and the
-    /// group's online members are told. In an open group they may join again.
+    /// Removes `user` from a group we own (refused `not_owner` otherwise), or withdraws their
+    /// invitation; a removed member and the group's online members are told. In an open
+    /// group they may join again.
     pub async fn remove_member(&self, group: &str, user: u64) -> Result<(), ClientError> {
         self.member_change(group_request::Op::Remove, group, user)
             .await
@@ -1126,7 +1143,7 @@ impl Client {
         // An older router answers an op it does not know as a listing of our groups.
         if !reply.done {
             return Err(ClientError::Protocol(
-                "the router is too old to add or remove group members".into(),
+                "the router is too old to invite or remove group members".into(),
             ));
         }
         Ok(())
@@ -1741,6 +1758,10 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                     Some(server_control::Kind::GroupChange(c)) => {
                         let by = (c.by_user_id != 0).then_some((c.by_user_id, c.by_name));
                         let event = Event::GroupChange { group: c.group, user_id: c.user_id, name: c.name, joined: c.joined, by };
+                        let _ = notice(&shared.events, event);
+                    }
+                    Some(server_control::Kind::GroupInvite(i)) => {
+                        let event = Event::GroupInvite { group: i.group, by_user_id: i.by_user_id, by_name: i.by_name };
                         let _ = notice(&shared.events, event);
                     }
                     Some(server_control::Kind::Drain(drain)) => {

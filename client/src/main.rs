@@ -257,6 +257,10 @@ async fn chat(
                         }
                     }
                 }
+                Some(Event::GroupInvite { group, by_user_id, by_name }) => {
+                    let group = console::printable(&group);
+                    println!("* {} ({by_user_id}) invited you to #{group}: :join {group} to join", console::printable(&by_name));
+                }
                 Some(Event::Reconnecting { attempts, error }) => {
                     println!("! still reconnecting ({attempts} attempts): {}", console::printable(&error));
                 }
@@ -520,15 +524,15 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
             invite_only: true,
         } => report(
             client.create_invite_only_group(&group).await,
-            &format!("created #{group} (invite-only: :add {group} <userId> adds members)"),
+            &format!("created #{group} (invite-only: :invite {group} <userId> lets users in)"),
         ),
-        Command::Add { group, user } => report(
-            client.add_member(&group, user).await,
-            &format!("added {user} to #{group}"),
+        Command::Invite { group, user } => report(
+            client.invite(&group, user).await,
+            &format!("invited {user} to #{group}"),
         ),
         Command::Remove { group, user } => report(
             client.remove_member(&group, user).await,
-            &format!("removed {user} from #{group}"),
+            &format!("removed {user} from #{group} (or withdrew the invitation)"),
         ),
         Command::Join(group) => {
             report(client.join_group(&group).await, &format!("joined #{group}"))

@@ -28,13 +28,13 @@ pub fn send_cost(message: &ChatMessage) -> u32 {
 pub const MEMBERSHIP_CHANGE_COST: u32 = 10;
 
 /// What a group request costs: [`MEMBERSHIP_CHANGE_COST`] for a change of members (a join,
-/// a leave, an owner's add or removal), else one.
+/// a leave, an owner's invitation or removal), else one.
 pub fn group_request_cost(request: &GroupRequest) -> u32 {
     match group_request::Op::try_from(request.op) {
         Ok(
             group_request::Op::Join
             | group_request::Op::Leave
-            | group_request::Op::Add
+            | group_request::Op::Invite
             | group_request::Op::Remove,
         ) => MEMBERSHIP_CHANGE_COST,
         _ => 1,
@@ -198,7 +198,7 @@ mod tests {
         for op in [
             group_request::Op::Join,
             group_request::Op::Leave,
-            group_request::Op::Add,
+            group_request::Op::Invite,
             group_request::Op::Remove,
         ] {
             assert_eq!(cost(op), MEMBERSHIP_CHANGE_COST, "{op:?}");

@@ -426,16 +426,17 @@ async fn joins_and_leaves_are_told_to_the_groups_online_members() -> anyhow::Res
     Ok(())
 }
 
-/// A group change with the owner who made it: group, user, joined, and the owner's id when
-/// the owner added or removed the user.
-type OwnerChange = (String, u64, bool, Option<u64>);
+/// What a user hears of groups besides messages and presence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Heard {
+    /// A group change: group, user, joined, and the owner's id when the owner removed them.
+    Change(String, u64, bool, Option<u64>),
+    /// An invitation: group, and the owner who made it.
+    Invite(String, u64),
+}
 
-/// Notes the group change `event` tells (with who made it) in `changes`, skips presence, and
-/// returns a message.
-fn note_owner_change(
-    event: Event,
-    changes: &mut Vec<OwnerChange>,
-) -> Option<cim_client::IncomingMessage> {
+/// Notes what `event` tells of groups in `heard`, skips presence, and returns a message.
+fn note_heard(event: Event, heard: &mut Vec<Heard>) -> Option<cim_client::IncomingMessage> {
     match event {
         Event::GroupChange {
             group,
@@ -443,41 +444,46 @@ fn note_owner_change(
             joined,
             by,
             ..
-        } => changes.push((group, user_id, joined, by.map(|(id, _)| id))),
+        } => heard.push(Heard::Change(group, user_id, joined, by.map(|(id, _)| id))),
+        Event::GroupInvite {
+            group, by_user_id, ..
+        } => heard.push(Heard::Invite(group, by_user_id)),
         Event::Message(m) => return Some(m),
         _ => {}
     }
     None
 }
 
-/// The group changes (with who made them) `events` bring after `changes` (those seen
-/// already): waits for `want` in all, then half a second more, so that any beyond them show.
-/// A message is an error.
-async fn owner_changes(
+/// What `events` tell of groups after `heard` (what was heard already): waits for `want`
+/// things in all, then half a second more, so that any beyond them show. A message is an
+/// error.
+async fn heard_of_groups(
     events: &mut Events,
-    mut changes: Vec<OwnerChange>,
+    mut heard: Vec<Heard>,
     want: usize,
-) -> anyhow::Result<Vec<OwnerChange>> {
-    while changes.len() < want {
+) -> anyhow::Result<Vec<Heard>> {
+    while heard.len() < want {
         let event = next_event(events, WAIT).await?;
-        if let Some(m) = note_owner_change(event, &mut changes) {
+        if let Some(m) = note_heard(event, &mut heard) {
             anyhow::bail!("unexpected message {m:?}");
         }
     }
     while let Ok(event) = tokio::time::timeout(Duration::from_millis(500), events.next()).await {
-        if let Some(m) = note_owner_change(event.context("the session ended")?, &mut changes) {
+        if let Some(m) = note_heard(event.context("the session ended")?, &mut heard) {
             anyhow::bail!("unexpected message {m:?}");
         }
     }
-    Ok(changes)
+    Ok(heard)
 }
 
-/// An invite-only group is entered only by members its owner adds (in-band or over HTTP);
-/// the owner removes members, who then can neither send to it nor join it again; only the
-/// owner does either. The member added or removed and the other online members are told who
-/// did it; the owner, who did it, is not; outsiders hear nothing. The listing names the owner.
+/// An invite-only group is entered only by users its owner invited (in-band or over HTTP),
+/// each by its own join; the owner removes members, who then can neither send to it nor join
+/// it again, and withdraws invitations; only the owner does either (a non-owner is told so
+/// before anything about the user it named). The invited user hears the invitation; a member
+/// removed and the other online members hear who removed them; the owner, who did it, hears
+/// nothing of it; outsiders hear nothing. The listing names the owner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_invite_only_groups_owner_adds_and_removes_its_members() -> anyhow::Result<()> {
+async fn an_invite_only_groups_owner_invites_and_removes_its_members() -> anyhow::Result<()> {
     let cluster = cluster(2).await?;
     let mut users = Vec::new();
     for name in ["alice", "bob", "carol", "dave"] {
@@ -492,14 +498,28 @@ async fn an_invite_only_groups_owner_adds_and_removes_its_members() -> anyhow::R
         (carol, mut carol_events),
         (dave, mut dave_events),
     ] = <[_; 4]>::try_from(users).ok().unwrap();
-    let (alice_id, bob_id, carol_id) = (
+    let (alice_id, bob_id, carol_id, dave_id) = (
         alice.info().user_id,
         bob.info().user_id,
         carol.info().user_id,
+        dave.info().user_id,
     );
     let api = cim_client::RouterApi::new(&cluster.client_config())?;
     let refusal = |result: Result<(), cim_client::ClientError>| {
         result.err().and_then(|e| e.code().map(str::to_string))
+    };
+    let http = |method: Method, path: String, body: Option<serde_json::Value>, token: String| {
+        let api = &api;
+        async move {
+            api.call::<serde_json::Value, serde_json::Value>(
+                method,
+                &path,
+                body.as_ref(),
+                Some(&token),
+            )
+            .await
+            .map(|_| ())
+        }
     };
 
     alice.create_invite_only_group("club").await?;
@@ -507,34 +527,47 @@ async fn an_invite_only_groups_owner_adds_and_removes_its_members() -> anyhow::R
         refusal(bob.join_group("club").await).as_deref(),
         Some("invite_only")
     );
-    alice.add_member("club", bob_id).await?;
+    alice.invite("club", bob_id).await?;
     assert_eq!(
-        refusal(bob.add_member("club", carol_id).await).as_deref(),
+        refusal(dave.invite("club", 987_654).await).as_deref(),
+        Some("not_owner"),
+        "a non-owner learns nothing of the user"
+    );
+    assert_eq!(
+        refusal(alice.invite("club", 987_654).await).as_deref(),
+        Some("unknown_user")
+    );
+    bob.join_group("club").await?;
+    assert_eq!(
+        refusal(bob.invite("club", carol_id).await).as_deref(),
         Some("not_owner"),
         "a member is no owner"
     );
-    assert_eq!(
-        refusal(alice.add_member("club", 987_654).await).as_deref(),
-        Some("unknown_user")
-    );
-    // Carol is added over HTTP.
-    let _: serde_json::Value = api
-        .call(
-            Method::POST,
-            "/api/groups/club/members",
-            Some(&serde_json::json!({"user_id": carol_id})),
-            Some(&alice.token()),
-        )
-        .await?;
+    // Carol is invited, and joins, over HTTP.
+    let body = serde_json::json!({"user_id": carol_id});
+    http(
+        Method::POST,
+        "/api/groups/club/invitations".into(),
+        Some(body),
+        alice.token(),
+    )
+    .await?;
+    http(
+        Method::POST,
+        "/api/groups/club/join".into(),
+        None,
+        carol.token(),
+    )
+    .await?;
     bob.send_group("club", "hello club").await?;
-    // The changes that came before the message count too.
-    let (mut seen_by_alice, mut seen_by_carol) = (Vec::new(), Vec::new());
-    for (events, seen) in [
-        (&mut alice_events, &mut seen_by_alice),
-        (&mut carol_events, &mut seen_by_carol),
+    // What came before the message counts too.
+    let (mut alice_heard, mut carol_heard) = (Vec::new(), Vec::new());
+    for (events, heard) in [
+        (&mut alice_events, &mut alice_heard),
+        (&mut carol_events, &mut carol_heard),
     ] {
         let got = loop {
-            if let Some(m) = note_owner_change(next_event(events, WAIT).await?, seen) {
+            if let Some(m) = note_heard(next_event(events, WAIT).await?, heard) {
                 break m;
             }
         };
@@ -554,63 +587,67 @@ async fn an_invite_only_groups_owner_adds_and_removes_its_members() -> anyhow::R
         refusal(bob.join_group("club").await).as_deref(),
         Some("invite_only")
     );
-    // Carol is removed over HTTP, once; Dave, no owner, cannot remove anyone.
+    // Carol is removed over HTTP, once; Dave, no owner, removes no one.
     let remove = |who: u64, token: String| {
-        let api = &api;
-        async move {
-            api.call::<(), serde_json::Value>(
-                Method::DELETE,
-                &format!("/api/groups/club/members/{who}"),
-                None,
-                Some(&token),
-            )
-            .await
-        }
+        http(
+            Method::DELETE,
+            format!("/api/groups/club/members/{who}"),
+            None,
+            token,
+        )
     };
+    let code = |result: Result<(), cim_client::ClientError>| refusal(result);
     assert_eq!(
-        remove(alice_id, dave.token())
-            .await
-            .err()
-            .and_then(|e| e.code().map(str::to_string)),
-        Some("not_owner".to_string())
+        code(remove(alice_id, dave.token()).await).as_deref(),
+        Some("not_owner")
     );
     remove(carol_id, alice.token()).await?;
     assert_eq!(
-        remove(carol_id, alice.token())
-            .await
-            .err()
-            .and_then(|e| e.code().map(str::to_string)),
-        Some("no_such_member".to_string())
+        code(remove(carol_id, alice.token()).await).as_deref(),
+        Some("no_such_member")
+    );
+    // An invitation withdrawn lets no one in.
+    alice.invite("club", dave_id).await?;
+    alice.remove_member("club", dave_id).await?;
+    assert_eq!(
+        refusal(dave.join_group("club").await).as_deref(),
+        Some("invite_only")
     );
     assert_eq!(alice.group_members("club").await?.len(), 1);
 
-    let by_alice = |who, joined| ("club".to_string(), who, joined, Some(alice_id));
-    let wanted: [(&str, &mut Events, Vec<OwnerChange>, Vec<OwnerChange>); 4] = [
-        ("alice", &mut alice_events, seen_by_alice, vec![]),
+    let change = |who, joined, by| Heard::Change("club".to_string(), who, joined, by);
+    let invite = Heard::Invite("club".to_string(), alice_id);
+    let wanted: [(&str, &mut Events, Vec<Heard>, Vec<Heard>); 4] = [
+        (
+            "alice",
+            &mut alice_events,
+            alice_heard,
+            vec![change(bob_id, true, None), change(carol_id, true, None)],
+        ),
         (
             "bob",
             &mut bob_events,
             Vec::new(),
             vec![
-                by_alice(bob_id, true),
-                by_alice(carol_id, true),
-                by_alice(bob_id, false),
+                invite.clone(),
+                change(carol_id, true, None),
+                change(bob_id, false, Some(alice_id)),
             ],
         ),
         (
             "carol",
             &mut carol_events,
-            seen_by_carol,
+            carol_heard,
             vec![
-                by_alice(carol_id, true),
-                by_alice(bob_id, false),
-                by_alice(carol_id, false),
+                invite.clone(),
+                change(bob_id, false, Some(alice_id)),
+                change(carol_id, false, Some(alice_id)),
             ],
         ),
-        ("dave", &mut dave_events, Vec::new(), vec![]),
+        ("dave", &mut dave_events, Vec::new(), vec![invite.clone()]),
     ];
-    for (name, events, seen, want) in wanted {
-        let got = owner_changes(events, seen, want.len()).await?;
+    for (name, events, heard, want) in wanted {
+        let got = heard_of_groups(events, heard, want.len()).await?;
         assert_eq!(got, want, "{name}");
     }
     Ok(())

@@ -27,8 +27,8 @@ use cim_integration_tests::{
 use cim_proto::v1::{ClientControl, Login, Ping, ServerControl, client_control, server_control};
 use cim_proto::{read_required, write_frame};
 use cim_router::store::{
-    Account, Claim, GroupInfo, IdNode, InboxEntry, InboxLimits, InboxPage, Join, MemoryStore,
-    Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
+    Account, Claim, GroupInfo, IdNode, InboxEntry, InboxLimits, InboxPage, Invite, Join,
+    MemoryStore, Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
 };
 use tokio::sync::Notify;
 
@@ -1152,14 +1152,14 @@ impl Store for PausingStore {
     async fn join_group(&self, name: &str, user: u64, cap: usize) -> Result<Join, StoreError> {
         self.inner.join_group(name, user, cap).await
     }
-    async fn add_member(
+    async fn invite(
         &self,
         name: &str,
         owner: u64,
         user: u64,
         cap: usize,
-    ) -> Result<Join, StoreError> {
-        self.inner.add_member(name, owner, user, cap).await
+    ) -> Result<Invite, StoreError> {
+        self.inner.invite(name, owner, user, cap).await
     }
     async fn remove_member(
         &self,

@@ -655,21 +655,25 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     alice
         .expect_line(&format!("* bob ({bob_id}) left #team"))
         .await?;
-    // An invite-only group: only its owner puts members in, and takes them out.
+    // An invite-only group: only its owner lets users in (their join does, once invited), and
+    // takes them out.
     alice.send_line(":create club invite-only").await?;
     alice.expect_line("created #club (invite-only").await?;
     bob.send_line(":join club").await?;
-    bob.expect_line("! ").await?;
-    assert!(
-        bob.seen.last().unwrap().contains("invite-only"),
-        "{:?}",
-        bob.seen
-    );
-    alice.send_line(&format!(":add club {bob_id}")).await?;
+    let refused = bob.expect_line("! ").await?;
+    assert!(refused.contains("invite-only"), "{refused}");
+    alice.send_line(&format!(":invite club {bob_id}")).await?;
     alice
-        .expect_line(&format!("added {bob_id} to #club"))
+        .expect_line(&format!("invited {bob_id} to #club"))
         .await?;
-    bob.expect_line(&format!("* you were added to #club by alice ({alice_id})"))
+    bob.expect_line(&format!(
+        "* alice ({alice_id}) invited you to #club: :join club to join"
+    ))
+    .await?;
+    bob.send_line(":join club").await?;
+    bob.expect_line("joined #club").await?;
+    alice
+        .expect_line(&format!("* bob ({bob_id}) joined #club"))
         .await?;
     bob.send_line(":members club").await?;
     bob.expect_line(&format!("{alice_id} alice online (owner)"))

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use cim_integration_tests::cluster::RedisProc;
 use cim_router::store::{
-    Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, Join, MemoryStore, RedisStore,
-    Relogin, Removal, Renewal, Revocation, Route, Store,
+    Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, Invite, Join, MemoryStore,
+    RedisStore, Relogin, Removal, Renewal, Revocation, Route, Store,
 };
 
 /// How long the logins a claim replaces stay revoked, in these tests.
@@ -598,14 +598,16 @@ async fn groups_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Only the owner adds and removes members, and adds are the only way into an invite-only
-/// group; a removed member is gone from the group and its own list; an owner who leaves hands
-/// the group to the member with the lowest id; a group re-created under the name of a
-/// deleted invite-only one is open unless asked otherwise.
+/// Only the owner invites and removes members, and an invitation (used up by the join) is the
+/// only way into an invite-only group; a removed member is gone from the group and its own
+/// list; an owner who leaves hands the group to the member with the lowest id (by number, not
+/// by text); one named owner but no longer a member (left before owners passed groups on) is
+/// no owner; a group re-created under the name of a deleted invite-only one is open, and its
+/// old invitations are gone.
 async fn owners_and_invite_only_groups_follow_the_contract(
     store: &dyn Store,
 ) -> anyhow::Result<()> {
-    let (owner, member, outsider, late) = (7101, 7110, 7120, 7105);
+    let (owner, member, outsider, heir) = (7101, 7110, 7120, 950);
     assert!(store.create_group("club", owner, true).await?);
     let info = |owner, invite_only| Some(GroupInfo { owner, invite_only });
     assert_eq!(store.group_info("club").await?, info(owner, true));
@@ -614,36 +616,42 @@ async fn owners_and_invite_only_groups_follow_the_contract(
         Join::InviteOnly
     );
     assert_eq!(
-        store.add_member("club", outsider, member, 10).await?,
-        Join::NotOwner
+        store.invite("club", outsider, member, 10).await?,
+        Invite::NotOwner
     );
     assert_eq!(
-        store.add_member("club", owner, member, 10).await?,
-        Join::Joined
+        store.invite("club", owner, member, 10).await?,
+        Invite::Invited
     );
     assert_eq!(
-        store.add_member("club", owner, member, 10).await?,
-        Join::AlreadyMember
-    );
-    // A member joining again is no refusal.
-    assert_eq!(
-        store.join_group("club", member, 10).await?,
-        Join::AlreadyMember
+        store.invite("club", owner, member, 10).await?,
+        Invite::AlreadyInvited
     );
     assert_eq!(
-        store.add_member("club", member, outsider, 10).await?,
-        Join::NotOwner,
+        store.invite("nope", owner, member, 10).await?,
+        Invite::NoGroup
+    );
+    // Invitations wait up to the cap, members apart.
+    assert_eq!(
+        store.invite("club", owner, outsider, 1).await?,
+        Invite::Full
+    );
+    assert_eq!(
+        store.group_members("club").await?,
+        Some(vec![owner]),
+        "an invitation is no membership"
+    );
+    assert_eq!(store.join_group("club", member, 10).await?, Join::Joined);
+    assert_eq!(store.user_groups(member).await?, vec!["club".to_string()]);
+    assert_eq!(
+        store.invite("club", owner, member, 10).await?,
+        Invite::AlreadyMember
+    );
+    assert_eq!(
+        store.invite("club", member, outsider, 10).await?,
+        Invite::NotOwner,
         "a member is no owner"
     );
-    assert_eq!(
-        store.add_member("club", owner, outsider, 2).await?,
-        Join::Full
-    );
-    assert_eq!(
-        store.add_member("nope", owner, outsider, 10).await?,
-        Join::NoGroup
-    );
-    assert_eq!(store.user_groups(member).await?, vec!["club".to_string()]);
 
     assert_eq!(
         store.remove_member("club", member, owner).await?,
@@ -671,34 +679,80 @@ async fn owners_and_invite_only_groups_follow_the_contract(
     assert_eq!(
         store.join_group("club", member, 10).await?,
         Join::InviteOnly,
-        "a removed member stays out"
+        "the invitation was used up"
+    );
+    // A withdrawn invitation lets no one in.
+    store.invite("club", owner, outsider, 10).await?;
+    assert_eq!(
+        store.remove_member("club", owner, outsider).await?,
+        Removal::Uninvited
+    );
+    assert_eq!(
+        store.join_group("club", outsider, 10).await?,
+        Join::InviteOnly
     );
 
-    // The owner leaves: the lowest id left owns the group, and may add and remove.
-    for user in [member, late] {
-        store.add_member("club", owner, user, 10).await?;
+    // The owner leaves: the lowest id left (950 < 7110, though "7110" < "950" as text) owns
+    // the group, and may invite and remove; the one who left may not.
+    for user in [member, heir] {
+        store.invite("club", owner, user, 10).await?;
+        store.join_group("club", user, 10).await?;
     }
     assert!(store.leave_group("club", owner).await?);
-    assert_eq!(store.group_info("club").await?, info(late, true));
+    assert_eq!(store.group_info("club").await?, info(heir, true));
     assert_eq!(
-        store.add_member("club", owner, outsider, 10).await?,
-        Join::NotOwner
+        store.invite("club", owner, outsider, 10).await?,
+        Invite::NotOwner
     );
+    store.invite("club", heir, outsider, 10).await?;
     assert_eq!(
-        store.remove_member("club", late, member).await?,
+        store.remove_member("club", heir, member).await?,
         Removal::Removed
     );
-    assert!(store.leave_group("club", late).await?);
+    assert!(store.leave_group("club", heir).await?);
     assert_eq!(store.group_info("club").await?, None);
-    // The name is free, and a new group under it is open.
-    assert!(store.create_group("club", outsider, false).await?);
-    assert_eq!(store.group_info("club").await?, info(outsider, false));
-    assert_eq!(store.join_group("club", member, 10).await?, Join::Joined);
+    // The name is free, and a new group under it is open, without the old invitations.
+    assert!(store.create_group("club", member, true).await?);
     assert_eq!(
-        store.add_member("club", outsider, owner, 10).await?,
-        Join::Joined,
-        "an owner adds to an open group too"
+        store.join_group("club", outsider, 10).await?,
+        Join::InviteOnly
     );
+    assert!(store.leave_group("club", member).await?);
+    assert!(store.create_group("club", member, false).await?);
+    assert_eq!(store.group_info("club").await?, info(member, false));
+    assert_eq!(store.join_group("club", outsider, 10).await?, Join::Joined);
+    assert!(store.leave_group("club", outsider).await?);
+    assert!(store.leave_group("club", member).await?);
+    Ok(())
+}
+
+/// A group whose owner left before owners passed groups on still names it: it is no owner
+/// then (it cannot invite or remove), and the group goes on.
+async fn a_departed_owner_of_an_older_group_is_no_owner(
+    store: &RedisStore,
+    redis_url: &str,
+) -> anyhow::Result<()> {
+    let (owner, member) = (7201, 7202);
+    assert!(store.create_group("old", owner, false).await?);
+    assert_eq!(store.join_group("old", member, 10).await?, Join::Joined);
+    // What an older router's leave did: the member goes, the owner key stays.
+    let mut conn = redis::Client::open(redis_url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let _: () = redis::cmd("SREM")
+        .arg("cim:group:{old}:members")
+        .arg(owner)
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(
+        store.invite("old", owner, 7203, 10).await?,
+        Invite::NotOwner
+    );
+    assert_eq!(
+        store.remove_member("old", owner, member).await?,
+        Removal::NotOwner
+    );
+    assert_eq!(store.group_members("old").await?, Some(vec![member]));
     Ok(())
 }
 
@@ -807,6 +861,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     groups_follow_the_contract(&store).await?;
     owners_and_invite_only_groups_follow_the_contract(&store).await?;
     a_departed_servers_routes_are_removed(&store).await?;
+    a_departed_owner_of_an_older_group_is_no_owner(&store, &redis.url()).await?;
     message_ids_are_recorded_once(&store).await?;
     // A record an older router wrote (a bare id, no fingerprint) is taken as the same
     // message: a retry across a rolling upgrade still gets its first id.

@@ -11,8 +11,8 @@
 //! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, msg_id_str, recipients}`, and `recipient_online` for a private message |
 //! | POST | /api/groups | bearer | `{name, invite_only?}` | 201 `{name}` |
 //! | POST | /api/groups/NAME/join, /leave | bearer | - | 200 `{}`; counts 10 against the limit below (told to the other online members of a group of at most 100); 403 `invite_only` |
-//! | POST | /api/groups/NAME/members | bearer (the owner) | `{user_id}` | 200 `{}`: adds the user (told to them and to the group, as a join); 403 `not_owner`; counts 10 |
-//! | DELETE | /api/groups/NAME/members/ID | bearer (the owner) | - | 200 `{}`: removes the user (told to them and to the group); 404 `no_such_member`; 403 `not_owner`; counts 10 |
+//! | POST | /api/groups/NAME/invitations | bearer (the owner) | `{user_id}` | 200 `{}`: invites the user (told to them if online; their join lets them in); 403 `not_owner`; 404 `unknown_group`, `unknown_user`; 409 `too_many_invitations`; counts 10 |
+//! | DELETE | /api/groups/NAME/members/ID | bearer (the owner) | - | 200 `{}`: removes the member (told to them and to the group) or withdraws their invitation; removing yourself is leaving; 403 `not_owner`; 404 `unknown_group`, `no_such_member`; counts 10 |
 //! | GET | /api/groups/NAME/members | bearer | - | 200 `{members: [{id, name, online, owner}]}` |
 //! | GET | /api/groups | bearer | - | 200 `{groups: [...]}` |
 //! | GET | /health | - | - | 200 `{status, servers}` (liveness) |
@@ -88,6 +88,7 @@ impl From<ServiceError> for ApiError {
                 StatusCode::FORBIDDEN
             }
             ServiceError::NoSuchMember => StatusCode::NOT_FOUND,
+            ServiceError::TooManyInvitations => StatusCode::CONFLICT,
             ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServiceError::NoServer
             | ServiceError::Unavailable(_)
@@ -228,7 +229,7 @@ struct CreateGroupRequest {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AddMemberRequest {
+struct InviteRequest {
     user_id: u64,
 }
 
@@ -441,8 +442,17 @@ pub fn routes(
                 respond_api(result.await)
             },
         );
+    // Only the actions below: `POST .../invitations` whose body was refused before it was
+    // read (no length, far too long) must not end here as an unknown action.
     let group_action = warp::path!("api" / "groups" / String / String)
         .and(warp::post())
+        .and_then(|name: String, action: String| async move {
+            match action.as_str() {
+                "join" | "leave" => Ok((name, action)),
+                _ => Err(warp::reject::not_found()),
+            }
+        })
+        .untuple_one()
         .and(with_service.clone())
         .and(bearer())
         .then(
@@ -474,24 +484,21 @@ pub fn routes(
                 respond_api(result.await)
             },
         );
-    // Before `group_action`, which would take `POST .../members` for an unknown action.
-    let add_member = warp::path!("api" / "groups" / String / "members")
+    let invite = warp::path!("api" / "groups" / String / "invitations")
         .and(warp::post())
         .and(with_service.clone())
         .and(bearer())
-        .and(json_body::<AddMemberRequest>())
+        .and(json_body::<InviteRequest>())
         .then(
             |name: String,
              service: Arc<Service>,
              auth: Result<String, ApiError>,
-             req: Result<AddMemberRequest, ApiError>| async move {
+             req: Result<InviteRequest, ApiError>| async move {
                 let result = async {
                     let claims = authenticate(&service, auth).await?;
                     let req = req?;
                     membership_change(&service, &claims)?;
-                    service
-                        .add_member(claims.user_id, &name, req.user_id)
-                        .await?;
+                    service.invite(claims.user_id, &name, req.user_id).await?;
                     Ok::<_, ApiError>(warp::reply::json(&serde_json::json!({})))
                 };
                 respond_api(result.await)
@@ -603,7 +610,7 @@ pub fn routes(
         online.boxed(),
         send.boxed(),
         create_group.boxed(),
-        add_member.boxed(),
+        invite.boxed(),
         remove_member.boxed(),
         group_action.boxed(),
         group_members.boxed(),

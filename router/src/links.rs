@@ -13,9 +13,10 @@ use cim_core::transport;
 use cim_core::transport::read_only_frame;
 use cim_proto::v1::{
     Delivery, ForwardBatchResult, GroupChange, GroupChangePush, GroupMember, GroupResult,
-    InboxHead, KickResult, KickUser, Presence, PresencePush, PullResult, Push, PushBatch,
-    PushBatchResult, PushResult, Recipient, RenewResult, RouterRequest, SendAck, ServerRequest,
-    SessionBatchResult, SessionResult, group_request, router_request, server_request,
+    InboxHead, KickResult, KickUser, NoticePush, Presence, PresencePush, PullResult, Push,
+    PushBatch, PushBatchResult, PushResult, Recipient, RenewResult, RouterRequest, SendAck,
+    ServerControl, ServerRequest, SessionBatchResult, SessionResult, group_request, router_request,
+    server_control, server_request,
 };
 use cim_proto::{ProstMessage, write_frame};
 use futures_util::future::join_all;
@@ -54,6 +55,9 @@ pub enum Notice {
     Presence(Presence),
     /// Someone joined or left a group of theirs.
     GroupChange(GroupChange),
+    /// Any other control frame, passed on as it is (`NoticePush`: a server older than it
+    /// drops it).
+    Control(server_control::Kind),
 }
 
 /// Sends the queued pushes of one server: each batch takes everything queued (up to
@@ -429,6 +433,10 @@ impl ServerLinks {
                 recipients,
                 change: Some(change),
             }),
+            Notice::Control(kind) => router_request::Kind::Notice(NoticePush {
+                recipients,
+                notice: Some(ServerControl { kind: Some(kind) }),
+            }),
         };
         self.call(server_id, &RouterRequest { kind: Some(kind) })
             .await
@@ -793,7 +801,10 @@ async fn group_command(
         group_request::Op::Create => service
             .create_group(user, name, request.invite_only)
             .await
-            .map(|()| GroupResult::default()),
+            .map(|()| GroupResult {
+                invite_only: request.invite_only,
+                ..Default::default()
+            }),
         group_request::Op::Join => service
             .join_group(user, name)
             .await
@@ -804,13 +815,15 @@ async fn group_command(
             .map(|()| GroupResult::default()),
         // `done`: an older router answers these as MINE, which its client must not take for
         // a change made.
-        group_request::Op::Add => service
-            .add_member(user, name, request.user_id)
-            .await
-            .map(|()| GroupResult {
-                done: true,
-                ..Default::default()
-            }),
+        group_request::Op::Invite => {
+            service
+                .invite(user, name, request.user_id)
+                .await
+                .map(|()| GroupResult {
+                    done: true,
+                    ..Default::default()
+                })
+        }
         group_request::Op::Remove => service
             .remove_member(user, name, request.user_id)
             .await

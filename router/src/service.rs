@@ -14,8 +14,8 @@ use cim_core::discovery::ServerInfo;
 use cim_core::now_ms;
 use cim_core::token::{Claims, TokenError};
 use cim_proto::v1::{
-    ChatMessage, Delivery, GroupChange, Presence, PullResult, Recipient, SendAck,
-    chat_message::Target,
+    ChatMessage, Delivery, GroupChange, GroupInvite, Presence, PullResult, Recipient, SendAck,
+    chat_message::Target, server_control,
 };
 use futures_util::future::join_all;
 use futures_util::{StreamExt, TryStreamExt};
@@ -28,7 +28,8 @@ use crate::password::{self, PasswordWork, WorkError};
 use crate::presence::PresenceQueue;
 use crate::select::Selector;
 use crate::store::{
-    Account, Claim, InboxEntry, Join, Relogin, Removal, Revocation, Route, Store, StoreError,
+    Account, Claim, InboxEntry, Invite, Join, Relogin, Removal, Revocation, Route, Store,
+    StoreError,
 };
 
 /// Errors kept for the admin page.
@@ -134,14 +135,17 @@ pub enum ServiceError {
     #[error("not a member of the group")]
     NotMember,
     /// A join of an invite-only group.
-    #[error("the group is invite-only: its owner adds its members")]
+    #[error("the group is invite-only: join it once its owner invited you")]
     InviteOnly,
-    /// An add or a removal by someone who does not own the group.
-    #[error("only the group's owner adds and removes members")]
+    /// An invitation or a removal by someone who does not own the group.
+    #[error("only the group's owner invites and removes members")]
     NotOwner,
-    /// A removal of a user who is not in the group.
-    #[error("that user is not a member of the group")]
+    /// A removal of a user who is neither in the group nor invited.
+    #[error("that user is neither a member of the group nor invited")]
     NoSuchMember,
+    /// As many invitations wait as the group may have members.
+    #[error("too many invitations wait for an answer")]
+    TooManyInvitations,
     /// The body exceeds the configured limit.
     #[error("message body exceeds {0} bytes")]
     TooLarge(usize),
@@ -214,6 +218,7 @@ impl ServiceError {
             ServiceError::InviteOnly => "invite_only",
             ServiceError::NotOwner => "not_owner",
             ServiceError::NoSuchMember => "no_such_member",
+            ServiceError::TooManyInvitations => "too_many_invitations",
             ServiceError::TooLarge(_) => cim_proto::TOO_LARGE,
             ServiceError::ClientMsgIdReused(_) => cim_proto::CLIENT_MSG_ID_REUSED,
             ServiceError::Unavailable(StoreError::NameTaken) => "name_taken",
@@ -1441,54 +1446,60 @@ impl Service {
         Ok(())
     }
 
-    /// Adds `user` to a group (joining twice is fine), and tells its online members.
+    /// Adds `user` to a group (joining twice is fine; an invite-only one only with an
+    /// invitation), and tells its online members.
     pub async fn join_group(&self, user: u64, name: &str) -> Result<(), ServiceError> {
         self.check_group_count(user, name).await?;
-        let joined = self
+        match self
             .store
             .join_group(name, user, self.config.max_group_size)
-            .await?;
-        self.entered(joined, user, name, None).await
-    }
-
-    /// `owner` adds `user` to a group it owns (the only way into an invite-only one); the new
-    /// member and the group's other online members are told.
-    pub async fn add_member(&self, owner: u64, name: &str, user: u64) -> Result<(), ServiceError> {
-        if self.user_name(user).await?.is_none() {
-            return Err(ServiceError::UnknownUser);
-        }
-        self.check_group_count(user, name).await?;
-        let added = self
-            .store
-            .add_member(name, owner, user, self.config.max_group_size)
-            .await?;
-        self.entered(added, user, name, Some(owner)).await
-    }
-
-    /// Answers a join or an add (`by` the owner), telling the group once someone got in.
-    async fn entered(
-        &self,
-        outcome: Join,
-        user: u64,
-        name: &str,
-        by: Option<u64>,
-    ) -> Result<(), ServiceError> {
-        match outcome {
+            .await?
+        {
             Join::Joined => {
-                self.announce_group_change(user, name, true, by).await;
+                self.announce_group_change(user, name, true, None).await;
                 Ok(())
             }
             Join::AlreadyMember => Ok(()),
             Join::Full => Err(ServiceError::GroupFull),
             Join::NoGroup => Err(ServiceError::UnknownGroup),
             Join::InviteOnly => Err(ServiceError::InviteOnly),
-            Join::NotOwner => Err(ServiceError::NotOwner),
         }
     }
 
-    /// `owner` removes `user` from a group it owns (removing oneself is leaving); the
-    /// removed member and the group's other online members are told. In an open group the
-    /// removed member may join again.
+    /// `owner` invites `user` to a group it owns (the only way into an invite-only one: the
+    /// user's join then lets them in), and tells them if they are online. Joining stays the
+    /// user's choice: no one is put in a group, and its messages, unasked.
+    pub async fn invite(&self, owner: u64, name: &str, user: u64) -> Result<(), ServiceError> {
+        // Ownership first (the store checks it again): no one else learns whether the user
+        // exists.
+        match self.store.group_info(name).await? {
+            None => return Err(ServiceError::UnknownGroup),
+            Some(info) if info.owner != owner => return Err(ServiceError::NotOwner),
+            Some(_) => {}
+        }
+        if self.user_name(user).await?.is_none() {
+            return Err(ServiceError::UnknownUser);
+        }
+        match self
+            .store
+            .invite(name, owner, user, self.config.max_group_size)
+            .await?
+        {
+            Invite::Invited => {
+                tracing::info!(owner, user, group = name, "invited");
+                self.announce_invitation(owner, name, user).await;
+                Ok(())
+            }
+            Invite::AlreadyInvited | Invite::AlreadyMember => Ok(()),
+            Invite::Full => Err(ServiceError::TooManyInvitations),
+            Invite::NoGroup => Err(ServiceError::UnknownGroup),
+            Invite::NotOwner => Err(ServiceError::NotOwner),
+        }
+    }
+
+    /// `owner` removes `user` from a group it owns (removing oneself is leaving), or
+    /// withdraws their invitation; a removed member and the group's other online members are
+    /// told. In an open group the removed member may join again.
     pub async fn remove_member(
         &self,
         owner: u64,
@@ -1505,6 +1516,7 @@ impl Service {
                     .await;
                 Ok(())
             }
+            Removal::Uninvited => Ok(()),
             Removal::NotMember => Err(ServiceError::NoSuchMember),
             Removal::NoGroup => Err(ServiceError::UnknownGroup),
             Removal::NotOwner => Err(ServiceError::NotOwner),
@@ -1686,6 +1698,26 @@ impl Service {
             by_name,
         };
         self.notify_online(&told, Notice::GroupChange(change)).await
+    }
+
+    /// Tells `user`, if online, that `owner` invited them to `group`. Best effort, as group
+    /// changes: waits at most [`GROUP_CHANGE_WAIT`].
+    async fn announce_invitation(&self, owner: u64, group: &str, user: u64) {
+        let announce = async {
+            let by_name = self.user_name(owner).await?.unwrap_or_default();
+            let invite = GroupInvite {
+                group: group.to_string(),
+                by_user_id: owner,
+                by_name,
+            };
+            let notice = Notice::Control(server_control::Kind::GroupInvite(invite));
+            self.notify_online(&[user], notice).await
+        };
+        match tokio::time::timeout(GROUP_CHANGE_WAIT, announce).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(user, group, error = %e, "invitation not announced"),
+            Err(_) => tracing::debug!(user, group, "invitation announcement timed out"),
+        }
     }
 
     /// The members told of a change in `group`: all of them in a group of at most

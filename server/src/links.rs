@@ -12,11 +12,11 @@ use cim_core::fnv::fnv1a;
 use cim_core::transport::read_only_frame;
 use cim_proto::v1::{
     FetchInbox, Forward, ForwardBatch, ForwardBatchResult, GroupChangePush, GroupCommand,
-    GroupRequest, GroupResult, KickResult, PresencePush, Pull, PullResult, PushBatchResult,
-    PushResult, Recipient, RenewResult, RenewSessions, RouterRequest, SendAck, ServerRequest,
-    SessionBatchResult, SessionClosed, SessionClosedBatch, SessionOpened, SessionOpenedBatch,
-    SessionRef, SessionResult, TrimInbox, chat_message, router_request, server_control,
-    server_request,
+    GroupRequest, GroupResult, KickResult, NoticePush, PresencePush, Pull, PullResult,
+    PushBatchResult, PushResult, Recipient, RenewResult, RenewSessions, RouterRequest, SendAck,
+    ServerControl, ServerRequest, SessionBatchResult, SessionClosed, SessionClosedBatch,
+    SessionOpened, SessionOpenedBatch, SessionRef, SessionResult, TrimInbox, chat_message,
+    router_request, server_control, server_request,
 };
 use cim_proto::{ProstMessage, write_frame};
 use tokio::sync::{mpsc, oneshot};
@@ -639,6 +639,20 @@ pub(crate) async fn renew_sessions(state: &State, via: Option<&quinn::Connection
     }
 }
 
+/// Whether `notice` is a frame only the server itself sends its clients (its login's answer,
+/// a pong, a kick, a drain, a token): a router's notice must not pass for one.
+fn is_servers_own(notice: &server_control::Kind) -> bool {
+    use server_control::Kind;
+    matches!(
+        notice,
+        Kind::LoginResult(_)
+            | Kind::Pong(_)
+            | Kind::Kick(_)
+            | Kind::Drain(_)
+            | Kind::TokenRenewal(_)
+    )
+}
+
 /// Passes `notice` to the local sessions of `recipients` and answers with those found.
 async fn notify_and_reply(
     state: &State,
@@ -704,12 +718,24 @@ async fn serve_router(conn: &quinn::Connection, state: &Arc<State>) {
                     let notice = server_control::Kind::GroupChange(change);
                     notify_and_reply(&state, &mut send, &recipients, &notice).await
                 }
+                // Any notice but the server's own frames, which only it may send.
+                Some(router_request::Kind::Notice(NoticePush {
+                    recipients,
+                    notice: Some(ServerControl { kind: Some(notice) }),
+                })) if !is_servers_own(&notice) => {
+                    notify_and_reply(&state, &mut send, &recipients, &notice).await
+                }
                 Some(router_request::Kind::Kick(kick)) => {
                     let found = state.kick(kick.user_id, kick.session_id, &kick.reason);
                     write_frame(&mut send, &KickResult { found }, MAX_INTERNAL_FRAME).await
                 }
-                // A notice without its content, or a kind this server does not know.
-                Some(router_request::Kind::Presence(_) | router_request::Kind::GroupChange(_))
+                // A notice without its content or of the server's own, or a kind this server
+                // does not know.
+                Some(
+                    router_request::Kind::Presence(_)
+                    | router_request::Kind::GroupChange(_)
+                    | router_request::Kind::Notice(_),
+                )
                 | None => {
                     let _ = send.reset(cim_core::close::code(cim_core::close::PROTOCOL));
                     return;

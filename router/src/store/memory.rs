@@ -10,8 +10,8 @@ use tokio::time::Instant;
 
 use super::expiring::{ExpiringMap, Weight};
 use super::{
-    Account, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Join, Relogin,
-    Removal, Renewal, Revocation, Route, Store, StoreError,
+    Account, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Invite, Join,
+    Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
 };
 
 /// Most idempotency records kept; beyond this the oldest are forgotten early (about 100 MB at
@@ -82,6 +82,15 @@ struct Group {
     owner: u64,
     invite_only: bool,
     members: BTreeSet<u64>,
+    /// Invited users who have not joined yet.
+    invited: BTreeSet<u64>,
+}
+
+impl Group {
+    /// Whether `user` may act as the group's owner.
+    fn owned_by(&self, user: u64) -> bool {
+        self.owner == user && self.members.contains(&user)
+    }
 }
 
 /// A router's hold on a message-id node.
@@ -209,40 +218,6 @@ impl MemoryStore {
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         // Every critical section leaves the maps consistent before it can panic.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Puts `user` in `name`: a join (`by` is `None`) or its owner's add.
-    fn enter_group(
-        &self,
-        name: &str,
-        by: Option<u64>,
-        user: u64,
-        cap: usize,
-    ) -> Result<Join, StoreError> {
-        let mut inner = self.inner();
-        let Some(group) = inner.groups.get_mut(name) else {
-            return Ok(Join::NoGroup);
-        };
-        match by {
-            Some(by) if by != group.owner => return Ok(Join::NotOwner),
-            _ => {}
-        }
-        if group.members.contains(&user) {
-            return Ok(Join::AlreadyMember);
-        }
-        if by.is_none() && group.invite_only {
-            return Ok(Join::InviteOnly);
-        }
-        if group.members.len() >= cap {
-            return Ok(Join::Full);
-        }
-        group.members.insert(user);
-        inner
-            .memberships
-            .entry(user)
-            .or_default()
-            .insert(name.to_string());
-        Ok(Join::Joined)
     }
 }
 
@@ -583,6 +558,7 @@ impl Store for MemoryStore {
             owner,
             invite_only,
             members: BTreeSet::from([owner]),
+            invited: BTreeSet::new(),
         };
         inner.groups.insert(name.to_string(), group);
         inner
@@ -594,17 +570,53 @@ impl Store for MemoryStore {
     }
 
     async fn join_group(&self, name: &str, user: u64, cap: usize) -> Result<Join, StoreError> {
-        self.enter_group(name, None, user, cap)
+        let mut inner = self.inner();
+        let Some(group) = inner.groups.get_mut(name) else {
+            return Ok(Join::NoGroup);
+        };
+        if group.members.contains(&user) {
+            group.invited.remove(&user);
+            return Ok(Join::AlreadyMember);
+        }
+        if group.invite_only && !group.invited.contains(&user) {
+            return Ok(Join::InviteOnly);
+        }
+        if group.members.len() >= cap {
+            return Ok(Join::Full);
+        }
+        group.invited.remove(&user);
+        group.members.insert(user);
+        inner
+            .memberships
+            .entry(user)
+            .or_default()
+            .insert(name.to_string());
+        Ok(Join::Joined)
     }
 
-    async fn add_member(
+    async fn invite(
         &self,
         name: &str,
         owner: u64,
         user: u64,
         cap: usize,
-    ) -> Result<Join, StoreError> {
-        self.enter_group(name, Some(owner), user, cap)
+    ) -> Result<Invite, StoreError> {
+        let mut inner = self.inner();
+        let Some(group) = inner.groups.get_mut(name) else {
+            return Ok(Invite::NoGroup);
+        };
+        Ok(if !group.owned_by(owner) {
+            Invite::NotOwner
+        } else if group.members.contains(&user) {
+            Invite::AlreadyMember
+        } else if group.invited.contains(&user) {
+            Invite::AlreadyInvited
+        } else if group.invited.len() >= cap {
+            Invite::Full
+        } else {
+            group.invited.insert(user);
+            Invite::Invited
+        })
     }
 
     async fn remove_member(
@@ -617,11 +629,19 @@ impl Store for MemoryStore {
         let Some(group) = inner.groups.get_mut(name) else {
             return Ok(Removal::NoGroup);
         };
-        if group.owner != owner {
+        if !group.owned_by(owner) {
             return Ok(Removal::NotOwner);
         }
-        if user == owner || !group.members.remove(&user) {
+        if user == owner {
             return Ok(Removal::NotMember);
+        }
+        let uninvited = group.invited.remove(&user);
+        if !group.members.remove(&user) {
+            return Ok(if uninvited {
+                Removal::Uninvited
+            } else {
+                Removal::NotMember
+            });
         }
         if let Some(groups) = inner.memberships.get_mut(&user) {
             groups.remove(name);

@@ -137,7 +137,7 @@ pub struct InboxPage {
     pub more: bool,
 }
 
-/// Outcome of [`Store::join_group`] and [`Store::add_member`].
+/// Outcome of [`Store::join_group`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Join {
     /// The user is now a member.
@@ -148,9 +148,24 @@ pub enum Join {
     Full,
     /// No such group.
     NoGroup,
-    /// A join of an invite-only group: only its owner adds members.
+    /// An invite-only group, and the user has no invitation.
     InviteOnly,
-    /// An add by someone who does not own the group.
+}
+
+/// Outcome of [`Store::invite`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invite {
+    /// The user is invited now.
+    Invited,
+    /// The user was invited already.
+    AlreadyInvited,
+    /// The user is a member.
+    AlreadyMember,
+    /// As many invitations wait as the group may have members.
+    Full,
+    /// No such group.
+    NoGroup,
+    /// The inviter does not own the group.
     NotOwner,
 }
 
@@ -159,7 +174,9 @@ pub enum Join {
 pub enum Removal {
     /// The user was a member and is no more.
     Removed,
-    /// The user was not a member.
+    /// The user was not a member; its invitation is withdrawn.
+    Uninvited,
+    /// The user was neither a member nor invited.
     NotMember,
     /// No such group.
     NoGroup,
@@ -170,7 +187,8 @@ pub enum Removal {
 /// What [`Store::group_info`] tells of a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupInfo {
-    /// Its owner: its creator, or the member it passed to when the owner left.
+    /// Its owner: its creator, or the member it passed to when the owner left. Acts as owner
+    /// only while a member (a group made before owners passed it on may name one who left).
     pub owner: u64,
     /// Whether only members its owner adds get in.
     pub invite_only: bool,
@@ -443,22 +461,25 @@ pub trait Store: Send + Sync + 'static {
         owner: u64,
         invite_only: bool,
     ) -> Result<bool, StoreError>;
-    /// Adds `user` to `name` unless the group has `cap` members already or is invite-only.
+    /// Adds `user` to `name` unless the group has `cap` members already, or is invite-only
+    /// and `user` has no invitation. An invitation is used up by the join.
     async fn join_group(&self, name: &str, user: u64, cap: usize) -> Result<Join, StoreError>;
-    /// `owner` adds `user` to `name` (any group it owns, invite-only or not) unless the group
-    /// has `cap` members already; [`Join::NotOwner`] if `owner` does not own it.
-    async fn add_member(
+    /// `owner` invites `user` to `name` (any group it owns and is a member of), unless `cap`
+    /// invitations wait already.
+    async fn invite(
         &self,
         name: &str,
         owner: u64,
         user: u64,
         cap: usize,
-    ) -> Result<Join, StoreError>;
-    /// `owner` removes `user` (another member: an owner leaves) from `name`.
+    ) -> Result<Invite, StoreError>;
+    /// `owner` removes `user` (another member: an owner leaves) from `name`, and withdraws
+    /// an invitation of theirs.
     async fn remove_member(&self, name: &str, owner: u64, user: u64)
     -> Result<Removal, StoreError>;
-    /// Removes `user` from `name`; a group whose last member left is deleted (its name can be
-    /// taken again), and one whose owner left passes to the member with the lowest id.
+    /// Removes `user` from `name`; a group whose last member left is deleted with its
+    /// invitations (its name can be taken again), and one whose owner left passes to the
+    /// member with the lowest id.
     /// Returns whether it was a member.
     async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError>;
     /// The owner of `name` and whether it is invite-only; `None` if there is no such group.

@@ -34,8 +34,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::{
-    Account, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Join, Relogin,
-    Removal, Renewal, Revocation, Route, Store, StoreError,
+    Account, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Invite, Join,
+    Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
 };
 
 const NEXT_USER_ID: &str = "cim:next_user_id";
@@ -84,29 +84,34 @@ fn group_members_key(name: &str) -> String {
 fn group_invite_only_key(name: &str) -> String {
     format!("cim:group:{{{name}}}:invite_only")
 }
+/// Invited users who have not joined yet.
+fn group_invited_key(name: &str) -> String {
+    format!("cim:group:{{{name}}}:invited")
+}
 fn user_groups_key(user: u64) -> String {
     format!("cim:{{u{user}}}:groups")
 }
 
 /// Creates a group with its owner as its first member, all or nothing. KEYS: owner,
-/// members, invite-only. ARGV: owner, `1` for invite-only. Returns 1 created, 0 the name is
-/// taken.
+/// members, invite-only, invited. ARGV: owner, `1` for invite-only. Returns 1 created, 0 the
+/// name is taken.
 const CREATE_GROUP: &str = r"
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
 redis.call('SADD', KEYS[2], ARGV[1])
 if ARGV[2] == '1' then redis.call('SET', KEYS[3], '1') else redis.call('DEL', KEYS[3]) end
+redis.call('DEL', KEYS[4])
 return 1
 ";
 
-/// Leaves a group, and deletes the group once its last member left (its name is free again);
-/// an owner who leaves hands the group to the member with the lowest id (compared as
-/// decimal strings: Lua's numbers would round ids past 2^53). KEYS: owner, members,
-/// invite-only. ARGV: user. Returns 1 if the user was a member.
+/// Leaves a group, and deletes the group with its invitations once its last member left (its
+/// name is free again); an owner who leaves hands the group to the member with the lowest id
+/// (compared as decimal strings: Lua's numbers would round ids past 2^53). KEYS: owner,
+/// members, invite-only, invited. ARGV: user. Returns 1 if the user was a member.
 const LEAVE: &str = r"
 local removed = redis.call('SREM', KEYS[2], ARGV[1])
 if removed == 1 then
   if redis.call('SCARD', KEYS[2]) == 0 then
-    redis.call('DEL', KEYS[1], KEYS[3])
+    redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
   elseif redis.call('GET', KEYS[1]) == ARGV[1] then
     local heir = nil
     for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do
@@ -118,31 +123,71 @@ end
 return removed
 ";
 
-/// Puts a user in a group under its cap: a join (ARGV[3] empty), refused in an invite-only
-/// group, or an add by the owner (ARGV[3] the owner's id). KEYS: owner, members,
-/// invite-only. ARGV: user, cap, owner or ``. Returns 1 joined, 2 already a member, 3 full,
-/// 4 invite-only, 5 not the owner, 0 no such group.
+/// Joins a group under its cap; an invite-only one only with an invitation, which the join
+/// uses up. KEYS: owner, members, invite-only, invited. ARGV: user, cap. Returns 1 joined,
+/// 2 already a member, 3 full, 4 invite-only and not invited, 0 no such group.
 const JOIN: &str = r"
-local owner = redis.call('GET', KEYS[1])
-if not owner then return 0 end
-if ARGV[3] ~= '' and owner ~= ARGV[3] then return 5 end
-if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 2 end
-if ARGV[3] == '' and redis.call('EXISTS', KEYS[3]) == 1 then return 4 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then
+  redis.call('SREM', KEYS[4], ARGV[1])
+  return 2
+end
+if redis.call('EXISTS', KEYS[3]) == 1 and redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 0 then
+  return 4
+end
 if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[2]) then return 3 end
+redis.call('SREM', KEYS[4], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 ";
 
-/// The owner removes another member. KEYS: owner, members. ARGV: owner, user. Returns 1
-/// removed, 2 not a member (or the owner itself), 3 not the owner, 0 no such group.
-const REMOVE_MEMBER: &str = r"
-local owner = redis.call('GET', KEYS[1])
-if not owner then return 0 end
-if owner ~= ARGV[1] then return 3 end
-if ARGV[2] == ARGV[1] then return 2 end
-if redis.call('SREM', KEYS[2], ARGV[2]) == 0 then return 2 end
+/// Lua: whether ARGV[1] owns the group (KEYS[1] names it, and it is a member of KEYS[2]: a
+/// group made before owners passed it on may name one who left). Returns nil for no group.
+macro_rules! owner_function {
+    () => {
+        r"
+local function owned()
+  local owner = redis.call('GET', KEYS[1])
+  if not owner then return nil end
+  return owner == ARGV[1] and redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1
+end
+"
+    };
+}
+
+/// The owner invites a user. KEYS: owner, members, invited. ARGV: owner, user, cap on waiting
+/// invitations. Returns 1 invited, 2 already invited, 3 already a member, 4 too many
+/// invitations wait, 5 not the owner, 0 no such group.
+const INVITE: &str = concat!(
+    owner_function!(),
+    r"
+local owns = owned()
+if owns == nil then return 0 end
+if not owns then return 5 end
+if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then return 3 end
+if redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 1 then return 2 end
+if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[3]) then return 4 end
+redis.call('SADD', KEYS[3], ARGV[2])
 return 1
-";
+"
+);
+
+/// The owner removes another member, or withdraws an invitation. KEYS: owner, members,
+/// invited. ARGV: owner, user. Returns 1 removed, 4 uninvited, 2 neither a member (nor the
+/// owner itself) nor invited, 3 not the owner, 0 no such group.
+const REMOVE_MEMBER: &str = concat!(
+    owner_function!(),
+    r"
+local owns = owned()
+if owns == nil then return 0 end
+if not owns then return 3 end
+if ARGV[2] == ARGV[1] then return 2 end
+local uninvited = redis.call('SREM', KEYS[3], ARGV[2])
+if redis.call('SREM', KEYS[2], ARGV[2]) == 1 then return 1 end
+if uninvited == 1 then return 4 end
+return 2
+"
+);
 
 fn sent_key(sender: u64, client_msg_id: u64) -> String {
     format!("cim:{{u{sender}}}:sent:{client_msg_id}")
@@ -395,6 +440,7 @@ pub struct RedisStore {
     append_private: Script,
     create_group: Script,
     join: Script,
+    invite: Script,
     remove_member: Script,
     leave: Script,
     claim_id_node: Script,
@@ -541,43 +587,6 @@ fn set_unless_present(key: &str, value: &str, ttl_ms: u64) -> redis::Cmd {
 }
 
 impl RedisStore {
-    /// Puts `user` in `name`: a join (`by` is `None`) or its owner's add.
-    async fn enter_group(
-        &self,
-        name: &str,
-        by: Option<u64>,
-        user: u64,
-        cap: usize,
-    ) -> Result<Join, StoreError> {
-        let mut conn = self.conn();
-        let outcome: i64 = self
-            .join
-            .key(group_owner_key(name))
-            .key(group_members_key(name))
-            .key(group_invite_only_key(name))
-            .arg(user)
-            .arg(cap)
-            .arg(by.map(|by| by.to_string()).unwrap_or_default())
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        let join = match outcome {
-            1 => Join::Joined,
-            2 => Join::AlreadyMember,
-            3 => Join::Full,
-            4 => Join::InviteOnly,
-            5 => Join::NotOwner,
-            _ => Join::NoGroup,
-        };
-        if matches!(join, Join::Joined | Join::AlreadyMember) {
-            let _: () = conn
-                .sadd(user_groups_key(user), name)
-                .await
-                .map_err(unavailable)?;
-        }
-        Ok(join)
-    }
-
     /// Connects to `url` (e.g. `redis://127.0.0.1:6379`). Fails if Redis is unreachable now;
     /// later outages are survived.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -603,6 +612,7 @@ impl RedisStore {
             append_private: Script::new(APPEND_PRIVATE),
             create_group: Script::new(CREATE_GROUP),
             join: Script::new(JOIN),
+            invite: Script::new(INVITE),
             remove_member: Script::new(REMOVE_MEMBER),
             leave: Script::new(LEAVE),
             claim_id_node: Script::new(CLAIM_ID_NODE),
@@ -1335,6 +1345,7 @@ impl Store for RedisStore {
             .key(group_owner_key(name))
             .key(group_members_key(name))
             .key(group_invite_only_key(name))
+            .key(group_invited_key(name))
             .arg(owner)
             .arg(u8::from(invite_only))
             .invoke_async(&mut conn)
@@ -1351,17 +1362,60 @@ impl Store for RedisStore {
     }
 
     async fn join_group(&self, name: &str, user: u64, cap: usize) -> Result<Join, StoreError> {
-        self.enter_group(name, None, user, cap).await
+        let mut conn = self.conn();
+        let outcome: i64 = self
+            .join
+            .key(group_owner_key(name))
+            .key(group_members_key(name))
+            .key(group_invite_only_key(name))
+            .key(group_invited_key(name))
+            .arg(user)
+            .arg(cap)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let join = match outcome {
+            1 => Join::Joined,
+            2 => Join::AlreadyMember,
+            3 => Join::Full,
+            4 => Join::InviteOnly,
+            _ => Join::NoGroup,
+        };
+        if matches!(join, Join::Joined | Join::AlreadyMember) {
+            let _: () = conn
+                .sadd(user_groups_key(user), name)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(join)
     }
 
-    async fn add_member(
+    async fn invite(
         &self,
         name: &str,
         owner: u64,
         user: u64,
         cap: usize,
-    ) -> Result<Join, StoreError> {
-        self.enter_group(name, Some(owner), user, cap).await
+    ) -> Result<Invite, StoreError> {
+        let outcome: i64 = self
+            .invite
+            .key(group_owner_key(name))
+            .key(group_members_key(name))
+            .key(group_invited_key(name))
+            .arg(owner)
+            .arg(user)
+            .arg(cap)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(match outcome {
+            1 => Invite::Invited,
+            2 => Invite::AlreadyInvited,
+            3 => Invite::AlreadyMember,
+            4 => Invite::Full,
+            5 => Invite::NotOwner,
+            _ => Invite::NoGroup,
+        })
     }
 
     async fn remove_member(
@@ -1375,6 +1429,7 @@ impl Store for RedisStore {
             .remove_member
             .key(group_owner_key(name))
             .key(group_members_key(name))
+            .key(group_invited_key(name))
             .arg(owner)
             .arg(user)
             .invoke_async(&mut conn)
@@ -1384,6 +1439,7 @@ impl Store for RedisStore {
             1 => Removal::Removed,
             2 => Removal::NotMember,
             3 => Removal::NotOwner,
+            4 => Removal::Uninvited,
             _ => Removal::NoGroup,
         };
         if removal == Removal::Removed {
@@ -1419,6 +1475,7 @@ impl Store for RedisStore {
             .key(group_owner_key(name))
             .key(group_members_key(name))
             .key(group_invite_only_key(name))
+            .key(group_invited_key(name))
             .arg(user)
             .invoke_async(&mut conn)
             .await
