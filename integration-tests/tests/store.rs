@@ -642,6 +642,14 @@ async fn owners_and_invite_only_groups_follow_the_contract(
         "an invitation is no membership"
     );
     assert_eq!(store.join_group("club", member, 10).await?, Join::Joined);
+    // The join used the invitation up: a member who leaves needs another.
+    assert!(store.leave_group("club", member).await?);
+    assert_eq!(
+        store.join_group("club", member, 10).await?,
+        Join::InviteOnly
+    );
+    store.invite("club", owner, member, 10).await?;
+    assert_eq!(store.join_group("club", member, 10).await?, Join::Joined);
     assert_eq!(store.user_groups(member).await?, vec!["club".to_string()]);
     assert_eq!(
         store.invite("club", owner, member, 10).await?,
@@ -679,7 +687,7 @@ async fn owners_and_invite_only_groups_follow_the_contract(
     assert_eq!(
         store.join_group("club", member, 10).await?,
         Join::InviteOnly,
-        "the invitation was used up"
+        "a removed member stays out"
     );
     // A withdrawn invitation lets no one in.
     store.invite("club", owner, outsider, 10).await?;
