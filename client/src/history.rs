@@ -3,6 +3,9 @@
 //! A line holds no line break (text is escaped as the console prints it), so a message can
 //! never pass for another. The file is kept to [`MAX_BYTES`]: past it, it becomes
 //! `FILE.1` (replacing an older one) and a new one starts, so at most twice that is kept.
+//! Two consoles of one user may share the file: each line is one append, each size check
+//! reads the file's own size, and a console whose file another rotated (or removed) goes on
+//! in the new one. Two rotating at the same instant may lose the older half.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -28,11 +31,10 @@ pub struct History {
     writer: Mutex<Option<Writer>>,
 }
 
-/// The open file and how big it is.
+/// The open file.
 #[derive(Debug)]
 struct Writer {
     file: File,
-    bytes: u64,
 }
 
 /// What a search found: how many lines matched, and the latest of them, oldest first.
@@ -57,11 +59,10 @@ impl History {
             create_private_dir(dir)?;
         }
         let file = open_for_append(&path)?;
-        let bytes = file.metadata()?.len();
         Ok(Self {
             path,
             max_bytes,
-            writer: Mutex::new(Some(Writer { file, bytes })),
+            writer: Mutex::new(Some(Writer { file })),
         })
     }
 
@@ -86,25 +87,30 @@ impl History {
         };
         let mut text = printable(line);
         text.push('\n');
-        let written = self.rotate_if_full(open).and_then(|()| {
-            open.file.write_all(text.as_bytes())?;
-            open.bytes += text.len() as u64;
-            Ok(())
-        });
+        let written = self
+            .rotate_if_full(open)
+            .and_then(|()| open.file.write_all(text.as_bytes()));
         if written.is_err() {
             *writer = None;
         }
         written
     }
 
-    /// Moves a full history aside and starts a new file.
+    /// Moves a full history aside and starts a new file; first follows the file at the path
+    /// if it is another than the one open (another console rotated it, or it was removed).
     fn rotate_if_full(&self, open: &mut Writer) -> io::Result<()> {
-        if open.bytes < self.max_bytes {
+        if !is_file_at(&open.file, &self.path)? {
+            open.file = open_for_append(&self.path)?;
+        }
+        if open.file.metadata()?.len() < self.max_bytes {
             return Ok(());
         }
-        std::fs::rename(&self.path, self.older_path())?;
+        match std::fs::rename(&self.path, self.older_path()) {
+            // Another console moved it away a moment ago.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            result => result?,
+        }
         open.file = open_for_append(&self.path)?;
-        open.bytes = open.file.metadata()?.len();
         Ok(())
     }
 
@@ -192,6 +198,24 @@ fn router_dir(router: &str) -> String {
         return "router".into();
     }
     dir
+}
+
+/// Whether `file` is the file at `path` (false if none is there).
+#[cfg(unix)]
+fn is_file_at(file: &File, path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let open = file.metadata()?;
+    match std::fs::metadata(path) {
+        Ok(there) => Ok(there.dev() == open.dev() && there.ino() == open.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a file is at `path` (without inodes to compare, the open one is taken for it).
+#[cfg(not(unix))]
+fn is_file_at(_file: &File, path: &Path) -> io::Result<bool> {
+    Ok(path.exists())
 }
 
 #[cfg(unix)]
@@ -315,12 +339,39 @@ mod tests {
     fn a_failed_write_is_told_once_then_nothing_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("h.log");
-        // Rotating needs the directory: once it is gone, the rotation fails.
+        // Reopening needs the directory: once it is gone, the write fails.
         let history = History::open_with_limit(path, 1).unwrap();
         history.record("first").unwrap();
         drop(dir);
         assert!(history.record("second").is_err());
         history.record("third").unwrap();
+    }
+
+    #[test]
+    fn two_consoles_share_a_file_and_its_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.log");
+        let one = History::open_with_limit(path.clone(), 250).unwrap();
+        let two = History::open_with_limit(path.clone(), 250).unwrap();
+        let line = |i: usize| format!("line {i:02} {}", "x".repeat(41));
+        // 50 bytes a line, taking turns: each checks the size both wrote.
+        for i in 0..12 {
+            let console = if i % 2 == 0 { &one } else { &two };
+            console.record(&line(i)).unwrap();
+        }
+        // Rotated at 5 lines, by `two`, then at 10 by `one`, which first found its file
+        // moved: lines 5-9 in the rotated file, 10 and 11 in the new one, in order.
+        let older = std::fs::read_to_string(one.older_path()).unwrap();
+        let current = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(older.lines().count(), 5, "{older}");
+        assert!(older.starts_with(&line(5)), "{older}");
+        assert_eq!(current.lines().collect::<Vec<_>>(), [line(10), line(11)]);
+        // A file removed under them is started again.
+        std::fs::remove_file(&path).unwrap();
+        one.record(&line(12)).unwrap();
+        two.record(&line(13)).unwrap();
+        let current = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(current.lines().collect::<Vec<_>>(), [line(12), line(13)]);
     }
 
     #[test]

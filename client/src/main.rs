@@ -45,8 +45,8 @@ struct Args {
     /// $XDG_DATA_HOME/cim/history/, or ~/.local/share/cim/history/, per router and user).
     #[arg(long, env = "CIM_HISTORY")]
     history: Option<PathBuf>,
-    /// Keep no message history.
-    #[arg(long, conflicts_with = "history")]
+    /// Keep no message history (also when CIM_HISTORY names a file).
+    #[arg(long)]
     no_history: bool,
 }
 
