@@ -28,7 +28,7 @@ pub enum Command {
     Create {
         /// Group name.
         group: String,
-        /// Only members the owner adds get in.
+        /// Only users the owner invites get in.
         invite_only: bool,
     },
     /// `:invite NAME USERID`: the owner invites a user.

@@ -212,10 +212,10 @@ fn is_file_at(file: &File, path: &Path) -> io::Result<bool> {
     }
 }
 
-/// Whether a file is at `path` (without inodes to compare, the open one is taken for it).
+/// Without inodes to compare, never: the file at the path is opened for each line.
 #[cfg(not(unix))]
-fn is_file_at(_file: &File, path: &Path) -> io::Result<bool> {
-    Ok(path.exists())
+fn is_file_at(_file: &File, _path: &Path) -> io::Result<bool> {
+    Ok(false)
 }
 
 #[cfg(unix)]

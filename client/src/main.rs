@@ -249,11 +249,10 @@ async fn chat(
                         (format!("{} ({user_id})", console::printable(&name)), "was")
                     };
                     match (by, joined) {
-                        (None, true) => println!("* {who} joined #{group}"),
+                        (_, true) => println!("* {who} joined #{group}"),
                         (None, false) => println!("* {who} left #{group}"),
-                        (Some((by_id, by_name)), joined) => {
-                            let change = if joined { "added to" } else { "removed from" };
-                            println!("* {who} {were} {change} #{group} by {} ({by_id})", console::printable(&by_name));
+                        (Some((by_id, by_name)), false) => {
+                            println!("* {who} {were} removed from #{group} by {} ({by_id})", console::printable(&by_name));
                         }
                     }
                 }

@@ -619,8 +619,9 @@ async fn owners_and_invite_only_groups_follow_the_contract(
         store.invite("club", outsider, member, 10).await?,
         Invite::NotOwner
     );
+    // Invitations wait up to the cap, members apart (the owner is one already).
     assert_eq!(
-        store.invite("club", owner, member, 10).await?,
+        store.invite("club", owner, member, 1).await?,
         Invite::Invited
     );
     assert_eq!(
@@ -631,7 +632,6 @@ async fn owners_and_invite_only_groups_follow_the_contract(
         store.invite("nope", owner, member, 10).await?,
         Invite::NoGroup
     );
-    // Invitations wait up to the cap, members apart.
     assert_eq!(
         store.invite("club", owner, outsider, 1).await?,
         Invite::Full
@@ -701,13 +701,19 @@ async fn owners_and_invite_only_groups_follow_the_contract(
     );
 
     // The owner leaves: the lowest id left (950 < 7110, though "7110" < "950" as text) owns
-    // the group, and may invite and remove; the one who left may not.
+    // the group, and may invite and remove; the one who left may not; its invitations,
+    // which the new owner cannot see, are gone.
     for user in [member, heir] {
         store.invite("club", owner, user, 10).await?;
         store.join_group("club", user, 10).await?;
     }
+    store.invite("club", owner, outsider, 10).await?;
     assert!(store.leave_group("club", owner).await?);
     assert_eq!(store.group_info("club").await?, info(heir, true));
+    assert_eq!(
+        store.join_group("club", outsider, 10).await?,
+        Join::InviteOnly
+    );
     assert_eq!(
         store.invite("club", owner, outsider, 10).await?,
         Invite::NotOwner

@@ -1429,8 +1429,8 @@ impl Service {
         }
     }
 
-    /// Creates a group; its creator is its owner and first member. Only members its owner
-    /// adds get into an `invite_only` one.
+    /// Creates a group; its creator is its owner and first member. Only users its owner
+    /// invites get into an `invite_only` one.
     pub async fn create_group(
         &self,
         user: u64,

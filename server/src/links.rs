@@ -640,17 +640,18 @@ pub(crate) async fn renew_sessions(state: &State, via: Option<&quinn::Connection
 }
 
 /// Whether `notice` is a frame only the server itself sends its clients (its login's answer,
-/// a pong, a kick, a drain, a token): a router's notice must not pass for one.
+/// a pong, a kick, a drain, a token): a router's notice must not pass for one. Every kind is
+/// named, so a new one is decided on here.
 fn is_servers_own(notice: &server_control::Kind) -> bool {
     use server_control::Kind;
-    matches!(
-        notice,
+    match notice {
         Kind::LoginResult(_)
-            | Kind::Pong(_)
-            | Kind::Kick(_)
-            | Kind::Drain(_)
-            | Kind::TokenRenewal(_)
-    )
+        | Kind::Pong(_)
+        | Kind::Kick(_)
+        | Kind::Drain(_)
+        | Kind::TokenRenewal(_) => true,
+        Kind::Presence(_) | Kind::GroupChange(_) | Kind::GroupInvite(_) => false,
+    }
 }
 
 /// Passes `notice` to the local sessions of `recipients` and answers with those found.

@@ -658,6 +658,7 @@ impl Store for MemoryStore {
                     && group.owner == user
                 {
                     group.owner = heir;
+                    group.invited.clear();
                 }
                 (was, group.members.is_empty())
             }

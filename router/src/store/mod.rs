@@ -190,7 +190,7 @@ pub struct GroupInfo {
     /// Its owner: its creator, or the member it passed to when the owner left. Acts as owner
     /// only while a member (a group made before owners passed it on may name one who left).
     pub owner: u64,
-    /// Whether only members its owner adds get in.
+    /// Whether only users its owner invites get in.
     pub invite_only: bool,
 }
 
@@ -454,7 +454,7 @@ pub trait Store: Send + Sync + 'static {
     async fn inbox_heads(&self, users: &[u64]) -> Result<Vec<u64>, StoreError>;
 
     /// Creates group `name` owned by `owner`, who becomes its first member; only members its
-    /// owner adds get into an `invite_only` one. Returns false if the name is taken.
+    /// owner invites get into an `invite_only` one. Returns false if the name is taken.
     async fn create_group(
         &self,
         name: &str,
@@ -479,7 +479,7 @@ pub trait Store: Send + Sync + 'static {
     -> Result<Removal, StoreError>;
     /// Removes `user` from `name`; a group whose last member left is deleted with its
     /// invitations (its name can be taken again), and one whose owner left passes to the
-    /// member with the lowest id.
+    /// member with the lowest id, without the old owner's invitations.
     /// Returns whether it was a member.
     async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError>;
     /// The owner of `name` and whether it is invite-only; `None` if there is no such group.

@@ -105,7 +105,8 @@ return 1
 
 /// Leaves a group, and deletes the group with its invitations once its last member left (its
 /// name is free again); an owner who leaves hands the group to the member with the lowest id
-/// (compared as decimal strings: Lua's numbers would round ids past 2^53). KEYS: owner,
+/// (compared as decimal strings: Lua's numbers would round ids past 2^53), without the
+/// invitations it made, which the new owner could not see. KEYS: owner,
 /// members, invite-only, invited. ARGV: user. Returns 1 if the user was a member.
 const LEAVE: &str = r"
 local removed = redis.call('SREM', KEYS[2], ARGV[1])
@@ -118,6 +119,7 @@ if removed == 1 then
       if heir == nil or #m < #heir or (#m == #heir and m < heir) then heir = m end
     end
     redis.call('SET', KEYS[1], heir)
+    redis.call('DEL', KEYS[4])
   end
 end
 return removed
