@@ -367,12 +367,8 @@ async fn presence_events_reach_users_who_share_a_group() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A join or a leave is told to the group's other online members, on every server, whether
-/// made on a client's connection or over HTTP; not to the user who made it, not to anyone
-/// outside the group, and not again for a join of a member.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn joins_and_leaves_are_told_to_the_groups_online_members() -> anyhow::Result<()> {
-    let cluster = cluster(2).await?;
+/// Alice, Bob, Carol and Dave logged in on `cluster`'s two servers (both in use).
+async fn four_users_on_two_servers(cluster: &TestCluster) -> anyhow::Result<[(Client, Events); 4]> {
     let mut users = Vec::new();
     for name in ["alice", "bob", "carol", "dave"] {
         users.push(cluster.user(name).await?);
@@ -380,12 +376,21 @@ async fn joins_and_leaves_are_told_to_the_groups_online_members() -> anyhow::Res
     let servers: std::collections::HashSet<String> =
         users.iter().map(|(c, _)| c.info().server_id).collect();
     assert_eq!(servers.len(), 2, "the users share one server");
+    Ok(<[_; 4]>::try_from(users).ok().unwrap())
+}
+
+/// A join or a leave is told to the group's other online members, on every server, whether
+/// made on a client's connection or over HTTP; not to the user who made it, not to anyone
+/// outside the group, and not again for a join of a member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_and_leaves_are_told_to_the_groups_online_members() -> anyhow::Result<()> {
+    let cluster = cluster(2).await?;
     let [
         (alice, mut alice_events),
         (bob, mut bob_events),
         (carol, mut carol_events),
         (dave, mut dave_events),
-    ] = <[_; 4]>::try_from(users).ok().unwrap();
+    ] = four_users_on_two_servers(&cluster).await?;
     let (bob_id, carol_id) = (bob.info().user_id, carol.info().user_id);
 
     alice.create_group("pals").await?;
@@ -485,19 +490,12 @@ async fn heard_of_groups(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invite_only_groups_owner_invites_and_removes_its_members() -> anyhow::Result<()> {
     let cluster = cluster(2).await?;
-    let mut users = Vec::new();
-    for name in ["alice", "bob", "carol", "dave"] {
-        users.push(cluster.user(name).await?);
-    }
-    let servers: std::collections::HashSet<String> =
-        users.iter().map(|(c, _)| c.info().server_id).collect();
-    assert_eq!(servers.len(), 2, "the users share one server");
     let [
         (alice, mut alice_events),
         (bob, mut bob_events),
         (carol, mut carol_events),
         (dave, mut dave_events),
-    ] = <[_; 4]>::try_from(users).ok().unwrap();
+    ] = four_users_on_two_servers(&cluster).await?;
     let (alice_id, bob_id, carol_id, dave_id) = (
         alice.info().user_id,
         bob.info().user_id,
