@@ -398,6 +398,15 @@ pub enum Event {
     },
 }
 
+/// [`Client::groups_and_invitations`]'s answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MyGroups {
+    /// The groups we belong to, by name.
+    pub groups: Vec<String>,
+    /// The groups whose invitations wait for us, by name.
+    pub invitations: Vec<String>,
+}
+
 /// A group member as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupMemberInfo {
@@ -1180,10 +1189,17 @@ impl Client {
 
     /// The groups we belong to.
     pub async fn my_groups(&self) -> Result<Vec<String>, ClientError> {
-        Ok(self
-            .group_request(group_request::Op::Mine, "")
-            .await?
-            .groups)
+        Ok(self.groups_and_invitations().await?.groups)
+    }
+
+    /// The groups we belong to, and those whose invitations wait for us (a join lets us in;
+    /// at most 1,000, by name; an older router lists none).
+    pub async fn groups_and_invitations(&self) -> Result<MyGroups, ClientError> {
+        let reply = self.group_request(group_request::Op::Mine, "").await?;
+        Ok(MyGroups {
+            groups: reply.groups,
+            invitations: reply.invitations,
+        })
     }
 
     /// Users online now whose name starts with `prefix` (empty: everyone), by name: the

@@ -146,6 +146,26 @@ fn keep(history: Option<&Arc<History>>, ms: u64, text: &str) {
     }
 }
 
+/// The invitations waiting for the user, and how to take one up.
+fn invitations_line(groups: &[String]) -> String {
+    let listed: Vec<String> = groups.iter().map(|g| format!("#{g}")).collect();
+    format!(
+        "invitations waiting ({}): {} (:join <group> to join)",
+        groups.len(),
+        listed.join(" ")
+    )
+}
+
+/// Says at start which invitations wait (made while the user was away, who was not told
+/// then). Best effort: a failure to ask is no reason to stop.
+async fn announce_invitations(client: &Client) {
+    if let Ok(mine) = client.groups_and_invitations().await
+        && !mine.invitations.is_empty()
+    {
+        println!("* {}", invitations_line(&mine.invitations));
+    }
+}
+
 /// A received message as shown, without its time: sender name and id (a reply is
 /// `id;;text`), whether it was private or to which group, and the text, escaped.
 fn message_text(m: &IncomingMessage) -> String {
@@ -198,6 +218,8 @@ async fn chat(
         let pending = pending.clone();
         let failed = failed.clone();
         async move {
+            // First, as if typed: what waits from while the user was away.
+            announce_invitations(&client).await;
             while let Some(command) = queued.recv().await {
                 run_counted(&client, history.as_ref(), command, &failed).await;
                 pending.fetch_sub(1, Ordering::Relaxed);
@@ -551,9 +573,16 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
             }
             Err(e) => report(Err(e), ""),
         },
-        Command::Groups => match client.my_groups().await {
-            Ok(groups) => {
-                println!("your groups ({}): {}", groups.len(), groups.join(" "));
+        Command::Groups => match client.groups_and_invitations().await {
+            Ok(mine) => {
+                println!(
+                    "your groups ({}): {}",
+                    mine.groups.len(),
+                    mine.groups.join(" ")
+                );
+                if !mine.invitations.is_empty() {
+                    println!("{}", invitations_line(&mine.invitations));
+                }
                 true
             }
             Err(e) => report(Err(e), ""),

@@ -526,6 +526,7 @@ async fn an_invite_only_groups_owner_invites_and_removes_its_members() -> anyhow
         Some("invite_only")
     );
     alice.invite("club", bob_id).await?;
+    assert_eq!(bob.groups_and_invitations().await?.invitations, ["club"]);
     assert_eq!(
         refusal(dave.invite("club", 987_654).await).as_deref(),
         Some("not_owner"),
@@ -536,6 +537,11 @@ async fn an_invite_only_groups_owner_invites_and_removes_its_members() -> anyhow
         Some("unknown_user")
     );
     bob.join_group("club").await?;
+    let mine = bob.groups_and_invitations().await?;
+    assert_eq!(
+        (mine.groups, mine.invitations),
+        (vec!["club".to_string()], vec![])
+    );
     assert_eq!(
         refusal(bob.invite("club", carol_id).await).as_deref(),
         Some("not_owner"),
@@ -550,6 +556,13 @@ async fn an_invite_only_groups_owner_invites_and_removes_its_members() -> anyhow
         alice.token(),
     )
     .await?;
+    let carols: serde_json::Value = api
+        .call::<(), _>(Method::GET, "/api/groups", None, Some(&carol.token()))
+        .await?;
+    assert_eq!(
+        carols,
+        serde_json::json!({"groups": [], "invitations": ["club"]})
+    );
     http(
         Method::POST,
         "/api/groups/club/join".into(),

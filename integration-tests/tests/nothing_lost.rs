@@ -1181,6 +1181,9 @@ impl Store for PausingStore {
     async fn group_size(&self, name: &str) -> Result<usize, StoreError> {
         self.inner.group_size(name).await
     }
+    async fn user_invitations(&self, user: u64) -> Result<Vec<String>, StoreError> {
+        self.inner.user_invitations(user).await
+    }
     async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError> {
         self.inner.user_groups(user).await
     }

@@ -718,6 +718,17 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     alice
         .expect_line("(sent, but no one else is online)")
         .await?;
+    // An invitation made while Bob was away waits for him: his next console says so.
+    alice.send_line(&format!(":invite club {bob_id}")).await?;
+    alice
+        .expect_line(&format!("invited {bob_id} to #club"))
+        .await?;
+    let mut bob = console(&cluster, "bob")?;
+    bob.expect_line("* invitations waiting (1): #club").await?;
+    bob.send_line(":groups").await?;
+    bob.expect_line("invitations waiting (1): #club").await?;
+    bob.send_line(":q").await?;
+    bob.expect_line("bye").await?;
     alice.send_line(":q").await?;
     alice.expect_line("bye").await?;
 

@@ -624,6 +624,7 @@ async fn owners_and_invite_only_groups_follow_the_contract(
         store.invite("club", owner, member, 1).await?,
         Invite::Invited
     );
+    assert_eq!(store.user_invitations(member).await?, ["club"]);
     assert_eq!(
         store.invite("club", owner, member, 10).await?,
         Invite::AlreadyInvited
@@ -642,6 +643,7 @@ async fn owners_and_invite_only_groups_follow_the_contract(
         "an invitation is no membership"
     );
     assert_eq!(store.join_group("club", member, 10).await?, Join::Joined);
+    assert!(store.user_invitations(member).await?.is_empty());
     // The join used the invitation up: a member who leaves needs another.
     assert!(store.leave_group("club", member).await?);
     assert_eq!(
@@ -695,6 +697,7 @@ async fn owners_and_invite_only_groups_follow_the_contract(
         store.remove_member("club", owner, outsider).await?,
         Removal::Uninvited
     );
+    assert!(store.user_invitations(outsider).await?.is_empty());
     assert_eq!(
         store.join_group("club", outsider, 10).await?,
         Join::InviteOnly
@@ -708,8 +711,15 @@ async fn owners_and_invite_only_groups_follow_the_contract(
         store.join_group("club", user, 10).await?;
     }
     store.invite("club", owner, outsider, 10).await?;
+    store.create_group("other", owner, true).await?;
+    store.invite("other", owner, outsider, 10).await?;
+    assert_eq!(store.user_invitations(outsider).await?, ["club", "other"]);
     assert!(store.leave_group("club", owner).await?);
     assert_eq!(store.group_info("club").await?, info(heir, true));
+    assert_eq!(store.user_invitations(outsider).await?, ["other"]);
+    // A deleted group's invitations go with it.
+    assert!(store.leave_group("other", owner).await?);
+    assert!(store.user_invitations(outsider).await?.is_empty());
     assert_eq!(
         store.join_group("club", outsider, 10).await?,
         Join::InviteOnly

@@ -14,7 +14,7 @@
 //! | POST | /api/groups/NAME/invitations | bearer (the owner) | `{user_id}` | 200 `{}`: invites the user (told to them if online; their join lets them in); 403 `not_owner`; 404 `unknown_group`, `unknown_user`; 409 `too_many_invitations`; counts 10 |
 //! | DELETE | /api/groups/NAME/members/ID | bearer (the owner) | - | 200 `{}`: removes the member (told to them and to the group) or withdraws their invitation; removing yourself is leaving; 403 `not_owner`; 404 `unknown_group`, `no_such_member`; counts 10 |
 //! | GET | /api/groups/NAME/members | bearer | - | 200 `{members: [{id, name, online, owner}]}` |
-//! | GET | /api/groups | bearer | - | 200 `{groups: [...]}` |
+//! | GET | /api/groups | bearer | - | 200 `{groups: [...], invitations: [...]}` (the groups whose invitations wait for the caller) |
 //! | GET | /health | - | - | 200 `{status, servers}` (liveness) |
 //! | GET | /ready | - | - | 200 when the store answers, a server is linked and a message-id node is held, else 503 `not_ready` |
 //! | GET | /metrics | - | - | Prometheus text exposition |
@@ -249,6 +249,7 @@ struct MembersResponse {
 #[derive(Serialize)]
 struct GroupsResponse {
     groups: Vec<String>,
+    invitations: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -542,7 +543,11 @@ pub fn routes(
                 let result = async {
                     let claims = authenticate(&service, auth).await?;
                     let groups = service.my_groups(claims.user_id).await?;
-                    Ok::<_, ApiError>(warp::reply::json(&GroupsResponse { groups }))
+                    let invitations = service.my_invitations(claims.user_id).await?;
+                    Ok::<_, ApiError>(warp::reply::json(&GroupsResponse {
+                        groups,
+                        invitations,
+                    }))
                 };
                 respond_api(result.await)
             },

@@ -848,10 +848,17 @@ async fn group_command(
                     ..Default::default()
                 })
         }
-        group_request::Op::Mine => service.my_groups(user).await.map(|groups| GroupResult {
-            groups,
-            ..Default::default()
-        }),
+        group_request::Op::Mine => match service.my_groups(user).await {
+            Ok(groups) => service
+                .my_invitations(user)
+                .await
+                .map(|invitations| GroupResult {
+                    groups,
+                    invitations,
+                    ..Default::default()
+                }),
+            Err(e) => Err(e),
+        },
     };
     outcome.unwrap_or_else(|e| GroupResult {
         code: e.code().into(),

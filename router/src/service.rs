@@ -1607,6 +1607,12 @@ impl Service {
         Ok(self.store.user_groups(user).await?)
     }
 
+    /// Groups whose invitations wait for `user` (at most
+    /// [`crate::store::MAX_INVITATIONS_LISTED`], by name).
+    pub async fn my_invitations(&self, user: u64) -> Result<Vec<String>, ServiceError> {
+        Ok(self.store.user_invitations(user).await?)
+    }
+
     /// Queues telling the online users who share a group with `user` that it came online or
     /// left (see [`crate::presence`]). Best effort: presence is not stored, failures are
     /// logged.

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::expiring::{ExpiringMap, Weight};
 use super::{
     Account, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Invite, Join,
-    Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
+    MAX_INVITATIONS_LISTED, Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
 };
 
 /// Most idempotency records kept; beyond this the oldest are forgotten early (about 100 MB at
@@ -72,6 +72,8 @@ struct Inner {
     groups: HashMap<String, Group>,
     /// User -> groups.
     memberships: HashMap<u64, BTreeSet<String>>,
+    /// User -> groups whose invitations wait for it (as each group's `invited`).
+    invitations: HashMap<u64, BTreeSet<String>>,
     /// Message-id node -> its holder (kept after the hold ends, for its `issued_until_ms`).
     id_nodes: HashMap<u16, IdNodeHold>,
 }
@@ -118,6 +120,16 @@ impl Weight for (u64, u64) {
 }
 
 impl Inner {
+    /// Forgets that an invitation to `group` waits for `user`.
+    fn uninvite(&mut self, user: u64, group: &str) {
+        if let Some(groups) = self.invitations.get_mut(&user) {
+            groups.remove(group);
+            if groups.is_empty() {
+                self.invitations.remove(&user);
+            }
+        }
+    }
+
     /// Why `session_id` of `user` was revoked, if it was and the mark has not expired.
     fn revocation(&self, user: u64, session_id: u64, now: Instant) -> Option<Revocation> {
         self.revoked
@@ -576,6 +588,7 @@ impl Store for MemoryStore {
         };
         if group.members.contains(&user) {
             group.invited.remove(&user);
+            inner.uninvite(user, name);
             return Ok(Join::AlreadyMember);
         }
         if group.invite_only && !group.invited.contains(&user) {
@@ -591,6 +604,7 @@ impl Store for MemoryStore {
             .entry(user)
             .or_default()
             .insert(name.to_string());
+        inner.uninvite(user, name);
         Ok(Join::Joined)
     }
 
@@ -615,6 +629,11 @@ impl Store for MemoryStore {
             Invite::Full
         } else {
             group.invited.insert(user);
+            inner
+                .invitations
+                .entry(user)
+                .or_default()
+                .insert(name.to_string());
             Invite::Invited
         })
     }
@@ -636,7 +655,9 @@ impl Store for MemoryStore {
             return Ok(Removal::NotMember);
         }
         let uninvited = group.invited.remove(&user);
-        if !group.members.remove(&user) {
+        let removed = group.members.remove(&user);
+        inner.uninvite(user, name);
+        if !removed {
             return Ok(if uninvited {
                 Removal::Uninvited
             } else {
@@ -651,19 +672,26 @@ impl Store for MemoryStore {
 
     async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError> {
         let mut inner = self.inner();
-        let (was, now_empty) = match inner.groups.get_mut(name) {
+        let (was, now_empty, void) = match inner.groups.get_mut(name) {
             Some(group) => {
                 let was = group.members.remove(&user);
+                let mut void = BTreeSet::new();
+                // Deleted, or passed on: the invitations go either way.
+                if group.members.is_empty() || group.owner == user {
+                    void = std::mem::take(&mut group.invited);
+                }
                 if let Some(&heir) = group.members.first()
                     && group.owner == user
                 {
                     group.owner = heir;
-                    group.invited.clear();
                 }
-                (was, group.members.is_empty())
+                (was, group.members.is_empty(), void)
             }
-            None => (false, false),
+            None => (false, false, BTreeSet::new()),
         };
+        for invited in void {
+            inner.uninvite(invited, name);
+        }
         if now_empty {
             inner.groups.remove(name);
         }
@@ -694,6 +722,15 @@ impl Store for MemoryStore {
             .groups
             .get(name)
             .map_or(0, |group| group.members.len()))
+    }
+
+    async fn user_invitations(&self, user: u64) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .inner()
+            .invitations
+            .get(&user)
+            .map(|g| g.iter().take(MAX_INVITATIONS_LISTED).cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError> {

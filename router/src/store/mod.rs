@@ -152,6 +152,9 @@ pub enum Join {
     InviteOnly,
 }
 
+/// Invitations [`Store::user_invitations`] lists at most (by group name).
+pub const MAX_INVITATIONS_LISTED: usize = 1_000;
+
 /// Outcome of [`Store::invite`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Invite {
@@ -490,6 +493,8 @@ pub trait Store: Send + Sync + 'static {
     async fn group_size(&self, name: &str) -> Result<usize, StoreError>;
     /// Groups `user` belongs to, sorted.
     async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError>;
+    /// Groups whose invitations wait for `user`, sorted, at most [`MAX_INVITATIONS_LISTED`].
+    async fn user_invitations(&self, user: u64) -> Result<Vec<String>, StoreError>;
 
     /// Claims a free message-id node for `owner` (unique per router process) for `lease`,
     /// trying `first` and then the next numbers in turn. A node is free once its holder's

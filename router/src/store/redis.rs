@@ -35,7 +35,7 @@ use redis::{AsyncCommands, Script};
 
 use super::{
     Account, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Invite, Join,
-    Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
+    MAX_INVITATIONS_LISTED, Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
 };
 
 const NEXT_USER_ID: &str = "cim:next_user_id";
@@ -90,6 +90,12 @@ fn group_invited_key(name: &str) -> String {
 }
 fn user_groups_key(user: u64) -> String {
     format!("cim:{{u{user}}}:groups")
+}
+/// Groups whose invitations may wait for the user: added after an invitation is stored, taken
+/// out by a join or a removal; a group deleted or passed on leaves its name here, and the
+/// listing drops what the group no longer holds.
+fn user_invites_key(user: u64) -> String {
+    format!("cim:{{u{user}}}:invites")
 }
 
 /// Creates a group with its owner as its first member, all or nothing. KEYS: owner,
@@ -1384,8 +1390,12 @@ impl Store for RedisStore {
             _ => Join::NoGroup,
         };
         if matches!(join, Join::Joined | Join::AlreadyMember) {
-            let _: () = conn
+            let _: () = redis::pipe()
                 .sadd(user_groups_key(user), name)
+                .ignore()
+                .srem(user_invites_key(user), name)
+                .ignore()
+                .query_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
         }
@@ -1399,6 +1409,7 @@ impl Store for RedisStore {
         user: u64,
         cap: usize,
     ) -> Result<Invite, StoreError> {
+        let mut conn = self.conn();
         let outcome: i64 = self
             .invite
             .key(group_owner_key(name))
@@ -1407,17 +1418,24 @@ impl Store for RedisStore {
             .arg(owner)
             .arg(user)
             .arg(cap)
-            .invoke_async(&mut self.conn())
+            .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(match outcome {
+        let invite = match outcome {
             1 => Invite::Invited,
             2 => Invite::AlreadyInvited,
             3 => Invite::AlreadyMember,
             4 => Invite::Full,
             5 => Invite::NotOwner,
             _ => Invite::NoGroup,
-        })
+        };
+        if matches!(invite, Invite::Invited | Invite::AlreadyInvited) {
+            let _: () = conn
+                .sadd(user_invites_key(user), name)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(invite)
     }
 
     async fn remove_member(
@@ -1444,9 +1462,13 @@ impl Store for RedisStore {
             4 => Removal::Uninvited,
             _ => Removal::NoGroup,
         };
-        if removal == Removal::Removed {
-            let _: () = conn
+        if matches!(removal, Removal::Removed | Removal::Uninvited) {
+            let _: () = redis::pipe()
                 .srem(user_groups_key(user), name)
+                .ignore()
+                .srem(user_invites_key(user), name)
+                .ignore()
+                .query_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
         }
@@ -1509,6 +1531,42 @@ impl Store for RedisStore {
             .scard(group_members_key(name))
             .await
             .map_err(unavailable)
+    }
+
+    async fn user_invitations(&self, user: u64) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn();
+        let mut named: Vec<String> = conn
+            .smembers(user_invites_key(user))
+            .await
+            .map_err(unavailable)?;
+        named.sort();
+        let mut waiting = Vec::new();
+        let mut gone = Vec::new();
+        for chunk in named.chunks(READ_CHUNK) {
+            let mut pipe = redis::pipe();
+            for group in chunk {
+                pipe.sismember(group_invited_key(group), user);
+            }
+            let held: Vec<bool> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            for (group, held) in chunk.iter().zip(held) {
+                if held {
+                    waiting.push(group.clone());
+                } else {
+                    gone.push(group.clone());
+                }
+            }
+            if waiting.len() >= MAX_INVITATIONS_LISTED {
+                break;
+            }
+        }
+        if !gone.is_empty() {
+            let _: () = conn
+                .srem(user_invites_key(user), gone)
+                .await
+                .map_err(unavailable)?;
+        }
+        waiting.truncate(MAX_INVITATIONS_LISTED);
+        Ok(waiting)
     }
 
     async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError> {
