@@ -84,7 +84,7 @@ commands:
   :remove <group> <userId>
                        remove a member from a group you own, or withdraw an invitation
   :members <group>     list a group's members, who is online and who owns it
-  :groups              list your groups
+  :groups              list your groups and the invitations waiting for you
   :olu [prefix]        list online users (optionally whose name starts with prefix)
   :info                show your id, name and server
   :q <words>           search your message history on this machine (the latest 50 lines)
