@@ -857,6 +857,25 @@ async fn a_request_whose_body_never_ends_is_answered_in_time() -> anyhow::Result
     scene.still_chatting().await
 }
 
+/// A body refused before it is read (here: no length given) is answered as such on every
+/// route that takes one, not taken up by another route of the same path shape as an unknown
+/// group action (`POST /api/groups/NAME/ACTION`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_refused_unread_is_answered_by_its_own_route() -> anyhow::Result<()> {
+    let mut scene = Scene::new().await?;
+    let token = scene.alice.token();
+    for path in ["/api/groups", "/api/groups/club/invitations"] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: cim\r\nAuthorization: Bearer {token}\r\n\
+             Connection: close\r\n\r\n"
+        );
+        let answer = raw_https(&scene.cluster, head.as_bytes()).await?;
+        assert!(answer.starts_with("HTTP/1.1 411"), "{path}: {answer}");
+        assert!(answer.contains("\"length_required\""), "{path}: {answer}");
+    }
+    scene.still_chatting().await
+}
+
 /// A request head past 16 KiB (a header of 64 KiB here) is refused `431` and its connection
 /// closed: before, hyper's default let each connection hold about 400 KB of head before any
 /// request was authenticated.
@@ -1225,7 +1244,14 @@ async fn malformed_json_and_wrong_types_get_clear_errors_on_every_endpoint() -> 
         r#"{"to": "x", "body": 1}"#,
         "\u{0}\u{1}",
     ];
-    for path in ["/api/register", "/api/login", "/api/messages"] {
+    let paths = [
+        "/api/register",
+        "/api/login",
+        "/api/messages",
+        "/api/groups",
+        "/api/groups/club/invitations",
+    ];
+    for path in paths {
         for body in bad_bodies {
             let (status, reply) = api
                 .raw(Method::POST, path, Bytes::from(body), Some(&token))
