@@ -78,7 +78,7 @@ commands:
   :create <group> invite-only
                        create a group only users you invite get into
   :join <group>        join a group
-  :leave <group>       leave a group
+  :leave <group>       leave a group (or decline its invitation)
   :invite <group> <userId>
                        invite a user to a group you own (their :join lets them in)
   :remove <group> <userId>

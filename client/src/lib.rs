@@ -1193,7 +1193,7 @@ impl Client {
     }
 
     /// The groups we belong to, and those whose invitations wait for us (a join lets us in;
-    /// at most 1,000, by name; an older router lists none).
+    /// at most 1,000, by name; an older router or server lists none).
     pub async fn groups_and_invitations(&self) -> Result<MyGroups, ClientError> {
         let reply = self.group_request(group_request::Op::Mine, "").await?;
         Ok(MyGroups {

@@ -617,9 +617,16 @@ async fn an_invite_only_groups_owner_invites_and_removes_its_members() -> anyhow
         code(remove(carol_id, alice.token()).await).as_deref(),
         Some("no_such_member")
     );
-    // An invitation withdrawn lets no one in.
+    // An invitation withdrawn, or declined (a leave), lets no one in.
     alice.invite("club", dave_id).await?;
     alice.remove_member("club", dave_id).await?;
+    assert_eq!(
+        refusal(dave.join_group("club").await).as_deref(),
+        Some("invite_only")
+    );
+    alice.invite("club", dave_id).await?;
+    dave.leave_group("club").await?;
+    assert!(dave.groups_and_invitations().await?.invitations.is_empty());
     assert_eq!(
         refusal(dave.join_group("club").await).as_deref(),
         Some("invite_only")
@@ -655,7 +662,12 @@ async fn an_invite_only_groups_owner_invites_and_removes_its_members() -> anyhow
                 change(carol_id, false, Some(alice_id)),
             ],
         ),
-        ("dave", &mut dave_events, Vec::new(), vec![invite.clone()]),
+        (
+            "dave",
+            &mut dave_events,
+            Vec::new(),
+            vec![invite.clone(), invite.clone()],
+        ),
     ];
     for (name, events, heard, want) in wanted {
         let got = heard_of_groups(events, heard, want.len()).await?;

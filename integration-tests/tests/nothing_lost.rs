@@ -1169,6 +1169,9 @@ impl Store for PausingStore {
     ) -> Result<Removal, StoreError> {
         self.inner.remove_member(name, owner, user).await
     }
+    async fn decline_invitation(&self, name: &str, user: u64) -> Result<bool, StoreError> {
+        self.inner.decline_invitation(name, user).await
+    }
     async fn group_info(&self, name: &str) -> Result<Option<GroupInfo>, StoreError> {
         self.inner.group_info(name).await
     }

@@ -702,6 +702,15 @@ async fn owners_and_invite_only_groups_follow_the_contract(
         store.join_group("club", outsider, 10).await?,
         Join::InviteOnly
     );
+    // So does a declined one.
+    store.invite("club", owner, outsider, 10).await?;
+    assert!(store.decline_invitation("club", outsider).await?);
+    assert!(!store.decline_invitation("club", outsider).await?);
+    assert!(store.user_invitations(outsider).await?.is_empty());
+    assert_eq!(
+        store.join_group("club", outsider, 10).await?,
+        Join::InviteOnly
+    );
 
     // The owner leaves: the lowest id left (950 < 7110, though "7110" < "950" as text) owns
     // the group, and may invite and remove; the one who left may not; its invitations,
@@ -741,6 +750,7 @@ async fn owners_and_invite_only_groups_follow_the_contract(
         store.join_group("club", outsider, 10).await?,
         Join::InviteOnly
     );
+    assert!(store.user_invitations(outsider).await?.is_empty());
     assert!(store.leave_group("club", member).await?);
     assert!(store.create_group("club", member, false).await?);
     assert_eq!(store.group_info("club").await?, info(member, false));
@@ -777,6 +787,17 @@ async fn a_departed_owner_of_an_older_group_is_no_owner(
         Removal::NotOwner
     );
     assert_eq!(store.group_members("old").await?, Some(vec![member]));
+    // The index of a user's invitations drops, when read, a group that went: an invitation
+    // of a group deleted since is gone from it.
+    assert!(store.create_group("gone", member, true).await?);
+    store.invite("gone", member, 7203, 10).await?;
+    assert!(store.leave_group("gone", member).await?);
+    assert!(store.user_invitations(7203).await?.is_empty());
+    let indexed: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("cim:{u7203}:invites")
+        .query_async(&mut conn)
+        .await?;
+    assert!(indexed.is_empty(), "{indexed:?}");
     Ok(())
 }
 

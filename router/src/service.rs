@@ -28,8 +28,8 @@ use crate::password::{self, PasswordWork, WorkError};
 use crate::presence::PresenceQueue;
 use crate::select::Selector;
 use crate::store::{
-    Account, Claim, InboxEntry, Invite, Join, Relogin, Removal, Revocation, Route, Store,
-    StoreError,
+    Account, Claim, InboxEntry, Invite, Join, MAX_INVITATIONS_LISTED, Relogin, Removal, Revocation,
+    Route, Store, StoreError,
 };
 
 /// Errors kept for the admin page.
@@ -143,7 +143,7 @@ pub enum ServiceError {
     /// A removal of a user who is neither in the group nor invited.
     #[error("that user is neither a member of the group nor invited")]
     NoSuchMember,
-    /// As many invitations wait as the group may have members.
+    /// As many invitations wait as the group may have members, or 1,000 for the user.
     #[error("too many invitations wait for an answer")]
     TooManyInvitations,
     /// The body exceeds the configured limit.
@@ -1480,6 +1480,11 @@ impl Service {
         if self.user_name(user).await?.is_none() {
             return Err(ServiceError::UnknownUser);
         }
+        // A cap, checked before the store call (invitations at once may pass it by a few):
+        // the user can decline them (a leave), and no one fills their list for good.
+        if self.store.user_invitations(user).await?.len() >= MAX_INVITATIONS_LISTED {
+            return Err(ServiceError::TooManyInvitations);
+        }
         match self
             .store
             .invite(name, owner, user, self.config.max_group_size)
@@ -1540,6 +1545,8 @@ impl Service {
     pub async fn leave_group(&self, user: u64, name: &str) -> Result<(), ServiceError> {
         if self.store.leave_group(name, user).await? {
             self.announce_group_change(user, name, false, None).await;
+            Ok(())
+        } else if self.store.decline_invitation(name, user).await? {
             Ok(())
         } else if self.store.group_size(name).await? == 0 {
             Err(ServiceError::UnknownGroup)
@@ -1655,8 +1662,7 @@ impl Service {
     }
 
     /// Tells the group's other online members that `user` joined it (or left it), or that
-    /// the owner `by` added (or removed) `user`, who is then told too, in a group of any
-    /// size. Best effort, as presence: not stored, failures logged, and given up after
+    /// the owner `by` removed `user`, who is then told too, in a group of any size. Best effort, as presence: not stored, failures logged, and given up after
     /// [`GROUP_CHANGE_WAIT`] (the change is answered after it, so that one client's changes
     /// are told in the order it made them).
     async fn announce_group_change(&self, user: u64, group: &str, joined: bool, by: Option<u64>) {

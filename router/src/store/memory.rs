@@ -701,6 +701,16 @@ impl Store for MemoryStore {
         Ok(was)
     }
 
+    async fn decline_invitation(&self, name: &str, user: u64) -> Result<bool, StoreError> {
+        let mut inner = self.inner();
+        let declined = inner
+            .groups
+            .get_mut(name)
+            .is_some_and(|group| group.invited.remove(&user));
+        inner.uninvite(user, name);
+        Ok(declined)
+    }
+
     async fn group_info(&self, name: &str) -> Result<Option<GroupInfo>, StoreError> {
         Ok(self.inner().groups.get(name).map(|group| GroupInfo {
             owner: group.owner,

@@ -485,6 +485,8 @@ pub trait Store: Send + Sync + 'static {
     /// member with the lowest id, without the old owner's invitations.
     /// Returns whether it was a member.
     async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError>;
+    /// `user` declines its invitation to `name`. Returns whether one waited.
+    async fn decline_invitation(&self, name: &str, user: u64) -> Result<bool, StoreError>;
     /// The owner of `name` and whether it is invite-only; `None` if there is no such group.
     async fn group_info(&self, name: &str) -> Result<Option<GroupInfo>, StoreError>;
     /// Members of `name`, sorted; `None` if there is no such group.

@@ -595,6 +595,32 @@ fn set_unless_present(key: &str, value: &str, ttl_ms: u64) -> redis::Cmd {
 }
 
 impl RedisStore {
+    /// Splits `groups` into those whose invitations hold `user` and those that do not,
+    /// [`READ_CHUNK`] to a pipeline.
+    async fn held_invitations(
+        &self,
+        conn: &mut ConnectionManager,
+        groups: Vec<String>,
+        user: u64,
+    ) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        let (mut held, mut not) = (Vec::new(), Vec::new());
+        for chunk in groups.chunks(READ_CHUNK) {
+            let mut pipe = redis::pipe();
+            for group in chunk {
+                pipe.sismember(group_invited_key(group), user);
+            }
+            let answers: Vec<bool> = pipe.query_async(conn).await.map_err(unavailable)?;
+            for (group, holds) in chunk.iter().zip(answers) {
+                if holds {
+                    held.push(group.clone());
+                } else {
+                    not.push(group.clone());
+                }
+            }
+        }
+        Ok((held, not))
+    }
+
     /// Connects to `url` (e.g. `redis://127.0.0.1:6379`). Fails if Redis is unreachable now;
     /// later outages are survived.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -1475,6 +1501,16 @@ impl Store for RedisStore {
         Ok(removal)
     }
 
+    async fn decline_invitation(&self, name: &str, user: u64) -> Result<bool, StoreError> {
+        let (declined, _): (bool, i64) = redis::pipe()
+            .srem(group_invited_key(name), user)
+            .srem(user_invites_key(user), name)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(declined)
+    }
+
     async fn group_info(&self, name: &str) -> Result<Option<GroupInfo>, StoreError> {
         let mut conn = self.conn();
         let (owner, invite_only): (Option<String>, bool) = redis::pipe()
@@ -1540,30 +1576,23 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         named.sort();
-        let mut waiting = Vec::new();
-        let mut gone = Vec::new();
-        for chunk in named.chunks(READ_CHUNK) {
-            let mut pipe = redis::pipe();
-            for group in chunk {
-                pipe.sismember(group_invited_key(group), user);
-            }
-            let held: Vec<bool> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
-            for (group, held) in chunk.iter().zip(held) {
-                if held {
-                    waiting.push(group.clone());
-                } else {
-                    gone.push(group.clone());
-                }
-            }
-            if waiting.len() >= MAX_INVITATIONS_LISTED {
-                break;
-            }
-        }
+        let (mut waiting, gone) = self.held_invitations(&mut conn, named, user).await?;
         if !gone.is_empty() {
             let _: () = conn
-                .srem(user_invites_key(user), gone)
+                .srem(user_invites_key(user), &gone)
                 .await
                 .map_err(unavailable)?;
+            // An owner may have invited the user again between the read and the removal
+            // (its index write found the name still there): those go back.
+            let (again, _) = self.held_invitations(&mut conn, gone, user).await?;
+            if !again.is_empty() {
+                let _: () = conn
+                    .sadd(user_invites_key(user), &again)
+                    .await
+                    .map_err(unavailable)?;
+                waiting.extend(again);
+                waiting.sort();
+            }
         }
         waiting.truncate(MAX_INVITATIONS_LISTED);
         Ok(waiting)
