@@ -163,9 +163,9 @@ end
     };
 }
 
-/// The owner invites a user. KEYS: owner, members, invited. ARGV: owner, user, cap on waiting
-/// invitations. Returns 1 invited, 2 already invited, 3 already a member, 4 too many
-/// invitations wait, 5 not the owner, 0 no such group.
+/// The owner invites a user. KEYS: the group's four (owner, members, invite-only, invited).
+/// ARGV: owner, user, cap on waiting invitations. Returns 1 invited, 2 already invited,
+/// 3 already a member, 4 too many invitations wait, 5 not the owner, 0 no such group.
 const INVITE: &str = concat!(
     owner_function!(),
     r"
@@ -173,15 +173,15 @@ local owns = owned()
 if owns == nil then return 0 end
 if not owns then return 5 end
 if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then return 3 end
-if redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 1 then return 2 end
-if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[3]) then return 4 end
-redis.call('SADD', KEYS[3], ARGV[2])
+if redis.call('SISMEMBER', KEYS[4], ARGV[2]) == 1 then return 2 end
+if redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[3]) then return 4 end
+redis.call('SADD', KEYS[4], ARGV[2])
 return 1
 "
 );
 
-/// The owner removes another member, or withdraws an invitation. KEYS: owner, members,
-/// invited. ARGV: owner, user. Returns 1 removed, 4 uninvited, 2 neither a member (nor the
+/// The owner removes another member, or withdraws an invitation. KEYS: the group's four.
+/// ARGV: owner, user. Returns 1 removed, 4 uninvited, 2 neither a member (nor the
 /// owner itself) nor invited, 3 not the owner, 0 no such group.
 const REMOVE_MEMBER: &str = concat!(
     owner_function!(),
@@ -190,7 +190,7 @@ local owns = owned()
 if owns == nil then return 0 end
 if not owns then return 3 end
 if ARGV[2] == ARGV[1] then return 2 end
-local uninvited = redis.call('SREM', KEYS[3], ARGV[2])
+local uninvited = redis.call('SREM', KEYS[4], ARGV[2])
 if redis.call('SREM', KEYS[2], ARGV[2]) == 1 then return 1 end
 if uninvited == 1 then return 4 end
 return 2
@@ -595,6 +595,39 @@ fn set_unless_present(key: &str, value: &str, ttl_ms: u64) -> redis::Cmd {
 }
 
 impl RedisStore {
+    /// Runs one of the group scripts with `keys` and `args`; returns its outcome code and the
+    /// connection, for the user-side index writes that follow.
+    async fn group_script(
+        &self,
+        script: &Script,
+        keys: [String; 4],
+        args: &[String],
+    ) -> Result<(i64, ConnectionManager), StoreError> {
+        let mut conn = self.conn();
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg);
+        }
+        let outcome = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok((outcome, conn))
+    }
+
+    /// A group's four keys: owner, members, invite-only flag, invitations.
+    fn group_keys(name: &str) -> [String; 4] {
+        [
+            group_owner_key(name),
+            group_members_key(name),
+            group_invite_only_key(name),
+            group_invited_key(name),
+        ]
+    }
+
     /// Splits `groups` into those whose invitations hold `user` and those that do not,
     /// [`READ_CHUNK`] to a pipeline.
     async fn held_invitations(
@@ -1371,20 +1404,12 @@ impl Store for RedisStore {
         owner: u64,
         invite_only: bool,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn();
         // The owner is a member from the start: a failure in between must not leave a group
         // whose name is taken and whose owner is not in it.
-        let created: i64 = self
-            .create_group
-            .key(group_owner_key(name))
-            .key(group_members_key(name))
-            .key(group_invite_only_key(name))
-            .key(group_invited_key(name))
-            .arg(owner)
-            .arg(u8::from(invite_only))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let args = [owner.to_string(), u8::from(invite_only).to_string()];
+        let (created, mut conn) = self
+            .group_script(&self.create_group, Self::group_keys(name), &args)
+            .await?;
         let created = created == 1;
         if created {
             let _: () = conn
@@ -1396,18 +1421,10 @@ impl Store for RedisStore {
     }
 
     async fn join_group(&self, name: &str, user: u64, cap: usize) -> Result<Join, StoreError> {
-        let mut conn = self.conn();
-        let outcome: i64 = self
-            .join
-            .key(group_owner_key(name))
-            .key(group_members_key(name))
-            .key(group_invite_only_key(name))
-            .key(group_invited_key(name))
-            .arg(user)
-            .arg(cap)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let args = [user.to_string(), cap.to_string()];
+        let (outcome, mut conn) = self
+            .group_script(&self.join, Self::group_keys(name), &args)
+            .await?;
         let join = match outcome {
             1 => Join::Joined,
             2 => Join::AlreadyMember,
@@ -1435,18 +1452,10 @@ impl Store for RedisStore {
         user: u64,
         cap: usize,
     ) -> Result<Invite, StoreError> {
-        let mut conn = self.conn();
-        let outcome: i64 = self
-            .invite
-            .key(group_owner_key(name))
-            .key(group_members_key(name))
-            .key(group_invited_key(name))
-            .arg(owner)
-            .arg(user)
-            .arg(cap)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let args = [owner.to_string(), user.to_string(), cap.to_string()];
+        let (outcome, mut conn) = self
+            .group_script(&self.invite, Self::group_keys(name), &args)
+            .await?;
         let invite = match outcome {
             1 => Invite::Invited,
             2 => Invite::AlreadyInvited,
@@ -1470,17 +1479,10 @@ impl Store for RedisStore {
         owner: u64,
         user: u64,
     ) -> Result<Removal, StoreError> {
-        let mut conn = self.conn();
-        let outcome: i64 = self
-            .remove_member
-            .key(group_owner_key(name))
-            .key(group_members_key(name))
-            .key(group_invited_key(name))
-            .arg(owner)
-            .arg(user)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let args = [owner.to_string(), user.to_string()];
+        let (outcome, mut conn) = self
+            .group_script(&self.remove_member, Self::group_keys(name), &args)
+            .await?;
         let removal = match outcome {
             1 => Removal::Removed,
             2 => Removal::NotMember,
@@ -1529,17 +1531,9 @@ impl Store for RedisStore {
     }
 
     async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError> {
-        let mut conn = self.conn();
-        let removed: i64 = self
-            .leave
-            .key(group_owner_key(name))
-            .key(group_members_key(name))
-            .key(group_invite_only_key(name))
-            .key(group_invited_key(name))
-            .arg(user)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let (removed, mut conn) = self
+            .group_script(&self.leave, Self::group_keys(name), &[user.to_string()])
+            .await?;
         let _: () = conn
             .srem(user_groups_key(user), name)
             .await
