@@ -1725,22 +1725,22 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                     shared.gap.notify_one();
                 }
                 if let Err(e) = ping(&mut send, nonce, &shared.progress, false).await {
-                    break End::Lost(format!("control stream failed: {e}"));
+                    break lost_or_closed(&conn, format!("control stream failed: {e}"));
                 }
             }
             _ = shared.ack_flush.notified() => {
                 nonce += 1;
                 flush_nonce = Some(nonce);
                 if let Err(e) = ping(&mut send, nonce, &shared.progress, true).await {
-                    break End::Lost(format!("control stream failed: {e}"));
+                    break lost_or_closed(&conn, format!("control stream failed: {e}"));
                 }
             }
             frame = frames.recv() => {
                 let kind = match frame {
                     Some(Ok(Some(control))) => control.kind,
-                    Some(Ok(None)) => break End::Lost("server ended the control stream".into()),
-                    Some(Err(e)) => break End::Lost(format!("control stream: {e}")),
-                    None => break End::Lost("control stream closed".into()),
+                    Some(Ok(None)) => break lost_or_closed(&conn, "server ended the control stream".into()),
+                    Some(Err(e)) => break lost_or_closed(&conn, format!("control stream: {e}")),
+                    None => break lost_or_closed(&conn, "control stream closed".into()),
                 };
                 match kind {
                     Some(server_control::Kind::Pong(pong)) => {
@@ -1835,6 +1835,17 @@ async fn ping(
         kind: Some(client_control::Kind::Ping(ping)),
     };
     write_frame(send, &control, MAX_CONTROL_FRAME).await
+}
+
+/// How a failed control stream ends the session: as the connection's close, if it was closed
+/// (the stream's own error only says "connection lost", and which of the two the control
+/// loop sees first is chance), else as `lost`. A kick or a drain told by the close code must
+/// not pass for a lost connection.
+fn lost_or_closed(conn: &quinn::Connection, lost: String) -> End {
+    match conn.close_reason() {
+        Some(closed) => closed_by_server(closed),
+        None => End::Lost(lost),
+    }
 }
 
 /// How a connection the server closed ends the session: a server that ends a session without
