@@ -386,6 +386,16 @@ pub enum Event {
         /// left.
         by: Option<(u64, String)>,
     },
+    /// We own a group now: its owner (`previous_owner_id`) left, and we are the member with
+    /// the lowest id. Best effort: told only if we are online then.
+    GroupOwner {
+        /// The group.
+        group: String,
+        /// The owner who left.
+        previous_owner_id: u64,
+        /// Its name.
+        previous_owner_name: String,
+    },
     /// A group's owner invited us: [`Client::join_group`] lets us in (an invite-only group
     /// lets in no one else). Best effort: told only if we are online then.
     GroupInvite {
@@ -1774,6 +1784,10 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                     Some(server_control::Kind::GroupChange(c)) => {
                         let by = (c.by_user_id != 0).then_some((c.by_user_id, c.by_name));
                         let event = Event::GroupChange { group: c.group, user_id: c.user_id, name: c.name, joined: c.joined, by };
+                        let _ = notice(&shared.events, event);
+                    }
+                    Some(server_control::Kind::GroupOwner(o)) => {
+                        let event = Event::GroupOwner { group: o.group, previous_owner_id: o.previous_owner_id, previous_owner_name: o.previous_owner_name };
                         let _ = notice(&shared.events, event);
                     }
                     Some(server_control::Kind::GroupInvite(i)) => {

@@ -278,6 +278,10 @@ async fn chat(
                         }
                     }
                 }
+                Some(Event::GroupOwner { group, previous_owner_id, previous_owner_name }) => {
+                    let group = console::printable(&group);
+                    println!("* you own #{group} now: {} ({previous_owner_id}) left it", console::printable(&previous_owner_name));
+                }
                 Some(Event::GroupInvite { group, by_user_id, by_name }) => {
                     let group = console::printable(&group);
                     println!("* {} ({by_user_id}) invited you to #{group}: :join {group} to join", console::printable(&by_name));

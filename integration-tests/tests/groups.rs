@@ -438,6 +438,8 @@ enum Heard {
     Change(String, u64, bool, Option<u64>),
     /// An invitation: group, and the owner who made it.
     Invite(String, u64),
+    /// We own the group now: group, and the owner who left it.
+    Owner(String, u64),
 }
 
 /// Notes what `event` tells of groups in `heard`, skips presence, and returns a message.
@@ -453,6 +455,11 @@ fn note_heard(event: Event, heard: &mut Vec<Heard>) -> Option<cim_client::Incomi
         Event::GroupInvite {
             group, by_user_id, ..
         } => heard.push(Heard::Invite(group, by_user_id)),
+        Event::GroupOwner {
+            group,
+            previous_owner_id,
+            ..
+        } => heard.push(Heard::Owner(group, previous_owner_id)),
         Event::Message(m) => return Some(m),
         _ => {}
     }
@@ -673,6 +680,63 @@ async fn an_invite_only_groups_owner_invites_and_removes_its_members() -> anyhow
         let got = heard_of_groups(events, heard, want.len()).await?;
         assert_eq!(got, want, "{name}");
     }
+    Ok(())
+}
+
+/// An owner who leaves passes its group to the member with the lowest id, who is told (and
+/// may now invite and remove); the others hear only that the owner left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_who_leaves_passes_the_group_on_and_the_heir_is_told() -> anyhow::Result<()> {
+    let cluster = cluster(2).await?;
+    let [
+        (alice, mut alice_events),
+        (bob, mut bob_events),
+        (carol, mut carol_events),
+        (dave, _dave_events),
+    ] = four_users_on_two_servers(&cluster).await?;
+    let (alice_id, bob_id, carol_id) = (
+        alice.info().user_id,
+        bob.info().user_id,
+        carol.info().user_id,
+    );
+    assert!(bob_id < carol_id, "Bob registered first");
+    alice.create_invite_only_group("torch").await?;
+    for (user, id) in [(&bob, bob_id), (&carol, carol_id)] {
+        alice.invite("torch", id).await?;
+        user.join_group("torch").await?;
+    }
+    alice.leave_group("torch").await?;
+    let members = carol.group_members("torch").await?;
+    let owners: Vec<(&str, bool)> = members.iter().map(|m| (m.name.as_str(), m.owner)).collect();
+    assert_eq!(owners, [("bob", true), ("carol", false)]);
+    bob.invite("torch", dave.info().user_id).await?;
+    dave.join_group("torch").await?;
+
+    let change = |who, joined| Heard::Change("torch".to_string(), who, joined, None);
+    let invite = |by| Heard::Invite("torch".to_string(), by);
+    let dave_id = dave.info().user_id;
+    let bob_heard = heard_of_groups(&mut bob_events, Vec::new(), 5).await?;
+    assert_eq!(
+        bob_heard,
+        [
+            invite(alice_id),
+            change(carol_id, true),
+            change(alice_id, false),
+            Heard::Owner("torch".to_string(), alice_id),
+            change(dave_id, true),
+        ]
+    );
+    let carol_heard = heard_of_groups(&mut carol_events, Vec::new(), 3).await?;
+    assert_eq!(
+        carol_heard,
+        [
+            invite(alice_id),
+            change(alice_id, false),
+            change(dave_id, true)
+        ]
+    );
+    let alice_heard = heard_of_groups(&mut alice_events, Vec::new(), 2).await?;
+    assert_eq!(alice_heard, [change(bob_id, true), change(carol_id, true)]);
     Ok(())
 }
 

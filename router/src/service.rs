@@ -14,8 +14,8 @@ use cim_core::discovery::ServerInfo;
 use cim_core::now_ms;
 use cim_core::token::{Claims, TokenError};
 use cim_proto::v1::{
-    ChatMessage, Delivery, GroupChange, GroupInvite, Presence, PullResult, Recipient, SendAck,
-    chat_message::Target, server_control,
+    ChatMessage, Delivery, GroupChange, GroupInvite, GroupOwner, Presence, PullResult, Recipient,
+    SendAck, chat_message::Target, server_control,
 };
 use futures_util::future::join_all;
 use futures_util::{StreamExt, TryStreamExt};
@@ -1543,8 +1543,17 @@ impl Service {
 
     /// Removes `user` from a group, and tells its online members.
     pub async fn leave_group(&self, user: u64, name: &str) -> Result<(), ServiceError> {
+        // Read first: an owner's leave passes the group on, and the heir is told.
+        let owned = self
+            .store
+            .group_info(name)
+            .await?
+            .is_some_and(|info| info.owner == user);
         if self.store.leave_group(name, user).await? {
             self.announce_group_change(user, name, false, None).await;
+            if owned {
+                self.announce_new_owner(user, name).await;
+            }
             Ok(())
         } else if self.store.decline_invitation(name, user).await? {
             Ok(())
@@ -1710,6 +1719,30 @@ impl Service {
             by_name,
         };
         self.notify_online(&told, Notice::GroupChange(change)).await
+    }
+
+    /// Tells the member a group passed to, if online, that it owns the group now (its owner,
+    /// `previous`, left). Best effort, as group changes: waits at most [`GROUP_CHANGE_WAIT`].
+    async fn announce_new_owner(&self, previous: u64, group: &str) {
+        let announce = async {
+            // A group whose last member left has no one to tell.
+            let Some(info) = self.store.group_info(group).await? else {
+                return Ok(());
+            };
+            let previous_owner_name = self.user_name(previous).await?.unwrap_or_default();
+            let owner = GroupOwner {
+                group: group.to_string(),
+                previous_owner_id: previous,
+                previous_owner_name,
+            };
+            let notice = Notice::Control(server_control::Kind::GroupOwner(owner));
+            self.notify_online(&[info.owner], notice).await
+        };
+        match tokio::time::timeout(GROUP_CHANGE_WAIT, announce).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(group, error = %e, "new owner not told"),
+            Err(_) => tracing::debug!(group, "telling the new owner timed out"),
+        }
     }
 
     /// Tells `user`, if online, that `owner` invited them to `group`. Best effort, as group
