@@ -542,11 +542,10 @@ pub fn routes(
             |service: Arc<Service>, auth: Result<String, ApiError>| async move {
                 let result = async {
                     let claims = authenticate(&service, auth).await?;
-                    let groups = service.my_groups(claims.user_id).await?;
-                    let invitations = service.my_invitations(claims.user_id).await?;
+                    let mine = service.my_groups(claims.user_id).await?;
                     Ok::<_, ApiError>(warp::reply::json(&GroupsResponse {
-                        groups,
-                        invitations,
+                        groups: mine.groups,
+                        invitations: mine.invitations,
                     }))
                 };
                 respond_api(result.await)

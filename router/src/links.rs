@@ -848,17 +848,11 @@ async fn group_command(
                     ..Default::default()
                 })
         }
-        group_request::Op::Mine => match service.my_groups(user).await {
-            Ok(groups) => service
-                .my_invitations(user)
-                .await
-                .map(|invitations| GroupResult {
-                    groups,
-                    invitations,
-                    ..Default::default()
-                }),
-            Err(e) => Err(e),
-        },
+        group_request::Op::Mine => service.my_groups(user).await.map(|mine| GroupResult {
+            groups: mine.groups,
+            invitations: mine.invitations,
+            ..Default::default()
+        }),
     };
     outcome.unwrap_or_else(|e| GroupResult {
         code: e.code().into(),

@@ -64,6 +64,16 @@ pub struct Member {
     pub owner: bool,
 }
 
+/// A user's groups, by name.
+#[derive(Debug, Clone, Default)]
+pub struct MyGroups {
+    /// The groups it is a member of.
+    pub groups: Vec<String>,
+    /// The groups whose invitations wait for it (at most
+    /// [`crate::store::MAX_INVITATIONS_LISTED`]).
+    pub invitations: Vec<String>,
+}
+
 /// Window of the login limits.
 const LOGIN_WINDOW: Duration = Duration::from_secs(60);
 /// Window of the per-user API request limit.
@@ -1618,15 +1628,12 @@ impl Service {
         Ok(members)
     }
 
-    /// Groups `user` belongs to.
-    pub async fn my_groups(&self, user: u64) -> Result<Vec<String>, ServiceError> {
-        Ok(self.store.user_groups(user).await?)
-    }
-
-    /// Groups whose invitations wait for `user` (at most
-    /// [`crate::store::MAX_INVITATIONS_LISTED`], by name).
-    pub async fn my_invitations(&self, user: u64) -> Result<Vec<String>, ServiceError> {
-        Ok(self.store.user_invitations(user).await?)
+    /// Groups `user` belongs to, and those whose invitations wait for it.
+    pub async fn my_groups(&self, user: u64) -> Result<MyGroups, ServiceError> {
+        Ok(MyGroups {
+            groups: self.store.user_groups(user).await?,
+            invitations: self.store.user_invitations(user).await?,
+        })
     }
 
     /// Queues telling the online users who share a group with `user` that it came online or
@@ -1671,20 +1678,13 @@ impl Service {
     }
 
     /// Tells the group's other online members that `user` joined it (or left it), or that
-    /// the owner `by` removed `user`, who is then told too, in a group of any size. Best effort, as presence: not stored, failures logged, and given up after
+    /// the owner `by` removed `user`, who is then told too, in a group of any size. Best
+    /// effort, as presence: not stored, failures logged, and given up after
     /// [`GROUP_CHANGE_WAIT`] (the change is answered after it, so that one client's changes
     /// are told in the order it made them).
     async fn announce_group_change(&self, user: u64, group: &str, joined: bool, by: Option<u64>) {
-        let announced = tokio::time::timeout(
-            GROUP_CHANGE_WAIT,
-            self.try_announce_group_change(user, group, joined, by),
-        )
-        .await;
-        match announced {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(user, group, error = %e, "group change not announced"),
-            Err(_) => tracing::debug!(user, group, "group change announcement timed out"),
-        }
+        let announce = self.try_announce_group_change(user, group, joined, by);
+        within_group_change_wait("group change", user, group, announce).await;
     }
 
     async fn try_announce_group_change(
@@ -1738,11 +1738,7 @@ impl Service {
             let notice = Notice::Control(server_control::Kind::GroupOwner(owner));
             self.notify_online(&[info.owner], notice).await
         };
-        match tokio::time::timeout(GROUP_CHANGE_WAIT, announce).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(group, error = %e, "new owner not told"),
-            Err(_) => tracing::debug!(group, "telling the new owner timed out"),
-        }
+        within_group_change_wait("new owner", previous, group, announce).await;
     }
 
     /// Tells `user`, if online, that `owner` invited them to `group`. Best effort, as group
@@ -1758,11 +1754,7 @@ impl Service {
             let notice = Notice::Control(server_control::Kind::GroupInvite(invite));
             self.notify_online(&[user], notice).await
         };
-        match tokio::time::timeout(GROUP_CHANGE_WAIT, announce).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(user, group, error = %e, "invitation not announced"),
-            Err(_) => tracing::debug!(user, group, "invitation announcement timed out"),
-        }
+        within_group_change_wait("invitation", user, group, announce).await;
     }
 
     /// The members told of a change in `group`: all of them in a group of at most
@@ -1895,6 +1887,22 @@ impl Service {
             return Err("no message-id node held".into());
         }
         Ok(())
+    }
+}
+
+/// Runs `announce` (of a change in `group` concerning `user`, `what` it is) for at most
+/// [`GROUP_CHANGE_WAIT`]: best effort, a failure or a timeout is logged, not returned (its
+/// pushes, in a task of their own, may still land).
+async fn within_group_change_wait(
+    what: &str,
+    user: u64,
+    group: &str,
+    announce: impl std::future::Future<Output = Result<(), ServiceError>>,
+) {
+    match tokio::time::timeout(GROUP_CHANGE_WAIT, announce).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(what, user, group, error = %e, "not announced"),
+        Err(_) => tracing::debug!(what, user, group, "announcement timed out"),
     }
 }
 
