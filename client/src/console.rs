@@ -53,6 +53,12 @@ pub enum Command {
     Members(String),
     /// `:groups`: list my groups.
     Groups,
+    /// `:block USERID`: refuse a user's private messages and invitations.
+    Block(u64),
+    /// `:unblock USERID`: take them again.
+    Unblock(u64),
+    /// `:blocked`: list the users I block.
+    Blocked,
     /// `:info`: own id, name and server.
     Info,
     /// `:help`: list commands.
@@ -85,6 +91,9 @@ commands:
                        remove a member from a group you own, or withdraw an invitation
   :members <group>     list a group's members, who is online and who owns it
   :groups              list your groups and the invitations waiting for you
+  :block <userId>      refuse a user's private messages and group invitations
+  :unblock <userId>    take them again
+  :blocked             list the users you block
   :olu [prefix]        list online users (optionally whose name starts with prefix)
   :info                show your id, name and server
   :q <words>           search your message history on this machine (the latest 50 lines)
@@ -106,7 +115,7 @@ pub fn parse(line: &str) -> Command {
             "" => Command::Invalid("a command follows ':'; type :help".into()),
             // CIM's `:q keyword`: a search, never a quit.
             "q" if !arg.is_empty() => Command::Search(arg),
-            "q!" | "quit" | "groups" | "info" | "help" | "all" if !arg.is_empty() => {
+            "q!" | "quit" | "groups" | "blocked" | "info" | "help" | "all" if !arg.is_empty() => {
                 Command::Invalid(format!(":{verb} takes nothing after it; type :help"))
             }
             "q" | "q!" | "quit" => Command::Quit,
@@ -115,6 +124,14 @@ pub fn parse(line: &str) -> Command {
             )),
             "olu" => Command::OnlineUsers(arg),
             "groups" => Command::Groups,
+            "blocked" => Command::Blocked,
+            "block" | "unblock" => match arg.parse::<u64>() {
+                Ok(user) if verb == "block" => Command::Block(user),
+                Ok(user) => Command::Unblock(user),
+                Err(_) => Command::Invalid(format!(
+                    "use :{verb} <userId> (:olu and :members show ids)"
+                )),
+            },
             "create" | "join" | "leave" | "members" | "invite" | "remove" if arg.is_empty() => {
                 Command::Invalid(format!(":{verb} needs a group name"))
             }
@@ -359,6 +376,13 @@ mod tests {
         assert_eq!(parse(":leave rust"), Command::Leave("rust".into()));
         assert_eq!(parse(":members rust"), Command::Members("rust".into()));
         assert_eq!(parse(":groups"), Command::Groups);
+        assert_eq!(parse(":block 42"), Command::Block(42));
+        assert_eq!(parse(":unblock  42 "), Command::Unblock(42));
+        assert_eq!(parse(":blocked"), Command::Blocked);
+        assert!(matches!(parse(":block"), Command::Invalid(_)));
+        assert!(matches!(parse(":block bob"), Command::Invalid(_)));
+        assert!(matches!(parse(":unblock 4 2"), Command::Invalid(_)));
+        assert!(matches!(parse(":blocked 4"), Command::Invalid(_)));
         assert!(matches!(parse(":join"), Command::Invalid(_)));
         assert_eq!(parse("   "), Command::Nothing);
         assert!(matches!(parse("bob;;hi"), Command::Invalid(_)));

@@ -39,6 +39,36 @@ pub struct OnlinePage {
     pub more: bool,
 }
 
+/// A user on our block list.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BlockedUser {
+    /// Account id.
+    pub id: u64,
+    /// Account name.
+    pub name: String,
+}
+
+/// The router's answer to a block.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BlockReply {
+    /// The blocked user's id.
+    pub id: u64,
+    /// Its name.
+    pub name: String,
+    /// It was blocked before.
+    pub already_blocked: bool,
+}
+
+#[derive(Deserialize)]
+struct BlockList {
+    blocked: Vec<BlockedUser>,
+}
+
+#[derive(Deserialize)]
+struct Unblocked {
+    was_blocked: bool,
+}
+
 #[derive(Deserialize)]
 struct ErrorBody {
     code: String,
@@ -198,6 +228,31 @@ impl RouterApi {
         }
         self.call::<(), _>(Method::GET, &path, None, Some(token))
             .await
+    }
+
+    /// Blocks `user` for the login `token` belongs to: its private messages and group
+    /// invitations to us are refused from now on.
+    pub async fn block(&self, token: &str, user: u64) -> Result<BlockReply, ClientError> {
+        let body = serde_json::json!({ "user_id": user });
+        self.call(Method::POST, "/api/blocks", Some(&body), Some(token))
+            .await
+    }
+
+    /// Unblocks `user`; returns whether it was blocked.
+    pub async fn unblock(&self, token: &str, user: u64) -> Result<bool, ClientError> {
+        let path = format!("/api/blocks/{user}");
+        let reply: Unblocked = self
+            .call::<(), _>(Method::DELETE, &path, None, Some(token))
+            .await?;
+        Ok(reply.was_blocked)
+    }
+
+    /// The users we block, by id.
+    pub async fn blocked_users(&self, token: &str) -> Result<Vec<BlockedUser>, ClientError> {
+        let list: BlockList = self
+            .call::<(), _>(Method::GET, "/api/blocks", None, Some(token))
+            .await?;
+        Ok(list.blocked)
     }
 
     /// Sends one request and parses a JSON reply; error replies become [`ClientError::Api`].

@@ -53,7 +53,7 @@ mod presence;
 pub mod reorder;
 
 use batch::{Carried, SendQueue};
-pub use http::{OnlinePage, OnlineUser, RouterApi};
+pub use http::{BlockReply, BlockedUser, OnlinePage, OnlineUser, RouterApi};
 use reorder::{Backoff, Reorder};
 
 /// Largest control frame.
@@ -1233,6 +1233,26 @@ impl Client {
             .api
             .online_page(&token, prefix, after, limit)
             .await
+    }
+
+    /// Blocks `user`: their private messages to us are refused from now on (they are told
+    /// `blocked`; nothing is stored), and so are their invitations to groups. Messages stored
+    /// before stay, and shared groups are shared as before.
+    pub async fn block(&self, user: u64) -> Result<BlockReply, ClientError> {
+        let token = self.token();
+        self.shared.api.block(&token, user).await
+    }
+
+    /// Unblocks `user`; returns whether they were blocked.
+    pub async fn unblock(&self, user: u64) -> Result<bool, ClientError> {
+        let token = self.token();
+        self.shared.api.unblock(&token, user).await
+    }
+
+    /// The users we block, by id.
+    pub async fn blocked_users(&self) -> Result<Vec<BlockedUser>, ClientError> {
+        let token = self.token();
+        self.shared.api.blocked_users(&token).await
     }
 
     /// Logs out at the router and closes the connection. Every message the application took

@@ -591,6 +591,36 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
             }
             Err(e) => report(Err(e), ""),
         },
+        Command::Block(user) => match client.block(user).await {
+            Ok(reply) => {
+                let name = console::printable(&reply.name);
+                if reply.already_blocked {
+                    println!("{name} ({user}) was blocked already");
+                } else {
+                    println!(
+                        "blocked {name} ({user}): their private messages and invitations are refused"
+                    );
+                }
+                true
+            }
+            Err(e) => report(Err(e), ""),
+        },
+        Command::Unblock(user) => match client.unblock(user).await {
+            Ok(true) => report(Ok(()), &format!("unblocked {user}")),
+            Ok(false) => report(Ok(()), &format!("{user} was not blocked")),
+            Err(e) => report(Err(e), ""),
+        },
+        Command::Blocked => match client.blocked_users().await {
+            Ok(users) => {
+                let listed: Vec<String> = users
+                    .iter()
+                    .map(|u| format!("{} ({})", console::printable(&u.name), u.id))
+                    .collect();
+                println!("you block ({}): {}", users.len(), listed.join(", "));
+                true
+            }
+            Err(e) => report(Err(e), ""),
+        },
         Command::OnlineUsers(prefix) => match client.online_page(&prefix, "", None).await {
             Ok(page) => {
                 let more = if page.more {

@@ -27,8 +27,8 @@ use cim_integration_tests::{
 use cim_proto::v1::{ClientControl, Login, Ping, ServerControl, client_control, server_control};
 use cim_proto::{read_required, write_frame};
 use cim_router::store::{
-    Account, Claim, GroupInfo, IdNode, InboxEntry, InboxLimits, InboxPage, Invite, Join,
-    MemoryStore, Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
+    Account, Block, Claim, GroupInfo, IdNode, InboxEntry, InboxLimits, InboxPage, Invite, Join,
+    MemoryStore, PrivateAppend, Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
 };
 use tokio::sync::Notify;
 
@@ -1106,7 +1106,7 @@ impl Store for PausingStore {
         to: u64,
         entry: &InboxEntry,
         limits: InboxLimits,
-    ) -> Result<Option<(u64, Option<Route>)>, StoreError> {
+    ) -> Result<PrivateAppend, StoreError> {
         let appended = self.inner.append_private(to, entry, limits).await;
         let lost = self
             .lost_append_replies
@@ -1186,6 +1186,18 @@ impl Store for PausingStore {
     }
     async fn user_invitations(&self, user: u64) -> Result<Vec<String>, StoreError> {
         self.inner.user_invitations(user).await
+    }
+    async fn block_user(&self, user: u64, other: u64, cap: usize) -> Result<Block, StoreError> {
+        self.inner.block_user(user, other, cap).await
+    }
+    async fn unblock_user(&self, user: u64, other: u64) -> Result<bool, StoreError> {
+        self.inner.unblock_user(user, other).await
+    }
+    async fn blocks(&self, user: u64, other: u64) -> Result<bool, StoreError> {
+        self.inner.blocks(user, other).await
+    }
+    async fn blocked_users(&self, user: u64) -> Result<Vec<u64>, StoreError> {
+        self.inner.blocked_users(user).await
     }
     async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError> {
         self.inner.user_groups(user).await

@@ -54,6 +54,10 @@ pub const UNKNOWN_USER: &str = "unknown_user";
 /// See [`TOO_LARGE`].
 pub const CLIENT_MSG_ID_REUSED: &str = "client_msg_id_reused";
 
+/// `SendAck.code` (and the API's) for a private message whose recipient blocks its sender:
+/// nothing was stored, and a resend is refused the same way while the block stands.
+pub const BLOCKED: &str = "blocked";
+
 /// Code of a request refused for its sender's rate (sends, pulls, group requests, API calls):
 /// nothing was done; the same request later may succeed.
 pub const RATE_LIMITED: &str = "rate_limited";

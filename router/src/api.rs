@@ -15,6 +15,9 @@
 //! | DELETE | /api/groups/NAME/members/ID | bearer (the owner) | - | 200 `{}`: removes the member (told to them and to the group) or withdraws their invitation; removing yourself is leaving; 403 `not_owner`; 404 `unknown_group`, `no_such_member`; counts 10 |
 //! | GET | /api/groups/NAME/members | bearer | - | 200 `{members: [{id, name, online, owner}]}` |
 //! | GET | /api/groups | bearer | - | 200 `{groups: [...], invitations: [...]}` (the groups whose invitations wait for the caller) |
+//! | POST | /api/blocks | bearer | `{user_id}` | 200 `{id, name, already_blocked}`: the user's private messages to the caller (`403 blocked` to them, and on their server's ack) and group invitations are refused from now on; 400 for yourself; 404 `unknown_user`; 409 `too_many_blocked` past 1,000; counts 10 |
+//! | DELETE | /api/blocks/ID | bearer | - | 200 `{was_blocked}`; counts 10 |
+//! | GET | /api/blocks | bearer | - | 200 `{blocked: [{id, name}]}` (by id) |
 //! | GET | /health | - | - | 200 `{status, servers}` (liveness) |
 //! | GET | /ready | - | - | 200 when the store answers, a server is linked and a message-id node is held, else 503 `not_ready` |
 //! | GET | /metrics | - | - | Prometheus text exposition |
@@ -88,7 +91,10 @@ impl From<ServiceError> for ApiError {
                 StatusCode::FORBIDDEN
             }
             ServiceError::NoSuchMember => StatusCode::NOT_FOUND,
-            ServiceError::TooManyInvitations => StatusCode::CONFLICT,
+            ServiceError::TooManyInvitations | ServiceError::TooManyBlocked(_) => {
+                StatusCode::CONFLICT
+            }
+            ServiceError::Blocked => StatusCode::FORBIDDEN,
             ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServiceError::NoServer
             | ServiceError::Unavailable(_)
@@ -233,6 +239,25 @@ struct InviteRequest {
     user_id: u64,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlockRequest {
+    user_id: u64,
+}
+
+#[derive(Serialize)]
+struct BlockResponse {
+    id: u64,
+    name: String,
+    /// The user was blocked before this request.
+    already_blocked: bool,
+}
+
+#[derive(Serialize)]
+struct BlockedResponse {
+    blocked: Vec<UserJson>,
+}
+
 #[derive(Serialize)]
 struct MemberJson {
     id: u64,
@@ -264,6 +289,7 @@ pub fn parse_all_bodies(data: &[u8]) -> usize {
     usize::from(serde_json::from_slice::<RegisterRequest>(data).is_ok())
         + usize::from(serde_json::from_slice::<LoginRequest>(data).is_ok())
         + usize::from(serde_json::from_slice::<SendRequest>(data).is_ok())
+        + usize::from(serde_json::from_slice::<BlockRequest>(data).is_ok())
 }
 
 /// All routes of the API, with errors turned into JSON.
@@ -551,6 +577,69 @@ pub fn routes(
                 respond_api(result.await)
             },
         );
+    let block = warp::path!("api" / "blocks")
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(bearer())
+        .and(json_body::<BlockRequest>())
+        .then(
+            |service: Arc<Service>,
+             auth: Result<String, ApiError>,
+             req: Result<BlockRequest, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth).await?;
+                    let req = req?;
+                    membership_change(&service, &claims)?;
+                    let (name, already_blocked) =
+                        service.block(claims.user_id, req.user_id).await?;
+                    Ok::<_, ApiError>(warp::reply::json(&BlockResponse {
+                        id: req.user_id,
+                        name,
+                        already_blocked,
+                    }))
+                };
+                respond_api(result.await)
+            },
+        );
+    let unblock = warp::path!("api" / "blocks" / u64)
+        .and(warp::delete())
+        .and(with_service.clone())
+        .and(bearer())
+        .then(
+            |user: u64, service: Arc<Service>, auth: Result<String, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth).await?;
+                    membership_change(&service, &claims)?;
+                    let was_blocked = service.unblock(claims.user_id, user).await?;
+                    Ok::<_, ApiError>(warp::reply::json(
+                        &serde_json::json!({ "was_blocked": was_blocked }),
+                    ))
+                };
+                respond_api(result.await)
+            },
+        );
+    let blocked = warp::path!("api" / "blocks")
+        .and(warp::get())
+        .and(with_service.clone())
+        .and(bearer())
+        .then(
+            |service: Arc<Service>, auth: Result<String, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth).await?;
+                    let blocked = service
+                        .blocked_users(claims.user_id)
+                        .await?
+                        .into_iter()
+                        .map(|u| UserJson {
+                            id: u.id,
+                            name: u.name,
+                        })
+                        .collect();
+                    Ok::<_, ApiError>(warp::reply::json(&BlockedResponse { blocked }))
+                };
+                respond_api(result.await)
+            },
+        );
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(with_service.clone())
@@ -596,7 +685,7 @@ pub fn routes(
     // Each route is boxed before they are combined: the nested type of fourteen `or`s of
     // unboxed filters took rustc over a minute and a half to check (coherence and auto traits),
     // three times per test run. A boxed filter costs one dynamic call per route tried.
-    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 16] = [
+    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 19] = [
         register.boxed(),
         login.boxed(),
         relogin.boxed(),
@@ -609,6 +698,9 @@ pub fn routes(
         group_action.boxed(),
         group_members.boxed(),
         my_groups.boxed(),
+        block.boxed(),
+        unblock.boxed(),
+        blocked.boxed(),
         metrics.boxed(),
         ready.boxed(),
         admin.boxed(),
@@ -620,8 +712,8 @@ pub fn routes(
         .unify()
 }
 
-/// Counts a change of a group's members against the caller's API limit: the request
-/// counted one, and such a change costs as much as on a server.
+/// Counts a change of a group's members (or of the caller's blocks) against the caller's API
+/// limit: the request counted one, and such a change costs as much as on a server.
 fn membership_change(service: &Service, claims: &Claims) -> Result<(), ServiceError> {
     let cost = cim_core::limit::MEMBERSHIP_CHANGE_COST;
     service.check_api_extra(claims.user_id, claims.session_id, cost)

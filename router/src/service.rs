@@ -28,8 +28,8 @@ use crate::password::{self, PasswordWork, WorkError};
 use crate::presence::PresenceQueue;
 use crate::select::Selector;
 use crate::store::{
-    Account, Claim, InboxEntry, Invite, Join, MAX_INVITATIONS_LISTED, Relogin, Removal, Revocation,
-    Route, Store, StoreError,
+    Account, Block, Claim, InboxEntry, Invite, Join, MAX_BLOCKED, MAX_INVITATIONS_LISTED,
+    PrivateAppend, Relogin, Removal, Revocation, Route, Store, StoreError,
 };
 
 /// Errors kept for the admin page.
@@ -62,6 +62,15 @@ pub struct Member {
     pub online: bool,
     /// Whether the member owns the group.
     pub owner: bool,
+}
+
+/// A user on a block list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockedUser {
+    /// Account id.
+    pub id: u64,
+    /// Account name.
+    pub name: String,
 }
 
 /// A user's groups, by name.
@@ -156,6 +165,12 @@ pub enum ServiceError {
     /// As many invitations wait as the group may have members, or 1,000 for the user.
     #[error("too many invitations wait for an answer")]
     TooManyInvitations,
+    /// A private message or a group invitation to a user who blocks its sender.
+    #[error("that user does not take your messages or invitations")]
+    Blocked,
+    /// A block past the cap of users one user may block.
+    #[error("{0} users blocked already, the most one user may block")]
+    TooManyBlocked(usize),
     /// The body exceeds the configured limit.
     #[error("message body exceeds {0} bytes")]
     TooLarge(usize),
@@ -229,6 +244,8 @@ impl ServiceError {
             ServiceError::NotOwner => "not_owner",
             ServiceError::NoSuchMember => "no_such_member",
             ServiceError::TooManyInvitations => "too_many_invitations",
+            ServiceError::Blocked => cim_proto::BLOCKED,
+            ServiceError::TooManyBlocked(_) => "too_many_blocked",
             ServiceError::TooLarge(_) => cim_proto::TOO_LARGE,
             ServiceError::ClientMsgIdReused(_) => cim_proto::CLIENT_MSG_ID_REUSED,
             ServiceError::Unavailable(StoreError::NameTaken) => "name_taken",
@@ -1273,13 +1290,16 @@ impl Service {
         // answered `unavailable`, which says nothing was stored.
         let (seqs, routes) = match target {
             Target::ToUser(to) => {
-                let (seq, route) = self
+                match self
                     .store
                     .append_private(*to, &entry, self.config.inbox)
                     .await
                     .map_err(ServiceError::Retry)?
-                    .ok_or(ServiceError::UnknownUser)?;
-                (vec![seq], Some(vec![route]))
+                {
+                    PrivateAppend::Stored { seq, route } => (vec![seq], Some(vec![route])),
+                    PrivateAppend::NoUser => return Err(ServiceError::UnknownUser),
+                    PrivateAppend::Blocked => return Err(ServiceError::Blocked),
+                }
             }
             Target::Group(_) => {
                 let seqs = self
@@ -1490,6 +1510,9 @@ impl Service {
         if self.user_name(user).await?.is_none() {
             return Err(ServiceError::UnknownUser);
         }
+        if self.store.blocks(user, owner).await? {
+            return Err(ServiceError::Blocked);
+        }
         // A cap, checked before the store call (invitations at once may pass it by a few):
         // the user can decline them (a leave), and no one fills their list for good.
         if self.store.user_invitations(user).await?.len() >= MAX_INVITATIONS_LISTED {
@@ -1626,6 +1649,51 @@ impl Service {
             listings.insert(name.to_string(), (Instant::now(), members.clone()));
         }
         Ok(members)
+    }
+
+    /// `user` blocks `other`: `other`'s private messages to `user` are refused (`blocked`)
+    /// from now on, and so are its invitations to groups. Returns `other`'s name and whether
+    /// it was blocked already. Messages stored before stay, and groups are shared as before.
+    pub async fn block(&self, user: u64, other: u64) -> Result<(String, bool), ServiceError> {
+        if other == user {
+            return Err(ServiceError::BadRequest("you cannot block yourself".into()));
+        }
+        let name = self
+            .user_name(other)
+            .await?
+            .ok_or(ServiceError::UnknownUser)?;
+        match self.store.block_user(user, other, MAX_BLOCKED).await? {
+            Block::Blocked => {
+                tracing::info!(user, blocked = other, "user blocked");
+                Ok((name, false))
+            }
+            Block::AlreadyBlocked => Ok((name, true)),
+            Block::Full => Err(ServiceError::TooManyBlocked(MAX_BLOCKED)),
+        }
+    }
+
+    /// `user` unblocks `other`. Returns whether it was blocked.
+    pub async fn unblock(&self, user: u64, other: u64) -> Result<bool, ServiceError> {
+        let was = self.store.unblock_user(user, other).await?;
+        if was {
+            tracing::info!(user, unblocked = other, "user unblocked");
+        }
+        Ok(was)
+    }
+
+    /// The users `user` blocks, by id.
+    pub async fn blocked_users(&self, user: u64) -> Result<Vec<BlockedUser>, ServiceError> {
+        let ids = self.store.blocked_users(user).await?;
+        Ok(self
+            .store
+            .accounts_by_id(&ids)
+            .await?
+            .into_iter()
+            .map(|a| BlockedUser {
+                id: a.id,
+                name: a.name,
+            })
+            .collect())
     }
 
     /// Groups `user` belongs to, and those whose invitations wait for it.

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::expiring::{ExpiringMap, Weight};
 use super::{
-    Account, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Invite, Join,
+    Account, Block, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Invite, Join,
     MAX_INVITATIONS_LISTED, Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
 };
 
@@ -76,6 +76,8 @@ struct Inner {
     invitations: HashMap<u64, BTreeSet<String>>,
     /// Message-id node -> its holder (kept after the hold ends, for its `issued_until_ms`).
     id_nodes: HashMap<u16, IdNodeHold>,
+    /// User -> the users it blocks.
+    blocked: HashMap<u64, BTreeSet<u64>>,
 }
 
 /// A named group.
@@ -740,6 +742,48 @@ impl Store for MemoryStore {
             .invitations
             .get(&user)
             .map(|g| g.iter().take(MAX_INVITATIONS_LISTED).cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn block_user(&self, user: u64, other: u64, cap: usize) -> Result<Block, StoreError> {
+        let mut inner = self.inner();
+        let blocked = inner.blocked.entry(user).or_default();
+        Ok(if blocked.contains(&other) {
+            Block::AlreadyBlocked
+        } else if blocked.len() >= cap {
+            Block::Full
+        } else {
+            blocked.insert(other);
+            Block::Blocked
+        })
+    }
+
+    async fn unblock_user(&self, user: u64, other: u64) -> Result<bool, StoreError> {
+        let mut inner = self.inner();
+        let Some(blocked) = inner.blocked.get_mut(&user) else {
+            return Ok(false);
+        };
+        let was = blocked.remove(&other);
+        if blocked.is_empty() {
+            inner.blocked.remove(&user);
+        }
+        Ok(was)
+    }
+
+    async fn blocks(&self, user: u64, other: u64) -> Result<bool, StoreError> {
+        Ok(self
+            .inner()
+            .blocked
+            .get(&user)
+            .is_some_and(|blocked| blocked.contains(&other)))
+    }
+
+    async fn blocked_users(&self, user: u64) -> Result<Vec<u64>, StoreError> {
+        Ok(self
+            .inner()
+            .blocked
+            .get(&user)
+            .map(|blocked| blocked.iter().copied().collect())
             .unwrap_or_default())
     }
 

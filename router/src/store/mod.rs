@@ -1,5 +1,6 @@
 //! The router's state behind one trait: accounts, routes (user -> server session) with leases,
-//! the online set, and per-user inboxes (sequence-numbered, capped in length and age). The in-memory store serves the embedded mode and unit tests; the Redis
+//! the online set, per-user inboxes (sequence-numbered, capped in length and age), groups, and
+//! the users each user blocks. The in-memory store serves the embedded mode and unit tests; the Redis
 //! store serves clusters.
 
 use std::time::Duration;
@@ -150,6 +151,37 @@ pub enum Join {
     NoGroup,
     /// An invite-only group, and the user has no invitation.
     InviteOnly,
+}
+
+/// Users one user may block at most ([`Store::block_user`]).
+pub const MAX_BLOCKED: usize = 1_000;
+
+/// Outcome of [`Store::block_user`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    /// The user is blocked now.
+    Blocked,
+    /// The user was blocked already.
+    AlreadyBlocked,
+    /// As many users as the cap allows are blocked already.
+    Full,
+}
+
+/// Outcome of [`Store::append_private`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrivateAppend {
+    /// Stored in the recipient's inbox with this sequence number; the recipient's route, read
+    /// in the same step.
+    Stored {
+        /// The entry's sequence number in the recipient's inbox.
+        seq: u64,
+        /// The recipient's route, if any.
+        route: Option<Route>,
+    },
+    /// No such account.
+    NoUser,
+    /// The recipient blocks the sender: nothing was stored.
+    Blocked,
 }
 
 /// Invitations [`Store::user_invitations`] lists at most (by group name).
@@ -414,18 +446,22 @@ pub trait Store: Send + Sync + 'static {
         entry: &InboxEntry,
         limits: InboxLimits,
     ) -> Result<Vec<u64>, StoreError>;
-    /// A private message's storage in one step: if account `to` exists, appends `entry` to
-    /// its inbox like [`Store::append_inbox`] and returns the entry's sequence number with
-    /// the recipient's route; `None` if there is no such account. Stores whose round trips
-    /// cost override it with a single one.
+    /// A private message's storage in one step: if account `to` exists and does not block
+    /// the entry's sender, appends `entry` to its inbox like [`Store::append_inbox`] and
+    /// returns the entry's sequence number with the recipient's route. Stores whose round
+    /// trips cost override it with a single one (which also makes the block check and the
+    /// append one atomic step).
     async fn append_private(
         &self,
         to: u64,
         entry: &InboxEntry,
         limits: InboxLimits,
-    ) -> Result<Option<(u64, Option<Route>)>, StoreError> {
+    ) -> Result<PrivateAppend, StoreError> {
         if !self.user_exists(to).await? {
-            return Ok(None);
+            return Ok(PrivateAppend::NoUser);
+        }
+        if self.blocks(to, entry.from_user).await? {
+            return Ok(PrivateAppend::Blocked);
         }
         let seqs = self.append_inbox(&[to], entry, limits).await?;
         let seq = seqs
@@ -433,7 +469,7 @@ pub trait Store: Send + Sync + 'static {
             .copied()
             .ok_or_else(|| StoreError::Corrupt("append returned no sequence number".into()))?;
         let route = self.routes(&[to]).await?.into_iter().next().flatten();
-        Ok(Some((seq, route)))
+        Ok(PrivateAppend::Stored { seq, route })
     }
     /// Up to `limit` entries of `user` after `after_seq`, oldest first, skipping entries older
     /// than the limits allow. Entries up to `trim_up_to` are trimmed first (the client's
@@ -497,6 +533,17 @@ pub trait Store: Send + Sync + 'static {
     async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError>;
     /// Groups whose invitations wait for `user`, sorted, at most [`MAX_INVITATIONS_LISTED`].
     async fn user_invitations(&self, user: u64) -> Result<Vec<String>, StoreError>;
+
+    /// `user` blocks `other`: `other`'s private messages to `user` are refused from now on
+    /// (and so are its group invitations, by the service), unless `cap` users are blocked
+    /// already.
+    async fn block_user(&self, user: u64, other: u64, cap: usize) -> Result<Block, StoreError>;
+    /// `user` unblocks `other`. Returns whether it was blocked.
+    async fn unblock_user(&self, user: u64, other: u64) -> Result<bool, StoreError>;
+    /// Whether `user` blocks `other`.
+    async fn blocks(&self, user: u64, other: u64) -> Result<bool, StoreError>;
+    /// The users `user` blocks, sorted.
+    async fn blocked_users(&self, user: u64) -> Result<Vec<u64>, StoreError>;
 
     /// Claims a free message-id node for `owner` (unique per router process) for `lease`,
     /// trying `first` and then the next numbers in turn. A node is free once its holder's

@@ -34,8 +34,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::{
-    Account, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Invite, Join,
-    MAX_INVITATIONS_LISTED, Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
+    Account, Block, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Invite, Join,
+    MAX_INVITATIONS_LISTED, PrivateAppend, Relogin, Removal, Renewal, Revocation, Route, Store,
+    StoreError,
 };
 
 const NEXT_USER_ID: &str = "cim:next_user_id";
@@ -87,6 +88,11 @@ fn group_invite_only_key(name: &str) -> String {
 /// Invited users who have not joined yet.
 fn group_invited_key(name: &str) -> String {
     format!("cim:group:{{{name}}}:invited")
+}
+/// The users `user` blocks (a set of ids), under `user`'s hash tag: a private message's append
+/// to `user`'s inbox reads it in the same script.
+fn blocked_key(user: u64) -> String {
+    format!("cim:{{u{user}}}:blocked")
 }
 fn user_groups_key(user: u64) -> String {
     format!("cim:{{u{user}}}:groups")
@@ -197,6 +203,15 @@ return 2
 "
 );
 
+/// Adds a user to a blocked set unless it holds the cap already. KEYS: the set. ARGV: user,
+/// cap. Returns 1 blocked, 2 blocked already, 0 at the cap.
+const BLOCK: &str = r"
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 2 end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+";
+
 fn sent_key(sender: u64, client_msg_id: u64) -> String {
     format!("cim:{{u{sender}}}:sent:{client_msg_id}")
 }
@@ -224,14 +239,17 @@ end
 /// Appends an entry once per message id (see `append_function`). Returns the entry's seq.
 const APPEND: &str = concat!(append_function!(), "return append()\n");
 
-/// [`APPEND`] for a private message, with the recipient's existence checked and its route
-/// read in the same call (all keys share the recipient's hash tag). KEYS as for [`APPEND`],
-/// then account, route. Returns nil for an unknown recipient, else `{seq, route or nil}`; a
-/// route key of another type reads as nil (the entry is appended by then).
+/// [`APPEND`] for a private message, with the recipient's existence and its blocks checked and
+/// its route read in the same call (all keys share the recipient's hash tag). KEYS as for
+/// [`APPEND`], then account, route, blocked users; ARGV as for [`APPEND`], then the sender.
+/// Returns nil for an unknown recipient, `{0}` when the recipient blocks the sender (nothing
+/// stored; a seq is never 0), else `{seq, route or nil}`; a route key of another type reads as
+/// nil (the entry is appended by then).
 const APPEND_PRIVATE: &str = concat!(
     append_function!(),
     r"
 if redis.call('EXISTS', KEYS[4]) == 0 then return false end
+if redis.call('SISMEMBER', KEYS[6], ARGV[5]) == 1 then return {0} end
 local seq = append()
 local route = redis.pcall('GET', KEYS[5])
 if type(route) == 'table' then route = false end
@@ -451,6 +469,7 @@ pub struct RedisStore {
     invite: Script,
     remove_member: Script,
     leave: Script,
+    block: Script,
     claim_id_node: Script,
     renew_id_node: Script,
     release_id_node: Script,
@@ -682,6 +701,7 @@ impl RedisStore {
             invite: Script::new(INVITE),
             remove_member: Script::new(REMOVE_MEMBER),
             leave: Script::new(LEAVE),
+            block: Script::new(BLOCK),
             claim_id_node: Script::new(CLAIM_ID_NODE),
             renew_id_node: Script::new(RENEW_ID_NODE),
             release_id_node: Script::new(RELEASE_ID_NODE),
@@ -1254,21 +1274,30 @@ impl Store for RedisStore {
         to: u64,
         entry: &InboxEntry,
         limits: InboxLimits,
-    ) -> Result<Option<(u64, Option<Route>)>, StoreError> {
+    ) -> Result<PrivateAppend, StoreError> {
         let mut call = self.append_private.prepare_invoke();
         call.key(seq_key(to))
             .key(inbox_key(to))
             .key(appended_key(to, entry.msg_id))
             .key(account_key(to))
-            .key(route_key(to));
+            .key(route_key(to))
+            .key(blocked_key(to));
         for arg in append_args(entry, limits) {
             call.arg(arg);
         }
+        call.arg(entry.from_user);
         let stored: Option<(u64, Option<Vec<u8>>)> = call
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        Ok(stored.map(|(seq, route)| (seq, readable_route(to, route.as_deref()))))
+        Ok(match stored {
+            None => PrivateAppend::NoUser,
+            Some((0, _)) => PrivateAppend::Blocked,
+            Some((seq, route)) => PrivateAppend::Stored {
+                seq,
+                route: readable_route(to, route.as_deref()),
+            },
+        })
     }
 
     async fn fetch_inbox(
@@ -1590,6 +1619,47 @@ impl Store for RedisStore {
         }
         waiting.truncate(MAX_INVITATIONS_LISTED);
         Ok(waiting)
+    }
+
+    async fn block_user(&self, user: u64, other: u64, cap: usize) -> Result<Block, StoreError> {
+        let outcome: i64 = self
+            .block
+            .key(blocked_key(user))
+            .arg(other)
+            .arg(cap)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        match outcome {
+            1 => Ok(Block::Blocked),
+            2 => Ok(Block::AlreadyBlocked),
+            0 => Ok(Block::Full),
+            other => Err(StoreError::Corrupt(format!("block script returned {other}"))),
+        }
+    }
+
+    async fn unblock_user(&self, user: u64, other: u64) -> Result<bool, StoreError> {
+        self.conn()
+            .srem(blocked_key(user), other)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn blocks(&self, user: u64, other: u64) -> Result<bool, StoreError> {
+        self.conn()
+            .sismember(blocked_key(user), other)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn blocked_users(&self, user: u64) -> Result<Vec<u64>, StoreError> {
+        let mut blocked: Vec<u64> = self
+            .conn()
+            .smembers(blocked_key(user))
+            .await
+            .map_err(unavailable)?;
+        blocked.sort_unstable();
+        Ok(blocked)
     }
 
     async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError> {
