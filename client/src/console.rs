@@ -128,9 +128,9 @@ pub fn parse(line: &str) -> Command {
             "block" | "unblock" => match arg.parse::<u64>() {
                 Ok(user) if verb == "block" => Command::Block(user),
                 Ok(user) => Command::Unblock(user),
-                Err(_) => Command::Invalid(format!(
-                    "use :{verb} <userId> (:olu and :members show ids)"
-                )),
+                Err(_) => {
+                    Command::Invalid(format!("use :{verb} <userId> (:olu and :members show ids)"))
+                }
             },
             "create" | "join" | "leave" | "members" | "invite" | "remove" if arg.is_empty() => {
                 Command::Invalid(format!(":{verb} needs a group name"))

@@ -227,6 +227,7 @@ async fn a_message_whose_push_was_lost_arrives_after_the_next_renewal(
         .store
         .append_private(bob_id, &entry, InboxLimits::default())
         .await?
+        .stored()
         .context("bob's account is gone")?;
     assert_eq!(seq, 2);
     assert_eq!(next_message(&mut bob_events).await?.body, "never pushed");

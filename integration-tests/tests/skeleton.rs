@@ -1,8 +1,8 @@
 //! The whole CIM flow over real QUIC and HTTPS on 127.0.0.1: register, login with server
 //! assignment, group and private chat, online users, duplicate login, logout, bad
 //! credentials, token re-login and its refusals (also when re-logins race with one token),
-//! dead-server detection, two real console clients chatting, and TLS resumption of a
-//! client's API calls.
+//! dead-server detection, two real console clients chatting, TLS resumption of a client's API
+//! calls, and blocking a user.
 
 #![allow(clippy::unwrap_used)]
 
@@ -963,5 +963,92 @@ async fn a_router_that_never_answers_fails_the_call_in_time() -> anyhow::Result<
         .expect("nothing answered");
     assert!(err.to_string().contains("no answer within"), "{err}");
     held.abort();
+    Ok(())
+}
+
+/// A user blocks another, on Redis over two servers: the blocked user's private messages are
+/// refused (`blocked`, in-band and over HTTP) and never stored, its invitations too; the block
+/// goes one way, is listed with names, and ends with an unblock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_users_messages_and_invitations_are_refused_until_unblocked() -> anyhow::Result<()>
+{
+    let cluster = TestCluster::start_on(2, Backend::Redis).await?;
+    let api = RouterApi::new(&cluster.client_config())?;
+    let (alice, mut alice_events) = cluster.user("alice").await?;
+    let (bob, mut bob_events) = cluster.user("bob").await?;
+    let (alice_id, bob_id) = (alice.info().user_id, bob.info().user_id);
+    bob.send_private(alice_id, "before").await?;
+    assert_eq!(next_message(&mut alice_events).await?.body, "before");
+
+    let blocked = alice.block(bob_id).await?;
+    assert_eq!((blocked.id, blocked.name.as_str()), (bob_id, "bob"));
+    assert!(!blocked.already_blocked);
+    assert!(alice.block(bob_id).await?.already_blocked);
+    let listed = alice.blocked_users().await?;
+    assert_eq!(
+        listed
+            .iter()
+            .map(|u| (u.id, u.name.as_str()))
+            .collect::<Vec<_>>(),
+        [(bob_id, "bob")]
+    );
+
+    let err = bob.send_private(alice_id, "blocked one").await.unwrap_err();
+    assert_eq!(err.code(), Some(cim_proto::BLOCKED), "{err}");
+    assert!(
+        !err.send_outcome_unknown(),
+        "a refusal, not an unknown outcome"
+    );
+    let err = api
+        .call::<_, serde_json::Value>(
+            http::Method::POST,
+            "/api/messages",
+            Some(&serde_json::json!({"to": alice_id, "body": "over http"})),
+            Some(&bob.token()),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Api { status: 403, code, .. } if code == "blocked"),
+        "{err}"
+    );
+    bob.create_group("bobs").await?;
+    let err = bob.invite("bobs", alice_id).await.unwrap_err();
+    assert_eq!(err.code(), Some(cim_proto::BLOCKED), "{err}");
+    // One way: alice still writes to bob.
+    alice.send_private(bob_id, "still here").await?;
+    assert_eq!(next_message(&mut bob_events).await?.body, "still here");
+
+    // Refusals over HTTP: oneself, no such user.
+    for (user, status, code) in [
+        (alice_id, 400, "bad_request"),
+        (9_999_999, 404, "unknown_user"),
+    ] {
+        let err = api
+            .call::<_, serde_json::Value>(
+                http::Method::POST,
+                "/api/blocks",
+                Some(&serde_json::json!({ "user_id": user })),
+                Some(&alice.token()),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Api { status: s, code: c, .. } if *s == status && c == code),
+            "{err}"
+        );
+    }
+
+    assert!(alice.unblock(bob_id).await?);
+    assert!(!alice.unblock(bob_id).await?);
+    assert!(alice.blocked_users().await?.is_empty());
+    bob.send_private(alice_id, "after").await?;
+    let next = next_message(&mut alice_events).await?;
+    assert_eq!(
+        (next.body.as_str(), next.seq),
+        ("after", 2),
+        "nothing was stored while blocked"
+    );
+    bob.invite("bobs", alice_id).await?;
     Ok(())
 }

@@ -6,7 +6,8 @@
 //! login's server cannot renew its route back; a token re-login's claim ends the token's login
 //! atomically, once, and only over the route it was checked against; a message-id node is held
 //! by one router at a time, and its next holder learns how far the last one's ids went; a
-//! group starts with its owner as a member and stops joins at its cap. On
+//! group starts with its owner as a member and stops joins at its cap; a blocked sender's
+//! private messages are refused without a sequence number. On
 //! Redis, a route that cannot be read counts as none and does not block a login, and an inbox
 //! entry that cannot be read is skipped.
 
@@ -16,8 +17,8 @@ use std::time::Duration;
 
 use cim_integration_tests::cluster::RedisProc;
 use cim_router::store::{
-    Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, Invite, Join, MemoryStore,
-    RedisStore, Relogin, Removal, Renewal, Revocation, Route, Store,
+    Block, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, Invite, Join, MemoryStore,
+    PrivateAppend, RedisStore, Relogin, Removal, Renewal, Revocation, Route, Store,
 };
 
 /// How long the logins a claim replaces stay revoked, in these tests.
@@ -46,12 +47,13 @@ async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Resul
         store
             .append_private(bob.id + 1000, &entry(1), limits)
             .await?
-            .is_none(),
+            == PrivateAppend::NoUser,
         "an unknown recipient is refused"
     );
     let (seq, route) = store
         .append_private(bob.id, &entry(10), limits)
         .await?
+        .stored()
         .unwrap();
     assert_eq!((seq, route), (1, None), "first entry, bob not logged in");
     assert_eq!(
@@ -82,6 +84,7 @@ async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Resul
     let (seq, got) = store
         .append_private(bob.id, &entry(11), limits)
         .await?
+        .stored()
         .unwrap();
     assert_eq!(seq, 2);
     assert_eq!(
@@ -96,6 +99,7 @@ async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Resul
     let (again, _) = store
         .append_private(bob.id, &entry(10), limits)
         .await?
+        .stored()
         .unwrap();
     assert_eq!(again, 1);
     // Private and group appends share the one sequence.
@@ -124,6 +128,7 @@ async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Resul
     let (late, _) = store
         .append_private(bob.id, &entry(11), limits)
         .await?
+        .stored()
         .unwrap();
     assert_eq!(late, 2, "a resend after the ack keeps its sequence number");
     let page = store.fetch_inbox(bob.id, 3, 3, 10, limits, 6).await?;
@@ -148,6 +153,81 @@ async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Resul
         vec![4, 0],
         "the last seq given out, 0 for an inbox never written"
     );
+    Ok(())
+}
+
+/// A blocked sender's private messages are refused without taking a sequence number; blocks
+/// go one way, stop at their cap, and end with an unblock.
+async fn blocks_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
+    let limits = InboxLimits::default();
+    let blocker = store.create_account("blocker", "hash").await?.id;
+    let pest = store.create_account("pest", "hash").await?.id;
+    let friend = store.create_account("friend", "hash").await?.id;
+    let from = |sender: u64, msg_id: u64| InboxEntry {
+        from_user: sender,
+        ..entry(msg_id)
+    };
+    assert!(!store.blocks(blocker, pest).await?);
+    assert!(store.blocked_users(blocker).await?.is_empty());
+
+    assert_eq!(store.block_user(blocker, pest, 2).await?, Block::Blocked);
+    assert_eq!(
+        store.block_user(blocker, pest, 2).await?,
+        Block::AlreadyBlocked
+    );
+    assert!(store.blocks(blocker, pest).await?);
+    assert!(!store.blocks(pest, blocker).await?, "a block goes one way");
+    assert_eq!(
+        store
+            .append_private(blocker, &from(pest, 900), limits)
+            .await?,
+        PrivateAppend::Blocked
+    );
+    assert_eq!(
+        store.inbox_heads(&[blocker]).await?,
+        vec![0],
+        "a refused message takes no sequence number"
+    );
+    assert_eq!(
+        store
+            .append_private(blocker, &from(friend, 901), limits)
+            .await?
+            .stored()
+            .map(|(seq, _)| seq),
+        Some(1),
+        "others still get through"
+    );
+    assert!(
+        store
+            .append_private(pest, &from(blocker, 902), limits)
+            .await?
+            .stored()
+            .is_some(),
+        "the blocker may still write to whom it blocks"
+    );
+
+    assert_eq!(store.block_user(blocker, friend, 2).await?, Block::Blocked);
+    assert_eq!(
+        store.block_user(blocker, friend + 1000, 2).await?,
+        Block::Full,
+        "the cap holds"
+    );
+    assert_eq!(store.blocked_users(blocker).await?, vec![pest, friend]);
+    assert!(store.unblock_user(blocker, friend).await?);
+    assert!(!store.unblock_user(blocker, friend).await?);
+    assert_eq!(store.blocked_users(blocker).await?, vec![pest]);
+
+    assert!(store.unblock_user(blocker, pest).await?);
+    assert_eq!(
+        store
+            .append_private(blocker, &from(pest, 900), limits)
+            .await?
+            .stored()
+            .map(|(seq, _)| seq),
+        Some(2),
+        "after the unblock the same message is stored"
+    );
+    assert!(store.blocked_users(blocker).await?.is_empty());
     Ok(())
 }
 
@@ -889,6 +969,7 @@ async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     groups_follow_the_contract(&store).await?;
     owners_and_invite_only_groups_follow_the_contract(&store).await?;
     a_departed_servers_routes_are_removed(&store).await?;
+    blocks_follow_the_contract(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 
@@ -906,6 +987,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     groups_follow_the_contract(&store).await?;
     owners_and_invite_only_groups_follow_the_contract(&store).await?;
     a_departed_servers_routes_are_removed(&store).await?;
+    blocks_follow_the_contract(&store).await?;
     a_departed_owner_of_an_older_group_is_no_owner(&store, &redis.url()).await?;
     message_ids_are_recorded_once(&store).await?;
     // A record an older router wrote (a bare id, no fingerprint) is taken as the same
@@ -980,6 +1062,7 @@ async fn an_unreadable_route_fails_neither_a_stored_message_nor_a_login() -> any
         let (seq, route) = store
             .append_private(user, &entry(40 + i as u64), limits)
             .await?
+            .stored()
             .expect("the account exists");
         assert_eq!((seq, route), (1, None), "user {user}");
         let page = store.fetch_inbox(user, 0, 0, 10, limits, 6).await?;

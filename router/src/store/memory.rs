@@ -10,8 +10,8 @@ use tokio::time::Instant;
 
 use super::expiring::{ExpiringMap, Weight};
 use super::{
-    Account, Block, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Invite, Join,
-    MAX_INVITATIONS_LISTED, Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
+    Account, Block, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Invite,
+    Join, MAX_INVITATIONS_LISTED, Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
 };
 
 /// Most idempotency records kept; beyond this the oldest are forgotten early (about 100 MB at

@@ -184,6 +184,16 @@ pub enum PrivateAppend {
     Blocked,
 }
 
+impl PrivateAppend {
+    /// The sequence number and route of a stored entry; `None` if nothing was stored.
+    pub fn stored(self) -> Option<(u64, Option<Route>)> {
+        match self {
+            PrivateAppend::Stored { seq, route } => Some((seq, route)),
+            PrivateAppend::NoUser | PrivateAppend::Blocked => None,
+        }
+    }
+}
+
 /// Invitations [`Store::user_invitations`] lists at most (by group name).
 pub const MAX_INVITATIONS_LISTED: usize = 1_000;
 

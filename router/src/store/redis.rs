@@ -34,9 +34,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::{
-    Account, Block, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Invite, Join,
-    MAX_INVITATIONS_LISTED, PrivateAppend, Relogin, Removal, Renewal, Revocation, Route, Store,
-    StoreError,
+    Account, Block, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Invite,
+    Join, MAX_INVITATIONS_LISTED, PrivateAppend, Relogin, Removal, Renewal, Revocation, Route,
+    Store, StoreError,
 };
 
 const NEXT_USER_ID: &str = "cim:next_user_id";
@@ -242,14 +242,14 @@ const APPEND: &str = concat!(append_function!(), "return append()\n");
 /// [`APPEND`] for a private message, with the recipient's existence and its blocks checked and
 /// its route read in the same call (all keys share the recipient's hash tag). KEYS as for
 /// [`APPEND`], then account, route, blocked users; ARGV as for [`APPEND`], then the sender.
-/// Returns nil for an unknown recipient, `{0}` when the recipient blocks the sender (nothing
-/// stored; a seq is never 0), else `{seq, route or nil}`; a route key of another type reads as
+/// Returns nil for an unknown recipient, `{0, nil}` when the recipient blocks the sender
+/// (nothing stored; a seq is never 0), else `{seq, route or nil}`; a route key of another type reads as
 /// nil (the entry is appended by then).
 const APPEND_PRIVATE: &str = concat!(
     append_function!(),
     r"
 if redis.call('EXISTS', KEYS[4]) == 0 then return false end
-if redis.call('SISMEMBER', KEYS[6], ARGV[5]) == 1 then return {0} end
+if redis.call('SISMEMBER', KEYS[6], ARGV[5]) == 1 then return {0, false} end
 local seq = append()
 local route = redis.pcall('GET', KEYS[5])
 if type(route) == 'table' then route = false end
@@ -1634,7 +1634,9 @@ impl Store for RedisStore {
             1 => Ok(Block::Blocked),
             2 => Ok(Block::AlreadyBlocked),
             0 => Ok(Block::Full),
-            other => Err(StoreError::Corrupt(format!("block script returned {other}"))),
+            other => Err(StoreError::Corrupt(format!(
+                "block script returned {other}"
+            ))),
         }
     }
 
