@@ -864,7 +864,7 @@ async fn a_request_whose_body_never_ends_is_answered_in_time() -> anyhow::Result
 async fn a_body_refused_unread_is_answered_by_its_own_route() -> anyhow::Result<()> {
     let mut scene = Scene::new().await?;
     let token = scene.alice.token();
-    for path in ["/api/groups", "/api/groups/club/invitations"] {
+    for path in ["/api/groups", "/api/groups/club/invitations", "/api/blocks"] {
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: cim\r\nAuthorization: Bearer {token}\r\n\
              Connection: close\r\n\r\n"
@@ -1250,6 +1250,7 @@ async fn malformed_json_and_wrong_types_get_clear_errors_on_every_endpoint() -> 
         "/api/messages",
         "/api/groups",
         "/api/groups/club/invitations",
+        "/api/blocks",
     ];
     for path in paths {
         for body in bad_bodies {

@@ -683,6 +683,20 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
         "* you were removed from #club by alice ({alice_id})"
     ))
     .await?;
+    // Blocking: Bob's private messages to Alice are refused until she unblocks him.
+    alice.send_line(&format!(":block {bob_id}")).await?;
+    alice
+        .expect_line(&format!("blocked bob ({bob_id}): their private messages"))
+        .await?;
+    alice.send_line(":blocked").await?;
+    alice
+        .expect_line(&format!("you block (1): bob ({bob_id})"))
+        .await?;
+    bob.send_line(&format!("{alice_id};;let me back")).await?;
+    let refused = bob.expect_line("! not sent to ").await?;
+    assert!(refused.contains("blocked"), "{refused}");
+    alice.send_line(&format!(":unblock {bob_id}")).await?;
+    alice.expect_line(&format!("unblocked {bob_id}")).await?;
     bob.send_line(":info").await?;
     bob.expect_line(&format!("you are bob (id {bob_id})"))
         .await?;
