@@ -156,8 +156,9 @@ async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Resul
     Ok(())
 }
 
-/// A blocked sender's private messages are refused without taking a sequence number; blocks
-/// go one way, stop at their cap, and end with an unblock.
+/// A blocked sender's private messages are refused without taking a sequence number, but for
+/// a resend of one stored before the block; blocks go one way, stop at their cap, and end with
+/// an unblock.
 async fn blocks_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     let limits = InboxLimits::default();
     let blocker = store.create_account("blocker", "hash").await?.id;
@@ -169,6 +170,15 @@ async fn blocks_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     };
     assert!(!store.blocks(blocker, pest).await?);
     assert!(store.blocked_users(blocker).await?.is_empty());
+    let seq_of = |append: PrivateAppend| append.stored().map(|(seq, _)| seq);
+    assert_eq!(
+        seq_of(
+            store
+                .append_private(blocker, &from(pest, 899), limits)
+                .await?
+        ),
+        Some(1)
+    );
 
     assert_eq!(store.block_user(blocker, pest, 2).await?, Block::Blocked);
     assert_eq!(
@@ -185,17 +195,46 @@ async fn blocks_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     );
     assert_eq!(
         store.inbox_heads(&[blocker]).await?,
-        vec![0],
+        vec![1],
         "a refused message takes no sequence number"
     );
     assert_eq!(
-        store
-            .append_private(blocker, &from(friend, 901), limits)
-            .await?
-            .stored()
-            .map(|(seq, _)| seq),
+        seq_of(
+            store
+                .append_private(blocker, &from(pest, 899), limits)
+                .await?
+        ),
         Some(1),
+        "a resend of a message stored before the block was stored, and is answered so"
+    );
+    assert_eq!(
+        seq_of(
+            store
+                .append_private(blocker, &from(friend, 901), limits)
+                .await?
+        ),
+        Some(2),
         "others still get through"
+    );
+    // Online, the blocker is refused the message all the same (its route is not read out).
+    let route = Route {
+        server_id: "server-1".into(),
+        session_id: 5,
+        confirmed: false,
+    };
+    store
+        .claim_route(blocker, route, Duration::from_secs(30), false, REPLACED_FOR)
+        .await?;
+    assert!(
+        store
+            .confirm_route(blocker, 5, "server-1", Duration::from_secs(30))
+            .await?
+    );
+    assert_eq!(
+        store
+            .append_private(blocker, &from(pest, 900), limits)
+            .await?,
+        PrivateAppend::Blocked
     );
     assert!(
         store
@@ -219,12 +258,12 @@ async fn blocks_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
 
     assert!(store.unblock_user(blocker, pest).await?);
     assert_eq!(
-        store
-            .append_private(blocker, &from(pest, 900), limits)
-            .await?
-            .stored()
-            .map(|(seq, _)| seq),
-        Some(2),
+        seq_of(
+            store
+                .append_private(blocker, &from(pest, 900), limits)
+                .await?
+        ),
+        Some(3),
         "after the unblock the same message is stored"
     );
     assert!(store.blocked_users(blocker).await?.is_empty());

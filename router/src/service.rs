@@ -1442,7 +1442,12 @@ impl Service {
             },
             Err(e) => {
                 self.config.metrics.error(e.code());
-                self.record_error(e.code(), format!("send from user {}: {e}", sender.id));
+                // A blocked sender's refusals are the block working, not a fault: kept out of
+                // the admin page's recent errors, which a blocked user sending at its rate
+                // would otherwise fill.
+                if !matches!(e, ServiceError::Blocked) {
+                    self.record_error(e.code(), format!("send from user {}: {e}", sender.id));
+                }
                 e.log_detail();
                 if let ServiceError::BadRequest(detail) = &e {
                     tracing::warn!(detail, "send refused");

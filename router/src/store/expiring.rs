@@ -112,6 +112,14 @@ impl<K: Hash + Eq + Copy, V: Weight, const SHARDS: usize, const MAX_WEIGHT: usiz
         result
     }
 
+    /// The value of `key` if its record has not expired at `now`.
+    pub fn get(&self, key: &K, now: Instant) -> Option<&V> {
+        self.shards[self.shard_index(key)]
+            .get(key)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(value, _)| value)
+    }
+
     /// Live and not yet pruned records.
     #[cfg(test)]
     pub fn len(&self) -> usize {

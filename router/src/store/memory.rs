@@ -11,7 +11,8 @@ use tokio::time::Instant;
 use super::expiring::{ExpiringMap, Weight};
 use super::{
     Account, Block, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Invite,
-    Join, MAX_INVITATIONS_LISTED, Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
+    Join, MAX_INVITATIONS_LISTED, PrivateAppend, Relogin, Removal, Renewal, Revocation, Route,
+    Store, StoreError,
 };
 
 /// Most idempotency records kept; beyond this the oldest are forgotten early (about 100 MB at
@@ -503,6 +504,41 @@ impl Store for MemoryStore {
             || Vec::with_capacity(recipients.len()),
             append,
         ))
+    }
+
+    async fn append_private(
+        &self,
+        to: u64,
+        entry: &InboxEntry,
+        limits: InboxLimits,
+    ) -> Result<PrivateAppend, StoreError> {
+        {
+            let inner = self.inner();
+            if !inner.accounts.contains_key(&to) {
+                return Ok(PrivateAppend::NoUser);
+            }
+            let blocked = inner
+                .blocked
+                .get(&to)
+                .is_some_and(|blocked| blocked.contains(&entry.from_user));
+            let stored_before = || {
+                inner
+                    .appended
+                    .get(&entry.msg_id, Instant::now())
+                    .is_some_and(|record| record.iter().any(|(user, _)| *user == to))
+            };
+            if blocked && !stored_before() {
+                return Ok(PrivateAppend::Blocked);
+            }
+        }
+        let seq = self
+            .append_inbox(&[to], entry, limits)
+            .await?
+            .first()
+            .copied()
+            .ok_or_else(|| StoreError::Corrupt("append returned no sequence number".into()))?;
+        let route = self.routes(&[to]).await?.pop().flatten();
+        Ok(PrivateAppend::Stored { seq, route })
     }
 
     async fn fetch_inbox(

@@ -1,7 +1,7 @@
 //! The router's state behind one trait: accounts, routes (user -> server session) with leases,
 //! the online set, per-user inboxes (sequence-numbered, capped in length and age), groups, and
-//! the users each user blocks. The in-memory store serves the embedded mode and unit tests; the Redis
-//! store serves clusters.
+//! the users each user blocks. The in-memory store serves the embedded mode and unit tests;
+//! the Redis store serves clusters.
 
 use std::time::Duration;
 
@@ -458,29 +458,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<u64>, StoreError>;
     /// A private message's storage in one step: if account `to` exists and does not block
     /// the entry's sender, appends `entry` to its inbox like [`Store::append_inbox`] and
-    /// returns the entry's sequence number with the recipient's route. Stores whose round
-    /// trips cost override it with a single one (which also makes the block check and the
-    /// append one atomic step).
+    /// returns the entry's sequence number with the recipient's route, read in the same step.
+    /// A resend of a message stored before a block keeps its sequence number (it was stored,
+    /// and its answer must say so); nothing else from a blocked sender is stored.
     async fn append_private(
         &self,
         to: u64,
         entry: &InboxEntry,
         limits: InboxLimits,
-    ) -> Result<PrivateAppend, StoreError> {
-        if !self.user_exists(to).await? {
-            return Ok(PrivateAppend::NoUser);
-        }
-        if self.blocks(to, entry.from_user).await? {
-            return Ok(PrivateAppend::Blocked);
-        }
-        let seqs = self.append_inbox(&[to], entry, limits).await?;
-        let seq = seqs
-            .first()
-            .copied()
-            .ok_or_else(|| StoreError::Corrupt("append returned no sequence number".into()))?;
-        let route = self.routes(&[to]).await?.into_iter().next().flatten();
-        Ok(PrivateAppend::Stored { seq, route })
-    }
+    ) -> Result<PrivateAppend, StoreError>;
     /// Up to `limit` entries of `user` after `after_seq`, oldest first, skipping entries older
     /// than the limits allow. Entries up to `trim_up_to` are trimmed first (the client's
     /// application is done with them; callers pass at most `after_seq`).

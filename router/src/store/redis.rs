@@ -239,17 +239,20 @@ end
 /// Appends an entry once per message id (see `append_function`). Returns the entry's seq.
 const APPEND: &str = concat!(append_function!(), "return append()\n");
 
-/// [`APPEND`] for a private message, with the recipient's existence and its blocks checked and
-/// its route read in the same call (all keys share the recipient's hash tag). KEYS as for
+/// [`APPEND`] for a private message, with the recipient's existence and its blocks checked
+/// and its route read in the same call (all keys share the recipient's hash tag). KEYS as for
 /// [`APPEND`], then account, route, blocked users; ARGV as for [`APPEND`], then the sender.
-/// Returns nil for an unknown recipient, `{0, nil}` when the recipient blocks the sender
-/// (nothing stored; a seq is never 0), else `{seq, route or nil}`; a route key of another type reads as
-/// nil (the entry is appended by then).
+/// Returns nil for an unknown recipient, `{0, false}` (read as `[0, nil]`; a seq is never 0)
+/// when the recipient blocks the sender and the message was not stored before the block,
+/// else `{seq, route or nil}`; a route key of another type reads as nil (the entry is
+/// appended by then).
 const APPEND_PRIVATE: &str = concat!(
     append_function!(),
     r"
 if redis.call('EXISTS', KEYS[4]) == 0 then return false end
-if redis.call('SISMEMBER', KEYS[6], ARGV[5]) == 1 then return {0, false} end
+if redis.call('SISMEMBER', KEYS[6], ARGV[5]) == 1 and not redis.call('GET', KEYS[3]) then
+  return {0, false}
+end
 local seq = append()
 local route = redis.pcall('GET', KEYS[5])
 if type(route) == 'table' then route = false end
