@@ -1,17 +1,49 @@
 //! Parsing of console input lines into commands (CIM's syntax), kept free of I/O so it is
 //! tested with plain strings.
 
-use cim_core::names::{MAX_NAME_LEN, NAME_RULE};
+use std::fmt;
+
+use cim_core::names::{MAX_NAME_LEN, NAME_RULE, is_valid_name};
+
+/// A user a command names: by id, or by name (user names are never digits alone, so `42` is
+/// always an id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserRef {
+    /// An account id.
+    Id(u64),
+    /// An account name, looked up at the router.
+    Name(String),
+}
+
+impl UserRef {
+    /// `word` as a user id or, failing that, a name.
+    fn parse(word: &str) -> Option<Self> {
+        match word.parse::<u64>() {
+            Ok(id) => Some(UserRef::Id(id)),
+            Err(_) if is_valid_name(word) => Some(UserRef::Name(word.to_string())),
+            Err(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for UserRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UserRef::Id(id) => write!(f, "{id}"),
+            UserRef::Name(name) => f.write_str(name),
+        }
+    }
+}
 
 /// What a console line asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// A plain line: a message to everyone online.
     Broadcast(String),
-    /// `userId;;message`: a private message.
+    /// `userId;;message` (or `name;;message`): a private message.
     Private {
-        /// Recipient id.
-        to: u64,
+        /// Recipient.
+        to: UserRef,
         /// Text.
         body: String,
     },
@@ -36,14 +68,14 @@ pub enum Command {
         /// Group name.
         group: String,
         /// The user invited.
-        user: u64,
+        user: UserRef,
     },
     /// `:remove NAME USERID`: the owner removes a member.
     Remove {
         /// Group name.
         group: String,
         /// The user removed.
-        user: u64,
+        user: UserRef,
     },
     /// `:join NAME`: join a group.
     Join(String),
@@ -53,10 +85,12 @@ pub enum Command {
     Members(String),
     /// `:groups`: list my groups.
     Groups,
-    /// `:block USERID`: refuse a user's private messages and invitations.
-    Block(u64),
-    /// `:unblock USERID`: take them again.
-    Unblock(u64),
+    /// `:block USER`: refuse a user's private messages and invitations.
+    Block(UserRef),
+    /// `:unblock USER`: take them again.
+    Unblock(UserRef),
+    /// `:who NAME`: a user's id and whether they are online.
+    Who(String),
     /// `:blocked`: list the users I block.
     Blocked,
     /// `:info`: own id, name and server.
@@ -77,7 +111,7 @@ pub enum Command {
 pub const HELP: &str = "\
 commands:
   <text>               send <text> to everyone online
-  <userId>;;<text>     send <text> privately to user <userId>
+  <user>;;<text>       send <text> privately to <user>, an id or a name
   #<group> <text>      send <text> to a named group
   #all <text>          send <text> to everyone online, also text that starts with ':' or '#'
   :create <group>      create a group (you become its owner and first member)
@@ -85,15 +119,16 @@ commands:
                        create a group only users you invite get into
   :join <group>        join a group
   :leave <group>       leave a group (or decline its invitation)
-  :invite <group> <userId>
+  :invite <group> <user>
                        invite a user to a group you own (their :join lets them in)
-  :remove <group> <userId>
+  :remove <group> <user>
                        remove a member from a group you own, or withdraw an invitation
   :members <group>     list a group's members, who is online and who owns it
   :groups              list your groups and the invitations waiting for you
-  :block <userId>      refuse a user's private messages and group invitations
-  :unblock <userId>    take them again
+  :block <user>        refuse a user's private messages and group invitations
+  :unblock <user>      take them again
   :blocked             list the users you block
+  :who <name>          show a user's id and whether they are online
   :olu [prefix]        list online users (optionally whose name starts with prefix)
   :info                show your id, name and server
   :q <words>           search your message history on this machine (the latest 50 lines)
@@ -125,13 +160,13 @@ pub fn parse(line: &str) -> Command {
             "olu" => Command::OnlineUsers(arg),
             "groups" => Command::Groups,
             "blocked" => Command::Blocked,
-            "block" | "unblock" => match arg.parse::<u64>() {
-                Ok(user) if verb == "block" => Command::Block(user),
-                Ok(user) => Command::Unblock(user),
-                Err(_) => {
-                    Command::Invalid(format!("use :{verb} <userId> (:olu and :members show ids)"))
-                }
+            "block" | "unblock" => match UserRef::parse(&arg) {
+                Some(user) if verb == "block" => Command::Block(user),
+                Some(user) => Command::Unblock(user),
+                None => Command::Invalid(format!("use :{verb} <userId or name>")),
             },
+            "who" if is_valid_name(&arg) => Command::Who(arg),
+            "who" => Command::Invalid(format!("use :who <name>: names are {NAME_RULE}")),
             "create" | "join" | "leave" | "members" | "invite" | "remove" if arg.is_empty() => {
                 Command::Invalid(format!(":{verb} needs a group name"))
             }
@@ -165,13 +200,16 @@ pub fn parse(line: &str) -> Command {
         .split_once(";;")
         .filter(|(to, _)| !to.trim().contains(char::is_whitespace))
     {
-        return match to.trim().parse::<u64>() {
-            Ok(to) if !body.trim().is_empty() => Command::Private {
+        return match UserRef::parse(to.trim()) {
+            Some(to) if !body.trim().is_empty() => Command::Private {
                 to,
                 body: body.to_string(),
             },
-            Ok(_) => Command::Invalid("empty private message".into()),
-            Err(_) => Command::Invalid(format!("{to:?} is not a user id; use <userId>;;<text>")),
+            Some(_) => Command::Invalid("empty private message".into()),
+            None => Command::Invalid(format!(
+                "{:?} is not a user id or name; use <user>;;<text>",
+                printable(to)
+            )),
         };
     }
     Command::Broadcast(line.to_string())
@@ -204,9 +242,9 @@ fn parse_member_change(verb: &str, arg: &str) -> Command {
     if group.len() > MAX_NAME_LEN {
         return Command::Invalid(no_such_group_name());
     }
-    let Ok(user) = user.parse::<u64>() else {
+    let Some(user) = UserRef::parse(user) else {
         return Command::Invalid(format!(
-            "{:?} is not a user id; use :{verb} <group> <userId> (:olu shows ids)",
+            "{:?} is not a user id or name; use :{verb} <group> <user>",
             printable(user)
         ));
     };
@@ -309,7 +347,7 @@ mod tests {
         assert_eq!(
             parse("42;;hi there;; you"),
             Command::Private {
-                to: 42,
+                to: UserRef::Id(42),
                 body: "hi there;; you".into()
             }
         );
@@ -359,33 +397,47 @@ mod tests {
             parse(":invite rust 42"),
             Command::Invite {
                 group: "rust".into(),
-                user: 42
+                user: UserRef::Id(42)
             }
         );
         assert_eq!(
-            parse(":remove rust 42"),
+            parse(":remove rust bob"),
             Command::Remove {
                 group: "rust".into(),
-                user: 42
+                user: UserRef::Name("bob".into())
             }
         );
-        assert!(matches!(parse(":invite rust bob"), Command::Invalid(_)));
+        assert!(matches!(parse(":invite rust bo/b"), Command::Invalid(_)));
         assert!(matches!(parse(":invite rust"), Command::Invalid(_)));
         assert!(matches!(parse(":remove"), Command::Invalid(_)));
         assert!(matches!(parse(":remove rust 4 2"), Command::Invalid(_)));
         assert_eq!(parse(":leave rust"), Command::Leave("rust".into()));
         assert_eq!(parse(":members rust"), Command::Members("rust".into()));
         assert_eq!(parse(":groups"), Command::Groups);
-        assert_eq!(parse(":block 42"), Command::Block(42));
-        assert_eq!(parse(":unblock  42 "), Command::Unblock(42));
+        assert_eq!(parse(":block 42"), Command::Block(UserRef::Id(42)));
+        assert_eq!(
+            parse(":unblock  bob "),
+            Command::Unblock(UserRef::Name("bob".into()))
+        );
+        assert_eq!(parse(":who bob"), Command::Who("bob".into()));
+        assert!(matches!(parse(":who"), Command::Invalid(_)));
+        assert!(matches!(parse(":who bob alice"), Command::Invalid(_)));
         assert_eq!(parse(":blocked"), Command::Blocked);
         assert!(matches!(parse(":block"), Command::Invalid(_)));
-        assert!(matches!(parse(":block bob"), Command::Invalid(_)));
+        assert!(matches!(parse(":block b!b"), Command::Invalid(_)));
         assert!(matches!(parse(":unblock 4 2"), Command::Invalid(_)));
         assert!(matches!(parse(":blocked 4"), Command::Invalid(_)));
         assert!(matches!(parse(":join"), Command::Invalid(_)));
         assert_eq!(parse("   "), Command::Nothing);
-        assert!(matches!(parse("bob;;hi"), Command::Invalid(_)));
+        // A name before the `;;` is a user too (names are never digits alone).
+        assert_eq!(
+            parse("bob;;hi"),
+            Command::Private {
+                to: UserRef::Name("bob".into()),
+                body: "hi".into()
+            }
+        );
+        assert!(matches!(parse("b@b;;hi"), Command::Invalid(_)));
         assert_eq!(
             parse("see you;; later"),
             Command::Broadcast("see you;; later".into())

@@ -39,6 +39,17 @@ pub struct OnlinePage {
     pub more: bool,
 }
 
+/// A user found by name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct NamedUser {
+    /// Account id.
+    pub id: u64,
+    /// Account name.
+    pub name: String,
+    /// Whether the user was online when asked.
+    pub online: bool,
+}
+
 /// A user on our block list.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct BlockedUser {
@@ -228,6 +239,27 @@ impl RouterApi {
         }
         self.call::<(), _>(Method::GET, &path, None, Some(token))
             .await
+    }
+
+    /// The user named `name` (as registered: case counts), or `None` if there is none.
+    pub async fn user_named(
+        &self,
+        token: &str,
+        name: &str,
+    ) -> Result<Option<NamedUser>, ClientError> {
+        // No account has a name outside the rule, and only a name within it is safe in a path.
+        if !cim_core::names::is_valid_name(name) {
+            return Ok(None);
+        }
+        let path = format!("/api/users/named/{name}");
+        match self
+            .call::<(), _>(Method::GET, &path, None, Some(token))
+            .await
+        {
+            Ok(user) => Ok(Some(user)),
+            Err(e) if e.code() == Some(cim_proto::UNKNOWN_USER) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Blocks `user` for the login `token` belongs to: its private messages and group

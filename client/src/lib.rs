@@ -53,7 +53,7 @@ mod presence;
 pub mod reorder;
 
 use batch::{Carried, SendQueue};
-pub use http::{BlockReply, BlockedUser, OnlinePage, OnlineUser, RouterApi};
+pub use http::{BlockReply, BlockedUser, NamedUser, OnlinePage, OnlineUser, RouterApi};
 use reorder::{Backoff, Reorder};
 
 /// Largest control frame.
@@ -82,6 +82,8 @@ const REFUSALS_OF_THE_MESSAGE: &[&str] = &[
     cim_proto::UNKNOWN_USER,
     cim_proto::CLIENT_MSG_ID_REUSED,
 ];
+/// Names [`Client::user_id_of`] keeps the ids of; past it, it starts again.
+pub const MAX_USER_IDS_KEPT: usize = 4096;
 /// Longest a close or logout waits for a reconnect under way to send the final ack.
 const FINAL_ACK_RECONNECT_WAIT: Duration = Duration::from_secs(2);
 /// Connect attempts of a first login.
@@ -634,6 +636,8 @@ struct Shared {
     stats: std::sync::Mutex<Stats>,
     /// What the application was last told of each user's presence.
     known_presence: std::sync::Mutex<presence::KnownPresence>,
+    /// User ids found by name ([`Client::user_id_of`]): an account's name and id never change.
+    user_ids: std::sync::Mutex<HashMap<String, u64>>,
     stop: CancellationToken,
     /// Cancelled once the supervisor task has ended: no reconnect (and no re-login) is under
     /// way any more.
@@ -643,6 +647,10 @@ struct Shared {
 impl Shared {
     fn current(&self) -> std::sync::MutexGuard<'_, Current> {
         self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn user_ids(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.user_ids.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
@@ -803,6 +811,7 @@ impl Client {
             max_body_bytes: AtomicU32::new(0),
             stats: std::sync::Mutex::new(Stats::default()),
             known_presence: Default::default(),
+            user_ids: Default::default(),
             stop: CancellationToken::new(),
             supervised: CancellationToken::new(),
         });
@@ -1233,6 +1242,31 @@ impl Client {
             .api
             .online_page(&token, prefix, after, limit)
             .await
+    }
+
+    /// The user named `name` (as registered: case counts) with whether they are online, or
+    /// `None` if there is no such user: how to find the id of someone offline.
+    pub async fn find_user(&self, name: &str) -> Result<Option<NamedUser>, ClientError> {
+        let token = self.token();
+        self.shared.api.user_named(&token, name).await
+    }
+
+    /// The id of the user named `name`, or `None` if there is no such user; asked of the router
+    /// once per name (up to [`MAX_USER_IDS_KEPT`] names), since names and ids never change.
+    pub async fn user_id_of(&self, name: &str) -> Result<Option<u64>, ClientError> {
+        let known = self.shared.user_ids().get(name).copied();
+        if known.is_some() {
+            return Ok(known);
+        }
+        let Some(user) = self.find_user(name).await? else {
+            return Ok(None);
+        };
+        let mut ids = self.shared.user_ids();
+        if ids.len() >= MAX_USER_IDS_KEPT {
+            ids.clear();
+        }
+        ids.insert(user.name, user.id);
+        Ok(Some(user.id))
     }
 
     /// Blocks `user`: their private messages to us are refused from now on (they are told

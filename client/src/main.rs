@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use cim_client::console::{self, Command};
+use cim_client::console::{self, Command, UserRef};
 use cim_client::history::{self, History};
 use cim_client::{Ack, Client, ClientConfig, ClientError, Event, IncomingMessage, LoginOptions};
 use clap::Parser;
@@ -468,6 +468,26 @@ fn report(result: Result<(), ClientError>, done: &str) -> bool {
     }
 }
 
+/// The id of the user `user` names, with how to name them in what the console prints (the id,
+/// or `name (id)`): as given, or looked up by name. `None`, said, if no user has the name or
+/// the lookup failed.
+async fn user_id(client: &Client, user: &UserRef) -> Option<(u64, String)> {
+    match user {
+        UserRef::Id(id) => Some((*id, id.to_string())),
+        UserRef::Name(name) => match client.user_id_of(name).await {
+            Ok(Some(id)) => Some((id, format!("{name} ({id})"))),
+            Ok(None) => {
+                println!("! no user is named {name} (names are as registered: case counts)");
+                None
+            }
+            Err(e) => {
+                println!("! could not look up {name}: {e}");
+                None
+            }
+        },
+    }
+}
+
 /// How to report a failed send.
 fn unsent(e: &ClientError) -> &'static str {
     if e.send_outcome_unknown() {
@@ -522,7 +542,10 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
             sent(result, "", "no one else is online", history, &mine)
         }
         Command::Private { to, body } => {
-            let result = paced(|| client.send_private(to, &body)).await;
+            let Some((id, to)) = user_id(client, &to).await else {
+                return false;
+            };
+            let result = paced(|| client.send_private(id, &body)).await;
             let mine = format!("you to {to} (private): {}", console::printable(&body));
             sent(result, &format!(" to {to}"), "", history, &mine)
         }
@@ -551,14 +574,20 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
             client.create_invite_only_group(&group).await,
             &format!("created #{group} (invite-only: :invite {group} <userId> lets users in)"),
         ),
-        Command::Invite { group, user } => report(
-            client.invite(&group, user).await,
-            &format!("invited {user} to #{group}"),
-        ),
-        Command::Remove { group, user } => report(
-            client.remove_member(&group, user).await,
-            &format!("removed {user} from #{group} (or withdrew the invitation)"),
-        ),
+        Command::Invite { group, user } => match user_id(client, &user).await {
+            Some((id, user)) => report(
+                client.invite(&group, id).await,
+                &format!("invited {user} to #{group}"),
+            ),
+            None => false,
+        },
+        Command::Remove { group, user } => match user_id(client, &user).await {
+            Some((id, user)) => report(
+                client.remove_member(&group, id).await,
+                &format!("removed {user} from #{group} (or withdrew the invitation)"),
+            ),
+            None => false,
+        },
         Command::Join(group) => {
             report(client.join_group(&group).await, &format!("joined #{group}"))
         }
@@ -591,23 +620,42 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
             }
             Err(e) => report(Err(e), ""),
         },
-        Command::Block(user) => match client.block(user).await {
-            Ok(reply) => {
-                let name = console::printable(&reply.name);
-                if reply.already_blocked {
-                    println!("{name} ({user}) was blocked already");
-                } else {
-                    println!(
-                        "blocked {name} ({user}): their private messages and invitations are refused"
-                    );
+        Command::Block(user) => {
+            let Some((id, _)) = user_id(client, &user).await else {
+                return false;
+            };
+            match client.block(id).await {
+                Ok(reply) => {
+                    let name = console::printable(&reply.name);
+                    if reply.already_blocked {
+                        println!("{name} ({id}) was blocked already");
+                    } else {
+                        println!(
+                            "blocked {name} ({id}): their private messages and invitations are refused"
+                        );
+                    }
+                    true
                 }
+                Err(e) => report(Err(e), ""),
+            }
+        }
+        Command::Unblock(user) => {
+            let Some((id, user)) = user_id(client, &user).await else {
+                return false;
+            };
+            match client.unblock(id).await {
+                Ok(true) => report(Ok(()), &format!("unblocked {user}")),
+                Ok(false) => report(Ok(()), &format!("{user} was not blocked")),
+                Err(e) => report(Err(e), ""),
+            }
+        }
+        Command::Who(name) => match client.find_user(&name).await {
+            Ok(Some(user)) => {
+                let state = if user.online { "online" } else { "offline" };
+                println!("{} ({}) is {state}", user.name, user.id);
                 true
             }
-            Err(e) => report(Err(e), ""),
-        },
-        Command::Unblock(user) => match client.unblock(user).await {
-            Ok(true) => report(Ok(()), &format!("unblocked {user}")),
-            Ok(false) => report(Ok(()), &format!("{user} was not blocked")),
+            Ok(None) => report(Ok(()), &format!("no user is named {name}")),
             Err(e) => report(Err(e), ""),
         },
         Command::Blocked => match client.blocked_users().await {

@@ -683,8 +683,17 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
         "* you were removed from #club by alice ({alice_id})"
     ))
     .await?;
+    // Users by name: found, written to, blocked.
+    alice.send_line(":who bob").await?;
+    alice
+        .expect_line(&format!("bob ({bob_id}) is online"))
+        .await?;
+    alice.send_line(":who nobody").await?;
+    alice.expect_line("no user is named nobody").await?;
+    alice.send_line("nobody;;hello?").await?;
+    alice.expect_line("! no user is named nobody").await?;
     // Blocking: Bob's private messages to Alice are refused until she unblocks him.
-    alice.send_line(&format!(":block {bob_id}")).await?;
+    alice.send_line(":block bob").await?;
     alice
         .expect_line(&format!("blocked bob ({bob_id}): their private messages"))
         .await?;
@@ -692,11 +701,17 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     alice
         .expect_line(&format!("you block (1): bob ({bob_id})"))
         .await?;
-    bob.send_line(&format!("{alice_id};;let me back")).await?;
-    let refused = bob.expect_line("! not sent to ").await?;
+    bob.send_line("alice;;let me back").await?;
+    let refused = bob
+        .expect_line(&format!("! not sent to alice ({alice_id}): "))
+        .await?;
     assert!(refused.contains("blocked"), "{refused}");
     alice.send_line(&format!(":unblock {bob_id}")).await?;
     alice.expect_line(&format!("unblocked {bob_id}")).await?;
+    bob.send_line("alice;;thanks").await?;
+    alice
+        .expect_line(&format!("bob ({bob_id}) (private): thanks"))
+        .await?;
     bob.send_line(":info").await?;
     bob.expect_line(&format!("you are bob (id {bob_id})"))
         .await?;
@@ -993,6 +1008,14 @@ async fn a_blocked_users_messages_and_invitations_are_refused_until_unblocked() 
     let (alice_id, bob_id) = (alice.info().user_id, bob.info().user_id);
     bob.send_private(alice_id, "before").await?;
     assert_eq!(next_message(&mut alice_events).await?.body, "before");
+
+    // Found by name (as registered), with presence: how to reach someone offline by name.
+    let found = alice.find_user("bob").await?.context("bob is found")?;
+    assert_eq!((found.id, found.online), (bob_id, true));
+    assert!(alice.find_user("Bob").await?.is_none(), "case counts");
+    assert!(alice.find_user("nobody").await?.is_none());
+    assert!(alice.find_user("../api").await?.is_none());
+    assert_eq!(alice.user_id_of("bob").await?, Some(bob_id));
 
     let blocked = alice.block(bob_id).await?;
     assert_eq!((blocked.id, blocked.name.as_str()), (bob_id, "bob"));

@@ -8,6 +8,7 @@
 //! | POST | /api/relogin | bearer (a session token) | - | 200 as login; 401 `unauthorized` or `session_ended` when only the password will do; 409 `session_live` (the login is still connected to a live server); 429, 503 `no_server` as for login |
 //! | POST | /api/logout | bearer | - | 200 `{}` |
 //! | GET | /api/users/online | bearer | `?prefix=&after=&limit=` | 200 `{users: [{id, name}], more}` (a page by name, at most 1,000) |
+//! | GET | /api/users/named/NAME | bearer | - | 200 `{id, name, online}`; 404 `unknown_user` (names as registered: case counts) |
 //! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, msg_id_str, recipients}`, and `recipient_online` for a private message |
 //! | POST | /api/groups | bearer | `{name, invite_only?}` | 201 `{name}` |
 //! | POST | /api/groups/NAME/join, /leave | bearer | - | 200 `{}`; counts 10 against the limit below (told to the other online members of a group of at most 100; a leave declines a waiting invitation); 403 `invite_only` |
@@ -182,6 +183,13 @@ impl From<LoginGrant> for LoginResponse {
 struct UserJson {
     id: u64,
     name: String,
+}
+
+#[derive(Serialize)]
+struct NamedUserJson {
+    id: u64,
+    name: String,
+    online: bool,
 }
 
 #[derive(Serialize)]
@@ -396,6 +404,24 @@ pub fn routes(
                         .collect();
                     let more = page.more;
                     Ok::<_, ApiError>(warp::reply::json(&OnlineResponse { users, more }))
+                };
+                respond_api(result.await)
+            },
+        );
+    let user_named = warp::path!("api" / "users" / "named" / String)
+        .and(warp::get())
+        .and(with_service.clone())
+        .and(bearer())
+        .then(
+            |name: String, service: Arc<Service>, auth: Result<String, ApiError>| async move {
+                let result = async {
+                    authenticate(&service, auth).await?;
+                    let user = service.user_named(&name).await?;
+                    Ok::<_, ApiError>(warp::reply::json(&NamedUserJson {
+                        id: user.id,
+                        name: user.name,
+                        online: user.online,
+                    }))
                 };
                 respond_api(result.await)
             },
@@ -685,12 +711,13 @@ pub fn routes(
     // Each route is boxed before they are combined: the nested type of fourteen `or`s of
     // unboxed filters took rustc over a minute and a half to check (coherence and auto traits),
     // three times per test run. A boxed filter costs one dynamic call per route tried.
-    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 19] = [
+    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 20] = [
         register.boxed(),
         login.boxed(),
         relogin.boxed(),
         logout.boxed(),
         online.boxed(),
+        user_named.boxed(),
         send.boxed(),
         create_group.boxed(),
         invite.boxed(),

@@ -64,6 +64,17 @@ pub struct Member {
     pub owner: bool,
 }
 
+/// A user looked up by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedUser {
+    /// Account id.
+    pub id: u64,
+    /// Account name.
+    pub name: String,
+    /// Whether the user has a session now.
+    pub online: bool,
+}
+
 /// A user on a block list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockedUser {
@@ -1654,6 +1665,23 @@ impl Service {
             listings.insert(name.to_string(), (Instant::now(), members.clone()));
         }
         Ok(members)
+    }
+
+    /// The account named `name` (names are as registered: case counts), and whether it is
+    /// online: how a user finds the id of someone offline, whom the online list leaves out.
+    /// Says no more than the online list does of anyone online.
+    pub async fn user_named(&self, name: &str) -> Result<NamedUser, ServiceError> {
+        let account = self
+            .store
+            .account_by_name(name)
+            .await?
+            .ok_or(ServiceError::UnknownUser)?;
+        let route = self.store.routes(&[account.id]).await?.pop().flatten();
+        Ok(NamedUser {
+            id: account.id,
+            name: account.name,
+            online: route.is_some_and(|r| r.confirmed),
+        })
     }
 
     /// `user` blocks `other`: `other`'s private messages to `user` are refused (`blocked`)
