@@ -48,6 +48,10 @@ pub struct NamedUser {
     pub name: String,
     /// Whether the user was online when asked.
     pub online: bool,
+    /// When an offline user last went offline (ms since the Unix epoch), if the router
+    /// recorded it.
+    #[serde(default)]
+    pub last_seen_ms: Option<u64>,
 }
 
 /// A user on our block list.

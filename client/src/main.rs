@@ -651,7 +651,13 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
         }
         Command::Who(name) => match client.find_user(&name).await {
             Ok(Some(user)) => {
-                let state = if user.online { "online" } else { "offline" };
+                let state = match (user.online, user.last_seen_ms) {
+                    (true, _) => "online".to_string(),
+                    (false, Some(at)) => {
+                        format!("offline, last seen {} UTC", console::date_time(at))
+                    }
+                    (false, None) => "offline".to_string(),
+                };
                 println!("{} ({}) is {state}", user.name, user.id);
                 true
             }

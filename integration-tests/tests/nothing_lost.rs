@@ -1188,6 +1188,12 @@ impl Store for PausingStore {
     async fn user_invitations(&self, user: u64) -> Result<Vec<String>, StoreError> {
         self.inner.user_invitations(user).await
     }
+    async fn set_last_seen(&self, users: &[u64], at_ms: u64) -> Result<(), StoreError> {
+        self.inner.set_last_seen(users, at_ms).await
+    }
+    async fn last_seen(&self, user: u64) -> Result<Option<u64>, StoreError> {
+        self.inner.last_seen(user).await
+    }
     async fn block_user(&self, user: u64, other: u64, cap: usize) -> Result<Block, StoreError> {
         self.inner.block_user(user, other, cap).await
     }

@@ -995,6 +995,51 @@ async fn a_router_that_never_answers_fails_the_call_in_time() -> anyhow::Result<
     Ok(())
 }
 
+/// A user is found by name (as registered) on Redis, with whether it is online and, once it
+/// went offline, when: by a logout, and by a closed connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_is_found_by_name_with_presence_and_last_seen() -> anyhow::Result<()> {
+    let cluster = TestCluster::start_on(2, Backend::Redis).await?;
+    let (alice, _alice_events) = cluster.user("alice").await?;
+    let (bob, _bob_events) = cluster.user("bob").await?;
+    let bob_id = bob.info().user_id;
+    let found = alice.find_user("bob").await?.context("bob is found")?;
+    assert_eq!(
+        (found.id, found.online, found.last_seen_ms),
+        (bob_id, true, None)
+    );
+    assert!(alice.find_user("Bob").await?.is_none(), "case counts");
+    assert!(alice.find_user("nobody").await?.is_none());
+    assert!(alice.find_user("../api").await?.is_none());
+    assert_eq!(alice.user_id_of("bob").await?, Some(bob_id));
+
+    let before = cim_core::now_ms();
+    bob.logout().await?;
+    let seen = eventually(WAIT, || async {
+        let found = alice.find_user("bob").await.ok()??;
+        (!found.online).then_some(found.last_seen_ms)
+    })
+    .await?
+    .context("a logout is recorded")?;
+    assert!((before..=cim_core::now_ms()).contains(&seen), "{seen}");
+
+    // Back, then gone without a logout: the server's close report records it.
+    let config = cluster.client_config();
+    let (bob, _bob_events) =
+        Client::login(&config, "bob", "password", LoginOptions::default()).await?;
+    assert!(alice.find_user("bob").await?.context("bob")?.online);
+    let before = cim_core::now_ms();
+    bob.close().await;
+    let seen = eventually(WAIT, || async {
+        let found = alice.find_user("bob").await.ok()??;
+        (!found.online).then_some(found.last_seen_ms)
+    })
+    .await?
+    .context("a close is recorded")?;
+    assert!((before..=cim_core::now_ms()).contains(&seen), "{seen}");
+    Ok(())
+}
+
 /// A user blocks another, on Redis over two servers: the blocked user's private messages are
 /// refused (`blocked`, in-band and over HTTP) and never stored, its invitations too; the block
 /// goes one way, is listed with names, and ends with an unblock.
@@ -1008,14 +1053,6 @@ async fn a_blocked_users_messages_and_invitations_are_refused_until_unblocked() 
     let (alice_id, bob_id) = (alice.info().user_id, bob.info().user_id);
     bob.send_private(alice_id, "before").await?;
     assert_eq!(next_message(&mut alice_events).await?.body, "before");
-
-    // Found by name (as registered), with presence: how to reach someone offline by name.
-    let found = alice.find_user("bob").await?.context("bob is found")?;
-    assert_eq!((found.id, found.online), (bob_id, true));
-    assert!(alice.find_user("Bob").await?.is_none(), "case counts");
-    assert!(alice.find_user("nobody").await?.is_none());
-    assert!(alice.find_user("../api").await?.is_none());
-    assert_eq!(alice.user_id_of("bob").await?, Some(bob_id));
 
     let blocked = alice.block(bob_id).await?;
     assert_eq!((blocked.id, blocked.name.as_str()), (bob_id, "bob"));

@@ -267,6 +267,13 @@ async fn blocks_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
         "after the unblock the same message is stored"
     );
     assert!(store.blocked_users(blocker).await?.is_empty());
+
+    // Last seen, kept per user, the latest write winning.
+    assert_eq!(store.last_seen(pest).await?, None);
+    store.set_last_seen(&[pest, friend], 5).await?;
+    store.set_last_seen(&[friend], 7).await?;
+    assert_eq!(store.last_seen(pest).await?, Some(5));
+    assert_eq!(store.last_seen(friend).await?, Some(7));
     Ok(())
 }
 

@@ -8,7 +8,7 @@
 //! | POST | /api/relogin | bearer (a session token) | - | 200 as login; 401 `unauthorized` or `session_ended` when only the password will do; 409 `session_live` (the login is still connected to a live server); 429, 503 `no_server` as for login |
 //! | POST | /api/logout | bearer | - | 200 `{}` |
 //! | GET | /api/users/online | bearer | `?prefix=&after=&limit=` | 200 `{users: [{id, name}], more}` (a page by name, at most 1,000) |
-//! | GET | /api/users/named/NAME | bearer | - | 200 `{id, name, online}`; 404 `unknown_user` (names as registered: case counts) |
+//! | GET | /api/users/named/NAME | bearer | - | 200 `{id, name, online, last_seen_ms?}` (when an offline user went offline, if known); 404 `unknown_user` (names as registered: case counts) |
 //! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, msg_id_str, recipients}`, and `recipient_online` for a private message |
 //! | POST | /api/groups | bearer | `{name, invite_only?}` | 201 `{name}` |
 //! | POST | /api/groups/NAME/join, /leave | bearer | - | 200 `{}`; counts 10 against the limit below (told to the other online members of a group of at most 100; a leave declines a waiting invitation); 403 `invite_only` |
@@ -190,6 +190,9 @@ struct NamedUserJson {
     id: u64,
     name: String,
     online: bool,
+    /// When an offline user last went offline, if recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_seen_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -421,6 +424,7 @@ pub fn routes(
                         id: user.id,
                         name: user.name,
                         online: user.online,
+                        last_seen_ms: user.last_seen_ms,
                     }))
                 };
                 respond_api(result.await)

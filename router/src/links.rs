@@ -545,9 +545,7 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
                                 .metrics
                                 .departed_routes
                                 .inc_by(users.len() as u64);
-                            for user in users {
-                                service.announce_presence(user, false);
-                            }
+                            service.went_offline(&users).await;
                             return;
                         }
                         Err(e) => {
@@ -917,7 +915,7 @@ async fn session_closed(
     match service.session_closed(server_id, user_id, session_id).await {
         Ok(released) => {
             if released {
-                service.announce_presence(user_id, false);
+                service.went_offline(&[user_id]).await;
             }
             SessionResult::default()
         }

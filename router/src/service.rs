@@ -73,6 +73,8 @@ pub struct NamedUser {
     pub name: String,
     /// Whether the user has a session now.
     pub online: bool,
+    /// When an offline user went offline last (ms since the Unix epoch), if recorded.
+    pub last_seen_ms: Option<u64>,
 }
 
 /// A user on a block list.
@@ -1022,7 +1024,7 @@ impl Service {
             .await?;
         // If the session had already closed, its server announced the departure.
         if released {
-            self.announce_presence(claims.user_id, false);
+            self.went_offline(&[claims.user_id]).await;
         }
         tracing::info!(user = claims.user_id, "logout");
         Ok(())
@@ -1677,10 +1679,17 @@ impl Service {
             .await?
             .ok_or(ServiceError::UnknownUser)?;
         let route = self.store.routes(&[account.id]).await?.pop().flatten();
+        let online = route.is_some_and(|r| r.confirmed);
+        let last_seen_ms = if online {
+            None
+        } else {
+            self.store.last_seen(account.id).await?
+        };
         Ok(NamedUser {
             id: account.id,
             name: account.name,
-            online: route.is_some_and(|r| r.confirmed),
+            online,
+            last_seen_ms,
         })
     }
 
@@ -1735,6 +1744,18 @@ impl Service {
             groups: self.store.user_groups(user).await?,
             invitations: self.store.user_invitations(user).await?,
         })
+    }
+
+    /// `users` went offline (their routes were released or removed): tells those who share a
+    /// group with them, and records when (their last seen). Best effort: a failed write is
+    /// logged.
+    pub async fn went_offline(&self, users: &[u64]) {
+        for user in users {
+            self.announce_presence(*user, false);
+        }
+        if let Err(e) = self.store.set_last_seen(users, now_ms()).await {
+            tracing::warn!(users = users.len(), error = %e, "could not record last seen");
+        }
     }
 
     /// Queues telling the online users who share a group with `user` that it came online or

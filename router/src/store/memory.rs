@@ -79,6 +79,8 @@ struct Inner {
     id_nodes: HashMap<u16, IdNodeHold>,
     /// User -> the users it blocks.
     blocked: HashMap<u64, BTreeSet<u64>>,
+    /// User -> when it last went offline (ms since the Unix epoch).
+    last_seen: HashMap<u64, u64>,
 }
 
 /// A named group.
@@ -779,6 +781,18 @@ impl Store for MemoryStore {
             .get(&user)
             .map(|g| g.iter().take(MAX_INVITATIONS_LISTED).cloned().collect())
             .unwrap_or_default())
+    }
+
+    async fn set_last_seen(&self, users: &[u64], at_ms: u64) -> Result<(), StoreError> {
+        let mut inner = self.inner();
+        for user in users {
+            inner.last_seen.insert(*user, at_ms);
+        }
+        Ok(())
+    }
+
+    async fn last_seen(&self, user: u64) -> Result<Option<u64>, StoreError> {
+        Ok(self.inner().last_seen.get(&user).copied())
     }
 
     async fn block_user(&self, user: u64, other: u64, cap: usize) -> Result<Block, StoreError> {

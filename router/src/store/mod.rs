@@ -530,6 +530,11 @@ pub trait Store: Send + Sync + 'static {
     /// Groups whose invitations wait for `user`, sorted, at most [`MAX_INVITATIONS_LISTED`].
     async fn user_invitations(&self, user: u64) -> Result<Vec<String>, StoreError>;
 
+    /// Records that `users` went offline at `at_ms` (ms since the Unix epoch): their last seen.
+    async fn set_last_seen(&self, users: &[u64], at_ms: u64) -> Result<(), StoreError>;
+    /// When `user` last went offline, if recorded.
+    async fn last_seen(&self, user: u64) -> Result<Option<u64>, StoreError>;
+
     /// `user` blocks `other`: `other`'s private messages to `user` are refused from now on
     /// (and so are its group invitations, by the service), unless `cap` users are blocked
     /// already.

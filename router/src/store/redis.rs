@@ -89,6 +89,10 @@ fn group_invite_only_key(name: &str) -> String {
 fn group_invited_key(name: &str) -> String {
     format!("cim:group:{{{name}}}:invited")
 }
+/// When the user last went offline (ms since the Unix epoch), kept without expiry.
+fn last_seen_key(user: u64) -> String {
+    format!("cim:{{u{user}}}:seen")
+}
 /// The users `user` blocks (a set of ids), under `user`'s hash tag: a private message's append
 /// to `user`'s inbox reads it in the same script.
 fn blocked_key(user: u64) -> String {
@@ -1622,6 +1626,30 @@ impl Store for RedisStore {
         }
         waiting.truncate(MAX_INVITATIONS_LISTED);
         Ok(waiting)
+    }
+
+    async fn set_last_seen(&self, users: &[u64], at_ms: u64) -> Result<(), StoreError> {
+        for chunk in users.chunks(READ_CHUNK) {
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                pipe.set(last_seen_key(*user), at_ms).ignore();
+            }
+            let _: () = pipe
+                .query_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn last_seen(&self, user: u64) -> Result<Option<u64>, StoreError> {
+        let stored: Option<String> = self
+            .conn()
+            .get(last_seen_key(user))
+            .await
+            .map_err(unavailable)?;
+        // Written by cim alone; anything else reads as not recorded.
+        Ok(stored.and_then(|s| s.parse().ok()))
     }
 
     async fn block_user(&self, user: u64, other: u64, cap: usize) -> Result<Block, StoreError> {
