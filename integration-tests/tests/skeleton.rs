@@ -733,6 +733,10 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
 
     bob.send_line(":q").await?;
     bob.expect_line("bye").await?;
+    alice.send_line(":who bob").await?;
+    alice
+        .expect_line(&format!("bob ({bob_id}) is offline, last seen 20"))
+        .await?;
     alice.send_line(":olu").await?;
     alice.expect_line("online users (1)").await?;
     alice.send_line(":olu bo").await?;
