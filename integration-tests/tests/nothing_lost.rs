@@ -1188,9 +1188,6 @@ impl Store for PausingStore {
     async fn user_invitations(&self, user: u64) -> Result<Vec<String>, StoreError> {
         self.inner.user_invitations(user).await
     }
-    async fn set_last_seen(&self, users: &[u64], at_ms: u64) -> Result<(), StoreError> {
-        self.inner.set_last_seen(users, at_ms).await
-    }
     async fn last_seen(&self, user: u64) -> Result<Option<u64>, StoreError> {
         self.inner.last_seen(user).await
     }

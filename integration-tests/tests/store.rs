@@ -15,6 +15,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 use cim_integration_tests::cluster::RedisProc;
 use cim_router::store::{
     Block, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, Invite, Join, MemoryStore,
@@ -267,13 +269,42 @@ async fn blocks_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
         "after the unblock the same message is stored"
     );
     assert!(store.blocked_users(blocker).await?.is_empty());
+    Ok(())
+}
 
-    // Last seen, kept per user, the latest write winning.
-    assert_eq!(store.last_seen(pest).await?, None);
-    store.set_last_seen(&[pest, friend], 5).await?;
-    store.set_last_seen(&[friend], 7).await?;
-    assert_eq!(store.last_seen(pest).await?, Some(5));
-    assert_eq!(store.last_seen(friend).await?, Some(7));
+/// A user's last seen is recorded as its route is confirmed, released or removed with its
+/// server, and never goes back.
+async fn last_seen_follows_route_changes(store: &dyn Store) -> anyhow::Result<()> {
+    let user = store.create_account("seldom", "hash").await?.id;
+    assert_eq!(store.last_seen(user).await?, None);
+    let lease = Duration::from_secs(30);
+    let mut last = 0;
+    for (session, server) in [(1, "server-1"), (2, "server-2")] {
+        let route = Route {
+            server_id: server.into(),
+            session_id: session,
+            confirmed: false,
+        };
+        store
+            .claim_route(user, route, lease, false, REPLACED_FOR)
+            .await?;
+        let before = cim_core::now_ms();
+        assert!(store.confirm_route(user, session, server, lease).await?);
+        let confirmed = store.last_seen(user).await?.context("a confirmation")?;
+        assert!(confirmed >= before.max(last), "{confirmed} {before} {last}");
+        // Released a moment later (the record is in ms).
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        if session == 1 {
+            assert!(store.release_route(user, session, None).await?);
+        } else {
+            assert_eq!(store.remove_server_routes(server).await?, vec![user]);
+        }
+        last = store.last_seen(user).await?.context("a release")?;
+        assert!(last > confirmed, "{last} {confirmed}");
+    }
+    // Nothing released, nothing recorded.
+    assert!(!store.release_route(user, 9, None).await?);
+    assert_eq!(store.last_seen(user).await?, Some(last));
     Ok(())
 }
 
@@ -1016,6 +1047,7 @@ async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     owners_and_invite_only_groups_follow_the_contract(&store).await?;
     a_departed_servers_routes_are_removed(&store).await?;
     blocks_follow_the_contract(&store).await?;
+    last_seen_follows_route_changes(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 
@@ -1034,6 +1066,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     owners_and_invite_only_groups_follow_the_contract(&store).await?;
     a_departed_servers_routes_are_removed(&store).await?;
     blocks_follow_the_contract(&store).await?;
+    last_seen_follows_route_changes(&store).await?;
     a_departed_owner_of_an_older_group_is_no_owner(&store, &redis.url()).await?;
     message_ids_are_recorded_once(&store).await?;
     // A record an older router wrote (a bare id, no fingerprint) is taken as the same
@@ -1048,6 +1081,35 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
         .await?;
     let window = Duration::from_secs(60);
     assert_eq!(store.message_id(9, 1, 77, 600, window).await?, Some(555));
+    // A later last seen (another router's write that landed first) is not replaced by an
+    // earlier one; a value cim cannot read is.
+    let user = store.create_account("later", "hash").await?.id;
+    let lease = Duration::from_secs(30);
+    for (session, stored, kept) in [(7, "99999999999999", true), (8, "garbage", false)] {
+        let route = Route {
+            server_id: "server-1".into(),
+            session_id: session,
+            confirmed: false,
+        };
+        store
+            .claim_route(user, route, lease, true, REPLACED_FOR)
+            .await?;
+        let _: () = redis::cmd("SET")
+            .arg(format!("cim:{{u{user}}}:seen"))
+            .arg(stored)
+            .query_async(&mut conn)
+            .await?;
+        assert!(store.release_route(user, session, None).await?);
+        let seen = store.last_seen(user).await?;
+        if kept {
+            assert_eq!(seen, Some(99_999_999_999_999));
+        } else {
+            assert!(
+                seen.is_some_and(|at| at <= cim_core::now_ms() + 1000),
+                "{seen:?}"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -418,8 +418,8 @@ pub fn routes(
         .then(
             |name: String, service: Arc<Service>, auth: Result<String, ApiError>| async move {
                 let result = async {
-                    authenticate(&service, auth).await?;
-                    let user = service.user_named(&name).await?;
+                    let claims = authenticate(&service, auth).await?;
+                    let user = service.user_named(claims.user_id, &name).await?;
                     Ok::<_, ApiError>(warp::reply::json(&NamedUserJson {
                         id: user.id,
                         name: user.name,

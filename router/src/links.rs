@@ -545,7 +545,9 @@ pub(crate) async fn maintain(service: Arc<Service>, shutdown: CancellationToken)
                                 .metrics
                                 .departed_routes
                                 .inc_by(users.len() as u64);
-                            service.went_offline(&users).await;
+                            for user in users {
+                                service.announce_presence(user, false);
+                            }
                             return;
                         }
                         Err(e) => {
@@ -915,7 +917,7 @@ async fn session_closed(
     match service.session_closed(server_id, user_id, session_id).await {
         Ok(released) => {
             if released {
-                service.went_offline(&[user_id]).await;
+                service.announce_presence(user_id, false);
             }
             SessionResult::default()
         }

@@ -73,7 +73,7 @@ pub struct NamedUser {
     pub name: String,
     /// Whether the user has a session now.
     pub online: bool,
-    /// When an offline user went offline last (ms since the Unix epoch), if recorded.
+    /// When an offline user was last seen (ms since the Unix epoch), if recorded.
     pub last_seen_ms: Option<u64>,
 }
 
@@ -1024,7 +1024,7 @@ impl Service {
             .await?;
         // If the session had already closed, its server announced the departure.
         if released {
-            self.went_offline(&[claims.user_id]).await;
+            self.announce_presence(claims.user_id, false);
         }
         tracing::info!(user = claims.user_id, "logout");
         Ok(())
@@ -1669,15 +1669,26 @@ impl Service {
         Ok(members)
     }
 
-    /// The account named `name` (names are as registered: case counts), and whether it is
-    /// online: how a user finds the id of someone offline, whom the online list leaves out.
-    /// Says no more than the online list does of anyone online.
-    pub async fn user_named(&self, name: &str) -> Result<NamedUser, ServiceError> {
+    /// The account named `name` (names are as registered: case counts), whether it is online,
+    /// and if not when it was last seen, for `caller`: how a user finds the id of someone
+    /// offline, whom the online list leaves out. A user who blocks `caller` shows offline and
+    /// never seen to it, as the online list cannot hide them.
+    pub async fn user_named(&self, caller: u64, name: &str) -> Result<NamedUser, ServiceError> {
+        // No account has a name outside the rule: nothing else becomes a store key.
+        validate_name(name).map_err(|_| ServiceError::UnknownUser)?;
         let account = self
             .store
             .account_by_name(name)
             .await?
             .ok_or(ServiceError::UnknownUser)?;
+        if self.store.blocks(account.id, caller).await? {
+            return Ok(NamedUser {
+                id: account.id,
+                name: account.name,
+                online: false,
+                last_seen_ms: None,
+            });
+        }
         let route = self.store.routes(&[account.id]).await?.pop().flatten();
         let online = route.is_some_and(|r| r.confirmed);
         let last_seen_ms = if online {
@@ -1744,18 +1755,6 @@ impl Service {
             groups: self.store.user_groups(user).await?,
             invitations: self.store.user_invitations(user).await?,
         })
-    }
-
-    /// `users` went offline (their routes were released or removed): tells those who share a
-    /// group with them, and records when (their last seen). Best effort: a failed write is
-    /// logged.
-    pub async fn went_offline(&self, users: &[u64]) {
-        for user in users {
-            self.announce_presence(*user, false);
-        }
-        if let Err(e) = self.store.set_last_seen(users, now_ms()).await {
-            tracing::warn!(users = users.len(), error = %e, "could not record last seen");
-        }
     }
 
     /// Queues telling the online users who share a group with `user` that it came online or

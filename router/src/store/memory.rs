@@ -79,7 +79,8 @@ struct Inner {
     id_nodes: HashMap<u16, IdNodeHold>,
     /// User -> the users it blocks.
     blocked: HashMap<u64, BTreeSet<u64>>,
-    /// User -> when it last went offline (ms since the Unix epoch).
+    /// User -> when it was last seen: its latest login's confirmation or route's release (ms
+    /// since the Unix epoch).
     last_seen: HashMap<u64, u64>,
 }
 
@@ -125,6 +126,11 @@ impl Weight for (u64, u64) {
 }
 
 impl Inner {
+    /// Records `user` as seen now (see [`see`]).
+    fn seen(&mut self, user: u64) {
+        see(&mut self.last_seen, user);
+    }
+
     /// Forgets that an invitation to `group` waits for `user`.
     fn uninvite(&mut self, user: u64, group: &str) {
         if let Some(groups) = self.invitations.get_mut(&user) {
@@ -331,6 +337,7 @@ impl Store for MemoryStore {
         held.route.confirmed = true;
         held.expires = now + lease;
         inner.online.insert(user);
+        inner.seen(user);
         Ok(true)
     }
 
@@ -372,6 +379,7 @@ impl Store for MemoryStore {
         }) {
             inner.routes.remove(&user);
             inner.online.remove(&user);
+            inner.seen(user);
             return Ok(true);
         }
         Ok(false)
@@ -783,14 +791,6 @@ impl Store for MemoryStore {
             .unwrap_or_default())
     }
 
-    async fn set_last_seen(&self, users: &[u64], at_ms: u64) -> Result<(), StoreError> {
-        let mut inner = self.inner();
-        for user in users {
-            inner.last_seen.insert(*user, at_ms);
-        }
-        Ok(())
-    }
-
     async fn last_seen(&self, user: u64) -> Result<Option<u64>, StoreError> {
         Ok(self.inner().last_seen.get(&user).copied())
     }
@@ -910,7 +910,12 @@ impl Store for MemoryStore {
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError> {
         let now = Instant::now();
         let mut inner = self.inner();
-        let Inner { routes, online, .. } = &mut *inner;
+        let Inner {
+            routes,
+            online,
+            last_seen,
+            ..
+        } = &mut *inner;
         let mut removed = Vec::new();
         routes.retain(|user, lease| {
             if lease.route.server_id != server_id {
@@ -921,11 +926,18 @@ impl Store for MemoryStore {
             // is gone): they are not announced offline again.
             if lease.expires > now {
                 removed.push(*user);
+                see(last_seen, *user);
             }
             false
         });
         Ok(removed)
     }
+}
+
+/// Records `user` as seen now, unless a later time is recorded.
+fn see(last_seen: &mut HashMap<u64, u64>, user: u64) {
+    let at = last_seen.entry(user).or_default();
+    *at = (*at).max(cim_core::now_ms());
 }
 
 /// Drops entries up to `up_to`. Their msg-id records stay until [`InboxLimits::dedup`] passes: a

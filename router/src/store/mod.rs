@@ -377,8 +377,8 @@ pub trait Store: Send + Sync + 'static {
         relogin: &Relogin,
     ) -> Result<Claim, StoreError>;
     /// Marks the route as confirmed (session open) and the user online, if the route still
-    /// belongs to `session_id` on `server_id` and the session was not revoked. Returns whether
-    /// it did.
+    /// belongs to `session_id` on `server_id` and the session was not revoked, and records the
+    /// user as seen. Returns whether it did.
     async fn confirm_route(
         &self,
         user: u64,
@@ -405,7 +405,7 @@ pub trait Store: Send + Sync + 'static {
     /// The session id of `user`'s latest login (the last route claim), kept with no expiry.
     async fn last_login(&self, user: u64) -> Result<Option<u64>, StoreError>;
     /// Removes the route and online entry if they still belong to `session_id`, and, given
-    /// `server_id`, if the route is on that server: a server's close report releases only a
+    /// `server_id`, if the route is on that server, recording the user as seen: a server's close report releases only a
     /// route to itself (a logout, without `server_id`, releases the route wherever it is).
     async fn release_route(
         &self,
@@ -428,7 +428,8 @@ pub trait Store: Send + Sync + 'static {
         sessions: &[(u64, u64)],
         lease: Duration,
     ) -> Result<Renewal, StoreError>;
-    /// Removes every route on `server_id` (the server is gone). Returns the users affected.
+    /// Removes every route on `server_id` (the server is gone), recording their users as seen.
+    /// Returns the users affected.
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError>;
 
     /// The message id of `sender`'s message `client_msg_id`: the one recorded by an earlier
@@ -530,9 +531,11 @@ pub trait Store: Send + Sync + 'static {
     /// Groups whose invitations wait for `user`, sorted, at most [`MAX_INVITATIONS_LISTED`].
     async fn user_invitations(&self, user: u64) -> Result<Vec<String>, StoreError>;
 
-    /// Records that `users` went offline at `at_ms` (ms since the Unix epoch): their last seen.
-    async fn set_last_seen(&self, users: &[u64], at_ms: u64) -> Result<(), StoreError>;
-    /// When `user` last went offline, if recorded.
+    /// When `user` was last seen (ms since the Unix epoch), if recorded: the latest of its
+    /// route's confirmations and releases (by [`Store::confirm_route`],
+    /// [`Store::release_route`] and [`Store::remove_server_routes`], in the same step as the
+    /// route change, so an older time never replaces a newer one). A route whose lease lapsed
+    /// leaves the time of its login.
     async fn last_seen(&self, user: u64) -> Result<Option<u64>, StoreError>;
 
     /// `user` blocks `other`: `other`'s private messages to `user` are refused from now on

@@ -89,7 +89,8 @@ fn group_invite_only_key(name: &str) -> String {
 fn group_invited_key(name: &str) -> String {
     format!("cim:group:{{{name}}}:invited")
 }
-/// When the user last went offline (ms since the Unix epoch), kept without expiry.
+/// When the user was last seen (ms since the Unix epoch, Redis's clock): written by the route
+/// scripts that confirm and release routes, kept without expiry.
 fn last_seen_key(user: u64) -> String {
     format!("cim:{{u{user}}}:seen")
 }
@@ -402,11 +403,31 @@ end
     };
 }
 
+/// Lua function of the route scripts that confirm or release a route: records its user as
+/// seen now (Redis's clock, one for every router) in `key`, its last-seen key, unless a later
+/// time is recorded there (a write of another router's that came first). A value of another
+/// type or form is replaced.
+macro_rules! seen_function {
+    () => {
+        r"
+local function seen(key)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local old = redis.pcall('GET', key)
+  if type(old) == 'string' and (tonumber(old) or 0) >= now then return end
+  redis.call('SET', key, string.format('%d', now))
+end
+"
+    };
+}
+
 /// Confirms a route if it still belongs to the session on the server and the session was not
-/// revoked (a logout that came while its client was still connecting).
-/// KEYS: route, the session's revocation marker. ARGV: session id, server id, lease ms.
+/// revoked (a logout that came while its client was still connecting), and records the user
+/// as seen. KEYS: route, the session's revocation marker, last seen. ARGV: session id, server
+/// id, lease ms.
 const CONFIRM: &str = concat!(
     route_function!(),
+    seen_function!(),
     r"
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local cur = route()
@@ -414,6 +435,7 @@ if not cur then return 0 end
 local sess, conf, server = string.match(cur, '^(%d+)|(%d)|(.*)$')
 if sess ~= ARGV[1] or server ~= ARGV[2] then return 0 end
 redis.call('SET', KEYS[1], sess .. '|1|' .. server, 'PX', ARGV[3])
+seen(KEYS[3])
 return 1
 "
 );
@@ -435,9 +457,11 @@ return 2
 );
 
 /// Deletes a route if it belongs to the session (ARGV[1]) and, unless ARGV[2] is empty, to the
-/// server ARGV[2]. Returns the deleted value or ''.
+/// server ARGV[2], and records the user as seen. KEYS: route, last seen. Returns the deleted
+/// value or ''.
 const RELEASE: &str = concat!(
     route_function!(),
+    seen_function!(),
     r"
 local cur = route()
 if not cur then return '' end
@@ -445,18 +469,22 @@ local session, server = string.match(cur, '^(%d+)|%d|(.*)$')
 if session ~= ARGV[1] then return '' end
 if ARGV[2] ~= '' and server ~= ARGV[2] then return '' end
 redis.call('DEL', KEYS[1])
+seen(KEYS[2])
 return cur
 "
 );
 
-/// Deletes a route if it is on the server. Returns 1 if deleted.
+/// Deletes a route if it is on the server, and records the user as seen. KEYS: route, last
+/// seen. Returns 1 if deleted.
 const REMOVE_IF_SERVER: &str = concat!(
     route_function!(),
+    seen_function!(),
     r"
 local cur = route()
 if not cur then return 0 end
 if string.match(cur, '^%d+|%d|(.*)$') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
+seen(KEYS[2])
 return 1
 "
 );
@@ -1026,6 +1054,7 @@ impl Store for RedisStore {
             .confirm
             .key(route_key(user))
             .key(revoked_key(user, session_id))
+            .key(last_seen_key(user))
             .arg(session_id)
             .arg(server_id)
             .arg(lease.as_millis() as u64)
@@ -1098,6 +1127,7 @@ impl Store for RedisStore {
         let released: String = self
             .release
             .key(route_key(user))
+            .key(last_seen_key(user))
             .arg(session_id)
             .arg(server_id.unwrap_or_default())
             .invoke_async(&mut conn)
@@ -1628,20 +1658,6 @@ impl Store for RedisStore {
         Ok(waiting)
     }
 
-    async fn set_last_seen(&self, users: &[u64], at_ms: u64) -> Result<(), StoreError> {
-        for chunk in users.chunks(READ_CHUNK) {
-            let mut pipe = redis::pipe();
-            for user in chunk {
-                pipe.set(last_seen_key(*user), at_ms).ignore();
-            }
-            let _: () = pipe
-                .query_async(&mut self.conn())
-                .await
-                .map_err(unavailable)?;
-        }
-        Ok(())
-    }
-
     async fn last_seen(&self, user: u64) -> Result<Option<u64>, StoreError> {
         let stored: Option<String> = self
             .conn()
@@ -1772,7 +1788,7 @@ impl Store for RedisStore {
         let server = [server_id.as_bytes().to_vec()];
         let calls: Vec<(Vec<String>, &[Vec<u8>])> = users
             .iter()
-            .map(|&user| (vec![route_key(user)], &server[..]))
+            .map(|&user| (vec![route_key(user), last_seen_key(user)], &server[..]))
             .collect();
         let deleted: Vec<i64> = self.eval_pipelined(&self.remove_if_server, &calls).await?;
         let removed: Vec<u64> = users
