@@ -63,14 +63,14 @@ pub enum Command {
         /// Only users the owner invites get in.
         invite_only: bool,
     },
-    /// `:invite NAME USERID`: the owner invites a user.
+    /// `:invite NAME USER`: the owner invites a user (by id or name).
     Invite {
         /// Group name.
         group: String,
         /// The user invited.
         user: UserRef,
     },
-    /// `:remove NAME USERID`: the owner removes a member.
+    /// `:remove NAME USER`: the owner removes a member (by id or name).
     Remove {
         /// Group name.
         group: String,
@@ -89,7 +89,7 @@ pub enum Command {
     Block(UserRef),
     /// `:unblock USER`: take them again.
     Unblock(UserRef),
-    /// `:who NAME`: a user's id and whether they are online.
+    /// `:who NAME`: a user's id and whether they are online, or when they were last seen.
     Who(String),
     /// `:blocked`: list the users I block.
     Blocked,
@@ -128,7 +128,7 @@ commands:
   :block <user>        refuse a user's private messages and group invitations
   :unblock <user>      take them again
   :blocked             list the users you block
-  :who <name>          show a user's id and whether they are online
+  :who <name>          show a user's id, and whether they are online or when last seen
   :olu [prefix]        list online users (optionally whose name starts with prefix)
   :info                show your id, name and server
   :q <words>           search your message history on this machine (the latest 50 lines)
@@ -233,11 +233,11 @@ fn parse_create(arg: &str) -> Command {
     }
 }
 
-/// `:invite NAME USERID` and `:remove NAME USERID`.
+/// `:invite NAME USER` and `:remove NAME USER`.
 fn parse_member_change(verb: &str, arg: &str) -> Command {
     let words: Vec<&str> = arg.split_whitespace().collect();
     let [group, user] = words[..] else {
-        return Command::Invalid(format!("use :{verb} <group> <userId>"));
+        return Command::Invalid(format!("use :{verb} <group> <user>"));
     };
     if group.len() > MAX_NAME_LEN {
         return Command::Invalid(no_such_group_name());

@@ -572,7 +572,7 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
             invite_only: true,
         } => report(
             client.create_invite_only_group(&group).await,
-            &format!("created #{group} (invite-only: :invite {group} <userId> lets users in)"),
+            &format!("created #{group} (invite-only: :invite {group} <user> lets users in)"),
         ),
         Command::Invite { group, user } => match user_id(client, &user).await {
             Some((id, user)) => report(
