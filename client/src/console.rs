@@ -91,6 +91,13 @@ pub enum Command {
     Unblock(UserRef),
     /// `:who NAME`: a user's id and whether they are online, or when they were last seen.
     Who(String),
+    /// `:password OLD NEW`: change one's password.
+    Password {
+        /// The password now.
+        old: String,
+        /// The password from now on.
+        new: String,
+    },
     /// `:blocked`: list the users I block.
     Blocked,
     /// `:info`: own id, name and server.
@@ -129,6 +136,8 @@ commands:
   :unblock <user>      take them again
   :blocked             list the users you block
   :who <name>          show a user's id, and whether they are online or when last seen
+  :password <old> <new>
+                       change your password (this login stays)
   :olu [prefix]        list online users (optionally whose name starts with prefix)
   :info                show your id, name and server
   :q <words>           search your message history on this machine (the latest 50 lines)
@@ -164,6 +173,15 @@ pub fn parse(line: &str) -> Command {
                 Some(user) if verb == "block" => Command::Block(user),
                 Some(user) => Command::Unblock(user),
                 None => Command::Invalid(format!("use :{verb} <userId or name>")),
+            },
+            "password" => match arg.split_whitespace().collect::<Vec<_>>()[..] {
+                [old, new] => Command::Password {
+                    old: old.to_string(),
+                    new: new.to_string(),
+                },
+                _ => Command::Invalid(
+                    "use :password <old> <new> (passwords without blanks here)".into(),
+                ),
             },
             "who" if is_valid_name(&arg) => Command::Who(arg),
             "who" => Command::Invalid(format!("use :who <name>: names are {NAME_RULE}")),
@@ -420,6 +438,14 @@ mod tests {
             Command::Unblock(UserRef::Name("bob".into()))
         );
         assert_eq!(parse(":who bob"), Command::Who("bob".into()));
+        assert_eq!(
+            parse(":password old-pw new-pw"),
+            Command::Password {
+                old: "old-pw".into(),
+                new: "new-pw".into()
+            }
+        );
+        assert!(matches!(parse(":password new-pw"), Command::Invalid(_)));
         assert!(matches!(parse(":who"), Command::Invalid(_)));
         assert!(matches!(parse(":who bob alice"), Command::Invalid(_)));
         assert_eq!(parse(":blocked"), Command::Blocked);

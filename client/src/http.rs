@@ -245,6 +245,20 @@ impl RouterApi {
             .await
     }
 
+    /// Changes the password of the login `token` belongs to.
+    pub async fn change_password(
+        &self,
+        token: &str,
+        old: &str,
+        new: &str,
+    ) -> Result<(), ClientError> {
+        let body = serde_json::json!({ "old_password": old, "new_password": new });
+        let _: serde_json::Value = self
+            .call(Method::POST, "/api/password", Some(&body), Some(token))
+            .await?;
+        Ok(())
+    }
+
     /// The user named `name` (as registered: case counts), or `None` if there is none.
     pub async fn user_named(
         &self,

@@ -609,7 +609,8 @@ struct Shared {
     config: ClientConfig,
     api: RouterApi,
     name: String,
-    password: String,
+    /// For a login when the token will not do; replaced by [`Client::change_password`].
+    password: std::sync::Mutex<String>,
     endpoint: quinn::Endpoint,
     current: std::sync::Mutex<Current>,
     /// The live connection's send queue (and through it the connection).
@@ -647,6 +648,13 @@ struct Shared {
 impl Shared {
     fn current(&self) -> std::sync::MutexGuard<'_, Current> {
         self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn password(&self) -> String {
+        self.password
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn user_ids(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
@@ -789,7 +797,7 @@ impl Client {
             config: config.clone(),
             api,
             name: name.to_string(),
-            password: password.to_string(),
+            password: std::sync::Mutex::new(password.to_string()),
             endpoint,
             current: std::sync::Mutex::new(Current {
                 info: grant.session_info(),
@@ -1251,6 +1259,20 @@ impl Client {
         self.shared.api.user_named(&token, name).await
     }
 
+    /// Changes our password from `old` to `new` (4-256 bytes). Refused `wrong_password` (which
+    /// counts as a failed login) when `old` is not the password. This login stays, and a
+    /// re-login the client makes by itself uses the new password from now on.
+    pub async fn change_password(&self, old: &str, new: &str) -> Result<(), ClientError> {
+        let token = self.token();
+        self.shared.api.change_password(&token, old, new).await?;
+        *self
+            .shared
+            .password
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = new.to_string();
+        Ok(())
+    }
+
     /// The id of the user named `name`, or `None` if there is no such user; asked of the router
     /// once per name (up to [`MAX_USER_IDS_KEPT`] names), since names and ids never change.
     pub async fn user_id_of(&self, name: &str) -> Result<Option<u64>, ClientError> {
@@ -1683,10 +1705,8 @@ async fn relogin_once(
         Ok(grant) => (grant, true),
         Err(ClientError::Api { code, message, .. }) if TOKEN_REFUSALS.contains(&code.as_str()) => {
             tracing::debug!(%code, %message, "token re-login refused; using the password");
-            let grant = shared
-                .api
-                .login(&shared.name, &shared.password, true)
-                .await?;
+            let password = shared.password();
+            let grant = shared.api.login(&shared.name, &password, true).await?;
             (grant, false)
         }
         Err(e) => return Err(e),

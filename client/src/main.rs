@@ -649,6 +649,10 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
                 Err(e) => report(Err(e), ""),
             }
         }
+        Command::Password { old, new } => report(
+            client.change_password(&old, &new).await,
+            "password changed: use the new one at your next login (this one stays)",
+        ),
         Command::Who(name) => match client.find_user(&name).await {
             Ok(Some(user)) => {
                 let state = match (user.online, user.last_seen_ms) {

@@ -951,6 +951,14 @@ impl Store for PausingStore {
     async fn account_by_name(&self, name: &str) -> Result<Option<Account>, StoreError> {
         self.inner.account_by_name(name).await
     }
+    async fn set_password_hash(
+        &self,
+        user: u64,
+        expected: &str,
+        new_hash: &str,
+    ) -> Result<bool, StoreError> {
+        self.inner.set_password_hash(user, expected, new_hash).await
+    }
     async fn user_exists(&self, id: u64) -> Result<bool, StoreError> {
         self.inner.user_exists(id).await
     }

@@ -1152,3 +1152,60 @@ async fn a_blocked_users_messages_and_invitations_are_refused_until_unblocked() 
     bob.invite("bobs", alice_id).await?;
     Ok(())
 }
+
+/// A user changes its password on Redis: only with the current one (a wrong one counts as a
+/// failed login, and past the limit even the right one waits), the old one stops logging in,
+/// the new one does, and the login that changed it stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_is_changed_only_with_the_current_one() -> anyhow::Result<()> {
+    let cluster = TestCluster::start_on(1, Backend::Redis).await?;
+    let config = cluster.client_config();
+    let (alice, mut alice_events) = cluster.user("alice").await?;
+    let (bob, _bob_events) = cluster.user("bob").await?;
+    let err = alice
+        .change_password("wrong", "new-secret")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("wrong_password"), "{err}");
+    let err = alice.change_password("password", "abc").await.unwrap_err();
+    assert_eq!(err.code(), Some("bad_request"), "{err}");
+    alice.change_password("password", "new-secret").await?;
+
+    let login = |password: &'static str| {
+        let config = config.clone();
+        async move {
+            let takeover = LoginOptions { takeover: true };
+            Client::login(&config, "alice", password, takeover).await
+        }
+    };
+    let err = login("password").await.err().context("the old password")?;
+    assert_eq!(err.code(), Some("invalid_credentials"), "{err}");
+    // The login that changed it still sends and receives.
+    bob.send_private(alice.info().user_id, "still with you")
+        .await?;
+    assert_eq!(
+        next_message(&mut alice_events).await?.body,
+        "still with you"
+    );
+    let (again, _again_events) = login("new-secret").await?;
+
+    // Guessing through a session: failures count as failed logins of the user.
+    for _ in 0..5 {
+        let err = again
+            .change_password("guess", "x-secret")
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("wrong_password"), "{err}");
+    }
+    let err = again
+        .change_password("new-secret", "x-secret")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("too_many_attempts"), "{err}");
+    let err = login("new-secret")
+        .await
+        .err()
+        .context("locked for a while")?;
+    assert_eq!(err.code(), Some("too_many_attempts"), "{err}");
+    Ok(())
+}

@@ -272,6 +272,23 @@ async fn blocks_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A password hash is replaced only while it is the one the old password was checked against.
+async fn a_password_hash_is_replaced_once(store: &dyn Store) -> anyhow::Result<()> {
+    let user = store.create_account("changer", "hash-1").await?.id;
+    assert!(store.set_password_hash(user, "hash-1", "hash-2").await?);
+    assert!(
+        !store.set_password_hash(user, "hash-1", "hash-3").await?,
+        "a second change on the same old password"
+    );
+    let account = store
+        .account_by_name("changer")
+        .await?
+        .context("the account")?;
+    assert_eq!(account.password_hash, "hash-2");
+    assert!(!store.set_password_hash(user + 1000, "hash-2", "x").await?);
+    Ok(())
+}
+
 /// A user's last seen is recorded as its route is confirmed, released or removed with its
 /// server, and never goes back.
 async fn last_seen_follows_route_changes(store: &dyn Store) -> anyhow::Result<()> {
@@ -1048,6 +1065,7 @@ async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     a_departed_servers_routes_are_removed(&store).await?;
     blocks_follow_the_contract(&store).await?;
     last_seen_follows_route_changes(&store).await?;
+    a_password_hash_is_replaced_once(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 
@@ -1067,6 +1085,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     a_departed_servers_routes_are_removed(&store).await?;
     blocks_follow_the_contract(&store).await?;
     last_seen_follows_route_changes(&store).await?;
+    a_password_hash_is_replaced_once(&store).await?;
     a_departed_owner_of_an_older_group_is_no_owner(&store, &redis.url()).await?;
     message_ids_are_recorded_once(&store).await?;
     // A record an older router wrote (a bare id, no fingerprint) is taken as the same

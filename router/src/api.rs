@@ -7,6 +7,7 @@
 //! | POST | /api/login | - | `{name, password, takeover?}` | 200 `{user_id, name, token, server_id, server_addr, expires_at_ms}` |
 //! | POST | /api/relogin | bearer (a session token) | - | 200 as login; 401 `unauthorized` or `session_ended` when only the password will do; 409 `session_live` (the login is still connected to a live server); 429, 503 `no_server` as for login |
 //! | POST | /api/logout | bearer | - | 200 `{}` |
+//! | POST | /api/password | bearer | `{old_password, new_password}` | 200 `{}`: the password is changed, the caller's login stays; 403 `wrong_password` (counts as a failed login of the user); 429 `too_many_attempts`; 400 for a new password outside 4-256 bytes |
 //! | GET | /api/users/online | bearer | `?prefix=&after=&limit=` | 200 `{users: [{id, name}], more}` (a page by name, at most 1,000) |
 //! | GET | /api/users/named/NAME | bearer | - | 200 `{id, name, online, last_seen_ms?}` (when an offline user went offline, if known); 404 `unknown_user` (names as registered: case counts) |
 //! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, msg_id_str, recipients}`, and `recipient_online` for a private message |
@@ -88,9 +89,10 @@ impl From<ServiceError> for ApiError {
             | ServiceError::ClientMsgIdReused(_)
             | ServiceError::GroupFull
             | ServiceError::TooManyGroups(_) => StatusCode::CONFLICT,
-            ServiceError::NotMember | ServiceError::InviteOnly | ServiceError::NotOwner => {
-                StatusCode::FORBIDDEN
-            }
+            ServiceError::NotMember
+            | ServiceError::InviteOnly
+            | ServiceError::NotOwner
+            | ServiceError::WrongPassword => StatusCode::FORBIDDEN,
             ServiceError::NoSuchMember => StatusCode::NOT_FOUND,
             ServiceError::TooManyInvitations | ServiceError::TooManyBlocked(_) => {
                 StatusCode::CONFLICT
@@ -252,6 +254,13 @@ struct InviteRequest {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct PasswordChange {
+    old_password: String,
+    new_password: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BlockRequest {
     user_id: u64,
 }
@@ -301,6 +310,7 @@ pub fn parse_all_bodies(data: &[u8]) -> usize {
         + usize::from(serde_json::from_slice::<LoginRequest>(data).is_ok())
         + usize::from(serde_json::from_slice::<SendRequest>(data).is_ok())
         + usize::from(serde_json::from_slice::<BlockRequest>(data).is_ok())
+        + usize::from(serde_json::from_slice::<PasswordChange>(data).is_ok())
 }
 
 /// All routes of the API, with errors turned into JSON.
@@ -607,6 +617,26 @@ pub fn routes(
                 respond_api(result.await)
             },
         );
+    let password = warp::path!("api" / "password")
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(bearer())
+        .and(json_body::<PasswordChange>())
+        .then(
+            |service: Arc<Service>,
+             auth: Result<String, ApiError>,
+             req: Result<PasswordChange, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth).await?;
+                    let req = req?;
+                    service
+                        .change_password(&claims, &req.old_password, &req.new_password)
+                        .await?;
+                    Ok::<_, ApiError>(warp::reply::json(&serde_json::json!({})))
+                };
+                respond_api(result.await)
+            },
+        );
     let block = warp::path!("api" / "blocks")
         .and(warp::post())
         .and(with_service.clone())
@@ -715,11 +745,12 @@ pub fn routes(
     // Each route is boxed before they are combined: the nested type of fourteen `or`s of
     // unboxed filters took rustc over a minute and a half to check (coherence and auto traits),
     // three times per test run. A boxed filter costs one dynamic call per route tried.
-    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 20] = [
+    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 21] = [
         register.boxed(),
         login.boxed(),
         relogin.boxed(),
         logout.boxed(),
+        password.boxed(),
         online.boxed(),
         user_named.boxed(),
         send.boxed(),

@@ -125,6 +125,9 @@ pub enum ServiceError {
     /// Unknown user or wrong password (deliberately not told apart).
     #[error("unknown user or wrong password")]
     InvalidCredentials,
+    /// A password change whose current password is wrong (or changed meanwhile).
+    #[error("the current password is wrong")]
+    WrongPassword,
     /// The user is online elsewhere and takeover was not requested.
     #[error("user is already online; log in with takeover to replace that session")]
     AlreadyOnline,
@@ -239,6 +242,7 @@ impl ServiceError {
             ServiceError::BadRequest(_) => cim_proto::BAD_REQUEST,
             ServiceError::NameTaken => "name_taken",
             ServiceError::InvalidCredentials => "invalid_credentials",
+            ServiceError::WrongPassword => "wrong_password",
             ServiceError::AlreadyOnline => "already_online",
             ServiceError::NoServer => "no_server",
             ServiceError::Unauthorized(_) => "unauthorized",
@@ -891,6 +895,53 @@ impl Service {
             Some(account) if ok => Ok(account),
             _ => Err(ServiceError::InvalidCredentials),
         }
+    }
+
+    /// The user of `claims` changes its password from `old` to `new`. A wrong `old` counts
+    /// against the user's login failures, as a failed login does (a stolen token must not
+    /// guess the password faster than a login could), and past their limit the change is
+    /// refused before any hash. The user's login, the one asking, stays; its earlier logins
+    /// ended when it began.
+    pub async fn change_password(
+        &self,
+        claims: &Claims,
+        old: &str,
+        new: &str,
+    ) -> Result<(), ServiceError> {
+        validate_password(new)?;
+        let name = claims.user_name.clone();
+        let now = Instant::now();
+        let limit = self.config.login_limits.failures_per_user;
+        if lock(&self.login_failures).count(&name, now) >= limit {
+            self.config.metrics.login_failures.inc();
+            return Err(ServiceError::TooManyAttempts);
+        }
+        let account = match self.check_credentials(&name, old).await {
+            Ok(account) if account.id == claims.user_id => account,
+            Ok(_) | Err(ServiceError::InvalidCredentials) => {
+                lock(&self.login_failures).hit(name, now);
+                return Err(ServiceError::WrongPassword);
+            }
+            Err(e) => return Err(e),
+        };
+        let new = new.to_string();
+        let cost = self.config.password_cost;
+        let hash = self
+            .password_work
+            .run(move || password::hash(&new, cost))
+            .await?
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        // Another change since the check took the old password away.
+        if !self
+            .store
+            .set_password_hash(account.id, &account.password_hash, &hash)
+            .await?
+        {
+            return Err(ServiceError::WrongPassword);
+        }
+        lock(&self.login_failures).reset(&name);
+        tracing::info!(user = account.id, "password changed");
+        Ok(())
     }
 
     /// A hash at the configured cost that no password matches in practice (of 32 random

@@ -271,6 +271,22 @@ impl Store for MemoryStore {
             .cloned())
     }
 
+    async fn set_password_hash(
+        &self,
+        user: u64,
+        expected: &str,
+        new_hash: &str,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.inner();
+        match inner.accounts.get_mut(&user) {
+            Some(account) if account.password_hash == expected => {
+                account.password_hash = new_hash.to_string();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     async fn user_exists(&self, id: u64) -> Result<bool, StoreError> {
         Ok(self.inner().accounts.contains_key(&id))
     }

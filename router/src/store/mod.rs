@@ -344,6 +344,15 @@ pub trait Store: Send + Sync + 'static {
     async fn create_account(&self, name: &str, password_hash: &str) -> Result<Account, StoreError>;
     /// Looks up an account by name.
     async fn account_by_name(&self, name: &str) -> Result<Option<Account>, StoreError>;
+    /// Replaces `user`'s password hash with `new_hash` if it is still `expected` (what the old
+    /// password was checked against). Returns whether it did: two changes at once cannot
+    /// both pass on one old password.
+    async fn set_password_hash(
+        &self,
+        user: u64,
+        expected: &str,
+        new_hash: &str,
+    ) -> Result<bool, StoreError>;
     /// Whether an account with this id exists (cheaper than fetching it; used per message).
     async fn user_exists(&self, id: u64) -> Result<bool, StoreError>;
     /// Looks up accounts by id; missing ids are skipped.

@@ -208,6 +208,14 @@ return 2
 "
 );
 
+/// Replaces an account's password hash if it is still the one given. KEYS: account. ARGV:
+/// expected hash, new hash. Returns 1 if replaced.
+const SET_PASSWORD: &str = r"
+if redis.call('HGET', KEYS[1], 'pw') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'pw', ARGV[2])
+return 1
+";
+
 /// Adds a user to a blocked set unless it holds the cap already. KEYS: the set. ARGV: user,
 /// cap. Returns 1 blocked, 2 blocked already, 0 at the cap.
 const BLOCK: &str = r"
@@ -505,6 +513,7 @@ pub struct RedisStore {
     remove_member: Script,
     leave: Script,
     block: Script,
+    set_password: Script,
     claim_id_node: Script,
     renew_id_node: Script,
     release_id_node: Script,
@@ -737,6 +746,7 @@ impl RedisStore {
             remove_member: Script::new(REMOVE_MEMBER),
             leave: Script::new(LEAVE),
             block: Script::new(BLOCK),
+            set_password: Script::new(SET_PASSWORD),
             claim_id_node: Script::new(CLAIM_ID_NODE),
             renew_id_node: Script::new(RENEW_ID_NODE),
             release_id_node: Script::new(RELEASE_ID_NODE),
@@ -967,6 +977,23 @@ impl Store for RedisStore {
             name: name.to_string(),
             password_hash: password_hash.to_string(),
         })
+    }
+
+    async fn set_password_hash(
+        &self,
+        user: u64,
+        expected: &str,
+        new_hash: &str,
+    ) -> Result<bool, StoreError> {
+        let changed: i64 = self
+            .set_password
+            .key(account_key(user))
+            .arg(expected)
+            .arg(new_hash)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(changed == 1)
     }
 
     async fn account_by_name(&self, name: &str) -> Result<Option<Account>, StoreError> {
