@@ -26,6 +26,17 @@ impl UserRef {
     }
 }
 
+/// A password typed into the console: its `Debug` form (a failed assertion, a log line) does
+/// not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
 impl fmt::Display for UserRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -94,9 +105,9 @@ pub enum Command {
     /// `:password OLD NEW`: change one's password.
     Password {
         /// The password now.
-        old: String,
+        old: Secret,
         /// The password from now on.
-        new: String,
+        new: Secret,
     },
     /// `:blocked`: list the users I block.
     Blocked,
@@ -176,8 +187,8 @@ pub fn parse(line: &str) -> Command {
             },
             "password" => match arg.split_whitespace().collect::<Vec<_>>()[..] {
                 [old, new] => Command::Password {
-                    old: old.to_string(),
-                    new: new.to_string(),
+                    old: Secret(old.to_string()),
+                    new: Secret(new.to_string()),
                 },
                 _ => Command::Invalid(
                     "use :password <old> <new> (passwords without blanks here)".into(),
@@ -441,10 +452,12 @@ mod tests {
         assert_eq!(
             parse(":password old-pw new-pw"),
             Command::Password {
-                old: "old-pw".into(),
-                new: "new-pw".into()
+                old: Secret("old-pw".into()),
+                new: Secret("new-pw".into())
             }
         );
+        let shown = format!("{:?}", parse(":password old-pw new-pw"));
+        assert!(!shown.contains("-pw"), "{shown}");
         assert!(matches!(parse(":password new-pw"), Command::Invalid(_)));
         assert!(matches!(parse(":who"), Command::Invalid(_)));
         assert!(matches!(parse(":who bob alice"), Command::Invalid(_)));

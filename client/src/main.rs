@@ -650,7 +650,7 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
             }
         }
         Command::Password { old, new } => report(
-            client.change_password(&old, &new).await,
+            client.change_password(&old.0, &new.0).await,
             "password changed: use the new one at your next login (this one stays)",
         ),
         Command::Who(name) => match client.find_user(&name).await {

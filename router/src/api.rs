@@ -7,7 +7,7 @@
 //! | POST | /api/login | - | `{name, password, takeover?}` | 200 `{user_id, name, token, server_id, server_addr, expires_at_ms}` |
 //! | POST | /api/relogin | bearer (a session token) | - | 200 as login; 401 `unauthorized` or `session_ended` when only the password will do; 409 `session_live` (the login is still connected to a live server); 429, 503 `no_server` as for login |
 //! | POST | /api/logout | bearer | - | 200 `{}` |
-//! | POST | /api/password | bearer | `{old_password, new_password}` | 200 `{}`: the password is changed, the caller's login stays; 403 `wrong_password` (counts as a failed login of the user); 429 `too_many_attempts`; 400 for a new password outside 4-256 bytes |
+//! | POST | /api/password | bearer | `{old_password, new_password}` | 200 `{}`: the password is changed, the caller's login stays; 403 `wrong_password`; 409 `password_changed` (another change came first); 429 `too_many_attempts` (5 tries a minute per login, and the address's login attempts); 400 for a new password outside 4-256 bytes or equal to the old |
 //! | GET | /api/users/online | bearer | `?prefix=&after=&limit=` | 200 `{users: [{id, name}], more}` (a page by name, at most 1,000) |
 //! | GET | /api/users/named/NAME | bearer | - | 200 `{id, name, online, last_seen_ms?}` (when an offline user went offline, if known); 404 `unknown_user` (names as registered: case counts) |
 //! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, msg_id_str, recipients}`, and `recipient_online` for a private message |
@@ -86,6 +86,7 @@ impl From<ServiceError> for ApiError {
             | ServiceError::LoggedInElsewhere => StatusCode::UNAUTHORIZED,
             ServiceError::UnknownUser | ServiceError::UnknownGroup => StatusCode::NOT_FOUND,
             ServiceError::GroupExists
+            | ServiceError::PasswordChanged
             | ServiceError::ClientMsgIdReused(_)
             | ServiceError::GroupFull
             | ServiceError::TooManyGroups(_) => StatusCode::CONFLICT,
@@ -620,17 +621,20 @@ pub fn routes(
     let password = warp::path!("api" / "password")
         .and(warp::post())
         .and(with_service.clone())
+        .and(warp::ext::optional::<PeerAddr>())
         .and(bearer())
         .and(json_body::<PasswordChange>())
         .then(
             |service: Arc<Service>,
+             peer: Option<PeerAddr>,
              auth: Result<String, ApiError>,
              req: Result<PasswordChange, ApiError>| async move {
                 let result = async {
                     let claims = authenticate(&service, auth).await?;
                     let req = req?;
+                    let peer = peer.map(|p| address_key(p.0.ip()));
                     service
-                        .change_password(&claims, &req.old_password, &req.new_password)
+                        .change_password(&claims, &req.old_password, &req.new_password, peer)
                         .await?;
                     Ok::<_, ApiError>(warp::reply::json(&serde_json::json!({})))
                 };

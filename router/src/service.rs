@@ -98,6 +98,9 @@ pub struct MyGroups {
 
 /// Window of the login limits.
 const LOGIN_WINDOW: Duration = Duration::from_secs(60);
+/// Password changes one login may try per [`LOGIN_WINDOW`], each an Argon2 check of the
+/// old password (and a hash of the new one).
+pub const PASSWORD_CHANGES_PER_LOGIN: u32 = 5;
 /// Window of the per-user API request limit.
 const API_WINDOW: Duration = Duration::from_secs(1);
 /// Token re-logins of one user per [`LOGIN_WINDOW`]. Each makes a new login, whose own token
@@ -125,9 +128,12 @@ pub enum ServiceError {
     /// Unknown user or wrong password (deliberately not told apart).
     #[error("unknown user or wrong password")]
     InvalidCredentials,
-    /// A password change whose current password is wrong (or changed meanwhile).
+    /// A password change whose current password is wrong.
     #[error("the current password is wrong")]
     WrongPassword,
+    /// A password change that lost to another change made since its old password was checked.
+    #[error("the password was changed meanwhile; try again with the new one")]
+    PasswordChanged,
     /// The user is online elsewhere and takeover was not requested.
     #[error("user is already online; log in with takeover to replace that session")]
     AlreadyOnline,
@@ -243,6 +249,7 @@ impl ServiceError {
             ServiceError::NameTaken => "name_taken",
             ServiceError::InvalidCredentials => "invalid_credentials",
             ServiceError::WrongPassword => "wrong_password",
+            ServiceError::PasswordChanged => "password_changed",
             ServiceError::AlreadyOnline => "already_online",
             ServiceError::NoServer => "no_server",
             ServiceError::Unauthorized(_) => "unauthorized",
@@ -363,6 +370,8 @@ pub struct SessionsRenewed {
 pub struct Service {
     pub(crate) config: Arc<RouterConfig>,
     login_failures: Mutex<WindowCounter<String>>,
+    /// Password changes tried per login (user, session) in the last minute.
+    password_changes: Mutex<WindowCounter<(u64, u64)>>,
     login_attempts: Mutex<WindowCounter<IpAddr>>,
     /// Registrations per address per minute.
     registrations: Mutex<WindowCounter<IpAddr>>,
@@ -512,6 +521,7 @@ impl Service {
     ) -> Self {
         Self {
             login_failures: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
+            password_changes: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             login_attempts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             registrations: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             api_requests: Mutex::new(WindowCounter::new(API_WINDOW, 100_000)),
@@ -897,30 +907,43 @@ impl Service {
         }
     }
 
-    /// The user of `claims` changes its password from `old` to `new`. A wrong `old` counts
-    /// against the user's login failures, as a failed login does (a stolen token must not
-    /// guess the password faster than a login could), and past their limit the change is
-    /// refused before any hash. The user's login, the one asking, stays; its earlier logins
-    /// ended when it began.
+    /// The user of `claims` changes its password from `old` to `new`. Each login may try
+    /// [`PASSWORD_CHANGES_PER_LOGIN`] times a minute, counted before any hash (a stolen
+    /// session token guesses no faster than a login could, and no account keeps the password
+    /// workers busy), and each try counts against `peer`'s login attempts. Counted per login,
+    /// not per user: someone else's failed logins cannot stop a user changing a password they
+    /// fear is known. The user's login, the one asking, stays; its earlier logins ended when
+    /// it began.
     pub async fn change_password(
         &self,
         claims: &Claims,
         old: &str,
         new: &str,
+        peer: Option<IpAddr>,
     ) -> Result<(), ServiceError> {
         validate_password(new)?;
-        let name = claims.user_name.clone();
+        if old == new {
+            return Err(ServiceError::BadRequest(
+                "the new password is the current one".into(),
+            ));
+        }
         let now = Instant::now();
-        let limit = self.config.login_limits.failures_per_user;
-        if lock(&self.login_failures).count(&name, now) >= limit {
+        self.check_attempts(peer, now, true)?;
+        let tries = lock(&self.password_changes).hit((claims.user_id, claims.session_id), now);
+        if tries > PASSWORD_CHANGES_PER_LOGIN {
+            tracing::warn!(
+                user = claims.user_id,
+                "password changes of login over the limit"
+            );
             self.config.metrics.login_failures.inc();
             return Err(ServiceError::TooManyAttempts);
         }
-        let account = match self.check_credentials(&name, old).await {
+        let name = claims.user_name.as_str();
+        let account = match self.check_credentials(name, old).await {
             Ok(account) if account.id == claims.user_id => account,
             Ok(_) | Err(ServiceError::InvalidCredentials) => {
-                lock(&self.login_failures).hit(name, now);
-                return Err(ServiceError::WrongPassword);
+                let what = format!("password change of user {}", claims.user_id);
+                return Err(self.login_refused(ServiceError::WrongPassword, &what));
             }
             Err(e) => return Err(e),
         };
@@ -931,15 +954,13 @@ impl Service {
             .run(move || password::hash(&new, cost))
             .await?
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        // Another change since the check took the old password away.
         if !self
             .store
             .set_password_hash(account.id, &account.password_hash, &hash)
             .await?
         {
-            return Err(ServiceError::WrongPassword);
+            return Err(ServiceError::PasswordChanged);
         }
-        lock(&self.login_failures).reset(&name);
         tracing::info!(user = account.id, "password changed");
         Ok(())
     }
