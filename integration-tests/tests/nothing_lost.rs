@@ -1205,8 +1205,8 @@ impl Store for PausingStore {
     async fn unblock_user(&self, user: u64, other: u64) -> Result<bool, StoreError> {
         self.inner.unblock_user(user, other).await
     }
-    async fn blocks(&self, user: u64, other: u64) -> Result<bool, StoreError> {
-        self.inner.blocks(user, other).await
+    async fn blocking(&self, users: &[u64], other: u64) -> Result<Vec<bool>, StoreError> {
+        self.inner.blocking(users, other).await
     }
     async fn blocked_users(&self, user: u64) -> Result<Vec<u64>, StoreError> {
         self.inner.blocked_users(user).await

@@ -1115,6 +1115,11 @@ async fn a_blocked_users_messages_and_invitations_are_refused_until_unblocked() 
     bob.create_group("bobs").await?;
     let err = bob.invite("bobs", alice_id).await.unwrap_err();
     assert_eq!(err.code(), Some(cim_proto::BLOCKED), "{err}");
+    // A broadcast to everyone online leaves out whom it would reach blocked.
+    let ack = bob
+        .send_group(cim_proto::BROADCAST_GROUP, "to everyone")
+        .await?;
+    assert_eq!(ack.recipients, 0, "alice blocks bob");
     // One way: alice still writes to bob.
     alice.send_private(bob_id, "still here").await?;
     assert_eq!(next_message(&mut bob_events).await?.body, "still here");

@@ -190,6 +190,10 @@ async fn blocks_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     assert!(store.blocks(blocker, pest).await?);
     assert!(!store.blocks(pest, blocker).await?, "a block goes one way");
     assert_eq!(
+        store.blocking(&[friend, blocker, pest], pest).await?,
+        vec![false, true, false]
+    );
+    assert_eq!(
         store
             .append_private(blocker, &from(pest, 900), limits)
             .await?,

@@ -1322,6 +1322,11 @@ impl Service {
                 Target::Group(g) if g == BROADCAST_GROUP => {
                     let mut online = self.store.online_users().await?;
                     online.retain(|u| *u != sender.id);
+                    // A blocked user's broadcasts do not reach whom it blocks: everyone online
+                    // is no shared space the blocker chose, as a group is.
+                    let blocking = self.store.blocking(&online, sender.id).await?;
+                    let mut blocking = blocking.into_iter();
+                    online.retain(|_| !blocking.next().unwrap_or(false));
                     Ok((online, g.clone()))
                 }
                 Target::Group(g) => {

@@ -836,12 +836,17 @@ impl Store for MemoryStore {
         Ok(was)
     }
 
-    async fn blocks(&self, user: u64, other: u64) -> Result<bool, StoreError> {
-        Ok(self
-            .inner()
-            .blocked
-            .get(&user)
-            .is_some_and(|blocked| blocked.contains(&other)))
+    async fn blocking(&self, users: &[u64], other: u64) -> Result<Vec<bool>, StoreError> {
+        let inner = self.inner();
+        Ok(users
+            .iter()
+            .map(|user| {
+                inner
+                    .blocked
+                    .get(user)
+                    .is_some_and(|blocked| blocked.contains(&other))
+            })
+            .collect())
     }
 
     async fn blocked_users(&self, user: u64) -> Result<Vec<u64>, StoreError> {

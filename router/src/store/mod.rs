@@ -554,7 +554,11 @@ pub trait Store: Send + Sync + 'static {
     /// `user` unblocks `other`. Returns whether it was blocked.
     async fn unblock_user(&self, user: u64, other: u64) -> Result<bool, StoreError>;
     /// Whether `user` blocks `other`.
-    async fn blocks(&self, user: u64, other: u64) -> Result<bool, StoreError>;
+    async fn blocks(&self, user: u64, other: u64) -> Result<bool, StoreError> {
+        Ok(self.blocking(&[user], other).await?.first() == Some(&true))
+    }
+    /// For each of `users`, in order, whether it blocks `other` (a broadcast's recipients).
+    async fn blocking(&self, users: &[u64], other: u64) -> Result<Vec<bool>, StoreError>;
     /// The users `user` blocks, sorted.
     async fn blocked_users(&self, user: u64) -> Result<Vec<u64>, StoreError>;
 

@@ -1721,11 +1721,20 @@ impl Store for RedisStore {
             .map_err(unavailable)
     }
 
-    async fn blocks(&self, user: u64, other: u64) -> Result<bool, StoreError> {
-        self.conn()
-            .sismember(blocked_key(user), other)
-            .await
-            .map_err(unavailable)
+    async fn blocking(&self, users: &[u64], other: u64) -> Result<Vec<bool>, StoreError> {
+        let mut blocking = Vec::with_capacity(users.len());
+        for chunk in users.chunks(READ_CHUNK) {
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                pipe.sismember(blocked_key(*user), other);
+            }
+            let chunk_blocking: Vec<bool> = pipe
+                .query_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
+            blocking.extend(chunk_blocking);
+        }
+        Ok(blocking)
     }
 
     async fn blocked_users(&self, user: u64) -> Result<Vec<u64>, StoreError> {
