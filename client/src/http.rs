@@ -48,8 +48,8 @@ pub struct NamedUser {
     pub name: String,
     /// Whether the user was online when asked.
     pub online: bool,
-    /// When an offline user last went offline (ms since the Unix epoch), if the router
-    /// recorded it.
+    /// When an offline user was last seen (ms since the Unix epoch): the latest of its logins
+    /// and its sessions' ends the router recorded, if any.
     #[serde(default)]
     pub last_seen_ms: Option<u64>,
 }

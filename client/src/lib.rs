@@ -657,6 +657,10 @@ impl Shared {
             .clone()
     }
 
+    fn set_password(&self, password: &str) {
+        *self.password.lock().unwrap_or_else(|p| p.into_inner()) = password.to_string();
+    }
+
     fn user_ids(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
         self.user_ids.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -1265,11 +1269,7 @@ impl Client {
     pub async fn change_password(&self, old: &str, new: &str) -> Result<(), ClientError> {
         let token = self.token();
         self.shared.api.change_password(&token, old, new).await?;
-        *self
-            .shared
-            .password
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = new.to_string();
+        self.shared.set_password(new);
         Ok(())
     }
 

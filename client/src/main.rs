@@ -477,7 +477,7 @@ async fn user_id(client: &Client, user: &UserRef) -> Option<(u64, String)> {
         UserRef::Name(name) => match client.user_id_of(name).await {
             Ok(Some(id)) => Some((id, format!("{name} ({id})"))),
             Ok(None) => {
-                println!("! no user is named {name} (names are as registered: case counts)");
+                println!("! {}", no_such_name(name));
                 None
             }
             Err(e) => {
@@ -486,6 +486,11 @@ async fn user_id(client: &Client, user: &UserRef) -> Option<(u64, String)> {
             }
         },
     }
+}
+
+/// What the console says of a name no user has.
+fn no_such_name(name: &str) -> String {
+    format!("no user is named {name} (names are as registered: case counts)")
 }
 
 /// How to report a failed send.
@@ -665,7 +670,10 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
                 println!("{} ({}) is {state}", user.name, user.id);
                 true
             }
-            Ok(None) => report(Ok(()), &format!("no user is named {name}")),
+            Ok(None) => {
+                println!("{}", no_such_name(&name));
+                true
+            }
             Err(e) => report(Err(e), ""),
         },
         Command::Blocked => match client.blocked_users().await {

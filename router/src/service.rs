@@ -98,9 +98,9 @@ pub struct MyGroups {
 
 /// Window of the login limits.
 const LOGIN_WINDOW: Duration = Duration::from_secs(60);
-/// Password changes one login may try per [`LOGIN_WINDOW`], each an Argon2 check of the
+/// Password changes one user may try per [`LOGIN_WINDOW`], each an Argon2 check of the
 /// old password (and a hash of the new one).
-pub const PASSWORD_CHANGES_PER_LOGIN: u32 = 5;
+pub const PASSWORD_CHANGES_PER_USER: u32 = 5;
 /// Window of the per-user API request limit.
 const API_WINDOW: Duration = Duration::from_secs(1);
 /// Token re-logins of one user per [`LOGIN_WINDOW`]. Each makes a new login, whose own token
@@ -370,8 +370,8 @@ pub struct SessionsRenewed {
 pub struct Service {
     pub(crate) config: Arc<RouterConfig>,
     login_failures: Mutex<WindowCounter<String>>,
-    /// Password changes tried per login (user, session) in the last minute.
-    password_changes: Mutex<WindowCounter<(u64, u64)>>,
+    /// Password changes tried per user in the last minute (apart from failed logins).
+    password_changes: Mutex<WindowCounter<u64>>,
     login_attempts: Mutex<WindowCounter<IpAddr>>,
     /// Registrations per address per minute.
     registrations: Mutex<WindowCounter<IpAddr>>,
@@ -907,13 +907,14 @@ impl Service {
         }
     }
 
-    /// The user of `claims` changes its password from `old` to `new`. Each login may try
-    /// [`PASSWORD_CHANGES_PER_LOGIN`] times a minute, counted before any hash (a stolen
-    /// session token guesses no faster than a login could, and no account keeps the password
-    /// workers busy), and each try counts against `peer`'s login attempts. Counted per login,
-    /// not per user: someone else's failed logins cannot stop a user changing a password they
-    /// fear is known. The user's login, the one asking, stays; its earlier logins ended when
-    /// it began.
+    /// The user of `claims` changes its password from `old` to `new`. A user may try
+    /// [`PASSWORD_CHANGES_PER_USER`] times a minute, counted before any hash (a stolen session
+    /// token guesses no faster than a login could, whatever new logins it re-logs in to, and
+    /// no account keeps the password workers busy), and each try counts against `peer`'s
+    /// login attempts. Counted apart from failed logins, so only a holder of the user's
+    /// tokens uses the tries up: someone else's failed logins cannot stop a user changing a
+    /// password they fear is known. The user's login, the one asking, stays; its earlier
+    /// logins ended when it began.
     pub async fn change_password(
         &self,
         claims: &Claims,
@@ -929,15 +930,30 @@ impl Service {
         }
         let now = Instant::now();
         self.check_attempts(peer, now, true)?;
-        let tries = lock(&self.password_changes).hit((claims.user_id, claims.session_id), now);
-        if tries > PASSWORD_CHANGES_PER_LOGIN {
+        let tries = lock(&self.password_changes).hit(claims.user_id, now);
+        if tries > PASSWORD_CHANGES_PER_USER {
             tracing::warn!(
                 user = claims.user_id,
-                "password changes of login over the limit"
+                "password changes of user over the limit"
             );
             self.config.metrics.login_failures.inc();
             return Err(ServiceError::TooManyAttempts);
         }
+        let changed = self.change_password_checked(claims, old, new).await;
+        // A try the password workers had no room for is no try: it is to be retried.
+        if matches!(changed, Err(ServiceError::Busy)) {
+            lock(&self.password_changes).forgive(&claims.user_id);
+        }
+        changed
+    }
+
+    /// [`Service::change_password`] once the try is counted.
+    async fn change_password_checked(
+        &self,
+        claims: &Claims,
+        old: &str,
+        new: &str,
+    ) -> Result<(), ServiceError> {
         let name = claims.user_name.as_str();
         let account = match self.check_credentials(name, old).await {
             Ok(account) if account.id == claims.user_id => account,

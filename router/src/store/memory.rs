@@ -126,6 +126,58 @@ impl Weight for (u64, u64) {
 }
 
 impl Inner {
+    /// Appends `entry` to each of `recipients`' inboxes once per message id, as
+    /// [`Store::append_inbox`] says. Returns the seqs in `recipients` order.
+    fn append(
+        &mut self,
+        recipients: &[u64],
+        entry: &Arc<InboxEntry>,
+        limits: InboxLimits,
+    ) -> Vec<u64> {
+        let now = Instant::now();
+        // Entries past the inbox's time to live go as later ones come (Redis lets the whole
+        // inbox expire): fetches skip them, but they took memory for good.
+        let oldest = entry
+            .created_at_ms
+            .saturating_sub(limits.ttl.as_millis() as u64);
+        let Inner {
+            inboxes, appended, ..
+        } = self;
+        let append = |record: &mut AppendRecord| {
+            // A resend: the inboxes it already reached keep the seq they gave it.
+            let earlier: HashMap<u64, u64> = record.iter().copied().collect();
+            recipients
+                .iter()
+                .map(|user| {
+                    if let Some(seq) = earlier.get(user) {
+                        return *seq;
+                    }
+                    let inbox = inboxes.entry(*user).or_default();
+                    inbox.last_seq += 1;
+                    let seq = inbox.last_seq;
+                    inbox.entries.push_back((seq, entry.clone()));
+                    record.push((*user, seq));
+                    while inbox.entries.len() > limits.max_len
+                        || inbox
+                            .entries
+                            .front()
+                            .is_some_and(|(_, e)| e.created_at_ms < oldest)
+                    {
+                        inbox.entries.pop_front();
+                    }
+                    seq
+                })
+                .collect()
+        };
+        appended.upsert(
+            entry.msg_id,
+            now,
+            limits.dedup,
+            || Vec::with_capacity(recipients.len()),
+            append,
+        )
+    }
+
     /// Records `user` as seen now (see [`see`]).
     fn seen(&mut self, user: u64) {
         see(&mut self.last_seen, user);
@@ -487,49 +539,7 @@ impl Store for MemoryStore {
             return Ok(Vec::new());
         }
         let shared = Arc::new(entry.clone());
-        let now = Instant::now();
-        // Entries past the inbox's time to live go as later ones come (Redis lets the whole
-        // inbox expire): fetches skip them, but they took memory for good.
-        let oldest = entry
-            .created_at_ms
-            .saturating_sub(limits.ttl.as_millis() as u64);
-        let mut guard = self.inner();
-        let Inner {
-            inboxes, appended, ..
-        } = &mut *guard;
-        let append = |record: &mut AppendRecord| {
-            // A resend: the inboxes it already reached keep the seq they gave it.
-            let earlier: HashMap<u64, u64> = record.iter().copied().collect();
-            recipients
-                .iter()
-                .map(|user| {
-                    if let Some(seq) = earlier.get(user) {
-                        return *seq;
-                    }
-                    let inbox = inboxes.entry(*user).or_default();
-                    inbox.last_seq += 1;
-                    let seq = inbox.last_seq;
-                    inbox.entries.push_back((seq, shared.clone()));
-                    record.push((*user, seq));
-                    while inbox.entries.len() > limits.max_len
-                        || inbox
-                            .entries
-                            .front()
-                            .is_some_and(|(_, e)| e.created_at_ms < oldest)
-                    {
-                        inbox.entries.pop_front();
-                    }
-                    seq
-                })
-                .collect()
-        };
-        Ok(appended.upsert(
-            entry.msg_id,
-            now,
-            limits.dedup,
-            || Vec::with_capacity(recipients.len()),
-            append,
-        ))
+        Ok(self.inner().append(recipients, &shared, limits))
     }
 
     async fn append_private(
@@ -538,32 +548,33 @@ impl Store for MemoryStore {
         entry: &InboxEntry,
         limits: InboxLimits,
     ) -> Result<PrivateAppend, StoreError> {
-        {
-            let inner = self.inner();
-            if !inner.accounts.contains_key(&to) {
-                return Ok(PrivateAppend::NoUser);
-            }
-            let blocked = inner
-                .blocked
-                .get(&to)
-                .is_some_and(|blocked| blocked.contains(&entry.from_user));
-            let stored_before = || {
-                inner
-                    .appended
-                    .get(&entry.msg_id, Instant::now())
-                    .is_some_and(|record| record.iter().any(|(user, _)| *user == to))
-            };
-            if blocked && !stored_before() {
-                return Ok(PrivateAppend::Blocked);
-            }
+        let shared = Arc::new(entry.clone());
+        let now = Instant::now();
+        // One step, as on Redis: a block or the dedup record's expiry cannot come between the
+        // check and the append.
+        let mut inner = self.inner();
+        if !inner.accounts.contains_key(&to) {
+            return Ok(PrivateAppend::NoUser);
         }
-        let seq = self
-            .append_inbox(&[to], entry, limits)
-            .await?
+        let blocked = inner
+            .blocked
+            .get(&to)
+            .is_some_and(|blocked| blocked.contains(&entry.from_user));
+        let stored_before = || {
+            inner
+                .appended
+                .get(&entry.msg_id, now)
+                .is_some_and(|record| record.iter().any(|(user, _)| *user == to))
+        };
+        if blocked && !stored_before() {
+            return Ok(PrivateAppend::Blocked);
+        }
+        let seq = inner
+            .append(&[to], &shared, limits)
             .first()
             .copied()
             .ok_or_else(|| StoreError::Corrupt("append returned no sequence number".into()))?;
-        let route = self.routes(&[to]).await?.pop().flatten();
+        let route = inner.live_route(to, now).map(|l| l.route.clone());
         Ok(PrivateAppend::Stored { seq, route })
     }
 
