@@ -178,11 +178,6 @@ impl Inner {
         )
     }
 
-    /// Records `user` as seen now (see [`see`]).
-    fn seen(&mut self, user: u64) {
-        see(&mut self.last_seen, user);
-    }
-
     /// Forgets that an invitation to `group` waits for `user`.
     fn uninvite(&mut self, user: u64, group: &str) {
         if let Some(groups) = self.invitations.get_mut(&user) {
@@ -405,7 +400,7 @@ impl Store for MemoryStore {
         held.route.confirmed = true;
         held.expires = now + lease;
         inner.online.insert(user);
-        inner.seen(user);
+        see(&mut inner.last_seen, user);
         Ok(true)
     }
 
@@ -447,7 +442,7 @@ impl Store for MemoryStore {
         }) {
             inner.routes.remove(&user);
             inner.online.remove(&user);
-            inner.seen(user);
+            see(&mut inner.last_seen, user);
             return Ok(true);
         }
         Ok(false)

@@ -519,6 +519,25 @@ pub struct RedisStore {
     release_id_node: Script,
 }
 
+/// For each of `keys`, in order, whether its set holds `member`: `SISMEMBER`s, [`READ_CHUNK`]
+/// to a pipeline.
+async fn set_holds(
+    conn: &mut ConnectionManager,
+    keys: &[String],
+    member: u64,
+) -> Result<Vec<bool>, StoreError> {
+    let mut holds = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(READ_CHUNK) {
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.sismember(key, member);
+        }
+        let answers: Vec<bool> = pipe.query_async(conn).await.map_err(unavailable)?;
+        holds.extend(answers);
+    }
+    Ok(holds)
+}
+
 fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
@@ -699,22 +718,13 @@ impl RedisStore {
         groups: Vec<String>,
         user: u64,
     ) -> Result<(Vec<String>, Vec<String>), StoreError> {
-        let (mut held, mut not) = (Vec::new(), Vec::new());
-        for chunk in groups.chunks(READ_CHUNK) {
-            let mut pipe = redis::pipe();
-            for group in chunk {
-                pipe.sismember(group_invited_key(group), user);
-            }
-            let answers: Vec<bool> = pipe.query_async(conn).await.map_err(unavailable)?;
-            for (group, holds) in chunk.iter().zip(answers) {
-                if holds {
-                    held.push(group.clone());
-                } else {
-                    not.push(group.clone());
-                }
-            }
-        }
-        Ok((held, not))
+        let keys: Vec<String> = groups.iter().map(|g| group_invited_key(g)).collect();
+        let holds = set_holds(conn, &keys, user).await?;
+        let (held, not): (Vec<_>, Vec<_>) = groups.into_iter().zip(holds).partition(|(_, h)| *h);
+        Ok((
+            held.into_iter().map(|(g, _)| g).collect(),
+            not.into_iter().map(|(g, _)| g).collect(),
+        ))
     }
 
     /// Connects to `url` (e.g. `redis://127.0.0.1:6379`). Fails if Redis is unreachable now;
@@ -1722,19 +1732,8 @@ impl Store for RedisStore {
     }
 
     async fn blocking(&self, users: &[u64], other: u64) -> Result<Vec<bool>, StoreError> {
-        let mut blocking = Vec::with_capacity(users.len());
-        for chunk in users.chunks(READ_CHUNK) {
-            let mut pipe = redis::pipe();
-            for user in chunk {
-                pipe.sismember(blocked_key(*user), other);
-            }
-            let chunk_blocking: Vec<bool> = pipe
-                .query_async(&mut self.conn())
-                .await
-                .map_err(unavailable)?;
-            blocking.extend(chunk_blocking);
-        }
-        Ok(blocking)
+        let keys: Vec<String> = users.iter().map(|u| blocked_key(*u)).collect();
+        set_holds(&mut self.conn(), &keys, other).await
     }
 
     async fn blocked_users(&self, user: u64) -> Result<Vec<u64>, StoreError> {
