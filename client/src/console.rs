@@ -109,6 +109,8 @@ pub enum Command {
         /// The password from now on.
         new: Secret,
     },
+    /// `:delete-account PASSWORD`: delete one's account for good, then quit.
+    DeleteAccount(Secret),
     /// `:blocked`: list the users I block.
     Blocked,
     /// `:info`: own id, name and server.
@@ -149,6 +151,8 @@ commands:
   :who <name>          show a user's id, and whether they are online or when last seen
   :password <old> <new>
                        change your password (this login stays)
+  :delete-account <password>
+                       delete your account for good (groups left, inbox gone), then quit
   :olu [prefix]        list online users (optionally whose name starts with prefix)
   :info                show your id, name and server
   :q <words>           search your message history on this machine (the latest 50 lines)
@@ -192,6 +196,12 @@ pub fn parse(line: &str) -> Command {
                 },
                 _ => Command::Invalid(
                     "use :password <old> <new> (passwords without blanks here)".into(),
+                ),
+            },
+            "delete-account" => match arg.split_whitespace().collect::<Vec<_>>()[..] {
+                [password] => Command::DeleteAccount(Secret(password.to_string())),
+                _ => Command::Invalid(
+                    "use :delete-account <password> (it deletes your account for good)".into(),
                 ),
             },
             "who" if is_valid_name(&arg) => Command::Who(arg),
@@ -459,6 +469,14 @@ mod tests {
         let shown = format!("{:?}", parse(":password old-pw new-pw"));
         assert!(!shown.contains("-pw"), "{shown}");
         assert!(matches!(parse(":password new-pw"), Command::Invalid(_)));
+        assert_eq!(
+            parse(":delete-account my-pw"),
+            Command::DeleteAccount(Secret("my-pw".into()))
+        );
+        let shown = format!("{:?}", parse(":delete-account my-pw"));
+        assert!(!shown.contains("my-pw"), "{shown}");
+        assert!(matches!(parse(":delete-account"), Command::Invalid(_)));
+        assert!(matches!(parse(":delete-account a b"), Command::Invalid(_)));
         assert!(matches!(parse(":who"), Command::Invalid(_)));
         assert!(matches!(parse(":who bob alice"), Command::Invalid(_)));
         assert_eq!(parse(":blocked"), Command::Blocked);

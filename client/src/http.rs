@@ -259,6 +259,20 @@ impl RouterApi {
         Ok(())
     }
 
+    /// Deletes the account of the login `token` belongs to, given its password.
+    pub async fn delete_account(&self, token: &str, password: &str) -> Result<(), ClientError> {
+        let body = serde_json::json!({ "password": password });
+        let _: serde_json::Value = self
+            .call(
+                Method::POST,
+                "/api/account/delete",
+                Some(&body),
+                Some(token),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// The user named `name` (as registered: case counts), or `None` if there is none.
     pub async fn user_named(
         &self,

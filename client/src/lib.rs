@@ -1273,6 +1273,20 @@ impl Client {
         Ok(())
     }
 
+    /// Deletes our account, given its password (refused `wrong_password` otherwise, which
+    /// counts as a failed login, as for [`Client::change_password`]). The session ends (the
+    /// application gets [`Event::Kicked`] with `account deleted`, or the events simply end)
+    /// and no reconnect follows; our groups are left (each passed on as on a leave), our
+    /// inbox, blocks and last seen deleted, and the name is free again. Messages we sent stay
+    /// with their recipients.
+    pub async fn delete_account(&self, password: &str) -> Result<(), ClientError> {
+        let token = self.token();
+        self.shared.api.delete_account(&token, password).await?;
+        // The router kicks the session; should the kick be lost, no re-login is tried.
+        self.shared.stop.cancel();
+        Ok(())
+    }
+
     /// The id of the user named `name`, or `None` if there is no such user; asked of the router
     /// once per name (up to [`MAX_USER_IDS_KEPT`] names), since names and ids never change.
     pub async fn user_id_of(&self, name: &str) -> Result<Option<u64>, ClientError> {

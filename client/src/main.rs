@@ -240,6 +240,15 @@ async fn chat(
                 Some(command @ (Command::Help | Command::Info | Command::Nothing | Command::Invalid(_))) => {
                     run_counted(&client, history.as_ref(), command, &failed).await;
                 }
+                // Done here, with the events left unread meanwhile: the kick it brings is read
+                // only if the deletion failed after all.
+                Some(Command::DeleteAccount(password)) => match client.delete_account(&password.0).await {
+                    Ok(()) => break Ending::Deleted,
+                    Err(e) => {
+                        println!("! account not deleted: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                },
                 Some(command) => {
                     pending.fetch_add(1, Ordering::Relaxed);
                     let _ = commands.send(command);
@@ -300,6 +309,16 @@ async fn chat(
         }
     };
     match ended {
+        Ending::Deleted => {
+            worker.abort();
+            let _ = worker.await;
+            println!("account deleted; bye");
+            dropped(&pending, &failed, "account deleted");
+            if failed.load(Ordering::Relaxed) > 0 {
+                return ExitCode::from(COMMANDS_FAILED_EXIT);
+            }
+            return ExitCode::SUCCESS;
+        }
         Ending::Ended(why) => {
             worker.abort();
             let _ = worker.await;
@@ -413,6 +432,8 @@ enum Ending {
     Interrupted,
     /// The session ended (taken over, logged out elsewhere): nothing to log out.
     Ended(String),
+    /// `:delete-account` deleted the account: nothing to log out.
+    Deleted,
 }
 
 /// Console input, line by line, read on a thread of its own: a read on the runtime's blocking
@@ -722,7 +743,8 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
             println!("{}", console::HELP);
             true
         }
-        Command::Nothing | Command::Quit => true,
+        // Done by the input loop (see `chat`).
+        Command::Nothing | Command::Quit | Command::DeleteAccount(_) => true,
         Command::Invalid(why) => {
             println!("! {why}");
             false

@@ -864,7 +864,13 @@ async fn a_request_whose_body_never_ends_is_answered_in_time() -> anyhow::Result
 async fn a_body_refused_unread_is_answered_by_its_own_route() -> anyhow::Result<()> {
     let mut scene = Scene::new().await?;
     let token = scene.alice.token();
-    for path in ["/api/groups", "/api/groups/club/invitations", "/api/blocks"] {
+    for path in [
+        "/api/groups",
+        "/api/groups/club/invitations",
+        "/api/blocks",
+        "/api/password",
+        "/api/account/delete",
+    ] {
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: cim\r\nAuthorization: Bearer {token}\r\n\
              Connection: close\r\n\r\n"
@@ -1251,6 +1257,8 @@ async fn malformed_json_and_wrong_types_get_clear_errors_on_every_endpoint() -> 
         "/api/groups",
         "/api/groups/club/invitations",
         "/api/blocks",
+        "/api/password",
+        "/api/account/delete",
     ];
     for path in paths {
         for body in bad_bodies {

@@ -27,8 +27,9 @@ use cim_integration_tests::{
 use cim_proto::v1::{ClientControl, Login, Ping, ServerControl, client_control, server_control};
 use cim_proto::{read_required, write_frame};
 use cim_router::store::{
-    Account, Block, Claim, GroupInfo, IdNode, InboxEntry, InboxLimits, InboxPage, Invite, Join,
-    MemoryStore, PrivateAppend, Relogin, Removal, Renewal, Revocation, Route, Store, StoreError,
+    Account, Block, Claim, DeletedAccount, GroupInfo, IdNode, InboxEntry, InboxLimits, InboxPage,
+    Invite, Join, MemoryStore, PrivateAppend, Relogin, Removal, Renewal, Revocation, Route, Store,
+    StoreError,
 };
 use tokio::sync::Notify;
 
@@ -964,6 +965,9 @@ impl Store for PausingStore {
     }
     async fn accounts_by_id(&self, ids: &[u64]) -> Result<Vec<Account>, StoreError> {
         self.inner.accounts_by_id(ids).await
+    }
+    async fn delete_account(&self, user: u64) -> Result<Option<DeletedAccount>, StoreError> {
+        self.inner.delete_account(user).await
     }
     async fn claim_route(
         &self,

@@ -1225,3 +1225,110 @@ async fn a_password_is_changed_only_with_the_current_one() -> anyhow::Result<()>
     assert_eq!(err.code(), Some("too_many_attempts"), "{err}");
     Ok(())
 }
+
+/// A user deletes its account with its password (a wrong one changes nothing): its session
+/// ends and does not come back, its groups pass on as on a leave (the members hear it), its
+/// invitations are declined, it can no longer be written to, found or logged in as, its old
+/// token calls nothing, and its name is free for a new account with a new id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_account_leaves_its_groups_and_frees_its_name() -> anyhow::Result<()> {
+    let cluster = TestCluster::start_on(2, Backend::Redis).await?;
+    let config = cluster.client_config();
+    let (alice, mut alice_events) = cluster.user("alice").await?;
+    let (bob, mut bob_events) = cluster.user("bob").await?;
+    let alice_id = alice.info().user_id;
+    alice.create_group("club").await?;
+    bob.join_group("club").await?;
+    bob.create_invite_only_group("den").await?;
+    bob.invite("den", alice_id).await?;
+
+    let err = alice.delete_account("wrong").await.unwrap_err();
+    assert_eq!(err.code(), Some("wrong_password"), "{err}");
+    bob.send_private(alice_id, "still here?").await?;
+    let heard = loop {
+        match next_event(&mut alice_events, WAIT).await? {
+            Event::Message(m) => break m.body,
+            Event::Presence { .. } | Event::GroupChange { .. } | Event::GroupInvite { .. } => {}
+            other => anyhow::bail!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(heard, "still here?", "a wrong password deletes nothing");
+    let token = alice.token();
+    alice.delete_account("password").await?;
+
+    // Alice's session ends, without a reconnect.
+    loop {
+        match tokio::time::timeout(WAIT, alice_events.next()).await? {
+            None => break,
+            Some(Event::Kicked(reason)) => {
+                assert_eq!(reason, "account deleted");
+                break;
+            }
+            Some(Event::Presence { .. } | Event::GroupChange { .. }) => {}
+            Some(other) => anyhow::bail!("unexpected {other:?}"),
+        }
+    }
+    // Bob hears her leave the club, which is his now.
+    let (mut left, mut owns) = (false, false);
+    while !(left && owns) {
+        match next_event(&mut bob_events, WAIT).await? {
+            Event::GroupChange {
+                group,
+                user_id,
+                joined: false,
+                ..
+            } if group == "club" && user_id == alice_id => left = true,
+            Event::GroupOwner {
+                group,
+                previous_owner_id,
+                ..
+            } if group == "club" && previous_owner_id == alice_id => owns = true,
+            Event::Presence { .. } => {}
+            other => anyhow::bail!("unexpected {other:?}"),
+        }
+    }
+    let members = bob.group_members("club").await?;
+    assert_eq!(members.len(), 1, "{members:?}");
+    assert!(members[0].owner && members[0].id == bob.info().user_id);
+
+    let refusal = |e: ClientError| e.code().map(str::to_string);
+    assert_eq!(
+        refusal(bob.send_private(alice_id, "hello?").await.unwrap_err()).as_deref(),
+        Some("unknown_user")
+    );
+    assert_eq!(
+        refusal(bob.invite("den", alice_id).await.unwrap_err()).as_deref(),
+        Some("unknown_user")
+    );
+    assert!(bob.find_user("alice").await?.is_none());
+    let err = Client::login(
+        &config,
+        "alice",
+        "password",
+        LoginOptions { takeover: true },
+    )
+    .await
+    .err()
+    .context("a login of the deleted account")?;
+    assert_eq!(err.code(), Some("invalid_credentials"), "{err}");
+    let api = RouterApi::new(&config)?;
+    let err = api.blocked_users(&token).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Some("unauthorized" | "session_ended")),
+        "{err}"
+    );
+
+    // The name is free: a new account, with a new id, nothing of the old one's.
+    let (again, _again_events) = cluster.user("alice").await?;
+    assert!(again.info().user_id > bob.info().user_id);
+    let mine = again.groups_and_invitations().await?;
+    assert!(
+        mine.groups.is_empty() && mine.invitations.is_empty(),
+        "{mine:?}"
+    );
+    assert_eq!(
+        bob.find_user("alice").await?.map(|u| u.id),
+        Some(again.info().user_id)
+    );
+    Ok(())
+}

@@ -19,8 +19,9 @@ use anyhow::Context;
 
 use cim_integration_tests::cluster::RedisProc;
 use cim_router::store::{
-    Block, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, Invite, Join, MemoryStore,
-    PrivateAppend, RedisStore, Relogin, Removal, Renewal, Revocation, Route, Store,
+    Block, Claim, DeletedAccount, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, Invite,
+    Join, MemoryStore, PrivateAppend, RedisStore, Relogin, Removal, Renewal, Revocation, Route,
+    Store,
 };
 
 /// How long the logins a claim replaces stay revoked, in these tests.
@@ -273,6 +274,94 @@ async fn blocks_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
         "after the unblock the same message is stored"
     );
     assert!(store.blocked_users(blocker).await?.is_empty());
+    Ok(())
+}
+
+/// A deleted account goes with what is kept for it alone, in one step: after it no private
+/// append stores for it and no claim gives it a route; its name is free again, and the
+/// groups and invitations it had are returned for the caller to leave.
+async fn an_account_is_deleted_with_what_is_its_alone(store: &dyn Store) -> anyhow::Result<()> {
+    let limits = InboxLimits::default();
+    let lease = Duration::from_secs(30);
+    let leaver = store.create_account("leaver", "hash").await?.id;
+    let host = store.create_account("host", "hash").await?.id;
+    assert!(store.create_group("leavers-club", leaver, false).await?);
+    assert!(store.create_group("hosts-club", host, true).await?);
+    assert_eq!(
+        store.invite("hosts-club", host, leaver, 10).await?,
+        Invite::Invited
+    );
+    assert_eq!(store.block_user(leaver, host, 10).await?, Block::Blocked);
+    assert!(
+        store
+            .append_private(leaver, &entry(950), limits)
+            .await?
+            .stored()
+            .is_some()
+    );
+    let route = |session_id| Route {
+        server_id: "server-1".into(),
+        session_id,
+        confirmed: false,
+    };
+    store
+        .claim_route(leaver, route(7), lease, false, REPLACED_FOR)
+        .await?;
+    assert!(store.confirm_route(leaver, 7, "server-1", lease).await?);
+    assert!(store.release_route(leaver, 7, None).await?);
+    assert!(store.last_seen(leaver).await?.is_some());
+
+    let deleted = store.delete_account(leaver).await?.context("deleted")?;
+    assert_eq!(
+        deleted,
+        DeletedAccount {
+            name: "leaver".into(),
+            groups: vec!["leavers-club".into()],
+            invitations: vec!["hosts-club".into()],
+        }
+    );
+    assert_eq!(store.delete_account(leaver).await?, None, "deleted once");
+    assert!(store.account_by_name("leaver").await?.is_none());
+    assert!(!store.user_exists(leaver).await?);
+    assert!(store.accounts_by_id(&[leaver]).await?.is_empty());
+    assert_eq!(
+        store.append_private(leaver, &entry(951), limits).await?,
+        PrivateAppend::NoUser
+    );
+    assert_eq!(store.inbox_heads(&[leaver]).await?, vec![0], "inbox gone");
+    let page = store.fetch_inbox(leaver, 0, 0, 10, limits, 6).await?;
+    assert!(page.entries.is_empty());
+    for force in [false, true] {
+        assert_eq!(
+            store
+                .claim_route(leaver, route(8), lease, force, REPLACED_FOR)
+                .await?,
+            Claim::NoAccount
+        );
+    }
+    assert_eq!(route_of(store, leaver).await?, None);
+    assert_eq!(store.last_seen(leaver).await?, None);
+    assert!(store.blocked_users(leaver).await?.is_empty());
+    assert!(store.user_groups(leaver).await?.is_empty());
+    assert!(store.user_invitations(leaver).await?.is_empty());
+    // The groups are the caller's to leave: the store left the member sets alone.
+    assert_eq!(
+        store.group_members("leavers-club").await?,
+        Some(vec![leaver])
+    );
+    // The name is free; the id is never given again.
+    let again = store.create_account("leaver", "hash-2").await?;
+    assert!(again.id > host, "{} {host}", again.id);
+    assert_eq!(
+        store.account_by_name("leaver").await?.map(|a| a.id),
+        Some(again.id)
+    );
+    // Deleting the other account leaves the name's new holder alone.
+    assert!(store.delete_account(host).await?.is_some());
+    assert_eq!(
+        store.account_by_name("leaver").await?.map(|a| a.id),
+        Some(again.id)
+    );
     Ok(())
 }
 
@@ -643,9 +732,16 @@ async fn a_large_group_append_reaches_every_member_once(store: &dyn Store) -> an
 
     // Reads of many users (a broadcast, a listing) come back whole and in order, however
     // the store splits them: routes where some users have one, accounts where some exist.
-    let many: Vec<u64> = (0..2500u64).map(|i| 1_000_000 + i).collect();
+    let mut many: Vec<u64> = (0..2500u64).map(|i| 1_000_000 + i).collect();
     let with_route = [0, 1023, 1024, 2047, 2048, 2499];
+    let mut routed = Vec::new();
     for &i in &with_route {
+        // Only an account gets a route.
+        many[i] = store
+            .create_account(&format!("routed{i}"), "hash")
+            .await?
+            .id;
+        routed.push(many[i]);
         let route = Route {
             server_id: format!("server-{i}"),
             session_id: i as u64,
@@ -670,7 +766,13 @@ async fn a_large_group_append_reaches_every_member_once(store: &dyn Store) -> an
     ids.splice(1500..1500, members.iter().copied());
     let accounts = store.accounts_by_id(&ids).await?;
     let found: Vec<u64> = accounts.iter().map(|a| a.id).collect();
-    assert_eq!(found, members, "every existing account, in the order asked");
+    // Three routed ones before position 1500, where the members go, and three after.
+    let mut existing = routed.clone();
+    existing.splice(3..3, members.iter().copied());
+    assert_eq!(
+        found, existing,
+        "every existing account, in the order asked"
+    );
     Ok(())
 }
 
@@ -1070,6 +1172,7 @@ async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     blocks_follow_the_contract(&store).await?;
     last_seen_follows_route_changes(&store).await?;
     a_password_hash_is_replaced_once(&store).await?;
+    an_account_is_deleted_with_what_is_its_alone(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 
@@ -1090,6 +1193,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     blocks_follow_the_contract(&store).await?;
     last_seen_follows_route_changes(&store).await?;
     a_password_hash_is_replaced_once(&store).await?;
+    an_account_is_deleted_with_what_is_its_alone(&store).await?;
     a_departed_owner_of_an_older_group_is_no_owner(&store, &redis.url()).await?;
     message_ids_are_recorded_once(&store).await?;
     // A record an older router wrote (a bare id, no fingerprint) is taken as the same

@@ -8,6 +8,7 @@
 //! | POST | /api/relogin | bearer (a session token) | - | 200 as login; 401 `unauthorized` or `session_ended` when only the password will do; 409 `session_live` (the login is still connected to a live server); 429, 503 `no_server` as for login |
 //! | POST | /api/logout | bearer | - | 200 `{}` |
 //! | POST | /api/password | bearer | `{old_password, new_password}` | 200 `{}`: the password is changed, the caller's login stays; 403 `wrong_password`; 409 `password_changed` (another change came first); 429 `too_many_attempts` (5 tries a minute per user, and the address's login attempts); 400 for a new password outside 4-256 bytes or equal to the old |
+//! | POST | /api/account/delete | bearer | `{password}` | 200 `{}`: the account is deleted (its session kicked, its groups left, its inbox, blocks and last seen gone; its name free again); 403 `wrong_password`; 429 `too_many_attempts` (tries counted with password changes) |
 //! | GET | /api/users/online | bearer | `?prefix=&after=&limit=` | 200 `{users: [{id, name}], more}` (a page by name, at most 1,000) |
 //! | GET | /api/users/named/NAME | bearer | - | 200 `{id, name, online, last_seen_ms?}` (for an offline user, the latest of its logins and its sessions' ends, if recorded; a user who blocks the caller shows offline and never seen); 404 `unknown_user` (names as registered: case counts) |
 //! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, msg_id_str, recipients}`, and `recipient_online` for a private message; 403 `blocked` (the recipient blocks the caller; nothing stored) |
@@ -258,6 +259,12 @@ struct InviteRequest {
 struct PasswordChange {
     old_password: String,
     new_password: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountDeletion {
+    password: String,
 }
 
 #[derive(Deserialize)]
@@ -641,6 +648,34 @@ pub fn routes(
                 respond_api(result.await)
             },
         );
+    let delete_account = warp::path!("api" / "account" / "delete")
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(warp::ext::optional::<PeerAddr>())
+        .and(bearer())
+        .and(json_body::<AccountDeletion>())
+        .then(
+            |service: Arc<Service>,
+             peer: Option<PeerAddr>,
+             auth: Result<String, ApiError>,
+             req: Result<AccountDeletion, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth).await?;
+                    let req = req?;
+                    let peer = peer.map(|p| address_key(p.0.ip()));
+                    // On a task of its own: a client that hangs up does not stop a deletion
+                    // half way.
+                    let deletion = tokio::spawn(async move {
+                        service.delete_account(&claims, &req.password, peer).await
+                    });
+                    deletion
+                        .await
+                        .map_err(|e| ServiceError::Internal(e.to_string()))??;
+                    Ok::<_, ApiError>(warp::reply::json(&serde_json::json!({})))
+                };
+                respond_api(result.await)
+            },
+        );
     let block = warp::path!("api" / "blocks")
         .and(warp::post())
         .and(with_service.clone())
@@ -749,12 +784,13 @@ pub fn routes(
     // Each route is boxed before they are combined: the nested type of fourteen `or`s of
     // unboxed filters took rustc over a minute and a half to check (coherence and auto traits),
     // three times per test run. A boxed filter costs one dynamic call per route tried.
-    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 21] = [
+    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 22] = [
         register.boxed(),
         login.boxed(),
         relogin.boxed(),
         logout.boxed(),
         password.boxed(),
+        delete_account.boxed(),
         online.boxed(),
         user_named.boxed(),
         send.boxed(),

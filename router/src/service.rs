@@ -98,9 +98,13 @@ pub struct MyGroups {
 
 /// Window of the login limits.
 const LOGIN_WINDOW: Duration = Duration::from_secs(60);
-/// Password changes one user may try per [`LOGIN_WINDOW`], each an Argon2 check of the
-/// old password (and a hash of the new one).
-pub const PASSWORD_CHANGES_PER_USER: u32 = 5;
+/// Password changes and account deletions one user may try per [`LOGIN_WINDOW`], together:
+/// each is an Argon2 check of the current password (and a change a hash of the new one).
+pub const PASSWORD_CHECKS_PER_USER: u32 = 5;
+/// Groups a deleted account leaves at once (and invitations it declines).
+const LEAVES_AT_ONCE: usize = 16;
+/// Why the session of an account being deleted ends (its `Kick`).
+pub const ACCOUNT_DELETED: &str = "account deleted";
 /// Window of the per-user API request limit.
 const API_WINDOW: Duration = Duration::from_secs(1);
 /// Token re-logins of one user per [`LOGIN_WINDOW`]. Each makes a new login, whose own token
@@ -370,8 +374,9 @@ pub struct SessionsRenewed {
 pub struct Service {
     pub(crate) config: Arc<RouterConfig>,
     login_failures: Mutex<WindowCounter<String>>,
-    /// Password changes tried per user in the last minute (apart from failed logins).
-    password_changes: Mutex<WindowCounter<u64>>,
+    /// Password changes and account deletions tried per user in the last minute (apart from
+    /// failed logins).
+    password_checks: Mutex<WindowCounter<u64>>,
     login_attempts: Mutex<WindowCounter<IpAddr>>,
     /// Registrations per address per minute.
     registrations: Mutex<WindowCounter<IpAddr>>,
@@ -521,7 +526,7 @@ impl Service {
     ) -> Self {
         Self {
             login_failures: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
-            password_changes: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
+            password_checks: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             login_attempts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             registrations: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             api_requests: Mutex::new(WindowCounter::new(API_WINDOW, 100_000)),
@@ -907,13 +912,8 @@ impl Service {
         }
     }
 
-    /// The user of `claims` changes its password from `old` to `new`. A user may try
-    /// [`PASSWORD_CHANGES_PER_USER`] times a minute, counted before any hash (a stolen session
-    /// token guesses no faster than a login could, whatever new logins it re-logs in to, and
-    /// no account keeps the password workers busy), and each try counts against `peer`'s
-    /// login attempts. Counted apart from failed logins, so only a holder of the user's
-    /// tokens uses the tries up: someone else's failed logins cannot stop a user changing a
-    /// password they fear is known. The user's login, the one asking, stays; its earlier
+    /// The user of `claims` changes its password from `old` to `new`, a try counted as
+    /// [`Service::password_try`] says. The user's login, the one asking, stays; its earlier
     /// logins ended when it began.
     pub async fn change_password(
         &self,
@@ -928,41 +928,69 @@ impl Service {
                 "the new password is the current one".into(),
             ));
         }
+        self.password_try(claims, peer, "password change", async {
+            let account = self.own_account(claims, old, "password change").await?;
+            self.replace_password(account, new).await
+        })
+        .await
+    }
+
+    /// Runs `checked`, a request of `claims`'s user that checks its password (`what`: a
+    /// change, a deletion), as one try. A user may try [`PASSWORD_CHECKS_PER_USER`] times a
+    /// minute, counted before any hash (a stolen session token guesses no faster than a login
+    /// could, whatever new logins it re-logs in to, and no account keeps the password workers
+    /// busy), and each try counts against `peer`'s login attempts. Counted apart from failed
+    /// logins, so only a holder of the user's tokens uses the tries up: someone else's failed
+    /// logins cannot stop a user changing a password they fear is known. A try answered
+    /// `busy` is given back.
+    async fn password_try<T>(
+        &self,
+        claims: &Claims,
+        peer: Option<IpAddr>,
+        what: &str,
+        checked: impl Future<Output = Result<T, ServiceError>>,
+    ) -> Result<T, ServiceError> {
         let now = Instant::now();
         self.check_attempts(peer, now, true)?;
-        let tries = lock(&self.password_changes).hit(claims.user_id, now);
-        if tries > PASSWORD_CHANGES_PER_USER {
+        let tries = lock(&self.password_checks).hit(claims.user_id, now);
+        if tries > PASSWORD_CHECKS_PER_USER {
             tracing::warn!(
                 user = claims.user_id,
-                "password changes of user over the limit"
+                what,
+                "password checks of user over the limit"
             );
             self.config.metrics.login_failures.inc();
             return Err(ServiceError::TooManyAttempts);
         }
-        let changed = self.change_password_checked(claims, old, new).await;
+        let done = checked.await;
         // A try the password workers had no room for is no try: it is to be retried.
-        if matches!(changed, Err(ServiceError::Busy)) {
-            lock(&self.password_changes).forgive(&claims.user_id);
+        if matches!(done, Err(ServiceError::Busy)) {
+            lock(&self.password_checks).forgive(&claims.user_id);
         }
-        changed
+        done
     }
 
-    /// [`Service::change_password`] once the try is counted.
-    async fn change_password_checked(
+    /// The account of `claims`'s user if `password` is its password, else `wrong_password`
+    /// (logged and counted as a failed login, for `what`).
+    async fn own_account(
         &self,
         claims: &Claims,
-        old: &str,
-        new: &str,
-    ) -> Result<(), ServiceError> {
-        let name = claims.user_name.as_str();
-        let account = match self.check_credentials(name, old).await {
-            Ok(account) if account.id == claims.user_id => account,
+        password: &str,
+        what: &str,
+    ) -> Result<Account, ServiceError> {
+        match self.check_credentials(&claims.user_name, password).await {
+            Ok(account) if account.id == claims.user_id => Ok(account),
             Ok(_) | Err(ServiceError::InvalidCredentials) => {
-                let what = format!("password change of user {}", claims.user_id);
-                return Err(self.login_refused(ServiceError::WrongPassword, &what));
+                let what = format!("{what} of user {}", claims.user_id);
+                Err(self.login_refused(ServiceError::WrongPassword, &what))
             }
-            Err(e) => return Err(e),
-        };
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces the password of `account`, as read, with `new`: refused `password_changed`
+    /// if another change came first.
+    async fn replace_password(&self, account: Account, new: &str) -> Result<(), ServiceError> {
         let new = new.to_string();
         let cost = self.config.password_cost;
         let hash = self
@@ -978,6 +1006,102 @@ impl Service {
             return Err(ServiceError::PasswordChanged);
         }
         tracing::info!(user = account.id, "password changed");
+        Ok(())
+    }
+
+    /// Deletes the account of `claims`'s user, given its password (a try counted as
+    /// [`Service::password_try`] says). Its login ends (its session is kicked: `account
+    /// deleted`); it leaves its groups (each passed on or deleted as on any leave, the members
+    /// told) and declines its invitations; then its account, inbox, blocks and last seen go in
+    /// one store step, after which no message is stored for it and no login claims a route
+    /// for it. Its name is free again; its id is never given again. Messages it sent stay
+    /// with their recipients. A deletion that fails part way has ended the login and left
+    /// some groups: a login and a deletion again finish it.
+    pub async fn delete_account(
+        &self,
+        claims: &Claims,
+        password: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<(), ServiceError> {
+        self.password_try(claims, peer, "account deletion", async {
+            self.own_account(claims, password, "account deletion")
+                .await?;
+            self.delete_checked_account(claims).await
+        })
+        .await
+    }
+
+    /// [`Service::delete_account`] once the password is checked.
+    async fn delete_checked_account(&self, claims: &Claims) -> Result<(), ServiceError> {
+        let user = claims.user_id;
+        // This login ends first: its tokens call nothing more, and its session joins nothing
+        // while its groups are left.
+        self.revoke(claims, Revocation::LoggedOut).await?;
+        self.end_route(user).await?;
+        // Left while the account is there: the members are told who left.
+        let groups = self.store.user_groups(user).await?;
+        let invitations = self.store.user_invitations(user).await?;
+        self.leave_all(user, groups, invitations).await?;
+        let Some(deleted) = self.store.delete_account(user).await? else {
+            // Another deletion of the user's came first.
+            return Ok(());
+        };
+        // A login whose password check came before the deletion may have claimed a route
+        // after the end above (none can from now on): it ends too, and the groups it joined
+        // meanwhile are left (without telling: the name is gone).
+        self.end_route(user).await?;
+        self.leave_all(user, deleted.groups, deleted.invitations)
+            .await?;
+        tracing::info!(user, name = %deleted.name, "account deleted");
+        Ok(())
+    }
+
+    /// Ends the session holding `user`'s route, if any, as its account is deleted: its login
+    /// is revoked (no token of it calls the API, re-logs in or renews the route back), its
+    /// session kicked and its route released.
+    async fn end_route(&self, user: u64) -> Result<(), ServiceError> {
+        let Some(route) = self.store.routes(&[user]).await?.pop().flatten() else {
+            return Ok(());
+        };
+        let ttl = self.revocation_ttl(0);
+        self.store
+            .revoke_session(user, route.session_id, ttl, Revocation::LoggedOut)
+            .await?;
+        self.kick_route(user, &route, ACCOUNT_DELETED).await;
+        if self
+            .store
+            .release_route(user, route.session_id, None)
+            .await?
+        {
+            self.announce_presence(user, false);
+        }
+        Ok(())
+    }
+
+    /// `user` leaves `groups` and declines `invitations`, [`LEAVES_AT_ONCE`] at a time (a
+    /// leave waits up to [`GROUP_CHANGE_WAIT`] for its announcement).
+    async fn leave_all(
+        &self,
+        user: u64,
+        groups: Vec<String>,
+        invitations: Vec<String>,
+    ) -> Result<(), ServiceError> {
+        futures_util::stream::iter(groups)
+            .map(|group| async move {
+                match self.leave_group(user, &group).await {
+                    // Gone or left meanwhile.
+                    Err(ServiceError::NotMember | ServiceError::UnknownGroup) => Ok(()),
+                    left => left,
+                }
+            })
+            .buffer_unordered(LEAVES_AT_ONCE)
+            .try_collect::<()>()
+            .await?;
+        futures_util::stream::iter(invitations)
+            .map(|group| async move { self.store.decline_invitation(&group, user).await })
+            .buffer_unordered(LEAVES_AT_ONCE)
+            .try_collect::<Vec<bool>>()
+            .await?;
         Ok(())
     }
 
@@ -1055,6 +1179,8 @@ impl Service {
         };
         match claim {
             Claim::Busy(_) => return Err(ServiceError::AlreadyOnline),
+            // Deleted since its password or token was checked.
+            Claim::NoAccount => return Err(ServiceError::InvalidCredentials),
             Claim::Ended => {
                 return Err(ServiceError::SessionEnded(
                     "it was re-logged in, logged out or replaced meanwhile",

@@ -10,9 +10,9 @@ use tokio::time::Instant;
 
 use super::expiring::{ExpiringMap, Weight};
 use super::{
-    Account, Block, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Invite,
-    Join, MAX_INVITATIONS_LISTED, PrivateAppend, Relogin, Removal, Renewal, Revocation, Route,
-    Store, StoreError,
+    Account, Block, Claim, DeletedAccount, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits,
+    InboxPage, Invite, Join, MAX_INVITATIONS_LISTED, PrivateAppend, Relogin, Removal, Renewal,
+    Revocation, Route, Store, StoreError,
 };
 
 /// Most idempotency records kept; beyond this the oldest are forgotten early (about 100 MB at
@@ -222,6 +222,9 @@ impl Inner {
         relogin: Option<&Relogin>,
         now: Instant,
     ) -> Claim {
+        if !self.accounts.contains_key(&user) {
+            return Claim::NoAccount;
+        }
         let previous = self.live_route(user, now).map(|l| l.route.clone());
         if let Some(relogin) = relogin {
             if self.is_revoked(user, relogin.session_id, now)
@@ -344,6 +347,27 @@ impl Store for MemoryStore {
             .iter()
             .filter_map(|id| inner.accounts.get(id).cloned())
             .collect())
+    }
+
+    async fn delete_account(&self, user: u64) -> Result<Option<DeletedAccount>, StoreError> {
+        let mut inner = self.inner();
+        let Some(account) = inner.accounts.remove(&user) else {
+            return Ok(None);
+        };
+        if inner.by_name.get(&account.name) == Some(&user) {
+            inner.by_name.remove(&account.name);
+        }
+        inner.inboxes.remove(&user);
+        inner.logins.remove(&user);
+        inner.blocked.remove(&user);
+        inner.last_seen.remove(&user);
+        let groups = inner.memberships.remove(&user).unwrap_or_default();
+        let invitations = inner.invitations.remove(&user).unwrap_or_default();
+        Ok(Some(DeletedAccount {
+            name: account.name,
+            groups: groups.into_iter().collect(),
+            invitations: invitations.into_iter().collect(),
+        }))
     }
 
     async fn claim_route(

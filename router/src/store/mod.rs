@@ -256,6 +256,20 @@ pub enum Claim {
     /// A re-login's claim found its login ended, or the user's route changed since the token
     /// was checked: nothing was claimed.
     Ended,
+    /// The account was deleted (after its password or token was checked): nothing was
+    /// claimed.
+    NoAccount,
+}
+
+/// What [`Store::delete_account`] deleted, for the caller to finish with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedAccount {
+    /// The account's name (free again).
+    pub name: String,
+    /// The groups the user was in, sorted: it is still in their member sets.
+    pub groups: Vec<String>,
+    /// The groups whose invitations may have waited for the user, sorted.
+    pub invitations: Vec<String>,
 }
 
 /// Why a login ended, as its revocation records it: a client whose token is refused falls back
@@ -357,6 +371,13 @@ pub trait Store: Send + Sync + 'static {
     async fn user_exists(&self, id: u64) -> Result<bool, StoreError>;
     /// Looks up accounts by id; missing ids are skipped.
     async fn accounts_by_id(&self, ids: &[u64]) -> Result<Vec<Account>, StoreError>;
+    /// Deletes `user`'s account with what is kept for it alone (its inbox, blocks, last seen,
+    /// latest login, its lists of groups and invitations), in one step: from then on no
+    /// private append stores for it and no claim gives it a route. Its name is free again
+    /// (unless it was taken by someone else meanwhile). Its route, its groups' member sets
+    /// and their invitations are the caller's to end: it gets the groups and invitations
+    /// the lists held. `None` if there was no such account.
+    async fn delete_account(&self, user: u64) -> Result<Option<DeletedAccount>, StoreError>;
 
     /// Atomically claims `user`'s route for a new login. Without `force`, an existing route
     /// makes the claim fail with [`Claim::Busy`]; with it, the route is replaced. A claim that

@@ -34,9 +34,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::{
-    Account, Block, Claim, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage, Invite,
-    Join, MAX_INVITATIONS_LISTED, PrivateAppend, Relogin, Removal, Renewal, Revocation, Route,
-    Store, StoreError,
+    Account, Block, Claim, DeletedAccount, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits,
+    InboxPage, Invite, Join, MAX_INVITATIONS_LISTED, PrivateAppend, Relogin, Removal, Renewal,
+    Revocation, Route, Store, StoreError,
 };
 
 const NEXT_USER_ID: &str = "cim:next_user_id";
@@ -216,6 +216,24 @@ redis.call('HSET', KEYS[1], 'pw', ARGV[2])
 return 1
 ";
 
+/// Deletes an account and the keys kept for its user alone, in one step (all in the user's
+/// hash slot). KEYS: account, then the user's other keys (the groups and invitations lists
+/// 2nd and 3rd). Returns false if there is no account, else {name, groups, invitations}.
+const DELETE_ACCOUNT: &str = r"
+local name = redis.call('HGET', KEYS[1], 'name')
+if not name then return false end
+local groups = redis.call('SMEMBERS', KEYS[2])
+local invitations = redis.call('SMEMBERS', KEYS[3])
+redis.call('DEL', unpack(KEYS))
+return {name, groups, invitations}
+";
+
+/// Frees a name if it still names the user. KEYS: the name's key. ARGV: the user.
+const FREE_NAME: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+";
+
 /// Adds a user to a blocked set unless it holds the cap already. KEYS: the set. ARGV: user,
 /// cap. Returns 1 blocked, 2 blocked already, 0 at the cap.
 const BLOCK: &str = r"
@@ -362,7 +380,9 @@ fn readable_route(user: u64, value: Option<&[u8]>) -> Option<Route> {
 /// A won claim revokes, in the same step, the replaced route's session and that last login
 /// (unless either is the new session or ARGV[6], the re-login's own): `replaced`, for ARGV[4]
 /// ms, at ARGV[5] .. session (the user's revocation keys, in the route key's hash slot).
-/// A re-login's claim also gives KEYS[3], the revocation marker of the token's login, with
+/// KEYS[3] is the user's account: without one (deleted after its password or token was
+/// checked) the script returns {3, '', ''} and claims nothing.
+/// A re-login's claim also gives KEYS[4], the revocation marker of the token's login, with
 /// ARGV[7] its lifetime in ms and ARGV[8] the session of the route the router checked the
 /// token against ('' for none): it returns {2, '', ''} without claiming if the login has ended
 /// or the route's session differs, and otherwise ends the login in the same step (without
@@ -370,13 +390,14 @@ fn readable_route(user: u64, value: Option<&[u8]>) -> Option<Route> {
 /// the caller could not read (a damaged server id, say): held there, it does not block the
 /// claim either.
 const CLAIM: &str = r"
+if redis.call('EXISTS', KEYS[3]) == 0 then return {3, '', ''} end
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) == 'table' then cur = false end
-if KEYS[3] then
-  if redis.call('EXISTS', KEYS[3]) == 1 then return {2, '', ''} end
+if KEYS[4] then
+  if redis.call('EXISTS', KEYS[4]) == 1 then return {2, '', ''} end
   local session = cur and string.match(cur, '^(%d+)|[01]|') or ''
   if session ~= ARGV[8] then return {2, '', ''} end
-  redis.call('SET', KEYS[3], 'relogin', 'PX', ARGV[7])
+  redis.call('SET', KEYS[4], 'relogin', 'PX', ARGV[7])
 end
 if cur and ARGV[3] == '0' and cur ~= ARGV[9] and string.match(cur, '^%d+|[01]|') then
   return {0, cur, ''}
@@ -514,6 +535,8 @@ pub struct RedisStore {
     leave: Script,
     block: Script,
     set_password: Script,
+    delete_account: Script,
+    free_name: Script,
     claim_id_node: Script,
     renew_id_node: Script,
     release_id_node: Script,
@@ -757,6 +780,8 @@ impl RedisStore {
             leave: Script::new(LEAVE),
             block: Script::new(BLOCK),
             set_password: Script::new(SET_PASSWORD),
+            delete_account: Script::new(DELETE_ACCOUNT),
+            free_name: Script::new(FREE_NAME),
             claim_id_node: Script::new(CLAIM_ID_NODE),
             renew_id_node: Script::new(RENEW_ID_NODE),
             release_id_node: Script::new(RELEASE_ID_NODE),
@@ -873,6 +898,7 @@ impl RedisStore {
             let mut invocation = self.claim.key(route_key(user));
             invocation
                 .key(login_key(user))
+                .key(account_key(user))
                 .arg(encode_route(&route))
                 .arg(pending_lease.as_millis() as u64)
                 .arg(if force { "1" } else { "0" })
@@ -915,8 +941,10 @@ impl RedisStore {
             }
             break (won, previous, last_login);
         };
-        if won == 2 {
-            return Ok(Claim::Ended);
+        match won {
+            2 => return Ok(Claim::Ended),
+            3 => return Ok(Claim::NoAccount),
+            _ => {}
         }
         let previous = readable_route(user, (!previous.is_empty()).then_some(&previous[..]));
         if won == 0 {
@@ -1004,6 +1032,42 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(changed == 1)
+    }
+
+    async fn delete_account(&self, user: u64) -> Result<Option<DeletedAccount>, StoreError> {
+        let mut conn = self.conn();
+        let deleted: Option<(String, Vec<String>, Vec<String>)> = self
+            .delete_account
+            .key(account_key(user))
+            .key(user_groups_key(user))
+            .key(user_invites_key(user))
+            .key(seq_key(user))
+            .key(inbox_key(user))
+            .key(blocked_key(user))
+            .key(last_seen_key(user))
+            .key(login_key(user))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Some((name, mut groups, mut invitations)) = deleted else {
+            return Ok(None);
+        };
+        // Another slot: a second call. Should it not come, the name stays taken (it resolves
+        // to no account: no login, no lookup finds it).
+        let _: i64 = self
+            .free_name
+            .key(name_key(&name))
+            .arg(user)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        groups.sort();
+        invitations.sort();
+        Ok(Some(DeletedAccount {
+            name,
+            groups,
+            invitations,
+        }))
     }
 
     async fn account_by_name(&self, name: &str) -> Result<Option<Account>, StoreError> {
