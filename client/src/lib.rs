@@ -1288,7 +1288,10 @@ impl Client {
     }
 
     /// The id of the user named `name`, or `None` if there is no such user; asked of the router
-    /// once per name (up to [`MAX_USER_IDS_KEPT`] names), since names and ids never change.
+    /// once per name (up to [`MAX_USER_IDS_KEPT`] names), since a name keeps its id for as
+    /// long as its account lives. A deleted account's id is refused `unknown_user` wherever
+    /// it is used, and its name may come to another user: [`Client::forget_user_id`] then
+    /// makes the next call ask again.
     pub async fn user_id_of(&self, name: &str) -> Result<Option<u64>, ClientError> {
         let known = self.shared.user_ids().get(name).copied();
         if known.is_some() {
@@ -1303,6 +1306,11 @@ impl Client {
         }
         ids.insert(user.name, user.id);
         Ok(Some(user.id))
+    }
+
+    /// Forgets the id [`Client::user_id_of`] keeps for `name`.
+    pub fn forget_user_id(&self, name: &str) {
+        self.shared.user_ids().remove(name);
     }
 
     /// Blocks `user`: their private messages to us are refused from now on (they are told

@@ -509,6 +509,30 @@ async fn user_id(client: &Client, user: &UserRef) -> Option<(u64, String)> {
     }
 }
 
+/// Runs `act` with the id `user` names. A name's id is kept once looked up
+/// ([`Client::user_id_of`]); should `act` be refused `unknown_user` (that account was deleted,
+/// and its name may be someone else's now), the name is looked up afresh and, if it names
+/// another user, `act` runs once more (a refusal stored nothing). Returns the id used, how to
+/// show the user, and what `act` gave; `None` if the name names no one.
+async fn on_user<T, F: std::future::Future<Output = Result<T, ClientError>>>(
+    client: &Client,
+    user: &UserRef,
+    act: impl Fn(u64) -> F,
+) -> Option<(u64, String, Result<T, ClientError>)> {
+    let (id, shown) = user_id(client, user).await?;
+    let result = act(id).await;
+    if let (UserRef::Name(name), Err(e)) = (user, &result)
+        && e.code() == Some(cim_proto::UNKNOWN_USER)
+    {
+        client.forget_user_id(name);
+        let (new_id, shown) = user_id(client, user).await?;
+        if new_id != id {
+            return Some((new_id, shown, act(new_id).await));
+        }
+    }
+    Some((id, shown, result))
+}
+
 /// What the console says of a name no user has.
 fn no_such_name(name: &str) -> String {
     format!("no user is named {name} (names are as registered: case counts)")
@@ -568,10 +592,11 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
             sent(result, "", "no one else is online", history, &mine)
         }
         Command::Private { to, body } => {
-            let Some((id, to)) = user_id(client, &to).await else {
+            let body = &body;
+            let send = |id| paced(move || client.send_private(id, body));
+            let Some((_, to, result)) = on_user(client, &to, send).await else {
                 return false;
             };
-            let result = paced(|| client.send_private(id, &body)).await;
             let mine = format!("you to {to} (private): {}", console::printable(&body));
             sent(result, &format!(" to {to}"), "", history, &mine)
         }
@@ -600,13 +625,12 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
             client.create_invite_only_group(&group).await,
             &format!("created #{group} (invite-only: :invite {group} <user> lets users in)"),
         ),
-        Command::Invite { group, user } => match user_id(client, &user).await {
-            Some((id, user)) => report(
-                client.invite(&group, id).await,
-                &format!("invited {user} to #{group}"),
-            ),
-            None => false,
-        },
+        Command::Invite { group, user } => {
+            match on_user(client, &user, |id| client.invite(&group, id)).await {
+                Some((_, user, result)) => report(result, &format!("invited {user} to #{group}")),
+                None => false,
+            }
+        }
         Command::Remove { group, user } => match user_id(client, &user).await {
             Some((id, user)) => report(
                 client.remove_member(&group, id).await,
@@ -647,10 +671,10 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
             Err(e) => report(Err(e), ""),
         },
         Command::Block(user) => {
-            let Some((id, _)) = user_id(client, &user).await else {
+            let Some((id, _, result)) = on_user(client, &user, |id| client.block(id)).await else {
                 return false;
             };
-            match client.block(id).await {
+            match result {
                 Ok(reply) => {
                     let name = console::printable(&reply.name);
                     if reply.already_blocked {

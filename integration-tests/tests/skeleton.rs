@@ -782,6 +782,37 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     Ok(())
 }
 
+/// A console deletes its account with `:delete-account` and exits 0 without a logout. The
+/// name goes to a new account, and another console's `name;;text` reaches its new holder: the
+/// id that console kept for the name is refused `unknown_user`, and the name looked up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_deletes_its_account_and_its_name_moves_on() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let mut alice = console(&cluster, "alice")?;
+    alice.expect_line("logged in as alice").await?;
+    let mut bob = console(&cluster, "bob")?;
+    let bob_id = id_in(&bob.expect_line("logged in as bob").await?)?;
+    alice.send_line("bob;;first").await?;
+    bob.expect_line("(private): first").await?;
+
+    bob.send_line(":delete-account pw-1234").await?;
+    bob.expect_line("account deleted; bye").await?;
+    let status = tokio::time::timeout(WAIT, bob.child.wait()).await??;
+    assert!(status.success(), "{status}");
+
+    let mut new_bob = console(&cluster, "bob")?;
+    let new_id = id_in(&new_bob.expect_line("logged in as bob").await?)?;
+    assert_ne!(new_id, bob_id);
+    alice.send_line("bob;;second").await?;
+    let line = new_bob.expect_line("(private): second").await?;
+    assert!(line.contains("alice ("), "{line}");
+    new_bob.send_line(":q").await?;
+    new_bob.expect_line("bye").await?;
+    alice.send_line(":q").await?;
+    alice.expect_line("bye").await?;
+    Ok(())
+}
+
 /// The console prints what others send with control characters escaped (no forged lines, no
 /// terminal escapes), exits at once when its session is taken over (no Enter needed, status 2),
 /// and at the end of its input logs out like `:q` (status 0).
