@@ -1208,6 +1208,24 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
         .await?;
     let window = Duration::from_secs(60);
     assert_eq!(store.message_id(9, 1, 77, 600, window).await?, Some(555));
+    // A name left naming an account that is gone (a deletion that stopped before freeing it)
+    // is taken over by the next registration; one naming something else stays taken.
+    for (name, holder) in [("ghost", "99999"), ("odd", "not-an-id")] {
+        let _: () = redis::cmd("SET")
+            .arg(format!("cim:name:{name}"))
+            .arg(holder)
+            .query_async(&mut conn)
+            .await?;
+    }
+    let ghost = store.create_account("ghost", "hash").await?;
+    assert_eq!(
+        store.account_by_name("ghost").await?.map(|a| a.id),
+        Some(ghost.id)
+    );
+    assert!(matches!(
+        store.create_account("odd", "hash").await,
+        Err(cim_router::store::StoreError::NameTaken)
+    ));
     // A later last seen (another router's write that landed first) is not replaced by an
     // earlier one; a value cim cannot read is.
     let user = store.create_account("later", "hash").await?.id;

@@ -228,10 +228,16 @@ redis.call('DEL', unpack(KEYS))
 return {name, groups, invitations}
 ";
 
-/// Frees a name if it still names the user. KEYS: the name's key. ARGV: the user.
-const FREE_NAME: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 0
+/// Moves a name from one user to another (or frees it, for none) if it still names the
+/// first. KEYS: the name's key. ARGV: the user it names, the new one or ''. Returns 1 if moved.
+const MOVE_NAME: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return 1
 ";
 
 /// Adds a user to a blocked set unless it holds the cap already. KEYS: the set. ARGV: user,
@@ -536,7 +542,7 @@ pub struct RedisStore {
     block: Script,
     set_password: Script,
     delete_account: Script,
-    free_name: Script,
+    move_name: Script,
     claim_id_node: Script,
     renew_id_node: Script,
     release_id_node: Script,
@@ -723,6 +729,56 @@ impl RedisStore {
         Ok((outcome, conn))
     }
 
+    /// Gives `name` to the account `id`, unless another account has it: a name left naming
+    /// an account that is gone (a deletion that stopped before it freed the name) is taken
+    /// over. Returns whether `id` has it.
+    async fn claim_name(
+        &self,
+        conn: &mut ConnectionManager,
+        name: &str,
+        id: u64,
+    ) -> Result<bool, StoreError> {
+        // Twice: a name freed between the attempt and the read is tried again.
+        for _ in 0..2 {
+            let won: bool = conn.set_nx(name_key(name), id).await.map_err(unavailable)?;
+            if won {
+                return Ok(true);
+            }
+            let holder: Option<String> = conn.get(name_key(name)).await.map_err(unavailable)?;
+            let Some(holder) = holder else { continue };
+            let Ok(holder) = holder.parse::<u64>() else {
+                return Ok(false);
+            };
+            // Ids are never given again: an account gone stays gone.
+            if self.user_exists(holder).await? {
+                return Ok(false);
+            }
+            if self.move_name(conn, name, holder, Some(id)).await? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Moves `name` from `from` to `to` (or frees it, for `None`) if it still names `from`.
+    async fn move_name(
+        &self,
+        conn: &mut ConnectionManager,
+        name: &str,
+        from: u64,
+        to: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        let moved: i64 = self
+            .move_name
+            .key(name_key(name))
+            .arg(from)
+            .arg(to.map(|id| id.to_string()).unwrap_or_default())
+            .invoke_async(conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(moved == 1)
+    }
+
     /// A group's four keys: owner, members, invite-only flag, invitations.
     fn group_keys(name: &str) -> [String; 4] {
         [
@@ -781,7 +837,7 @@ impl RedisStore {
             block: Script::new(BLOCK),
             set_password: Script::new(SET_PASSWORD),
             delete_account: Script::new(DELETE_ACCOUNT),
-            free_name: Script::new(FREE_NAME),
+            move_name: Script::new(MOVE_NAME),
             claim_id_node: Script::new(CLAIM_ID_NODE),
             renew_id_node: Script::new(RENEW_ID_NODE),
             release_id_node: Script::new(RELEASE_ID_NODE),
@@ -1005,8 +1061,7 @@ impl Store for RedisStore {
             .hset_multiple(account_key(id), &[("name", name), ("pw", password_hash)])
             .await
             .map_err(unavailable)?;
-        let won: bool = conn.set_nx(name_key(name), id).await.map_err(unavailable)?;
-        if !won {
+        if !self.claim_name(&mut conn, name, id).await? {
             let _: () = conn.del(account_key(id)).await.map_err(unavailable)?;
             return Err(StoreError::NameTaken);
         }
@@ -1052,15 +1107,9 @@ impl Store for RedisStore {
         let Some((name, mut groups, mut invitations)) = deleted else {
             return Ok(None);
         };
-        // Another slot: a second call. Should it not come, the name stays taken (it resolves
-        // to no account: no login, no lookup finds it).
-        let _: i64 = self
-            .free_name
-            .key(name_key(&name))
-            .arg(user)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        // Another slot: a second call. Should it not come, the name names no account (no
+        // login or lookup finds it), and the next registration of the name takes it over.
+        self.move_name(&mut conn, &name, user, None).await?;
         groups.sort();
         invitations.sort();
         Ok(Some(DeletedAccount {
