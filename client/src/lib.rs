@@ -637,7 +637,8 @@ struct Shared {
     stats: std::sync::Mutex<Stats>,
     /// What the application was last told of each user's presence.
     known_presence: std::sync::Mutex<presence::KnownPresence>,
-    /// User ids found by name ([`Client::user_id_of`]): an account's name and id never change.
+    /// User ids found by name ([`Client::user_id_of`]): an account's name and id never change
+    /// while it lives (a deleted account's name may come to a new one).
     user_ids: std::sync::Mutex<HashMap<String, u64>>,
     stop: CancellationToken,
     /// Cancelled once the supervisor task has ended: no reconnect (and no re-login) is under
