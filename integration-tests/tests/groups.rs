@@ -984,3 +984,37 @@ async fn a_user_is_in_at_most_so_many_groups() -> anyhow::Result<()> {
     assert_eq!(groups, ["first", "third"]);
     Ok(())
 }
+
+/// A join or a group's creation that lands after its user's account was deleted (a session's
+/// in-band request that passed its checks before the deletion) is undone and refused
+/// `unknown_user`: no group keeps a member that is gone, who could even come to own it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_for_a_deleted_account_is_undone() -> anyhow::Result<()> {
+    let cluster = cluster(1).await?;
+    let (alice, _alice_events) = cluster.user("alice").await?;
+    let (bob, _bob_events) = cluster.user("bob").await?;
+    let (alice_id, bob_id) = (alice.info().user_id, bob.info().user_id);
+    bob.create_group("open").await?;
+    // The account goes from the store alone, as if the deletion ran between the checks of
+    // the requests below and their store calls; the session stays.
+    let store = &cluster.embedded.store;
+    store
+        .delete_account(alice_id, Duration::from_secs(60))
+        .await?
+        .context("deleted")?;
+    let refusal = |result: Result<(), cim_client::ClientError>| {
+        result.err().and_then(|e| e.code().map(str::to_string))
+    };
+    assert_eq!(
+        refusal(alice.join_group("open").await).as_deref(),
+        Some("unknown_user")
+    );
+    assert_eq!(store.group_members("open").await?, Some(vec![bob_id]));
+    assert_eq!(
+        refusal(alice.create_group("own").await).as_deref(),
+        Some("unknown_user")
+    );
+    assert_eq!(store.group_info("own").await?, None);
+    assert!(store.user_groups(alice_id).await?.is_empty());
+    Ok(())
+}

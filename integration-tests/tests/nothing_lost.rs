@@ -966,8 +966,12 @@ impl Store for PausingStore {
     async fn accounts_by_id(&self, ids: &[u64]) -> Result<Vec<Account>, StoreError> {
         self.inner.accounts_by_id(ids).await
     }
-    async fn delete_account(&self, user: u64) -> Result<Option<DeletedAccount>, StoreError> {
-        self.inner.delete_account(user).await
+    async fn delete_account(
+        &self,
+        user: u64,
+        revoke_for: Duration,
+    ) -> Result<Option<DeletedAccount>, StoreError> {
+        self.inner.delete_account(user, revoke_for).await
     }
     async fn claim_route(
         &self,

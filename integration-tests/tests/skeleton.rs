@@ -1284,21 +1284,28 @@ async fn a_deleted_account_leaves_its_groups_and_frees_its_name() -> anyhow::Res
         }
     };
     assert_eq!(heard, "still here?", "a wrong password deletes nothing");
+    // Over the API beside the client, which therefore hears of it only from its server.
     let token = alice.token();
-    alice.delete_account("password").await?;
+    let api = RouterApi::new(&config)?;
+    api.delete_account(&token, "password").await?;
 
-    // Alice's session ends, without a reconnect.
+    // Alice's session is ended by the router, and no reconnect follows.
     loop {
-        match tokio::time::timeout(WAIT, alice_events.next()).await? {
-            None => break,
-            Some(Event::Kicked(reason)) => {
+        match next_event(&mut alice_events, WAIT).await? {
+            Event::Kicked(reason) => {
                 assert_eq!(reason, "account deleted");
                 break;
             }
-            Some(Event::Presence { .. } | Event::GroupChange { .. }) => {}
-            Some(other) => anyhow::bail!("unexpected {other:?}"),
+            Event::Presence { .. } | Event::GroupChange { .. } => {}
+            other => anyhow::bail!("unexpected {other:?}"),
         }
     }
+    assert!(
+        tokio::time::timeout(WAIT, alice_events.next())
+            .await?
+            .is_none(),
+        "the events end"
+    );
     // Bob hears her leave the club, which is his now.
     let (mut left, mut owns) = (false, false);
     while !(left && owns) {
@@ -1332,6 +1339,12 @@ async fn a_deleted_account_leaves_its_groups_and_frees_its_name() -> anyhow::Res
         Some("unknown_user")
     );
     assert!(bob.find_user("alice").await?.is_none());
+    // Her invitation to the den was declined: a new one is stored afresh.
+    let store = &cluster.embedded.store;
+    let again = store
+        .invite("den", bob.info().user_id, alice_id, 100)
+        .await?;
+    assert_eq!(again, cim_router::store::Invite::Invited);
     let err = Client::login(
         &config,
         "alice",
@@ -1342,7 +1355,6 @@ async fn a_deleted_account_leaves_its_groups_and_frees_its_name() -> anyhow::Res
     .err()
     .context("a login of the deleted account")?;
     assert_eq!(err.code(), Some("invalid_credentials"), "{err}");
-    let api = RouterApi::new(&config)?;
     let err = api.blocked_users(&token).await.unwrap_err();
     assert!(
         matches!(err.code(), Some("unauthorized" | "session_ended")),

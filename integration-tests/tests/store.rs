@@ -310,8 +310,12 @@ async fn an_account_is_deleted_with_what_is_its_alone(store: &dyn Store) -> anyh
     assert!(store.confirm_route(leaver, 7, "server-1", lease).await?);
     assert!(store.release_route(leaver, 7, None).await?);
     assert!(store.last_seen(leaver).await?.is_some());
+    assert_eq!(store.revocation(leaver, 7).await?, None);
 
-    let deleted = store.delete_account(leaver).await?.context("deleted")?;
+    let deleted = store
+        .delete_account(leaver, REPLACED_FOR)
+        .await?
+        .context("deleted")?;
     assert_eq!(
         deleted,
         DeletedAccount {
@@ -320,7 +324,16 @@ async fn an_account_is_deleted_with_what_is_its_alone(store: &dyn Store) -> anyh
             invitations: vec!["hosts-club".into()],
         }
     );
-    assert_eq!(store.delete_account(leaver).await?, None, "deleted once");
+    assert_eq!(
+        store.delete_account(leaver, REPLACED_FOR).await?,
+        None,
+        "deleted once"
+    );
+    assert_eq!(
+        store.revocation(leaver, 7).await?,
+        Some(Revocation::LoggedOut),
+        "the latest login ends with the account, though its route was gone"
+    );
     assert!(store.account_by_name("leaver").await?.is_none());
     assert!(!store.user_exists(leaver).await?);
     assert!(store.accounts_by_id(&[leaver]).await?.is_empty());
@@ -357,7 +370,7 @@ async fn an_account_is_deleted_with_what_is_its_alone(store: &dyn Store) -> anyh
         Some(again.id)
     );
     // Deleting the other account leaves the name's new holder alone.
-    assert!(store.delete_account(host).await?.is_some());
+    assert!(store.delete_account(host, REPLACED_FOR).await?.is_some());
     assert_eq!(
         store.account_by_name("leaver").await?.map(|a| a.id),
         Some(again.id)
@@ -1403,7 +1416,11 @@ async fn an_unreadable_route_fails_no_renewal() -> anyhow::Result<()> {
         .get_multiplexed_async_connection()
         .await?;
     let route_key = |user: u64| format!("cim:{{u{user}}}:route");
-    let (ivan, jack, kate) = (8001, 8002, 8003);
+    let mut ids = Vec::new();
+    for name in ["ivan", "jack", "kate"] {
+        ids.push(store.create_account(name, "hash").await?.id);
+    }
+    let (ivan, jack, kate) = (ids[0], ids[1], ids[2]);
     let _: () = redis::cmd("SADD")
         .arg(route_key(ivan))
         .arg("a set, not a string")
@@ -1419,9 +1436,12 @@ async fn an_unreadable_route_fails_no_renewal() -> anyhow::Result<()> {
         session_id: 3,
         confirmed: false,
     };
-    store
-        .claim_route(kate, kate_route, lease, false, REPLACED_FOR)
-        .await?;
+    assert!(matches!(
+        store
+            .claim_route(kate, kate_route, lease, false, REPLACED_FOR)
+            .await?,
+        Claim::Won { .. }
+    ));
 
     assert!(!store.confirm_route(ivan, 1, "server-1", lease).await?);
     assert!(!store.release_route(ivan, 1, Some("server-1")).await?);

@@ -1013,10 +1013,13 @@ impl Service {
     /// [`Service::password_try`] says). Its login ends (its session is kicked: `account
     /// deleted`); it leaves its groups (each passed on or deleted as on any leave, the members
     /// told) and declines its invitations; then its account, inbox, blocks and last seen go in
-    /// one store step, after which no message is stored for it and no login claims a route
-    /// for it. Its name is free again; its id is never given again. Messages it sent stay
-    /// with their recipients. A deletion that fails part way has ended the login and left
-    /// some groups: a login and a deletion again finish it.
+    /// one store step, after which no message is stored for it, no login claims a route for
+    /// it and no login of it (one that raced the deletion included) calls the API. Its name
+    /// is free again; its id is never given again. Messages it sent stay with their
+    /// recipients. A deletion that fails before the store step has ended the login and left
+    /// some groups: a login and a deletion again finish it. Once the account is gone, the
+    /// deletion is done: what is left to tidy (a login that raced it, groups it joined
+    /// meanwhile) is tried and logged if it fails, since the user can no longer retry.
     pub async fn delete_account(
         &self,
         claims: &Claims,
@@ -1042,18 +1045,47 @@ impl Service {
         let groups = self.store.user_groups(user).await?;
         let invitations = self.store.user_invitations(user).await?;
         self.leave_all(user, groups, invitations).await?;
-        let Some(deleted) = self.store.delete_account(user).await? else {
+        let revoke_for = self.revocation_ttl(0);
+        let Some(deleted) = self.store.delete_account(user, revoke_for).await? else {
             // Another deletion of the user's came first.
             return Ok(());
         };
-        // A login whose password check came before the deletion may have claimed a route
-        // after the end above (none can from now on): it ends too, and the groups it joined
-        // meanwhile are left (without telling: the name is gone).
-        self.end_route(user).await?;
-        self.leave_all(user, deleted.groups, deleted.invitations)
-            .await?;
         tracing::info!(user, name = %deleted.name, "account deleted");
+        // A login whose password check came before the deletion may have claimed a route
+        // after the end above (the store step revoked it; no claim wins from now on): its
+        // session ends too, and the groups it joined meanwhile are left (without telling:
+        // the name is gone).
+        let tidy = async {
+            self.end_route(user).await?;
+            self.leave_all(user, deleted.groups, deleted.invitations)
+                .await
+        };
+        if let Err(e) = tidy.await {
+            tracing::warn!(user, error = %e, "deleted account not tidied");
+        }
         Ok(())
+    }
+
+    /// Undoes what `user` just got in group `name` (a membership, an invitation) if its
+    /// account was deleted meanwhile: a session's in-band request or an invitation can pass
+    /// its checks before the deletion and land after it, which would leave the group a
+    /// member (even an owner) that is gone. Refused `unknown_user` then.
+    async fn unless_deleted(
+        &self,
+        user: u64,
+        name: &str,
+        invited: bool,
+    ) -> Result<(), ServiceError> {
+        if self.store.user_exists(user).await? {
+            return Ok(());
+        }
+        if invited {
+            self.store.decline_invitation(name, user).await?;
+        } else {
+            self.store.leave_group(name, user).await?;
+        }
+        tracing::info!(user, group = name, "change for a deleted account undone");
+        Err(ServiceError::UnknownUser)
     }
 
     /// Ends the session holding `user`'s route, if any, as its account is deleted: its login
@@ -1709,6 +1741,7 @@ impl Service {
         if !self.store.create_group(name, user, invite_only).await? {
             return Err(ServiceError::GroupExists);
         }
+        self.unless_deleted(user, name, false).await?;
         tracing::info!(user, group = name, invite_only, "group created");
         Ok(())
     }
@@ -1723,6 +1756,7 @@ impl Service {
             .await?
         {
             Join::Joined => {
+                self.unless_deleted(user, name, false).await?;
                 self.announce_group_change(user, name, true, None).await;
                 Ok(())
             }
@@ -1761,6 +1795,7 @@ impl Service {
             .await?
         {
             Invite::Invited => {
+                self.unless_deleted(user, name, true).await?;
                 tracing::info!(owner, user, group = name, "invited");
                 self.announce_invitation(owner, name, user).await;
                 Ok(())

@@ -349,7 +349,11 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn delete_account(&self, user: u64) -> Result<Option<DeletedAccount>, StoreError> {
+    async fn delete_account(
+        &self,
+        user: u64,
+        revoke_for: Duration,
+    ) -> Result<Option<DeletedAccount>, StoreError> {
         let mut inner = self.inner();
         let Some(account) = inner.accounts.remove(&user) else {
             return Ok(None);
@@ -358,7 +362,10 @@ impl Store for MemoryStore {
             inner.by_name.remove(&account.name);
         }
         inner.inboxes.remove(&user);
-        inner.logins.remove(&user);
+        if let Some(last) = inner.logins.remove(&user) {
+            let why = Revocation::LoggedOut;
+            inner.revoke(user, last, revoke_for, why, Instant::now());
+        }
         inner.blocked.remove(&user);
         inner.last_seen.remove(&user);
         let groups = inner.memberships.remove(&user).unwrap_or_default();
@@ -1029,9 +1036,22 @@ mod tests {
         assert_eq!(store.account_by_name("bob").await.unwrap(), Some(b));
     }
 
+    /// A store with accounts 1 to `n` (only an account gets a route).
+    async fn with_accounts(n: u64) -> MemoryStore {
+        let store = MemoryStore::new();
+        for i in 1..=n {
+            let account = store
+                .create_account(&format!("user{i}"), "h")
+                .await
+                .unwrap();
+            assert_eq!(account.id, i);
+        }
+        store
+    }
+
     #[tokio::test]
     async fn second_claim_is_busy_unless_forced_and_stale_sessions_cannot_confirm() {
-        let store = MemoryStore::new();
+        let store = with_accounts(2).await;
         assert_eq!(
             store
                 .claim_route(1, route("s1", 10), LEASE, false, REPLACED_FOR)
@@ -1075,7 +1095,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn unconfirmed_claims_lapse() {
-        let store = MemoryStore::new();
+        let store = with_accounts(2).await;
         store
             .claim_route(
                 1,
@@ -1259,7 +1279,7 @@ mod tests {
 
     #[tokio::test]
     async fn removing_a_server_drops_its_routes_only() {
-        let store = MemoryStore::new();
+        let store = with_accounts(2).await;
         store
             .claim_route(1, route("s1", 10), LEASE, false, REPLACED_FOR)
             .await

@@ -372,12 +372,18 @@ pub trait Store: Send + Sync + 'static {
     /// Looks up accounts by id; missing ids are skipped.
     async fn accounts_by_id(&self, ids: &[u64]) -> Result<Vec<Account>, StoreError>;
     /// Deletes `user`'s account with what is kept for it alone (its inbox, blocks, last seen,
-    /// latest login, its lists of groups and invitations), in one step: from then on no
-    /// private append stores for it and no claim gives it a route. Its name is free again
-    /// (unless it was taken by someone else meanwhile). Its route, its groups' member sets
-    /// and their invitations are the caller's to end: it gets the groups and invitations
-    /// the lists held. `None` if there was no such account.
-    async fn delete_account(&self, user: u64) -> Result<Option<DeletedAccount>, StoreError>;
+    /// its lists of groups and invitations), in one step that also revokes its latest login
+    /// (as logged out, for `revoke_for`: a login that claimed its route before the step ends
+    /// with it, whatever became of its route): from then on no private append stores for
+    /// it, no claim gives it a route and no token of it calls the API or renews a route.
+    /// Its name is free again (unless it names someone else by then). Its route, its
+    /// groups' member sets and their invitations are the caller's to end: it gets the groups
+    /// and invitations the lists held. `None` if there was no such account.
+    async fn delete_account(
+        &self,
+        user: u64,
+        revoke_for: Duration,
+    ) -> Result<Option<DeletedAccount>, StoreError>;
 
     /// Atomically claims `user`'s route for a new login. Without `force`, an existing route
     /// makes the claim fail with [`Claim::Busy`]; with it, the route is replaced. A claim that

@@ -217,13 +217,19 @@ return 1
 ";
 
 /// Deletes an account and the keys kept for its user alone, in one step (all in the user's
-/// hash slot). KEYS: account, then the user's other keys (the groups and invitations lists
-/// 2nd and 3rd). Returns false if there is no account, else {name, groups, invitations}.
+/// hash slot), and revokes the user's latest login as logged out. KEYS: account, groups list,
+/// invitations list, latest login, then the user's other keys. ARGV: the user's revocation
+/// keys without the session (as for [`CLAIM`]), the revocation's lifetime in ms. Returns
+/// false if there is no account, else {name, groups, invitations}.
 const DELETE_ACCOUNT: &str = r"
 local name = redis.call('HGET', KEYS[1], 'name')
 if not name then return false end
 local groups = redis.call('SMEMBERS', KEYS[2])
 local invitations = redis.call('SMEMBERS', KEYS[3])
+local last = redis.pcall('GET', KEYS[4])
+if type(last) == 'string' and string.match(last, '^%d+$') then
+  redis.call('SET', ARGV[1] .. last, 'logout', 'PX', ARGV[2])
+end
 redis.call('DEL', unpack(KEYS))
 return {name, groups, invitations}
 ";
@@ -1089,27 +1095,36 @@ impl Store for RedisStore {
         Ok(changed == 1)
     }
 
-    async fn delete_account(&self, user: u64) -> Result<Option<DeletedAccount>, StoreError> {
+    async fn delete_account(
+        &self,
+        user: u64,
+        revoke_for: Duration,
+    ) -> Result<Option<DeletedAccount>, StoreError> {
         let mut conn = self.conn();
         let deleted: Option<(String, Vec<String>, Vec<String>)> = self
             .delete_account
             .key(account_key(user))
             .key(user_groups_key(user))
             .key(user_invites_key(user))
+            .key(login_key(user))
             .key(seq_key(user))
             .key(inbox_key(user))
             .key(blocked_key(user))
             .key(last_seen_key(user))
-            .key(login_key(user))
+            .arg(revoked_prefix(user))
+            .arg(revoke_for.as_millis() as u64)
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
         let Some((name, mut groups, mut invitations)) = deleted else {
             return Ok(None);
         };
-        // Another slot: a second call. Should it not come, the name names no account (no
-        // login or lookup finds it), and the next registration of the name takes it over.
-        self.move_name(&mut conn, &name, user, None).await?;
+        // Another slot: a second call. Should it fail, the name names no account (no login or
+        // lookup finds it), and the next registration of the name takes it over: the
+        // deletion stands.
+        if let Err(e) = self.move_name(&mut conn, &name, user, None).await {
+            tracing::warn!(user, error = %e, "deleted account's name not freed; its next registration takes it over");
+        }
         groups.sort();
         invitations.sort();
         Ok(Some(DeletedAccount {
