@@ -597,7 +597,7 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
             let Some((_, to, result)) = on_user(client, &to, send).await else {
                 return false;
             };
-            let mine = format!("you to {to} (private): {}", console::printable(&body));
+            let mine = format!("you to {to} (private): {}", console::printable(body));
             sent(result, &format!(" to {to}"), "", history, &mine)
         }
         Command::Group { group, body } => {
