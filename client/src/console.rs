@@ -88,6 +88,13 @@ pub enum Command {
         /// The user removed.
         user: UserRef,
     },
+    /// `:owner NAME USER`: the owner hands the group to a member (by id or name).
+    Owner {
+        /// Group name.
+        group: String,
+        /// The member who owns it from now on.
+        user: UserRef,
+    },
     /// `:join NAME`: join a group.
     Join(String),
     /// `:leave NAME`: leave a group.
@@ -143,6 +150,8 @@ commands:
                        invite a user to a group you own (their :join lets them in)
   :remove <group> <user>
                        remove a member from a group you own, or withdraw an invitation
+  :owner <group> <user>
+                       hand a group you own to one of its members (you stay a member)
   :members <group>     list a group's members, who is online and who owns it
   :groups              list your groups and the invitations waiting for you
   :block <user>        refuse a user's private messages and group invitations
@@ -206,11 +215,13 @@ pub fn parse(line: &str) -> Command {
             },
             "who" if is_valid_name(&arg) => Command::Who(arg),
             "who" => Command::Invalid(format!("use :who <name>: names are {NAME_RULE}")),
-            "create" | "join" | "leave" | "members" | "invite" | "remove" if arg.is_empty() => {
+            "create" | "join" | "leave" | "members" | "invite" | "remove" | "owner"
+                if arg.is_empty() =>
+            {
                 Command::Invalid(format!(":{verb} needs a group name"))
             }
             "create" => parse_create(&arg),
-            "invite" | "remove" => parse_member_change(&verb, &arg),
+            "invite" | "remove" | "owner" => parse_member_change(&verb, &arg),
             "join" | "leave" | "members" if arg.len() > MAX_NAME_LEN => {
                 Command::Invalid(no_such_group_name())
             }
@@ -288,10 +299,10 @@ fn parse_member_change(verb: &str, arg: &str) -> Command {
         ));
     };
     let group = group.to_string();
-    if verb == "invite" {
-        Command::Invite { group, user }
-    } else {
-        Command::Remove { group, user }
+    match verb {
+        "invite" => Command::Invite { group, user },
+        "owner" => Command::Owner { group, user },
+        _ => Command::Remove { group, user },
     }
 }
 
@@ -446,6 +457,15 @@ mod tests {
                 user: UserRef::Name("bob".into())
             }
         );
+        assert_eq!(
+            parse(":owner rust bob"),
+            Command::Owner {
+                group: "rust".into(),
+                user: UserRef::Name("bob".into())
+            }
+        );
+        assert!(matches!(parse(":owner rust"), Command::Invalid(_)));
+        assert!(matches!(parse(":owner"), Command::Invalid(_)));
         assert!(matches!(parse(":invite rust bo/b"), Command::Invalid(_)));
         assert!(matches!(parse(":invite rust"), Command::Invalid(_)));
         assert!(matches!(parse(":remove"), Command::Invalid(_)));

@@ -389,14 +389,17 @@ pub enum Event {
         by: Option<(u64, String)>,
     },
     /// We own a group now: its owner (`previous_owner_id`) left, and we are the member with
-    /// the lowest id. Best effort: told only if we are online then.
+    /// the lowest id, or (`handed_over`) it handed the group to us and stays a member. Best
+    /// effort: told only if we are online then.
     GroupOwner {
         /// The group.
         group: String,
-        /// The owner who left.
+        /// The owner before us.
         previous_owner_id: u64,
         /// Its name.
         previous_owner_name: String,
+        /// Whether it handed the group to us ([`Client::transfer_group`]) rather than left.
+        handed_over: bool,
     },
     /// A group's owner invited us: [`Client::join_group`] lets us in (an invite-only group
     /// lets in no one else). Best effort: told only if we are online then.
@@ -1167,6 +1170,14 @@ impl Client {
             .await
     }
 
+    /// Hands a group we own (refused `not_owner` otherwise) to `user`, one of its members
+    /// (`no_such_member` otherwise); we stay a member, and the invitations stay. They are told
+    /// if online.
+    pub async fn transfer_group(&self, group: &str, user: u64) -> Result<(), ClientError> {
+        self.member_change(group_request::Op::Transfer, group, user)
+            .await
+    }
+
     async fn member_change(
         &self,
         op: group_request::Op,
@@ -1184,7 +1195,7 @@ impl Client {
         // An older router answers an op it does not know as a listing of our groups.
         if !reply.done {
             return Err(ClientError::Protocol(
-                "the router is too old to invite or remove group members".into(),
+                "the router is too old for this group change".into(),
             ));
         }
         Ok(())
@@ -1884,7 +1895,7 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                         let _ = notice(&shared.events, event);
                     }
                     Some(server_control::Kind::GroupOwner(o)) => {
-                        let event = Event::GroupOwner { group: o.group, previous_owner_id: o.previous_owner_id, previous_owner_name: o.previous_owner_name };
+                        let event = Event::GroupOwner { group: o.group, previous_owner_id: o.previous_owner_id, previous_owner_name: o.previous_owner_name, handed_over: o.handed_over };
                         let _ = notice(&shared.events, event);
                     }
                     Some(server_control::Kind::GroupInvite(i)) => {

@@ -287,9 +287,14 @@ async fn chat(
                         }
                     }
                 }
-                Some(Event::GroupOwner { group, previous_owner_id, previous_owner_name }) => {
+                Some(Event::GroupOwner { group, previous_owner_id, previous_owner_name, handed_over }) => {
                     let group = console::printable(&group);
-                    println!("* you own #{group} now: {} ({previous_owner_id}) left it", console::printable(&previous_owner_name));
+                    let previous = format!("{} ({previous_owner_id})", console::printable(&previous_owner_name));
+                    if handed_over {
+                        println!("* you own #{group} now: {previous} handed it to you");
+                    } else {
+                        println!("* you own #{group} now: {previous} left it");
+                    }
                 }
                 Some(Event::GroupInvite { group, by_user_id, by_name }) => {
                     let group = console::printable(&group);
@@ -628,6 +633,14 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
         Command::Invite { group, user } => {
             match on_user(client, &user, |id| client.invite(&group, id)).await {
                 Some((_, user, result)) => report(result, &format!("invited {user} to #{group}")),
+                None => false,
+            }
+        }
+        Command::Owner { group, user } => {
+            match on_user(client, &user, |id| client.transfer_group(&group, id)).await {
+                Some((_, user, result)) => {
+                    report(result, &format!("#{group} is owned by {user} now"))
+                }
                 None => false,
             }
         }

@@ -35,7 +35,8 @@ pub fn group_request_cost(request: &GroupRequest) -> u32 {
             group_request::Op::Join
             | group_request::Op::Leave
             | group_request::Op::Invite
-            | group_request::Op::Remove,
+            | group_request::Op::Remove
+            | group_request::Op::Transfer,
         ) => MEMBERSHIP_CHANGE_COST,
         _ => 1,
     }

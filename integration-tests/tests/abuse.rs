@@ -867,6 +867,7 @@ async fn a_body_refused_unread_is_answered_by_its_own_route() -> anyhow::Result<
     for path in [
         "/api/groups",
         "/api/groups/club/invitations",
+        "/api/groups/club/owner",
         "/api/blocks",
         "/api/password",
         "/api/account/delete",
@@ -1256,6 +1257,7 @@ async fn malformed_json_and_wrong_types_get_clear_errors_on_every_endpoint() -> 
         "/api/messages",
         "/api/groups",
         "/api/groups/club/invitations",
+        "/api/groups/club/owner",
         "/api/blocks",
         "/api/password",
         "/api/account/delete",

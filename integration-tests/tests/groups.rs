@@ -438,8 +438,9 @@ enum Heard {
     Change(String, u64, bool, Option<u64>),
     /// An invitation: group, and the owner who made it.
     Invite(String, u64),
-    /// We own the group now: group, and the owner who left it.
-    Owner(String, u64),
+    /// We own the group now: group, the owner before us, and whether it handed the group to
+    /// us (rather than left).
+    Owner(String, u64, bool),
 }
 
 /// Notes what `event` tells of groups in `heard`, skips presence, and returns a message.
@@ -458,8 +459,9 @@ fn note_heard(event: Event, heard: &mut Vec<Heard>) -> Option<cim_client::Incomi
         Event::GroupOwner {
             group,
             previous_owner_id,
+            handed_over,
             ..
-        } => heard.push(Heard::Owner(group, previous_owner_id)),
+        } => heard.push(Heard::Owner(group, previous_owner_id, handed_over)),
         Event::Message(m) => return Some(m),
         _ => {}
     }
@@ -722,7 +724,7 @@ async fn an_owner_who_leaves_passes_the_group_on_and_the_heir_is_told() -> anyho
             invite(alice_id),
             change(carol_id, true),
             change(alice_id, false),
-            Heard::Owner("torch".to_string(), alice_id),
+            Heard::Owner("torch".to_string(), alice_id, false),
             change(dave_id, true),
         ]
     );
@@ -1016,5 +1018,93 @@ async fn a_change_for_a_deleted_account_is_undone() -> anyhow::Result<()> {
     );
     assert_eq!(store.group_info("own").await?, None);
     assert!(store.user_groups(alice_id).await?.is_empty());
+    Ok(())
+}
+
+/// An owner hands its group to a member, in-band or over HTTP, and stays a member without the
+/// owner's rights: the new owner is told and may invite and remove; a non-member or someone
+/// else's group is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_hands_its_group_to_a_member() -> anyhow::Result<()> {
+    let cluster = cluster(2).await?;
+    let [
+        (alice, mut alice_events),
+        (bob, mut bob_events),
+        (carol, mut carol_events),
+        (dave, _dave_events),
+    ] = four_users_on_two_servers(&cluster).await?;
+    let (alice_id, bob_id, carol_id, dave_id) = (
+        alice.info().user_id,
+        bob.info().user_id,
+        carol.info().user_id,
+        dave.info().user_id,
+    );
+    let refusal = |result: Result<(), cim_client::ClientError>| {
+        result.err().and_then(|e| e.code().map(str::to_string))
+    };
+    alice.create_group("relay").await?;
+    bob.join_group("relay").await?;
+    carol.join_group("relay").await?;
+    assert_eq!(
+        refusal(alice.transfer_group("relay", dave_id).await).as_deref(),
+        Some("no_such_member")
+    );
+    assert_eq!(
+        refusal(bob.transfer_group("relay", carol_id).await).as_deref(),
+        Some("not_owner")
+    );
+    alice.transfer_group("relay", bob_id).await?;
+    let owners: Vec<(u64, bool)> = carol
+        .group_members("relay")
+        .await?
+        .iter()
+        .map(|m| (m.id, m.owner))
+        .collect();
+    assert_eq!(owners.len(), 3);
+    assert!(owners.contains(&(alice_id, false)) && owners.contains(&(bob_id, true)));
+    assert_eq!(
+        refusal(alice.invite("relay", dave_id).await).as_deref(),
+        Some("not_owner"),
+        "the old owner has no rights left"
+    );
+    bob.invite("relay", dave_id).await?;
+    // Over HTTP, Bob hands it to Carol.
+    let api = cim_client::RouterApi::new(&cluster.client_config())?;
+    let body = serde_json::json!({ "user_id": carol_id });
+    let _: serde_json::Value = api
+        .call(
+            Method::POST,
+            "/api/groups/relay/owner",
+            Some(&body),
+            Some(&bob.token()),
+        )
+        .await?;
+    carol.remove_member("relay", alice_id).await?;
+
+    let change = |who, joined, by| Heard::Change("relay".to_string(), who, joined, by);
+    let bob_heard = heard_of_groups(&mut bob_events, Vec::new(), 3).await?;
+    assert_eq!(
+        bob_heard,
+        [
+            change(carol_id, true, None),
+            Heard::Owner("relay".to_string(), alice_id, true),
+            change(alice_id, false, Some(carol_id)),
+        ]
+    );
+    // Carol, who removed Alice, hears nothing of it.
+    let carol_heard = heard_of_groups(&mut carol_events, Vec::new(), 1).await?;
+    assert_eq!(
+        carol_heard,
+        [Heard::Owner("relay".to_string(), bob_id, true)]
+    );
+    let alice_heard = heard_of_groups(&mut alice_events, Vec::new(), 3).await?;
+    assert_eq!(
+        alice_heard,
+        [
+            change(bob_id, true, None),
+            change(carol_id, true, None),
+            change(alice_id, false, Some(carol_id)),
+        ]
+    );
     Ok(())
 }

@@ -29,7 +29,7 @@ use cim_proto::{read_required, write_frame};
 use cim_router::store::{
     Account, Block, Claim, DeletedAccount, GroupInfo, IdNode, InboxEntry, InboxLimits, InboxPage,
     Invite, Join, MemoryStore, PrivateAppend, Relogin, Removal, Renewal, Revocation, Route, Store,
-    StoreError,
+    StoreError, Transfer,
 };
 use tokio::sync::Notify;
 
@@ -1185,6 +1185,14 @@ impl Store for PausingStore {
         user: u64,
     ) -> Result<Removal, StoreError> {
         self.inner.remove_member(name, owner, user).await
+    }
+    async fn transfer_group(
+        &self,
+        name: &str,
+        owner: u64,
+        user: u64,
+    ) -> Result<Transfer, StoreError> {
+        self.inner.transfer_group(name, owner, user).await
     }
     async fn decline_invitation(&self, name: &str, user: u64) -> Result<bool, StoreError> {
         self.inner.decline_invitation(name, user).await

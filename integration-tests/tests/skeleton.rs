@@ -782,18 +782,33 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     Ok(())
 }
 
-/// A console deletes its account with `:delete-account` and exits 0 without a logout. The
-/// name goes to a new account, and another console's `name;;text` reaches its new holder: the
-/// id that console kept for the name is refused `unknown_user`, and the name looked up again.
+/// A console hands its group to another member with `:owner`, then deletes its account with
+/// `:delete-account` and exits 0 without a logout. The name goes to a new account, and another
+/// console's `name;;text` reaches its new holder: the id that console kept for the name is
+/// refused `unknown_user`, and the name looked up again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_console_deletes_its_account_and_its_name_moves_on() -> anyhow::Result<()> {
+async fn a_console_hands_its_group_on_deletes_its_account_and_its_name_moves_on()
+-> anyhow::Result<()> {
     let cluster = TestCluster::start(1).await?;
     let mut alice = console(&cluster, "alice")?;
-    alice.expect_line("logged in as alice").await?;
+    let alice_id = id_in(&alice.expect_line("logged in as alice").await?)?;
     let mut bob = console(&cluster, "bob")?;
     let bob_id = id_in(&bob.expect_line("logged in as bob").await?)?;
     alice.send_line("bob;;first").await?;
     bob.expect_line("(private): first").await?;
+
+    bob.send_line(":create den").await?;
+    bob.expect_line("created #den").await?;
+    alice.send_line(":join den").await?;
+    alice.expect_line("joined #den").await?;
+    bob.send_line(":owner den alice").await?;
+    bob.expect_line(&format!("#den is owned by alice ({alice_id}) now"))
+        .await?;
+    alice
+        .expect_line(&format!(
+            "* you own #den now: bob ({bob_id}) handed it to you"
+        ))
+        .await?;
 
     bob.send_line(":delete-account pw-1234").await?;
     bob.expect_line("account deleted; bye").await?;
@@ -806,6 +821,11 @@ async fn a_console_deletes_its_account_and_its_name_moves_on() -> anyhow::Result
     alice.send_line("bob;;second").await?;
     let line = new_bob.expect_line("(private): second").await?;
     assert!(line.contains("alice ("), "{line}");
+    alice.send_line(":members den").await?;
+    alice.expect_line("#den members (1):").await?;
+    alice
+        .expect_line(&format!("{alice_id} alice online (owner)"))
+        .await?;
     new_bob.send_line(":q").await?;
     new_bob.expect_line("bye").await?;
     alice.send_line(":q").await?;

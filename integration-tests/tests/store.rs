@@ -21,7 +21,7 @@ use cim_integration_tests::cluster::RedisProc;
 use cim_router::store::{
     Block, Claim, DeletedAccount, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, Invite,
     Join, MemoryStore, PrivateAppend, RedisStore, Relogin, Removal, Renewal, Revocation, Route,
-    Store,
+    Store, Transfer,
 };
 
 /// How long the logins a claim replaces stay revoked, in these tests.
@@ -274,6 +274,62 @@ async fn blocks_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
         "after the unblock the same message is stored"
     );
     assert!(store.blocked_users(blocker).await?.is_empty());
+    Ok(())
+}
+
+/// A group's owner hands it to a member (never to a non-member), and stays a member without
+/// its rights; the invitations stay.
+async fn a_group_is_handed_over_to_a_member(store: &dyn Store) -> anyhow::Result<()> {
+    let (giver, taker, outsider) = (9101, 9102, 9103);
+    assert!(store.create_group("handed", giver, true).await?);
+    assert_eq!(
+        store.invite("handed", giver, taker, 10).await?,
+        Invite::Invited
+    );
+    assert_eq!(store.join_group("handed", taker, 10).await?, Join::Joined);
+    assert_eq!(
+        store.invite("handed", giver, outsider, 10).await?,
+        Invite::Invited
+    );
+    assert_eq!(
+        store.transfer_group("handed", taker, taker).await?,
+        Transfer::NotOwner
+    );
+    assert_eq!(
+        store.transfer_group("handed", giver, outsider).await?,
+        Transfer::NotMember,
+        "an invited user is no member yet"
+    );
+    assert_eq!(
+        store.transfer_group("nowhere", giver, taker).await?,
+        Transfer::NoGroup
+    );
+    assert_eq!(
+        store.transfer_group("handed", giver, taker).await?,
+        Transfer::Transferred
+    );
+    assert_eq!(
+        store.group_info("handed").await?.map(|g| g.owner),
+        Some(taker)
+    );
+    assert_eq!(
+        store.group_members("handed").await?,
+        Some(vec![giver, taker])
+    );
+    assert_eq!(
+        store.transfer_group("handed", giver, giver).await?,
+        Transfer::NotOwner,
+        "the old owner has no rights left"
+    );
+    assert_eq!(
+        store.remove_member("handed", giver, taker).await?,
+        Removal::NotOwner
+    );
+    // The invitation stays, and the new owner may withdraw it.
+    assert_eq!(
+        store.remove_member("handed", taker, outsider).await?,
+        Removal::Uninvited
+    );
     Ok(())
 }
 
@@ -1186,6 +1242,7 @@ async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     last_seen_follows_route_changes(&store).await?;
     a_password_hash_is_replaced_once(&store).await?;
     an_account_is_deleted_with_what_is_its_alone(&store).await?;
+    a_group_is_handed_over_to_a_member(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 
@@ -1207,6 +1264,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     last_seen_follows_route_changes(&store).await?;
     a_password_hash_is_replaced_once(&store).await?;
     an_account_is_deleted_with_what_is_its_alone(&store).await?;
+    a_group_is_handed_over_to_a_member(&store).await?;
     a_departed_owner_of_an_older_group_is_no_owner(&store, &redis.url()).await?;
     message_ids_are_recorded_once(&store).await?;
     // A record an older router wrote (a bare id, no fingerprint) is taken as the same

@@ -15,6 +15,7 @@
 //! | POST | /api/groups | bearer | `{name, invite_only?}` | 201 `{name}` |
 //! | POST | /api/groups/NAME/join, /leave | bearer | - | 200 `{}`; counts 10 against the limit below (told to the other online members of a group of at most 100; a leave declines a waiting invitation); 403 `invite_only` |
 //! | POST | /api/groups/NAME/invitations | bearer (the owner) | `{user_id}` | 200 `{}`: invites the user (told to them if online; their join lets them in); 403 `not_owner`, `blocked`; 404 `unknown_group`, `unknown_user`; 409 `too_many_invitations`; counts 10 |
+//! | POST | /api/groups/NAME/owner | bearer (the owner) | `{user_id}` | 200 `{}`: hands the group to that member (told if online), the caller staying a member; 403 `not_owner`; 404 `unknown_group`, `no_such_member`; counts 10 |
 //! | DELETE | /api/groups/NAME/members/ID | bearer (the owner) | - | 200 `{}`: removes the member (told to them and to the group) or withdraws their invitation; removing yourself is leaving; 403 `not_owner`; 404 `unknown_group`, `no_such_member`; counts 10 |
 //! | GET | /api/groups/NAME/members | bearer | - | 200 `{members: [{id, name, online, owner}]}` |
 //! | GET | /api/groups | bearer | - | 200 `{groups: [...], invitations: [...]}` (the groups whose invitations wait for the caller) |
@@ -569,6 +570,28 @@ pub fn routes(
                 respond_api(result.await)
             },
         );
+    let transfer = warp::path!("api" / "groups" / String / "owner")
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(bearer())
+        .and(json_body::<InviteRequest>())
+        .then(
+            |name: String,
+             service: Arc<Service>,
+             auth: Result<String, ApiError>,
+             req: Result<InviteRequest, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth).await?;
+                    let req = req?;
+                    membership_change(&service, &claims)?;
+                    service
+                        .transfer_group(claims.user_id, &name, req.user_id)
+                        .await?;
+                    Ok::<_, ApiError>(warp::reply::json(&serde_json::json!({})))
+                };
+                respond_api(result.await)
+            },
+        );
     let remove_member = warp::path!("api" / "groups" / String / "members" / u64)
         .and(warp::delete())
         .and(with_service.clone())
@@ -784,7 +807,7 @@ pub fn routes(
     // Each route is boxed before they are combined: the nested type of fourteen `or`s of
     // unboxed filters took rustc over a minute and a half to check (coherence and auto traits),
     // three times per test run. A boxed filter costs one dynamic call per route tried.
-    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 22] = [
+    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 23] = [
         register.boxed(),
         login.boxed(),
         relogin.boxed(),
@@ -796,6 +819,7 @@ pub fn routes(
         send.boxed(),
         create_group.boxed(),
         invite.boxed(),
+        transfer.boxed(),
         remove_member.boxed(),
         group_action.boxed(),
         group_members.boxed(),

@@ -831,6 +831,13 @@ async fn group_command(
                 done: true,
                 ..Default::default()
             }),
+        group_request::Op::Transfer => service
+            .transfer_group(user, name, request.user_id)
+            .await
+            .map(|()| GroupResult {
+                done: true,
+                ..Default::default()
+            }),
         group_request::Op::Members => {
             service
                 .group_members(user, name)

@@ -29,7 +29,7 @@ use crate::presence::PresenceQueue;
 use crate::select::Selector;
 use crate::store::{
     Account, Block, Claim, InboxEntry, Invite, Join, MAX_BLOCKED, MAX_INVITATIONS_LISTED,
-    PrivateAppend, Relogin, Removal, Revocation, Route, Store, StoreError,
+    PrivateAppend, Relogin, Removal, Revocation, Route, Store, StoreError, Transfer,
 };
 
 /// Errors kept for the admin page.
@@ -1833,6 +1833,27 @@ impl Service {
         }
     }
 
+    /// `owner` hands a group it owns to `user`, one of its members, and stays a member; the
+    /// invitations stay. `user` is told if online. Handing it to oneself changes nothing.
+    pub async fn transfer_group(
+        &self,
+        owner: u64,
+        name: &str,
+        user: u64,
+    ) -> Result<(), ServiceError> {
+        match self.store.transfer_group(name, owner, user).await? {
+            Transfer::Transferred if user == owner => Ok(()),
+            Transfer::Transferred => {
+                tracing::info!(owner, user, group = name, "group handed over");
+                self.announce_new_owner(owner, name, Some(user)).await;
+                Ok(())
+            }
+            Transfer::NotMember => Err(ServiceError::NoSuchMember),
+            Transfer::NotOwner => Err(ServiceError::NotOwner),
+            Transfer::NoGroup => Err(ServiceError::UnknownGroup),
+        }
+    }
+
     /// Refuses to put `user` in one more group than `max_groups_per_user` (joining one it is
     /// in already is fine): each of a user's groups is read at every login and logout of
     /// theirs, to tell its members. Checked before the store call, so joins at once may pass
@@ -1857,7 +1878,7 @@ impl Service {
         if self.store.leave_group(name, user).await? {
             self.announce_group_change(user, name, false, None).await;
             if owned {
-                self.announce_new_owner(user, name).await;
+                self.announce_new_owner(user, name, None).await;
             }
             Ok(())
         } else if self.store.decline_invitation(name, user).await? {
@@ -2096,22 +2117,28 @@ impl Service {
         self.notify_online(&told, Notice::GroupChange(change)).await
     }
 
-    /// Tells the member a group passed to, if online, that it owns the group now (its owner,
-    /// `previous`, left). Best effort, as group changes: waits at most [`GROUP_CHANGE_WAIT`].
-    async fn announce_new_owner(&self, previous: u64, group: &str) {
+    /// Tells the member a group passed to, if online, that it owns the group now: `handed_to`,
+    /// to whom its owner, `previous`, handed it, or else the heir of `previous`, who left.
+    /// Best effort, as group changes: waits at most [`GROUP_CHANGE_WAIT`].
+    async fn announce_new_owner(&self, previous: u64, group: &str, handed_to: Option<u64>) {
         let announce = async {
-            // A group whose last member left has no one to tell.
-            let Some(info) = self.store.group_info(group).await? else {
-                return Ok(());
+            let new_owner = match handed_to {
+                Some(user) => user,
+                // A group whose last member left has no one to tell.
+                None => match self.store.group_info(group).await? {
+                    Some(info) => info.owner,
+                    None => return Ok(()),
+                },
             };
             let previous_owner_name = self.user_name(previous).await?.unwrap_or_default();
             let owner = GroupOwner {
                 group: group.to_string(),
                 previous_owner_id: previous,
                 previous_owner_name,
+                handed_over: handed_to.is_some(),
             };
             let notice = Notice::Control(server_control::Kind::GroupOwner(owner));
-            self.notify_online(&[info.owner], notice).await
+            self.notify_online(&[new_owner], notice).await
         };
         within_group_change_wait("new owner", previous, group, announce).await;
     }

@@ -12,7 +12,7 @@ use super::expiring::{ExpiringMap, Weight};
 use super::{
     Account, Block, Claim, DeletedAccount, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits,
     InboxPage, Invite, Join, MAX_INVITATIONS_LISTED, PrivateAppend, Relogin, Removal, Renewal,
-    Revocation, Route, Store, StoreError,
+    Revocation, Route, Store, StoreError, Transfer,
 };
 
 /// Most idempotency records kept; beyond this the oldest are forgotten early (about 100 MB at
@@ -737,6 +737,26 @@ impl Store for MemoryStore {
                 .insert(name.to_string());
             Invite::Invited
         })
+    }
+
+    async fn transfer_group(
+        &self,
+        name: &str,
+        owner: u64,
+        user: u64,
+    ) -> Result<Transfer, StoreError> {
+        let mut inner = self.inner();
+        let Some(group) = inner.groups.get_mut(name) else {
+            return Ok(Transfer::NoGroup);
+        };
+        if !group.owned_by(owner) {
+            return Ok(Transfer::NotOwner);
+        }
+        if !group.members.contains(&user) {
+            return Ok(Transfer::NotMember);
+        }
+        group.owner = user;
+        Ok(Transfer::Transferred)
     }
 
     async fn remove_member(

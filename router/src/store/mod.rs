@@ -261,6 +261,19 @@ pub enum Claim {
     NoAccount,
 }
 
+/// Outcome of [`Store::transfer_group`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transfer {
+    /// The user owns the group now.
+    Transferred,
+    /// The user is not a member.
+    NotMember,
+    /// The caller does not own the group.
+    NotOwner,
+    /// No such group.
+    NoGroup,
+}
+
 /// What [`Store::delete_account`] deleted, for the caller to finish with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeletedAccount {
@@ -545,6 +558,14 @@ pub trait Store: Send + Sync + 'static {
         user: u64,
         cap: usize,
     ) -> Result<Invite, StoreError>;
+    /// `owner` hands group `name` to `user`, one of its members (itself: nothing changes);
+    /// `owner` stays a member, and the invitations stay.
+    async fn transfer_group(
+        &self,
+        name: &str,
+        owner: u64,
+        user: u64,
+    ) -> Result<Transfer, StoreError>;
     /// `owner` removes `user` (another member: an owner leaves) from `name`, and withdraws
     /// an invitation of theirs.
     async fn remove_member(&self, name: &str, owner: u64, user: u64)

@@ -36,7 +36,7 @@ use redis::{AsyncCommands, Script};
 use super::{
     Account, Block, Claim, DeletedAccount, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits,
     InboxPage, Invite, Join, MAX_INVITATIONS_LISTED, PrivateAppend, Relogin, Removal, Renewal,
-    Revocation, Route, Store, StoreError,
+    Revocation, Route, Store, StoreError, Transfer,
 };
 
 const NEXT_USER_ID: &str = "cim:next_user_id";
@@ -205,6 +205,21 @@ local uninvited = redis.call('SREM', KEYS[4], ARGV[2])
 if redis.call('SREM', KEYS[2], ARGV[2]) == 1 then return 1 end
 if uninvited == 1 then return 4 end
 return 2
+"
+);
+
+/// The owner hands the group to another member. KEYS: the group's four. ARGV: owner, user.
+/// Returns 1 handed over (or the user is the owner), 2 the user is no member, 3 not the
+/// owner, 0 no such group.
+const TRANSFER: &str = concat!(
+    owner_function!(),
+    r"
+local owns = owned()
+if owns == nil then return 0 end
+if not owns then return 3 end
+if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 0 then return 2 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
 "
 );
 
@@ -548,6 +563,7 @@ pub struct RedisStore {
     block: Script,
     set_password: Script,
     delete_account: Script,
+    transfer: Script,
     move_name: Script,
     claim_id_node: Script,
     renew_id_node: Script,
@@ -843,6 +859,7 @@ impl RedisStore {
             block: Script::new(BLOCK),
             set_password: Script::new(SET_PASSWORD),
             delete_account: Script::new(DELETE_ACCOUNT),
+            transfer: Script::new(TRANSFER),
             move_name: Script::new(MOVE_NAME),
             claim_id_node: Script::new(CLAIM_ID_NODE),
             renew_id_node: Script::new(RENEW_ID_NODE),
@@ -1702,6 +1719,24 @@ impl Store for RedisStore {
                 .map_err(unavailable)?;
         }
         Ok(invite)
+    }
+
+    async fn transfer_group(
+        &self,
+        name: &str,
+        owner: u64,
+        user: u64,
+    ) -> Result<Transfer, StoreError> {
+        let args = [owner.to_string(), user.to_string()];
+        let (outcome, _) = self
+            .group_script(&self.transfer, Self::group_keys(name), &args)
+            .await?;
+        Ok(match outcome {
+            1 => Transfer::Transferred,
+            2 => Transfer::NotMember,
+            3 => Transfer::NotOwner,
+            _ => Transfer::NoGroup,
+        })
     }
 
     async fn remove_member(
