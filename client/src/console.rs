@@ -283,7 +283,7 @@ fn parse_create(arg: &str) -> Command {
     }
 }
 
-/// `:invite NAME USER` and `:remove NAME USER`.
+/// `:invite NAME USER`, `:remove NAME USER` and `:owner NAME USER`.
 fn parse_member_change(verb: &str, arg: &str) -> Command {
     let words: Vec<&str> = arg.split_whitespace().collect();
     let [group, user] = words[..] else {

@@ -1171,8 +1171,9 @@ impl Client {
     }
 
     /// Hands a group we own (refused `not_owner` otherwise) to `user`, one of its members
-    /// (`no_such_member` otherwise); we stay a member, and the invitations stay. They are told
-    /// if online.
+    /// (`no_such_member` otherwise, `unknown_user` for an account that is gone); we stay a
+    /// member, and the group's waiting invitations are void, as when an owner leaves. They
+    /// are told if online.
     pub async fn transfer_group(&self, group: &str, user: u64) -> Result<(), ClientError> {
         self.member_change(group_request::Op::Transfer, group, user)
             .await

@@ -22,9 +22,10 @@ pub fn send_cost(message: &ChatMessage) -> u32 {
     }
 }
 
-/// What joining or leaving a group costs against the requester's rate (on a server or over
-/// HTTP): the change is told to up to 100 other members, so at a server's default 200 a
-/// second a session changes its groups at most 20 times a second.
+/// What joining or leaving a group (or an owner's invitation, removal or handover) costs
+/// against the requester's rate (on a server or over HTTP): the change is told to up to 100
+/// other members, so at a server's default 200 a second a session changes its groups at
+/// most 20 times a second.
 pub const MEMBERSHIP_CHANGE_COST: u32 = 10;
 
 /// What a group request costs: [`MEMBERSHIP_CHANGE_COST`] for a change of members (a join,
@@ -201,6 +202,7 @@ mod tests {
             group_request::Op::Leave,
             group_request::Op::Invite,
             group_request::Op::Remove,
+            group_request::Op::Transfer,
         ] {
             assert_eq!(cost(op), MEMBERSHIP_CHANGE_COST, "{op:?}");
         }

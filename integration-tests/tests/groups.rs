@@ -989,7 +989,8 @@ async fn a_user_is_in_at_most_so_many_groups() -> anyhow::Result<()> {
 
 /// A join or a group's creation that lands after its user's account was deleted (a session's
 /// in-band request that passed its checks before the deletion) is undone and refused
-/// `unknown_user`: no group keeps a member that is gone, who could even come to own it.
+/// `unknown_user`: no group keeps a member that is gone, who could even come to own it; nor
+/// is a group handed to a member whose account is gone (its clean-up not done).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_for_a_deleted_account_is_undone() -> anyhow::Result<()> {
     let cluster = cluster(1).await?;
@@ -997,6 +998,8 @@ async fn a_change_for_a_deleted_account_is_undone() -> anyhow::Result<()> {
     let (bob, _bob_events) = cluster.user("bob").await?;
     let (alice_id, bob_id) = (alice.info().user_id, bob.info().user_id);
     bob.create_group("open").await?;
+    bob.create_group("kept").await?;
+    alice.join_group("kept").await?;
     // The account goes from the store alone, as if the deletion ran between the checks of
     // the requests below and their store calls; the session stays.
     let store = &cluster.embedded.store;
@@ -1018,6 +1021,14 @@ async fn a_change_for_a_deleted_account_is_undone() -> anyhow::Result<()> {
     );
     assert_eq!(store.group_info("own").await?, None);
     assert!(store.user_groups(alice_id).await?.is_empty());
+    assert_eq!(
+        refusal(bob.transfer_group("kept", alice_id).await).as_deref(),
+        Some("unknown_user")
+    );
+    assert_eq!(
+        store.group_info("kept").await?.map(|g| g.owner),
+        Some(bob_id)
+    );
     Ok(())
 }
 

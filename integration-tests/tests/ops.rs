@@ -1,6 +1,7 @@
 //! Operations: configuration is validated with errors naming the option, the example
 //! configuration files work, the admin page renders the live cluster in a real headless
-//! Chromium, and a server's plain-HTTP ops endpoint answers and bounds what a peer holds.
+//! Chromium, an operator deletes an account with the admin token, and a server's plain-HTTP
+//! ops endpoint answers and bounds what a peer holds.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,9 +10,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
-use cim_client::{Client, LoginOptions};
+use cim_client::{Client, Event, LoginOptions};
 use cim_integration_tests::cluster::ProcCluster;
-use cim_integration_tests::{Proc, TestCluster, WAIT, bin_path, eventually, metric_value};
+use cim_integration_tests::{
+    Proc, TestCluster, WAIT, bin_path, eventually, metric_value, next_event,
+};
 use http::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -160,6 +163,67 @@ async fn the_admin_page_shows_the_live_cluster_in_a_real_browser() -> anyhow::Re
         "the refused login is not listed:\n{dom}"
     );
     assert!(dom.contains(r#"<span id="online-count">2</span>"#), "{dom}");
+    Ok(())
+}
+
+/// An operator deletes an account through the admin API, with the admin token and nothing
+/// else: its session is kicked, it can no longer log in, and messages to it are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_deletes_an_account_with_the_admin_token() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let config = cluster.client_config();
+    let (alice, mut alice_events) = cluster.user("alice").await?;
+    let (bob, _bob_events) = cluster.user("bob").await?;
+    let alice_id = alice.info().user_id;
+    let api = cim_client::RouterApi::new(&config)?;
+    let delete = |path: String, token: Option<String>| {
+        let api = &api;
+        async move {
+            let (status, body) = api
+                .raw(Method::POST, &path, Default::default(), token.as_deref())
+                .await?;
+            let json: serde_json::Value = serde_json::from_slice(&body)?;
+            anyhow::Ok((status.as_u16(), json))
+        }
+    };
+    let path = "/admin/api/users/alice/delete".to_string();
+    for (path, token) in [
+        (path.clone(), None),
+        (format!("{path}?token=nope"), None),
+        // A user's token is no admin token.
+        (path.clone(), Some(bob.token())),
+    ] {
+        let (status, json) = delete(path.clone(), token).await?;
+        assert_eq!(
+            (status, &json["code"]),
+            (401, &"unauthorized".into()),
+            "{path}"
+        );
+    }
+    let admin = "?token=test-admin-token";
+    let (status, json) = delete(format!("/admin/api/users/nobody/delete{admin}"), None).await?;
+    assert_eq!((status, &json["code"]), (404, &"unknown_user".into()));
+
+    let (status, json) = delete(format!("{path}{admin}"), None).await?;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["id"], alice_id);
+    loop {
+        match next_event(&mut alice_events, WAIT).await? {
+            Event::Kicked(reason) => {
+                assert_eq!(reason, "account deleted");
+                break;
+            }
+            Event::Presence { .. } => {}
+            other => anyhow::bail!("unexpected {other:?}"),
+        }
+    }
+    let err = Client::login(&config, "alice", "password", LoginOptions::default())
+        .await
+        .err()
+        .context("a login of the deleted account")?;
+    assert_eq!(err.code(), Some("invalid_credentials"), "{err}");
+    let err = bob.send_private(alice_id, "hello?").await.unwrap_err();
+    assert_eq!(err.code(), Some("unknown_user"), "{err}");
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! The admin page: servers with their connections and message rates, online users and recent
-//! errors, refreshed every second. Behind the admin token (`--admin-token`), given as
+//! errors, refreshed every second; and an operator's deletion of an account
+//! (`POST /admin/api/users/NAME/delete`). Behind the admin token (`--admin-token`), given as
 //! `?token=` or `Authorization: Bearer`. Off when no token is configured.
 
 use std::sync::Arc;
@@ -9,7 +10,8 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::service::Service;
+use crate::api::ApiError;
+use crate::service::{Service, ServiceError};
 
 #[derive(Serialize)]
 struct ServerRow {
@@ -113,7 +115,7 @@ pub fn routes(
     );
     let state = warp::path!("admin" / "api" / "state")
         .and(warp::get())
-        .and(auth)
+        .and(auth.clone())
         .then(
             |service: Arc<Service>, q: TokenQuery, h: Option<String>| async move {
                 if !authorized(&service, &q, h.as_deref()) {
@@ -166,7 +168,30 @@ pub fn routes(
                 warp::reply::json(&state).into_response()
             },
         );
-    page.or(state).unify()
+    let delete_user = warp::path!("admin" / "api" / "users" / String / "delete")
+        .and(warp::post())
+        .and(auth)
+        .then(
+            |name: String, service: Arc<Service>, q: TokenQuery, h: Option<String>| async move {
+                if !authorized(&service, &q, h.as_deref()) {
+                    return denied(&service);
+                }
+                // On a task of its own: a client that hangs up does not stop a deletion half
+                // way.
+                let deletion = tokio::spawn({
+                    let service = service.clone();
+                    let name = name.clone();
+                    async move { service.delete_user_named(&name).await }
+                });
+                match deletion.await {
+                    Ok(Ok(id)) => warp::reply::json(&serde_json::json!({"id": id, "name": name}))
+                        .into_response(),
+                    Ok(Err(e)) => ApiError::from(e).into_response(),
+                    Err(e) => ApiError::from(ServiceError::Internal(e.to_string())).into_response(),
+                }
+            },
+        );
+    page.or(state).unify().or(delete_user).unify()
 }
 
 const PAGE: &str = r##"<!doctype html>

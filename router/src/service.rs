@@ -1036,10 +1036,30 @@ impl Service {
 
     /// [`Service::delete_account`] once the password is checked.
     async fn delete_checked_account(&self, claims: &Claims) -> Result<(), ServiceError> {
-        let user = claims.user_id;
-        // This login ends first: its tokens call nothing more, and its session joins nothing
-        // while its groups are left.
+        // This login ends first: its tokens call nothing more.
         self.revoke(claims, Revocation::LoggedOut).await?;
+        self.delete_user(claims.user_id).await
+    }
+
+    /// An operator deletes the account named `name` (the admin API), as
+    /// [`Service::delete_account`] would without its password: its session is kicked
+    /// (`account deleted`), its logins end. Returns its id.
+    pub async fn delete_user_named(&self, name: &str) -> Result<u64, ServiceError> {
+        // No account has a name outside the rule: nothing else becomes a store key.
+        validate_name(name).map_err(|_| ServiceError::UnknownUser)?;
+        let account = self
+            .store
+            .account_by_name(name)
+            .await?
+            .ok_or(ServiceError::UnknownUser)?;
+        self.delete_user(account.id).await?;
+        tracing::warn!(user = account.id, name, "account deleted by an operator");
+        Ok(account.id)
+    }
+
+    /// Deletes `user`'s account (see [`Service::delete_account`]) once whoever asked may.
+    async fn delete_user(&self, user: u64) -> Result<(), ServiceError> {
+        // Its session ends first: it joins nothing while its groups are left.
         self.end_route(user).await?;
         // Left while the account is there: the members are told who left.
         let groups = self.store.user_groups(user).await?;
@@ -1834,7 +1854,10 @@ impl Service {
     }
 
     /// `owner` hands a group it owns to `user`, one of its members, and stays a member; the
-    /// invitations stay. `user` is told if online. Handing it to oneself changes nothing.
+    /// invitations are void, as when an owner leaves. `user` is told if online. Handing it to
+    /// oneself changes nothing. A user whose account is gone (deleted, with its clean-up
+    /// not done) is refused `unknown_user`, and a group handed to it meanwhile handed back:
+    /// it would never leave, and no one could act as owner again.
     pub async fn transfer_group(
         &self,
         owner: u64,
@@ -1844,9 +1867,18 @@ impl Service {
         match self.store.transfer_group(name, owner, user).await? {
             Transfer::Transferred if user == owner => Ok(()),
             Transfer::Transferred => {
+                if !self.store.user_exists(user).await? {
+                    self.store.transfer_group(name, user, owner).await?;
+                    return Err(ServiceError::UnknownUser);
+                }
                 tracing::info!(owner, user, group = name, "group handed over");
                 self.announce_new_owner(owner, name, Some(user)).await;
                 Ok(())
+            }
+            // A kept id whose account is gone is told apart, so the console looks its name
+            // up again.
+            Transfer::NotMember if !self.store.user_exists(user).await? => {
+                Err(ServiceError::UnknownUser)
             }
             Transfer::NotMember => Err(ServiceError::NoSuchMember),
             Transfer::NotOwner => Err(ServiceError::NotOwner),

@@ -755,7 +755,14 @@ impl Store for MemoryStore {
         if !group.members.contains(&user) {
             return Ok(Transfer::NotMember);
         }
-        group.owner = user;
+        if user != owner {
+            group.owner = user;
+            // As when an owner leaves: the new owner could not see them.
+            let void = std::mem::take(&mut group.invited);
+            for invited in void {
+                inner.uninvite(invited, name);
+            }
+        }
         Ok(Transfer::Transferred)
     }
 

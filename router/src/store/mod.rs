@@ -559,7 +559,8 @@ pub trait Store: Send + Sync + 'static {
         cap: usize,
     ) -> Result<Invite, StoreError>;
     /// `owner` hands group `name` to `user`, one of its members (itself: nothing changes);
-    /// `owner` stays a member, and the invitations stay.
+    /// `owner` stays a member, and the invitations are void, as when an owner leaves (the new
+    /// owner could not see them).
     async fn transfer_group(
         &self,
         name: &str,

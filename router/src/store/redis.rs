@@ -208,9 +208,10 @@ return 2
 "
 );
 
-/// The owner hands the group to another member. KEYS: the group's four. ARGV: owner, user.
-/// Returns 1 handed over (or the user is the owner), 2 the user is no member, 3 not the
-/// owner, 0 no such group.
+/// The owner hands the group to another member; the invitations go, as when an owner leaves
+/// (the new owner could not see them). KEYS: the group's four. ARGV: owner, user. Returns 1
+/// handed over (or the user is the owner, when nothing changes), 2 the user is no member, 3
+/// not the owner, 0 no such group.
 const TRANSFER: &str = concat!(
     owner_function!(),
     r"
@@ -218,7 +219,9 @@ local owns = owned()
 if owns == nil then return 0 end
 if not owns then return 3 end
 if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 0 then return 2 end
+if ARGV[2] == ARGV[1] then return 1 end
 redis.call('SET', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[4])
 return 1
 "
 );
