@@ -118,6 +118,13 @@ pub enum Command {
     },
     /// `:delete-account PASSWORD`: delete one's account for good, then quit.
     DeleteAccount(Secret),
+    /// `:report USER [REASON]`: report a user to the operators.
+    Report {
+        /// The user reported.
+        user: UserRef,
+        /// Why, in the reporter's words (may be empty).
+        reason: String,
+    },
     /// `:blocked`: list the users I block.
     Blocked,
     /// `:info`: own id, name and server.
@@ -157,6 +164,8 @@ commands:
   :block <user>        refuse a user's private messages and group invitations
   :unblock <user>      take them again
   :blocked             list the users you block
+  :report <user> [reason]
+                       report a user (spam, abuse) to the cluster's operators
   :who <name>          show a user's id, and whether they are online or when last seen
   :password <old> <new>
                        change your password (this login stays)
@@ -207,6 +216,16 @@ pub fn parse(line: &str) -> Command {
                     "use :password <old> <new> (passwords without blanks here)".into(),
                 ),
             },
+            "report" => {
+                let (user, reason) = arg.split_once(char::is_whitespace).unwrap_or((&arg, ""));
+                match UserRef::parse(user) {
+                    Some(user) => Command::Report {
+                        user,
+                        reason: reason.trim().to_string(),
+                    },
+                    None => Command::Invalid("use :report <userId or name> [reason]".into()),
+                }
+            }
             "delete-account" => match arg.split_whitespace().collect::<Vec<_>>()[..] {
                 [password] => Command::DeleteAccount(Secret(password.to_string())),
                 _ => Command::Invalid(
@@ -489,6 +508,22 @@ mod tests {
         let shown = format!("{:?}", parse(":password old-pw new-pw"));
         assert!(!shown.contains("-pw"), "{shown}");
         assert!(matches!(parse(":password new-pw"), Command::Invalid(_)));
+        assert_eq!(
+            parse(":report bob  sends  spam "),
+            Command::Report {
+                user: UserRef::Name("bob".into()),
+                reason: "sends  spam".into()
+            }
+        );
+        assert_eq!(
+            parse(":report 42"),
+            Command::Report {
+                user: UserRef::Id(42),
+                reason: String::new()
+            }
+        );
+        assert!(matches!(parse(":report"), Command::Invalid(_)));
+        assert!(matches!(parse(":report b!b spam"), Command::Invalid(_)));
         assert_eq!(
             parse(":delete-account my-pw"),
             Command::DeleteAccount(Secret("my-pw".into()))

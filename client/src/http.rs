@@ -74,6 +74,12 @@ pub struct BlockReply {
     pub already_blocked: bool,
 }
 
+/// A user, as the router names it (the answer to a report).
+#[derive(Deserialize)]
+struct UserNamed {
+    name: String,
+}
+
 #[derive(Deserialize)]
 struct BlockList {
     blocked: Vec<BlockedUser>,
@@ -309,6 +315,21 @@ impl RouterApi {
             .call::<(), _>(Method::DELETE, &path, None, Some(token))
             .await?;
         Ok(reply.was_blocked)
+    }
+
+    /// Reports `user` to the operators, with `reason` (at most 500 bytes, may be empty);
+    /// returns its name.
+    pub async fn report(
+        &self,
+        token: &str,
+        user: u64,
+        reason: &str,
+    ) -> Result<String, ClientError> {
+        let body = serde_json::json!({ "user_id": user, "reason": reason });
+        let reply: UserNamed = self
+            .call(Method::POST, "/api/reports", Some(&body), Some(token))
+            .await?;
+        Ok(reply.name)
     }
 
     /// The users we block, by id.

@@ -1340,6 +1340,14 @@ impl Client {
         self.shared.api.unblock(&token, user).await
     }
 
+    /// Reports `user` to the cluster's operators (spam, abuse), with `reason` in our words (at
+    /// most 500 bytes, may be empty): they see it on the admin page, and may delete the
+    /// account. At most 10 a minute (`rate_limited`). Returns their name.
+    pub async fn report(&self, user: u64, reason: &str) -> Result<String, ClientError> {
+        let token = self.token();
+        self.shared.api.report(&token, user, reason).await
+    }
+
     /// The users we block, by id.
     pub async fn blocked_users(&self) -> Result<Vec<BlockedUser>, ClientError> {
         let token = self.token();

@@ -712,6 +712,18 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
                 Err(e) => report(Err(e), ""),
             }
         }
+        Command::Report { user, reason } => {
+            let act = |id| client.report(id, &reason);
+            match on_user(client, &user, act).await {
+                Some((id, _, Ok(name))) => {
+                    let name = console::printable(&name);
+                    println!("reported {name} ({id}) to the operators");
+                    true
+                }
+                Some((_, _, Err(e))) => report(Err(e), ""),
+                None => false,
+            }
+        }
         Command::Password { old, new } => report(
             client.change_password(&old.0, &new.0).await,
             "password changed: use the new one at your next login (this one stays)",

@@ -28,8 +28,8 @@ use cim_proto::v1::{ClientControl, Login, Ping, ServerControl, client_control, s
 use cim_proto::{read_required, write_frame};
 use cim_router::store::{
     Account, Block, Claim, DeletedAccount, GroupInfo, IdNode, InboxEntry, InboxLimits, InboxPage,
-    Invite, Join, MemoryStore, PrivateAppend, Relogin, Removal, Renewal, Revocation, Route, Store,
-    StoreError, Transfer,
+    Invite, Join, MemoryStore, PrivateAppend, Relogin, Removal, Renewal, Report, Revocation, Route,
+    Store, StoreError, Transfer,
 };
 use tokio::sync::Notify;
 
@@ -1193,6 +1193,12 @@ impl Store for PausingStore {
         user: u64,
     ) -> Result<Transfer, StoreError> {
         self.inner.transfer_group(name, owner, user).await
+    }
+    async fn add_report(&self, report: &Report, cap: usize) -> Result<(), StoreError> {
+        self.inner.add_report(report, cap).await
+    }
+    async fn reports(&self, limit: usize) -> Result<Vec<Report>, StoreError> {
+        self.inner.reports(limit).await
     }
     async fn decline_invitation(&self, name: &str, user: u64) -> Result<bool, StoreError> {
         self.inner.decline_invitation(name, user).await

@@ -92,8 +92,10 @@ async fn the_example_router_configuration_starts_the_embedded_mode() -> anyhow::
 async fn the_admin_page_shows_the_live_cluster_in_a_real_browser() -> anyhow::Result<()> {
     let cluster = TestCluster::start(2).await?;
     let config = cluster.client_config();
-    let (_alice, _a) = cluster.user("alice").await?;
-    let (_bob, _b) = cluster.user("bob").await?;
+    let (alice, _a) = cluster.user("alice").await?;
+    let (bob, _b) = cluster.user("bob").await?;
+    // Shown as text, not markup.
+    bob.report(alice.info().user_id, "<b>spam</b>").await?;
     let refused = Client::login(&config, "alice", "wrong", LoginOptions::default()).await;
     assert!(refused.is_err());
 
@@ -163,19 +165,71 @@ async fn the_admin_page_shows_the_live_cluster_in_a_real_browser() -> anyhow::Re
         "the refused login is not listed:\n{dom}"
     );
     assert!(dom.contains(r#"<span id="online-count">2</span>"#), "{dom}");
+    assert!(
+        dom.contains(r#"<td class="reason">&lt;b&gt;spam&lt;/b&gt;</td>"#),
+        "the report is not listed:\n{dom}"
+    );
     Ok(())
 }
 
-/// An operator deletes an account through the admin API, with the admin token and nothing
-/// else: its session is kicked, it can no longer log in, and messages to it are refused.
+/// A user reports another to the operators (not itself, not an unknown user, with a reason of
+/// at most 500 bytes, at most 10 a minute); the admin API lists the report, and an operator
+/// deletes the account with the admin token and nothing else: its session is kicked, it can
+/// no longer log in, and messages to it are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_deletes_an_account_with_the_admin_token() -> anyhow::Result<()> {
+async fn a_reported_account_is_deleted_by_an_operator() -> anyhow::Result<()> {
     let cluster = TestCluster::start(1).await?;
     let config = cluster.client_config();
     let (alice, mut alice_events) = cluster.user("alice").await?;
     let (bob, _bob_events) = cluster.user("bob").await?;
     let alice_id = alice.info().user_id;
     let api = cim_client::RouterApi::new(&config)?;
+
+    assert_eq!(bob.report(alice_id, " sends spam ").await?, "alice");
+    let code = |e: cim_client::ClientError| e.code().map(str::to_string);
+    let refused = [
+        (bob.info().user_id, "me".to_string(), "bad_request"),
+        (alice_id, "x".repeat(501), "bad_request"),
+        (987_654, String::new(), "unknown_user"),
+    ];
+    for (user, reason, want) in refused {
+        let err = bob.report(user, &reason).await.unwrap_err();
+        assert_eq!(code(err).as_deref(), Some(want), "{user}");
+    }
+    // Ten a minute (the unknown user's counted): paced under the per-second API limit, so
+    // the refusal is the per-minute one.
+    for n in 0..8 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        bob.report(alice_id, &format!("again {n}")).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let err = bob.report(alice_id, "once more").await.unwrap_err();
+    assert!(err.to_string().contains("too many reports"), "{err}");
+    assert_eq!(code(err).as_deref(), Some("rate_limited"));
+    let (status, body) = api
+        .raw(
+            Method::GET,
+            "/admin/api/state?token=test-admin-token",
+            Default::default(),
+            None,
+        )
+        .await?;
+    assert_eq!(status.as_u16(), 200);
+    let state: serde_json::Value = serde_json::from_slice(&body)?;
+    let reports = state["reports"].as_array().context("reports")?;
+    assert_eq!(reports.len(), 9, "{reports:?}");
+    assert_eq!(reports[0]["reason"], "again 7", "newest first");
+    let first = &reports[8];
+    assert_eq!(
+        (
+            &first["reporter"],
+            &first["reported"],
+            &first["reported_id"]
+        ),
+        (&"bob".into(), &"alice".into(), &alice_id.into())
+    );
+    assert_eq!(first["reason"], "sends spam");
+
     let delete = |path: String, token: Option<String>| {
         let api = &api;
         async move {

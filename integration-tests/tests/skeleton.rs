@@ -821,6 +821,10 @@ async fn a_console_hands_its_group_on_deletes_its_account_and_its_name_moves_on(
     alice.send_line("bob;;second").await?;
     let line = new_bob.expect_line("(private): second").await?;
     assert!(line.contains("alice ("), "{line}");
+    new_bob.send_line(":report alice too friendly").await?;
+    new_bob
+        .expect_line(&format!("reported alice ({alice_id}) to the operators"))
+        .await?;
     alice.send_line(":members den").await?;
     alice.expect_line("#den members (1):").await?;
     alice

@@ -20,8 +20,8 @@ use anyhow::Context;
 use cim_integration_tests::cluster::RedisProc;
 use cim_router::store::{
     Block, Claim, DeletedAccount, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, Invite,
-    Join, MemoryStore, PrivateAppend, RedisStore, Relogin, Removal, Renewal, Revocation, Route,
-    Store, Transfer,
+    Join, MemoryStore, PrivateAppend, RedisStore, Relogin, Removal, Renewal, Report, Revocation,
+    Route, Store, Transfer,
 };
 
 /// How long the logins a claim replaces stay revoked, in these tests.
@@ -274,6 +274,26 @@ async fn blocks_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
         "after the unblock the same message is stored"
     );
     assert!(store.blocked_users(blocker).await?.is_empty());
+    Ok(())
+}
+
+/// Reports are kept newest first, the oldest dropped past the cap.
+async fn reports_are_kept_newest_first_under_a_cap(store: &dyn Store) -> anyhow::Result<()> {
+    assert!(store.reports(10).await?.is_empty());
+    let report = |n: u64| Report {
+        at_ms: n,
+        reporter_id: 1,
+        reporter: "alice".into(),
+        reported_id: 2,
+        reported: "bob".into(),
+        reason: format!("reason {n}"),
+    };
+    for n in 1..=3 {
+        store.add_report(&report(n), 2).await?;
+    }
+    assert_eq!(store.reports(10).await?, [report(3), report(2)]);
+    assert_eq!(store.reports(1).await?, [report(3)]);
+    assert!(store.reports(0).await?.is_empty());
     Ok(())
 }
 
@@ -1250,6 +1270,7 @@ async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     a_password_hash_is_replaced_once(&store).await?;
     an_account_is_deleted_with_what_is_its_alone(&store).await?;
     a_group_is_handed_over_to_a_member(&store).await?;
+    reports_are_kept_newest_first_under_a_cap(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 
@@ -1272,6 +1293,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     a_password_hash_is_replaced_once(&store).await?;
     an_account_is_deleted_with_what_is_its_alone(&store).await?;
     a_group_is_handed_over_to_a_member(&store).await?;
+    reports_are_kept_newest_first_under_a_cap(&store).await?;
     a_departed_owner_of_an_older_group_is_no_owner(&store, &redis.url()).await?;
     message_ids_are_recorded_once(&store).await?;
     // A record an older router wrote (a bare id, no fingerprint) is taken as the same
@@ -1286,6 +1308,14 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
         .await?;
     let window = Duration::from_secs(60);
     assert_eq!(store.message_id(9, 1, 77, 600, window).await?, Some(555));
+    // A report cim cannot read is skipped, not an error.
+    let _: () = redis::cmd("LPUSH")
+        .arg("cim:reports")
+        .arg("not json")
+        .query_async(&mut conn)
+        .await?;
+    let reports = store.reports(10).await?;
+    assert_eq!(reports.len(), 2, "{reports:?}");
     // A name left naming an account that is gone (a deletion that stopped before freeing it)
     // is taken over by the next registration; one naming something else stays taken.
     for (name, holder) in [("ghost", "99999"), ("odd", "not-an-id")] {

@@ -1,5 +1,6 @@
 //! The admin page: servers with their connections and message rates, online users and recent
-//! errors, refreshed every second; and an operator's deletion of an account
+//! errors and users' reports of others, refreshed every second; and an operator's deletion of
+//! an account
 //! (`POST /admin/api/users/NAME/delete`). Behind the admin token (`--admin-token`), given as
 //! `?token=` or `Authorization: Bearer`. Off when no token is configured.
 
@@ -12,6 +13,7 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::api::ApiError;
 use crate::service::{Service, ServiceError};
+use crate::store::Report;
 
 #[derive(Serialize)]
 struct ServerRow {
@@ -38,7 +40,12 @@ struct State {
     /// How many users are online.
     online_count: usize,
     errors: Vec<ErrorRow>,
+    /// The newest [`REPORTS_SHOWN`] reports users made of others, newest first.
+    reports: Vec<Report>,
 }
+
+/// Reports the page lists (the store keeps more).
+const REPORTS_SHOWN: usize = 100;
 
 /// Online users the page lists by name (it counts them all).
 const ONLINE_SHOWN: usize = 1000;
@@ -158,12 +165,17 @@ pub fn routes(
                         message: e.message,
                     })
                     .collect();
+                let reports = service.reports(REPORTS_SHOWN).await.unwrap_or_else(|e| {
+                    service.record_error(e.code(), format!("admin page: {e}"));
+                    Vec::new()
+                });
                 let state = State {
                     router: service.config.id.clone(),
                     servers,
                     online,
                     online_count,
                     errors,
+                    reports,
                 };
                 warp::reply::json(&state).into_response()
             },
@@ -223,6 +235,13 @@ const PAGE: &str = r##"<!doctype html>
   <thead><tr><th>time</th><th>code</th><th>message</th></tr></thead>
   <tbody></tbody>
 </table>
+<h2>Reports</h2>
+<p>Users' reports of others, newest first. To delete a reported account:
+<code>POST /admin/api/users/NAME/delete</code> with the admin token.</p>
+<table id="reports">
+  <thead><tr><th>time</th><th>by</th><th>reported</th><th>reason</th></tr></thead>
+  <tbody></tbody>
+</table>
 <script>
 const token = new URLSearchParams(location.search).get("token") || "";
 let last = null;
@@ -274,6 +293,16 @@ async function refresh() {
       cell(row, e.code, "error-code");
       cell(row, e.message);
       errors.appendChild(row);
+    }
+    const reports = document.querySelector("#reports tbody");
+    reports.replaceChildren();
+    for (const r of state.reports) {
+      const row = document.createElement("tr");
+      cell(row, new Date(r.at_ms).toISOString());
+      cell(row, r.reporter + " (" + r.reporter_id + ")", "reporter");
+      cell(row, r.reported + " (" + r.reported_id + ")", "reported");
+      cell(row, r.reason, "reason");
+      reports.appendChild(row);
     }
     document.getElementById("status").textContent = "updated " + new Date(now).toISOString();
   } catch (err) {

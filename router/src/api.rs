@@ -22,6 +22,7 @@
 //! | POST | /api/blocks | bearer | `{user_id}` | 200 `{id, name, already_blocked}`: the user's private messages to the caller (`403 blocked` to them, and on their server's ack) and group invitations are refused from now on; 400 for yourself; 404 `unknown_user`; 409 `too_many_blocked` past 1,000; counts 10 |
 //! | DELETE | /api/blocks/ID | bearer | - | 200 `{was_blocked}`; counts 10 |
 //! | GET | /api/blocks | bearer | - | 200 `{blocked: [{id, name}]}` (by id) |
+//! | POST | /api/reports | bearer | `{user_id, reason?}` | 200 `{id, name}`: the user is reported to the operators (the admin page lists the newest reports); 400 for yourself or a reason over 500 bytes; 404 `unknown_user`; 429 `rate_limited` past 10 a minute; counts 10 |
 //! | GET | /health | - | - | 200 `{status, servers}` (liveness) |
 //! | GET | /ready | - | - | 200 when the store answers, a server is linked and a message-id node is held, else 503 `not_ready` |
 //! | GET | /metrics | - | - | Prometheus text exposition |
@@ -261,6 +262,14 @@ struct InviteRequest {
 struct PasswordChange {
     old_password: String,
     new_password: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportRequest {
+    user_id: u64,
+    #[serde(default)]
+    reason: String,
 }
 
 #[derive(Deserialize)]
@@ -672,6 +681,29 @@ pub fn routes(
                 respond_api(result.await)
             },
         );
+    let report = warp::path!("api" / "reports")
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(bearer())
+        .and(json_body::<ReportRequest>())
+        .then(
+            |service: Arc<Service>,
+             auth: Result<String, ApiError>,
+             req: Result<ReportRequest, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth).await?;
+                    let req = req?;
+                    membership_change(&service, &claims)?;
+                    let name = service
+                        .report_user(&claims, req.user_id, &req.reason)
+                        .await?;
+                    Ok::<_, ApiError>(warp::reply::json(
+                        &serde_json::json!({"id": req.user_id, "name": name}),
+                    ))
+                };
+                respond_api(result.await)
+            },
+        );
     let delete_account = warp::path!("api" / "account" / "delete")
         .and(warp::post())
         .and(with_service.clone())
@@ -808,7 +840,7 @@ pub fn routes(
     // Each route is boxed before they are combined: the nested type of fourteen `or`s of
     // unboxed filters took rustc over a minute and a half to check (coherence and auto traits),
     // three times per test run. A boxed filter costs one dynamic call per route tried.
-    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 23] = [
+    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 24] = [
         register.boxed(),
         login.boxed(),
         relogin.boxed(),
@@ -828,6 +860,7 @@ pub fn routes(
         block.boxed(),
         unblock.boxed(),
         blocked.boxed(),
+        report.boxed(),
         metrics.boxed(),
         ready.boxed(),
         admin.boxed(),

@@ -29,7 +29,7 @@ use crate::presence::PresenceQueue;
 use crate::select::Selector;
 use crate::store::{
     Account, Block, Claim, InboxEntry, Invite, Join, MAX_BLOCKED, MAX_INVITATIONS_LISTED,
-    PrivateAppend, Relogin, Removal, Revocation, Route, Store, StoreError, Transfer,
+    PrivateAppend, Relogin, Removal, Report, Revocation, Route, Store, StoreError, Transfer,
 };
 
 /// Errors kept for the admin page.
@@ -101,6 +101,13 @@ const LOGIN_WINDOW: Duration = Duration::from_secs(60);
 /// Password changes and account deletions one user may try per [`LOGIN_WINDOW`], together:
 /// each is an Argon2 check of the current password (and a change a hash of the new one).
 pub const PASSWORD_CHECKS_PER_USER: u32 = 5;
+/// Reports the store keeps for the operators (the oldest go).
+pub const MAX_REPORTS_KEPT: usize = 1_000;
+/// Longest reason a report may give, in bytes.
+pub const MAX_REPORT_REASON: usize = 500;
+/// Reports one user may make per [`LOGIN_WINDOW`]: the list is shared and capped, and one
+/// user's flood must not push everyone else's reports out of it.
+const REPORTS_PER_USER: u32 = 10;
 /// Groups a deleted account leaves at once (and invitations it declines).
 const LEAVES_AT_ONCE: usize = 16;
 /// Why the session of an account being deleted ends (its `Kick`).
@@ -377,6 +384,8 @@ pub struct Service {
     /// Password changes and account deletions tried per user in the last minute (apart from
     /// failed logins).
     password_checks: Mutex<WindowCounter<u64>>,
+    /// Reports made per user in the last minute ([`REPORTS_PER_USER`]).
+    reports: Mutex<WindowCounter<u64>>,
     login_attempts: Mutex<WindowCounter<IpAddr>>,
     /// Registrations per address per minute.
     registrations: Mutex<WindowCounter<IpAddr>>,
@@ -527,6 +536,7 @@ impl Service {
         Self {
             login_failures: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             password_checks: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
+            reports: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             login_attempts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             registrations: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             api_requests: Mutex::new(WindowCounter::new(API_WINDOW, 100_000)),
@@ -2039,6 +2049,57 @@ impl Service {
             tracing::info!(user, unblocked = other, "user unblocked");
         }
         Ok(was)
+    }
+
+    /// The user of `claims` reports `user` to the operators (spam, abuse), with `reason` in its
+    /// own words (at most [`MAX_REPORT_REASON`] bytes, may be empty), at most
+    /// [`REPORTS_PER_USER`] a minute. The report is kept with both names (the admin page shows
+    /// the newest) and logged. Returns `user`'s name.
+    pub async fn report_user(
+        &self,
+        claims: &Claims,
+        user: u64,
+        reason: &str,
+    ) -> Result<String, ServiceError> {
+        let reason = reason.trim();
+        if reason.len() > MAX_REPORT_REASON {
+            return Err(ServiceError::BadRequest(format!(
+                "a report's reason is at most {MAX_REPORT_REASON} bytes"
+            )));
+        }
+        if user == claims.user_id {
+            return Err(ServiceError::BadRequest(
+                "you cannot report yourself".into(),
+            ));
+        }
+        let reporter = claims.user_id;
+        let count = lock(&self.reports).hit(reporter, Instant::now());
+        self.within_limit(
+            (count, 1),
+            REPORTS_PER_USER,
+            "too many reports this minute; retry in a minute",
+            || format!("reports of user {reporter} over the limit"),
+        )?;
+        let reported = self
+            .user_name(user)
+            .await?
+            .ok_or(ServiceError::UnknownUser)?;
+        let report = Report {
+            at_ms: now_ms(),
+            reporter_id: reporter,
+            reporter: claims.user_name.clone(),
+            reported_id: user,
+            reported: reported.clone(),
+            reason: reason.to_string(),
+        };
+        self.store.add_report(&report, MAX_REPORTS_KEPT).await?;
+        tracing::warn!(reporter, reported = user, reason, "user reported");
+        Ok(reported)
+    }
+
+    /// The newest `limit` reports, newest first (for the admin page).
+    pub async fn reports(&self, limit: usize) -> Result<Vec<Report>, ServiceError> {
+        Ok(self.store.reports(limit).await?)
     }
 
     /// The users `user` blocks, by id.

@@ -12,7 +12,7 @@ use super::expiring::{ExpiringMap, Weight};
 use super::{
     Account, Block, Claim, DeletedAccount, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits,
     InboxPage, Invite, Join, MAX_INVITATIONS_LISTED, PrivateAppend, Relogin, Removal, Renewal,
-    Revocation, Route, Store, StoreError, Transfer,
+    Report, Revocation, Route, Store, StoreError, Transfer,
 };
 
 /// Most idempotency records kept; beyond this the oldest are forgotten early (about 100 MB at
@@ -82,6 +82,8 @@ struct Inner {
     /// User -> when it was last seen: its latest login's confirmation or route's release (ms
     /// since the Unix epoch).
     last_seen: HashMap<u64, u64>,
+    /// Users' reports of others, newest first.
+    reports: VecDeque<Report>,
 }
 
 /// A named group.
@@ -920,6 +922,17 @@ impl Store for MemoryStore {
             .get(&user)
             .map(|blocked| blocked.iter().copied().collect())
             .unwrap_or_default())
+    }
+
+    async fn add_report(&self, report: &Report, cap: usize) -> Result<(), StoreError> {
+        let mut inner = self.inner();
+        inner.reports.push_front(report.clone());
+        inner.reports.truncate(cap);
+        Ok(())
+    }
+
+    async fn reports(&self, limit: usize) -> Result<Vec<Report>, StoreError> {
+        Ok(self.inner().reports.iter().take(limit).cloned().collect())
     }
 
     async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError> {

@@ -261,6 +261,23 @@ pub enum Claim {
     NoAccount,
 }
 
+/// A user's report of another (spam, abuse), kept for the operators (the admin page).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    /// When it was made, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// Who reported.
+    pub reporter_id: u64,
+    /// Its name then.
+    pub reporter: String,
+    /// Whom it reported.
+    pub reported_id: u64,
+    /// Its name then.
+    pub reported: String,
+    /// In the reporter's words (may be empty).
+    pub reason: String,
+}
+
 /// Outcome of [`Store::transfer_group`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transfer {
@@ -610,6 +627,11 @@ pub trait Store: Send + Sync + 'static {
     async fn blocking(&self, users: &[u64], other: u64) -> Result<Vec<bool>, StoreError>;
     /// The users `user` blocks, sorted.
     async fn blocked_users(&self, user: u64) -> Result<Vec<u64>, StoreError>;
+
+    /// Keeps `report`, newest first, and at most `cap` reports (the oldest go).
+    async fn add_report(&self, report: &Report, cap: usize) -> Result<(), StoreError>;
+    /// The newest `limit` reports, newest first (an unreadable one is skipped).
+    async fn reports(&self, limit: usize) -> Result<Vec<Report>, StoreError>;
 
     /// Claims a free message-id node for `owner` (unique per router process) for `lease`,
     /// trying `first` and then the next numbers in turn. A node is free once its holder's

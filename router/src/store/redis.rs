@@ -36,12 +36,14 @@ use redis::{AsyncCommands, Script};
 use super::{
     Account, Block, Claim, DeletedAccount, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits,
     InboxPage, Invite, Join, MAX_INVITATIONS_LISTED, PrivateAppend, Relogin, Removal, Renewal,
-    Revocation, Route, Store, StoreError, Transfer,
+    Report, Revocation, Route, Store, StoreError, Transfer,
 };
 
 const NEXT_USER_ID: &str = "cim:next_user_id";
 const ID_NODES_KEY: &str = "cim:id_nodes";
 const ONLINE: &str = "cim:online";
+/// Users' reports of others (JSON), newest first, capped.
+const REPORTS: &str = "cim:reports";
 
 fn name_key(name: &str) -> String {
     format!("cim:name:{name}")
@@ -1910,6 +1912,41 @@ impl Store for RedisStore {
             .map_err(unavailable)?;
         blocked.sort_unstable();
         Ok(blocked)
+    }
+
+    async fn add_report(&self, report: &Report, cap: usize) -> Result<(), StoreError> {
+        let json = serde_json::to_string(report).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let _: () = redis::pipe()
+            .atomic()
+            .lpush(REPORTS, json)
+            .ignore()
+            .ltrim(REPORTS, 0, cap.max(1) as isize - 1)
+            .ignore()
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn reports(&self, limit: usize) -> Result<Vec<Report>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let stored: Vec<Vec<u8>> = self
+            .conn()
+            .lrange(REPORTS, 0, limit as isize - 1)
+            .await
+            .map_err(unavailable)?;
+        Ok(stored
+            .iter()
+            .filter_map(|json| match serde_json::from_slice(json) {
+                Ok(report) => Some(report),
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable report skipped");
+                    None
+                }
+            })
+            .collect())
     }
 
     async fn user_groups(&self, user: u64) -> Result<Vec<String>, StoreError> {
