@@ -118,6 +118,8 @@ pub enum Command {
     },
     /// `:delete-account PASSWORD`: delete one's account for good, then quit.
     DeleteAccount(Secret),
+    /// `:lastseen [hide|show]`: whether others see when I was last seen (and I theirs).
+    LastSeen(Option<bool>),
     /// `:report USER [REASON]`: report a user to the operators.
     Report {
         /// The user reported.
@@ -164,6 +166,8 @@ commands:
   :block <user>        refuse a user's private messages and group invitations
   :unblock <user>      take them again
   :blocked             list the users you block
+  :lastseen [hide|show]
+                       hide when you were last seen (and see no one's), or show it again
   :report <user> [reason]
                        report a user (spam, abuse) to the cluster's operators
   :who <name>          show a user's id, and whether they are online or when last seen
@@ -215,6 +219,12 @@ pub fn parse(line: &str) -> Command {
                 _ => Command::Invalid(
                     "use :password <old> <new> (passwords without blanks here)".into(),
                 ),
+            },
+            "lastseen" => match arg.as_str() {
+                "" => Command::LastSeen(None),
+                "hide" => Command::LastSeen(Some(true)),
+                "show" => Command::LastSeen(Some(false)),
+                _ => Command::Invalid("use :lastseen, :lastseen hide or :lastseen show".into()),
             },
             "report" => {
                 let (user, reason) = arg.split_once(char::is_whitespace).unwrap_or((&arg, ""));
@@ -523,6 +533,10 @@ mod tests {
             }
         );
         assert!(matches!(parse(":report"), Command::Invalid(_)));
+        assert_eq!(parse(":lastseen"), Command::LastSeen(None));
+        assert_eq!(parse(":lastseen hide"), Command::LastSeen(Some(true)));
+        assert_eq!(parse(":LastSeen show"), Command::LastSeen(Some(false)));
+        assert!(matches!(parse(":lastseen off"), Command::Invalid(_)));
         assert!(matches!(parse(":report b!b spam"), Command::Invalid(_)));
         assert_eq!(
             parse(":delete-account my-pw"),

@@ -74,6 +74,13 @@ pub struct BlockReply {
     pub already_blocked: bool,
 }
 
+/// The user's settings, as the router keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Settings {
+    /// Whether we hide when we were last seen (and so see no one else's).
+    pub hide_last_seen: bool,
+}
+
 /// A user, as the router names it (the answer to a report).
 #[derive(Deserialize)]
 struct UserNamed {
@@ -315,6 +322,19 @@ impl RouterApi {
             .call::<(), _>(Method::DELETE, &path, None, Some(token))
             .await?;
         Ok(reply.was_blocked)
+    }
+
+    /// Our settings.
+    pub async fn settings(&self, token: &str) -> Result<Settings, ClientError> {
+        self.call::<(), _>(Method::GET, "/api/settings", None, Some(token))
+            .await
+    }
+
+    /// Hides (or shows again) when we were last seen; returns the settings after it.
+    pub async fn hide_last_seen(&self, token: &str, hidden: bool) -> Result<Settings, ClientError> {
+        let body = serde_json::json!({ "hide_last_seen": hidden });
+        self.call(Method::POST, "/api/settings", Some(&body), Some(token))
+            .await
     }
 
     /// Reports `user` to the operators, with `reason` (at most 500 bytes, may be empty);

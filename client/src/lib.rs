@@ -53,7 +53,7 @@ mod presence;
 pub mod reorder;
 
 use batch::{Carried, SendQueue};
-pub use http::{BlockReply, BlockedUser, NamedUser, OnlinePage, OnlineUser, RouterApi};
+pub use http::{BlockReply, BlockedUser, NamedUser, OnlinePage, OnlineUser, RouterApi, Settings};
 use reorder::{Backoff, Reorder};
 
 /// Largest control frame.
@@ -1338,6 +1338,19 @@ impl Client {
     pub async fn unblock(&self, user: u64) -> Result<bool, ClientError> {
         let token = self.token();
         self.shared.api.unblock(&token, user).await
+    }
+
+    /// Our settings (whether we hide when we were last seen).
+    pub async fn settings(&self) -> Result<Settings, ClientError> {
+        let token = self.token();
+        self.shared.api.settings(&token).await
+    }
+
+    /// Hides (or shows again) when we were last seen: others' [`Client::find_user`] shows us
+    /// offline without a time, and, as the price, ours shows no one's time either.
+    pub async fn hide_last_seen(&self, hidden: bool) -> Result<Settings, ClientError> {
+        let token = self.token();
+        self.shared.api.hide_last_seen(&token, hidden).await
     }
 
     /// Reports `user` to the cluster's operators (spam, abuse), with `reason` in our words (at

@@ -712,6 +712,27 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
                 Err(e) => report(Err(e), ""),
             }
         }
+        Command::LastSeen(change) => {
+            let settings = match change {
+                Some(hidden) => client.hide_last_seen(hidden).await,
+                None => client.settings().await,
+            };
+            match settings {
+                Ok(s) if s.hide_last_seen => {
+                    println!(
+                        "your last seen is hidden (and you see no one's): :lastseen show shows it"
+                    );
+                    true
+                }
+                Ok(_) => {
+                    println!(
+                        "your last seen is shown to anyone who looks you up: :lastseen hide hides it"
+                    );
+                    true
+                }
+                Err(e) => report(Err(e), ""),
+            }
+        }
         Command::Report { user, reason } => {
             let act = |id| client.report(id, &reason);
             match on_user(client, &user, act).await {

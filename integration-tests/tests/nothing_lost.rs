@@ -1194,6 +1194,12 @@ impl Store for PausingStore {
     ) -> Result<Transfer, StoreError> {
         self.inner.transfer_group(name, owner, user).await
     }
+    async fn last_seen_hidden(&self, users: &[u64]) -> Result<Vec<bool>, StoreError> {
+        self.inner.last_seen_hidden(users).await
+    }
+    async fn set_last_seen_hidden(&self, user: u64, hidden: bool) -> Result<(), StoreError> {
+        self.inner.set_last_seen_hidden(user, hidden).await
+    }
     async fn add_report(&self, report: &Report, cap: usize) -> Result<(), StoreError> {
         self.inner.add_report(report, cap).await
     }

@@ -1124,6 +1124,29 @@ async fn a_user_is_found_by_name_with_presence_and_last_seen() -> anyhow::Result
             .await?;
         assert_eq!(status, 404, "{path}: {body:?}");
     }
+
+    // A user who hides its last seen shows none to anyone, and sees no one's while it hides.
+    assert!(!dave.settings().await?.hide_last_seen);
+    assert!(dave.hide_last_seen(true).await?.hide_last_seen);
+    assert!(dave.settings().await?.hide_last_seen);
+    let by_dave = dave.find_user("carol").await?.context("carol")?;
+    assert_eq!(by_dave.last_seen_ms, None, "who hides sees no one's");
+    let dave_offline = || {
+        let alice = &alice;
+        eventually(WAIT, move || async move {
+            let found = alice.find_user("dave").await.ok()??;
+            (!found.online).then_some(found.last_seen_ms)
+        })
+    };
+    dave.logout().await?;
+    assert_eq!(dave_offline().await?, None);
+    let (dave, _dave_events) =
+        Client::login(&config, "dave", "password", LoginOptions::default()).await?;
+    assert!(!dave.hide_last_seen(false).await?.hide_last_seen);
+    let by_dave = dave.find_user("carol").await?.context("carol")?;
+    assert!(by_dave.last_seen_ms.is_some());
+    dave.logout().await?;
+    assert!(dave_offline().await?.is_some());
     Ok(())
 }
 

@@ -394,6 +394,17 @@ async fn an_account_is_deleted_with_what_is_its_alone(store: &dyn Store) -> anyh
     assert!(store.release_route(leaver, 7, None).await?);
     assert!(store.last_seen(leaver).await?.is_some());
     assert_eq!(store.revocation(leaver, 7).await?, None);
+    assert_eq!(
+        store.last_seen_hidden(&[leaver, host]).await?,
+        [false, false]
+    );
+    store.set_last_seen_hidden(leaver, true).await?;
+    store.set_last_seen_hidden(host, true).await?;
+    store.set_last_seen_hidden(host, false).await?;
+    assert_eq!(
+        store.last_seen_hidden(&[leaver, host]).await?,
+        [true, false]
+    );
 
     let deleted = store
         .delete_account(leaver, REPLACED_FOR)
@@ -437,6 +448,7 @@ async fn an_account_is_deleted_with_what_is_its_alone(store: &dyn Store) -> anyh
     }
     assert_eq!(route_of(store, leaver).await?, None);
     assert_eq!(store.last_seen(leaver).await?, None);
+    assert_eq!(store.last_seen_hidden(&[leaver]).await?, [false]);
     assert!(store.blocked_users(leaver).await?.is_empty());
     assert!(store.user_groups(leaver).await?.is_empty());
     assert!(store.user_invitations(leaver).await?.is_empty());

@@ -22,6 +22,7 @@
 //! | POST | /api/blocks | bearer | `{user_id}` | 200 `{id, name, already_blocked}`: the user's private messages to the caller (`403 blocked` to them, and on their server's ack) and group invitations are refused from now on; 400 for yourself; 404 `unknown_user`; 409 `too_many_blocked` past 1,000; counts 10 |
 //! | DELETE | /api/blocks/ID | bearer | - | 200 `{was_blocked}`; counts 10 |
 //! | GET | /api/blocks | bearer | - | 200 `{blocked: [{id, name}]}` (by id) |
+//! | GET, POST | /api/settings | bearer | POST: `{hide_last_seen?}` | 200 `{hide_last_seen}`: the caller's settings (after the change); a user who hides its last seen shows none to anyone and sees no one's |
 //! | POST | /api/reports | bearer | `{user_id, reason?}` | 200 `{id, name}`: the user is reported to the operators (the admin page lists the newest reports); 400 for yourself or a reason over 500 bytes; 404 `unknown_user`; 429 `rate_limited` past 10 a minute; counts 10 |
 //! | GET | /health | - | - | 200 `{status, servers}` (liveness) |
 //! | GET | /ready | - | - | 200 when the store answers, a server is linked and a message-id node is held, else 503 `not_ready` |
@@ -262,6 +263,13 @@ struct InviteRequest {
 struct PasswordChange {
     old_password: String,
     new_password: String,
+}
+
+/// A user's settings (all of them in an answer; those given in a change).
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    hide_last_seen: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -681,6 +689,45 @@ pub fn routes(
                 respond_api(result.await)
             },
         );
+    let settings = warp::path!("api" / "settings")
+        .and(warp::get())
+        .and(with_service.clone())
+        .and(bearer())
+        .then(
+            |service: Arc<Service>, auth: Result<String, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth).await?;
+                    let hidden = service.hides_last_seen(claims.user_id).await?;
+                    Ok::<_, ApiError>(warp::reply::json(&Settings {
+                        hide_last_seen: Some(hidden),
+                    }))
+                };
+                respond_api(result.await)
+            },
+        );
+    let change_settings = warp::path!("api" / "settings")
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(bearer())
+        .and(json_body::<Settings>())
+        .then(
+            |service: Arc<Service>,
+             auth: Result<String, ApiError>,
+             req: Result<Settings, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth).await?;
+                    let req = req?;
+                    if let Some(hidden) = req.hide_last_seen {
+                        service.hide_last_seen(claims.user_id, hidden).await?;
+                    }
+                    let hidden = service.hides_last_seen(claims.user_id).await?;
+                    Ok::<_, ApiError>(warp::reply::json(&Settings {
+                        hide_last_seen: Some(hidden),
+                    }))
+                };
+                respond_api(result.await)
+            },
+        );
     let report = warp::path!("api" / "reports")
         .and(warp::post())
         .and(with_service.clone())
@@ -840,7 +887,7 @@ pub fn routes(
     // Each route is boxed before they are combined: the nested type of fourteen `or`s of
     // unboxed filters took rustc over a minute and a half to check (coherence and auto traits),
     // three times per test run. A boxed filter costs one dynamic call per route tried.
-    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 24] = [
+    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 26] = [
         register.boxed(),
         login.boxed(),
         relogin.boxed(),
@@ -861,6 +908,8 @@ pub fn routes(
         unblock.boxed(),
         blocked.boxed(),
         report.boxed(),
+        settings.boxed(),
+        change_settings.boxed(),
         metrics.boxed(),
         ready.boxed(),
         admin.boxed(),

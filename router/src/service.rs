@@ -2008,7 +2008,12 @@ impl Service {
         }
         let route = self.store.routes(&[account.id]).await?.pop().flatten();
         let online = route.is_some_and(|r| r.confirmed);
-        let last_seen_ms = if online {
+        // Hidden by the user, or by the caller: who hides its own sees no one's.
+        let hidden = || async {
+            let hiding = self.store.last_seen_hidden(&[account.id, caller]).await?;
+            Ok::<_, ServiceError>(hiding.contains(&true))
+        };
+        let last_seen_ms = if online || hidden().await? {
             None
         } else {
             self.store.last_seen(account.id).await?
@@ -2019,6 +2024,19 @@ impl Service {
             online,
             last_seen_ms,
         })
+    }
+
+    /// Whether `user` hides when it was last seen.
+    pub async fn hides_last_seen(&self, user: u64) -> Result<bool, ServiceError> {
+        Ok(self.store.last_seen_hidden(&[user]).await? == [true])
+    }
+
+    /// `user` hides (or shows again) when it was last seen: a lookup by name shows it
+    /// offline without a time, and, as the price, shows `user` no one else's time either.
+    pub async fn hide_last_seen(&self, user: u64, hidden: bool) -> Result<(), ServiceError> {
+        self.store.set_last_seen_hidden(user, hidden).await?;
+        tracing::info!(user, hidden, "last seen hidden or shown");
+        Ok(())
     }
 
     /// `user` blocks `other`: `other`'s private messages to `user` are refused (`blocked`)

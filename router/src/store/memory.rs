@@ -84,6 +84,8 @@ struct Inner {
     last_seen: HashMap<u64, u64>,
     /// Users' reports of others, newest first.
     reports: VecDeque<Report>,
+    /// Users who hide when they were last seen.
+    hiding_last_seen: BTreeSet<u64>,
 }
 
 /// A named group.
@@ -370,6 +372,7 @@ impl Store for MemoryStore {
         }
         inner.blocked.remove(&user);
         inner.last_seen.remove(&user);
+        inner.hiding_last_seen.remove(&user);
         let groups = inner.memberships.remove(&user).unwrap_or_default();
         let invitations = inner.invitations.remove(&user).unwrap_or_default();
         Ok(Some(DeletedAccount {
@@ -875,6 +878,24 @@ impl Store for MemoryStore {
 
     async fn last_seen(&self, user: u64) -> Result<Option<u64>, StoreError> {
         Ok(self.inner().last_seen.get(&user).copied())
+    }
+
+    async fn last_seen_hidden(&self, users: &[u64]) -> Result<Vec<bool>, StoreError> {
+        let inner = self.inner();
+        Ok(users
+            .iter()
+            .map(|u| inner.hiding_last_seen.contains(u))
+            .collect())
+    }
+
+    async fn set_last_seen_hidden(&self, user: u64, hidden: bool) -> Result<(), StoreError> {
+        let mut inner = self.inner();
+        if hidden {
+            inner.hiding_last_seen.insert(user);
+        } else {
+            inner.hiding_last_seen.remove(&user);
+        }
+        Ok(())
     }
 
     async fn block_user(&self, user: u64, other: u64, cap: usize) -> Result<Block, StoreError> {

@@ -613,6 +613,11 @@ pub trait Store: Send + Sync + 'static {
     /// leaves the time of its login.
     async fn last_seen(&self, user: u64) -> Result<Option<u64>, StoreError>;
 
+    /// For each of `users`, in order, whether it hides when it was last seen.
+    async fn last_seen_hidden(&self, users: &[u64]) -> Result<Vec<bool>, StoreError>;
+    /// `user` hides (or shows again) when it was last seen.
+    async fn set_last_seen_hidden(&self, user: u64, hidden: bool) -> Result<(), StoreError>;
+
     /// `user` blocks `other`: `other`'s private messages to `user` are refused from now on
     /// (and so are its group invitations, by the service), unless `cap` users are blocked
     /// already.

@@ -96,6 +96,10 @@ fn group_invited_key(name: &str) -> String {
 fn last_seen_key(user: u64) -> String {
     format!("cim:{{u{user}}}:seen")
 }
+/// Present (`1`) while the user hides when it was last seen.
+fn hides_last_seen_key(user: u64) -> String {
+    format!("cim:{{u{user}}}:hides_seen")
+}
 /// The users `user` blocks (a set of ids), under `user`'s hash tag: a private message's append
 /// to `user`'s inbox reads it in the same script.
 fn blocked_key(user: u64) -> String {
@@ -1133,6 +1137,7 @@ impl Store for RedisStore {
             .key(inbox_key(user))
             .key(blocked_key(user))
             .key(last_seen_key(user))
+            .key(hides_last_seen_key(user))
             .arg(revoked_prefix(user))
             .arg(revoke_for.as_millis() as u64)
             .invoke_async(&mut conn)
@@ -1871,6 +1876,34 @@ impl Store for RedisStore {
             .map_err(unavailable)?;
         // Written by cim alone; anything else reads as not recorded.
         Ok(stored.and_then(|s| s.parse().ok()))
+    }
+
+    async fn last_seen_hidden(&self, users: &[u64]) -> Result<Vec<bool>, StoreError> {
+        let mut hidden = Vec::with_capacity(users.len());
+        for chunk in users.chunks(READ_CHUNK) {
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                pipe.exists(hides_last_seen_key(*user));
+            }
+            let found: Vec<bool> = pipe
+                .query_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
+            hidden.extend(found);
+        }
+        Ok(hidden)
+    }
+
+    async fn set_last_seen_hidden(&self, user: u64, hidden: bool) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let key = hides_last_seen_key(user);
+        let _: () = if hidden {
+            conn.set(key, 1).await
+        } else {
+            conn.del(key).await
+        }
+        .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn block_user(&self, user: u64, other: u64, cap: usize) -> Result<Block, StoreError> {
