@@ -28,7 +28,7 @@
 //! | GET | /ready | - | - | 200 when the store answers, a server is linked and a message-id node is held, else 503 `not_ready` |
 //! | GET | /metrics | - | - | Prometheus text exposition |
 //! | GET | /admin, /admin/api/state | admin token | `?token=` | the admin page and its JSON |
-//! | POST | /admin/api/users/NAME/delete | admin token | `?token=` | 200 `{id, name}`: an operator deletes the account; 404 `unknown_user` |
+//! | POST | /admin/api/users/ID/delete | admin token (`Authorization: Bearer` only) | - | 200 `{id, name}`: an operator deletes the account; 404 `unknown_user` |
 //!
 //! Every error is `{"code": "...", "message": "..."}` with a fitting status. Every bearer call
 //! but logout counts (a re-login against its token's login) against its user's per-second

@@ -1051,23 +1051,30 @@ impl Service {
         self.delete_user(claims.user_id).await
     }
 
-    /// An operator deletes the account named `name` (the admin API), as
-    /// [`Service::delete_account`] would without its password: its session is kicked
-    /// (`account deleted`), its logins end. Returns its id.
-    pub async fn delete_user_named(&self, name: &str) -> Result<u64, ServiceError> {
-        // No account has a name outside the rule: nothing else becomes a store key.
-        validate_name(name).map_err(|_| ServiceError::UnknownUser)?;
-        let account = self
-            .store
-            .account_by_name(name)
+    /// An operator deletes the account `user` (the admin API; by id, which is never given
+    /// again, as reports name it: a name may have passed to someone else since), as
+    /// [`Service::delete_account`] would without its password: its latest login ends, its
+    /// session is kicked (`account deleted`). Returns its name.
+    pub async fn delete_user_as_operator(&self, user: u64) -> Result<String, ServiceError> {
+        let name = self
+            .user_name(user)
             .await?
             .ok_or(ServiceError::UnknownUser)?;
-        self.delete_user(account.id).await?;
-        tracing::warn!(user = account.id, name, "account deleted by an operator");
-        Ok(account.id)
+        // Its latest login ends first, online or not: its tokens call nothing more while its
+        // groups are left.
+        if let Some(session) = self.store.last_login(user).await? {
+            let ttl = self.revocation_ttl(0);
+            self.store
+                .revoke_session(user, session, ttl, Revocation::LoggedOut)
+                .await?;
+        }
+        self.delete_user(user).await?;
+        tracing::warn!(user, name, "account deleted by an operator");
+        Ok(name)
     }
 
-    /// Deletes `user`'s account (see [`Service::delete_account`]) once whoever asked may.
+    /// Deletes `user`'s account (see [`Service::delete_account`]) once whoever asked may and
+    /// the login asking has ended.
     async fn delete_user(&self, user: u64) -> Result<(), ServiceError> {
         // Its session ends first: it joins nothing while its groups are left.
         self.end_route(user).await?;
@@ -1874,21 +1881,31 @@ impl Service {
         name: &str,
         user: u64,
     ) -> Result<(), ServiceError> {
+        // Checked before too: the handover voids the invitations, which a refused one must
+        // not.
+        if !self.store.user_exists(user).await? {
+            return Err(ServiceError::UnknownUser);
+        }
         match self.store.transfer_group(name, owner, user).await? {
             Transfer::Transferred if user == owner => Ok(()),
             Transfer::Transferred => {
+                // Deleted meanwhile: handed back.
                 if !self.store.user_exists(user).await? {
-                    self.store.transfer_group(name, user, owner).await?;
+                    let back = self.store.transfer_group(name, user, owner).await?;
+                    if back != Transfer::Transferred {
+                        tracing::warn!(
+                            owner,
+                            user,
+                            group = name,
+                            ?back,
+                            "group not handed back from a deleted account"
+                        );
+                    }
                     return Err(ServiceError::UnknownUser);
                 }
                 tracing::info!(owner, user, group = name, "group handed over");
                 self.announce_new_owner(owner, name, Some(user)).await;
                 Ok(())
-            }
-            // A kept id whose account is gone is told apart, so the console looks its name
-            // up again.
-            Transfer::NotMember if !self.store.user_exists(user).await? => {
-                Err(ServiceError::UnknownUser)
             }
             Transfer::NotMember => Err(ServiceError::NoSuchMember),
             Transfer::NotOwner => Err(ServiceError::NotOwner),
