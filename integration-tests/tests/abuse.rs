@@ -871,6 +871,8 @@ async fn a_body_refused_unread_is_answered_by_its_own_route() -> anyhow::Result<
         "/api/blocks",
         "/api/password",
         "/api/account/delete",
+        "/api/reports",
+        "/api/settings",
     ] {
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: cim\r\nAuthorization: Bearer {token}\r\n\
@@ -1261,6 +1263,8 @@ async fn malformed_json_and_wrong_types_get_clear_errors_on_every_endpoint() -> 
         "/api/blocks",
         "/api/password",
         "/api/account/delete",
+        "/api/reports",
+        "/api/settings",
     ];
     for path in paths {
         for body in bad_bodies {
