@@ -857,6 +857,21 @@ async fn a_request_whose_body_never_ends_is_answered_in_time() -> anyhow::Result
     scene.still_chatting().await
 }
 
+/// Every route that takes a JSON body by POST.
+const JSON_BODY_ROUTES: [&str; 11] = [
+    "/api/register",
+    "/api/login",
+    "/api/messages",
+    "/api/groups",
+    "/api/groups/club/invitations",
+    "/api/groups/club/owner",
+    "/api/blocks",
+    "/api/password",
+    "/api/account/delete",
+    "/api/reports",
+    "/api/settings",
+];
+
 /// A body refused before it is read (here: no length given) is answered as such on every
 /// route that takes one, not taken up by another route of the same path shape as an unknown
 /// group action (`POST /api/groups/NAME/ACTION`).
@@ -864,16 +879,7 @@ async fn a_request_whose_body_never_ends_is_answered_in_time() -> anyhow::Result
 async fn a_body_refused_unread_is_answered_by_its_own_route() -> anyhow::Result<()> {
     let mut scene = Scene::new().await?;
     let token = scene.alice.token();
-    for path in [
-        "/api/groups",
-        "/api/groups/club/invitations",
-        "/api/groups/club/owner",
-        "/api/blocks",
-        "/api/password",
-        "/api/account/delete",
-        "/api/reports",
-        "/api/settings",
-    ] {
+    for path in JSON_BODY_ROUTES {
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: cim\r\nAuthorization: Bearer {token}\r\n\
              Connection: close\r\n\r\n"
@@ -1253,20 +1259,7 @@ async fn malformed_json_and_wrong_types_get_clear_errors_on_every_endpoint() -> 
         r#"{"to": "x", "body": 1}"#,
         "\u{0}\u{1}",
     ];
-    let paths = [
-        "/api/register",
-        "/api/login",
-        "/api/messages",
-        "/api/groups",
-        "/api/groups/club/invitations",
-        "/api/groups/club/owner",
-        "/api/blocks",
-        "/api/password",
-        "/api/account/delete",
-        "/api/reports",
-        "/api/settings",
-    ];
-    for path in paths {
+    for path in JSON_BODY_ROUTES {
         for body in bad_bodies {
             let (status, reply) = api
                 .raw(Method::POST, path, Bytes::from(body), Some(&token))
