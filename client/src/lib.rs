@@ -431,7 +431,7 @@ pub struct GroupMemberInfo {
     pub name: String,
     /// Whether the member is online.
     pub online: bool,
-    /// Whether the member owns the group (invites and removes members).
+    /// Whether the member owns the group (invites and removes members, hands it over).
     pub owner: bool,
 }
 

@@ -29,7 +29,7 @@ pub fn send_cost(message: &ChatMessage) -> u32 {
 pub const MEMBERSHIP_CHANGE_COST: u32 = 10;
 
 /// What a group request costs: [`MEMBERSHIP_CHANGE_COST`] for a change of members (a join,
-/// a leave, an owner's invitation or removal), else one.
+/// a leave, an owner's invitation, removal or handover), else one.
 pub fn group_request_cost(request: &GroupRequest) -> u32 {
     match group_request::Op::try_from(request.op) {
         Ok(

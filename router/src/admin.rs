@@ -1,8 +1,8 @@
 //! The admin page: servers with their connections and message rates, online users, recent
 //! errors and users' reports of others, refreshed every second; and an operator's deletion of
 //! an account (`POST /admin/api/users/ID/delete`, with the token in the `Authorization`
-//! header only). Behind the admin token (`--admin-token`), given as `?token=` or
-//! `Authorization: Bearer`. Off when no token is configured.
+//! header only). Behind the admin token (`--admin-token`), given for the page and its state as
+//! `?token=` or `Authorization: Bearer`. Off when no token is configured.
 
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::api::ApiError;
-use crate::service::{Service, ServiceError};
+use crate::service::Service;
 use crate::store::Report;
 
 #[derive(Serialize)]
@@ -50,7 +50,7 @@ const REPORTS_SHOWN: usize = 100;
 /// Online users the page lists by name (it counts them all).
 const ONLINE_SHOWN: usize = 1000;
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, Default)]
 struct TokenQuery {
     token: Option<String>,
 }
@@ -190,21 +190,17 @@ pub fn routes(
         .and(warp::header::optional::<String>("authorization"))
         .then(
             |id: u64, service: Arc<Service>, h: Option<String>| async move {
-                let no_query = TokenQuery { token: None };
-                if !authorized(&service, &no_query, h.as_deref()) {
+                if !authorized(&service, &TokenQuery::default(), h.as_deref()) {
                     return denied(&service);
                 }
-                // On a task of its own: a client that hangs up does not stop a deletion half
-                // way.
-                let deletion = tokio::spawn({
+                let deletion = {
                     let service = service.clone();
                     async move { service.delete_user_as_operator(id).await }
-                });
-                match deletion.await {
-                    Ok(Ok(name)) => warp::reply::json(&serde_json::json!({"id": id, "name": name}))
+                };
+                match crate::api::to_the_end(deletion).await {
+                    Ok(name) => warp::reply::json(&serde_json::json!({"id": id, "name": name}))
                         .into_response(),
-                    Ok(Err(e)) => ApiError::from(e).into_response(),
-                    Err(e) => ApiError::from(ServiceError::Internal(e.to_string())).into_response(),
+                    Err(e) => ApiError::from(e).into_response(),
                 }
             },
         );

@@ -10,12 +10,12 @@
 //! | POST | /api/password | bearer | `{old_password, new_password}` | 200 `{}`: the password is changed, the caller's login stays; 403 `wrong_password`; 409 `password_changed` (another change came first); 429 `too_many_attempts` (5 tries a minute per user, and the address's login attempts); 400 for a new password outside 4-256 bytes or equal to the old |
 //! | POST | /api/account/delete | bearer | `{password}` | 200 `{}`: the account is deleted (its session kicked, its groups left, its inbox, blocks and last seen gone; its name free again); 403 `wrong_password`; 429 `too_many_attempts` (tries counted with password changes) |
 //! | GET | /api/users/online | bearer | `?prefix=&after=&limit=` | 200 `{users: [{id, name}], more}` (a page by name, at most 1,000) |
-//! | GET | /api/users/named/NAME | bearer | - | 200 `{id, name, online, last_seen_ms?}` (for an offline user, the latest of its logins and its sessions' ends, if recorded; a user who blocks the caller shows offline and never seen); 404 `unknown_user` (names as registered: case counts) |
+//! | GET | /api/users/named/NAME | bearer | - | 200 `{id, name, online, last_seen_ms?}` (for an offline user, the latest of its logins and its sessions' ends, if recorded and neither it nor the caller hides last seen; a user who blocks the caller shows offline and never seen); 404 `unknown_user` (names as registered: case counts) |
 //! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, msg_id_str, recipients}`, and `recipient_online` for a private message; 403 `blocked` (the recipient blocks the caller; nothing stored) |
 //! | POST | /api/groups | bearer | `{name, invite_only?}` | 201 `{name}` |
 //! | POST | /api/groups/NAME/join, /leave | bearer | - | 200 `{}`; counts 10 against the limit below (told to the other online members of a group of at most 100; a leave declines a waiting invitation); 403 `invite_only` |
 //! | POST | /api/groups/NAME/invitations | bearer (the owner) | `{user_id}` | 200 `{}`: invites the user (told to them if online; their join lets them in); 403 `not_owner`, `blocked`; 404 `unknown_group`, `unknown_user`; 409 `too_many_invitations`; counts 10 |
-//! | POST | /api/groups/NAME/owner | bearer (the owner) | `{user_id}` | 200 `{}`: hands the group to that member (told if online), the caller staying a member; 403 `not_owner`; 404 `unknown_group`, `no_such_member`; counts 10 |
+//! | POST | /api/groups/NAME/owner | bearer (the owner) | `{user_id}` | 200 `{}`: hands the group to that member (told if online), the caller staying a member; waiting invitations are void; 403 `not_owner`; 404 `unknown_group`, `no_such_member`, `unknown_user` (an account that is gone); counts 10 |
 //! | DELETE | /api/groups/NAME/members/ID | bearer (the owner) | - | 200 `{}`: removes the member (told to them and to the group) or withdraws their invitation; removing yourself is leaving; 403 `not_owner`; 404 `unknown_group`, `no_such_member`; counts 10 |
 //! | GET | /api/groups/NAME/members | bearer | - | 200 `{members: [{id, name, online, owner}]}` |
 //! | GET | /api/groups | bearer | - | 200 `{groups: [...], invitations: [...]}` (the groups whose invitations wait for the caller) |
@@ -28,7 +28,7 @@
 //! | GET | /ready | - | - | 200 when the store answers, a server is linked and a message-id node is held, else 503 `not_ready` |
 //! | GET | /metrics | - | - | Prometheus text exposition |
 //! | GET | /admin, /admin/api/state | admin token | `?token=` | the admin page and its JSON |
-//! | POST | /admin/api/users/ID/delete | admin token (`Authorization: Bearer` only) | - | 200 `{id, name}`: an operator deletes the account; 404 `unknown_user` |
+//! | POST | /admin/api/users/ID/delete | admin token (`Authorization: Bearer` only) | - | 200 `{id, name}`: an operator deletes the account; 404 `unknown_user`; 401 without the token; 404 `not_found` with the admin page off |
 //!
 //! Every error is `{"code": "...", "message": "..."}` with a fitting status. Every bearer call
 //! but logout counts (a re-login against its token's login) against its user's per-second
@@ -697,10 +697,7 @@ pub fn routes(
             |service: Arc<Service>, auth: Result<String, ApiError>| async move {
                 let result = async {
                     let claims = authenticate(&service, auth).await?;
-                    let hidden = service.hides_last_seen(claims.user_id).await?;
-                    Ok::<_, ApiError>(warp::reply::json(&Settings {
-                        hide_last_seen: Some(hidden),
-                    }))
+                    settings_of(&service, claims.user_id).await
                 };
                 respond_api(result.await)
             },
@@ -720,10 +717,7 @@ pub fn routes(
                     if let Some(hidden) = req.hide_last_seen {
                         service.hide_last_seen(claims.user_id, hidden).await?;
                     }
-                    let hidden = service.hides_last_seen(claims.user_id).await?;
-                    Ok::<_, ApiError>(warp::reply::json(&Settings {
-                        hide_last_seen: Some(hidden),
-                    }))
+                    settings_of(&service, claims.user_id).await
                 };
                 respond_api(result.await)
             },
@@ -766,14 +760,10 @@ pub fn routes(
                     let claims = authenticate(&service, auth).await?;
                     let req = req?;
                     let peer = peer.map(|p| address_key(p.0.ip()));
-                    // On a task of its own: a client that hangs up does not stop a deletion
-                    // half way.
-                    let deletion = tokio::spawn(async move {
+                    to_the_end(async move {
                         service.delete_account(&claims, &req.password, peer).await
-                    });
-                    deletion
-                        .await
-                        .map_err(|e| ServiceError::Internal(e.to_string()))??;
+                    })
+                    .await?;
                     Ok::<_, ApiError>(warp::reply::json(&serde_json::json!({})))
                 };
                 respond_api(result.await)
@@ -884,7 +874,7 @@ pub fn routes(
             .into_response()
         });
 
-    // Each route is boxed before they are combined: the nested type of fourteen `or`s of
+    // Each route is boxed before they are combined: the nested type of (then) fourteen `or`s of
     // unboxed filters took rustc over a minute and a half to check (coherence and auto traits),
     // three times per test run. A boxed filter costs one dynamic call per route tried.
     let [first, rest @ ..]: [BoxedFilter<(Response,)>; 26] = [
@@ -1016,6 +1006,24 @@ async fn authenticate_as(
         return Err(ServiceError::Unauthorized("the session has ended".into()).into());
     }
     Ok(claims)
+}
+
+/// `user`'s settings, as answered.
+async fn settings_of(service: &Service, user: u64) -> Result<warp::reply::Json, ApiError> {
+    let hidden = service.hides_last_seen(user).await?;
+    Ok(warp::reply::json(&Settings {
+        hide_last_seen: Some(hidden),
+    }))
+}
+
+/// Runs `work` (a deletion) on a task of its own, so that a client hanging up does not stop
+/// it half way, and waits for it.
+pub(crate) async fn to_the_end<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, ServiceError>> + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))?
 }
 
 fn respond_api<R: Reply>(result: Result<R, ApiError>) -> Response {

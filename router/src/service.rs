@@ -73,7 +73,8 @@ pub struct NamedUser {
     pub name: String,
     /// Whether the user has a session now.
     pub online: bool,
-    /// When an offline user was last seen (ms since the Unix epoch), if recorded.
+    /// When an offline user was last seen (ms since the Unix epoch), if recorded and neither
+    /// it nor the asker hides last seen.
     pub last_seen_ms: Option<u64>,
 }
 
@@ -189,11 +190,12 @@ pub enum ServiceError {
     /// A join of an invite-only group.
     #[error("the group is invite-only: join it once its owner invited you")]
     InviteOnly,
-    /// An invitation or a removal by someone who does not own the group.
-    #[error("only the group's owner invites and removes members")]
+    /// An invitation, a removal or a handover by someone who does not own the group.
+    #[error("only the group's owner invites, removes members and hands the group over")]
     NotOwner,
-    /// A removal of a user who is neither in the group nor invited.
-    #[error("that user is neither a member of the group nor invited")]
+    /// A removal of a user who is neither in the group nor invited, or a handover to a user
+    /// who is not a member.
+    #[error("that user is not a member of the group (nor, for a removal, invited)")]
     NoSuchMember,
     /// As many invitations wait as the group may have members, or 1,000 for the user.
     #[error("too many invitations wait for an answer")]
@@ -385,7 +387,7 @@ pub struct Service {
     /// failed logins).
     password_checks: Mutex<WindowCounter<u64>>,
     /// Reports made per user in the last minute ([`REPORTS_PER_USER`]).
-    reports: Mutex<WindowCounter<u64>>,
+    report_counts: Mutex<WindowCounter<u64>>,
     login_attempts: Mutex<WindowCounter<IpAddr>>,
     /// Registrations per address per minute.
     registrations: Mutex<WindowCounter<IpAddr>>,
@@ -536,7 +538,7 @@ impl Service {
         Self {
             login_failures: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             password_checks: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
-            reports: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
+            report_counts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             login_attempts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             registrations: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             api_requests: Mutex::new(WindowCounter::new(API_WINDOW, 100_000)),
@@ -1167,9 +1169,12 @@ impl Service {
             .try_collect::<()>()
             .await?;
         futures_util::stream::iter(invitations)
-            .map(|group| async move { self.store.decline_invitation(&group, user).await })
+            .map(|group| async move {
+                self.store.decline_invitation(&group, user).await?;
+                Ok::<_, StoreError>(())
+            })
             .buffer_unordered(LEAVES_AT_ONCE)
-            .try_collect::<Vec<bool>>()
+            .try_collect::<()>()
             .await?;
         Ok(())
     }
@@ -2006,7 +2011,8 @@ impl Service {
     /// The account named `name` (names are as registered: case counts), whether it is online,
     /// and if not when it was last seen, for `caller`: how a user finds the id of someone
     /// offline, whom the online list leaves out. A user who blocks `caller` shows offline and
-    /// never seen to it, as the online list cannot hide them.
+    /// never seen to it, as the online list cannot hide them; a user who hides its last seen
+    /// shows none, and a `caller` who hides its own sees none.
     pub async fn user_named(&self, caller: u64, name: &str) -> Result<NamedUser, ServiceError> {
         // No account has a name outside the rule: nothing else becomes a store key.
         validate_name(name).map_err(|_| ServiceError::UnknownUser)?;
@@ -2026,11 +2032,11 @@ impl Service {
         let route = self.store.routes(&[account.id]).await?.pop().flatten();
         let online = route.is_some_and(|r| r.confirmed);
         // Hidden by the user, or by the caller: who hides its own sees no one's.
-        let hidden = || async {
+        let hidden = async {
             let hiding = self.store.last_seen_hidden(&[account.id, caller]).await?;
             Ok::<_, ServiceError>(hiding.contains(&true))
         };
-        let last_seen_ms = if online || hidden().await? {
+        let last_seen_ms = if online || hidden.await? {
             None
         } else {
             self.store.last_seen(account.id).await?
@@ -2108,7 +2114,7 @@ impl Service {
             ));
         }
         let reporter = claims.user_id;
-        let count = lock(&self.reports).hit(reporter, Instant::now());
+        let count = lock(&self.report_counts).hit(reporter, Instant::now());
         self.within_limit(
             (count, 1),
             REPORTS_PER_USER,

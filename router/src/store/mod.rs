@@ -384,7 +384,8 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Creates an account with a fresh id; fails with [`StoreError::NameTaken`] if the name
-    /// exists.
+    /// is an account's (a name left naming a deleted account, by a deletion that stopped
+    /// before freeing it, is taken over).
     async fn create_account(&self, name: &str, password_hash: &str) -> Result<Account, StoreError>;
     /// Looks up an account by name.
     async fn account_by_name(&self, name: &str) -> Result<Option<Account>, StoreError>;
@@ -420,7 +421,9 @@ pub trait Store: Send + Sync + 'static {
     /// the server does not confirm within `pending_lease` lapses. A won claim also ends, in
     /// the same step, the logins it replaces (the replaced route's session and the user's
     /// last login, see [`Claim::Won`]): revoked as [`Revocation::Replaced`] for
-    /// `replaced_for`, so a claim whose answer is lost leaves none of them live.
+    /// `replaced_for`, so a claim whose answer is lost leaves none of them live. A user
+    /// without an account (deleted after its password or token was checked) gets
+    /// [`Claim::NoAccount`], and nothing is claimed.
     async fn claim_route(
         &self,
         user: u64,
