@@ -53,6 +53,10 @@ pub struct RouterMetrics {
     /// Group sends waiting for their group's turn (a send of the same group, or of one that
     /// shares its lock, is being stored): a hot group shows here.
     pub group_sends_waiting: Gauge,
+    /// Accounts deleted, by their users or by an operator.
+    pub accounts_deleted: Counter,
+    /// Reports users made of others.
+    pub reports: Counter,
 }
 
 impl RouterMetrics {
@@ -119,6 +123,12 @@ impl RouterMetrics {
             "Group sends waiting for their group's turn",
             m.group_sends_waiting.clone(),
         );
+        r.register(
+            "accounts_deleted",
+            "Accounts deleted, by their users or by an operator",
+            m.accounts_deleted.clone(),
+        );
+        r.register("reports", "Reports users made of others", m.reports.clone());
         Arc::new(m)
     }
 
@@ -140,6 +150,8 @@ impl RouterMetrics {
             https_resumed: Counter::default(),
             departed_routes: Counter::default(),
             group_sends_waiting: Gauge::default(),
+            accounts_deleted: Counter::default(),
+            reports: Counter::default(),
         }
     }
 

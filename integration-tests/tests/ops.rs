@@ -298,6 +298,12 @@ async fn a_reported_account_is_deleted_by_an_operator() -> anyhow::Result<()> {
         matches!(err.code(), Some("unauthorized" | "session_ended")),
         "{err}"
     );
+    let metrics = cim_integration_tests::router_metrics(&api).await?;
+    assert_eq!(
+        metric_value(&metrics, "cim_router_accounts_deleted_total")?,
+        2.0
+    );
+    assert_eq!(metric_value(&metrics, "cim_router_reports_total")?, 9.0);
     Ok(())
 }
 

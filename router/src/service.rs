@@ -1090,6 +1090,7 @@ impl Service {
             return Ok(());
         };
         tracing::info!(user, name = %deleted.name, "account deleted");
+        self.config.metrics.accounts_deleted.inc();
         // A login whose password check came before the deletion may have claimed a route
         // after the end above (the store step revoked it; no claim wins from now on): its
         // session ends too, and the groups it joined meanwhile are left (without telling:
@@ -2134,6 +2135,7 @@ impl Service {
             reason: reason.to_string(),
         };
         self.store.add_report(&report, MAX_REPORTS_KEPT).await?;
+        self.config.metrics.reports.inc();
         tracing::warn!(reporter, reported = user, reason, "user reported");
         Ok(reported)
     }
