@@ -990,13 +990,16 @@ async fn a_user_is_in_at_most_so_many_groups() -> anyhow::Result<()> {
 /// A join or a group's creation that lands after its user's account was deleted (a session's
 /// in-band request that passed its checks before the deletion) is undone and refused
 /// `unknown_user`: no group keeps a member that is gone, who could even come to own it; nor
-/// is a group handed to a member whose account is gone (its clean-up not done).
+/// is a group handed to a member whose account is gone (its clean-up not done), nor passed to
+/// one when its owner leaves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_for_a_deleted_account_is_undone() -> anyhow::Result<()> {
     let cluster = cluster(1).await?;
     let (alice, _alice_events) = cluster.user("alice").await?;
     let (bob, _bob_events) = cluster.user("bob").await?;
+    let (carol, _carol_events) = cluster.user("carol").await?;
     let (alice_id, bob_id) = (alice.info().user_id, bob.info().user_id);
+    assert!(alice_id < bob_id, "Alice, the lowest id, is the heir");
     bob.create_group("open").await?;
     bob.create_group("kept").await?;
     alice.join_group("kept").await?;
@@ -1029,6 +1032,15 @@ async fn a_change_for_a_deleted_account_is_undone() -> anyhow::Result<()> {
         store.group_info("kept").await?.map(|g| g.owner),
         Some(bob_id)
     );
+    // Bob leaves: the group passes over Alice, who is gone, to Carol.
+    carol.join_group("kept").await?;
+    bob.leave_group("kept").await?;
+    let carol_id = carol.info().user_id;
+    assert_eq!(
+        store.group_info("kept").await?.map(|g| g.owner),
+        Some(carol_id)
+    );
+    assert_eq!(store.group_members("kept").await?, Some(vec![carol_id]));
     Ok(())
 }
 

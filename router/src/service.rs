@@ -109,6 +109,8 @@ pub const MAX_REPORT_REASON: usize = 500;
 /// Reports one user may make per [`LOGIN_WINDOW`]: the list is shared and capped, and one
 /// user's flood must not push everyone else's reports out of it.
 const REPORTS_PER_USER: u32 = 10;
+/// Heirs whose accounts are gone that one owner's leave takes out of the group, at most.
+const DELETED_HEIRS_PASSED: usize = 16;
 /// Groups a deleted account leaves at once (and invitations it declines).
 const LEAVES_AT_ONCE: usize = 16;
 /// Why the session of an account being deleted ends (its `Kick`).
@@ -1943,6 +1945,7 @@ impl Service {
         if self.store.leave_group(name, user).await? {
             self.announce_group_change(user, name, false, None).await;
             if owned {
+                self.pass_over_deleted_heirs(name).await?;
                 self.announce_new_owner(user, name, None).await;
             }
             Ok(())
@@ -1953,6 +1956,28 @@ impl Service {
         } else {
             Err(ServiceError::NotMember)
         }
+    }
+
+    /// Takes out of group `name` an heir whose account is gone (a deletion whose tidying
+    /// failed left it a member), so the group passes on to a member who can act as its owner:
+    /// a group owned by no one who can would be stuck. At most [`DELETED_HEIRS_PASSED`] in a
+    /// row.
+    async fn pass_over_deleted_heirs(&self, name: &str) -> Result<(), ServiceError> {
+        for _ in 0..DELETED_HEIRS_PASSED {
+            let Some(info) = self.store.group_info(name).await? else {
+                return Ok(());
+            };
+            if self.store.user_exists(info.owner).await? {
+                return Ok(());
+            }
+            tracing::warn!(
+                user = info.owner,
+                group = name,
+                "deleted heir taken out of the group"
+            );
+            self.store.leave_group(name, info.owner).await?;
+        }
+        Ok(())
     }
 
     /// Members of a group with their presence, sorted by name, for `caller`, who must be one:
