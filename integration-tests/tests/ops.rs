@@ -169,6 +169,10 @@ async fn the_admin_page_shows_the_live_cluster_in_a_real_browser() -> anyhow::Re
         dom.contains(r#"<td class="reason">&lt;b&gt;spam&lt;/b&gt;</td>"#),
         "the report is not listed:\n{dom}"
     );
+    assert!(
+        dom.contains(r#"<button class="delete-account">Delete account</button>"#),
+        "the report has no deletion button:\n{dom}"
+    );
     Ok(())
 }
 

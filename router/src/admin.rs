@@ -237,11 +237,12 @@ const PAGE: &str = r##"<!doctype html>
   <tbody></tbody>
 </table>
 <h2>Reports</h2>
-<p>Users' reports of others, newest first. To delete a reported account:
-<code>POST /admin/api/users/ID/delete</code> with <code>Authorization: Bearer</code> and the
-admin token.</p>
+<p>Users' reports of others, newest first. "Delete account" deletes the reported account
+for good, after a confirmation (the API: <code>POST /admin/api/users/ID/delete</code> with
+<code>Authorization: Bearer</code> and the admin token).</p>
+<p id="deletion"></p>
 <table id="reports">
-  <thead><tr><th>time</th><th>by</th><th>reported</th><th>reason</th></tr></thead>
+  <thead><tr><th>time</th><th>by</th><th>reported</th><th>reason</th><th></th></tr></thead>
   <tbody></tbody>
 </table>
 <script>
@@ -304,11 +305,35 @@ async function refresh() {
       cell(row, r.reporter + " (" + r.reporter_id + ")", "reporter");
       cell(row, r.reported + " (" + r.reported_id + ")", "reported");
       cell(row, r.reason, "reason");
+      const td = document.createElement("td");
+      const button = document.createElement("button");
+      button.className = "delete-account";
+      button.textContent = "Delete account";
+      button.onclick = () => deleteAccount(r.reported_id, r.reported);
+      td.appendChild(button);
+      row.appendChild(td);
       reports.appendChild(row);
     }
     document.getElementById("status").textContent = "updated " + new Date(now).toISOString();
   } catch (err) {
     document.getElementById("status").textContent = "refresh failed: " + err;
+  }
+}
+async function deleteAccount(id, name) {
+  if (!confirm("Delete the account " + name + " (" + id + ") for good?")) return;
+  const said = document.getElementById("deletion");
+  try {
+    // The token in the header: the deletion takes it nowhere else.
+    const res = await fetch("/admin/api/users/" + id + "/delete", {
+      method: "POST",
+      headers: { Authorization: "Bearer " + token },
+    });
+    const body = await res.json();
+    said.textContent = res.ok
+      ? "deleted " + body.name + " (" + body.id + ")"
+      : "not deleted: " + body.code + ": " + body.message;
+  } catch (err) {
+    said.textContent = "not deleted: " + err;
   }
 }
 refresh();
