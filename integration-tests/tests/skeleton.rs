@@ -1319,6 +1319,8 @@ async fn a_deleted_account_leaves_its_groups_and_frees_its_name() -> anyhow::Res
     bob.join_group("club").await?;
     bob.create_invite_only_group("den").await?;
     bob.invite("den", alice_id).await?;
+    let (carol, _carol_events) = cluster.user("carol").await?;
+    carol.block(alice_id).await?;
 
     let err = alice.delete_account("wrong").await.unwrap_err();
     assert_eq!(err.code(), Some("wrong_password"), "{err}");
@@ -1388,6 +1390,10 @@ async fn a_deleted_account_leaves_its_groups_and_frees_its_name() -> anyhow::Res
     assert!(bob.find_user("alice").await?.is_none());
     // Her invitation to the den was declined: a new one is stored afresh.
     let store = &cluster.embedded.store;
+    // Carol's block of her is listed no more, and no longer counts against Carol's cap.
+    assert!(carol.blocked_users().await?.is_empty());
+    let carol_id = carol.info().user_id;
+    assert!(store.blocked_users(carol_id).await?.is_empty());
     let again = store
         .invite("den", bob.info().user_id, alice_id, 100)
         .await?;

@@ -2170,13 +2170,18 @@ impl Service {
         Ok(self.store.reports(limit).await?)
     }
 
-    /// The users `user` blocks, by id.
+    /// The users `user` blocks, by id. Blocks of accounts deleted since are dropped here, so
+    /// they stop counting against [`MAX_BLOCKED`].
     pub async fn blocked_users(&self, user: u64) -> Result<Vec<BlockedUser>, ServiceError> {
         let ids = self.store.blocked_users(user).await?;
-        Ok(self
-            .store
-            .accounts_by_id(&ids)
-            .await?
+        let accounts = self.store.accounts_by_id(&ids).await?;
+        if accounts.len() < ids.len() {
+            let live: std::collections::HashSet<u64> = accounts.iter().map(|a| a.id).collect();
+            for gone in ids.iter().filter(|id| !live.contains(id)) {
+                self.store.unblock_user(user, *gone).await?;
+            }
+        }
+        Ok(accounts
             .into_iter()
             .map(|a| BlockedUser {
                 id: a.id,
