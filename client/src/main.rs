@@ -319,10 +319,7 @@ async fn chat(
             let _ = worker.await;
             println!("account deleted; bye");
             dropped(&pending, &failed, "account deleted");
-            if failed.load(Ordering::Relaxed) > 0 {
-                return ExitCode::from(COMMANDS_FAILED_EXIT);
-            }
-            return ExitCode::SUCCESS;
+            return quit_status(&failed);
         }
         Ending::Ended(why) => {
             worker.abort();
@@ -375,11 +372,17 @@ async fn chat(
         Err(_) => eprintln!("! logout: the client is still in use"),
     }
     println!("bye");
+    quit_status(&failed)
+}
+
+/// The exit status of a console the user ended: a script piping commands in can tell that
+/// not everything went out.
+fn quit_status(failed: &AtomicUsize) -> ExitCode {
     if failed.load(Ordering::Relaxed) > 0 {
-        // A script piping commands in can tell that not everything went out.
-        return ExitCode::from(COMMANDS_FAILED_EXIT);
+        ExitCode::from(COMMANDS_FAILED_EXIT)
+    } else {
+        ExitCode::SUCCESS
     }
-    ExitCode::SUCCESS
 }
 
 /// The exit status when registering or logging in failed.

@@ -815,29 +815,18 @@ async fn group_command(
             .map(|()| GroupResult::default()),
         // `done`: an older router answers these as MINE, which its client must not take for
         // a change made.
-        group_request::Op::Invite => {
-            service
-                .invite(user, name, request.user_id)
-                .await
-                .map(|()| GroupResult {
-                    done: true,
-                    ..Default::default()
-                })
-        }
+        group_request::Op::Invite => service
+            .invite(user, name, request.user_id)
+            .await
+            .map(|()| done()),
         group_request::Op::Remove => service
             .remove_member(user, name, request.user_id)
             .await
-            .map(|()| GroupResult {
-                done: true,
-                ..Default::default()
-            }),
+            .map(|()| done()),
         group_request::Op::Transfer => service
             .transfer_group(user, name, request.user_id)
             .await
-            .map(|()| GroupResult {
-                done: true,
-                ..Default::default()
-            }),
+            .map(|()| done()),
         group_request::Op::Members => {
             service
                 .group_members(user, name)
@@ -866,6 +855,15 @@ async fn group_command(
         message: e.to_string(),
         ..Default::default()
     })
+}
+
+/// The answer to an owner's change (INVITE, REMOVE, TRANSFER): `done`, which an older router,
+/// answering such ops as MINE, leaves unset for its client to tell.
+fn done() -> GroupResult {
+    GroupResult {
+        done: true,
+        ..Default::default()
+    }
 }
 
 /// Answers a batch of session reports: `answer` for each, side by side, the results in order.

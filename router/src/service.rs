@@ -1060,17 +1060,11 @@ impl Service {
     /// [`Service::delete_account`] would without its password: its latest login ends, its
     /// session is kicked (`account deleted`). Returns its name.
     pub async fn delete_user_as_operator(&self, user: u64) -> Result<String, ServiceError> {
-        let name = self
-            .user_name(user)
-            .await?
-            .ok_or(ServiceError::UnknownUser)?;
+        let name = self.known_name(user).await?;
         // Its latest login ends first, online or not: its tokens call nothing more while its
         // groups are left.
         if let Some(session) = self.store.last_login(user).await? {
-            let ttl = self.revocation_ttl(0);
-            self.store
-                .revoke_session(user, session, ttl, Revocation::LoggedOut)
-                .await?;
+            self.revoke_login(user, session).await?;
         }
         self.delete_user(user).await?;
         tracing::warn!(user, name, "account deleted by an operator");
@@ -1137,16 +1131,24 @@ impl Service {
         let Some(route) = self.store.routes(&[user]).await?.pop().flatten() else {
             return Ok(());
         };
-        let ttl = self.revocation_ttl(0);
-        self.store
-            .revoke_session(user, route.session_id, ttl, Revocation::LoggedOut)
-            .await?;
+        self.revoke_login(user, route.session_id).await?;
         self.kick_route(user, &route, ACCOUNT_DELETED).await;
-        if self
+        self.release_session(user, route.session_id).await
+    }
+
+    /// Ends `user`'s login `session` as logged out, for as long as any token of it may live.
+    async fn revoke_login(&self, user: u64, session: u64) -> Result<(), ServiceError> {
+        let ttl = self.revocation_ttl(0);
+        Ok(self
             .store
-            .release_route(user, route.session_id, None)
-            .await?
-        {
+            .revoke_session(user, session, ttl, Revocation::LoggedOut)
+            .await?)
+    }
+
+    /// Releases `user`'s route if `session` holds it, and tells the user's groups it left (if
+    /// the session had already closed, its server announced the departure).
+    async fn release_session(&self, user: u64, session: u64) -> Result<(), ServiceError> {
+        if self.store.release_route(user, session, None).await? {
             self.announce_presence(user, false);
         }
         Ok(())
@@ -1309,14 +1311,8 @@ impl Service {
         {
             self.kick_route(claims.user_id, route, "logged out").await;
         }
-        let released = self
-            .store
-            .release_route(claims.user_id, claims.session_id, None)
+        self.release_session(claims.user_id, claims.session_id)
             .await?;
-        // If the session had already closed, its server announced the departure.
-        if released {
-            self.announce_presence(claims.user_id, false);
-        }
         tracing::info!(user = claims.user_id, "logout");
         Ok(())
     }
@@ -1823,9 +1819,7 @@ impl Service {
             Some(info) if info.owner != owner => return Err(ServiceError::NotOwner),
             Some(_) => {}
         }
-        if self.user_name(user).await?.is_none() {
-            return Err(ServiceError::UnknownUser);
-        }
+        self.known_name(user).await?;
         if self.store.blocks(user, owner).await? {
             return Err(ServiceError::Blocked);
         }
@@ -2095,10 +2089,7 @@ impl Service {
         if other == user {
             return Err(ServiceError::BadRequest("you cannot block yourself".into()));
         }
-        let name = self
-            .user_name(other)
-            .await?
-            .ok_or(ServiceError::UnknownUser)?;
+        let name = self.known_name(other).await?;
         match self.store.block_user(user, other, MAX_BLOCKED).await? {
             Block::Blocked => {
                 tracing::info!(user, blocked = other, "user blocked");
@@ -2147,10 +2138,7 @@ impl Service {
             "too many reports this minute; retry in a minute",
             || format!("reports of user {reporter} over the limit"),
         )?;
-        let reported = self
-            .user_name(user)
-            .await?
-            .ok_or(ServiceError::UnknownUser)?;
+        let reported = self.known_name(user).await?;
         let report = Report {
             at_ms: now_ms(),
             reporter_id: reporter,
@@ -2341,6 +2329,11 @@ impl Service {
     }
 
     /// The name of `user`'s account, if it has one.
+    /// `user`'s name, or `unknown_user` if there is no such account.
+    async fn known_name(&self, user: u64) -> Result<String, ServiceError> {
+        self.user_name(user).await?.ok_or(ServiceError::UnknownUser)
+    }
+
     async fn user_name(&self, user: u64) -> Result<Option<String>, ServiceError> {
         Ok(self
             .store

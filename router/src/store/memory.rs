@@ -192,6 +192,18 @@ impl Inner {
         }
     }
 
+    /// Voids every invitation waiting in group `name` (deleted, passed on or handed over:
+    /// the invitations go with its owner).
+    fn void_invitations(&mut self, name: &str) {
+        let void = match self.groups.get_mut(name) {
+            Some(group) => std::mem::take(&mut group.invited),
+            None => return,
+        };
+        for invited in void {
+            self.uninvite(invited, name);
+        }
+    }
+
     /// Why `session_id` of `user` was revoked, if it was and the mark has not expired.
     fn revocation(&self, user: u64, session_id: u64, now: Instant) -> Option<Revocation> {
         self.revoked
@@ -763,10 +775,7 @@ impl Store for MemoryStore {
         if user != owner {
             group.owner = user;
             // As when an owner leaves: the new owner could not see them.
-            let void = std::mem::take(&mut group.invited);
-            for invited in void {
-                inner.uninvite(invited, name);
-            }
+            inner.void_invitations(name);
         }
         Ok(Transfer::Transferred)
     }
@@ -805,25 +814,22 @@ impl Store for MemoryStore {
 
     async fn leave_group(&self, name: &str, user: u64) -> Result<bool, StoreError> {
         let mut inner = self.inner();
-        let (was, now_empty, void) = match inner.groups.get_mut(name) {
+        let (was, now_empty, voided) = match inner.groups.get_mut(name) {
             Some(group) => {
                 let was = group.members.remove(&user);
-                let mut void = BTreeSet::new();
                 // Deleted, or passed on: the invitations go either way.
-                if group.members.is_empty() || group.owner == user {
-                    void = std::mem::take(&mut group.invited);
-                }
+                let voided = group.members.is_empty() || group.owner == user;
                 if let Some(&heir) = group.members.first()
                     && group.owner == user
                 {
                     group.owner = heir;
                 }
-                (was, group.members.is_empty(), void)
+                (was, group.members.is_empty(), voided)
             }
-            None => (false, false, BTreeSet::new()),
+            None => (false, false, false),
         };
-        for invited in void {
-            inner.uninvite(invited, name);
+        if voided {
+            inner.void_invitations(name);
         }
         if now_empty {
             inner.groups.remove(name);
