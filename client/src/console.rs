@@ -120,6 +120,9 @@ pub enum Command {
     DeleteAccount(Secret),
     /// `:lastseen [hide|show]`: whether others see when I was last seen (and I theirs).
     LastSeen(Option<bool>),
+    /// `:receipts [hide|show]`: who read my private messages; or whether I give read
+    /// receipts (and get others').
+    Receipts(Option<bool>),
     /// `:report USER [REASON]`: report a user to the operators.
     Report {
         /// The user reported.
@@ -168,6 +171,8 @@ commands:
   :blocked             list the users you block
   :lastseen [hide|show]
                        hide when you were last seen (and see no one's), or show it again
+  :receipts            list who read your private messages (they are told when you read theirs)
+  :receipts hide|show  give no read receipts (and get none), or give them again
   :report <user> [reason]
                        report a user (spam, abuse) to the cluster's operators
   :who <name>          show a user's id, and whether they are online or when last seen
@@ -220,12 +225,22 @@ pub fn parse(line: &str) -> Command {
                     "use :password <old> <new> (passwords without blanks here)".into(),
                 ),
             },
-            "lastseen" => match arg.as_str() {
-                "" => Command::LastSeen(None),
-                "hide" => Command::LastSeen(Some(true)),
-                "show" => Command::LastSeen(Some(false)),
-                _ => Command::Invalid("use :lastseen, :lastseen hide or :lastseen show".into()),
-            },
+            "lastseen" | "receipts" => {
+                let hide = match arg.as_str() {
+                    "" => None,
+                    "hide" => Some(true),
+                    "show" => Some(false),
+                    _ => {
+                        let use_ = format!("use :{verb}, :{verb} hide or :{verb} show");
+                        return Command::Invalid(use_);
+                    }
+                };
+                if verb == "lastseen" {
+                    Command::LastSeen(hide)
+                } else {
+                    Command::Receipts(hide)
+                }
+            }
             "report" => {
                 let (user, reason) = arg.split_once(char::is_whitespace).unwrap_or((&arg, ""));
                 match UserRef::parse(user) {
@@ -537,6 +552,10 @@ mod tests {
         assert_eq!(parse(":lastseen hide"), Command::LastSeen(Some(true)));
         assert_eq!(parse(":LastSeen show"), Command::LastSeen(Some(false)));
         assert!(matches!(parse(":lastseen off"), Command::Invalid(_)));
+        assert_eq!(parse(":receipts"), Command::Receipts(None));
+        assert_eq!(parse(":receipts hide"), Command::Receipts(Some(true)));
+        assert_eq!(parse(":Receipts show"), Command::Receipts(Some(false)));
+        assert!(matches!(parse(":receipts bob"), Command::Invalid(_)));
         assert!(matches!(parse(":report b!b spam"), Command::Invalid(_)));
         assert_eq!(
             parse(":delete-account my-pw"),

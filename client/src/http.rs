@@ -79,6 +79,29 @@ pub struct BlockReply {
 pub struct Settings {
     /// Whether we hide when we were last seen (and so see no one else's).
     pub hide_last_seen: bool,
+    /// Whether we give no read receipts (and so are given none). False from a router older
+    /// than read receipts.
+    #[serde(default)]
+    pub hide_read_receipts: bool,
+}
+
+/// A reader's receipt for our private messages, as the router keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ReadReceipt {
+    /// Who read.
+    #[serde(rename = "id")]
+    pub user_id: u64,
+    /// Its name.
+    pub name: String,
+    /// The latest of our messages it read.
+    pub up_to_msg_id: u64,
+    /// When, ms since the Unix epoch.
+    pub read_at_ms: u64,
+}
+
+#[derive(Deserialize)]
+struct ReceiptList {
+    receipts: Vec<ReadReceipt>,
 }
 
 /// A user, as the router names it (the answer to a report).
@@ -330,11 +353,33 @@ impl RouterApi {
             .await
     }
 
-    /// Hides (or shows again) when we were last seen; returns the settings after it.
-    pub async fn hide_last_seen(&self, token: &str, hidden: bool) -> Result<Settings, ClientError> {
-        let body = serde_json::json!({ "hide_last_seen": hidden });
+    /// Changes one setting, `hide_...`, to `hidden`; returns the settings after it.
+    pub async fn hide(
+        &self,
+        token: &str,
+        setting: &str,
+        hidden: bool,
+    ) -> Result<Settings, ClientError> {
+        let body = serde_json::json!({ setting: hidden });
         self.call(Method::POST, "/api/settings", Some(&body), Some(token))
             .await
+    }
+
+    /// Tells `user` we read its private messages up to `msg_id`.
+    pub async fn mark_read(&self, token: &str, user: u64, msg_id: u64) -> Result<(), ClientError> {
+        let body = serde_json::json!({ "user_id": user, "msg_id": msg_id });
+        let _: serde_json::Value = self
+            .call(Method::POST, "/api/receipts", Some(&body), Some(token))
+            .await?;
+        Ok(())
+    }
+
+    /// Who read our private messages, how far, the latest first.
+    pub async fn read_receipts(&self, token: &str) -> Result<Vec<ReadReceipt>, ClientError> {
+        let list: ReceiptList = self
+            .call::<(), _>(Method::GET, "/api/receipts", None, Some(token))
+            .await?;
+        Ok(list.receipts)
     }
 
     /// Reports `user` to the operators, with `reason` (at most 500 bytes, may be empty);

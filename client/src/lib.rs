@@ -50,10 +50,13 @@ pub mod console;
 pub mod history;
 mod http;
 mod presence;
+pub mod receipts;
 pub mod reorder;
 
 use batch::{Carried, SendQueue};
-pub use http::{BlockReply, BlockedUser, NamedUser, OnlinePage, OnlineUser, RouterApi, Settings};
+pub use http::{
+    BlockReply, BlockedUser, NamedUser, OnlinePage, OnlineUser, ReadReceipt, RouterApi, Settings,
+};
 use reorder::{Backoff, Reorder};
 
 /// Largest control frame.
@@ -411,6 +414,10 @@ pub enum Event {
         /// Its name.
         by_name: String,
     },
+    /// A user read our private messages to them up to `up_to_msg_id` (as far as it says,
+    /// those before it too). Best effort: told only if we are online then;
+    /// [`Client::read_receipts`] lists the latest of each reader.
+    Read(ReadReceipt),
 }
 
 /// [`Client::groups_and_invitations`]'s answer.
@@ -1340,7 +1347,7 @@ impl Client {
         self.shared.api.unblock(&token, user).await
     }
 
-    /// Our settings (whether we hide when we were last seen).
+    /// Our settings (whether we hide when we were last seen, and read receipts).
     pub async fn settings(&self) -> Result<Settings, ClientError> {
         let token = self.token();
         self.shared.api.settings(&token).await
@@ -1350,7 +1357,36 @@ impl Client {
     /// offline without a time, and, as the price, ours shows no one's time either.
     pub async fn hide_last_seen(&self, hidden: bool) -> Result<Settings, ClientError> {
         let token = self.token();
-        self.shared.api.hide_last_seen(&token, hidden).await
+        self.shared.api.hide(&token, "hide_last_seen", hidden).await
+    }
+
+    /// Stops giving read receipts (or gives them again): [`Client::mark_read`] then tells no
+    /// one, and, as the price, no one's receipts reach us ([`Event::Read`],
+    /// [`Client::read_receipts`]).
+    pub async fn hide_read_receipts(&self, hidden: bool) -> Result<Settings, ClientError> {
+        let token = self.token();
+        self.shared
+            .api
+            .hide(&token, "hide_read_receipts", hidden)
+            .await
+    }
+
+    /// Tells `user` that we read its private messages up to `msg_id` (an
+    /// [`IncomingMessage::msg_id`] of theirs): they get an [`Event::Read`] if online, and
+    /// their [`Client::read_receipts`] lists it. Nothing is told, and no error says so, when
+    /// either of us hides read receipts or they block us. At most 600 a minute: give one for
+    /// the latest message of a conversation, not one for each (`unknown_user` for an account
+    /// that is gone).
+    pub async fn mark_read(&self, user: u64, msg_id: u64) -> Result<(), ClientError> {
+        let token = self.token();
+        self.shared.api.mark_read(&token, user, msg_id).await
+    }
+
+    /// Who read our private messages, how far (the latest receipt of each reader, the latest
+    /// first; kept a month, for at most 1,000 readers). Empty while we hide read receipts.
+    pub async fn read_receipts(&self) -> Result<Vec<ReadReceipt>, ClientError> {
+        let token = self.token();
+        self.shared.api.read_receipts(&token).await
     }
 
     /// Reports `user` to the cluster's operators (spam, abuse), with `reason` in our words (at
@@ -1922,6 +1958,10 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                     }
                     Some(server_control::Kind::GroupInvite(i)) => {
                         let event = Event::GroupInvite { group: i.group, by_user_id: i.by_user_id, by_name: i.by_name };
+                        let _ = notice(&shared.events, event);
+                    }
+                    Some(server_control::Kind::ReadReceipt(r)) => {
+                        let event = Event::Read(ReadReceipt { user_id: r.reader_id, name: r.reader_name, up_to_msg_id: r.up_to_msg_id, read_at_ms: r.read_at_ms });
                         let _ = notice(&shared.events, event);
                     }
                     Some(server_control::Kind::Drain(drain)) => {

@@ -7,11 +7,12 @@ use std::process::ExitCode;
 
 use cim_client::console::{self, Command, UserRef};
 use cim_client::history::{self, History};
+use cim_client::receipts::{SentLog, Unreported};
 use cim_client::{Ack, Client, ClientConfig, ClientError, Event, IncomingMessage, LoginOptions};
 use clap::Parser;
 use std::io::{BufRead, IsTerminal};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -207,6 +208,9 @@ async fn chat(
     // Commands run one after another on a task of their own, so that a send waiting for a
     // reconnect neither holds up what arrives meanwhile nor a :q.
     let client = Arc::new(client);
+    // Our private messages not yet read, to show which of them a read receipt reaches.
+    let sent_log = Arc::new(Mutex::new(SentLog::default()));
+    let (read, mut receipts) = give_read_receipts(client.clone());
     let (commands, mut queued) = mpsc::unbounded_channel::<Command>();
     // Commands typed and not yet done: a Ctrl-C that drops them says how many.
     let pending = Arc::new(AtomicUsize::new(0));
@@ -217,11 +221,12 @@ async fn chat(
         let history = history.clone();
         let pending = pending.clone();
         let failed = failed.clone();
+        let sent_log = sent_log.clone();
         async move {
             // First, as if typed: what waits from while the user was away.
             announce_invitations(&client).await;
             while let Some(command) = queued.recv().await {
-                run_counted(&client, history.as_ref(), command, &failed).await;
+                run_counted(&client, history.as_ref(), &sent_log, command, &failed).await;
                 pending.fetch_sub(1, Ordering::Relaxed);
             }
         }
@@ -238,7 +243,7 @@ async fn chat(
                 // What needs no cluster is done at once, not behind a send that waits for a
                 // reconnect.
                 Some(command @ (Command::Help | Command::Info | Command::Nothing | Command::Invalid(_))) => {
-                    run_counted(&client, history.as_ref(), command, &failed).await;
+                    run_counted(&client, history.as_ref(), &sent_log, command, &failed).await;
                 }
                 // Done here, with the events left unread meanwhile: the kick it brings is read
                 // only if the deletion failed after all.
@@ -260,6 +265,18 @@ async fn chat(
                     let text = message_text(&m);
                     println!("[{}] {text}", console::timestamp(m.created_at_ms, cim_core::now_ms()));
                     keep(history.as_ref(), m.created_at_ms, &text);
+                    // Shown is read, at a console.
+                    if m.group.is_none() {
+                        let _ = read.send((m.from_user, m.msg_id));
+                    }
+                }
+                Some(Event::Read(r)) => {
+                    let who = format!("{} ({})", console::printable(&r.name), r.user_id);
+                    let text = lock(&sent_log).read(r.user_id, r.up_to_msg_id);
+                    match text {
+                        Some(text) => println!("* {who} read: {}", console::printable(&text)),
+                        None => println!("* {who} read your messages"),
+                    }
                 }
                 Some(Event::Kicked(reason)) => break Ending::Ended(format!("session ended: {}", console::printable(&reason))),
                 Some(Event::Drain(reason)) => {
@@ -313,6 +330,10 @@ async fn chat(
             }
         }
     };
+    if !matches!(ended, Ending::Quit) {
+        receipts.abort();
+        let _ = (&mut receipts).await;
+    }
     match ended {
         Ending::Deleted => {
             worker.abort();
@@ -351,6 +372,15 @@ async fn chat(
                 let _ = worker.await;
                 dropped(&pending, &failed, why);
             }
+            // The messages read last are told before the logout.
+            drop(read);
+            if tokio::time::timeout(RECEIPTS_AT_QUIT, &mut receipts)
+                .await
+                .is_err()
+            {
+                receipts.abort();
+                let _ = receipts.await;
+            }
         }
         Ending::Interrupted => {
             worker.abort();
@@ -359,7 +389,7 @@ async fn chat(
             println!("logging out (Ctrl-C again to skip)");
         }
     }
-    // The worker is gone, so this is the only holder left.
+    // The worker and the receipts' task are gone, so this is the only holder left.
     match Arc::try_unwrap(client) {
         Ok(client) => tokio::select! {
             result = client.logout() => {
@@ -430,6 +460,56 @@ async fn paced<T, F: std::future::Future<Output = Result<T, ClientError>>>(
             result => return result,
         }
     }
+}
+
+/// How often the console gives the read receipts of what it showed: one per sender for the
+/// latest message, not one per message.
+const RECEIPTS_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a quit waits for the last read receipts.
+const RECEIPTS_AT_QUIT: Duration = Duration::from_secs(5);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Gives read receipts on a task of its own: `(sender, msg id)` sent to the channel is a
+/// private message shown, and every [`RECEIPTS_EVERY`] the latest of each sender's is told.
+/// Once the channel is dropped, what is left is told and the task ends. A receipt that fails
+/// is not tried again (the next covers it); the router says nothing when either user hides
+/// receipts.
+fn give_read_receipts(
+    client: Arc<Client>,
+) -> (
+    mpsc::UnboundedSender<(u64, u64)>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (read, mut shown) = mpsc::unbounded_channel::<(u64, u64)>();
+    let task = tokio::spawn(async move {
+        let mut unreported = Unreported::default();
+        let mut ticker = tokio::time::interval(RECEIPTS_EVERY);
+        loop {
+            let last = tokio::select! {
+                got = shown.recv() => match got {
+                    Some((sender, msg_id)) => {
+                        unreported.read(sender, msg_id);
+                        continue;
+                    }
+                    None => true,
+                },
+                _ = ticker.tick() => false,
+            };
+            for (sender, msg_id) in unreported.take() {
+                if let Err(e) = client.mark_read(sender, msg_id).await {
+                    tracing::debug!(sender, msg_id, error = %e, "read receipt not given");
+                }
+            }
+            if last {
+                return;
+            }
+        }
+    });
+    (read, task)
 }
 
 /// Why the console loop ended.
@@ -559,10 +639,11 @@ fn unsent(e: &ClientError) -> &'static str {
 async fn run_counted(
     client: &Client,
     history: Option<&Arc<History>>,
+    sent_log: &Mutex<SentLog>,
     command: Command,
     failed: &AtomicUsize,
 ) {
-    if !run(client, history, command).await {
+    if !run(client, history, sent_log, command).await {
         failed.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -578,9 +659,14 @@ fn refused_as_too_long(client: &Client, body: &str, to: &str) -> bool {
     }
 }
 
-/// Carries out one console command, keeping what it sent in `history`. Returns false if it
-/// failed.
-async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) -> bool {
+/// Carries out one console command, keeping what it sent in `history`, and its private
+/// messages in `sent_log`. Returns false if it failed.
+async fn run(
+    client: &Client,
+    history: Option<&Arc<History>>,
+    sent_log: &Mutex<SentLog>,
+    command: Command,
+) -> bool {
     match command {
         // Checked here, as a text field would: the server would refuse it the same way.
         Command::Broadcast(body) if refused_as_too_long(client, &body, "") => false,
@@ -602,9 +688,12 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
         Command::Private { to, body } => {
             let body = &body;
             let send = |id| paced(move || client.send_private(id, body));
-            let Some((_, to, result)) = on_user(client, &to, send).await else {
+            let Some((id, to, result)) = on_user(client, &to, send).await else {
                 return false;
             };
+            if let Ok(ack) = &result {
+                lock(sent_log).sent(id, ack.msg_id, body);
+            }
             let mine = format!("you to {to} (private): {}", console::printable(body));
             sent(result, &format!(" to {to}"), "", history, &mine)
         }
@@ -734,6 +823,32 @@ async fn run(client: &Client, history: Option<&Arc<History>>, command: Command) 
                     true
                 }
                 Err(e) => report(Err(e), ""),
+            }
+        }
+        Command::Receipts(Some(hidden)) => match client.hide_read_receipts(hidden).await {
+            Ok(settings) => {
+                println!("{}", receipts_setting(&settings));
+                true
+            }
+            Err(e) => report(Err(e), ""),
+        },
+        Command::Receipts(None) => {
+            let (settings, receipts) = tokio::join!(client.settings(), client.read_receipts());
+            match (settings, receipts) {
+                (Ok(settings), _) if settings.hide_read_receipts => {
+                    println!("{}", receipts_setting(&settings));
+                    true
+                }
+                (Ok(_), Ok(receipts)) => {
+                    println!("read receipts ({}), the latest first:", receipts.len());
+                    for r in receipts {
+                        let at = console::date_time(r.read_at_ms);
+                        let name = console::printable(&r.name);
+                        println!("  {name} ({}) read your messages at {at} UTC", r.user_id);
+                    }
+                    true
+                }
+                (Err(e), _) | (_, Err(e)) => report(Err(e), ""),
             }
         }
         Command::Report { user, reason } => {
@@ -889,5 +1004,14 @@ fn sent(
             println!("! {}{to}: {e}", unsent(&e));
             false
         }
+    }
+}
+
+/// What the console says of the read receipts setting.
+fn receipts_setting(settings: &cim_client::Settings) -> &'static str {
+    if settings.hide_read_receipts {
+        "you give no read receipts (and see no one's): :receipts show gives them again"
+    } else {
+        "you give read receipts (and see others'): :receipts hide stops them"
     }
 }

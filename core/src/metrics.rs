@@ -57,6 +57,8 @@ pub struct RouterMetrics {
     pub accounts_deleted: Counter,
     /// Reports users made of others.
     pub reports: Counter,
+    /// Read receipts kept (a receipt no further on than the reader's last is not counted).
+    pub read_receipts: Counter,
 }
 
 impl RouterMetrics {
@@ -129,6 +131,11 @@ impl RouterMetrics {
             m.accounts_deleted.clone(),
         );
         r.register("reports", "Reports users made of others", m.reports.clone());
+        r.register(
+            "read_receipts",
+            "Read receipts kept",
+            m.read_receipts.clone(),
+        );
         Arc::new(m)
     }
 
@@ -152,6 +159,7 @@ impl RouterMetrics {
             group_sends_waiting: Gauge::default(),
             accounts_deleted: Counter::default(),
             reports: Counter::default(),
+            read_receipts: Counter::default(),
         }
     }
 

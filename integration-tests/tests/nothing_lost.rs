@@ -28,8 +28,8 @@ use cim_proto::v1::{ClientControl, Login, Ping, ServerControl, client_control, s
 use cim_proto::{read_required, write_frame};
 use cim_router::store::{
     Account, Block, Claim, DeletedAccount, GroupInfo, IdNode, InboxEntry, InboxLimits, InboxPage,
-    Invite, Join, MemoryStore, PrivateAppend, Relogin, Removal, Renewal, Report, Revocation, Route,
-    Store, StoreError, Transfer,
+    Invite, Join, MemoryStore, Privacy, PrivateAppend, ReadReceipt, Relogin, Removal, Renewal,
+    Report, Revocation, Route, Store, StoreError, Transfer,
 };
 use tokio::sync::Notify;
 
@@ -1194,11 +1194,22 @@ impl Store for PausingStore {
     ) -> Result<Transfer, StoreError> {
         self.inner.transfer_group(name, owner, user).await
     }
-    async fn last_seen_hidden(&self, users: &[u64]) -> Result<Vec<bool>, StoreError> {
-        self.inner.last_seen_hidden(users).await
+    async fn hidden(&self, users: &[u64], what: Privacy) -> Result<Vec<bool>, StoreError> {
+        self.inner.hidden(users, what).await
     }
-    async fn set_last_seen_hidden(&self, user: u64, hidden: bool) -> Result<(), StoreError> {
-        self.inner.set_last_seen_hidden(user, hidden).await
+    async fn set_hidden(&self, user: u64, what: Privacy, hidden: bool) -> Result<(), StoreError> {
+        self.inner.set_hidden(user, what, hidden).await
+    }
+    async fn add_read_receipt(
+        &self,
+        sender: u64,
+        receipt: &ReadReceipt,
+        cap: usize,
+    ) -> Result<bool, StoreError> {
+        self.inner.add_read_receipt(sender, receipt, cap).await
+    }
+    async fn read_receipts(&self, sender: u64) -> Result<Vec<ReadReceipt>, StoreError> {
+        self.inner.read_receipts(sender).await
     }
     async fn add_report(&self, report: &Report, cap: usize) -> Result<(), StoreError> {
         self.inner.add_report(report, cap).await

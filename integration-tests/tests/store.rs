@@ -20,8 +20,8 @@ use anyhow::Context;
 use cim_integration_tests::cluster::RedisProc;
 use cim_router::store::{
     Block, Claim, DeletedAccount, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, Invite,
-    Join, MemoryStore, PrivateAppend, RedisStore, Relogin, Removal, Renewal, Report, Revocation,
-    Route, Store, Transfer,
+    Join, MemoryStore, Privacy, PrivateAppend, ReadReceipt, RedisStore, Relogin, Removal, Renewal,
+    Report, Revocation, Route, Store, Transfer,
 };
 
 /// How long the logins a claim replaces stay revoked, in these tests.
@@ -277,6 +277,109 @@ async fn blocks_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A reader's receipt only moves forward (ids compared exactly, past a double's precision), a
+/// new reader past the cap pushes out the one read longest ago, and a sender who hides read
+/// receipts is kept none.
+async fn read_receipts_move_forward_under_a_cap(store: &dyn Store) -> anyhow::Result<()> {
+    let sender = 7_001;
+    let receipt = |reader: u64, up_to_msg_id: u64, at_ms: u64| ReadReceipt {
+        reader,
+        up_to_msg_id,
+        at_ms,
+    };
+    assert!(store.read_receipts(sender).await?.is_empty());
+    assert!(
+        store
+            .add_read_receipt(sender, &receipt(1, 999, 10), 2)
+            .await?
+    );
+    assert!(
+        !store
+            .add_read_receipt(sender, &receipt(1, 999, 11), 2)
+            .await?,
+        "as far"
+    );
+    assert!(
+        !store
+            .add_read_receipt(sender, &receipt(1, 998, 11), 2)
+            .await?,
+        "behind"
+    );
+    assert!(
+        store
+            .add_read_receipt(sender, &receipt(1, 1_000, 12), 2)
+            .await?,
+        "a digit more"
+    );
+    let big = 1u64 << 62;
+    assert!(
+        store
+            .add_read_receipt(sender, &receipt(1, big + 2, 13), 2)
+            .await?
+    );
+    assert!(
+        !store
+            .add_read_receipt(sender, &receipt(1, big + 1, 14), 2)
+            .await?,
+        "one id behind, the same as a double"
+    );
+    assert!(
+        store
+            .add_read_receipt(sender, &receipt(1, big + 3, 14), 2)
+            .await?,
+        "one id on, the same as a double"
+    );
+    assert_eq!(
+        store.read_receipts(sender).await?,
+        [receipt(1, big + 3, 14)]
+    );
+
+    assert!(
+        store
+            .add_read_receipt(sender, &receipt(2, 5, 20), 2)
+            .await?
+    );
+    // Full: reader 1's (read at 13) goes for a new reader; a kept reader's moves on in place.
+    assert!(
+        store
+            .add_read_receipt(sender, &receipt(3, 5, 30), 2)
+            .await?
+    );
+    assert!(
+        store
+            .add_read_receipt(sender, &receipt(2, 6, 40), 2)
+            .await?
+    );
+    assert_eq!(
+        store.read_receipts(sender).await?,
+        [receipt(2, 6, 40), receipt(3, 5, 30)]
+    );
+
+    store
+        .set_hidden(sender, Privacy::ReadReceipts, true)
+        .await?;
+    assert!(
+        !store
+            .add_read_receipt(sender, &receipt(3, 7, 50), 2)
+            .await?
+    );
+    store
+        .set_hidden(sender, Privacy::ReadReceipts, false)
+        .await?;
+    assert_eq!(
+        store.read_receipts(sender).await?.len(),
+        2,
+        "kept while hidden"
+    );
+    assert!(
+        store
+            .add_read_receipt(sender, &receipt(3, 7, 50), 2)
+            .await?
+    );
+    assert_eq!(store.read_receipts(sender).await?[0], receipt(3, 7, 50));
+    Ok(())
+}
+
 /// Reports are kept newest first, the oldest dropped past the cap.
 async fn reports_are_kept_newest_first_under_a_cap(store: &dyn Store) -> anyhow::Result<()> {
     assert!(store.reports(10).await?.is_empty());
@@ -394,17 +497,19 @@ async fn an_account_is_deleted_with_what_is_its_alone(store: &dyn Store) -> anyh
     assert!(store.release_route(leaver, 7, None).await?);
     assert!(store.last_seen(leaver).await?.is_some());
     assert_eq!(store.revocation(leaver, 7).await?, None);
-    assert_eq!(
-        store.last_seen_hidden(&[leaver, host]).await?,
-        [false, false]
-    );
-    store.set_last_seen_hidden(leaver, true).await?;
-    store.set_last_seen_hidden(host, true).await?;
-    store.set_last_seen_hidden(host, false).await?;
-    assert_eq!(
-        store.last_seen_hidden(&[leaver, host]).await?,
-        [true, false]
-    );
+    let read = ReadReceipt {
+        reader: host,
+        up_to_msg_id: 950,
+        at_ms: 1,
+    };
+    assert!(store.add_read_receipt(leaver, &read, 10).await?);
+    for what in [Privacy::LastSeen, Privacy::ReadReceipts] {
+        assert_eq!(store.hidden(&[leaver, host], what).await?, [false, false]);
+        store.set_hidden(leaver, what, true).await?;
+        store.set_hidden(host, what, true).await?;
+        store.set_hidden(host, what, false).await?;
+        assert_eq!(store.hidden(&[leaver, host], what).await?, [true, false]);
+    }
 
     let deleted = store
         .delete_account(leaver, REPLACED_FOR)
@@ -448,7 +553,10 @@ async fn an_account_is_deleted_with_what_is_its_alone(store: &dyn Store) -> anyh
     }
     assert_eq!(route_of(store, leaver).await?, None);
     assert_eq!(store.last_seen(leaver).await?, None);
-    assert_eq!(store.last_seen_hidden(&[leaver]).await?, [false]);
+    for what in [Privacy::LastSeen, Privacy::ReadReceipts] {
+        assert_eq!(store.hidden(&[leaver], what).await?, [false]);
+    }
+    assert!(store.read_receipts(leaver).await?.is_empty());
     assert!(store.blocked_users(leaver).await?.is_empty());
     assert!(store.user_groups(leaver).await?.is_empty());
     assert!(store.user_invitations(leaver).await?.is_empty());
@@ -1283,6 +1391,7 @@ async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     an_account_is_deleted_with_what_is_its_alone(&store).await?;
     a_group_is_handed_over_to_a_member(&store).await?;
     reports_are_kept_newest_first_under_a_cap(&store).await?;
+    read_receipts_move_forward_under_a_cap(&store).await?;
     message_ids_are_recorded_once(&store).await
 }
 
@@ -1306,6 +1415,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     an_account_is_deleted_with_what_is_its_alone(&store).await?;
     a_group_is_handed_over_to_a_member(&store).await?;
     reports_are_kept_newest_first_under_a_cap(&store).await?;
+    read_receipts_move_forward_under_a_cap(&store).await?;
     a_departed_owner_of_an_older_group_is_no_owner(&store, &redis.url()).await?;
     message_ids_are_recorded_once(&store).await?;
     // A record an older router wrote (a bare id, no fingerprint) is taken as the same

@@ -22,7 +22,9 @@
 //! | POST | /api/blocks | bearer | `{user_id}` | 200 `{id, name, already_blocked}`: the user's private messages to the caller (`403 blocked` to them, and on their server's ack) and group invitations are refused from now on; 400 for yourself; 404 `unknown_user`; 409 `too_many_blocked` past 1,000; counts 10 |
 //! | DELETE | /api/blocks/ID | bearer | - | 200 `{was_blocked}`; counts 10 |
 //! | GET | /api/blocks | bearer | - | 200 `{blocked: [{id, name}]}` (by id) |
-//! | GET, POST | /api/settings | bearer | POST: `{hide_last_seen?}` | 200 `{hide_last_seen}`: the caller's settings (after the change); a user who hides its last seen shows none to anyone and sees no one's |
+//! | GET, POST | /api/settings | bearer | POST: `{hide_last_seen?, hide_read_receipts?}` | 200 `{hide_last_seen, hide_read_receipts}`: the caller's settings (after the change); a user who hides its last seen (or read receipts) shows none to anyone and sees no one's |
+//! | POST | /api/receipts | bearer | `{user_id, msg_id}` | 200 `{}`: the caller read the user's private messages up to `msg_id`; kept for the user (the reader's latest) and told to them if online, unless either hides read receipts or the user blocks the caller (the answer is the same); 400 for yourself or an id no message has yet; 404 `unknown_user`; 429 `rate_limited` past 600 a minute |
+//! | GET | /api/receipts | bearer | - | 200 `{receipts: [{id, name, up_to_msg_id, up_to_msg_id_str, read_at_ms}]}`: who read the caller's messages, how far, the latest first (at most 1,000 readers, each kept a month; none while the caller hides read receipts) |
 //! | POST | /api/reports | bearer | `{user_id, reason?}` | 200 `{id, name}`: the user is reported to the operators (the admin page lists the newest reports); 400 for yourself or a reason over 500 bytes; 404 `unknown_user`; 429 `rate_limited` past 10 a minute; counts 10 |
 //! | GET | /health | - | - | 200 `{status, servers}` (liveness) |
 //! | GET | /ready | - | - | 200 when the store answers, a server is linked and a message-id node is held, else 503 `not_ready` |
@@ -49,6 +51,7 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::https::PeerAddr;
 use crate::service::{LoginGrant, MAX_ONLINE_PAGE, Sender, Service, ServiceError};
+use crate::store::Privacy;
 use cim_core::limit::address_key;
 
 /// Largest request body accepted, in bytes.
@@ -270,6 +273,31 @@ struct PasswordChange {
 #[serde(deny_unknown_fields)]
 struct Settings {
     hide_last_seen: Option<bool>,
+    hide_read_receipts: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceiptRequest {
+    /// Whose messages were read.
+    user_id: u64,
+    /// The latest of them read.
+    msg_id: u64,
+}
+
+#[derive(Serialize)]
+struct ReceiptJson {
+    id: u64,
+    name: String,
+    up_to_msg_id: u64,
+    /// The id as a string, for JSON readers whose numbers are doubles.
+    up_to_msg_id_str: String,
+    read_at_ms: u64,
+}
+
+#[derive(Serialize)]
+struct ReceiptsResponse {
+    receipts: Vec<ReceiptJson>,
 }
 
 #[derive(Deserialize)]
@@ -714,8 +742,14 @@ pub fn routes(
                 let result = async {
                     let claims = authenticate(&service, auth).await?;
                     let req = req?;
-                    if let Some(hidden) = req.hide_last_seen {
-                        service.hide_last_seen(claims.user_id, hidden).await?;
+                    let changes = [
+                        (Privacy::LastSeen, req.hide_last_seen),
+                        (Privacy::ReadReceipts, req.hide_read_receipts),
+                    ];
+                    for (what, hidden) in changes {
+                        if let Some(hidden) = hidden {
+                            service.set_hidden(claims.user_id, what, hidden).await?;
+                        }
                     }
                     settings_of(&service, claims.user_id).await
                 };
@@ -832,6 +866,49 @@ pub fn routes(
                 respond_api(result.await)
             },
         );
+    let mark_read = warp::path!("api" / "receipts")
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(bearer())
+        .and(json_body::<ReceiptRequest>())
+        .then(
+            |service: Arc<Service>,
+             auth: Result<String, ApiError>,
+             req: Result<ReceiptRequest, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth).await?;
+                    let req = req?;
+                    service.mark_read(&claims, req.user_id, req.msg_id).await?;
+                    Ok::<_, ApiError>(warp::reply::json(&serde_json::json!({})))
+                };
+                respond_api(result.await)
+            },
+        );
+    let receipts = warp::path!("api" / "receipts")
+        .and(warp::get())
+        .and(with_service.clone())
+        .and(bearer())
+        .then(
+            |service: Arc<Service>, auth: Result<String, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth).await?;
+                    let receipts = service
+                        .read_receipts(claims.user_id)
+                        .await?
+                        .into_iter()
+                        .map(|r| ReceiptJson {
+                            id: r.reader,
+                            name: r.name,
+                            up_to_msg_id: r.up_to_msg_id,
+                            up_to_msg_id_str: r.up_to_msg_id.to_string(),
+                            read_at_ms: r.at_ms,
+                        })
+                        .collect();
+                    Ok::<_, ApiError>(warp::reply::json(&ReceiptsResponse { receipts }))
+                };
+                respond_api(result.await)
+            },
+        );
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(with_service.clone())
@@ -877,7 +954,7 @@ pub fn routes(
     // Each route is boxed before they are combined: the nested type of (then) fourteen `or`s of
     // unboxed filters took rustc over a minute and a half to check (coherence and auto traits),
     // three times per test run. A boxed filter costs one dynamic call per route tried.
-    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 26] = [
+    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 28] = [
         register.boxed(),
         login.boxed(),
         relogin.boxed(),
@@ -898,6 +975,8 @@ pub fn routes(
         unblock.boxed(),
         blocked.boxed(),
         report.boxed(),
+        mark_read.boxed(),
+        receipts.boxed(),
         settings.boxed(),
         change_settings.boxed(),
         metrics.boxed(),
@@ -1010,9 +1089,9 @@ async fn authenticate_as(
 
 /// `user`'s settings, as answered.
 async fn settings_of(service: &Service, user: u64) -> Result<warp::reply::Json, ApiError> {
-    let hidden = service.hides_last_seen(user).await?;
     Ok(warp::reply::json(&Settings {
-        hide_last_seen: Some(hidden),
+        hide_last_seen: Some(service.hides(user, Privacy::LastSeen).await?),
+        hide_read_receipts: Some(service.hides(user, Privacy::ReadReceipts).await?),
     }))
 }
 

@@ -24,6 +24,11 @@ const SEQ_BITS: u32 = 12;
 const MAX_SEQ: u64 = (1 << SEQ_BITS) - 1;
 const _: () = assert!(ID_NODES as u64 == 1 << NODE_BITS);
 
+/// When message `id` was issued, ms since the Unix epoch (by its router's clock).
+pub fn issued_at_ms(id: u64) -> u64 {
+    (id >> (NODE_BITS + SEQ_BITS)) + EPOCH_MS
+}
+
 /// Generates message ids for one router, with the node number it holds.
 #[derive(Debug)]
 pub struct IdGenerator {
@@ -302,6 +307,16 @@ mod tests {
             let id = ids.next(wall, now).unwrap();
             assert!(id > prev);
             prev = id;
+        }
+    }
+
+    #[test]
+    fn an_id_tells_when_it_was_issued() {
+        let ids = held(1_023, 0);
+        let wall = EPOCH_MS + 1_234;
+        let now = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(issued_at_ms(ids.next(wall, now).unwrap()), wall);
         }
     }
 

@@ -13,6 +13,7 @@ use cim_core::metrics::Gauge;
 use cim_core::discovery::ServerInfo;
 use cim_core::now_ms;
 use cim_core::token::{Claims, TokenError};
+use cim_proto::v1::ReadReceipt as ReadReceiptNotice;
 use cim_proto::v1::{
     ChatMessage, Delivery, GroupChange, GroupInvite, GroupOwner, Presence, PullResult, Recipient,
     SendAck, chat_message::Target, server_control,
@@ -22,14 +23,15 @@ use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::watch;
 
 use crate::RouterConfig;
-use crate::ids::IdGenerator;
+use crate::ids::{self, IdGenerator};
 use crate::links::{Notice, ServerLinks};
 use crate::password::{self, PasswordWork, WorkError};
 use crate::presence::PresenceQueue;
 use crate::select::Selector;
 use crate::store::{
     Account, Block, Claim, InboxEntry, Invite, Join, MAX_BLOCKED, MAX_INVITATIONS_LISTED,
-    PrivateAppend, Relogin, Removal, Report, Revocation, Route, Store, StoreError, Transfer,
+    MAX_READ_RECEIPTS, Privacy, PrivateAppend, ReadReceipt, Relogin, Removal, Report, Revocation,
+    Route, Store, StoreError, Transfer,
 };
 
 /// Errors kept for the admin page.
@@ -87,6 +89,19 @@ pub struct BlockedUser {
     pub name: String,
 }
 
+/// A reader's receipt for the caller's messages, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptView {
+    /// Who read.
+    pub reader: u64,
+    /// Its name.
+    pub name: String,
+    /// The latest message of the caller's it read.
+    pub up_to_msg_id: u64,
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
 /// A user's groups, by name.
 #[derive(Debug, Clone, Default)]
 pub struct MyGroups {
@@ -109,6 +124,14 @@ pub const MAX_REPORT_REASON: usize = 500;
 /// Reports one user may make per [`LOGIN_WINDOW`]: the list is shared and capped, and one
 /// user's flood must not push everyone else's reports out of it.
 const REPORTS_PER_USER: u32 = 10;
+/// Read receipts one user may give per [`LOGIN_WINDOW`]: each may push a notice to the user
+/// whose messages it read. A console gives at most one per peer a second.
+const READ_RECEIPTS_PER_USER: u32 = 600;
+/// How far past this router's clock a read message's id may have been issued (by another
+/// router, whose clock may be ahead), in ms: an id further on names no message yet.
+const MSG_ID_AHEAD_MS: u64 = 60_000;
+/// How long a read receipt's notice may take: it is best effort, as a group change's.
+const RECEIPT_NOTICE_WAIT: Duration = Duration::from_secs(1);
 /// Heirs whose accounts are gone that one owner's leave takes out of the group, at most.
 const DELETED_HEIRS_PASSED: usize = 16;
 /// Groups a deleted account leaves at once (and invitations it declines).
@@ -390,6 +413,8 @@ pub struct Service {
     password_checks: Mutex<WindowCounter<u64>>,
     /// Reports made per user in the last minute ([`REPORTS_PER_USER`]).
     report_counts: Mutex<WindowCounter<u64>>,
+    /// Read receipts given per user in the last minute ([`READ_RECEIPTS_PER_USER`]).
+    receipt_counts: Mutex<WindowCounter<u64>>,
     login_attempts: Mutex<WindowCounter<IpAddr>>,
     /// Registrations per address per minute.
     registrations: Mutex<WindowCounter<IpAddr>>,
@@ -541,6 +566,7 @@ impl Service {
             login_failures: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             password_checks: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             report_counts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
+            receipt_counts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             login_attempts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             registrations: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             api_requests: Mutex::new(WindowCounter::new(API_WINDOW, 100_000)),
@@ -2053,7 +2079,10 @@ impl Service {
         let online = route.is_some_and(|r| r.confirmed);
         // Hidden by the user, or by the caller: who hides its own sees no one's.
         let hidden = async {
-            let hiding = self.store.last_seen_hidden(&[account.id, caller]).await?;
+            let hiding = self
+                .store
+                .hidden(&[account.id, caller], Privacy::LastSeen)
+                .await?;
             Ok::<_, ServiceError>(hiding.contains(&true))
         };
         let last_seen_ms = if online || hidden.await? {
@@ -2069,17 +2098,122 @@ impl Service {
         })
     }
 
-    /// Whether `user` hides when it was last seen.
-    pub async fn hides_last_seen(&self, user: u64) -> Result<bool, ServiceError> {
-        Ok(self.store.last_seen_hidden(&[user]).await? == [true])
+    /// Whether `user` hides `what`.
+    pub async fn hides(&self, user: u64, what: Privacy) -> Result<bool, ServiceError> {
+        Ok(self.store.hidden(&[user], what).await? == [true])
     }
 
-    /// `user` hides (or shows again) when it was last seen: a lookup by name shows it
-    /// offline without a time, and, as the price, shows `user` no one else's time either.
-    pub async fn hide_last_seen(&self, user: u64, hidden: bool) -> Result<(), ServiceError> {
-        self.store.set_last_seen_hidden(user, hidden).await?;
-        tracing::info!(user, hidden, "last seen hidden or shown");
+    /// `user` hides (or shows again) `what`, and, as the price, sees no one else's:
+    /// - when it was last seen: a lookup by name shows it offline without a time;
+    /// - that it read others' messages: it gives no receipts, and is given none (those kept
+    ///   for it stay, unlisted, for when it shows them again).
+    pub async fn set_hidden(
+        &self,
+        user: u64,
+        what: Privacy,
+        hidden: bool,
+    ) -> Result<(), ServiceError> {
+        self.store.set_hidden(user, what, hidden).await?;
+        tracing::info!(user, ?what, hidden, "hidden or shown");
         Ok(())
+    }
+
+    /// The user of `claims` read `sender`'s private messages up to `up_to_msg_id`: the
+    /// receipt is kept for `sender` in place of the reader's last (one no further on is
+    /// dropped) and told to `sender` if online. It goes nowhere, as the reader is not told,
+    /// when the reader or `sender` hides read receipts or `sender` blocks the reader.
+    /// `unknown_user` for an account that is gone; at most [`READ_RECEIPTS_PER_USER`] a
+    /// minute.
+    pub async fn mark_read(
+        &self,
+        claims: &Claims,
+        sender: u64,
+        up_to_msg_id: u64,
+    ) -> Result<(), ServiceError> {
+        let reader = claims.user_id;
+        if sender == reader {
+            return Err(ServiceError::BadRequest(
+                "a read receipt is for another user's messages".into(),
+            ));
+        }
+        if up_to_msg_id == 0 || ids::issued_at_ms(up_to_msg_id) > now_ms() + MSG_ID_AHEAD_MS {
+            return Err(ServiceError::BadRequest(format!(
+                "no message has id {up_to_msg_id}"
+            )));
+        }
+        let count = lock(&self.receipt_counts).hit(reader, Instant::now());
+        self.within_limit(
+            (count, 1),
+            READ_RECEIPTS_PER_USER,
+            "too many read receipts this minute; retry in a minute",
+            || format!("read receipts of user {reader} over the limit"),
+        )?;
+        self.known_name(sender).await?;
+        if self.hides(reader, Privacy::ReadReceipts).await?
+            || self.store.blocks(sender, reader).await?
+        {
+            return Ok(());
+        }
+        let receipt = ReadReceipt {
+            reader,
+            up_to_msg_id,
+            at_ms: now_ms(),
+        };
+        if !(self
+            .store
+            .add_read_receipt(sender, &receipt, MAX_READ_RECEIPTS)
+            .await?)
+        {
+            return Ok(());
+        }
+        self.config.metrics.read_receipts.inc();
+        let notice = ReadReceiptNotice {
+            reader_id: reader,
+            reader_name: claims.user_name.clone(),
+            up_to_msg_id,
+            read_at_ms: receipt.at_ms,
+        };
+        let notice = Notice::Control(server_control::Kind::ReadReceipt(notice));
+        match tokio::time::timeout(RECEIPT_NOTICE_WAIT, self.notify_online(&[sender], notice)).await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(reader, sender, error = %e, "read receipt not told"),
+            Err(_) => tracing::debug!(reader, sender, "read receipt's notice timed out"),
+        }
+        Ok(())
+    }
+
+    /// The read receipts kept for `user`'s messages, the latest first: none when `user` hides
+    /// its own, and none from readers who hide theirs now, whom `user` blocks, or whose
+    /// accounts are gone.
+    pub async fn read_receipts(&self, user: u64) -> Result<Vec<ReceiptView>, ServiceError> {
+        if self.hides(user, Privacy::ReadReceipts).await? {
+            return Ok(Vec::new());
+        }
+        let receipts = self.store.read_receipts(user).await?;
+        let readers: Vec<u64> = receipts.iter().map(|r| r.reader).collect();
+        let hiding = self.store.hidden(&readers, Privacy::ReadReceipts).await?;
+        let blocked = self.store.blocked_users(user).await?;
+        let names: HashMap<u64, String> = self
+            .store
+            .accounts_by_id(&readers)
+            .await?
+            .into_iter()
+            .map(|a| (a.id, a.name))
+            .collect();
+        Ok(receipts
+            .into_iter()
+            .zip(hiding)
+            .filter(|(r, hides)| !hides && blocked.binary_search(&r.reader).is_err())
+            .filter_map(|(r, _)| {
+                Some(ReceiptView {
+                    reader: r.reader,
+                    name: names.get(&r.reader)?.clone(),
+                    up_to_msg_id: r.up_to_msg_id,
+                    at_ms: r.at_ms,
+                })
+            })
+            .collect())
     }
 
     /// `user` blocks `other`: `other`'s private messages to `user` are refused (`blocked`)
@@ -2328,7 +2462,6 @@ impl Service {
         Ok(members)
     }
 
-    /// The name of `user`'s account, if it has one.
     /// `user`'s name, or `unknown_user` if there is no such account.
     async fn known_name(&self, user: u64) -> Result<String, ServiceError> {
         self.user_name(user).await?.ok_or(ServiceError::UnknownUser)

@@ -650,9 +650,11 @@ fn is_servers_own(notice: &server_control::Kind) -> bool {
         | Kind::Kick(_)
         | Kind::Drain(_)
         | Kind::TokenRenewal(_) => true,
-        Kind::Presence(_) | Kind::GroupChange(_) | Kind::GroupInvite(_) | Kind::GroupOwner(_) => {
-            false
-        }
+        Kind::Presence(_)
+        | Kind::GroupChange(_)
+        | Kind::GroupInvite(_)
+        | Kind::GroupOwner(_)
+        | Kind::ReadReceipt(_) => false,
     }
 }
 

@@ -11,8 +11,8 @@ use tokio::time::Instant;
 use super::expiring::{ExpiringMap, Weight};
 use super::{
     Account, Block, Claim, DeletedAccount, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits,
-    InboxPage, Invite, Join, MAX_INVITATIONS_LISTED, PrivateAppend, Relogin, Removal, Renewal,
-    Report, Revocation, Route, Store, StoreError, Transfer,
+    InboxPage, Invite, Join, MAX_INVITATIONS_LISTED, Privacy, PrivateAppend, ReadReceipt, Relogin,
+    Removal, Renewal, Report, Revocation, Route, Store, StoreError, Transfer,
 };
 
 /// Most idempotency records kept; beyond this the oldest are forgotten early (about 100 MB at
@@ -86,6 +86,10 @@ struct Inner {
     reports: VecDeque<Report>,
     /// Users who hide when they were last seen.
     hiding_last_seen: BTreeSet<u64>,
+    /// Users who hide that they read others' messages.
+    hiding_read_receipts: BTreeSet<u64>,
+    /// Sender -> reader -> the reader's latest receipt for the sender's messages.
+    read_receipts: HashMap<u64, HashMap<u64, ReadReceipt>>,
 }
 
 /// A named group.
@@ -130,6 +134,14 @@ impl Weight for (u64, u64) {
 }
 
 impl Inner {
+    /// The users who hide `what`.
+    fn hiding(&mut self, what: Privacy) -> &mut BTreeSet<u64> {
+        match what {
+            Privacy::LastSeen => &mut self.hiding_last_seen,
+            Privacy::ReadReceipts => &mut self.hiding_read_receipts,
+        }
+    }
+
     /// Appends `entry` to each of `recipients`' inboxes once per message id, as
     /// [`Store::append_inbox`] says. Returns the seqs in `recipients` order.
     fn append(
@@ -385,6 +397,8 @@ impl Store for MemoryStore {
         inner.blocked.remove(&user);
         inner.last_seen.remove(&user);
         inner.hiding_last_seen.remove(&user);
+        inner.hiding_read_receipts.remove(&user);
+        inner.read_receipts.remove(&user);
         let groups = inner.memberships.remove(&user).unwrap_or_default();
         let invitations = inner.invitations.remove(&user).unwrap_or_default();
         Ok(Some(DeletedAccount {
@@ -886,22 +900,58 @@ impl Store for MemoryStore {
         Ok(self.inner().last_seen.get(&user).copied())
     }
 
-    async fn last_seen_hidden(&self, users: &[u64]) -> Result<Vec<bool>, StoreError> {
-        let inner = self.inner();
-        Ok(users
-            .iter()
-            .map(|u| inner.hiding_last_seen.contains(u))
-            .collect())
+    async fn hidden(&self, users: &[u64], what: Privacy) -> Result<Vec<bool>, StoreError> {
+        let mut inner = self.inner();
+        let hiding = inner.hiding(what);
+        Ok(users.iter().map(|u| hiding.contains(u)).collect())
     }
 
-    async fn set_last_seen_hidden(&self, user: u64, hidden: bool) -> Result<(), StoreError> {
+    async fn set_hidden(&self, user: u64, what: Privacy, hidden: bool) -> Result<(), StoreError> {
         let mut inner = self.inner();
+        let hiding = inner.hiding(what);
         if hidden {
-            inner.hiding_last_seen.insert(user);
+            hiding.insert(user);
         } else {
-            inner.hiding_last_seen.remove(&user);
+            hiding.remove(&user);
         }
         Ok(())
+    }
+
+    async fn add_read_receipt(
+        &self,
+        sender: u64,
+        receipt: &ReadReceipt,
+        cap: usize,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.inner();
+        if inner.hiding_read_receipts.contains(&sender) {
+            return Ok(false);
+        }
+        let kept = inner.read_receipts.entry(sender).or_default();
+        match kept.get(&receipt.reader) {
+            Some(old) if old.up_to_msg_id >= receipt.up_to_msg_id => return Ok(false),
+            Some(_) => {}
+            None if kept.len() >= cap.max(1) => {
+                let longest_ago = kept.values().min_by_key(|r| (r.at_ms, r.reader));
+                if let Some(reader) = longest_ago.map(|r| r.reader) {
+                    kept.remove(&reader);
+                }
+            }
+            None => {}
+        }
+        kept.insert(receipt.reader, *receipt);
+        Ok(true)
+    }
+
+    async fn read_receipts(&self, sender: u64) -> Result<Vec<ReadReceipt>, StoreError> {
+        let inner = self.inner();
+        let mut receipts: Vec<ReadReceipt> = inner
+            .read_receipts
+            .get(&sender)
+            .map(|kept| kept.values().copied().collect())
+            .unwrap_or_default();
+        receipts.sort_unstable_by_key(|r| std::cmp::Reverse((r.at_ms, r.up_to_msg_id)));
+        Ok(receipts)
     }
 
     async fn block_user(&self, user: u64, other: u64, cap: usize) -> Result<Block, StoreError> {

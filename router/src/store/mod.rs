@@ -278,6 +278,31 @@ pub struct Report {
     pub reason: String,
 }
 
+/// Something of a user's that it may keep from others: hiding it also keeps others' from it,
+/// as in the common messengers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Privacy {
+    /// When it was last seen (a lookup by name shows it offline without a time).
+    LastSeen,
+    /// That it read a user's messages.
+    ReadReceipts,
+}
+
+/// A reader's word that it read a user's private messages up to one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadReceipt {
+    /// Who read.
+    pub reader: u64,
+    /// The latest message it read (message ids grow with time, roughly: see `ids`).
+    pub up_to_msg_id: u64,
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// Most readers whose receipts are kept for one user; a new reader's pushes out the one read
+/// longest ago.
+pub const MAX_READ_RECEIPTS: usize = 1_000;
+
 /// Outcome of [`Store::transfer_group`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transfer {
@@ -616,10 +641,23 @@ pub trait Store: Send + Sync + 'static {
     /// leaves the time of its login.
     async fn last_seen(&self, user: u64) -> Result<Option<u64>, StoreError>;
 
-    /// For each of `users`, in order, whether it hides when it was last seen.
-    async fn last_seen_hidden(&self, users: &[u64]) -> Result<Vec<bool>, StoreError>;
-    /// `user` hides (or shows again) when it was last seen.
-    async fn set_last_seen_hidden(&self, user: u64, hidden: bool) -> Result<(), StoreError>;
+    /// For each of `users`, in order, whether it hides `what`.
+    async fn hidden(&self, users: &[u64], what: Privacy) -> Result<Vec<bool>, StoreError>;
+    /// `user` hides (or shows again) `what`.
+    async fn set_hidden(&self, user: u64, what: Privacy, hidden: bool) -> Result<(), StoreError>;
+
+    /// Keeps `receipt` for `sender` (whose messages it is about) in place of an older one from
+    /// the same reader, and keeps at most `cap` readers' (the one read longest ago goes).
+    /// Returns false, keeping nothing, when `sender` hides [`Privacy::ReadReceipts`] or holds
+    /// a receipt from the reader that is as far on already.
+    async fn add_read_receipt(
+        &self,
+        sender: u64,
+        receipt: &ReadReceipt,
+        cap: usize,
+    ) -> Result<bool, StoreError>;
+    /// The receipts kept for `sender`, the latest first.
+    async fn read_receipts(&self, sender: u64) -> Result<Vec<ReadReceipt>, StoreError>;
 
     /// `user` blocks `other`: `other`'s private messages to `user` are refused from now on
     /// (and so are its group invitations, by the service), unless `cap` users are blocked

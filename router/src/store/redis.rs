@@ -35,8 +35,8 @@ use redis::{AsyncCommands, Script};
 
 use super::{
     Account, Block, Claim, DeletedAccount, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits,
-    InboxPage, Invite, Join, MAX_INVITATIONS_LISTED, PrivateAppend, Relogin, Removal, Renewal,
-    Report, Revocation, Route, Store, StoreError, Transfer,
+    InboxPage, Invite, Join, MAX_INVITATIONS_LISTED, Privacy, PrivateAppend, ReadReceipt, Relogin,
+    Removal, Renewal, Report, Revocation, Route, Store, StoreError, Transfer,
 };
 
 const NEXT_USER_ID: &str = "cim:next_user_id";
@@ -96,10 +96,21 @@ fn group_invited_key(name: &str) -> String {
 fn last_seen_key(user: u64) -> String {
     format!("cim:{{u{user}}}:seen")
 }
-/// Present (`1`) while the user hides when it was last seen.
-fn hides_last_seen_key(user: u64) -> String {
-    format!("cim:{{u{user}}}:hides_seen")
+/// Present (`1`) while the user hides `what`.
+fn hides_key(user: u64, what: Privacy) -> String {
+    let what = match what {
+        Privacy::LastSeen => "seen",
+        Privacy::ReadReceipts => "reads",
+    };
+    format!("cim:{{u{user}}}:hides_{what}")
 }
+/// Receipts for the user's messages: a hash of reader id -> `<msg id>:<read at, ms>`, whose
+/// expiry each receipt renews.
+fn read_receipts_key(user: u64) -> String {
+    format!("cim:{{u{user}}}:reads")
+}
+/// How long a user's receipts are kept after the latest: a month.
+const READ_RECEIPTS_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// The users `user` blocks (a set of ids), under `user`'s hash tag: a private message's append
 /// to `user`'s inbox reads it in the same script.
 fn blocked_key(user: u64) -> String {
@@ -267,6 +278,30 @@ if ARGV[2] == '' then
 else
   redis.call('SET', KEYS[1], ARGV[2])
 end
+return 1
+";
+
+/// Keeps a reader's receipt unless the sender hides receipts or the reader's kept one is as
+/// far on; a new reader past the cap pushes out the one read longest ago. KEYS: receipts,
+/// the sender's hides-receipts. ARGV: reader, msg id, read at ms, cap, ttl ms. Message ids are
+/// compared as decimal strings (Lua's numbers are doubles). Returns 1 kept, 0 not.
+const ADD_READ_RECEIPT: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  local id = string.match(old, '^(%d+):') or ''
+  if #id > #ARGV[2] or (#id == #ARGV[2] and id >= ARGV[2]) then return 0 end
+elseif redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then
+  local kept = redis.call('HGETALL', KEYS[1])
+  local oldest, oldest_at
+  for i = 1, #kept, 2 do
+    local at = tonumber(string.match(kept[i + 1], ':(%d+)$') or '0')
+    if not oldest_at or at < oldest_at then oldest, oldest_at = kept[i], at end
+  end
+  redis.call('HDEL', KEYS[1], oldest)
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 ";
 
@@ -570,6 +605,7 @@ pub struct RedisStore {
     remove_member: Script,
     leave: Script,
     block: Script,
+    add_read_receipt: Script,
     set_password: Script,
     delete_account: Script,
     transfer: Script,
@@ -866,6 +902,7 @@ impl RedisStore {
             remove_member: Script::new(REMOVE_MEMBER),
             leave: Script::new(LEAVE),
             block: Script::new(BLOCK),
+            add_read_receipt: Script::new(ADD_READ_RECEIPT),
             set_password: Script::new(SET_PASSWORD),
             delete_account: Script::new(DELETE_ACCOUNT),
             transfer: Script::new(TRANSFER),
@@ -1137,7 +1174,9 @@ impl Store for RedisStore {
             .key(inbox_key(user))
             .key(blocked_key(user))
             .key(last_seen_key(user))
-            .key(hides_last_seen_key(user))
+            .key(hides_key(user, Privacy::LastSeen))
+            .key(hides_key(user, Privacy::ReadReceipts))
+            .key(read_receipts_key(user))
             .arg(revoked_prefix(user))
             .arg(revoke_for.as_millis() as u64)
             .invoke_async(&mut conn)
@@ -1878,12 +1917,12 @@ impl Store for RedisStore {
         Ok(stored.and_then(|s| s.parse().ok()))
     }
 
-    async fn last_seen_hidden(&self, users: &[u64]) -> Result<Vec<bool>, StoreError> {
+    async fn hidden(&self, users: &[u64], what: Privacy) -> Result<Vec<bool>, StoreError> {
         let mut hidden = Vec::with_capacity(users.len());
         for chunk in users.chunks(READ_CHUNK) {
             let mut pipe = redis::pipe();
             for user in chunk {
-                pipe.exists(hides_last_seen_key(*user));
+                pipe.exists(hides_key(*user, what));
             }
             let found: Vec<bool> = pipe
                 .query_async(&mut self.conn())
@@ -1894,9 +1933,9 @@ impl Store for RedisStore {
         Ok(hidden)
     }
 
-    async fn set_last_seen_hidden(&self, user: u64, hidden: bool) -> Result<(), StoreError> {
+    async fn set_hidden(&self, user: u64, what: Privacy, hidden: bool) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let key = hides_last_seen_key(user);
+        let key = hides_key(user, what);
         let _: () = if hidden {
             conn.set(key, 1).await
         } else {
@@ -1945,6 +1984,48 @@ impl Store for RedisStore {
             .map_err(unavailable)?;
         blocked.sort_unstable();
         Ok(blocked)
+    }
+
+    async fn add_read_receipt(
+        &self,
+        sender: u64,
+        receipt: &ReadReceipt,
+        cap: usize,
+    ) -> Result<bool, StoreError> {
+        let kept: i64 = self
+            .add_read_receipt
+            .key(read_receipts_key(sender))
+            .key(hides_key(sender, Privacy::ReadReceipts))
+            .arg(receipt.reader)
+            .arg(receipt.up_to_msg_id)
+            .arg(receipt.at_ms)
+            .arg(cap.max(1))
+            .arg(READ_RECEIPTS_TTL.as_millis() as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(kept == 1)
+    }
+
+    async fn read_receipts(&self, sender: u64) -> Result<Vec<ReadReceipt>, StoreError> {
+        let kept: Vec<(String, String)> = self
+            .conn()
+            .hgetall(read_receipts_key(sender))
+            .await
+            .map_err(unavailable)?;
+        let mut receipts: Vec<ReadReceipt> = kept
+            .iter()
+            .filter_map(|(reader, value)| {
+                let (msg_id, at_ms) = value.split_once(':')?;
+                Some(ReadReceipt {
+                    reader: reader.parse().ok()?,
+                    up_to_msg_id: msg_id.parse().ok()?,
+                    at_ms: at_ms.parse().ok()?,
+                })
+            })
+            .collect();
+        receipts.sort_unstable_by_key(|r| std::cmp::Reverse((r.at_ms, r.up_to_msg_id)));
+        Ok(receipts)
     }
 
     async fn add_report(&self, report: &Report, cap: usize) -> Result<(), StoreError> {
