@@ -2,14 +2,14 @@
 //! assignment, group and private chat, online users, duplicate login, logout, bad
 //! credentials, token re-login and its refusals (also when re-logins race with one token),
 //! dead-server detection, two real console clients chatting, TLS resumption of a client's API
-//! calls, and blocking a user.
+//! calls, blocking a user, and read receipts.
 
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
-use anyhow::Context;
-use cim_client::{Client, ClientError, Event, LoginOptions, RouterApi};
+use anyhow::{Context, bail};
+use cim_client::{Client, ClientError, Event, Events, LoginOptions, ReadReceipt, RouterApi};
 use cim_integration_tests::{
     Backend, Proc, TestCluster, WAIT, eventually, metric_value, next_event, next_message,
     router_metrics,
@@ -615,6 +615,19 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
         line.contains(&format!("bob ({bob_id}) (private): ")),
         "{line}"
     );
+    // Alice's console showed it, so it tells Bob she read it; his says which message.
+    bob.expect_line(&format!("* alice ({alice_id}) read: a secret for alice"))
+        .await?;
+    bob.send_line(":receipts").await?;
+    bob.expect_line("read receipts (1)").await?;
+    bob.expect_line(&format!("alice ({alice_id}) read your messages at"))
+        .await?;
+    alice.send_line(":receipts hide").await?;
+    alice.expect_line("you give no read receipts").await?;
+    bob.send_line(":receipts").await?;
+    bob.expect_line("read receipts (0)").await?;
+    alice.send_line(":receipts show").await?;
+    alice.expect_line("you give read receipts").await?;
     // `:q words` (CIM's) searches the history, ignoring case: what came in, what went out.
     alice.send_line(":q SECRET").await?;
     alice
@@ -1426,5 +1439,108 @@ async fn a_deleted_account_leaves_its_groups_and_frees_its_name() -> anyhow::Res
         bob.find_user("alice").await?.map(|u| u.id),
         Some(again.info().user_id)
     );
+    Ok(())
+}
+
+/// The next read receipt `events` tell, past other notices (presence); a message is an error.
+async fn next_read(events: &mut Events) -> anyhow::Result<ReadReceipt> {
+    loop {
+        match next_event(events, WAIT).await? {
+            Event::Read(read) => return Ok(read),
+            Event::Message(m) => bail!("expected a read receipt, got {m:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// Read receipts, on Redis over two servers: a reader's receipt reaches the sender at once and
+/// stays listed for it (also for a sender offline then); it only moves forward; it goes
+/// nowhere, as the reader is not told, while either hides receipts or the sender blocks the
+/// reader; a bad one gets a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_receipt_reaches_its_sender_unless_either_hides_them() -> anyhow::Result<()> {
+    let cluster = TestCluster::start_on(2, Backend::Redis).await?;
+    let config = cluster.client_config();
+    let (alice, mut alice_events) = cluster.user("alice").await?;
+    let (bob, mut bob_events) = cluster.user("bob").await?;
+    let (carol, mut carol_events) = cluster.user("carol").await?;
+    let (alice_id, bob_id) = (alice.info().user_id, bob.info().user_id);
+    let carol_id = carol.info().user_id;
+    let first = alice.send_private(bob_id, "first").await?.msg_id;
+    let second = alice.send_private(bob_id, "second").await?.msg_id;
+    for _ in 0..2 {
+        next_message(&mut bob_events).await?;
+    }
+
+    bob.mark_read(alice_id, second).await?;
+    let read = next_read(&mut alice_events).await?;
+    assert_eq!(
+        (read.user_id, read.name.as_str(), read.up_to_msg_id),
+        (bob_id, "bob", second)
+    );
+    assert_eq!(alice.read_receipts().await?, [read.clone()]);
+    // Behind what it said already: kept as it was.
+    bob.mark_read(alice_id, first).await?;
+    assert_eq!(alice.read_receipts().await?, [read]);
+    for (user, msg_id) in [(bob_id, second), (alice_id, 0), (alice_id, u64::MAX)] {
+        let refused = bob.mark_read(user, msg_id).await.unwrap_err();
+        assert_eq!(refused.code(), Some("bad_request"), "{user} {msg_id}");
+    }
+    let refused = bob.mark_read(987_654_321, second).await.unwrap_err();
+    assert_eq!(refused.code(), Some("unknown_user"));
+
+    // Read while its sender is offline: listed at its next login.
+    let third = alice.send_private(bob_id, "third").await?.msg_id;
+    next_message(&mut bob_events).await?;
+    alice.logout().await?;
+    drop(alice_events);
+    bob.mark_read(alice_id, third).await?;
+    let (alice, mut alice_events) =
+        Client::login(&config, "alice", "password", LoginOptions::default()).await?;
+    let listed = alice.read_receipts().await?;
+    assert_eq!((listed.len(), listed[0].up_to_msg_id), (1, third));
+
+    // Bob hides his: they go nowhere (the next Alice hears is Carol's), and his kept one is
+    // not listed until he shows them again.
+    assert!(bob.hide_read_receipts(true).await?.hide_read_receipts);
+    assert!(bob.settings().await?.hide_read_receipts);
+    let fourth = alice.send_private(bob_id, "fourth").await?.msg_id;
+    next_message(&mut bob_events).await?;
+    bob.mark_read(alice_id, fourth).await?;
+    assert!(alice.read_receipts().await?.is_empty());
+    let to_carol = alice.send_private(carol_id, "hi carol").await?.msg_id;
+    next_message(&mut carol_events).await?;
+    carol.mark_read(alice_id, to_carol).await?;
+    assert_eq!(next_read(&mut alice_events).await?.user_id, carol_id);
+    assert!(!bob.hide_read_receipts(false).await?.hide_read_receipts);
+    let readers = |listed: Vec<ReadReceipt>| -> Vec<(u64, u64)> {
+        listed.iter().map(|r| (r.user_id, r.up_to_msg_id)).collect()
+    };
+    assert_eq!(
+        readers(alice.read_receipts().await?),
+        [(carol_id, to_carol), (bob_id, third)]
+    );
+
+    // Alice hides hers: she is given none, and what was kept waits for her showing them.
+    alice.hide_read_receipts(true).await?;
+    assert!(alice.read_receipts().await?.is_empty());
+    bob.mark_read(alice_id, fourth).await?;
+    alice.hide_read_receipts(false).await?;
+    assert_eq!(
+        readers(alice.read_receipts().await?),
+        [(carol_id, to_carol), (bob_id, third)]
+    );
+
+    // Alice blocks Bob: his receipts go nowhere, and he is not listed.
+    alice.block(bob_id).await?;
+    bob.mark_read(alice_id, fourth).await?;
+    assert_eq!(
+        readers(alice.read_receipts().await?),
+        [(carol_id, to_carol)]
+    );
+    let again = alice.send_private(carol_id, "again").await?.msg_id;
+    next_message(&mut carol_events).await?;
+    carol.mark_read(alice_id, again).await?;
+    assert_eq!(next_read(&mut alice_events).await?.user_id, carol_id);
     Ok(())
 }
