@@ -74,8 +74,9 @@ pub struct BlockReply {
     pub already_blocked: bool,
 }
 
-/// The user's settings, as the router keeps them.
+/// The user's settings, as the router keeps them (more may come).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct Settings {
     /// Whether we hide when we were last seen (and so see no one else's).
     pub hide_last_seen: bool,
@@ -87,6 +88,7 @@ pub struct Settings {
 
 /// A reader's receipt for our private messages, as the router keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct ReadReceipt {
     /// Who read.
     #[serde(rename = "id")]
@@ -353,8 +355,23 @@ impl RouterApi {
             .await
     }
 
+    /// Hides (or shows again) when we were last seen; returns the settings after it.
+    pub async fn hide_last_seen(&self, token: &str, hidden: bool) -> Result<Settings, ClientError> {
+        self.hide(token, "hide_last_seen", hidden).await
+    }
+
+    /// Gives no read receipts, and is given none (or gives them again); returns the settings
+    /// after it. An older router refuses the unknown setting (`bad_json`).
+    pub async fn hide_read_receipts(
+        &self,
+        token: &str,
+        hidden: bool,
+    ) -> Result<Settings, ClientError> {
+        self.hide(token, "hide_read_receipts", hidden).await
+    }
+
     /// Changes one setting, `hide_...`, to `hidden`; returns the settings after it.
-    pub async fn hide(
+    async fn hide(
         &self,
         token: &str,
         setting: &str,

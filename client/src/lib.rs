@@ -1357,7 +1357,7 @@ impl Client {
     /// offline without a time, and, as the price, ours shows no one's time either.
     pub async fn hide_last_seen(&self, hidden: bool) -> Result<Settings, ClientError> {
         let token = self.token();
-        self.shared.api.hide(&token, "hide_last_seen", hidden).await
+        self.shared.api.hide_last_seen(&token, hidden).await
     }
 
     /// Stops giving read receipts (or gives them again): [`Client::mark_read`] then tells no
@@ -1365,10 +1365,7 @@ impl Client {
     /// [`Client::read_receipts`]).
     pub async fn hide_read_receipts(&self, hidden: bool) -> Result<Settings, ClientError> {
         let token = self.token();
-        self.shared
-            .api
-            .hide(&token, "hide_read_receipts", hidden)
-            .await
+        self.shared.api.hide_read_receipts(&token, hidden).await
     }
 
     /// Tells `user` that we read its private messages up to `msg_id` (an
@@ -1383,7 +1380,8 @@ impl Client {
     }
 
     /// Who read our private messages, how far (the latest receipt of each reader, the latest
-    /// first; kept a month, for at most 1,000 readers). Empty while we hide read receipts.
+    /// first, for at most 1,000 readers; in a cluster the list expires a month after its
+    /// latest receipt). Empty while we hide read receipts.
     pub async fn read_receipts(&self) -> Result<Vec<ReadReceipt>, ClientError> {
         let token = self.token();
         self.shared.api.read_receipts(&token).await

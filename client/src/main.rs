@@ -270,12 +270,12 @@ async fn chat(
                         let _ = read.send((m.from_user, m.msg_id));
                     }
                 }
+                // Said only of a message this console sent: a receipt is the reader's word,
+                // and one for nothing sent here (or told already) would say nothing.
                 Some(Event::Read(r)) => {
-                    let who = format!("{} ({})", console::printable(&r.name), r.user_id);
-                    let text = lock(&sent_log).read(r.user_id, r.up_to_msg_id);
-                    match text {
-                        Some(text) => println!("* {who} read: {}", console::printable(&text)),
-                        None => println!("* {who} read your messages"),
+                    if let Some(text) = lock(&sent_log).read(r.user_id, r.up_to_msg_id) {
+                        let who = format!("{} ({})", console::printable(&r.name), r.user_id);
+                        println!("* {who} read: {}", console::printable(&text));
                     }
                 }
                 Some(Event::Kicked(reason)) => break Ending::Ended(format!("session ended: {}", console::printable(&reason))),
@@ -364,7 +364,7 @@ async fn chat(
                         Err(_) if pending.load(Ordering::Relaxed) < left => {}
                         Err(_) => break Some("timed out"),
                     },
-                    _ = &mut ctrl_c => break Some("interrupted"),
+                    _ = &mut ctrl_c => break Some(INTERRUPTED),
                 }
             };
             if let Some(why) = unfinished {
@@ -372,12 +372,19 @@ async fn chat(
                 let _ = worker.await;
                 dropped(&pending, &failed, why);
             }
-            // The messages read last are told before the logout.
+            // The messages read last are told before the logout, unless a Ctrl-C came (then
+            // its future is spent) or comes meanwhile.
             drop(read);
-            if tokio::time::timeout(RECEIPTS_AT_QUIT, &mut receipts)
-                .await
-                .is_err()
-            {
+            let flushed = async {
+                if unfinished == Some(INTERRUPTED) {
+                    return false;
+                }
+                tokio::select! {
+                    done = tokio::time::timeout(RECEIPTS_AT_QUIT, &mut receipts) => done.is_ok(),
+                    _ = &mut ctrl_c => false,
+                }
+            };
+            if !flushed.await {
                 receipts.abort();
                 let _ = receipts.await;
             }
@@ -466,6 +473,9 @@ async fn paced<T, F: std::future::Future<Output = Result<T, ClientError>>>(
 /// latest message, not one per message.
 const RECEIPTS_EVERY: Duration = Duration::from_secs(1);
 
+/// Why a quit's wait ended early: a Ctrl-C.
+const INTERRUPTED: &str = "interrupted";
+
 /// How long a quit waits for the last read receipts.
 const RECEIPTS_AT_QUIT: Duration = Duration::from_secs(5);
 
@@ -475,9 +485,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Gives read receipts on a task of its own: `(sender, msg id)` sent to the channel is a
 /// private message shown, and every [`RECEIPTS_EVERY`] the latest of each sender's is told.
-/// Once the channel is dropped, what is left is told and the task ends. A receipt that fails
-/// is not tried again (the next covers it); the router says nothing when either user hides
-/// receipts.
+/// Once the channel is dropped, what is left is told once more and the task ends. A receipt
+/// that failed is tried again at the next turn, unless it was refused for good (a bad id, an
+/// account gone); the router says nothing when either user hides receipts.
 fn give_read_receipts(
     client: Arc<Client>,
 ) -> (
@@ -502,6 +512,10 @@ fn give_read_receipts(
             for (sender, msg_id) in unreported.take() {
                 if let Err(e) = client.mark_read(sender, msg_id).await {
                     tracing::debug!(sender, msg_id, error = %e, "read receipt not given");
+                    let for_good = [cim_proto::BAD_REQUEST, cim_proto::UNKNOWN_USER];
+                    if !e.code().is_some_and(|code| for_good.contains(&code)) {
+                        unreported.read(sender, msg_id);
+                    }
                 }
             }
             if last {

@@ -64,16 +64,21 @@ impl SentLog {
         sent.push_back((msg_id, excerpt));
     }
 
-    /// `reader` read our messages up to `up_to_msg_id`: the text's start of the latest of
-    /// them this log holds, which it then forgets with those before it. `None` when it holds
-    /// none (sent before this console started, or told read already).
+    /// `reader` read our messages up to `up_to_msg_id`, which covers those with ids up to
+    /// it: the text's start of the one of them sent last, which this log then forgets with the
+    /// rest it covers. `None` when it holds none (sent before this console started, or told
+    /// read already). Ids are only roughly in the order of sending (routers' clocks differ),
+    /// so every message is looked at, not only those before the first one not covered.
     pub fn read(&mut self, reader: u64, up_to_msg_id: u64) -> Option<String> {
         let sent = self.by_user.get_mut(&reader)?;
-        let covered = sent
-            .iter()
-            .take_while(|(id, _)| *id <= up_to_msg_id)
-            .count();
-        let latest = sent.drain(..covered).next_back().map(|(_, text)| text);
+        let mut latest = None;
+        sent.retain_mut(|(id, text)| {
+            let covered = *id <= up_to_msg_id;
+            if covered {
+                latest = Some(std::mem::take(text));
+            }
+            !covered
+        });
         if sent.is_empty() {
             self.by_user.remove(&reader);
             self.order.retain(|u| *u != reader);
@@ -113,6 +118,17 @@ mod tests {
         assert_eq!(log.read(9, 1_000), None);
         assert_eq!(log.read(5, 25).as_deref(), Some("to someone else"));
         assert!(log.by_user.is_empty() && log.order.is_empty());
+    }
+
+    #[test]
+    fn an_id_out_of_order_is_covered_all_the_same() {
+        let mut log = SentLog::default();
+        log.sent(2, 10, "first");
+        // Issued by a router whose clock is behind the first one's.
+        log.sent(2, 8, "second");
+        log.sent(2, 30, "third");
+        assert_eq!(log.read(2, 10).as_deref(), Some("second"));
+        assert_eq!(log.read(2, 30).as_deref(), Some("third"));
     }
 
     #[test]

@@ -770,11 +770,22 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
         .expect_line(&format!("invited {bob_id} to #club"))
         .await?;
     let mut bob = console(&cluster, "bob")?;
-    bob.expect_line("* invitations waiting (1): #club").await?;
+    // Both at start, in either order.
+    let (mut invited, mut shown) = (false, false);
+    while !(invited && shown) {
+        let line = bob.expect_line("").await?;
+        invited |= line.contains("* invitations waiting (1): #club");
+        shown |= line.contains("(private): see you later");
+    }
     bob.send_line(":groups").await?;
     bob.expect_line("invitations waiting (1): #club").await?;
     bob.send_line(":q").await?;
     bob.expect_line("bye").await?;
+    // Bob's console showed the message and quit within its second of gathering receipts: it
+    // told Alice he read it before it logged out.
+    alice
+        .expect_line(&format!("* bob ({bob_id}) read: see you later"))
+        .await?;
     alice.send_line(":q").await?;
     alice.expect_line("bye").await?;
 
@@ -1478,7 +1489,7 @@ async fn a_read_receipt_reaches_its_sender_unless_either_hides_them() -> anyhow:
         (read.user_id, read.name.as_str(), read.up_to_msg_id),
         (bob_id, "bob", second)
     );
-    assert_eq!(alice.read_receipts().await?, [read.clone()]);
+    assert_eq!(alice.read_receipts().await?, std::slice::from_ref(&read));
     // Behind what it said already: kept as it was.
     bob.mark_read(alice_id, first).await?;
     assert_eq!(alice.read_receipts().await?, [read]);
@@ -1542,5 +1553,17 @@ async fn a_read_receipt_reaches_its_sender_unless_either_hides_them() -> anyhow:
     next_message(&mut carol_events).await?;
     carol.mark_read(alice_id, again).await?;
     assert_eq!(next_read(&mut alice_events).await?.user_id, carol_id);
+
+    // A reader whose account is gone is not listed.
+    carol.delete_account("password").await?;
+    assert!(alice.read_receipts().await?.is_empty());
+
+    // An id may run ahead of the clock by two message-id node leases (30 s each here) and a
+    // minute of clocks apart, not more. (Bob's receipts go nowhere now, but are checked.)
+    const ID_EPOCH_MS: u64 = 1_735_689_600_000;
+    let issued_in = |secs: u64| (cim_core::now_ms() + secs * 1000 - ID_EPOCH_MS) << 22;
+    bob.mark_read(alice_id, issued_in(100)).await?;
+    let refused = bob.mark_read(alice_id, issued_in(1_000)).await.unwrap_err();
+    assert_eq!(refused.code(), Some("bad_request"));
     Ok(())
 }

@@ -278,105 +278,70 @@ async fn blocks_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
 }
 
 /// A reader's receipt only moves forward (ids compared exactly, past a double's precision), a
-/// new reader past the cap pushes out the one read longest ago, and a sender who hides read
-/// receipts is kept none.
+/// new reader past the cap pushes out the one read longest ago (of two read at once, the lower
+/// id), and a sender who hides read receipts is kept none.
 async fn read_receipts_move_forward_under_a_cap(store: &dyn Store) -> anyhow::Result<()> {
+    /// Adds reader's receipt for sender's messages up to msg id, read at ms, under a cap.
+    async fn add(
+        store: &dyn Store,
+        sender: u64,
+        (reader, up_to_msg_id, at_ms): (u64, u64, u64),
+        cap: usize,
+    ) -> anyhow::Result<bool> {
+        let receipt = ReadReceipt {
+            reader,
+            up_to_msg_id,
+            at_ms,
+        };
+        Ok(store.add_read_receipt(sender, &receipt, cap).await?)
+    }
+    /// The receipts kept for sender (in no order), by reader.
+    async fn kept(store: &dyn Store, sender: u64) -> anyhow::Result<Vec<(u64, u64, u64)>> {
+        let mut kept: Vec<_> = (store.read_receipts(sender).await?.iter())
+            .map(|r| (r.reader, r.up_to_msg_id, r.at_ms))
+            .collect();
+        kept.sort_unstable();
+        Ok(kept)
+    }
     let sender = 7_001;
-    let receipt = |reader: u64, up_to_msg_id: u64, at_ms: u64| ReadReceipt {
-        reader,
-        up_to_msg_id,
-        at_ms,
-    };
-    assert!(store.read_receipts(sender).await?.is_empty());
-    assert!(
-        store
-            .add_read_receipt(sender, &receipt(1, 999, 10), 2)
-            .await?
-    );
-    assert!(
-        !store
-            .add_read_receipt(sender, &receipt(1, 999, 11), 2)
-            .await?,
-        "as far"
-    );
-    assert!(
-        !store
-            .add_read_receipt(sender, &receipt(1, 998, 11), 2)
-            .await?,
-        "behind"
-    );
-    assert!(
-        store
-            .add_read_receipt(sender, &receipt(1, 1_000, 12), 2)
-            .await?,
-        "a digit more"
-    );
+    assert!(kept(store, sender).await?.is_empty());
+    assert!(add(store, sender, (1, 999, 10), 2).await?);
+    assert!(!add(store, sender, (1, 999, 11), 2).await?, "as far");
+    assert!(!add(store, sender, (1, 998, 11), 2).await?, "behind");
+    assert!(add(store, sender, (1, 1_000, 12), 2).await?, "a digit more");
     let big = 1u64 << 62;
-    assert!(
-        store
-            .add_read_receipt(sender, &receipt(1, big + 2, 13), 2)
-            .await?
-    );
-    assert!(
-        !store
-            .add_read_receipt(sender, &receipt(1, big + 1, 14), 2)
-            .await?,
-        "one id behind, the same as a double"
-    );
-    assert!(
-        store
-            .add_read_receipt(sender, &receipt(1, big + 3, 14), 2)
-            .await?,
-        "one id on, the same as a double"
-    );
-    assert_eq!(
-        store.read_receipts(sender).await?,
-        [receipt(1, big + 3, 14)]
-    );
+    assert!(add(store, sender, (1, big + 2, 13), 2).await?);
+    let behind = add(store, sender, (1, big + 1, 14), 2).await?;
+    assert!(!behind, "one id behind, the same as a double");
+    let on = add(store, sender, (1, big + 3, 14), 2).await?;
+    assert!(on, "one id on, the same as a double");
+    assert_eq!(kept(store, sender).await?, [(1, big + 3, 14)]);
 
-    assert!(
-        store
-            .add_read_receipt(sender, &receipt(2, 5, 20), 2)
-            .await?
-    );
-    // Full: reader 1's (read at 13) goes for a new reader; a kept reader's moves on in place.
-    assert!(
-        store
-            .add_read_receipt(sender, &receipt(3, 5, 30), 2)
-            .await?
-    );
-    assert!(
-        store
-            .add_read_receipt(sender, &receipt(2, 6, 40), 2)
-            .await?
-    );
-    assert_eq!(
-        store.read_receipts(sender).await?,
-        [receipt(2, 6, 40), receipt(3, 5, 30)]
-    );
+    assert!(add(store, sender, (2, 5, 20), 2).await?);
+    // Full: reader 1's (read at 14) goes for a new reader; a kept reader's moves on in place.
+    assert!(add(store, sender, (3, 5, 30), 2).await?);
+    assert!(add(store, sender, (2, 6, 40), 2).await?);
+    assert_eq!(kept(store, sender).await?, [(2, 6, 40), (3, 5, 30)]);
 
     store
         .set_hidden(sender, Privacy::ReadReceipts, true)
         .await?;
-    assert!(
-        !store
-            .add_read_receipt(sender, &receipt(3, 7, 50), 2)
-            .await?
-    );
+    assert!(!add(store, sender, (3, 7, 50), 2).await?);
     store
         .set_hidden(sender, Privacy::ReadReceipts, false)
         .await?;
-    assert_eq!(
-        store.read_receipts(sender).await?.len(),
-        2,
-        "kept while hidden"
-    );
-    assert!(
-        store
-            .add_read_receipt(sender, &receipt(3, 7, 50), 2)
-            .await?
-    );
-    assert_eq!(store.read_receipts(sender).await?[0], receipt(3, 7, 50));
+    assert_eq!(kept(store, sender).await?.len(), 2, "kept while hidden");
+    assert!(add(store, sender, (3, 7, 50), 2).await?);
+    assert_eq!(kept(store, sender).await?, [(2, 6, 40), (3, 7, 50)]);
+
+    // Read at once: the lower reader goes first, whichever came first.
+    let tied = 7_002;
+    for reader in [12, 11, 13] {
+        assert!(add(store, tied, (reader, 1, 60), 3).await?);
+    }
+    assert!(add(store, tied, (14, 1, 61), 3).await?);
+    let readers: Vec<u64> = kept(store, tied).await?.iter().map(|r| r.0).collect();
+    assert_eq!(readers, [12, 13, 14]);
     Ok(())
 }
 

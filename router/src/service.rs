@@ -2,6 +2,7 @@
 //! assignment, logout, online users, and sending (recipient resolution and fan-out with one
 //! push per server). The HTTP API and the server links both call into [`Service`].
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -127,9 +128,10 @@ const REPORTS_PER_USER: u32 = 10;
 /// Read receipts one user may give per [`LOGIN_WINDOW`]: each may push a notice to the user
 /// whose messages it read. A console gives at most one per peer a second.
 const READ_RECEIPTS_PER_USER: u32 = 600;
-/// How far past this router's clock a read message's id may have been issued (by another
-/// router, whose clock may be ahead), in ms: an id further on names no message yet.
-const MSG_ID_AHEAD_MS: u64 = 60_000;
+/// How far past this router's clock another router's clock may be, in ms: with the
+/// message-id node leases it bounds how far ahead of this clock a message's id may have been
+/// issued (see [`Service::mark_read`]).
+const CLOCK_SKEW_MS: u64 = 60_000;
 /// How long a read receipt's notice may take: it is best effort, as a group change's.
 const RECEIPT_NOTICE_WAIT: Duration = Duration::from_secs(1);
 /// Heirs whose accounts are gone that one owner's leave takes out of the group, at most.
@@ -2136,7 +2138,12 @@ impl Service {
                 "a read receipt is for another user's messages".into(),
             ));
         }
-        if up_to_msg_id == 0 || ids::issued_at_ms(up_to_msg_id) > now_ms() + MSG_ID_AHEAD_MS {
+        // A router issues ids up to two leases of its message-id node ahead of its clock (a
+        // node's next holder starts after the time its previous holder may have reached),
+        // and its clock may be ahead of this one's.
+        let lease_ms = self.config.id_node_lease.as_millis() as u64;
+        let latest_possible = now_ms() + 2 * lease_ms + CLOCK_SKEW_MS;
+        if up_to_msg_id == 0 || ids::issued_at_ms(up_to_msg_id) > latest_possible {
             return Err(ServiceError::BadRequest(format!(
                 "no message has id {up_to_msg_id}"
             )));
@@ -2174,12 +2181,8 @@ impl Service {
             read_at_ms: receipt.at_ms,
         };
         let notice = Notice::Control(server_control::Kind::ReadReceipt(notice));
-        match tokio::time::timeout(RECEIPT_NOTICE_WAIT, self.notify_online(&[sender], notice)).await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(reader, sender, error = %e, "read receipt not told"),
-            Err(_) => tracing::debug!(reader, sender, "read receipt's notice timed out"),
-        }
+        // Not waited for: the answer takes as long whether the receipt was kept or not.
+        self.notify_online_later(vec![sender], notice, RECEIPT_NOTICE_WAIT);
         Ok(())
     }
 
@@ -2190,7 +2193,8 @@ impl Service {
         if self.hides(user, Privacy::ReadReceipts).await? {
             return Ok(Vec::new());
         }
-        let receipts = self.store.read_receipts(user).await?;
+        let mut receipts = self.store.read_receipts(user).await?;
+        receipts.sort_unstable_by_key(|r| (Reverse((r.at_ms, r.up_to_msg_id)), r.reader));
         let readers: Vec<u64> = receipts.iter().map(|r| r.reader).collect();
         let hiding = self.store.hidden(&readers, Privacy::ReadReceipts).await?;
         let blocked = self.store.blocked_users(user).await?;
@@ -2479,33 +2483,21 @@ impl Service {
     /// Passes `notice` to those of `users` who are online, one request per server holding
     /// some of them. Best effort: a failed push is logged.
     async fn notify_online(&self, users: &[u64], notice: Notice) -> Result<(), ServiceError> {
-        let routes = self.store.routes(users).await?;
-        let mut by_server: HashMap<String, Vec<u64>> = HashMap::new();
-        for (&user, route) in users.iter().zip(routes) {
-            if let Some(route) = route.filter(|r| r.confirmed) {
-                by_server.entry(route.server_id).or_default().push(user);
+        notify_online(&*self.store, &self.links, users, notice).await
+    }
+
+    /// [`Service::notify_online`] on a task of its own, given at most `wait`: the caller
+    /// answers at once, in the same time whether anyone was told or not.
+    fn notify_online_later(&self, users: Vec<u64>, notice: Notice, wait: Duration) {
+        let (store, links) = (self.store.clone(), self.links.clone());
+        tokio::spawn(async move {
+            let push = notify_online(&*store, &links, &users, notice);
+            match tokio::time::timeout(wait, push).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(?users, error = %e, "notice not told"),
+                Err(_) => tracing::debug!(?users, "notice timed out"),
             }
-        }
-        if by_server.is_empty() {
-            // No one to tell (a login storm's users are mostly alone): no task for it.
-            return Ok(());
-        }
-        // In a task of its own: a caller that stops waiting (a join whose announcement took
-        // longer than `GROUP_CHANGE_WAIT`) leaves the pushes to land late, not to be lost.
-        let links = self.links.clone();
-        let pushing = tokio::spawn(async move {
-            let pushes = by_server.into_iter().map(|(server, recipients)| {
-                let (links, notice) = (&links, notice.clone());
-                async move {
-                    if let Err(e) = links.notify(&server, recipients, notice).await {
-                        tracing::debug!(%server, error = %e, "notice push failed");
-                    }
-                }
-            });
-            join_all(pushes).await;
         });
-        let _ = pushing.await;
-        Ok(())
     }
 
     /// Remembers a refusal or failure for the admin page.
@@ -2582,6 +2574,43 @@ impl Service {
         }
         Ok(())
     }
+}
+
+/// Passes `notice` to those of `users` who are online, one request per server holding some of
+/// them. Best effort: a failed push is logged.
+async fn notify_online(
+    store: &dyn Store,
+    links: &Arc<ServerLinks>,
+    users: &[u64],
+    notice: Notice,
+) -> Result<(), ServiceError> {
+    let routes = store.routes(users).await?;
+    let mut by_server: HashMap<String, Vec<u64>> = HashMap::new();
+    for (&user, route) in users.iter().zip(routes) {
+        if let Some(route) = route.filter(|r| r.confirmed) {
+            by_server.entry(route.server_id).or_default().push(user);
+        }
+    }
+    if by_server.is_empty() {
+        // No one to tell (a login storm's users are mostly alone): no task for it.
+        return Ok(());
+    }
+    // In a task of its own: a caller that stops waiting (a join whose announcement took
+    // longer than `GROUP_CHANGE_WAIT`) leaves the pushes to land late, not to be lost.
+    let links = links.clone();
+    let pushing = tokio::spawn(async move {
+        let pushes = by_server.into_iter().map(|(server, recipients)| {
+            let (links, notice) = (&links, notice.clone());
+            async move {
+                if let Err(e) = links.notify(&server, recipients, notice).await {
+                    tracing::debug!(%server, error = %e, "notice push failed");
+                }
+            }
+        });
+        join_all(pushes).await;
+    });
+    let _ = pushing.await;
+    Ok(())
 }
 
 /// Runs `announce` (of a change in `group` concerning `user`, `what` it is) for at most

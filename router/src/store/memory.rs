@@ -932,6 +932,8 @@ impl Store for MemoryStore {
             Some(old) if old.up_to_msg_id >= receipt.up_to_msg_id => return Ok(false),
             Some(_) => {}
             None if kept.len() >= cap.max(1) => {
+                // The one read longest ago; of those read at once, the lowest reader id (as
+                // on Redis).
                 let longest_ago = kept.values().min_by_key(|r| (r.at_ms, r.reader));
                 if let Some(reader) = longest_ago.map(|r| r.reader) {
                     kept.remove(&reader);
@@ -944,14 +946,12 @@ impl Store for MemoryStore {
     }
 
     async fn read_receipts(&self, sender: u64) -> Result<Vec<ReadReceipt>, StoreError> {
-        let inner = self.inner();
-        let mut receipts: Vec<ReadReceipt> = inner
+        Ok(self
+            .inner()
             .read_receipts
             .get(&sender)
             .map(|kept| kept.values().copied().collect())
-            .unwrap_or_default();
-        receipts.sort_unstable_by_key(|r| std::cmp::Reverse((r.at_ms, r.up_to_msg_id)));
-        Ok(receipts)
+            .unwrap_or_default())
     }
 
     async fn block_user(&self, user: u64, other: u64, cap: usize) -> Result<Block, StoreError> {

@@ -656,7 +656,7 @@ pub trait Store: Send + Sync + 'static {
         receipt: &ReadReceipt,
         cap: usize,
     ) -> Result<bool, StoreError>;
-    /// The receipts kept for `sender`, the latest first.
+    /// The receipts kept for `sender`, in no order.
     async fn read_receipts(&self, sender: u64) -> Result<Vec<ReadReceipt>, StoreError>;
 
     /// `user` blocks `other`: `other`'s private messages to `user` are refused from now on

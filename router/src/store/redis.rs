@@ -282,7 +282,8 @@ return 1
 ";
 
 /// Keeps a reader's receipt unless the sender hides receipts or the reader's kept one is as
-/// far on; a new reader past the cap pushes out the one read longest ago. KEYS: receipts,
+/// far on; a new reader past the cap pushes out the one read longest ago (of those read at
+/// once, the lowest reader id). KEYS: receipts,
 /// the sender's hides-receipts. ARGV: reader, msg id, read at ms, cap, ttl ms. Message ids are
 /// compared as decimal strings (Lua's numbers are doubles). Returns 1 kept, 0 not.
 const ADD_READ_RECEIPT: &str = r"
@@ -296,7 +297,8 @@ elseif redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then
   local oldest, oldest_at
   for i = 1, #kept, 2 do
     local at = tonumber(string.match(kept[i + 1], ':(%d+)$') or '0')
-    if not oldest_at or at < oldest_at then oldest, oldest_at = kept[i], at end
+    local earlier = oldest_at and (at < oldest_at or (at == oldest_at and tonumber(kept[i]) < tonumber(oldest)))
+    if not oldest_at or earlier then oldest, oldest_at = kept[i], at end
   end
   redis.call('HDEL', KEYS[1], oldest)
 end
@@ -2013,7 +2015,7 @@ impl Store for RedisStore {
             .hgetall(read_receipts_key(sender))
             .await
             .map_err(unavailable)?;
-        let mut receipts: Vec<ReadReceipt> = kept
+        Ok(kept
             .iter()
             .filter_map(|(reader, value)| {
                 let (msg_id, at_ms) = value.split_once(':')?;
@@ -2023,9 +2025,7 @@ impl Store for RedisStore {
                     at_ms: at_ms.parse().ok()?,
                 })
             })
-            .collect();
-        receipts.sort_unstable_by_key(|r| std::cmp::Reverse((r.at_ms, r.up_to_msg_id)));
-        Ok(receipts)
+            .collect())
     }
 
     async fn add_report(&self, report: &Report, cap: usize) -> Result<(), StoreError> {
