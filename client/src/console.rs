@@ -46,6 +46,68 @@ impl fmt::Display for UserRef {
     }
 }
 
+/// A command whose passwords the console asks for, one prompt at a time, without showing
+/// what is typed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asked {
+    /// `:password`: the current password, then the new one twice.
+    Password,
+    /// `:delete-account`: the password.
+    DeleteAccount,
+}
+
+impl Asked {
+    /// The prompts, in order.
+    pub fn prompts(self) -> &'static [&'static str] {
+        match self {
+            Asked::Password => &[
+                "current password: ",
+                "new password: ",
+                "new password again: ",
+            ],
+            Asked::DeleteAccount => &["password (your account is deleted for good): "],
+        }
+    }
+
+    /// How to give the command in one line (where nothing can be asked: input that is not a
+    /// terminal).
+    pub fn usage(self) -> &'static str {
+        match self {
+            Asked::Password => {
+                "use :password at a terminal, or :password <old> <new> (passwords without blanks)"
+            }
+            Asked::DeleteAccount => {
+                "use :delete-account at a terminal, or :delete-account <password> (it deletes \
+                 your account for good)"
+            }
+        }
+    }
+
+    /// The command the answers to [`Asked::prompts`] make: refused if one is empty, or if the
+    /// new password was not typed the same twice.
+    pub fn answered(self, answers: Vec<String>) -> Command {
+        if answers.len() != self.prompts().len() {
+            return Command::Invalid("not every password was given; nothing was done".into());
+        }
+        if answers.iter().any(|a| a.is_empty()) {
+            return Command::Invalid("an empty password; nothing was done".into());
+        }
+        let mut answers = answers.into_iter().map(Secret);
+        match (self, answers.next(), answers.next(), answers.next()) {
+            (Asked::Password, Some(old), Some(new), Some(again)) if new == again => {
+                Command::Password { old, new }
+            }
+            (Asked::Password, ..) => Command::Invalid(
+                "the new password was not typed the same twice; nothing was changed".into(),
+            ),
+            (Asked::DeleteAccount, Some(password), ..) => Command::DeleteAccount(password),
+            (Asked::DeleteAccount, None, ..) => {
+                Command::Invalid("no password was given; nothing was done".into())
+            }
+        }
+    }
+}
+
 /// What a console line asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -118,6 +180,9 @@ pub enum Command {
     },
     /// `:delete-account PASSWORD`: delete one's account for good, then quit.
     DeleteAccount(Secret),
+    /// `:password` or `:delete-account` alone: the passwords are asked for, unseen (at a
+    /// terminal; elsewhere the line is refused as incomplete).
+    Ask(Asked),
     /// `:lastseen [hide|show]`: whether others see when I was last seen (and I theirs).
     LastSeen(Option<bool>),
     /// `:receipts [hide|show]`: who read my private messages; or whether I give read
@@ -176,8 +241,9 @@ commands:
   :report <user> [reason]
                        report a user (spam, abuse) to the cluster's operators
   :who <name>          show a user's id, and whether they are online or when last seen
+  :password            change your password (this login stays): asked for, unseen
   :password <old> <new>
-                       change your password (this login stays)
+                       the same, in one line (as typed, shown)
   :delete-account <password>
                        delete your account for good (groups left, inbox gone), then quit
   :olu [prefix]        list online users (optionally whose name starts with prefix)
@@ -217,13 +283,12 @@ pub fn parse(line: &str) -> Command {
                 None => Command::Invalid(format!("use :{verb} <userId or name>")),
             },
             "password" => match arg.split_whitespace().collect::<Vec<_>>()[..] {
+                [] => Command::Ask(Asked::Password),
                 [old, new] => Command::Password {
                     old: Secret(old.to_string()),
                     new: Secret(new.to_string()),
                 },
-                _ => Command::Invalid(
-                    "use :password <old> <new> (passwords without blanks here)".into(),
-                ),
+                _ => Command::Invalid(Asked::Password.usage().into()),
             },
             "lastseen" | "receipts" => {
                 let hide = match arg.as_str() {
@@ -252,10 +317,9 @@ pub fn parse(line: &str) -> Command {
                 }
             }
             "delete-account" => match arg.split_whitespace().collect::<Vec<_>>()[..] {
+                [] => Command::Ask(Asked::DeleteAccount),
                 [password] => Command::DeleteAccount(Secret(password.to_string())),
-                _ => Command::Invalid(
-                    "use :delete-account <password> (it deletes your account for good)".into(),
-                ),
+                _ => Command::Invalid(Asked::DeleteAccount.usage().into()),
             },
             "who" if is_valid_name(&arg) => Command::Who(arg),
             "who" => Command::Invalid(format!("use :who <name>: names are {NAME_RULE}")),
@@ -533,6 +597,11 @@ mod tests {
         let shown = format!("{:?}", parse(":password old-pw new-pw"));
         assert!(!shown.contains("-pw"), "{shown}");
         assert!(matches!(parse(":password new-pw"), Command::Invalid(_)));
+        assert_eq!(parse(":password"), Command::Ask(Asked::Password));
+        assert_eq!(
+            parse(":delete-account "),
+            Command::Ask(Asked::DeleteAccount)
+        );
         assert_eq!(
             parse(":report bob  sends  spam "),
             Command::Report {
@@ -563,7 +632,6 @@ mod tests {
         );
         let shown = format!("{:?}", parse(":delete-account my-pw"));
         assert!(!shown.contains("my-pw"), "{shown}");
-        assert!(matches!(parse(":delete-account"), Command::Invalid(_)));
         assert!(matches!(parse(":delete-account a b"), Command::Invalid(_)));
         assert!(matches!(parse(":who"), Command::Invalid(_)));
         assert!(matches!(parse(":who bob alice"), Command::Invalid(_)));
@@ -636,6 +704,36 @@ mod tests {
                 body: "hi".into()
             }
         );
+    }
+
+    #[test]
+    fn asked_passwords_make_their_command_only_when_typed_alike() {
+        let typed = |answers: &[&str]| answers.iter().map(|a| a.to_string()).collect();
+        assert_eq!(Asked::Password.prompts().len(), 3);
+        assert_eq!(
+            Asked::Password.answered(typed(&["old pw", "new pw", "new pw"])),
+            Command::Password {
+                old: Secret("old pw".into()),
+                new: Secret("new pw".into())
+            },
+            "blanks are fine when asked"
+        );
+        for answers in [
+            &["old", "new", "neu"][..],
+            &["old", "", ""],
+            &["old", "new"],
+        ] {
+            let refused = Asked::Password.answered(typed(answers));
+            assert!(matches!(refused, Command::Invalid(_)), "{answers:?}");
+        }
+        assert_eq!(
+            Asked::DeleteAccount.answered(typed(&["pw"])),
+            Command::DeleteAccount(Secret("pw".into()))
+        );
+        for answers in [&[""][..], &[]] {
+            let refused = Asked::DeleteAccount.answered(typed(answers));
+            assert!(matches!(refused, Command::Invalid(_)), "{answers:?}");
+        }
     }
 
     #[test]

@@ -30,9 +30,9 @@ struct Args {
     /// User name.
     #[arg(long, env = "CIM_NAME")]
     name: String,
-    /// Password.
+    /// Password (asked for, unseen, when not given and the input is a terminal).
     #[arg(long, env = "CIM_PASSWORD", hide_env_values = true)]
-    password: String,
+    password: Option<String>,
     /// Register the name first (an existing name is fine if the password matches).
     #[arg(long)]
     register: bool,
@@ -86,9 +86,10 @@ async fn start(args: &Args) -> Result<(ClientConfig, Client, cim_client::Events)
     })?;
     let mut config = ClientConfig::new(args.router.clone(), ca);
     config.bind_addr = args.bind;
+    let password = password(args)?;
     let mut name_taken = false;
     if args.register {
-        match cim_client::register(&config, &args.name, &args.password).await {
+        match cim_client::register(&config, &args.name, &password).await {
             Ok(id) => println!("registered {} with id {id}", args.name),
             Err(e) if e.code() == Some("name_taken") => name_taken = true,
             Err(e) => return Err(format!("cannot register: {}", in_words(&e, &args.router))),
@@ -97,7 +98,7 @@ async fn start(args: &Args) -> Result<(ClientConfig, Client, cim_client::Events)
     let options = LoginOptions {
         takeover: args.takeover,
     };
-    match Client::login(&config, &args.name, &args.password, options).await {
+    match Client::login(&config, &args.name, &password, options).await {
         Ok((client, events)) => Ok((config, client, events)),
         Err(e) if name_taken && e.code() == Some("invalid_credentials") => Err(format!(
             "the name {:?} is registered already, and not with this password",
@@ -231,13 +232,13 @@ async fn chat(
             }
         }
     });
-    let mut lines = stdin_lines();
+    let mut lines = stdin_commands();
     // One handler for the whole loop: a Ctrl-C between two turns is not missed.
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let ended = loop {
         tokio::select! {
-            line = lines.recv() => match line.as_deref().map(console::parse) {
+            line = lines.recv() => match line {
                 // End of input (or Ctrl-D) leaves like :q.
                 None | Some(Command::Quit) => break Ending::Quit,
                 // What needs no cluster is done at once, not behind a send that waits for a
@@ -538,11 +539,14 @@ enum Ending {
     Deleted,
 }
 
-/// Console input, line by line, read on a thread of its own: a read on the runtime's blocking
-/// pool (`tokio::io::stdin`) cannot be cancelled and would hold the exit until the next Enter.
-/// Bytes that are not UTF-8 are replaced, not taken for the end of input.
-fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
-    let (lines, received) = mpsc::unbounded_channel();
+/// Console input, line by line, parsed into commands on a thread of its own: a read on the
+/// runtime's blocking pool (`tokio::io::stdin`) cannot be cancelled and would hold the exit
+/// until the next Enter. Bytes that are not UTF-8 are replaced, not taken for the end of
+/// input. The passwords of `:password` and `:delete-account` alone are asked for here, in
+/// turn with the lines, without showing what is typed.
+fn stdin_commands() -> mpsc::UnboundedReceiver<Command> {
+    let (commands, received) = mpsc::unbounded_channel();
+    let terminal = std::io::stdin().is_terminal();
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin().lock();
         let mut line = Vec::new();
@@ -551,10 +555,12 @@ fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
             match stdin.read_until(b'\n', &mut line) {
                 Ok(0) => return,
                 Ok(_) => {
-                    if lines
-                        .send(String::from_utf8_lossy(&line).into_owned())
-                        .is_err()
-                    {
+                    let command = match console::parse(&String::from_utf8_lossy(&line)) {
+                        Command::Ask(asked) if terminal => ask(asked),
+                        Command::Ask(asked) => Command::Invalid(asked.usage().into()),
+                        command => command,
+                    };
+                    if commands.send(command).is_err() {
                         return;
                     }
                 }
@@ -567,6 +573,41 @@ fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
         }
     });
     received
+}
+
+/// Asks for the passwords `asked` needs at the terminal, unseen.
+fn ask(asked: console::Asked) -> Command {
+    let mut answers = Vec::new();
+    for prompt in asked.prompts() {
+        match rpassword::prompt_password(prompt) {
+            Ok(answer) => answers.push(answer),
+            Err(e) => return Command::Invalid(format!("cannot read a password: {e}")),
+        }
+    }
+    asked.answered(answers)
+}
+
+/// The password: the one given (`--password`, `CIM_PASSWORD`), or else asked for at the
+/// terminal, unseen (twice to register).
+fn password(args: &Args) -> Result<String, String> {
+    if let Some(password) = &args.password {
+        return Ok(password.clone());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(
+            "no password: give it with --password or CIM_PASSWORD, or run at a terminal to be \
+             asked for it"
+                .into(),
+        );
+    }
+    let ask = |prompt: &str| {
+        rpassword::prompt_password(prompt).map_err(|e| format!("cannot read a password: {e}"))
+    };
+    let password = ask(&format!("password for {}: ", args.name))?;
+    if args.register && ask("password again: ")? != password {
+        return Err("the password was not typed the same twice".into());
+    }
+    Ok(password)
 }
 
 fn announce(client: &Client) {
@@ -949,6 +990,11 @@ async fn run(
         Command::Nothing | Command::Quit | Command::DeleteAccount(_) => true,
         Command::Invalid(why) => {
             println!("! {why}");
+            false
+        }
+        // Asked for by the input thread, which passes the command its answers make.
+        Command::Ask(asked) => {
+            println!("! {}", asked.usage());
             false
         }
     }

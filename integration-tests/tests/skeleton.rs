@@ -874,6 +874,15 @@ async fn a_console_escapes_what_it_prints_and_leaves_at_once() -> anyhow::Result
         .await?;
     let line = alice.expect_line("one\\n[00:00:00] admin").await?;
     assert!(line.contains("\\u{1b}[2Jtwo"), "{line}");
+    // No terminal to ask for passwords at: the line must give them.
+    alice.send_line(":password").await?;
+    alice
+        .expect_line("! use :password at a terminal, or :password <old> <new>")
+        .await?;
+    alice.send_line(":delete-account").await?;
+    alice
+        .expect_line("! use :delete-account at a terminal, or :delete-account <password>")
+        .await?;
 
     // Taken over elsewhere: the console says so and exits without waiting for input.
     let config = cluster.client_config();
@@ -903,6 +912,23 @@ async fn a_console_escapes_what_it_prints_and_leaves_at_once() -> anyhow::Result
     let status = tokio::time::timeout(WAIT, carol.child.wait()).await??;
     assert!(status.success(), "{status}");
     assert!(bob.online_users("carol").await?.is_empty());
+
+    // No password given and no terminal to ask at: the console does not start.
+    let ca = cluster.embedded.ca.to_string_lossy().into_owned();
+    let url = cluster.embedded.router_url.clone();
+    let args = [
+        "--router",
+        &url,
+        "--ca",
+        &ca,
+        "--name",
+        "dave",
+        "--register",
+    ];
+    let mut dave = Proc::spawn("cim-client", &args)?;
+    let status = tokio::time::timeout(WAIT, dave.child.wait()).await??;
+    assert_eq!(status.code(), Some(1), "{status}");
+    assert!(bob.user_id_of("dave").await?.is_none(), "not registered");
     Ok(())
 }
 
