@@ -311,7 +311,7 @@ impl RouterApi {
         Ok(())
     }
 
-    /// The user named `name` (as registered: case counts), or `None` if there is none.
+    /// The user named `name` (in any case), or `None` if there is none.
     pub async fn user_named(
         &self,
         token: &str,

@@ -1276,7 +1276,7 @@ impl Client {
             .await
     }
 
-    /// The user named `name` (as registered: case counts) with whether they are online, or
+    /// The user named `name` (in any case) with whether they are online, or
     /// `None` if there is no such user: how to find the id of someone offline.
     pub async fn find_user(&self, name: &str) -> Result<Option<NamedUser>, ClientError> {
         let token = self.token();

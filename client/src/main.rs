@@ -678,7 +678,7 @@ async fn on_user<T, F: std::future::Future<Output = Result<T, ClientError>>>(
 
 /// What the console says of a name no user has.
 fn no_such_name(name: &str) -> String {
-    format!("no user is named {name} (names are as registered: case counts)")
+    format!("no user is named {name}")
 }
 
 /// How to report a failed send.

@@ -1104,8 +1104,9 @@ async fn a_router_that_never_answers_fails_the_call_in_time() -> anyhow::Result<
     Ok(())
 }
 
-/// A user is found by name (as registered) on Redis, with whether it is online and, once it
-/// went offline, when: by a logout, and by a closed connection.
+/// A user is found by name (in any case: names are unique whatever their case) on Redis, with
+/// whether it is online and, once it went offline, when: by a logout, and by a closed
+/// connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_is_found_by_name_with_presence_and_last_seen() -> anyhow::Result<()> {
     let cluster = TestCluster::start_on(2, Backend::Redis).await?;
@@ -1117,7 +1118,12 @@ async fn a_user_is_found_by_name_with_presence_and_last_seen() -> anyhow::Result
         (found.id, found.online, found.last_seen_ms),
         (bob_id, true, None)
     );
-    assert!(alice.find_user("Bob").await?.is_none(), "case counts");
+    let found = alice.find_user("BoB").await?.context("in any case")?;
+    assert_eq!((found.id, found.name.as_str()), (bob_id, "bob"));
+    let config = cluster.client_config();
+    let taken = cim_client::register(&config, "Bob", "password").await;
+    assert_eq!(taken.unwrap_err().code(), Some("name_taken"));
+
     assert!(alice.find_user("nobody").await?.is_none());
     assert!(alice.find_user("../api").await?.is_none());
     assert_eq!(alice.user_id_of("bob").await?, Some(bob_id));
@@ -1195,8 +1201,16 @@ async fn a_user_is_found_by_name_with_presence_and_last_seen() -> anyhow::Result
     assert!(!dave.hide_last_seen(false).await?.hide_last_seen);
     let by_dave = dave.find_user("carol").await?.context("carol")?;
     assert!(by_dave.last_seen_ms.is_some());
+    let dave_id = dave.info().user_id;
     dave.logout().await?;
     assert!(dave_offline().await?.is_some());
+    // A login names its user in any case too.
+    let (dave, _dave_events) =
+        Client::login(&config, "DaVe", "password", LoginOptions::default()).await?;
+    assert_eq!(
+        (dave.info().user_id, dave.info().name.as_str()),
+        (dave_id, "dave")
+    );
     Ok(())
 }
 

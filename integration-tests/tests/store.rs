@@ -563,6 +563,31 @@ async fn a_password_hash_is_replaced_once(store: &dyn Store) -> anyhow::Result<(
     Ok(())
 }
 
+/// Names are unique whatever their case, found in any case and kept as registered; a deleted
+/// account's name is free again in every case.
+async fn names_are_unique_whatever_their_case(store: &dyn Store) -> anyhow::Result<()> {
+    let mixed = store.create_account("MixedCase", "hash").await?;
+    for taken in ["mixedcase", "MIXEDCASE", "MixedCase"] {
+        assert!(
+            matches!(
+                store.create_account(taken, "hash").await,
+                Err(cim_router::store::StoreError::NameTaken)
+            ),
+            "{taken}"
+        );
+    }
+    for lookup in ["mixedcase", "MIXEDCASE", "MixedCase"] {
+        let found = store.account_by_name(lookup).await?.context("found")?;
+        assert_eq!((found.id, found.name.as_str()), (mixed.id, "MixedCase"));
+    }
+    store.delete_account(mixed.id, REPLACED_FOR).await?;
+    assert!(store.account_by_name("mixedcase").await?.is_none());
+    let next = store.create_account("mixedCASE", "hash").await?;
+    let found = store.account_by_name("MixedCase").await?.context("found")?;
+    assert_eq!((found.id, found.name.as_str()), (next.id, "mixedCASE"));
+    Ok(())
+}
+
 /// A user's last seen is recorded as its route is confirmed, released or removed with its
 /// server, and never goes back.
 async fn last_seen_follows_route_changes(store: &dyn Store) -> anyhow::Result<()> {
@@ -1353,6 +1378,7 @@ async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     blocks_follow_the_contract(&store).await?;
     last_seen_follows_route_changes(&store).await?;
     a_password_hash_is_replaced_once(&store).await?;
+    names_are_unique_whatever_their_case(&store).await?;
     an_account_is_deleted_with_what_is_its_alone(&store).await?;
     a_group_is_handed_over_to_a_member(&store).await?;
     reports_are_kept_newest_first_under_a_cap(&store).await?;
@@ -1377,6 +1403,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     blocks_follow_the_contract(&store).await?;
     last_seen_follows_route_changes(&store).await?;
     a_password_hash_is_replaced_once(&store).await?;
+    names_are_unique_whatever_their_case(&store).await?;
     an_account_is_deleted_with_what_is_its_alone(&store).await?;
     a_group_is_handed_over_to_a_member(&store).await?;
     reports_are_kept_newest_first_under_a_cap(&store).await?;
@@ -1421,6 +1448,41 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
         store.create_account("odd", "hash").await,
         Err(cim_router::store::StoreError::NameTaken)
     ));
+    // Accounts an older router made have no folded name key: `fold_names` gives them one,
+    // after which no other case of their name is free. Two such names the same but for case
+    // (the second made before the first was folded) both stay, each found as registered.
+    let unfold = |name: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            let key = format!("cim:fold:{}", name.to_ascii_lowercase());
+            redis::cmd("DEL")
+                .arg(key)
+                .query_async::<()>(&mut conn)
+                .await
+        }
+    };
+    let old = store.create_account("Old", "hash").await?.id;
+    unfold("Old").await?;
+    let pair = store.create_account("Pair", "hash").await?.id;
+    unfold("Pair").await?;
+    let twin = store.create_account("PAIR", "hash").await?.id;
+    let folded = store.fold_names().await?;
+    assert_eq!(
+        (folded.added, folded.clash_count, folded.clashes.clone()),
+        (1, 1, vec!["Pair".to_string()]),
+        "{folded:?}"
+    );
+    assert!(folded.present > 5, "{folded:?}");
+    assert!(matches!(
+        store.create_account("OLD", "hash").await,
+        Err(cim_router::store::StoreError::NameTaken)
+    ));
+    for (name, id) in [("oLD", old), ("Pair", pair), ("PAIR", twin), ("pair", twin)] {
+        let found = store.account_by_name(name).await?.map(|a| a.id);
+        assert_eq!(found, Some(id), "{name}");
+    }
+    let again = store.fold_names().await?;
+    assert_eq!((again.added, again.clash_count), (0, 1), "{again:?}");
     // A later last seen (another router's write that landed first) is not replaced by an
     // earlier one; a value cim cannot read is.
     let user = store.create_account("later", "hash").await?.id;

@@ -133,6 +133,10 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, env = "CIM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// With --redis: give each account made before names were unique whatever their case its
+    /// key for that, say what it did, and exit (once, after every router is upgraded).
+    #[arg(long)]
+    fold_names: bool,
 }
 
 /// Parses `--admin-token`: an empty or short one (an unset variable in a deployment template
@@ -153,6 +157,13 @@ const MIN_ADMIN_TOKEN: usize = 16;
 async fn main() -> anyhow::Result<()> {
     let args: Args = cim_core::config::parse();
     logging::init(&args.log_format);
+    if args.fold_names {
+        let redis = args
+            .redis
+            .as_deref()
+            .context("--fold-names needs --redis")?;
+        return fold_names(redis).await;
+    }
     match (&args.redis, &args.zookeeper) {
         (None, None) => run_embedded(&args).await,
         (Some(redis), Some(zookeeper)) => run_cluster(&args, redis, zookeeper).await,
@@ -160,6 +171,27 @@ async fn main() -> anyhow::Result<()> {
             "cluster mode needs both --redis and --zookeeper (give neither for the embedded mode)"
         ),
     }
+}
+
+/// `--fold-names`: see [`RedisStore::fold_names`].
+async fn fold_names(redis: &str) -> anyhow::Result<()> {
+    let store = RedisStore::connect(redis)
+        .await
+        .with_context(|| format!("connecting to redis at {redis}"))?;
+    let done = store.fold_names().await?;
+    println!(
+        "names made unique whatever their case: {} now, {} already",
+        done.added, done.present
+    );
+    if done.clash_count > 0 {
+        println!(
+            "{} names differ from another account's only in case; each is still found as \
+             registered, and other cases find the first one folded: {}",
+            done.clash_count,
+            done.clashes.join(" ")
+        );
+    }
+    Ok(())
 }
 
 fn password_cost(args: &Args) -> cim_router::password::Cost {

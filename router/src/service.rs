@@ -652,7 +652,10 @@ impl Service {
         if name.len() > MAX_LOGIN_NAME {
             return Err(self.login_refused(ServiceError::InvalidCredentials, "login"));
         }
-        if lock(&self.login_failures).count(&name.to_string(), now) >= limits.failures_per_user {
+        // Counted in one case, as names are found in any: `ALICE` and `alice` are one user's
+        // tries.
+        let counted = name.to_ascii_lowercase();
+        if lock(&self.login_failures).count(&counted, now) >= limits.failures_per_user {
             tracing::warn!(name, "login failures of user over the limit");
             self.config.metrics.login_failures.inc();
             return Err(ServiceError::TooManyAttempts);
@@ -660,9 +663,9 @@ impl Service {
         let result = self.check_credentials(name, password).await;
         match &result {
             Err(ServiceError::InvalidCredentials) => {
-                lock(&self.login_failures).hit(name.to_string(), now);
+                lock(&self.login_failures).hit(counted, now);
             }
-            Ok(_) => lock(&self.login_failures).reset(&name.to_string()),
+            Ok(_) => lock(&self.login_failures).reset(&counted),
             Err(_) => {}
         }
         let account = result.map_err(|e| self.login_refused(e, &format!("login of {name:?}")))?;
@@ -2056,7 +2059,7 @@ impl Service {
         Ok(members)
     }
 
-    /// The account named `name` (names are as registered: case counts), whether it is online,
+    /// The account named `name` (in any case: `Alice` finds alice), whether it is online,
     /// and if not when it was last seen, for `caller`: how a user finds the id of someone
     /// offline, whom the online list leaves out. A user who blocks `caller` shows offline and
     /// never seen to it, as the online list cannot hide them; a user who hides its last seen

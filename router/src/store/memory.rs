@@ -49,6 +49,7 @@ struct Inbox {
 #[derive(Default)]
 struct Inner {
     accounts: HashMap<u64, Account>,
+    /// Name in lower case -> its account: names are unique whatever their case.
     by_name: HashMap<String, u64>,
     next_id: u64,
     routes: HashMap<u64, Lease>,
@@ -326,7 +327,8 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn create_account(&self, name: &str, password_hash: &str) -> Result<Account, StoreError> {
         let mut inner = self.inner();
-        if inner.by_name.contains_key(name) {
+        let folded = name.to_ascii_lowercase();
+        if inner.by_name.contains_key(&folded) {
             return Err(StoreError::NameTaken);
         }
         inner.next_id += 1;
@@ -335,7 +337,7 @@ impl Store for MemoryStore {
             name: name.to_string(),
             password_hash: password_hash.to_string(),
         };
-        inner.by_name.insert(name.to_string(), account.id);
+        inner.by_name.insert(folded, account.id);
         inner.accounts.insert(account.id, account.clone());
         Ok(account)
     }
@@ -344,7 +346,7 @@ impl Store for MemoryStore {
         let inner = self.inner();
         Ok(inner
             .by_name
-            .get(name)
+            .get(&name.to_ascii_lowercase())
             .and_then(|id| inner.accounts.get(id))
             .cloned())
     }
@@ -386,8 +388,9 @@ impl Store for MemoryStore {
         let Some(account) = inner.accounts.remove(&user) else {
             return Ok(None);
         };
-        if inner.by_name.get(&account.name) == Some(&user) {
-            inner.by_name.remove(&account.name);
+        let folded = account.name.to_ascii_lowercase();
+        if inner.by_name.get(&folded) == Some(&user) {
+            inner.by_name.remove(&folded);
         }
         inner.inboxes.remove(&user);
         if let Some(last) = inner.logins.remove(&user) {

@@ -11,7 +11,7 @@ mod expiring;
 mod memory;
 mod redis;
 
-pub use self::redis::RedisStore;
+pub use self::redis::{FoldedNames, RedisStore};
 pub use memory::MemoryStore;
 
 /// A registered user.
@@ -408,11 +408,12 @@ pub enum StoreError {
 /// Accounts, routes and online state.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Creates an account with a fresh id; fails with [`StoreError::NameTaken`] if the name
-    /// is an account's (a name left naming a deleted account, by a deletion that stopped
-    /// before freeing it, is taken over).
+    /// Creates an account with a fresh id; fails with [`StoreError::NameTaken`] if the name,
+    /// in any case, is an account's (`Alice` when `alice` exists; a name left naming a
+    /// deleted account, by a deletion that stopped before freeing it, is taken over).
     async fn create_account(&self, name: &str, password_hash: &str) -> Result<Account, StoreError>;
-    /// Looks up an account by name.
+    /// Looks up an account by name: the one with the name as given, or else the one whose
+    /// name differs only in case.
     async fn account_by_name(&self, name: &str) -> Result<Option<Account>, StoreError>;
     /// Replaces `user`'s password hash with `new_hash` if it is still `expected` (what the old
     /// password was checked against). Returns whether it did: two changes at once cannot

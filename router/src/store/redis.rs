@@ -48,6 +48,12 @@ const REPORTS: &str = "cim:reports";
 fn name_key(name: &str) -> String {
     format!("cim:name:{name}")
 }
+/// Holds the id of the account whose name is `name` in lower case, so that names are unique
+/// whatever their case (an account made before these keys has none until
+/// [`RedisStore::fold_names`] adds it).
+fn folded_name_key(name: &str) -> String {
+    format!("cim:fold:{}", name.to_ascii_lowercase())
+}
 fn account_key(user: u64) -> String {
     format!("cim:{{u{user}}}:account")
 }
@@ -774,7 +780,115 @@ fn set_unless_present(key: &str, value: &str, ttl_ms: u64) -> redis::Cmd {
     cmd
 }
 
+/// What [`RedisStore::fold_names`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FoldedNames {
+    /// Names given their folded key now.
+    pub added: u64,
+    /// Names that had it already.
+    pub present: u64,
+    /// Names whose folded key another account's name (the same in another case) holds, at
+    /// most [`FoldedNames::CLASHES_LISTED`]: both accounts stay, each found by its own name
+    /// as registered, and the other cases find the key's holder.
+    pub clashes: Vec<String>,
+    /// How many clashes there were in all.
+    pub clash_count: u64,
+}
+
+impl FoldedNames {
+    /// Clashing names listed, at most.
+    pub const CLASHES_LISTED: usize = 100;
+}
+
 impl RedisStore {
+    /// Gives each account made before names were unique whatever their case its folded name
+    /// key ([`folded_name_key`]), so that no new account takes its name in another case. Run
+    /// once after every router is upgraded (`cim-router --fold-names`); running it again
+    /// changes nothing. A `SCAN` over the name keys; each page's names are read, checked
+    /// and folded in a few pipelines, and only a folded key that is taken is looked at alone.
+    pub async fn fold_names(&self) -> Result<FoldedNames, StoreError> {
+        let mut conn = self.conn();
+        let mut done = FoldedNames::default();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(name_key("*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            self.fold_page(&mut conn, &keys, &mut done).await?;
+            if next == 0 {
+                return Ok(done);
+            }
+            cursor = next;
+        }
+    }
+
+    /// [`RedisStore::fold_names`] for one page of name keys.
+    async fn fold_page(
+        &self,
+        conn: &mut ConnectionManager,
+        keys: &[String],
+        done: &mut FoldedNames,
+    ) -> Result<(), StoreError> {
+        let prefix = name_key("");
+        let names: Vec<&str> = keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .collect();
+        let mut pipe = redis::pipe();
+        for name in &names {
+            pipe.get(name_key(name));
+        }
+        let holders: Vec<Option<String>> = pipe.query_async(conn).await.map_err(unavailable)?;
+        let named: Vec<(&str, u64)> = names
+            .iter()
+            .zip(holders)
+            .filter_map(|(name, id)| Some((*name, id?.parse().ok()?)))
+            .collect();
+        // A name a deletion left behind names no one: its next registration takes it.
+        let mut pipe = redis::pipe();
+        for (_, id) in &named {
+            pipe.exists(account_key(*id));
+        }
+        let live: Vec<bool> = pipe.query_async(conn).await.map_err(unavailable)?;
+        let named: Vec<(&str, u64)> = named
+            .into_iter()
+            .zip(live)
+            .filter_map(|(named, live)| live.then_some(named))
+            .collect();
+        let mut pipe = redis::pipe();
+        for (name, id) in &named {
+            pipe.set_nx(folded_name_key(name), *id);
+        }
+        let set: Vec<bool> = pipe.query_async(conn).await.map_err(unavailable)?;
+        let (set, held): (Vec<_>, Vec<_>) = named.into_iter().zip(set).partition(|(_, set)| *set);
+        done.added += set.len() as u64;
+        let mut pipe = redis::pipe();
+        for ((name, _), _) in &held {
+            pipe.get(folded_name_key(name));
+        }
+        let holders: Vec<Option<String>> = pipe.query_async(conn).await.map_err(unavailable)?;
+        for (((name, id), _), holder) in held.into_iter().zip(holders) {
+            if holder.as_deref() == Some(id.to_string().as_str()) {
+                done.present += 1;
+            } else if self.claim_name(conn, &folded_name_key(name), id).await? {
+                // Held by an account that is gone, or freed meanwhile: taken over.
+                done.added += 1;
+            } else {
+                done.clash_count += 1;
+                if done.clashes.len() < FoldedNames::CLASHES_LISTED {
+                    done.clashes.push(name.to_string());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs one of the group scripts with `keys` and `args`; returns its outcome code and the
     /// connection, for the user-side index writes that follow.
     async fn group_script(
@@ -798,22 +912,22 @@ impl RedisStore {
         Ok((outcome, conn))
     }
 
-    /// Gives `name` to the account `id`, unless another account has it: a name left naming
-    /// an account that is gone (a deletion that stopped before it freed the name) is taken
-    /// over. Returns whether `id` has it.
+    /// Gives the name key `key` ([`name_key`], [`folded_name_key`]) to the account `id`,
+    /// unless another account has it: a key left naming an account that is gone (a deletion
+    /// that stopped before it freed the name) is taken over. Returns whether `id` has it.
     async fn claim_name(
         &self,
         conn: &mut ConnectionManager,
-        name: &str,
+        key: &str,
         id: u64,
     ) -> Result<bool, StoreError> {
         // Twice: a name freed between the attempt and the read is tried again.
         for _ in 0..2 {
-            let won: bool = conn.set_nx(name_key(name), id).await.map_err(unavailable)?;
+            let won: bool = conn.set_nx(key, id).await.map_err(unavailable)?;
             if won {
                 return Ok(true);
             }
-            let holder: Option<String> = conn.get(name_key(name)).await.map_err(unavailable)?;
+            let holder: Option<String> = conn.get(key).await.map_err(unavailable)?;
             let Some(holder) = holder else { continue };
             let Ok(holder) = holder.parse::<u64>() else {
                 return Ok(false);
@@ -822,24 +936,25 @@ impl RedisStore {
             if self.user_exists(holder).await? {
                 return Ok(false);
             }
-            if self.move_name(conn, name, holder, Some(id)).await? {
+            if self.move_name(conn, key, holder, Some(id)).await? {
                 return Ok(true);
             }
         }
         Ok(false)
     }
 
-    /// Moves `name` from `from` to `to` (or frees it, for `None`) if it still names `from`.
+    /// Moves the name key `key` from `from` to `to` (or frees it, for `None`) if it still
+    /// names `from`.
     async fn move_name(
         &self,
         conn: &mut ConnectionManager,
-        name: &str,
+        key: &str,
         from: u64,
         to: Option<u64>,
     ) -> Result<bool, StoreError> {
         let moved: i64 = self
             .move_name
-            .key(name_key(name))
+            .key(key)
             .arg(from)
             .arg(to.map(|id| id.to_string()).unwrap_or_default())
             .invoke_async(conn)
@@ -1132,9 +1247,18 @@ impl Store for RedisStore {
             .hset_multiple(account_key(id), &[("name", name), ("pw", password_hash)])
             .await
             .map_err(unavailable)?;
-        if !self.claim_name(&mut conn, name, id).await? {
-            let _: () = conn.del(account_key(id)).await.map_err(unavailable)?;
-            return Err(StoreError::NameTaken);
+        // The name in any case first, then as given (what older routers claim and read).
+        let (folded, exact) = (folded_name_key(name), name_key(name));
+        let mut claimed = Vec::new();
+        for key in [&folded, &exact] {
+            if !self.claim_name(&mut conn, key, id).await? {
+                for key in claimed {
+                    self.move_name(&mut conn, key, id, None).await?;
+                }
+                let _: () = conn.del(account_key(id)).await.map_err(unavailable)?;
+                return Err(StoreError::NameTaken);
+            }
+            claimed.push(key);
         }
         Ok(Account {
             id,
@@ -1190,8 +1314,10 @@ impl Store for RedisStore {
         // Another slot: a second call. Should it fail, the name names no account (no login or
         // lookup finds it), and the next registration of the name takes it over: the
         // deletion stands.
-        if let Err(e) = self.move_name(&mut conn, &name, user, None).await {
-            tracing::warn!(user, error = %e, "deleted account's name not freed; its next registration takes it over");
+        for key in [name_key(&name), folded_name_key(&name)] {
+            if let Err(e) = self.move_name(&mut conn, &key, user, None).await {
+                tracing::warn!(user, error = %e, "deleted account's name not freed; its next registration takes it over");
+            }
         }
         groups.sort();
         invitations.sort();
@@ -1203,9 +1329,15 @@ impl Store for RedisStore {
     }
 
     async fn account_by_name(&self, name: &str) -> Result<Option<Account>, StoreError> {
-        let mut conn = self.conn();
-        let id: Option<u64> = conn.get(name_key(name)).await.map_err(unavailable)?;
-        match id {
+        // Both in one round trip: the name as given first (and alone for an account made
+        // before the folded keys), then in any case.
+        let (exact, folded): (Option<u64>, Option<u64>) = redis::pipe()
+            .get(name_key(name))
+            .get(folded_name_key(name))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        match exact.or(folded) {
             Some(id) => Ok(self.accounts_by_id(&[id]).await?.pop()),
             None => Ok(None),
         }
