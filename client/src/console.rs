@@ -241,11 +241,14 @@ commands:
   :report <user> [reason]
                        report a user (spam, abuse) to the cluster's operators
   :who <name>          show a user's id, and whether they are online or when last seen
-  :password            change your password (this login stays): asked for, unseen
+  :password            change your password (this login stays): asked for, unseen (an
+                       empty answer cancels)
   :password <old> <new>
                        the same, in one line (as typed, shown)
+  :delete-account      delete your account for good (groups left, inbox gone), then quit:
+                       the password is asked for, unseen
   :delete-account <password>
-                       delete your account for good (groups left, inbox gone), then quit
+                       the same, in one line (as typed, shown)
   :olu [prefix]        list online users (optionally whose name starts with prefix)
   :info                show your id, name and server
   :q <words>           search your message history on this machine (the latest 50 lines)

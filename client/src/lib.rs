@@ -1324,7 +1324,8 @@ impl Client {
         if ids.len() >= MAX_USER_IDS_KEPT {
             ids.clear();
         }
-        ids.insert(user.name, user.id);
+        // Kept as asked for: the same name in another case is asked for once more.
+        ids.insert(name.to_string(), user.id);
         Ok(Some(user.id))
     }
 

@@ -11,7 +11,7 @@ use cim_client::receipts::{SentLog, Unreported};
 use cim_client::{Ack, Client, ClientConfig, ClientError, Event, IncomingMessage, LoginOptions};
 use clap::Parser;
 use std::io::{BufRead, IsTerminal};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,7 +66,10 @@ async fn main() -> ExitCode {
         Ok((config, client, events)) => {
             announce(&client);
             let history = open_history(&args, &client);
-            chat(config, client, events, history).await
+            let terminal = terminal_settings();
+            let status = chat(config, client, events, history).await;
+            restore_terminal(terminal.as_ref());
+            status
         }
         Err(why) => {
             eprintln!("! {why}");
@@ -575,16 +578,53 @@ fn stdin_commands() -> mpsc::UnboundedReceiver<Command> {
     received
 }
 
-/// Asks for the passwords `asked` needs at the terminal, unseen.
+/// Asks for the passwords `asked` needs at the terminal, unseen. An empty answer cancels (the
+/// rest is not asked), and so does a Ctrl-C, which quits the console as it does anywhere.
 fn ask(asked: console::Asked) -> Command {
     let mut answers = Vec::new();
+    ASKING.store(true, Ordering::Relaxed);
     for prompt in asked.prompts() {
         match rpassword::prompt_password(prompt) {
+            Ok(answer) if answer.is_empty() => break,
             Ok(answer) => answers.push(answer),
-            Err(e) => return Command::Invalid(format!("cannot read a password: {e}")),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                answers.clear();
+                ASKING.store(false, Ordering::Relaxed);
+                return Command::Nothing;
+            }
+            Err(e) => {
+                ASKING.store(false, Ordering::Relaxed);
+                return Command::Invalid(format!("cannot read a password: {e}"));
+            }
         }
     }
+    ASKING.store(false, Ordering::Relaxed);
+    if answers.len() < asked.prompts().len() {
+        println!("(cancelled: nothing was done)");
+        return Command::Nothing;
+    }
     asked.answered(answers)
+}
+
+/// Whether a password prompt is open: its terminal echoes nothing, and a console that ends
+/// meanwhile (its session taken over) puts the terminal back as it found it.
+static ASKING: AtomicBool = AtomicBool::new(false);
+
+/// The terminal's settings when the console started, if its input is one.
+fn terminal_settings() -> Option<rustix::termios::Termios> {
+    rustix::termios::tcgetattr(std::io::stdin()).ok()
+}
+
+/// Puts back `settings` if a password prompt is still open (its thread cannot be stopped in
+/// the middle of a read), so the shell is not left without echo.
+fn restore_terminal(settings: Option<&rustix::termios::Termios>) {
+    if let Some(settings) = settings
+        && ASKING.load(Ordering::Relaxed)
+    {
+        let now = rustix::termios::OptionalActions::Now;
+        let _ = rustix::termios::tcsetattr(std::io::stdin(), now, settings);
+        println!();
+    }
 }
 
 /// The password: the one given (`--password`, `CIM_PASSWORD`), or else asked for at the

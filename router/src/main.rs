@@ -180,15 +180,18 @@ async fn fold_names(redis: &str) -> anyhow::Result<()> {
         .with_context(|| format!("connecting to redis at {redis}"))?;
     let done = store.fold_names().await?;
     println!(
-        "names made unique whatever their case: {} now, {} already",
-        done.added, done.present
+        "names made unique whatever their case: {} now, {} already; {} name keys naming no account",
+        done.added, done.present, done.skipped
     );
     if done.clash_count > 0 {
+        let clashes: Vec<String> = (done.clashes.iter())
+            .map(|(name, holder)| format!("{name} ({holder} holds the key)"))
+            .collect();
         println!(
             "{} names differ from another account's only in case; each is still found as \
-             registered, and other cases find the first one folded: {}",
+             registered, and other cases find the one holding the key: {}",
             done.clash_count,
-            done.clashes.join(" ")
+            clashes.join(", ")
         );
     }
     Ok(())

@@ -542,14 +542,33 @@ pub struct OnlinePage {
     pub more: bool,
 }
 
-/// The page of `online` (sorted by name) whose names start with `prefix` and come after
-/// `after`: at most `limit` users, and at most [`MAX_ONLINE_PAGE`].
+/// How listings order names: in any case first, as names are found (`amy` before `Bob`), then
+/// as registered (names made before they were unique whatever their case may differ only in
+/// it).
+fn by_name(a: &str, b: &str) -> std::cmp::Ordering {
+    folded_cmp(a, b).then_with(|| a.cmp(b))
+}
+
+/// `a` and `b` compared in any case.
+fn folded_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn fold(s: &str) -> impl Iterator<Item = u8> + '_ {
+        s.bytes().map(|c| c.to_ascii_lowercase())
+    }
+    fold(a).cmp(fold(b))
+}
+
+/// The page of `online` (sorted [`by_name`]) whose names start with `prefix` in any case and
+/// come after `after`: at most `limit` users, and at most [`MAX_ONLINE_PAGE`].
 fn online_page(online: &[OnlineUser], prefix: &str, after: &str, limit: usize) -> OnlinePage {
     let limit = limit.min(MAX_ONLINE_PAGE);
-    let start = online.partition_point(|u| u.name.as_str() < prefix || u.name.as_str() <= after);
-    let mut matching = online[start..]
-        .iter()
-        .take_while(|u| u.name.starts_with(prefix));
+    let start = online.partition_point(|u| {
+        folded_cmp(&u.name, prefix).is_lt() || by_name(&u.name, after).is_le()
+    });
+    let starts_with = |name: &str| {
+        let head = name.as_bytes().get(..prefix.len());
+        head.is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes()))
+    };
+    let mut matching = online[start..].iter().take_while(|u| starts_with(&u.name));
     let users: Vec<OnlineUser> = matching.by_ref().take(limit).cloned().collect();
     OnlinePage {
         users,
@@ -1409,7 +1428,7 @@ impl Service {
                 name: a.name,
             })
             .collect();
-        users.sort_by(|a, b| a.name.cmp(&b.name));
+        users.sort_by(|a, b| by_name(&a.name, &b.name));
         let users = Arc::new(users);
         *last = Some(OnlineScan {
             covers,
@@ -2050,7 +2069,7 @@ impl Service {
                 name: a.name,
             })
             .collect();
-        members.sort_by(|a, b| a.name.cmp(&b.name));
+        members.sort_by(|a, b| by_name(&a.name, &b.name));
         if big {
             let mut listings = lock(&self.member_listings);
             listings.retain(|_, (at, _)| at.elapsed() < BIG_GROUP_LISTING_AGE);
@@ -2783,7 +2802,7 @@ mod tests {
 
     #[test]
     fn online_listings_come_in_pages_by_name() {
-        let online: Vec<OnlineUser> = ["al", "alice", "amy", "bob", "bobby", "carl"]
+        let online: Vec<OnlineUser> = ["al", "alice", "amy", "Bea", "bob", "bobby", "carl"]
             .iter()
             .zip(1..)
             .map(|(name, id)| OnlineUser {
@@ -2798,10 +2817,15 @@ mod tests {
         let page = |prefix, after, limit| names(online_page(&online, prefix, after, limit));
         assert_eq!(
             page("", "", 10),
-            ("al alice amy bob bobby carl".into(), false)
+            ("al alice amy Bea bob bobby carl".into(), false)
         );
         assert_eq!(page("", "", 2), ("al alice".into(), true));
-        assert_eq!(page("", "alice", 2), ("amy bob".into(), true));
+        assert_eq!(page("", "alice", 2), ("amy Bea".into(), true));
+        assert_eq!(page("", "Bea", 2), ("bob bobby".into(), true));
+        // A prefix in any case.
+        assert_eq!(page("b", "", 5), ("Bea bob bobby".into(), false));
+        assert_eq!(page("BO", "", 5), ("bob bobby".into(), false));
+        assert_eq!(page("b", "Bea", 1), ("bob".into(), true));
         assert_eq!(page("", "bobby", 2), ("carl".into(), false));
         assert_eq!(page("a", "", 3), ("al alice amy".into(), false));
         assert_eq!(page("a", "", 2), ("al alice".into(), true));

@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | `cim:next_user_id` | string | last assigned user id (INCR) |
 //! | `cim:name:<name>` | string | user id owning `<name>` (SET NX makes names unique) |
+//! | `cim:fold:<name in lower case>` | string | user id owning the name in any case ([`folded_name_key`]) |
 //! | `cim:{u<id>}:account` | hash | `name`, `pw` (argon2 PHC string) |
 //! | `cim:{u<id>}:route` | string, PX lease | `<session_id>\|<confirmed 0/1>\|<server_id>` |
 //! | `cim:online` | set | ids of users with a confirmed route (filtered against routes on read) |
@@ -785,12 +786,16 @@ fn set_unless_present(key: &str, value: &str, ttl_ms: u64) -> redis::Cmd {
 pub struct FoldedNames {
     /// Names given their folded key now.
     pub added: u64,
-    /// Names that had it already.
+    /// Names that had it already (about: a `SCAN` may give a key twice).
     pub present: u64,
-    /// Names whose folded key another account's name (the same in another case) holds, at
-    /// most [`FoldedNames::CLASHES_LISTED`]: both accounts stay, each found by its own name
-    /// as registered, and the other cases find the key's holder.
-    pub clashes: Vec<String>,
+    /// Name keys naming no account (not an id, or one a deletion left behind: the name's next
+    /// registration takes it over).
+    pub skipped: u64,
+    /// Names whose folded key another account's name (the same in another case) holds, with
+    /// the holder's, at most [`FoldedNames::CLASHES_LISTED`]: both accounts stay, each found
+    /// by its own name as registered, and the other cases find the key's holder (whichever
+    /// came first in the scan, or was made since).
+    pub clashes: Vec<(String, String)>,
     /// How many clashes there were in all.
     pub clash_count: u64,
 }
@@ -840,6 +845,10 @@ impl RedisStore {
             .iter()
             .filter_map(|k| k.strip_prefix(&prefix))
             .collect();
+        // Redis refuses an empty pipeline: a page with nothing to ask about asks nothing.
+        if names.is_empty() {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         for name in &names {
             pipe.get(name_key(name));
@@ -850,7 +859,12 @@ impl RedisStore {
             .zip(holders)
             .filter_map(|(name, id)| Some((*name, id?.parse().ok()?)))
             .collect();
+        done.skipped += (names.len() - named.len()) as u64;
+        if named.is_empty() {
+            return Ok(());
+        }
         // A name a deletion left behind names no one: its next registration takes it.
+        let named_count = named.len();
         let mut pipe = redis::pipe();
         for (_, id) in &named {
             pipe.exists(account_key(*id));
@@ -861,6 +875,10 @@ impl RedisStore {
             .zip(live)
             .filter_map(|(named, live)| live.then_some(named))
             .collect();
+        done.skipped += (named_count - named.len()) as u64;
+        if named.is_empty() {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         for (name, id) in &named {
             pipe.set_nx(folded_name_key(name), *id);
@@ -868,6 +886,9 @@ impl RedisStore {
         let set: Vec<bool> = pipe.query_async(conn).await.map_err(unavailable)?;
         let (set, held): (Vec<_>, Vec<_>) = named.into_iter().zip(set).partition(|(_, set)| *set);
         done.added += set.len() as u64;
+        if held.is_empty() {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         for ((name, _), _) in &held {
             pipe.get(folded_name_key(name));
@@ -882,7 +903,13 @@ impl RedisStore {
             } else {
                 done.clash_count += 1;
                 if done.clashes.len() < FoldedNames::CLASHES_LISTED {
-                    done.clashes.push(name.to_string());
+                    let holder = holder.and_then(|h| h.parse::<u64>().ok());
+                    let holder = match holder {
+                        Some(holder) => self.accounts_by_id(&[holder]).await?.pop(),
+                        None => None,
+                    };
+                    let holder = holder.map(|a| a.name).unwrap_or_default();
+                    done.clashes.push((name.to_string(), holder));
                 }
             }
         }
@@ -1247,16 +1274,24 @@ impl Store for RedisStore {
             .hset_multiple(account_key(id), &[("name", name), ("pw", password_hash)])
             .await
             .map_err(unavailable)?;
-        // The name in any case first, then as given (what older routers claim and read).
+        // The name in any case first, then as given (what older routers claim and read). A
+        // registration that fails half way (the name taken, Redis gone) takes back what it
+        // claimed and its account, as far as it can: the id is never used again.
         let (folded, exact) = (folded_name_key(name), name_key(name));
         let mut claimed = Vec::new();
         for key in [&folded, &exact] {
-            if !self.claim_name(&mut conn, key, id).await? {
+            let outcome = self.claim_name(&mut conn, key, id).await;
+            if !matches!(outcome, Ok(true)) {
                 for key in claimed {
-                    self.move_name(&mut conn, key, id, None).await?;
+                    if let Err(e) = self.move_name(&mut conn, key, id, None).await {
+                        tracing::warn!(id, key, error = %e, "failed registration's name key not freed");
+                    }
                 }
-                let _: () = conn.del(account_key(id)).await.map_err(unavailable)?;
-                return Err(StoreError::NameTaken);
+                let deleted: Result<(), _> = conn.del(account_key(id)).await;
+                if let Err(e) = deleted {
+                    tracing::warn!(id, error = %e, "failed registration's account not deleted");
+                }
+                return Err(outcome.err().unwrap_or(StoreError::NameTaken));
             }
             claimed.push(key);
         }
@@ -1337,10 +1372,13 @@ impl Store for RedisStore {
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        match exact.or(folded) {
-            Some(id) => Ok(self.accounts_by_id(&[id]).await?.pop()),
-            None => Ok(None),
+        // The first that names an account: a name a deletion left behind (naming no one)
+        // must not hide the account that took the name over in another case.
+        let ids: Vec<u64> = exact.into_iter().chain(folded).collect();
+        if ids.is_empty() {
+            return Ok(None);
         }
+        Ok(self.accounts_by_id(&ids).await?.into_iter().next())
     }
 
     async fn user_exists(&self, id: u64) -> Result<bool, StoreError> {
