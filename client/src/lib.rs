@@ -414,6 +414,23 @@ pub enum Event {
         /// Its name.
         by_name: String,
     },
+    /// Another member owns a group we are in now: its owner handed it over (`handed_over`),
+    /// or left and it passed to the member with the lowest id. Said in groups of at most 100
+    /// members. Best effort: told only if we are online then.
+    GroupOwnerChange {
+        /// The group.
+        group: String,
+        /// The owner now.
+        owner_id: u64,
+        /// Its name.
+        owner_name: String,
+        /// The owner before.
+        previous_owner_id: u64,
+        /// Its name.
+        previous_owner_name: String,
+        /// Whether the owner before handed the group over (rather than left).
+        handed_over: bool,
+    },
     /// A user read our private messages to them up to `up_to_msg_id` (as far as it says,
     /// those before it too). Best effort: told only if we are online then;
     /// [`Client::read_receipts`] lists the latest of each reader.
@@ -1957,6 +1974,10 @@ async fn run_connection(shared: &Arc<Shared>, connected: Connected) -> End {
                     }
                     Some(server_control::Kind::GroupInvite(i)) => {
                         let event = Event::GroupInvite { group: i.group, by_user_id: i.by_user_id, by_name: i.by_name };
+                        let _ = notice(&shared.events, event);
+                    }
+                    Some(server_control::Kind::GroupOwnerChange(o)) => {
+                        let event = Event::GroupOwnerChange { group: o.group, owner_id: o.owner_id, owner_name: o.owner_name, previous_owner_id: o.previous_owner_id, previous_owner_name: o.previous_owner_name, handed_over: o.handed_over };
                         let _ = notice(&shared.events, event);
                     }
                     Some(server_control::Kind::ReadReceipt(r)) => {

@@ -317,6 +317,13 @@ async fn chat(
                         println!("* you own #{group} now: {previous} left it");
                     }
                 }
+                Some(Event::GroupOwnerChange { group, owner_id, owner_name, previous_owner_id, previous_owner_name, handed_over }) => {
+                    let group = console::printable(&group);
+                    let owner = format!("{} ({owner_id})", console::printable(&owner_name));
+                    let previous = format!("{} ({previous_owner_id})", console::printable(&previous_owner_name));
+                    let how = if handed_over { "handed it over" } else { "left it" };
+                    println!("* {owner} owns #{group} now: {previous} {how}");
+                }
                 Some(Event::GroupInvite { group, by_user_id, by_name }) => {
                     let group = console::printable(&group);
                     println!("* {} ({by_user_id}) invited you to #{group}: :join {group} to join", console::printable(&by_name));

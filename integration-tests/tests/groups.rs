@@ -441,6 +441,9 @@ enum Heard {
     /// We own the group now: group, the owner before us, and whether it handed the group to
     /// us (rather than left).
     Owner(String, u64, bool),
+    /// Another member owns it now: group, the owner now, the one before, and whether that one
+    /// handed it over.
+    OwnerChange(String, u64, u64, bool),
 }
 
 /// Notes what `event` tells of groups in `heard`, skips presence, and returns a message.
@@ -462,6 +465,18 @@ fn note_heard(event: Event, heard: &mut Vec<Heard>) -> Option<cim_client::Incomi
             handed_over,
             ..
         } => heard.push(Heard::Owner(group, previous_owner_id, handed_over)),
+        Event::GroupOwnerChange {
+            group,
+            owner_id,
+            previous_owner_id,
+            handed_over,
+            ..
+        } => heard.push(Heard::OwnerChange(
+            group,
+            owner_id,
+            previous_owner_id,
+            handed_over,
+        )),
         Event::Message(m) => return Some(m),
         _ => {}
     }
@@ -728,12 +743,13 @@ async fn an_owner_who_leaves_passes_the_group_on_and_the_heir_is_told() -> anyho
             change(dave_id, true),
         ]
     );
-    let carol_heard = heard_of_groups(&mut carol_events, Vec::new(), 3).await?;
+    let carol_heard = heard_of_groups(&mut carol_events, Vec::new(), 4).await?;
     assert_eq!(
         carol_heard,
         [
             invite(alice_id),
             change(alice_id, false),
+            Heard::OwnerChange("torch".to_string(), bob_id, alice_id, false),
             change(dave_id, true)
         ]
     );
@@ -1114,18 +1130,23 @@ async fn an_owner_hands_its_group_to_a_member() -> anyhow::Result<()> {
             change(alice_id, false, Some(carol_id)),
         ]
     );
-    // Carol, who removed Alice, hears nothing of it.
-    let carol_heard = heard_of_groups(&mut carol_events, Vec::new(), 1).await?;
+    // Carol hears who owns the group, then that she does; who removed Alice, she hears
+    // nothing of it. The owner who handed the group over hears nothing of that.
+    let carol_heard = heard_of_groups(&mut carol_events, Vec::new(), 2).await?;
     assert_eq!(
         carol_heard,
-        [Heard::Owner("relay".to_string(), bob_id, true)]
+        [
+            Heard::OwnerChange("relay".to_string(), bob_id, alice_id, true),
+            Heard::Owner("relay".to_string(), bob_id, true),
+        ]
     );
-    let alice_heard = heard_of_groups(&mut alice_events, Vec::new(), 3).await?;
+    let alice_heard = heard_of_groups(&mut alice_events, Vec::new(), 4).await?;
     assert_eq!(
         alice_heard,
         [
             change(bob_id, true, None),
             change(carol_id, true, None),
+            Heard::OwnerChange("relay".to_string(), carol_id, bob_id, true),
             change(alice_id, false, Some(carol_id)),
         ]
     );

@@ -16,8 +16,8 @@ use cim_core::now_ms;
 use cim_core::token::{Claims, TokenError};
 use cim_proto::v1::ReadReceipt as ReadReceiptNotice;
 use cim_proto::v1::{
-    ChatMessage, Delivery, GroupChange, GroupInvite, GroupOwner, Presence, PullResult, Recipient,
-    SendAck, chat_message::Target, server_control,
+    ChatMessage, Delivery, GroupChange, GroupInvite, GroupOwner, GroupOwnerChange, Presence,
+    PullResult, Recipient, SendAck, chat_message::Target, server_control,
 };
 use futures_util::future::join_all;
 use futures_util::{StreamExt, TryStreamExt};
@@ -2432,8 +2432,10 @@ impl Service {
     }
 
     /// Tells the member a group passed to, if online, that it owns the group now: `handed_to`,
-    /// to whom its owner, `previous`, handed it, or else the heir of `previous`, who left.
-    /// Best effort, as group changes: waits at most [`GROUP_CHANGE_WAIT`].
+    /// to whom its owner, `previous`, handed it, or else the heir of `previous`, who left; and
+    /// the group's other online members (in a group of at most [`GROUP_CHANGE_MAX_MEMBERS`],
+    /// as for a group change) who owns it. Best effort, as group changes: waits at most
+    /// [`GROUP_CHANGE_WAIT`].
     async fn announce_new_owner(&self, previous: u64, group: &str, handed_to: Option<u64>) {
         let announce = async {
             let new_owner = match handed_to {
@@ -2448,11 +2450,27 @@ impl Service {
             let owner = GroupOwner {
                 group: group.to_string(),
                 previous_owner_id: previous,
-                previous_owner_name,
+                previous_owner_name: previous_owner_name.clone(),
                 handed_over: handed_to.is_some(),
             };
             let notice = Notice::Control(server_control::Kind::GroupOwner(owner));
-            self.notify_online(&[new_owner], notice).await
+            self.notify_online(&[new_owner], notice).await?;
+            // The rest of the group, as a group change is told.
+            let mut others = self.group_change_audience(group).await?;
+            others.retain(|m| *m != new_owner && *m != previous);
+            if others.is_empty() {
+                return Ok(());
+            }
+            let change = GroupOwnerChange {
+                group: group.to_string(),
+                owner_id: new_owner,
+                owner_name: self.user_name(new_owner).await?.unwrap_or_default(),
+                previous_owner_id: previous,
+                previous_owner_name,
+                handed_over: handed_to.is_some(),
+            };
+            let notice = Notice::Control(server_control::Kind::GroupOwnerChange(change));
+            self.notify_online(&others, notice).await
         };
         within_group_change_wait("new owner", previous, group, announce).await;
     }

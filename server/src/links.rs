@@ -654,6 +654,7 @@ fn is_servers_own(notice: &server_control::Kind) -> bool {
         | Kind::GroupChange(_)
         | Kind::GroupInvite(_)
         | Kind::GroupOwner(_)
+        | Kind::GroupOwnerChange(_)
         | Kind::ReadReceipt(_) => false,
     }
 }
