@@ -188,6 +188,8 @@ pub enum Command {
     /// `:receipts [hide|show]`: who read my private messages; or whether I give read
     /// receipts (and get others').
     Receipts(Option<bool>),
+    /// `:status [TEXT|clear]`: show my status, set it, or clear it (`Some("")`).
+    Status(Option<String>),
     /// `:report USER [REASON]`: report a user to the operators.
     Report {
         /// The user reported.
@@ -238,6 +240,8 @@ commands:
                        hide when you were last seen (and see no one's), or show it again
   :receipts            list who read your private messages (they are told when you read theirs)
   :receipts hide|show  give no read receipts (and get none), or give them again
+  :status [text]       show your status, or set it: a line others see in :who
+  :status clear        clear it
   :report <user> [reason]
                        report a user (spam, abuse) to the cluster's operators
   :who <name>          show a user's id, and whether they are online or when last seen
@@ -324,6 +328,9 @@ pub fn parse(line: &str) -> Command {
                 [password] => Command::DeleteAccount(Secret(password.to_string())),
                 _ => Command::Invalid(Asked::DeleteAccount.usage().into()),
             },
+            "status" if arg.is_empty() => Command::Status(None),
+            "status" if arg == "clear" => Command::Status(Some(String::new())),
+            "status" => Command::Status(Some(arg)),
             "who" if is_valid_name(&arg) => Command::Who(arg),
             "who" => Command::Invalid(format!("use :who <name>: names are {NAME_RULE}")),
             "create" | "join" | "leave" | "members" | "invite" | "remove" | "owner"
@@ -624,6 +631,12 @@ mod tests {
         assert_eq!(parse(":lastseen hide"), Command::LastSeen(Some(true)));
         assert_eq!(parse(":LastSeen show"), Command::LastSeen(Some(false)));
         assert!(matches!(parse(":lastseen off"), Command::Invalid(_)));
+        assert_eq!(parse(":status"), Command::Status(None));
+        assert_eq!(parse(":status clear"), Command::Status(Some(String::new())));
+        assert_eq!(
+            parse(":status  at lunch, back at 2 "),
+            Command::Status(Some("at lunch, back at 2".into()))
+        );
         assert_eq!(parse(":receipts"), Command::Receipts(None));
         assert_eq!(parse(":receipts hide"), Command::Receipts(Some(true)));
         assert_eq!(parse(":Receipts show"), Command::Receipts(Some(false)));

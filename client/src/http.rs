@@ -52,6 +52,15 @@ pub struct NamedUser {
     /// and its sessions' ends the router recorded, if any.
     #[serde(default)]
     pub last_seen_ms: Option<u64>,
+    /// The line the user set about itself ([`crate::Client::set_status`]), if any.
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct StatusReply {
+    #[serde(default)]
+    status: Option<String>,
 }
 
 /// A user on our block list.
@@ -380,6 +389,19 @@ impl RouterApi {
         let body = serde_json::json!({ setting: hidden });
         self.call(Method::POST, "/api/settings", Some(&body), Some(token))
             .await
+    }
+
+    /// Sets our status (empty: clears it); returns the status kept.
+    pub async fn set_status(
+        &self,
+        token: &str,
+        status: &str,
+    ) -> Result<Option<String>, ClientError> {
+        let body = serde_json::json!({ "status": status });
+        let reply: StatusReply = self
+            .call(Method::POST, "/api/status", Some(&body), Some(token))
+            .await?;
+        Ok(reply.status)
     }
 
     /// Tells `user` we read its private messages up to `msg_id`.

@@ -1378,6 +1378,14 @@ impl Client {
         self.shared.api.hide_last_seen(&token, hidden).await
     }
 
+    /// Sets our status, a line about ourselves (at most 140 characters, no line breaks) that
+    /// others see when they look us up ([`Client::find_user`]; not those we block), or clears
+    /// it with an empty one. Returns the status kept (trimmed).
+    pub async fn set_status(&self, status: &str) -> Result<Option<String>, ClientError> {
+        let token = self.token();
+        self.shared.api.set_status(&token, status).await
+    }
+
     /// Stops giving read receipts (or gives them again): [`Client::mark_read`] then tells no
     /// one, and, as the price, no one's receipts reach us ([`Event::Read`],
     /// [`Client::read_receipts`]).

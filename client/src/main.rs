@@ -953,6 +953,34 @@ async fn run(
                 (Err(e), _) | (_, Err(e)) => report(Err(e), ""),
             }
         }
+        Command::Status(None) => {
+            let me = client.info().name;
+            match client.find_user(&me).await {
+                Ok(Some(user)) => {
+                    match user.status {
+                        Some(status) => println!("your status: {}", console::printable(&status)),
+                        None => println!("you have no status: :status <text> sets one"),
+                    }
+                    true
+                }
+                Ok(None) => report(
+                    Err(ClientError::Protocol("your account is gone".into())),
+                    "",
+                ),
+                Err(e) => report(Err(e), ""),
+            }
+        }
+        Command::Status(Some(text)) => match client.set_status(&text).await {
+            Ok(Some(status)) => {
+                println!("your status: {}", console::printable(&status));
+                true
+            }
+            Ok(None) => {
+                println!("your status is cleared");
+                true
+            }
+            Err(e) => report(Err(e), ""),
+        },
         Command::Report { user, reason } => {
             let act = |id| client.report(id, &reason);
             match on_user(client, &user, act).await {
@@ -978,7 +1006,9 @@ async fn run(
                     }
                     (false, None) => "offline".to_string(),
                 };
-                println!("{} ({}) is {state}", user.name, user.id);
+                let status = user.status.as_deref().map(console::printable);
+                let status = status.map(|s| format!(": {s}")).unwrap_or_default();
+                println!("{} ({}) is {state}{status}", user.name, user.id);
                 true
             }
             Ok(None) => {

@@ -1197,6 +1197,12 @@ impl Store for PausingStore {
     async fn hidden(&self, users: &[u64], what: Privacy) -> Result<Vec<bool>, StoreError> {
         self.inner.hidden(users, what).await
     }
+    async fn statuses(&self, users: &[u64]) -> Result<Vec<Option<String>>, StoreError> {
+        self.inner.statuses(users).await
+    }
+    async fn set_status(&self, user: u64, status: Option<&str>) -> Result<bool, StoreError> {
+        self.inner.set_status(user, status).await
+    }
     async fn set_hidden(&self, user: u64, what: Privacy, hidden: bool) -> Result<(), StoreError> {
         self.inner.set_hidden(user, what, hidden).await
     }

@@ -697,10 +697,14 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     ))
     .await?;
     // Users by name: found, written to, blocked.
+    bob.send_line(":status at lunch").await?;
+    bob.expect_line("your status: at lunch").await?;
     alice.send_line(":who bob").await?;
     alice
-        .expect_line(&format!("bob ({bob_id}) is online"))
+        .expect_line(&format!("bob ({bob_id}) is online: at lunch"))
         .await?;
+    bob.send_line(":status clear").await?;
+    bob.expect_line("your status is cleared").await?;
     alice.send_line(":who nobody").await?;
     alice.expect_line("no user is named nobody").await?;
     alice.send_line("nobody;;hello?").await?;
@@ -1126,6 +1130,24 @@ async fn a_user_is_found_by_name_with_presence_and_last_seen() -> anyhow::Result
 
     assert!(alice.find_user("nobody").await?.is_none());
     assert!(alice.find_user("../api").await?.is_none());
+    // A status: set, seen, refused when not one short line, cleared.
+    assert_eq!(found.status, None);
+    let status = bob.set_status("  at lunch, back at 2 ").await?;
+    assert_eq!(status.as_deref(), Some("at lunch, back at 2"));
+    let found = alice.find_user("bob").await?.context("bob")?;
+    assert_eq!(found.status.as_deref(), Some("at lunch, back at 2"));
+    for bad in ["x".repeat(141), "two\nlines".to_string()] {
+        let refused = bob.set_status(&bad).await.unwrap_err();
+        assert_eq!(refused.code(), Some("bad_request"), "{bad:?}");
+    }
+    assert_eq!(
+        bob.set_status(&"é".repeat(140))
+            .await?
+            .map(|s| s.chars().count()),
+        Some(140)
+    );
+    assert_eq!(bob.set_status("").await?, None);
+    assert_eq!(alice.find_user("bob").await?.context("bob")?.status, None);
     assert_eq!(alice.user_id_of("bob").await?, Some(bob_id));
 
     let seen_since = |since: u64| {
@@ -1158,13 +1180,19 @@ async fn a_user_is_found_by_name_with_presence_and_last_seen() -> anyhow::Result
     // A user who blocks the asker shows offline and never seen to it, not to others.
     let (carol, _carol_events) = cluster.user("carol").await?;
     let carol_id = carol.info().user_id;
+    carol.set_status("busy").await?;
     carol.block(alice.info().user_id).await?;
     let hidden = alice.find_user("carol").await?.context("carol")?;
     assert_eq!((hidden.id, hidden.online), (carol_id, false));
+    assert_eq!(
+        hidden.status, None,
+        "a blocker's status is not shown to whom it blocks"
+    );
     carol.logout().await?;
     let (dave, _dave_events) = cluster.user("dave").await?;
     let shown = dave.find_user("carol").await?.context("carol")?;
     assert!(!shown.online && shown.last_seen_ms.is_some(), "{shown:?}");
+    assert_eq!(shown.status.as_deref(), Some("busy"));
     let hidden = alice.find_user("carol").await?.context("carol")?;
     assert_eq!((hidden.online, hidden.last_seen_ms), (false, None));
     // Names outside the rule are no one's, whatever reaches the router.

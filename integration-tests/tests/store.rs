@@ -462,6 +462,13 @@ async fn an_account_is_deleted_with_what_is_its_alone(store: &dyn Store) -> anyh
     assert!(store.release_route(leaver, 7, None).await?);
     assert!(store.last_seen(leaver).await?.is_some());
     assert_eq!(store.revocation(leaver, 7).await?, None);
+    assert!(store.set_status(leaver, Some("away")).await?);
+    assert!(store.set_status(host, Some("here")).await?);
+    assert!(store.set_status(host, None).await?);
+    assert_eq!(
+        store.statuses(&[leaver, host]).await?,
+        [Some("away".to_string()), None]
+    );
     let read = ReadReceipt {
         reader: host,
         up_to_msg_id: 950,
@@ -522,6 +529,12 @@ async fn an_account_is_deleted_with_what_is_its_alone(store: &dyn Store) -> anyh
         assert_eq!(store.hidden(&[leaver], what).await?, [false]);
     }
     assert!(store.read_receipts(leaver).await?.is_empty());
+    assert_eq!(store.statuses(&[leaver]).await?, [None]);
+    assert!(!store.set_status(leaver, Some("back")).await?);
+    assert!(
+        !store.user_exists(leaver).await?,
+        "a status set after the deletion makes no account"
+    );
     assert!(store.blocked_users(leaver).await?.is_empty());
     assert!(store.user_groups(leaver).await?.is_empty());
     assert!(store.user_invitations(leaver).await?.is_empty());

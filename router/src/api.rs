@@ -10,7 +10,7 @@
 //! | POST | /api/password | bearer | `{old_password, new_password}` | 200 `{}`: the password is changed, the caller's login stays; 403 `wrong_password`; 409 `password_changed` (another change came first); 429 `too_many_attempts` (5 tries a minute per user, and the address's login attempts); 400 for a new password outside 4-256 bytes or equal to the old |
 //! | POST | /api/account/delete | bearer | `{password}` | 200 `{}`: the account is deleted (its session kicked, its groups left, its inbox, blocks and last seen gone; its name free again); 403 `wrong_password`; 429 `too_many_attempts` (tries counted with password changes) |
 //! | GET | /api/users/online | bearer | `?prefix=&after=&limit=` | 200 `{users: [{id, name}], more}` (a page by name, at most 1,000) |
-//! | GET | /api/users/named/NAME | bearer | - | 200 `{id, name, online, last_seen_ms?}` (for an offline user, the latest of its logins and its sessions' ends, if recorded and neither it nor the caller hides last seen; a user who blocks the caller shows offline and never seen); 404 `unknown_user` (a name is found in any case) |
+//! | GET | /api/users/named/NAME | bearer | - | 200 `{id, name, online, last_seen_ms?, status?}` (the status the user set, unless it blocks the caller; for an offline user, the latest of its logins and its sessions' ends, if recorded and neither it nor the caller hides last seen; a user who blocks the caller shows offline and never seen); 404 `unknown_user` (a name is found in any case) |
 //! | POST | /api/messages | bearer | `{to? , group?, body}` | 200 `{msg_id, msg_id_str, recipients}`, and `recipient_online` for a private message; 403 `blocked` (the recipient blocks the caller; nothing stored) |
 //! | POST | /api/groups | bearer | `{name, invite_only?}` | 201 `{name}` |
 //! | POST | /api/groups/NAME/join, /leave | bearer | - | 200 `{}`; counts 10 against the limit below (told to the other online members of a group of at most 100; a leave declines a waiting invitation); 403 `invite_only` |
@@ -23,6 +23,7 @@
 //! | DELETE | /api/blocks/ID | bearer | - | 200 `{was_blocked}`; counts 10 |
 //! | GET | /api/blocks | bearer | - | 200 `{blocked: [{id, name}]}` (by id) |
 //! | GET, POST | /api/settings | bearer | POST: `{hide_last_seen?, hide_read_receipts?}` | 200 `{hide_last_seen, hide_read_receipts}`: the caller's settings (after the change); a user who hides its last seen (or read receipts) shows none to anyone and sees no one's |
+//! | POST | /api/status | bearer | `{status}` | 200 `{status?}`: the caller's status, a line about itself that a lookup by name shows (at most 140 characters, no control characters; empty or absent clears it); 400 otherwise |
 //! | POST | /api/receipts | bearer | `{user_id, msg_id}` | 200 `{}`: the caller read the user's private messages up to `msg_id`; kept for the user (the reader's latest) and told to them if online, unless either hides read receipts or the user blocks the caller (the answer is the same); 400 for yourself or an id no message has yet; 404 `unknown_user`; 429 `rate_limited` past 600 a minute |
 //! | GET | /api/receipts | bearer | - | 200 `{receipts: [{id, name, up_to_msg_id, up_to_msg_id_str, read_at_ms}]}`: who read the caller's messages, how far, the latest first (at most 1,000 readers; on Redis the list expires a month after its latest receipt; none while the caller hides read receipts) |
 //! | POST | /api/reports | bearer | `{user_id, reason?}` | 200 `{id, name}`: the user is reported to the operators (the admin page lists the newest reports); 400 for yourself or a reason over 500 bytes; 404 `unknown_user`; 429 `rate_limited` past 10 a minute; counts 10 |
@@ -204,6 +205,17 @@ struct NamedUserJson {
     /// When an offline user last went offline, if recorded.
     #[serde(skip_serializing_if = "Option::is_none")]
     last_seen_ms: Option<u64>,
+    /// The line the user set about itself, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<String>,
+}
+
+/// A user's status (a change: empty clears it; an answer: absent when there is none).
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct StatusJson {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -490,6 +502,7 @@ pub fn routes(
                         name: user.name,
                         online: user.online,
                         last_seen_ms: user.last_seen_ms,
+                        status: user.status,
                     }))
                 };
                 respond_api(result.await)
@@ -866,6 +879,25 @@ pub fn routes(
                 respond_api(result.await)
             },
         );
+    let status = warp::path!("api" / "status")
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(bearer())
+        .and(json_body::<StatusJson>())
+        .then(
+            |service: Arc<Service>,
+             auth: Result<String, ApiError>,
+             req: Result<StatusJson, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth).await?;
+                    let req = req?;
+                    let status = req.status.unwrap_or_default();
+                    let status = service.set_status(claims.user_id, &status).await?;
+                    Ok::<_, ApiError>(warp::reply::json(&StatusJson { status }))
+                };
+                respond_api(result.await)
+            },
+        );
     let mark_read = warp::path!("api" / "receipts")
         .and(warp::post())
         .and(with_service.clone())
@@ -954,7 +986,7 @@ pub fn routes(
     // Each route is boxed before they are combined: the nested type of (then) fourteen `or`s of
     // unboxed filters took rustc over a minute and a half to check (coherence and auto traits),
     // three times per test run. A boxed filter costs one dynamic call per route tried.
-    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 28] = [
+    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 29] = [
         register.boxed(),
         login.boxed(),
         relogin.boxed(),
@@ -977,6 +1009,7 @@ pub fn routes(
         report.boxed(),
         mark_read.boxed(),
         receipts.boxed(),
+        status.boxed(),
         settings.boxed(),
         change_settings.boxed(),
         metrics.boxed(),

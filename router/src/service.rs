@@ -79,6 +79,8 @@ pub struct NamedUser {
     /// When an offline user was last seen (ms since the Unix epoch), if recorded and neither
     /// it nor the asker hides last seen.
     pub last_seen_ms: Option<u64>,
+    /// The line the user set about itself ([`Service::set_status`]), if any.
+    pub status: Option<String>,
 }
 
 /// A user on a block list.
@@ -125,6 +127,8 @@ pub const MAX_REPORT_REASON: usize = 500;
 /// Reports one user may make per [`LOGIN_WINDOW`]: the list is shared and capped, and one
 /// user's flood must not push everyone else's reports out of it.
 const REPORTS_PER_USER: u32 = 10;
+/// Longest status a user may set, in characters.
+pub const MAX_STATUS_CHARS: usize = 140;
 /// Read receipts one user may give per [`LOGIN_WINDOW`]: each may push a notice to the user
 /// whose messages it read. A console gives at most one per peer a second.
 const READ_RECEIPTS_PER_USER: u32 = 600;
@@ -2097,8 +2101,10 @@ impl Service {
                 name: account.name,
                 online: false,
                 last_seen_ms: None,
+                status: None,
             });
         }
+        let status = self.store.statuses(&[account.id]).await?.pop().flatten();
         let route = self.store.routes(&[account.id]).await?.pop().flatten();
         let online = route.is_some_and(|r| r.confirmed);
         // Hidden by the user, or by the caller: who hides its own sees no one's.
@@ -2119,7 +2125,34 @@ impl Service {
             name: account.name,
             online,
             last_seen_ms,
+            status,
         })
+    }
+
+    /// `user` sets its status, a line about itself that others see when they look it up by
+    /// name (`:who`), or clears it with an empty one. At most [`MAX_STATUS_CHARS`]
+    /// characters, one line (no control characters). Returns the status kept.
+    pub async fn set_status(
+        &self,
+        user: u64,
+        status: &str,
+    ) -> Result<Option<String>, ServiceError> {
+        let status = status.trim();
+        if status.chars().count() > MAX_STATUS_CHARS {
+            return Err(ServiceError::BadRequest(format!(
+                "a status is at most {MAX_STATUS_CHARS} characters"
+            )));
+        }
+        if status.chars().any(char::is_control) {
+            return Err(ServiceError::BadRequest(
+                "a status is one line of text, without control characters".into(),
+            ));
+        }
+        let kept = (!status.is_empty()).then_some(status);
+        if !self.store.set_status(user, kept).await? {
+            return Err(ServiceError::UnknownUser);
+        }
+        Ok(kept.map(str::to_string))
     }
 
     /// Whether `user` hides `what`.

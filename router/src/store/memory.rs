@@ -89,6 +89,8 @@ struct Inner {
     hiding_last_seen: BTreeSet<u64>,
     /// Users who hide that they read others' messages.
     hiding_read_receipts: BTreeSet<u64>,
+    /// User -> the status it set.
+    statuses: HashMap<u64, String>,
     /// Sender -> reader -> the reader's latest receipt for the sender's messages.
     read_receipts: HashMap<u64, HashMap<u64, ReadReceipt>>,
 }
@@ -402,6 +404,7 @@ impl Store for MemoryStore {
         inner.hiding_last_seen.remove(&user);
         inner.hiding_read_receipts.remove(&user);
         inner.read_receipts.remove(&user);
+        inner.statuses.remove(&user);
         let groups = inner.memberships.remove(&user).unwrap_or_default();
         let invitations = inner.invitations.remove(&user).unwrap_or_default();
         Ok(Some(DeletedAccount {
@@ -901,6 +904,26 @@ impl Store for MemoryStore {
 
     async fn last_seen(&self, user: u64) -> Result<Option<u64>, StoreError> {
         Ok(self.inner().last_seen.get(&user).copied())
+    }
+
+    async fn statuses(&self, users: &[u64]) -> Result<Vec<Option<String>>, StoreError> {
+        let inner = self.inner();
+        Ok(users
+            .iter()
+            .map(|u| inner.statuses.get(u).cloned())
+            .collect())
+    }
+
+    async fn set_status(&self, user: u64, status: Option<&str>) -> Result<bool, StoreError> {
+        let mut inner = self.inner();
+        if !inner.accounts.contains_key(&user) {
+            return Ok(false);
+        }
+        match status {
+            Some(status) => inner.statuses.insert(user, status.to_string()),
+            None => inner.statuses.remove(&user),
+        };
+        Ok(true)
     }
 
     async fn hidden(&self, users: &[u64], what: Privacy) -> Result<Vec<bool>, StoreError> {

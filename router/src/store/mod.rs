@@ -653,6 +653,13 @@ pub trait Store: Send + Sync + 'static {
     /// leaves the time of its login.
     async fn last_seen(&self, user: u64) -> Result<Option<u64>, StoreError>;
 
+    /// For each of `users`, in order, the status it set (a line about itself), if any.
+    async fn statuses(&self, users: &[u64]) -> Result<Vec<Option<String>>, StoreError>;
+    /// `user` sets its status, or clears it (`None`); in one step with a check that the
+    /// account exists (a status is kept with the account, and goes with it). Returns false if
+    /// there is no such account.
+    async fn set_status(&self, user: u64, status: Option<&str>) -> Result<bool, StoreError>;
+
     /// For each of `users`, in order, whether it hides `what`.
     async fn hidden(&self, users: &[u64], what: Privacy) -> Result<Vec<bool>, StoreError>;
     /// `user` hides (or shows again) `what`.

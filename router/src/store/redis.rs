@@ -288,6 +288,19 @@ end
 return 1
 ";
 
+/// Sets (or, with no value, clears) an account's status if the account exists: a bare `HSET`
+/// on a deleted account would make a hash its claim script takes for a live account. KEYS:
+/// account. ARGV: the status, if any. Returns 1 if the account exists.
+const SET_STATUS: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] then
+  redis.call('HSET', KEYS[1], 'status', ARGV[1])
+else
+  redis.call('HDEL', KEYS[1], 'status')
+end
+return 1
+";
+
 /// Keeps a reader's receipt unless the sender hides receipts or the reader's kept one is as
 /// far on; a new reader past the cap pushes out the one read longest ago (of those read at
 /// once, the lowest reader id). KEYS: receipts,
@@ -615,6 +628,7 @@ pub struct RedisStore {
     leave: Script,
     block: Script,
     add_read_receipt: Script,
+    set_status: Script,
     set_password: Script,
     delete_account: Script,
     transfer: Script,
@@ -1047,6 +1061,7 @@ impl RedisStore {
             leave: Script::new(LEAVE),
             block: Script::new(BLOCK),
             add_read_receipt: Script::new(ADD_READ_RECEIPT),
+            set_status: Script::new(SET_STATUS),
             set_password: Script::new(SET_PASSWORD),
             delete_account: Script::new(DELETE_ACCOUNT),
             transfer: Script::new(TRANSFER),
@@ -2087,6 +2102,34 @@ impl Store for RedisStore {
             .map_err(unavailable)?;
         // Written by cim alone; anything else reads as not recorded.
         Ok(stored.and_then(|s| s.parse().ok()))
+    }
+
+    async fn statuses(&self, users: &[u64]) -> Result<Vec<Option<String>>, StoreError> {
+        let mut statuses = Vec::with_capacity(users.len());
+        for chunk in users.chunks(READ_CHUNK) {
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                pipe.hget(account_key(*user), "status");
+            }
+            let found: Vec<Option<String>> = pipe
+                .query_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
+            statuses.extend(found);
+        }
+        Ok(statuses)
+    }
+
+    async fn set_status(&self, user: u64, status: Option<&str>) -> Result<bool, StoreError> {
+        let mut script = self.set_status.key(account_key(user));
+        if let Some(status) = status {
+            script.arg(status);
+        }
+        let set: i64 = script
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(set == 1)
     }
 
     async fn hidden(&self, users: &[u64], what: Privacy) -> Result<Vec<bool>, StoreError> {
