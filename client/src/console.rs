@@ -241,7 +241,7 @@ commands:
   :receipts            list who read your private messages (they are told when you read theirs)
   :receipts hide|show  give no read receipts (and get none), or give them again
   :status [text]       show your status, or set it: a line others see in :who
-  :status clear        clear it
+  :status clear        clear it (so a status cannot be the word clear alone)
   :report <user> [reason]
                        report a user (spam, abuse) to the cluster's operators
   :who <name>          show a user's id, and whether they are online or when last seen
@@ -435,8 +435,7 @@ fn no_such_group_name() -> String {
 pub fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if (c.is_control() && c != '\t') || bidi {
+        if cim_core::text::is_control_or_format(c) && c != '\t' {
             out.extend(c.escape_default());
         } else {
             out.push(c);

@@ -39,8 +39,9 @@ pub struct OnlinePage {
     pub more: bool,
 }
 
-/// A user found by name.
+/// A user found by name (more may come).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct NamedUser {
     /// Account id.
     pub id: u64,

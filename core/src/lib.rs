@@ -13,6 +13,7 @@ pub mod logging;
 pub mod metrics;
 pub mod names;
 pub mod pending;
+pub mod text;
 pub mod tls;
 pub mod token;
 pub mod transport;

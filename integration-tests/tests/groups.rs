@@ -701,7 +701,7 @@ async fn an_invite_only_groups_owner_invites_and_removes_its_members() -> anyhow
 }
 
 /// An owner who leaves passes its group to the member with the lowest id, who is told (and
-/// may now invite and remove); the others hear only that the owner left.
+/// may now invite and remove); the others hear that the owner left and who owns the group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owner_who_leaves_passes_the_group_on_and_the_heir_is_told() -> anyhow::Result<()> {
     let cluster = cluster(2).await?;
@@ -1061,8 +1061,9 @@ async fn a_change_for_a_deleted_account_is_undone() -> anyhow::Result<()> {
 }
 
 /// An owner hands its group to a member, in-band or over HTTP, and stays a member without the
-/// owner's rights: the new owner is told and may invite and remove; a non-member or someone
-/// else's group is refused.
+/// owner's rights: the new owner is told and may invite and remove, the other members hear who
+/// owns it, and neither the old owner nor an invited user does; a non-member or someone else's
+/// group is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owner_hands_its_group_to_a_member() -> anyhow::Result<()> {
     let cluster = cluster(2).await?;
@@ -1070,7 +1071,7 @@ async fn an_owner_hands_its_group_to_a_member() -> anyhow::Result<()> {
         (alice, mut alice_events),
         (bob, mut bob_events),
         (carol, mut carol_events),
-        (dave, _dave_events),
+        (dave, mut dave_events),
     ] = four_users_on_two_servers(&cluster).await?;
     let (alice_id, bob_id, carol_id, dave_id) = (
         alice.info().user_id,
@@ -1150,5 +1151,8 @@ async fn an_owner_hands_its_group_to_a_member() -> anyhow::Result<()> {
             change(alice_id, false, Some(carol_id)),
         ]
     );
+    // Dave, invited but no member, hears of his invitation alone.
+    let dave_heard = heard_of_groups(&mut dave_events, Vec::new(), 1).await?;
+    assert_eq!(dave_heard, [Heard::Invite("relay".to_string(), bob_id)]);
     Ok(())
 }

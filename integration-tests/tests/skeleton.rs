@@ -1136,7 +1136,13 @@ async fn a_user_is_found_by_name_with_presence_and_last_seen() -> anyhow::Result
     assert_eq!(status.as_deref(), Some("at lunch, back at 2"));
     let found = alice.find_user("bob").await?.context("bob")?;
     assert_eq!(found.status.as_deref(), Some("at lunch, back at 2"));
-    for bad in ["x".repeat(141), "two\nlines".to_string()] {
+    for bad in [
+        "x".repeat(141),
+        "two\nlines".into(),
+        "a\u{2028}b".into(),
+        "\u{202e}reversed".into(),
+        "\u{200b}".into(),
+    ] {
         let refused = bob.set_status(&bad).await.unwrap_err();
         assert_eq!(refused.code(), Some("bad_request"), "{bad:?}");
     }
@@ -1146,6 +1152,8 @@ async fn a_user_is_found_by_name_with_presence_and_last_seen() -> anyhow::Result
             .map(|s| s.chars().count()),
         Some(140)
     );
+    let spread = bob.set_status(" so    much   room ").await?;
+    assert_eq!(spread.as_deref(), Some("so much room"));
     assert_eq!(bob.set_status("").await?, None);
     assert_eq!(alice.find_user("bob").await?.context("bob")?.status, None);
     assert_eq!(alice.user_id_of("bob").await?, Some(bob_id));

@@ -2104,8 +2104,11 @@ impl Service {
                 status: None,
             });
         }
-        let status = self.store.statuses(&[account.id]).await?.pop().flatten();
-        let route = self.store.routes(&[account.id]).await?.pop().flatten();
+        // Side by side: the status costs no round trip of its own.
+        let user = [account.id];
+        let (status, route) = tokio::join!(self.store.statuses(&user), self.store.routes(&user));
+        let status = status?.pop().flatten();
+        let route = route?.pop().flatten();
         let online = route.is_some_and(|r| r.confirmed);
         // Hidden by the user, or by the caller: who hides its own sees no one's.
         let hidden = async {
@@ -2130,24 +2133,27 @@ impl Service {
     }
 
     /// `user` sets its status, a line about itself that others see when they look it up by
-    /// name (`:who`), or clears it with an empty one. At most [`MAX_STATUS_CHARS`]
-    /// characters, one line (no control characters). Returns the status kept.
+    /// name (`:who`), or clears it with an empty one. One line (no control or invisible
+    /// characters: [`cim_core::text::is_control_or_format`]), its blanks between words made
+    /// one space, at most [`MAX_STATUS_CHARS`] characters. Returns the status kept.
     pub async fn set_status(
         &self,
         user: u64,
         status: &str,
     ) -> Result<Option<String>, ServiceError> {
-        let status = status.trim();
+        if status.chars().any(cim_core::text::is_control_or_format) {
+            return Err(ServiceError::BadRequest(
+                "a status is one line of text, without control or invisible characters".into(),
+            ));
+        }
+        // Blanks between words come as one space: a status reads as a line, not a layout.
+        let status = status.split_whitespace().collect::<Vec<_>>().join(" ");
         if status.chars().count() > MAX_STATUS_CHARS {
             return Err(ServiceError::BadRequest(format!(
                 "a status is at most {MAX_STATUS_CHARS} characters"
             )));
         }
-        if status.chars().any(char::is_control) {
-            return Err(ServiceError::BadRequest(
-                "a status is one line of text, without control characters".into(),
-            ));
-        }
+        let status = status.as_str();
         let kept = (!status.is_empty()).then_some(status);
         if !self.store.set_status(user, kept).await? {
             return Err(ServiceError::UnknownUser);
@@ -2479,31 +2485,44 @@ impl Service {
                     None => return Ok(()),
                 },
             };
-            let previous_owner_name = self.user_name(previous).await?.unwrap_or_default();
+            let previous_name = self.user_name(previous).await?;
             let owner = GroupOwner {
                 group: group.to_string(),
                 previous_owner_id: previous,
-                previous_owner_name: previous_owner_name.clone(),
+                previous_owner_name: previous_name.clone().unwrap_or_default(),
                 handed_over: handed_to.is_some(),
             };
             let notice = Notice::Control(server_control::Kind::GroupOwner(owner));
-            self.notify_online(&[new_owner], notice).await?;
-            // The rest of the group, as a group change is told.
-            let mut others = self.group_change_audience(group).await?;
-            others.retain(|m| *m != new_owner && *m != previous);
-            if others.is_empty() {
-                return Ok(());
-            }
-            let change = GroupOwnerChange {
-                group: group.to_string(),
-                owner_id: new_owner,
-                owner_name: self.user_name(new_owner).await?.unwrap_or_default(),
-                previous_owner_id: previous,
-                previous_owner_name,
-                handed_over: handed_to.is_some(),
+            let heir = [new_owner];
+            let tell_owner = self.notify_online(&heir, notice);
+            // The rest of the group, as a group change is told, at the same time; not of an
+            // owner whose account is gone (its groups are left after the account), as a
+            // group change is not.
+            let tell_others = async {
+                let Some(previous_owner_name) = previous_name else {
+                    return Ok(());
+                };
+                let mut others = self.group_change_audience(group).await?;
+                others.retain(|m| *m != new_owner && *m != previous);
+                if others.is_empty() {
+                    return Ok(());
+                }
+                let Some(owner_name) = self.user_name(new_owner).await? else {
+                    return Ok(());
+                };
+                let change = GroupOwnerChange {
+                    group: group.to_string(),
+                    owner_id: new_owner,
+                    owner_name,
+                    previous_owner_id: previous,
+                    previous_owner_name,
+                    handed_over: handed_to.is_some(),
+                };
+                let notice = Notice::Control(server_control::Kind::GroupOwnerChange(change));
+                self.notify_online(&others, notice).await
             };
-            let notice = Notice::Control(server_control::Kind::GroupOwnerChange(change));
-            self.notify_online(&others, notice).await
+            let (owner_told, others_told) = tokio::join!(tell_owner, tell_others);
+            owner_told.and(others_told)
         };
         within_group_change_wait("new owner", previous, group, announce).await;
     }

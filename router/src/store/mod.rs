@@ -55,6 +55,9 @@ pub struct InboxEntry {
 }
 
 impl InboxEntry {
+    /// The bit of a record's tag that says a reader must know the record to read the entry.
+    pub const MUST_UNDERSTAND: u16 = 0x8000;
+
     /// Compact binary form: three big-endian u64 then three u32-length-prefixed strings.
     pub fn encode(&self) -> Vec<u8> {
         let mut out =
@@ -72,8 +75,10 @@ impl InboxEntry {
     /// Parses [`InboxEntry::encode`]'s output. Records a later version may add after the
     /// text (each a `u16` tag, a `u32` length and that many bytes) are skipped, so that a
     /// router reads the entries of a newer one whose additions it does not know, instead of
-    /// skipping them as unreadable (and their messages with them); bytes that are not whole
-    /// records make the entry unreadable. (No version writes records yet: one may once
+    /// skipping them as unreadable (and their messages with them), unless the tag has
+    /// [`InboxEntry::MUST_UNDERSTAND`]: such a record changes what the entry means (an
+    /// edit, a deletion), and an entry misread is worse than one skipped. Bytes that are not
+    /// whole records make the entry unreadable. (No version writes records yet: one may once
     /// every router reads them.)
     pub fn decode(mut bytes: &[u8]) -> Option<Self> {
         fn u64_of(b: &mut &[u8]) -> Option<u64> {
@@ -98,7 +103,10 @@ impl InboxEntry {
             body: string_of(b)?,
         };
         while !b.is_empty() {
-            let (_tag, rest) = b.split_at_checked(2)?;
+            let (tag, rest) = b.split_at_checked(2)?;
+            if u16::from_be_bytes(tag.try_into().ok()?) & Self::MUST_UNDERSTAND != 0 {
+                return None;
+            }
             let (len, rest) = rest.split_at_checked(4)?;
             let len = u32::from_be_bytes(len.try_into().ok()?) as usize;
             *b = rest.get(len..)?;
@@ -745,8 +753,8 @@ mod tests {
 
         #[test]
         fn a_later_versions_records_are_skipped(
-            records in proptest::collection::vec((any::<u16>(), proptest::collection::vec(any::<u8>(), 0..40)), 0..4),
-            cut in 1usize..6,
+            records in proptest::collection::vec((0u16..0x8000, proptest::collection::vec(any::<u8>(), 0..40)), 0..4),
+            cut in 1usize..64,
         ) {
             let entry = InboxEntry { msg_id: 7, from_user: 2, from_name: "bob".into(), group: String::new(), body: "hi".into(), created_at_ms: 9 };
             let mut bytes = entry.encode();
@@ -762,6 +770,13 @@ mod tests {
                 let cut = 1 + (cut - 1) % (last_len - 1);
                 prop_assert_eq!(InboxEntry::decode(&bytes[..bytes.len() - cut]), None);
             }
+            // One whose length runs past the end, and one that must be understood: unreadable.
+            let mut long = entry.encode();
+            long.extend_from_slice(&[0, 1, 0xff, 0xff, 0xff, 0xff, 1, 2]);
+            prop_assert_eq!(InboxEntry::decode(&long), None);
+            let mut must = bytes.clone();
+            must.extend_from_slice(&[0x80, 0, 0, 0, 0, 0]);
+            prop_assert_eq!(InboxEntry::decode(&must), None);
         }
     }
 }

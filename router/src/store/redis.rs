@@ -10,7 +10,7 @@
 //! | `cim:next_user_id` | string | last assigned user id (INCR) |
 //! | `cim:name:<name>` | string | user id owning `<name>` (SET NX makes names unique) |
 //! | `cim:fold:<name in lower case>` | string | user id owning the name in any case ([`folded_name_key`]) |
-//! | `cim:{u<id>}:account` | hash | `name`, `pw` (argon2 PHC string) |
+//! | `cim:{u<id>}:account` | hash | `name`, `pw` (argon2 PHC string), `status` (if set) |
 //! | `cim:{u<id>}:route` | string, PX lease | `<session_id>\|<confirmed 0/1>\|<server_id>` |
 //! | `cim:online` | set | ids of users with a confirmed route (filtered against routes on read) |
 //! | `cim:server:{<server_id>}:users` | set | ids routed to that server (for cleanup and lease renewal) |
