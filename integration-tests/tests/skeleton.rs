@@ -696,6 +696,25 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
         "* you were removed from #club by alice ({alice_id})"
     ))
     .await?;
+    // A group handed over: its new owner's console and another member's say so.
+    let (carol, _carol_events) = cluster.user("carol").await?;
+    let carol_id = carol.info().user_id;
+    carol.create_group("hall").await?;
+    for console in [&mut alice, &mut bob] {
+        console.send_line(":join hall").await?;
+        console.expect_line("joined #hall").await?;
+    }
+    carol.transfer_group("hall", alice_id).await?;
+    alice
+        .expect_line(&format!(
+            "* you own #hall now: carol ({carol_id}) handed it to you"
+        ))
+        .await?;
+    bob.expect_line(&format!(
+        "* alice ({alice_id}) owns #hall now: carol ({carol_id}) handed it over"
+    ))
+    .await?;
+    carol.logout().await?;
     // Users by name: found, written to, blocked.
     bob.send_line(":status at lunch").await?;
     bob.expect_line("your status: at lunch").await?;
