@@ -116,10 +116,16 @@ struct ReceiptList {
     receipts: Vec<ReadReceipt>,
 }
 
-/// A user, as the router names it (the answer to a report).
-#[derive(Deserialize)]
-struct UserNamed {
-    name: String,
+/// The router's answer to a report.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
+pub struct ReportReply {
+    /// The reported user's name.
+    pub name: String,
+    /// We reported them in the last 24 hours already: this report was not kept (false from
+    /// an older router, which keeps every one).
+    #[serde(default)]
+    pub already_reported: bool,
 }
 
 #[derive(Deserialize)]
@@ -422,19 +428,16 @@ impl RouterApi {
         Ok(list.receipts)
     }
 
-    /// Reports `user` to the operators, with `reason` (at most 500 bytes, may be empty);
-    /// returns its name.
+    /// Reports `user` to the operators, with `reason` (at most 500 bytes, may be empty).
     pub async fn report(
         &self,
         token: &str,
         user: u64,
         reason: &str,
-    ) -> Result<String, ClientError> {
+    ) -> Result<ReportReply, ClientError> {
         let body = serde_json::json!({ "user_id": user, "reason": reason });
-        let reply: UserNamed = self
-            .call(Method::POST, "/api/reports", Some(&body), Some(token))
-            .await?;
-        Ok(reply.name)
+        self.call(Method::POST, "/api/reports", Some(&body), Some(token))
+            .await
     }
 
     /// The users we block, by id.

@@ -55,7 +55,8 @@ pub mod reorder;
 
 use batch::{Carried, SendQueue};
 pub use http::{
-    BlockReply, BlockedUser, NamedUser, OnlinePage, OnlineUser, ReadReceipt, RouterApi, Settings,
+    BlockReply, BlockedUser, NamedUser, OnlinePage, OnlineUser, ReadReceipt, ReportReply,
+    RouterApi, Settings,
 };
 use reorder::{Backoff, Reorder};
 
@@ -1415,8 +1416,9 @@ impl Client {
 
     /// Reports `user` to the cluster's operators (spam, abuse), with `reason` in our words (at
     /// most 500 bytes, may be empty): they see it on the admin page, and may delete the
-    /// account. At most 10 a minute (`rate_limited`). Returns their name.
-    pub async fn report(&self, user: u64, reason: &str) -> Result<String, ClientError> {
+    /// account. At most 10 a minute (`rate_limited`); a report of someone we reported in
+    /// the last 24 hours is answered (`already_reported`) and not kept. Returns their name.
+    pub async fn report(&self, user: u64, reason: &str) -> Result<ReportReply, ClientError> {
         let token = self.token();
         self.shared.api.report(&token, user, reason).await
     }

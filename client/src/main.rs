@@ -984,9 +984,13 @@ async fn run(
         Command::Report { user, reason } => {
             let act = |id| client.report(id, &reason);
             match on_user(client, &user, act).await {
-                Some((id, _, Ok(name))) => {
-                    let name = console::printable(&name);
-                    println!("reported {name} ({id}) to the operators");
+                Some((id, _, Ok(reply))) => {
+                    let name = console::printable(&reply.name);
+                    if reply.already_reported {
+                        println!("you reported {name} ({id}) in the last day already");
+                    } else {
+                        println!("reported {name} ({id}) to the operators");
+                    }
                     true
                 }
                 Some((_, _, Err(e))) => report(Err(e), ""),

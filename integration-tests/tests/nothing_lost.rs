@@ -1217,8 +1217,13 @@ impl Store for PausingStore {
     async fn read_receipts(&self, sender: u64) -> Result<Vec<ReadReceipt>, StoreError> {
         self.inner.read_receipts(sender).await
     }
-    async fn add_report(&self, report: &Report, cap: usize) -> Result<(), StoreError> {
-        self.inner.add_report(report, cap).await
+    async fn add_report(
+        &self,
+        report: &Report,
+        cap: usize,
+        once_per: Duration,
+    ) -> Result<bool, StoreError> {
+        self.inner.add_report(report, cap, once_per).await
     }
     async fn reports(&self, limit: usize) -> Result<Vec<Report>, StoreError> {
         self.inner.reports(limit).await

@@ -345,23 +345,45 @@ async fn read_receipts_move_forward_under_a_cap(store: &dyn Store) -> anyhow::Re
     Ok(())
 }
 
-/// Reports are kept newest first, the oldest dropped past the cap.
+/// Reports are kept newest first, the oldest dropped past the cap; a reporter's repeat of a
+/// report within its window is not kept, and is once the window is over.
 async fn reports_are_kept_newest_first_under_a_cap(store: &dyn Store) -> anyhow::Result<()> {
     assert!(store.reports(10).await?.is_empty());
     let report = |n: u64| Report {
         at_ms: n,
-        reporter_id: 1,
+        reporter_id: n,
         reporter: "alice".into(),
         reported_id: 2,
         reported: "bob".into(),
         reason: format!("reason {n}"),
     };
     for n in 1..=3 {
-        store.add_report(&report(n), 2).await?;
+        assert!(
+            store
+                .add_report(&report(n), 2, Duration::from_secs(60))
+                .await?
+        );
     }
     assert_eq!(store.reports(10).await?, [report(3), report(2)]);
     assert_eq!(store.reports(1).await?, [report(3)]);
     assert!(store.reports(0).await?.is_empty());
+    let window = Duration::from_millis(300);
+    assert!(!store.add_report(&report(3), 2, window).await?, "a repeat");
+    assert_eq!(store.reports(10).await?, [report(3), report(2)]);
+    let mut fresh = report(4);
+    fresh.reporter_id = 3;
+    fresh.reported_id = 5;
+    assert!(
+        store.add_report(&fresh, 2, window).await?,
+        "another user reported"
+    );
+    assert!(!store.add_report(&fresh, 2, window).await?);
+    tokio::time::sleep(window + Duration::from_millis(50)).await;
+    assert!(
+        store.add_report(&fresh, 2, window).await?,
+        "after the window"
+    );
+    assert_eq!(store.reports(10).await?, [fresh.clone(), fresh]);
     Ok(())
 }
 

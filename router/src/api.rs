@@ -26,7 +26,7 @@
 //! | POST | /api/status | bearer | `{status}` | 200 `{status?}`: the caller's status, a line about itself that a lookup by name shows (its blanks between words made one space; at most 140 characters, none a control or invisible one; empty or absent clears it); 400 otherwise |
 //! | POST | /api/receipts | bearer | `{user_id, msg_id}` | 200 `{}`: the caller read the user's private messages up to `msg_id`; kept for the user (the reader's latest) and told to them if online, unless either hides read receipts or the user blocks the caller (the answer is the same); 400 for yourself or an id no message has yet; 404 `unknown_user`; 429 `rate_limited` past 600 a minute |
 //! | GET | /api/receipts | bearer | - | 200 `{receipts: [{id, name, up_to_msg_id, up_to_msg_id_str, read_at_ms}]}`: who read the caller's messages, how far, the latest first (at most 1,000 readers; on Redis the list expires a month after its latest receipt; none while the caller hides read receipts) |
-//! | POST | /api/reports | bearer | `{user_id, reason?}` | 200 `{id, name}`: the user is reported to the operators (the admin page lists the newest reports); 400 for yourself or a reason over 500 bytes; 404 `unknown_user`; 429 `rate_limited` past 10 a minute; counts 10 |
+//! | POST | /api/reports | bearer | `{user_id, reason?}` | 200 `{id, name, already_reported}`: the user is reported to the operators (the admin page lists the newest reports), unless the caller reported them in the last 24 hours (`already_reported`, nothing kept); 400 for yourself or a reason over 500 bytes; 404 `unknown_user`; 429 `rate_limited` past 10 a minute; counts 10 |
 //! | GET | /health | - | - | 200 `{status, servers}` (liveness) |
 //! | GET | /ready | - | - | 200 when the store answers, a server is linked and a message-id node is held, else 503 `not_ready` |
 //! | GET | /metrics | - | - | Prometheus text exposition |
@@ -782,12 +782,14 @@ pub fn routes(
                     let claims = authenticate(&service, auth).await?;
                     let req = req?;
                     membership_change(&service, &claims)?;
-                    let name = service
+                    let (name, already) = service
                         .report_user(&claims, req.user_id, &req.reason)
                         .await?;
-                    Ok::<_, ApiError>(warp::reply::json(
-                        &serde_json::json!({"id": req.user_id, "name": name}),
-                    ))
+                    Ok::<_, ApiError>(warp::reply::json(&serde_json::json!({
+                        "id": req.user_id,
+                        "name": name,
+                        "already_reported": already,
+                    })))
                 };
                 respond_api(result.await)
             },

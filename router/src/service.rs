@@ -138,6 +138,9 @@ const READ_RECEIPTS_PER_USER: u32 = 600;
 const CLOCK_SKEW_MS: u64 = 60_000;
 /// How long a read receipt's notice may take: it is best effort, as a group change's.
 const RECEIPT_NOTICE_WAIT: Duration = Duration::from_secs(1);
+/// How long a user's report of another is the only one kept: its repeats within it are
+/// answered, not kept.
+const REPORT_ONCE_PER: Duration = Duration::from_secs(24 * 3600);
 /// Heirs whose accounts are gone that one owner's leave takes out of the group, at most.
 const DELETED_HEIRS_PASSED: usize = 16;
 /// Groups a deleted account leaves at once (and invitations it declines).
@@ -2311,13 +2314,15 @@ impl Service {
     /// The user of `claims` reports `user` to the operators (spam, abuse), with `reason` in its
     /// own words (at most [`MAX_REPORT_REASON`] bytes, may be empty), at most
     /// [`REPORTS_PER_USER`] a minute. The report is kept with both names (the admin page shows
-    /// the newest) and logged. Returns `user`'s name.
+    /// the newest) and logged, unless the reporter reported `user` within
+    /// [`REPORT_ONCE_PER`]: one user's repeats would push others' reports off the page.
+    /// Returns `user`'s name and whether it was reported lately (nothing kept).
     pub async fn report_user(
         &self,
         claims: &Claims,
         user: u64,
         reason: &str,
-    ) -> Result<String, ServiceError> {
+    ) -> Result<(String, bool), ServiceError> {
         let reason = reason.trim();
         if reason.len() > MAX_REPORT_REASON {
             return Err(ServiceError::BadRequest(format!(
@@ -2346,10 +2351,15 @@ impl Service {
             reported: reported.clone(),
             reason: reason.to_string(),
         };
-        self.store.add_report(&report, MAX_REPORTS_KEPT).await?;
+        let kept = (self.store)
+            .add_report(&report, MAX_REPORTS_KEPT, REPORT_ONCE_PER)
+            .await?;
+        if !kept {
+            return Ok((reported, true));
+        }
         self.config.metrics.reports.inc();
         tracing::warn!(reporter, reported = user, reason, "user reported");
-        Ok(reported)
+        Ok((reported, false))
     }
 
     /// The newest `limit` reports, newest first (for the admin page).

@@ -85,6 +85,8 @@ struct Inner {
     last_seen: HashMap<u64, u64>,
     /// Users' reports of others, newest first.
     reports: VecDeque<Report>,
+    /// (reporter, reported) -> until when another report of the pair is not kept.
+    reported: HashMap<(u64, u64), Instant>,
     /// Users who hide when they were last seen.
     hiding_last_seen: BTreeSet<u64>,
     /// Users who hide that they read others' messages.
@@ -1027,11 +1029,27 @@ impl Store for MemoryStore {
             .unwrap_or_default())
     }
 
-    async fn add_report(&self, report: &Report, cap: usize) -> Result<(), StoreError> {
+    async fn add_report(
+        &self,
+        report: &Report,
+        cap: usize,
+        once_per: Duration,
+    ) -> Result<bool, StoreError> {
         let mut inner = self.inner();
+        let now = Instant::now();
+        let pair = (report.reporter_id, report.reported_id);
+        if inner.reported.get(&pair).is_some_and(|until| *until > now) {
+            return Ok(false);
+        }
+        // Pairs whose time is up go once there are as many as reports kept (a sweep per
+        // `cap` reports at most).
+        if inner.reported.len() >= cap.max(1) {
+            inner.reported.retain(|_, until| *until > now);
+        }
+        inner.reported.insert(pair, now + once_per);
         inner.reports.push_front(report.clone());
         inner.reports.truncate(cap);
-        Ok(())
+        Ok(true)
     }
 
     async fn reports(&self, limit: usize) -> Result<Vec<Report>, StoreError> {

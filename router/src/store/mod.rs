@@ -701,8 +701,15 @@ pub trait Store: Send + Sync + 'static {
     /// The users `user` blocks, sorted.
     async fn blocked_users(&self, user: u64) -> Result<Vec<u64>, StoreError>;
 
-    /// Keeps `report`, newest first, and at most `cap` reports (the oldest go).
-    async fn add_report(&self, report: &Report, cap: usize) -> Result<(), StoreError>;
+    /// Keeps `report`, newest first, and at most `cap` reports (the oldest go), unless its
+    /// reporter reported the same user within `once_per` (then it keeps nothing). Returns
+    /// whether it kept the report.
+    async fn add_report(
+        &self,
+        report: &Report,
+        cap: usize,
+        once_per: Duration,
+    ) -> Result<bool, StoreError>;
     /// The newest `limit` reports, newest first (an unreadable one is skipped).
     async fn reports(&self, limit: usize) -> Result<Vec<Report>, StoreError>;
 

@@ -46,6 +46,22 @@ const ONLINE: &str = "cim:online";
 /// Users' reports of others (JSON), newest first, capped.
 const REPORTS: &str = "cim:reports";
 
+/// Present while `reporter`'s reports of `reported` are not kept again; in the hash slot of
+/// [`REPORTS`] (its tag is that key's whole name), so one script checks it and keeps a
+/// report.
+fn reported_key(reporter: u64, reported: u64) -> String {
+    format!("{{{REPORTS}}}:reported:{reporter}:{reported}")
+}
+
+/// Keeps a report unless its pair was reported lately. KEYS: the reports, the pair's mark.
+/// ARGV: the report's JSON, the cap, how long the mark lasts (ms). Returns 1 kept, 0 not.
+const ADD_REPORT: &str = r"
+if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3]) then return 0 end
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+return 1
+";
+
 fn name_key(name: &str) -> String {
     format!("cim:name:{name}")
 }
@@ -628,6 +644,7 @@ pub struct RedisStore {
     leave: Script,
     block: Script,
     add_read_receipt: Script,
+    add_report: Script,
     set_status: Script,
     set_password: Script,
     delete_account: Script,
@@ -1061,6 +1078,7 @@ impl RedisStore {
             leave: Script::new(LEAVE),
             block: Script::new(BLOCK),
             add_read_receipt: Script::new(ADD_READ_RECEIPT),
+            add_report: Script::new(ADD_REPORT),
             set_status: Script::new(SET_STATUS),
             set_password: Script::new(SET_PASSWORD),
             delete_account: Script::new(DELETE_ACCOUNT),
@@ -2241,18 +2259,24 @@ impl Store for RedisStore {
             .collect())
     }
 
-    async fn add_report(&self, report: &Report, cap: usize) -> Result<(), StoreError> {
+    async fn add_report(
+        &self,
+        report: &Report,
+        cap: usize,
+        once_per: Duration,
+    ) -> Result<bool, StoreError> {
         let json = serde_json::to_string(report).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let _: () = redis::pipe()
-            .atomic()
-            .lpush(REPORTS, json)
-            .ignore()
-            .ltrim(REPORTS, 0, cap.max(1) as isize - 1)
-            .ignore()
-            .query_async(&mut self.conn())
+        let kept: i64 = self
+            .add_report
+            .key(REPORTS)
+            .key(reported_key(report.reporter_id, report.reported_id))
+            .arg(json)
+            .arg(cap.max(1))
+            .arg(once_per.as_millis().max(1) as u64)
+            .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        Ok(())
+        Ok(kept == 1)
     }
 
     async fn reports(&self, limit: usize) -> Result<Vec<Report>, StoreError> {
