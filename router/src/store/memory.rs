@@ -87,6 +87,8 @@ struct Inner {
     reports: VecDeque<Report>,
     /// (reporter, reported) -> until when another report of the pair is not kept.
     reported: HashMap<(u64, u64), Instant>,
+    /// Size of `reported` at which expired pairs are swept next.
+    reported_sweep_at: usize,
     /// Users who hide when they were last seen.
     hiding_last_seen: BTreeSet<u64>,
     /// Users who hide that they read others' messages.
@@ -1041,10 +1043,11 @@ impl Store for MemoryStore {
         if inner.reported.get(&pair).is_some_and(|until| *until > now) {
             return Ok(false);
         }
-        // Pairs whose time is up go once there are as many as reports kept (a sweep per
-        // `cap` reports at most).
-        if inner.reported.len() >= cap.max(1) {
+        // Pairs whose time is up go once there are twice as many as the last sweep left (and
+        // at least as many as reports kept): sweeps cost a constant per report.
+        if inner.reported.len() >= inner.reported_sweep_at.max(cap) {
             inner.reported.retain(|_, until| *until > now);
+            inner.reported_sweep_at = 2 * inner.reported.len();
         }
         inner.reported.insert(pair, now + once_per);
         inner.reports.push_front(report.clone());
