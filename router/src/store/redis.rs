@@ -655,23 +655,35 @@ pub struct RedisStore {
     release_id_node: Script,
 }
 
-/// For each of `keys`, in order, whether its set holds `member`: `SISMEMBER`s, [`READ_CHUNK`]
-/// to a pipeline.
+/// One read per item of `items`, in order: the command `add` puts in the pipeline for it,
+/// [`READ_CHUNK`] to a pipeline.
+async fn read_each<I, T: redis::FromRedisValue>(
+    conn: &mut ConnectionManager,
+    items: &[I],
+    add: impl Fn(&mut redis::Pipeline, &I),
+) -> Result<Vec<T>, StoreError> {
+    let mut read = Vec::with_capacity(items.len());
+    for chunk in items.chunks(READ_CHUNK) {
+        let mut pipe = redis::pipe();
+        for item in chunk {
+            add(&mut pipe, item);
+        }
+        let answers: Vec<T> = pipe.query_async(conn).await.map_err(unavailable)?;
+        read.extend(answers);
+    }
+    Ok(read)
+}
+
+/// For each of `keys`, in order, whether its set holds `member` (`SISMEMBER`s).
 async fn set_holds(
     conn: &mut ConnectionManager,
     keys: &[String],
     member: u64,
 ) -> Result<Vec<bool>, StoreError> {
-    let mut holds = Vec::with_capacity(keys.len());
-    for chunk in keys.chunks(READ_CHUNK) {
-        let mut pipe = redis::pipe();
-        for key in chunk {
-            pipe.sismember(key, member);
-        }
-        let answers: Vec<bool> = pipe.query_async(conn).await.map_err(unavailable)?;
-        holds.extend(answers);
-    }
-    Ok(holds)
+    read_each(conn, keys, |pipe, key| {
+        pipe.sismember(key, member);
+    })
+    .await
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
@@ -1406,11 +1418,10 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         // The first that names an account: a name a deletion left behind (naming no one)
-        // must not hide the account that took the name over in another case.
+        // must not hide the account that took the name over in another case. Both keys
+        // name the same account as a rule: it is read once.
+        let folded = folded.filter(|f| Some(*f) != exact);
         let ids: Vec<u64> = exact.into_iter().chain(folded).collect();
-        if ids.is_empty() {
-            return Ok(None);
-        }
         Ok(self.accounts_by_id(&ids).await?.into_iter().next())
     }
 
@@ -1422,29 +1433,26 @@ impl Store for RedisStore {
     }
 
     async fn accounts_by_id(&self, ids: &[u64]) -> Result<Vec<Account>, StoreError> {
-        let mut accounts = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(READ_CHUNK) {
-            let mut pipe = redis::pipe();
-            for id in chunk {
+        let rows: Vec<(Option<String>, Option<String>)> =
+            read_each(&mut self.conn(), ids, |pipe, id| {
                 pipe.cmd("HMGET")
                     .arg(account_key(*id))
                     .arg("name")
                     .arg("pw");
-            }
-            let rows: Vec<(Option<String>, Option<String>)> = pipe
-                .query_async(&mut self.conn())
-                .await
-                .map_err(unavailable)?;
-            accounts.extend(chunk.iter().zip(rows).filter_map(|(id, row)| match row {
+            })
+            .await?;
+        Ok(ids
+            .iter()
+            .zip(rows)
+            .filter_map(|(id, row)| match row {
                 (Some(name), Some(pw)) => Some(Account {
                     id: *id,
                     name,
                     password_hash: pw,
                 }),
                 _ => None,
-            }));
-        }
-        Ok(accounts)
+            })
+            .collect())
     }
 
     async fn claim_route(
@@ -2123,19 +2131,10 @@ impl Store for RedisStore {
     }
 
     async fn statuses(&self, users: &[u64]) -> Result<Vec<Option<String>>, StoreError> {
-        let mut statuses = Vec::with_capacity(users.len());
-        for chunk in users.chunks(READ_CHUNK) {
-            let mut pipe = redis::pipe();
-            for user in chunk {
-                pipe.hget(account_key(*user), "status");
-            }
-            let found: Vec<Option<String>> = pipe
-                .query_async(&mut self.conn())
-                .await
-                .map_err(unavailable)?;
-            statuses.extend(found);
-        }
-        Ok(statuses)
+        read_each(&mut self.conn(), users, |pipe, user| {
+            pipe.hget(account_key(*user), "status");
+        })
+        .await
     }
 
     async fn set_status(&self, user: u64, status: Option<&str>) -> Result<bool, StoreError> {
@@ -2151,19 +2150,10 @@ impl Store for RedisStore {
     }
 
     async fn hidden(&self, users: &[u64], what: Privacy) -> Result<Vec<bool>, StoreError> {
-        let mut hidden = Vec::with_capacity(users.len());
-        for chunk in users.chunks(READ_CHUNK) {
-            let mut pipe = redis::pipe();
-            for user in chunk {
-                pipe.exists(hides_key(*user, what));
-            }
-            let found: Vec<bool> = pipe
-                .query_async(&mut self.conn())
-                .await
-                .map_err(unavailable)?;
-            hidden.extend(found);
-        }
-        Ok(hidden)
+        read_each(&mut self.conn(), users, |pipe, user| {
+            pipe.exists(hides_key(*user, what));
+        })
+        .await
     }
 
     async fn set_hidden(&self, user: u64, what: Privacy, hidden: bool) -> Result<(), StoreError> {
