@@ -193,10 +193,7 @@ pub fn routes(
                 if !authorized(&service, &TokenQuery::default(), h.as_deref()) {
                     return denied(&service);
                 }
-                let deletion = {
-                    let service = service.clone();
-                    async move { service.delete_user_as_operator(id).await }
-                };
+                let deletion = async move { service.delete_user_as_operator(id).await };
                 match crate::api::to_the_end(deletion).await {
                     Ok(name) => warp::reply::json(&serde_json::json!({"id": id, "name": name}))
                         .into_response(),

@@ -92,6 +92,17 @@ pub struct BlockedUser {
     pub name: String,
 }
 
+/// How [`Service::unless_deleted`] undoes a change that landed for a deleted account.
+#[derive(Debug, Clone, Copy)]
+enum Undo {
+    /// It joined (or created) the group: it leaves.
+    Leave,
+    /// It was invited: the invitation is declined.
+    Decline,
+    /// It was handed the group: it goes back to this owner.
+    HandBackTo(u64),
+}
+
 /// A reader's receipt for the caller's messages, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceiptView {
@@ -771,11 +782,20 @@ impl Service {
 
     /// Ends the login `claims` belongs to for as long as its newest token may live.
     async fn revoke(&self, claims: &Claims, why: Revocation) -> Result<(), ServiceError> {
-        let ttl = self.revocation_ttl(claims.expires_at_ms);
-        Ok(self
-            .store
-            .revoke_session(claims.user_id, claims.session_id, ttl, why)
-            .await?)
+        (self.revoke_session(claims.user_id, claims.session_id, claims.expires_at_ms, why)).await
+    }
+
+    /// Ends `user`'s login `session`, `why`, for as long as a token expiring at
+    /// `expires_at_ms` (0: any token of it) may live.
+    async fn revoke_session(
+        &self,
+        user: u64,
+        session: u64,
+        expires_at_ms: u64,
+        why: Revocation,
+    ) -> Result<(), ServiceError> {
+        let ttl = self.revocation_ttl(expires_at_ms);
+        Ok(self.store.revoke_session(user, session, ttl, why).await?)
     }
 
     /// Counts one API request of `user`'s login `session` (with one of its tokens) and refuses
@@ -1159,23 +1179,34 @@ impl Service {
         Ok(())
     }
 
-    /// Undoes what `user` just got in group `name` (a membership, an invitation) if its
-    /// account was deleted meanwhile: a session's in-band request or an invitation can pass
-    /// its checks before the deletion and land after it, which would leave the group a
-    /// member (even an owner) that is gone. Refused `unknown_user` then.
-    async fn unless_deleted(
-        &self,
-        user: u64,
-        name: &str,
-        invited: bool,
-    ) -> Result<(), ServiceError> {
+    /// Undoes what `user` just got in group `name` (a membership, an invitation, the
+    /// ownership) if its account was deleted meanwhile: a session's in-band request, an
+    /// invitation or a handover can pass its checks before the deletion and land after it,
+    /// which would leave the group a member (even an owner) that is gone. Refused
+    /// `unknown_user` then.
+    async fn unless_deleted(&self, user: u64, name: &str, undo: Undo) -> Result<(), ServiceError> {
         if self.store.user_exists(user).await? {
             return Ok(());
         }
-        if invited {
-            self.store.decline_invitation(name, user).await?;
-        } else {
-            self.store.leave_group(name, user).await?;
+        match undo {
+            Undo::Leave => {
+                self.store.leave_group(name, user).await?;
+            }
+            Undo::Decline => {
+                self.store.decline_invitation(name, user).await?;
+            }
+            Undo::HandBackTo(owner) => {
+                let back = self.store.transfer_group(name, user, owner).await?;
+                if back != Transfer::Transferred {
+                    tracing::warn!(
+                        owner,
+                        user,
+                        group = name,
+                        ?back,
+                        "group not handed back from a deleted account"
+                    );
+                }
+            }
         }
         tracing::info!(user, group = name, "change for a deleted account undone");
         Err(ServiceError::UnknownUser)
@@ -1195,11 +1226,7 @@ impl Service {
 
     /// Ends `user`'s login `session` as logged out, for as long as any token of it may live.
     async fn revoke_login(&self, user: u64, session: u64) -> Result<(), ServiceError> {
-        let ttl = self.revocation_ttl(0);
-        Ok(self
-            .store
-            .revoke_session(user, session, ttl, Revocation::LoggedOut)
-            .await?)
+        (self.revoke_session(user, session, 0, Revocation::LoggedOut)).await
     }
 
     /// Releases `user`'s route if `session` holds it, and tells the user's groups it left (if
@@ -1839,7 +1866,7 @@ impl Service {
         if !self.store.create_group(name, user, invite_only).await? {
             return Err(ServiceError::GroupExists);
         }
-        self.unless_deleted(user, name, false).await?;
+        self.unless_deleted(user, name, Undo::Leave).await?;
         tracing::info!(user, group = name, invite_only, "group created");
         Ok(())
     }
@@ -1854,7 +1881,7 @@ impl Service {
             .await?
         {
             Join::Joined => {
-                self.unless_deleted(user, name, false).await?;
+                self.unless_deleted(user, name, Undo::Leave).await?;
                 self.announce_group_change(user, name, true, None).await;
                 Ok(())
             }
@@ -1876,7 +1903,7 @@ impl Service {
             Some(info) if info.owner != owner => return Err(ServiceError::NotOwner),
             Some(_) => {}
         }
-        self.known_name(user).await?;
+        self.known_user(user).await?;
         if self.store.blocks(user, owner).await? {
             return Err(ServiceError::Blocked);
         }
@@ -1891,7 +1918,7 @@ impl Service {
             .await?
         {
             Invite::Invited => {
-                self.unless_deleted(user, name, true).await?;
+                self.unless_deleted(user, name, Undo::Decline).await?;
                 tracing::info!(owner, user, group = name, "invited");
                 self.announce_invitation(owner, name, user).await;
                 Ok(())
@@ -1948,20 +1975,8 @@ impl Service {
         match self.store.transfer_group(name, owner, user).await? {
             Transfer::Transferred if user == owner => Ok(()),
             Transfer::Transferred => {
-                // Deleted meanwhile: handed back.
-                if !self.store.user_exists(user).await? {
-                    let back = self.store.transfer_group(name, user, owner).await?;
-                    if back != Transfer::Transferred {
-                        tracing::warn!(
-                            owner,
-                            user,
-                            group = name,
-                            ?back,
-                            "group not handed back from a deleted account"
-                        );
-                    }
-                    return Err(ServiceError::UnknownUser);
-                }
+                self.unless_deleted(user, name, Undo::HandBackTo(owner))
+                    .await?;
                 tracing::info!(owner, user, group = name, "group handed over");
                 self.announce_new_owner(owner, name, Some(user)).await;
                 Ok(())
@@ -2219,10 +2234,18 @@ impl Service {
             "too many read receipts this minute; retry in a minute",
             || format!("read receipts of user {reader} over the limit"),
         )?;
-        self.known_name(sender).await?;
-        if self.hides(reader, Privacy::ReadReceipts).await?
-            || self.store.blocks(sender, reader).await?
-        {
+        // Three reads, side by side.
+        let readers = [reader];
+        let (exists, hides, blocked) = tokio::try_join!(
+            self.store.user_exists(sender),
+            self.store.hidden(&readers, Privacy::ReadReceipts),
+            self.store.blocks(sender, reader),
+        )?;
+        let hides = hides == [true];
+        if !exists {
+            return Err(ServiceError::UnknownUser);
+        }
+        if hides || blocked {
             return Ok(());
         }
         let receipt = ReadReceipt {
@@ -2566,6 +2589,14 @@ impl Service {
             return Ok(Vec::new());
         }
         Ok(members)
+    }
+
+    /// `unknown_user` if `user` has no account (cheaper than [`Service::known_name`]).
+    async fn known_user(&self, user: u64) -> Result<(), ServiceError> {
+        match self.store.user_exists(user).await? {
+            true => Ok(()),
+            false => Err(ServiceError::UnknownUser),
+        }
     }
 
     /// `user`'s name, or `unknown_user` if there is no such account.
