@@ -1978,7 +1978,7 @@ impl Service {
                 self.unless_deleted(user, name, Undo::HandBackTo(owner))
                     .await?;
                 tracing::info!(owner, user, group = name, "group handed over");
-                self.announce_new_owner(owner, name, Some(user)).await;
+                self.announce_new_owner(owner, name, user, true).await;
                 Ok(())
             }
             Transfer::NotMember => Err(ServiceError::NoSuchMember),
@@ -2010,9 +2010,8 @@ impl Service {
             .is_some_and(|info| info.owner == user);
         if self.store.leave_group(name, user).await? {
             self.announce_group_change(user, name, false, None).await;
-            if owned {
-                self.pass_over_deleted_heirs(name).await?;
-                self.announce_new_owner(user, name, None).await;
+            if owned && let Some(heir) = self.pass_over_deleted_heirs(name).await? {
+                self.announce_new_owner(user, name, heir, false).await;
             }
             Ok(())
         } else if self.store.decline_invitation(name, user).await? {
@@ -2027,14 +2026,14 @@ impl Service {
     /// Takes out of group `name` an heir whose account is gone (a deletion whose tidying
     /// failed left it a member), so the group passes on to a member who can act as its owner:
     /// a group owned by no one who can would be stuck. At most [`DELETED_HEIRS_PASSED`] in a
-    /// row.
-    async fn pass_over_deleted_heirs(&self, name: &str) -> Result<(), ServiceError> {
+    /// row. Returns the owner the group has then (`None`: its last member left).
+    async fn pass_over_deleted_heirs(&self, name: &str) -> Result<Option<u64>, ServiceError> {
         for _ in 0..DELETED_HEIRS_PASSED {
             let Some(info) = self.store.group_info(name).await? else {
-                return Ok(());
+                return Ok(None);
             };
             if self.store.user_exists(info.owner).await? {
-                return Ok(());
+                return Ok(Some(info.owner));
             }
             tracing::warn!(
                 user = info.owner,
@@ -2043,7 +2042,7 @@ impl Service {
             );
             self.store.leave_group(name, info.owner).await?;
         }
-        Ok(())
+        Ok(self.store.group_info(name).await?.map(|info| info.owner))
     }
 
     /// Members of a group with their presence, sorted by name, for `caller`, who must be one:
@@ -2503,27 +2502,25 @@ impl Service {
         self.notify_online(&told, Notice::GroupChange(change)).await
     }
 
-    /// Tells the member a group passed to, if online, that it owns the group now: `handed_to`,
-    /// to whom its owner, `previous`, handed it, or else the heir of `previous`, who left; and
+    /// Tells `new_owner`, if online, that it owns the group now: its owner, `previous`, handed
+    /// it over (`handed_over`), or left and it was the heir; and
     /// the group's other online members (in a group of at most [`GROUP_CHANGE_MAX_MEMBERS`],
     /// as for a group change) who owns it. Best effort, as group changes: waits at most
     /// [`GROUP_CHANGE_WAIT`].
-    async fn announce_new_owner(&self, previous: u64, group: &str, handed_to: Option<u64>) {
+    async fn announce_new_owner(
+        &self,
+        previous: u64,
+        group: &str,
+        new_owner: u64,
+        handed_over: bool,
+    ) {
         let announce = async {
-            let new_owner = match handed_to {
-                Some(user) => user,
-                // A group whose last member left has no one to tell.
-                None => match self.store.group_info(group).await? {
-                    Some(info) => info.owner,
-                    None => return Ok(()),
-                },
-            };
             let previous_name = self.user_name(previous).await?;
             let owner = GroupOwner {
                 group: group.to_string(),
                 previous_owner_id: previous,
                 previous_owner_name: previous_name.clone().unwrap_or_default(),
-                handed_over: handed_to.is_some(),
+                handed_over,
             };
             let notice = Notice::Control(server_control::Kind::GroupOwner(owner));
             let heir = [new_owner];
@@ -2549,7 +2546,7 @@ impl Service {
                     owner_name,
                     previous_owner_id: previous,
                     previous_owner_name,
-                    handed_over: handed_to.is_some(),
+                    handed_over,
                 };
                 let notice = Notice::Control(server_control::Kind::GroupOwnerChange(change));
                 self.notify_online(&others, notice).await
