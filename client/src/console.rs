@@ -86,24 +86,19 @@ impl Asked {
     /// The command the answers to [`Asked::prompts`] make: refused if one is empty, or if the
     /// new password was not typed the same twice.
     pub fn answered(self, answers: Vec<String>) -> Command {
-        if answers.len() != self.prompts().len() {
-            return Command::Invalid("not every password was given; nothing was done".into());
-        }
         if answers.iter().any(|a| a.is_empty()) {
             return Command::Invalid("an empty password; nothing was done".into());
         }
-        let mut answers = answers.into_iter().map(Secret);
-        match (self, answers.next(), answers.next(), answers.next()) {
-            (Asked::Password, Some(old), Some(new), Some(again)) if new == again => {
-                Command::Password { old, new }
-            }
-            (Asked::Password, ..) => Command::Invalid(
+        match (self, &answers[..]) {
+            (Asked::Password, [old, new, again]) if new == again => Command::Password {
+                old: Secret(old.clone()),
+                new: Secret(new.clone()),
+            },
+            (Asked::Password, [_, _, _]) => Command::Invalid(
                 "the new password was not typed the same twice; nothing was changed".into(),
             ),
-            (Asked::DeleteAccount, Some(password), ..) => Command::DeleteAccount(password),
-            (Asked::DeleteAccount, None, ..) => {
-                Command::Invalid("no password was given; nothing was done".into())
-            }
+            (Asked::DeleteAccount, [password]) => Command::DeleteAccount(Secret(password.clone())),
+            _ => Command::Invalid("not every password was given; nothing was done".into()),
         }
     }
 }

@@ -342,20 +342,17 @@ async fn chat(
         }
     };
     if !matches!(ended, Ending::Quit) {
-        receipts.abort();
-        let _ = (&mut receipts).await;
+        stop(&mut receipts).await;
     }
     match ended {
         Ending::Deleted => {
-            worker.abort();
-            let _ = worker.await;
+            stop(&mut worker).await;
             println!("account deleted; bye");
             dropped(&pending, &failed, "account deleted");
             return quit_status(&failed);
         }
         Ending::Ended(why) => {
-            worker.abort();
-            let _ = worker.await;
+            stop(&mut worker).await;
             println!("! {why}");
             dropped(&pending, &failed, "session ended");
             // Not a quit the user asked for: a script running the console can tell.
@@ -379,8 +376,7 @@ async fn chat(
                 }
             };
             if let Some(why) = unfinished {
-                worker.abort();
-                let _ = worker.await;
+                stop(&mut worker).await;
                 dropped(&pending, &failed, why);
             }
             // The messages read last are told before the logout, unless a Ctrl-C came (then
@@ -396,13 +392,11 @@ async fn chat(
                 }
             };
             if !flushed.await {
-                receipts.abort();
-                let _ = receipts.await;
+                stop(&mut receipts).await;
             }
         }
         Ending::Interrupted => {
-            worker.abort();
-            let _ = worker.await;
+            stop(&mut worker).await;
             dropped(&pending, &failed, "interrupted");
             println!("logging out (Ctrl-C again to skip)");
         }
@@ -484,6 +478,12 @@ async fn paced<T, F: std::future::Future<Output = Result<T, ClientError>>>(
 /// latest message, not one per message.
 const RECEIPTS_EVERY: Duration = Duration::from_secs(1);
 
+/// Stops `task` and waits until it has.
+async fn stop(task: &mut tokio::task::JoinHandle<()>) {
+    task.abort();
+    let _ = task.await;
+}
+
 /// Why a quit's wait ended early: a Ctrl-C.
 const INTERRUPTED: &str = "interrupted";
 
@@ -497,8 +497,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Gives read receipts on a task of its own: `(sender, msg id)` sent to the channel is a
 /// private message shown, and every [`RECEIPTS_EVERY`] the latest of each sender's is told.
 /// Once the channel is dropped, what is left is told once more and the task ends. A receipt
-/// that failed is tried again at the next turn, unless it was refused for good (a bad id, an
-/// account gone); the router says nothing when either user hides receipts.
+/// that failed is tried again at the next turn, with those not tried yet, unless it was
+/// refused for good (a bad id, an account gone); the router says nothing when either user
+/// hides receipts.
 fn give_read_receipts(
     client: Arc<Client>,
 ) -> (
@@ -520,13 +521,20 @@ fn give_read_receipts(
                 },
                 _ = ticker.tick() => false,
             };
-            for (sender, msg_id) in unreported.take() {
-                if let Err(e) = client.mark_read(sender, msg_id).await {
-                    tracing::debug!(sender, msg_id, error = %e, "read receipt not given");
-                    let for_good = [cim_proto::BAD_REQUEST, cim_proto::UNKNOWN_USER];
-                    if !e.code().is_some_and(|code| for_good.contains(&code)) {
+            let mut due = unreported.take().into_iter();
+            while let Some((sender, msg_id)) = due.next() {
+                let Err(e) = client.mark_read(sender, msg_id).await else {
+                    continue;
+                };
+                tracing::debug!(sender, msg_id, error = %e, "read receipt not given");
+                let for_good = [cim_proto::BAD_REQUEST, cim_proto::UNKNOWN_USER];
+                if !e.code().is_some_and(|code| for_good.contains(&code)) {
+                    // The router is away or busy: this and the rest wait for the next turn,
+                    // rather than each failing in turn (however many senders there are).
+                    for (sender, msg_id) in std::iter::once((sender, msg_id)).chain(due) {
                         unreported.read(sender, msg_id);
                     }
+                    break;
                 }
             }
             if last {
@@ -588,29 +596,27 @@ fn stdin_commands() -> mpsc::UnboundedReceiver<Command> {
 /// Asks for the passwords `asked` needs at the terminal, unseen. An empty answer cancels (the
 /// rest is not asked), and so does a Ctrl-C, which quits the console as it does anywhere.
 fn ask(asked: console::Asked) -> Command {
-    let mut answers = Vec::new();
     ASKING.store(true, Ordering::Relaxed);
-    for prompt in asked.prompts() {
-        match rpassword::prompt_password(prompt) {
-            Ok(answer) if answer.is_empty() => break,
-            Ok(answer) => answers.push(answer),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-                answers.clear();
-                ASKING.store(false, Ordering::Relaxed);
-                return Command::Nothing;
-            }
-            Err(e) => {
-                ASKING.store(false, Ordering::Relaxed);
-                return Command::Invalid(format!("cannot read a password: {e}"));
+    let answered = (|| {
+        let mut answers = Vec::new();
+        for prompt in asked.prompts() {
+            match rpassword::prompt_password(prompt)? {
+                answer if answer.is_empty() => break,
+                answer => answers.push(answer),
             }
         }
-    }
+        Ok::<_, std::io::Error>(answers)
+    })();
     ASKING.store(false, Ordering::Relaxed);
-    if answers.len() < asked.prompts().len() {
-        println!("(cancelled: nothing was done)");
-        return Command::Nothing;
+    match answered {
+        Ok(answers) if answers.len() < asked.prompts().len() => {
+            println!("(cancelled: nothing was done)");
+            Command::Nothing
+        }
+        Ok(answers) => asked.answered(answers),
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Command::Nothing,
+        Err(e) => Command::Invalid(format!("cannot read a password: {e}")),
     }
-    asked.answered(answers)
 }
 
 /// Whether a password prompt is open: its terminal echoes nothing, and a console that ends
@@ -911,29 +917,11 @@ async fn run(
                 Some(hidden) => client.hide_last_seen(hidden).await,
                 None => client.settings().await,
             };
-            match settings {
-                Ok(s) if s.hide_last_seen => {
-                    println!(
-                        "your last seen is hidden (and you see no one's): :lastseen show shows it"
-                    );
-                    true
-                }
-                Ok(_) => {
-                    println!(
-                        "your last seen is shown to anyone who looks you up: :lastseen hide hides it"
-                    );
-                    true
-                }
-                Err(e) => report(Err(e), ""),
-            }
+            said(settings, last_seen_setting)
         }
-        Command::Receipts(Some(hidden)) => match client.hide_read_receipts(hidden).await {
-            Ok(settings) => {
-                println!("{}", receipts_setting(&settings));
-                true
-            }
-            Err(e) => report(Err(e), ""),
-        },
+        Command::Receipts(Some(hidden)) => {
+            said(client.hide_read_receipts(hidden).await, receipts_setting)
+        }
         Command::Receipts(None) => {
             let (settings, receipts) = tokio::join!(client.settings(), client.read_receipts());
             match (settings, receipts) {
@@ -1067,15 +1055,11 @@ async fn run(
             println!("{}", console::HELP);
             true
         }
-        // Done by the input loop (see `chat`).
-        Command::Nothing | Command::Quit | Command::DeleteAccount(_) => true,
+        // Done by the input loop (see `chat`), or by the input thread, which asks for the
+        // passwords and passes the command their answers make (`stdin_commands`).
+        Command::Nothing | Command::Quit | Command::DeleteAccount(_) | Command::Ask(_) => true,
         Command::Invalid(why) => {
             println!("! {why}");
-            false
-        }
-        // Asked for by the input thread, which passes the command its answers make.
-        Command::Ask(asked) => {
-            println!("! {}", asked.usage());
             false
         }
     }
@@ -1145,6 +1129,29 @@ fn sent(
             println!("! {}{to}: {e}", unsent(&e));
             false
         }
+    }
+}
+
+/// Prints what `text` says of the settings, or the error; returns whether there was none.
+fn said(
+    settings: Result<cim_client::Settings, ClientError>,
+    text: fn(&cim_client::Settings) -> &'static str,
+) -> bool {
+    match settings {
+        Ok(settings) => {
+            println!("{}", text(&settings));
+            true
+        }
+        Err(e) => report(Err(e), ""),
+    }
+}
+
+/// What the console says of the last seen setting.
+fn last_seen_setting(settings: &cim_client::Settings) -> &'static str {
+    if settings.hide_last_seen {
+        "your last seen is hidden (and you see no one's): :lastseen show shows it"
+    } else {
+        "your last seen is shown to anyone who looks you up: :lastseen hide hides it"
     }
 }
 
