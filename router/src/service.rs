@@ -639,9 +639,9 @@ impl Service {
         validate_user_name(name)?;
         validate_password(password)?;
         if let Some(ip) = peer {
-            let count = lock(&self.registrations).hit(ip, Instant::now());
-            self.within_limit(
-                (count, 1),
+            self.hit_within(
+                &self.registrations,
+                ip,
                 self.config.api_limits.registrations_per_ip,
                 "too many registrations from this address; retry in a minute",
                 || format!("registrations from {ip} over the limit"),
@@ -835,6 +835,20 @@ impl Service {
             "too many requests for this user; slow down",
             || format!("API requests of user {user} over {limit} a second"),
         )
+    }
+
+    /// Counts one request of `key` in `counter` and refuses it as [`Service::within_limit`]
+    /// says past `limit` for the window.
+    fn hit_within<K: std::hash::Hash + Eq + Clone>(
+        &self,
+        counter: &Mutex<WindowCounter<K>>,
+        key: K,
+        limit: u32,
+        why: &'static str,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), ServiceError> {
+        let count = lock(counter).hit(key, Instant::now());
+        self.within_limit((count, 1), limit, why, what)
     }
 
     /// Refuses `rate_limited` with `why` once `count` (this window's, this request's `cost`
@@ -2226,9 +2240,9 @@ impl Service {
                 "no message has id {up_to_msg_id}"
             )));
         }
-        let count = lock(&self.receipt_counts).hit(reader, Instant::now());
-        self.within_limit(
-            (count, 1),
+        self.hit_within(
+            &self.receipt_counts,
+            reader,
             READ_RECEIPTS_PER_USER,
             "too many read receipts this minute; retry in a minute",
             || format!("read receipts of user {reader} over the limit"),
@@ -2357,9 +2371,9 @@ impl Service {
             ));
         }
         let reporter = claims.user_id;
-        let count = lock(&self.report_counts).hit(reporter, Instant::now());
-        self.within_limit(
-            (count, 1),
+        self.hit_within(
+            &self.report_counts,
+            reporter,
             REPORTS_PER_USER,
             "too many reports this minute; retry in a minute",
             || format!("reports of user {reporter} over the limit"),

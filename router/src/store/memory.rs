@@ -99,6 +99,21 @@ struct Inner {
     read_receipts: HashMap<u64, HashMap<u64, ReadReceipt>>,
 }
 
+/// Drops the entries of `map` that are not `live` once it holds twice as many as the last
+/// sweep left (and at least `floor`), so sweeps cost a constant per insert however many
+/// entries stay live.
+fn sweep_when_doubled<K, V>(
+    map: &mut HashMap<K, V>,
+    sweep_at: &mut usize,
+    floor: usize,
+    live: impl Fn(&V) -> bool,
+) {
+    if map.len() >= (*sweep_at).max(floor) {
+        map.retain(|_, v| live(v));
+        *sweep_at = map.len() * 2;
+    }
+}
+
 /// A named group.
 #[derive(Debug)]
 struct Group {
@@ -238,10 +253,8 @@ impl Inner {
 
     /// Marks `session_id` of `user` as ended, for `why`, for `ttl`.
     fn revoke(&mut self, user: u64, session_id: u64, ttl: Duration, why: Revocation, now: Instant) {
-        if self.revoked.len() >= self.revoked_sweep_at {
-            self.revoked.retain(|_, (expires, _)| *expires > now);
-            self.revoked_sweep_at = (self.revoked.len() * 2).max(1024);
-        }
+        let live = |(expires, _): &(Instant, Revocation)| *expires > now;
+        sweep_when_doubled(&mut self.revoked, &mut self.revoked_sweep_at, 1024, live);
         self.revoked.insert((user, session_id), (now + ttl, why));
     }
 
@@ -1043,12 +1056,10 @@ impl Store for MemoryStore {
         if inner.reported.get(&pair).is_some_and(|until| *until > now) {
             return Ok(false);
         }
-        // Pairs whose time is up go once there are twice as many as the last sweep left (and
-        // at least as many as reports kept): sweeps cost a constant per report.
-        if inner.reported.len() >= inner.reported_sweep_at.max(cap) {
-            inner.reported.retain(|_, until| *until > now);
-            inner.reported_sweep_at = 2 * inner.reported.len();
-        }
+        // Pairs whose time is up go (at least as many kept as reports).
+        let inner = &mut *inner;
+        let live = |until: &Instant| *until > now;
+        sweep_when_doubled(&mut inner.reported, &mut inner.reported_sweep_at, cap, live);
         inner.reported.insert(pair, now + once_per);
         inner.reports.push_front(report.clone());
         inner.reports.truncate(cap);
