@@ -100,6 +100,9 @@ const LOGIN_CONNECT_ATTEMPTS: u32 = 3;
 /// 10.2 s after they noticed, with one 5.1 s, with one of [`RESUME_TIMEOUT`] 2.1 s;
 /// BENCHMARKS.md).
 const RESUME_ATTEMPTS: u32 = 1;
+/// How many times a password change is asked for when no answer comes: the router answers
+/// a change asked again, once made, as done, so the client learns which password holds.
+const PASSWORD_CHANGE_ATTEMPTS: u32 = 3;
 /// How long the first resume attempt may take. Shorter than a first connect: the client has
 /// just been talking to this server, a lost handshake packet is resent after about 0.3 s, and
 /// if the server is only slow or out of reach the router sends the client back to resuming
@@ -1303,10 +1306,21 @@ impl Client {
 
     /// Changes our password from `old` to `new` (4-256 bytes). Refused `wrong_password` (which
     /// counts as a failed login) when `old` is not the password. This login stays, and a
-    /// re-login the client makes by itself uses the new password from now on.
+    /// re-login the client makes by itself uses the new password from now on. When no
+    /// answer comes (the change may have been made), it is asked again, up to
+    /// [`PASSWORD_CHANGE_ATTEMPTS`] times each a try; should all go unanswered, calling this
+    /// again with the same passwords tells whether the change was made.
     pub async fn change_password(&self, old: &str, new: &str) -> Result<(), ClientError> {
         let token = self.token();
-        self.shared.api.change_password(&token, old, new).await?;
+        let mut attempt = 1;
+        while let Err(e) = self.shared.api.change_password(&token, old, new).await {
+            if !matches!(e, ClientError::Http(_)) || attempt == PASSWORD_CHANGE_ATTEMPTS {
+                return Err(e);
+            }
+            tracing::debug!(error = %e, attempt, "password change unanswered; asking again");
+            tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+            attempt += 1;
+        }
         self.shared.set_password(new);
         Ok(())
     }

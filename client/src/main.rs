@@ -985,10 +985,16 @@ async fn run(
                 None => false,
             }
         }
-        Command::Password { old, new } => report(
-            client.change_password(&old.0, &new.0).await,
-            "password changed: use the new one at your next login (this one stays)",
-        ),
+        Command::Password { old, new } => match client.change_password(&old.0, &new.0).await {
+            Err(e @ ClientError::Http(_)) => {
+                println!("! {e}: the password may have changed; the same :password again tells");
+                false
+            }
+            changed => report(
+                changed,
+                "password changed: use the new one at your next login (this one stays)",
+            ),
+        },
         Command::Who(name) => match client.find_user(&name).await {
             Ok(Some(user)) => {
                 let state = match (user.online, user.last_seen_ms) {

@@ -886,6 +886,8 @@ struct PausingStore {
     lost_append_replies: AtomicUsize,
     /// Group appends still to hold for `hold` (after `group_append_held` is notified).
     group_appends_held: AtomicUsize,
+    /// Password changes still to make and then hold for `hold` before answering.
+    password_changes_held: AtomicUsize,
     group_append_held: Notify,
 }
 
@@ -911,6 +913,7 @@ impl PausingStore {
             lost_append_replies: AtomicUsize::new(0),
             group_appends_held: AtomicUsize::new(0),
             group_append_held: Notify::new(),
+            password_changes_held: AtomicUsize::new(0),
         })
     }
 }
@@ -924,6 +927,13 @@ async fn gone_offline(store: &PausingStore, user: u64) -> anyhow::Result<()> {
     .await?;
     assert!(!store.inner.online_users().await?.contains(&user));
     Ok(())
+}
+
+/// Takes one off `count` if it is not 0: whether one was left.
+fn take_one(count: &AtomicUsize) -> bool {
+    count
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 /// A one-server cluster on a [`PausingStore`] that pauses for `hold`.
@@ -958,7 +968,11 @@ impl Store for PausingStore {
         expected: &str,
         new_hash: &str,
     ) -> Result<bool, StoreError> {
-        self.inner.set_password_hash(user, expected, new_hash).await
+        let changed = self.inner.set_password_hash(user, expected, new_hash).await;
+        if take_one(&self.password_changes_held) {
+            tokio::time::sleep(self.hold).await;
+        }
+        changed
     }
     async fn user_exists(&self, id: u64) -> Result<bool, StoreError> {
         self.inner.user_exists(id).await
@@ -1050,10 +1064,7 @@ impl Store for PausingStore {
     }
     async fn routes(&self, users: &[u64]) -> Result<Vec<Option<Route>>, StoreError> {
         let routes = self.inner.routes(users).await?;
-        let held = self
-            .route_reads_held
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        if held.is_ok() {
+        if take_one(&self.route_reads_held) {
             tokio::time::sleep(self.hold).await;
         }
         Ok(routes)
@@ -1083,10 +1094,7 @@ impl Store for PausingStore {
         lost
     }
     async fn remove_server_routes(&self, server_id: &str) -> Result<Vec<u64>, StoreError> {
-        let failing = self
-            .failing_removals
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        if failing.is_ok() {
+        if take_one(&self.failing_removals) {
             return Err(StoreError::Unavailable("removals fail in this test".into()));
         }
         self.inner.remove_server_routes(server_id).await
@@ -1109,10 +1117,7 @@ impl Store for PausingStore {
         entry: &InboxEntry,
         limits: InboxLimits,
     ) -> Result<Vec<u64>, StoreError> {
-        let held = self
-            .group_appends_held
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        if held.is_ok() {
+        if take_one(&self.group_appends_held) {
             self.group_append_held.notify_one();
             tokio::time::sleep(self.hold).await;
         }
@@ -1125,10 +1130,7 @@ impl Store for PausingStore {
         limits: InboxLimits,
     ) -> Result<PrivateAppend, StoreError> {
         let appended = self.inner.append_private(to, entry, limits).await;
-        let lost = self
-            .lost_append_replies
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        if lost.is_ok() {
+        if take_one(&self.lost_append_replies) {
             return Err(StoreError::Unavailable(
                 "the append's reply was lost".into(),
             ));
@@ -1149,10 +1151,7 @@ impl Store for PausingStore {
             .await
     }
     async fn trim_inbox(&self, acked: &[(u64, u64)]) -> Result<(), StoreError> {
-        let failing = self
-            .failing_trims
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        if failing.is_ok() {
+        if take_one(&self.failing_trims) {
             return Err(StoreError::Unavailable("trims fail in this test".into()));
         }
         self.trims.fetch_add(acked.len(), Ordering::SeqCst);
@@ -1994,5 +1993,32 @@ async fn a_message_never_pushed_reaches_a_quiet_client_by_its_periodic_pull() ->
     let _: () = ::redis::AsyncCommands::del(&mut conn, route_key).await?;
     alice.send_private(bob_id, "never pushed").await?;
     assert_eq!(next_message(&mut bob_events).await?.body, "never pushed");
+    Ok(())
+}
+
+/// A password change whose answer is lost (the store holds it past the client's HTTP time
+/// limit, after the change is made) is asked again by the client, and the router answers the
+/// repeat as done: the call succeeds, the new password logs in and the old one does not.
+/// Before, the repeat was refused `wrong_password` and the client kept the old password,
+/// which its next re-login by password would have been refused with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_change_whose_answer_is_lost_is_asked_again() -> anyhow::Result<()> {
+    let (store, cluster) = paused_cluster(Duration::from_millis(1500)).await?;
+    let mut config = cluster.client_config();
+    config.http_timeout = Duration::from_millis(500);
+    cim_client::register(&config, "alice", "password").await?;
+    let (alice, _events) =
+        Client::login(&config, "alice", "password", LoginOptions::default()).await?;
+    store.password_changes_held.store(1, Ordering::SeqCst);
+    alice.change_password("password", "new-secret").await?;
+    assert_eq!(store.password_changes_held.load(Ordering::SeqCst), 0);
+
+    let takeover = LoginOptions { takeover: true };
+    let err = Client::login(&config, "alice", "password", takeover)
+        .await
+        .err()
+        .context("the old password still logs in")?;
+    assert_eq!(err.code(), Some("invalid_credentials"), "{err}");
+    Client::login(&config, "alice", "new-secret", takeover).await?;
     Ok(())
 }

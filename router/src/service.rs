@@ -1019,7 +1019,8 @@ impl Service {
 
     /// The user of `claims` changes its password from `old` to `new`, a try counted as
     /// [`Service::password_try`] says. The user's login, the one asking, stays; its earlier
-    /// logins ended when it began.
+    /// logins ended when it began. Asking again with the same passwords once the change is
+    /// made is answered as done: a client whose answer was lost asks again to learn it.
     pub async fn change_password(
         &self,
         claims: &Claims,
@@ -1034,7 +1035,14 @@ impl Service {
             ));
         }
         self.password_try(claims, peer, "password change", async {
-            let account = self.own_account(claims, old, "password change").await?;
+            let account = match self.holds_password(claims, old).await? {
+                Some(account) => account,
+                None if self.holds_password(claims, new).await?.is_some() => {
+                    tracing::info!(user = claims.user_id, "password change asked again");
+                    return Ok(());
+                }
+                None => return Err(self.wrong_password(claims, "password change")),
+            };
             self.replace_password(account, new).await
         })
         .await
@@ -1083,14 +1091,29 @@ impl Service {
         password: &str,
         what: &str,
     ) -> Result<Account, ServiceError> {
+        match self.holds_password(claims, password).await? {
+            Some(account) => Ok(account),
+            None => Err(self.wrong_password(claims, what)),
+        }
+    }
+
+    /// The account of `claims`'s user if `password` is its password.
+    async fn holds_password(
+        &self,
+        claims: &Claims,
+        password: &str,
+    ) -> Result<Option<Account>, ServiceError> {
         match self.check_credentials(&claims.user_name, password).await {
-            Ok(account) if account.id == claims.user_id => Ok(account),
-            Ok(_) | Err(ServiceError::InvalidCredentials) => {
-                let what = format!("{what} of user {}", claims.user_id);
-                Err(self.login_refused(ServiceError::WrongPassword, &what))
-            }
+            Ok(account) if account.id == claims.user_id => Ok(Some(account)),
+            Ok(_) | Err(ServiceError::InvalidCredentials) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// `wrong_password` for `claims`'s user, logged and counted as a failed login (for `what`).
+    fn wrong_password(&self, claims: &Claims, what: &str) -> ServiceError {
+        let what = format!("{what} of user {}", claims.user_id);
+        self.login_refused(ServiceError::WrongPassword, &what)
     }
 
     /// Replaces the password of `account`, as read, with `new`: refused `password_changed`
