@@ -2047,8 +2047,21 @@ impl Service {
             .is_some_and(|info| info.owner == user);
         if self.store.leave_group(name, user).await? {
             self.announce_group_change(user, name, false, None).await;
-            if owned && let Some(heir) = self.pass_over_deleted_heirs(name).await? {
-                self.announce_new_owner(user, name, heir, false).await;
+            // The leave is made: a store error past it is logged, not answered, or the user
+            // would be told its leave failed.
+            let heir = match owned {
+                true => self.pass_over_deleted_heirs(name).await,
+                false => Ok(None),
+            };
+            match heir {
+                Ok(Some(heir)) => self.announce_new_owner(user, name, heir, false).await,
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    user,
+                    group = name,
+                    error = %e,
+                    "group left; passing over its deleted heirs failed"
+                ),
             }
             Ok(())
         } else if self.store.decline_invitation(name, user).await? {
