@@ -180,6 +180,8 @@ pub enum Command {
     Ask(Asked),
     /// `:lastseen [hide|show]`: whether others see when I was last seen (and I theirs).
     LastSeen(Option<bool>),
+    /// `:unsend [USER]`: take back the latest private message this console sent (to USER).
+    Unsend(Option<UserRef>),
     /// `:receipts [hide|show]`: who read my private messages; or whether I give read
     /// receipts (and get others').
     Receipts(Option<bool>),
@@ -215,6 +217,8 @@ commands:
   <user>;;<text>       send <text> privately to <user>, an id or a name
   #<group> <text>      send <text> to a named group
   #all <text>          send <text> to everyone online, also text that starts with ':' or '#'
+  :unsend [user]       take back the last private message you sent (to that user) from
+                       this console, within 24 hours: if not yet received it never is
   :create <group>      create a group (you become its owner and first member)
   :create <group> invite-only
                        create a group only users you invite get into
@@ -308,6 +312,11 @@ pub fn parse(line: &str) -> Command {
                     Command::Receipts(hide)
                 }
             }
+            "unsend" if arg.is_empty() => Command::Unsend(None),
+            "unsend" => match UserRef::parse(&arg) {
+                Some(user) => Command::Unsend(Some(user)),
+                None => Command::Invalid("use :unsend or :unsend <userId or name>".into()),
+            },
             "report" => {
                 let (user, reason) = arg.split_once(char::is_whitespace).unwrap_or((&arg, ""));
                 match UserRef::parse(user) {
@@ -631,6 +640,13 @@ mod tests {
             parse(":status  at lunch, back at 2 "),
             Command::Status(Some("at lunch, back at 2".into()))
         );
+        assert_eq!(parse(":unsend"), Command::Unsend(None));
+        assert_eq!(
+            parse(":unsend bob"),
+            Command::Unsend(Some(UserRef::Name("bob".into())))
+        );
+        assert_eq!(parse(":unsend 7"), Command::Unsend(Some(UserRef::Id(7))));
+        assert!(matches!(parse(":unsend bob now"), Command::Invalid(_)));
         assert_eq!(parse(":receipts"), Command::Receipts(None));
         assert_eq!(parse(":receipts hide"), Command::Receipts(Some(true)));
         assert_eq!(parse(":Receipts show"), Command::Receipts(Some(false)));

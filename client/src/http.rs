@@ -411,6 +411,15 @@ impl RouterApi {
         Ok(reply.status)
     }
 
+    /// Takes back our private message `msg_id` to `user`.
+    pub async fn unsend(&self, token: &str, user: u64, msg_id: u64) -> Result<(), ClientError> {
+        let body = serde_json::json!({ "user_id": user, "msg_id": msg_id });
+        let _: serde_json::Value = self
+            .call(Method::POST, "/api/unsend", Some(&body), Some(token))
+            .await?;
+        Ok(())
+    }
+
     /// Tells `user` we read its private messages up to `msg_id`.
     pub async fn mark_read(&self, token: &str, user: u64, msg_id: u64) -> Result<(), ClientError> {
         let body = serde_json::json!({ "user_id": user, "msg_id": msg_id });

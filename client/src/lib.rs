@@ -317,6 +317,12 @@ pub struct IncomingMessage {
     pub body: String,
     /// When cim accepted it, milliseconds since the Unix epoch.
     pub created_at_ms: u64,
+    /// Set when this is no message but its sender's unsend of an earlier private message of
+    /// theirs, with that message's id: drop it if it is shown or kept (an application acts
+    /// on an unsend only of a message from the same sender). `body` is then only a note. One
+    /// unsend may come twice: in the message's place, if the message was still waiting, and
+    /// later.
+    pub unsends: Option<u64>,
 }
 
 impl From<Delivery> for IncomingMessage {
@@ -329,6 +335,7 @@ impl From<Delivery> for IncomingMessage {
             group: (!d.group.is_empty()).then_some(d.group),
             body: d.body,
             created_at_ms: d.created_at_ms,
+            unsends: (d.unsends != 0).then_some(d.unsends),
         }
     }
 }
@@ -1407,6 +1414,17 @@ impl Client {
     pub async fn hide_read_receipts(&self, hidden: bool) -> Result<Settings, ClientError> {
         let token = self.token();
         self.shared.api.hide_read_receipts(&token, hidden).await
+    }
+
+    /// Unsends (takes back) our private message `msg_id` to `user`, sent at most 24 hours ago
+    /// (`too_late` after): it is taken out of their inbox if still there, so they never get
+    /// it, and their client gets an [`IncomingMessage`] whose [`IncomingMessage::unsends`]
+    /// names it, to drop it if it has it. Refused as a message to them would be (`blocked`,
+    /// `unknown_user`); at most 60 a minute. Asking again is harmless (a client acts on the
+    /// first).
+    pub async fn unsend(&self, user: u64, msg_id: u64) -> Result<(), ClientError> {
+        let token = self.token();
+        self.shared.api.unsend(&token, user, msg_id).await
     }
 
     /// Tells `user` that we read its private messages up to `msg_id` (an

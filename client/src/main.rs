@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use cim_client::console::{self, Command, UserRef};
 use cim_client::history::{self, History};
-use cim_client::receipts::{SentLog, Unreported};
+use cim_client::receipts::{SentLog, Shown, Unreported, Unsent};
 use cim_client::{Ack, Client, ClientConfig, ClientError, Event, IncomingMessage, LoginOptions};
 use clap::Parser;
 use std::io::{BufRead, IsTerminal};
@@ -214,6 +214,8 @@ async fn chat(
     let client = Arc::new(client);
     // Our private messages not yet read, to show which of them a read receipt reaches.
     let sent_log = Arc::new(Mutex::new(SentLog::default()));
+    // Private messages shown, to say which one an unsend takes back.
+    let mut shown = Shown::default();
     let (read, mut receipts) = give_read_receipts(client.clone());
     let (commands, mut queued) = mpsc::unbounded_channel::<Command>();
     // Commands typed and not yet done: a Ctrl-C that drops them says how many.
@@ -266,11 +268,17 @@ async fn chat(
             _ = &mut ctrl_c => break Ending::Interrupted,
             event = events.next() => match event {
                 Some(Event::Message(m)) => {
-                    let text = message_text(&m);
-                    println!("[{}] {text}", console::timestamp(m.created_at_ms, cim_core::now_ms()));
-                    keep(history.as_ref(), m.created_at_ms, &text);
+                    let text = match m.unsends {
+                        Some(msg_id) => unsend_text(&mut shown, &m, msg_id),
+                        None => Some(message_text(&m)),
+                    };
+                    if let Some(text) = text {
+                        println!("[{}] {text}", console::timestamp(m.created_at_ms, cim_core::now_ms()));
+                        keep(history.as_ref(), m.created_at_ms, &text);
+                    }
                     // Shown is read, at a console.
-                    if m.group.is_none() {
+                    if m.group.is_none() && m.unsends.is_none() {
+                        shown.shown(m.from_user, m.msg_id, &m.body);
                         let _ = read.send((m.from_user, m.msg_id));
                     }
                 }
@@ -734,6 +742,50 @@ fn no_such_name(name: &str) -> String {
     format!("no user is named {name}")
 }
 
+/// What the console says of `m`, an unsend of `sender`'s message `msg_id`: which message it
+/// takes back, if this console showed it; nothing for an unsend told already (one may come
+/// twice).
+fn unsend_text(shown: &mut Shown, m: &IncomingMessage, msg_id: u64) -> Option<String> {
+    let who = format!("{} ({})", console::printable(&m.from_name), m.from_user);
+    match shown.unsent(m.from_user, msg_id) {
+        Unsent::Shown(text) => Some(format!("* {who} unsent: {}", console::printable(&text))),
+        Unsent::NotShown => Some(format!("* {who} unsent a message")),
+        Unsent::Told => None,
+    }
+}
+
+/// `:unsend [user]`: takes back the latest private message this console sent (to `user`).
+async fn unsend(
+    client: &Client,
+    history: Option<&Arc<History>>,
+    sent_log: &Mutex<SentLog>,
+    user: Option<UserRef>,
+) -> bool {
+    let to = match &user {
+        Some(user) => match user_id(client, user).await {
+            Some((id, _)) => Some(id),
+            None => return false,
+        },
+        None => None,
+    };
+    let Some(message) = lock(sent_log).latest(to).cloned() else {
+        let to = user.map(|_| " to them").unwrap_or_default();
+        println!("! no private message sent{to} from this console is left to unsend");
+        return false;
+    };
+    let result = client.unsend(message.to, message.msg_id).await;
+    let done = format!(
+        "you unsent to {}: {}",
+        message.to_shown,
+        console::printable(&message.excerpt)
+    );
+    if result.is_ok() {
+        lock(sent_log).unsent(message.to, message.msg_id);
+        keep(history, cim_core::now_ms(), &done);
+    }
+    report(result, &done)
+}
+
 /// How to report a failed send.
 fn unsent(e: &ClientError) -> &'static str {
     if e.send_outcome_unknown() {
@@ -800,7 +852,7 @@ async fn run(
                 return false;
             };
             if let Ok(ack) = &result {
-                lock(sent_log).sent(id, ack.msg_id, body);
+                lock(sent_log).sent(id, &to, ack.msg_id, body);
             }
             let mine = format!("you to {to} (private): {}", console::printable(body));
             sent(result, &format!(" to {to}"), "", history, &mine)
@@ -816,6 +868,7 @@ async fn run(
             sent(result, &format!(" to #{group}"), &alone, history, &mine)
         }
         Command::Search(words) => search(history, words).await,
+        Command::Unsend(user) => unsend(client, history, sent_log, user).await,
         Command::Create {
             group,
             invite_only: false,

@@ -1,6 +1,8 @@
-//! What the console keeps for read receipts, free of I/O: the private messages it showed and
-//! has not yet said it read (the latest per sender: one receipt covers those before it), and
-//! the latest it sent to each user, to show which of them a receipt reaches.
+//! What the console keeps of private messages, free of I/O: for read receipts, the messages
+//! it showed and has not yet said it read (the latest per sender: one receipt covers those
+//! before it), and the latest it sent to each user, to show which of them a receipt reaches;
+//! for unsends, the latest it sent (what `:unsend` takes back) and the latest it showed (what
+//! an unsend it gets names).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -25,14 +27,40 @@ impl Unreported {
     }
 }
 
-/// Private messages sent and not yet read, per recipient: the latest [`SentLog::PER_USER`]
-/// to each of the latest [`SentLog::USERS`] recipients, with the start of their text.
+/// Private messages sent: those not yet read, per recipient (the latest
+/// [`SentLog::PER_USER`] to each of the latest [`SentLog::USERS`] recipients), and the latest
+/// [`SentLog::UNSENDABLE`] to anyone, read or not, with the start of their text.
 #[derive(Debug, Default)]
 pub struct SentLog {
     /// Recipient -> (msg id, text's start), oldest first.
     by_user: HashMap<u64, VecDeque<(u64, String)>>,
     /// Recipients, the one sent to longest ago first.
     order: VecDeque<u64>,
+    /// The latest sent, oldest first.
+    latest: VecDeque<SentMessage>,
+}
+
+/// A private message the console sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentMessage {
+    /// Its recipient.
+    pub to: u64,
+    /// How the console named the recipient.
+    pub to_shown: String,
+    /// Its id.
+    pub msg_id: u64,
+    /// The start of its text.
+    pub excerpt: String,
+}
+
+/// The start of `body` that the logs keep: [`SentLog::EXCERPT_CHARS`] characters, then `...`
+/// if there was more.
+fn excerpt(body: &str) -> String {
+    let mut excerpt: String = body.chars().take(SentLog::EXCERPT_CHARS).collect();
+    if excerpt.len() < body.len() {
+        excerpt.push_str("...");
+    }
+    excerpt
 }
 
 impl SentLog {
@@ -42,13 +70,21 @@ impl SentLog {
     pub const USERS: usize = 1_000;
     /// Characters of a message's text remembered.
     pub const EXCERPT_CHARS: usize = 40;
+    /// The latest messages to anyone remembered for unsending.
+    pub const UNSENDABLE: usize = 50;
 
-    /// `body` went to `to` as message `msg_id`.
-    pub fn sent(&mut self, to: u64, msg_id: u64, body: &str) {
-        let mut excerpt: String = body.chars().take(Self::EXCERPT_CHARS).collect();
-        if excerpt.len() < body.len() {
-            excerpt.push_str("...");
+    /// `body` went to `to` (shown as `to_shown`) as message `msg_id`.
+    pub fn sent(&mut self, to: u64, to_shown: &str, msg_id: u64, body: &str) {
+        let excerpt = excerpt(body);
+        if self.latest.len() >= Self::UNSENDABLE {
+            self.latest.pop_front();
         }
+        self.latest.push_back(SentMessage {
+            to,
+            to_shown: to_shown.to_string(),
+            msg_id,
+            excerpt: excerpt.clone(),
+        });
         if let Some(at) = self.order.iter().position(|u| *u == to) {
             self.order.remove(at);
         } else if self.order.len() >= Self::USERS
@@ -62,6 +98,22 @@ impl SentLog {
             sent.pop_front();
         }
         sent.push_back((msg_id, excerpt));
+    }
+
+    /// The latest message sent (to `to`, if given) that is remembered and not unsent.
+    pub fn latest(&self, to: Option<u64>) -> Option<&SentMessage> {
+        self.latest
+            .iter()
+            .rev()
+            .find(|m| to.is_none_or(|to| m.to == to))
+    }
+
+    /// Message `msg_id` to `to` was unsent: forgotten, so that a receipt does not name it.
+    pub fn unsent(&mut self, to: u64, msg_id: u64) {
+        self.latest.retain(|m| (m.to, m.msg_id) != (to, msg_id));
+        if let Some(sent) = self.by_user.get_mut(&to) {
+            sent.retain(|(id, _)| *id != msg_id);
+        }
     }
 
     /// `reader` read our messages up to `up_to_msg_id`, which covers those with ids up to
@@ -87,6 +139,68 @@ impl SentLog {
     }
 }
 
+/// Private messages the console showed (the latest [`Shown::KEPT`]), and the unsends it told,
+/// so that an unsend says which message it takes back, once.
+#[derive(Debug, Default)]
+pub struct Shown {
+    /// Msg id -> (sender, text's start).
+    texts: HashMap<u64, (u64, String)>,
+    /// The ids in `texts`, the one shown longest ago first.
+    order: VecDeque<u64>,
+    /// Unsends told, as (sender, msg id), the oldest first.
+    told: VecDeque<(u64, u64)>,
+}
+
+/// What an unsend takes back, as far as the console knows.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unsent {
+    /// A message it showed, the start of whose text this is.
+    Shown(String),
+    /// A message it did not show (or no longer remembers).
+    NotShown,
+    /// A message whose unsend it told already.
+    Told,
+}
+
+impl Shown {
+    /// Messages (and unsends) remembered.
+    pub const KEPT: usize = 1_000;
+
+    /// Private message `msg_id` from `sender` was shown.
+    pub fn shown(&mut self, sender: u64, msg_id: u64, body: &str) {
+        if self.order.len() >= Self::KEPT
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.texts.remove(&oldest);
+        }
+        if self.texts.insert(msg_id, (sender, excerpt(body))).is_none() {
+            self.order.push_back(msg_id);
+        }
+    }
+
+    /// `sender` unsent its message `msg_id`. A message of that id from anyone else is no
+    /// message of `sender`'s to take back: it is kept, and the unsend reads as one of a
+    /// message not shown.
+    pub fn unsent(&mut self, sender: u64, msg_id: u64) -> Unsent {
+        if self.told.contains(&(sender, msg_id)) {
+            return Unsent::Told;
+        }
+        if self.told.len() >= Self::KEPT {
+            self.told.pop_front();
+        }
+        self.told.push_back((sender, msg_id));
+        match self.texts.get(&msg_id) {
+            Some((from, _)) if *from == sender => {
+                self.order.retain(|id| *id != msg_id);
+                self.texts
+                    .remove(&msg_id)
+                    .map_or(Unsent::NotShown, |(_, text)| Unsent::Shown(text))
+            }
+            _ => Unsent::NotShown,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,10 +219,10 @@ mod tests {
     #[test]
     fn a_receipt_names_the_latest_message_it_covers_once() {
         let mut log = SentLog::default();
-        log.sent(2, 10, "first");
-        log.sent(2, 20, "second");
-        log.sent(2, 30, "third");
-        log.sent(5, 25, "to someone else");
+        log.sent(2, "u", 10, "first");
+        log.sent(2, "u", 20, "second");
+        log.sent(2, "u", 30, "third");
+        log.sent(5, "u", 25, "to someone else");
         assert_eq!(log.read(2, 5), None);
         assert_eq!(log.read(2, 25).as_deref(), Some("second"));
         // Told already: a receipt that covers no more names nothing.
@@ -123,10 +237,10 @@ mod tests {
     #[test]
     fn an_id_out_of_order_is_covered_all_the_same() {
         let mut log = SentLog::default();
-        log.sent(2, 10, "first");
+        log.sent(2, "u", 10, "first");
         // Issued by a router whose clock is behind the first one's.
-        log.sent(2, 8, "second");
-        log.sent(2, 30, "third");
+        log.sent(2, "u", 8, "second");
+        log.sent(2, "u", 30, "third");
         assert_eq!(log.read(2, 10).as_deref(), Some("second"));
         assert_eq!(log.read(2, 30).as_deref(), Some("third"));
     }
@@ -136,17 +250,70 @@ mod tests {
         let mut log = SentLog::default();
         let long = "x".repeat(SentLog::EXCERPT_CHARS + 1);
         for id in 1..=(SentLog::PER_USER as u64 + 1) {
-            log.sent(1, id, &long);
+            log.sent(1, "u", id, &long);
         }
         assert_eq!(log.by_user[&1].len(), SentLog::PER_USER);
         assert_eq!(log.by_user[&1][0].0, 2);
         assert!(log.by_user[&1][0].1.ends_with("x..."));
         for user in 2..=(SentLog::USERS as u64 + 1) {
-            log.sent(user, 1, "hi");
+            log.sent(user, "u", 1, "hi");
         }
         // User 1 was sent to longest ago: forgotten.
         assert_eq!(log.order.len(), SentLog::USERS);
         assert_eq!(log.read(1, u64::MAX), None);
         assert_eq!(log.read(2, 1).as_deref(), Some("hi"));
+    }
+
+    #[test]
+    fn unsend_takes_the_latest_message_sent_and_forgets_it() {
+        let mut log = SentLog::default();
+        log.sent(2, "bob (2)", 10, "to bob");
+        log.sent(3, "carol (3)", 20, "to carol");
+        log.sent(2, "bob (2)", 30, "to bob again");
+        assert_eq!(log.latest(None).map(|m| m.msg_id), Some(30));
+        assert_eq!(log.latest(Some(3)).map(|m| m.msg_id), Some(20));
+        assert_eq!(log.latest(Some(9)), None);
+        log.unsent(2, 30);
+        let latest = log.latest(Some(2)).cloned();
+        assert_eq!(
+            latest,
+            Some(SentMessage {
+                to: 2,
+                to_shown: "bob (2)".into(),
+                msg_id: 10,
+                excerpt: "to bob".into()
+            })
+        );
+        // A receipt no longer names the unsent message.
+        assert_eq!(log.read(2, 30).as_deref(), Some("to bob"));
+        for id in 100..100 + SentLog::UNSENDABLE as u64 {
+            log.sent(4, "dan (4)", id, "x");
+        }
+        assert_eq!(log.latest(Some(3)), None, "pushed out by later ones");
+    }
+
+    #[test]
+    fn an_unsend_names_the_message_shown_once() {
+        let mut shown = Shown::default();
+        shown.shown(2, 10, "hello there");
+        shown.shown(3, 11, "from carol");
+        assert_eq!(shown.unsent(2, 10), Unsent::Shown("hello there".into()));
+        // Its second copy, and an unsend of a message not shown here.
+        assert_eq!(shown.unsent(2, 10), Unsent::Told);
+        assert_eq!(shown.unsent(2, 12), Unsent::NotShown);
+        assert_eq!(shown.unsent(2, 12), Unsent::Told);
+        // Not bob's message: carol's stays.
+        assert_eq!(shown.unsent(2, 11), Unsent::NotShown);
+        assert_eq!(shown.unsent(3, 11), Unsent::Shown("from carol".into()));
+        for id in 100..100 + Shown::KEPT as u64 + 1 {
+            shown.shown(5, id, "x");
+        }
+        assert_eq!(shown.texts.len(), Shown::KEPT);
+        assert_eq!(
+            shown.unsent(5, 100),
+            Unsent::NotShown,
+            "the oldest is forgotten"
+        );
+        assert_eq!(shown.unsent(5, 101), Unsent::Shown("x".into()));
     }
 }

@@ -59,6 +59,8 @@ pub struct RouterMetrics {
     pub reports: Counter,
     /// Read receipts kept (a receipt no further on than the reader's last is not counted).
     pub read_receipts: Counter,
+    /// Private messages unsent by their senders.
+    pub unsends: Counter,
 }
 
 impl RouterMetrics {
@@ -136,6 +138,11 @@ impl RouterMetrics {
             "Read receipts kept",
             m.read_receipts.clone(),
         );
+        r.register(
+            "unsends",
+            "Private messages unsent by their senders",
+            m.unsends.clone(),
+        );
         Arc::new(m)
     }
 
@@ -160,6 +167,7 @@ impl RouterMetrics {
             accounts_deleted: Counter::default(),
             reports: Counter::default(),
             read_receipts: Counter::default(),
+            unsends: Counter::default(),
         }
     }
 

@@ -222,6 +222,7 @@ async fn a_message_whose_push_was_lost_arrives_after_the_next_renewal(
         group: String::new(),
         body: "never pushed".into(),
         created_at_ms: cim_core::now_ms(),
+        unsends: None,
     };
     let (seq, _) = cluster
         .embedded

@@ -1662,3 +1662,64 @@ async fn a_read_receipt_reaches_its_sender_unless_either_hides_them() -> anyhow:
     assert_eq!(refused.code(), Some("bad_request"));
     Ok(())
 }
+
+/// Unsending, on Redis over two servers: an online recipient gets the unsend right after the
+/// message, naming it; an offline one never gets the message's text, only the unsend (twice:
+/// in the message's place and after it); a message of 24 hours ago, another user's id, one's
+/// own id, a user who blocks the sender or is gone get a clear refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsent_message_is_taken_back_and_never_reaches_an_offline_recipient()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::start_on(2, Backend::Redis).await?;
+    let config = cluster.client_config();
+    let (alice, _alice_events) = cluster.user("alice").await?;
+    let (bob, mut bob_events) = cluster.user("bob").await?;
+    let (alice_id, bob_id) = (alice.info().user_id, bob.info().user_id);
+
+    let oops = alice.send_private(bob_id, "oops").await?.msg_id;
+    assert_eq!(next_message(&mut bob_events).await?.body, "oops");
+    alice.unsend(bob_id, oops).await?;
+    let unsend = next_message(&mut bob_events).await?;
+    assert_eq!(
+        (unsend.from_user, unsend.unsends, unsend.group),
+        (alice_id, Some(oops), None)
+    );
+    assert_ne!(unsend.msg_id, oops, "an unsend has an id of its own");
+
+    bob.logout().await?;
+    drop(bob_events);
+    let secret = alice.send_private(bob_id, "secret").await?.msg_id;
+    let after = alice.send_private(bob_id, "after").await?.msg_id;
+    alice.unsend(bob_id, secret).await?;
+    let (bob, mut bob_events) =
+        Client::login(&config, "bob", "password", LoginOptions::default()).await?;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let m = next_message(&mut bob_events).await?;
+        got.push((m.msg_id == after, m.unsends, m.body == "secret"));
+    }
+    assert_eq!(
+        got,
+        [
+            (false, Some(secret), false),
+            (true, None, false),
+            (false, Some(secret), false)
+        ],
+        "the unsend in the message's place, the next message, the unsend again"
+    );
+
+    let refusals = [
+        (bob_id, 1, "too_late"),
+        (alice_id, after, "bad_request"),
+        (bob_id, u64::MAX, "bad_request"),
+        (987_654_321, after, "unknown_user"),
+    ];
+    for (user, msg_id, code) in refusals {
+        let err = alice.unsend(user, msg_id).await.unwrap_err();
+        assert_eq!(err.code(), Some(code), "{user} {msg_id}: {err}");
+    }
+    bob.block(alice_id).await?;
+    let err = alice.unsend(bob_id, after).await.unwrap_err();
+    assert_eq!(err.code(), Some("blocked"), "{err}");
+    Ok(())
+}

@@ -35,7 +35,90 @@ fn entry(msg_id: u64) -> InboxEntry {
         group: String::new(),
         body: format!("m{msg_id}"),
         created_at_ms: 5,
+        unsends: None,
     }
+}
+
+/// An unsend takes its message's place while the message is in the inbox (only a message of
+/// the same sender's, and only once), and is appended whether it took one or not.
+async fn unsends_take_their_messages_place(store: &dyn Store) -> anyhow::Result<()> {
+    let limits = InboxLimits::default();
+    let carl = store.create_account("carl", "hash").await?.id;
+    let from = |sender: u64, msg_id: u64| InboxEntry {
+        from_user: sender,
+        ..entry(msg_id)
+    };
+    let unsend = |sender: u64, msg_id: u64, unsent: u64| InboxEntry {
+        body: "(unsent)".into(),
+        unsends: Some(unsent),
+        ..from(sender, msg_id)
+    };
+    for message in [from(1, 100), from(2, 101), from(1, 102)] {
+        store.append_private(carl, &message, limits).await?;
+    }
+    let stored = |append: PrivateAppend| match append {
+        PrivateAppend::Stored { seq, replaced, .. } => Some((seq, replaced)),
+        _ => None,
+    };
+    // Sender 1 unsends 100: it is replaced in its place (seq 1), and appended as seq 4.
+    let append = store
+        .append_private(carl, &unsend(1, 200, 100), limits)
+        .await?;
+    assert_eq!(stored(append), Some((4, true)));
+    // A resend of that unsend changes nothing.
+    let append = store
+        .append_private(carl, &unsend(1, 200, 100), limits)
+        .await?;
+    assert_eq!(stored(append), Some((4, false)));
+    // Sender 1 cannot take back sender 2's 101: appended only.
+    let append = store
+        .append_private(carl, &unsend(1, 201, 101), limits)
+        .await?;
+    assert_eq!(stored(append), Some((5, false)));
+    // Once 102 is trimmed, its unsend is appended only.
+    store.trim_inbox(&[(carl, 3)]).await?;
+    let append = store
+        .append_private(carl, &unsend(1, 202, 102), limits)
+        .await?;
+    assert_eq!(stored(append), Some((6, false)));
+    let page = store.fetch_inbox(carl, 0, 0, 10, limits, 6).await?;
+    let entries: Vec<(u64, u64, Option<u64>)> = page
+        .entries
+        .iter()
+        .map(|(seq, e)| (*seq, e.msg_id, e.unsends))
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            (4, 200, Some(100)),
+            (5, 201, Some(101)),
+            (6, 202, Some(102)),
+        ],
+        "what is left after the trim"
+    );
+    // Before the trim, seq 1 held the unsend instead of 100.
+    let fresh = store.create_account("dora", "hash").await?.id;
+    store.append_private(fresh, &from(1, 300), limits).await?;
+    store.append_private(fresh, &from(1, 301), limits).await?;
+    let append = store
+        .append_private(fresh, &unsend(1, 302, 300), limits)
+        .await?;
+    assert_eq!(stored(append), Some((3, true)));
+    let page = store.fetch_inbox(fresh, 0, 0, 10, limits, 6).await?;
+    let entries: Vec<(u64, u64, Option<u64>, &str)> = page
+        .entries
+        .iter()
+        .map(|(seq, e)| (*seq, e.msg_id, e.unsends, e.body.as_str()))
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            (1, 302, Some(300), "(unsent)"),
+            (2, 301, None, "m301"),
+            (3, 302, Some(300), "(unsent)"),
+        ]
+    );
+    Ok(())
 }
 
 async fn private_appends_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
@@ -1401,6 +1484,7 @@ async fn a_departed_servers_routes_are_removed(store: &dyn Store) -> anyhow::Res
 async fn memory_store_follows_the_contract() -> anyhow::Result<()> {
     let store = MemoryStore::new();
     private_appends_follow_the_contract(&store).await?;
+    unsends_take_their_messages_place(&store).await?;
     only_confirmed_sessions_are_online(&store).await?;
     revoked_sessions_do_not_get_their_routes_back(&store).await?;
     a_relogin_claim_ends_its_login_once(&store).await?;
@@ -1426,6 +1510,7 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     let redis = RedisProc::start().await?;
     let store = RedisStore::connect(&redis.url()).await?;
     private_appends_follow_the_contract(&store).await?;
+    unsends_take_their_messages_place(&store).await?;
     only_confirmed_sessions_are_online(&store).await?;
     revoked_sessions_do_not_get_their_routes_back(&store).await?;
     a_relogin_claim_ends_its_login_once(&store).await?;

@@ -348,6 +348,7 @@ mod tests {
                         group: if *group == 0 { String::new() } else { format!("g{group}") },
                         body: body.clone(),
                         created_at_ms: *at,
+                        unsends: if *group == 2 { at.wrapping_add(1) } else { 0 },
                     })
                     .collect(),
             };

@@ -24,6 +24,7 @@
 //! | GET | /api/blocks | bearer | - | 200 `{blocked: [{id, name}]}` (by id) |
 //! | GET, POST | /api/settings | bearer | POST: `{hide_last_seen?, hide_read_receipts?}` | 200 `{hide_last_seen, hide_read_receipts}`: the caller's settings (after the change); a user who hides its last seen (or read receipts) shows none to anyone and sees no one's |
 //! | POST | /api/status | bearer | `{status}` | 200 `{status?}`: the caller's status, a line about itself that a lookup by name shows (its blanks between words made one space; at most 140 characters, none a control or invisible one; empty or absent clears it); 400 otherwise |
+//! | POST | /api/unsend | bearer | `{user_id, msg_id}` | 200 as for a message (`msg_id` is the unsend's own): takes back the caller's private message `msg_id` to the user, sent at most 24 hours ago (an entry in the user's inbox, in the message's place if it is still there, and after it; their client drops the message); 400 for yourself or an id no message has yet; 403 `too_late`, `blocked`; 404 `unknown_user`; 429 `rate_limited` past 60 a minute |
 //! | POST | /api/receipts | bearer | `{user_id, msg_id}` | 200 `{}`: the caller read the user's private messages up to `msg_id`; kept for the user (the reader's latest) and told to them if online, unless either hides read receipts or the user blocks the caller (the answer is the same); 400 for yourself or an id no message has yet; 404 `unknown_user`; 429 `rate_limited` past 600 a minute |
 //! | GET | /api/receipts | bearer | - | 200 `{receipts: [{id, name, up_to_msg_id, up_to_msg_id_str, read_at_ms}]}`: who read the caller's messages, how far, the latest first (at most 1,000 readers; on Redis the list expires a month after its latest receipt; none while the caller hides read receipts) |
 //! | POST | /api/reports | bearer | `{user_id, reason?}` | 200 `{id, name, already_reported}`: the user is reported to the operators (the admin page lists the newest reports), unless the caller reported them in the last 24 hours (`already_reported`, nothing kept); 400 for yourself or a reason over 500 bytes; 404 `unknown_user`; 429 `rate_limited` past 10 a minute; counts 10 |
@@ -51,7 +52,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::https::PeerAddr;
-use crate::service::{LoginGrant, MAX_ONLINE_PAGE, Sender, Service, ServiceError};
+use crate::service::{LoginGrant, MAX_ONLINE_PAGE, Sender, Sent, Service, ServiceError};
 use crate::store::Privacy;
 use cim_core::limit::address_key;
 
@@ -107,7 +108,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::TooManyInvitations | ServiceError::TooManyBlocked(_) => {
                 StatusCode::CONFLICT
             }
-            ServiceError::Blocked => StatusCode::FORBIDDEN,
+            ServiceError::Blocked | ServiceError::TooLate => StatusCode::FORBIDDEN,
             ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServiceError::NoServer
             | ServiceError::Unavailable(_)
@@ -258,6 +259,17 @@ struct SendResponse {
     recipient_online: Option<bool>,
 }
 
+impl From<Sent> for SendResponse {
+    fn from(sent: Sent) -> Self {
+        SendResponse {
+            msg_id: sent.msg_id,
+            msg_id_str: sent.msg_id.to_string(),
+            recipients: sent.recipients,
+            recipient_online: sent.recipient_online,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateGroupRequest {
@@ -286,6 +298,15 @@ struct PasswordChange {
 struct Settings {
     hide_last_seen: Option<bool>,
     hide_read_receipts: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnsendRequest {
+    /// Whom the message went to.
+    user_id: u64,
+    /// The message's id.
+    msg_id: u64,
 }
 
 #[derive(Deserialize)]
@@ -544,12 +565,7 @@ pub fn routes(
                         name: claims.user_name,
                     };
                     let sent = service.send(&sender, &message).await?;
-                    Ok(warp::reply::json(&SendResponse {
-                        msg_id: sent.msg_id,
-                        msg_id_str: sent.msg_id.to_string(),
-                        recipients: sent.recipients,
-                        recipient_online: sent.recipient_online,
-                    }))
+                    Ok(warp::reply::json(&SendResponse::from(sent)))
                 };
                 respond_api(result.await)
             },
@@ -900,6 +916,28 @@ pub fn routes(
                 respond_api(result.await)
             },
         );
+    let unsend = warp::path!("api" / "unsend")
+        .and(warp::post())
+        .and(with_service.clone())
+        .and(bearer())
+        .and(json_body::<UnsendRequest>())
+        .then(
+            |service: Arc<Service>,
+             auth: Result<String, ApiError>,
+             req: Result<UnsendRequest, ApiError>| async move {
+                let result = async {
+                    let claims = authenticate(&service, auth).await?;
+                    let req = req?;
+                    let sender = Sender {
+                        id: claims.user_id,
+                        name: claims.user_name,
+                    };
+                    let sent = service.unsend(&sender, req.user_id, req.msg_id).await?;
+                    Ok::<_, ApiError>(warp::reply::json(&SendResponse::from(sent)))
+                };
+                respond_api(result.await)
+            },
+        );
     let mark_read = warp::path!("api" / "receipts")
         .and(warp::post())
         .and(with_service.clone())
@@ -988,7 +1026,7 @@ pub fn routes(
     // Each route is boxed before they are combined: the nested type of (then) fourteen `or`s of
     // unboxed filters took rustc over a minute and a half to check (coherence and auto traits),
     // three times per test run. A boxed filter costs one dynamic call per route tried.
-    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 29] = [
+    let [first, rest @ ..]: [BoxedFilter<(Response,)>; 30] = [
         register.boxed(),
         login.boxed(),
         relogin.boxed(),
@@ -1009,6 +1047,7 @@ pub fn routes(
         unblock.boxed(),
         blocked.boxed(),
         report.boxed(),
+        unsend.boxed(),
         mark_read.boxed(),
         receipts.boxed(),
         status.boxed(),

@@ -147,6 +147,12 @@ const READ_RECEIPTS_PER_USER: u32 = 600;
 /// message-id node leases it bounds how far ahead of this clock a message's id may have been
 /// issued (see [`Service::mark_read`]).
 const CLOCK_SKEW_MS: u64 = 60_000;
+/// How long after sending a private message its sender may unsend it.
+pub const UNSEND_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// Unsends one user may ask for per [`LOGIN_WINDOW`]: each is stored like a message.
+const UNSENDS_PER_USER: u32 = 60;
+/// The text of an entry that unsends a message, for clients that do not know unsends.
+pub const UNSENT_NOTE: &str = "(unsent a message)";
 /// How long a read receipt's notice may take: it is best effort, as a group change's.
 const RECEIPT_NOTICE_WAIT: Duration = Duration::from_secs(1);
 /// How long a user's report of another is the only one kept: its repeats within it are
@@ -248,6 +254,9 @@ pub enum ServiceError {
     /// A private message or a group invitation to a user who blocks its sender.
     #[error("that user does not take your messages or invitations")]
     Blocked,
+    /// An unsend of a message sent longer ago than [`UNSEND_WINDOW`].
+    #[error("a message can be unsent for 24 hours after it was sent")]
+    TooLate,
     /// A block past the cap of users one user may block.
     #[error("{0} users blocked already, the most one user may block")]
     TooManyBlocked(usize),
@@ -328,6 +337,7 @@ impl ServiceError {
             ServiceError::TooManyInvitations => "too_many_invitations",
             ServiceError::Blocked => cim_proto::BLOCKED,
             ServiceError::TooManyBlocked(_) => "too_many_blocked",
+            ServiceError::TooLate => "too_late",
             ServiceError::TooLarge(_) => cim_proto::TOO_LARGE,
             ServiceError::ClientMsgIdReused(_) => cim_proto::CLIENT_MSG_ID_REUSED,
             ServiceError::Unavailable(StoreError::NameTaken) => "name_taken",
@@ -390,6 +400,7 @@ fn delivery_of(seq: u64, entry: &InboxEntry) -> Delivery {
         group: entry.group.clone(),
         body: entry.body.clone(),
         created_at_ms: entry.created_at_ms,
+        unsends: entry.unsends.unwrap_or(0),
     }
 }
 
@@ -435,6 +446,8 @@ pub struct Service {
     report_counts: Mutex<WindowCounter<u64>>,
     /// Read receipts given per user in the last minute ([`READ_RECEIPTS_PER_USER`]).
     receipt_counts: Mutex<WindowCounter<u64>>,
+    /// Unsends asked for per user in the last minute ([`UNSENDS_PER_USER`]).
+    unsend_counts: Mutex<WindowCounter<u64>>,
     login_attempts: Mutex<WindowCounter<IpAddr>>,
     /// Registrations per address per minute.
     registrations: Mutex<WindowCounter<IpAddr>>,
@@ -606,6 +619,7 @@ impl Service {
             password_checks: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             report_counts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             receipt_counts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
+            unsend_counts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             login_attempts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             registrations: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             api_requests: Mutex::new(WindowCounter::new(API_WINDOW, 100_000)),
@@ -1643,14 +1657,7 @@ impl Service {
             _ => None,
         };
         let now = now_ms();
-        let fresh_id = self
-            .ids
-            .next(now, tokio::time::Instant::now())
-            .ok_or_else(|| {
-                ServiceError::Unavailable(StoreError::Unavailable(
-                    "this router cannot issue message ids until its id node is confirmed".into(),
-                ))
-            })?;
+        let fresh_id = self.next_msg_id(now)?;
         let recipients = async {
             match target {
                 // The recipient's existence is checked as its inbox is appended to.
@@ -1709,6 +1716,7 @@ impl Service {
             group,
             body: message.body.clone(),
             created_at_ms: now,
+            unsends: None,
         };
         // An append that fails may have run (a lost reply, a timeout): its outcome is unknown,
         // never "not stored". With a client message id a resend settles it; without one, the
@@ -1716,16 +1724,8 @@ impl Service {
         // answered `unavailable`, which says nothing was stored.
         let (seqs, routes) = match target {
             Target::ToUser(to) => {
-                match self
-                    .store
-                    .append_private(*to, &entry, self.config.inbox)
-                    .await
-                    .map_err(ServiceError::Retry)?
-                {
-                    PrivateAppend::Stored { seq, route } => (vec![seq], Some(vec![route])),
-                    PrivateAppend::NoUser => return Err(ServiceError::UnknownUser),
-                    PrivateAppend::Blocked => return Err(ServiceError::Blocked),
-                }
+                let (seq, route, _) = self.append_private(*to, &entry).await?;
+                (vec![seq], Some(vec![route]))
             }
             Target::Group(_) => {
                 let seqs = self
@@ -1767,6 +1767,106 @@ impl Service {
             recipients: stored,
             recipient_online,
         })
+    }
+
+    /// A fresh message id, issued at `now`.
+    fn next_msg_id(&self, now: u64) -> Result<u64, ServiceError> {
+        self.ids
+            .next(now, tokio::time::Instant::now())
+            .ok_or_else(|| {
+                ServiceError::Unavailable(StoreError::Unavailable(
+                    "this router cannot issue message ids until its id node is confirmed".into(),
+                ))
+            })
+    }
+
+    /// Stores private `entry` for `to` ([`Store::append_private`]): its seq, `to`'s route and
+    /// whether it replaced the message it unsends. A failed append's outcome is unknown.
+    async fn append_private(
+        &self,
+        to: u64,
+        entry: &InboxEntry,
+    ) -> Result<(u64, Option<Route>, bool), ServiceError> {
+        match self
+            .store
+            .append_private(to, entry, self.config.inbox)
+            .await
+            .map_err(ServiceError::Retry)?
+        {
+            PrivateAppend::Stored {
+                seq,
+                route,
+                replaced,
+            } => Ok((seq, route, replaced)),
+            PrivateAppend::NoUser => Err(ServiceError::UnknownUser),
+            PrivateAppend::Blocked => Err(ServiceError::Blocked),
+        }
+    }
+
+    /// `sender` unsends (takes back) its private message `msg_id` to `to`, sent at most
+    /// [`UNSEND_WINDOW`] ago. An entry saying so goes to `to`'s inbox: in the message's place
+    /// if it is still there, so a recipient who has not had it never does, and after it, for
+    /// a recipient who has, whose client drops it. Refused as a message to `to` would be
+    /// (`unknown_user`, `blocked`), `too_late` past the window, `rate_limited` past
+    /// [`UNSENDS_PER_USER`] a minute. Once the message has left the inbox, the router cannot
+    /// tell whose it was: the recipient's client acts only on an unsend of a message from the
+    /// same sender. Answered like a send (`recipients` 1), with the unsend's own id.
+    pub async fn unsend(
+        &self,
+        sender: &Sender,
+        to: u64,
+        msg_id: u64,
+    ) -> Result<Sent, ServiceError> {
+        if to == sender.id {
+            return Err(ServiceError::BadRequest(
+                "unsend a message you sent to another user".into(),
+            ));
+        }
+        let now = now_ms();
+        let issued = ids::issued_at_ms(msg_id);
+        if msg_id == 0 || issued > self.latest_possible_issue() {
+            return Err(ServiceError::BadRequest(format!(
+                "no message has id {msg_id}"
+            )));
+        }
+        if issued.saturating_add(UNSEND_WINDOW.as_millis() as u64) < now {
+            return Err(ServiceError::TooLate);
+        }
+        self.hit_within(
+            &self.unsend_counts,
+            sender.id,
+            UNSENDS_PER_USER,
+            "too many unsends this minute; retry in a minute",
+            || format!("unsends of user {} over the limit", sender.id),
+        )?;
+        let entry = InboxEntry {
+            msg_id: self.next_msg_id(now)?,
+            from_user: sender.id,
+            from_name: sender.name.clone(),
+            group: String::new(),
+            body: UNSENT_NOTE.into(),
+            created_at_ms: now,
+            unsends: Some(msg_id),
+        };
+        let (seq, route, replaced) = self.append_private(to, &entry).await?;
+        tracing::debug!(user = sender.id, to, msg_id, replaced, "message unsent");
+        self.config.metrics.unsends.inc();
+        let recipient_online = route.as_ref().is_some_and(|r| r.confirmed);
+        self.push_routed(vec![to], vec![seq], vec![route], &entry);
+        Ok(Sent {
+            msg_id: entry.msg_id,
+            recipients: 1,
+            recipient_online: Some(recipient_online),
+        })
+    }
+
+    /// The latest time, in ms, at which any router may have issued a message id by now: a
+    /// router issues ids up to two leases of its message-id node ahead of its clock (a
+    /// node's next holder starts after the time its previous holder may have reached), and
+    /// its clock may be ahead of this one's.
+    fn latest_possible_issue(&self) -> u64 {
+        let lease_ms = self.config.id_node_lease.as_millis() as u64;
+        now_ms() + 2 * lease_ms + CLOCK_SKEW_MS
     }
 
     /// Queues a stored message for the servers of its online recipients (by their `routes`):
@@ -2266,12 +2366,7 @@ impl Service {
                 "a read receipt is for another user's messages".into(),
             ));
         }
-        // A router issues ids up to two leases of its message-id node ahead of its clock (a
-        // node's next holder starts after the time its previous holder may have reached),
-        // and its clock may be ahead of this one's.
-        let lease_ms = self.config.id_node_lease.as_millis() as u64;
-        let latest_possible = now_ms() + 2 * lease_ms + CLOCK_SKEW_MS;
-        if up_to_msg_id == 0 || ids::issued_at_ms(up_to_msg_id) > latest_possible {
+        if up_to_msg_id == 0 || ids::issued_at_ms(up_to_msg_id) > self.latest_possible_issue() {
             return Err(ServiceError::BadRequest(format!(
                 "no message has id {up_to_msg_id}"
             )));

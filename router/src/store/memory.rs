@@ -649,13 +649,27 @@ impl Store for MemoryStore {
         if blocked && !stored_before() {
             return Ok(PrivateAppend::Blocked);
         }
+        let replaced = entry.unsends.is_some_and(|unsent| {
+            let inbox = inner.inboxes.get_mut(&to);
+            let taken_back = inbox.and_then(|inbox| {
+                inbox
+                    .entries
+                    .iter_mut()
+                    .find(|(_, e)| e.msg_id == unsent && e.from_user == entry.from_user)
+            });
+            taken_back.map(|(_, e)| *e = shared.clone()).is_some()
+        });
         let seq = inner
             .append(&[to], &shared, limits)
             .first()
             .copied()
             .ok_or_else(|| StoreError::Corrupt("append returned no sequence number".into()))?;
         let route = inner.live_route(to, now).map(|l| l.route.clone());
-        Ok(PrivateAppend::Stored { seq, route })
+        Ok(PrivateAppend::Stored {
+            seq,
+            route,
+            replaced,
+        })
     }
 
     async fn fetch_inbox(
@@ -1303,6 +1317,7 @@ mod tests {
             group: String::new(),
             body: format!("m{msg_id}"),
             created_at_ms: at,
+            unsends: None,
         }
     }
 

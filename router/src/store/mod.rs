@@ -52,22 +52,35 @@ pub struct InboxEntry {
     pub body: String,
     /// Acceptance time, milliseconds since the Unix epoch.
     pub created_at_ms: u64,
+    /// The sender's earlier private message this entry takes back (see
+    /// [`Store::unsend_private`]); its body is then only a note for readers that do not know.
+    pub unsends: Option<u64>,
 }
 
 impl InboxEntry {
     /// The bit of a record's tag that says a reader must know the record to read the entry.
     pub const MUST_UNDERSTAND: u16 = 0x8000;
+    /// The tag of the record that holds [`InboxEntry::unsends`] (8 bytes, big-endian). Not one
+    /// that must be understood: a router that does not know it delivers the entry as a message
+    /// whose text is the note, and the message it takes back has been replaced already.
+    pub const UNSENDS: u16 = 1;
 
-    /// Compact binary form: three big-endian u64 then three u32-length-prefixed strings.
+    /// Compact binary form: three big-endian u64 then three u32-length-prefixed strings, then
+    /// the records (`u16` tag, `u32` length, bytes) of the fields that are set.
     pub fn encode(&self) -> Vec<u8> {
         let mut out =
-            Vec::with_capacity(36 + self.from_name.len() + self.group.len() + self.body.len());
+            Vec::with_capacity(50 + self.from_name.len() + self.group.len() + self.body.len());
         for n in [self.msg_id, self.from_user, self.created_at_ms] {
             out.extend_from_slice(&n.to_be_bytes());
         }
         for s in [&self.from_name, &self.group, &self.body] {
             out.extend_from_slice(&(s.len() as u32).to_be_bytes());
             out.extend_from_slice(s.as_bytes());
+        }
+        if let Some(unsent) = self.unsends {
+            out.extend_from_slice(&Self::UNSENDS.to_be_bytes());
+            out.extend_from_slice(&8u32.to_be_bytes());
+            out.extend_from_slice(&unsent.to_be_bytes());
         }
         out
     }
@@ -78,8 +91,7 @@ impl InboxEntry {
     /// skipping them as unreadable (and their messages with them), unless the tag has
     /// [`InboxEntry::MUST_UNDERSTAND`]: such a record changes what the entry means (an
     /// edit, a deletion), and an entry misread is worse than one skipped. Bytes that are not
-    /// whole records make the entry unreadable. (No version writes records yet: one may once
-    /// every router reads them.)
+    /// whole records make the entry unreadable, as does a known record of the wrong length.
     pub fn decode(mut bytes: &[u8]) -> Option<Self> {
         fn u64_of(b: &mut &[u8]) -> Option<u64> {
             let (head, rest) = b.split_at_checked(8)?;
@@ -94,22 +106,28 @@ impl InboxEntry {
             String::from_utf8(s.to_vec()).ok()
         }
         let b = &mut bytes;
-        let entry = InboxEntry {
+        let mut entry = InboxEntry {
             msg_id: u64_of(b)?,
             from_user: u64_of(b)?,
             created_at_ms: u64_of(b)?,
             from_name: string_of(b)?,
             group: string_of(b)?,
             body: string_of(b)?,
+            unsends: None,
         };
         while !b.is_empty() {
             let (tag, rest) = b.split_at_checked(2)?;
-            if u16::from_be_bytes(tag.try_into().ok()?) & Self::MUST_UNDERSTAND != 0 {
-                return None;
-            }
+            let tag = u16::from_be_bytes(tag.try_into().ok()?);
             let (len, rest) = rest.split_at_checked(4)?;
             let len = u32::from_be_bytes(len.try_into().ok()?) as usize;
-            *b = rest.get(len..)?;
+            let (mut record, rest) = rest.split_at_checked(len)?;
+            match tag {
+                Self::UNSENDS if len == 8 => entry.unsends = Some(u64_of(&mut record)?),
+                Self::UNSENDS => return None,
+                _ if tag & Self::MUST_UNDERSTAND != 0 => return None,
+                _ => {}
+            }
+            *b = rest;
         }
         Some(entry)
     }
@@ -196,6 +214,9 @@ pub enum PrivateAppend {
         seq: u64,
         /// The recipient's route, if any.
         route: Option<Route>,
+        /// For an entry that unsends a message: whether that message was still in the inbox
+        /// (and was replaced by the entry).
+        replaced: bool,
     },
     /// No such account.
     NoUser,
@@ -207,7 +228,7 @@ impl PrivateAppend {
     /// The sequence number and route of a stored entry; `None` if nothing was stored.
     pub fn stored(self) -> Option<(u64, Option<Route>)> {
         match self {
-            PrivateAppend::Stored { seq, route } => Some((seq, route)),
+            PrivateAppend::Stored { seq, route, .. } => Some((seq, route)),
             PrivateAppend::NoUser | PrivateAppend::Blocked => None,
         }
     }
@@ -576,6 +597,11 @@ pub trait Store: Send + Sync + 'static {
     /// returns the entry's sequence number with the recipient's route, read in the same step.
     /// A resend of a message stored before a block keeps its sequence number (it was stored,
     /// and its answer must say so); nothing else from a blocked sender is stored.
+    ///
+    /// An entry that [unsends](InboxEntry::unsends) a message of its sender's first takes that
+    /// message's place in the inbox, if it is still there (neither trimmed nor capped out; a
+    /// message of that id from anyone else is left alone), so a recipient who has not had it
+    /// never does; then it is appended like any other, for a recipient who had it already.
     async fn append_private(
         &self,
         to: u64,
@@ -749,8 +775,10 @@ mod tests {
         #[test]
         fn inbox_entries_round_trip(msg_id in any::<u64>(), from in any::<u64>(), at in any::<u64>(),
                                     name in ".{0,20}", group in ".{0,20}", body in ".{0,200}") {
-            let entry = InboxEntry { msg_id, from_user: from, from_name: name, group, body, created_at_ms: at };
-            prop_assert_eq!(InboxEntry::decode(&entry.encode()), Some(entry));
+            let entry = InboxEntry { msg_id, from_user: from, from_name: name, group, body, created_at_ms: at, unsends: None };
+            prop_assert_eq!(InboxEntry::decode(&entry.encode()), Some(entry.clone()));
+            let unsend = InboxEntry { unsends: Some(msg_id ^ at), ..entry };
+            prop_assert_eq!(InboxEntry::decode(&unsend.encode()), Some(unsend));
         }
 
         #[test]
@@ -760,10 +788,10 @@ mod tests {
 
         #[test]
         fn a_later_versions_records_are_skipped(
-            records in proptest::collection::vec((0u16..0x8000, proptest::collection::vec(any::<u8>(), 0..40)), 0..4),
+            records in proptest::collection::vec((2u16..0x8000, proptest::collection::vec(any::<u8>(), 0..40)), 0..4),
             cut in 1usize..64,
         ) {
-            let entry = InboxEntry { msg_id: 7, from_user: 2, from_name: "bob".into(), group: String::new(), body: "hi".into(), created_at_ms: 9 };
+            let entry = InboxEntry { msg_id: 7, from_user: 2, from_name: "bob".into(), group: String::new(), body: "hi".into(), created_at_ms: 9, unsends: None };
             let mut bytes = entry.encode();
             for (tag, data) in &records {
                 bytes.extend_from_slice(&tag.to_be_bytes());
@@ -784,6 +812,10 @@ mod tests {
             let mut must = bytes.clone();
             must.extend_from_slice(&[0x80, 0, 0, 0, 0, 0]);
             prop_assert_eq!(InboxEntry::decode(&must), None);
+            // A known record of the wrong length: unreadable.
+            let mut short = bytes.clone();
+            short.extend_from_slice(&[0, 1, 0, 0, 0, 1, 7]);
+            prop_assert_eq!(InboxEntry::decode(&short), None);
         }
     }
 }

@@ -381,22 +381,39 @@ const APPEND: &str = concat!(append_function!(), "return append()\n");
 
 /// [`APPEND`] for a private message, with the recipient's existence and its blocks checked
 /// and its route read in the same call (all keys share the recipient's hash tag). KEYS as for
-/// [`APPEND`], then account, route, blocked users; ARGV as for [`APPEND`], then the sender.
-/// Returns nil for an unknown recipient, `{0, false}` (read as `[0, nil]`; a seq is never 0)
-/// when the recipient blocks the sender and the message was not stored before the block,
-/// else `{seq, route or nil}`; a route key of another type reads as nil (the entry is
-/// appended by then).
+/// [`APPEND`], then account, route, blocked users; ARGV as for [`APPEND`], then the sender,
+/// then for an entry that unsends a message the first 16 bytes of that message's entry (its
+/// id and sender, big-endian), else empty. Returns nil for an unknown recipient, `{0, false, 0}` when
+/// the recipient blocks the sender and the message was not stored before the block (a seq
+/// is never 0), else `{seq, route or false, replaced}`; a route key of another type reads as
+/// false (the entry is appended by then). An unsend first puts its entry in the place of the
+/// message it takes back, found among the inbox's entries (at most its cap), unless it is a
+/// resend.
 const APPEND_PRIVATE: &str = concat!(
     append_function!(),
     r"
 if redis.call('EXISTS', KEYS[4]) == 0 then return false end
-if redis.call('SISMEMBER', KEYS[6], ARGV[5]) == 1 and not redis.call('GET', KEYS[3]) then
-  return {0, false}
+local resend = redis.call('GET', KEYS[3])
+if redis.call('SISMEMBER', KEYS[6], ARGV[5]) == 1 and not resend then
+  return {0, false, 0}
+end
+local replaced = 0
+if ARGV[6] ~= '' and not resend then
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    local colon = string.find(member, ':', 1, true)
+    if colon and string.sub(member, colon + 1, colon + 16) == ARGV[6] then
+      local seq = string.sub(member, 1, colon - 1)
+      redis.call('ZREM', KEYS[2], member)
+      redis.call('ZADD', KEYS[2], seq, seq .. ':' .. ARGV[1])
+      replaced = 1
+      break
+    end
+  end
 end
 local seq = append()
 local route = redis.pcall('GET', KEYS[5])
 if type(route) == 'table' then route = false end
-return {seq, route}
+return {seq, route, replaced}
 "
 );
 
@@ -1767,16 +1784,23 @@ impl Store for RedisStore {
             call.arg(arg);
         }
         call.arg(entry.from_user);
-        let stored: Option<(u64, Option<Vec<u8>>)> = call
+        let mut taken_back = Vec::with_capacity(16);
+        if let Some(unsent) = entry.unsends {
+            taken_back.extend_from_slice(&unsent.to_be_bytes());
+            taken_back.extend_from_slice(&entry.from_user.to_be_bytes());
+        }
+        call.arg(taken_back);
+        let stored: Option<(u64, Option<Vec<u8>>, u8)> = call
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
         Ok(match stored {
             None => PrivateAppend::NoUser,
-            Some((0, _)) => PrivateAppend::Blocked,
-            Some((seq, route)) => PrivateAppend::Stored {
+            Some((0, _, _)) => PrivateAppend::Blocked,
+            Some((seq, route, replaced)) => PrivateAppend::Stored {
                 seq,
                 route: readable_route(to, route.as_deref()),
+                replaced: replaced == 1,
             },
         })
     }
