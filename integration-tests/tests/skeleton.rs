@@ -748,6 +748,23 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     alice
         .expect_line(&format!("bob ({bob_id}) (private): thanks"))
         .await?;
+    // Bob takes back his latest message to Alice, then the one before (the refused one was
+    // never sent); Alice's console says which message each unsend takes back.
+    bob.send_line(":unsend alice").await?;
+    bob.expect_line(&format!("you unsent to alice ({alice_id}): thanks"))
+        .await?;
+    alice
+        .expect_line(&format!("* bob ({bob_id}) unsent: thanks"))
+        .await?;
+    bob.send_line(":unsend").await?;
+    bob.expect_line(&format!("you unsent to {alice_id}: a secret for alice"))
+        .await?;
+    alice
+        .expect_line(&format!("* bob ({bob_id}) unsent: a secret for alice"))
+        .await?;
+    bob.send_line(":unsend alice").await?;
+    bob.expect_line("! no private message sent to them from this console is left")
+        .await?;
     bob.send_line(":info").await?;
     bob.expect_line(&format!("you are bob (id {bob_id})"))
         .await?;
