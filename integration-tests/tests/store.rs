@@ -96,10 +96,16 @@ async fn unsends_take_their_messages_place(store: &dyn Store) -> anyhow::Result<
         ],
         "what is left after the trim"
     );
-    // Before the trim, seq 1 held the unsend instead of 100.
+    // Before the trim, seq 1 held the unsend instead of 100. Found also once the message's
+    // append marker (which names its seq) has expired.
     let fresh = store.create_account("dora", "hash").await?.id;
-    store.append_private(fresh, &from(1, 300), limits).await?;
-    store.append_private(fresh, &from(1, 301), limits).await?;
+    let brief = InboxLimits {
+        dedup: Duration::from_millis(1),
+        ..limits
+    };
+    store.append_private(fresh, &from(1, 300), brief).await?;
+    store.append_private(fresh, &from(1, 301), brief).await?;
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let append = store
         .append_private(fresh, &unsend(1, 302, 300), limits)
         .await?;

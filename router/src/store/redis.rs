@@ -381,14 +381,15 @@ const APPEND: &str = concat!(append_function!(), "return append()\n");
 
 /// [`APPEND`] for a private message, with the recipient's existence and its blocks checked
 /// and its route read in the same call (all keys share the recipient's hash tag). KEYS as for
-/// [`APPEND`], then account, route, blocked users; ARGV as for [`APPEND`], then the sender,
+/// [`APPEND`], then account, route, blocked users, and for an unsend the appended-marker of
+/// the message it takes back; ARGV as for [`APPEND`], then the sender,
 /// then for an entry that unsends a message the first 16 bytes of that message's entry (its
 /// id and sender, big-endian), else empty. Returns nil for an unknown recipient, `{0, false, 0}` when
 /// the recipient blocks the sender and the message was not stored before the block (a seq
 /// is never 0), else `{seq, route or false, replaced}`; a route key of another type reads as
 /// false (the entry is appended by then). An unsend first puts its entry in the place of the
-/// message it takes back, found among the inbox's entries (at most its cap), unless it is a
-/// resend.
+/// message it takes back, unless it is a resend: at the seq the message's marker names while
+/// it lasts (10 minutes), else found by a scan of the inbox's entries (at most its cap).
 const APPEND_PRIVATE: &str = concat!(
     append_function!(),
     r"
@@ -399,7 +400,14 @@ if redis.call('SISMEMBER', KEYS[6], ARGV[5]) == 1 and not resend then
 end
 local replaced = 0
 if ARGV[6] ~= '' and not resend then
-  for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local at = redis.call('GET', KEYS[7])
+  local members
+  if at then
+    members = redis.call('ZRANGEBYSCORE', KEYS[2], at, at)
+  else
+    members = redis.call('ZRANGE', KEYS[2], 0, -1)
+  end
+  for _, member in ipairs(members) do
     local colon = string.find(member, ':', 1, true)
     if colon and string.sub(member, colon + 1, colon + 16) == ARGV[6] then
       local seq = string.sub(member, 1, colon - 1)
@@ -1786,6 +1794,7 @@ impl Store for RedisStore {
         call.arg(entry.from_user);
         let mut taken_back = Vec::with_capacity(16);
         if let Some(unsent) = entry.unsends {
+            call.key(appended_key(to, unsent));
             taken_back.extend_from_slice(&unsent.to_be_bytes());
             taken_back.extend_from_slice(&entry.from_user.to_be_bytes());
         }
