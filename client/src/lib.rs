@@ -1318,9 +1318,14 @@ impl Client {
     /// [`PASSWORD_CHANGE_ATTEMPTS`] times each a try; should all go unanswered, calling this
     /// again with the same passwords tells whether the change was made.
     pub async fn change_password(&self, old: &str, new: &str) -> Result<(), ClientError> {
-        let token = self.token();
         let mut attempt = 1;
-        while let Err(e) = self.shared.api.change_password(&token, old, new).await {
+        // The token read anew each time: a re-login meanwhile replaced it.
+        while let Err(e) = self
+            .shared
+            .api
+            .change_password(&self.token(), old, new)
+            .await
+        {
             if !matches!(e, ClientError::Http(_)) || attempt == PASSWORD_CHANGE_ATTEMPTS {
                 return Err(e);
             }

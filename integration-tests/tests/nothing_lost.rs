@@ -889,6 +889,8 @@ struct PausingStore {
     group_appends_held: AtomicUsize,
     /// Password changes still to make and then hold for `hold` before answering.
     password_changes_held: AtomicUsize,
+    /// How long the next password changes wait before they are made, one each.
+    password_change_waits: std::sync::Mutex<std::collections::VecDeque<Duration>>,
     group_append_held: Notify,
 }
 
@@ -915,6 +917,7 @@ impl PausingStore {
             group_appends_held: AtomicUsize::new(0),
             group_append_held: Notify::new(),
             password_changes_held: AtomicUsize::new(0),
+            password_change_waits: Default::default(),
         })
     }
 }
@@ -969,6 +972,10 @@ impl Store for PausingStore {
         expected: &str,
         new_hash: &str,
     ) -> Result<bool, StoreError> {
+        let wait = self.password_change_waits.lock().unwrap().pop_front();
+        if let Some(wait) = wait {
+            tokio::time::sleep(wait).await;
+        }
         let changed = self.inner.set_password_hash(user, expected, new_hash).await;
         if take_one(&self.password_changes_held) {
             tokio::time::sleep(self.hold).await;
@@ -2020,6 +2027,44 @@ async fn a_password_change_whose_answer_is_lost_is_asked_again() -> anyhow::Resu
         .err()
         .context("the old password still logs in")?;
     assert_eq!(err.code(), Some("invalid_credentials"), "{err}");
+    Client::login(&config, "alice", "new-secret", takeover).await?;
+    Ok(())
+}
+
+/// The same password change asked twice at once (the first slow to be made, the second
+/// checked against the old password before the first made it, and made after): both are
+/// answered done. Before, the second was refused `password_changed`, and a client whose first
+/// answer was lost kept the old password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_password_change_asked_twice_at_once_is_done_for_both() -> anyhow::Result<()> {
+    let (store, cluster) = paused_cluster(Duration::ZERO).await?;
+    let config = cluster.client_config();
+    let (alice, _events) = cluster.user("alice").await?;
+    store
+        .password_change_waits
+        .lock()
+        .unwrap()
+        .extend([Duration::from_millis(1000), Duration::from_millis(1500)]);
+    let api = cim_client::RouterApi::new(&config)?;
+    let body = serde_json::json!({"old_password": "password", "new_password": "new-secret"});
+    let change = || {
+        let (api, body, token) = (api.clone(), body.clone(), alice.token());
+        async move {
+            api.call::<_, serde_json::Value>(
+                http::Method::POST,
+                "/api/password",
+                Some(&body),
+                Some(&token),
+            )
+            .await
+        }
+    };
+    let first = tokio::spawn(change());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = change().await;
+    first.await??;
+    second?;
+    let takeover = LoginOptions { takeover: true };
     Client::login(&config, "alice", "new-secret", takeover).await?;
     Ok(())
 }

@@ -43,7 +43,7 @@ fn entry(msg_id: u64) -> InboxEntry {
 /// the same sender's, and only once), and is appended whether it took one or not.
 async fn unsends_take_their_messages_place(store: &dyn Store) -> anyhow::Result<()> {
     let limits = InboxLimits::default();
-    let carl = store.create_account("carl", "hash").await?.id;
+    let carl = store.create_account("unsend-carl", "hash").await?.id;
     let from = |sender: u64, msg_id: u64| InboxEntry {
         from_user: sender,
         ..entry(msg_id)
@@ -98,18 +98,28 @@ async fn unsends_take_their_messages_place(store: &dyn Store) -> anyhow::Result<
     );
     // Before the trim, seq 1 held the unsend instead of 100. Found also once the message's
     // append marker (which names its seq) has expired.
-    let fresh = store.create_account("dora", "hash").await?.id;
+    let fresh = store.create_account("unsend-fresh", "hash").await?.id;
     let brief = InboxLimits {
         dedup: Duration::from_millis(1),
         ..limits
     };
     store.append_private(fresh, &from(1, 300), brief).await?;
     store.append_private(fresh, &from(1, 301), brief).await?;
+    // A group message of the sender's is no private message to take back.
+    let in_group = InboxEntry {
+        group: "team".into(),
+        ..from(1, 303)
+    };
+    store.append_inbox(&[fresh], &in_group, brief).await?;
     tokio::time::sleep(Duration::from_millis(20)).await;
     let append = store
         .append_private(fresh, &unsend(1, 302, 300), limits)
         .await?;
-    assert_eq!(stored(append), Some((3, true)));
+    assert_eq!(stored(append), Some((4, true)));
+    let append = store
+        .append_private(fresh, &unsend(1, 304, 303), limits)
+        .await?;
+    assert_eq!(stored(append), Some((5, false)));
     let page = store.fetch_inbox(fresh, 0, 0, 10, limits, 6).await?;
     let entries: Vec<(u64, u64, Option<u64>, &str)> = page
         .entries
@@ -121,9 +131,21 @@ async fn unsends_take_their_messages_place(store: &dyn Store) -> anyhow::Result<
         [
             (1, 302, Some(300), "(unsent)"),
             (2, 301, None, "m301"),
-            (3, 302, Some(300), "(unsent)"),
+            (3, 303, None, "m303"),
+            (4, 302, Some(300), "(unsent)"),
+            (5, 304, Some(303), "(unsent)"),
         ]
     );
+    // Found past the scan's first page.
+    let busy = store.create_account("unsend-busy", "hash").await?.id;
+    for msg_id in 400..=460 {
+        store.append_private(busy, &from(2, msg_id), brief).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let append = store
+        .append_private(busy, &unsend(2, 500, 460), limits)
+        .await?;
+    assert_eq!(stored(append), Some((62, true)));
     Ok(())
 }
 

@@ -131,6 +131,9 @@ const LOGIN_WINDOW: Duration = Duration::from_secs(60);
 /// Password changes and account deletions one user may try per [`LOGIN_WINDOW`], together:
 /// each is an Argon2 check of the current password (and a change a hash of the new one).
 pub const PASSWORD_CHECKS_PER_USER: u32 = 5;
+/// How long a password change made on this router is remembered, to answer the same change
+/// asked again (its answer lost) as done.
+const PASSWORD_CHANGE_REMEMBERED: Duration = Duration::from_secs(600);
 /// Reports the store keeps for the operators (the oldest go).
 pub const MAX_REPORTS_KEPT: usize = 1_000;
 /// Longest reason a report may give, in bytes.
@@ -442,6 +445,12 @@ pub struct Service {
     /// Password changes and account deletions tried per user in the last minute (apart from
     /// failed logins).
     password_checks: Mutex<WindowCounter<u64>>,
+    /// Each user's latest password change made here in the last
+    /// [`PASSWORD_CHANGE_REMEMBERED`]: a hash of its (old, new) pair, keyed with
+    /// `password_change_key`, so that the same change asked again is known without keeping
+    /// either password.
+    password_changes: Mutex<HashMap<u64, (u64, Instant)>>,
+    password_change_key: std::hash::RandomState,
     /// Reports made per user in the last minute ([`REPORTS_PER_USER`]).
     report_counts: Mutex<WindowCounter<u64>>,
     /// Read receipts given per user in the last minute ([`READ_RECEIPTS_PER_USER`]).
@@ -617,6 +626,8 @@ impl Service {
         Self {
             login_failures: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             password_checks: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
+            password_changes: Mutex::new(HashMap::new()),
+            password_change_key: std::hash::RandomState::new(),
             report_counts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             receipt_counts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             unsend_counts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
@@ -1034,7 +1045,9 @@ impl Service {
     /// The user of `claims` changes its password from `old` to `new`, a try counted as
     /// [`Service::password_try`] says. The user's login, the one asking, stays; its earlier
     /// logins ended when it began. Asking again with the same passwords once the change is
-    /// made is answered as done: a client whose answer was lost asks again to learn it.
+    /// made (tried on this router in the last [`PASSWORD_CHANGE_REMEMBERED`]) is answered as done:
+    /// a client whose answer was lost asks again to learn it. Only a caller that gives both
+    /// passwords of that change is told so: a wrong `old` tests no second guess.
     pub async fn change_password(
         &self,
         claims: &Claims,
@@ -1048,18 +1061,42 @@ impl Service {
                 "the new password is the current one".into(),
             ));
         }
+        let change = std::hash::BuildHasher::hash_one(&self.password_change_key, (old, new));
         self.password_try(claims, peer, "password change", async {
-            let account = match self.holds_password(claims, old).await? {
-                Some(account) => account,
-                None if self.holds_password(claims, new).await?.is_some() => {
-                    tracing::info!(user = claims.user_id, "password change asked again");
-                    return Ok(());
+            match self.holds_password(claims, old).await? {
+                Some(account) => {
+                    // Remembered before it is made: the same change asked again while this
+                    // one is under way (its answer slow) is known too.
+                    self.remember_change(claims.user_id, change);
+                    self.replace_password(claims, account, new).await
                 }
-                None => return Err(self.wrong_password(claims, "password change")),
-            };
-            self.replace_password(account, new).await
+                None if self.changed_recently(claims.user_id, change)
+                    && self.holds_password(claims, new).await?.is_some() =>
+                {
+                    tracing::info!(user = claims.user_id, "password change asked again");
+                    Ok(())
+                }
+                None => Err(self.wrong_password(claims, "password change")),
+            }
         })
         .await
+    }
+
+    /// Remembers `change` as `user`'s latest password change tried here.
+    fn remember_change(&self, user: u64, change: u64) {
+        let mut changes = lock(&self.password_changes);
+        if changes.len() >= 4096 {
+            changes.retain(|_, (_, at)| at.elapsed() < PASSWORD_CHANGE_REMEMBERED);
+        }
+        changes.insert(user, (change, Instant::now()));
+    }
+
+    /// Whether `user`'s latest password change tried here (its current password given), in the
+    /// last [`PASSWORD_CHANGE_REMEMBERED`], was `change`.
+    fn changed_recently(&self, user: u64, change: u64) -> bool {
+        lock(&self.password_changes)
+            .get(&user)
+            .is_some_and(|(c, at)| *c == change && at.elapsed() < PASSWORD_CHANGE_REMEMBERED)
     }
 
     /// Runs `checked`, a request of `claims`'s user that checks its password (`what`: a
@@ -1130,14 +1167,20 @@ impl Service {
         self.login_refused(ServiceError::WrongPassword, &what)
     }
 
-    /// Replaces the password of `account`, as read, with `new`: refused `password_changed`
-    /// if another change came first.
-    async fn replace_password(&self, account: Account, new: &str) -> Result<(), ServiceError> {
-        let new = new.to_string();
+    /// Replaces the password of `account` (`claims`'s user's), as read, with `new`: refused
+    /// `password_changed` if another change came first, unless that one made it `new` too (the
+    /// same change asked again while the first was still under way).
+    async fn replace_password(
+        &self,
+        claims: &Claims,
+        account: Account,
+        new: &str,
+    ) -> Result<(), ServiceError> {
+        let owned = new.to_string();
         let cost = self.config.password_cost;
         let hash = self
             .password_work
-            .run(move || password::hash(&new, cost))
+            .run(move || password::hash(&owned, cost))
             .await?
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
         if !self
@@ -1145,6 +1188,13 @@ impl Service {
             .set_password_hash(account.id, &account.password_hash, &hash)
             .await?
         {
+            if self.holds_password(claims, new).await?.is_some() {
+                tracing::info!(
+                    user = account.id,
+                    "password change made meanwhile, the same"
+                );
+                return Ok(());
+            }
             return Err(ServiceError::PasswordChanged);
         }
         tracing::info!(user = account.id, "password changed");

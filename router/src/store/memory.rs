@@ -652,10 +652,9 @@ impl Store for MemoryStore {
         let replaced = entry.unsends.is_some_and(|unsent| {
             let inbox = inner.inboxes.get_mut(&to);
             let taken_back = inbox.and_then(|inbox| {
-                inbox
-                    .entries
-                    .iter_mut()
-                    .find(|(_, e)| e.msg_id == unsent && e.from_user == entry.from_user)
+                inbox.entries.iter_mut().find(|(_, e)| {
+                    (e.msg_id, e.from_user) == (unsent, entry.from_user) && e.group.is_empty()
+                })
             });
             taken_back.map(|(_, e)| *e = shared.clone()).is_some()
         });

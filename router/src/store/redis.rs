@@ -388,8 +388,11 @@ const APPEND: &str = concat!(append_function!(), "return append()\n");
 /// the recipient blocks the sender and the message was not stored before the block (a seq
 /// is never 0), else `{seq, route or false, replaced}`; a route key of another type reads as
 /// false (the entry is appended by then). An unsend first puts its entry in the place of the
-/// message it takes back, unless it is a resend: at the seq the message's marker names while
-/// it lasts (10 minutes), else found by a scan of the inbox's entries (at most its cap).
+/// message it takes back (a private one of the sender's: same id and sender, no group),
+/// unless it is a resend: at the seq the message's marker names while it lasts (10 minutes),
+/// else found by a scan of the inbox from its oldest entry, in pages, that reads at most
+/// [`UNSEND_SCAN_BYTES`] of entries (and one page past), so that an unsend, made up or not,
+/// costs Redis a bounded read.
 const APPEND_PRIVATE: &str = concat!(
     append_function!(),
     r"
@@ -399,22 +402,34 @@ if redis.call('SISMEMBER', KEYS[6], ARGV[5]) == 1 and not resend then
   return {0, false, 0}
 end
 local replaced = 0
+local function taken_back(member)
+  local colon = string.find(member, ':', 1, true)
+  if not colon or string.sub(member, colon + 1, colon + 16) ~= ARGV[6] then return false end
+  local b1, b2, b3, b4 = string.byte(member, colon + 25, colon + 28)
+  if not b4 then return false end
+  local group_at = colon + 29 + ((b1 * 256 + b2) * 256 + b3) * 256 + b4
+  if string.sub(member, group_at, group_at + 3) ~= '\0\0\0\0' then return false end
+  local seq = string.sub(member, 1, colon - 1)
+  redis.call('ZREM', KEYS[2], member)
+  redis.call('ZADD', KEYS[2], seq, seq .. ':' .. ARGV[1])
+  return true
+end
 if ARGV[6] ~= '' and not resend then
   local at = redis.call('GET', KEYS[7])
-  local members
   if at then
-    members = redis.call('ZRANGEBYSCORE', KEYS[2], at, at)
+    for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], at, at)) do
+      if taken_back(member) then replaced = 1 end
+    end
   else
-    members = redis.call('ZRANGE', KEYS[2], 0, -1)
-  end
-  for _, member in ipairs(members) do
-    local colon = string.find(member, ':', 1, true)
-    if colon and string.sub(member, colon + 1, colon + 16) == ARGV[6] then
-      local seq = string.sub(member, 1, colon - 1)
-      redis.call('ZREM', KEYS[2], member)
-      redis.call('ZADD', KEYS[2], seq, seq .. ':' .. ARGV[1])
-      replaced = 1
-      break
+    local budget, from = tonumber(ARGV[7]), 0
+    while replaced == 0 and budget > 0 do
+      local page = redis.call('ZRANGE', KEYS[2], from, from + 49)
+      if #page == 0 then break end
+      for _, member in ipairs(page) do
+        if taken_back(member) then replaced = 1 break end
+        budget = budget - #member
+      end
+      from = from + 50
     end
   end
 end
@@ -424,6 +439,11 @@ if type(route) == 'table' then route = false end
 return {seq, route, replaced}
 "
 );
+
+/// Bytes of inbox entries an unsend whose message's marker has expired reads, at most (and
+/// a page of 50 entries past), looking for its message: a few thousand typical entries, 64
+/// of the largest.
+pub const UNSEND_SCAN_BYTES: usize = 1024 * 1024;
 
 /// ARGV of [`APPEND`] and [`APPEND_PRIVATE`]: entry bytes, max length, inbox ttl ms, dedup ms.
 fn append_args(entry: &InboxEntry, limits: InboxLimits) -> Vec<Vec<u8>> {
@@ -1798,7 +1818,7 @@ impl Store for RedisStore {
             taken_back.extend_from_slice(&unsent.to_be_bytes());
             taken_back.extend_from_slice(&entry.from_user.to_be_bytes());
         }
-        call.arg(taken_back);
+        call.arg(taken_back).arg(UNSEND_SCAN_BYTES);
         let stored: Option<(u64, Option<Vec<u8>>, u8)> = call
             .invoke_async(&mut self.conn())
             .await
