@@ -780,8 +780,24 @@ async fn unsend(
         console::printable(&message.excerpt)
     );
     if result.is_ok() {
-        lock(sent_log).unsent(message.to, message.msg_id);
         keep(history, cim_core::now_ms(), &done);
+    }
+    // Forgotten once done, or refused for good: the next :unsend goes on to the one before.
+    let refused_for_good = result
+        .as_ref()
+        .err()
+        .and_then(ClientError::code)
+        .is_some_and(|code| {
+            [
+                "too_late",
+                "blocked",
+                cim_proto::UNKNOWN_USER,
+                cim_proto::BAD_REQUEST,
+            ]
+            .contains(&code)
+        });
+    if result.is_ok() || refused_for_good {
+        lock(sent_log).unsent(message.to, message.msg_id);
     }
     report(result, &done)
 }

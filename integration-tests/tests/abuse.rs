@@ -858,7 +858,7 @@ async fn a_request_whose_body_never_ends_is_answered_in_time() -> anyhow::Result
 }
 
 /// Every route that takes a JSON body by POST.
-const JSON_BODY_ROUTES: [&str; 13] = [
+const JSON_BODY_ROUTES: [&str; 14] = [
     "/api/register",
     "/api/login",
     "/api/messages",
@@ -870,6 +870,7 @@ const JSON_BODY_ROUTES: [&str; 13] = [
     "/api/account/delete",
     "/api/reports",
     "/api/receipts",
+    "/api/unsend",
     "/api/status",
     "/api/settings",
 ];

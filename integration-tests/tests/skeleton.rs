@@ -762,9 +762,21 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     alice
         .expect_line(&format!("* bob ({bob_id}) unsent: a secret for alice"))
         .await?;
+    // One refused for good (Alice blocks Bob now) is forgotten all the same.
+    bob.send_line("alice;;one more").await?;
+    alice
+        .expect_line(&format!("bob ({bob_id}) (private): one more"))
+        .await?;
+    alice.send_line(":block bob").await?;
+    alice.expect_line("blocked bob").await?;
+    bob.send_line(":unsend").await?;
+    let refused = bob.expect_line("! ").await?;
+    assert!(refused.contains("blocked"), "{refused}");
     bob.send_line(":unsend alice").await?;
     bob.expect_line("! no private message sent to them from this console is left")
         .await?;
+    alice.send_line(":unblock bob").await?;
+    alice.expect_line("unblocked bob").await?;
     bob.send_line(":info").await?;
     bob.expect_line(&format!("you are bob (id {bob_id})"))
         .await?;
@@ -1734,6 +1746,24 @@ async fn an_unsent_message_is_taken_back_and_never_reaches_an_offline_recipient(
     for (user, msg_id, code) in refusals {
         let err = alice.unsend(user, msg_id).await.unwrap_err();
         assert_eq!(err.code(), Some(code), "{user} {msg_id}: {err}");
+    }
+    // An id given as a decimal string (as JavaScript must) is read; one that is not, refused.
+    let api = RouterApi::new(&config)?;
+    for (msg_id, status, code) in [("1", 403, "too_late"), ("x1", 400, "bad_json")] {
+        let body = serde_json::json!({"user_id": bob_id, "msg_id": msg_id});
+        let err = api
+            .call::<_, serde_json::Value>(
+                http::Method::POST,
+                "/api/unsend",
+                Some(&body),
+                Some(&alice.token()),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Api { status: s, code: c, .. } if (*s, c.as_str()) == (status, code)),
+            "{msg_id}: {err}"
+        );
     }
     bob.block(alice_id).await?;
     let err = alice.unsend(bob_id, after).await.unwrap_err();
