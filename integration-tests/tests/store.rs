@@ -19,9 +19,9 @@ use anyhow::Context;
 
 use cim_integration_tests::cluster::RedisProc;
 use cim_router::store::{
-    Block, Claim, DeletedAccount, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, Invite,
-    Join, MemoryStore, Privacy, PrivateAppend, ReadReceipt, RedisStore, Relogin, Removal, Renewal,
-    Report, Revocation, Route, Store, Transfer,
+    Block, Claim, DeletedAccount, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits, InboxPage,
+    Invite, Join, MemoryStore, Privacy, PrivateAppend, ReadReceipt, RedisStore, Relogin, Removal,
+    Renewal, Report, Revocation, Route, Store, Transfer,
 };
 
 /// How long the logins a claim replaces stay revoked, in these tests.
@@ -146,6 +146,52 @@ async fn unsends_take_their_messages_place(store: &dyn Store) -> anyhow::Result<
         .append_private(busy, &unsend(2, 500, 460), limits)
         .await?;
     assert_eq!(stored(append), Some((62, true)));
+
+    // In a group: each member's copy is taken back where it still waits (a private message
+    // of that id is not the group's), and the unsend appended for every member.
+    let (first, second) = (
+        store.create_account("unsend-m1", "hash").await?.id,
+        store.create_account("unsend-m2", "hash").await?.id,
+    );
+    let in_team = |msg_id: u64| InboxEntry {
+        group: "team".into(),
+        ..from(1, msg_id)
+    };
+    store
+        .append_inbox(&[first, second], &in_team(600), limits)
+        .await?;
+    store.append_private(first, &from(1, 601), limits).await?;
+    store.trim_inbox(&[(second, 1)]).await?;
+    let team_unsend = |msg_id: u64, unsent: u64| InboxEntry {
+        group: "team".into(),
+        ..unsend(1, msg_id, unsent)
+    };
+    for (id, unsent) in [(701, 601), (700, 600)] {
+        let seqs = store
+            .append_inbox(&[first, second], &team_unsend(id, unsent), limits)
+            .await?;
+        assert_eq!(seqs.len(), 2);
+    }
+    let entries_of = |page: InboxPage| -> Vec<(u64, u64, Option<u64>)> {
+        page.entries
+            .iter()
+            .map(|(seq, e)| (*seq, e.msg_id, e.unsends))
+            .collect()
+    };
+    assert_eq!(
+        entries_of(store.fetch_inbox(first, 0, 0, 10, limits, 6).await?),
+        [
+            (1, 700, Some(600)),
+            (2, 601, None),
+            (3, 701, Some(601)),
+            (4, 700, Some(600)),
+        ],
+        "the group's copy taken back; the private message of the id the unsend names is not"
+    );
+    assert_eq!(
+        entries_of(store.fetch_inbox(second, 0, 0, 10, limits, 6).await?),
+        [(2, 701, Some(601)), (3, 700, Some(600))]
+    );
     Ok(())
 }
 

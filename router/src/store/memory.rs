@@ -155,6 +155,18 @@ impl Weight for (u64, u64) {
     }
 }
 
+/// Puts `entry`, if it unsends a message, in that message's place in `inbox` (the sender's,
+/// in the same group or none), as [`Store::append_private`] says; whether it found it.
+fn take_back(inbox: &mut Inbox, entry: &Arc<InboxEntry>) -> bool {
+    let Some(unsent) = entry.unsends else {
+        return false;
+    };
+    let message = inbox.entries.iter_mut().find(|(_, e)| {
+        (e.msg_id, e.from_user) == (unsent, entry.from_user) && e.group == entry.group
+    });
+    message.map(|(_, e)| *e = entry.clone()).is_some()
+}
+
 impl Inner {
     /// The users who hide `what`.
     fn hiding(&mut self, what: Privacy) -> &mut BTreeSet<u64> {
@@ -191,6 +203,7 @@ impl Inner {
                         return *seq;
                     }
                     let inbox = inboxes.entry(*user).or_default();
+                    take_back(inbox, entry);
                     inbox.last_seq += 1;
                     let seq = inbox.last_seq;
                     inbox.entries.push_back((seq, entry.clone()));
@@ -649,15 +662,11 @@ impl Store for MemoryStore {
         if blocked && !stored_before() {
             return Ok(PrivateAppend::Blocked);
         }
-        let replaced = entry.unsends.is_some_and(|unsent| {
-            let inbox = inner.inboxes.get_mut(&to);
-            let taken_back = inbox.and_then(|inbox| {
-                inbox.entries.iter_mut().find(|(_, e)| {
-                    (e.msg_id, e.from_user) == (unsent, entry.from_user) && e.group.is_empty()
-                })
-            });
-            taken_back.map(|(_, e)| *e = shared.clone()).is_some()
-        });
+        // Found here for its flag; the append then finds it taken back already.
+        let replaced = inner
+            .inboxes
+            .get_mut(&to)
+            .is_some_and(|inbox| take_back(inbox, &shared));
         let seq = inner
             .append(&[to], &shared, limits)
             .first()

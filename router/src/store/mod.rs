@@ -585,7 +585,9 @@ pub trait Store: Send + Sync + 'static {
     /// Appends `entry` to each recipient's inbox with that recipient's next sequence number,
     /// once per message id: appending the same message again returns the sequence number it
     /// already has. Returns the sequence numbers in `recipients` order. `recipients` names each
-    /// user at most once (a group's members, the users online).
+    /// user at most once (a group's members, the users online). An entry that unsends a group
+    /// message first takes its place in each inbox that still holds it, as
+    /// [`Store::append_private`] says (a message of the same sender, id and group).
     async fn append_inbox(
         &self,
         recipients: &[u64],
@@ -600,8 +602,9 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// An entry that [unsends](InboxEntry::unsends) a message of its sender's first takes that
     /// message's place in the inbox, if it is still there (neither trimmed nor capped out; a
-    /// message of that id from anyone else is left alone), so a recipient who has not had it
-    /// never does; then it is appended like any other, for a recipient who had it already.
+    /// message of that id from anyone else, or in a group, is left alone), so a recipient who
+    /// has not had it never does; then it is appended like any other, for a recipient who had
+    /// it already.
     async fn append_private(
         &self,
         to: u64,

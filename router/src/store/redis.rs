@@ -376,69 +376,112 @@ end
     };
 }
 
-/// Appends an entry once per message id (see `append_function`). Returns the entry's seq.
-const APPEND: &str = concat!(append_function!(), "return append()\n");
+/// Lua function shared by [`APPEND`] and [`APPEND_PRIVATE`]: puts `entry`, an unsend, in the
+/// place of the message it takes back in `inbox` (keeping its seq), and says whether it found
+/// it. The message is the member whose entry starts with `wanted` (its id and sender, 16
+/// bytes) and whose group field is `group` (its `u32` length and bytes: the length alone,
+/// zero, for a private message). It is looked for at the seq its append `marker` names while
+/// that lasts (10 minutes), else by a scan from the inbox's oldest entry, in pages, that reads
+/// at most `budget` bytes of entries (and one page past), so that an unsend, made up or not,
+/// costs Redis a bounded read.
+macro_rules! take_back_function {
+    () => {
+        r"
+local function take_back(inbox, marker, wanted, group, budget, entry)
+  local function replace(member)
+    local colon = string.find(member, ':', 1, true)
+    if not colon or string.sub(member, colon + 1, colon + 16) ~= wanted then return false end
+    local b1, b2, b3, b4 = string.byte(member, colon + 25, colon + 28)
+    if not b4 then return false end
+    local group_at = colon + 29 + ((b1 * 256 + b2) * 256 + b3) * 256 + b4
+    if string.sub(member, group_at, group_at + #group - 1) ~= group then return false end
+    local seq = string.sub(member, 1, colon - 1)
+    redis.call('ZREM', inbox, member)
+    redis.call('ZADD', inbox, seq, seq .. ':' .. entry)
+    return true
+  end
+  local at = redis.call('GET', marker)
+  if at then
+    for _, member in ipairs(redis.call('ZRANGEBYSCORE', inbox, at, at)) do
+      if replace(member) then return true end
+    end
+    return false
+  end
+  local from = 0
+  while budget > 0 do
+    local page = redis.call('ZRANGE', inbox, from, from + 49)
+    if #page == 0 then return false end
+    for _, member in ipairs(page) do
+      if replace(member) then return true end
+      budget = budget - #member
+    end
+    from = from + 50
+  end
+  return false
+end
+"
+    };
+}
+
+/// Appends an entry once per message id (see `append_function`); for an unsend (ARGV[5..7]:
+/// the `wanted`, `group` and `budget` of `take_back_function`; KEYS[4]: the marker of the
+/// message it takes back), first puts it in that message's place, unless it is a resend.
+/// Returns the entry's seq.
+const APPEND: &str = concat!(
+    append_function!(),
+    take_back_function!(),
+    r"
+if ARGV[5] and not redis.call('GET', KEYS[3]) then
+  take_back(KEYS[2], KEYS[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[1])
+end
+return append()
+"
+);
 
 /// [`APPEND`] for a private message, with the recipient's existence and its blocks checked
 /// and its route read in the same call (all keys share the recipient's hash tag). KEYS as for
-/// [`APPEND`], then account, route, blocked users, and for an unsend the appended-marker of
-/// the message it takes back; ARGV as for [`APPEND`], then the sender,
-/// then for an entry that unsends a message the first 16 bytes of that message's entry (its
-/// id and sender, big-endian), else empty. Returns nil for an unknown recipient, `{0, false, 0}` when
-/// the recipient blocks the sender and the message was not stored before the block (a seq
-/// is never 0), else `{seq, route or false, replaced}`; a route key of another type reads as
-/// false (the entry is appended by then). An unsend first puts its entry in the place of the
-/// message it takes back (a private one of the sender's: same id and sender, no group),
-/// unless it is a resend: at the seq the message's marker names while it lasts (10 minutes),
-/// else found by a scan of the inbox from its oldest entry, in pages, that reads at most
-/// [`UNSEND_SCAN_BYTES`] of entries (and one page past), so that an unsend, made up or not,
-/// costs Redis a bounded read.
+/// [`APPEND`] (its KEYS[4] given for an unsend only), then account, route, blocked users;
+/// ARGV as for [`APPEND`] (its unsend arguments empty for a message), then the sender.
+/// Returns nil for an unknown recipient, `{0, false, 0}` when the recipient blocks the sender
+/// and the message was not stored before the block (a seq is never 0), else `{seq, route or
+/// false, replaced}`; a route key of another type reads as false (the entry is appended by
+/// then).
 const APPEND_PRIVATE: &str = concat!(
     append_function!(),
+    take_back_function!(),
     r"
-if redis.call('EXISTS', KEYS[4]) == 0 then return false end
+if redis.call('EXISTS', KEYS[5]) == 0 then return false end
 local resend = redis.call('GET', KEYS[3])
-if redis.call('SISMEMBER', KEYS[6], ARGV[5]) == 1 and not resend then
+if redis.call('SISMEMBER', KEYS[7], ARGV[8]) == 1 and not resend then
   return {0, false, 0}
 end
 local replaced = 0
-local function taken_back(member)
-  local colon = string.find(member, ':', 1, true)
-  if not colon or string.sub(member, colon + 1, colon + 16) ~= ARGV[6] then return false end
-  local b1, b2, b3, b4 = string.byte(member, colon + 25, colon + 28)
-  if not b4 then return false end
-  local group_at = colon + 29 + ((b1 * 256 + b2) * 256 + b3) * 256 + b4
-  if string.sub(member, group_at, group_at + 3) ~= '\0\0\0\0' then return false end
-  local seq = string.sub(member, 1, colon - 1)
-  redis.call('ZREM', KEYS[2], member)
-  redis.call('ZADD', KEYS[2], seq, seq .. ':' .. ARGV[1])
-  return true
-end
-if ARGV[6] ~= '' and not resend then
-  local at = redis.call('GET', KEYS[7])
-  if at then
-    for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], at, at)) do
-      if taken_back(member) then replaced = 1 end
-    end
-  else
-    local budget, from = tonumber(ARGV[7]), 0
-    while replaced == 0 and budget > 0 do
-      local page = redis.call('ZRANGE', KEYS[2], from, from + 49)
-      if #page == 0 then break end
-      for _, member in ipairs(page) do
-        if taken_back(member) then replaced = 1 break end
-        budget = budget - #member
-      end
-      from = from + 50
-    end
-  end
+if ARGV[5] ~= '' and not resend
+  and take_back(KEYS[2], KEYS[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[1]) then
+  replaced = 1
 end
 local seq = append()
-local route = redis.pcall('GET', KEYS[5])
+local route = redis.pcall('GET', KEYS[6])
 if type(route) == 'table' then route = false end
 return {seq, route, replaced}
 "
 );
+
+/// The `wanted`, `group` and `budget` arguments of `take_back_function` for `entry`, an unsend
+/// (the first two empty for any other entry).
+fn take_back_args(entry: &InboxEntry) -> [Vec<u8>; 3] {
+    let budget = UNSEND_SCAN_BYTES.to_string().into_bytes();
+    let Some(unsent) = entry.unsends else {
+        return [Vec::new(), Vec::new(), budget];
+    };
+    let mut wanted = Vec::with_capacity(16);
+    wanted.extend_from_slice(&unsent.to_be_bytes());
+    wanted.extend_from_slice(&entry.from_user.to_be_bytes());
+    let mut group = Vec::with_capacity(4 + entry.group.len());
+    group.extend_from_slice(&(entry.group.len() as u32).to_be_bytes());
+    group.extend_from_slice(entry.group.as_bytes());
+    [wanted, group, budget]
+}
 
 /// Bytes of inbox entries an unsend whose message's marker has expired reads, at most (and
 /// a page of 50 entries past), looking for its message: a few thousand typical entries, 64
@@ -1780,15 +1823,21 @@ impl Store for RedisStore {
         }
         // One copy of the entry for all members (a pipeline still packs one per command, so
         // at most PIPELINE_CHUNK times PIPELINES_IN_FLIGHT of them are held at once).
-        let args = append_args(entry, limits);
+        let mut args = append_args(entry, limits);
+        if entry.unsends.is_some() {
+            args.extend(take_back_args(entry));
+        }
         let calls: Vec<(Vec<String>, &[Vec<u8>])> = recipients
             .iter()
             .map(|&user| {
-                let keys = vec![
+                let mut keys = vec![
                     seq_key(user),
                     inbox_key(user),
                     appended_key(user, entry.msg_id),
                 ];
+                if let Some(unsent) = entry.unsends {
+                    keys.push(appended_key(user, unsent));
+                }
                 (keys, &args[..])
             })
             .collect();
@@ -1801,24 +1850,27 @@ impl Store for RedisStore {
         entry: &InboxEntry,
         limits: InboxLimits,
     ) -> Result<PrivateAppend, StoreError> {
+        let marker = appended_key(to, entry.msg_id);
+        // Read for an unsend only: a message passes its own marker, the key it has at hand.
+        let unsent_marker = match entry.unsends {
+            Some(unsent) => appended_key(to, unsent),
+            None => marker.clone(),
+        };
         let mut call = self.append_private.prepare_invoke();
         call.key(seq_key(to))
             .key(inbox_key(to))
-            .key(appended_key(to, entry.msg_id))
+            .key(marker)
+            .key(unsent_marker)
             .key(account_key(to))
             .key(route_key(to))
             .key(blocked_key(to));
-        for arg in append_args(entry, limits) {
+        for arg in append_args(entry, limits)
+            .into_iter()
+            .chain(take_back_args(entry))
+        {
             call.arg(arg);
         }
         call.arg(entry.from_user);
-        let mut taken_back = Vec::with_capacity(16);
-        if let Some(unsent) = entry.unsends {
-            call.key(appended_key(to, unsent));
-            taken_back.extend_from_slice(&unsent.to_be_bytes());
-            taken_back.extend_from_slice(&entry.from_user.to_be_bytes());
-        }
-        call.arg(taken_back).arg(UNSEND_SCAN_BYTES);
         let stored: Option<(u64, Option<Vec<u8>>, u8)> = call
             .invoke_async(&mut self.conn())
             .await
