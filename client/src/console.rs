@@ -26,6 +26,15 @@ impl UserRef {
     }
 }
 
+/// Whose conversation an `:unsend` takes a message back from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conversation {
+    /// Private messages to a user.
+    User(UserRef),
+    /// Messages to a group.
+    Group(String),
+}
+
 /// A password typed into the console: its `Debug` form (a failed assertion, a log line) does
 /// not show it.
 #[derive(Clone, PartialEq, Eq)]
@@ -180,8 +189,9 @@ pub enum Command {
     Ask(Asked),
     /// `:lastseen [hide|show]`: whether others see when I was last seen (and I theirs).
     LastSeen(Option<bool>),
-    /// `:unsend [USER]`: take back the latest private message this console sent (to USER).
-    Unsend(Option<UserRef>),
+    /// `:unsend [USER|#GROUP]`: take back the latest message this console sent (to USER or
+    /// GROUP).
+    Unsend(Option<Conversation>),
     /// `:receipts [hide|show]`: who read my private messages; or whether I give read
     /// receipts (and get others').
     Receipts(Option<bool>),
@@ -217,7 +227,8 @@ commands:
   <user>;;<text>       send <text> privately to <user>, an id or a name
   #<group> <text>      send <text> to a named group
   #all <text>          send <text> to everyone online, also text that starts with ':' or '#'
-  :unsend [user]       take back the last private message you sent (to that user) from
+  :unsend [user|#group]
+                       take back the last message you sent (to that user or group) from
                        this console, within 24 hours: if not yet received it never is
   :create <group>      create a group (you become its owner and first member)
   :create <group> invite-only
@@ -313,9 +324,19 @@ pub fn parse(line: &str) -> Command {
                 }
             }
             "unsend" if arg.is_empty() => Command::Unsend(None),
-            "unsend" => match UserRef::parse(&arg) {
-                Some(user) => Command::Unsend(Some(user)),
-                None => Command::Invalid("use :unsend or :unsend <userId or name>".into()),
+            "unsend" => match arg.strip_prefix('#') {
+                Some(group) if is_valid_name(group) && group != cim_proto::BROADCAST_GROUP => {
+                    Command::Unsend(Some(Conversation::Group(group.to_string())))
+                }
+                Some(_) => Command::Invalid(
+                    "use :unsend #<group> (a message to everyone online cannot be unsent)".into(),
+                ),
+                None => match UserRef::parse(&arg) {
+                    Some(user) => Command::Unsend(Some(Conversation::User(user))),
+                    None => Command::Invalid(
+                        "use :unsend, :unsend <userId or name> or :unsend #<group>".into(),
+                    ),
+                },
             },
             "report" => {
                 let (user, reason) = arg.split_once(char::is_whitespace).unwrap_or((&arg, ""));
@@ -643,10 +664,24 @@ mod tests {
         assert_eq!(parse(":unsend"), Command::Unsend(None));
         assert_eq!(
             parse(":unsend bob"),
-            Command::Unsend(Some(UserRef::Name("bob".into())))
+            Command::Unsend(Some(Conversation::User(UserRef::Name("bob".into()))))
         );
-        assert_eq!(parse(":unsend 7"), Command::Unsend(Some(UserRef::Id(7))));
-        assert!(matches!(parse(":unsend bob now"), Command::Invalid(_)));
+        assert_eq!(
+            parse(":unsend 7"),
+            Command::Unsend(Some(Conversation::User(UserRef::Id(7))))
+        );
+        assert_eq!(
+            parse(":unsend #team"),
+            Command::Unsend(Some(Conversation::Group("team".into())))
+        );
+        for line in [
+            ":unsend bob now",
+            ":unsend #all",
+            ":unsend #",
+            ":unsend #a b",
+        ] {
+            assert!(matches!(parse(line), Command::Invalid(_)), "{line}");
+        }
         assert_eq!(parse(":receipts"), Command::Receipts(None));
         assert_eq!(parse(":receipts hide"), Command::Receipts(Some(true)));
         assert_eq!(parse(":Receipts show"), Command::Receipts(Some(false)));

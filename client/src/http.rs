@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cim_core::tls;
+use cim_proto::v1::chat_message::Target;
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
@@ -411,9 +412,17 @@ impl RouterApi {
         Ok(reply.status)
     }
 
-    /// Takes back our private message `msg_id` to `user`.
-    pub async fn unsend(&self, token: &str, user: u64, msg_id: u64) -> Result<(), ClientError> {
-        let body = serde_json::json!({ "user_id": user, "msg_id": msg_id });
+    /// Takes back our message `msg_id` to `target`.
+    pub async fn unsend(
+        &self,
+        token: &str,
+        target: &Target,
+        msg_id: u64,
+    ) -> Result<(), ClientError> {
+        let body = match target {
+            Target::ToUser(user) => serde_json::json!({ "user_id": user, "msg_id": msg_id }),
+            Target::Group(group) => serde_json::json!({ "group": group, "msg_id": msg_id }),
+        };
         let _: serde_json::Value = self
             .call(Method::POST, "/api/unsend", Some(&body), Some(token))
             .await?;

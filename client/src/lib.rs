@@ -1429,7 +1429,16 @@ impl Client {
     /// first).
     pub async fn unsend(&self, user: u64, msg_id: u64) -> Result<(), ClientError> {
         let token = self.token();
-        self.shared.api.unsend(&token, user, msg_id).await
+        let target = Target::ToUser(user);
+        self.shared.api.unsend(&token, &target, msg_id).await
+    }
+
+    /// [`Client::unsend`] for our message `msg_id` to `group`, told to its members now (we
+    /// must be one: `not_member`); a message to everyone online cannot be unsent.
+    pub async fn unsend_in_group(&self, group: &str, msg_id: u64) -> Result<(), ClientError> {
+        let token = self.token();
+        let target = Target::Group(group.to_string());
+        self.shared.api.unsend(&token, &target, msg_id).await
     }
 
     /// Tells `user` that we read its private messages up to `msg_id` (an

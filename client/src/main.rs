@@ -5,10 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use cim_client::console::{self, Command, UserRef};
+use cim_client::console::{self, Command, Conversation, UserRef};
 use cim_client::history::{self, History};
 use cim_client::receipts::{SentLog, Shown, Unreported, Unsent};
-use cim_client::{Ack, Client, ClientConfig, ClientError, Event, IncomingMessage, LoginOptions};
+use cim_client::{
+    Ack, Client, ClientConfig, ClientError, Event, IncomingMessage, LoginOptions, Target,
+};
 use clap::Parser;
 use std::io::{BufRead, IsTerminal};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -277,9 +279,15 @@ async fn chat(
                         keep(history.as_ref(), m.created_at_ms, &text);
                     }
                     // Shown is read, at a console.
-                    if m.group.is_none() && m.unsends.is_none() {
-                        shown.shown(m.from_user, m.msg_id, &m.body);
-                        let _ = read.send((m.from_user, m.msg_id));
+                    if m.unsends.is_none() {
+                        match m.group.as_deref() {
+                            None => {
+                                shown.shown(m.from_user, m.msg_id, &m.body);
+                                let _ = read.send((m.from_user, m.msg_id));
+                            }
+                            Some(cim_proto::BROADCAST_GROUP) => {}
+                            Some(_) => shown.shown(m.from_user, m.msg_id, &m.body),
+                        }
                     }
                 }
                 // Said only of a message this console sent: a receipt is the reader's word,
@@ -747,33 +755,46 @@ fn no_such_name(name: &str) -> String {
 /// twice).
 fn unsend_text(shown: &mut Shown, m: &IncomingMessage, msg_id: u64) -> Option<String> {
     let who = format!("{} ({})", console::printable(&m.from_name), m.from_user);
+    let place = m
+        .group
+        .as_deref()
+        .map(|g| format!(" in #{}", console::printable(g)))
+        .unwrap_or_default();
     match shown.unsent(m.from_user, msg_id) {
-        Unsent::Shown(text) => Some(format!("* {who} unsent: {}", console::printable(&text))),
-        Unsent::NotShown => Some(format!("* {who} unsent a message")),
+        Unsent::Shown(text) => Some(format!(
+            "* {who} unsent{place}: {}",
+            console::printable(&text)
+        )),
+        Unsent::NotShown => Some(format!("* {who} unsent a message{place}")),
         Unsent::Told => None,
     }
 }
 
-/// `:unsend [user]`: takes back the latest private message this console sent (to `user`).
+/// `:unsend [user|#group]`: takes back the latest message this console sent (to `user` or
+/// `group`).
 async fn unsend(
     client: &Client,
     history: Option<&Arc<History>>,
     sent_log: &Mutex<SentLog>,
-    user: Option<UserRef>,
+    from: Option<Conversation>,
 ) -> bool {
-    let to = match &user {
-        Some(user) => match user_id(client, user).await {
-            Some((id, _)) => Some(id),
+    let to = match &from {
+        Some(Conversation::User(user)) => match user_id(client, user).await {
+            Some((id, _)) => Some(Target::ToUser(id)),
             None => return false,
         },
+        Some(Conversation::Group(group)) => Some(Target::Group(group.clone())),
         None => None,
     };
-    let Some(message) = lock(sent_log).latest(to).cloned() else {
-        let to = user.map(|_| " to them").unwrap_or_default();
-        println!("! no private message sent{to} from this console is left to unsend");
+    let Some(message) = lock(sent_log).latest(to.as_ref()).cloned() else {
+        let to = from.map(|_| " to them").unwrap_or_default();
+        println!("! no message sent{to} from this console is left to unsend");
         return false;
     };
-    let result = client.unsend(message.to, message.msg_id).await;
+    let result = match &message.to {
+        Target::ToUser(user) => client.unsend(*user, message.msg_id).await,
+        Target::Group(group) => client.unsend_in_group(group, message.msg_id).await,
+    };
     let done = format!(
         "you unsent to {}: {}",
         message.to_shown,
@@ -791,13 +812,15 @@ async fn unsend(
             [
                 "too_late",
                 "blocked",
+                "not_member",
+                "unknown_group",
                 cim_proto::UNKNOWN_USER,
                 cim_proto::BAD_REQUEST,
             ]
             .contains(&code)
         });
     if result.is_ok() || refused_for_good {
-        lock(sent_log).unsent(message.to, message.msg_id);
+        lock(sent_log).unsent(&message.to, message.msg_id);
     }
     report(result, &done)
 }
@@ -875,6 +898,11 @@ async fn run(
         }
         Command::Group { group, body } => {
             let result = paced(|| client.send_group(&group, &body)).await;
+            if let Ok(ack) = &result
+                && group != cim_proto::BROADCAST_GROUP
+            {
+                lock(sent_log).sent_in_group(&group, ack.msg_id, &body);
+            }
             let mine = format!(
                 "you [{}]: {}",
                 console::printable(&group),

@@ -6,6 +6,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use cim_proto::v1::chat_message::Target;
+
 /// Private messages read and not yet told: the latest per sender.
 #[derive(Debug, Default)]
 pub struct Unreported {
@@ -27,9 +29,9 @@ impl Unreported {
     }
 }
 
-/// Private messages sent: those not yet read, per recipient (the latest
+/// Messages sent: the private ones not yet read, per recipient (the latest
 /// [`SentLog::PER_USER`] to each of the latest [`SentLog::USERS`] recipients), and the latest
-/// [`SentLog::UNSENDABLE`] to anyone, read or not, with the start of their text.
+/// [`SentLog::UNSENDABLE`] to anyone or any group, read or not, with the start of their text.
 #[derive(Debug, Default)]
 pub struct SentLog {
     /// Recipient -> (msg id, text's start), oldest first.
@@ -40,11 +42,11 @@ pub struct SentLog {
     latest: VecDeque<SentMessage>,
 }
 
-/// A private message the console sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A message the console sent to a user or a group.
+#[derive(Debug, Clone, PartialEq)]
 pub struct SentMessage {
     /// Its recipient.
-    pub to: u64,
+    pub to: Target,
     /// How the console named the recipient.
     pub to_shown: String,
     /// Its id.
@@ -76,15 +78,7 @@ impl SentLog {
     /// `body` went to `to` (shown as `to_shown`) as message `msg_id`.
     pub fn sent(&mut self, to: u64, to_shown: &str, msg_id: u64, body: &str) {
         let excerpt = excerpt(body);
-        if self.latest.len() >= Self::UNSENDABLE {
-            self.latest.pop_front();
-        }
-        self.latest.push_back(SentMessage {
-            to,
-            to_shown: to_shown.to_string(),
-            msg_id,
-            excerpt: excerpt.clone(),
-        });
+        self.remember(Target::ToUser(to), to_shown, msg_id, excerpt.clone());
         if let Some(at) = self.order.iter().position(|u| *u == to) {
             self.order.remove(at);
         } else if self.order.len() >= Self::USERS
@@ -100,18 +94,38 @@ impl SentLog {
         sent.push_back((msg_id, excerpt));
     }
 
+    /// `body` went to `group` as message `msg_id`.
+    pub fn sent_in_group(&mut self, group: &str, msg_id: u64, body: &str) {
+        let target = Target::Group(group.to_string());
+        self.remember(target, &format!("#{group}"), msg_id, excerpt(body));
+    }
+
+    fn remember(&mut self, to: Target, to_shown: &str, msg_id: u64, excerpt: String) {
+        if self.latest.len() >= Self::UNSENDABLE {
+            self.latest.pop_front();
+        }
+        self.latest.push_back(SentMessage {
+            to,
+            to_shown: to_shown.to_string(),
+            msg_id,
+            excerpt,
+        });
+    }
+
     /// The latest message sent (to `to`, if given) that is remembered and not unsent.
-    pub fn latest(&self, to: Option<u64>) -> Option<&SentMessage> {
+    pub fn latest(&self, to: Option<&Target>) -> Option<&SentMessage> {
         self.latest
             .iter()
             .rev()
-            .find(|m| to.is_none_or(|to| m.to == to))
+            .find(|m| to.is_none_or(|to| m.to == *to))
     }
 
     /// Message `msg_id` to `to` was unsent: forgotten, so that a receipt does not name it.
-    pub fn unsent(&mut self, to: u64, msg_id: u64) {
-        self.latest.retain(|m| (m.to, m.msg_id) != (to, msg_id));
-        if let Some(sent) = self.by_user.get_mut(&to) {
+    pub fn unsent(&mut self, to: &Target, msg_id: u64) {
+        self.latest.retain(|m| (&m.to, m.msg_id) != (to, msg_id));
+        if let Target::ToUser(user) = to
+            && let Some(sent) = self.by_user.get_mut(user)
+        {
             sent.retain(|(id, _)| *id != msg_id);
         }
     }
@@ -139,8 +153,9 @@ impl SentLog {
     }
 }
 
-/// Private messages the console showed (the latest [`Shown::KEPT`]), and the unsends it told,
-/// so that an unsend says which message it takes back, once.
+/// Messages the console showed that may be unsent (private and group ones; the latest
+/// [`Shown::KEPT`]), and the unsends it told, so that an unsend says which message it takes
+/// back, once.
 #[derive(Debug, Default)]
 pub struct Shown {
     /// Msg id -> (sender, text's start).
@@ -166,7 +181,7 @@ impl Shown {
     /// Messages (and unsends) remembered.
     pub const KEPT: usize = 1_000;
 
-    /// Private message `msg_id` from `sender` was shown.
+    /// Message `msg_id` from `sender` was shown.
     pub fn shown(&mut self, sender: u64, msg_id: u64, body: &str) {
         if self.order.len() >= Self::KEPT
             && let Some(oldest) = self.order.pop_front()
@@ -270,15 +285,24 @@ mod tests {
         log.sent(2, "bob (2)", 10, "to bob");
         log.sent(3, "carol (3)", 20, "to carol");
         log.sent(2, "bob (2)", 30, "to bob again");
+        log.sent_in_group("team", 40, "to the team");
+        let (bob, carol) = (Target::ToUser(2), Target::ToUser(3));
+        let team = Target::Group("team".into());
+        assert_eq!(log.latest(None).map(|m| m.msg_id), Some(40));
+        assert_eq!(
+            log.latest(Some(&team)).map(|m| m.to_shown.as_str()),
+            Some("#team")
+        );
+        log.unsent(&team, 40);
         assert_eq!(log.latest(None).map(|m| m.msg_id), Some(30));
-        assert_eq!(log.latest(Some(3)).map(|m| m.msg_id), Some(20));
-        assert_eq!(log.latest(Some(9)), None);
-        log.unsent(2, 30);
-        let latest = log.latest(Some(2)).cloned();
+        assert_eq!(log.latest(Some(&carol)).map(|m| m.msg_id), Some(20));
+        assert_eq!(log.latest(Some(&Target::ToUser(9))), None);
+        log.unsent(&bob, 30);
+        let latest = log.latest(Some(&bob)).cloned();
         assert_eq!(
             latest,
             Some(SentMessage {
-                to: 2,
+                to: bob,
                 to_shown: "bob (2)".into(),
                 msg_id: 10,
                 excerpt: "to bob".into()
@@ -289,7 +313,7 @@ mod tests {
         for id in 100..100 + SentLog::UNSENDABLE as u64 {
             log.sent(4, "dan (4)", id, "x");
         }
-        assert_eq!(log.latest(Some(3)), None, "pushed out by later ones");
+        assert_eq!(log.latest(Some(&carol)), None, "pushed out by later ones");
     }
 
     #[test]

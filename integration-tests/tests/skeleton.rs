@@ -773,10 +773,20 @@ async fn two_console_clients_chat_through_stdin_and_stdout() -> anyhow::Result<(
     let refused = bob.expect_line("! ").await?;
     assert!(refused.contains("blocked"), "{refused}");
     bob.send_line(":unsend alice").await?;
-    bob.expect_line("! no private message sent to them from this console is left")
+    bob.expect_line("! no message sent to them from this console is left")
         .await?;
     alice.send_line(":unblock bob").await?;
     alice.expect_line("unblocked bob").await?;
+    // In a group too.
+    bob.send_line("#hall see the hall").await?;
+    alice
+        .expect_line(&format!("bob ({bob_id}) [hall]: see the hall"))
+        .await?;
+    bob.send_line(":unsend #hall").await?;
+    bob.expect_line("you unsent to #hall: see the hall").await?;
+    alice
+        .expect_line(&format!("* bob ({bob_id}) unsent in #hall: see the hall"))
+        .await?;
     bob.send_line(":info").await?;
     bob.expect_line(&format!("you are bob (id {bob_id})"))
         .await?;
@@ -1768,5 +1778,45 @@ async fn an_unsent_message_is_taken_back_and_never_reaches_an_offline_recipient(
     bob.block(alice_id).await?;
     let err = alice.unsend(bob_id, after).await.unwrap_err();
     assert_eq!(err.code(), Some("blocked"), "{err}");
+
+    // In a group: a member online gets the unsend after the message; one offline only the
+    // unsend; a non-member cannot unsend there, and no one can in `all`.
+    let (carol, _carol_events) = cluster.user("carol").await?;
+    alice.create_group("club").await?;
+    for member in [&bob, &carol] {
+        member.join_group("club").await?;
+    }
+    carol.logout().await?;
+    let said = alice.send_group("club", "wrong room").await?.msg_id;
+    let m = next_message_past_notices(&mut bob_events).await?;
+    assert_eq!((m.msg_id, m.group.as_deref()), (said, Some("club")));
+    alice.unsend_in_group("club", said).await?;
+    let m = next_message_past_notices(&mut bob_events).await?;
+    assert_eq!((m.unsends, m.group.as_deref()), (Some(said), Some("club")));
+    let (_carol, mut carol_events) =
+        Client::login(&config, "carol", "password", LoginOptions::default()).await?;
+    for _ in 0..2 {
+        let m = next_message_past_notices(&mut carol_events).await?;
+        assert_eq!(
+            (m.unsends, m.body.as_str()),
+            (Some(said), "(unsent a message)")
+        );
+    }
+    let (dave, _dave_events) = cluster.user("dave").await?;
+    let err = dave.unsend_in_group("club", said).await.unwrap_err();
+    assert_eq!(err.code(), Some("not_member"), "{err}");
+    let err = alice.unsend_in_group("all", said).await.unwrap_err();
+    assert_eq!(err.code(), Some("bad_request"), "{err}");
     Ok(())
+}
+
+/// The next message `events` tell, past notices (presence, group changes).
+async fn next_message_past_notices(
+    events: &mut Events,
+) -> anyhow::Result<cim_client::IncomingMessage> {
+    loop {
+        if let Event::Message(m) = next_event(events, WAIT).await? {
+            return Ok(m);
+        }
+    }
 }

@@ -24,7 +24,7 @@
 //! | GET | /api/blocks | bearer | - | 200 `{blocked: [{id, name}]}` (by id) |
 //! | GET, POST | /api/settings | bearer | POST: `{hide_last_seen?, hide_read_receipts?}` | 200 `{hide_last_seen, hide_read_receipts}`: the caller's settings (after the change); a user who hides its last seen (or read receipts) shows none to anyone and sees no one's |
 //! | POST | /api/status | bearer | `{status}` | 200 `{status?}`: the caller's status, a line about itself that a lookup by name shows (its blanks between words made one space; at most 140 characters, none a control or invisible one; empty or absent clears it); 400 otherwise |
-//! | POST | /api/unsend | bearer | `{user_id, msg_id}` (the id a number or a decimal string) | 200 `{msg_id, msg_id_str, recipients: 1, recipient_online}` (the unsend's own id; asked again, another unsend is stored, which clients act on once): takes back the caller's private message `msg_id` to the user, sent at most 24 hours ago (an entry in the user's inbox, in the message's place if it is still there, and after it; their client drops the message); 400 for yourself or an id no message has yet; 403 `too_late`, `blocked`; 404 `unknown_user`; 429 `rate_limited` past 60 a minute |
+//! | POST | /api/unsend | bearer | `{user_id or group, msg_id}` (the id a number or a decimal string) | 200 `{msg_id, msg_id_str, recipients, recipient_online?}` as for a message (the unsend's own id; asked again, another unsend is stored, which clients act on once): takes back the caller's message `msg_id` to the user or group, sent at most 24 hours ago (an entry in each recipient's inbox, in the message's place where it is still there, and after it; their clients drop the message); 400 for yourself, `all`, or an id no message has yet; 403 `too_late`, `blocked`, `not_member`; 404 `unknown_user`, `unknown_group`; 429 `rate_limited` past 60 a minute |
 //! | POST | /api/receipts | bearer | `{user_id, msg_id}` (the id a number or a decimal string) | 200 `{}`: the caller read the user's private messages up to `msg_id`; kept for the user (the reader's latest) and told to them if online, unless either hides read receipts or the user blocks the caller (the answer is the same); 400 for yourself or an id no message has yet; 404 `unknown_user`; 429 `rate_limited` past 600 a minute |
 //! | GET | /api/receipts | bearer | - | 200 `{receipts: [{id, name, up_to_msg_id, up_to_msg_id_str, read_at_ms}]}`: who read the caller's messages, how far, the latest first (at most 1,000 readers; on Redis the list expires a month after its latest receipt; none while the caller hides read receipts) |
 //! | POST | /api/reports | bearer | `{user_id, reason?}` | 200 `{id, name, already_reported}`: the user is reported to the operators (the admin page lists the newest reports), unless the caller reported them in the last 24 hours (`already_reported`, nothing kept); 400 for yourself or a reason over 500 bytes; 404 `unknown_user`; 429 `rate_limited` past 10 a minute; counts 10 |
@@ -303,8 +303,10 @@ struct Settings {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UnsendRequest {
-    /// Whom the message went to.
-    user_id: u64,
+    /// Whom the message went to: a user...
+    user_id: Option<u64>,
+    /// ...or a group.
+    group: Option<String>,
     /// The message's id.
     #[serde(deserialize_with = "number_or_decimal")]
     msg_id: u64,
@@ -949,7 +951,18 @@ pub fn routes(
                         id: claims.user_id,
                         name: claims.user_name,
                     };
-                    let sent = service.unsend(&sender, req.user_id, req.msg_id).await?;
+                    let target = match (req.user_id, req.group) {
+                        (Some(user), None) => Target::ToUser(user),
+                        (None, Some(group)) => Target::Group(group),
+                        _ => {
+                            return Err(ApiError::new(
+                                StatusCode::BAD_REQUEST,
+                                "bad_request",
+                                "give exactly one of `user_id` and `group`",
+                            ));
+                        }
+                    };
+                    let sent = service.unsend(&sender, &target, req.msg_id).await?;
                     Ok::<_, ApiError>(warp::reply::json(&SendResponse::from(sent)))
                 };
                 respond_api(result.await)

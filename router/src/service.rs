@@ -1694,16 +1694,7 @@ impl Service {
         // waited for it got (or missed) a message ordered after the leave (or the join). The
         // read goes alongside the message id's, so the lock is held no longer than before.
         let _ordered = match target {
-            Target::Group(g) if g != BROADCAST_GROUP => {
-                let lock = &self.group_locks[shard(g)];
-                Some(match lock.try_lock() {
-                    Ok(turn) => turn,
-                    Err(_) => {
-                        let _waiting = Waiting::on(&self.config.metrics.group_sends_waiting);
-                        lock.lock().await
-                    }
-                })
-            }
+            Target::Group(g) if g != BROADCAST_GROUP => Some(self.group_turn(g).await),
             _ => None,
         };
         let now = now_ms();
@@ -1800,23 +1791,39 @@ impl Service {
             // A private message: its route came with the append, so it is queued for its
             // server right here, without a task of its own.
             Some(routes) => self.push_routed(recipients, seqs, routes, &entry),
-            None => {
-                let service = self.clone();
-                tokio::spawn(async move {
-                    match service.store.routes(&recipients).await {
-                        Ok(routes) => service.push_routed(recipients, seqs, routes, &entry),
-                        // Stored entries are not lost: recipients pull them when they
-                        // (re)connect.
-                        Err(e) => tracing::warn!(msg_id, error = %e, "push skipped"),
-                    }
-                });
-            }
+            None => self.push_later(recipients, seqs, entry),
         }
         Ok(Sent {
             msg_id,
             recipients: stored,
             recipient_online,
         })
+    }
+
+    /// The turn of group `name` to append (see [`Service::send`]), waited for if another send
+    /// to a group of its shard holds it.
+    async fn group_turn(&self, name: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let lock = &self.group_locks[shard(name)];
+        match lock.try_lock() {
+            Ok(turn) => turn,
+            Err(_) => {
+                let _waiting = Waiting::on(&self.config.metrics.group_sends_waiting);
+                lock.lock().await
+            }
+        }
+    }
+
+    /// Reads the routes of `recipients`, on a task of its own, and queues stored `entry` (at
+    /// `seqs`) for their servers.
+    fn push_later(self: &Arc<Self>, recipients: Vec<u64>, seqs: Vec<u64>, entry: InboxEntry) {
+        let service = self.clone();
+        tokio::spawn(async move {
+            match service.store.routes(&recipients).await {
+                Ok(routes) => service.push_routed(recipients, seqs, routes, &entry),
+                // Stored entries are not lost: recipients pull them when they (re)connect.
+                Err(e) => tracing::warn!(msg_id = entry.msg_id, error = %e, "push skipped"),
+            }
+        });
     }
 
     /// A fresh message id, issued at `now`.
@@ -1853,24 +1860,34 @@ impl Service {
         }
     }
 
-    /// `sender` unsends (takes back) its private message `msg_id` to `to`, sent at most
-    /// [`UNSEND_WINDOW`] ago. An entry saying so goes to `to`'s inbox: in the message's place
-    /// if it is still there, so a recipient who has not had it never does, and after it, for
-    /// a recipient who has, whose client drops it. Refused as a message to `to` would be
-    /// (`unknown_user`, `blocked`), `too_late` past the window, `rate_limited` past
-    /// [`UNSENDS_PER_USER`] a minute. Once the message has left the inbox, the router cannot
-    /// tell whose it was: the recipient's client acts only on an unsend of a message from the
-    /// same sender. Answered like a send (`recipients` 1), with the unsend's own id.
+    /// `sender` unsends (takes back) its message `msg_id` to `target` (a user, or a group it
+    /// is a member of), sent at most [`UNSEND_WINDOW`] ago. An entry saying so goes to the
+    /// recipients' inboxes (the group's other members now): in the message's place where it
+    /// is still there, so a recipient who has not had it never does, and after it, for one
+    /// who has, whose client drops it. Refused as a message to `target` would be
+    /// (`unknown_user`, `blocked`, `unknown_group`, `not_member`), `too_late` past the
+    /// window, `rate_limited` past [`UNSENDS_PER_USER`] a minute; a message to everyone online
+    /// cannot be unsent. Once the message has left an inbox, the router cannot tell whose it
+    /// was: the recipient's client acts only on an unsend of a message from the same sender.
+    /// Answered like a send, with the unsend's own id.
     pub async fn unsend(
-        &self,
+        self: &Arc<Self>,
         sender: &Sender,
-        to: u64,
+        target: &Target,
         msg_id: u64,
     ) -> Result<Sent, ServiceError> {
-        if to == sender.id {
-            return Err(ServiceError::BadRequest(
-                "unsend a message you sent to another user".into(),
-            ));
+        match target {
+            Target::ToUser(to) if *to == sender.id => {
+                return Err(ServiceError::BadRequest(
+                    "unsend a message you sent to another user or a group".into(),
+                ));
+            }
+            Target::Group(g) if g == BROADCAST_GROUP => {
+                return Err(ServiceError::BadRequest(
+                    "a message to everyone online cannot be unsent".into(),
+                ));
+            }
+            _ => {}
         }
         let now = now_ms();
         let issued = ids::issued_at_ms(msg_id);
@@ -1889,25 +1906,61 @@ impl Service {
             "too many unsends this minute; retry in a minute",
             || format!("unsends of user {} over the limit", sender.id),
         )?;
-        let entry = InboxEntry {
-            msg_id: self.next_msg_id(now)?,
-            from_user: sender.id,
-            from_name: sender.name.clone(),
-            group: String::new(),
-            body: UNSENT_NOTE.into(),
-            created_at_ms: now,
-            unsends: Some(msg_id),
+        let entry = |group: &str| -> Result<InboxEntry, ServiceError> {
+            Ok(InboxEntry {
+                msg_id: self.next_msg_id(now)?,
+                from_user: sender.id,
+                from_name: sender.name.clone(),
+                group: group.to_string(),
+                body: UNSENT_NOTE.into(),
+                created_at_ms: now,
+                unsends: Some(msg_id),
+            })
         };
-        let (seq, route, replaced) = self.append_private(to, &entry).await?;
-        tracing::debug!(user = sender.id, to, msg_id, replaced, "message unsent");
+        let sent = match target {
+            Target::ToUser(to) => {
+                let entry = entry("")?;
+                let (seq, route, replaced) = self.append_private(*to, &entry).await?;
+                tracing::debug!(user = sender.id, to, msg_id, replaced, "message unsent");
+                let recipient_online = route.as_ref().is_some_and(|r| r.confirmed);
+                self.push_routed(vec![*to], vec![seq], vec![route], &entry);
+                Sent {
+                    msg_id: entry.msg_id,
+                    recipients: 1,
+                    recipient_online: Some(recipient_online),
+                }
+            }
+            Target::Group(g) => {
+                // In the group's order, as a send: after the message, and after the joins
+                // and leaves before it.
+                let _ordered = self.group_turn(g).await;
+                let members = self
+                    .store
+                    .group_members(g)
+                    .await?
+                    .ok_or(ServiceError::UnknownGroup)?;
+                if !members.contains(&sender.id) {
+                    return Err(ServiceError::NotMember);
+                }
+                let others: Vec<u64> = members.into_iter().filter(|u| *u != sender.id).collect();
+                let entry = entry(g)?;
+                let seqs = self
+                    .store
+                    .append_inbox(&others, &entry, self.config.inbox)
+                    .await
+                    .map_err(ServiceError::Retry)?;
+                tracing::debug!(user = sender.id, group = g, msg_id, "group message unsent");
+                let sent = Sent {
+                    msg_id: entry.msg_id,
+                    recipients: others.len() as u32,
+                    recipient_online: None,
+                };
+                self.push_later(others, seqs, entry);
+                sent
+            }
+        };
         self.config.metrics.unsends.inc();
-        let recipient_online = route.as_ref().is_some_and(|r| r.confirmed);
-        self.push_routed(vec![to], vec![seq], vec![route], &entry);
-        Ok(Sent {
-            msg_id: entry.msg_id,
-            recipients: 1,
-            recipient_online: Some(recipient_online),
-        })
+        Ok(sent)
     }
 
     /// The latest time, in ms, at which any router may have issued a message id by now: a
