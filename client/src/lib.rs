@@ -317,11 +317,11 @@ pub struct IncomingMessage {
     pub body: String,
     /// When cim accepted it, milliseconds since the Unix epoch.
     pub created_at_ms: u64,
-    /// Set when this is no message but its sender's unsend of an earlier private message of
-    /// theirs, with that message's id: drop it if it is shown or kept (an application acts
-    /// on an unsend only of a message from the same sender). `body` is then only a note. One
-    /// unsend may come twice: in the message's place, if the message was still waiting, and
-    /// later.
+    /// Set when this is no message but its sender's unsend of an earlier message of theirs
+    /// (private, or in the same group), with that message's id: drop it if it is shown or
+    /// kept (an application acts on an unsend only of a message from the same sender, in the
+    /// same place). `body` is then only a note. One unsend may come twice: in the message's
+    /// place, if the message was still waiting, and later.
     pub unsends: Option<u64>,
 }
 

@@ -214,9 +214,10 @@ async fn chat(
     // Commands run one after another on a task of their own, so that a send waiting for a
     // reconnect neither holds up what arrives meanwhile nor a :q.
     let client = Arc::new(client);
-    // Our private messages not yet read, to show which of them a read receipt reaches.
+    // Our messages: the private ones not yet read, to show which of them a read receipt
+    // reaches, and the latest, for :unsend.
     let sent_log = Arc::new(Mutex::new(SentLog::default()));
-    // Private messages shown, to say which one an unsend takes back.
+    // Messages shown (private and to named groups), to say which one an unsend takes back.
     let mut shown = Shown::default();
     let (read, mut receipts) = give_read_receipts(client.clone());
     let (commands, mut queued) = mpsc::unbounded_channel::<Command>();
@@ -282,11 +283,11 @@ async fn chat(
                     if m.unsends.is_none() {
                         match m.group.as_deref() {
                             None => {
-                                shown.shown(m.from_user, m.msg_id, &m.body);
+                                shown.shown(m.from_user, None, m.msg_id, &m.body);
                                 let _ = read.send((m.from_user, m.msg_id));
                             }
                             Some(cim_proto::BROADCAST_GROUP) => {}
-                            Some(_) => shown.shown(m.from_user, m.msg_id, &m.body),
+                            group => shown.shown(m.from_user, group, m.msg_id, &m.body),
                         }
                     }
                 }
@@ -760,7 +761,7 @@ fn unsend_text(shown: &mut Shown, m: &IncomingMessage, msg_id: u64) -> Option<St
         .as_deref()
         .map(|g| format!(" in #{}", console::printable(g)))
         .unwrap_or_default();
-    match shown.unsent(m.from_user, msg_id) {
+    match shown.unsent(m.from_user, m.group.as_deref(), msg_id) {
         Unsent::Shown(text) => Some(format!(
             "* {who} unsent{place}: {}",
             console::printable(&text)

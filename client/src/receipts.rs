@@ -158,12 +158,12 @@ impl SentLog {
 /// back, once.
 #[derive(Debug, Default)]
 pub struct Shown {
-    /// Msg id -> (sender, text's start).
-    texts: HashMap<u64, (u64, String)>,
+    /// Msg id -> (sender, group (none for a private message), text's start).
+    texts: HashMap<u64, (u64, Option<String>, String)>,
     /// The ids in `texts`, the one shown longest ago first.
     order: VecDeque<u64>,
-    /// Unsends told, as (sender, msg id), the oldest first.
-    told: VecDeque<(u64, u64)>,
+    /// Unsends told, as (sender, group, msg id), the oldest first.
+    told: VecDeque<(u64, Option<String>, u64)>,
 }
 
 /// What an unsend takes back, as far as the console knows.
@@ -181,35 +181,37 @@ impl Shown {
     /// Messages (and unsends) remembered.
     pub const KEPT: usize = 1_000;
 
-    /// Message `msg_id` from `sender` was shown.
-    pub fn shown(&mut self, sender: u64, msg_id: u64, body: &str) {
+    /// Message `msg_id` from `sender` (in `group`, if any) was shown.
+    pub fn shown(&mut self, sender: u64, group: Option<&str>, msg_id: u64, body: &str) {
         if self.order.len() >= Self::KEPT
             && let Some(oldest) = self.order.pop_front()
         {
             self.texts.remove(&oldest);
         }
-        if self.texts.insert(msg_id, (sender, excerpt(body))).is_none() {
+        let shown = (sender, group.map(str::to_string), excerpt(body));
+        if self.texts.insert(msg_id, shown).is_none() {
             self.order.push_back(msg_id);
         }
     }
 
-    /// `sender` unsent its message `msg_id`. A message of that id from anyone else is no
-    /// message of `sender`'s to take back: it is kept, and the unsend reads as one of a
-    /// message not shown.
-    pub fn unsent(&mut self, sender: u64, msg_id: u64) -> Unsent {
-        if self.told.contains(&(sender, msg_id)) {
+    /// `sender` unsent its message `msg_id` (in `group`, if any). A message of that id from
+    /// anyone else, or elsewhere, is no message of `sender`'s there to take back: it is kept,
+    /// and the unsend reads as one of a message not shown.
+    pub fn unsent(&mut self, sender: u64, group: Option<&str>, msg_id: u64) -> Unsent {
+        let told = (sender, group.map(str::to_string), msg_id);
+        if self.told.contains(&told) {
             return Unsent::Told;
         }
         if self.told.len() >= Self::KEPT {
             self.told.pop_front();
         }
-        self.told.push_back((sender, msg_id));
+        self.told.push_back(told);
         match self.texts.get(&msg_id) {
-            Some((from, _)) if *from == sender => {
+            Some((from, shown_in, _)) if *from == sender && shown_in.as_deref() == group => {
                 self.order.retain(|id| *id != msg_id);
                 self.texts
                     .remove(&msg_id)
-                    .map_or(Unsent::NotShown, |(_, text)| Unsent::Shown(text))
+                    .map_or(Unsent::NotShown, |(_, _, text)| Unsent::Shown(text))
             }
             _ => Unsent::NotShown,
         }
@@ -319,25 +321,33 @@ mod tests {
     #[test]
     fn an_unsend_names_the_message_shown_once() {
         let mut shown = Shown::default();
-        shown.shown(2, 10, "hello there");
-        shown.shown(3, 11, "from carol");
-        assert_eq!(shown.unsent(2, 10), Unsent::Shown("hello there".into()));
+        shown.shown(2, None, 10, "hello there");
+        shown.shown(3, None, 11, "from carol");
+        shown.shown(2, Some("team"), 13, "to the team");
+        assert_eq!(
+            shown.unsent(2, None, 10),
+            Unsent::Shown("hello there".into())
+        );
         // Its second copy, and an unsend of a message not shown here.
-        assert_eq!(shown.unsent(2, 10), Unsent::Told);
-        assert_eq!(shown.unsent(2, 12), Unsent::NotShown);
-        assert_eq!(shown.unsent(2, 12), Unsent::Told);
+        assert_eq!(shown.unsent(2, None, 10), Unsent::Told);
+        assert_eq!(shown.unsent(2, None, 12), Unsent::NotShown);
+        assert_eq!(shown.unsent(2, None, 12), Unsent::Told);
         // Not bob's message: carol's stays.
-        assert_eq!(shown.unsent(2, 11), Unsent::NotShown);
-        assert_eq!(shown.unsent(3, 11), Unsent::Shown("from carol".into()));
+        assert_eq!(shown.unsent(2, None, 11), Unsent::NotShown);
+        assert_eq!(
+            shown.unsent(3, None, 11),
+            Unsent::Shown("from carol".into())
+        );
+        // Not said where it was: the team's message stays.
+        assert_eq!(shown.unsent(2, Some("club"), 13), Unsent::NotShown);
+        let in_team = shown.unsent(2, Some("team"), 13);
+        assert_eq!(in_team, Unsent::Shown("to the team".into()));
         for id in 100..100 + Shown::KEPT as u64 + 1 {
-            shown.shown(5, id, "x");
+            shown.shown(5, None, id, "x");
         }
         assert_eq!(shown.texts.len(), Shown::KEPT);
-        assert_eq!(
-            shown.unsent(5, 100),
-            Unsent::NotShown,
-            "the oldest is forgotten"
-        );
-        assert_eq!(shown.unsent(5, 101), Unsent::Shown("x".into()));
+        let oldest = shown.unsent(5, None, 100);
+        assert_eq!(oldest, Unsent::NotShown, "the oldest is forgotten");
+        assert_eq!(shown.unsent(5, None, 101), Unsent::Shown("x".into()));
     }
 }

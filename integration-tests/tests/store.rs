@@ -44,8 +44,11 @@ fn entry(msg_id: u64) -> InboxEntry {
 async fn unsends_take_their_messages_place(store: &dyn Store) -> anyhow::Result<()> {
     let limits = InboxLimits::default();
     let carl = store.create_account("unsend-carl", "hash").await?.id;
+    // Stored now: a scan for a message stops at entries stored well before its id's time.
+    let now = cim_core::now_ms();
     let from = |sender: u64, msg_id: u64| InboxEntry {
         from_user: sender,
+        created_at_ms: now,
         ..entry(msg_id)
     };
     let unsend = |sender: u64, msg_id: u64, unsent: u64| InboxEntry {
@@ -136,14 +139,14 @@ async fn unsends_take_their_messages_place(store: &dyn Store) -> anyhow::Result<
             (5, 304, Some(303), "(unsent)"),
         ]
     );
-    // Found past the scan's first page.
+    // Found past the scan's first page (from the newest entry back).
     let busy = store.create_account("unsend-busy", "hash").await?.id;
     for msg_id in 400..=460 {
         store.append_private(busy, &from(2, msg_id), brief).await?;
     }
     tokio::time::sleep(Duration::from_millis(20)).await;
     let append = store
-        .append_private(busy, &unsend(2, 500, 460), limits)
+        .append_private(busy, &unsend(2, 500, 400), limits)
         .await?;
     assert_eq!(stored(append), Some((62, true)));
 
@@ -191,6 +194,17 @@ async fn unsends_take_their_messages_place(store: &dyn Store) -> anyhow::Result<
     assert_eq!(
         entries_of(store.fetch_inbox(second, 0, 0, 10, limits, 6).await?),
         [(2, 701, Some(601)), (3, 700, Some(600))]
+    );
+    // Once its append marker has expired, a group's message is not looked for (members'
+    // inboxes are not scanned): the unsend is appended only.
+    store.append_inbox(&[second], &in_team(602), brief).await?;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store
+        .append_inbox(&[second], &team_unsend(702, 602), limits)
+        .await?;
+    assert_eq!(
+        entries_of(store.fetch_inbox(second, 3, 3, 10, limits, 6).await?),
+        [(4, 602, None), (5, 702, Some(602))]
     );
     Ok(())
 }
@@ -1604,6 +1618,38 @@ async fn redis_store_follows_the_contract() -> anyhow::Result<()> {
     read_receipts_move_forward_under_a_cap(&store).await?;
     a_departed_owner_of_an_older_group_is_no_owner(&store, &redis.url()).await?;
     message_ids_are_recorded_once(&store).await?;
+    // An unsend's scan (its message's marker expired) stops at an entry stored well before
+    // the message's id time: the message cannot be further back.
+    let reader = store.create_account("unsend-scan-stop", "hash").await?.id;
+    let brief = InboxLimits {
+        dedup: Duration::from_millis(1),
+        ..InboxLimits::default()
+    };
+    let message = InboxEntry {
+        created_at_ms: cim_core::now_ms(),
+        ..entry(900)
+    };
+    store.append_private(reader, &message, brief).await?;
+    store.append_private(reader, &entry(901), brief).await?;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let unsend = InboxEntry {
+        unsends: Some(900),
+        ..entry(902)
+    };
+    let append = store
+        .append_private(reader, &unsend, InboxLimits::default())
+        .await?;
+    assert!(
+        matches!(
+            append,
+            PrivateAppend::Stored {
+                seq: 3,
+                replaced: false,
+                ..
+            }
+        ),
+        "{append:?}"
+    );
     // A record an older router wrote (a bare id, no fingerprint) is taken as the same
     // message: a retry across a rolling upgrade still gets its first id.
     let mut conn = redis::Client::open(redis.url())?

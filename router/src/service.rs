@@ -438,6 +438,9 @@ pub struct SessionsRenewed {
     pub behind: Vec<(u64, u64)>,
 }
 
+/// Users' latest password changes: user -> (keyed hash of the (old, new) pair, when tried).
+type PasswordChanges = HashMap<u64, (u64, Instant)>;
+
 /// The router's behaviour over its store, discovery view and server links.
 pub struct Service {
     pub(crate) config: Arc<RouterConfig>,
@@ -445,11 +448,11 @@ pub struct Service {
     /// Password changes and account deletions tried per user in the last minute (apart from
     /// failed logins).
     password_checks: Mutex<WindowCounter<u64>>,
-    /// Each user's latest password change made here in the last
-    /// [`PASSWORD_CHANGE_REMEMBERED`]: a hash of its (old, new) pair, keyed with
+    /// Each user's latest password change tried here (its current password given) in the
+    /// last [`PASSWORD_CHANGE_REMEMBERED`]: a hash of its (old, new) pair, keyed with
     /// `password_change_key`, so that the same change asked again is known without keeping
-    /// either password.
-    password_changes: Mutex<HashMap<u64, (u64, Instant)>>,
+    /// either password; with the size at which the map is swept next.
+    password_changes: Mutex<(PasswordChanges, usize)>,
     password_change_key: std::hash::RandomState,
     /// Reports made per user in the last minute ([`REPORTS_PER_USER`]).
     report_counts: Mutex<WindowCounter<u64>>,
@@ -626,7 +629,7 @@ impl Service {
         Self {
             login_failures: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             password_checks: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
-            password_changes: Mutex::new(HashMap::new()),
+            password_changes: Mutex::new((HashMap::new(), 1024)),
             password_change_key: std::hash::RandomState::new(),
             report_counts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             receipt_counts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
@@ -1082,19 +1085,24 @@ impl Service {
         .await
     }
 
-    /// Remembers `change` as `user`'s latest password change tried here.
+    /// Remembers `change` as `user`'s latest password change tried here. The map is swept of
+    /// changes past [`PASSWORD_CHANGE_REMEMBERED`] whenever it has doubled since the last
+    /// sweep (from 1,024), so it holds at most twice the changes of that long.
     fn remember_change(&self, user: u64, change: u64) {
         let mut changes = lock(&self.password_changes);
-        if changes.len() >= 4096 {
-            changes.retain(|_, (_, at)| at.elapsed() < PASSWORD_CHANGE_REMEMBERED);
+        let (map, sweep_at) = &mut *changes;
+        if map.len() >= *sweep_at {
+            map.retain(|_, (_, at)| at.elapsed() < PASSWORD_CHANGE_REMEMBERED);
+            *sweep_at = (2 * map.len()).max(1024);
         }
-        changes.insert(user, (change, Instant::now()));
+        map.insert(user, (change, Instant::now()));
     }
 
     /// Whether `user`'s latest password change tried here (its current password given), in the
     /// last [`PASSWORD_CHANGE_REMEMBERED`], was `change`.
     fn changed_recently(&self, user: u64, change: u64) -> bool {
         lock(&self.password_changes)
+            .0
             .get(&user)
             .is_some_and(|(c, at)| *c == change && at.elapsed() < PASSWORD_CHANGE_REMEMBERED)
     }
@@ -1931,8 +1939,9 @@ impl Service {
                 }
             }
             Target::Group(g) => {
-                // In the group's order, as a send: after the message, and after the joins
-                // and leaves before it.
+                // In the group's order, as a send through this router (one router orders a
+                // group's sends only while the servers send them through it: an unsend over
+                // HTTPS may reach another, as a message over HTTPS may).
                 let _ordered = self.group_turn(g).await;
                 let members = self
                     .store

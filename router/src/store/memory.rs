@@ -156,13 +156,18 @@ impl Weight for (u64, u64) {
 }
 
 /// Puts `entry`, if it unsends a message, in that message's place in `inbox` (the sender's,
-/// in the same group or none), as [`Store::append_private`] says; whether it found it.
-fn take_back(inbox: &mut Inbox, entry: &Arc<InboxEntry>) -> bool {
+/// in the same group or none), as [`Store::append_private`] says; whether it found it. A
+/// group's message is looked for only at `at`, the seq its append record names while that
+/// lasts (as on Redis, whose members' inboxes are not scanned); a private one in the whole
+/// inbox.
+fn take_back(inbox: &mut Inbox, entry: &Arc<InboxEntry>, at: Option<u64>) -> bool {
     let Some(unsent) = entry.unsends else {
         return false;
     };
-    let message = inbox.entries.iter_mut().find(|(_, e)| {
-        (e.msg_id, e.from_user) == (unsent, entry.from_user) && e.group == entry.group
+    let message = inbox.entries.iter_mut().find(|(seq, e)| {
+        (e.msg_id, e.from_user) == (unsent, entry.from_user)
+            && e.group == entry.group
+            && (entry.group.is_empty() || Some(*seq) == at)
     });
     message.map(|(_, e)| *e = entry.clone()).is_some()
 }
@@ -193,6 +198,12 @@ impl Inner {
         let Inner {
             inboxes, appended, ..
         } = self;
+        // Where an unsend's message was appended, while its record lasts.
+        let unsent_at: HashMap<u64, u64> = entry
+            .unsends
+            .and_then(|unsent| appended.get(&unsent, now))
+            .map(|record| record.iter().copied().collect())
+            .unwrap_or_default();
         let append = |record: &mut AppendRecord| {
             // A resend: the inboxes it already reached keep the seq they gave it.
             let earlier: HashMap<u64, u64> = record.iter().copied().collect();
@@ -203,7 +214,7 @@ impl Inner {
                         return *seq;
                     }
                     let inbox = inboxes.entry(*user).or_default();
-                    take_back(inbox, entry);
+                    take_back(inbox, entry, unsent_at.get(user).copied());
                     inbox.last_seq += 1;
                     let seq = inbox.last_seq;
                     inbox.entries.push_back((seq, entry.clone()));
@@ -659,14 +670,17 @@ impl Store for MemoryStore {
                 .get(&entry.msg_id, now)
                 .is_some_and(|record| record.iter().any(|(user, _)| *user == to))
         };
-        if blocked && !stored_before() {
+        let resend = stored_before();
+        if blocked && !resend {
             return Ok(PrivateAppend::Blocked);
         }
-        // Found here for its flag; the append then finds it taken back already.
-        let replaced = inner
-            .inboxes
-            .get_mut(&to)
-            .is_some_and(|inbox| take_back(inbox, &shared));
+        // Found here for its flag (not for a resend, as on Redis); the append then finds it
+        // taken back already.
+        let replaced = !resend
+            && inner
+                .inboxes
+                .get_mut(&to)
+                .is_some_and(|inbox| take_back(inbox, &shared, None));
         let seq = inner
             .append(&[to], &shared, limits)
             .first()

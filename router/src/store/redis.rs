@@ -34,6 +34,8 @@ use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
+use crate::ids::issued_at_ms;
+
 use super::{
     Account, Block, Claim, DeletedAccount, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits,
     InboxPage, Invite, Join, MAX_INVITATIONS_LISTED, Privacy, PrivateAppend, ReadReceipt, Relogin,
@@ -381,13 +383,14 @@ end
 /// it. The message is the member whose entry starts with `wanted` (its id and sender, 16
 /// bytes) and whose group field is `group` (its `u32` length and bytes: the length alone,
 /// zero, for a private message). It is looked for at the seq its append `marker` names while
-/// that lasts (10 minutes), else by a scan from the inbox's oldest entry, in pages, that reads
-/// at most `budget` bytes of entries (and one page past), so that an unsend, made up or not,
-/// costs Redis a bounded read.
+/// that lasts (10 minutes), else by a scan from the inbox's newest entry, in pages, that stops
+/// at an entry stored before `not_before` (ms; the message is newer) and reads at most
+/// `budget` bytes of entries (and one page past; 0 for a group's, whose members' inboxes are
+/// not scanned), so that an unsend, made up or not, costs Redis a bounded read.
 macro_rules! take_back_function {
     () => {
         r"
-local function take_back(inbox, marker, wanted, group, budget, entry)
+local function take_back(inbox, marker, wanted, group, budget, entry, not_before)
   local function replace(member)
     local colon = string.find(member, ':', 1, true)
     if not colon or string.sub(member, colon + 1, colon + 16) ~= wanted then return false end
@@ -409,10 +412,16 @@ local function take_back(inbox, marker, wanted, group, budget, entry)
   end
   local from = 0
   while budget > 0 do
-    local page = redis.call('ZRANGE', inbox, from, from + 49)
+    local page = redis.call('ZREVRANGE', inbox, from, from + 49)
     if #page == 0 then return false end
     for _, member in ipairs(page) do
       if replace(member) then return true end
+      local colon = string.find(member, ':', 1, true) or 0
+      local stored_at = 0
+      for i = colon + 17, colon + 24 do
+        stored_at = stored_at * 256 + (string.byte(member, i) or 0)
+      end
+      if stored_at < not_before then return false end
       budget = budget - #member
     end
     from = from + 50
@@ -423,8 +432,8 @@ end
     };
 }
 
-/// Appends an entry once per message id (see `append_function`); for an unsend (ARGV[5..7]:
-/// the `wanted`, `group` and `budget` of `take_back_function`; KEYS[4]: the marker of the
+/// Appends an entry once per message id (see `append_function`); for an unsend (ARGV[5..8]:
+/// the `wanted`, `group`, `budget` and `not_before` of `take_back_function`; KEYS[4]: the marker of the
 /// message it takes back), first puts it in that message's place, unless it is a resend.
 /// Returns the entry's seq.
 const APPEND: &str = concat!(
@@ -432,7 +441,7 @@ const APPEND: &str = concat!(
     take_back_function!(),
     r"
 if ARGV[5] and not redis.call('GET', KEYS[3]) then
-  take_back(KEYS[2], KEYS[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[1])
+  take_back(KEYS[2], KEYS[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[1], tonumber(ARGV[8]))
 end
 return append()
 "
@@ -452,12 +461,13 @@ const APPEND_PRIVATE: &str = concat!(
     r"
 if redis.call('EXISTS', KEYS[5]) == 0 then return false end
 local resend = redis.call('GET', KEYS[3])
-if redis.call('SISMEMBER', KEYS[7], ARGV[8]) == 1 and not resend then
+if redis.call('SISMEMBER', KEYS[7], ARGV[9]) == 1 and not resend then
   return {0, false, 0}
 end
 local replaced = 0
-if ARGV[5] ~= '' and not resend
-  and take_back(KEYS[2], KEYS[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[1]) then
+if ARGV[5] ~= '' and not resend and take_back(
+  KEYS[2], KEYS[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[1], tonumber(ARGV[8])
+) then
   replaced = 1
 end
 local seq = append()
@@ -467,26 +477,39 @@ return {seq, route, replaced}
 "
 );
 
-/// The `wanted`, `group` and `budget` arguments of `take_back_function` for `entry`, an unsend
-/// (the first two empty for any other entry).
-fn take_back_args(entry: &InboxEntry) -> [Vec<u8>; 3] {
-    let budget = UNSEND_SCAN_BYTES.to_string().into_bytes();
+/// The `wanted`, `group`, `budget` and `not_before` arguments of `take_back_function` for
+/// `entry`, an unsend (empty for any other entry).
+fn take_back_args(entry: &InboxEntry) -> [Vec<u8>; 4] {
     let Some(unsent) = entry.unsends else {
-        return [Vec::new(), Vec::new(), budget];
+        return Default::default();
     };
+    let budget = match entry.group.is_empty() {
+        true => UNSEND_SCAN_BYTES,
+        false => 0,
+    };
+    let not_before = issued_at_ms(unsent).saturating_sub(UNSEND_SCAN_SLACK.as_millis() as u64);
     let mut wanted = Vec::with_capacity(16);
     wanted.extend_from_slice(&unsent.to_be_bytes());
     wanted.extend_from_slice(&entry.from_user.to_be_bytes());
     let mut group = Vec::with_capacity(4 + entry.group.len());
     group.extend_from_slice(&(entry.group.len() as u32).to_be_bytes());
     group.extend_from_slice(entry.group.as_bytes());
-    [wanted, group, budget]
+    [
+        wanted,
+        group,
+        budget.to_string().into_bytes(),
+        not_before.to_string().into_bytes(),
+    ]
 }
 
-/// Bytes of inbox entries an unsend whose message's marker has expired reads, at most (and
-/// a page of 50 entries past), looking for its message: a few thousand typical entries, 64
-/// of the largest.
+/// Bytes of inbox entries a private unsend whose message's marker has expired reads, at most
+/// (and a page of 50 entries past), looking for its message from the newest entry back: a
+/// few thousand typical entries, 64 of the largest.
 pub const UNSEND_SCAN_BYTES: usize = 1024 * 1024;
+/// How long before the time in its id a message may have been stored, at most: the scan for
+/// it stops at an entry stored earlier. A router issues ids up to two leases of its
+/// message-id node (30 s by default) ahead of its clock, and routers' clocks differ.
+const UNSEND_SCAN_SLACK: Duration = Duration::from_secs(600);
 
 /// ARGV of [`APPEND`] and [`APPEND_PRIVATE`]: entry bytes, max length, inbox ttl ms, dedup ms.
 fn append_args(entry: &InboxEntry, limits: InboxLimits) -> Vec<Vec<u8>> {
