@@ -358,7 +358,7 @@ fn sent_key(sender: u64, client_msg_id: u64) -> String {
     format!("cim:{{u{sender}}}:sent:{client_msg_id}")
 }
 
-/// Lua function shared by [`APPEND`] and [`APPEND_PRIVATE`]: appends an entry once per message
+/// Lua function shared by the append scripts ([`APPEND`] and the others): appends an entry once per message
 /// id and returns its seq. KEYS[1..3]: seq, inbox, appended-marker. ARGV: entry bytes, max
 /// length, inbox ttl ms, dedup ms.
 macro_rules! append_function {
@@ -378,7 +378,7 @@ end
     };
 }
 
-/// Lua function shared by [`APPEND`] and [`APPEND_PRIVATE`]: puts `entry`, an unsend, in the
+/// Lua function shared by [`APPEND_UNSEND`] and [`APPEND_PRIVATE`]: puts `entry`, an unsend, in the
 /// place of the message it takes back in `inbox` (keeping its seq), and says whether it found
 /// it. The message is the member whose entry starts with `wanted` (its id and sender, 16
 /// bytes) and whose group field is `group` (its `u32` length and bytes: the length alone,
@@ -432,25 +432,29 @@ end
     };
 }
 
-/// Appends an entry once per message id (see `append_function`); for an unsend (ARGV[5..8]:
-/// the `wanted`, `group`, `budget` and `not_before` of `take_back_function`; KEYS[4]: the marker of the
-/// message it takes back), first puts it in that message's place, unless it is a resend.
-/// Returns the entry's seq.
-const APPEND: &str = concat!(
+/// Appends an entry once per message id (see `append_function`). Returns the entry's seq.
+/// The group messages' hot path: it defines nothing more.
+const APPEND: &str = concat!(append_function!(), "return append()\n");
+
+/// [`APPEND`] for an unsend in a group (ARGV[5..8]: the `wanted`, `group`, `budget` and
+/// `not_before` of `take_back_function`; KEYS[4]: the marker of the message it takes back):
+/// first puts it in that message's place, unless it is a resend.
+const APPEND_UNSEND: &str = concat!(
     append_function!(),
     take_back_function!(),
     r"
-if ARGV[5] and not redis.call('GET', KEYS[3]) then
+if not redis.call('GET', KEYS[3]) then
   take_back(KEYS[2], KEYS[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[1], tonumber(ARGV[8]))
 end
 return append()
 "
 );
 
-/// [`APPEND`] for a private message, with the recipient's existence and its blocks checked
-/// and its route read in the same call (all keys share the recipient's hash tag). KEYS as for
-/// [`APPEND`] (its KEYS[4] given for an unsend only), then account, route, blocked users;
-/// ARGV as for [`APPEND`] (its unsend arguments empty for a message), then the sender.
+/// [`APPEND_UNSEND`] for a private message or unsend, with the recipient's existence and its
+/// blocks checked and its route read in the same call (all keys share the recipient's hash
+/// tag). KEYS as for [`APPEND_UNSEND`] (its KEYS[4] read for an unsend only), then account,
+/// route, blocked users; ARGV as for [`APPEND_UNSEND`] (its unsend arguments empty for a
+/// message), then the sender.
 /// Returns nil for an unknown recipient, `{0, false, 0}` when the recipient blocks the sender
 /// and the message was not stored before the block (a seq is never 0), else `{seq, route or
 /// false, replaced}`; a route key of another type reads as false (the entry is appended by
@@ -747,6 +751,7 @@ pub struct RedisStore {
     remove_if_server: Script,
     restore: Script,
     append: Script,
+    append_unsend: Script,
     append_private: Script,
     create_group: Script,
     join: Script,
@@ -1193,6 +1198,7 @@ impl RedisStore {
             remove_if_server: Script::new(REMOVE_IF_SERVER),
             restore: Script::new(RESTORE),
             append: Script::new(APPEND),
+            append_unsend: Script::new(APPEND_UNSEND),
             append_private: Script::new(APPEND_PRIVATE),
             create_group: Script::new(CREATE_GROUP),
             join: Script::new(JOIN),
@@ -1847,9 +1853,13 @@ impl Store for RedisStore {
         // One copy of the entry for all members (a pipeline still packs one per command, so
         // at most PIPELINE_CHUNK times PIPELINES_IN_FLIGHT of them are held at once).
         let mut args = append_args(entry, limits);
-        if entry.unsends.is_some() {
-            args.extend(take_back_args(entry));
-        }
+        let script = match entry.unsends {
+            Some(_) => {
+                args.extend(take_back_args(entry));
+                &self.append_unsend
+            }
+            None => &self.append,
+        };
         let calls: Vec<(Vec<String>, &[Vec<u8>])> = recipients
             .iter()
             .map(|&user| {
@@ -1864,7 +1874,7 @@ impl Store for RedisStore {
                 (keys, &args[..])
             })
             .collect();
-        self.eval_pipelined(&self.append, &calls).await
+        self.eval_pipelined(script, &calls).await
     }
 
     async fn append_private(
