@@ -378,7 +378,7 @@ end
     };
 }
 
-/// Lua function shared by [`APPEND_UNSEND`] and [`APPEND_PRIVATE`]: puts `entry`, an unsend, in the
+/// Lua function shared by [`APPEND_UNSEND`] and [`APPEND_PRIVATE_UNSEND`]: puts `entry`, an unsend, in the
 /// place of the message it takes back in `inbox` (keeping its seq), and says whether it found
 /// it. The message is the member whose entry starts with `wanted` (its id and sender, 16
 /// bytes) and whose group field is `group` (its `u32` length and bytes: the length alone,
@@ -450,35 +450,57 @@ return append()
 "
 );
 
-/// [`APPEND_UNSEND`] for a private message or unsend, with the recipient's existence and its
-/// blocks checked and its route read in the same call (all keys share the recipient's hash
-/// tag). KEYS as for [`APPEND_UNSEND`] (its KEYS[4] read for an unsend only), then account,
-/// route, blocked users; ARGV as for [`APPEND_UNSEND`] (its unsend arguments empty for a
-/// message), then the sender.
-/// Returns nil for an unknown recipient, `{0, false, 0}` when the recipient blocks the sender
-/// and the message was not stored before the block (a seq is never 0), else `{seq, route or
-/// false, replaced}`; a route key of another type reads as false (the entry is appended by
-/// then).
-const APPEND_PRIVATE: &str = concat!(
-    append_function!(),
-    take_back_function!(),
-    r"
-if redis.call('EXISTS', KEYS[5]) == 0 then return false end
+/// The private append scripts' checks: nil for an unknown recipient, `{0, false, 0}` when the
+/// recipient blocks the sender and the message was not stored before the block (a seq is
+/// never 0); sets `resend`. KEYS: seq, inbox, appended-marker, account, route, blocked users;
+/// ARGV[5]: the sender.
+macro_rules! private_checks {
+    () => {
+        r"
+if redis.call('EXISTS', KEYS[4]) == 0 then return false end
 local resend = redis.call('GET', KEYS[3])
-if redis.call('SISMEMBER', KEYS[7], ARGV[9]) == 1 and not resend then
+if redis.call('SISMEMBER', KEYS[6], ARGV[5]) == 1 and not resend then
   return {0, false, 0}
 end
 local replaced = 0
-if ARGV[5] ~= '' and not resend and take_back(
-  KEYS[2], KEYS[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[1], tonumber(ARGV[8])
-) then
-  replaced = 1
-end
+"
+    };
+}
+
+/// The private append scripts' end: appends, and returns `{seq, route or false, replaced}`; a
+/// route key of another type reads as false (the entry is appended by then).
+macro_rules! private_append {
+    () => {
+        r"
 local seq = append()
-local route = redis.pcall('GET', KEYS[6])
+local route = redis.pcall('GET', KEYS[5])
 if type(route) == 'table' then route = false end
 return {seq, route, replaced}
 "
+    };
+}
+
+/// [`APPEND`] for a private message, with the recipient's existence and its blocks checked
+/// and its route read in the same call (all keys share the recipient's hash tag): KEYS as for
+/// [`APPEND`], then account, route, blocked users; ARGV as for [`APPEND`], then the sender.
+/// Returns as `private_checks` and `private_append` say (`replaced` 0).
+const APPEND_PRIVATE: &str = concat!(append_function!(), private_checks!(), private_append!());
+
+/// [`APPEND_PRIVATE`] for an unsend (KEYS[7]: the marker of the message it takes back;
+/// ARGV[6..9]: the `wanted`, `group`, `budget` and `not_before` of `take_back_function`):
+/// first puts it in that message's place, unless it is a resend.
+const APPEND_PRIVATE_UNSEND: &str = concat!(
+    append_function!(),
+    take_back_function!(),
+    private_checks!(),
+    r"
+if not resend and take_back(
+  KEYS[2], KEYS[7], ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[1], tonumber(ARGV[9])
+) then
+  replaced = 1
+end
+",
+    private_append!()
 );
 
 /// The `wanted`, `group`, `budget` and `not_before` arguments of `take_back_function` for
@@ -753,6 +775,7 @@ pub struct RedisStore {
     append: Script,
     append_unsend: Script,
     append_private: Script,
+    append_private_unsend: Script,
     create_group: Script,
     join: Script,
     invite: Script,
@@ -1200,6 +1223,7 @@ impl RedisStore {
             append: Script::new(APPEND),
             append_unsend: Script::new(APPEND_UNSEND),
             append_private: Script::new(APPEND_PRIVATE),
+            append_private_unsend: Script::new(APPEND_PRIVATE_UNSEND),
             create_group: Script::new(CREATE_GROUP),
             join: Script::new(JOIN),
             invite: Script::new(INVITE),
@@ -1883,27 +1907,27 @@ impl Store for RedisStore {
         entry: &InboxEntry,
         limits: InboxLimits,
     ) -> Result<PrivateAppend, StoreError> {
-        let marker = appended_key(to, entry.msg_id);
-        // Read for an unsend only: a message passes its own marker, the key it has at hand.
-        let unsent_marker = match entry.unsends {
-            Some(unsent) => appended_key(to, unsent),
-            None => marker.clone(),
+        let (script, unsent) = match entry.unsends {
+            Some(unsent) => (&self.append_private_unsend, Some(unsent)),
+            None => (&self.append_private, None),
         };
-        let mut call = self.append_private.prepare_invoke();
+        let mut call = script.prepare_invoke();
         call.key(seq_key(to))
             .key(inbox_key(to))
-            .key(marker)
-            .key(unsent_marker)
+            .key(appended_key(to, entry.msg_id))
             .key(account_key(to))
             .key(route_key(to))
             .key(blocked_key(to));
-        for arg in append_args(entry, limits)
-            .into_iter()
-            .chain(take_back_args(entry))
-        {
+        for arg in append_args(entry, limits) {
             call.arg(arg);
         }
         call.arg(entry.from_user);
+        if let Some(unsent) = unsent {
+            call.key(appended_key(to, unsent));
+            for arg in take_back_args(entry) {
+                call.arg(arg);
+            }
+        }
         let stored: Option<(u64, Option<Vec<u8>>, u8)> = call
             .invoke_async(&mut self.conn())
             .await
