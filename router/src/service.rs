@@ -1722,15 +1722,7 @@ impl Service {
                     Ok((online, g.clone()))
                 }
                 Target::Group(g) => {
-                    let members = self
-                        .store
-                        .group_members(g)
-                        .await?
-                        .ok_or(ServiceError::UnknownGroup)?;
-                    if !members.contains(&sender.id) {
-                        return Err(ServiceError::NotMember);
-                    }
-                    let others = members.into_iter().filter(|u| *u != sender.id).collect();
+                    let others = self.other_members(g, sender.id).await?;
                     Ok((others, g.clone()))
                 }
             }
@@ -1819,6 +1811,19 @@ impl Service {
                 lock.lock().await
             }
         }
+    }
+
+    /// The members of group `name` but `sender`, who must be one.
+    async fn other_members(&self, name: &str, sender: u64) -> Result<Vec<u64>, ServiceError> {
+        let members = self
+            .store
+            .group_members(name)
+            .await?
+            .ok_or(ServiceError::UnknownGroup)?;
+        if !members.contains(&sender) {
+            return Err(ServiceError::NotMember);
+        }
+        Ok(members.into_iter().filter(|u| *u != sender).collect())
     }
 
     /// Reads the routes of `recipients`, on a task of its own, and queues stored `entry` (at
@@ -1943,15 +1948,7 @@ impl Service {
                 // group's sends only while the servers send them through it: an unsend over
                 // HTTPS may reach another, as a message over HTTPS may).
                 let _ordered = self.group_turn(g).await;
-                let members = self
-                    .store
-                    .group_members(g)
-                    .await?
-                    .ok_or(ServiceError::UnknownGroup)?;
-                if !members.contains(&sender.id) {
-                    return Err(ServiceError::NotMember);
-                }
-                let others: Vec<u64> = members.into_iter().filter(|u| *u != sender.id).collect();
+                let others = self.other_members(g, sender.id).await?;
                 let entry = entry(g)?;
                 let seqs = self
                     .store
