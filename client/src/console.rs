@@ -229,7 +229,7 @@ commands:
   #all <text>          send <text> to everyone online, also text that starts with ':' or '#'
   :unsend [user|#group]
                        take back the last message you sent (to that user or group) from
-                       this console, within 24 hours: if not yet received it never is
+                       this console, within 24 hours: if still waiting, it never arrives
   :create <group>      create a group (you become its owner and first member)
   :create <group> invite-only
                        create a group only users you invite get into

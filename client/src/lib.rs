@@ -321,7 +321,7 @@ pub struct IncomingMessage {
     /// (private, or in the same group), with that message's id: drop it if it is shown or
     /// kept (an application acts on an unsend only of a message from the same sender, in the
     /// same place). `body` is then only a note. One unsend may come twice: in the message's
-    /// place, if the message was still waiting, and later.
+    /// place, if the message was still waiting (and found), and later.
     pub unsends: Option<u64>,
 }
 
@@ -1315,8 +1315,10 @@ impl Client {
     /// counts as a failed login) when `old` is not the password. This login stays, and a
     /// re-login the client makes by itself uses the new password from now on. When no
     /// answer comes (the change may have been made), it is asked again, up to
-    /// [`PASSWORD_CHANGE_ATTEMPTS`] times each a try; should all go unanswered, calling this
-    /// again with the same passwords tells whether the change was made.
+    /// [`PASSWORD_CHANGE_ATTEMPTS`] times each a try. Should all go unanswered, or a later try
+    /// be refused `wrong_password` (the change may have been made on another router), the
+    /// error is [`ClientError::Http`]: the outcome is unknown, and a login with the new
+    /// password tells.
     pub async fn change_password(&self, old: &str, new: &str) -> Result<(), ClientError> {
         let mut attempt = 1;
         // The token read anew each time: a re-login meanwhile replaced it.
@@ -1326,6 +1328,13 @@ impl Client {
             .change_password(&self.token(), old, new)
             .await
         {
+            // A try went unanswered and may have made the change, which the router that
+            // refused this one does not know of (another router, or one restarted since).
+            if attempt > 1 && e.code() == Some("wrong_password") {
+                return Err(ClientError::Http(format!(
+                    "an earlier try went unanswered and this one was refused ({e})"
+                )));
+            }
             if !matches!(e, ClientError::Http(_)) || attempt == PASSWORD_CHANGE_ATTEMPTS {
                 return Err(e);
             }
@@ -1422,8 +1431,8 @@ impl Client {
     }
 
     /// Unsends (takes back) our private message `msg_id` to `user`, sent at most 24 hours ago
-    /// (`too_late` after): it is taken out of their inbox if still there, so they never get
-    /// it, and their client gets an [`IncomingMessage`] whose [`IncomingMessage::unsends`]
+    /// (`too_late` after): it is taken out of their inbox if the router finds it still
+    /// waiting there, so they never get it, and their client gets an [`IncomingMessage`] whose [`IncomingMessage::unsends`]
     /// names it, to drop it if it has it. Refused as a message to them would be (`blocked`,
     /// `unknown_user`); at most 60 a minute. Asking again is harmless (a client acts on the
     /// first).

@@ -1085,7 +1085,7 @@ async fn run(
         }
         Command::Password { old, new } => match client.change_password(&old.0, &new.0).await {
             Err(e @ ClientError::Http(_)) => {
-                println!("! {e}: the password may have changed; the same :password again tells");
+                println!("! {e}: the password may have changed; logging in with the new one tells");
                 false
             }
             changed => report(

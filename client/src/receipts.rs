@@ -1,8 +1,8 @@
-//! What the console keeps of private messages, free of I/O: for read receipts, the messages
-//! it showed and has not yet said it read (the latest per sender: one receipt covers those
-//! before it), and the latest it sent to each user, to show which of them a receipt reaches;
-//! for unsends, the latest it sent (what `:unsend` takes back) and the latest it showed (what
-//! an unsend it gets names).
+//! What the console keeps of the messages it sends and shows, free of I/O: for read receipts,
+//! the private messages it showed and has not yet said it read (the latest per sender: one
+//! receipt covers those before it), and the latest it sent to each user, to show which of
+//! them a receipt reaches; for unsends, the latest it sent to users and groups (what
+//! `:unsend` takes back) and the latest it showed (what an unsend it gets names).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -120,7 +120,8 @@ impl SentLog {
             .find(|m| to.is_none_or(|to| m.to == *to))
     }
 
-    /// Message `msg_id` to `to` was unsent: forgotten, so that a receipt does not name it.
+    /// Message `msg_id` to `to` was unsent (or its unsend refused for good): forgotten, so
+    /// that neither `:unsend` nor a receipt names it again.
     pub fn unsent(&mut self, to: &Target, msg_id: u64) {
         self.latest.retain(|m| (&m.to, m.msg_id) != (to, msg_id));
         if let Target::ToUser(user) = to

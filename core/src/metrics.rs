@@ -59,7 +59,7 @@ pub struct RouterMetrics {
     pub reports: Counter,
     /// Read receipts kept (a receipt no further on than the reader's last is not counted).
     pub read_receipts: Counter,
-    /// Private messages unsent by their senders.
+    /// Messages (private and group) unsent by their senders.
     pub unsends: Counter,
 }
 
@@ -140,7 +140,7 @@ impl RouterMetrics {
         );
         r.register(
             "unsends",
-            "Private messages unsent by their senders",
+            "Messages unsent by their senders",
             m.unsends.clone(),
         );
         Arc::new(m)

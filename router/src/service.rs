@@ -150,7 +150,7 @@ const READ_RECEIPTS_PER_USER: u32 = 600;
 /// message-id node leases it bounds how far ahead of this clock a message's id may have been
 /// issued (see [`Service::mark_read`]).
 const CLOCK_SKEW_MS: u64 = 60_000;
-/// How long after sending a private message its sender may unsend it.
+/// How long after sending a message its sender may unsend it.
 pub const UNSEND_WINDOW: Duration = Duration::from_secs(24 * 3600);
 /// Unsends one user may ask for per [`LOGIN_WINDOW`]: each is stored like a message.
 const UNSENDS_PER_USER: u32 = 60;
@@ -1875,9 +1875,9 @@ impl Service {
 
     /// `sender` unsends (takes back) its message `msg_id` to `target` (a user, or a group it
     /// is a member of), sent at most [`UNSEND_WINDOW`] ago. An entry saying so goes to the
-    /// recipients' inboxes (the group's other members now): in the message's place where it
-    /// is still there, so a recipient who has not had it never does, and after it, for one
-    /// who has, whose client drops it. Refused as a message to `target` would be
+    /// recipients' inboxes (the group's other members now): in the message's place where the
+    /// store finds it still waiting (see [`Store::append_private`]), so a recipient who has
+    /// not had it never does, and after it, for one who has, whose client drops it. Refused as a message to `target` would be
     /// (`unknown_user`, `blocked`, `unknown_group`, `not_member`), `too_late` past the
     /// window, `rate_limited` past [`UNSENDS_PER_USER`] a minute; a message to everyone online
     /// cannot be unsent. Once the message has left an inbox, the router cannot tell whose it
@@ -1919,7 +1919,9 @@ impl Service {
             "too many unsends this minute; retry in a minute",
             || format!("unsends of user {} over the limit", sender.id),
         )?;
+        // Made once the group's turn has come, as a send's.
         let entry = |group: &str| -> Result<InboxEntry, ServiceError> {
+            let now = now_ms();
             Ok(InboxEntry {
                 msg_id: self.next_msg_id(now)?,
                 from_user: sender.id,

@@ -164,12 +164,24 @@ fn take_back(inbox: &mut Inbox, entry: &Arc<InboxEntry>, at: Option<u64>) -> boo
     let Some(unsent) = entry.unsends else {
         return false;
     };
-    let message = inbox.entries.iter_mut().find(|(seq, e)| {
-        (e.msg_id, e.from_user) == (unsent, entry.from_user)
-            && e.group == entry.group
-            && (entry.group.is_empty() || Some(*seq) == at)
-    });
-    message.map(|(_, e)| *e = entry.clone()).is_some()
+    let message = if entry.group.is_empty() {
+        inbox.entries.iter_mut().find(|(_, e)| e.msg_id == unsent)
+    } else {
+        // Entries are in seq order.
+        let Some(at) = at else { return false };
+        let index = inbox
+            .entries
+            .binary_search_by_key(&at, |(seq, _)| *seq)
+            .ok();
+        index.and_then(|i| inbox.entries.get_mut(i))
+    };
+    match message {
+        Some((_, e)) if e.from_user == entry.from_user && e.group == entry.group => {
+            *e = entry.clone();
+            true
+        }
+        _ => false,
+    }
 }
 
 impl Inner {
@@ -214,7 +226,10 @@ impl Inner {
                         return *seq;
                     }
                     let inbox = inboxes.entry(*user).or_default();
-                    take_back(inbox, entry, unsent_at.get(user).copied());
+                    // A private unsend's message was taken back by `append_private`.
+                    if !entry.group.is_empty() {
+                        take_back(inbox, entry, unsent_at.get(user).copied());
+                    }
                     inbox.last_seq += 1;
                     let seq = inbox.last_seq;
                     inbox.entries.push_back((seq, entry.clone()));
@@ -674,8 +689,7 @@ impl Store for MemoryStore {
         if blocked && !resend {
             return Ok(PrivateAppend::Blocked);
         }
-        // Found here for its flag (not for a resend, as on Redis); the append then finds it
-        // taken back already.
+        // Not for a resend, as on Redis.
         let replaced = !resend
             && inner
                 .inboxes

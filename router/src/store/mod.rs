@@ -52,8 +52,8 @@ pub struct InboxEntry {
     pub body: String,
     /// Acceptance time, milliseconds since the Unix epoch.
     pub created_at_ms: u64,
-    /// The sender's earlier private message this entry takes back (see
-    /// [`Store::unsend_private`]); its body is then only a note for readers that do not know.
+    /// The sender's earlier message (private, or in the same group) this entry takes back (see
+    /// [`Store::append_private`]); its body is then only a note for readers that do not know.
     pub unsends: Option<u64>,
 }
 
@@ -587,7 +587,8 @@ pub trait Store: Send + Sync + 'static {
     /// already has. Returns the sequence numbers in `recipients` order. `recipients` names each
     /// user at most once (a group's members, the users online). An entry that unsends a group
     /// message first takes its place in each inbox that still holds it, as
-    /// [`Store::append_private`] says (a message of the same sender, id and group).
+    /// [`Store::append_private`] says (a message of the same sender, id and group), but only
+    /// by the seq its append record names: members' inboxes are not scanned.
     async fn append_inbox(
         &self,
         recipients: &[u64],
@@ -602,9 +603,11 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// An entry that [unsends](InboxEntry::unsends) a message of its sender's first takes that
     /// message's place in the inbox, if it is still there (neither trimmed nor capped out; a
-    /// message of that id from anyone else, or in a group, is left alone), so a recipient who
-    /// has not had it never does; then it is appended like any other, for a recipient who had
-    /// it already.
+    /// message of that id from anyone else, or in a group, is left alone) and found: by the
+    /// seq its append record names while that lasts (the dedup window), else by a scan from
+    /// the newest entry back that stops at entries stored well before the message and, on
+    /// Redis, reads at most 1 MiB. A recipient who has not had a message found so never does;
+    /// then the entry is appended like any other, for a recipient who had it already.
     async fn append_private(
         &self,
         to: u64,

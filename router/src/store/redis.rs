@@ -504,14 +504,12 @@ end
 );
 
 /// The `wanted`, `group`, `budget` and `not_before` arguments of `take_back_function` for
-/// `entry`, an unsend (empty for any other entry).
-fn take_back_args(entry: &InboxEntry) -> [Vec<u8>; 4] {
-    let Some(unsent) = entry.unsends else {
-        return Default::default();
-    };
-    let budget = match entry.group.is_empty() {
-        true => UNSEND_SCAN_BYTES,
-        false => 0,
+/// `entry`, an unsend of message `unsent`.
+fn take_back_args(entry: &InboxEntry, unsent: u64) -> [Vec<u8>; 4] {
+    let budget = if entry.group.is_empty() {
+        UNSEND_SCAN_BYTES
+    } else {
+        0
     };
     let not_before = issued_at_ms(unsent).saturating_sub(UNSEND_SCAN_SLACK.as_millis() as u64);
     let mut wanted = Vec::with_capacity(16);
@@ -531,13 +529,13 @@ fn take_back_args(entry: &InboxEntry) -> [Vec<u8>; 4] {
 /// Bytes of inbox entries a private unsend whose message's marker has expired reads, at most
 /// (and a page of 50 entries past), looking for its message from the newest entry back: a
 /// few thousand typical entries, 64 of the largest.
-pub const UNSEND_SCAN_BYTES: usize = 1024 * 1024;
+const UNSEND_SCAN_BYTES: usize = 1024 * 1024;
 /// How long before the time in its id a message may have been stored, at most: the scan for
 /// it stops at an entry stored earlier. A router issues ids up to two leases of its
 /// message-id node (30 s by default) ahead of its clock, and routers' clocks differ.
 const UNSEND_SCAN_SLACK: Duration = Duration::from_secs(600);
 
-/// ARGV of [`APPEND`] and [`APPEND_PRIVATE`]: entry bytes, max length, inbox ttl ms, dedup ms.
+/// ARGV[1..4] of every append script: entry bytes, max length, inbox ttl ms, dedup ms.
 fn append_args(entry: &InboxEntry, limits: InboxLimits) -> Vec<Vec<u8>> {
     vec![
         entry.encode(),
@@ -1878,8 +1876,8 @@ impl Store for RedisStore {
         // at most PIPELINE_CHUNK times PIPELINES_IN_FLIGHT of them are held at once).
         let mut args = append_args(entry, limits);
         let script = match entry.unsends {
-            Some(_) => {
-                args.extend(take_back_args(entry));
+            Some(unsent) => {
+                args.extend(take_back_args(entry, unsent));
                 &self.append_unsend
             }
             None => &self.append,
@@ -1924,7 +1922,7 @@ impl Store for RedisStore {
         call.arg(entry.from_user);
         if let Some(unsent) = unsent {
             call.key(appended_key(to, unsent));
-            for arg in take_back_args(entry) {
+            for arg in take_back_args(entry, unsent) {
                 call.arg(arg);
             }
         }
