@@ -254,10 +254,13 @@ async fn group_errors_have_codes_and_the_http_api_works() -> anyhow::Result<()> 
     let (bob, _b) = cluster.user("bob").await?;
     alice.create_group("club").await?;
     let code = |r: Result<(), cim_client::ClientError>| r.unwrap_err().code().map(str::to_owned);
-    assert_eq!(
-        code(alice.create_group("club").await).as_deref(),
-        Some("group_exists")
-    );
+    for name in ["club", "Club"] {
+        assert_eq!(
+            code(bob.create_group(name).await).as_deref(),
+            Some("group_exists"),
+            "{name}"
+        );
+    }
     assert_eq!(
         code(alice.create_group("all").await).as_deref(),
         Some("bad_request")

@@ -1257,6 +1257,13 @@ async fn groups_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
         !store.create_group("crew", other, false).await?,
         "the name is taken"
     );
+    for case in ["Crew", "CREW"] {
+        assert!(
+            !store.create_group(case, other, false).await?,
+            "{case}: the name is taken in any case"
+        );
+        assert_eq!(store.group_members(case).await?, None);
+    }
     let open = GroupInfo {
         owner,
         invite_only: false,
@@ -1284,9 +1291,11 @@ async fn groups_follow_the_contract(store: &dyn Store) -> anyhow::Result<()> {
     assert_eq!(store.group_size("crew").await?, 0);
     assert_eq!(store.join_group("crew", other, 2).await?, Join::NoGroup);
     assert_eq!(store.group_info("crew").await?, None);
-    assert!(store.create_group("crew", third, false).await?);
-    assert_eq!(store.group_members("crew").await?, Some(vec![third]));
-    assert!(store.leave_group("crew", third).await?);
+    // In any case: the key the old group left is taken over.
+    assert!(store.create_group("Crew", third, false).await?);
+    assert_eq!(store.group_members("Crew").await?, Some(vec![third]));
+    assert!(!store.create_group("crew", owner, false).await?);
+    assert!(store.leave_group("Crew", third).await?);
     Ok(())
 }
 
@@ -2014,5 +2023,30 @@ async fn accounts_older_routers_made_get_their_folded_names() -> anyhow::Result<
     let heir = store.create_account("GONE", "hash").await?.id;
     let found = store.account_by_name("gone").await?.map(|a| a.id);
     assert_eq!(found, Some(heir));
+
+    // Groups an older router made (no folded key): `Club`, and `Team` with `team`, which
+    // differ only in case. Folded, `club` is taken; the twins both stay.
+    for (name, owner) in [("Club", 1), ("Team", 2), ("team", 3)] {
+        redis::pipe()
+            .set(format!("cim:group:{{{name}}}:owner"), owner)
+            .sadd(format!("cim:group:{{{name}}}:members"), owner)
+            .query_async::<()>(&mut conn)
+            .await?;
+    }
+    assert!(
+        store.create_group("club", 4, false).await?,
+        "before folding"
+    );
+    assert!(store.leave_group("club", 4).await?);
+    let folded = store.fold_group_names().await?;
+    assert_eq!((folded.added, folded.clash_count), (2, 1), "{folded:?}");
+    assert!(!store.create_group("club", 4, false).await?);
+    assert!(!store.create_group("TEAM", 4, false).await?);
+    let again = store.fold_group_names().await?;
+    assert_eq!(
+        (again.added, again.present, again.clash_count),
+        (0, 2, 1),
+        "{again:?}"
+    );
     Ok(())
 }

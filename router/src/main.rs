@@ -133,8 +133,9 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, env = "CIM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
-    /// With --redis: give each account made before names were unique whatever their case its
-    /// key for that, say what it did, and exit (once, after every router is upgraded).
+    /// With --redis: give each account and group made before their names were unique
+    /// whatever their case its key for that, say what it did, and exit (once, after every
+    /// router is upgraded).
     #[arg(long)]
     fold_names: bool,
 }
@@ -191,6 +192,21 @@ async fn fold_names(redis: &str) -> anyhow::Result<()> {
             "{} names differ from another account's only in case; each is still found as \
              registered, and other cases find the one holding the key: {}",
             done.clash_count,
+            clashes.join(", ")
+        );
+    }
+    let groups = store.fold_group_names().await?;
+    println!(
+        "group names made unique whatever their case: {} now, {} already",
+        groups.added, groups.present
+    );
+    if groups.clash_count > 0 {
+        let clashes: Vec<String> = (groups.clashes.iter())
+            .map(|(name, holder)| format!("#{name} (#{holder} holds the key)"))
+            .collect();
+        println!(
+            "{} group names differ from another group's only in case; both groups stay: {}",
+            groups.clash_count,
             clashes.join(", ")
         );
     }

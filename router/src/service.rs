@@ -229,8 +229,8 @@ pub enum ServiceError {
     /// The group does not exist.
     #[error("unknown group")]
     UnknownGroup,
-    /// A group of that name exists.
-    #[error("group name is taken")]
+    /// A group of that name, in any case, exists.
+    #[error("group name is taken (names count no case: #Team and #team are one)")]
     GroupExists,
     /// The group is at its size cap.
     #[error("group is full")]

@@ -768,7 +768,8 @@ impl Store for MemoryStore {
         invite_only: bool,
     ) -> Result<bool, StoreError> {
         let mut inner = self.inner();
-        if inner.groups.contains_key(name) {
+        // Unique whatever the case, as on Redis (a scan: groups are made rarely).
+        if inner.groups.keys().any(|g| g.eq_ignore_ascii_case(name)) {
             return Ok(false);
         }
         let group = Group {

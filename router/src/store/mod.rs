@@ -636,7 +636,11 @@ pub trait Store: Send + Sync + 'static {
     async fn inbox_heads(&self, users: &[u64]) -> Result<Vec<u64>, StoreError>;
 
     /// Creates group `name` owned by `owner`, who becomes its first member; only members its
-    /// owner invites get into an `invite_only` one. Returns false if the name is taken.
+    /// owner invites get into an `invite_only` one. Returns false if the name is taken, in any
+    /// case (ASCII letters): names are unique whatever their case, though each group is found
+    /// by its name as made. On Redis two creations of one name in two cases at the same
+    /// instant may both pass, and a group made before this has no claim on its name in other
+    /// cases until `--fold-names` gives it one.
     async fn create_group(
         &self,
         name: &str,

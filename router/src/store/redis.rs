@@ -10,6 +10,7 @@
 //! | `cim:next_user_id` | string | last assigned user id (INCR) |
 //! | `cim:name:<name>` | string | user id owning `<name>` (SET NX makes names unique) |
 //! | `cim:fold:<name in lower case>` | string | user id owning the name in any case ([`folded_name_key`]) |
+//! | `cim:gfold:<name in lower case>` | string | name of the group owning the name in any case ([`folded_group_key`]) |
 //! | `cim:{u<id>}:account` | hash | `name`, `pw` (argon2 PHC string), `status` (if set) |
 //! | `cim:{u<id>}:route` | string, PX lease | `<session_id>\|<confirmed 0/1>\|<server_id>` |
 //! | `cim:online` | set | ids of users with a confirmed route (filtered against routes on read) |
@@ -72,6 +73,13 @@ fn name_key(name: &str) -> String {
 /// [`RedisStore::fold_names`] adds it).
 fn folded_name_key(name: &str) -> String {
     format!("cim:fold:{}", name.to_ascii_lowercase())
+}
+/// Holds the name of the group whose name is `name` in lower case, so that group names are
+/// unique whatever their case (a group made before these keys has none until
+/// [`RedisStore::fold_group_names`] adds it; one deleted leaves its key, which the next
+/// group of that name in any case takes over).
+fn folded_group_key(name: &str) -> String {
+    format!("cim:gfold:{}", name.to_ascii_lowercase())
 }
 fn account_key(user: u64) -> String {
     format!("cim:{{u{user}}}:account")
@@ -1013,6 +1021,71 @@ impl RedisStore {
         }
     }
 
+    /// Gives each group made before group names were unique whatever their case its folded
+    /// key ([`folded_group_key`]), so that no new group takes its name in another case; as
+    /// [`RedisStore::fold_names`] does for accounts (run by the same `--fold-names`), over
+    /// the groups' owner keys. A clash is two groups whose names differ only in case: both
+    /// stay, and the key names the first one seen.
+    pub async fn fold_group_names(&self) -> Result<FoldedNames, StoreError> {
+        let mut conn = self.conn();
+        let mut done = FoldedNames::default();
+        let mut cursor: u64 = 0;
+        let (prefix, suffix) = ("cim:group:{", "}:owner");
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(group_owner_key("*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let names: Vec<&str> = keys
+                .iter()
+                .filter_map(|k| k.strip_prefix(prefix)?.strip_suffix(suffix))
+                .collect();
+            // Redis refuses an empty pipeline: a page with nothing to fold asks nothing.
+            if !names.is_empty() {
+                let mut pipe = redis::pipe();
+                for name in &names {
+                    pipe.set_nx(folded_group_key(name), *name);
+                }
+                let set: Vec<bool> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+                let held: Vec<&str> = names
+                    .iter()
+                    .zip(set)
+                    .filter_map(|(name, set)| (!set).then_some(*name))
+                    .collect();
+                done.added += (names.len() - held.len()) as u64;
+                let mut pipe = redis::pipe();
+                for name in &held {
+                    pipe.get(folded_group_key(name));
+                }
+                let holders: Vec<Option<String>> =
+                    pipe.query_async(&mut conn).await.map_err(unavailable)?;
+                for (name, holder) in held.into_iter().zip(holders) {
+                    if holder.as_deref() == Some(name) {
+                        done.present += 1;
+                    } else if self.claim_group_name(&mut conn, name).await? {
+                        // Held for a group that is gone, or freed meanwhile: taken over.
+                        done.added += 1;
+                    } else {
+                        done.clash_count += 1;
+                        if done.clashes.len() < FoldedNames::CLASHES_LISTED {
+                            done.clashes
+                                .push((name.to_string(), holder.unwrap_or_default()));
+                        }
+                    }
+                }
+            }
+            if next == 0 {
+                return Ok(done);
+            }
+            cursor = next;
+        }
+    }
+
     /// [`RedisStore::fold_names`] for one page of name keys.
     async fn fold_page(
         &self,
@@ -1143,27 +1216,64 @@ impl RedisStore {
             if self.user_exists(holder).await? {
                 return Ok(false);
             }
-            if self.move_name(conn, key, holder, Some(id)).await? {
+            if self
+                .move_name(conn, key, &holder.to_string(), &id.to_string())
+                .await?
+            {
                 return Ok(true);
             }
         }
         Ok(false)
     }
 
-    /// Moves the name key `key` from `from` to `to` (or frees it, for `None`) if it still
-    /// names `from`.
+    /// Gives the folded key of group name `name` ([`folded_group_key`]) to that group, unless
+    /// another group of that name in another case exists: a key left naming a group that is
+    /// gone is taken over. Returns whether `name` has it.
+    async fn claim_group_name(
+        &self,
+        conn: &mut ConnectionManager,
+        name: &str,
+    ) -> Result<bool, StoreError> {
+        let key = folded_group_key(name);
+        // Twice: a key freed between the attempt and the read is tried again.
+        for _ in 0..2 {
+            let won: bool = conn.set_nx(&key, name).await.map_err(unavailable)?;
+            if won {
+                return Ok(true);
+            }
+            let holder: Option<String> = conn.get(&key).await.map_err(unavailable)?;
+            let Some(holder) = holder else { continue };
+            if holder == name {
+                return Ok(true);
+            }
+            let live: bool = conn
+                .exists(group_owner_key(&holder))
+                .await
+                .map_err(unavailable)?;
+            if live {
+                return Ok(false);
+            }
+            if self.move_name(conn, &key, &holder, name).await? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Moves the name key `key` from `from` to `to` (or frees it, for an empty `to`) if it
+    /// still names `from`.
     async fn move_name(
         &self,
         conn: &mut ConnectionManager,
         key: &str,
-        from: u64,
-        to: Option<u64>,
+        from: &str,
+        to: &str,
     ) -> Result<bool, StoreError> {
         let moved: i64 = self
             .move_name
             .key(key)
             .arg(from)
-            .arg(to.map(|id| id.to_string()).unwrap_or_default())
+            .arg(to)
             .invoke_async(conn)
             .await
             .map_err(unavailable)?;
@@ -1467,7 +1577,7 @@ impl Store for RedisStore {
             let outcome = self.claim_name(&mut conn, key, id).await;
             if !matches!(outcome, Ok(true)) {
                 for key in claimed {
-                    if let Err(e) = self.move_name(&mut conn, key, id, None).await {
+                    if let Err(e) = self.move_name(&mut conn, key, &id.to_string(), "").await {
                         tracing::warn!(id, key, error = %e, "failed registration's name key not freed");
                     }
                 }
@@ -1534,7 +1644,7 @@ impl Store for RedisStore {
         // lookup finds it), and the next registration of the name takes it over: the
         // deletion stands.
         for key in [name_key(&name), folded_name_key(&name)] {
-            if let Err(e) = self.move_name(&mut conn, &key, user, None).await {
+            if let Err(e) = self.move_name(&mut conn, &key, &user.to_string(), "").await {
                 tracing::warn!(user, error = %e, "deleted account's name not freed; its next registration takes it over");
             }
         }
@@ -2074,6 +2184,12 @@ impl Store for RedisStore {
         owner: u64,
         invite_only: bool,
     ) -> Result<bool, StoreError> {
+        // The name in any case first: another group's refuses it. (Two creations of one name
+        // in two cases at the same instant may both pass: the key and the group live in two
+        // hash slots.)
+        if !self.claim_group_name(&mut self.conn(), name).await? {
+            return Ok(false);
+        }
         // The owner is a member from the start: a failure in between must not leave a group
         // whose name is taken and whose owner is not in it.
         let args = [owner.to_string(), u8::from(invite_only).to_string()];
