@@ -2050,3 +2050,30 @@ async fn accounts_older_routers_made_get_their_folded_names() -> anyhow::Result<
     );
     Ok(())
 }
+
+/// Groups an older router made, each lacking its folded key, get them in one run (a page
+/// whose names all lack their key: no step is left with nothing to ask), on a Redis of its
+/// own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_groups_that_all_lack_their_folded_key_get_it() -> anyhow::Result<()> {
+    let redis = RedisProc::start().await?;
+    let store = RedisStore::connect(&redis.url()).await?;
+    let mut conn = redis::Client::open(redis.url())?
+        .get_multiplexed_async_connection()
+        .await?;
+    for (name, owner) in [("Solo", 1), ("Duo", 2)] {
+        redis::pipe()
+            .set(format!("cim:group:{{{name}}}:owner"), owner)
+            .sadd(format!("cim:group:{{{name}}}:members"), owner)
+            .query_async::<()>(&mut conn)
+            .await?;
+    }
+    let folded = store.fold_group_names().await?;
+    assert_eq!(
+        (folded.added, folded.present, folded.clash_count),
+        (2, 0, 0),
+        "{folded:?}"
+    );
+    assert!(!store.create_group("solo", 3, false).await?);
+    Ok(())
+}

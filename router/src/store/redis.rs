@@ -969,6 +969,24 @@ fn set_unless_present(key: &str, value: &str, ttl_ms: u64) -> redis::Cmd {
     cmd
 }
 
+/// One `SCAN` page (about 1,000 keys) of the keys matching `pattern` from `cursor`: the next
+/// cursor (0 at the end) and the keys.
+async fn scan_page(
+    conn: &mut ConnectionManager,
+    cursor: u64,
+    pattern: &str,
+) -> Result<(u64, Vec<String>), StoreError> {
+    redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(1000)
+        .query_async(conn)
+        .await
+        .map_err(unavailable)
+}
+
 /// What [`RedisStore::fold_names`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FoldedNames {
@@ -1004,15 +1022,7 @@ impl RedisStore {
         let mut done = FoldedNames::default();
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(name_key("*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+            let (next, keys) = scan_page(&mut conn, cursor, &name_key("*")).await?;
             self.fold_page(&mut conn, &keys, &mut done).await?;
             if next == 0 {
                 return Ok(done);
@@ -1030,60 +1040,66 @@ impl RedisStore {
         let mut conn = self.conn();
         let mut done = FoldedNames::default();
         let mut cursor: u64 = 0;
-        let (prefix, suffix) = ("cim:group:{", "}:owner");
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(group_owner_key("*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            let names: Vec<&str> = keys
-                .iter()
-                .filter_map(|k| k.strip_prefix(prefix)?.strip_suffix(suffix))
-                .collect();
-            // Redis refuses an empty pipeline: a page with nothing to fold asks nothing.
-            if !names.is_empty() {
-                let mut pipe = redis::pipe();
-                for name in &names {
-                    pipe.set_nx(folded_group_key(name), *name);
-                }
-                let set: Vec<bool> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
-                let held: Vec<&str> = names
-                    .iter()
-                    .zip(set)
-                    .filter_map(|(name, set)| (!set).then_some(*name))
-                    .collect();
-                done.added += (names.len() - held.len()) as u64;
-                let mut pipe = redis::pipe();
-                for name in &held {
-                    pipe.get(folded_group_key(name));
-                }
-                let holders: Vec<Option<String>> =
-                    pipe.query_async(&mut conn).await.map_err(unavailable)?;
-                for (name, holder) in held.into_iter().zip(holders) {
-                    if holder.as_deref() == Some(name) {
-                        done.present += 1;
-                    } else if self.claim_group_name(&mut conn, name).await? {
-                        // Held for a group that is gone, or freed meanwhile: taken over.
-                        done.added += 1;
-                    } else {
-                        done.clash_count += 1;
-                        if done.clashes.len() < FoldedNames::CLASHES_LISTED {
-                            done.clashes
-                                .push((name.to_string(), holder.unwrap_or_default()));
-                        }
-                    }
-                }
-            }
+            let (next, keys) = scan_page(&mut conn, cursor, &group_owner_key("*")).await?;
+            self.fold_group_page(&mut conn, &keys, &mut done).await?;
             if next == 0 {
                 return Ok(done);
             }
             cursor = next;
         }
+    }
+
+    /// [`RedisStore::fold_group_names`] for one page of group owner keys.
+    async fn fold_group_page(
+        &self,
+        conn: &mut ConnectionManager,
+        keys: &[String],
+        done: &mut FoldedNames,
+    ) -> Result<(), StoreError> {
+        let (prefix, suffix) = ("cim:group:{", "}:owner");
+        let names: Vec<&str> = keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(prefix)?.strip_suffix(suffix))
+            .collect();
+        // Redis refuses an empty pipeline: a page with nothing to ask about asks nothing.
+        if names.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for name in &names {
+            pipe.set_nx(folded_group_key(name), *name);
+        }
+        let set: Vec<bool> = pipe.query_async(conn).await.map_err(unavailable)?;
+        let held: Vec<&str> = names
+            .iter()
+            .zip(set)
+            .filter_map(|(name, set)| (!set).then_some(*name))
+            .collect();
+        done.added += (names.len() - held.len()) as u64;
+        if held.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for name in &held {
+            pipe.get(folded_group_key(name));
+        }
+        let holders: Vec<Option<String>> = pipe.query_async(conn).await.map_err(unavailable)?;
+        for (name, holder) in held.into_iter().zip(holders) {
+            if holder.as_deref() == Some(name) {
+                done.present += 1;
+            } else if self.claim_group_name(conn, name).await? {
+                // Held for a group that is gone, or freed meanwhile: taken over.
+                done.added += 1;
+            } else {
+                done.clash_count += 1;
+                if done.clashes.len() < FoldedNames::CLASHES_LISTED {
+                    done.clashes
+                        .push((name.to_string(), holder.unwrap_or_default()));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// [`RedisStore::fold_names`] for one page of name keys.
