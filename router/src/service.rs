@@ -1813,17 +1813,25 @@ impl Service {
         }
     }
 
-    /// The members of group `name` but `sender`, who must be one.
-    async fn other_members(&self, name: &str, sender: u64) -> Result<Vec<u64>, ServiceError> {
+    /// The members of group `name`, for `member`, who must be one (`unknown_group`,
+    /// `not_member` otherwise).
+    async fn members_for(&self, name: &str, member: u64) -> Result<Vec<u64>, ServiceError> {
         let members = self
             .store
             .group_members(name)
             .await?
             .ok_or(ServiceError::UnknownGroup)?;
-        if !members.contains(&sender) {
+        if !members.contains(&member) {
             return Err(ServiceError::NotMember);
         }
-        Ok(members.into_iter().filter(|u| *u != sender).collect())
+        Ok(members)
+    }
+
+    /// The members of group `name` but `sender`, who must be one.
+    async fn other_members(&self, name: &str, sender: u64) -> Result<Vec<u64>, ServiceError> {
+        let mut members = self.members_for(name, sender).await?;
+        members.retain(|u| *u != sender);
+        Ok(members)
     }
 
     /// Reads the routes of `recipients`, on a task of its own, and queues stored `entry` (at
@@ -2313,14 +2321,7 @@ impl Service {
         caller: u64,
         name: &str,
     ) -> Result<Vec<Member>, ServiceError> {
-        let ids = self
-            .store
-            .group_members(name)
-            .await?
-            .ok_or(ServiceError::UnknownGroup)?;
-        if !ids.contains(&caller) {
-            return Err(ServiceError::NotMember);
-        }
+        let ids = self.members_for(name, caller).await?;
         // Read after the members: an owner who left meanwhile has passed the group on.
         let owner = self.store.group_info(name).await?.map(|info| info.owner);
         // A big group's listing reads a route and an account per member: it is read at most
