@@ -366,14 +366,14 @@ fn sent_key(sender: u64, client_msg_id: u64) -> String {
     format!("cim:{{u{sender}}}:sent:{client_msg_id}")
 }
 
-/// Lua function shared by the append scripts ([`APPEND`] and the others): appends an entry once per message
-/// id and returns its seq. KEYS[1..3]: seq, inbox, appended-marker. ARGV: entry bytes, max
-/// length, inbox ttl ms, dedup ms.
+/// Lua function shared by the append scripts ([`APPEND`] and the others): appends an entry
+/// once per message id and returns its seq, given `seen`, the appended-marker as the script
+/// read it (the seq of an earlier append of the message, or false). KEYS[1..3]: seq, inbox,
+/// appended-marker. ARGV: entry bytes, max length, inbox ttl ms, dedup ms.
 macro_rules! append_function {
     () => {
         r"
-local function append()
-  local seen = redis.call('GET', KEYS[3])
+local function append(seen)
   if seen then return tonumber(seen) end
   local seq = redis.call('INCR', KEYS[1])
   redis.call('ZADD', KEYS[2], seq, seq .. ':' .. ARGV[1])
@@ -442,7 +442,10 @@ end
 
 /// Appends an entry once per message id (see `append_function`). Returns the entry's seq.
 /// The group messages' hot path: it defines nothing more.
-const APPEND: &str = concat!(append_function!(), "return append()\n");
+const APPEND: &str = concat!(
+    append_function!(),
+    "return append(redis.call('GET', KEYS[3]))\n"
+);
 
 /// [`APPEND`] for an unsend in a group (ARGV[5..8]: the `wanted`, `group`, `budget` and
 /// `not_before` of `take_back_function`; KEYS[4]: the marker of the message it takes back):
@@ -451,10 +454,11 @@ const APPEND_UNSEND: &str = concat!(
     append_function!(),
     take_back_function!(),
     r"
-if not redis.call('GET', KEYS[3]) then
+local seen = redis.call('GET', KEYS[3])
+if not seen then
   take_back(KEYS[2], KEYS[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[1], tonumber(ARGV[8]))
 end
-return append()
+return append(seen)
 "
 );
 
@@ -480,7 +484,7 @@ local replaced = 0
 macro_rules! private_append {
     () => {
         r"
-local seq = append()
+local seq = append(resend)
 local route = redis.pcall('GET', KEYS[5])
 if type(route) == 'table' then route = false end
 return {seq, route, replaced}
