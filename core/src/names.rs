@@ -7,6 +7,12 @@ pub const MAX_NAME_LEN: usize = 32;
 /// The rule in words, for error messages.
 pub const NAME_RULE: &str = "1-32 characters of A-Z, a-z, 0-9, '_', '-', '.' (not dots alone)";
 
+/// `name` as names are compared whatever their case (user and group names are unique so):
+/// its ASCII letters in lower case, the only letters a valid name has.
+pub fn folded(name: &str) -> String {
+    name.to_ascii_lowercase()
+}
+
 /// Whether `name` follows [`NAME_RULE`].
 pub fn is_valid_name(name: &str) -> bool {
     (1..=MAX_NAME_LEN).contains(&name.len())

@@ -316,14 +316,20 @@ struct UnsendRequest {
 /// 2^53, which a JSON number loses in JavaScript (the API gives them as `msg_id_str` too).
 fn number_or_decimal<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
-    #[serde(untagged)]
+    #[serde(
+        untagged,
+        expecting = "a message id: a whole number or a string of its decimal digits"
+    )]
     enum Id {
         Number(u64),
         Decimal(String),
     }
     match Id::deserialize(d)? {
         Id::Number(n) => Ok(n),
-        Id::Decimal(s) => s.parse().map_err(serde::de::Error::custom),
+        Id::Decimal(s) => s.parse().map_err(|_| {
+            let got = serde::de::Unexpected::Str(&s);
+            serde::de::Error::invalid_value(got, &"a message id in decimal digits")
+        }),
     }
 }
 
@@ -1193,9 +1199,13 @@ async fn authenticate_as(
 
 /// `user`'s settings, as answered.
 async fn settings_of(service: &Service, user: u64) -> Result<warp::reply::Json, ApiError> {
+    let (last_seen, read_receipts) = tokio::try_join!(
+        service.hides(user, Privacy::LastSeen),
+        service.hides(user, Privacy::ReadReceipts),
+    )?;
     Ok(warp::reply::json(&Settings {
-        hide_last_seen: Some(service.hides(user, Privacy::LastSeen).await?),
-        hide_read_receipts: Some(service.hides(user, Privacy::ReadReceipts).await?),
+        hide_last_seen: Some(last_seen),
+        hide_read_receipts: Some(read_receipts),
     }))
 }
 

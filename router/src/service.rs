@@ -32,7 +32,7 @@ use crate::select::Selector;
 use crate::store::{
     Account, Block, Claim, InboxEntry, Invite, Join, MAX_BLOCKED, MAX_INVITATIONS_LISTED,
     MAX_READ_RECEIPTS, Privacy, PrivateAppend, ReadReceipt, Relogin, Removal, Report, Revocation,
-    Route, Store, StoreError, Transfer,
+    Route, Store, StoreError, Transfer, sweep_when_doubled,
 };
 
 /// Errors kept for the admin page.
@@ -629,7 +629,7 @@ impl Service {
         Self {
             login_failures: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             password_checks: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
-            password_changes: Mutex::new((HashMap::new(), 1024)),
+            password_changes: Mutex::new((HashMap::new(), 0)),
             password_change_key: std::hash::RandomState::new(),
             report_counts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
             receipt_counts: Mutex::new(WindowCounter::new(LOGIN_WINDOW, 100_000)),
@@ -719,7 +719,7 @@ impl Service {
         }
         // Counted in one case, as names are found in any: `ALICE` and `alice` are one user's
         // tries.
-        let counted = name.to_ascii_lowercase();
+        let counted = cim_core::names::folded(name);
         if lock(&self.login_failures).count(&counted, now) >= limits.failures_per_user {
             tracing::warn!(name, "login failures of user over the limit");
             self.config.metrics.login_failures.inc();
@@ -1091,10 +1091,9 @@ impl Service {
     fn remember_change(&self, user: u64, change: u64) {
         let mut changes = lock(&self.password_changes);
         let (map, sweep_at) = &mut *changes;
-        if map.len() >= *sweep_at {
-            map.retain(|_, (_, at)| at.elapsed() < PASSWORD_CHANGE_REMEMBERED);
-            *sweep_at = (2 * map.len()).max(1024);
-        }
+        sweep_when_doubled(map, sweep_at, 1024, |(_, at)| {
+            at.elapsed() < PASSWORD_CHANGE_REMEMBERED
+        });
         map.insert(user, (change, Instant::now()));
     }
 
@@ -1911,12 +1910,7 @@ impl Service {
             _ => {}
         }
         let now = now_ms();
-        let issued = ids::issued_at_ms(msg_id);
-        if msg_id == 0 || issued > self.latest_possible_issue() {
-            return Err(ServiceError::BadRequest(format!(
-                "no message has id {msg_id}"
-            )));
-        }
+        let issued = self.issued_at(msg_id)?;
         if issued.saturating_add(UNSEND_WINDOW.as_millis() as u64) < now {
             return Err(ServiceError::TooLate);
         }
@@ -1986,6 +1980,18 @@ impl Service {
     fn latest_possible_issue(&self) -> u64 {
         let lease_ms = self.config.id_node_lease.as_millis() as u64;
         now_ms() + 2 * lease_ms + CLOCK_SKEW_MS
+    }
+
+    /// When message `msg_id` was issued (ms), refused `bad_request` for an id no message can
+    /// have yet (0, or later than [`Service::latest_possible_issue`]).
+    fn issued_at(&self, msg_id: u64) -> Result<u64, ServiceError> {
+        let issued = ids::issued_at_ms(msg_id);
+        if msg_id == 0 || issued > self.latest_possible_issue() {
+            return Err(ServiceError::BadRequest(format!(
+                "no message has id {msg_id}"
+            )));
+        }
+        Ok(issued)
     }
 
     /// Queues a stored message for the servers of its online recipients (by their `routes`):
@@ -2478,11 +2484,7 @@ impl Service {
                 "a read receipt is for another user's messages".into(),
             ));
         }
-        if up_to_msg_id == 0 || ids::issued_at_ms(up_to_msg_id) > self.latest_possible_issue() {
-            return Err(ServiceError::BadRequest(format!(
-                "no message has id {up_to_msg_id}"
-            )));
-        }
+        self.issued_at(up_to_msg_id)?;
         self.hit_within(
             &self.receipt_counts,
             reader,
@@ -2539,15 +2541,13 @@ impl Service {
         let mut receipts = self.store.read_receipts(user).await?;
         receipts.sort_unstable_by_key(|r| (Reverse((r.at_ms, r.up_to_msg_id)), r.reader));
         let readers: Vec<u64> = receipts.iter().map(|r| r.reader).collect();
-        let hiding = self.store.hidden(&readers, Privacy::ReadReceipts).await?;
-        let blocked = self.store.blocked_users(user).await?;
-        let names: HashMap<u64, String> = self
-            .store
-            .accounts_by_id(&readers)
-            .await?
-            .into_iter()
-            .map(|a| (a.id, a.name))
-            .collect();
+        // Three reads, side by side.
+        let (hiding, blocked, accounts) = tokio::try_join!(
+            self.store.hidden(&readers, Privacy::ReadReceipts),
+            self.store.blocked_users(user),
+            self.store.accounts_by_id(&readers),
+        )?;
+        let names: HashMap<u64, String> = accounts.into_iter().map(|a| (a.id, a.name)).collect();
         Ok(receipts
             .into_iter()
             .zip(hiding)
@@ -2653,9 +2653,10 @@ impl Service {
         let accounts = self.store.accounts_by_id(&ids).await?;
         if accounts.len() < ids.len() {
             let live: std::collections::HashSet<u64> = accounts.iter().map(|a| a.id).collect();
-            for gone in ids.iter().filter(|id| !live.contains(id)) {
-                self.store.unblock_user(user, *gone).await?;
-            }
+            // Side by side: up to MAX_BLOCKED of them.
+            let gone = ids.iter().filter(|id| !live.contains(id));
+            futures_util::future::try_join_all(gone.map(|g| self.store.unblock_user(user, *g)))
+                .await?;
         }
         Ok(accounts
             .into_iter()

@@ -12,7 +12,7 @@ use super::expiring::{ExpiringMap, Weight};
 use super::{
     Account, Block, Claim, DeletedAccount, GroupInfo, ID_NODES, IdNode, InboxEntry, InboxLimits,
     InboxPage, Invite, Join, MAX_INVITATIONS_LISTED, Privacy, PrivateAppend, ReadReceipt, Relogin,
-    Removal, Renewal, Report, Revocation, Route, Store, StoreError, Transfer,
+    Removal, Renewal, Report, Revocation, Route, Store, StoreError, Transfer, sweep_when_doubled,
 };
 
 /// Most idempotency records kept; beyond this the oldest are forgotten early (about 100 MB at
@@ -97,21 +97,6 @@ struct Inner {
     statuses: HashMap<u64, String>,
     /// Sender -> reader -> the reader's latest receipt for the sender's messages.
     read_receipts: HashMap<u64, HashMap<u64, ReadReceipt>>,
-}
-
-/// Drops the entries of `map` that are not `live` once it holds twice as many as the last
-/// sweep left (and at least `floor`), so sweeps cost a constant per insert however many
-/// entries stay live.
-fn sweep_when_doubled<K, V>(
-    map: &mut HashMap<K, V>,
-    sweep_at: &mut usize,
-    floor: usize,
-    live: impl Fn(&V) -> bool,
-) {
-    if map.len() >= (*sweep_at).max(floor) {
-        map.retain(|_, v| live(v));
-        *sweep_at = map.len() * 2;
-    }
 }
 
 /// A named group.
@@ -385,7 +370,7 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn create_account(&self, name: &str, password_hash: &str) -> Result<Account, StoreError> {
         let mut inner = self.inner();
-        let folded = name.to_ascii_lowercase();
+        let folded = cim_core::names::folded(name);
         if inner.by_name.contains_key(&folded) {
             return Err(StoreError::NameTaken);
         }
@@ -404,7 +389,7 @@ impl Store for MemoryStore {
         let inner = self.inner();
         Ok(inner
             .by_name
-            .get(&name.to_ascii_lowercase())
+            .get(&cim_core::names::folded(name))
             .and_then(|id| inner.accounts.get(id))
             .cloned())
     }
@@ -446,7 +431,7 @@ impl Store for MemoryStore {
         let Some(account) = inner.accounts.remove(&user) else {
             return Ok(None);
         };
-        let folded = account.name.to_ascii_lowercase();
+        let folded = cim_core::names::folded(&account.name);
         if inner.by_name.get(&folded) == Some(&user) {
             inner.by_name.remove(&folded);
         }

@@ -3,6 +3,7 @@
 //! the users each user blocks. The in-memory store serves the embedded mode and unit tests;
 //! the Redis store serves clusters.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -35,6 +36,21 @@ pub struct Route {
     /// Whether the server has confirmed the session is open (until then it is a pending
     /// claim from an HTTP login).
     pub confirmed: bool,
+}
+
+/// Drops the entries of `map` that are not `live` once it holds twice as many as the last
+/// sweep left (and at least `floor`), so sweeps cost a constant per insert however many
+/// entries stay live.
+pub(crate) fn sweep_when_doubled<K, V>(
+    map: &mut HashMap<K, V>,
+    sweep_at: &mut usize,
+    floor: usize,
+    live: impl Fn(&V) -> bool,
+) {
+    if map.len() >= (*sweep_at).max(floor) {
+        map.retain(|_, v| live(v));
+        *sweep_at = map.len() * 2;
+    }
 }
 
 /// A message stored in a recipient's inbox.

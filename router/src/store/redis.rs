@@ -72,14 +72,14 @@ fn name_key(name: &str) -> String {
 /// whatever their case (an account made before these keys has none until
 /// [`RedisStore::fold_names`] adds it).
 fn folded_name_key(name: &str) -> String {
-    format!("cim:fold:{}", name.to_ascii_lowercase())
+    format!("cim:fold:{}", cim_core::names::folded(name))
 }
 /// Holds the name of the group whose name is `name` in lower case, so that group names are
 /// unique whatever their case (a group made before these keys has none until
 /// [`RedisStore::fold_group_names`] adds it; one deleted leaves its key, which the next
 /// group of that name in any case takes over).
 fn folded_group_key(name: &str) -> String {
-    format!("cim:gfold:{}", name.to_ascii_lowercase())
+    format!("cim:gfold:{}", cim_core::names::folded(name))
 }
 fn account_key(user: u64) -> String {
     format!("cim:{{u{user}}}:account")
