@@ -328,9 +328,10 @@ pub fn parse(line: &str) -> Command {
                 Some(group) if is_valid_name(group) && group != cim_proto::BROADCAST_GROUP => {
                     Command::Unsend(Some(Conversation::Group(group.to_string())))
                 }
-                Some(_) => Command::Invalid(
-                    "use :unsend #<group> (a message to everyone online cannot be unsent)".into(),
-                ),
+                Some(cim_proto::BROADCAST_GROUP) => {
+                    Command::Invalid("a message to everyone online cannot be unsent".into())
+                }
+                Some(_) => Command::Invalid(format!("use :unsend #<group>: names are {NAME_RULE}")),
                 None => match UserRef::parse(&arg) {
                     Some(user) => Command::Unsend(Some(Conversation::User(user))),
                     None => Command::Invalid(

@@ -1437,17 +1437,19 @@ impl Client {
     /// `unknown_user`); at most 60 a minute. Asking again is harmless (a client acts on the
     /// first).
     pub async fn unsend(&self, user: u64, msg_id: u64) -> Result<(), ClientError> {
-        let token = self.token();
-        let target = Target::ToUser(user);
-        self.shared.api.unsend(&token, &target, msg_id).await
+        self.unsend_to(&Target::ToUser(user), msg_id).await
     }
 
     /// [`Client::unsend`] for our message `msg_id` to `group`, told to its members now (we
     /// must be one: `not_member`); a message to everyone online cannot be unsent.
     pub async fn unsend_in_group(&self, group: &str, msg_id: u64) -> Result<(), ClientError> {
-        let token = self.token();
-        let target = Target::Group(group.to_string());
-        self.shared.api.unsend(&token, &target, msg_id).await
+        self.unsend_to(&Target::Group(group.to_string()), msg_id)
+            .await
+    }
+
+    /// [`Client::unsend`] or [`Client::unsend_in_group`], by where the message went.
+    pub async fn unsend_to(&self, to: &Target, msg_id: u64) -> Result<(), ClientError> {
+        self.shared.api.unsend(&self.token(), to, msg_id).await
     }
 
     /// Tells `user` that we read its private messages up to `msg_id` (an

@@ -273,29 +273,28 @@ async fn chat(
                 Some(Event::Message(m)) => {
                     let text = match m.unsends {
                         Some(msg_id) => unsend_text(&mut shown, &m, msg_id),
-                        None => Some(message_text(&m)),
+                        None => {
+                            // A broadcast cannot be unsent: not kept.
+                            if m.group.as_deref() != Some(cim_proto::BROADCAST_GROUP) {
+                                shown.shown(m.from_user, m.group.as_deref(), m.msg_id, &m.body);
+                            }
+                            // Shown is read, at a console.
+                            if m.group.is_none() {
+                                let _ = read.send((m.from_user, m.msg_id));
+                            }
+                            Some(message_text(&m))
+                        }
                     };
                     if let Some(text) = text {
                         println!("[{}] {text}", console::timestamp(m.created_at_ms, cim_core::now_ms()));
                         keep(history.as_ref(), m.created_at_ms, &text);
-                    }
-                    // Shown is read, at a console.
-                    if m.unsends.is_none() {
-                        match m.group.as_deref() {
-                            None => {
-                                shown.shown(m.from_user, None, m.msg_id, &m.body);
-                                let _ = read.send((m.from_user, m.msg_id));
-                            }
-                            Some(cim_proto::BROADCAST_GROUP) => {}
-                            group => shown.shown(m.from_user, group, m.msg_id, &m.body),
-                        }
                     }
                 }
                 // Said only of a message this console sent: a receipt is the reader's word,
                 // and one for nothing sent here (or told already) would say nothing.
                 Some(Event::Read(r)) => {
                     if let Some(text) = lock(&sent_log).read(r.user_id, r.up_to_msg_id) {
-                        let who = format!("{} ({})", console::printable(&r.name), r.user_id);
+                        let who = named(&r.name, r.user_id);
                         println!("* {who} read: {}", console::printable(&text));
                     }
                 }
@@ -315,7 +314,7 @@ async fn chat(
                     let (who, were) = if user_id == client.info().user_id {
                         ("you".to_string(), "were")
                     } else {
-                        (format!("{} ({user_id})", console::printable(&name)), "was")
+                        (named(&name, user_id), "was")
                     };
                     match (by, joined) {
                         (_, true) => println!("* {who} joined #{group}"),
@@ -327,7 +326,7 @@ async fn chat(
                 }
                 Some(Event::GroupOwner { group, previous_owner_id, previous_owner_name, handed_over }) => {
                     let group = console::printable(&group);
-                    let previous = format!("{} ({previous_owner_id})", console::printable(&previous_owner_name));
+                    let previous = named(&previous_owner_name, previous_owner_id);
                     if handed_over {
                         println!("* you own #{group} now: {previous} handed it to you");
                     } else {
@@ -336,8 +335,8 @@ async fn chat(
                 }
                 Some(Event::GroupOwnerChange { group, owner_id, owner_name, previous_owner_id, previous_owner_name, handed_over }) => {
                     let group = console::printable(&group);
-                    let owner = format!("{} ({owner_id})", console::printable(&owner_name));
-                    let previous = format!("{} ({previous_owner_id})", console::printable(&previous_owner_name));
+                    let owner = named(&owner_name, owner_id);
+                    let previous = named(&previous_owner_name, previous_owner_id);
                     let how = if handed_over { "handed it over" } else { "left it" };
                     println!("* {owner} owns #{group} now: {previous} {how}");
                 }
@@ -755,21 +754,36 @@ fn no_such_name(name: &str) -> String {
 /// takes back, if this console showed it; nothing for an unsend told already (one may come
 /// twice).
 fn unsend_text(shown: &mut Shown, m: &IncomingMessage, msg_id: u64) -> Option<String> {
-    let who = format!("{} ({})", console::printable(&m.from_name), m.from_user);
+    let unsent = shown.unsent(m.from_user, m.group.as_deref(), msg_id);
+    if unsent == Unsent::Told {
+        return None;
+    }
+    let who = named(&m.from_name, m.from_user);
     let place = m
         .group
         .as_deref()
         .map(|g| format!(" in #{}", console::printable(g)))
         .unwrap_or_default();
-    match shown.unsent(m.from_user, m.group.as_deref(), msg_id) {
-        Unsent::Shown(text) => Some(format!(
-            "* {who} unsent{place}: {}",
-            console::printable(&text)
-        )),
-        Unsent::NotShown => Some(format!("* {who} unsent a message{place}")),
-        Unsent::Told => None,
-    }
+    Some(match unsent {
+        Unsent::Shown(text) => format!("* {who} unsent{place}: {}", console::printable(&text)),
+        _ => format!("* {who} unsent a message{place}"),
+    })
 }
+
+/// How the console names a user: `name (id)`, the name escaped.
+fn named(name: &str, id: u64) -> String {
+    format!("{} ({id})", console::printable(name))
+}
+
+/// Refusals of an unsend that asking again would get again.
+const UNSEND_REFUSED_FOR_GOOD: [&str; 6] = [
+    "too_late",
+    cim_proto::BLOCKED,
+    "not_member",
+    "unknown_group",
+    cim_proto::UNKNOWN_USER,
+    cim_proto::BAD_REQUEST,
+];
 
 /// `:unsend [user|#group]`: takes back the latest message this console sent (to `user` or
 /// `group`).
@@ -792,10 +806,7 @@ async fn unsend(
         println!("! no message sent{to} from this console is left to unsend");
         return false;
     };
-    let result = match &message.to {
-        Target::ToUser(user) => client.unsend(*user, message.msg_id).await,
-        Target::Group(group) => client.unsend_in_group(group, message.msg_id).await,
-    };
+    let result = client.unsend_to(&message.to, message.msg_id).await;
     let done = format!(
         "you unsent to {}: {}",
         message.to_shown,
@@ -805,22 +816,13 @@ async fn unsend(
         keep(history, cim_core::now_ms(), &done);
     }
     // Forgotten once done, or refused for good: the next :unsend goes on to the one before.
-    let refused_for_good = result
-        .as_ref()
-        .err()
-        .and_then(ClientError::code)
-        .is_some_and(|code| {
-            [
-                "too_late",
-                "blocked",
-                "not_member",
-                "unknown_group",
-                cim_proto::UNKNOWN_USER,
-                cim_proto::BAD_REQUEST,
-            ]
-            .contains(&code)
-        });
-    if result.is_ok() || refused_for_good {
+    let forget = match &result {
+        Ok(()) => true,
+        Err(e) => e
+            .code()
+            .is_some_and(|c| UNSEND_REFUSED_FOR_GOOD.contains(&c)),
+    };
+    if forget {
         lock(sent_log).unsent(&message.to, message.msg_id);
     }
     report(result, &done)
@@ -1084,8 +1086,11 @@ async fn run(
             }
         }
         Command::Password { old, new } => match client.change_password(&old.0, &new.0).await {
-            Err(e @ ClientError::Http(_)) => {
-                println!("! {e}: the password may have changed; logging in with the new one tells");
+            Err(ClientError::Http(why)) => {
+                println!(
+                    "! the password change got no clear answer ({why}): it may have been made; \
+                     logging in with the new password tells"
+                );
                 false
             }
             changed => report(
@@ -1115,10 +1120,7 @@ async fn run(
         },
         Command::Blocked => match client.blocked_users().await {
             Ok(users) => {
-                let listed: Vec<String> = users
-                    .iter()
-                    .map(|u| format!("{} ({})", console::printable(&u.name), u.id))
-                    .collect();
+                let listed: Vec<String> = users.iter().map(|u| named(&u.name, u.id)).collect();
                 println!("you block ({}): {}", users.len(), listed.join(", "));
                 true
             }

@@ -4,19 +4,28 @@
 //! them a receipt reaches; for unsends, the latest it sent to users and groups (what
 //! `:unsend` takes back) and the latest it showed (what an unsend it gets names).
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 
 use cim_proto::v1::chat_message::Target;
 
-/// Private messages read and not yet told: the latest per sender.
+/// Private messages read and not yet told: the latest per sender, for at most
+/// [`Unreported::SENDERS`] senders.
 #[derive(Debug, Default)]
 pub struct Unreported {
     latest: HashMap<u64, u64>,
 }
 
 impl Unreported {
+    /// Senders kept: while the router is away, receipts for further senders are not kept
+    /// (receipts are best effort; the router keeps at most 1,000 readers per sender too).
+    pub const SENDERS: usize = 1_000;
+
     /// The message `msg_id` from `sender` was read.
     pub fn read(&mut self, sender: u64, msg_id: u64) {
+        if self.latest.len() >= Self::SENDERS && !self.latest.contains_key(&sender) {
+            return;
+        }
         let latest = self.latest.entry(sender).or_default();
         *latest = (*latest).max(msg_id);
     }
@@ -207,12 +216,12 @@ impl Shown {
             self.told.pop_front();
         }
         self.told.push_back(told);
-        match self.texts.get(&msg_id) {
-            Some((from, shown_in, _)) if *from == sender && shown_in.as_deref() == group => {
+        match self.texts.entry(msg_id) {
+            Entry::Occupied(shown)
+                if shown.get().0 == sender && shown.get().1.as_deref() == group =>
+            {
                 self.order.retain(|id| *id != msg_id);
-                self.texts
-                    .remove(&msg_id)
-                    .map_or(Unsent::NotShown, |(_, _, text)| Unsent::Shown(text))
+                Unsent::Shown(shown.remove().2)
             }
             _ => Unsent::NotShown,
         }
@@ -222,6 +231,18 @@ impl Shown {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn receipts_wait_for_a_bounded_number_of_senders() {
+        let mut unreported = Unreported::default();
+        for sender in 0..Unreported::SENDERS as u64 + 10 {
+            unreported.read(sender, 1);
+        }
+        unreported.read(0, 2);
+        let receipts = unreported.take();
+        assert_eq!(receipts.len(), Unreported::SENDERS);
+        assert_eq!(receipts[0], (0, 2), "a sender kept still moves forward");
+    }
 
     #[test]
     fn one_receipt_per_sender_for_the_latest_message_read() {
